@@ -1,0 +1,185 @@
+"""Algorithm-based fault tolerance for a sum of partials: checksum rows, bound, hash, flips.
+
+Pure functions on NumPy or CuPy arrays (the arithmetic stays on the array's device); the
+Allreduce that carries the rows lives in ``comm``.
+
+The scheme (Huang & Abraham, 1984): a rank's partial ``P_r`` (n rows, m columns) travels
+with two extra rows, the column sums ``c_r`` of ``P_r`` and ``a_r`` of ``|P_r|``. One
+Allreduce(SUM) then delivers ``Y = sum_r P_r``, ``c = sum_r c_r`` and ``a = sum_r a_r``,
+and linearity says ``colsum(Y) == c`` up to rounding, which ``bound`` below makes precise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import get_array_module
+
+CHECK_ROWS = 2  # column sums, then column sums of absolute values
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of n roundings."""
+    nu = n * u
+    if nu >= 1.0:
+        return float("inf")
+    return nu / (1.0 - nu)
+
+
+def unit_roundoff(dtype: Any) -> float:
+    return float(np.finfo(dtype).eps) / 2.0
+
+
+def bound_factor(rows: int, ranks: int, dtype: Any) -> float:
+    """The factor ``f`` in ``|colsum(Y) - c| <= f * a`` for clean data.
+
+    Derivation, per column, with ``A* = sum_r sum_i |P_r[i]|`` exact, ``u`` the unit
+    roundoff of the wire dtype (the partials convert to it exactly), n rows and k ranks.
+    Any summation order or tree obeys ``|fl(sum x) - sum x| <= gamma_{len-1} sum |x|``:
+
+    1. sender:   ``|c_r - sum_i P_r[i]| <= gamma_{n-1} A*_r``            (n-row sum)
+    2. reduction: ``|Y[i] - sum_r P_r[i]| <= gamma_{k-1} sum_r |P_r[i]|`` (k-term sums),
+                 ``|c - sum_r c_r| <= gamma_{k-1} (1 + gamma_{n-1}) A*``
+    3. receiver: ``|t - sum_i Y[i]| <= gamma_{n-1} (1 + gamma_{k-1}) A*``  (t = colsum(Y))
+
+    Adding the four gaps between ``t`` and ``c`` (the exact sums agree by linearity):
+    ``|t - c| <= 2 (gamma_{n-1} + gamma_{k-1}) (1 + gamma_{n+k}) A*``, and since the
+    received ``a`` is itself a rounded sum of non-negative terms, ``A* <= a / (1 -
+    gamma_{n+k})``. Sums never lose accuracy to underflow (a sum in the subnormal range is
+    exact), so the bound holds for data of any scale, with no absolute term; zero data gives
+    ``0 <= 0``. It is a worst case: real rounding is far smaller, and a corruption ``delta``
+    in one element is caught whenever ``|delta|`` exceeds it.
+    """
+    u = unit_roundoff(dtype)
+    g_n, g_k, g_all = gamma(max(rows - 1, 0), u), gamma(max(ranks - 1, 0), u), gamma(rows + ranks, u)
+    return 2.0 * (g_n + g_k) * (1.0 + g_all) / (1.0 - g_all)
+
+
+def append_checksums(partial: Any, out: Any) -> Any:
+    """Write ``partial`` (n, m) and its two checksum rows into ``out`` (n+2, m), in out's dtype.
+
+    The rows are computed in ``out``'s dtype (float64 for a float32 payload), so the
+    checksum arithmetic adds no rounding worth speaking of.
+    """
+    xp = get_array_module(partial)
+    n = partial.shape[0]
+    out[:n] = partial
+    body = out[:n]
+    body.sum(axis=0, out=out[n])
+    xp.abs(body).sum(axis=0, out=out[n + 1])
+    return out
+
+
+def residual_ratio(reduced: Any, ranks: int) -> tuple[float, float, float]:
+    """(max residual, bound at that column, max residual/bound) of a reduced buffer.
+
+    ``reduced`` is (n+2, m) as delivered by the Allreduce. A ratio above 1 means the sum
+    is corrupted; non-finite checksums give an infinite ratio.
+    """
+    xp = get_array_module(reduced)
+    n = reduced.shape[0] - CHECK_ROWS
+    t = reduced[:n].sum(axis=0)
+    residual = xp.abs(t - reduced[n])
+    bound = bound_factor(n, ranks, reduced.dtype) * reduced[n + 1]
+    # ratio = residual / bound, with 0/0 = 0 (an all-zero column) and r/0 = inf for r > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = xp.where(residual == 0, 0.0, residual / bound)
+    ratio = xp.where(xp.isfinite(ratio), ratio, xp.inf)
+    j = int(xp.argmax(ratio))
+    return float(residual[j]), float(bound[j]), float(ratio[j])
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: odd, spreads the bits
+
+
+def digest64(x: Any) -> int:
+    """A 64-bit hash of the bytes of ``x``, on its device; any single bit flip changes it.
+
+    The wrapping sum of the 64-bit words changes by +-2^b for a flip of bit b, which is
+    never 0 mod 2^64; the xor-fold, mixed in, makes cancelling pairs of flips unlikely.
+    """
+    xp = get_array_module(x)
+    flat = xp.ascontiguousarray(x).reshape(-1)
+    raw = flat.view(xp.uint8)
+    whole = raw.size // 8 * 8
+    words = raw[:whole].view(xp.uint64)
+    with np.errstate(over="ignore"):
+        total = int(words.sum(dtype=xp.uint64)) if words.size else 0
+    folded = int(xp.bitwise_xor.reduce(words)) if words.size else 0
+    tail = int.from_bytes(bytes(raw[whole:].tolist()), "little")
+    mixed = (total ^ ((folded * int(_MIX)) & 0xFFFFFFFFFFFFFFFF) ^ tail) & 0xFFFFFFFFFFFFFFFF
+    return mixed
+
+
+def flip_bit(x: Any, index: int, bit: int) -> None:
+    """Flip bit ``bit`` of element ``index`` (flat, C order) of ``x`` in place."""
+    itemsize = x.dtype.itemsize
+    if not 0 <= bit < 8 * itemsize:
+        raise ValueError(f"bit {bit} is outside a {itemsize * 8}-bit {x.dtype} element")
+    if not 0 <= index < x.size:
+        raise ValueError(f"element {index} is outside an array of {x.size} elements")
+    if not x.flags.c_contiguous:
+        raise ValueError("flip_bit needs a C-contiguous array")
+    xp = get_array_module(x)
+    word = {2: xp.uint16, 4: xp.uint32, 8: xp.uint64}[itemsize]
+    view = x.reshape(-1).view(word)
+    view[index] ^= word(1) << word(bit)
+
+
+# --- fault injection ----------------------------------------------------------------------
+
+FAULT_KEYS = {"rank": int, "layer": int, "site": str, "index": int, "bit": int, "where": str,
+              "times": int}
+FAULT_WHERE = ("send", "result")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Flip ``bit`` of element ``index`` on world rank ``rank`` at (layer, site).
+
+    ``where = "send"`` corrupts the partial after its checksums are taken (a fault in
+    transit or in the reduction); ``"result"`` corrupts one rank's copy of the reduced
+    result (ranks disagree). It fires on the first ``times`` attempts, so a retry can heal it.
+    """
+
+    rank: int
+    layer: int
+    site: str
+    index: int
+    bit: int
+    where: str = "send"
+    times: int = 1
+
+
+def parse_faults(entries: list, sites: tuple[str, ...]) -> list[Fault]:
+    """Validate ``fault.inject`` tables; errors name the entry and the key."""
+    from .errors import ConfigError
+
+    faults = []
+    for n, entry in enumerate(entries):
+        where = f"fault.inject[{n}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table like {{rank = 0, layer = 0, site ="
+                              " \"attention\", index = 0, bit = 30}}")
+        unknown = set(entry) - set(FAULT_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)};"
+                              f" known: {', '.join(FAULT_KEYS)}")
+        for key in ("rank", "layer", "site", "index", "bit"):
+            if key not in entry:
+                raise ConfigError(f"{where}: '{key}' is required")
+        for key, kind in FAULT_KEYS.items():
+            if key in entry and (not isinstance(entry[key], kind) or isinstance(entry[key], bool)):
+                raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {entry[key]!r}")
+        fault = Fault(**entry)
+        if fault.site not in sites:
+            raise ConfigError(f"{where}.site = '{fault.site}': use one of {', '.join(sites)}")
+        if fault.where not in FAULT_WHERE:
+            raise ConfigError(f"{where}.where = '{fault.where}': use send or result")
+        if min(fault.rank, fault.layer, fault.index, fault.bit) < 0 or fault.times < 1:
+            raise ConfigError(f"{where}: rank, layer, index, bit must be >= 0 and times >= 1")
+        faults.append(fault)
+    return faults

@@ -1,0 +1,130 @@
+"""``mpiattn`` command line: run, verify, info.
+
+Imports stay inside the subcommands, so ``mpiattn verify`` needs neither MPI nor SciPy and
+every rank of a large job imports only what its command uses.
+
+Failure policy, the same for every MPI command: a ``UserError`` (bad config or input) that
+all ranks agree on is printed once by rank 0, exit code 2; a failed integrity check exits
+with 3; any other exception is printed by the rank that raised it, prefixed with its rank,
+and ``COMM_WORLD.Abort`` ends the job at once instead of leaving the others in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("config", nargs="?", help="TOML file (default: the embedded default job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.layers=2 (repeatable)")
+    p.add_argument("-o", "--output", help=f"output HDF5 file (default: {default_out})")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="mpiattn",
+        description="Head-sharded Transformer attention over MPI, checksum-validated, in HDF5.",
+    )
+    ap.add_argument("--version", action="version", version=f"mpiattn {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="sharded encoder forward pass, written to HDF5",
+                         description="Run under mpiexec -n K; K ranks share the heads.")
+    _add_config_args(run, "mpiattn-run.h5 or output.path")
+    ver = sub.add_parser("verify", help="re-check a finished HDF5 file offline (no MPI)")
+    ver.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
+    sub.add_parser("info", help="versions, MPI library, GPUs, BLAS; per rank under mpiexec")
+    return ap
+
+
+def _world() -> Any:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def _mpi_command(body: Callable[[Any], int]) -> int:
+    """Run ``body(world)`` under the failure policy above."""
+    from .errors import IntegrityError, UserError
+
+    world = _world()
+    rank = world.Get_rank()
+    try:
+        return body(world)
+    except UserError as err:  # agreed on by every rank before it was raised
+        if rank == 0:
+            print(f"mpiattn: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except IntegrityError as err:  # the verdict is collective: every rank raises it
+        if rank == 0:
+            print(f"mpiattn: integrity error: {err}; no output written", file=sys.stderr,
+                  flush=True)
+        return err.exit_code
+    except BaseException as err:  # noqa: BLE001 - one rank failed alone: end the whole job
+        if isinstance(err, SystemExit) and not err.code:
+            raise
+        detail = "".join(traceback.format_exception(err)).rstrip()
+        print(f"mpiattn: rank {rank}: {type(err).__name__}: {err}\n{detail}", file=sys.stderr,
+              flush=True)
+        if world.Get_size() > 1:
+            world.Abort(1)
+        return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    def body(world: Any) -> int:
+        from . import config
+        from .runner import run
+
+        cfg = config.load(args.config, args.overrides)  # same verdict on every rank
+        cfg.output.path = args.output or cfg.output.path
+        run(cfg, world, cfg.output.path, args.force, cfg.explicit)
+        return 0
+
+    return _mpi_command(body)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .h5io import verify
+
+    status = 0
+    for path in args.files:
+        try:
+            problems = verify(path)
+        except UserError as err:
+            problems = [str(err)]
+        if problems:
+            status = 1
+            print(f"{path}: FAILED: {problems[0]}"
+                  + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+            for extra in problems[1:]:
+                print(f"  {extra}")
+        else:
+            print(f"{path}: OK (complete, digests match, all collectives passed)")
+    return status
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import info
+
+    return info(_world())
+
+
+COMMANDS = {"run": cmd_run, "verify": cmd_verify, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""MPI topology and the one checksum-validated Allreduce; knows nothing about models.
+
+World = data-parallel replicas x head-parallel groups: world rank ``replica * tensor +
+head_rank``, so the ranks of a head group are neighbours (on one node when they fit).
+Every function takes its communicator as an argument; nothing binds ``COMM_WORLD`` at import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from . import checksum
+from .backend import Backend
+from .errors import IntegrityError, UserError
+
+
+@dataclass
+class Topology:
+    world: Any  # MPI.Comm
+    heads: Any  # this rank's head-parallel group
+    data: Any  # ranks holding the same heads in other replicas
+    tensor: int
+    replicas: int
+    replica: int
+    head_rank: int
+    local_rank: int  # rank on this node
+    local_size: int  # ranks on this node
+
+    @property
+    def rank(self) -> int:
+        return self.world.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.world.Get_size()
+
+    def head_group_ranks(self) -> list[int]:
+        """World ranks of this rank's head group."""
+        return [self.replica * self.tensor + r for r in range(self.tensor)]
+
+
+def make_topology(world: Any, tensor: int) -> Topology:
+    rank, size = world.Get_rank(), world.Get_size()
+    if size % tensor:
+        raise ValueError(f"tensor size {tensor} does not divide world size {size}")
+    replica, head_rank = divmod(rank, tensor)
+    node = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    return Topology(
+        world=world,
+        heads=world.Split(color=replica, key=head_rank),
+        data=world.Split(color=head_rank, key=replica),
+        tensor=tensor, replicas=size // tensor, replica=replica, head_rank=head_rank,
+        local_rank=local_rank, local_size=local_size,
+    )
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the loaded MPI library says it takes CUDA device buffers.
+
+    mpi4py has no query for this; MPICH and Open MPI export ``MPIX_Query_cuda_support``.
+    """
+    try:
+        query = ctypes.CDLL(None).MPIX_Query_cuda_support
+    except (AttributeError, OSError):
+        return False
+    query.restype = ctypes.c_int
+    return bool(query())
+
+
+def agree_on_error(comm: Any, error: UserError | None) -> UserError | None:
+    """Collective: the first rank's error (in rank order) on every rank, or None.
+
+    Lets rank 0 report a problem that only another rank saw (a file missing on one node)
+    and every rank leave together instead of hanging in the next collective.
+    """
+    if not comm.allreduce(error is not None, op=MPI.LOR):
+        return None
+    messages = comm.allgather(None if error is None else (type(error), str(error)))
+    for rank, item in enumerate(messages):
+        if item is not None:
+            kind, text = item
+            return kind(text if rank == 0 or comm.Get_size() == 1 else f"rank {rank}: {text}")
+    return None
+
+
+def gather_rows(comm: Any, rows: np.ndarray, root: int = 0) -> np.ndarray | None:
+    """Concatenate every rank's rows (axis 0) on ``root`` in rank order (Gatherv)."""
+    rows = np.ascontiguousarray(rows)
+    per_row = int(np.prod(rows.shape[1:], dtype=np.int64))
+    counts = comm.allgather(rows.shape[0])
+    out = None
+    if comm.Get_rank() == root:
+        out = np.empty((sum(counts), *rows.shape[1:]), dtype=rows.dtype)
+        comm.Gatherv(rows, [out, [c * per_row for c in counts]], root=root)
+    else:
+        comm.Gatherv(rows, None, root=root)
+    return out
+
+
+@dataclass
+class Record:
+    """What one validated collective reports (one per layer and site and replica)."""
+
+    layer: int
+    site: str
+    residual: float
+    bound: float
+    ratio: float  # residual / bound; <= 1 passes
+    passed: bool
+    retries: int
+    digest: int  # agreed 64-bit hash (0 when not hashed at this collective)
+
+
+@dataclass
+class CheckedAllreduce:
+    """Allreduce(SUM) over a head group, carrying its own proof (see ``checksum``).
+
+    With ``mode = "abft"`` the partial travels in the wire dtype (float64) with two
+    checksum rows appended; after the sum every rank checks the rows against the result,
+    hashes it, and one tiny Allreduce makes the verdict collective, so all ranks retry or
+    stop together. Send and receive buffers are distinct and preallocated, so the partial
+    survives the reduction and a retry needs no recomputation.
+    """
+
+    comm: Any
+    backend: Backend
+    mode: str = "abft"
+    on_mismatch: str = "retry"
+    retries: int = 2
+    hash_every: str = "collective"
+    cuda_aware: bool = False
+    faults: list = field(default_factory=list)
+    world_rank: int = 0
+    group_ranks: list = field(default_factory=list)  # world ranks of the group, for messages
+    records: list = field(default_factory=list)
+    seconds: float = 0.0  # time inside __call__ (the "allreduce" phase)
+    _buffers: dict = field(default_factory=dict)
+
+    def _buffer(self, name: str, shape: tuple, dtype: Any, host: bool = False) -> Any:
+        key = (name, shape, np.dtype(dtype).str, host)
+        buf = self._buffers.get(key)
+        if buf is None:
+            if host and self.backend.is_gpu:
+                import cupyx
+
+                buf = cupyx.empty_pinned(shape, dtype=dtype)
+            else:
+                buf = (np if host else self.backend.xp).empty(shape, dtype=dtype)
+            self._buffers[key] = buf
+        return buf
+
+    def buffer(self, rows: int, cols: int, dtype: Any) -> Any:
+        return self._buffer("partial", (rows, cols), dtype)
+
+    def wire_dtype(self, dtype: Any) -> np.dtype:
+        return np.dtype(np.float64) if self.mode == "abft" else np.dtype(dtype)
+
+    def _sum(self, send: Any, recv: Any) -> None:
+        """The Allreduce proper: device buffers when MPI is CUDA-aware, else pinned host."""
+        self.backend.sync()
+        if not self.backend.is_gpu:
+            self.comm.Allreduce(send, recv, op=MPI.SUM)
+        elif self.cuda_aware:
+            self.comm.Allreduce(send, recv, op=MPI.SUM)
+        else:
+            host_send = self._buffer("host_send", send.shape, send.dtype, host=True)
+            host_recv = self._buffer("host_recv", recv.shape, recv.dtype, host=True)
+            send.get(out=host_send)
+            self.comm.Allreduce(host_send, host_recv, op=MPI.SUM)
+            recv.set(host_recv)
+
+    def _inject(self, array: Any, layer: int, site: str, where: str, attempt: int) -> None:
+        for f in self.faults:
+            if (f.rank, f.layer, f.site, f.where) == (self.world_rank, layer, site, where) and (
+                attempt < f.times
+            ):
+                checksum.flip_bit(array, f.index % array.size, f.bit)
+
+    def __call__(self, partial: Any, *, site: str, layer: int) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._reduce(partial, site, layer)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _reduce(self, partial: Any, site: str, layer: int) -> Any:
+        rows, cols = partial.shape
+        if self.mode == "off":
+            out = self._buffer("result", (rows, cols), partial.dtype)
+            self._inject(partial, layer, site, "send", 0)
+            self._sum(partial, out)
+            self._inject(out, layer, site, "result", 0)
+            return out
+
+        wire = self.wire_dtype(partial.dtype)
+        send = self._buffer("send", (rows + checksum.CHECK_ROWS, cols), wire)
+        recv = self._buffer("recv", (rows + checksum.CHECK_ROWS, cols), wire)
+        out = self._buffer("result", (rows, cols), partial.dtype)
+        ranks = self.comm.Get_size()
+        for attempt in range(self.retries + 1):
+            checksum.append_checksums(partial, send)
+            if self.faults:
+                # corrupt the payload after its checksums, in the partial's own dtype
+                body = self._buffer("corrupt", (rows, cols), partial.dtype)
+                body[...] = partial
+                self._inject(body, layer, site, "send", attempt)
+                send[:rows] = body
+            self._sum(send, recv)
+            residual, bound, ratio = checksum.residual_ratio(recv, ranks)
+            out[...] = recv[:rows]
+            if self.faults:
+                self._inject(out, layer, site, "result", attempt)
+            digest = checksum.digest64(out) if self.hash_every == "collective" else 0
+            failed, low, high = self._verdict(ratio > 1.0, digest)
+            if not failed and low == high:
+                self.records.append(Record(layer, site, residual, bound, ratio, True, attempt,
+                                           high))
+                return out
+            problem = self._describe(site, layer, failed, residual, bound, ratio, digest)
+            if self.on_mismatch == "abort" or attempt == self.retries:
+                self.records.append(Record(layer, site, residual, bound, ratio, False, attempt,
+                                           high))
+                raise IntegrityError(f"{problem}; gave up after {attempt} retries")
+        raise AssertionError("unreachable")
+
+    def _verdict(self, failed: bool, digest: int) -> tuple[bool, int, int]:
+        """One tiny Allreduce: did any rank fail, and the min and max of the digests."""
+        vec = np.array([int(failed), digest, digest ^ 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
+        self.comm.Allreduce(MPI.IN_PLACE, vec, op=MPI.MAX)
+        return bool(vec[0]), int(vec[2]) ^ 0xFFFFFFFFFFFFFFFF, int(vec[1])
+
+    def _describe(self, site: str, layer: int, failed: bool, residual: float, bound: float,
+                  ratio: float, digest: int) -> str:
+        where = f"Allreduce at layer {layer} site '{site}' over ranks {self.group_ranks}"
+        if failed:
+            return (f"checksum mismatch in the {where}: residual {residual:.3e} exceeds the"
+                    f" rounding bound {bound:.3e} (x{ratio:.3g})")
+        digests = self.comm.allgather(digest)  # failure path only: who disagrees
+        values = sorted(set(digests), key=digests.count)
+        odd = [self.group_ranks[i] for i, d in enumerate(digests) if d == values[0]]
+        return f"ranks disagree on the result of the {where}: rank(s) {odd} differ bit-wise"
+
+    def check_agreement(self, x: Any, *, site: str, layer: int) -> int:
+        """Hash ``x`` on every rank of the group and raise if any copy differs."""
+        digest = checksum.digest64(x)
+        _, low, high = self._verdict(False, digest)
+        if low != high:
+            raise IntegrityError(self._describe(site, layer, False, 0.0, 0.0, 0.0, digest))
+        return high

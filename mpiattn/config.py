@@ -1,0 +1,324 @@
+"""Run configuration: dataclasses with defaults, TOML files, ``--set`` overrides, validation.
+
+The defaults are the embedded main job (BERT-base shape, seeded weights and inputs). Every
+key can be set in TOML or as ``--set section.key=value``; every error names the key and
+says what would be valid, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    layers: int = 12
+    heads: int = 12
+    hidden: int = 768
+    ffn: int = 3072  # MLP width
+    weights: str = ""  # "" = seeded; a .safetensors file, its folder, or "package:NAME/DIR"
+    vocab: int = 30522
+    type_vocab: int = 2
+    max_positions: int = 512
+    layer_norm_eps: float = 1e-12
+
+
+@dataclass
+class InputConfig:
+    batch: int = 8  # sequences (synthetic input; text input uses one per line)
+    seq_len: int = 128  # tokens per sequence (text: the truncation length)
+    text: str = ""  # a UTF-8 file, one sentence per line; "" = seeded token ids
+    tokenizer: str = ""  # tokenizer.json; "" = the one beside model.weights
+    min_fill: float = 0.5  # seeded input: shortest sequence as a fraction of seq_len
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 0  # head-parallel ranks per replica; 0 = all ranks
+    balance: str = "even"  # "even" | "measured"
+
+
+@dataclass
+class AttentionConfig:
+    impl: str = "auto"  # "auto" | "plain" | "blocked"
+    block: int = 0  # key block of blocked attention; 0 = chosen from seq_len
+
+
+@dataclass
+class OutputConfig:
+    path: str = "mpiattn-run.h5"
+    layers: str = "all"  # "all" | "last" | "none"
+    compression: str = "none"  # "none" | "gzip" | "lzf"
+
+
+@dataclass
+class CommConfig:
+    cuda_aware: str = "auto"  # "auto" | "true" | "false": pass device buffers to MPI
+
+
+@dataclass
+class ChecksumConfig:
+    mode: str = "abft"  # "abft" | "off"
+    on_mismatch: str = "retry"  # "retry" | "abort"
+    retries: int = 2
+    hash_every: str = "collective"  # "collective" | "layer" | "end"
+
+
+@dataclass
+class FaultConfig:
+    inject: list = field(default_factory=list)  # tables: rank, layer, site, index, bit, where
+
+
+@dataclass
+class CheckConfig:
+    finite: str = "layer"  # "layer" | "site" | "off": where activations are checked
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    dtype: str = "float32"  # "float32" | "float64"
+    backend: str = "auto"  # "auto" | "numpy" | "cupy"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checksum: ChecksumConfig = field(default_factory=ChecksumConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+    # keys set by the file or --set (not defaults): a checkpoint may not contradict them
+    explicit: set = field(default_factory=set, repr=False, compare=False)
+
+    def to_toml(self) -> str:
+        return to_toml(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("float32", "float64"),
+    "backend": ("auto", "numpy", "cupy"),
+    "parallel.balance": ("even", "measured"),
+    "attention.impl": ("auto", "plain", "blocked"),
+    "output.layers": ("all", "last", "none"),
+    "output.compression": ("none", "gzip", "lzf"),
+    "comm.cuda_aware": ("auto", "true", "false"),
+    "checksum.mode": ("abft", "off"),
+    "checksum.on_mismatch": ("retry", "abort"),
+    "checksum.hash_every": ("collective", "layer", "end"),
+    "check.finite": ("layer", "site", "off"),
+}
+
+POSITIVE = (
+    "model.layers", "model.heads", "model.hidden", "model.ffn", "model.vocab",
+    "model.type_vocab", "model.max_positions", "model.layer_norm_eps",
+    "input.batch", "input.seq_len",
+)
+NON_NEGATIVE = ("parallel.tensor", "attention.block", "checksum.retries")
+
+
+def _fields(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _settings(cfg: Config) -> list[tuple[str, Any]]:
+    return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "explicit"]
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cfg: Config | None = None) -> list[str]:
+    """Every dotted key the configuration understands."""
+    cfg = cfg or Config()
+    keys = []
+    for name, value in _settings(cfg):
+        if dataclasses.is_dataclass(value):
+            keys += [f"{name}.{sub}" for sub in _fields(value)]
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{key}': {hint}")
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check ``value`` against the field type; ints are accepted where floats are expected."""
+    if isinstance(kind, types.GenericAlias) or kind is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, bool):  # comm.cuda_aware = true
+        return str(value).lower()
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(
+            f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _assign(cfg: Config, key: str, value: Any) -> None:
+    known = all_keys(cfg)
+    if key not in known:
+        raise _unknown(key, known)
+    head, _, tail = key.partition(".")
+    target = getattr(cfg, head) if tail else cfg
+    name = tail or head
+    kind = _section_types(type(target))[name]
+    setattr(target, name, _coerce(key, value, kind))
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as TOML (``3``, ``true``, ``"x"``) or else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got '{text}' (e.g. --set model.layers=2)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file, then ``--set`` overrides; validated."""
+    cfg = Config()
+    explicit: set[str] = set()
+    if path:
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from None
+        for key, value in _flatten(table).items():
+            _assign(cfg, key, value)
+            explicit.add(key)
+    for text in overrides:
+        key, value = parse_override(text)
+        _assign(cfg, key, value)
+        explicit.add(key)
+    validate(cfg)
+    cfg.explicit = explicit
+    return cfg
+
+
+def from_dict(flat: dict[str, Any]) -> Config:
+    """A validated Config from dotted keys (tests and programmatic use)."""
+    cfg = Config()
+    for key, value in flat.items():
+        _assign(cfg, key, value)
+    validate(cfg)
+    cfg.explicit = set(flat)
+    return cfg
+
+
+def get(cfg: Config, key: str) -> Any:
+    head, _, tail = key.partition(".")
+    return getattr(getattr(cfg, head), tail) if tail else getattr(cfg, head)
+
+
+def validate(cfg: Config) -> None:
+    """Values that no run could use; checks that need the world size live in ``check_world``."""
+    for key, choices in CHOICES.items():
+        value = get(cfg, key)
+        if value not in choices:
+            raise ConfigError(
+                f"config key '{key}' is '{value}': valid values are {', '.join(choices)}"
+            )
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get(cfg, key)}")
+    m = cfg.model
+    if m.hidden % m.heads:
+        raise ConfigError(
+            f"model.hidden = {m.hidden} is not a multiple of model.heads = {m.heads}:"
+            " each head needs hidden/heads columns"
+        )
+    if m.ffn < m.heads:
+        raise ConfigError(f"model.ffn = {m.ffn} must be at least model.heads = {m.heads}")
+    if cfg.input.seq_len > m.max_positions:
+        raise ConfigError(
+            f"input.seq_len = {cfg.input.seq_len} exceeds model.max_positions ="
+            f" {m.max_positions}: shorten the sequence or raise max_positions"
+        )
+    if not 0.0 < cfg.input.min_fill <= 1.0:
+        raise ConfigError(f"input.min_fill must be in (0, 1], got {cfg.input.min_fill}")
+
+
+def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(tensor, data) sizes for this world, or a ConfigError saying what to change."""
+    tensor = cfg.parallel.tensor or world_size
+    if world_size % tensor:
+        raise ConfigError(
+            f"parallel.tensor = {tensor} does not divide the {world_size} ranks:"
+            f" use a divisor of {world_size} (world = tensor x data)"
+        )
+    if tensor > cfg.model.heads:
+        raise ConfigError(
+            f"parallel.tensor = {tensor} head ranks but model.heads = {cfg.model.heads}:"
+            f" set parallel.tensor <= {cfg.model.heads} so the other ranks split the batch"
+        )
+    data = world_size // tensor
+    if data > cfg.input.batch:
+        raise ConfigError(
+            f"{data} data-parallel replicas but input.batch = {cfg.input.batch}:"
+            " raise input.batch or parallel.tensor"
+        )
+    return tensor, data
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved configuration as TOML text (stored in every output file)."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, list):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k} = {fmt(v)}" for k, v in value.items()) + "}"
+        return repr(value)
+
+    top, sections = [], []
+    for name, value in _settings(cfg):
+        if dataclasses.is_dataclass(value):
+            body = "\n".join(f"{k} = {fmt(v)}" for k, v in vars(value).items())
+            sections.append(f"[{name}]\n{body}")
+        else:
+            top.append(f"{name} = {fmt(value)}")
+    return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"

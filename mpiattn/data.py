@@ -1,0 +1,112 @@
+"""Input batches: seeded token ids, or text tokenized by the model's own tokenizer.json.
+
+Every rank builds the same full batch (it is small next to the model) and keeps the rows
+of its data-parallel replica; the tokenizer is the Hugging Face ``tokenizers`` library,
+so ids match what the model was trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import InputError
+
+_INPUT = 3  # seeded stream tag for input ids (weights use 0..2)
+
+
+@dataclass
+class Batch:
+    ids: np.ndarray  # (B, S) int64 token ids, 0 on padding
+    mask: np.ndarray  # (B, S) bool, True on real tokens
+    text: list[str] | None = None  # the sentences, for text input
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ids.shape
+
+    def rows(self, start: int, count: int) -> Batch:
+        text = None if self.text is None else self.text[start : start + count]
+        return Batch(self.ids[start : start + count], self.mask[start : start + count], text)
+
+
+def seeded_batch(seed: int, batch: int, seq_len: int, vocab: int, min_fill: float) -> Batch:
+    """Random ids with random lengths in [min_fill*seq_len, seq_len], so padding is exercised."""
+    rng = np.random.default_rng([seed, _INPUT])
+    shortest = max(1, int(np.ceil(min_fill * seq_len)))
+    lengths = rng.integers(shortest, seq_len + 1, size=batch)
+    ids = rng.integers(1, vocab, size=(batch, seq_len), dtype=np.int64)
+    mask = np.arange(seq_len)[None, :] < lengths[:, None]
+    ids[~mask] = 0
+    return Batch(ids, mask)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-blank lines of a UTF-8 text file, or an InputError saying what is wrong."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"input.text = '{path}': the file does not exist") from None
+    except OSError as err:
+        raise InputError(f"input.text = '{path}': cannot be read ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"input.text = '{path}': not UTF-8 (byte {err.start}): convert it with iconv"
+        ) from None
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise InputError(f"input.text = '{path}': the file has no text (one sentence per line)")
+    return lines
+
+
+def tokenizer_path(cfg: Config) -> Path:
+    """input.tokenizer, or the tokenizer.json beside the model's weights."""
+    if cfg.input.tokenizer:
+        path = Path(cfg.input.tokenizer)
+    elif cfg.model.weights:
+        from .weights import resolve_weights
+
+        path = resolve_weights(cfg.model.weights).parent / "tokenizer.json"
+    else:
+        raise InputError("input.text needs a tokenizer: set input.tokenizer or model.weights")
+    if not path.is_file():
+        raise InputError(f"tokenizer '{path}' does not exist: set input.tokenizer")
+    return path
+
+
+def text_batch(lines: list[str], tokenizer_file: Path, seq_len: int) -> Batch:
+    """Tokenize sentences, truncated to seq_len and padded to the longest, with a mask."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as err:  # the Rust side raises a bare Exception on a bad file
+        raise InputError(f"tokenizer '{tokenizer_file}' cannot be loaded: {err}") from None
+    tok.enable_truncation(max_length=seq_len)
+    pad_id = tok.token_to_id("[PAD]")
+    tok.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+    encodings = tok.encode_batch(lines)
+    ids = np.array([e.ids for e in encodings], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encodings], dtype=bool)
+    return Batch(ids, mask, lines)
+
+
+def load_batch(cfg: Config) -> Batch:
+    """The job's whole input batch, the same on every rank."""
+    if cfg.input.text:
+        lines = read_lines(Path(cfg.input.text))
+        batch = text_batch(lines, tokenizer_path(cfg), cfg.input.seq_len)
+        if int(batch.ids.max()) >= cfg.model.vocab:
+            raise InputError(
+                f"token id {int(batch.ids.max())} >= model.vocab = {cfg.model.vocab}:"
+                " the tokenizer does not belong to this model"
+            )
+        return batch
+    i = cfg.input
+    return seeded_batch(cfg.seed, i.batch, i.seq_len, cfg.model.vocab, i.min_fill)

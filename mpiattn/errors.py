@@ -1,0 +1,21 @@
+"""Errors a user can fix: printed as one line by rank 0, exit code 2, no traceback."""
+
+
+class UserError(Exception):
+    """Bad configuration or input: the message says what is wrong, where, and the fix."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A configuration key is unknown, of the wrong type, or has an impossible value."""
+
+
+class InputError(UserError):
+    """An input file (weights, text, tokens, HDF5) is missing or malformed."""
+
+
+class IntegrityError(Exception):
+    """A collective's result failed validation after all retries (exit code 3)."""
+
+    exit_code = 3

@@ -1,0 +1,194 @@
+"""BERT encoder on one rank's shard of heads, array-module generic, MPI-free.
+
+Megatron tensor parallelism: Q/K/V and the first MLP linear are split by columns, the
+output projection and the second MLP linear by rows; after each row-parallel product the
+partial sums go through ``reduce`` (an Allreduce(SUM) across the head group when run under
+MPI, the identity in one process). ``Y = sum_r Y_r + b`` is exact multi-head attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .attention import attention, mask_bias
+from .backend import erf, get_array_module
+
+SITES = ("attention", "mlp")  # where a layer reduces partial sums
+
+
+@dataclass
+class LayerShard:
+    """One rank's slice of one encoder layer (weights stored (in, out) for x @ W)."""
+
+    w_qkv: Any  # (hidden, 3*w): [Q | K | V] columns of this rank's heads, w = heads*head_dim
+    b_qkv: Any  # (3*w,)
+    w_o: Any  # (w, hidden): rows of the output projection for these heads
+    b_o: Any  # (hidden,) replicated, added once after the reduction
+    ln1_g: Any
+    ln1_b: Any
+    w_1: Any  # (hidden, f): MLP columns tied to these heads
+    b_1: Any  # (f,)
+    w_2: Any  # (f, hidden)
+    b_2: Any  # (hidden,) replicated
+    ln2_g: Any
+    ln2_b: Any
+    head_dim: int
+
+    @property
+    def heads(self) -> int:
+        return self.w_o.shape[0] // self.head_dim
+
+
+@dataclass
+class Embeddings:
+    word: Any  # (vocab, hidden)
+    position: Any  # (max_positions, hidden)
+    token_type: Any  # (type_vocab, hidden)
+    ln_g: Any
+    ln_b: Any
+
+
+class Reduce(Protocol):
+    """Sum partial results over the head group; the one communication of a layer."""
+
+    def buffer(self, rows: int, cols: int, dtype: Any) -> Any:
+        """A writable (rows, cols) array to compute the partial into (reused between calls)."""
+
+    def __call__(self, partial: Any, *, site: str, layer: int) -> Any:
+        """The summed (rows, cols) result; valid until the next call."""
+
+
+class LocalReduce:
+    """The single-process reduction: there is nothing to sum."""
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+
+    def buffer(self, rows: int, cols: int, dtype: Any) -> Any:
+        return self.xp.empty((rows, cols), dtype=dtype)
+
+    def __call__(self, partial: Any, *, site: str, layer: int) -> Any:
+        return partial
+
+
+Phase = Callable[[str], Any]  # phase("qkv") -> context manager that times the block
+
+
+def no_timing(_: str) -> Any:
+    return nullcontext()
+
+
+class PhaseTimer:
+    """Accumulates seconds per (layer, phase) with a clock that syncs the device."""
+
+    def __init__(self, clock: Callable[[], float], phases: tuple[str, ...]) -> None:
+        self.clock = clock
+        self.phases = phases
+        self.seconds: dict[tuple[int, str], float] = {}
+        self.layer = 0
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            key = (self.layer, phase)
+            self.seconds[key] = self.seconds.get(key, 0.0) + self.clock() - start
+
+
+def layer_norm(x: Any, g: Any, b: Any, eps: float) -> Any:
+    xp = get_array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = xp.mean(centred * centred, axis=-1, keepdims=True)
+    centred /= xp.sqrt(var + eps)
+    centred *= g
+    centred += b
+    return centred
+
+
+def gelu(x: Any) -> Any:
+    """Exact GELU, x * Phi(x), as BERT uses it."""
+    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def embed(ids: Any, emb: Embeddings, eps: float) -> Any:
+    """Word + position + token-type(0) embeddings, then LayerNorm: (B, S) -> (B, S, H)."""
+    seq = ids.shape[1]
+    x = emb.word[ids] + emb.position[:seq] + emb.token_type[0]
+    return layer_norm(x, emb.ln_g, emb.ln_b, eps)
+
+
+def split_heads(qkv: Any, batch: int, seq: int, heads: int, head_dim: int) -> tuple:
+    """(B*S, 3*h*d) -> three (B, h, S, d) views of Q, K and V."""
+    qkv = qkv.reshape(batch, seq, 3, heads, head_dim)
+    return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+def layer_forward(
+    x: Any, p: LayerShard, bias: Any, reduce: Reduce, layer: int, eps: float,
+    phase: Phase = no_timing,
+) -> tuple[Any, Any]:
+    """One encoder layer on this rank's heads: (B, S, H) -> (attention output, hidden)."""
+    xp = get_array_module(x)
+    batch, seq, hidden = x.shape
+    rows = batch * seq
+    x2 = x.reshape(rows, hidden)
+
+    with phase("qkv"):
+        qkv = x2 @ p.w_qkv  # (B*S, 3*h*d): one fused GEMM
+        qkv += p.b_qkv
+        q, k, v = split_heads(qkv, batch, seq, p.heads, p.head_dim)
+    with phase("attention"):
+        o = attention(q, k, v, bias)  # (B, h, S, d)
+        o = o.transpose(0, 2, 1, 3).reshape(rows, p.heads * p.head_dim)
+    with phase("out_proj"):
+        partial = reduce.buffer(rows, hidden, x.dtype)
+        xp.matmul(o, p.w_o, out=partial)  # (B*S, H) partial sum of this rank's heads
+    with phase("allreduce"):
+        attn = reduce(partial, site="attention", layer=layer) + p.b_o
+    with phase("norm"):
+        h1 = layer_norm(attn + x2, p.ln1_g, p.ln1_b, eps)
+
+    with phase("mlp"):
+        a = h1 @ p.w_1
+        a += p.b_1
+        a = gelu(a)
+        partial = reduce.buffer(rows, hidden, x.dtype)
+        xp.matmul(a, p.w_2, out=partial)
+    with phase("allreduce"):
+        mlp = reduce(partial, site="mlp", layer=layer) + p.b_2
+    with phase("norm"):
+        mlp += h1
+        out = layer_norm(mlp, p.ln2_g, p.ln2_b, eps)
+    return attn.reshape(batch, seq, hidden), out.reshape(batch, seq, hidden)
+
+
+def mean_pool(hidden: Any, key_mask: Any) -> Any:
+    """Mean over real tokens, then L2-normalised: the sentence-transformers embedding."""
+    xp = get_array_module(hidden)
+    weights = key_mask.astype(hidden.dtype)[:, :, None]
+    pooled = (hidden * weights).sum(axis=1) / xp.maximum(weights.sum(axis=1), 1e-9)
+    norm = xp.sqrt((pooled * pooled).sum(axis=-1, keepdims=True))
+    return pooled / xp.maximum(norm, 1e-12)
+
+
+def encoder_forward(
+    ids: Any, key_mask: Any, emb: Embeddings, layers: list[LayerShard], reduce: Reduce,
+    eps: float, phase: Phase = no_timing, on_layer: Callable[[int, Any, Any], None] | None = None,
+) -> Any:
+    """Embeddings and all layers; ``on_layer(i, attention, hidden)`` sees every layer's output."""
+    x = embed(ids, emb, eps)
+    bias = mask_bias(key_mask, x.dtype)
+    for i, p in enumerate(layers):
+        if isinstance(phase, PhaseTimer):
+            phase.layer = i
+        attn, x = layer_forward(x, p, bias, reduce, i, eps, phase)
+        if on_layer is not None:
+            on_layer(i, attn, x)
+    return x

@@ -1,0 +1,277 @@
+"""The main job, ``mpiattn run``: sharded forward pass of the encoder, written to HDF5.
+
+    mpiexec -n 4 mpiattn run                       # embedded BERT-base default
+    mpiexec -n 3 mpiattn run jobs/configs/minilm.toml -o minilm.h5
+
+Decided once, near the top: the topology, the backend, this rank's heads. Below that the
+model code runs unchanged on any number of ranks, and only rank 0 prints or writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, h5io
+from .backend import Backend, blas_info, limit_blas_threads, select, to_host
+from .config import Config, check_world
+from .data import Batch, load_batch
+from .errors import ConfigError, InputError, UserError
+from .model import SITES, PhaseTimer, encoder_forward, mean_pool
+from .shard import HeadShard, counts, head_shard, partition
+from .weights import checkpoint_shape, open_source, resolve_weights
+
+PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")
+
+
+def print0(rank: int, *args: Any) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def apply_checkpoint_shape(cfg: Config, explicit: set[str]) -> None:
+    """Take model.* from the checkpoint's config.json; an explicit different value is an error."""
+    if not cfg.model.weights:
+        return
+    shape = checkpoint_shape(resolve_weights(cfg.model.weights))
+    for key, value in shape.items():
+        dotted = f"model.{key}"
+        current = getattr(cfg.model, key)
+        if dotted in explicit and current != value:
+            raise ConfigError(
+                f"{dotted} = {current} but the checkpoint has {value}: remove {dotted}"
+                " from the config or load a matching checkpoint"
+            )
+        setattr(cfg.model, key, type(current)(value))
+    if cfg.model.hidden % cfg.model.heads:
+        raise ConfigError("checkpoint hidden size is not a multiple of its heads")
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first FLOP."""
+
+    cfg: Config
+    topo: Any
+    backend: Backend
+    shard: HeadShard
+    head_counts: list[int]
+    batch: Batch  # the whole batch
+    rows: tuple[int, int]  # (count, start) of this replica's sequences
+    threads: int
+    limiter: Any = field(repr=False, default=None)
+
+
+def plan(cfg: Config, world: Any, explicit: set[str]) -> Plan:
+    from .comm import make_topology
+
+    apply_checkpoint_shape(cfg, explicit)
+    tensor, _ = check_world(cfg, world.Get_size())
+    batch = load_batch(cfg)
+    replicas = world.Get_size() // tensor
+    if replicas > batch.shape[0]:
+        raise ConfigError(f"{replicas} data-parallel replicas for {batch.shape[0]} sequences:"
+                          " raise parallel.tensor or give more input")
+    topo = make_topology(world, tensor)
+    backend = select(cfg.backend, topo.local_rank)
+    threads, limiter = limit_blas_threads(topo.local_size) if not backend.is_gpu else (0, None)
+    m = cfg.model
+    head_counts = counts(m.heads, tensor)
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, topo.head_rank, head_counts)
+    rows = partition(batch.shape[0], replicas, topo.replica)
+    return Plan(cfg, topo, backend, shard, head_counts, batch, rows, threads, limiter)
+
+
+def make_reducer(cfg: Config, p: Plan) -> Any:
+    from .checksum import parse_faults
+    from .comm import CheckedAllreduce, cuda_aware_mpi
+
+    aware = {"true": True, "false": False}.get(cfg.comm.cuda_aware)
+    if aware is None:
+        aware = p.backend.is_gpu and cuda_aware_mpi()
+    return CheckedAllreduce(
+        comm=p.topo.heads, backend=p.backend, mode=cfg.checksum.mode,
+        on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
+        hash_every=cfg.checksum.hash_every, cuda_aware=aware,
+        faults=parse_faults(cfg.fault.inject, SITES), world_rank=p.topo.rank,
+        group_ranks=p.topo.head_group_ranks(),
+    )
+
+
+def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str]) -> Path | None:
+    """The whole job on every rank; returns the output path on rank 0."""
+    from .comm import agree_on_error, gather_rows
+
+    rank = world.Get_rank()
+    started = dt.datetime.now(dt.timezone.utc)
+    wall0 = time.perf_counter()
+    error: UserError | None = None
+    try:
+        if rank == 0:
+            h5io.check_output(out_path, force)
+        p = plan(cfg, world, explicit)
+        reducer = make_reducer(cfg, p)
+    except UserError as err:
+        error = err
+    except ValueError as err:  # a config the validator let through but the shard refuses
+        error = ConfigError(str(err))
+    error = agree_on_error(world, error)
+    if error is not None:
+        raise error
+
+    topo, backend, xp = p.topo, p.backend, p.backend.xp
+    count, start = p.rows
+    mine = p.batch.rows(start, count)
+    dtype = np.dtype(cfg.dtype)
+
+    # --- weights: only this rank's shard is ever built --------------------------------
+    t0 = time.perf_counter()
+    error = None
+    try:
+        source = open_source(cfg.seed, cfg.model, dtype)
+        emb = source.embeddings()
+        layers = [source.layer(i, p.shard) for i in range(cfg.model.layers)]
+    except (UserError, ValueError) as err:
+        error = err if isinstance(err, UserError) else InputError(str(err))
+    error = agree_on_error(world, error)
+    if error is not None:
+        raise error
+    to_dev = (lambda a: xp.asarray(a)) if backend.is_gpu else (lambda a: a)
+    emb = type(emb)(*(to_dev(a) for a in vars(emb).values()))
+    layers = [type(lp)(**{k: to_dev(v) if k != "head_dim" else v for k, v in vars(lp).items()})
+              for lp in layers]
+    ids, mask = to_dev(mine.ids), to_dev(mine.mask)
+    setup = time.perf_counter() - t0
+
+    # --- forward ------------------------------------------------------------------------
+    keep = {"all": range(cfg.model.layers), "last": [cfg.model.layers - 1], "none": []}[
+        cfg.output.layers]
+    leader = topo.head_rank == 0  # one copy of each replica's results leaves the group
+    outputs: dict[tuple[int, str], np.ndarray] = {}
+    timer = PhaseTimer(backend.timer(), PHASES)
+
+    def on_layer(i: int, attn: Any, hidden: Any) -> None:
+        if cfg.check.finite != "off" and not bool(xp.isfinite(hidden).all()):
+            bad = "attention" if not bool(xp.isfinite(attn).all()) else "mlp"
+            raise FloatingPointError(
+                f"non-finite activations at layer {i} after the {bad} block on rank {rank}")
+        if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "layer":
+            reducer.check_agreement(hidden, site="hidden", layer=i)
+        if leader and i in keep:
+            outputs[(i, "attention")] = to_host(attn)
+            outputs[(i, "hidden")] = to_host(hidden)
+
+    world.Barrier()
+    t_fwd = time.perf_counter()
+    hidden = encoder_forward(ids, mask, emb, layers, reducer, cfg.model.layer_norm_eps,
+                             timer, on_layer)
+    if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
+        reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
+    pooled = to_host(mean_pool(hidden, mask))
+    backend.sync()
+    forward_s = time.perf_counter() - t_fwd
+
+    # --- gather to rank 0 ---------------------------------------------------------------
+    seconds = np.zeros((cfg.model.layers, len(PHASES)))
+    for (layer, phase), s in timer.seconds.items():
+        seconds[layer, PHASES.index(phase)] += s
+    all_seconds = gather_rows(world, seconds[None])
+    per_rank = np.array([[forward_s, setup, time.perf_counter() - wall0]])
+    all_totals = gather_rows(world, per_rank)
+    host_info = world.gather((socket.gethostname(), backend.device))
+    gathered: dict[tuple[int, str], np.ndarray] = {}
+    records = []
+    if leader:  # replica leaders send their batch rows, in replica order
+        for key in sorted(outputs):
+            gathered[key] = gather_rows(topo.data, outputs[key])
+        pooled_all = gather_rows(topo.data, pooled)
+        records = topo.data.gather([(topo.replica, r) for r in reducer.records])
+
+    if rank != 0:
+        return None
+    records = [item for part in records for item in part]
+    path = Path(out_path)
+    with h5io.atomic_file(path) as f:
+        write_run(f, cfg, p, gathered, pooled_all, all_seconds, all_totals, host_info,
+                  records, started)
+    print_summary(cfg, p, all_seconds, all_totals, path)
+    return path
+
+
+def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
+              seconds: np.ndarray, totals: np.ndarray, host_info: list, records: list,
+              started: dt.datetime) -> None:
+    from mpi4py import MPI
+
+    comp = cfg.output.compression
+    f.attrs.update({
+        "mpiattn_version": __version__, "format_version": h5io.FORMAT_VERSION,
+        "command": "run", "config": cfg.to_toml(), "world_size": p.topo.size,
+        "tensor_parallel": p.topo.tensor, "data_parallel": p.topo.replicas,
+        "head_partition": np.array(p.head_counts), "backend": p.backend.name,
+        "mpi_library": MPI.Get_library_version().strip(), "blas": str(blas_info()),
+        "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),
+    })
+    ranks = f.create_group("ranks")
+    ranks.create_dataset("host", data=[h for h, _ in host_info])
+    ranks.create_dataset("device", data=[d for _, d in host_info])
+    inp = f.create_group("input")
+    h5io.write_array(inp, "tokens", p.batch.ids, ("batch", "seq"), comp, digest=True)
+    h5io.write_array(inp, "attention_mask", p.batch.mask.astype(np.uint8), ("batch", "seq"),
+                     comp, digest=True)
+    if p.batch.text is not None:
+        inp.create_dataset("text", data=p.batch.text)
+        out = f.create_group("output")
+        h5io.write_array(out, "pooled", pooled, ("batch", "hidden"), comp, digest=True,
+                         description="mean over real tokens of the last layer, L2-normalised")
+    for (layer, name), array in sorted(outputs.items()):
+        g = f.require_group(h5io.layer_group(layer))
+        h5io.write_array(g, name, array, ("batch", "seq", "hidden"), comp, digest=True)
+    t = f.create_group("timings")
+    h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"), phases=list(PHASES),
+                     units="s")
+    for i, name in enumerate(("forward", "setup", "total")):
+        h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
+    if records:
+        write_records(f, records)
+    f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    f.attrs["status"] = "complete"
+
+
+RECORD_DTYPE = np.dtype([
+    ("replica", "i4"), ("layer", "i4"), ("site", "S16"), ("residual", "f8"), ("bound", "f8"),
+    ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"),
+])
+
+
+def write_records(f: Any, records: list) -> None:
+    table = np.array([
+        (replica, r.layer, r.site.encode(), r.residual, r.bound, r.ratio, r.passed, r.retries,
+         r.digest) for replica, r in records
+    ], dtype=RECORD_DTYPE)
+    g = f.require_group("checksum")
+    h5io.write_array(g, "collectives", table,
+                     description="one row per validated Allreduce; ratio = residual/bound")
+
+
+def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,
+                  path: Path) -> None:
+    m = cfg.model
+    b, s = p.batch.shape
+    print(f"mpiattn {__version__}: {m.layers} layers, {m.heads} heads, hidden {m.hidden},"
+          f" ffn {m.ffn}; batch {b} x seq {s}, {cfg.dtype}, {p.backend.name}")
+    print(f"ranks {p.topo.size} = {p.topo.replicas} data x {p.topo.tensor} head;"
+          f" heads per rank {p.head_counts}; BLAS threads/rank {p.threads or '-'}")
+    phase_total = seconds.sum(axis=1).mean(axis=0)  # mean over ranks, per phase
+    share = phase_total / max(phase_total.sum(), 1e-12)
+    parts = ", ".join(f"{name} {100 * x:.0f}%" for name, x in zip(PHASES, share, strict=True))
+    print(f"forward {totals[:, 0].max():.3f} s (max over ranks), setup"
+          f" {totals[:, 1].max():.3f} s, wall {totals[:, 2].max():.3f} s")
+    print(f"time per phase: {parts}")
+    print(f"wrote {path}")
