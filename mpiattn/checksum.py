@@ -54,7 +54,8 @@ def bound_factor(rows: int, ranks: int, dtype: Any) -> float:
     in one element is caught whenever ``|delta|`` exceeds it.
     """
     u = unit_roundoff(dtype)
-    g_n, g_k, g_all = gamma(max(rows - 1, 0), u), gamma(max(ranks - 1, 0), u), gamma(rows + ranks, u)
+    g_n, g_k = gamma(max(rows - 1, 0), u), gamma(max(ranks - 1, 0), u)
+    g_all = gamma(rows + ranks, u)
     return 2.0 * (g_n + g_k) * (1.0 + g_all) / (1.0 - g_all)
 
 
@@ -92,26 +93,46 @@ def residual_ratio(reduced: Any, ranks: int) -> tuple[float, float, float]:
     return float(residual[j]), float(bound[j]), float(ratio[j])
 
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: odd, spreads the bits
+_CHUNK = 1 << 16  # words hashed against one table of constants
+_MASK = (1 << 64) - 1
+_tables: dict[tuple[str, int, int], Any] = {}
+
+
+def _odd_constants(xp: Any, count: int, salt: int) -> Any:
+    """``count`` odd 64-bit constants, the same on every rank (fixed seed), cached."""
+    key = (xp.__name__, count, salt)
+    table = _tables.get(key)
+    if table is None:
+        rng = np.random.default_rng([0x6D706961, salt])
+        host = rng.integers(0, 1 << 63, size=count, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        table = _tables[key] = xp.asarray(host)
+    return table
 
 
 def digest64(x: Any) -> int:
-    """A 64-bit hash of the bytes of ``x``, on its device; any single bit flip changes it.
+    """A 64-bit hash of the bytes of ``x``, computed on its device, cheap (one integer dot).
 
-    The wrapping sum of the 64-bit words changes by +-2^b for a flip of bit b, which is
-    never 0 mod 2^64; the xor-fold, mixed in, makes cancelling pairs of flips unlikely.
+    ``h = sum_i w_i c_i mod 2^64`` over the 64-bit words ``w_i`` with odd constants
+    ``c_i`` (chunks of words get odd multipliers of their own). A flip of bit ``b`` in word
+    ``i`` moves ``h`` by ``2^b * odd``, never 0 mod 2^64: every single-bit difference between
+    two ranks' copies is seen; two differences cancel with probability about 2^-64.
     """
     xp = get_array_module(x)
-    flat = xp.ascontiguousarray(x).reshape(-1)
-    raw = flat.view(xp.uint8)
-    whole = raw.size // 8 * 8
-    words = raw[:whole].view(xp.uint64)
+    raw = xp.ascontiguousarray(x).reshape(-1).view(xp.uint8)
+    if raw.size % 8:
+        raw = xp.concatenate([raw, xp.zeros(8 - raw.size % 8, dtype=xp.uint8)])
+    words = raw.view(xp.uint64)
+    full = words.size // _CHUNK * _CHUNK
+    consts = _odd_constants(xp, min(_CHUNK, max(words.size, 1)), 0)
+    h = x.nbytes
     with np.errstate(over="ignore"):
-        total = int(words.sum(dtype=xp.uint64)) if words.size else 0
-    folded = int(xp.bitwise_xor.reduce(words)) if words.size else 0
-    tail = int.from_bytes(bytes(raw[whole:].tolist()), "little")
-    mixed = (total ^ ((folded * int(_MIX)) & 0xFFFFFFFFFFFFFFFF) ^ tail) & 0xFFFFFFFFFFFFFFFF
-    return mixed
+        if full:
+            per_chunk = words[:full].reshape(-1, _CHUNK) @ consts
+            h += int(per_chunk @ _odd_constants(xp, per_chunk.size, 1))
+        if words.size > full:
+            tail = words[full:]
+            h += int(tail @ consts[: tail.size]) * 0x9E3779B97F4A7C15
+    return h & _MASK
 
 
 def flip_bit(x: Any, index: int, bit: int) -> None:

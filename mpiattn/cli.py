@@ -67,7 +67,7 @@ def _mpi_command(body: Callable[[Any], int]) -> int:
             print(f"mpiattn: integrity error: {err}; no output written", file=sys.stderr,
                   flush=True)
         return err.exit_code
-    except BaseException as err:  # noqa: BLE001 - one rank failed alone: end the whole job
+    except BaseException as err:
         if isinstance(err, SystemExit) and not err.code:
             raise
         detail = "".join(traceback.format_exception(err)).rstrip()

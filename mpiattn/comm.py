@@ -166,9 +166,7 @@ class CheckedAllreduce:
     def _sum(self, send: Any, recv: Any) -> None:
         """The Allreduce proper: device buffers when MPI is CUDA-aware, else pinned host."""
         self.backend.sync()
-        if not self.backend.is_gpu:
-            self.comm.Allreduce(send, recv, op=MPI.SUM)
-        elif self.cuda_aware:
+        if not self.backend.is_gpu or self.cuda_aware:
             self.comm.Allreduce(send, recv, op=MPI.SUM)
         else:
             host_send = self._buffer("host_send", send.shape, send.dtype, host=True)
@@ -244,9 +242,16 @@ class CheckedAllreduce:
             return (f"checksum mismatch in the {where}: residual {residual:.3e} exceeds the"
                     f" rounding bound {bound:.3e} (x{ratio:.3g})")
         digests = self.comm.allgather(digest)  # failure path only: who disagrees
-        values = sorted(set(digests), key=digests.count)
-        odd = [self.group_ranks[i] for i, d in enumerate(digests) if d == values[0]]
-        return f"ranks disagree on the result of the {where}: rank(s) {odd} differ bit-wise"
+        groups: dict[int, list[int]] = {}
+        for i, d in enumerate(digests):
+            groups.setdefault(d, []).append(self.group_ranks[i])
+        sizes = sorted(len(g) for g in groups.values())
+        if len(groups) == 2 and sizes[0] < sizes[1]:
+            odd = min(groups.values(), key=len)
+            who = f"rank(s) {odd} differ bit-wise from the others"
+        else:
+            who = "copies differ bit-wise: " + " vs ".join(str(g) for g in groups.values())
+        return f"ranks disagree on the result of the {where}: {who}"
 
     def check_agreement(self, x: Any, *, site: str, layer: int) -> int:
         """Hash ``x`` on every rank of the group and raise if any copy differs."""

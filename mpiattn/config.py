@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import ConfigError
 
@@ -166,7 +167,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         return float(value)
     if kind is str and isinstance(value, bool):  # comm.cuda_aware = true
         return str(value).lower()
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(
             f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
         )

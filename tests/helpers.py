@@ -1,0 +1,88 @@
+"""Test helpers: tiny configs, and a head group simulated with threads (no MPI)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from mpiattn import config
+from mpiattn.data import load_batch
+from mpiattn.model import encoder_forward
+from mpiattn.shard import head_shard
+from mpiattn.weights import open_source
+
+# Tolerances of every equivalence test (max |got - want| / max |want|), per dtype.
+TOL = {"float32": 1e-5, "float64": 1e-12}
+
+TINY = {
+    "model.layers": 2, "model.heads": 12, "model.hidden": 96, "model.ffn": 200,
+    "model.vocab": 500, "model.max_positions": 64, "input.batch": 4, "input.seq_len": 24,
+}
+
+
+def tiny(**overrides: Any) -> config.Config:
+    flat = dict(TINY)
+    flat.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return config.from_dict(flat)
+
+
+class ThreadGroup:
+    """``k`` threads stand in for the ranks of a head group; reduce() sums their partials."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.barrier = threading.Barrier(k)
+        self.parts: list[Any] = [None] * k
+
+    def member(self, index: int) -> Any:
+        group = self
+
+        class Member:
+            def buffer(self, rows: int, cols: int, dtype: Any) -> Any:
+                return np.empty((rows, cols), dtype=dtype)
+
+            def __call__(self, partial: Any, *, site: str, layer: int) -> Any:
+                group.parts[index] = partial.copy()
+                group.barrier.wait()
+                total = group.parts[0].copy()
+                for part in group.parts[1:]:
+                    total += part
+                group.barrier.wait()
+                return total
+
+        return Member()
+
+
+def sharded_forward(cfg: config.Config, k: int) -> list[tuple[Any, Any]]:
+    """Per-layer (attention, hidden) of rank 0 when ``k`` threads share the heads."""
+    m = cfg.model
+    source = open_source(cfg.seed, m, cfg.dtype)
+    batch = load_batch(cfg)
+    group = ThreadGroup(k)
+    results: list[list] = [[] for _ in range(k)]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, k, i)
+            layers = [source.layer(n, shard) for n in range(m.layers)]
+            encoder_forward(batch.ids, batch.mask, source.embeddings(), layers,
+                            group.member(i), m.layer_norm_eps,
+                            on_layer=lambda n, a, h: results[i].append((a.copy(), h.copy())))
+        except BaseException as err:  # surfaced in the main thread
+            errors.append(err)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    for other in results[1:]:  # every rank of a head group ends with the same numbers
+        for (a0, h0), (a1, h1) in zip(results[0], other, strict=True):
+            assert np.array_equal(a0, a1) and np.array_equal(h0, h1)
+    return results[0]

@@ -1,0 +1,157 @@
+"""The sharded job on N ranks equals the one-process reference, written as the schema says."""
+
+import h5py
+import numpy as np
+import pytest
+from helpers import TINY, TOL
+
+from mpiattn import config, reference
+from mpiattn.data import load_batch
+from mpiattn.errors import ConfigError, IntegrityError, UserError
+from mpiattn.runner import PHASES, run
+from mpiattn.weights import open_source
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+def run_job(world, folder, name, **flat):
+    cfg = config.from_dict({**TINY, **flat})
+    path = folder / name
+    run(cfg, world, str(path), True, cfg.explicit)
+    world.Barrier()
+    return cfg, path
+
+
+def check_against_reference(cfg, path):
+    batch = load_batch(cfg)
+    attn, hidden = reference.forward(batch.ids, batch.mask,
+                                     open_source(cfg.seed, cfg.model, cfg.dtype), cfg.model)
+    worst = 0.0
+    with h5py.File(path) as f:
+        assert f.attrs["status"] == "complete"
+        for layer in range(cfg.model.layers):
+            g = f[f"layers/{layer:02d}"]
+            worst = max(worst, reference.relative_error(g["attention"][()], attn[layer]),
+                        reference.relative_error(g["hidden"][()], hidden[layer]))
+    return worst
+
+
+def layouts(size):
+    """(tensor, model overrides) combinations to try at this world size."""
+    out = [(size, {}), (1, {})]  # all ranks on heads; all ranks on the batch
+    if size % 2 == 0 and size > 2:
+        out.append((2, {}))  # 2 heads ranks x size/2 replicas
+    if size in (3, 5):
+        out.append((size, {"model.heads": 8, "model.hidden": 64}))  # uneven: 3,3,2 / 2,2,2,1,1
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_sharded_run_equals_reference(world, shared_dir, dtype):
+    size = world.Get_size()
+    for n, (tensor, extra) in enumerate(layouts(size)):
+        cfg, path = run_job(world, shared_dir, f"r{n}-{dtype}.h5", dtype=dtype,
+                            **{"parallel.tensor": tensor, "input.batch": 5, **extra})
+        if world.Get_rank() == 0:
+            worst = check_against_reference(cfg, path)
+            print(f"size={size} tensor={tensor} {extra} {dtype}: max rel error {worst:.2e}")
+            assert worst <= TOL[dtype]
+            with h5py.File(path) as f:
+                assert f.attrs["tensor_parallel"] == tensor
+                assert f.attrs["data_parallel"] == size // tensor
+                heads = cfg.model.heads
+                want = [heads // tensor + (r < heads % tensor) for r in range(tensor)]
+                assert list(f.attrs["head_partition"]) == want
+
+
+def test_file_schema(world, shared_dir):
+    cfg, path = run_job(world, shared_dir, "schema.h5", **{"output.layers": "last"})
+    if world.Get_rank() != 0:
+        return
+    with h5py.File(path) as f:
+        assert list(f["layers"]) == [f"{cfg.model.layers - 1:02d}"]
+        b, s, h = cfg.input.batch, cfg.input.seq_len, cfg.model.hidden
+        assert f["layers/01/hidden"].shape == (b, s, h)
+        assert f["layers/01/hidden"].attrs["sha256"]
+        assert [d.label for d in f["layers/01/attention"].dims] == ["batch", "seq", "hidden"]
+        assert f["input/attention_mask"].shape == (b, s)
+        t = f["timings/seconds"]
+        assert t.shape == (world.Get_size(), cfg.model.layers, len(PHASES))
+        assert list(t.attrs["phases"]) == list(PHASES) and t.attrs["units"] == "s"
+        assert (t[()] >= 0).all() and t[()].sum() > 0
+        assert f["timings/total"].shape == (world.Get_size(),)
+        assert f.attrs["world_size"] == world.Get_size()
+        assert "[model]" in f.attrs["config"] and f.attrs["mpi_library"]
+        assert len(f["ranks/host"]) == world.Get_size()
+        records = f["checksum/collectives"][()]
+        assert len(records) == 2 * cfg.model.layers  # one head group, two sites per layer
+        assert records["passed"].all() and (records["ratio"] <= 1).all()
+        assert (records["digest"] != 0).all()
+    from mpiattn.h5io import verify
+
+    assert verify(path) == []
+
+
+def test_send_fault_is_retried_to_the_clean_result(world, shared_dir):
+    _, clean = run_job(world, shared_dir, "clean.h5")
+    fault = {"rank": world.Get_size() - 1, "layer": 1, "site": "mlp", "index": 123, "bit": 27}
+    _, healed = run_job(world, shared_dir, "healed.h5", **{"fault.inject": [fault]})
+    if world.Get_rank() == 0:
+        with h5py.File(clean) as a, h5py.File(healed) as b:
+            for name in ("layers/01/hidden", "layers/01/attention", "layers/00/hidden"):
+                np.testing.assert_array_equal(a[name][()], b[name][()])
+            rec = b["checksum/collectives"][()]
+            hit = rec[(rec["layer"] == 1) & (rec["site"] == b"mlp")]
+            assert hit["retries"][0] == 1 and hit["passed"][0]
+            assert b.attrs["config"].count("bit = 27") == 1  # the injection is on record
+
+
+@pytest.mark.parametrize("where", ["send", "result"])
+def test_persistent_fault_stops_every_rank(world, shared_dir, where):
+    fault = {"rank": 1, "layer": 0, "site": "attention", "index": 5, "bit": 29,
+             "where": where, "times": 99}
+    with pytest.raises(IntegrityError) as info:
+        run_job(world, shared_dir, f"bad-{where}.h5", **{"fault.inject": [fault]})
+    text = str(info.value)
+    assert "layer 0 site 'attention'" in text
+    if where == "send":
+        assert "exceeds the rounding bound" in text
+    elif world.Get_size() > 2:
+        assert "rank(s) [1] differ bit-wise from the others" in text
+    else:  # no majority between two copies
+        assert "[0] vs [1]" in text or "[1] vs [0]" in text
+    world.Barrier()
+    assert not (shared_dir / f"bad-{where}.h5").exists()
+
+
+def test_abort_policy_does_not_retry(world, shared_dir):
+    fault = {"rank": 0, "layer": 1, "site": "attention", "index": 0, "bit": 30}
+    with pytest.raises(IntegrityError, match="after 0 retries"):
+        run_job(world, shared_dir, "abort.h5", **{"fault.inject": [fault],
+                                                  "checksum.on_mismatch": "abort"})
+
+
+def test_layer_hash_catches_a_result_fault(world, shared_dir):
+    fault = {"rank": 0, "layer": 1, "site": "mlp", "index": 7, "bit": 3, "where": "result"}
+    with pytest.raises(IntegrityError, match="site 'hidden'"):
+        run_job(world, shared_dir, "layerhash.h5", **{"fault.inject": [fault],
+                                                      "checksum.hash_every": "layer"})
+
+
+def test_checksums_off_gives_the_same_numbers(world, shared_dir):
+    _, on = run_job(world, shared_dir, "on.h5", dtype="float64")
+    _, off = run_job(world, shared_dir, "off.h5", dtype="float64", **{"checksum.mode": "off"})
+    if world.Get_rank() == 0:
+        with h5py.File(on) as a, h5py.File(off) as b:
+            assert reference.relative_error(b["layers/01/hidden"][()],
+                                            a["layers/01/hidden"][()]) < 1e-13
+            assert "checksum" not in b
+
+
+def test_errors_reach_every_rank(world, shared_dir):
+    with pytest.raises(UserError, match="does not exist"):
+        run_job(world, shared_dir, "x.h5", **{"input.text": str(shared_dir / "absent.txt"),
+                                              "input.tokenizer": "t.json"})
+    with pytest.raises(ConfigError, match="parallel.tensor"):
+        run_job(world, shared_dir, "y.h5", **{"model.heads": 1, "model.hidden": 8,
+                                              "parallel.tensor": world.Get_size()})

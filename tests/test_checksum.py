@@ -1,0 +1,129 @@
+"""The ABFT bound never fires on clean sums and always fires on flips above rounding noise."""
+
+import numpy as np
+import pytest
+
+from mpiattn import checksum
+from mpiattn.errors import ConfigError
+
+
+def simulate(partials, wire, rng, fault=None):
+    """What the Allreduce delivers: checksummed buffers summed in a random order."""
+    n, m = partials[0].shape
+    sends = []
+    for r, p in enumerate(partials):
+        buf = np.empty((n + 2, m), wire)
+        checksum.append_checksums(p, buf)
+        if fault is not None and fault[0] == r:
+            body = p.copy()
+            checksum.flip_bit(body, fault[1], fault[2])
+            buf[:n] = body
+        sends.append(buf)
+    order = rng.permutation(len(sends))
+    total = sends[order[0]].copy()
+    for i in order[1:]:
+        total += sends[i]
+    return total
+
+
+def clean_cases(rng):
+    """Dtypes, shapes, scales 1e-30..1e30, mixed signs, cancellation, zeros, 2-4 ranks."""
+    for case in range(1200):
+        dtype = np.float32 if case % 2 else np.float64
+        ranks = 2 + case % 3
+        n, m = int(rng.integers(1, 300)), int(rng.integers(1, 40))
+        scale = 10.0 ** rng.uniform(-30, 30)
+        kind = case % 4
+        parts = [rng.standard_normal((n, m)) * scale for _ in range(ranks)]
+        if kind == 1:  # near-total cancellation between ranks
+            parts[1] = -parts[0] + parts[1] * 1e-6
+        elif kind == 2:  # wildly mixed magnitudes within a rank
+            parts[0] *= 10.0 ** rng.uniform(-8, 8, size=(n, m))
+        elif kind == 3:  # all-zero columns and uneven splits of one sum
+            parts[0][:, : m // 2] = 0
+        yield [p.astype(dtype) for p in parts], dtype
+
+
+def test_no_false_alarm_on_clean_collectives():
+    rng = np.random.default_rng(2026)
+    worst, count = 0.0, 0
+    for parts, dtype in clean_cases(rng):
+        wire = np.float64  # what CheckedAllreduce sends in abft mode
+        _, _, ratio = checksum.residual_ratio(simulate(parts, wire, rng), len(parts))
+        worst = max(worst, ratio)
+        count += 1
+        # the bound is dtype-generic: it must also hold with a float32 wire
+        if dtype == np.float32:
+            _, _, ratio32 = checksum.residual_ratio(simulate(parts, np.float32, rng),
+                                                    len(parts))
+            assert ratio32 <= 1.0
+    print(f"{count} clean collectives: worst residual/bound {worst:.3g}")
+    assert count >= 1000 and worst <= 1.0
+
+
+def detection_rate(bit, trials, rng):
+    hits = 0
+    for _ in range(trials):
+        ranks = int(rng.integers(2, 5))
+        parts = [rng.standard_normal((256, 48)).astype(np.float32) for _ in range(ranks)]
+        fault = (int(rng.integers(ranks)), int(rng.integers(256 * 48)), bit)
+        _, _, ratio = checksum.residual_ratio(simulate(parts, np.float64, rng, fault), ranks)
+        hits += ratio > 1.0
+    return hits / trials
+
+
+@pytest.mark.parametrize("bit", range(15, 32))
+def test_exponent_sign_and_top_mantissa_flips_always_caught(bit):
+    rate = detection_rate(bit, 60, np.random.default_rng(bit))
+    assert rate == 1.0
+
+
+def test_lowest_mantissa_bits_mostly_caught_with_float64_wire():
+    rng = np.random.default_rng(0)
+    rates = {bit: detection_rate(bit, 40, rng) for bit in (0, 4, 8)}
+    print("detection by bit:", rates)
+    assert rates[8] >= 0.95 and rates[0] >= 0.5
+
+
+def test_bound_is_tight_enough_to_matter():
+    f = checksum.bound_factor(1024, 4, np.float64)
+    assert 1e-14 < f < 1e-12
+    assert checksum.bound_factor(1024, 4, np.float32) > 1e5 * f
+
+
+def test_digest_sees_every_single_bit_flip():
+    x = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    base = checksum.digest64(x)
+    assert base == checksum.digest64(x.copy())
+    seen = set()
+    for index in range(x.size):
+        for bit in range(32):
+            y = x.copy()
+            checksum.flip_bit(y, index, bit)
+            seen.add(checksum.digest64(y))
+    assert base not in seen  # no single flip goes unseen
+    assert len(seen) > x.size * 32 * 0.9  # and flips rarely look alike
+
+
+def test_flip_bit_changes_the_value_as_ieee_says():
+    x = np.array([1.0, 2.0], np.float32)
+    checksum.flip_bit(x, 1, 31)
+    assert x[1] == -2.0
+    checksum.flip_bit(x, 0, 23)  # lowest exponent bit of 1.0 (biased 127 -> 126)
+    assert x[0] == 0.5
+    with pytest.raises(ValueError):
+        checksum.flip_bit(x, 0, 32)
+
+
+def test_fault_tables_are_validated():
+    ok = checksum.parse_faults([{"rank": 1, "layer": 0, "site": "mlp", "index": 3, "bit": 30,
+                                 "where": "result", "times": 2}], ("attention", "mlp"))
+    assert ok[0].where == "result" and ok[0].times == 2
+    for bad, msg in [({"rank": 1}, "'layer' is required"),
+                     ({"rank": 0, "layer": 0, "site": "qkv", "index": 0, "bit": 1}, "site"),
+                     ({"rank": 0, "layer": 0, "site": "mlp", "index": 0, "bit": 1, "x": 1},
+                      "unknown key"),
+                     ({"rank": "0", "layer": 0, "site": "mlp", "index": 0, "bit": 1},
+                      "must be int")]:
+        with pytest.raises(ConfigError, match=msg):
+            checksum.parse_faults([bad], ("attention", "mlp"))

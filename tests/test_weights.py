@@ -1,0 +1,120 @@
+"""Seeded shards never depend on the rank count; checkpoints load slice by slice."""
+
+import numpy as np
+import pytest
+from helpers import tiny
+
+from mpiattn.errors import InputError
+from mpiattn.shard import head_shard
+from mpiattn.weights import SafetensorsWeights, SeededWeights, resolve_weights
+
+FIELDS = ("w_qkv", "b_qkv", "w_o", "w_1", "b_1", "w_2")
+
+
+def test_seeded_shards_tile_the_full_layer():
+    cfg = tiny(model__ffn=250)  # 250 MLP columns over 12 heads: uneven groups
+    m = cfg.model
+    src = SeededWeights(3, m, "float32")
+    d = m.hidden // m.heads
+    full = src.layer(1, head_shard(m.heads, d, m.ffn, 1, 0))
+    for parts in (2, 5, 12):
+        shards = [src.layer(1, head_shard(m.heads, d, m.ffn, parts, i)) for i in range(parts)]
+        q, k, v = (np.concatenate([np.split(s.w_qkv, 3, axis=1)[j] for s in shards], axis=1)
+                   for j in range(3))
+        np.testing.assert_array_equal(np.concatenate([q, k, v], axis=1), full.w_qkv)
+        np.testing.assert_array_equal(np.concatenate([s.w_o for s in shards]), full.w_o)
+        np.testing.assert_array_equal(np.concatenate([s.w_1 for s in shards], axis=1), full.w_1)
+        np.testing.assert_array_equal(np.concatenate([s.w_2 for s in shards]), full.w_2)
+        for s in shards:
+            np.testing.assert_array_equal(s.b_o, full.b_o)
+
+
+def test_seed_changes_weights_and_dtype_does_not():
+    m = tiny().model
+    shard = head_shard(12, 8, m.ffn, 1, 0)
+    a = SeededWeights(0, m, "float32").layer(0, shard)
+    b = SeededWeights(1, m, "float32").layer(0, shard)
+    c = SeededWeights(0, m, "float64").layer(0, shard)
+    assert not np.array_equal(a.w_qkv, b.w_qkv)
+    np.testing.assert_array_equal(a.w_qkv, c.w_qkv.astype(np.float32))
+
+
+def export_hf(src, m) -> dict:
+    """Our (in, out) layout back to Hugging Face BERT names, (out, in) weights."""
+    full = head_shard(m.heads, m.hidden // m.heads, m.ffn, 1, 0)
+    e = src.embeddings()
+    t = {
+        "embeddings.word_embeddings.weight": e.word,
+        "embeddings.position_embeddings.weight": e.position,
+        "embeddings.token_type_embeddings.weight": e.token_type,
+        "embeddings.LayerNorm.weight": e.ln_g, "embeddings.LayerNorm.bias": e.ln_b,
+    }
+    for i in range(m.layers):
+        p = src.layer(i, full)
+        pre = f"encoder.layer.{i}."
+        for name, w, b in zip(("query", "key", "value"), np.split(p.w_qkv, 3, axis=1),
+                              np.split(p.b_qkv, 3), strict=True):
+            t[pre + f"attention.self.{name}.weight"] = w.T
+            t[pre + f"attention.self.{name}.bias"] = b
+        t[pre + "attention.output.dense.weight"] = p.w_o.T
+        t[pre + "attention.output.dense.bias"] = p.b_o
+        t[pre + "attention.output.LayerNorm.weight"] = p.ln1_g
+        t[pre + "attention.output.LayerNorm.bias"] = p.ln1_b
+        t[pre + "intermediate.dense.weight"] = p.w_1.T
+        t[pre + "intermediate.dense.bias"] = p.b_1
+        t[pre + "output.dense.weight"] = p.w_2.T
+        t[pre + "output.dense.bias"] = p.b_2
+        t[pre + "output.LayerNorm.weight"] = p.ln2_g
+        t[pre + "output.LayerNorm.bias"] = p.ln2_b
+    return {k: np.ascontiguousarray(v) for k, v in t.items()}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from safetensors.numpy import save_file
+
+    m = tiny().model
+    src = SeededWeights(5, m, "float32")
+    path = tmp_path / "model.safetensors"
+    save_file(export_hf(src, m), str(path))
+    return path, src, m
+
+
+@pytest.mark.parametrize("parts", [1, 3, 5])
+def test_safetensors_shards_equal_seeded_shards(checkpoint, parts):
+    path, src, m = checkpoint
+    loaded = SafetensorsWeights(path, m, "float32")
+    d = m.hidden // m.heads
+    for i in range(parts):
+        shard = head_shard(m.heads, d, m.ffn, parts, i)
+        got, want = loaded.layer(1, shard), src.layer(1, shard)
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    np.testing.assert_array_equal(loaded.embeddings().word, src.embeddings().word)
+
+
+def test_missing_tensor_and_wrong_shape_are_named(checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path, _, m = checkpoint
+    tensors = load_file(str(path))
+    del tensors["encoder.layer.1.output.dense.bias"]
+    save_file(tensors, str(tmp_path / "missing.safetensors"))
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, 1, 0)
+    with pytest.raises(InputError, match="'encoder.layer.1.output.dense.bias' is missing"):
+        SafetensorsWeights(tmp_path / "missing.safetensors", m, "float32").layer(1, shard)
+    tensors["encoder.layer.1.output.dense.bias"] = np.zeros(7, np.float32)
+    save_file(tensors, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(InputError, match=r"has shape \(7,\)"):
+        SafetensorsWeights(tmp_path / "shape.safetensors", m, "float32").layer(1, shard)
+
+
+def test_unreadable_and_absent_files(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 5)
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        SafetensorsWeights(junk, tiny().model, "float32")
+    with pytest.raises(InputError, match="no safetensors file"):
+        resolve_weights(str(tmp_path / "absent"))
+    with pytest.raises(InputError, match="not installed"):
+        resolve_weights("package:no_such_package_here/model")
