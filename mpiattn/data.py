@@ -49,7 +49,8 @@ def read_lines(path: Path) -> list[str]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"input.text = '{path}': the file does not exist") from None
+        raise InputError(f"input.text = '{path}': the file does not exist (relative paths are"
+                         f" taken from the current folder, {Path.cwd()})") from None
     except OSError as err:
         raise InputError(f"input.text = '{path}': cannot be read ({err.strerror})") from None
     try:

