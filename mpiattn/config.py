@@ -85,6 +85,29 @@ class CheckConfig:
 
 
 @dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    optimizer: str = "adamw"  # "sgd" | "adam" | "adamw"
+    lr: float = 1e-3
+    warmup: int = 20  # steps of linear warm-up
+    decay: str = "cosine"  # "cosine" | "linear" | "none", after warm-up, down to min_lr
+    min_lr: float = 0.0
+    momentum: float = 0.9  # SGD
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # AdamW: decoupled; Adam/SGD: added to the gradient
+    clip: float = 1.0  # global gradient-norm clip; 0 = off
+    mask_prob: float = 0.15  # BERT masking: 80% [MASK], 10% random, 10% kept
+    corpus: str = "data/corpus/train.txt"
+    heldout: str = "data/corpus/heldout.txt"
+    eval_every: int = 50  # steps between held-out evaluations; 0 = only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = none
+    checkpoint: str = "mpiattn-ckpt.h5"
+
+
+@dataclass
 class Config:
     seed: int = 0
     dtype: str = "float32"  # "float32" | "float64"
@@ -98,6 +121,7 @@ class Config:
     checksum: ChecksumConfig = field(default_factory=ChecksumConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     # keys set by the file or --set (not defaults): a checkpoint may not contradict them
     explicit: set = field(default_factory=set, repr=False, compare=False)
 
@@ -117,14 +141,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checksum.on_mismatch": ("retry", "abort"),
     "checksum.hash_every": ("collective", "layer", "end"),
     "check.finite": ("layer", "site", "off"),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.decay": ("cosine", "linear", "none"),
 }
 
 POSITIVE = (
     "model.layers", "model.heads", "model.hidden", "model.ffn", "model.vocab",
     "model.type_vocab", "model.max_positions", "model.layer_norm_eps",
-    "input.batch", "input.seq_len",
+    "input.batch", "input.seq_len", "train.steps", "train.lr", "train.eps",
+    "train.eval_batches",
 )
-NON_NEGATIVE = ("parallel.tensor", "attention.block", "checksum.retries")
+NON_NEGATIVE = (
+    "parallel.tensor", "attention.block", "checksum.retries", "train.warmup", "train.min_lr",
+    "train.weight_decay", "train.clip", "train.eval_every", "train.checkpoint_every",
+)
 
 
 def _fields(obj: Any) -> dict[str, dataclasses.Field]:
@@ -275,6 +305,8 @@ def validate(cfg: Config) -> None:
             f"input.seq_len = {cfg.input.seq_len} exceeds model.max_positions ="
             f" {m.max_positions}: shorten the sequence or raise max_positions"
         )
+    if not 0.0 < cfg.train.mask_prob < 1.0:
+        raise ConfigError(f"train.mask_prob must be in (0, 1), got {cfg.train.mask_prob}")
     if not 0.0 < cfg.input.min_fill <= 1.0:
         raise ConfigError(f"input.min_fill must be in (0, 1], got {cfg.input.min_fill}")
 
