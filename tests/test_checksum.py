@@ -17,7 +17,8 @@ def simulate(partials, wire, rng, fault=None):
         if fault is not None and fault[0] == r:
             body = p.copy()
             checksum.flip_bit(body, fault[1], fault[2])
-            buf[:n] = body
+            with np.errstate(invalid="ignore"):
+                buf[:n] = body
         sends.append(buf)
     order = rng.permutation(len(sends))
     total = sends[order[0]].copy()
