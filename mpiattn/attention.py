@@ -1,16 +1,70 @@
 """Scaled dot-product attention on the heads of one rank: no communication happens here.
 
-Shapes: ``q, k, v`` are (B, h, S, d) with h the rank's heads; ``key_mask`` is (B, S), True
-for real tokens. Padding is masked on the key axis with -inf, which is exact (exp(-inf) = 0)
-as long as every sequence has at least one real token, which the input layer guarantees.
+Two algorithms, equal within float tolerance (tested):
+
+- **plain**: the whole (S, S) score matrix of a head at once. On NumPy it runs head by
+  head, so the scores stay in cache and the softmax passes are cheap; on CuPy all heads go
+  in one batched product.
+- **blocked**: FlashAttention's online softmax. Queries in blocks of ``block`` rows meet
+  keys in blocks of ``block`` columns; a running row maximum ``m`` and sum ``l`` rescale
+  the partial output, so memory is O(block^2) per head instead of O(S^2).
+
+Padding is masked on the key axis. A prefix mask (real tokens first, as tokenizers pad)
+is applied by cutting the keys at each sequence's length: exact, and no work on padding.
+Any other mask adds a 0/-inf bias. Every sequence has at least one real token.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from .backend import get_array_module
+
+PLAIN_MAX_SEQ = 2048  # auto: plain up to this length (16 MiB of float32 scores per head)
+
+
+@dataclass
+class KeyMask:
+    """Which keys each sequence may attend to."""
+
+    lengths: list[int] | None  # prefix masks: the first lengths[b] keys are real
+    bias: Any = None  # otherwise (B, S) additive bias, 0 on real tokens, -inf on padding
+
+    @classmethod
+    def from_mask(cls, key_mask: Any) -> KeyMask:
+        xp = get_array_module(key_mask)
+        lengths = key_mask.sum(axis=1)
+        prefix = xp.arange(key_mask.shape[1])[None, :] < lengths[:, None]
+        if bool((prefix == key_mask).all()):
+            return cls([int(n) for n in lengths.tolist()])
+        bias = xp.zeros(key_mask.shape, dtype=xp.float32)
+        bias[~key_mask] = -xp.inf
+        return cls(None, bias)
+
+    def keys(self, b: int, seq: int) -> int:
+        return seq if self.lengths is None else self.lengths[b]
+
+    def row_bias(self, b: int, stop: int, start: int = 0) -> Any:
+        return None if self.bias is None else self.bias[b, start:stop]
+
+
+@dataclass
+class Options:
+    """How attention runs: the algorithm, its block, and worker threads (NumPy only)."""
+
+    impl: str = "auto"  # "auto" | "plain" | "blocked"
+    block: int = 0  # 0 = chosen from the sequence length
+    workers: int = 1  # threads over heads; BLAS runs single-threaded inside them
+
+    def resolve(self, seq: int) -> tuple[str, int]:
+        impl = self.impl
+        if impl == "auto":
+            impl = "plain" if seq <= PLAIN_MAX_SEQ else "blocked"
+        block = self.block or min(512, seq)
+        return impl, block
 
 
 def mask_bias(key_mask: Any, dtype: Any) -> Any:
@@ -31,7 +85,7 @@ def softmax(s: Any, out: Any = None) -> Any:
 
 
 def attention(q: Any, k: Any, v: Any, bias: Any = None) -> Any:
-    """softmax(q k^T / sqrt(d) + bias) v, all heads of the rank in one batched product."""
+    """softmax(q k^T / sqrt(d) + bias) v for (B, h, S, d) arrays, all heads batched."""
     xp = get_array_module(q)
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
     scores = xp.matmul(q * scale, k.swapaxes(-1, -2))  # (B, h, S, S)
@@ -39,3 +93,112 @@ def attention(q: Any, k: Any, v: Any, bias: Any = None) -> Any:
         scores += bias
     probs = softmax(scores, out=scores)
     return xp.matmul(probs, v)  # (B, h, S, d)
+
+
+def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any) -> None:
+    """One head: (S, d) views in, softmax(q k^T + bias) v written to ``out`` (S, d).
+
+    ``q`` is already scaled. The row sums divide the (S, d) output, not the (S, S) scores.
+    """
+    xp = get_array_module(q)
+    s = q @ k.T
+    if bias is not None:
+        s += bias
+    s -= s.max(axis=1, keepdims=True)
+    xp.exp(s, out=s)
+    xp.matmul(s, v, out=out)
+    out /= s.sum(axis=1, keepdims=True)
+
+
+def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int) -> None:
+    """One head with the online softmax over key blocks (FlashAttention, forward).
+
+    Pass 1, per query block: for each key block, scores s = q k^T (+ bias); new row max
+    m' = max(m, max s); rescale l and the output accumulator by exp(m - m'); add exp(s -
+    m') to l and exp(s - m') v to the accumulator. Pass 2: divide by l.
+    """
+    xp = get_array_module(q)
+    seq, keys = q.shape[0], k.shape[0]
+    for q0 in range(0, seq, block):
+        qb = q[q0 : q0 + block]
+        acc = out[q0 : q0 + block]
+        acc[...] = 0
+        m = xp.full((qb.shape[0], 1), -xp.inf, dtype=q.dtype)
+        total = xp.zeros((qb.shape[0], 1), dtype=q.dtype)
+        for k0 in range(0, keys, block):
+            s = qb @ k[k0 : k0 + block].T
+            if bias is not None:
+                s += bias[k0 : k0 + block]
+            m_new = xp.maximum(m, s.max(axis=1, keepdims=True))
+            # rows with every key so far masked keep m = -inf: nothing to rescale yet
+            safe = xp.where(xp.isfinite(m_new), m_new, 0)
+            alpha = xp.exp(m - safe)
+            s -= safe
+            xp.exp(s, out=s)
+            total *= alpha
+            total += s.sum(axis=1, keepdims=True)
+            acc *= alpha
+            acc += s @ v[k0 : k0 + block]
+            m = m_new
+        acc /= total
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers != workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mpiattn-head")
+    return _pool
+
+
+def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_dim: int,
+                    mask: KeyMask, options: Options) -> str:
+    """Attention of all local heads from the fused QKV product into ``out``.
+
+    ``qkv`` is (B*S, 3*h*d) laid out [Q heads | K heads | V heads]; ``out`` is (B*S, h*d),
+    head h in columns h*d:(h+1)*d, ready for the output projection without a transpose.
+    Returns the algorithm used (recorded in the output file).
+    """
+    xp = get_array_module(qkv)
+    impl, block = options.resolve(seq)
+    width = heads * head_dim
+    scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
+    if xp.__name__ == "cupy" and impl == "plain":  # one batched product on the GPU
+        q, k, v = (qkv.reshape(batch, seq, 3, heads, head_dim)[:, :, i].transpose(0, 2, 1, 3)
+                   for i in range(3))
+        bias = mask.bias[:, None, None, :] if mask.bias is not None else None
+        if mask.lengths is not None and min(mask.lengths) < seq:
+            bias = xp.where(xp.arange(seq)[None, :] < xp.asarray(mask.lengths)[:, None],
+                            0, -xp.inf).astype(qkv.dtype)[:, None, None, :]
+        o = attention(q, k, v, bias)
+        out.reshape(batch, seq, heads, head_dim)[...] = o.transpose(0, 2, 1, 3)
+        return impl
+
+    rows = qkv.reshape(batch, seq, 3 * width)
+    dest = out.reshape(batch, seq, width)
+
+    def one(b: int, h: int) -> None:
+        cols = slice(h * head_dim, (h + 1) * head_dim)
+        n = mask.keys(b, seq)
+        q = rows[b, :, cols] * scale  # (S, d), contiguous
+        k = rows[b, :n, width + cols.start : width + cols.stop]
+        v = rows[b, :n, 2 * width + cols.start : 2 * width + cols.stop]
+        bias = mask.row_bias(b, n)
+        o = dest[b, :, cols]
+        if impl == "plain":
+            _plain_head(q, k, v, bias, o)
+        else:
+            _blocked_head(q, k, v, bias, o, block)
+
+    pairs = [(b, h) for b in range(batch) for h in range(heads)]
+    if options.workers > 1 and xp.__name__ == "numpy" and len(pairs) > 1:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            list(_executor(options.workers).map(lambda bh: one(*bh), pairs))
+    else:
+        for b, h in pairs:
+            one(b, h)
+    return impl

@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .attention import attention, mask_bias
+from .attention import KeyMask, Options, heads_attention
 from .backend import erf, get_array_module
 
 SITES = ("attention", "mlp")  # where a layer reduces partial sums
@@ -124,15 +124,9 @@ def embed(ids: Any, emb: Embeddings, eps: float) -> Any:
     return layer_norm(x, emb.ln_g, emb.ln_b, eps)
 
 
-def split_heads(qkv: Any, batch: int, seq: int, heads: int, head_dim: int) -> tuple:
-    """(B*S, 3*h*d) -> three (B, h, S, d) views of Q, K and V."""
-    qkv = qkv.reshape(batch, seq, 3, heads, head_dim)
-    return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-
-
 def layer_forward(
-    x: Any, p: LayerShard, bias: Any, reduce: Reduce, layer: int, eps: float,
-    phase: Phase = no_timing,
+    x: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, eps: float,
+    phase: Phase = no_timing, options: Options | None = None,
 ) -> tuple[Any, Any]:
     """One encoder layer on this rank's heads: (B, S, H) -> (attention output, hidden)."""
     xp = get_array_module(x)
@@ -143,10 +137,9 @@ def layer_forward(
     with phase("qkv"):
         qkv = x2 @ p.w_qkv  # (B*S, 3*h*d): one fused GEMM
         qkv += p.b_qkv
-        q, k, v = split_heads(qkv, batch, seq, p.heads, p.head_dim)
     with phase("attention"):
-        o = attention(q, k, v, bias)  # (B, h, S, d)
-        o = o.transpose(0, 2, 1, 3).reshape(rows, p.heads * p.head_dim)
+        o = xp.empty((rows, p.heads * p.head_dim), dtype=x.dtype)
+        heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options or Options())
     with phase("out_proj"):
         partial = reduce.buffer(rows, hidden, x.dtype)
         xp.matmul(o, p.w_o, out=partial)  # (B*S, H) partial sum of this rank's heads
@@ -181,14 +174,15 @@ def mean_pool(hidden: Any, key_mask: Any) -> Any:
 def encoder_forward(
     ids: Any, key_mask: Any, emb: Embeddings, layers: list[LayerShard], reduce: Reduce,
     eps: float, phase: Phase = no_timing, on_layer: Callable[[int, Any, Any], None] | None = None,
+    options: Options | None = None,
 ) -> Any:
     """Embeddings and all layers; ``on_layer(i, attention, hidden)`` sees every layer's output."""
     x = embed(ids, emb, eps)
-    bias = mask_bias(key_mask, x.dtype)
+    mask = KeyMask.from_mask(key_mask)
     for i, p in enumerate(layers):
         if isinstance(phase, PhaseTimer):
             phase.layer = i
-        attn, x = layer_forward(x, p, bias, reduce, i, eps, phase)
+        attn, x = layer_forward(x, p, mask, reduce, i, eps, phase, options)
         if on_layer is not None:
             on_layer(i, attn, x)
     return x

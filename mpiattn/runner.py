@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, h5io
+from .attention import Options
 from .backend import Backend, blas_info, limit_blas_threads, select, to_host
 from .config import Config, check_world
 from .data import Batch, load_batch
@@ -86,6 +87,11 @@ def plan(cfg: Config, world: Any, explicit: set[str]) -> Plan:
     shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, topo.head_rank, head_counts)
     rows = partition(batch.shape[0], replicas, topo.replica)
     return Plan(cfg, topo, backend, shard, head_counts, batch, rows, threads, limiter)
+
+
+def attention_options(cfg: Config, p: Plan) -> Options:
+    """Worker threads over heads take the rank's BLAS threads (NumPy only)."""
+    return Options(cfg.attention.impl, cfg.attention.block, max(1, p.threads))
 
 
 def make_reducer(cfg: Config, p: Plan) -> Any:
@@ -170,7 +176,7 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     world.Barrier()
     t_fwd = time.perf_counter()
     hidden = encoder_forward(ids, mask, emb, layers, reducer, cfg.model.layer_norm_eps,
-                             timer, on_layer)
+                             timer, on_layer, attention_options(cfg, p))
     if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
         reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
     pooled = to_host(mean_pool(hidden, mask))
@@ -218,6 +224,8 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
         "mpi_library": MPI.Get_library_version().strip(), "blas": str(blas_info()),
         "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),
     })
+    impl, block = attention_options(cfg, p).resolve(p.batch.shape[1])
+    f.attrs["attention"] = impl if impl == "plain" else f"{impl} (block {block})"
     ranks = f.create_group("ranks")
     ranks.create_dataset("host", data=[h for h, _ in host_info])
     ranks.create_dataset("device", data=[d for _, d in host_info])
