@@ -77,6 +77,7 @@ class ChecksumConfig:
 @dataclass
 class FaultConfig:
     inject: list = field(default_factory=list)  # tables: rank, layer, site, index, bit, where
+    crash: list = field(default_factory=list)  # tables: rank, layer, how = "raise" | "kill"
 
 
 @dataclass

@@ -180,7 +180,7 @@ def encoder_forward(
     x = embed(ids, emb, eps)
     mask = KeyMask.from_mask(key_mask)
     for i, p in enumerate(layers):
-        if isinstance(phase, PhaseTimer):
+        if hasattr(phase, "layer"):  # PhaseTimer and its wrappers attribute time to layers
             phase.layer = i
         attn, x = layer_forward(x, p, mask, reduce, i, eps, phase, options)
         if on_layer is not None:

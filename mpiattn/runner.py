@@ -89,6 +89,47 @@ def plan(cfg: Config, world: Any, explicit: set[str]) -> Plan:
     return Plan(cfg, topo, backend, shard, head_counts, batch, rows, threads, limiter)
 
 
+def crash_points(cfg: Config, rank: int) -> dict[int, str]:
+    """layer -> "raise" | "kill" for this rank, from ``fault.crash`` (reliability tests)."""
+    points = {}
+    for n, entry in enumerate(cfg.fault.crash):
+        ok = isinstance(entry, dict) and set(entry) <= {"rank", "layer", "how"} and all(
+            isinstance(entry.get(k), int) for k in ("rank", "layer")
+        ) and entry.get("how", "raise") in ("raise", "kill")
+        if not ok:
+            raise ConfigError(f"fault.crash[{n}] must be a table like {{rank = 2, layer = 1,"
+                              ' how = "raise"}} (how: raise or kill)')
+        if entry["rank"] == rank:
+            points[entry["layer"]] = entry.get("how", "raise")
+    return points
+
+
+class CrashingPhases:
+    """The phase timer, plus a configured crash inside a layer's MLP (mid-layer)."""
+
+    def __init__(self, timer: PhaseTimer, points: dict[int, str], rank: int) -> None:
+        self.timer, self.points, self.rank = timer, points, rank
+
+    @property
+    def layer(self) -> int:
+        return self.timer.layer
+
+    @layer.setter
+    def layer(self, value: int) -> None:
+        self.timer.layer = value
+
+    def __call__(self, name: str) -> Any:
+        how = self.points.get(self.layer) if name == "mlp" else None
+        if how == "kill":
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "raise":
+            raise RuntimeError(f"injected crash on rank {self.rank} in layer {self.layer}")
+        return self.timer(name)
+
+
 def attention_options(cfg: Config, p: Plan) -> Options:
     """Worker threads over heads take the rank's BLAS threads (NumPy only)."""
     return Options(cfg.attention.impl, cfg.attention.block, max(1, p.threads))
@@ -123,6 +164,7 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
             h5io.check_output(out_path, force)
         p = plan(cfg, world, explicit)
         reducer = make_reducer(cfg, p)
+        crashes = crash_points(cfg, rank)
     except UserError as err:
         error = err
     except ValueError as err:  # a config the validator let through but the shard refuses
@@ -176,7 +218,8 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     world.Barrier()
     t_fwd = time.perf_counter()
     hidden = encoder_forward(ids, mask, emb, layers, reducer, cfg.model.layer_norm_eps,
-                             timer, on_layer, attention_options(cfg, p))
+                             CrashingPhases(timer, crashes, rank) if crashes else timer, on_layer,
+                             attention_options(cfg, p))
     if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
         reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
     pooled = to_host(mean_pool(hidden, mask))
