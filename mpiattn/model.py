@@ -124,6 +124,30 @@ def embed(ids: Any, emb: Embeddings, eps: float) -> Any:
     return layer_norm(x, emb.ln_g, emb.ln_b, eps)
 
 
+def attention_block(
+    x2: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, batch: int, seq: int,
+    phase: Phase = no_timing, options: Options | None = None,
+) -> Any:
+    """Multi-head attention of the whole model from this rank's heads: (B*S, H) -> (B*S, H).
+
+    Column-parallel QKV (one fused GEMM), local attention, row-parallel output
+    projection, then the Allreduce that makes the partial sums whole, then the bias.
+    """
+    xp = get_array_module(x2)
+    rows, hidden = x2.shape
+    with phase("qkv"):
+        qkv = x2 @ p.w_qkv  # (B*S, 3*h*d)
+        qkv += p.b_qkv
+    with phase("attention"):
+        o = xp.empty((rows, p.heads * p.head_dim), dtype=x2.dtype)
+        heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options or Options())
+    with phase("out_proj"):
+        partial = reduce.buffer(rows, hidden, x2.dtype)
+        xp.matmul(o, p.w_o, out=partial)  # (B*S, H) partial sum of this rank's heads
+    with phase("allreduce"):
+        return reduce(partial, site="attention", layer=layer) + p.b_o
+
+
 def layer_forward(
     x: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, eps: float,
     phase: Phase = no_timing, options: Options | None = None,
@@ -133,18 +157,7 @@ def layer_forward(
     batch, seq, hidden = x.shape
     rows = batch * seq
     x2 = x.reshape(rows, hidden)
-
-    with phase("qkv"):
-        qkv = x2 @ p.w_qkv  # (B*S, 3*h*d): one fused GEMM
-        qkv += p.b_qkv
-    with phase("attention"):
-        o = xp.empty((rows, p.heads * p.head_dim), dtype=x.dtype)
-        heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options or Options())
-    with phase("out_proj"):
-        partial = reduce.buffer(rows, hidden, x.dtype)
-        xp.matmul(o, p.w_o, out=partial)  # (B*S, H) partial sum of this rank's heads
-    with phase("allreduce"):
-        attn = reduce(partial, site="attention", layer=layer) + p.b_o
+    attn = attention_block(x2, p, mask, reduce, layer, batch, seq, phase, options)
     with phase("norm"):
         h1 = layer_norm(attn + x2, p.ln1_g, p.ln1_b, eps)
 

@@ -151,20 +151,17 @@ def make_reducer(cfg: Config, p: Plan) -> Any:
     )
 
 
-def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str]) -> Path | None:
-    """The whole job on every rank; returns the output path on rank 0."""
-    from .comm import agree_on_error, gather_rows
+def setup(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str]) -> tuple:
+    """(plan, reducer), or the first rank's UserError raised on every rank together."""
+    from .comm import agree_on_error
 
-    rank = world.Get_rank()
-    started = dt.datetime.now(dt.timezone.utc)
-    wall0 = time.perf_counter()
     error: UserError | None = None
     try:
-        if rank == 0:
+        if world.Get_rank() == 0:
             h5io.check_output(out_path, force)
         p = plan(cfg, world, explicit)
         reducer = make_reducer(cfg, p)
-        crashes = crash_points(cfg, rank)
+        crash_points(cfg, world.Get_rank())  # validates fault.crash
     except UserError as err:
         error = err
     except ValueError as err:  # a config the validator let through but the shard refuses
@@ -172,30 +169,49 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     error = agree_on_error(world, error)
     if error is not None:
         raise error
+    return p, reducer
 
-    topo, backend, xp = p.topo, p.backend, p.backend.xp
-    count, start = p.rows
-    mine = p.batch.rows(start, count)
-    dtype = np.dtype(cfg.dtype)
 
-    # --- weights: only this rank's shard is ever built --------------------------------
-    t0 = time.perf_counter()
-    error = None
+def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, list]:
+    """Embeddings and this rank's shard of the given layers, on the rank's device."""
+    from .comm import agree_on_error
+
+    error: UserError | None = None
     try:
-        source = open_source(cfg.seed, cfg.model, dtype)
+        source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
         emb = source.embeddings()
-        layers = [source.layer(i, p.shard) for i in range(cfg.model.layers)]
+        layers = [source.layer(i, p.shard) for i in indices]
     except (UserError, ValueError) as err:
         error = err if isinstance(err, UserError) else InputError(str(err))
     error = agree_on_error(world, error)
     if error is not None:
         raise error
-    to_dev = (lambda a: xp.asarray(a)) if backend.is_gpu else (lambda a: a)
-    emb = type(emb)(*(to_dev(a) for a in vars(emb).values()))
-    layers = [type(lp)(**{k: to_dev(v) if k != "head_dim" else v for k, v in vars(lp).items()})
+    if not p.backend.is_gpu:
+        return emb, layers
+    dev = p.backend.xp.asarray
+    emb = type(emb)(*(dev(a) for a in vars(emb).values()))
+    layers = [type(lp)(**{k: v if k == "head_dim" else dev(v) for k, v in vars(lp).items()})
               for lp in layers]
-    ids, mask = to_dev(mine.ids), to_dev(mine.mask)
-    setup = time.perf_counter() - t0
+    return emb, layers
+
+
+def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str]) -> Path | None:
+    """The whole job on every rank; returns the output path on rank 0."""
+    from .comm import gather_rows
+
+    rank = world.Get_rank()
+    started = dt.datetime.now(dt.timezone.utc)
+    wall0 = time.perf_counter()
+    p, reducer = setup(cfg, world, out_path, force, explicit)
+    crashes = crash_points(cfg, rank)
+    topo, backend, xp = p.topo, p.backend, p.backend.xp
+    count, start = p.rows
+    mine = p.batch.rows(start, count)
+
+    t0 = time.perf_counter()
+    emb, layers = load_shards(cfg, p, world, range(cfg.model.layers))
+    ids, mask = xp.asarray(mine.ids), xp.asarray(mine.mask)
+    setup_s = time.perf_counter() - t0
 
     # --- forward ------------------------------------------------------------------------
     keep = {"all": range(cfg.model.layers), "last": [cfg.model.layers - 1], "none": []}[
@@ -231,7 +247,7 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     for (layer, phase), s in timer.seconds.items():
         seconds[layer, PHASES.index(phase)] += s
     all_seconds = gather_rows(world, seconds[None])
-    per_rank = np.array([[forward_s, setup, time.perf_counter() - wall0]])
+    per_rank = np.array([[forward_s, setup_s, time.perf_counter() - wall0]])
     all_totals = gather_rows(world, per_rank)
     host_info = world.gather((socket.gethostname(), backend.device))
     gathered: dict[tuple[int, str], np.ndarray] = {}
@@ -253,15 +269,14 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     return path
 
 
-def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
-              seconds: np.ndarray, totals: np.ndarray, host_info: list, records: list,
-              started: dt.datetime) -> None:
+def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command: str,
+                     host_info: list) -> None:
+    """Root attributes and /ranks: what ran, where, with which libraries (every file)."""
     from mpi4py import MPI
 
-    comp = cfg.output.compression
     f.attrs.update({
         "mpiattn_version": __version__, "format_version": h5io.FORMAT_VERSION,
-        "command": "run", "config": cfg.to_toml(), "world_size": p.topo.size,
+        "command": command, "config": cfg.to_toml(), "world_size": p.topo.size,
         "tensor_parallel": p.topo.tensor, "data_parallel": p.topo.replicas,
         "head_partition": np.array(p.head_counts), "backend": p.backend.name,
         "mpi_library": MPI.Get_library_version().strip(), "blas": str(blas_info()),
@@ -272,6 +287,13 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
     ranks = f.create_group("ranks")
     ranks.create_dataset("host", data=[h for h, _ in host_info])
     ranks.create_dataset("device", data=[d for _, d in host_info])
+
+
+def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
+              seconds: np.ndarray, totals: np.ndarray, host_info: list, records: list,
+              started: dt.datetime) -> None:
+    comp = cfg.output.compression
+    write_provenance(f, cfg, p, started, "run", host_info)
     inp = f.create_group("input")
     h5io.write_array(inp, "tokens", p.batch.ids, ("batch", "seq"), comp, digest=True)
     h5io.write_array(inp, "attention_mask", p.batch.mask.astype(np.uint8), ("batch", "seq"),
