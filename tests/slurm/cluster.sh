@@ -50,7 +50,8 @@ start_munge() {
 
 write_conf() {
     local host node
-    host=$(hostname -s)
+    host=$(uname -n)
+    host=${host%%.*}
     # First line of `slurmd -C` is this machine's NodeName=... CPUs=... line.
     node=$(slurmd -C | head -n 1)
     [[ $node == NodeName=* ]] || die "unexpected 'slurmd -C' output: $node"
