@@ -38,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="sharded encoder forward pass, written to HDF5",
                          description="Run under mpiexec -n K; K ranks share the heads.")
     _add_config_args(run, "mpiattn-run.h5 or output.path")
+    bench = sub.add_parser("bench", help="the sharded layer against the measured limits",
+                           description="Run under mpiexec -n K; writes results to HDF5.")
+    _add_config_args(bench, "mpiattn-bench.h5")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
+    bench.add_argument("--sweep", default="", metavar="S1,S2,...",
+                       help="also time the layer at these sequence lengths")
     ver = sub.add_parser("verify", help="re-check a finished HDF5 file offline (no MPI)")
     ver.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
     sub.add_parser("info", help="versions, MPI library, GPUs, BLAS; per rank under mpiexec")
@@ -91,6 +97,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _mpi_command(body)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    def body(world: Any) -> int:
+        from . import config
+        from .bench import bench
+        from .errors import ConfigError
+
+        cfg = config.load(args.config, args.overrides)
+        try:
+            sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--sweep expects comma-separated lengths, got '{args.sweep}'") from None
+        if args.repeats < 1 or any(x < 1 or x > cfg.model.max_positions for x in sweep):
+            raise ConfigError("--repeats must be >= 1 and --sweep lengths within"
+                              f" 1..model.max_positions ({cfg.model.max_positions})")
+        bench(cfg, world, args.output or "mpiattn-bench.h5", args.force, cfg.explicit,
+              args.repeats, sweep)
+        return 0
+
+    return _mpi_command(body)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .h5io import verify
@@ -118,7 +146,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return info(_world())
 
 
-COMMANDS = {"run": cmd_run, "verify": cmd_verify, "info": cmd_info}
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "verify": cmd_verify, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

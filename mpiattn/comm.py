@@ -123,7 +123,7 @@ class Record:
 class CheckedAllreduce:
     """Allreduce(SUM) over a head group, carrying its own proof (see ``checksum``).
 
-    With ``mode = "abft"`` the partial travels in the wire dtype (float64) with two
+    With ``mode = "abft"`` the partial travels in the wire dtype (float64 by default) with two
     checksum rows appended; after the sum every rank checks the rows against the result,
     hashes it, and one tiny Allreduce makes the verdict collective, so all ranks retry or
     stop together. Send and receive buffers are distinct and preallocated, so the partial
@@ -133,6 +133,7 @@ class CheckedAllreduce:
     comm: Any
     backend: Backend
     mode: str = "abft"
+    wire: str = "float64"  # "float64" | "native": the dtype the partials travel in
     on_mismatch: str = "retry"
     retries: int = 2
     hash_every: str = "collective"
@@ -161,7 +162,8 @@ class CheckedAllreduce:
         return self._buffer("partial", (rows, cols), dtype)
 
     def wire_dtype(self, dtype: Any) -> np.dtype:
-        return np.dtype(np.float64) if self.mode == "abft" else np.dtype(dtype)
+        wide = self.mode == "abft" and self.wire == "float64"
+        return np.dtype(np.float64) if wide else np.dtype(dtype)
 
     def _sum(self, send: Any, recv: Any) -> None:
         """The Allreduce proper: device buffers when MPI is CUDA-aware, else pinned host."""
@@ -203,8 +205,9 @@ class CheckedAllreduce:
         recv = self._buffer("recv", (rows + checksum.CHECK_ROWS, cols), wire)
         out = self._buffer("result", (rows, cols), partial.dtype)
         ranks = self.comm.Get_size()
+        scratch = self._buffer("scratch", (rows, cols), wire)
         for attempt in range(self.retries + 1):
-            checksum.append_checksums(partial, send)
+            checksum.append_checksums(partial, send, scratch)
             if self.faults:
                 # corrupt the payload after its checksums, in the partial's own dtype
                 body = self._buffer("corrupt", (rows, cols), partial.dtype)

@@ -69,6 +69,7 @@ class CommConfig:
 @dataclass
 class ChecksumConfig:
     mode: str = "abft"  # "abft" | "off"
+    wire: str = "float64"  # "float64": sums (and checks) in float64 | "native": run dtype
     on_mismatch: str = "retry"  # "retry" | "abort"
     retries: int = 2
     hash_every: str = "collective"  # "collective" | "layer" | "end"
@@ -139,6 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "output.compression": ("none", "gzip", "lzf"),
     "comm.cuda_aware": ("auto", "true", "false"),
     "checksum.mode": ("abft", "off"),
+    "checksum.wire": ("float64", "native"),
     "checksum.on_mismatch": ("retry", "abort"),
     "checksum.hash_every": ("collective", "layer", "end"),
     "check.finite": ("layer", "site", "off"),

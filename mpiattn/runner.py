@@ -143,7 +143,7 @@ def make_reducer(cfg: Config, p: Plan) -> Any:
     if aware is None:
         aware = p.backend.is_gpu and cuda_aware_mpi()
     return CheckedAllreduce(
-        comm=p.topo.heads, backend=p.backend, mode=cfg.checksum.mode,
+        comm=p.topo.heads, backend=p.backend, mode=cfg.checksum.mode, wire=cfg.checksum.wire,
         on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
         hash_every=cfg.checksum.hash_every, cuda_aware=aware,
         faults=parse_faults(cfg.fault.inject, SITES), world_rank=p.topo.rank,

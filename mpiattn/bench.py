@@ -1,0 +1,251 @@
+"""``mpiattn bench``: the sharded layer against the limits measured in the same run.
+
+    OMP_NUM_THREADS=2 mpiexec -n 1 mpiattn bench --set input.seq_len=512 -o bench.h5
+    mpiexec -n 2 mpiattn bench --set input.seq_len=512 -o bench2.h5
+
+Measured after warm-up, ``--repeats`` times, median and spread (max - min):
+the backend's matrix-multiply rate at the layer's own GEMM shapes (the practical limit),
+the attention block and the whole layer in model FLOP/s and as a fraction of that limit,
+the checked Allreduce (latency, bus bandwidth) against a plain memory copy, the per-phase
+breakdown and load imbalance, peak memory per rank, checksums on vs off, and optionally a
+sweep over sequence lengths. Inputs are full-length sequences, so no FLOP is skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import h5io
+from .attention import KeyMask
+from .config import Config
+from .model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
+from .runner import PHASES, attention_options, load_shards, setup, write_provenance
+
+
+def layer_flops(batch: int, seq: int, hidden: int, ffn: int) -> dict[str, float]:
+    """Model FLOPs of one layer (multiply-add = 2), whole model, no padding."""
+    n = batch * seq
+    attention = 2 * n * hidden * 3 * hidden + 4 * batch * seq * seq * hidden
+    attention += 2 * n * hidden * hidden
+    return {"attention_block": float(attention), "layer": float(attention + 4 * n * hidden * ffn)}
+
+
+def timed(world: Any, sync: Callable[[], None], fn: Callable[[], Any], repeats: int,
+          warmup: int = 1) -> np.ndarray:
+    """Seconds per repeat on this rank; a barrier lines the ranks up before each one."""
+    for _ in range(warmup):
+        fn()
+    out = np.empty(repeats)
+    for i in range(repeats):
+        world.Barrier()
+        start = time.perf_counter()
+        fn()
+        sync()
+        out[i] = time.perf_counter() - start
+    return out
+
+
+def slowest(world: Any, seconds: np.ndarray) -> np.ndarray:
+    """Per repeat, the time of the slowest rank: what the job waits for."""
+    from mpi4py import MPI
+
+    out = np.empty_like(seconds)
+    world.Allreduce(seconds, out, op=MPI.MAX)
+    return out
+
+
+def gemm_rate(xp: Any, shapes: list[tuple[int, int, int]], dtype: Any, world: Any,
+              sync: Callable[[], None], repeats: int) -> float:
+    """Best FLOP/s of this rank's backend over the layer's GEMM shapes, all ranks at once."""
+    best = 0.0
+    for m, k, n in shapes:
+        a = xp.ones((m, k), dtype=dtype)
+        b = xp.ones((k, n), dtype=dtype)
+        out = xp.empty((m, n), dtype=dtype)
+        sec = slowest(world, timed(world, sync, lambda a=a, b=b, out=out: xp.matmul(a, b, out=out),
+                                   repeats))
+        best = max(best, 2.0 * m * k * n / float(np.median(sec)))
+    return best
+
+
+def allreduce_sweep(world: Any, comm: Any, sizes: list[int], repeats: int) -> dict:
+    """Latency and bus bandwidth of a plain Allreduce (float32) and of a memory copy."""
+    from mpi4py import MPI
+
+    n = comm.Get_size()
+    rows: dict[str, list] = {k: [] for k in ("bytes", "seconds", "spread", "busbw",
+                                             "copy_seconds", "copy_bandwidth")}
+    for nbytes in sizes:
+        count = max(1, nbytes // 4)
+        send = np.ones(count, np.float32)
+        recv = np.empty_like(send)
+        sec = slowest(world, timed(world, lambda: None,
+                                   lambda s=send, r=recv: comm.Allreduce(s, r, op=MPI.SUM),
+                                   repeats, warmup=2))
+        copy = timed(world, lambda: None, lambda s=send, r=recv: np.copyto(r, s), repeats)
+        t, tc = float(np.median(sec)), float(np.median(copy))
+        rows["bytes"].append(count * 4)
+        rows["seconds"].append(t)
+        rows["spread"].append(float(sec.max() - sec.min()))
+        rows["busbw"].append(count * 4 / t * 2 * (n - 1) / n if n > 1 else 0.0)
+        rows["copy_seconds"].append(tc)
+        rows["copy_bandwidth"].append(count * 4 / tc)
+    return {k: np.array(v) for k, v in rows.items()}
+
+
+def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], Any],
+                      reducer: Any, repeats: int) -> float:
+    """Median layer time with checksums on over off, the modes interleaved so that a
+    change of machine load hits both alike."""
+    mode = reducer.mode
+    seconds: dict[str, list[float]] = {"abft": [], "off": []}
+    for _ in range(repeats):
+        for m in ("abft", "off"):
+            reducer.mode = m
+            seconds[m].append(float(slowest(world, timed(world, sync, layer, 1))[0]))
+    reducer.mode = mode
+    return float(np.median(seconds["abft"]) / np.median(seconds["off"]))
+
+
+def bench(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str],
+          repeats: int, sweep: list[int]) -> Path | None:
+    from .comm import gather_rows
+
+    rank = world.Get_rank()
+    started = dt.datetime.now(dt.timezone.utc)
+    cfg.input.min_fill = 1.0  # full sequences: every counted FLOP is done
+    cfg.output.layers = "none"
+    p, reducer = setup(cfg, world, out_path, force, explicit)
+    xp, sync = p.backend.xp, p.backend.sync
+    m, dtype = cfg.model, np.dtype(cfg.dtype)
+    b, s = p.rows[0], p.batch.shape[1]  # this replica's sequences, full length
+    _, (shard,) = load_shards(cfg, p, world, range(1))
+    rng = np.random.default_rng(cfg.seed)
+    x = xp.asarray(rng.standard_normal((b, s, m.hidden)).astype(dtype))
+    mask = KeyMask([s] * b)
+    options = attention_options(cfg, p)
+
+    def say(text: str) -> None:
+        if rank == 0:
+            print(text, flush=True)
+
+    say(f"bench: hidden {m.hidden}, heads {m.heads} {p.head_counts}, ffn {m.ffn}, batch"
+        f" {p.batch.shape[0]} x seq {s}, {cfg.dtype}, {p.topo.size} ranks"
+        f" ({p.topo.replicas} data x {p.topo.tensor} head), {p.threads or '-'} threads/rank")
+
+    # 1. the limit: GEMM rate at the layer's own shapes on this rank
+    rows, w, f = b * s, p.shard.width, p.shard.ffn_cols.stop - p.shard.ffn_cols.start
+    peak = gemm_rate(xp, [(rows, m.hidden, 3 * w), (rows, w, m.hidden), (rows, m.hidden, f),
+                          (rows, f, m.hidden)], dtype, world, sync, repeats)
+    peaks = np.array(world.allgather(peak))
+
+    # 2. attention block and whole layer, checksums on and off
+    flops = layer_flops(p.batch.shape[0], s, m.hidden, m.ffn)
+    x2 = x.reshape(rows, m.hidden)
+
+    def block() -> Any:
+        return attention_block(x2, shard, mask, reducer, 0, b, s, options=options)
+
+    timer = PhaseTimer(p.backend.timer(), PHASES)
+
+    def layer(phase: Phase = no_timing) -> Any:
+        return layer_forward(x, shard, mask, reducer, 0, m.layer_norm_eps, phase, options)
+
+    results: dict[str, np.ndarray] = {}
+    results["attention_block"] = slowest(world, timed(world, sync, block, repeats))
+    results["layer"] = slowest(world, timed(world, sync, layer, repeats))
+    overhead = checksum_overhead(world, sync, layer, reducer, repeats)
+    mine = timed(world, sync, lambda: layer(timer), repeats, warmup=0)
+    phase_seconds = np.array([sum(v for (_, ph), v in timer.seconds.items() if ph == name)
+                              for name in PHASES]) / repeats
+    all_phases = gather_rows(world, phase_seconds[None])
+    layer_per_rank = gather_rows(world, np.array([np.median(mine)]))
+    memory = gather_rows(world, np.array([p.backend.memory_high_water()], dtype=np.int64))
+
+    # 3. the Allreduce at the layer's message size and around it, vs a memory copy
+    message = rows * m.hidden * dtype.itemsize
+    sizes = sorted({8, 1 << 12, 1 << 16, 1 << 20, message, 4 * message})
+    comm_table = allreduce_sweep(world, p.topo.heads, sizes, repeats)
+
+    # 4. optional sweep over sequence lengths (whole layer)
+    sweep_rows = []
+    for seq in sweep:
+        xs = xp.asarray(rng.standard_normal((b, seq, m.hidden)).astype(dtype))
+        ms = KeyMask([seq] * b)
+
+        def fn(xs: Any = xs, ms: KeyMask = ms) -> Any:
+            return layer_forward(xs, shard, ms, reducer, 0, m.layer_norm_eps, options=options)
+
+        t = float(np.median(slowest(world, timed(world, sync, fn, max(1, repeats // 2)))))
+        fl = layer_flops(p.batch.shape[0], seq, m.hidden, m.ffn)["layer"]
+        sweep_rows.append((seq, t, fl / t))
+        say(f"  sweep seq {seq:>6}: layer {t * 1e3:9.1f} ms, {fl / t / 1e9:7.1f} GFLOP/s")
+    host_info = world.gather((socket.gethostname(), p.backend.device))
+
+    if rank != 0:
+        return None
+    total_peak = float(peaks.sum())
+    summary = {}
+    for name in ("attention_block", "layer"):
+        t = float(np.median(results[name]))
+        summary[name] = (t, flops[name] / t, flops[name] / t / total_peak)
+    imbalance = float(layer_per_rank.max() / layer_per_rank.mean())
+    path = Path(out_path)
+    with h5io.atomic_file(path) as fh:
+        write_provenance(fh, cfg, p, started, "bench", host_info)
+        g = fh.create_group("bench")
+        h5io.write_array(g, "gemm/flops_per_second", peaks, ("rank",), units="FLOP/s",
+                         description="best matmul rate at the layer's GEMM shapes, all ranks busy")
+        for name, (t, rate, frac) in summary.items():
+            sub = g.create_group(name)
+            h5io.write_array(sub, "seconds", results[name], ("repeat",), units="s")
+            sub.attrs.update({"median_s": t, "spread_s": float(np.ptp(results[name])),
+                              "model_flops": flops[name], "flops_per_second": rate,
+                              "fraction_of_peak": frac})
+        h5io.write_array(g, "phases/seconds", all_phases, ("rank", "phase"),
+                         phases=list(PHASES), units="s")
+        h5io.write_array(g, "layer_per_rank", layer_per_rank, ("rank",), units="s",
+                         imbalance=imbalance)
+        h5io.write_array(g, "memory/peak_bytes", memory, ("rank",), units="B",
+                         description="peak RSS (CPU) or CuPy pool total (GPU)")
+        ar = g.create_group("allreduce")
+        for key, values in comm_table.items():
+            h5io.write_array(ar, key, values, ("size",),
+                             units="B" if key == "bytes" else
+                             ("s" if "seconds" in key or key == "spread" else "B/s"))
+        ar.attrs["ranks"] = p.topo.tensor
+        ar.attrs["convention"] = "busbw = bytes/time * 2(n-1)/n (nccl-tests)"
+        g.attrs["checksum_overhead"] = overhead
+        g.attrs["checksum_mode"] = reducer.mode
+        if sweep_rows:
+            h5io.write_array(g, "sweep", np.array(sweep_rows), ("point", "field"),
+                             fields=["seq_len", "seconds", "flops_per_second"])
+        fh.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        fh.attrs["status"] = "complete"
+
+    print(f"  GEMM limit      {total_peak / 1e9:8.1f} GFLOP/s "
+          f"({', '.join(f'{x / 1e9:.1f}' for x in peaks)} per rank)")
+    for name, (t, rate, frac) in summary.items():
+        print(f"  {name:<15} {t * 1e3:8.1f} ms  {rate / 1e9:8.1f} GFLOP/s  {frac:5.2f} of limit"
+              f"  (spread {np.ptp(results[name]) * 1e3:.1f} ms)")
+    share = all_phases.mean(axis=0) / max(all_phases.mean(axis=0).sum(), 1e-12)
+    print("  phases          " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in
+                                          zip(PHASES, share, strict=True)))
+    print(f"  imbalance       {imbalance:.3f} (max/mean layer time over ranks)")
+    print(f"  checksums       on/off = {overhead:.3f}")
+    i = int(np.argmin(np.abs(comm_table['bytes'] - message)))
+    print(f"  allreduce       {comm_table['bytes'][i] / 2**20:.1f} MiB in"
+          f" {comm_table['seconds'][i] * 1e3:.2f} ms, busbw"
+          f" {comm_table['busbw'][i] / 1e9:.2f} GB/s vs copy"
+          f" {comm_table['copy_bandwidth'][i] / 1e9:.2f} GB/s; 8 B latency"
+          f" {comm_table['seconds'][0] * 1e6:.1f} us")
+    print(f"  peak memory     {memory.max() / 2**30:.2f} GiB per rank (max)")
+    print(f"wrote {path}")
+    return path
