@@ -47,6 +47,26 @@ def parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="re-check a finished HDF5 file offline (no MPI)")
     ver.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
     sub.add_parser("info", help="versions, MPI library, GPUs, BLAS; per rank under mpiexec")
+    rep = sub.add_parser("report", help="tables, JSON and plots from HDF5 files (no MPI)")
+    rep.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
+    rep.add_argument("--json", action="store_true", help="machine-readable output")
+    rep.add_argument("--plot", metavar="OUT.png", help="phase breakdown, scaling, loss curves")
+    pl = sub.add_parser("plan", help="predict time and speed-up at N ranks from runs or bench"
+                        " files (no MPI)")
+    pl.add_argument("files", nargs="+", help="mpiattn bench files, or run files at several"
+                    " rank counts")
+    pl.add_argument("--ranks", default="", metavar="1,2,4,...",
+                    help="rank counts to predict (default: powers of two up to 1024)")
+    pl.add_argument("--cores", type=float, help="cores per node (default: from the files)")
+    pl.add_argument("--ranks-per-node", type=int, help="ranks per node (default: all on one)")
+    pl.add_argument("--nodes-alpha", type=float, metavar="S",
+                    help="inter-node Allreduce latency per step (default: the fitted one)")
+    pl.add_argument("--nodes-beta", type=float, metavar="S_PER_BYTE",
+                    help="inter-node seconds per byte (default: the fitted one)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="model.hidden|heads|layers|ffn, input.batch|"
+                    "seq_len, dtype, checksum.mode|wire of the predicted job (repeatable)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
     return ap
 
 
@@ -146,7 +166,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     return info(_world())
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "verify": cmd_verify, "info": cmd_info}
+def cmd_report(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .report import report
+
+    try:
+        return report(args.files, args.json, args.plot)
+    except UserError as err:
+        print(f"mpiattn report: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .plan import plan_command
+
+    try:
+        return plan_command(args)
+    except UserError as err:
+        print(f"mpiattn plan: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "verify": cmd_verify, "info": cmd_info,
+            "report": cmd_report, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
