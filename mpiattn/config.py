@@ -79,6 +79,7 @@ class ChecksumConfig:
 class FaultConfig:
     inject: list = field(default_factory=list)  # tables: rank, layer, site, index, bit, where
     crash: list = field(default_factory=list)  # tables: rank, layer, how = "raise" | "kill"
+    slow: list = field(default_factory=list)  # tables: rank, factor: emulate a slower rank
 
 
 @dataclass

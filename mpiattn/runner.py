@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,9 +86,41 @@ def plan(cfg: Config, world: Any, explicit: set[str]) -> Plan:
     threads, limiter = limit_blas_threads(topo.local_size) if not backend.is_gpu else (0, None)
     m = cfg.model
     head_counts = counts(m.heads, tensor)
+    if cfg.parallel.balance == "measured" and tensor > 1:
+        head_counts = calibrated_counts(cfg, topo, backend, batch)
     shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, topo.head_rank, head_counts)
     rows = partition(batch.shape[0], replicas, topo.replica)
     return Plan(cfg, topo, backend, shard, head_counts, batch, rows, threads, limiter)
+
+
+def slowdown(cfg: Config, rank: int) -> float:
+    """How many times slower ``fault.slow`` makes this rank (1.0: not at all)."""
+    factor = 1.0
+    for n, entry in enumerate(cfg.fault.slow):
+        ok = (isinstance(entry, dict) and set(entry) == {"rank", "factor"}
+              and isinstance(entry["rank"], int) and isinstance(entry["factor"], int | float)
+              and entry["factor"] >= 1)
+        if not ok:
+            raise ConfigError(f"fault.slow[{n}] must be a table like {{rank = 1, factor = 3.0}}"
+                              " with factor >= 1")
+        if entry["rank"] == rank:
+            factor *= float(entry["factor"])
+    return factor
+
+
+def calibrated_counts(cfg: Config, topo: Any, backend: Backend, batch: Batch) -> list[int]:
+    """Heads per head rank from measured rates, averaged over replicas (same on all)."""
+    from mpi4py import MPI
+
+    from .balance import head_rate, measured_counts
+
+    m = cfg.model
+    rows = min(batch.shape[0] * batch.shape[1], 2048)
+    rate = head_rate(backend.xp, rows, m.hidden, m.hidden // m.heads, max(1, m.ffn // m.heads),
+                     np.dtype(cfg.dtype), slowdown=slowdown(cfg, topo.rank))
+    rates = np.array(topo.heads.allgather(rate))
+    topo.data.Allreduce(MPI.IN_PLACE, rates, op=MPI.SUM)  # every replica, same split
+    return measured_counts(m.heads, list(rates))
 
 
 def crash_points(cfg: Config, rank: int) -> dict[int, str]:
@@ -104,11 +138,15 @@ def crash_points(cfg: Config, rank: int) -> dict[int, str]:
     return points
 
 
-class CrashingPhases:
-    """The phase timer, plus a configured crash inside a layer's MLP (mid-layer)."""
+class FaultyPhases:
+    """The phase timer, plus configured faults: a crash inside a layer's MLP (mid-layer)
+    and a slowdown that stretches every compute phase (an emulated slower rank)."""
 
-    def __init__(self, timer: PhaseTimer, points: dict[int, str], rank: int) -> None:
-        self.timer, self.points, self.rank = timer, points, rank
+    COMPUTE = ("qkv", "attention", "out_proj", "mlp", "norm")
+
+    def __init__(self, timer: PhaseTimer, points: dict[int, str], rank: int,
+                 factor: float = 1.0) -> None:
+        self.timer, self.points, self.rank, self.factor = timer, points, rank, factor
 
     @property
     def layer(self) -> int:
@@ -127,7 +165,16 @@ class CrashingPhases:
             os.kill(os.getpid(), signal.SIGKILL)
         if how == "raise":
             raise RuntimeError(f"injected crash on rank {self.rank} in layer {self.layer}")
+        if self.factor > 1.0 and name in self.COMPUTE:
+            return self._stretched(name)
         return self.timer(name)
+
+    @contextmanager
+    def _stretched(self, name: str) -> Iterator[None]:
+        with self.timer(name):
+            start = time.perf_counter()
+            yield
+            time.sleep((self.factor - 1.0) * (time.perf_counter() - start))
 
 
 def attention_options(cfg: Config, p: Plan) -> Options:
@@ -161,7 +208,8 @@ def setup(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str
             h5io.check_output(out_path, force)
         p = plan(cfg, world, explicit)
         reducer = make_reducer(cfg, p)
-        crash_points(cfg, world.Get_rank())  # validates fault.crash
+        crash_points(cfg, world.Get_rank())  # validates fault.crash and fault.slow
+        slowdown(cfg, world.Get_rank())
     except UserError as err:
         error = err
     except ValueError as err:  # a config the validator let through but the shard refuses
@@ -203,7 +251,7 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     started = dt.datetime.now(dt.timezone.utc)
     wall0 = time.perf_counter()
     p, reducer = setup(cfg, world, out_path, force, explicit)
-    crashes = crash_points(cfg, rank)
+    crashes, slow = crash_points(cfg, rank), slowdown(cfg, rank)
     topo, backend, xp = p.topo, p.backend, p.backend.xp
     count, start = p.rows
     mine = p.batch.rows(start, count)
@@ -234,7 +282,8 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     world.Barrier()
     t_fwd = time.perf_counter()
     hidden = encoder_forward(ids, mask, emb, layers, reducer, cfg.model.layer_norm_eps,
-                             CrashingPhases(timer, crashes, rank) if crashes else timer, on_layer,
+                             FaultyPhases(timer, crashes, rank, slow) if crashes or slow > 1
+                             else timer, on_layer,
                              attention_options(cfg, p))
     if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
         reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)

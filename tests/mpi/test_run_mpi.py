@@ -182,3 +182,19 @@ def test_minilm_on_n_ranks_equals_one_process(world, shared_dir):
         pooled = f["output/pooled"][()]
     want = mean_pool(hidden[-1], batch.mask)
     assert np.abs(pooled - want).max() < 1e-5
+
+
+def test_measured_balance_gives_a_slow_rank_fewer_heads(world, shared_dir):
+    size = world.Get_size()
+    slow = [{"rank": size - 1, "factor": 8.0}]
+    cfg, path = run_job(world, shared_dir, "balance.h5", dtype="float64",
+                        **{"parallel.balance": "measured", "fault.slow": slow,
+                           "model.layers": 1})
+    if world.Get_rank() != 0:
+        return
+    with h5py.File(path) as f:
+        heads = list(f.attrs["head_partition"])
+    print(f"size={size}: measured partition {heads}")
+    assert sum(heads) == cfg.model.heads and min(heads) >= 1
+    assert heads[-1] < max(heads[:-1])
+    assert check_against_reference(cfg, path) <= TOL["float64"]
