@@ -44,6 +44,12 @@ class KeyMask:
         bias[~key_mask] = -xp.inf
         return cls(None, bias)
 
+    def rows(self, start: int, count: int) -> KeyMask:
+        """The mask of sequences start..start+count (a chunk of the batch)."""
+        if self.lengths is not None:
+            return KeyMask(self.lengths[start : start + count])
+        return KeyMask(None, self.bias[start : start + count])
+
     def keys(self, b: int, seq: int) -> int:
         return seq if self.lengths is None else self.lengths[b]
 

@@ -156,7 +156,8 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str
     timer = PhaseTimer(p.backend.timer(), PHASES)
 
     def layer(phase: Phase = no_timing) -> Any:
-        return layer_forward(x, shard, mask, reducer, 0, m.layer_norm_eps, phase, options)
+        return layer_forward(x, shard, mask, reducer, 0, m.layer_norm_eps, phase, options,
+                             cfg.parallel.overlap)
 
     results: dict[str, np.ndarray] = {}
     results["attention_block"] = slowest(world, timed(world, sync, block, repeats))

@@ -117,6 +117,22 @@ class Record:
     passed: bool
     retries: int
     digest: int  # agreed 64-bit hash (0 when not hashed at this collective)
+    chunk: int = 0  # which batch chunk, with parallel.overlap
+
+
+@dataclass
+class Pending:
+    """A reduction in flight: its buffers, its request and how many attempts it took."""
+
+    partial: Any
+    site: str
+    layer: int
+    slot: int
+    send: Any
+    recv: Any
+    request: Any
+    attempt: int
+    out: Any = None
 
 
 @dataclass
@@ -158,24 +174,29 @@ class CheckedAllreduce:
             self._buffers[key] = buf
         return buf
 
-    def buffer(self, rows: int, cols: int, dtype: Any) -> Any:
-        return self._buffer("partial", (rows, cols), dtype)
+    def buffer(self, rows: int, cols: int, dtype: Any, slot: int = 0) -> Any:
+        return self._buffer(f"partial{slot}", (rows, cols), dtype)
 
     def wire_dtype(self, dtype: Any) -> np.dtype:
         wide = self.mode == "abft" and self.wire == "float64"
         return np.dtype(np.float64) if wide else np.dtype(dtype)
 
-    def _sum(self, send: Any, recv: Any) -> None:
-        """The Allreduce proper: device buffers when MPI is CUDA-aware, else pinned host."""
-        self.backend.sync()
+    def _post(self, send: Any, recv: Any, slot: int) -> Any:
+        """Start the Allreduce proper (nonblocking): device buffers when MPI is CUDA-aware,
+        else through pinned host buffers. Returns the request."""
+        self.backend.sync()  # device work that fills ``send`` must be done
         if not self.backend.is_gpu or self.cuda_aware:
-            self.comm.Allreduce(send, recv, op=MPI.SUM)
-        else:
-            host_send = self._buffer("host_send", send.shape, send.dtype, host=True)
-            host_recv = self._buffer("host_recv", recv.shape, recv.dtype, host=True)
-            send.get(out=host_send)
-            self.comm.Allreduce(host_send, host_recv, op=MPI.SUM)
-            recv.set(host_recv)
+            return self.comm.Iallreduce(send, recv, op=MPI.SUM)
+        host_send = self._buffer(f"host_send{slot}", send.shape, send.dtype, host=True)
+        host_recv = self._buffer(f"host_recv{slot}", recv.shape, recv.dtype, host=True)
+        send.get(out=host_send)
+        return self.comm.Iallreduce(host_send, host_recv, op=MPI.SUM)
+
+    def _wait(self, pending: Pending) -> None:
+        pending.request.Wait()
+        if self.backend.is_gpu and not self.cuda_aware:
+            pending.recv.set(self._buffer(f"host_recv{pending.slot}", pending.recv.shape,
+                                          pending.recv.dtype, host=True))
 
     def _inject(self, array: Any, layer: int, site: str, where: str, attempt: int) -> None:
         for f in self.faults:
@@ -185,53 +206,77 @@ class CheckedAllreduce:
                 checksum.flip_bit(array, f.index % array.size, f.bit)
 
     def __call__(self, partial: Any, *, site: str, layer: int) -> Any:
-        start = time.perf_counter()
-        try:
-            return self._reduce(partial, site, layer)
-        finally:
-            self.seconds += time.perf_counter() - start
+        return self.finish(self.start(partial, site=site, layer=layer))
 
-    def _reduce(self, partial: Any, site: str, layer: int) -> Any:
+    def start(self, partial: Any, *, site: str, layer: int, slot: int = 0) -> Pending:
+        """Checksum the partial and start its Allreduce; ``finish`` validates the result.
+
+        Each ``slot`` has its own buffers, so several reductions can be in flight while
+        the next chunk is computed (``parallel.overlap``).
+        """
+        t0 = time.perf_counter()
         rows, cols = partial.shape
+        out = self._buffer(f"result{slot}", (rows, cols), partial.dtype)
         if self.mode == "off":
-            out = self._buffer("result", (rows, cols), partial.dtype)
             self._inject(partial, layer, site, "send", 0)
-            self._sum(partial, out)
-            self._inject(out, layer, site, "result", 0)
-            return out
+            pending = Pending(partial, site, layer, slot, partial, out, None, 0, out)
+        else:
+            wire = self.wire_dtype(partial.dtype)
+            shape = (rows + checksum.CHECK_ROWS, cols)
+            pending = Pending(partial, site, layer, slot, self._buffer(f"send{slot}", shape, wire),
+                              self._buffer(f"recv{slot}", shape, wire), None, 0, out)
+            self._fill(pending)
+        pending.request = self._post(pending.send, pending.recv, slot)
+        self.seconds += time.perf_counter() - t0
+        return pending
 
-        wire = self.wire_dtype(partial.dtype)
-        send = self._buffer("send", (rows + checksum.CHECK_ROWS, cols), wire)
-        recv = self._buffer("recv", (rows + checksum.CHECK_ROWS, cols), wire)
-        out = self._buffer("result", (rows, cols), partial.dtype)
+    def _fill(self, p: Pending) -> None:
+        """The send buffer of attempt ``p.attempt``: payload, checksum rows, injected faults."""
+        rows, cols = p.partial.shape
+        scratch = self._buffer(f"scratch{p.slot}", (rows, cols), p.send.dtype)
+        checksum.append_checksums(p.partial, p.send, scratch)
+        if self.faults:  # corrupt the payload after its checksums, in the partial's dtype
+            body = self._buffer("corrupt", (rows, cols), p.partial.dtype)
+            body[...] = p.partial
+            self._inject(body, p.layer, p.site, "send", p.attempt)
+            with np.errstate(invalid="ignore", over="ignore"):  # a flip may make NaN/inf
+                p.send[:rows] = body
+
+    def finish(self, p: Pending) -> Any:
+        """Wait for a started reduction, validate it, retry it if asked; the summed result."""
+        t0 = time.perf_counter()
+        try:
+            return self._finish(p)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _finish(self, p: Pending) -> Any:
+        self._wait(p)
+        rows = p.partial.shape[0]
+        if self.mode == "off":
+            self._inject(p.out, p.layer, p.site, "result", 0)
+            return p.out
         ranks = self.comm.Get_size()
-        scratch = self._buffer("scratch", (rows, cols), wire)
-        for attempt in range(self.retries + 1):
-            checksum.append_checksums(partial, send, scratch)
+        while True:
+            residual, bound, ratio = checksum.residual_ratio(p.recv, ranks)
+            p.out[...] = p.recv[:rows]
             if self.faults:
-                # corrupt the payload after its checksums, in the partial's own dtype
-                body = self._buffer("corrupt", (rows, cols), partial.dtype)
-                body[...] = partial
-                self._inject(body, layer, site, "send", attempt)
-                with np.errstate(invalid="ignore", over="ignore"):  # a flip may make NaN/inf
-                    send[:rows] = body
-            self._sum(send, recv)
-            residual, bound, ratio = checksum.residual_ratio(recv, ranks)
-            out[...] = recv[:rows]
-            if self.faults:
-                self._inject(out, layer, site, "result", attempt)
-            digest = checksum.digest64(out) if self.hash_every == "collective" else 0
+                self._inject(p.out, p.layer, p.site, "result", p.attempt)
+            digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0
             failed, low, high = self._verdict(ratio > 1.0, digest)
-            if not failed and low == high:
-                self.records.append(Record(layer, site, residual, bound, ratio, True, attempt,
-                                           high))
-                return out
-            problem = self._describe(site, layer, failed, residual, bound, ratio, digest)
-            if self.on_mismatch == "abort" or attempt == self.retries:
-                self.records.append(Record(layer, site, residual, bound, ratio, False, attempt,
-                                           high))
-                raise IntegrityError(f"{problem}; gave up after {attempt} retries")
-        raise AssertionError("unreachable")
+            passed = not failed and low == high
+            if passed or self.on_mismatch == "abort" or p.attempt == self.retries:
+                self.records.append(Record(p.layer, p.site, residual, bound, ratio, passed,
+                                           p.attempt, high, p.slot))
+            if passed:
+                return p.out
+            problem = self._describe(p.site, p.layer, failed, residual, bound, ratio, digest)
+            if self.on_mismatch == "abort" or p.attempt == self.retries:
+                raise IntegrityError(f"{problem}; gave up after {p.attempt} retries")
+            p.attempt += 1  # the partial is intact: send it again
+            self._fill(p)
+            p.request = self._post(p.send, p.recv, p.slot)
+            self._wait(p)
 
     def _verdict(self, failed: bool, digest: int) -> tuple[bool, int, int]:
         """One tiny Allreduce: did any rank fail, and the min and max of the digests."""

@@ -46,6 +46,7 @@ class InputConfig:
 class ParallelConfig:
     tensor: int = 0  # head-parallel ranks per replica; 0 = all ranks
     balance: str = "even"  # "even" | "measured"
+    overlap: int = 1  # split the batch into this many chunks, reduce one while computing the next
 
 
 @dataclass
@@ -152,7 +153,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = (
     "model.layers", "model.heads", "model.hidden", "model.ffn", "model.vocab",
     "model.type_vocab", "model.max_positions", "model.layer_norm_eps",
-    "input.batch", "input.seq_len", "train.steps", "train.lr", "train.eps",
+    "input.batch", "input.seq_len", "parallel.overlap", "train.steps", "train.lr", "train.eps",
     "train.eval_batches",
 )
 NON_NEGATIVE = (

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from .attention import KeyMask, Options, heads_attention
 from .backend import erf, get_array_module
+from .shard import partition
 
 SITES = ("attention", "mlp")  # where a layer reduces partial sums
 
@@ -55,11 +56,16 @@ class Embeddings:
 class Reduce(Protocol):
     """Sum partial results over the head group; the one communication of a layer."""
 
-    def buffer(self, rows: int, cols: int, dtype: Any) -> Any:
+    def buffer(self, rows: int, cols: int, dtype: Any, slot: int = 0) -> Any:
         """A writable (rows, cols) array to compute the partial into (reused between calls)."""
 
     def __call__(self, partial: Any, *, site: str, layer: int) -> Any:
         """The summed (rows, cols) result; valid until the next call."""
+
+    def start(self, partial: Any, *, site: str, layer: int, slot: int = 0) -> Any:
+        """Begin summing (nonblocking); ``finish(handle)`` returns the result."""
+
+    def finish(self, handle: Any) -> Any: ...
 
 
 class LocalReduce:
@@ -68,11 +74,17 @@ class LocalReduce:
     def __init__(self, xp: Any) -> None:
         self.xp = xp
 
-    def buffer(self, rows: int, cols: int, dtype: Any) -> Any:
+    def buffer(self, rows: int, cols: int, dtype: Any, slot: int = 0) -> Any:
         return self.xp.empty((rows, cols), dtype=dtype)
 
     def __call__(self, partial: Any, *, site: str, layer: int) -> Any:
         return partial
+
+    def start(self, partial: Any, *, site: str, layer: int, slot: int = 0) -> Any:
+        return partial
+
+    def finish(self, handle: Any) -> Any:
+        return handle
 
 
 Phase = Callable[[str], Any]  # phase("qkv") -> context manager that times the block
@@ -124,14 +136,14 @@ def embed(ids: Any, emb: Embeddings, eps: float) -> Any:
     return layer_norm(x, emb.ln_g, emb.ln_b, eps)
 
 
-def attention_block(
-    x2: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, batch: int, seq: int,
-    phase: Phase = no_timing, options: Options | None = None,
+def attention_partial(
+    x2: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, batch: int, seq: int,
+    phase: Phase = no_timing, options: Options | None = None, slot: int = 0,
 ) -> Any:
-    """Multi-head attention of the whole model from this rank's heads: (B*S, H) -> (B*S, H).
+    """This rank's heads' share of multi-head attention: (B*S, H) -> partial (B*S, H).
 
-    Column-parallel QKV (one fused GEMM), local attention, row-parallel output
-    projection, then the Allreduce that makes the partial sums whole, then the bias.
+    Column-parallel QKV (one fused GEMM), local attention, row-parallel output projection
+    written straight into the reduction's buffer.
     """
     xp = get_array_module(x2)
     rows, hidden = x2.shape
@@ -142,33 +154,91 @@ def attention_block(
         o = xp.empty((rows, p.heads * p.head_dim), dtype=x2.dtype)
         heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options or Options())
     with phase("out_proj"):
-        partial = reduce.buffer(rows, hidden, x2.dtype)
-        xp.matmul(o, p.w_o, out=partial)  # (B*S, H) partial sum of this rank's heads
-    with phase("allreduce"):
-        return reduce(partial, site="attention", layer=layer) + p.b_o
+        partial = reduce.buffer(rows, hidden, x2.dtype, slot)
+        xp.matmul(o, p.w_o, out=partial)
+    return partial
 
 
-def layer_forward(
-    x: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, eps: float,
-    phase: Phase = no_timing, options: Options | None = None,
-) -> tuple[Any, Any]:
-    """One encoder layer on this rank's heads: (B, S, H) -> (attention output, hidden)."""
-    xp = get_array_module(x)
-    batch, seq, hidden = x.shape
-    rows = batch * seq
-    x2 = x.reshape(rows, hidden)
-    attn = attention_block(x2, p, mask, reduce, layer, batch, seq, phase, options)
-    with phase("norm"):
-        h1 = layer_norm(attn + x2, p.ln1_g, p.ln1_b, eps)
-
+def mlp_partial(h1: Any, p: LayerShard, reduce: Reduce, phase: Phase = no_timing,
+                slot: int = 0) -> Any:
+    """This rank's MLP columns: GELU(h1 W1 + b1) W2 as a partial sum (B*S, H)."""
+    xp = get_array_module(h1)
     with phase("mlp"):
         a = h1 @ p.w_1
         a += p.b_1
         a = gelu(a)
-        partial = reduce.buffer(rows, hidden, x.dtype)
+        partial = reduce.buffer(h1.shape[0], h1.shape[1], h1.dtype, slot)
         xp.matmul(a, p.w_2, out=partial)
+    return partial
+
+
+def attention_block(
+    x2: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, batch: int, seq: int,
+    phase: Phase = no_timing, options: Options | None = None,
+) -> Any:
+    """Multi-head attention of the whole model from this rank's heads: (B*S, H) -> (B*S, H)."""
+    partial = attention_partial(x2, p, mask, reduce, batch, seq, phase, options)
     with phase("allreduce"):
-        mlp = reduce(partial, site="mlp", layer=layer) + p.b_2
+        return reduce(partial, site="attention", layer=layer) + p.b_o
+
+
+def _chunked(reduce: Reduce, site: str, layer: int, spans: list[tuple[int, int]],
+             partial_of: Callable[[int, int, int], Any], out: Any, phase: Phase) -> Any:
+    """Compute the partial of each row span and start its reduction at once, so the sum of
+    span i travels while span i+1 is computed; then collect the sums in order."""
+    handles = []
+    for slot, (start, stop) in enumerate(spans):
+        partial = partial_of(slot, start, stop)
+        with phase("allreduce"):
+            handles.append(reduce.start(partial, site=site, layer=layer, slot=slot))
+    with phase("allreduce"):
+        for (start, stop), handle in zip(spans, handles, strict=True):
+            out[start:stop] = reduce.finish(handle)
+    return out
+
+
+def layer_forward(
+    x: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, eps: float,
+    phase: Phase = no_timing, options: Options | None = None, chunks: int = 1,
+) -> tuple[Any, Any]:
+    """One encoder layer on this rank's heads: (B, S, H) -> (attention output, hidden).
+
+    ``chunks > 1`` splits the batch into that many groups of sequences and overlaps the
+    reduction of one group with the computation of the next; the numbers are the same.
+    """
+    xp = get_array_module(x)
+    batch, seq, hidden = x.shape
+    rows = batch * seq
+    x2 = x.reshape(rows, hidden)
+    chunks = min(chunks, batch)
+    if chunks <= 1:
+        attn = attention_block(x2, p, mask, reduce, layer, batch, seq, phase, options)
+    else:
+        spans = []
+        for i in range(chunks):
+            count, first = partition(batch, chunks, i)
+            spans.append((first * seq, (first + count) * seq))
+
+        def attn_part(slot: int, start: int, stop: int) -> Any:
+            n = (stop - start) // seq
+            return attention_partial(x2[start:stop], p, mask.rows(start // seq, n), reduce, n,
+                                     seq, phase, options, slot)
+
+        attn = _chunked(reduce, "attention", layer, spans, attn_part,
+                        xp.empty((rows, hidden), x.dtype), phase)
+        attn += p.b_o
+    with phase("norm"):
+        h1 = layer_norm(attn + x2, p.ln1_g, p.ln1_b, eps)
+    if chunks <= 1:
+        partial = mlp_partial(h1, p, reduce, phase)
+        with phase("allreduce"):
+            mlp = reduce(partial, site="mlp", layer=layer) + p.b_2
+    else:
+        mlp = _chunked(reduce, "mlp", layer, spans,
+                       lambda slot, start, stop: mlp_partial(h1[start:stop], p, reduce, phase,
+                                                             slot),
+                       xp.empty((rows, hidden), x.dtype), phase)
+        mlp += p.b_2
     with phase("norm"):
         mlp += h1
         out = layer_norm(mlp, p.ln2_g, p.ln2_b, eps)
@@ -187,7 +257,7 @@ def mean_pool(hidden: Any, key_mask: Any) -> Any:
 def encoder_forward(
     ids: Any, key_mask: Any, emb: Embeddings, layers: list[LayerShard], reduce: Reduce,
     eps: float, phase: Phase = no_timing, on_layer: Callable[[int, Any, Any], None] | None = None,
-    options: Options | None = None,
+    options: Options | None = None, chunks: int = 1,
 ) -> Any:
     """Embeddings and all layers; ``on_layer(i, attention, hidden)`` sees every layer's output."""
     x = embed(ids, emb, eps)
@@ -195,7 +265,7 @@ def encoder_forward(
     for i, p in enumerate(layers):
         if hasattr(phase, "layer"):  # PhaseTimer and its wrappers attribute time to layers
             phase.layer = i
-        attn, x = layer_forward(x, p, mask, reduce, i, eps, phase, options)
+        attn, x = layer_forward(x, p, mask, reduce, i, eps, phase, options, chunks)
         if on_layer is not None:
             on_layer(i, attn, x)
     return x

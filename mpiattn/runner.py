@@ -284,7 +284,7 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     hidden = encoder_forward(ids, mask, emb, layers, reducer, cfg.model.layer_norm_eps,
                              FaultyPhases(timer, crashes, rank, slow) if crashes or slow > 1
                              else timer, on_layer,
-                             attention_options(cfg, p))
+                             attention_options(cfg, p), cfg.parallel.overlap)
     if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
         reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
     pooled = to_host(mean_pool(hidden, mask))
@@ -368,14 +368,14 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
 
 RECORD_DTYPE = np.dtype([
     ("replica", "i4"), ("layer", "i4"), ("site", "S16"), ("residual", "f8"), ("bound", "f8"),
-    ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"),
+    ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"), ("chunk", "i4"),
 ])
 
 
 def write_records(f: Any, records: list) -> None:
     table = np.array([
         (replica, r.layer, r.site.encode(), r.residual, r.bound, r.ratio, r.passed, r.retries,
-         r.digest) for replica, r in records
+         r.digest, r.chunk) for replica, r in records
     ], dtype=RECORD_DTYPE)
     g = f.require_group("checksum")
     h5io.write_array(g, "collectives", table,

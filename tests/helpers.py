@@ -40,7 +40,7 @@ class ThreadGroup:
         group = self
 
         class Member:
-            def buffer(self, rows: int, cols: int, dtype: Any) -> Any:
+            def buffer(self, rows: int, cols: int, dtype: Any, slot: int = 0) -> Any:
                 return np.empty((rows, cols), dtype=dtype)
 
             def __call__(self, partial: Any, *, site: str, layer: int) -> Any:

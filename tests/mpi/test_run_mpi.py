@@ -198,3 +198,20 @@ def test_measured_balance_gives_a_slow_rank_fewer_heads(world, shared_dir):
     assert sum(heads) == cfg.model.heads and min(heads) >= 1
     assert heads[-1] < max(heads[:-1])
     assert check_against_reference(cfg, path) <= TOL["float64"]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_overlapped_chunks_give_the_same_numbers(world, shared_dir, dtype):
+    _, plain = run_job(world, shared_dir, f"ov1-{dtype}.h5", dtype=dtype)
+    cfg, chunked = run_job(world, shared_dir, f"ov3-{dtype}.h5", dtype=dtype,
+                           **{"parallel.overlap": 3})
+    if world.Get_rank() != 0:
+        return
+    with h5py.File(plain) as a, h5py.File(chunked) as b:
+        for name in ("layers/01/attention", "layers/01/hidden"):
+            err = reference.relative_error(b[name][()], a[name][()])
+            print(f"overlap {dtype} {name}: max rel difference {err:.1e}")
+            assert err <= TOL[dtype] / 10
+        rec = b["checksum/collectives"][()]
+        assert sorted(set(rec["chunk"])) == [0, 1, 2] and rec["passed"].all()
+    assert check_against_reference(cfg, chunked) <= TOL[dtype]
