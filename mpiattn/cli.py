@@ -57,7 +57,11 @@ def parser() -> argparse.ArgumentParser:
                     " rank counts")
     pl.add_argument("--ranks", default="", metavar="1,2,4,...",
                     help="rank counts to predict (default: powers of two up to 1024)")
-    pl.add_argument("--cores", type=float, help="cores per node (default: from the files)")
+    pl.add_argument("--cores", type=float,
+                    help="cores per node of the predicted job (default: the measured machine's)")
+    pl.add_argument("--measured-cores", type=float,
+                    help="cores of the machine the files came from (default: from the files,"
+                    " or this host's when they were made here)")
     pl.add_argument("--ranks-per-node", type=int, help="ranks per node (default: all on one)")
     pl.add_argument("--nodes-alpha", type=float, metavar="S",
                     help="inter-node Allreduce latency per step (default: the fitted one)")
@@ -66,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="model.hidden|heads|layers|ffn, input.batch|"
                     "seq_len, dtype, checksum.mode|wire of the predicted job (repeatable)")
+    pl.add_argument("--layout", choices=("heads", "best"), default="heads",
+                    help="heads: most head ranks first (default); best: fastest D x T split")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     return ap
 
