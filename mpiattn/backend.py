@@ -37,6 +37,17 @@ def erf(x: Any) -> Any:
     return _erf(x)
 
 
+def wrapping_dot(a: Any, b: Any) -> Any:
+    """``a @ b`` for unsigned 64-bit integers, wrapping mod 2^64, on the arrays' device.
+
+    NumPy has an integer matmul; on CuPy the product and sum are spelled out, which every
+    CuPy version supports for uint64.
+    """
+    if get_array_module(a) is np:
+        return a @ b
+    return (a * b).sum(axis=-1)
+
+
 def to_host(x: Any) -> np.ndarray:
     """A NumPy copy (or view) of any array."""
     return x.get() if hasattr(x, "get") else np.asarray(x)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, wrapping_dot
 
 CHECK_ROWS = 2  # column sums, then column sums of absolute values
 
@@ -148,11 +148,11 @@ def digest64(x: Any) -> int:
     h = x.nbytes
     with np.errstate(over="ignore"):
         if full:
-            per_chunk = words[:full].reshape(-1, _CHUNK) @ consts
-            h += int(per_chunk @ _odd_constants(xp, per_chunk.size, 1))
+            per_chunk = wrapping_dot(words[:full].reshape(-1, _CHUNK), consts)
+            h += int(wrapping_dot(per_chunk, _odd_constants(xp, per_chunk.size, 1)))
         if words.size > full:
             tail = words[full:]
-            h += int(tail @ consts[: tail.size]) * 0x9E3779B97F4A7C15
+            h += int(wrapping_dot(tail, consts[: tail.size])) * 0x9E3779B97F4A7C15
     return h & _MASK
 
 

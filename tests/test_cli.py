@@ -51,3 +51,20 @@ def test_verify_reports_a_missing_file(tmp_path):
 def test_info_names_the_mpi_library():
     done = mpiattn("info")
     assert done.returncode == 0 and "MPI library" in done.stdout and "CUDA-aware" in done.stdout
+
+
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
+    """jobs/gpu/check.sh with BACKEND=numpy QUICK=1: every step but the device itself."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, BACKEND="numpy", QUICK="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(root / "jobs/gpu/check.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with h5py.File(tmp_path / "gpu-check.h5") as f:
+        assert f.attrs["status"] == "complete"
+        assert f["bench-gpu"].attrs["command"] == "bench"
+        assert "fraction_of_peak" in f["bench-gpu/bench/layer"].attrs
+        assert "testsuite" in f.attrs["tests_junit"]

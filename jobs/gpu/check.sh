@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The prepared GPU check (about 3 minutes on one GPU): installs what it needs unless CuPy
+# already imports, runs the GPU tests and the GPU benchmark, and writes one HDF5 file.
+#   bash jobs/gpu/check.sh [OUT_DIR]        -> OUT_DIR/gpu-check.h5 (default ./gpu-check)
+# BACKEND=numpy QUICK=1 runs the same steps on a CPU with small shapes (tested in CI).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-${OUT:-gpu-check}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+backend=${BACKEND:-cupy}
+run_shape=()  # the main job: the embedded BERT-base default
+shape=(--set input.seq_len=512 --set model.max_positions=8192)
+sweep=512,2048,8192
+if [ -n "${QUICK:-}" ]; then
+    shape=(--set model.layers=2 --set model.hidden=128 --set model.heads=4 --set model.ffn=256
+           --set input.batch=2 --set input.seq_len=64 --set model.vocab=1000)
+    run_shape=("${shape[@]}")
+    sweep=32,128
+fi
+
+if ! python3 -c "import cupy, mpi4py, h5py, mpiattn" 2>/dev/null; then
+    python3 -m pip install -q -e ".[mpi,gpu]" pytest pytest-mpi hypothesis
+fi
+python3 -c "from mpiattn.backend import cupy_device_count as n; print('GPUs:', n())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" || true
+
+# 1. GPU tests (CuPy numerics against the NumPy reference), then the attention tests
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+    --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
+
+# 2. The main job on the GPU, checked offline
+mpiexec -n 1 mpiattn run --set backend="$backend" "${run_shape[@]}" \
+    -o "$out/run-gpu.h5" --force
+mpiattn verify "$out/run-gpu.h5"
+
+# 3. The benchmark: BERT-base attention block and layer at seq 512, then a length sweep
+mpiexec -n 1 mpiattn bench --set backend="$backend" "${shape[@]}" --sweep "$sweep" \
+    --repeats 10 -o "$out/bench-gpu.h5" --force
+
+# 4. One file holding it all
+python3 - "$out" <<'PY'
+import sys
+from pathlib import Path
+
+import h5py
+
+out = Path(sys.argv[1])
+with h5py.File(out / "gpu-check.h5", "w") as f:
+    for name in ("run-gpu.h5", "bench-gpu.h5"):
+        with h5py.File(out / name) as src:
+            g = f.create_group(name.removesuffix(".h5"))
+            for key in src:
+                src.copy(key, g)
+            g.attrs.update(src.attrs)
+    f.attrs["tests_junit"] = (out / "gpu-tests.xml").read_text()
+    f.attrs["nvidia_smi"] = (out / "nvidia-smi.csv").read_text() if (out / "nvidia-smi.csv").exists() else ""
+    f.attrs["status"] = "complete"
+print(f"wrote {out / 'gpu-check.h5'}")
+PY
