@@ -179,12 +179,19 @@ class Measured:
     compute: np.ndarray  # per rank, per layer
     replicated: np.ndarray  # the part of compute that does not shrink with T
     allreduce: np.ndarray  # per rank, per layer (both Allreduces)
-    forward: float  # max over ranks / layers
+    forward: float  # max over ranks of /timings/forward, seconds
+    layers: int
     sharded_phases: list[str] = field(default_factory=list)
 
     @property
     def layer(self) -> float:
+        """Steady-state layer time: the slowest rank's."""
         return float(np.max(self.compute + self.allreduce))
+
+    @property
+    def once(self) -> float:
+        """Forward time outside the steady layers: first-call warm-up, embeddings, pooling."""
+        return max(0.0, self.forward - self.layers * self.layer)
 
 
 @dataclass
@@ -196,6 +203,7 @@ class Fit:
     h: float  # s per wire byte of local checksum work, one core
     alpha: float
     beta: float
+    once: float = 0.0  # s per forward outside the steady layers, on one core (median)
     sources: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -218,7 +226,10 @@ def reduce_run(rf: RunFile, cores: float) -> Measured | None:
         return None
     job = Job.from_file(rf)
     layers = rf.seconds.shape[1]
-    per = rf.seconds.sum(axis=1) / layers  # (rank, phase) per layer
+    # steady state: the median layer, without layer 0 (its first calls pay for lazy
+    # imports and first-touch allocations; that one-off cost is kept apart as `once`)
+    steady = rf.seconds[:, 1:] if layers > 1 else rf.seconds
+    per = np.median(steady, axis=1)  # (rank, phase) per layer
     ar = per[:, rf.phases.index(PHASE_AR)]
     local = max(Counter(rf.hosts).values()) if rf.hosts else rf.world_size
     threads = int(rf.attrs.get("blas_threads_per_rank", 0) or 0) or threads_for(cores, local)
@@ -226,7 +237,7 @@ def reduce_run(rf: RunFile, cores: float) -> Measured | None:
     rep = per[:, rf.phases.index(REPLICATED)] if REPLICATED in rf.phases else np.zeros(len(ar))
     return Measured(rf.path, job, rf.world_size, rf.tensor_parallel or len(heads),
                     rf.data_parallel or 1, heads, local, threads, per.sum(axis=1) - ar, rep, ar,
-                    float(rf.forward.max()) / layers,
+                    float(rf.forward.max()), layers,
                     [n for n in rf.phases if n not in (PHASE_AR, REPLICATED)])
 
 
@@ -331,7 +342,10 @@ def fit(files: list[RunFile], cores_override: float | None = None) -> Fit:
     sources["allreduce"] = (f"{len(multi)} multi-rank point(s) from "
                             + ("bench /bench/allreduce" if any(b.bench.get("allreduce")
                                                                 for b in benches) else "run files"))
-    return Fit(cores, rate, g, p, h, alpha, beta, sources, notes)
+    # the one-off is single-threaded work (imports, first touches): it scales with the share
+    once = float(np.median([m.once * speed(cores, m.local, m.threads, 0.0) for m in runs])
+                 ) if runs else 0.0
+    return Fit(cores, rate, g, p, h, alpha, beta, once, sources, notes)
 
 
 # --- prediction -------------------------------------------------------------------------------
@@ -369,7 +383,7 @@ def predict_layout(job: Job, f: Fit, tgt: Target, data: int, tensor: int) -> dic
     return {"ranks": n, "data": data, "tensor": tensor, "nodes": math.ceil(n / rpn),
             "heads_per_rank": heads, "threads": k, "speed": sp, "wire_bytes": nbytes,
             "inter_node": spans, "compute_s": compute, "allreduce_s": allreduce,
-            "layer_s": layer, "forward_s": layer * job.layers}
+            "layer_s": layer, "forward_s": layer * job.layers + f.once / share}
 
 
 def predict(job: Job, f: Fit, tgt: Target, n: int, layout: str = "heads"
@@ -413,8 +427,9 @@ def check(files: list[RunFile], f: Fit) -> list[dict[str, Any]]:
         tgt = Target(f.cores, None, f.alpha, f.beta)
         r = predict_layout(m.job, f, tgt, m.replicas, m.tensor)
         out.append({"path": m.path, "ranks": m.world, "measured_layer_s": m.layer,
-                    "measured_forward_per_layer_s": m.forward, "predicted_layer_s": r["layer_s"],
-                    "error": r["layer_s"] / m.forward - 1})
+                    "predicted_layer_s": r["layer_s"], "layer_error": r["layer_s"] / m.layer - 1,
+                    "measured_forward_s": m.forward, "predicted_forward_s": r["forward_s"],
+                    "forward_error": r["forward_s"] / m.forward - 1})
     return out
 
 
@@ -432,8 +447,11 @@ def assumptions(f: Fit, tgt: Target, layout: str = "heads") -> list[str]:
         " replicated LayerNorm/residual work does not shrink with T",
         "Allreduce: ring, 2(T-1) alpha + 2(T-1)/T bytes beta, 2 per layer; a head group that"
         " spans nodes runs at the inter-node alpha/beta for every step",
-        "forward = layers x layer (embeddings, pooling and output not modelled); no"
-        " overlap of compute and communication; the measured machine's rates at every scale",
+        "layer = the steady state (median over layers 1..L-1); forward = layers x layer +"
+        f" a one-off {f.once * 1e3:.1f} ms per dedicated core (first-call warm-up, embeddings,"
+        " pooling: the median of the inputs; it does not shrink with more ranks)",
+        "no overlap of compute and communication (parallel.overlap is not modelled); the"
+        " measured machine's per-core rates at every scale",
     ]
     return out + f.notes
 
@@ -497,12 +515,14 @@ def format_plan(job: Job, f: Fit, tgt: Target, rows: list[dict], checks: list[di
         lines.append(f"  inter-node alpha = {tgt.alpha_inter * 1e6:.2f} us, beta ="
                      f" {tgt.beta_inter * 1e9:.4f} ns/B")
     if checks:
-        lines.append("check against the inputs (per layer; error vs /timings/forward / layers):")
+        lines.append("check against the inputs (steady-state layer; whole forward, max over"
+                     " ranks):")
         for c in checks:
-            measured = c["measured_forward_per_layer_s"]
-            lines.append(f"  {c['ranks']:>5} ranks  measured {measured * 1e3:8.2f} ms"
-                         f"  predicted {c['predicted_layer_s'] * 1e3:8.2f} ms"
-                         f"  {100 * c['error']:+6.1f}%  ({c['path']})")
+            lines.append(f"  {c['ranks']:>5} ranks  layer {c['measured_layer_s'] * 1e3:8.2f} ms"
+                         f" -> {c['predicted_layer_s'] * 1e3:8.2f} ms"
+                         f" {100 * c['layer_error']:+6.1f}%   forward"
+                         f" {c['measured_forward_s']:7.3f} s -> {c['predicted_forward_s']:7.3f} s"
+                         f" {100 * c['forward_error']:+6.1f}%  ({c['path']})")
     lines.append("prediction:")
     lines.append(f"  {'ranks':>6} {'DxT':>8} {'nodes':>5} {'heads':>5} {'compute ms':>11}"
                  f" {'allred. ms':>11} {'layer ms':>10} {'forward s':>10} {'speed-up':>9}"
