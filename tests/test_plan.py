@@ -1,0 +1,148 @@
+"""``mpiattn plan``: the fits recover known machine parameters from synthetic files, and
+predict real runs made here at 1, 2 and 4 ranks within ±30%."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpiattn import plan, report
+from mpiattn.cli import main
+from mpiattn.shard import counts
+
+PHASES = ["qkv", "attention", "out_proj", "allreduce", "norm", "mlp"]
+JOB = plan.Job(layers=3, heads=12, hidden=96, ffn=384, batch=4, seq_len=32)
+TRUE = {"rate": 2e10, "g": 3e-9, "h": 5e-10, "alpha": 2e-5, "beta": 1e-9}
+CORES = 4
+
+
+def config_toml(job: plan.Job) -> str:
+    return (f'dtype = "{job.dtype}"\n[model]\nlayers = {job.layers}\nheads = {job.heads}\n'
+            f"hidden = {job.hidden}\nffn = {job.ffn}\n[input]\nbatch = {job.batch}\n"
+            f'seq_len = {job.seq_len}\n[checksum]\nmode = "abft"\nwire = "float64"\n')
+
+
+def synthetic_run(path: Path, n: int, job: plan.Job = JOB) -> Path:
+    """A run file whose phase times follow the plan's model exactly (p = 1, CORES cores)."""
+    k = plan.threads_for(CORES, n)
+    sp = plan.speed(CORES, n, k, 1.0)
+    share = plan.speed(CORES, n, k, 0.0)
+    heads = counts(job.heads, n)
+    nbytes = job.wire_bytes()
+    sec = np.zeros((n, job.layers, 6))
+    for r in range(n):
+        sharded = plan.rank_flops(job, heads[r], job.batch) / TRUE["rate"] / sp
+        sec[r, :, :3] = sharded / 6
+        sec[r, :, 5] = sharded / 2
+        sec[r, :, 4] = TRUE["g"] * job.tokens() * job.hidden / share
+        sec[r, :, 3] = 2 * (TRUE["h"] * nbytes / sp
+                            + plan.ring(n, nbytes, TRUE["alpha"], TRUE["beta"]))
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"format_version": 1, "command": "run", "config": config_toml(job),
+                        "world_size": n, "tensor_parallel": n, "data_parallel": 1,
+                        "head_partition": np.array(heads), "blas_threads_per_rank": k})
+        f.create_dataset("timings/seconds", data=sec).attrs["phases"] = PHASES
+        f["timings/forward"] = sec.sum(axis=(1, 2)).max() + np.zeros(n)
+        f["ranks/host"] = ["synthetic-node"] * n
+    return path
+
+
+def test_fit_recovers_known_parameters(tmp_path):
+    files = [report.load(synthetic_run(tmp_path / f"s{n}.h5", n)) for n in (1, 2, 4)]
+    f = plan.fit(files, CORES)
+    assert f.p == pytest.approx(1.0)
+    assert f.rate == pytest.approx(TRUE["rate"], rel=1e-6)
+    assert f.g == pytest.approx(TRUE["g"], rel=1e-6)
+    for key in ("h", "alpha", "beta"):
+        assert getattr(f, key) == pytest.approx(TRUE[key], rel=1e-6), key
+    for c in plan.check(files, f):
+        assert abs(c["layer_error"]) < 1e-6 and abs(c["forward_error"]) < 1e-6
+
+
+def test_bench_files(tmp_path):
+    """Allreduce alpha-beta from a bench size sweep at 2 and 4 ranks; rate from the GEMMs."""
+    paths = []
+    for n in (2, 4):
+        nbytes = np.array([8.0, 4096, 65536, 1 << 20])
+        seconds = np.array([plan.ring(n, b, TRUE["alpha"], TRUE["beta"]) for b in nbytes])
+        path = tmp_path / f"b{n}.h5"
+        with h5py.File(path, "w") as f:
+            f.attrs.update({"format_version": 1, "command": "bench", "config": config_toml(JOB),
+                            "world_size": n, "tensor_parallel": n, "blas_threads_per_rank": 1})
+            f["bench/allreduce/bytes"] = nbytes
+            f["bench/allreduce/seconds"] = seconds
+            f["bench/allreduce"].attrs["ranks"] = n
+            f["bench/gemm/flops_per_second"] = np.full(n, 3e10)
+            f["ranks/host"] = ["synthetic-node"] * n
+        paths.append(path)
+    f = plan.fit([report.load(p) for p in paths], CORES)
+    assert f.alpha == pytest.approx(TRUE["alpha"], rel=1e-6)
+    assert f.beta == pytest.approx(TRUE["beta"], rel=1e-6)
+    assert f.rate == pytest.approx(3e10)
+    assert any("GEMM peak" in note for note in f.notes)
+
+
+def test_layouts_nodes_and_impossible_counts(tmp_path):
+    files = [report.load(synthetic_run(tmp_path / f"s{n}.h5", n)) for n in (1, 2, 4)]
+    f = plan.fit(files, CORES)
+    rows = plan.table(JOB, f, plan.Target(CORES, None, f.alpha, f.beta), [1, 8, 12, 48, 49])
+    by = {r["ranks"]: r for r in rows}
+    assert (by[8]["data"], by[8]["tensor"]) == (1, 8)  # uneven heads: 2,2,2,2,1,1,1,1
+    assert by[8]["heads_per_rank"] == 2
+    assert (by[12]["data"], by[12]["tensor"]) == (1, 12)
+    assert (by[48]["data"], by[48]["tensor"]) == (4, 12)  # heads x batch: the most
+    assert "impossible" in by[49]
+    # 4 ranks per node: a 12-rank head group spans nodes and pays the inter-node rates
+    slow = plan.Target(CORES, 4, 1e-3, 1e-8)
+    fast = plan.Target(CORES, 4, f.alpha, f.beta)
+    a = plan.predict(JOB, f, slow, 12)
+    b = plan.predict(JOB, f, fast, 12)
+    assert a["inter_node"] and a["nodes"] == 3
+    assert a["allreduce_s"] > b["allreduce_s"] + 2 * 22 * 1e-3 * 0.99
+
+
+def test_cli_table_to_1024_with_assumptions(tmp_path, capsys):
+    paths = [str(synthetic_run(tmp_path / f"s{n}.h5", n)) for n in (1, 2, 4)]
+    assert main(["plan", *paths, "--measured-cores", str(CORES), "--set", "model.heads=32",
+                 "--set", "input.batch=32"]) == 0
+    out = capsys.readouterr().out
+    assert "assumptions:" in out and "ring" in out and "-- needs" not in out
+    assert any(line.split()[:1] == ["1024"] for line in out.splitlines())
+    assert main(["plan", *paths, "--json", "--ranks", "1,2,4"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["ranks"] for r in data["predictions"]] == [1, 2, 4]
+    assert main(["plan", *paths, "--set", "model.nope=3"]) == 2
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="needs mpiexec")
+def test_predicts_real_runs_within_30_percent(tmp_path):
+    """Runs made here under mpiexec at 1, 2 and 4 ranks (4 oversubscribe a 2-core machine)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    small = ["--set", "model.layers=3", "--set", "model.hidden=384", "--set", "model.ffn=1536",
+             "--set", "model.vocab=1000", "--set", "input.batch=4", "--set", "input.seq_len=128"]
+    paths = []
+    for n in (1, 2, 4):
+        out = tmp_path / f"r{n}.h5"
+        subprocess.run(["mpiexec", "-n", str(n), sys.executable, "-m", "mpiattn.cli", "run",
+                        *small, "-o", str(out)], check=True, capture_output=True, env=env,
+                       cwd=tmp_path, timeout=120)
+        paths.append(out)
+    files = [report.load(p) for p in paths]
+    f = plan.fit(files)
+    checks = plan.check(files, f)
+    print("\n".join(f"{c['ranks']} ranks: layer {100 * c['layer_error']:+.1f}%,"
+                    f" forward {100 * c['forward_error']:+.1f}%" for c in checks))
+    assert [c["ranks"] for c in checks] == [1, 2, 4]
+    for c in checks:
+        assert abs(c["layer_error"]) < 0.3, c
+        assert abs(c["forward_error"]) < 0.3, c
+    assert not math.isnan(f.rate) and f.rate > 0
