@@ -245,8 +245,25 @@ def rank_flops(job: Job, heads: int, batch: int) -> float:
     return job.sharded_flops(batch) * heads / job.heads
 
 
+def fastest(files: list[RunFile]) -> list[RunFile]:
+    """One run per layout and shape: the fastest forward (interference only slows a run).
+    Files without timings (bench files) all stay."""
+    best: dict[tuple, RunFile] = {}
+    out = []
+    for rf in files:
+        if rf.forward_s is None or rf.seconds is None:
+            out.append(rf)
+            continue
+        key = (rf.world_size, rf.tensor_parallel, rf.data_parallel,
+               repr(rf.model), repr(rf.input), rf.config.get("dtype"))
+        if key not in best or rf.forward_s < best[key].forward_s:  # type: ignore[operator]
+            best[key] = rf
+    return out + list(best.values())
+
+
 def fit(files: list[RunFile], cores_override: float | None = None) -> Fit:
     cores, cores_from = measured_cores(files, cores_override)
+    files = fastest(files)
     runs = [m for m in (reduce_run(rf, cores) for rf in files) if m is not None]
     benches = [rf for rf in files if rf.bench]
     notes: list[str] = []
