@@ -26,6 +26,7 @@ and/or run files at several rank counts. Only h5py and NumPy are needed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -222,14 +223,24 @@ def measured_cores(files: list[RunFile], override: float | None) -> tuple[float,
 
 
 def reduce_run(rf: RunFile, cores: float) -> Measured | None:
-    if rf.seconds is None or PHASE_AR not in rf.phases or rf.forward is None:
+    """A run file's steady-state layer, or a bench file's per-phase layer (after warm-up)."""
+    phases = rf.phases
+    if rf.seconds is not None and rf.forward is not None:
+        layers = rf.seconds.shape[1]
+        # steady state: the median layer, without layer 0 (its first calls pay for lazy
+        # imports and first-touch allocations; that one-off cost is kept apart as `once`)
+        steady = rf.seconds[:, 1:] if layers > 1 else rf.seconds
+        per = np.median(steady, axis=1)  # (rank, phase) per layer
+        forward = float(rf.forward.max())
+    elif "phase_seconds" in rf.bench:
+        per, phases, layers = rf.bench["phase_seconds"], rf.bench["phases"], 1
+        forward = float(per.sum(axis=1).max())
+    else:
+        return None
+    if PHASE_AR not in phases:
         return None
     job = Job.from_file(rf)
-    layers = rf.seconds.shape[1]
-    # steady state: the median layer, without layer 0 (its first calls pay for lazy
-    # imports and first-touch allocations; that one-off cost is kept apart as `once`)
-    steady = rf.seconds[:, 1:] if layers > 1 else rf.seconds
-    per = np.median(steady, axis=1)  # (rank, phase) per layer
+    rf = dataclasses.replace(rf, phases=phases)
     ar = per[:, rf.phases.index(PHASE_AR)]
     local = max(Counter(rf.hosts).values()) if rf.hosts else rf.world_size
     threads = int(rf.attrs.get("blas_threads_per_rank", 0) or 0) or threads_for(cores, local)
@@ -237,7 +248,7 @@ def reduce_run(rf: RunFile, cores: float) -> Measured | None:
     rep = per[:, rf.phases.index(REPLICATED)] if REPLICATED in rf.phases else np.zeros(len(ar))
     return Measured(rf.path, job, rf.world_size, rf.tensor_parallel or len(heads),
                     rf.data_parallel or 1, heads, local, threads, per.sum(axis=1) - ar, rep, ar,
-                    float(rf.forward.max()), layers,
+                    forward, layers,
                     [n for n in rf.phases if n not in (PHASE_AR, REPLICATED)])
 
 
@@ -297,7 +308,7 @@ def fit(files: list[RunFile], cores_override: float | None = None) -> Fit:
                 best = (err, pp, float(np.exp(logs.mean())))
         assert best is not None
         _, p, rate = best
-        sources["compute"] = (f"{len(runs)} run file(s): sharded phases"
+        sources["compute"] = (f"{len(runs)} file(s) with phase timings: sharded phases"
                               f" {', '.join(sorted(set(runs[0].sharded_phases)))}; replicated"
                               f" phase {REPLICATED}")
         if not threaded:
@@ -305,7 +316,7 @@ def fit(files: list[RunFile], cores_override: float | None = None) -> Fit:
                          " assumed ideal (p = 1)")
     elif any("gemm_flops_per_second" in b.bench for b in benches):
         rates = []
-        for b in benches:
+        for b in benches:  # no phase timings anywhere: the GEMM peak is all there is
             if "gemm_flops_per_second" in b.bench:
                 local = max(Counter(b.hosts).values()) if b.hosts else b.world_size
                 k = int(b.attrs.get("blas_threads_per_rank", 0) or 0) or threads_for(cores, local)
@@ -360,8 +371,9 @@ def fit(files: list[RunFile], cores_override: float | None = None) -> Fit:
                             + ("bench /bench/allreduce" if any(b.bench.get("allreduce")
                                                                 for b in benches) else "run files"))
     # the one-off is single-threaded work (imports, first touches): it scales with the share
-    once = float(np.median([m.once * speed(cores, m.local, m.threads, 0.0) for m in runs])
-                 ) if runs else 0.0
+    whole = [m for m in runs if m.layers > 1]  # run files: a whole forward
+    once = float(np.median([m.once * speed(cores, m.local, m.threads, 0.0) for m in whole])
+                 ) if whole else 0.0
     return Fit(cores, rate, g, p, h, alpha, beta, once, sources, notes)
 
 
@@ -443,10 +455,12 @@ def check(files: list[RunFile], f: Fit) -> list[dict[str, Any]]:
             continue
         tgt = Target(f.cores, None, f.alpha, f.beta)
         r = predict_layout(m.job, f, tgt, m.replicas, m.tensor)
-        out.append({"path": m.path, "ranks": m.world, "measured_layer_s": m.layer,
-                    "predicted_layer_s": r["layer_s"], "layer_error": r["layer_s"] / m.layer - 1,
-                    "measured_forward_s": m.forward, "predicted_forward_s": r["forward_s"],
-                    "forward_error": r["forward_s"] / m.forward - 1})
+        row = {"path": m.path, "ranks": m.world, "measured_layer_s": m.layer,
+               "predicted_layer_s": r["layer_s"], "layer_error": r["layer_s"] / m.layer - 1}
+        if m.layers > 1:  # a bench file times one layer, not a forward
+            row.update(measured_forward_s=m.forward, predicted_forward_s=r["forward_s"],
+                       forward_error=r["forward_s"] / m.forward - 1)
+        out.append(row)
     return out
 
 
@@ -537,9 +551,11 @@ def format_plan(job: Job, f: Fit, tgt: Target, rows: list[dict], checks: list[di
         for c in checks:
             lines.append(f"  {c['ranks']:>5} ranks  layer {c['measured_layer_s'] * 1e3:8.2f} ms"
                          f" -> {c['predicted_layer_s'] * 1e3:8.2f} ms"
-                         f" {100 * c['layer_error']:+6.1f}%   forward"
-                         f" {c['measured_forward_s']:7.3f} s -> {c['predicted_forward_s']:7.3f} s"
-                         f" {100 * c['forward_error']:+6.1f}%  ({c['path']})")
+                         f" {100 * c['layer_error']:+6.1f}%   "
+                         + (f"forward {c['measured_forward_s']:7.3f} s ->"
+                            f" {c['predicted_forward_s']:7.3f} s {100 * c['forward_error']:+6.1f}%"
+                            if "forward_error" in c else f"{'(bench: one layer)':<34}")
+                         + f"  ({c['path']})")
     lines.append("prediction:")
     lines.append(f"  {'ranks':>6} {'DxT':>8} {'nodes':>5} {'heads':>5} {'compute ms':>11}"
                  f" {'allred. ms':>11} {'layer ms':>10} {'forward s':>10} {'speed-up':>9}"

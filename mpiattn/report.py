@@ -148,6 +148,10 @@ def _read_bench(g: Any) -> dict[str, Any]:
                             "ranks": np.broadcast_to(ranks, nbytes.shape).copy()}
     if "gemm" in g and "flops_per_second" in g["gemm"]:
         out["gemm_flops_per_second"] = np.atleast_1d(g["gemm/flops_per_second"][()]).astype(float)
+    if "phases" in g and "seconds" in g["phases"]:  # (rank, phase), one layer
+        d = g["phases/seconds"]
+        out["phase_seconds"] = np.atleast_2d(d[()]).astype(float)
+        out["phases"] = [_text(x) for x in d.attrs.get("phases", [])]
     out["checksum_mode"] = _text(g.attrs.get("checksum_mode", ""))
     return out
 
