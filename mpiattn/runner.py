@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__, h5io
 from .attention import Options
 from .backend import Backend, blas_info, erf, limit_blas_threads, select, to_host
-from .config import Config, check_world
+from .config import Config, check_world, validate
 from .data import Batch, load_batch
 from .errors import ConfigError, InputError, UserError
 from .model import SITES, PhaseTimer, encoder_forward, mean_pool
@@ -31,11 +31,6 @@ from .shard import HeadShard, counts, head_shard, partition
 from .weights import checkpoint_shape, open_source, resolve_weights
 
 PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")
-
-
-def print0(rank: int, *args: Any) -> None:
-    if rank == 0:
-        print(*args, flush=True)
 
 
 def apply_checkpoint_shape(cfg: Config, explicit: set[str]) -> None:
@@ -52,8 +47,7 @@ def apply_checkpoint_shape(cfg: Config, explicit: set[str]) -> None:
                 " from the config or load a matching checkpoint"
             )
         setattr(cfg.model, key, type(current)(value))
-    if cfg.model.hidden % cfg.model.heads:
-        raise ConfigError("checkpoint hidden size is not a multiple of its heads")
+    validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
 
 
 @dataclass
