@@ -172,7 +172,7 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str
 
     # 3. the Allreduce at the layer's message size and around it, vs a memory copy
     message = rows * m.hidden * dtype.itemsize
-    sizes = sorted({8, 1 << 12, 1 << 16, 1 << 20, message, 4 * message})
+    sizes = sorted({8, 1 << 12, 1 << 16, 1 << 20, message, min(4 * message, 1 << 26)})
     comm_table = allreduce_sweep(world, p.topo.heads, sizes, repeats)
 
     # 4. optional sweep over sequence lengths (whole layer)

@@ -291,7 +291,8 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     for (layer, phase), s in timer.seconds.items():
         seconds[layer, PHASES.index(phase)] += s
     all_seconds = gather_rows(world, seconds[None])
-    per_rank = np.array([[forward_s, setup_s, time.perf_counter() - wall0]])
+    per_rank = np.array([[forward_s, setup_s, time.perf_counter() - wall0,
+                          backend.memory_high_water()]])
     all_totals = gather_rows(world, per_rank)
     host_info = world.gather((socket.gethostname(), backend.device))
     gathered: dict[tuple[int, str], np.ndarray] = {}
@@ -355,6 +356,8 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
                      units="s")
     for i, name in enumerate(("forward", "setup", "total")):
         h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
+    h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
+                     units="B", description="peak RSS (CPU) or CuPy pool total (GPU)")
     if records:
         write_records(f, records)
     f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -389,6 +392,7 @@ def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,
     share = phase_total / max(phase_total.sum(), 1e-12)
     parts = ", ".join(f"{name} {100 * x:.0f}%" for name, x in zip(PHASES, share, strict=True))
     print(f"forward {totals[:, 0].max():.3f} s (max over ranks), setup"
-          f" {totals[:, 1].max():.3f} s, wall {totals[:, 2].max():.3f} s")
+          f" {totals[:, 1].max():.3f} s, wall {totals[:, 2].max():.3f} s, peak memory"
+          f" {totals[:, 3].max() / 2**30:.2f} GiB/rank")
     print(f"time per phase: {parts}")
     print(f"wrote {path}")
