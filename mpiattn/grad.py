@@ -249,6 +249,11 @@ def layer_backward(dout: Any, cache: Any, reduce: Reduce) -> tuple[Any, LayerSha
     do, dw_o, _ = linear_backward(dr, c_o)
     dqkv = attention_backward(do, c_att)
     dx_part, dw_qkv, db_qkv = linear_backward(dqkv, c_qkv)
+    # The key bias adds q.b_k to every score of a query row; softmax ignores such a shift, so
+    # its gradient is exactly zero. Computed, it is rounding noise that Adam would blow up
+    # to steps of size lr (and that differs between layouts): write the exact zero.
+    width = db_qkv.shape[0] // 3
+    db_qkv[width: 2 * width] = 0
     dx = reduce(dx_part, site="attention.bwd", layer=layer) + dr
     grads = LayerShard(w_qkv=dw_qkv, b_qkv=db_qkv, w_o=dw_o, b_o=db_o, ln1_g=dln1_g,
                        ln1_b=dln1_b, w_1=dw_1, b_1=db_1, w_2=dw_2, b_2=db_2, ln2_g=dln2_g,
@@ -385,8 +390,8 @@ def split_shard(full: LayerShard, cols: slice, ffn_cols: slice) -> LayerShard:
         xp = get_array_module(a)
         return xp.ascontiguousarray(xp.concatenate(parts, axis=-1))
 
-    def own(a: Any) -> Any:
-        return get_array_module(a).array(a, copy=True)
+    def own(a: Any) -> Any:  # C order: BLAS rounds the same way on every path
+        return get_array_module(a).array(a, copy=True, order="C")
 
     return LayerShard(
         w_qkv=qkv(full.w_qkv), b_qkv=qkv(full.b_qkv), w_o=own(full.w_o[cols]),

