@@ -44,6 +44,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
     bench.add_argument("--sweep", default="", metavar="S1,S2,...",
                        help="also time the layer at these sequence lengths")
+    tr = sub.add_parser("train", help="masked-language-model training, head-sharded",
+                        description="Run under mpiexec -n K; world = data x parallel.tensor.")
+    _add_config_args(tr, "mpiattn-train.h5")
+    tr.add_argument("--resume", metavar="CKPT.h5", help="continue from a training checkpoint"
+                    " (any head split)")
     ver = sub.add_parser("verify", help="re-check a finished HDF5 file offline (no MPI)")
     ver.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
     sub.add_parser("info", help="versions, MPI library, GPUs, BLAS; per rank under mpiexec")
@@ -145,6 +150,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return _mpi_command(body)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    def body(world: Any) -> int:
+        from . import config
+        from .train import train
+
+        cfg = config.load(args.config, args.overrides)
+        train(cfg, world, args.output or "mpiattn-train.h5", args.force, args.resume)
+        return 0
+
+    return _mpi_command(body)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .h5io import verify
@@ -194,8 +211,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return err.exit_code
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "verify": cmd_verify, "info": cmd_info,
-            "report": cmd_report, "plan": cmd_plan}
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train": cmd_train, "verify": cmd_verify,
+            "info": cmd_info, "report": cmd_report, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

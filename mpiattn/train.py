@@ -550,7 +550,13 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     from .config import check_world
     from .data import Batch as InputBatch
     from .errors import UserError
-    from .runner import Plan, apply_checkpoint_shape, make_reducer, write_provenance
+    from .runner import (
+        Plan,
+        apply_checkpoint_shape,
+        make_reducer,
+        write_provenance,
+        write_records,
+    )
     from .shard import counts, head_shard
 
     rank, size = world.Get_rank(), world.Get_size()
@@ -659,6 +665,9 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     all_seconds = gather_rows(world, seconds[None])
     totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
     host_info = world.gather((socket.gethostname(), backend.device))
+    mine = [(topo.replica, r) for r in heads.records] if topo.head_rank == 0 else []
+    mine += [(topo.replica, r) for r in data.records] if topo.replica == 0 else []
+    records = world.gather(mine)
     if rank != 0:
         return None
     path = Path(out_path)
@@ -672,6 +681,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         h5io.write_array(tg, "seconds", all_seconds, ("rank", "step", "phase"),
                          phases=list(PHASES), units="s", first_step=start)
         h5io.write_array(tg, "total", totals, ("rank",), units="s")
+        if any(records):
+            write_records(f, [r for part in records for r in part])
         f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
         f.attrs["status"] = "complete"
     ev = f"; held-out loss {history.eval_loss[-1]:.4f}" if history.eval_loss else ""

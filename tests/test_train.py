@@ -205,3 +205,12 @@ def test_train_command_on_one_rank_and_resume(corpus_files, tmp_path):
         for k in a["optimizer/m"]:
             assert rel(b["optimizer/v"][k][()], a["optimizer/v"][k][()]) <= 1e-12, k
         assert "bert.encoder.layer.1.attention.self.query.weight" in a["params"]
+
+
+def test_cli_has_train():
+    from mpiattn import cli
+
+    args = cli.parser().parse_args(["train", "c.toml", "--set", "train.steps=3", "-o", "o.h5",
+                                    "--resume", "ck.h5"])
+    assert cli.COMMANDS[args.command] is cli.cmd_train
+    assert (args.config, args.output, args.resume) == ("c.toml", "o.h5", "ck.h5")
