@@ -324,10 +324,12 @@ class Groups:
     replica: int = 0
 
 
-def _sum(reduce: Any, values: list[float], site: str) -> np.ndarray:
-    """Scalars summed through a (1, n) float64 reduction."""
-    buf = np.asarray([values], dtype=np.float64)
-    return np.array(reduce(buf, site=site, layer=0)[0], copy=True)
+def _sum(reduce: Any, values: list[float], site: str, xp: Any = np) -> np.ndarray:
+    """Scalars summed through a (1, n) float64 reduction (on the run's device)."""
+    from .backend import to_host
+
+    buf = xp.asarray([values], dtype=np.float64)
+    return np.array(to_host(reduce(buf, site=site, layer=0)[0]), copy=True)
 
 
 class Buckets:
@@ -399,10 +401,10 @@ class Trainer:
         t2 = clock()
         if g.replicas > 1:
             self.buckets.allreduce(grads, g.data)
-            loss = float(_sum(g.data, [loss], "loss")[0])
+            loss = float(_sum(g.data, [loss], "loss", self.xp)[0])
         t3 = clock()
         norm = global_norm(grads, self.sharded,
-                           lambda s: float(_sum(g.heads, [s], "grad_norm")[0]))
+                           lambda s: float(_sum(g.heads, [s], "grad_norm", self.xp)[0]))
         lr = lr_at(step, self.cfg.train)
         self.opt.step(self.arrays(), grads, lr, step, clip_factor(norm, self.cfg.train.clip))
         t4 = clock()
@@ -419,7 +421,7 @@ class Trainer:
                                          g.heads, self.eps)
             total += loss
         if g.replicas > 1:
-            total = float(_sum(g.data, [total], "eval")[0])
+            total = float(_sum(g.data, [total], "eval", self.xp)[0])
         return total / self.cfg.train.eval_batches
 
 
