@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
+import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ class InputConfig:
     seq_len: int = 128  # tokens per sequence (text: the truncation length)
     text: str = ""  # a UTF-8 file, one sentence per line; "" = seeded token ids
     tokenizer: str = ""  # tokenizer.json; "" = the one beside model.weights
+    tokens: str = ""  # HDF5 /input/tokens (batch, seq), e.g. a run file: sets batch and seq
     min_fill: float = 0.5  # seeded input: shortest sequence as a fraction of seq_len
 
 
@@ -199,13 +204,18 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**63 else math.inf
     if kind is str and isinstance(value, bool):  # comm.cuda_aware = true
         return str(value).lower()
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(
             f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
         )
+    if (kind is float and not math.isfinite(value)) or (kind is int and abs(value) >= 2**63):
+        raise ConfigError(f"config key '{key}' is {value!r}: give a finite number below 2**63")
+    if kind is str and any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise ConfigError(f"config key '{key}' is {value!r}: control characters (newline,"
+                          " tab, ...) or bytes that are not UTF-8 are not allowed")
     return value
 
 
@@ -314,6 +324,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.mask_prob must be in (0, 1), got {cfg.train.mask_prob}")
     if not 0.0 < cfg.input.min_fill <= 1.0:
         raise ConfigError(f"input.min_fill must be in (0, 1], got {cfg.input.min_fill}")
+    if cfg.input.text and cfg.input.tokens:
+        raise ConfigError("input.text and input.tokens are both set: give one input")
 
 
 def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -330,7 +342,7 @@ def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
             f" set parallel.tensor <= {cfg.model.heads} so the other ranks split the batch"
         )
     data = world_size // tensor
-    if data > cfg.input.batch:
+    if data > cfg.input.batch and not (cfg.input.text or cfg.input.tokens):  # files: runner
         raise ConfigError(
             f"{data} data-parallel replicas but input.batch = {cfg.input.batch}:"
             " raise input.batch or parallel.tensor"
@@ -344,12 +356,16 @@ def to_toml(cfg: Config) -> str:
     def fmt(value: Any) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
-        if isinstance(value, str):
-            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, str):  # TOML basic string: JSON's escapes are TOML's
+            text = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
         if isinstance(value, list):
             return "[" + ", ".join(fmt(v) for v in value) + "]"
         if isinstance(value, dict):
-            return "{" + ", ".join(f"{k} = {fmt(v)}" for k, v in value.items()) + "}"
+            return "{" + ", ".join(f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else fmt(k)}"
+                                   f" = {fmt(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
         return repr(value)
 
     top, sections = [], []

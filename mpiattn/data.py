@@ -1,4 +1,5 @@
-"""Input batches: seeded token ids, or text tokenized by the model's own tokenizer.json.
+"""Input batches: seeded token ids, text tokenized by the model's own tokenizer.json, or
+the token ids of an HDF5 file (``input.tokens``, e.g. a run file's ``/input``, to replay it).
 
 Every rank builds the same full batch (it is small next to the model) and keeps the rows
 of its data-parallel replica; the tokenizer is the Hugging Face ``tokenizers`` library,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,8 +100,88 @@ def text_batch(lines: list[str], tokenizer_file: Path, seq_len: int) -> Batch:
     return Batch(ids, mask, lines)
 
 
+MAX_TOKENS = 2**31  # batch x seq of an HDF5 token input: refused at or above this
+
+
+def _check_ids(where: str, ids: np.ndarray, vocab: int) -> None:
+    if ids.dtype.kind == "f":
+        bad = "contains NaN or Inf" if not np.isfinite(ids).all() else f"is {ids.dtype}"
+        raise InputError(f"{where} {bad}: token ids must be integers (int64, 0 = padding)")
+    if ids.dtype.kind not in "iu":
+        raise InputError(f"{where} has dtype {ids.dtype}: token ids must be integers (int64)")
+    low, high = ids.min(), ids.max()
+    if low < 0 or high >= vocab:
+        raise InputError(f"{where} has ids in [{low}, {high}], outside [0, model.vocab = {vocab}):"
+                         " the tokens do not belong to this model")
+
+
+def _check_shape(where: str, dset: Any, max_positions: int) -> tuple[int, int]:
+    """(batch, seq) from the declared shape, before a byte is read."""
+    import h5py
+
+    if not isinstance(dset, h5py.Dataset):
+        raise InputError(f"{where} is missing: the file needs a (batch, seq) integer dataset there")
+    shape = dset.shape
+    if shape is None or len(shape) != 2:
+        raise InputError(f"{where} has shape {shape}: token ids must be 2-D (batch, seq)")
+    b, s = (int(n) for n in shape)
+    if b < 1 or s < 1:
+        raise InputError(f"{where} has shape {shape}: it holds no tokens")
+    if s > max_positions:
+        raise InputError(f"{where} has sequences of {s} tokens, more than model.max_positions ="
+                         f" {max_positions}")
+    if b * s >= MAX_TOKENS:
+        raise InputError(f"{where} declares {b} x {s} = {b * s} tokens, more than a run holds"
+                         f" (< 2**31)")
+    return b, s
+
+
+def hdf5_batch(path: Path, vocab: int, max_positions: int) -> Batch:
+    """``/input/tokens`` (batch, seq) integer ids and optional ``/input/attention_mask`` (1 on
+    real tokens; default: ids != 0), validated before anything is allocated."""
+    import h5py
+
+    name = f"input.tokens = '{path}'"
+    if not path.is_file():
+        raise InputError(f"{name}: the file does not exist (relative paths are taken from the"
+                         f" current folder, {Path.cwd()})")
+    try:
+        with h5py.File(path, "r") as f:
+            dset = f.get("input/tokens")
+            _check_shape(f"{name}: /input/tokens", dset, max_positions)
+            if dset.dtype.kind not in "iuf":
+                raise InputError(f"{name}: /input/tokens has dtype {dset.dtype}: token ids must"
+                                 " be integers (int64)")
+            ids = dset[()]
+            _check_ids(f"{name}: /input/tokens", ids, vocab)
+            mask_dset = f.get("input/attention_mask")
+            if mask_dset is None:
+                mask = ids != 0
+            else:
+                where = f"{name}: /input/attention_mask"
+                if not isinstance(mask_dset, h5py.Dataset) or mask_dset.shape != ids.shape:
+                    shape = getattr(mask_dset, "shape", "not a dataset")
+                    raise InputError(f"{where} has shape {shape}, /input/tokens {ids.shape}")
+                if mask_dset.dtype.kind not in "iub":
+                    raise InputError(f"{where} has dtype {mask_dset.dtype}: use uint8 0/1")
+                raw = mask_dset[()]
+                if not np.isin(raw, (0, 1)).all():
+                    raise InputError(f"{where} has values other than 0 and 1")
+                mask = raw.astype(bool)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+        reason = " ".join(str(err).split())  # HDF5 messages can span lines
+        raise InputError(f"{name}: not a readable HDF5 token file (truncated or not HDF5?):"
+                         f" {reason}") from None
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise InputError(f"{name}: row {empty[0]} has no real tokens (mask all 0 or ids all 0)")
+    return Batch(ids.astype(np.int64, copy=False), mask)
+
+
 def load_batch(cfg: Config) -> Batch:
     """The job's whole input batch, the same on every rank."""
+    if cfg.input.tokens:
+        return hdf5_batch(Path(cfg.input.tokens), cfg.model.vocab, cfg.model.max_positions)
     if cfg.input.text:
         lines = read_lines(Path(cfg.input.text))
         batch = text_batch(lines, tokenizer_path(cfg), cfg.input.seq_len)
