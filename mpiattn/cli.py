@@ -93,16 +93,23 @@ def _mpi_command(body: Callable[[Any], int]) -> int:
 
     world = _world()
     rank = world.Get_rank()
+    import numpy as np
+
     try:
-        return body(world)
+        with np.errstate(all="ignore"):  # inf/NaN are found by check.finite, once, not warned
+            return body(world)
     except UserError as err:  # agreed on by every rank before it was raised
         if rank == 0:
             print(f"mpiattn: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
-    except IntegrityError as err:  # the verdict is collective: every rank raises it
-        if rank == 0:
-            print(f"mpiattn: integrity error: {err}; no output written", file=sys.stderr,
+    except IntegrityError as err:  # collective within err.comm: its rank 0 reports
+        group = err.comm if err.comm is not None else world
+        if group.Get_rank() == 0:
+            print(f"mpiattn: {err.label}: {err}; no output written", file=sys.stderr,
                   flush=True)
+        if group.Get_size() < world.Get_size():  # other replicas wait in a collective
+            group.Barrier()  # the message is out before the job is torn down
+            world.Abort(err.exit_code)
         return err.exit_code
     except BaseException as err:
         if isinstance(err, SystemExit) and not err.code:

@@ -16,8 +16,8 @@ import numpy as np
 from mpi4py import MPI
 
 from . import checksum
-from .backend import Backend
-from .errors import IntegrityError, UserError
+from .backend import Backend, get_array_module
+from .errors import IntegrityError, NumericalError, UserError
 
 
 @dataclass
@@ -73,6 +73,20 @@ def cuda_aware_mpi() -> bool:
         return False
     query.restype = ctypes.c_int
     return bool(query())
+
+
+def check_finite(comm: Any, x: Any, layer: int, site: str) -> None:
+    """Collective: raise NumericalError on every rank of ``comm`` if any rank's ``x`` has
+    inf or NaN (one flag in one tiny Allreduce, so no rank is left waiting)."""
+    xp = get_array_module(x)
+    bad = np.array([0 if bool(xp.isfinite(x).all()) else 1], dtype=np.int32)
+    flags = np.empty_like(bad)
+    comm.Allreduce(bad, flags, op=MPI.MAX)
+    if flags[0]:
+        ranks = [r for r, b in enumerate(comm.allgather(int(bad[0]))) if b]
+        raise NumericalError(f"non-finite activations at layer {layer} after the {site} block"
+                             f" on rank(s) {ranks} (inf/NaN): check the input and the weights",
+                             comm)
 
 
 def agree_on_error(comm: Any, error: UserError | None) -> UserError | None:
@@ -263,7 +277,16 @@ class CheckedAllreduce:
             if self.faults:
                 self._inject(p.out, p.layer, p.site, "result", p.attempt)
             digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0
-            failed, low, high = self._verdict(ratio > 1.0, digest)
+            # |P| sums are finite on every rank with finite data: else nothing to retry
+            local_bad = not bool(self.backend.xp.isfinite(p.send[rows + 1]).all())
+            failed, low, high, nonfinite = self._verdict(ratio > 1.0, digest, local_bad)
+            if nonfinite:
+                bad = [r for r, b in zip(self.group_ranks, self.comm.allgather(local_bad),
+                                         strict=True) if b]
+                raise NumericalError(
+                    f"non-finite values (inf/NaN) in the partial sums at layer {p.layer} site"
+                    f" '{p.site}' on rank(s) {bad}: check the input and the weights",
+                    self.comm)
             passed = not failed and low == high
             if passed or self.on_mismatch == "abort" or p.attempt == self.retries:
                 self.records.append(Record(p.layer, p.site, residual, bound, ratio, passed,
@@ -272,17 +295,20 @@ class CheckedAllreduce:
                 return p.out
             problem = self._describe(p.site, p.layer, failed, residual, bound, ratio, digest)
             if self.on_mismatch == "abort" or p.attempt == self.retries:
-                raise IntegrityError(f"{problem}; gave up after {p.attempt} retries")
+                raise IntegrityError(f"{problem}; gave up after {p.attempt} retries", self.comm)
             p.attempt += 1  # the partial is intact: send it again
             self._fill(p)
             p.request = self._post(p.send, p.recv, p.slot)
             self._wait(p)
 
-    def _verdict(self, failed: bool, digest: int) -> tuple[bool, int, int]:
-        """One tiny Allreduce: did any rank fail, and the min and max of the digests."""
-        vec = np.array([int(failed), digest, digest ^ 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
+    def _verdict(self, failed: bool, digest: int,
+                 nonfinite: bool = False) -> tuple[bool, int, int, bool]:
+        """One tiny Allreduce: did any rank fail, the min and max of the digests, and did
+        any rank see non-finite data."""
+        vec = np.array([int(failed), digest, digest ^ 0xFFFFFFFFFFFFFFFF, int(nonfinite)],
+                       dtype=np.uint64)
         self.comm.Allreduce(MPI.IN_PLACE, vec, op=MPI.MAX)
-        return bool(vec[0]), int(vec[2]) ^ 0xFFFFFFFFFFFFFFFF, int(vec[1])
+        return bool(vec[0]), int(vec[2]) ^ 0xFFFFFFFFFFFFFFFF, int(vec[1]), bool(vec[3])
 
     def _describe(self, site: str, layer: int, failed: bool, residual: float, bound: float,
                   ratio: float, digest: int) -> str:
@@ -305,7 +331,8 @@ class CheckedAllreduce:
     def check_agreement(self, x: Any, *, site: str, layer: int) -> int:
         """Hash ``x`` on every rank of the group and raise if any copy differs."""
         digest = checksum.digest64(x)
-        _, low, high = self._verdict(False, digest)
+        _, low, high, _ = self._verdict(False, digest)
         if low != high:
-            raise IntegrityError(self._describe(site, layer, False, 0.0, 0.0, 0.0, digest))
+            raise IntegrityError(self._describe(site, layer, False, 0.0, 0.0, 0.0, digest),
+                                 self.comm)
         return high

@@ -90,7 +90,7 @@ class FaultConfig:
 
 @dataclass
 class CheckConfig:
-    finite: str = "layer"  # "layer" | "site" | "off": where activations are checked
+    finite: str = "layer"  # "layer" | "off": check every layer's output for inf/NaN
 
 
 @dataclass
@@ -150,7 +150,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checksum.wire": ("float64", "native"),
     "checksum.on_mismatch": ("retry", "abort"),
     "checksum.hash_every": ("collective", "layer", "end"),
-    "check.finite": ("layer", "site", "off"),
+    "check.finite": ("layer", "off"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.decay": ("cosine", "linear", "none"),
 }
@@ -197,7 +197,7 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}': {hint}")
 
 
-def _coerce(key: str, value: Any, kind: Any) -> Any:
+def coerce(key: str, value: Any, kind: Any) -> Any:
     """Check ``value`` against the field type; ints are accepted where floats are expected."""
     if isinstance(kind, types.GenericAlias) or kind is list:
         if not isinstance(value, list):
@@ -227,7 +227,7 @@ def _assign(cfg: Config, key: str, value: Any) -> None:
     target = getattr(cfg, head) if tail else cfg
     name = tail or head
     kind = _section_types(type(target))[name]
-    setattr(target, name, _coerce(key, value, kind))
+    setattr(target, name, coerce(key, value, kind))
 
 
 def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:

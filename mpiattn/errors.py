@@ -16,6 +16,22 @@ class InputError(UserError):
 
 
 class IntegrityError(Exception):
-    """A collective's result failed validation after all retries (exit code 3)."""
+    """A collective's result failed validation after all retries (exit code 3).
+
+    Raised on every rank of ``comm`` together (the verdict is collective); ranks outside
+    it (other replicas) learn of it only through ``MPI_Abort``.
+    """
 
     exit_code = 3
+    label = "integrity error"
+
+    def __init__(self, message: str, comm: object = None) -> None:
+        super().__init__(message)
+        self.comm = comm
+
+
+class NumericalError(IntegrityError):
+    """Non-finite activations: a fault of the inputs or weights, not of the network."""
+
+    exit_code = 4
+    label = "numerical error"

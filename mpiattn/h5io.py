@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ def check_output(path: str | Path, force: bool) -> Path:
         raise UserError(f"output folder '{folder}' does not exist: create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"output folder '{folder}' is not writable: choose another -o")
+    stale = stale_temporaries(path)
+    if stale:
+        print(f"mpiattn: note: {len(stale)} temporary file(s) of interrupted writes beside"
+              f" '{path}' (safe to delete): {', '.join(p.name for p in stale)}",
+              file=sys.stderr, flush=True)
     return path
 
 
@@ -72,30 +78,43 @@ def write_array(group: Any, name: str, array: np.ndarray, labels: tuple[str, ...
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Any]:
-    """An h5py File under a temporary name, renamed to ``path`` only if the block succeeds.
+    """An h5py File built in memory, written to ``path`` only if the block succeeds.
 
-    The caller sets ``status = "complete"`` as the block's last act; on any exception the
-    temporary file is removed and nothing appears under ``path``.
+    The caller sets ``status = "complete"`` as the block's last act. The finished image is
+    written to ``.NAME.tmp-PID`` beside ``path`` with plain file I/O, fsynced and renamed
+    over ``path``: on any failure (a full disk included) the temporary file is removed,
+    an existing ``path`` is untouched, and the error is one line.
     """
     import h5py
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    f = h5py.File(f"mpiattn-{os.getpid()}-{id(path)}", "w", driver="core",
+                  backing_store=False, libver="latest")
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
-            f.attrs["status"] = "writing"
-            yield f
-        with open(tmp, "rb+") as fh:  # data on disk before the name points at it
-            os.fsync(fh.fileno())
+        f.attrs["status"] = "writing"
+        yield f
+        f.flush()
+        image = f.id.get_file_image()
+    finally:
+        f.close()
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+            fh.flush()
+            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write '{path}': {err.strerror or err}"
-                        " (disk full or folder not writable?); earlier files are untouched"
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise UserError(f"cannot write '{path}': {reason}; earlier files are untouched"
                         ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """Temporary files left by interrupted writes of ``path`` (safe to delete)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
 
 
 def open_for_reading(path: str | Path) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__, h5io
 from .attention import Options
 from .backend import Backend, blas_info, erf, limit_blas_threads, select, to_host
-from .config import Config, check_world, validate
+from .config import Config, check_world, coerce, validate
 from .data import Batch, load_batch
 from .errors import ConfigError, InputError, UserError
 from .model import SITES, PhaseTimer, encoder_forward, mean_pool
@@ -37,16 +37,21 @@ def apply_checkpoint_shape(cfg: Config, explicit: set[str]) -> None:
     """Take model.* from the checkpoint's config.json; an explicit different value is an error."""
     if not cfg.model.weights:
         return
-    shape = checkpoint_shape(resolve_weights(cfg.model.weights))
-    for key, value in shape.items():
+    path = resolve_weights(cfg.model.weights)
+    shape = checkpoint_shape(path)
+    for key, raw in shape.items():
         dotted = f"model.{key}"
         current = getattr(cfg.model, key)
+        try:
+            value = coerce(dotted, raw, type(current))
+        except ConfigError as err:
+            raise InputError(f"'{path.parent / 'config.json'}': {err}") from None
         if dotted in explicit and current != value:
             raise ConfigError(
                 f"{dotted} = {current} but the checkpoint has {value}: remove {dotted}"
                 " from the config or load a matching checkpoint"
             )
-        setattr(cfg.model, key, type(current)(value))
+        setattr(cfg.model, key, value)
     validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
 
 
@@ -239,7 +244,7 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, 
 
 def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str]) -> Path | None:
     """The whole job on every rank; returns the output path on rank 0."""
-    from .comm import gather_rows
+    from .comm import check_finite, gather_rows
 
     rank = world.Get_rank()
     started = dt.datetime.now(dt.timezone.utc)
@@ -264,10 +269,9 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     timer = PhaseTimer(backend.timer(), PHASES)
 
     def on_layer(i: int, attn: Any, hidden: Any) -> None:
-        if cfg.check.finite != "off" and not bool(xp.isfinite(hidden).all()):
-            bad = "attention" if not bool(xp.isfinite(attn).all()) else "mlp"
-            raise FloatingPointError(
-                f"non-finite activations at layer {i} after the {bad} block on rank {rank}")
+        if cfg.check.finite != "off":
+            check_finite(world, attn, i, "attention")
+            check_finite(world, hidden, i, "mlp")
         if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "layer":
             reducer.check_agreement(hidden, site="hidden", layer=i)
         if leader and i in keep:

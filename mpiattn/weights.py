@@ -150,6 +150,8 @@ def checkpoint_shape(path: Path) -> dict[str, Any]:
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"'{cfg_path}' is not valid JSON: {err}") from None
+    if not isinstance(hf, dict):
+        raise InputError(f"'{cfg_path}' must hold a JSON object (a BERT config.json)")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise InputError(f"'{cfg_path}': hidden_act = {hf['hidden_act']!r}, only exact 'gelu'")
     return {ours: hf[theirs] for theirs, ours in _HF_CONFIG.items() if theirs in hf}
