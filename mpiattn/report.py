@@ -221,8 +221,8 @@ def summarize(rf: RunFile) -> dict[str, Any]:
         value = getattr(rf, name)
         if value is not None:
             out[f"{name}_s"] = float(value.max())
-    if rf.seconds is not None and rf.seconds.shape[1] >= 3:
-        layer = rf.seconds.sum(axis=2)  # (rank, layer)
+    if rf.seconds is not None and rf.seconds.shape[1] >= 3 and rf.command != "train":
+        layer = rf.seconds.sum(axis=2)  # (rank, layer); training files: (rank, step)
         extra = float(np.max(layer[:, 0] - np.median(layer[:, 1:], axis=1)))
         out["first_layer_extra_s"] = extra
     for key, fn in (("phases", phase_table), ("checksum", checksum_summary),
@@ -300,7 +300,8 @@ def format_summary(s: dict[str, Any]) -> str:
         for name, v in phases.items():
             lines.append(f"  {name:<12}{v['mean_s']:>10.4f}{v['max_s']:>10.4f}"
                          f"{v['imbalance']:>11.3f}{100 * v['mean_s'] / total:>7.1f}%")
-        lines.append("  (mean over ranks of the per-rank sum over layers; imbalance = max/mean)")
+        axis = "steps" if s["command"] == "train" else "layers"
+        lines.append(f"  (mean over ranks of the per-rank sum over {axis}; imbalance = max/mean)")
         extra = s.get("first_layer_extra_s", 0.0)
         if extra > 0.2 * total / max(1, m.get("layers", 1)):
             lines.append(f"  note: layer 0 took {extra:.4f} s more than the median layer"
