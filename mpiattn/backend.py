@@ -48,6 +48,13 @@ def wrapping_dot(a: Any, b: Any) -> Any:
     return (a * b).sum(axis=-1)
 
 
+def data_ptr(x: Any) -> int:
+    """Address of the first element (tells whether two arrays start at the same memory)."""
+    if get_array_module(x) is np:
+        return int(x.__array_interface__["data"][0])
+    return int(x.data.ptr)
+
+
 def to_host(x: Any) -> np.ndarray:
     """A NumPy copy (or view) of any array."""
     return x.get() if hasattr(x, "get") else np.asarray(x)

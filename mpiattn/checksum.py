@@ -79,19 +79,30 @@ def column_sums(x: Any, out: Any = None) -> Any:
     return xp.matmul(_ones_row(xp, x.shape[0], x.dtype), x, out=out)
 
 
-def append_checksums(partial: Any, out: Any, scratch: Any = None) -> Any:
+def append_checksums(partial: Any, out: Any, abs_scratch: Any = None,
+                     copy: bool = True) -> Any:
     """Write ``partial`` (n, m) and its two checksum rows into ``out`` (n+2, m), in out's dtype.
 
-    The rows are computed in ``out``'s dtype (float64 for a float32 payload on the
-    float64 wire), so the checksum arithmetic adds no rounding worth speaking of.
-    ``scratch`` (n, m) in out's dtype avoids an allocation for |partial|.
+    The column sums are taken in ``out``'s dtype (float64 for a float32 payload on the
+    float64 wire), so they add no rounding worth speaking of. The |partial| row only feeds
+    the bound, so it may be summed in the partial's own dtype and then inflated by
+    1/(1 - gamma_{n-1}): a sum of non-negative terms is never low by more than that, so the
+    row stays an upper bound of the exact one. ``abs_scratch`` ((n, m), partial's dtype)
+    avoids an allocation; ``copy=False`` when ``partial`` already is ``out[:n]``.
     """
     xp = get_array_module(partial)
     n = partial.shape[0]
-    body = out[:n]
-    body[...] = partial
-    column_sums(body, out=out[n])
-    column_sums(xp.abs(body, out=scratch), out=out[n + 1])
+    if copy:
+        out[:n] = partial
+    column_sums(out[:n], out=out[n])
+    magnitude = column_sums(xp.abs(partial, out=abs_scratch))
+    if magnitude.dtype == out.dtype:
+        out[n + 1] = magnitude
+    else:
+        inflate = (1.0 + 4 * unit_roundoff(out.dtype)) / (
+            1.0 - gamma(max(n - 1, 0), unit_roundoff(partial.dtype)))
+        out[n + 1] = magnitude
+        out[n + 1] *= inflate
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import checksum
-from .backend import Backend, get_array_module
+from .backend import Backend, data_ptr, get_array_module
 from .errors import IntegrityError, NumericalError, UserError
 
 
@@ -147,6 +147,8 @@ class Pending:
     request: Any
     attempt: int
     out: Any = None
+    aliased: bool = False  # the partial was computed in place in the send buffer
+    clean: Any = None  # a copy of an aliased partial, kept only when faults are injected
 
 
 @dataclass
@@ -189,6 +191,12 @@ class CheckedAllreduce:
         return buf
 
     def buffer(self, rows: int, cols: int, dtype: Any, slot: int = 0) -> Any:
+        """Where to compute a partial. When it travels in its own dtype this is the body of
+        the send buffer itself, so neither the payload nor the result is ever copied."""
+        if (self.mode == "abft" and self.comm.Get_size() > 1
+                and self.wire_dtype(dtype) == np.dtype(dtype)):
+            send = self._buffer(f"send{slot}", (rows + checksum.CHECK_ROWS, cols), dtype)
+            return send[:rows]
         return self._buffer(f"partial{slot}", (rows, cols), dtype)
 
     def wire_dtype(self, dtype: Any) -> np.dtype:
@@ -239,8 +247,11 @@ class CheckedAllreduce:
         else:
             wire = self.wire_dtype(partial.dtype)
             shape = (rows + checksum.CHECK_ROWS, cols)
-            pending = Pending(partial, site, layer, slot, self._buffer(f"send{slot}", shape, wire),
-                              self._buffer(f"recv{slot}", shape, wire), None, 0, out)
+            send = self._buffer(f"send{slot}", shape, wire)
+            recv = self._buffer(f"recv{slot}", shape, wire)
+            aliased = wire == partial.dtype and data_ptr(partial) == data_ptr(send)
+            pending = Pending(partial, site, layer, slot, send, recv, None, 0,
+                              recv[:rows] if aliased else out, aliased)
             self._fill(pending)
         pending.request = self._post(pending.send, pending.recv, slot)
         self.seconds += time.perf_counter() - t0
@@ -249,11 +260,16 @@ class CheckedAllreduce:
     def _fill(self, p: Pending) -> None:
         """The send buffer of attempt ``p.attempt``: payload, checksum rows, injected faults."""
         rows, cols = p.partial.shape
-        scratch = self._buffer(f"scratch{p.slot}", (rows, cols), p.send.dtype)
-        checksum.append_checksums(p.partial, p.send, scratch)
+        if p.aliased and self.faults:  # keep the clean partial: injection writes over it
+            if p.clean is None:
+                p.clean = p.partial.copy()
+            else:
+                p.partial[...] = p.clean
+        scratch = self._buffer(f"abs{p.slot}", (rows, cols), p.partial.dtype)
+        checksum.append_checksums(p.partial, p.send, scratch, copy=not p.aliased)
         if self.faults:  # corrupt the payload after its checksums, in the partial's dtype
             body = self._buffer("corrupt", (rows, cols), p.partial.dtype)
-            body[...] = p.partial
+            body[...] = p.partial if p.clean is None else p.clean
             self._inject(body, p.layer, p.site, "send", p.attempt)
             with np.errstate(invalid="ignore", over="ignore"):  # a flip may make NaN/inf
                 p.send[:rows] = body
@@ -277,7 +293,8 @@ class CheckedAllreduce:
         ranks = self.comm.Get_size()
         while True:
             residual, bound, ratio = checksum.residual_ratio(p.recv, ranks)
-            p.out[...] = p.recv[:rows]
+            if not p.aliased:
+                p.out[...] = p.recv[:rows]
             if self.faults:
                 self._inject(p.out, p.layer, p.site, "result", p.attempt)
             digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0

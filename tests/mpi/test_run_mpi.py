@@ -92,10 +92,12 @@ def test_file_schema(world, shared_dir):
     assert verify(path) == []
 
 
-def test_send_fault_is_retried_to_the_clean_result(world, shared_dir):
-    _, clean = run_job(world, shared_dir, "clean.h5")
+@pytest.mark.parametrize("wire", ["float64", "native"])
+def test_send_fault_is_retried_to_the_clean_result(world, shared_dir, wire):
+    _, clean = run_job(world, shared_dir, f"clean-{wire}.h5", **{"checksum.wire": wire})
     fault = {"rank": world.Get_size() - 1, "layer": 1, "site": "mlp", "index": 123, "bit": 27}
-    _, healed = run_job(world, shared_dir, "healed.h5", **{"fault.inject": [fault]})
+    _, healed = run_job(world, shared_dir, f"healed-{wire}.h5",
+                        **{"fault.inject": [fault], "checksum.wire": wire})
     if world.Get_rank() == 0:
         with h5py.File(clean) as a, h5py.File(healed) as b:
             for name in ("layers/01/hidden", "layers/01/attention", "layers/00/hidden"):
