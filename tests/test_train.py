@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from helpers import ThreadGroup
+from helpers import ThreadGroup, run_ranks
 
 from mpiattn import config, grad
 from mpiattn.shard import head_shard
@@ -70,41 +69,29 @@ def simulate(cfg, corpus, tensor, replicas, steps, start=0, full_state=None):
     data = [ThreadGroup(replicas) for _ in range(tensor)]
     losses: dict = {}
     shards: dict = {}
-    errors: list = []
 
     def work(replica, head_rank):
-        try:
-            shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, head_rank)
-            params = init_params(cfg, shard, corpus.vocab)
-            if full_state is not None:
-                params = grad.Params(*from_hf(full_state[0], m.layers, m.hidden // m.heads,
-                                              shard))
-            groups = Groups(heads[replica].member(head_rank), data[head_rank].member(replica),
-                            tensor, head_rank, replicas, replica)
-            tr = Trainer(cfg, corpus, params, groups)
-            if full_state is not None:
-                for kind in tr.opt.names:
-                    parts = from_hf(full_state[1][kind], m.layers, m.hidden // m.heads, shard)
-                    for t, v in zip(tr.opt.state[kind], [a for _, a, _ in grad.named(
-                            grad.Params(*parts))], strict=True):
-                        t[...] = v
-            got = [tr.step(s) for s in range(start, steps)]
-            losses[(replica, head_rank)] = [r.loss for r in got]
-            shards[(replica, head_rank)] = (tr, [tr.arrays()] + [tr.opt.state[k]
-                                                                 for k in tr.opt.names])
-        except BaseException as err:
-            errors.append(err)
-            for g in heads + data:
-                g.barrier.abort()
+        shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, head_rank)
+        params = init_params(cfg, shard, corpus.vocab)
+        if full_state is not None:
+            params = grad.Params(*from_hf(full_state[0], m.layers, m.hidden // m.heads,
+                                          shard))
+        groups = Groups(heads[replica].member(head_rank), data[head_rank].member(replica),
+                        tensor, head_rank, replicas, replica)
+        tr = Trainer(cfg, corpus, params, groups)
+        if full_state is not None:
+            for kind in tr.opt.names:
+                parts = from_hf(full_state[1][kind], m.layers, m.hidden // m.heads, shard)
+                for t, v in zip(tr.opt.state[kind], [a for _, a, _ in grad.named(
+                        grad.Params(*parts))], strict=True):
+                    t[...] = v
+        got = [tr.step(s) for s in range(start, steps)]
+        losses[(replica, head_rank)] = [r.loss for r in got]
+        shards[(replica, head_rank)] = (tr, [tr.arrays()] + [tr.opt.state[k]
+                                                             for k in tr.opt.names])
 
-    threads = [threading.Thread(target=work, args=(r, h)) for r in range(replicas)
-               for h in range(tensor)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_ranks(work, [(r, h) for r in range(replicas) for h in range(tensor)],
+              heads + data)
     for key in losses:  # every rank reports the same global loss
         assert losses[key] == losses[(0, 0)]
 
