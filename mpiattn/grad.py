@@ -194,9 +194,80 @@ def attention_forward(qkv: Any, bias: Any, batch: int, seq: int, heads: int,
     return out, (q, k, v, pcache, mcache, scale, batch, seq, heads, head_dim)
 
 
+def blocked_attention_forward(qkv: Any, bias: Any, batch: int, seq: int, heads: int,
+                              head_dim: int, block: int) -> tuple[Any, Any]:
+    """Attention by the online softmax (FlashAttention), keeping per query row only the
+    log-sum-exp L for the backward pass: memory O(S*block) instead of O(S^2) per head.
+
+    Per query block: for each key block, s = q k^T/sqrt(d) + bias, new row max m', rescale
+    the running sum l and output by exp(m - m'), add exp(s - m') and exp(s - m') v. Then
+    o = acc / l and L = m + log l.
+    """
+    xp = get_array_module(qkv)
+    q, k, v = (qkv.reshape(batch, seq, 3, heads, head_dim)[:, :, i].transpose(0, 2, 1, 3)
+               for i in range(3))
+    scale = 1.0 / math.sqrt(head_dim)
+    o = xp.empty((batch, heads, seq, head_dim), dtype=qkv.dtype)
+    lse = xp.empty((batch, heads, seq, 1), dtype=qkv.dtype)
+    for q0 in range(0, seq, block):
+        qb = q[:, :, q0:q0 + block] * scale
+        m = xp.full((*qb.shape[:3], 1), -xp.inf, dtype=qkv.dtype)
+        total = xp.zeros_like(m)
+        acc = xp.zeros(qb.shape, dtype=qkv.dtype)
+        for k0 in range(0, seq, block):
+            s = qb @ k[:, :, k0:k0 + block].swapaxes(-1, -2)
+            if bias is not None:
+                s = s + bias[..., k0:k0 + block]
+            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+            safe = xp.where(xp.isfinite(m_new), m_new, 0)
+            alpha = xp.exp(m - safe)
+            p = xp.exp(s - safe)
+            total = total * alpha + p.sum(axis=-1, keepdims=True)
+            acc = acc * alpha + p @ v[:, :, k0:k0 + block]
+            m = m_new
+        o[:, :, q0:q0 + block] = acc / total
+        lse[:, :, q0:q0 + block] = m + xp.log(total)
+    out = o.transpose(0, 2, 1, 3).reshape(batch * seq, heads * head_dim)
+    return out, ("blocked", q, k, v, o, lse, bias, scale, block, batch, seq, heads, head_dim)
+
+
+def _blocked_attention_backward(do: Any, cache: Any) -> tuple[Any, Any, Any]:
+    """FlashAttention's backward: recompute p = exp(s - L) block by block.
+
+    With D = rowsum(do * o): dv += p^T do, dp = do v^T, ds = p (dp - D),
+    dq += ds k / sqrt(d), dk += ds^T q / sqrt(d). Masked keys have p = 0, so ds = 0 there.
+    """
+    xp = get_array_module(do)
+    _, q, k, v, o, lse, bias, scale, block, _, seq = cache[:11]
+    big_d = (do * o).sum(axis=-1, keepdims=True)
+    dq, dk, dv = (xp.zeros_like(t) for t in (q, k, v))
+    for q0 in range(0, seq, block):
+        qs = slice(q0, q0 + block)
+        qb, dob = q[:, :, qs], do[:, :, qs]
+        for k0 in range(0, seq, block):
+            ks = slice(k0, k0 + block)
+            s = (qb * scale) @ k[:, :, ks].swapaxes(-1, -2)
+            if bias is not None:
+                s = s + bias[..., ks]
+            p = xp.exp(s - lse[:, :, qs])
+            dv[:, :, ks] += p.swapaxes(-1, -2) @ dob
+            ds = p * (dob @ v[:, :, ks].swapaxes(-1, -2) - big_d[:, :, qs])
+            dq[:, :, qs] += (ds @ k[:, :, ks]) * scale
+            dk[:, :, ks] += (ds.swapaxes(-1, -2) @ qb) * scale
+    return dq, dk, dv
+
+
 def attention_backward(dout: Any, cache: Any) -> Any:
-    """d qkv (B*S, 3*h*d) from d o (B*S, h*d)."""
+    """d qkv (B*S, 3*h*d) from d o (B*S, h*d), for the plain or the blocked forward."""
     xp = get_array_module(dout)
+    if isinstance(cache[0], str):  # blocked
+        batch, seq, heads, head_dim = cache[-4:]
+        do = dout.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
+        dq, dk, dv = _blocked_attention_backward(do, cache)
+        dqkv = xp.empty((batch, seq, 3, heads, head_dim), dtype=dout.dtype)
+        for i, g in enumerate((dq, dk, dv)):
+            dqkv[:, :, i] = g.transpose(0, 2, 1, 3)
+        return dqkv.reshape(batch * seq, 3 * heads * head_dim)
     q, k, v, p, bias, scale, batch, seq, heads, head_dim = cache
     do = dout.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
     dv = p.swapaxes(-1, -2) @ do
@@ -214,12 +285,19 @@ def attention_backward(dout: Any, cache: Any) -> Any:
 
 
 def layer_forward(x: Any, p: LayerShard, bias: Any, reduce: Reduce, layer: int,
-                  eps: float) -> tuple[Any, Any]:
-    """(B, S, H) -> (B, S, H), the math of ``model.layer_forward`` with a cache."""
+                  eps: float, block: int = 0) -> tuple[Any, Any]:
+    """(B, S, H) -> (B, S, H), the math of ``model.layer_forward`` with a cache.
+
+    ``block > 0`` runs blocked (online-softmax) attention with that block size.
+    """
     batch, seq, hidden = x.shape
     x2 = x.reshape(batch * seq, hidden)
     qkv, c_qkv = linear_forward(x2, p.w_qkv, p.b_qkv)  # column-parallel
-    o, c_att = attention_forward(qkv, bias, batch, seq, p.heads, p.head_dim)
+    if block:
+        o, c_att = blocked_attention_forward(qkv, bias, batch, seq, p.heads, p.head_dim,
+                                             block)
+    else:
+        o, c_att = attention_forward(qkv, bias, batch, seq, p.heads, p.head_dim)
     partial, c_o = linear_forward(o, p.w_o)  # row-parallel
     attn = reduce(partial, site="attention", layer=layer) + p.b_o
     h1, c_ln1 = layernorm_forward(attn + x2, p.ln1_g, p.ln1_b, eps)
@@ -304,7 +382,8 @@ def head_backward(dlogits: Any, cache: Any) -> tuple[Any, MLMHead, Any]:
 
 
 def model_forward(params: Params, ids: Any, key_mask: Any, positions: Any, targets: Any,
-                  scale: float, reduce: Reduce, eps: float) -> tuple[float, Any]:
+                  scale: float, reduce: Reduce, eps: float, block: int = 0
+                  ) -> tuple[float, Any]:
     """MLM loss of a batch: ids (B, S), key_mask (B, S) bool, positions (N,) flat indices
     into B*S of the masked tokens, targets (N,) their original ids.
 
@@ -314,7 +393,7 @@ def model_forward(params: Params, ids: Any, key_mask: Any, positions: Any, targe
     bias = key_bias(key_mask, x.dtype)
     caches = []
     for i, p in enumerate(params.layers):
-        x, c = layer_forward(x, p, bias, reduce, i, eps)
+        x, c = layer_forward(x, p, bias, reduce, i, eps, block)
         caches.append(c)
     hidden = x.shape[-1]
     h = x.reshape(-1, hidden)[positions]

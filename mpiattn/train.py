@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import grad, h5io
+from .attention import Options
 from .config import Config
 from .data import tokenizer_path
 from .errors import ConfigError, InputError
@@ -369,6 +370,8 @@ class Trainer:
         self.opt = Optimizer(cfg.train, self.arrays())
         self.buckets = Buckets(self.arrays(), xp) if groups.replicas > 1 else None
         self.eps = cfg.model.layer_norm_eps
+        impl, block = Options(cfg.attention.impl, cfg.attention.block).resolve(cfg.input.seq_len)
+        self.block = block if impl == "blocked" else 0  # 0: plain attention
 
     def arrays(self) -> list[Any]:
         return [a for _, a, _ in grad.named(self.params)]
@@ -385,7 +388,7 @@ class Trainer:
         ids, mask, pos, tgt = self._device(batch)
         t0 = clock()
         loss, cache = grad.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
-                                         g.heads, self.eps)
+                                         g.heads, self.eps, self.block)
         t1 = clock()
         grads = [a for _, a, _ in grad.named(grad.model_backward(cache, g.heads))]
         del cache
@@ -409,7 +412,7 @@ class Trainer:
             batch = eval_batch(self.corpus, self.cfg, index, g.replicas, g.replica)
             ids, mask, pos, tgt = self._device(batch)
             loss, _ = grad.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
-                                         g.heads, self.eps)
+                                         g.heads, self.eps, self.block)
             total += loss
         if g.replicas > 1:
             total = float(_sum(g.data, [total], "eval", self.xp)[0])
