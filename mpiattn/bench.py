@@ -24,6 +24,7 @@ import numpy as np
 
 from . import h5io
 from .attention import KeyMask
+from .backend import get_array_module
 from .config import Config
 from .model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
 from .runner import PHASES, attention_options, load_shards, setup, write_provenance
@@ -100,6 +101,24 @@ def allreduce_sweep(world: Any, comm: Any, sizes: list[int], repeats: int) -> di
     return {k: np.array(v) for k, v in rows.items()}
 
 
+def train_step(x: Any, shard: Any, reducer: Any, eps: float,
+               attention: tuple[str, int]) -> Callable[[], Any]:
+    """One layer's forward with its cache and the hand-written backward (training)."""
+    from . import grad
+
+    impl, block = attention
+    xp = get_array_module(x)
+    dy = x * 0.01
+    bias = grad.key_bias(xp.ones(x.shape[:2], dtype=bool), x.dtype)  # full sequences
+
+    def step() -> Any:
+        _, cache = grad.layer_forward(x, shard, bias, reducer, 0, eps,
+                                      block if impl == "blocked" else 0)
+        return grad.layer_backward(dy, cache, reducer)
+
+    return step
+
+
 def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], Any],
                       reducer: Any, repeats: int) -> float:
     """Median layer time with checksums on over off, the modes interleaved so that a
@@ -162,6 +181,8 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str
     results: dict[str, np.ndarray] = {}
     results["attention_block"] = slowest(world, timed(world, sync, block, repeats))
     results["layer"] = slowest(world, timed(world, sync, layer, repeats))
+    results["layer_train"] = slowest(world, timed(world, sync, train_step(
+        x, shard, reducer, m.layer_norm_eps, options.resolve(s)), repeats))
     overhead = checksum_overhead(world, sync, layer, reducer, repeats)
     mine = timed(world, sync, lambda: layer(timer), repeats, warmup=0)
     phase_seconds = np.array([sum(v for (_, ph), v in timer.seconds.items() if ph == name)
@@ -194,7 +215,8 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str
         return None
     total_peak = float(peaks.sum())
     summary = {}
-    for name in ("attention_block", "layer"):
+    flops["layer_train"] = 3 * flops["layer"]  # backward = twice the forward's products
+    for name in ("attention_block", "layer", "layer_train"):
         t = float(np.median(results[name]))
         summary[name] = (t, flops[name] / t, flops[name] / t / total_peak)
     imbalance = float(layer_per_rank.max() / layer_per_rank.mean())
