@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import get_array_module
@@ -64,6 +64,16 @@ class Options:
     impl: str = "auto"  # "auto" | "plain" | "blocked"
     block: int = 0  # 0 = chosen from the sequence length
     workers: int = 1  # threads over heads; BLAS runs single-threaded inside them
+    _scratch: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def scratch(self, name: str, shape: tuple, dtype: Any, xp: Any) -> Any:
+        """A work array kept from call to call: large fresh arrays cost page faults
+        (the allocator maps and unmaps them each time), which showed in every layer."""
+        key = (name, shape, str(dtype), xp.__name__)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = xp.empty(shape, dtype=dtype)
+        return buf
 
     def resolve(self, seq: int) -> tuple[str, int]:
         impl = self.impl

@@ -28,13 +28,13 @@ def get_array_module(x: Any) -> ModuleType:
     return np
 
 
-def erf(x: Any) -> Any:
+def erf(x: Any, out: Any = None) -> Any:
     """Elementwise erf on the array's own device (exact GELU needs it; NumPy has none)."""
     if get_array_module(x) is np:
         from scipy.special import erf as _erf
     else:
         from cupyx.scipy.special import erf as _erf
-    return _erf(x)
+    return _erf(x) if out is None else _erf(x, out=out)
 
 
 def wrapping_dot(a: Any, b: Any) -> Any:

@@ -124,9 +124,15 @@ def layer_norm(x: Any, g: Any, b: Any, eps: float) -> Any:
     return centred
 
 
-def gelu(x: Any) -> Any:
-    """Exact GELU, x * Phi(x), as BERT uses it."""
-    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+def gelu(x: Any, out: Any = None) -> Any:
+    """Exact GELU, x * Phi(x), as BERT uses it; ``out`` (not ``x``) saves the temporaries."""
+    xp = get_array_module(x)
+    t = xp.multiply(x, x.dtype.type(1.0 / math.sqrt(2.0)), out=out)
+    erf(t, out=t)
+    t += 1.0
+    t *= x
+    t *= 0.5
+    return t
 
 
 def embed(ids: Any, emb: Embeddings, eps: float) -> Any:
@@ -147,12 +153,14 @@ def attention_partial(
     """
     xp = get_array_module(x2)
     rows, hidden = x2.shape
+    options = options or Options()
     with phase("qkv"):
-        qkv = x2 @ p.w_qkv  # (B*S, 3*h*d)
+        qkv = options.scratch(f"qkv{slot}", (rows, p.w_qkv.shape[1]), x2.dtype, xp)
+        xp.matmul(x2, p.w_qkv, out=qkv)  # (B*S, 3*h*d)
         qkv += p.b_qkv
     with phase("attention"):
-        o = xp.empty((rows, p.heads * p.head_dim), dtype=x2.dtype)
-        heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options or Options())
+        o = options.scratch(f"o{slot}", (rows, p.heads * p.head_dim), x2.dtype, xp)
+        heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options)
     with phase("out_proj"):
         partial = reduce.buffer(rows, hidden, x2.dtype, slot)
         xp.matmul(o, p.w_o, out=partial)
@@ -160,13 +168,16 @@ def attention_partial(
 
 
 def mlp_partial(h1: Any, p: LayerShard, reduce: Reduce, phase: Phase = no_timing,
-                slot: int = 0) -> Any:
+                slot: int = 0, options: Options | None = None) -> Any:
     """This rank's MLP columns: GELU(h1 W1 + b1) W2 as a partial sum (B*S, H)."""
     xp = get_array_module(h1)
+    options = options or Options()
+    shape = (h1.shape[0], p.w_1.shape[1])
     with phase("mlp"):
-        a = h1 @ p.w_1
+        a = options.scratch(f"a{slot}", shape, h1.dtype, xp)
+        xp.matmul(h1, p.w_1, out=a)
         a += p.b_1
-        a = gelu(a)
+        a = gelu(a, out=options.scratch(f"gelu{slot}", shape, h1.dtype, xp))
         partial = reduce.buffer(h1.shape[0], h1.shape[1], h1.dtype, slot)
         xp.matmul(a, p.w_2, out=partial)
     return partial
@@ -230,13 +241,13 @@ def layer_forward(
     with phase("norm"):
         h1 = layer_norm(attn + x2, p.ln1_g, p.ln1_b, eps)
     if chunks <= 1:
-        partial = mlp_partial(h1, p, reduce, phase)
+        partial = mlp_partial(h1, p, reduce, phase, options=options)
         with phase("allreduce"):
             mlp = reduce(partial, site="mlp", layer=layer) + p.b_2
     else:
         mlp = _chunked(reduce, "mlp", layer, spans,
                        lambda slot, start, stop: mlp_partial(h1[start:stop], p, reduce, phase,
-                                                             slot),
+                                                             slot, options),
                        xp.empty((rows, hidden), x.dtype), phase)
         mlp += p.b_2
     with phase("norm"):
