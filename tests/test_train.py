@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -46,16 +47,18 @@ def corpus_files(tmp_path_factory):
     return folder
 
 
-def tiny_train(folder, **over):
-    flat = {
+def tiny_train_flat(folder):
+    return {
         "dtype": "float64", "model.layers": 2, "model.heads": 5, "model.hidden": 20,
         "model.ffn": 30, "model.vocab": 80, "model.max_positions": 16, "input.batch": 6,
         "input.seq_len": 12, "train.steps": 20, "train.warmup": 3, "train.lr": 3e-3,
         "train.corpus": str(folder / "train.txt"), "train.heldout": str(folder / "heldout.txt"),
         "train.eval_batches": 2, "train.clip": 0.5,
     }
-    flat.update(over)
-    return config.from_dict(flat)
+
+
+def tiny_train(folder, **over):
+    return config.from_dict({**tiny_train_flat(folder), **over})
 
 
 def simulate(cfg, corpus, tensor, replicas, steps, start=0, full_state=None):
@@ -216,3 +219,48 @@ def test_cli_has_train():
                                     "--resume", "ck.h5"])
     assert cli.COMMANDS[args.command] is cli.cmd_train
     assert (args.config, args.output, args.resume) == ("c.toml", "o.h5", "ck.h5")
+
+
+KILL_AT_SECOND_CHECKPOINT = """
+import os, signal, sys
+from mpiattn import cli, h5io
+
+real = h5io.os.fsync
+calls = []
+
+def fsync_then_die(fd):
+    calls.append(fd)
+    if len(calls) == 2:  # the second checkpoint's bytes are written, not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(fd)
+
+h5io.os.fsync = fsync_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_keeps_the_previous_one_resumable(corpus_files, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "die.py"
+    script.write_text(KILL_AT_SECOND_CHECKPOINT)
+    sets = []
+    flat = {"train.steps": 6, "train.checkpoint_every": 2, "train.eval_every": 0,
+            "train.checkpoint": str(tmp_path / "ckpt.h5"), "model.vocab": 80}
+    for key, value in {**tiny_train_flat(corpus_files), **flat}.items():
+        sets += ["--set", f"{key}={json.dumps(value)}"]
+    killed = subprocess.run([sys.executable, str(script), "train", *sets, "-o",
+                             str(tmp_path / "out.h5")], capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -9
+    with h5py.File(tmp_path / "ckpt.h5") as f:  # the first checkpoint, whole
+        assert f.attrs["step"] == 2 and f.attrs["status"] == "complete"
+    resumed = subprocess.run([sys.executable, "-m", "mpiattn.cli", "train", *sets,
+                              "--set", 'train.checkpoint="unused-{step}.h5"', "-o",
+                              str(tmp_path / "resumed.h5"), "--resume",
+                              str(tmp_path / "ckpt.h5")], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    with h5py.File(tmp_path / "resumed.h5") as f:
+        assert f.attrs["status"] == "complete" and len(f["train/loss"]) == 6  # 2 + 4 more
