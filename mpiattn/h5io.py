@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -76,6 +77,22 @@ def write_array(group: Any, name: str, array: np.ndarray, labels: tuple[str, ...
     return dset
 
 
+def label_and_digest(node: Any) -> None:
+    """Dimension labels and SHA-256 digests for representations written by other ranks:
+    (batch, seq, hidden) layer outputs and (batch, hidden) pooled embeddings."""
+    import h5py
+
+    dsets = [node] if isinstance(node, h5py.Dataset) else []
+    if not dsets:
+        node.visititems(lambda _, obj: dsets.append(obj) if isinstance(obj, h5py.Dataset)
+                        else None)
+    for dset in dsets:
+        labels = ("batch", "seq", "hidden") if dset.ndim == 3 else ("batch", "hidden")
+        for axis, label in enumerate(labels[: dset.ndim]):
+            dset.dims[axis].label = label
+        dset.attrs[DIGEST_ATTR] = sha256(dset[()])
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Any]:
     """An h5py File built in memory, written to ``path`` only if the block succeeds.
@@ -88,16 +105,15 @@ def atomic_file(path: str | Path) -> Iterator[Any]:
     import h5py
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    f = h5py.File(f"mpiattn-{os.getpid()}-{id(path)}", "w", driver="core",
-                  backing_store=False, libver="latest")
+    tmp = temporary(path)
+    memory = io.BytesIO()  # closed before its bytes are taken: a whole, consistent file
+    f = h5py.File(memory, "w", libver="latest")
     try:
         f.attrs["status"] = "writing"
         yield f
-        f.flush()
-        image = f.id.get_file_image()
     finally:
         f.close()
+    image = memory.getbuffer()
     try:
         with open(tmp, "wb") as fh:
             fh.write(image)
@@ -109,6 +125,55 @@ def atomic_file(path: str | Path) -> Iterator[Any]:
         reason = os.strerror(err.errno) if err.errno else str(err)
         raise UserError(f"cannot write '{path}': {reason}; earlier files are untouched"
                         ) from None
+
+
+def temporary(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def has_parallel_hdf5() -> bool:
+    """True when h5py is built with MPI (e.g. Debian's python3-h5py-mpi under mpirun)."""
+    import h5py
+
+    return bool(h5py.get_config().mpi)
+
+
+def write_rows_parallel(tmp: str | Path, comm: Any, start: int, total: int,
+                        arrays: dict[str, np.ndarray]) -> None:
+    """Collective: every rank of ``comm`` writes its rows ``start:start+len`` of each array
+    into one new file with the ``mpio`` driver (datasets created by all, in one order)."""
+    import h5py
+
+    with h5py.File(tmp, "w", driver="mpio", comm=comm) as f:
+        f.attrs["status"] = "writing"
+        for name in sorted(arrays):
+            local = arrays[name]
+            dset = f.create_dataset(name, shape=(total, *local.shape[1:]), dtype=local.dtype)
+            dset[start : start + local.shape[0]] = local
+
+
+@contextlib.contextmanager
+def atomic_update(tmp: str | Path, path: str | Path) -> Iterator[Any]:
+    """Finish a file that others wrote at ``tmp`` (serially, on one rank), then rename it
+    to ``path`` as ``atomic_file`` does; on failure ``tmp`` is removed."""
+    import h5py
+
+    tmp, path = Path(tmp), Path(path)
+    try:
+        with h5py.File(tmp, "a") as f:
+            yield f
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise UserError(f"cannot write '{path}': {reason}; earlier files are untouched"
+                        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def stale_temporaries(path: str | Path) -> list[Path]:

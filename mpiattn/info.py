@@ -34,9 +34,9 @@ def info(world: Any) -> int:
     try:
         import h5py
 
-        h5_mpi = bool(h5py.get_config().mpi)
+        h5_mpi, h5_version = bool(h5py.get_config().mpi), h5py.__version__
     except ImportError:
-        h5_mpi = False
+        h5_mpi, h5_version = False, "not installed"
     cupy = _version("cupy-cuda12x")
     if cupy == "not installed":
         cupy = _version("cupy")
@@ -45,7 +45,7 @@ def info(world: Any) -> int:
         f"python       {platform.python_version()} ({platform.machine()})",
         f"numpy        {_version('numpy')}",
         f"mpi4py       {_version('mpi4py')}",
-        f"h5py         {_version('h5py')} (MPI support: {'yes' if h5_mpi else 'no'})",
+        f"h5py         {h5_version} (MPI support: {'yes' if h5_mpi else 'no'})",
         f"cupy         {cupy}",
         f"MPI library  {MPI.Get_library_version().splitlines()[0].strip()}",
         f"MPI standard {'.'.join(map(str, MPI.Get_version()))}",

@@ -300,18 +300,28 @@ def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str])
     all_totals = gather_rows(world, per_rank)
     host_info = world.gather((socket.gethostname(), backend.device))
     gathered: dict[tuple[int, str], np.ndarray] = {}
-    records = []
-    if leader:  # replica leaders send their batch rows, in replica order
+    pooled_all, records, path = None, [], Path(out_path)
+    parallel = topo.replicas > 1 and h5io.has_parallel_hdf5()
+    if leader and parallel:  # every replica writes its own rows into one file (mpio)
+        tmp = topo.data.bcast(str(h5io.temporary(path)) if rank == 0 else None)
+        rows = {f"{h5io.layer_group(i)}/{name}": a for (i, name), a in outputs.items()}
+        if p.batch.text is not None:
+            rows["output/pooled"] = pooled
+        h5io.write_rows_parallel(tmp, topo.data, p.rows[1], p.batch.shape[0], rows)
+    elif leader:  # replica leaders send their batch rows to rank 0, in replica order
         for key in sorted(outputs):
             gathered[key] = gather_rows(topo.data, outputs[key])
         pooled_all = gather_rows(topo.data, pooled)
+    if leader:
         records = topo.data.gather([(topo.replica, r) for r in reducer.records])
 
     if rank != 0:
         return None
     records = [item for part in records for item in part]
-    path = Path(out_path)
-    with h5io.atomic_file(path) as f:
+    writing = h5io.atomic_update(tmp, path) if parallel else h5io.atomic_file(path)
+    with writing as f:
+        f.attrs["write_mode"] = (f"mpio, {topo.replicas} writers" if parallel
+                                 else "gathered to rank 0")
         write_run(f, cfg, p, gathered, pooled_all, all_seconds, all_totals, host_info,
                   records, started)
     print_summary(cfg, p, all_seconds, all_totals, path)
@@ -328,7 +338,8 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
         "command": command, "config": cfg.to_toml(), "world_size": p.topo.size,
         "tensor_parallel": p.topo.tensor, "data_parallel": p.topo.replicas,
         "head_partition": np.array(p.head_counts), "backend": p.backend.name,
-        "mpi_library": MPI.Get_library_version().strip(), "blas": str(blas_info()),
+        "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
+        "blas": str(blas_info()),
         "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),
     })
     impl, block = attention_options(cfg, p).resolve(p.batch.shape[1])
@@ -349,12 +360,18 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
                      comp, digest=True)
     if p.batch.text is not None:
         inp.create_dataset("text", data=p.batch.text)
-        out = f.create_group("output")
-        h5io.write_array(out, "pooled", pooled, ("batch", "hidden"), comp, digest=True,
-                         description="mean over real tokens of the last layer, L2-normalised")
+    if pooled is not None and p.batch.text is not None:
+        h5io.write_array(f.require_group("output"), "pooled", pooled, ("batch", "hidden"),
+                         comp, digest=True)
     for (layer, name), array in sorted(outputs.items()):
         g = f.require_group(h5io.layer_group(layer))
         h5io.write_array(g, name, array, ("batch", "seq", "hidden"), comp, digest=True)
+    written_in_parallel = [d for d in ("output/pooled", "layers") if d in f and not outputs]
+    for top in written_in_parallel:  # label and digest what the replicas wrote (mpio)
+        h5io.label_and_digest(f[top])
+    if "output/pooled" in f:
+        f["output/pooled"].attrs["description"] = (
+            "mean over real tokens of the last layer, L2-normalised")
     t = f.create_group("timings")
     h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"), phases=list(PHASES),
                      units="s")
