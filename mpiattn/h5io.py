@@ -113,12 +113,19 @@ def atomic_file(path: str | Path) -> Iterator[Any]:
         yield f
     finally:
         f.close()
-    image = memory.getbuffer()
+    _publish(tmp, path, memory.getbuffer())
+
+
+def _publish(tmp: Path, path: Path, image: Any = None) -> None:
+    """Write ``image`` to ``tmp`` (when given), fsync it and rename it over ``path``: the
+    bytes are on disk before the name points at them. An OSError (a full disk) removes
+    ``tmp``, leaves ``path`` as it was, and becomes one line."""
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(image)
-            fh.flush()
-            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
+        with open(tmp, "wb" if image is not None else "rb+") as fh:
+            if image is not None:
+                fh.write(image)
+                fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -163,17 +170,10 @@ def atomic_update(tmp: str | Path, path: str | Path) -> Iterator[Any]:
     try:
         with h5py.File(tmp, "a") as f:
             yield f
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        raise UserError(f"cannot write '{path}': {reason}; earlier files are untouched"
-                        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _publish(tmp, path)
 
 
 def stale_temporaries(path: str | Path) -> list[Path]:
