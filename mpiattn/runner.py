@@ -71,8 +71,6 @@ class Plan:
 
 
 def plan(cfg: Config, world: Any, explicit: set[str]) -> Plan:
-    from .comm import make_topology
-
     apply_checkpoint_shape(cfg, explicit)
     tensor, _ = check_world(cfg, world.Get_size())
     batch = load_batch(cfg)
@@ -80,6 +78,13 @@ def plan(cfg: Config, world: Any, explicit: set[str]) -> Plan:
     if replicas > batch.shape[0]:
         raise ConfigError(f"{replicas} data-parallel replicas for {batch.shape[0]} sequences:"
                           " raise parallel.tensor or give more input")
+    return place(cfg, world, tensor, batch)
+
+
+def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
+    """Topology, backend, BLAS threads and this rank's heads and rows (run and train)."""
+    from .comm import make_topology
+
     topo = make_topology(world, tensor)
     backend = select(cfg.backend, topo.local_rank)
     threads, limiter = limit_blas_threads(topo.local_size) if not backend.is_gpu else (0, None)
@@ -88,7 +93,7 @@ def plan(cfg: Config, world: Any, explicit: set[str]) -> Plan:
     if cfg.parallel.balance == "measured" and tensor > 1:
         head_counts = calibrated_counts(cfg, topo, backend, batch)
     shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, topo.head_rank, head_counts)
-    rows = partition(batch.shape[0], replicas, topo.replica)
+    rows = partition(batch.shape[0], topo.replicas, topo.replica)
     return Plan(cfg, topo, backend, shard, head_counts, batch, rows, threads, limiter)
 
 
@@ -181,7 +186,9 @@ def attention_options(cfg: Config, p: Plan) -> Options:
     return Options(cfg.attention.impl, cfg.attention.block, max(1, p.threads))
 
 
-def make_reducer(cfg: Config, p: Plan) -> Any:
+def make_reducer(cfg: Config, p: Plan, comm: Any = None,
+                 group_ranks: list[int] | None = None) -> Any:
+    """The checked Allreduce over ``comm`` (default: this rank's head group)."""
     from .checksum import parse_faults
     from .comm import CheckedAllreduce, cuda_aware_mpi
 
@@ -189,11 +196,12 @@ def make_reducer(cfg: Config, p: Plan) -> Any:
     if aware is None:
         aware = p.backend.is_gpu and cuda_aware_mpi()
     return CheckedAllreduce(
-        comm=p.topo.heads, backend=p.backend, mode=cfg.checksum.mode, wire=cfg.checksum.wire,
+        comm=p.topo.heads if comm is None else comm, backend=p.backend, mode=cfg.checksum.mode,
+        wire=cfg.checksum.wire,
         on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
         hash_every=cfg.checksum.hash_every, cuda_aware=aware,
         faults=parse_faults(cfg.fault.inject, SITES), world_rank=p.topo.rank,
-        group_ranks=p.topo.head_group_ranks(),
+        group_ranks=p.topo.head_group_ranks() if group_ranks is None else group_ranks,
     )
 
 

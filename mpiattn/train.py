@@ -541,19 +541,18 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     """The whole training job on every rank; returns the output path on rank 0."""
     from tqdm import tqdm
 
-    from .backend import limit_blas_threads, select, to_host
-    from .comm import CheckedAllreduce, agree_on_error, gather_rows, make_topology
+    from .backend import to_host
+    from .comm import agree_on_error, gather_rows
     from .config import check_world
     from .data import Batch as InputBatch
     from .errors import UserError
     from .runner import (
-        Plan,
         apply_checkpoint_shape,
         make_reducer,
+        place,
         write_provenance,
         write_records,
     )
-    from .shard import counts, head_shard
 
     rank, size = world.Get_rank(), world.Get_size()
     started = dt.datetime.now(dt.timezone.utc)
@@ -580,22 +579,13 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     if error is not None:
         raise error
 
-    topo = make_topology(world, tensor)
-    backend = select(cfg.backend, topo.local_rank)
-    xp = backend.xp
-    threads, limiter = limit_blas_threads(topo.local_size) if not backend.is_gpu else (0, None)
-    m = cfg.model
-    head_counts = counts(m.heads, tensor)
-    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, topo.head_rank, head_counts)
-    first = train_batch(corpus, cfg, 0, 1, 0)
-    plan = Plan(cfg, topo, backend, shard, head_counts, InputBatch(first.ids, first.key_mask),
-                partition(cfg.input.batch, topo.replicas, topo.replica), threads, limiter)
+    first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0
+    plan = place(cfg, world, tensor, InputBatch(first.ids, first.key_mask))
+    topo, backend, shard = plan.topo, plan.backend, plan.shard
+    xp, m = backend.xp, cfg.model
     heads = make_reducer(cfg, plan)
-    data = CheckedAllreduce(
-        comm=topo.data, backend=backend, mode=cfg.checksum.mode, wire=cfg.checksum.wire,
-        on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
-        hash_every=cfg.checksum.hash_every, world_rank=rank,
-        group_ranks=[r * tensor + topo.head_rank for r in range(topo.replicas)])
+    data = make_reducer(cfg, plan, topo.data,
+                        [r * tensor + topo.head_rank for r in range(topo.replicas)])
     groups = Groups(heads, data, tensor, topo.head_rank, topo.replicas, topo.replica)
 
     params = init_params(cfg, shard, corpus.vocab)
