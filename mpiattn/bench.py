@@ -133,15 +133,15 @@ def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], 
     return float(np.median(seconds["abft"]) / np.median(seconds["off"]))
 
 
-def bench(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str],
-          repeats: int, sweep: list[int]) -> Path | None:
+def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
+          sweep: list[int]) -> Path | None:
     from .comm import gather_rows
 
     rank = world.Get_rank()
     started = dt.datetime.now(dt.timezone.utc)
     cfg.input.min_fill = 1.0  # full sequences: every counted FLOP is done
     cfg.output.layers = "none"
-    p, reducer = setup(cfg, world, out_path, force, explicit)
+    p, reducer = setup(cfg, world, out_path, force)
     xp, sync = p.backend.xp, p.backend.sync
     m, dtype = cfg.model, np.dtype(cfg.dtype)
     b, s = p.rows[0], p.batch.shape[1]  # this replica's sequences, full length

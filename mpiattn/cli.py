@@ -1,12 +1,13 @@
-"""``mpiattn`` command line: run, verify, info.
+"""``mpiattn`` command line: run, bench, train (MPI); verify, report, plan, info.
 
 Imports stay inside the subcommands, so ``mpiattn verify`` needs neither MPI nor SciPy and
 every rank of a large job imports only what its command uses.
 
 Failure policy, the same for every MPI command: a ``UserError`` (bad config or input) that
-all ranks agree on is printed once by rank 0, exit code 2; a failed integrity check exits
-with 3; any other exception is printed by the rank that raised it, prefixed with its rank,
-and ``COMM_WORLD.Abort`` ends the job at once instead of leaving the others in a collective.
+all ranks agree on is printed once by rank 0, exit code 2; a failed integrity check (3) or
+non-finite numbers (4) are reported once by the group that saw them; any other exception
+is printed by the rank that raised it, prefixed with its rank, and ``COMM_WORLD.Abort``
+ends the job at once instead of leaving the others in a collective.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         cfg = config.load(args.config, args.overrides)  # same verdict on every rank
         cfg.output.path = args.output or cfg.output.path
-        run(cfg, world, cfg.output.path, args.force, cfg.explicit)
+        run(cfg, world, cfg.output.path, args.force)
         return 0
 
     return _mpi_command(body)
@@ -150,8 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.repeats < 1 or any(x < 1 or x > cfg.model.max_positions for x in sweep):
             raise ConfigError("--repeats must be >= 1 and --sweep lengths within"
                               f" 1..model.max_positions ({cfg.model.max_positions})")
-        bench(cfg, world, args.output or "mpiattn-bench.h5", args.force, cfg.explicit,
-              args.repeats, sweep)
+        bench(cfg, world, args.output or "mpiattn-bench.h5", args.force, args.repeats,
+              sweep)
         return 0
 
     return _mpi_command(body)

@@ -33,7 +33,7 @@ from .weights import checkpoint_shape, open_source, resolve_weights
 PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")
 
 
-def apply_checkpoint_shape(cfg: Config, explicit: set[str]) -> None:
+def apply_checkpoint_shape(cfg: Config) -> None:
     """Take model.* from the checkpoint's config.json; an explicit different value is an error."""
     if not cfg.model.weights:
         return
@@ -46,7 +46,7 @@ def apply_checkpoint_shape(cfg: Config, explicit: set[str]) -> None:
             value = coerce(dotted, raw, type(current))
         except ConfigError as err:
             raise InputError(f"'{path.parent / 'config.json'}': {err}") from None
-        if dotted in explicit and current != value:
+        if dotted in cfg.explicit and current != value:
             raise ConfigError(
                 f"{dotted} = {current} but the checkpoint has {value}: remove {dotted}"
                 " from the config or load a matching checkpoint"
@@ -70,8 +70,8 @@ class Plan:
     limiter: Any = field(repr=False, default=None)
 
 
-def plan(cfg: Config, world: Any, explicit: set[str]) -> Plan:
-    apply_checkpoint_shape(cfg, explicit)
+def plan(cfg: Config, world: Any) -> Plan:
+    apply_checkpoint_shape(cfg)
     tensor, _ = check_world(cfg, world.Get_size())
     batch = load_batch(cfg)
     replicas = world.Get_size() // tensor
@@ -205,7 +205,7 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None,
     )
 
 
-def setup(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str]) -> tuple:
+def setup(cfg: Config, world: Any, out_path: str, force: bool) -> tuple:
     """(plan, reducer), or the first rank's UserError raised on every rank together."""
     from .comm import agree_on_error
 
@@ -213,7 +213,7 @@ def setup(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str
     try:
         if world.Get_rank() == 0:
             h5io.check_output(out_path, force)
-        p = plan(cfg, world, explicit)
+        p = plan(cfg, world)
         reducer = make_reducer(cfg, p)
         crash_points(cfg, world.Get_rank())  # validates fault.crash and fault.slow
         slowdown(cfg, world.Get_rank())
@@ -250,14 +250,14 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, 
     return emb, layers
 
 
-def run(cfg: Config, world: Any, out_path: str, force: bool, explicit: set[str]) -> Path | None:
+def run(cfg: Config, world: Any, out_path: str, force: bool) -> Path | None:
     """The whole job on every rank; returns the output path on rank 0."""
     from .comm import check_finite, gather_rows
 
     rank = world.Get_rank()
     started = dt.datetime.now(dt.timezone.utc)
     wall0 = time.perf_counter()
-    p, reducer = setup(cfg, world, out_path, force, explicit)
+    p, reducer = setup(cfg, world, out_path, force)
     crashes, slow = crash_points(cfg, rank), slowdown(cfg, rank)
     topo, backend, xp = p.topo, p.backend, p.backend.xp
     count, start = p.rows

@@ -562,7 +562,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     try:
         if rank == 0:
             h5io.check_output(out_path, force)
-        apply_checkpoint_shape(cfg, cfg.explicit)
+        apply_checkpoint_shape(cfg)
         tensor, _ = check_world(cfg, size)
         corpus = Corpus.load(cfg)
         cfg.model.vocab = corpus.vocab

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def minilm_config():
     cfg = config.load(ROOT / "jobs/configs/minilm.toml",
                       [f'input.text="{ROOT / "data/sentences.txt"}"'])
-    apply_checkpoint_shape(cfg, cfg.explicit)
+    apply_checkpoint_shape(cfg)
     return cfg
 
 
@@ -34,7 +34,7 @@ def test_checkpoint_shape_comes_from_config_json(minilm_dir):
     assert (m.layers, m.heads, m.hidden, m.ffn, m.vocab) == (6, 12, 384, 1536, 30522)
     with pytest.raises(config.ConfigError, match="checkpoint has 12"):
         bad = config.load(ROOT / "jobs/configs/minilm.toml", ["model.heads=6"])
-        apply_checkpoint_shape(bad, bad.explicit)
+        apply_checkpoint_shape(bad)
 
 
 def test_reference_equals_sentence_transformers(minilm_dir):

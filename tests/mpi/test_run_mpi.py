@@ -17,7 +17,7 @@ pytestmark = pytest.mark.mpi(min_size=2)
 def run_job(world, folder, name, **flat):
     cfg = config.from_dict({**TINY, **flat})
     path = folder / name
-    run(cfg, world, str(path), True, cfg.explicit)
+    run(cfg, world, str(path), True)
     world.Barrier()
     return cfg, path
 
@@ -170,11 +170,11 @@ def test_minilm_on_n_ranks_equals_one_process(world, shared_dir):
     cfg = config.load(root / "jobs/configs/minilm.toml",
                       [f'input.text="{root / "data/sentences.txt"}"'])
     path = shared_dir / "minilm.h5"
-    run(cfg, world, str(path), True, cfg.explicit)
+    run(cfg, world, str(path), True)
     world.Barrier()
     if world.Get_rank() != 0:
         return
-    apply_checkpoint_shape(cfg, cfg.explicit)
+    apply_checkpoint_shape(cfg)
     batch = load_batch(cfg)
     hidden = reference.forward(batch.ids, batch.mask,
                                open_source(0, cfg.model, cfg.dtype), cfg.model)[1]
