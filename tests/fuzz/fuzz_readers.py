@@ -185,7 +185,7 @@ def read_checkpoint_json(path: Path) -> None:
     cfg = config.Config()
     cfg.model.weights = str(path.parent / "model.safetensors")
     cfg.input.seq_len = 8  # within the seed's max_position_embeddings
-    apply_checkpoint_shape(cfg, set())
+    apply_checkpoint_shape(cfg)  # Config() has no explicit keys
     config.check_world(cfg, 2)
 
 
