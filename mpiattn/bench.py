@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import h5io
+from . import h5io, jobkit
 from .attention import KeyMask
 from .backend import get_array_module
 from .config import Config
@@ -135,13 +135,22 @@ def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], 
 
 def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
           sweep: list[int]) -> Path | None:
-    from .comm import gather_rows
-
-    rank = world.Get_rank()
     started = dt.datetime.now(dt.timezone.utc)
     cfg.input.min_fill = 1.0  # full sequences: every counted FLOP is done
     cfg.output.layers = "none"
-    p, reducer = setup(cfg, world, out_path, force)
+    p, reducer, out = setup(cfg, world, out_path, force)
+    try:
+        return _bench(cfg, world, p, reducer, out, started, repeats, sweep)
+    finally:
+        if out is not None:
+            out.discard()
+
+
+def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.datetime,
+           repeats: int, sweep: list[int]) -> Path | None:
+    from .comm import gather_rows
+
+    rank = world.Get_rank()
     xp, sync = p.backend.xp, p.backend.sync
     m, dtype = cfg.model, np.dtype(cfg.dtype)
     b, s = p.rows[0], p.batch.shape[1]  # this replica's sequences, full length
@@ -212,7 +221,7 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
     host_info = world.gather((socket.gethostname(), p.backend.device))
 
     if rank != 0:
-        return None
+        return jobkit.conclude(world, None)
     total_peak = float(peaks.sum())
     summary = {}
     flops["layer_train"] = 3 * flops["layer"]  # backward = twice the forward's products
@@ -220,38 +229,43 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
         t = float(np.median(results[name]))
         summary[name] = (t, flops[name] / t, flops[name] / t / total_peak)
     imbalance = float(layer_per_rank.max() / layer_per_rank.mean())
-    path = Path(out_path)
-    with h5io.atomic_file(path) as fh:
-        write_provenance(fh, cfg, p, started, "bench", host_info)
-        g = fh.create_group("bench")
-        h5io.write_array(g, "gemm/flops_per_second", peaks, ("rank",), units="FLOP/s",
-                         description="best matmul rate at the layer's GEMM shapes, all ranks busy")
-        for name, (t, rate, frac) in summary.items():
-            sub = g.create_group(name)
-            h5io.write_array(sub, "seconds", results[name], ("repeat",), units="s")
-            sub.attrs.update({"median_s": t, "spread_s": float(np.ptp(results[name])),
-                              "model_flops": flops[name], "flops_per_second": rate,
-                              "fraction_of_peak": frac})
-        h5io.write_array(g, "phases/seconds", all_phases, ("rank", "phase"),
-                         phases=list(PHASES), units="s")
-        h5io.write_array(g, "layer_per_rank", layer_per_rank, ("rank",), units="s",
-                         imbalance=imbalance)
-        h5io.write_array(g, "memory/peak_bytes", memory, ("rank",), units="B",
-                         description="peak RSS (CPU) or CuPy pool total (GPU)")
-        ar = g.create_group("allreduce")
-        for key, values in comm_table.items():
-            h5io.write_array(ar, key, values, ("size",),
-                             units="B" if key == "bytes" else
-                             ("s" if "seconds" in key or key == "spread" else "B/s"))
-        ar.attrs["ranks"] = p.topo.tensor
-        ar.attrs["convention"] = "busbw = bytes/time * 2(n-1)/n (nccl-tests)"
-        g.attrs["checksum_overhead"] = overhead
-        g.attrs["checksum_mode"] = reducer.mode
-        if sweep_rows:
-            h5io.write_array(g, "sweep", np.array(sweep_rows), ("point", "field"),
-                             fields=["seq_len", "seconds", "flops_per_second"])
-        fh.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
-        fh.attrs["status"] = "complete"
+    path = out.path
+
+    def write() -> None:
+        with h5io.atomic_file(out) as fh:
+            write_provenance(fh, cfg, p, started, "bench", host_info)
+            g = fh.create_group("bench")
+            h5io.write_array(g, "gemm/flops_per_second", peaks, ("rank",), units="FLOP/s",
+                             description="best matmul rate at the layer's GEMM shapes,"
+                             " all ranks busy")
+            for name, (t, rate, frac) in summary.items():
+                sub = g.create_group(name)
+                h5io.write_array(sub, "seconds", results[name], ("repeat",), units="s")
+                sub.attrs.update({"median_s": t, "spread_s": float(np.ptp(results[name])),
+                                  "model_flops": flops[name], "flops_per_second": rate,
+                                  "fraction_of_peak": frac})
+            h5io.write_array(g, "phases/seconds", all_phases, ("rank", "phase"),
+                             phases=list(PHASES), units="s")
+            h5io.write_array(g, "layer_per_rank", layer_per_rank, ("rank",), units="s",
+                             imbalance=imbalance)
+            h5io.write_array(g, "memory/peak_bytes", memory, ("rank",), units="B",
+                             description="peak RSS (CPU) or CuPy pool total (GPU)")
+            ar = g.create_group("allreduce")
+            for key, values in comm_table.items():
+                h5io.write_array(ar, key, values, ("size",),
+                                 units="B" if key == "bytes" else
+                                 ("s" if "seconds" in key or key == "spread" else "B/s"))
+            ar.attrs["ranks"] = p.topo.tensor
+            ar.attrs["convention"] = "busbw = bytes/time * 2(n-1)/n (nccl-tests)"
+            g.attrs["checksum_overhead"] = overhead
+            g.attrs["checksum_mode"] = reducer.mode
+            if sweep_rows:
+                h5io.write_array(g, "sweep", np.array(sweep_rows), ("point", "field"),
+                                 fields=["seq_len", "seconds", "flops_per_second"])
+            fh.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+            fh.attrs["status"] = "complete"
+
+    jobkit.conclude(world, write)
 
     print(f"  GEMM limit      {total_peak / 1e9:8.1f} GFLOP/s "
           f"({', '.join(f'{x / 1e9:.1f}' for x in peaks)} per rank)")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from . import checksum
+from . import checksum, watchdog
 from .backend import Backend, data_ptr, get_array_module
 from .errors import IntegrityError, NumericalError, UserError
 
@@ -101,7 +101,9 @@ def agree_on_error(comm: Any, error: UserError | None) -> UserError | None:
     for rank, item in enumerate(messages):
         if item is not None:
             kind, text = item
-            return kind(text if rank == 0 or comm.Get_size() == 1 else f"rank {rank}: {text}")
+            err = kind(text if rank == 0 or comm.Get_size() == 1 else f"rank {rank}: {text}")
+            err.agreed = True
+            return err
     return None
 
 
@@ -215,7 +217,8 @@ class CheckedAllreduce:
         return self.comm.Iallreduce(host_send, host_recv, op=MPI.SUM)
 
     def _wait(self, pending: Pending) -> None:
-        pending.request.Wait()
+        with watchdog.waiting("Iallreduce", ",".join(map(str, self.group_ranks))):
+            pending.request.Wait()
         if self.backend.is_gpu and not self.cuda_aware:
             pending.recv.set(self._buffer(f"host_recv{pending.slot}", pending.recv.shape,
                                           pending.recv.dtype, host=True))
@@ -237,6 +240,7 @@ class CheckedAllreduce:
         the next chunk is computed (``parallel.overlap``).
         """
         t0 = time.perf_counter()
+        watchdog.at(layer=layer, site=site)
         rows, cols = partial.shape
         if self.comm.Get_size() == 1:  # one rank holds all heads: no sum, nothing to check
             return Pending(partial, site, layer, slot, partial, partial, None, 0, partial)

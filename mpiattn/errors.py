@@ -5,6 +5,7 @@ class UserError(Exception):
     """Bad configuration or input: the message says what is wrong, where, and the fix."""
 
     exit_code = 2
+    agreed = False  # True once every rank holds it (``jobkit``): printed once, no abort
 
 
 class ConfigError(UserError):

@@ -11,13 +11,13 @@ import contextlib
 import hashlib
 import io
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import outfile
 from .errors import InputError, UserError
 
 FORMAT_VERSION = 1
@@ -29,22 +29,12 @@ def layer_group(index: int) -> str:
 
 
 def check_output(path: str | Path, force: bool) -> Path:
-    """Refuse to clobber a file without --force, and fail early on an unwritable folder."""
+    """Refuse a name that cannot be written or would clobber a file without --force
+    (no temporary is made: ``outfile.Reservation.make`` makes one)."""
     path = Path(path)
-    if path.exists() and not force:
+    outfile.check_name(path)
+    if (path.exists() or path.is_symlink()) and not force:
         raise UserError(f"output '{path}' exists: pass --force to overwrite it, or -o NEW.h5")
-    if path.is_dir():
-        raise UserError(f"output '{path}' is a directory: give a file name with -o")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"output folder '{folder}' does not exist: create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"output folder '{folder}' is not writable: choose another -o")
-    stale = stale_temporaries(path)
-    if stale:
-        print(f"mpiattn: note: {len(stale)} temporary file(s) of interrupted writes beside"
-              f" '{path}' (safe to delete): {', '.join(p.name for p in stale)}",
-              file=sys.stderr, flush=True)
     return path
 
 
@@ -93,50 +83,42 @@ def label_and_digest(node: Any) -> None:
         dset.attrs[DIGEST_ATTR] = sha256(dset[()])
 
 
+def reserve(out: outfile.Reservation | str | Path) -> outfile.Reservation:
+    """``out`` itself, or a fresh reservation of a path (refusing an existing file)."""
+    return out if isinstance(out, outfile.Reservation) else outfile.Reservation.make(out, False)
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Any]:
-    """An h5py File built in memory, written to ``path`` only if the block succeeds.
+def atomic_file(out: outfile.Reservation | str | Path) -> Iterator[Any]:
+    """An h5py File built in memory, published under ``out``'s name only if the block
+    succeeds.
 
     The caller sets ``status = "complete"`` as the block's last act. The finished image is
-    written to ``.NAME.tmp-PID`` beside ``path`` with plain file I/O, fsynced and renamed
-    over ``path``: on any failure (a full disk included) the temporary file is removed,
-    an existing ``path`` is untouched, and the error is one line.
+    written to the reservation's exclusive temporary with plain file I/O, fsynced and
+    renamed onto the final name without replacing another file (unless --force): on any
+    failure (a full disk included) the temporary is removed, an existing file is
+    untouched, and the error is one line.
     """
     import h5py
 
-    path = Path(path)
-    tmp = temporary(path)
+    out = reserve(out)
     memory = io.BytesIO()  # closed before its bytes are taken: a whole, consistent file
-    f = h5py.File(memory, "w", libver="latest")
     try:
-        f.attrs["status"] = "writing"
-        yield f
+        f = h5py.File(memory, "w", libver="latest")
+        try:
+            f.attrs["status"] = "writing"
+            yield f
+        finally:
+            f.close()
+        try:
+            out.write(memory.getbuffer())
+        except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            raise UserError(f"cannot write '{out.path}': {reason}; earlier files are"
+                            " untouched") from None
+        out.publish()
     finally:
-        f.close()
-    _publish(tmp, path, memory.getbuffer())
-
-
-def _publish(tmp: Path, path: Path, image: Any = None) -> None:
-    """Write ``image`` to ``tmp`` (when given), fsync it and rename it over ``path``: the
-    bytes are on disk before the name points at them. An OSError (a full disk) removes
-    ``tmp``, leaves ``path`` as it was, and becomes one line."""
-    try:
-        with open(tmp, "wb" if image is not None else "rb+") as fh:
-            if image is not None:
-                fh.write(image)
-                fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        raise UserError(f"cannot write '{path}': {reason}; earlier files are untouched"
-                        ) from None
-
-
-def temporary(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        out.discard()
 
 
 def has_parallel_hdf5() -> bool:
@@ -161,66 +143,90 @@ def write_rows_parallel(tmp: str | Path, comm: Any, start: int, total: int,
 
 
 @contextlib.contextmanager
-def atomic_update(tmp: str | Path, path: str | Path) -> Iterator[Any]:
-    """Finish a file that others wrote at ``tmp`` (serially, on one rank), then rename it
-    to ``path`` as ``atomic_file`` does; on failure ``tmp`` is removed."""
+def atomic_update(out: outfile.Reservation) -> Iterator[Any]:
+    """Finish a file that others wrote into ``out``'s temporary (serially, on one rank),
+    then publish it as ``atomic_file`` does; on failure the temporary is removed."""
     import h5py
 
-    tmp, path = Path(tmp), Path(path)
     try:
-        with h5py.File(tmp, "a") as f:
+        with h5py.File(out.create(), "a") as f:
             yield f
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _publish(tmp, path)
-
-
-def stale_temporaries(path: str | Path) -> list[Path]:
-    """Temporary files left by interrupted writes of ``path`` (safe to delete)."""
-    path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
+        out.publish()
+    finally:
+        out.discard()
 
 
 def open_for_reading(path: str | Path) -> Any:
-    import h5py
+    """An h5py File holding only its own bytes: ``h5safe.open_for_reading`` (one-line
+    ``InputError`` for a missing or non-HDF5 file, external/soft links, external storage,
+    virtual datasets, plugin filters and implausible declared sizes)."""
+    from . import h5safe
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"'{path}' does not exist")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise InputError(f"'{path}' is not a readable HDF5 file ({err})") from None
+    return h5safe.open_for_reading(path)
 
 
 def verify(path: str | Path) -> list[str]:
     """Problems found in a finished file (empty when it is sound); no MPI needed.
 
-    Checks: ``status == "complete"``, every dataset with a digest still matches it (HDF5's
-    fletcher32 also fails a read of a corrupted chunk), and every recorded collective passed.
+    Checks: ``status == "complete"``; the ``config`` attribute, when present, is TOML of at
+    most ``h5safe.MAX_ATTR_BYTES``; every dataset with a digest still matches it (streamed
+    in blocks, so memory stays bounded; HDF5's fletcher32 also fails a read of a corrupted
+    chunk); no NaN/inf in ``/layers/*``,
+    ``/output/pooled``, ``/train/{loss,eval_loss,grad_norm}``; every recorded collective passed.
+    Raises ``InputError`` (one line) when the file cannot be opened safely
+    (``h5safe.open_for_reading``); anything else wrong is a problem in the list.
     """
+    import tomllib
+
+    from . import h5safe
+
+    finite_checked = ("output/pooled", "train/loss", "train/eval_loss", "train/grad_norm")
     problems: list[str] = []
     with open_for_reading(path) as f:
-        status = f.attrs.get("status", "")
-        status = status.decode() if isinstance(status, bytes) else str(status)
-        if status != "complete":
-            problems.append(f"status is '{status or 'missing'}', not 'complete'")
-        hashed: list[tuple[str, Any]] = []
-        f.visititems(lambda name, obj: hashed.append((name, obj))
-                     if DIGEST_ATTR in getattr(obj, "attrs", {}) else None)
-        for name, dset in hashed:
+        try:
+            status = h5safe.text(h5safe.attr(f, "status", ""), "attribute 'status' of /")
+            if status != "complete":
+                problems.append(f"status is '{status or 'missing'}', not 'complete'")
+        except (*h5safe.MALFORMED, InputError) as err:
+            problems.append(h5safe.one_line(err))
+        try:
+            config = h5safe.attr(f, "config")
+            if config is not None:
+                tomllib.loads(h5safe.text(config, "attribute 'config' of /"))
+        except tomllib.TOMLDecodeError as err:
+            problems.append(f"attribute 'config' of / is not TOML ({h5safe.one_line(err)})")
+        except (*h5safe.MALFORMED, InputError) as err:
+            problems.append(h5safe.one_line(err))
+        for name, dset in h5safe.datasets(f):
+            finite = name.startswith("layers/") or name in finite_checked
             try:
-                data = dset[()]
-            except OSError as err:
-                problems.append(f"dataset /{name} cannot be read ({err}): corrupted")
+                want = h5safe.attr(dset, DIGEST_ATTR)
+                if want is None and not finite:
+                    continue
+                want = None if want is None else h5safe.text(want, f"/{name} attribute"
+                                                             f" '{DIGEST_ATTR}'")
+                found = h5safe.scan(dset, digest=want is not None, finite=finite)
+            except InputError as err:
+                problems.append(h5safe.one_line(err))
                 continue
-            if sha256(data) != dset.attrs[DIGEST_ATTR]:
+            except h5safe.MALFORMED as err:
+                problems.append(f"dataset /{name} cannot be read ({h5safe.one_line(err)}):"
+                                " corrupted")
+                continue
+            if want is not None and found.sha256 != want:
                 problems.append(f"dataset /{name} does not match its sha256 digest")
+            elif found.first_nonfinite is not None:
+                at = found.first_nonfinite
+                problems.append(f"non-finite values in /{name} (first at index"
+                                f" {at[0] if len(at) == 1 else at})")
         if "checksum/collectives" in f:
-            table = f["checksum/collectives"][()]
-            for row in table[~table["passed"].astype(bool)]:
-                site = row["site"].decode() if isinstance(row["site"], bytes) else row["site"]
-                problems.append(f"collective replica {row['replica']} layer {row['layer']}"
-                                f" site '{site}' failed its checksum")
+            try:
+                table = h5safe.read(f["checksum/collectives"])
+                for row in table[~table["passed"].astype(bool)]:
+                    site = h5safe.text(row["site"], "a site in /checksum/collectives")
+                    problems.append(f"collective replica {row['replica']} layer"
+                                    f" {row['layer']} site '{site}' failed its checksum")
+            except (*h5safe.MALFORMED, InputError) as err:
+                problems.append(f"/checksum/collectives cannot be read"
+                                f" ({h5safe.one_line(err)}): corrupted")
     return problems

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, h5io
+from . import __version__, h5io, jobkit
 from .attention import Options
 from .backend import Backend, blas_info, erf, limit_blas_threads, select, to_host
 from .config import Config, check_world, coerce, validate
@@ -70,15 +70,24 @@ class Plan:
     limiter: Any = field(repr=False, default=None)
 
 
-def plan(cfg: Config, world: Any) -> Plan:
+def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Batch], dict]:
+    """Every local check of a run, with no collective: ((tensor, batch), input digests).
+
+    Raises UserError (or ValueError) for the pre-flight to agree on.
+    """
+    from .checksum import parse_faults
+
     apply_checkpoint_shape(cfg)
-    tensor, _ = check_world(cfg, world.Get_size())
+    tensor, _ = check_world(cfg, world_size)
     batch = load_batch(cfg)
-    replicas = world.Get_size() // tensor
+    replicas = world_size // tensor
     if replicas > batch.shape[0]:
         raise ConfigError(f"{replicas} data-parallel replicas for {batch.shape[0]} sequences:"
                           " raise parallel.tensor or give more input")
-    return place(cfg, world, tensor, batch)
+    crash_points(cfg, rank)  # validates fault.crash, fault.slow and fault.inject
+    slowdown(cfg, rank)
+    parse_faults(cfg.fault.inject, SITES)
+    return (tensor, batch), jobkit.input_digests(cfg)
 
 
 def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
@@ -128,15 +137,15 @@ def calibrated_counts(cfg: Config, topo: Any, backend: Backend, batch: Batch) ->
 
 
 def crash_points(cfg: Config, rank: int) -> dict[int, str]:
-    """layer -> "raise" | "kill" for this rank, from ``fault.crash`` (reliability tests)."""
+    """layer -> "raise" | "kill" | "hang" for this rank, from ``fault.crash`` (tests)."""
     points = {}
     for n, entry in enumerate(cfg.fault.crash):
         ok = isinstance(entry, dict) and set(entry) <= {"rank", "layer", "how"} and all(
             isinstance(entry.get(k), int) for k in ("rank", "layer")
-        ) and entry.get("how", "raise") in ("raise", "kill")
+        ) and entry.get("how", "raise") in ("raise", "kill", "hang")
         if not ok:
             raise ConfigError(f"fault.crash[{n}] must be a table like {{rank = 2, layer = 1,"
-                              ' how = "raise"}} (how: raise or kill)')
+                              ' how = "raise"}} (how: raise, kill or hang)')
         if entry["rank"] == rank:
             points[entry["layer"]] = entry.get("how", "raise")
     return points
@@ -169,6 +178,8 @@ class FaultyPhases:
             os.kill(os.getpid(), signal.SIGKILL)
         if how == "raise":
             raise RuntimeError(f"injected crash on rank {self.rank} in layer {self.layer}")
+        while how == "hang":  # a rank stuck outside MPI: the others' watchdog ends the job
+            time.sleep(3600)
         if self.factor > 1.0 and name in self.COMPUTE:
             return self._stretched(name)
         return self.timer(name)
@@ -206,25 +217,13 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None,
 
 
 def setup(cfg: Config, world: Any, out_path: str, force: bool) -> tuple:
-    """(plan, reducer), or the first rank's UserError raised on every rank together."""
-    from .comm import agree_on_error
-
-    error: UserError | None = None
-    try:
-        if world.Get_rank() == 0:
-            h5io.check_output(out_path, force)
-        p = plan(cfg, world)
-        reducer = make_reducer(cfg, p)
-        crash_points(cfg, world.Get_rank())  # validates fault.crash and fault.slow
-        slowdown(cfg, world.Get_rank())
-    except UserError as err:
-        error = err
-    except ValueError as err:  # a config the validator let through but the shard refuses
-        error = ConfigError(str(err))
-    error = agree_on_error(world, error)
-    if error is not None:
-        raise error
-    return p, reducer
+    """(plan, reducer, output reservation on rank 0) after the collective pre-flight."""
+    (tensor, batch), out = jobkit.preflight(
+        world, lambda: check_inputs(cfg, world.Get_size(), world.Get_rank()),
+        output=(out_path, force))
+    jobkit.set_timeout(cfg.comm.timeout)
+    p = place(cfg, world, tensor, batch)
+    return p, make_reducer(cfg, p), out
 
 
 def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, list]:
@@ -252,12 +251,21 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, 
 
 def run(cfg: Config, world: Any, out_path: str, force: bool) -> Path | None:
     """The whole job on every rank; returns the output path on rank 0."""
+    started = dt.datetime.now(dt.timezone.utc)
+    wall0 = time.perf_counter()
+    p, reducer, out = setup(cfg, world, out_path, force)
+    try:
+        return _run(cfg, world, p, reducer, out, started, wall0)
+    finally:
+        if out is not None:
+            out.discard()
+
+
+def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.datetime,
+         wall0: float) -> Path | None:
     from .comm import check_finite, gather_rows
 
     rank = world.Get_rank()
-    started = dt.datetime.now(dt.timezone.utc)
-    wall0 = time.perf_counter()
-    p, reducer = setup(cfg, world, out_path, force)
     crashes, slow = crash_points(cfg, rank), slowdown(cfg, rank)
     topo, backend, xp = p.topo, p.backend, p.backend.xp
     count, start = p.rows
@@ -308,10 +316,10 @@ def run(cfg: Config, world: Any, out_path: str, force: bool) -> Path | None:
     all_totals = gather_rows(world, per_rank)
     host_info = world.gather((socket.gethostname(), backend.device))
     gathered: dict[tuple[int, str], np.ndarray] = {}
-    pooled_all, records, path = None, [], Path(out_path)
+    pooled_all, records = None, []
     parallel = topo.replicas > 1 and h5io.has_parallel_hdf5()
     if leader and parallel:  # every replica writes its own rows into one file (mpio)
-        tmp = topo.data.bcast(str(h5io.temporary(path)) if rank == 0 else None)
+        tmp = topo.data.bcast(str(out.create()) if rank == 0 else None)
         rows = {f"{h5io.layer_group(i)}/{name}": a for (i, name), a in outputs.items()}
         if p.batch.text is not None:
             rows["output/pooled"] = pooled
@@ -323,17 +331,18 @@ def run(cfg: Config, world: Any, out_path: str, force: bool) -> Path | None:
     if leader:
         records = topo.data.gather([(topo.replica, r) for r in reducer.records])
 
-    if rank != 0:
-        return None
-    records = [item for part in records for item in part]
-    writing = h5io.atomic_update(tmp, path) if parallel else h5io.atomic_file(path)
-    with writing as f:
-        f.attrs["write_mode"] = (f"mpio, {topo.replicas} writers" if parallel
-                                 else "gathered to rank 0")
-        write_run(f, cfg, p, gathered, pooled_all, all_seconds, all_totals, host_info,
-                  records, started)
-    print_summary(cfg, p, all_seconds, all_totals, path)
-    return path
+
+    def write() -> Path:
+        writing = h5io.atomic_update(out) if parallel else h5io.atomic_file(out)
+        with writing as f:
+            f.attrs["write_mode"] = (f"mpio, {topo.replicas} writers" if parallel
+                                     else "gathered to rank 0")
+            write_run(f, cfg, p, gathered, pooled_all, all_seconds, all_totals, host_info,
+                      [item for part in records for item in part], started)
+        print_summary(cfg, p, all_seconds, all_totals, out.path)
+        return out.path
+
+    return jobkit.conclude(world, write if rank == 0 else None)
 
 
 def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command: str,

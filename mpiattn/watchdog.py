@@ -1,0 +1,252 @@
+"""No rank waits forever: a watchdog over every MPI wait, and signals that end the job cleanly.
+
+MPI has no timeout on a collective: when one rank hangs or leaves, the others wait in their
+next collective until the allocation ends. PyTorch's process-group watchdog solves this for
+NCCL; this is the same for MPI. Every blocking MPI call goes through ``Watchdog.waiting``
+(the communicators of a job are wrapped by ``watch``), which records what this rank waits
+in; a daemon thread checks the record, and a wait older than ``comm.timeout`` seconds makes
+the rank print the operation, its layer and site, its peers and how long it waited, then
+``MPI_Abort`` the job with exit code ``EXIT_TIMEOUT``.
+
+The same thread handles SIGINT/SIGTERM for commands that stop at once (``run``, ``bench``):
+Python runs signal handlers only between bytecodes, never inside a blocking MPI call, so the
+handler here only wakes the thread (``signal.set_wakeup_fd``), which removes this rank's
+temporary, prints one line on rank 0 and ends the process with 128 + the signal number.
+``train`` asks instead for a flag the step loop reads (``stop_requested``), so that all
+ranks agree on a step, checkpoint and leave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+EXIT_TIMEOUT = 5
+DEFAULT_TIMEOUT = 600.0  # seconds; as PyTorch's NCCL watchdog: no healthy job waits that long
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Watchdog:
+    """One per process. ``timeout`` seconds (0: off); ``abort(code)`` ends the job."""
+
+    def __init__(self, timeout: float, abort: Callable[[int], None], rank: int = 0) -> None:
+        self.timeout, self.abort, self.rank = timeout, abort, rank
+        self.where: dict[str, Any] = {}  # layer, site, step: set by the computation
+        self._wait: tuple[str, str, float] | None = None  # (operation, peers, since)
+        self._lock = threading.Lock()
+        self._cleanups: list[Callable[[], None]] = []
+        self._signal_mode = "none"  # "exit": end at once; "flag": set stop_requested
+        self.stop_requested = 0  # the signal number a "flag" command has received
+        self.finished = False  # the output is published: a late signal changes nothing
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._thread = threading.Thread(target=self._loop, name="mpiattn-watchdog", daemon=True)
+        self._thread.start()
+
+    # --- waits ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def waiting(self, operation: str, peers: str = "") -> Iterator[None]:
+        """Record that this rank waits in ``operation`` with ``peers`` (nested: outermost)."""
+        if self._wait is not None:
+            yield
+            return
+        self._wait = (operation, peers, time.monotonic())
+        try:
+            yield
+        finally:
+            self._wait = None
+
+    def describe(self) -> str:
+        parts = [f"{k} {v}" for k, v in self.where.items() if v is not None]
+        return ", ".join(parts)
+
+    # --- signals -------------------------------------------------------------------------
+
+    def on_cleanup(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` before this rank ends on a signal or a timeout (e.g. drop a temporary)."""
+        self._cleanups.append(fn)
+
+    def handle_signals(self, mode: str, signals: tuple = STOP_SIGNALS) -> None:
+        """``"exit"``: a signal ends the job at once (run, bench); ``"flag"``: it sets
+        ``stop_requested`` for the step loop (train). Call from the main thread."""
+        self._signal_mode = mode
+        with contextlib.suppress(ValueError):  # not the main thread (tests): leave as is
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            for sig in signals:
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:  # main thread, between bytecodes
+        if self._signal_mode == "flag":
+            self.stop_requested = self.stop_requested or signum
+
+    def _loop(self) -> None:
+        import select
+
+        while True:
+            period = min(1.0, self.timeout / 10) if self.timeout > 0 else 1.0
+            ready, _, _ = select.select([self._wake_r], [], [], period)
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    for byte in self._wake_r.recv(64):
+                        self._signalled(byte)
+            self._check_wait()
+
+    def _signalled(self, signum: int) -> None:
+        if self._signal_mode == "flag":
+            self.stop_requested = self.stop_requested or signum
+            return
+        if self._signal_mode != "exit" or self.finished:
+            return
+        self.cleanup()
+        if self.rank == 0:
+            name = signal.Signals(signum).name
+            where = self.describe()
+            _say(f"mpiattn: interrupted by {name}{' at ' + where if where else ''};"
+                 " nothing written")
+        else:
+            time.sleep(0.2)  # let rank 0 remove its temporary before the launcher reacts
+        os._exit(128 + signum)
+
+    def _check_wait(self) -> None:
+        wait = self._wait
+        if wait is None or self.timeout <= 0:
+            return
+        operation, peers, since = wait
+        waited = time.monotonic() - since
+        # lower ranks speak first, so one line usually reaches the user
+        if waited < self.timeout + 0.25 * min(self.rank, 8):
+            return
+        with self._lock:
+            where = self.describe()
+            _say(f"mpiattn: timeout: rank {self.rank} waited {waited:.0f} s in {operation}"
+                 f"{' (' + where + ')' if where else ''}{' with ranks ' + peers if peers else ''}"
+                 f" (comm.timeout = {self.timeout:g} s): a peer hung or died; ending the job")
+            self.cleanup()
+            self.abort(EXIT_TIMEOUT)
+
+    def cleanup(self) -> None:
+        for fn in self._cleanups:
+            with contextlib.suppress(Exception):
+                fn()
+
+
+def _say(line: str) -> None:
+    with contextlib.suppress(Exception):
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+_current: Watchdog | None = None
+
+
+def current() -> Watchdog | None:
+    return _current
+
+
+def install(timeout: float, abort: Callable[[int], None], rank: int) -> Watchdog:
+    """The process's watchdog (made once; later calls update the timeout)."""
+    global _current
+    if _current is None:
+        _current = Watchdog(timeout, abort, rank)
+    _current.timeout, _current.rank = timeout, rank
+    return _current
+
+
+def at(**where: Any) -> None:
+    """Note where the computation is (layer, site, step) for the messages."""
+    if _current is not None:
+        _current.where.update(where)
+
+
+@contextlib.contextmanager
+def waiting(operation: str, peers: str = "") -> Iterator[None]:
+    if _current is None:
+        yield
+        return
+    with _current.waiting(operation, peers):
+        yield
+
+
+# --- communicators whose blocking calls are watched --------------------------------------
+
+BLOCKING = (
+    "Barrier", "Allreduce", "Reduce", "Bcast", "Gather", "Gatherv", "Allgather", "Allgatherv",
+    "Alltoall", "Alltoallv", "Scatter", "Scatterv", "Send", "Recv", "Sendrecv", "Probe",
+    "barrier", "allreduce", "reduce", "bcast", "gather", "allgather", "alltoall", "scatter",
+    "send", "recv", "sendrecv", "Split", "Split_type", "Dup", "Create",
+)
+
+
+def watch(comm: Any) -> Any:
+    """``comm`` with every blocking call recorded by the watchdog (a subclass of its own
+    type, so MPI and h5py take it as it is); sub-communicators from ``Split`` are watched
+    too."""
+    if isinstance(comm, _Watched) or comm is None:
+        return comm
+    cls = _watched_class(type(comm))
+    return cls(comm)
+
+
+class _Watched:
+    _peers: str = ""
+
+
+_classes: dict[type, type] = {}
+
+
+def _watched_class(base: type) -> type:
+    if base in _classes:
+        return _classes[base]
+
+    def wrap(name: str) -> Callable:
+        method = getattr(base, name)
+
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with waiting(name, self.peers()):
+                result = method(self, *args, **kwargs)
+            if name in ("Split", "Split_type", "Dup", "Create"):
+                result = watch(result)
+            return result
+
+        call.__name__ = name
+        call.__doc__ = method.__doc__
+        return call
+
+    def peers(self: Any) -> str:
+        if not self._peers:
+            from mpi4py import MPI
+
+            group = self.Get_group()
+            world = MPI.COMM_WORLD.Get_group()
+            ranks = MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world)
+            group.Free()
+            world.Free()
+            self._peers = _ranges(list(ranks))
+        return self._peers
+
+    body = {name: wrap(name) for name in BLOCKING if hasattr(base, name)}
+    body["peers"] = peers
+    cls = type(f"Watched{base.__name__}", (_Watched, base), body)
+    _classes[base] = cls
+    return cls
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, i = [], 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        out.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ",".join(out)
