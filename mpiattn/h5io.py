@@ -171,10 +171,10 @@ def verify(path: str | Path) -> list[str]:
     Checks: ``status == "complete"``; the ``config`` attribute, when present, is TOML of at
     most ``h5safe.MAX_ATTR_BYTES``; every dataset with a digest still matches it (streamed
     in blocks, so memory stays bounded; HDF5's fletcher32 also fails a read of a corrupted
-    chunk); no NaN/inf in ``/layers/*``,
-    ``/output/pooled``, ``/train/{loss,eval_loss,grad_norm}``; every recorded collective passed.
+    chunk); no NaN/inf in ``/layers/*``, ``/output/pooled``, ``/train/loss``,
+    ``/train/eval_loss``, ``/train/grad_norm``; every recorded collective passed.
     Raises ``InputError`` (one line) when the file cannot be opened safely
-    (``h5safe.open_for_reading``); anything else wrong is a problem in the list.
+    (``h5safe.open_for_reading``); anything else wrong is a one-line problem in the list.
     """
     import tomllib
 

@@ -1,0 +1,377 @@
+"""Reading an HDF5 file someone handed you: only what is inside it, in bounded memory.
+
+HDF5 can make a file show bytes that live elsewhere (external storage, external links,
+virtual datasets) and can declare datasets far larger than the file (unallocated or
+compressed). ``open_for_reading`` refuses the first kind for the whole file when it opens
+it; ``read``, ``blocks`` and ``attr`` refuse the second before allocating anything; ``text``
+turns attribute values into ``str`` or a one-line ``InputError``. Needs h5py and NumPy only.
+
+The size rule (``allowed_bytes``): a dataset may declare at most
+``FLOOR_BYTES + EXPANSION * stored`` bytes, where ``stored`` is what HDF5 reports as its
+storage in this file (capped at the file's size). ``EXPANSION`` = 2048 is twice deflate's
+maximum ratio (~1032:1), so any gzip/lzf-compressed array passes; an unallocated dataset
+(stored = 0) may declare only the 16 MiB floor, so one declaring gigabytes is refused.
+Variable-length data (strings) lives in the file's heap: its decoded size may not exceed
+``FLOOR_BYTES`` + the file's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .errors import InputError
+
+FLOOR_BYTES = 16 * 2**20  # what any dataset may declare, stored or not
+EXPANSION = 2048  # declared bytes per stored byte (gzip: at most ~1032)
+BLOCK_BYTES = 8 * 2**20  # one piece of a streamed dataset
+MAX_ATTR_BYTES = 2**20  # one attribute value (the `config` TOML is a few KiB)
+MAX_VLEN_ITEMS = 64  # elements of a variable-length (string) array attribute
+MAX_OBJECTS = 65536  # groups + datasets + named types in one file
+BUILTIN_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
+                   6: "scaleoffset", 32000: "lzf"}
+
+# What h5py and NumPy raise on a damaged or hostile file: callers turn these into one line.
+MALFORMED = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError,
+             ArithmeticError, MemoryError)
+
+NOT_OURS = "the file is damaged or was not written by mpiattn"
+
+
+class Scan(NamedTuple):
+    """What ``scan`` found in one streamed pass over a dataset."""
+
+    sha256: str | None  # hex digest of the C-order bytes (None when not asked for)
+    first_nonfinite: tuple[int, ...] | None  # index of the first NaN/inf (None: all finite)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (HDF5's messages can span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# --- opening --------------------------------------------------------------------------
+
+def open_for_reading(path: str | Path) -> Any:
+    """The file at ``path``, opened read-only, after checking every object in it.
+
+    Returns an ``h5py.File`` (a context manager). Raises ``InputError`` (one line, naming
+    the file and the object) when the file is missing, not HDF5, or holds anything whose
+    bytes are outside it: an external or soft link, a dataset with external storage, a
+    virtual dataset; also a dataset using a plugin filter or declaring more bytes than the
+    size rule allows (module docstring), and a file with more than ``MAX_OBJECTS`` objects.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"'{path}' does not exist")
+    if not path.is_file():
+        raise InputError(f"'{path}' is not a regular file: give the path of an HDF5 file")
+    try:
+        f = h5py.File(path, "r")
+    except MALFORMED as err:
+        raise InputError(f"'{path}' is not a readable HDF5 file ({one_line(err)})") from None
+    try:
+        check_contents(f)
+    except InputError as err:
+        f.close()
+        raise InputError(f"'{path}': {err}") from None
+    except MALFORMED as err:
+        f.close()
+        raise InputError(f"'{path}': cannot list its objects ({one_line(err)}): {NOT_OURS}"
+                         ) from None
+    return f
+
+
+def check_contents(f: Any) -> int:
+    """Walk every link below the root of open file ``f`` (each object once, so hard-link
+    cycles end) and check it as ``open_for_reading`` describes; the number of objects.
+
+    Raises ``InputError`` naming the first offending object (without the file's path).
+    """
+    import h5py
+
+    seen: set[tuple[int, int]] = {_identity(f)}
+    todo = [f]
+    while todo:
+        group = todo.pop()
+        for name in group:
+            where = f"{group.name.rstrip('/')}/{name}"
+            _check_link(group.get(name, getlink=True), where)
+            obj = group[name]
+            key = _identity(obj)
+            if key in seen:
+                continue
+            seen.add(key)
+            if len(seen) > MAX_OBJECTS:
+                raise InputError(f"more than {MAX_OBJECTS} objects: {NOT_OURS}")
+            if isinstance(obj, h5py.Group):
+                todo.append(obj)
+            elif isinstance(obj, h5py.Dataset):
+                check_dataset(obj)
+    return len(seen)
+
+
+def _identity(obj: Any) -> tuple[int, int]:
+    """(file number, object address): the same for every hard link to one object."""
+    import h5py
+
+    info = h5py.h5o.get_info(obj.id)
+    return int(info.fileno), int(info.addr)
+
+
+def _check_link(link: Any, where: str) -> None:
+    """Refuse any link but a hard one; ``where`` is the link's path, for the message."""
+    import h5py
+
+    if isinstance(link, h5py.HardLink):
+        return
+    if isinstance(link, h5py.ExternalLink):
+        raise InputError(f"{where} is an external link to '{link.filename}':{link.path}:"
+                         " mpiattn reads only what is inside the file; copy the data in"
+                         " (h5copy) and pass the self-contained file")
+    if isinstance(link, h5py.SoftLink):
+        raise InputError(f"{where} is a soft link to {link.path}: mpiattn files hold no"
+                         f" links; {NOT_OURS}")
+    raise InputError(f"{where} is a user-defined link: {NOT_OURS}")
+
+
+def check_dataset(dset: Any) -> None:
+    """Refuse a dataset whose bytes are not (all) inside its file, that needs a plugin
+    filter, or that declares more bytes than ``allowed_bytes``. Raises ``InputError``."""
+    import h5py
+
+    plist = dset.id.get_create_plist()
+    if plist.get_external_count() > 0:
+        name, _, _ = plist.get_external(0)
+        raise InputError(f"dataset {dset.name} keeps its bytes in another file"
+                         f" ({name.decode(errors='replace')!r}, HDF5 external storage):"
+                         " mpiattn reads only what is inside the file; rewrite it with"
+                         " h5repack or pass a self-contained file")
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        raise InputError(f"dataset {dset.name} is a virtual dataset (its bytes are in other"
+                         " files): mpiattn reads only what is inside the file; rewrite it"
+                         " with h5repack or pass a self-contained file")
+    for i in range(plist.get_nfilters()):
+        code = plist.get_filter(i)[0]
+        if code not in BUILTIN_FILTERS:
+            raise InputError(f"dataset {dset.name} needs HDF5 filter {code}, a plugin:"
+                             f" mpiattn reads only the built-in filters"
+                             f" ({', '.join(sorted(BUILTIN_FILTERS.values()))})")
+    declared, allowed = declared_bytes(dset), allowed_bytes(dset)
+    if declared > allowed:
+        raise InputError(f"dataset {dset.name} declares shape {dset.shape} ({declared} bytes)"
+                         f" but stores {stored_bytes(dset)} bytes in the file (at most"
+                         f" {allowed} can be real): {NOT_OURS}")
+
+
+# --- sizes ----------------------------------------------------------------------------
+
+def declared_bytes(dset: Any) -> int:
+    """Bytes the dataset's shape and type declare (HDF5 type size; 0 for a null space)."""
+    shape = dset.id.shape
+    return 0 if shape is None else math.prod(shape) * dset.id.get_type().get_size()
+
+
+def stored_bytes(dset: Any) -> int:
+    """Bytes HDF5 says the dataset occupies in its file, capped at the file's size."""
+    return min(int(dset.id.get_storage_size()), _file_bytes(dset))
+
+
+def allowed_bytes(dset: Any) -> int:
+    """The most a dataset may declare: ``FLOOR_BYTES + EXPANSION * stored_bytes``."""
+    return FLOOR_BYTES + EXPANSION * stored_bytes(dset)
+
+
+def _file_bytes(obj: Any) -> int:
+    return int(obj.file.id.get_filesize())
+
+
+def _check_size(dset: Any, max_bytes: int | None) -> None:
+    """Refuse (``InputError``) before a byte is read when the declared size is over the
+    size rule or over ``max_bytes`` (the caller's own cap, None for none)."""
+    import h5py
+
+    if not isinstance(dset, h5py.Dataset):
+        raise InputError(f"{getattr(dset, 'name', '?')} is a {type(dset).__name__}, not a"
+                         f" dataset: {NOT_OURS}")
+    declared, allowed = declared_bytes(dset), allowed_bytes(dset)
+    if declared > allowed:
+        raise InputError(f"dataset {dset.name} declares shape {dset.shape} ({declared} bytes)"
+                         f" but stores {stored_bytes(dset)} bytes: {NOT_OURS}")
+    if max_bytes is not None and declared > max_bytes:
+        raise InputError(f"dataset {dset.name} declares shape {dset.shape} ({declared} bytes),"
+                         f" more than the {max_bytes} bytes read here: {NOT_OURS}")
+    if dset.id.shape is None:
+        raise InputError(f"dataset {dset.name} has no dataspace (HDF5 null): it holds no"
+                         f" values; {NOT_OURS}")
+
+
+# --- datasets ---------------------------------------------------------------------------
+
+def read(dset: Any, max_bytes: int | None = None) -> np.ndarray:
+    """The whole dataset as an array, after the size checks (``InputError`` when they fail).
+
+    Fixed-size types: one allocation of the declared size. Variable-length types (strings):
+    read in pieces, refused as soon as the decoded text exceeds ``FLOOR_BYTES`` + the
+    file's size (or ``max_bytes``). Compound types with variable-length fields are refused.
+    HDF5 errors (a corrupted chunk) propagate as h5py raises them (see ``MALFORMED``).
+    """
+    _check_size(dset, max_bytes)
+    if not dset.dtype.hasobject:
+        return np.asarray(dset[()])
+    if dset.dtype.names is not None:
+        raise InputError(f"dataset {dset.name} has variable-length fields in a compound"
+                         f" type: {NOT_OURS}")
+    return _read_vlen(dset, max_bytes)
+
+
+def _read_vlen(dset: Any, max_bytes: int | None) -> np.ndarray:
+    """Variable-length elements, at most ``limit / file size`` per piece (each element is
+    at most the file's size), tallying the decoded bytes against ``limit``."""
+    file_bytes = max(1, _file_bytes(dset))
+    limit = FLOOR_BYTES + file_bytes if max_bytes is None else min(max_bytes,
+                                                                   FLOOR_BYTES + file_bytes)
+    out = np.empty(math.prod(dset.shape), dtype=object)
+    done = total = 0
+    for piece in _slabs(dset, max(1, limit // file_bytes)):
+        flat = np.asarray(piece, dtype=object).ravel()
+        total += sum(_vlen_size(v) for v in flat)
+        if total > limit:
+            raise InputError(f"dataset {dset.name} holds more than {limit} bytes of"
+                             f" variable-length data: {NOT_OURS}")
+        out[done : done + flat.size] = flat
+        done += flat.size
+    return out.reshape(dset.shape)
+
+
+def _vlen_size(value: Any) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else len(value) if isinstance(
+        value, (str, bytes)) else 8
+
+
+def blocks(dset: Any, block_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+    """The dataset in consecutive C-order pieces of about ``block_bytes`` (whole rows of
+    axis 0 when they fit, else pieces of one row, recursively): concatenating the pieces'
+    bytes gives the whole array's bytes. Fixed-size types only; the size checks of
+    ``read`` come first (``InputError``)."""
+    _check_size(dset, None)
+    if dset.dtype.hasobject:
+        raise InputError(f"dataset {dset.name} holds variable-length data: it cannot be"
+                         " streamed as bytes")
+    yield from _slabs(dset, max(1, block_bytes // max(1, dset.dtype.itemsize)))
+
+
+def _slabs(dset: Any, items: int) -> Iterator[np.ndarray]:
+    """C-order consecutive pieces of at most ``items`` elements (at least one element)."""
+    if not dset.shape:
+        yield np.asarray(dset[()])
+        return
+    yield from _slabs_below(dset, (), tuple(dset.shape), items)
+
+
+def _slabs_below(dset: Any, prefix: tuple[int, ...], shape: tuple[int, ...],
+                 items: int) -> Iterator[np.ndarray]:
+    inner = math.prod(shape[1:])
+    if len(shape) == 1 or inner <= items:
+        step = max(1, items // max(1, inner))
+        for start in range(0, shape[0], step):
+            yield dset[(*prefix, slice(start, min(start + step, shape[0])))]
+        return
+    for i in range(shape[0]):
+        yield from _slabs_below(dset, (*prefix, i), shape[1:], items)
+
+
+def scan(dset: Any, digest: bool = True, finite: bool = False) -> Scan:
+    """One streamed pass: the SHA-256 of the C-order bytes (as ``h5io.sha256`` of the whole
+    array) and, when ``finite`` and the type is floating/complex, the index of the first
+    NaN or inf. Memory: one block. Raises as ``blocks`` does."""
+    hasher = hashlib.sha256() if digest else None
+    check = finite and dset.dtype.kind in "fc"
+    first: int | None = None
+    offset = 0
+    for block in blocks(dset):
+        block = np.ascontiguousarray(block)
+        if hasher is not None:
+            hasher.update(block.tobytes())
+        if check and first is None:
+            bad = ~np.isfinite(block).ravel()
+            if bad.any():
+                first = offset + int(np.argmax(bad))
+        offset += block.size
+    where = None if first is None else tuple(int(i) for i in np.unravel_index(first,
+                                                                             dset.shape))
+    return Scan(hasher.hexdigest() if hasher is not None else None, where)
+
+
+def datasets(f: Any) -> list[tuple[str, Any]]:
+    """(name without the leading '/', dataset) for every dataset in ``f``, once each."""
+    import h5py
+
+    found: list[tuple[str, Any]] = []
+    f.visititems(lambda name, obj: found.append((name, obj))
+                 if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+# --- attributes -------------------------------------------------------------------------
+
+def attr(obj: Any, name: str, default: Any = None, max_bytes: int = MAX_ATTR_BYTES) -> Any:
+    """Attribute ``name`` of ``obj`` (``default`` when absent), refused with an
+    ``InputError`` when its declared size exceeds ``max_bytes``, when it is a
+    variable-length array of more than ``MAX_VLEN_ITEMS`` elements, or when its decoded
+    strings exceed ``max_bytes``."""
+    if name not in obj.attrs:
+        return default
+    aid = obj.attrs.get_id(name)
+    where = f"attribute '{name}' of {obj.name}"
+    count = math.prod(aid.shape) if aid.shape is not None else 0
+    size = count * aid.get_type().get_size()
+    if size > max_bytes:
+        raise InputError(f"{where} holds {size} bytes, more than {max_bytes}: {NOT_OURS}")
+    if aid.dtype.hasobject and count > MAX_VLEN_ITEMS:
+        raise InputError(f"{where} holds {count} variable-length values, more than"
+                         f" {MAX_VLEN_ITEMS}: {NOT_OURS}")
+    value = obj.attrs[name]
+    if aid.dtype.hasobject:
+        flat = np.asarray(value, dtype=object).ravel()
+        if sum(_vlen_size(v) for v in flat) > max_bytes:
+            raise InputError(f"{where} holds more than {max_bytes} bytes: {NOT_OURS}")
+    return value
+
+
+def text(value: Any, where: str) -> str:
+    """An attribute or string element as ``str``: ``str`` as is, ``bytes`` and NumPy
+    string scalars decoded as UTF-8, 0-d and one-element arrays unwrapped.
+
+    Strict, even for values only displayed: bytes that are not UTF-8 (or strings h5py
+    decoded with surrogate escapes) and non-string values raise a one-line ``InputError``
+    naming ``where`` (e.g. "attribute 'status' of /").
+    """
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{where} is not UTF-8 text (byte 0x{value[err.start]:02x} at"
+                             f" offset {err.start}): {NOT_OURS}") from None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(f"{where} is not UTF-8 text (undecodable byte at offset"
+                             f" {err.start}): {NOT_OURS}") from None
+        return str(value)
+    raise InputError(f"{where} is {type(value).__name__} {_short(value)}, not text: {NOT_OURS}")
+
+
+def _short(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
