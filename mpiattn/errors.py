@@ -36,3 +36,10 @@ class NumericalError(IntegrityError):
 
     exit_code = 4
     label = "numerical error"
+
+
+class Stopped(Exception):
+    """Training stopped on a signal at a step all ranks agreed on, its checkpoint written
+    (exit code 75, EX_TEMPFAIL: run again with --resume; Slurm scripts requeue on it)."""
+
+    exit_code = 75

@@ -155,12 +155,13 @@ def watchdog_cleanup(fn: Callable[[], None]) -> None:
         dog.on_cleanup(fn)
 
 
-def conclude(world: Any, write: Callable[[], Any] | None) -> Any:
+def conclude(world: Any, write: Callable[[], Any] | None, final: bool = True) -> Any:
     """Rank 0 (the caller that passes ``write``) writes and publishes; the outcome is
-    agreed, so a failed write is one line and the same exit code on every rank."""
+    agreed, so a failed write is one line and the same exit code on every rank. After
+    the ``final`` output is published a late signal no longer fails the job."""
     value, error = _local(write) if write is not None else (None, None)
     dog = watchdog.current()
-    if dog is not None and error is None and write is not None:
+    if dog is not None and error is None and write is not None and final:
         dog.finished = True  # published: a late signal does not undo a complete run
     raise_first(world.allgather(None if error is None else (type(error), str(error))))
     return value

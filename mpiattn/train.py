@@ -37,10 +37,12 @@ import numpy as np
 from . import grad, h5io
 from .attention import Options
 from .config import Config
+from .data import Batch as InputBatch
 from .data import tokenizer_path
 from .errors import ConfigError, InputError
 from .model import Embeddings, LayerShard
 from .optim import Optimizer, clip_factor, global_norm, lr_at
+from .progress import Progress
 from .shard import HeadShard, partition
 
 PHASES = ("forward", "backward", "allreduce", "optimizer", "checkpoint")
@@ -463,10 +465,11 @@ class History:
 # --- checkpoints ------------------------------------------------------------------------
 
 
-def write_checkpoint(path: Path, cfg: Config, done: int, params: dict[str, Any],
+def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
                      state: dict[str, dict[str, Any]], corpus: Corpus, history: History,
                      tensor: int) -> None:
-    """Whole-model parameters and optimizer state (HF naming), written atomically."""
+    """Whole-model parameters and optimizer state (HF naming), written atomically to
+    ``path`` (a file name, refused if it exists, or an ``outfile.Reservation``)."""
     with h5io.atomic_file(path) as f:
         f.attrs.update({"format_version": h5io.FORMAT_VERSION, "command": "train checkpoint",
                         "step": done, "optimizer": cfg.train.optimizer, "seed": cfg.seed,
@@ -536,48 +539,108 @@ def _check_shapes(path: str, ck: Checkpoint, want: dict[str, tuple[int, ...]]) -
 # --- the MPI job ------------------------------------------------------------------------
 
 
+def latest_checkpoint(t: Any) -> Path | None:
+    """``--resume auto``: the newest complete checkpoint of ``train.checkpoint`` (any
+    ``{step}``), or None when there is none yet (a first run starts from scratch)."""
+    import h5py
+
+    pattern = Path(t.checkpoint.replace("{step}", "*"))
+    best: tuple[int, Path] | None = None
+    for path in pattern.parent.glob(pattern.name):
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("status") != "complete" or "step" not in f.attrs:
+                    continue
+                step = int(f.attrs["step"])
+        except (OSError, ValueError, TypeError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
+    return None if best is None else best[1]
+
+
+def _resumable_output(path: str, resume: str | None) -> bool:
+    """An existing output that a resumed run may replace without --force: the partial
+    output of an earlier, stopped run (status "interrupted")."""
+    import h5py
+
+    if not resume or not Path(path).is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("status") == "interrupted" and f.attrs.get("command") == "train"
+    except OSError:
+        return False
+
+
+def check_training(cfg: Config, world_size: int, resume: str | None,
+                   force: bool) -> tuple[tuple, dict]:
+    """Every local check of a training job, with no collective: ((tensor, corpus,
+    checkpoint or None, resume path or None), input digests)."""
+    from .config import check_world
+    from .jobkit import input_digests
+    from .outfile import check_name
+    from .runner import apply_checkpoint_shape
+
+    apply_checkpoint_shape(cfg)
+    tensor, _ = check_world(cfg, world_size)
+    corpus = Corpus.load(cfg)
+    cfg.model.vocab = corpus.vocab
+    t, ck = cfg.train, None
+    if resume == "auto":
+        found = latest_checkpoint(t)
+        resume = None if found is None else str(found)
+    if resume:
+        ck = read_checkpoint(resume, cfg)
+        if not np.array_equal(ck.token_ids, corpus.token_ids):
+            raise InputError(f"'{resume}' was trained on another vocabulary (tokenizer,"
+                             " corpus or model.vocab differ)")
+        _check_shapes(resume, ck, expected_shapes(cfg, corpus.vocab))
+    first = 0 if ck is None else ck.step
+    names = {checkpoint_path(t, done) for done in range(first + 1, t.steps + 1)
+             if checkpoint_due(done - 1, t)} | {checkpoint_path(t, t.steps)}
+    for path in sorted(names):
+        check_name(path)
+        if path.exists() and not force and not (resume and path.samefile(resume)):
+            raise ConfigError(f"train.checkpoint '{path}' exists: pass --force, resume from it"
+                              ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
+    files = {"train.corpus": Path(t.corpus), "train.heldout": Path(t.heldout),
+             "tokenizer": default_tokenizer(cfg)}
+    if resume:
+        files["--resume checkpoint"] = Path(resume)
+    return (tensor, corpus, ck, resume), input_digests(cfg, files)
+
+
+def _flags(world: Any, *values: int) -> list[int]:
+    """Collective: the maximum over all ranks of each small integer (one tiny Allreduce)."""
+    from mpi4py import MPI
+
+    buf = np.array(values, dtype=np.int64)
+    world.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+    return [int(v) for v in buf]
+
+
 def train(cfg: Config, world: Any, out_path: str, force: bool,
           resume: str | None = None) -> Path | None:
-    """The whole training job on every rank; returns the output path on rank 0."""
-    from tqdm import tqdm
+    """The whole training job on every rank; returns the output path on rank 0.
 
+    Raises ``Stopped`` on every rank after a signal (SIGTERM, SIGUSR1: Slurm's warning
+    before the time limit) was agreed on at a step boundary, the checkpoint written.
+    """
+    from . import jobkit, watchdog
     from .backend import to_host
-    from .comm import agree_on_error, gather_rows
-    from .config import check_world
-    from .data import Batch as InputBatch
-    from .errors import UserError
-    from .runner import (
-        apply_checkpoint_shape,
-        make_reducer,
-        place,
-        write_provenance,
-        write_records,
-    )
+    from .comm import gather_rows
+    from .errors import NumericalError, Stopped
+    from .outfile import Reservation
+    from .runner import make_reducer, place, write_provenance, write_records
 
     rank, size = world.Get_rank(), world.Get_size()
     started = dt.datetime.now(dt.timezone.utc)
     wall0 = time.perf_counter()
-    error: UserError | None = None
-    corpus = ck = None
-    try:
-        if rank == 0:
-            h5io.check_output(out_path, force)
-        apply_checkpoint_shape(cfg)
-        tensor, _ = check_world(cfg, size)
-        corpus = Corpus.load(cfg)
-        cfg.model.vocab = corpus.vocab
-        if resume:
-            ck = read_checkpoint(resume, cfg)
-            if not np.array_equal(ck.token_ids, corpus.token_ids):
-                raise InputError(f"'{resume}' was trained on another vocabulary (tokenizer,"
-                                 " corpus or model.vocab differ)")
-    except UserError as err:
-        error = err
-    except ValueError as err:
-        error = ConfigError(str(err))
-    error = agree_on_error(world, error)
-    if error is not None:
-        raise error
+    out_force = force or _resumable_output(out_path, resume)
+    (tensor, corpus, ck, resume), out = jobkit.preflight(
+        world, lambda: check_training(cfg, size, resume, force), output=(out_path, out_force))
+    jobkit.set_timeout(cfg.comm.timeout)
 
     first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0
     plan = place(cfg, world, tensor, InputBatch(first.ids, first.key_mask))
@@ -591,7 +654,6 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     params = init_params(cfg, shard, corpus.vocab)
     history, start = History(), 0
     if ck is not None:
-        _check_shapes(resume, ck, expected_shapes(cfg, corpus.vocab))
         params = grad.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard))
         history, start = ck.history, ck.step
     dev = [xp.asarray(a) for _, a, _ in grad.named(params)]
@@ -604,76 +666,114 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
             arrays = [a for _, a, _ in grad.named(grad.Params(emb, layers, head))]
             for target, value in zip(trainer.opt.state[kind], arrays, strict=True):
                 target[...] = xp.asarray(value)
+    written: set[Path] = set()  # checkpoints this job wrote: the next may replace them
 
-    def save(done: int) -> None:
-        """Gather the whole model and optimizer state to rank 0 (replica 0 holds it)."""
-        if topo.replica != 0:
-            return
+    def save(done: int) -> Path:
+        """Gather the whole model and optimizer state to rank 0 (replica 0 holds it), which
+        writes it; the outcome is agreed by every rank."""
         full = {}
-        for key, arrays in [("params", trainer.arrays())] + [
-                (kind, trainer.opt.state[kind]) for kind in trainer.opt.names]:
-            p = rebuild(trainer.params, [to_host(a) for a in arrays])
-            pieces = topo.heads.gather(p.layers, root=0)
-            if topo.head_rank == 0:
-                layers = [grad.join_shards([pc[i] for pc in pieces]) for i in range(m.layers)]
-                full[key] = to_hf(p.emb, layers, p.head)
-        if rank == 0:
+        if topo.replica == 0:
+            for key, arrays in [("params", trainer.arrays())] + [
+                    (kind, trainer.opt.state[kind]) for kind in trainer.opt.names]:
+                p = rebuild(trainer.params, [to_host(a) for a in arrays])
+                pieces = topo.heads.gather(p.layers, root=0)
+                if topo.head_rank == 0:
+                    layers = [grad.join_shards([pc[i] for pc in pieces])
+                              for i in range(m.layers)]
+                    full[key] = to_hf(p.emb, layers, p.head)
+        path = checkpoint_path(cfg.train, done)
+
+        def write() -> None:
+            replace = force or path in written or bool(resume and path.exists()
+                                                       and path.samefile(resume))
             state = {kind: full[kind] for kind in trainer.opt.names}
-            write_checkpoint(checkpoint_path(cfg.train, done), cfg, done, full["params"], state,
+            write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
                              corpus, history, tensor)
+            written.add(path)
+
+        jobkit.conclude(world, write if rank == 0 else None, final=False)
+        return path
 
     t = cfg.train
+    dog = watchdog.current()
     seconds = np.zeros((t.steps - start, len(PHASES)))
+    stopped, done = 0, start
     world.Barrier()
-    bar = tqdm(range(start, t.steps), total=t.steps, initial=start, unit="step",
-               disable=None if rank == 0 else True, dynamic_ncols=True)
-    for step in bar:
+    bar = Progress(t.steps, "step", start=start, verbose=rank == 0)
+    for step in range(start, t.steps):
+        watchdog.at(step=step)
         t0 = time.perf_counter()
         r = trainer.step(step)
         wall = time.perf_counter() - t0
         tokens = cfg.input.batch * cfg.input.seq_len / wall
+        bad = not (np.isfinite(r.loss) and np.isfinite(r.grad_norm))
+        bad, stopped = _flags(world, int(bad), dog.stop_requested if dog else 0)
+        if bad:
+            raise NumericalError(
+                f"training diverged at step {step}: loss {r.loss:.4g}, gradient norm"
+                f" {r.grad_norm:.4g} (inf/NaN); lower train.lr, raise train.warmup or set"
+                " train.clip", world)
         history.step.append(step)
         history.loss.append(r.loss)
         history.lr.append(r.lr)
         history.grad_norm.append(r.grad_norm)
         history.tokens_per_second.append(tokens)
-        if eval_due(step, t):
+        if eval_due(step, t) and not stopped:
             history.eval_step.append(step)
             history.eval_loss.append(trainer.evaluate())
-        if checkpoint_due(step, t):
+        done = step + 1
+        if checkpoint_due(step, t) or stopped:
             c0 = time.perf_counter()
-            save(step + 1)
+            ckpt = save(done)
             r.seconds["checkpoint"] = time.perf_counter() - c0
         seconds[step - start] = [r.seconds[p] for p in PHASES]
-        bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tokens:.0f}", refresh=False)
+        bar.update(1, loss=f"{r.loss:.3f}", lr=f"{r.lr:.2e}", tok_s=f"{tokens:.0f}")
+        if stopped:
+            break
     bar.close()
 
+    seconds = seconds[: done - start]
     all_seconds = gather_rows(world, seconds[None])
     totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
     host_info = world.gather((socket.gethostname(), backend.device))
     mine = [(topo.replica, r) for r in heads.records] if topo.head_rank == 0 else []
     mine += [(topo.replica, r) for r in data.records] if topo.replica == 0 else []
     records = world.gather(mine)
-    if rank != 0:
-        return None
-    path = Path(out_path)
-    with h5io.atomic_file(path) as f:
-        write_provenance(f, cfg, plan, started, "train", host_info)
-        g = f.create_group("train")
-        history.write(g)
-        g.attrs.update({"unigram_entropy": unigram_entropy(corpus), "vocab": corpus.vocab,
-                        "first_step": start, "resumed_from": resume or ""})
-        tg = f.create_group("timings")
-        h5io.write_array(tg, "seconds", all_seconds, ("rank", "step", "phase"),
-                         phases=list(PHASES), units="s", first_step=start)
-        h5io.write_array(tg, "total", totals, ("rank",), units="s")
-        if any(records):
-            write_records(f, [r for part in records for r in part])
-        f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
-        f.attrs["status"] = "complete"
-    ev = f"; held-out loss {history.eval_loss[-1]:.4f}" if history.eval_loss else ""
-    speed = float(np.median(history.tokens_per_second[start:]))
-    print(f"trained steps {start}..{t.steps - 1}: loss {history.loss[-1]:.4f}{ev} (unigram"
-          f" baseline {unigram_entropy(corpus):.4f} nats), {speed:.0f} tokens/s (median),"
-          f" wall {totals.max():.1f} s\nwrote {path}", flush=True)
+
+    def write() -> Path:
+        with h5io.atomic_file(out) as f:
+            write_provenance(f, cfg, plan, started, "train", host_info)
+            g = f.create_group("train")
+            history.write(g)
+            g.attrs.update({"unigram_entropy": unigram_entropy(corpus), "vocab": corpus.vocab,
+                            "first_step": start, "resumed_from": resume or ""})
+            tg = f.create_group("timings")
+            h5io.write_array(tg, "seconds", all_seconds, ("rank", "step", "phase"),
+                             phases=list(PHASES), units="s", first_step=start)
+            h5io.write_array(tg, "total", totals, ("rank",), units="s")
+            if any(records):
+                write_records(f, [r for part in records for r in part])
+            f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+            f.attrs["status"] = "interrupted" if stopped else "complete"
+        if stopped:
+            return out.path
+        ev = f"; held-out loss {history.eval_loss[-1]:.4f}" if history.eval_loss else ""
+        speed = float(np.median(history.tokens_per_second[start:]))
+        print(f"trained steps {start}..{t.steps - 1}: loss {history.loss[-1]:.4f}{ev}"
+              f" (unigram baseline {unigram_entropy(corpus):.4f} nats), {speed:.0f} tokens/s"
+              f" (median), wall {totals.max():.1f} s\nwrote {out.path}", flush=True)
+        return out.path
+
+    try:
+        path = jobkit.conclude(world, write if rank == 0 else None)
+    finally:
+        if out is not None:
+            out.discard()
+    if stopped:
+        import signal
+
+        raise Stopped(f"stopped by {signal.Signals(stopped).name} after {done} of {t.steps}"
+                      f" steps: checkpoint '{ckpt}', partial output '{out_path}'"
+                      f" (status interrupted); continue with --resume {ckpt} (or --resume"
+                      " auto)")
     return path

@@ -8,12 +8,13 @@ in; a daemon thread checks the record, and a wait older than ``comm.timeout`` se
 the rank print the operation, its layer and site, its peers and how long it waited, then
 ``MPI_Abort`` the job with exit code ``EXIT_TIMEOUT``.
 
-The same thread handles SIGINT/SIGTERM for commands that stop at once (``run``, ``bench``):
-Python runs signal handlers only between bytecodes, never inside a blocking MPI call, so the
-handler here only wakes the thread (``signal.set_wakeup_fd``), which removes this rank's
-temporary, prints one line on rank 0 and ends the process with 128 + the signal number.
-``train`` asks instead for a flag the step loop reads (``stop_requested``), so that all
-ranks agree on a step, checkpoint and leave.
+The same thread handles signals. Python runs signal handlers only between bytecodes, never
+inside a blocking MPI call, so the handler does nothing but wake the thread
+(``signal.set_wakeup_fd``). For commands that stop at once (``run``, ``bench``) the thread
+removes this rank's temporary, prints one line on rank 0 and ends the process with 128 +
+the signal number. For ``train`` the first SIGINT/SIGTERM/SIGUSR1 sets a flag the step loop
+reads (``stop_requested``), so that all ranks agree on a step, checkpoint and leave; a
+second signal ends the job at once.
 """
 
 from __future__ import annotations
@@ -75,18 +76,16 @@ class Watchdog:
         """Run ``fn`` before this rank ends on a signal or a timeout (e.g. drop a temporary)."""
         self._cleanups.append(fn)
 
-    def handle_signals(self, mode: str, signals: tuple = STOP_SIGNALS) -> None:
-        """``"exit"``: a signal ends the job at once (run, bench); ``"flag"``: it sets
-        ``stop_requested`` for the step loop (train). Call from the main thread."""
+    def handle_signals(self, mode: str) -> None:
+        """``"exit"``: SIGINT/SIGTERM end the job at once (run, bench); ``"flag"``: they and
+        SIGUSR1 (Slurm's warning before the time limit) set ``stop_requested`` for the step
+        loop (train), and a second one ends the job at once. Call from the main thread."""
         self._signal_mode = mode
+        signals = STOP_SIGNALS + ((signal.SIGUSR1,) if mode == "flag" else ())
         with contextlib.suppress(ValueError):  # not the main thread (tests): leave as is
             signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
             for sig in signals:
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:  # main thread, between bytecodes
-        if self._signal_mode == "flag":
-            self.stop_requested = self.stop_requested or signum
+                signal.signal(sig, _ignore)
 
     def _loop(self) -> None:
         import select
@@ -101,10 +100,13 @@ class Watchdog:
             self._check_wait()
 
     def _signalled(self, signum: int) -> None:
-        if self._signal_mode == "flag":
-            self.stop_requested = self.stop_requested or signum
+        if self._signal_mode == "flag" and not self.stop_requested:
+            self.stop_requested = signum
+            if self.rank == 0:
+                _say(f"mpiattn: {signal.Signals(signum).name} received: stopping after this"
+                     " step with a checkpoint (send it again to stop at once)")
             return
-        if self._signal_mode != "exit" or self.finished:
+        if self._signal_mode == "none" or self.finished:
             return
         self.cleanup()
         if self.rank == 0:
@@ -137,6 +139,10 @@ class Watchdog:
         for fn in self._cleanups:
             with contextlib.suppress(Exception):
                 fn()
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """The Python-level handler: nothing (the watchdog thread acts, woken by the fd)."""
 
 
 def _say(line: str) -> None:
