@@ -141,23 +141,97 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# The variable each BLAS library reads for its own thread count; every library also
+# follows OMP_NUM_THREADS when its own variable is not set.
+BLAS_THREAD_VARS = {"openblas": "OPENBLAS_NUM_THREADS", "mkl": "MKL_NUM_THREADS"}
+_THREADS_FROM: dict[str, str] = {}  # library file -> what set its threads (limit_blas_threads)
+
+
+def _env_count(name: str) -> int:
+    """A positive thread count from environment variable ``name``; 0 when unset or invalid.
+
+    ``OMP_NUM_THREADS=4,2`` (nested levels) counts as 4.
+    """
+    first = os.environ.get(name, "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else 0
+
+
+def requested_blas_threads(internal_api: str) -> tuple[int, str]:
+    """Threads the environment asks of one BLAS library, and the variable that asks.
+
+    Precedence: the library's own variable (``OPENBLAS_NUM_THREADS`` for OpenBLAS,
+    ``MKL_NUM_THREADS`` for MKL), then ``OMP_NUM_THREADS``; ``(0, "")`` when neither is set.
+    """
+    for name in (BLAS_THREAD_VARS.get(internal_api, ""), "OMP_NUM_THREADS"):
+        if name and _env_count(name):
+            return _env_count(name), name
+    return 0, ""
+
+
+def _blas_libraries() -> list[dict[str, Any]]:
+    from threadpoolctl import threadpool_info
+
+    return [d for d in threadpool_info() if d.get("user_api") == "blas"]
+
+
 def limit_blas_threads(ranks_on_node: int) -> tuple[int, Any]:
     """Give each of the ranks on a node its share of the cores for BLAS.
 
-    Returns the thread count and the threadpoolctl limiter (kept alive by the caller).
-    An explicit ``OMP_NUM_THREADS`` wins: the launcher or batch script knows best.
+    Per library, an explicit variable wins (``requested_blas_threads``: the launcher or batch
+    script knows best); otherwise usable cores // ranks on the node, at least 1. Returns the
+    thread count in effect after limiting, read back from threadpoolctl (the largest over
+    the loaded BLAS libraries; the share when none is loaded), and the threadpoolctl
+    limiter, which the caller keeps alive.
     """
+    import scipy.special  # noqa: F401  loads SciPy's own BLAS now (erf would, later)
     from threadpoolctl import threadpool_limits
 
-    explicit = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(explicit) if explicit.isdigit() and int(explicit) > 0 else 0
-    threads = threads or max(1, usable_cores() // max(1, ranks_on_node))
-    return threads, threadpool_limits(limits=threads, user_api="blas")
+    share = max(1, usable_cores() // max(1, ranks_on_node))
+    limits: dict[str, int] = {}
+    for lib in _blas_libraries():
+        wanted, name = requested_blas_threads(lib["internal_api"])
+        limits[lib["filepath"]] = wanted or share  # threadpoolctl keys: file, prefix, API
+        _THREADS_FROM[lib["filepath"]] = (f"{name}={wanted}" if wanted else
+                                          f"{usable_cores()} cores / {ranks_on_node} ranks")
+    limiter = threadpool_limits(limits=limits or share, user_api="blas")
+    actual = [int(lib["num_threads"]) for lib in _blas_libraries()]
+    return (max(actual) if actual else share), limiter
+
+
+def oversubscription(ranks_on_node: int, threads: int, cores: int | None = None) -> str | None:
+    """One warning line when ranks x BLAS threads exceed the node's cores, else None.
+
+    ``cores`` defaults to this process's usable cores. The line names the variable to set:
+    a loaded library's own variable when the environment sets it (it wins), else
+    ``OMP_NUM_THREADS``.
+    """
+    cores = cores or usable_cores()
+    if threads < 1 or ranks_on_node * threads <= cores:
+        return None
+    factor = ranks_on_node * threads / cores
+    fit = max(1, cores // max(1, ranks_on_node))
+    names = sorted({requested_blas_threads(lib["internal_api"])[1] or "OMP_NUM_THREADS"
+                    for lib in _blas_libraries()}) or ["OMP_NUM_THREADS"]
+    fixes = [f"set {' '.join(f'{name}={fit}' for name in names)}"] if threads > fit else []
+    if ranks_on_node > cores:
+        fixes.append(f"start at most {cores} ranks per node")
+    plural = "s" if threads > 1 else ""
+    return (f"mpiattn: warning: {ranks_on_node} ranks x {threads} BLAS thread{plural} on"
+            f" {cores} cores: oversubscribed, expect ~{factor:.3g}x slower; "
+            + " and ".join(fixes))
 
 
 def blas_info() -> list[dict[str, Any]]:
-    """BLAS libraries NumPy loaded and their thread counts (for provenance)."""
-    from threadpoolctl import threadpool_info
+    """BLAS libraries loaded, their thread counts now and what set them (for provenance).
 
-    keep = ("internal_api", "version", "num_threads", "architecture")
-    return [{k: d.get(k) for k in keep} for d in threadpool_info() if d.get("user_api") == "blas"]
+    ``threads_from`` is ``VAR=N`` or ``C cores / K ranks`` after ``limit_blas_threads``,
+    else the variable the library read at load time, else ``library default``.
+    """
+    keep = ("internal_api", "prefix", "version", "num_threads", "architecture")
+    rows = []
+    for lib in _blas_libraries():
+        wanted, name = requested_blas_threads(lib["internal_api"])
+        start = f"{name}={wanted}" if wanted else "library default"
+        rows.append({**{k: lib.get(k) for k in keep},
+                     "threads_from": _THREADS_FROM.get(lib["filepath"], start)})
+    return rows

@@ -82,9 +82,40 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _world() -> Any:
-    from mpi4py import MPI
+NO_MPI_FIX = ('install the MPICH wheel with pip install "mpiattn[mpi]", or load your site\'s'
+              " MPI (e.g. module load) and rebuild mpi4py against it with"
+              " pip install --no-binary mpi4py --force-reinstall mpi4py")
 
+# Global rank as the launchers export it (MPICH Hydra, Open MPI, PMIx, Slurm): known
+# before MPI loads, so that a job whose ranks cannot load MPI prints its one line once.
+_LAUNCHER_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def _launcher_rank() -> int:
+    """This process's rank from the launcher's environment; 0 when started alone."""
+    import os
+
+    for name in _LAUNCHER_RANK:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _world() -> Any:
+    """``MPI.COMM_WORLD``; when MPI cannot load, one line naming the fixes and exit 2.
+
+    Raises SystemExit(2) when ``from mpi4py import MPI`` fails (mpi4py missing: ImportError;
+    libmpi not found or not loadable: RuntimeError). Only launcher rank 0 prints.
+    """
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if _launcher_rank() == 0:
+            print(f"mpiattn: error: cannot load MPI ({reason}): {NO_MPI_FIX}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     return MPI.COMM_WORLD
 
 
@@ -223,9 +254,81 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train": cmd_train, "verify": cm
             "info": cmd_info, "report": cmd_report, "plan": cmd_plan}
 
 
+CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head -1`
+
+
+class _GuardedStdout:
+    """``sys.stdout`` for one command: when its reader goes away (EPIPE), file descriptor 1
+    is pointed at /dev/null and the command carries on, its output discarded.
+
+    Carrying on matters under MPI: rank 0 leaving early would strand the other ranks in a
+    collective (and the MPI commands' catch-all would report the error as a crash).
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.closed = False  # True once the reader went away
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.gone()
+            self.stream.flush()  # the buffered rest goes to /dev/null now
+
+    def gone(self) -> None:
+        """Point file descriptor 1 at /dev/null: the exit-time flush cannot fail again."""
+        import os
+
+        self.closed = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    """Parse ``argv`` and run the command; returns the exit status.
+
+    When the reader of stdout goes away early (``mpiattn info | head -1``), every command
+    ends quietly, without a traceback or an "Exception ignored" line, and with status 141
+    (128 + SIGPIPE, as a shell reports a program a closed pipe ended) unless the command
+    failed on its own (then its status). The command runs to its end: an MPI job still
+    writes its HDF5 file.
+    """
+    real = sys.stdout
+    guard = _GuardedStdout(real) if _has_fd(real) else None
+    sys.stdout = guard or real
+    try:
+        args = parser().parse_args(argv)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()
+    except SystemExit as stop:  # --help, --version, argparse errors, no MPI
+        sys.stdout.flush()
+        if guard is None or not guard.closed or stop.code not in (0, None):
+            raise
+        status = 0
+    finally:
+        sys.stdout = real
+    return CLOSED_PIPE if guard is not None and guard.closed and not status else status
+
+
+def _has_fd(stream: Any) -> bool:
+    """Whether ``stream`` is a real file (not a test's capture object, not None)."""
+    try:
+        stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -328,26 +328,67 @@ def validate(cfg: Config) -> None:
         raise ConfigError("input.text and input.tokens are both set: give one input")
 
 
+def _fits(cfg: Config, world_size: int, tensor: int) -> bool:
+    """Whether ``tensor`` head ranks per replica is a valid layout of ``world_size`` ranks."""
+    seeded = not (cfg.input.text or cfg.input.tokens)  # file input: the runner checks rows
+    return (tensor >= 1 and world_size % tensor == 0 and tensor <= cfg.model.heads
+            and (not seeded or world_size // tensor <= cfg.input.batch))
+
+
+def tensor_choices(cfg: Config, world_size: int) -> list[int]:
+    """Every ``parallel.tensor`` that ``check_world`` accepts at ``world_size`` ranks.
+
+    Those are the divisors of the world size that are <= model.heads and, for seeded
+    input, leave at most input.batch data-parallel replicas. Ascending; may be empty.
+    """
+    top = min(world_size, cfg.model.heads)
+    return [t for t in range(1, top + 1) if _fits(cfg, world_size, t)]
+
+
+def _spoken(values: list[int]) -> str:
+    """``[1, 2, 4]`` -> ``"1, 2 or 4"``."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _world_fix(cfg: Config, world_size: int) -> str:
+    """What to change so that some parallel.tensor fits: valid values, else other keys."""
+    choices = tensor_choices(cfg, world_size)
+    if choices:
+        return f"use parallel.tensor = {_spoken(choices)}"
+    m, batch = cfg.model, cfg.input.batch  # only seeded input can leave no choice
+    ranks = next(n for n in range(min(world_size - 1, m.heads * batch), 0, -1)
+                 if tensor_choices(cfg, n))
+    fixes = [f"run on {ranks} ranks (parallel.tensor = {tensor_choices(cfg, ranks)[-1]})"]
+    widest = max(t for t in range(1, m.heads + 1) if world_size % t == 0)
+    fixes.append(f"set input.batch = {world_size // widest} (parallel.tensor = {widest})")
+    heads = next(t for t in range(1, world_size + 1)
+                 if world_size % t == 0 and world_size // t <= batch)
+    if not m.weights and m.hidden % heads == 0 and m.ffn >= heads:  # seeded weights only
+        fixes.append(f"set model.heads = {heads} (parallel.tensor = {heads})")
+    return (f"no parallel.tensor fits {world_size} ranks with model.heads = {m.heads} and"
+            f" input.batch = {batch}: " + ", or ".join(fixes))
+
+
 def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(tensor, data) sizes for this world, or a ConfigError saying what to change."""
+    """(tensor, data) sizes for this world, or a ConfigError saying what to change.
+
+    Every message names the values that work (``tensor_choices``), or, when none does,
+    a rank count, input.batch or model.heads that would (each with its parallel.tensor).
+    """
     tensor = cfg.parallel.tensor or world_size
-    if world_size % tensor:
-        raise ConfigError(
-            f"parallel.tensor = {tensor} does not divide the {world_size} ranks:"
-            f" use a divisor of {world_size} (world = tensor x data)"
-        )
-    if tensor > cfg.model.heads:
-        raise ConfigError(
-            f"parallel.tensor = {tensor} head ranks but model.heads = {cfg.model.heads}:"
-            f" set parallel.tensor <= {cfg.model.heads} so the other ranks split the batch"
-        )
     data = world_size // tensor
-    if data > cfg.input.batch and not (cfg.input.text or cfg.input.tokens):  # files: runner
-        raise ConfigError(
-            f"{data} data-parallel replicas but input.batch = {cfg.input.batch}:"
-            " raise input.batch or parallel.tensor"
-        )
-    return tensor, data
+    if world_size % tensor:
+        problem = (f"parallel.tensor = {tensor} does not divide the {world_size} ranks"
+                   " (world = tensor x data)")
+    elif tensor > cfg.model.heads:
+        problem = (f"parallel.tensor = {tensor} head ranks but model.heads = {cfg.model.heads}"
+                   f" (each needs a head: parallel.tensor <= {cfg.model.heads})")
+    elif not _fits(cfg, world_size, tensor):
+        problem = f"{data} data-parallel replicas but input.batch = {cfg.input.batch}"
+    else:
+        return tensor, data
+    raise ConfigError(f"{problem}: {_world_fix(cfg, world_size)}")
 
 
 def to_toml(cfg: Config) -> str:
