@@ -16,9 +16,20 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Command-line mistakes are one line (not usage + error), printed by launcher rank 0
+    only, exit 2: under ``mpiexec -n K`` every rank parses the same arguments."""
+
+    def error(self, message: str) -> NoReturn:
+        if _launcher_rank() == 0:
+            print(f"mpiattn: error: {message} (see '{self.prog} --help')", file=sys.stderr,
+                  flush=True)
+        raise SystemExit(2)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -30,7 +41,7 @@ def _add_config_args(p: argparse.ArgumentParser, default_out: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="mpiattn",
         description="Head-sharded Transformer attention over MPI, checksum-validated, in HDF5.",
     )
@@ -119,29 +130,47 @@ def _world() -> Any:
     return MPI.COMM_WORLD
 
 
-def _mpi_command(body: Callable[[Any], int]) -> int:
-    """Run ``body(world)`` under the failure policy above."""
-    from .errors import IntegrityError, UserError
+def _mpi_command(body: Callable[[Any], int], signals: str = "exit") -> int:
+    """Run ``body(world)`` under the failure policy above, with the watchdog on."""
+    from . import jobkit, watchdog
+    from .errors import IntegrityError, Stopped, UserError
 
-    world = _world()
-    rank = world.Get_rank()
+    world = jobkit.start(_world(), signals=signals)
+    rank, size = world.Get_rank(), world.Get_size()
     import numpy as np
+
+    def abort(code: int) -> int:
+        """End every rank: this one's failure cannot be agreed on any more."""
+        dog = watchdog.current()
+        if dog is not None:
+            dog.cleanup()
+        if size > 1:
+            world.Abort(code)
+        return code
 
     try:
         with np.errstate(all="ignore"):  # inf/NaN are found by check.finite, once, not warned
             return body(world)
-    except UserError as err:  # agreed on by every rank before it was raised
+    except UserError as err:
+        if err.agreed:  # every rank holds it: rank 0 says it, all leave with its code
+            if rank == 0:
+                print(f"mpiattn: error: {err}", file=sys.stderr, flush=True)
+            return err.exit_code
+        who = f"rank {rank}: " if size > 1 else ""
+        print(f"mpiattn: error: {who}{err}", file=sys.stderr, flush=True)
+        return abort(err.exit_code)
+    except Stopped as err:  # agreed at a step boundary, checkpointed
         if rank == 0:
-            print(f"mpiattn: error: {err}", file=sys.stderr, flush=True)
+            print(f"mpiattn: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except IntegrityError as err:  # collective within err.comm: its rank 0 reports
         group = err.comm if err.comm is not None else world
         if group.Get_rank() == 0:
             print(f"mpiattn: {err.label}: {err}; no output written", file=sys.stderr,
                   flush=True)
-        if group.Get_size() < world.Get_size():  # other replicas wait in a collective
+        if group.Get_size() < size:  # other replicas wait in a collective
             group.Barrier()  # the message is out before the job is torn down
-            world.Abort(err.exit_code)
+            return abort(err.exit_code)
         return err.exit_code
     except BaseException as err:
         if isinstance(err, SystemExit) and not err.code:
@@ -149,41 +178,53 @@ def _mpi_command(body: Callable[[Any], int]) -> int:
         detail = "".join(traceback.format_exception(err)).rstrip()
         print(f"mpiattn: rank {rank}: {type(err).__name__}: {err}\n{detail}", file=sys.stderr,
               flush=True)
-        if world.Get_size() > 1:
-            world.Abort(1)
-        return 1
+        return abort(1)
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    """The config file, ``--set`` overrides and ``-o``, validated (the same on every rank)."""
+    from . import config
+
+    cfg = config.load(args.config, args.overrides)
+    if args.output:
+        cfg.output.path = args.output
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     def body(world: Any) -> int:
-        from . import config
+        from . import jobkit
         from .runner import run
 
-        cfg = config.load(args.config, args.overrides)  # same verdict on every rank
-        cfg.output.path = args.output or cfg.output.path
+        cfg = jobkit.agreed(world, lambda: _load_config(args))
         run(cfg, world, cfg.output.path, args.force)
         return 0
 
     return _mpi_command(body)
 
 
+def _bench_args(args: argparse.Namespace) -> tuple[Any, list[int]]:
+    from .errors import ConfigError
+
+    cfg = _load_config(args)
+    try:
+        sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--sweep expects comma-separated lengths, got '{args.sweep}'"
+                          ) from None
+    if args.repeats < 1 or any(x < 1 or x > cfg.model.max_positions for x in sweep):
+        raise ConfigError("--repeats must be >= 1 and --sweep lengths within"
+                          f" 1..model.max_positions ({cfg.model.max_positions})")
+    return cfg, sweep
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     def body(world: Any) -> int:
-        from . import config
+        from . import jobkit
         from .bench import bench
-        from .errors import ConfigError
 
-        cfg = config.load(args.config, args.overrides)
-        try:
-            sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"--sweep expects comma-separated lengths, got '{args.sweep}'") from None
-        if args.repeats < 1 or any(x < 1 or x > cfg.model.max_positions for x in sweep):
-            raise ConfigError("--repeats must be >= 1 and --sweep lengths within"
-                              f" 1..model.max_positions ({cfg.model.max_positions})")
-        bench(cfg, world, args.output or "mpiattn-bench.h5", args.force, args.repeats,
-              sweep)
+        cfg, sweep = jobkit.agreed(world, lambda: _bench_args(args))
+        bench(cfg, world, args.output or "mpiattn-bench.h5", args.force, args.repeats, sweep)
         return 0
 
     return _mpi_command(body)
@@ -191,14 +232,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     def body(world: Any) -> int:
-        from . import config
+        from . import config, jobkit
         from .train import train
 
-        cfg = config.load(args.config, args.overrides)
+        cfg = jobkit.agreed(world, lambda: config.load(args.config, args.overrides))
         train(cfg, world, args.output or "mpiattn-train.h5", args.force, args.resume)
         return 0
 
-    return _mpi_command(body)
+    return _mpi_command(body, signals="flag")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -225,7 +266,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import info
 
-    return info(_world())
+    return _mpi_command(info)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -310,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = guard or real
     try:
         args = parser().parse_args(argv)
+        if args.command in OFFLINE and _launcher_rank() > 0:
+            _quiet()  # started under a launcher: rank 0 alone speaks for the copies
         status = COMMANDS[args.command](args)
         sys.stdout.flush()
     except SystemExit as stop:  # --help, --version, argparse errors, no MPI
@@ -320,6 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout = real
     return CLOSED_PIPE if guard is not None and guard.closed and not status else status
+
+
+OFFLINE = ("verify", "report", "plan")  # commands without MPI
+
+
+def _quiet() -> None:
+    """Send this process's stdout and stderr to /dev/null (file descriptors included)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        if _has_fd(stream):
+            stream.flush()
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def _has_fd(stream: Any) -> bool:

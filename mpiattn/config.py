@@ -70,6 +70,7 @@ class OutputConfig:
 @dataclass
 class CommConfig:
     cuda_aware: str = "auto"  # "auto" | "true" | "false": pass device buffers to MPI
+    timeout: float = 600.0  # seconds a rank may wait in one MPI operation; 0 = no limit
 
 
 @dataclass
@@ -162,7 +163,8 @@ POSITIVE = (
     "train.eval_batches",
 )
 NON_NEGATIVE = (
-    "parallel.tensor", "attention.block", "checksum.retries", "train.warmup", "train.min_lr",
+    "parallel.tensor", "attention.block", "checksum.retries", "comm.timeout", "train.warmup",
+    "train.min_lr",
     "train.weight_decay", "train.clip", "train.eval_every", "train.checkpoint_every",
 )
 

@@ -699,7 +699,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     seconds = np.zeros((t.steps - start, len(PHASES)))
     stopped, done = 0, start
     world.Barrier()
-    bar = Progress(t.steps, "step", start=start, verbose=rank == 0)
+    bar = Progress(t.steps, "step", start=start, verbose=rank == 0, desc="train")
     for step in range(start, t.steps):
         watchdog.at(step=step)
         t0 = time.perf_counter()
