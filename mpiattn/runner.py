@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,15 @@ import numpy as np
 
 from . import __version__, h5io, jobkit
 from .attention import Options
-from .backend import Backend, blas_info, erf, limit_blas_threads, select, to_host
+from .backend import (
+    Backend,
+    blas_info,
+    erf,
+    limit_blas_threads,
+    oversubscription,
+    select,
+    to_host,
+)
 from .config import Config, check_world, coerce, validate
 from .data import Batch, load_batch
 from .errors import ConfigError, InputError, UserError
@@ -97,6 +106,9 @@ def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
     topo = make_topology(world, tensor)
     backend = select(cfg.backend, topo.local_rank)
     threads, limiter = limit_blas_threads(topo.local_size) if not backend.is_gpu else (0, None)
+    warning = oversubscription(topo.local_size, threads) if threads else None
+    if warning and world.Get_rank() == 0:
+        print(warning, file=sys.stderr, flush=True)
     m = cfg.model
     head_counts = counts(m.heads, tensor)
     if cfg.parallel.balance == "measured" and tensor > 1:

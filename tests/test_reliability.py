@@ -65,7 +65,8 @@ def mpiattn(*args: str, ranks: int | None = None, cwd: Path,
 
 def error_lines(stderr: str) -> list[str]:
     """The lines mpiattn itself printed (not Python warnings, tracebacks or MPI banners)."""
-    return [line for line in stderr.splitlines() if line.startswith("mpiattn:")]
+    return [line for line in stderr.splitlines() if line.startswith("mpiattn:")
+            and not line.startswith(("mpiattn: warning:", "mpiattn: note:"))]
 
 
 def one_line_error(done: subprocess.CompletedProcess) -> str:
