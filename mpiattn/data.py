@@ -25,14 +25,18 @@ class Batch:
     ids: np.ndarray  # (B, S) int64 token ids, 0 on padding
     mask: np.ndarray  # (B, S) bool, True on real tokens
     text: list[str] | None = None  # the sentences, for text input
+    types: np.ndarray | None = None  # (B, S) int64 token type (segment) ids; None: all 0
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.ids.shape
 
     def rows(self, start: int, count: int) -> Batch:
-        text = None if self.text is None else self.text[start : start + count]
-        return Batch(self.ids[start : start + count], self.mask[start : start + count], text)
+        """Rows ``start .. start+count`` of every field (ids, mask, text, types)."""
+        rows = slice(start, start + count)
+        text = None if self.text is None else self.text[rows]
+        types = None if self.types is None else self.types[rows]
+        return Batch(self.ids[rows], self.mask[rows], text, types)
 
 
 def seeded_batch(seed: int, batch: int, seq_len: int, vocab: int, min_fill: float) -> Batch:
@@ -46,8 +50,30 @@ def seeded_batch(seed: int, batch: int, seq_len: int, vocab: int, min_fill: floa
     return Batch(ids, mask)
 
 
-def read_lines(path: Path) -> list[str]:
-    """Non-blank lines of a UTF-8 text file, or an InputError saying what is wrong."""
+def split_lines(text: str) -> list[str]:
+    r"""Lines split on "\n" only, one trailing "\r" of each removed ("\r\n" files); a final
+    "\n" ends the last line rather than starting an empty one.
+
+    Not ``str.splitlines()``: that also breaks at \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and
+    \u2029, which are characters inside a line here.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # "a\nb\n" is two lines; "" is none
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_lines(path: Path, keep_blank: bool = False) -> list[str]:
+    r"""The lines of a UTF-8 text file, stripped, or an InputError saying what is wrong.
+
+    ``keep_blank=False`` (a training corpus, a stream of paragraphs) drops blank and
+    whitespace-only lines and splits as ``str.splitlines()`` (unchanged, so a corpus
+    tokenizes as it always did). ``keep_blank=True`` (``input.text``) keeps exactly one
+    entry per line, in order, a blank line as "" (encoded as the empty sentence, [CLS]
+    [SEP], as sentence-transformers does), so output row i is line i. Lines end at "\n" only (see
+    ``split_lines``). Errors: a missing or unreadable file, bytes that are not UTF-8, and a
+    file with no lines (with ``keep_blank=False``: no non-blank line).
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -61,8 +87,10 @@ def read_lines(path: Path) -> list[str]:
         raise InputError(
             f"input.text = '{path}': not UTF-8 (byte {err.start}): convert it with iconv"
         ) from None
-    lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
+    if keep_blank:
+        lines = [line.strip() for line in split_lines(text)]
+    else:
+        lines = [line for line in (part.strip() for part in text.splitlines()) if line]
     if not lines:
         raise InputError(f"input.text = '{path}': the file has no text (one sentence per line)")
     return lines
@@ -136,9 +164,35 @@ def _check_shape(where: str, dset: Any, max_positions: int) -> tuple[int, int]:
     return b, s
 
 
-def hdf5_batch(path: Path, vocab: int, max_positions: int) -> Batch:
-    """``/input/tokens`` (batch, seq) integer ids and optional ``/input/attention_mask`` (1 on
-    real tokens; default: ids != 0), validated before anything is allocated."""
+def _read_types(where: str, dset: Any, shape: tuple[int, int], type_vocab: int) -> np.ndarray:
+    """``/input/token_type_ids`` as (B, S) int64, each in [0, type_vocab), else InputError."""
+    import h5py
+
+    if not isinstance(dset, h5py.Dataset) or dset.shape != shape:
+        got = getattr(dset, "shape", "not a dataset")
+        raise InputError(f"{where} has shape {got}, /input/tokens {shape}")
+    if dset.dtype.kind not in "iu":
+        raise InputError(f"{where} has dtype {dset.dtype}: token type ids must be integers"
+                         " (int64, 0 = first segment)")
+    types = dset[()]
+    bad = np.argwhere((types < 0) | (types >= type_vocab))
+    if bad.size:
+        row, col = (int(i) for i in bad[0])
+        raise InputError(f"{where} has type id {types[row, col]} (row {row}, position {col}):"
+                         f" the model's type vocabulary holds {type_vocab} types (0 .. "
+                         f"{type_vocab - 1})")
+    return types.astype(np.int64, copy=False)
+
+
+def hdf5_batch(path: Path, vocab: int, max_positions: int, type_vocab: int = 2) -> Batch:
+    """``/input/tokens`` (batch, seq) integer ids, optional ``/input/attention_mask`` (1 on
+    real tokens; default: ids != 0) and optional ``/input/token_type_ids`` (segment ids in
+    [0, type_vocab); absent: ``types`` None, all 0), validated before anything is allocated.
+
+    Raises InputError (one line naming the file and the dataset) on a missing file, a file
+    that is not HDF5, a wrong shape or dtype, an id outside the model's vocabularies, a mask
+    that is not 0/1, or a row with no real tokens.
+    """
     import h5py
 
     name = f"input.tokens = '{path}'"
@@ -168,6 +222,9 @@ def hdf5_batch(path: Path, vocab: int, max_positions: int) -> Batch:
                 if not np.isin(raw, (0, 1)).all():
                     raise InputError(f"{where} has values other than 0 and 1")
                 mask = raw.astype(bool)
+            types_dset = f.get("input/token_type_ids")
+            types = None if types_dset is None else _read_types(
+                f"{name}: /input/token_type_ids", types_dset, ids.shape, type_vocab)
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
         reason = " ".join(str(err).split())  # HDF5 messages can span lines
         raise InputError(f"{name}: not a readable HDF5 token file (truncated or not HDF5?):"
@@ -175,15 +232,16 @@ def hdf5_batch(path: Path, vocab: int, max_positions: int) -> Batch:
     empty = np.flatnonzero(~mask.any(axis=1))
     if empty.size:
         raise InputError(f"{name}: row {empty[0]} has no real tokens (mask all 0 or ids all 0)")
-    return Batch(ids.astype(np.int64, copy=False), mask)
+    return Batch(ids.astype(np.int64, copy=False), mask, types=types)
 
 
 def load_batch(cfg: Config) -> Batch:
     """The job's whole input batch, the same on every rank."""
     if cfg.input.tokens:
-        return hdf5_batch(Path(cfg.input.tokens), cfg.model.vocab, cfg.model.max_positions)
+        return hdf5_batch(Path(cfg.input.tokens), cfg.model.vocab, cfg.model.max_positions,
+                          cfg.model.type_vocab)
     if cfg.input.text:
-        lines = read_lines(Path(cfg.input.text))
+        lines = read_lines(Path(cfg.input.text), keep_blank=True)
         batch = text_batch(lines, tokenizer_path(cfg), cfg.input.seq_len)
         if int(batch.ids.max()) >= cfg.model.vocab:
             raise InputError(

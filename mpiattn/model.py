@@ -135,10 +135,15 @@ def gelu(x: Any, out: Any = None) -> Any:
     return t
 
 
-def embed(ids: Any, emb: Embeddings, eps: float) -> Any:
-    """Word + position + token-type(0) embeddings, then LayerNorm: (B, S) -> (B, S, H)."""
+def embed(ids: Any, emb: Embeddings, eps: float, types: Any = None) -> Any:
+    """Word + position + token-type embeddings, then LayerNorm: (B, S) -> (B, S, H).
+
+    ``types``: (B, S) integer segment ids in [0, type_vocab) (validated by the reader), or
+    None for all 0 (one broadcast row, no (B, S, H) gather).
+    """
     seq = ids.shape[1]
-    x = emb.word[ids] + emb.position[:seq] + emb.token_type[0]
+    segment = emb.token_type[0] if types is None else emb.token_type[types]
+    x = emb.word[ids] + emb.position[:seq] + segment
     return layer_norm(x, emb.ln_g, emb.ln_b, eps)
 
 
@@ -268,10 +273,14 @@ def mean_pool(hidden: Any, key_mask: Any) -> Any:
 def encoder_forward(
     ids: Any, key_mask: Any, emb: Embeddings, layers: list[LayerShard], reduce: Reduce,
     eps: float, phase: Phase = no_timing, on_layer: Callable[[int, Any, Any], None] | None = None,
-    options: Options | None = None, chunks: int = 1,
+    options: Options | None = None, chunks: int = 1, types: Any = None,
 ) -> Any:
-    """Embeddings and all layers; ``on_layer(i, attention, hidden)`` sees every layer's output."""
-    x = embed(ids, emb, eps)
+    """Embeddings and all layers: ids, key_mask, types (B, S) -> last hidden (B, S, H).
+
+    ``on_layer(i, attention, hidden)`` sees every layer's output; ``types`` are the token
+    type (segment) ids, None for all 0 (see ``embed``).
+    """
+    x = embed(ids, emb, eps, types)
     mask = KeyMask.from_mask(key_mask)
     for i, p in enumerate(layers):
         if hasattr(phase, "layer"):  # PhaseTimer and its wrappers attribute time to layers

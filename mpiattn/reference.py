@@ -23,15 +23,21 @@ def _layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.n
 
 
 def forward(
-    ids: np.ndarray, mask: np.ndarray, source: Source, model: ModelConfig
+    ids: np.ndarray, mask: np.ndarray, source: Source, model: ModelConfig,
+    types: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-layer (attention outputs, hidden states), each (B, S, hidden)."""
+    """Per-layer (attention outputs, hidden states), each (B, S, hidden).
+
+    ids, mask (True on real tokens) and types (token type ids; None: all 0) are (B, S).
+    """
     heads, hidden = model.heads, model.hidden
     d = hidden // heads
     full = head_shard(heads, d, model.ffn, 1, 0)
     emb = source.embeddings()
     seq = ids.shape[1]
-    x = emb.word[ids] + emb.position[:seq][None] + emb.token_type[0]
+    if types is None:
+        types = np.zeros_like(ids)
+    x = emb.word[ids] + emb.position[:seq][None] + emb.token_type[types]
     x = _layer_norm(x, emb.ln_g, emb.ln_b, model.layer_norm_eps)
     attentions, hiddens = [], []
     for layer in range(model.layers):
