@@ -287,6 +287,7 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     erf(xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # loads the erf kernel outside the timings
     emb, layers = load_shards(cfg, p, world, range(cfg.model.layers))
     ids, mask = xp.asarray(mine.ids), xp.asarray(mine.mask)
+    types = None if mine.types is None else xp.asarray(mine.types)
     setup_s = time.perf_counter() - t0
 
     # --- forward ------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     hidden = encoder_forward(ids, mask, emb, layers, reducer, cfg.model.layer_norm_eps,
                              FaultyPhases(timer, crashes, rank, slow) if crashes or slow > 1
                              else timer, on_layer,
-                             attention_options(cfg, p), cfg.parallel.overlap)
+                             attention_options(cfg, p), cfg.parallel.overlap, types)
     if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
         reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
     pooled = to_host(mean_pool(hidden, mask))
@@ -387,6 +388,9 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
     h5io.write_array(inp, "tokens", p.batch.ids, ("batch", "seq"), comp, digest=True)
     h5io.write_array(inp, "attention_mask", p.batch.mask.astype(np.uint8), ("batch", "seq"),
                      comp, digest=True)
+    if p.batch.types is not None:  # only when the input had them (absent: all 0)
+        h5io.write_array(inp, "token_type_ids", p.batch.types, ("batch", "seq"), comp,
+                         digest=True)
     if p.batch.text is not None:
         inp.create_dataset("text", data=p.batch.text)
     if pooled is not None and p.batch.text is not None:
