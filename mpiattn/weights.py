@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import hf
 from .config import ModelConfig
 from .errors import InputError
 from .model import Embeddings, LayerShard
@@ -173,8 +174,7 @@ class SafetensorsWeights(Source):
         self.prefix = "bert." if "bert.embeddings.word_embeddings.weight" in keys else ""
         self.keys = keys
 
-    def _slice(self, name: str, expect: tuple[int, ...], index: Any = ()) -> np.ndarray:
-        key = self.prefix + name
+    def _slice(self, key: str, expect: tuple[int, ...], index: Any = ()) -> np.ndarray:
         if key not in self.keys:
             raise InputError(f"'{self.path}': tensor '{key}' is missing (not a BERT checkpoint?)")
         view = self.file.get_slice(key)
@@ -188,43 +188,30 @@ class SafetensorsWeights(Source):
 
     def embeddings(self) -> Embeddings:
         m = self.m
-        e = "embeddings."
-        return Embeddings(
-            word=self._slice(e + "word_embeddings.weight", (m.vocab, m.hidden)),
-            position=self._slice(e + "position_embeddings.weight", (m.max_positions, m.hidden)),
-            token_type=self._slice(e + "token_type_embeddings.weight", (m.type_vocab, m.hidden)),
-            ln_g=self._slice(e + "LayerNorm.weight", (m.hidden,)),
-            ln_b=self._slice(e + "LayerNorm.bias", (m.hidden,)),
-        )
+        shapes = {"word": (m.vocab, m.hidden), "position": (m.max_positions, m.hidden),
+                  "token_type": (m.type_vocab, m.hidden), "ln_g": (m.hidden,),
+                  "ln_b": (m.hidden,)}
+        names = hf.embedding_names(self.prefix)
+        return Embeddings(**{f: self._slice(names[f], shape) for f, shape in shapes.items()})
 
     def layer(self, index: int, shard: HeadShard) -> LayerShard:
         m, h = self.m, self.m.hidden
-        pre = f"encoder.layer.{index}."
+        names = hf.layer_names(index, self.prefix)
         cols, fcols = shard.cols, shard.ffn_cols
         # HF stores Linear weights as (out, in): our columns are its rows.
-        qkv_w = [self._slice(pre + f"attention.self.{n}.weight", (h, h), cols).T
-                 for n in ("query", "key", "value")]
-        qkv_b = [self._slice(pre + f"attention.self.{n}.bias", (h,), cols)
-                 for n in ("query", "key", "value")]
+        qkv_w = [self._slice(names[f"{x}_w"], (h, h), cols).T for x in hf.QKV]
+        qkv_b = [self._slice(names[f"{x}_b"], (h,), cols) for x in hf.QKV]
+        vector = {"b_o": (h,), "ln1_g": (h,), "ln1_b": (h,), "b_2": (h,), "ln2_g": (h,),
+                  "ln2_b": (h,)}
         return LayerShard(
             w_qkv=np.ascontiguousarray(_fuse_qkv(qkv_w[:1], qkv_w[1:2], qkv_w[2:])),
             b_qkv=_fuse_qkv(qkv_b[:1], qkv_b[1:2], qkv_b[2:]),
-            w_o=np.ascontiguousarray(
-                self._slice(pre + "attention.output.dense.weight", (h, h), (slice(None), cols)).T
-            ),
-            b_o=self._slice(pre + "attention.output.dense.bias", (h,)),
-            ln1_g=self._slice(pre + "attention.output.LayerNorm.weight", (h,)),
-            ln1_b=self._slice(pre + "attention.output.LayerNorm.bias", (h,)),
-            w_1=np.ascontiguousarray(
-                self._slice(pre + "intermediate.dense.weight", (m.ffn, h), fcols).T
-            ),
-            b_1=self._slice(pre + "intermediate.dense.bias", (m.ffn,), fcols),
+            w_o=np.ascontiguousarray(self._slice(names["w_o"], (h, h), (slice(None), cols)).T),
+            w_1=np.ascontiguousarray(self._slice(names["w_1"], (m.ffn, h), fcols).T),
+            b_1=self._slice(names["b_1"], (m.ffn,), fcols),
             w_2=np.ascontiguousarray(
-                self._slice(pre + "output.dense.weight", (h, m.ffn), (slice(None), fcols)).T
-            ),
-            b_2=self._slice(pre + "output.dense.bias", (h,)),
-            ln2_g=self._slice(pre + "output.LayerNorm.weight", (h,)),
-            ln2_b=self._slice(pre + "output.LayerNorm.bias", (h,)),
+                self._slice(names["w_2"], (h, m.ffn), (slice(None), fcols)).T),
+            **{f: self._slice(names[f], shape) for f, shape in vector.items()},
             head_dim=shard.head_dim,
         )
 

@@ -19,19 +19,10 @@ import pytest
 from helpers import ThreadGroup, run_ranks
 
 from mpiattn import config, grad
+from mpiattn.corpus import Corpus, train_batch, unigram_entropy
+from mpiattn.hf import from_hf, to_hf
 from mpiattn.shard import head_shard
-from mpiattn.train import (
-    PHASES,
-    Corpus,
-    Groups,
-    Trainer,
-    from_hf,
-    init_params,
-    rebuild,
-    to_hf,
-    train_batch,
-    unigram_entropy,
-)
+from mpiattn.train import PHASES, Groups, Trainer, init_params, rebuild
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIV_TOL = {"float64": 1e-10, "float32": 1e-5}
