@@ -50,7 +50,9 @@ class History:
 
     @classmethod
     def read(cls, g: Any) -> History:
-        return cls(**{f.name: list(g[f.name][()]) for f in dataclasses.fields(cls)})
+        from .h5safe import read
+
+        return cls(**{f.name: list(read(g[f.name])) for f in dataclasses.fields(cls)})
 
 
 def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
@@ -88,13 +90,23 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
+    """A checkpoint someone handed us: only what is inside the file (``h5safe``), every
+    dataset's declared size checked before it is read, any malformed part one line."""
+    from . import h5safe
+
     with h5io.open_for_reading(path) as f:
-        if f.attrs.get("status") != "complete" or "params" not in f:
+        if h5safe.attr(f, "status") != "complete" or "params" not in f:
             raise InputError(f"'{path}' is not a complete mpiattn training checkpoint")
-        params = {k: f["params"][k][()] for k in f["params"]}
-        state = {kind: {k: g[k][()] for k in g} for kind, g in f.get("optimizer", {}).items()}
-        ck = Checkpoint(int(f.attrs["step"]), params, state, f["vocab/token_ids"][()],
-                        History.read(f["train"]), str(f.attrs["optimizer"]))
+        try:
+            params = {k: h5safe.read(f["params"][k]) for k in f["params"]}
+            state = {kind: {k: h5safe.read(g[k]) for k in g}
+                     for kind, g in f.get("optimizer", {}).items()}
+            ck = Checkpoint(int(h5safe.attr(f, "step")), params, state,
+                            h5safe.read(f["vocab/token_ids"]), History.read(f["train"]),
+                            h5safe.text(h5safe.attr(f, "optimizer"), "optimizer"))
+        except h5safe.MALFORMED as err:
+            raise InputError(f"'{path}' is not a readable mpiattn training checkpoint:"
+                             f" {h5safe.one_line(err)}") from None
     if ck.optimizer != cfg.train.optimizer:
         raise InputError(f"'{path}' holds {ck.optimizer} state but train.optimizer ="
                          f" {cfg.train.optimizer}: set train.optimizer={ck.optimizer}")
