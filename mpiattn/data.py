@@ -174,7 +174,9 @@ def _read_types(where: str, dset: Any, shape: tuple[int, int], type_vocab: int) 
     if dset.dtype.kind not in "iu":
         raise InputError(f"{where} has dtype {dset.dtype}: token type ids must be integers"
                          " (int64, 0 = first segment)")
-    types = dset[()]
+    from .h5safe import read
+
+    types = read(dset)
     bad = np.argwhere((types < 0) | (types >= type_vocab))
     if bad.size:
         row, col = (int(i) for i in bad[0])
@@ -191,22 +193,25 @@ def hdf5_batch(path: Path, vocab: int, max_positions: int, type_vocab: int = 2) 
 
     Raises InputError (one line naming the file and the dataset) on a missing file, a file
     that is not HDF5, a wrong shape or dtype, an id outside the model's vocabularies, a mask
-    that is not 0/1, or a row with no real tokens.
+    that is not 0/1, or a row with no real tokens; files that keep data outside themselves
+    (external storage or links, virtual datasets) are refused (``h5safe``).
     """
     import h5py
+
+    from . import h5safe
 
     name = f"input.tokens = '{path}'"
     if not path.is_file():
         raise InputError(f"{name}: the file does not exist (relative paths are taken from the"
                          f" current folder, {Path.cwd()})")
     try:
-        with h5py.File(path, "r") as f:
+        with h5safe.open_for_reading(path) as f:  # nothing from outside the file
             dset = f.get("input/tokens")
             _check_shape(f"{name}: /input/tokens", dset, max_positions)
             if dset.dtype.kind not in "iuf":
                 raise InputError(f"{name}: /input/tokens has dtype {dset.dtype}: token ids must"
                                  " be integers (int64)")
-            ids = dset[()]
+            ids = h5safe.read(dset)
             _check_ids(f"{name}: /input/tokens", ids, vocab)
             mask_dset = f.get("input/attention_mask")
             if mask_dset is None:
@@ -218,13 +223,17 @@ def hdf5_batch(path: Path, vocab: int, max_positions: int, type_vocab: int = 2) 
                     raise InputError(f"{where} has shape {shape}, /input/tokens {ids.shape}")
                 if mask_dset.dtype.kind not in "iub":
                     raise InputError(f"{where} has dtype {mask_dset.dtype}: use uint8 0/1")
-                raw = mask_dset[()]
+                raw = h5safe.read(mask_dset)
                 if not np.isin(raw, (0, 1)).all():
                     raise InputError(f"{where} has values other than 0 and 1")
                 mask = raw.astype(bool)
             types_dset = f.get("input/token_type_ids")
             types = None if types_dset is None else _read_types(
                 f"{name}: /input/token_type_ids", types_dset, ids.shape, type_vocab)
+    except InputError as err:  # from h5safe: say which input it was
+        reason = str(err).removeprefix(f"'{path}'")
+        sep = " " if reason.startswith(" ") else ": "
+        raise InputError(f"{name}{sep}{reason.removeprefix(': ').strip()}") from None
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
         reason = " ".join(str(err).split())  # HDF5 messages can span lines
         raise InputError(f"{name}: not a readable HDF5 token file (truncated or not HDF5?):"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -357,9 +358,9 @@ def bad_token_files(folder: Path) -> dict[str, tuple[Path, str]]:
         "strings": (token_file(folder / "str.h5", np.array([[b"a", b"b"]])),
                     "token ids must be integers"),
         "absurd-shape": (token_file(folder / "huge.h5", shape=(10**9, 10**6), dtype="i8"),
-                         "sequences of 1000000 tokens, more than model.max_positions = 64"),
+                         "declares shape (1000000000, 1000000)"),  # h5safe, at open
         "absurd-batch": (token_file(folder / "huge2.h5", shape=(2**26, 64), dtype="i8"),
-                         "declares 67108864 x 64 = 4294967296 tokens"),
+                         "declares shape (67108864, 64)"),
         "seq-too-long": (token_file(folder / "long.h5", np.ones((2, 65), np.int64)),
                          "sequences of 65 tokens, more than model.max_positions = 64"),
         "id-out-of-vocab": (token_file(folder / "vocab.h5", GOOD_IDS + 295),
@@ -373,8 +374,8 @@ def bad_token_files(folder: Path) -> dict[str, tuple[Path, str]]:
                                  mask=np.array([[1, 1, 0, 0], [0, 0, 0, 0]], "u1")),
                       "row 1 has no real tokens"),
         "no-dataset": (token_file(folder / "none.h5"), "/input/tokens is missing"),
-        "truncated": (cut, "not a readable HDF5 token file"),
-        "not-hdf5": (text, "not a readable HDF5 token file"),
+        "truncated": (cut, "not a readable HDF5"),
+        "not-hdf5": (text, "not a readable HDF5"),
         "absent": (folder / "absent.h5", "the file does not exist"),
     }
     return cases
@@ -429,7 +430,7 @@ def test_absurd_declared_size_is_refused_before_reading(token_files):
         path, message = token_files[case]
         assert path.stat().st_size < 10_000  # declared, not stored
         tracemalloc.start()
-        with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        with pytest.raises(InputError, match=re.escape(message)):
             hdf5_batch(path, 300, 64 if case == "absurd-shape" else 512)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
@@ -489,9 +490,8 @@ def test_bad_checkpoint_on_the_command_line(tmp_path, checkpoints):
 
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "the file has no text"),
-    (b"\n \n\t\n", "the file has no text"),
     (b"caf\xe9 au lait\n", "not UTF-8 (byte 3)"),
-], ids=["empty", "blank", "latin-1"])
+], ids=["empty", "latin-1"])  # blank lines are rows now (test_input_exactness.py)
 def test_bad_text_file_is_one_line_naming_it(tmp_path, content, message):
     path = tmp_path / "sentences.txt"
     path.write_bytes(content)
