@@ -20,24 +20,39 @@ from typing import Any
 import numpy as np
 import tomllib
 
+from . import h5safe
 from .errors import InputError
 
 KNOWN_FORMAT = 1
+MAX_CONFIG_BYTES = 2**20  # the `config` attribute (a few KiB of TOML when mpiattn wrote it)
+MAX_READ_BYTES = 2**30  # one dataset read by report (timings, hosts, records, histories)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _scalar(value: Any) -> Any:
-    """An HDF5 attribute as a plain Python value (JSON-ready)."""
-    if isinstance(value, bytes):
-        return value.decode()
+def _scalar(value: Any, where: str) -> Any:
+    """An HDF5 attribute as a plain Python value (JSON-ready); text must be UTF-8."""
+    if isinstance(value, (bytes, str)):
+        return h5safe.text(value, where)
     if isinstance(value, np.ndarray):
-        return [_scalar(v) for v in value.tolist()]
+        return [_scalar(v, where) for v in value.ravel()]
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _int(value: Any, where: str, default: int) -> int:
+    """An integer attribute (``default`` when absent, 0 or empty); InputError otherwise."""
+    if value is None or value == 0 or value == "":
+        return default
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and float(value).is_integer():
+        return int(value)
+    raise InputError(f"{where} is {value!r}, not an integer: {h5safe.NOT_OURS}")
+
+
+def malformed(path: str | Path, err: BaseException) -> InputError:
+    """The one line for a file that h5py or NumPy could not read the way report needs."""
+    return InputError(f"'{path}': not a readable mpiattn file ({type(err).__name__}:"
+                      f" {h5safe.one_line(err)}); `mpiattn verify {path}` checks it")
 
 
 @dataclass
@@ -65,11 +80,13 @@ class RunFile:
 
     @property
     def model(self) -> dict:
-        return self.config.get("model", {})
+        section = self.config.get("model", {})
+        return section if isinstance(section, dict) else {}
 
     @property
     def input(self) -> dict:
-        return self.config.get("input", {})
+        section = self.config.get("input", {})
+        return section if isinstance(section, dict) else {}
 
     @property
     def forward_s(self) -> float | None:
@@ -78,81 +95,133 @@ class RunFile:
 
 
 def _dataset(f: Any, name: str) -> np.ndarray | None:
-    return f[name][()] if name in f and hasattr(f[name], "shape") else None
+    """Dataset ``name`` read within the bounds of ``h5safe.read`` (None when absent)."""
+    return h5safe.read(f[name], MAX_READ_BYTES) if name in f else None
+
+
+def _numbers(f: Any, name: str, ndim: tuple[int, ...] = (0, 1)) -> np.ndarray | None:
+    """A numeric dataset as float64, at least 1-D (None when absent); InputError when it
+    holds no numbers or has a number of dimensions outside ``ndim``."""
+    value = _dataset(f, name)
+    if value is None:
+        return None
+    where = f"{f.name.rstrip('/')}/{name}"
+    if value.dtype.kind not in "biuf":
+        raise InputError(f"{where} has dtype {value.dtype}: expected numbers")
+    if value.ndim not in ndim:
+        raise InputError(f"{where} has shape {value.shape}: expected {max(ndim)} dimension(s)")
+    return np.atleast_1d(value.astype(float))
+
+
+def _parse_config(raw: str) -> dict:
+    """The `config` TOML as a dict; {} when it is not TOML (an older or foreign file)."""
+    try:
+        return tomllib.loads(raw)
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return {}
 
 
 def load(path: str | Path) -> RunFile:
-    """Read one file written by mpiattn (run, train or bench), tolerating missing parts."""
-    from .h5io import open_for_reading
+    """Read one file written by mpiattn (run, train or bench), tolerating missing parts.
 
-    with open_for_reading(path) as f:
-        attrs = {k: _scalar(v) for k, v in f.attrs.items()}
+    Only the file's own bytes are read, within bounds (``h5safe``). A missing, hostile or
+    malformed file raises one ``InputError`` line naming ``path``.
+    """
+    with h5safe.open_for_reading(path) as f:
         try:
-            cfg = tomllib.loads(_text(attrs.pop("config", "")))
-        except tomllib.TOMLDecodeError:
-            cfg = {}
-        version = int(attrs.get("format_version", 0) or 0)
-        world = int(attrs.get("world_size", 0) or 0)
-        parts = attrs.get("head_partition")
-        parts = [int(x) for x in parts] if isinstance(parts, list) else (
-            [int(parts)] if parts is not None else [])
-        rf = RunFile(
-            path=str(path), format_version=version, command=_text(attrs.get("command", "")),
-            config=cfg, world_size=world,
-            tensor_parallel=int(attrs.get("tensor_parallel", world) or world),
-            data_parallel=int(attrs.get("data_parallel", 1) or 1),
-            head_partition=parts, attrs=attrs,
-        )
-        if "timings/seconds" in f:
-            d = f["timings/seconds"]
-            sec = np.asarray(d[()], dtype=float)
-            if sec.ndim == 2:  # (rank, phase): no layer axis
-                sec = sec[:, None, :]
-            rf.seconds = sec
-            names = d.attrs.get("phases")
-            rf.phases = ([_text(x) for x in names] if names is not None
-                         else [f"phase{i}" for i in range(sec.shape[-1])])
-        for name in ("forward", "setup", "total"):
-            value = _dataset(f, f"timings/{name}")
-            if value is not None:
-                setattr(rf, name, np.atleast_1d(np.asarray(value, dtype=float)))
-        hosts = _dataset(f, "ranks/host")
-        if hosts is not None:
-            rf.hosts = [_text(h) for h in np.atleast_1d(hosts)]
-        rf.collectives = _dataset(f, "checksum/collectives")
-        if "train" in f:
-            for name in ("loss", "eval_loss", "eval_step", "step", "tokens_per_second", "lr"):
-                value = _dataset(f, f"train/{name}")
-                if value is not None:
-                    rf.train[name] = np.atleast_1d(np.asarray(value, dtype=float))
-        if "bench" in f:
-            rf.bench = _read_bench(f["bench"])
-    if version > KNOWN_FORMAT:
-        print(f"mpiattn report: note: {path} has format_version {version} (this reader knows"
-              f" {KNOWN_FORMAT}); reading what it recognises", file=sys.stderr)
+            rf = _read(f, str(path))
+        except InputError as err:
+            raise InputError(f"'{path}': {err}") from None
+        except h5safe.MALFORMED as err:
+            raise malformed(path, err) from None
+    if rf.format_version > KNOWN_FORMAT:
+        print(f"mpiattn report: note: {path} has format_version {rf.format_version} (this"
+              f" reader knows {KNOWN_FORMAT}); reading what it recognises", file=sys.stderr)
     return rf
+
+
+def _read(f: Any, path: str) -> RunFile:
+    rf = _root(f, path)
+    _read_timings(f, rf)
+    hosts = _dataset(f, "ranks/host")
+    if hosts is not None:
+        rf.hosts = [h5safe.text(h, "an element of /ranks/host") for h in hosts.ravel()]
+    rf.collectives = _dataset(f, "checksum/collectives")
+    if "train" in f:
+        for name in ("loss", "eval_loss", "eval_step", "step", "tokens_per_second", "lr"):
+            value = _numbers(f, f"train/{name}")
+            if value is not None:
+                rf.train[name] = value
+    if "bench" in f:
+        rf.bench = _read_bench(f["bench"])
+    return rf
+
+
+def _root(f: Any, path: str) -> RunFile:
+    """Root attributes, the `config` TOML bounded to ``MAX_CONFIG_BYTES``."""
+    raw = h5safe.attr(f, "config", "", max_bytes=MAX_CONFIG_BYTES)
+    cfg = _parse_config(h5safe.text(raw, "attribute 'config' of /"))
+    attrs = {k: _scalar(h5safe.attr(f, k), f"attribute '{k}' of /") for k in f.attrs
+             if k != "config"}
+    version = _int(attrs.get("format_version"), "attribute 'format_version' of /", 0)
+    world = _int(attrs.get("world_size"), "attribute 'world_size' of /", 0)
+    parts = attrs.get("head_partition")
+    parts = parts if isinstance(parts, list) else [] if parts is None else [parts]
+    return RunFile(
+        path=path, format_version=version,
+        command=h5safe.text(attrs.get("command", ""), "attribute 'command' of /"),
+        config=cfg, world_size=world,
+        tensor_parallel=_int(attrs.get("tensor_parallel"), "attribute 'tensor_parallel'"
+                             " of /", world),
+        data_parallel=_int(attrs.get("data_parallel"), "attribute 'data_parallel' of /", 1),
+        head_partition=[_int(x, "attribute 'head_partition' of /", 0) for x in parts],
+        attrs=attrs,
+    )
+
+
+def _read_timings(f: Any, rf: RunFile) -> None:
+    """/timings/seconds (rank, layer, phase) with its `phases` names, and the per-rank
+    forward/setup/total times; InputError when their shapes do not fit together."""
+    sec = _numbers(f, "timings/seconds", ndim=(2, 3))
+    if sec is not None:
+        sec = sec[:, None, :] if sec.ndim == 2 else sec  # (rank, phase): no layer axis
+        if 0 in sec.shape:
+            raise InputError(f"/timings/seconds has shape {sec.shape}: it holds no times")
+        names = h5safe.attr(f["timings/seconds"], "phases")
+        rf.phases = ([h5safe.text(x, "attribute 'phases' of /timings/seconds")
+                      for x in np.atleast_1d(names).ravel()] if names is not None
+                     else [f"phase{i}" for i in range(sec.shape[-1])])
+        if len(rf.phases) != sec.shape[-1]:
+            raise InputError(f"/timings/seconds has {sec.shape[-1]} phases but its 'phases'"
+                             f" attribute names {len(rf.phases)}")
+        rf.seconds = sec
+    for name in ("forward", "setup", "total"):
+        value = _numbers(f, f"timings/{name}")
+        if value is not None and value.size:
+            setattr(rf, name, value)
 
 
 def _read_bench(g: Any) -> dict[str, Any]:
     """/bench/allreduce (bytes, seconds, ranks) and /bench/gemm/flops_per_second."""
     out: dict[str, Any] = {}
     if "allreduce" in g and "bytes" in g["allreduce"] and "seconds" in g["allreduce"]:
-        ar = g["allreduce"]
-        nbytes = np.atleast_1d(ar["bytes"][()]).astype(float)
-        seconds = np.atleast_1d(ar["seconds"][()]).astype(float)
-        if "ranks" in ar:
-            ranks = np.atleast_1d(ar["ranks"][()]).astype(float)
+        nbytes = _numbers(g, "allreduce/bytes")
+        seconds = _numbers(g, "allreduce/seconds")
+        if "ranks" in g["allreduce"]:
+            ranks = _numbers(g, "allreduce/ranks")
         else:
-            ranks = np.array([float(ar.attrs.get("ranks", 1))])
+            ranks = np.array([float(h5safe.attr(g["allreduce"], "ranks", 1))])
         out["allreduce"] = {"bytes": nbytes, "seconds": seconds,
                             "ranks": np.broadcast_to(ranks, nbytes.shape).copy()}
     if "gemm" in g and "flops_per_second" in g["gemm"]:
-        out["gemm_flops_per_second"] = np.atleast_1d(g["gemm/flops_per_second"][()]).astype(float)
+        out["gemm_flops_per_second"] = _numbers(g, "gemm/flops_per_second")
     if "phases" in g and "seconds" in g["phases"]:  # (rank, phase), one layer
-        d = g["phases/seconds"]
-        out["phase_seconds"] = np.atleast_2d(d[()]).astype(float)
-        out["phases"] = [_text(x) for x in d.attrs.get("phases", [])]
-    out["checksum_mode"] = _text(g.attrs.get("checksum_mode", ""))
+        out["phase_seconds"] = np.atleast_2d(_numbers(g, "phases/seconds", ndim=(0, 1, 2)))
+        out["phases"] = [h5safe.text(x, "attribute 'phases' of /bench/phases/seconds")
+                         for x in np.atleast_1d(h5safe.attr(g["phases/seconds"], "phases",
+                                                            [])).ravel()]
+    out["checksum_mode"] = h5safe.text(h5safe.attr(g, "checksum_mode", ""),
+                                       "attribute 'checksum_mode' of /bench")
     return out
 
 
@@ -193,7 +262,7 @@ def train_summary(rf: RunFile) -> dict[str, Any] | None:
     loss = rf.train.get("loss")
     if loss is not None and loss.size:
         out.update(steps=int(loss.size), first_loss=float(loss[0]), last_loss=float(loss[-1]),
-                   min_loss=float(np.nanmin(loss)))
+                   min_loss=_ignoring_nan(np.min, loss))
     ev = rf.train.get("eval_loss")
     if ev is not None and ev.size:
         out["last_eval_loss"] = float(ev[-1])
@@ -202,8 +271,15 @@ def train_summary(rf: RunFile) -> dict[str, Any] | None:
             out["last_eval_step"] = int(steps[-1])
     tps = rf.train.get("tokens_per_second")
     if tps is not None and tps.size:
-        out["tokens_per_second_mean"] = float(np.nanmean(tps))
+        out["tokens_per_second_mean"] = _ignoring_nan(np.mean, tps)
     return out
+
+
+def _ignoring_nan(fn: Any, values: np.ndarray) -> float:
+    """``fn`` over the values that are not NaN (NaN when there are none), without the
+    RuntimeWarning of ``np.nanmin``/``np.nanmean`` on an all-NaN array."""
+    kept = values[~np.isnan(values)]
+    return float(fn(kept)) if kept.size else float("nan")
 
 
 def summarize(rf: RunFile) -> dict[str, Any]:
@@ -242,7 +318,7 @@ def same_model(files: list[RunFile]) -> list[str]:
     for rf in files[1:]:
         for section in ("model", "input"):
             a, b = ref.config.get(section), rf.config.get(section)
-            if a is None or b is None:
+            if not isinstance(a, dict) or not isinstance(b, dict):
                 problems.append(f"{rf.path}: no [{section}] in its config attribute")
                 continue
             for key in sorted(set(a) | set(b)):
@@ -303,7 +379,9 @@ def format_summary(s: dict[str, Any]) -> str:
         axis = "steps" if s["command"] == "train" else "layers"
         lines.append(f"  (mean over ranks of the per-rank sum over {axis}; imbalance = max/mean)")
         extra = s.get("first_layer_extra_s", 0.0)
-        if extra > 0.2 * total / max(1, m.get("layers", 1)):
+        layers = m.get("layers")
+        layers = layers if isinstance(layers, int) and 1 <= layers < 2**63 else 1
+        if extra > 0.2 * total / layers:
             lines.append(f"  note: layer 0 took {extra:.4f} s more than the median layer"
                          " (first-call warm-up inside its phases)")
     c = s.get("checksum")
@@ -403,17 +481,47 @@ def plot(files: list[RunFile], sc: dict[str, Any] | None, out: str) -> None:
     plt.close(fig)
 
 
+def _checked_summary(rf: RunFile) -> tuple[dict[str, Any], str]:
+    """``summarize`` and ``format_summary`` of one file; what they raise on values of the
+    wrong kind (a malformed file) becomes one ``InputError`` line naming the file."""
+    try:
+        s = summarize(rf)
+        return s, format_summary(s)
+    except h5safe.MALFORMED as err:
+        raise malformed(rf.path, err) from None
+
+
+def plain(value: Any) -> Any:
+    """``value`` with NumPy types as Python ones, non-finite floats as None (JSON has no
+    NaN) and anything else JSON cannot hold (TOML dates) as its string."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
 def report(paths: list[str], as_json: bool = False, plot_to: str | None = None) -> int:
+    """Print the summary of each file (and the scaling table of several), as text or JSON
+    (non-finite numbers as null); 0 on success. A missing, hostile or malformed file raises
+    one ``InputError`` line naming it (exit code 2 in the CLI)."""
     files = [load(p) for p in paths]
-    summaries = [summarize(rf) for rf in files]
+    checked = [_checked_summary(rf) for rf in files]
     sc = scaling(files) if len(files) > 1 else None
     if plot_to:
         plot(files, sc, plot_to)
     if as_json:
-        print(json.dumps({"files": summaries, "scaling": sc, "plot": plot_to}, indent=2,
-                         default=float))
+        summaries = [s for s, _ in checked]
+        print(json.dumps(plain({"files": summaries, "scaling": sc, "plot": plot_to}),
+                         indent=2, allow_nan=False))
         return 0
-    print("\n\n".join(format_summary(s) for s in summaries))
+    print("\n\n".join(text for _, text in checked))
     if sc is not None:
         print()
         print(format_scaling(sc))

@@ -5,8 +5,10 @@ bytes, cuts, inserted or repeated chunks, "interesting" integers). The contract 
 a reader either returns or raises a ``mpiattn.errors.UserError`` subclass (one clear line,
 exit code 2 in the CLI). Any other exception is a crash: the harness prints it with the
 reader, the exception and the innermost frame, saves the input under ``--crash-dir``, and
-exits 1. A native crash (segfault in HDF5 or safetensors) kills the process; the input
-being tried is always on disk as ``WORK/<reader>.bin``, the path printed at start.
+exits 1. A native crash (segfault in HDF5 or safetensors) kills the process, and an input
+that keeps a reader busy for ``--hang-seconds`` (HDF5 looping in C, where no Python signal
+handler runs) ends it through ``faulthandler`` with a "Timeout" stack dump; either way the
+input being tried is on disk as ``WORK/<reader>.bin``, the path printed at start.
 
     python tests/fuzz/fuzz_readers.py --iterations 20000 --crash-dir crashes  # all readers
     python tests/fuzz/fuzz_readers.py --reader tokens --seed 7 --iterations 5000
@@ -24,18 +26,25 @@ Readers (``--reader``):
   for both shards of a two-rank split.
 - ``checkpoint_json``: the ``config.json`` beside a checkpoint, as ``runner.plan`` takes it
   (``apply_checkpoint_shape``, then ``config.check_world``).
+- ``verify``: ``mpiattn.h5io.verify`` of a finished run file (a tiny ``mpiattn run``
+  output plus a collectives table and a training history); a damaged file must give a list
+  of one-line problems.
+- ``report``: ``mpiattn.report.report`` of the same file, as text and as ``--json`` (which
+  must be strict JSON).
 
 ``--atheris`` hands one reader to Google's coverage-guided fuzzer (``pip install atheris``,
 not a dependency of mpiattn; the remaining arguments go to libFuzzer). Plain random
 mutation, the default, needs nothing beyond the test extras and is what
 ``tests/fuzz/test_fuzz_readers_short.py`` runs in the suite: 200 inputs for each of
-config, tokens and safetensors, about a second. Inputs are written under /dev/shm when it
-exists (thousands of small files), else TMPDIR; ``--work-dir`` chooses.
+config, tokens and safetensors, about a second, and 100 each for verify and report.
+Inputs are written under /dev/shm when it exists (thousands of small files), else TMPDIR;
+``--work-dir`` chooses.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import random
@@ -196,17 +205,102 @@ def seed_checkpoint_json() -> bytes:
     return json.dumps(hf, indent=1).encode()
 
 
+def seed_run(folder: Path) -> bytes:
+    """A tiny single-process ``mpiattn run`` output, made the same on every machine (host,
+    library, time and timing values replaced, then copied into a fresh file), plus what such
+    a file lacks but verify and report read: a collectives table (one failed row) and a
+    training history. The same bytes everywhere keep a mutation seed's inputs the same."""
+    import subprocess
+
+    import h5py
+
+    from mpiattn.runner import RECORD_DTYPE
+
+    tiny = {"model.layers": 1, "model.heads": 2, "model.hidden": 8, "model.ffn": 16,
+            "model.vocab": 20, "input.batch": 2, "input.seq_len": 4}
+    sets = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (
+        str(ROOT), os.environ.get("PYTHONPATH"))))}
+    subprocess.run([sys.executable, "-m", "mpiattn.cli", "run", *sets, "-o", "raw.h5",
+                    "--force"], check=True, capture_output=True, cwd=folder, env=env,
+                   timeout=120)
+    path = folder / "seed-run.h5"
+    with h5py.File(folder / "raw.h5", "r") as raw, h5py.File(path, "w", libver="latest") as f:
+        for name in sorted(raw):
+            raw.copy(raw[name], f, name)
+        for key in sorted(raw.attrs):
+            value = raw.attrs[key]
+            f.attrs[key] = "fixed" if isinstance(value, str) and key not in (
+                "config", "status", "command", "attention", "backend") else value
+        for name in ("timings/forward", "timings/setup", "timings/total", "timings/seconds",
+                     "ranks/peak_memory"):
+            f[name][...] = 1
+        f["ranks/host"][...] = "node0"
+        f["ranks/device"][...] = "cpu"
+        untimed = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+        untimed.set_obj_track_times(False)  # no creation time in the group's header
+        for group in (b"checksum", b"train"):
+            h5py.h5g.create(f.id, group, gcpl=untimed)
+        table = np.zeros(2, RECORD_DTYPE)
+        table["passed"] = [1, 0]
+        table["site"] = [b"attention", b"mlp"]
+        f["checksum/collectives"] = table
+        for name, values in (("loss", [7.0, 6.5, 6.0]), ("eval_loss", [6.2]),
+                             ("eval_step", [3]), ("step", [1, 2, 3]),
+                             ("tokens_per_second", [900.0, 1000.0, 1100.0])):
+            f[f"train/{name}"] = np.asarray(values)
+    return path.read_bytes()
+
+
+def read_verify(path: Path) -> None:
+    """A list of one-line problems (or a UserError when the file cannot be opened)."""
+    from mpiattn.h5io import verify
+
+    problems = verify(path)
+    assert isinstance(problems, list)
+    assert all(isinstance(p, str) and p and "\n" not in p for p in problems), problems
+
+
+def read_report(path: Path) -> None:
+    """The text report and the JSON report; the JSON must parse strictly (no NaN)."""
+    import contextlib
+    import io
+
+    from mpiattn.report import report
+
+    for as_json in (False, True):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            assert report([str(path)], as_json=as_json) == 0
+        if as_json:
+            json.loads(out.getvalue(), parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"report --json printed {name}: not JSON")
+
+
 READERS: dict[str, tuple[Callable[[Path], None], str]] = {
     "config": (read_config, "config.toml"),
     "tokens": (read_tokens, "tokens.h5"),
     "safetensors": (read_safetensors, "model.safetensors"),
     "checkpoint_json": (read_checkpoint_json, "config.json.in"),
+    "verify": (read_verify, "run.h5"),
+    "report": (read_report, "run.h5"),
 }
 
 
-def seeds(folder: Path) -> dict[str, bytes]:
-    return {"config": seed_config(), "tokens": seed_tokens(folder),
-            "safetensors": seed_safetensors(), "checkpoint_json": seed_checkpoint_json()}
+def seeds(folder: Path, readers: list[str]) -> dict[str, bytes]:
+    """The valid seed file of each of ``readers`` (the run file is made once, by a
+    single-process ``mpiattn run``, only when verify or report needs it)."""
+    makers: dict[str, Callable[[], bytes]] = {
+        "config": seed_config, "tokens": lambda: seed_tokens(folder),
+        "safetensors": seed_safetensors, "checkpoint_json": seed_checkpoint_json}
+    out = {name: makers[name]() for name in readers if name in makers}
+    if {"verify", "report"} & set(readers):
+        run = seed_run(folder)
+        out.update({name: run for name in ("verify", "report") if name in readers})
+    return out
 
 
 # --- mutation -------------------------------------------------------------------------
@@ -247,9 +341,12 @@ class Crash(Exception):
     pass
 
 
-def try_one(reader: str, payload: bytes, work: Path) -> bool:
+HANG_SECONDS = 60.0  # one input taking longer than this is a hang (the process ends)
+
+
+def try_one(reader: str, payload: bytes, work: Path, hang_s: float = HANG_SECONDS) -> bool:
     """Feed ``payload`` to ``reader``: True if read, False if rejected with a UserError;
-    raise Crash on anything else."""
+    raise Crash on anything else; end the process (faulthandler) after ``hang_s`` seconds."""
     func, name = READERS[reader]
     folder = work / reader
     folder.mkdir(exist_ok=True)
@@ -258,6 +355,7 @@ def try_one(reader: str, payload: bytes, work: Path) -> bool:
     (work / f"{reader}.bin").write_bytes(payload)  # survives a native crash
     if reader == "checkpoint_json":
         (folder / "model.safetensors").touch()
+    faulthandler.dump_traceback_later(hang_s, exit=True)
     try:
         func(path)
     except UserError:
@@ -266,13 +364,15 @@ def try_one(reader: str, payload: bytes, work: Path) -> bool:
         frame = traceback.extract_tb(err.__traceback__)[-1]
         raise Crash(f"{reader}: {type(err).__name__}: {err} (at {Path(frame.filename).name}:"
                     f"{frame.lineno} in {frame.name})") from err
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     return True
 
 
 def fuzz(readers: list[str], iterations: int, seed: int, crash_dir: Path | None,
-         work: Path, verbose: bool = True) -> list[str]:
+         work: Path, verbose: bool = True, hang_s: float = HANG_SECONDS) -> list[str]:
     """Run ``iterations`` mutated inputs per reader; the distinct crash lines found."""
-    base = seeds(work)
+    base = seeds(work, readers)
     found: dict[str, str] = {}
     for reader in readers:
         rng = random.Random(f"{seed}-{reader}")
@@ -282,7 +382,7 @@ def fuzz(readers: list[str], iterations: int, seed: int, crash_dir: Path | None,
         for i in range(iterations):
             payload = mutate(rng, base[reader])
             try:
-                if try_one(reader, payload, work):
+                if try_one(reader, payload, work, hang_s):
                     read += 1
                 else:
                     rejected += 1
@@ -312,7 +412,7 @@ def run_atheris(reader: str, work: Path, crash_dir: Path, argv: list[str]) -> No
         import atheris
     except ImportError:
         sys.exit("--atheris needs atheris: pip install atheris (not a dependency of mpiattn)")
-    base = seeds(work)
+    base = seeds(work, [reader])
     crash_dir.mkdir(parents=True, exist_ok=True)
 
     def one(payload: bytes) -> None:
@@ -339,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crash-dir", type=Path, default=None, help="save crashing inputs here")
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="where the inputs are written (default: /dev/shm, else TMPDIR)")
+    ap.add_argument("--hang-seconds", type=float, default=HANG_SECONDS,
+                    help="end the run when one input takes longer (a hang in C code)")
     ap.add_argument("--replay", type=Path, help="feed one saved input to --reader and stop")
     ap.add_argument("--atheris", action="store_true", help="coverage-guided, one reader")
     args, rest = ap.parse_known_args(argv)
@@ -349,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         print(f"work folder {work} (the input being tried is WORK/<reader>.bin)", flush=True)
         if args.replay:
-            try_one(readers[0], args.replay.read_bytes(), work)  # a Crash shows its traceback
+            try_one(readers[0], args.replay.read_bytes(), work, args.hang_seconds)  # a Crash
+            # shows its traceback, a hang faulthandler's stack dump
             print("no crash")
             return 0
         if args.atheris:
@@ -357,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if rest:
             ap.error(f"unknown arguments {rest}")
-        crashes = fuzz(readers, args.iterations, args.seed, args.crash_dir, work)
+        crashes = fuzz(readers, args.iterations, args.seed, args.crash_dir, work,
+                       hang_s=args.hang_seconds)
     print(f"{len(crashes)} distinct crash(es)" if crashes else "no crashes")
     return 1 if crashes else 0
 
