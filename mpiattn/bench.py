@@ -164,9 +164,10 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
         if rank == 0:
             print(text, flush=True)
 
+    data, tensor = p.grid.axis_size("data"), p.grid.axis_size("tensor")
     say(f"bench: hidden {m.hidden}, heads {m.heads} {p.head_counts}, ffn {m.ffn}, batch"
-        f" {p.batch.shape[0]} x seq {s}, {cfg.dtype}, {p.topo.size} ranks"
-        f" ({p.topo.replicas} data x {p.topo.tensor} head), {p.threads or '-'} threads/rank")
+        f" {p.batch.shape[0]} x seq {s}, {cfg.dtype}, {p.grid.size} ranks"
+        f" ({data} data x {tensor} head), {p.threads or '-'} threads/rank")
 
     # 1. the limit: GEMM rate at the layer's own shapes on this rank
     rows, w, f = b * s, p.shard.width, p.shard.ffn_cols.stop - p.shard.ffn_cols.start
@@ -203,7 +204,7 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
     # 3. the Allreduce at the layer's message size and around it, vs a memory copy
     message = rows * m.hidden * dtype.itemsize
     sizes = sorted({8, 1 << 12, 1 << 16, 1 << 20, message, min(4 * message, 1 << 26)})
-    comm_table = allreduce_sweep(world, p.topo.heads, sizes, repeats)
+    comm_table = allreduce_sweep(world, p.grid.comm("tensor"), sizes, repeats)
 
     # 4. optional sweep over sequence lengths (whole layer)
     sweep_rows = []
@@ -255,7 +256,7 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
                 h5io.write_array(ar, key, values, ("size",),
                                  units="B" if key == "bytes" else
                                  ("s" if "seconds" in key or key == "spread" else "B/s"))
-            ar.attrs["ranks"] = p.topo.tensor
+            ar.attrs["ranks"] = p.grid.axis_size("tensor")
             ar.attrs["convention"] = "busbw = bytes/time * 2(n-1)/n (nccl-tests)"
             g.attrs["checksum_overhead"] = overhead
             g.attrs["checksum_mode"] = reducer.mode

@@ -1,7 +1,6 @@
-"""MPI topology and the one checksum-validated Allreduce; knows nothing about models.
+"""The checksum-validated Allreduce and small collective helpers; knows nothing about
+models. (The process grid and its communicators are ``grid``.)
 
-World = data-parallel replicas x head-parallel groups: world rank ``replica * tensor +
-head_rank``, so the ranks of a head group are neighbours (on one node when they fit).
 Every function takes its communicator as an argument; nothing binds ``COMM_WORLD`` at import.
 """
 
@@ -18,48 +17,6 @@ from mpi4py import MPI
 from . import checksum, watchdog
 from .backend import Backend, data_ptr, get_array_module
 from .errors import IntegrityError, NumericalError, UserError
-
-
-@dataclass
-class Topology:
-    world: Any  # MPI.Comm
-    heads: Any  # this rank's head-parallel group
-    data: Any  # ranks holding the same heads in other replicas
-    tensor: int
-    replicas: int
-    replica: int
-    head_rank: int
-    local_rank: int  # rank on this node
-    local_size: int  # ranks on this node
-
-    @property
-    def rank(self) -> int:
-        return self.world.Get_rank()
-
-    @property
-    def size(self) -> int:
-        return self.world.Get_size()
-
-    def head_group_ranks(self) -> list[int]:
-        """World ranks of this rank's head group."""
-        return [self.replica * self.tensor + r for r in range(self.tensor)]
-
-
-def make_topology(world: Any, tensor: int) -> Topology:
-    rank, size = world.Get_rank(), world.Get_size()
-    if size % tensor:
-        raise ValueError(f"tensor size {tensor} does not divide world size {size}")
-    replica, head_rank = divmod(rank, tensor)
-    node = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    local_rank, local_size = node.Get_rank(), node.Get_size()
-    node.Free()
-    return Topology(
-        world=world,
-        heads=world.Split(color=replica, key=head_rank),
-        data=world.Split(color=head_rank, key=replica),
-        tensor=tensor, replicas=size // tensor, replica=replica, head_rank=head_rank,
-        local_rank=local_rank, local_size=local_size,
-    )
 
 
 def cuda_aware_mpi() -> bool:

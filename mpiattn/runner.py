@@ -69,7 +69,7 @@ class Plan:
     """Everything decided before the first FLOP."""
 
     cfg: Config
-    topo: Any
+    grid: Any
     backend: Backend
     shard: HeadShard
     head_counts: list[int]
@@ -100,22 +100,23 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Ba
 
 
 def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
-    """Topology, backend, BLAS threads and this rank's heads and rows (run and train)."""
-    from .comm import make_topology
+    """Process grid, backend, BLAS threads and this rank's heads and rows (run and train)."""
+    from .grid import GridShape, make_grid
 
-    topo = make_topology(world, tensor)
-    backend = select(cfg.backend, topo.local_rank)
-    threads, limiter = limit_blas_threads(topo.local_size) if not backend.is_gpu else (0, None)
-    warning = oversubscription(topo.local_size, threads) if threads else None
+    grid = make_grid(world, GridShape.of(world.Get_size(), tensor))
+    backend = select(cfg.backend, grid.local_rank)
+    threads, limiter = limit_blas_threads(grid.local_size) if not backend.is_gpu else (0, None)
+    warning = oversubscription(grid.local_size, threads) if threads else None
     if warning and world.Get_rank() == 0:
         print(warning, file=sys.stderr, flush=True)
     m = cfg.model
     head_counts = counts(m.heads, tensor)
     if cfg.parallel.balance == "measured" and tensor > 1:
-        head_counts = calibrated_counts(cfg, topo, backend, batch)
-    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, topo.head_rank, head_counts)
-    rows = partition(batch.shape[0], topo.replicas, topo.replica)
-    return Plan(cfg, topo, backend, shard, head_counts, batch, rows, threads, limiter)
+        head_counts = calibrated_counts(cfg, grid, backend, batch)
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, grid.coord("tensor"),
+                       head_counts)
+    rows = partition(batch.shape[0], grid.axis_size("data"), grid.coord("data"))
+    return Plan(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter)
 
 
 def slowdown(cfg: Config, rank: int) -> float:
@@ -133,7 +134,7 @@ def slowdown(cfg: Config, rank: int) -> float:
     return factor
 
 
-def calibrated_counts(cfg: Config, topo: Any, backend: Backend, batch: Batch) -> list[int]:
+def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) -> list[int]:
     """Heads per head rank from measured rates, averaged over replicas (same on all)."""
     from mpi4py import MPI
 
@@ -142,9 +143,9 @@ def calibrated_counts(cfg: Config, topo: Any, backend: Backend, batch: Batch) ->
     m = cfg.model
     rows = min(batch.shape[0] * batch.shape[1], 2048)
     rate = head_rate(backend.xp, rows, m.hidden, m.hidden // m.heads, max(1, m.ffn // m.heads),
-                     np.dtype(cfg.dtype), slowdown=slowdown(cfg, topo.rank))
-    rates = np.array(topo.heads.allgather(rate))
-    topo.data.Allreduce(MPI.IN_PLACE, rates, op=MPI.SUM)  # every replica, same split
+                     np.dtype(cfg.dtype), slowdown=slowdown(cfg, grid.rank))
+    rates = np.array(grid.comm("tensor").allgather(rate))
+    grid.comm("data").Allreduce(MPI.IN_PLACE, rates, op=MPI.SUM)  # every replica, same split
     return measured_counts(m.heads, list(rates))
 
 
@@ -219,12 +220,12 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None,
     if aware is None:
         aware = p.backend.is_gpu and cuda_aware_mpi()
     return CheckedAllreduce(
-        comm=p.topo.heads if comm is None else comm, backend=p.backend, mode=cfg.checksum.mode,
-        wire=cfg.checksum.wire,
+        comm=p.grid.comm("tensor") if comm is None else comm, backend=p.backend,
+        mode=cfg.checksum.mode, wire=cfg.checksum.wire,
         on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
         hash_every=cfg.checksum.hash_every, cuda_aware=aware,
-        faults=parse_faults(cfg.fault.inject, SITES), world_rank=p.topo.rank,
-        group_ranks=p.topo.head_group_ranks() if group_ranks is None else group_ranks,
+        faults=parse_faults(cfg.fault.inject, SITES), world_rank=p.grid.rank,
+        group_ranks=p.grid.group_ranks("tensor") if group_ranks is None else group_ranks,
     )
 
 
@@ -279,7 +280,7 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
 
     rank = world.Get_rank()
     crashes, slow = crash_points(cfg, rank), slowdown(cfg, rank)
-    topo, backend, xp = p.topo, p.backend, p.backend.xp
+    grid, backend, xp = p.grid, p.backend, p.backend.xp
     count, start = p.rows
     mine = p.batch.rows(start, count)
 
@@ -293,7 +294,7 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     # --- forward ------------------------------------------------------------------------
     keep = {"all": range(cfg.model.layers), "last": [cfg.model.layers - 1], "none": []}[
         cfg.output.layers]
-    leader = topo.head_rank == 0  # one copy of each replica's results leaves the group
+    leader = grid.coord("tensor") == 0  # one copy of each replica's results leaves the group
     outputs: dict[tuple[int, str], np.ndarray] = {}
     timer = PhaseTimer(backend.timer(), PHASES)
 
@@ -330,25 +331,25 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     host_info = world.gather((socket.gethostname(), backend.device))
     gathered: dict[tuple[int, str], np.ndarray] = {}
     pooled_all, records = None, []
-    parallel = topo.replicas > 1 and h5io.has_parallel_hdf5()
+    parallel = grid.axis_size("data") > 1 and h5io.has_parallel_hdf5()
     if leader and parallel:  # every replica writes its own rows into one file (mpio)
-        tmp = topo.data.bcast(str(out.create()) if rank == 0 else None)
+        tmp = grid.comm("data").bcast(str(out.create()) if rank == 0 else None)
         rows = {f"{h5io.layer_group(i)}/{name}": a for (i, name), a in outputs.items()}
         if p.batch.text is not None:
             rows["output/pooled"] = pooled
-        h5io.write_rows_parallel(tmp, topo.data, p.rows[1], p.batch.shape[0], rows)
+        h5io.write_rows_parallel(tmp, grid.comm("data"), p.rows[1], p.batch.shape[0], rows)
     elif leader:  # replica leaders send their batch rows to rank 0, in replica order
         for key in sorted(outputs):
-            gathered[key] = gather_rows(topo.data, outputs[key])
-        pooled_all = gather_rows(topo.data, pooled)
+            gathered[key] = gather_rows(grid.comm("data"), outputs[key])
+        pooled_all = gather_rows(grid.comm("data"), pooled)
     if leader:
-        records = topo.data.gather([(topo.replica, r) for r in reducer.records])
+        records = grid.comm("data").gather([(grid.coord("data"), r) for r in reducer.records])
 
 
     def write() -> Path:
         writing = h5io.atomic_update(out) if parallel else h5io.atomic_file(out)
         with writing as f:
-            f.attrs["write_mode"] = (f"mpio, {topo.replicas} writers" if parallel
+            f.attrs["write_mode"] = (f"mpio, {grid.axis_size('data')} writers" if parallel
                                      else "gathered to rank 0")
             write_run(f, cfg, p, gathered, pooled_all, all_seconds, all_totals, host_info,
                       [item for part in records for item in part], started)
@@ -365,8 +366,8 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
 
     f.attrs.update({
         "mpiattn_version": __version__, "format_version": h5io.FORMAT_VERSION,
-        "command": command, "config": cfg.to_toml(), "world_size": p.topo.size,
-        "tensor_parallel": p.topo.tensor, "data_parallel": p.topo.replicas,
+        "command": command, "config": cfg.to_toml(), "world_size": p.grid.size,
+        "tensor_parallel": p.grid.axis_size("tensor"), "data_parallel": p.grid.axis_size("data"),
         "head_partition": np.array(p.head_counts), "backend": p.backend.name,
         "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
         "blas": str(blas_info()),
@@ -440,7 +441,8 @@ def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,
     b, s = p.batch.shape
     print(f"mpiattn {__version__}: {m.layers} layers, {m.heads} heads, hidden {m.hidden},"
           f" ffn {m.ffn}; batch {b} x seq {s}, {cfg.dtype}, {p.backend.name}")
-    print(f"ranks {p.topo.size} = {p.topo.replicas} data x {p.topo.tensor} head;"
+    data, tensor = p.grid.axis_size("data"), p.grid.axis_size("tensor")
+    print(f"ranks {p.grid.size} = {data} data x {tensor} head;"
           f" heads per rank {p.head_counts}; BLAS threads/rank {p.threads or '-'}")
     phase_total = seconds.sum(axis=1).mean(axis=0)  # mean over ranks, per phase
     share = phase_total / max(phase_total.sum(), 1e-12)

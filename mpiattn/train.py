@@ -311,12 +311,12 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
 
     first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0
     plan = place(cfg, world, tensor, InputBatch(first.ids, first.key_mask))
-    topo, backend, shard = plan.topo, plan.backend, plan.shard
+    grid, backend, shard = plan.grid, plan.backend, plan.shard
     xp, m = backend.xp, cfg.model
     heads = make_reducer(cfg, plan)
-    data = make_reducer(cfg, plan, topo.data,
-                        [r * tensor + topo.head_rank for r in range(topo.replicas)])
-    groups = Groups(heads, data, tensor, topo.head_rank, topo.replicas, topo.replica)
+    data = make_reducer(cfg, plan, grid.comm("data"), grid.group_ranks("data"))
+    groups = Groups(heads, data, tensor, grid.coord("tensor"), grid.axis_size("data"),
+                    grid.coord("data"))
 
     params = init_params(cfg, shard, corpus.vocab)
     history, start = History(), 0
@@ -339,12 +339,12 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         """Gather the whole model and optimizer state to rank 0 (replica 0 holds it), which
         writes it; the outcome is agreed by every rank."""
         full = {}
-        if topo.replica == 0:
+        if grid.coord("data") == 0:
             for key, arrays in [("params", trainer.arrays())] + [
                     (kind, trainer.opt.state[kind]) for kind in trainer.opt.names]:
                 p = rebuild(trainer.params, [to_host(a) for a in arrays])
-                pieces = topo.heads.gather(p.layers, root=0)
-                if topo.head_rank == 0:
+                pieces = grid.comm("tensor").gather(p.layers, root=0)
+                if grid.coord("tensor") == 0:
                     layers = [grad.join_shards([pc[i] for pc in pieces])
                               for i in range(m.layers)]
                     full[key] = to_hf(p.emb, layers, p.head)
@@ -403,8 +403,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     all_seconds = gather_rows(world, seconds[None])
     totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
     host_info = world.gather((socket.gethostname(), backend.device))
-    mine = [(topo.replica, r) for r in heads.records] if topo.head_rank == 0 else []
-    mine += [(topo.replica, r) for r in data.records] if topo.replica == 0 else []
+    mine = [(grid.coord("data"), r) for r in heads.records] if grid.coord("tensor") == 0 else []
+    mine += [(grid.coord("data"), r) for r in data.records] if grid.coord("data") == 0 else []
     records = world.gather(mine)
 
     def write() -> Path:
