@@ -197,7 +197,13 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"attribute 'config' of / is not TOML ({h5safe.one_line(err)})")
         except (*h5safe.MALFORMED, InputError) as err:
             problems.append(h5safe.one_line(err))
-        for name, dset in h5safe.datasets(f):
+        try:
+            found_datasets = h5safe.datasets(f)
+        except h5safe.MALFORMED as err:
+            found_datasets = []
+            problems.append(f"the file's objects cannot be listed ({h5safe.one_line(err)}):"
+                            " corrupted")
+        for name, dset in found_datasets:
             finite = name.startswith("layers/") or name in finite_checked
             try:
                 want = h5safe.attr(dset, DIGEST_ATTR)
