@@ -164,7 +164,11 @@ def _mpi_command(body: Callable[[Any], int], signals: str = "exit") -> int:
             print(f"mpiattn: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except IntegrityError as err:  # collective within err.comm: its rank 0 reports
-        group = err.comm if err.comm is not None else world
+        if err.comm is None:  # seen by this rank (and one peer) alone: end the job
+            print(f"mpiattn: {err.label}: rank {rank}: {err}; no output written",
+                  file=sys.stderr, flush=True)
+            return abort(err.exit_code)
+        group = err.comm
         if group.Get_rank() == 0:
             print(f"mpiattn: {err.label}: {err}; no output written", file=sys.stderr,
                   flush=True)

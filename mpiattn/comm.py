@@ -17,6 +17,7 @@ from mpi4py import MPI
 from . import checksum, watchdog
 from .backend import Backend, data_ptr, get_array_module
 from .errors import IntegrityError, NumericalError, UserError
+from .transfers import FaultPlan, Ledger, Record, RetryPolicy, agree
 
 
 def cuda_aware_mpi() -> bool:
@@ -79,21 +80,6 @@ def gather_rows(comm: Any, rows: np.ndarray, root: int = 0) -> np.ndarray | None
 
 
 @dataclass
-class Record:
-    """What one validated collective reports (one per layer and site and replica)."""
-
-    layer: int
-    site: str
-    residual: float
-    bound: float
-    ratio: float  # residual / bound; <= 1 passes
-    passed: bool
-    retries: int
-    digest: int  # agreed 64-bit hash (0 when not hashed at this collective)
-    chunk: int = 0  # which batch chunk, with parallel.overlap
-
-
-@dataclass
 class Pending:
     """A reduction in flight: its buffers, its request and how many attempts it took."""
 
@@ -111,14 +97,60 @@ class Pending:
 
 
 @dataclass
+class AllreduceTransport:
+    """Preallocated buffers and the nonblocking Allreduce(SUM) over ``comm``: device
+    buffers straight to a CUDA-aware MPI, otherwise through pinned host buffers."""
+
+    comm: Any
+    backend: Backend
+    cuda_aware: bool = False
+    group_ranks: list = field(default_factory=list)
+    _buffers: dict = field(default_factory=dict)
+
+    def buffer(self, name: str, shape: tuple, dtype: Any, host: bool = False) -> Any:
+        """The buffer ``name`` of this shape and dtype (made once, then reused)."""
+        key = (name, shape, np.dtype(dtype).str, host)
+        buf = self._buffers.get(key)
+        if buf is None:
+            if host and self.backend.is_gpu:
+                import cupyx
+
+                buf = cupyx.empty_pinned(shape, dtype=dtype)
+            else:
+                buf = (np if host else self.backend.xp).empty(shape, dtype=dtype)
+            self._buffers[key] = buf
+        return buf
+
+    def post(self, send: Any, recv: Any, slot: int) -> Any:
+        """Start the sum of ``send`` into ``recv``; the request."""
+        self.backend.sync()  # device work that fills ``send`` must be done
+        if not self.backend.is_gpu or self.cuda_aware:
+            return self.comm.Iallreduce(send, recv, op=MPI.SUM)
+        host_send = self.buffer(f"host_send{slot}", send.shape, send.dtype, host=True)
+        host_recv = self.buffer(f"host_recv{slot}", recv.shape, recv.dtype, host=True)
+        send.get(out=host_send)
+        return self.comm.Iallreduce(host_send, host_recv, op=MPI.SUM)
+
+    def wait(self, request: Any, recv: Any, slot: int) -> None:
+        with watchdog.waiting("Iallreduce", ",".join(map(str, self.group_ranks))):
+            request.Wait()
+        if self.backend.is_gpu and not self.cuda_aware:
+            recv.set(self.buffer(f"host_recv{slot}", recv.shape, recv.dtype, host=True))
+
+
+@dataclass
 class CheckedAllreduce:
     """Allreduce(SUM) over a head group, carrying its own proof (see ``checksum``).
 
-    With ``mode = "abft"`` the partial travels in the wire dtype (float64 by default) with two
-    checksum rows appended; after the sum every rank checks the rows against the result,
-    hashes it, and one tiny Allreduce makes the verdict collective, so all ranks retry or
-    stop together. Send and receive buffers are distinct and preallocated, so the partial
-    survives the reduction and a retry needs no recomputation.
+    Built from a transport (``AllreduceTransport``), the ABFT check (``checksum``: two
+    rows appended to every partial, verified against the sum), hash agreement of the
+    result (``checksum.digest64``, compared by ``transfers.agree``), a retry policy, the
+    injected faults and a ledger of records (``transfers``). With ``mode = "abft"`` the
+    partial travels in the wire dtype (float64 by default); after the sum every rank checks
+    the rows against the result, hashes it, and one tiny Allreduce makes the verdict
+    collective, so all ranks retry or stop together. Send and receive buffers are distinct
+    and preallocated, so the partial survives the reduction and a retry needs no
+    recomputation.
     """
 
     comm: Any
@@ -132,60 +164,32 @@ class CheckedAllreduce:
     faults: list = field(default_factory=list)
     world_rank: int = 0
     group_ranks: list = field(default_factory=list)  # world ranks of the group, for messages
-    records: list = field(default_factory=list)
     seconds: float = 0.0  # time inside __call__ (the "allreduce" phase)
-    _buffers: dict = field(default_factory=dict)
 
-    def _buffer(self, name: str, shape: tuple, dtype: Any, host: bool = False) -> Any:
-        key = (name, shape, np.dtype(dtype).str, host)
-        buf = self._buffers.get(key)
-        if buf is None:
-            if host and self.backend.is_gpu:
-                import cupyx
+    def __post_init__(self) -> None:
+        self.transport = AllreduceTransport(self.comm, self.backend, self.cuda_aware,
+                                            self.group_ranks)
+        self.policy = RetryPolicy(self.on_mismatch, self.retries)
+        self.injector = FaultPlan(self.faults, self.world_rank)
+        self.ledger = Ledger()
 
-                buf = cupyx.empty_pinned(shape, dtype=dtype)
-            else:
-                buf = (np if host else self.backend.xp).empty(shape, dtype=dtype)
-            self._buffers[key] = buf
-        return buf
+    @property
+    def records(self) -> list[Record]:
+        return self.ledger.records
 
     def buffer(self, rows: int, cols: int, dtype: Any, slot: int = 0) -> Any:
         """Where to compute a partial. When it travels in its own dtype this is the body of
         the send buffer itself, so neither the payload nor the result is ever copied."""
         if (self.mode == "abft" and self.comm.Get_size() > 1
                 and self.wire_dtype(dtype) == np.dtype(dtype)):
-            send = self._buffer(f"send{slot}", (rows + checksum.CHECK_ROWS, cols), dtype)
+            send = self.transport.buffer(f"send{slot}", (rows + checksum.CHECK_ROWS, cols),
+                                         dtype)
             return send[:rows]
-        return self._buffer(f"partial{slot}", (rows, cols), dtype)
+        return self.transport.buffer(f"partial{slot}", (rows, cols), dtype)
 
     def wire_dtype(self, dtype: Any) -> np.dtype:
         wide = self.mode == "abft" and self.wire == "float64"
         return np.dtype(np.float64) if wide else np.dtype(dtype)
-
-    def _post(self, send: Any, recv: Any, slot: int) -> Any:
-        """Start the Allreduce proper (nonblocking): device buffers when MPI is CUDA-aware,
-        else through pinned host buffers. Returns the request."""
-        self.backend.sync()  # device work that fills ``send`` must be done
-        if not self.backend.is_gpu or self.cuda_aware:
-            return self.comm.Iallreduce(send, recv, op=MPI.SUM)
-        host_send = self._buffer(f"host_send{slot}", send.shape, send.dtype, host=True)
-        host_recv = self._buffer(f"host_recv{slot}", recv.shape, recv.dtype, host=True)
-        send.get(out=host_send)
-        return self.comm.Iallreduce(host_send, host_recv, op=MPI.SUM)
-
-    def _wait(self, pending: Pending) -> None:
-        with watchdog.waiting("Iallreduce", ",".join(map(str, self.group_ranks))):
-            pending.request.Wait()
-        if self.backend.is_gpu and not self.cuda_aware:
-            pending.recv.set(self._buffer(f"host_recv{pending.slot}", pending.recv.shape,
-                                          pending.recv.dtype, host=True))
-
-    def _inject(self, array: Any, layer: int, site: str, where: str, attempt: int) -> None:
-        for f in self.faults:
-            if (f.rank, f.layer, f.site, f.where) == (self.world_rank, layer, site, where) and (
-                attempt < f.times
-            ):
-                checksum.flip_bit(array, f.index % array.size, f.bit)
 
     def __call__(self, partial: Any, *, site: str, layer: int) -> Any:
         return self.finish(self.start(partial, site=site, layer=layer))
@@ -201,37 +205,37 @@ class CheckedAllreduce:
         rows, cols = partial.shape
         if self.comm.Get_size() == 1:  # one rank holds all heads: no sum, nothing to check
             return Pending(partial, site, layer, slot, partial, partial, None, 0, partial)
-        out = self._buffer(f"result{slot}", (rows, cols), partial.dtype)
+        out = self.transport.buffer(f"result{slot}", (rows, cols), partial.dtype)
         if self.mode == "off":
-            self._inject(partial, layer, site, "send", 0)
+            self.injector.apply(partial, layer, site, "send", 0)
             pending = Pending(partial, site, layer, slot, partial, out, None, 0, out)
         else:
             wire = self.wire_dtype(partial.dtype)
             shape = (rows + checksum.CHECK_ROWS, cols)
-            send = self._buffer(f"send{slot}", shape, wire)
-            recv = self._buffer(f"recv{slot}", shape, wire)
+            send = self.transport.buffer(f"send{slot}", shape, wire)
+            recv = self.transport.buffer(f"recv{slot}", shape, wire)
             aliased = wire == partial.dtype and data_ptr(partial) == data_ptr(send)
             pending = Pending(partial, site, layer, slot, send, recv, None, 0,
                               recv[:rows] if aliased else out, aliased)
             self._fill(pending)
-        pending.request = self._post(pending.send, pending.recv, slot)
+        pending.request = self.transport.post(pending.send, pending.recv, slot)
         self.seconds += time.perf_counter() - t0
         return pending
 
     def _fill(self, p: Pending) -> None:
         """The send buffer of attempt ``p.attempt``: payload, checksum rows, injected faults."""
         rows, cols = p.partial.shape
-        if p.aliased and self.faults:  # keep the clean partial: injection writes over it
+        if p.aliased and self.injector:  # keep the clean partial: injection writes over it
             if p.clean is None:
                 p.clean = p.partial.copy()
             else:
                 p.partial[...] = p.clean
-        scratch = self._buffer(f"abs{p.slot}", (rows, cols), p.partial.dtype)
+        scratch = self.transport.buffer(f"abs{p.slot}", (rows, cols), p.partial.dtype)
         checksum.append_checksums(p.partial, p.send, scratch, copy=not p.aliased)
-        if self.faults:  # corrupt the payload after its checksums, in the partial's dtype
-            body = self._buffer("corrupt", (rows, cols), p.partial.dtype)
+        if self.injector:  # corrupt the payload after its checksums, in the partial's dtype
+            body = self.transport.buffer("corrupt", (rows, cols), p.partial.dtype)
             body[...] = p.partial if p.clean is None else p.clean
-            self._inject(body, p.layer, p.site, "send", p.attempt)
+            self.injector.apply(body, p.layer, p.site, "send", p.attempt)
             with np.errstate(invalid="ignore", over="ignore"):  # a flip may make NaN/inf
                 p.send[:rows] = body
 
@@ -246,22 +250,21 @@ class CheckedAllreduce:
     def _finish(self, p: Pending) -> Any:
         if p.request is None:  # a group of one rank
             return p.out
-        self._wait(p)
+        self.transport.wait(p.request, p.recv, p.slot)
         rows = p.partial.shape[0]
         if self.mode == "off":
-            self._inject(p.out, p.layer, p.site, "result", 0)
+            self.injector.apply(p.out, p.layer, p.site, "result", 0)
             return p.out
         ranks = self.comm.Get_size()
         while True:
             residual, bound, ratio = checksum.residual_ratio(p.recv, ranks)
             if not p.aliased:
                 p.out[...] = p.recv[:rows]
-            if self.faults:
-                self._inject(p.out, p.layer, p.site, "result", p.attempt)
+            self.injector.apply(p.out, p.layer, p.site, "result", p.attempt)
             digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0
             # |P| sums are finite on every rank with finite data: else nothing to retry
             local_bad = not bool(self.backend.xp.isfinite(p.send[rows + 1]).all())
-            failed, low, high, nonfinite = self._verdict(ratio > 1.0, digest, local_bad)
+            failed, low, high, nonfinite = agree(self.comm, ratio > 1.0, digest, local_bad)
             if nonfinite:
                 bad = [r for r, b in zip(self.group_ranks, self.comm.allgather(local_bad),
                                          strict=True) if b]
@@ -270,27 +273,18 @@ class CheckedAllreduce:
                     f" '{p.site}' on rank(s) {bad}: check the input and the weights",
                     self.comm)
             passed = not failed and low == high
-            if passed or self.on_mismatch == "abort" or p.attempt == self.retries:
-                self.records.append(Record(p.layer, p.site, residual, bound, ratio, passed,
-                                           p.attempt, high, p.slot))
+            if passed or self.policy.gives_up(p.attempt):
+                self.ledger.add(p.layer, p.site, passed, p.attempt, high, residual=residual,
+                                bound=bound, ratio=ratio, chunk=p.slot)
             if passed:
                 return p.out
             problem = self._describe(p.site, p.layer, failed, residual, bound, ratio, digest)
-            if self.on_mismatch == "abort" or p.attempt == self.retries:
+            if self.policy.gives_up(p.attempt):
                 raise IntegrityError(f"{problem}; gave up after {p.attempt} retries", self.comm)
             p.attempt += 1  # the partial is intact: send it again
             self._fill(p)
-            p.request = self._post(p.send, p.recv, p.slot)
-            self._wait(p)
-
-    def _verdict(self, failed: bool, digest: int,
-                 nonfinite: bool = False) -> tuple[bool, int, int, bool]:
-        """One tiny Allreduce: did any rank fail, the min and max of the digests, and did
-        any rank see non-finite data."""
-        vec = np.array([int(failed), digest, digest ^ 0xFFFFFFFFFFFFFFFF, int(nonfinite)],
-                       dtype=np.uint64)
-        self.comm.Allreduce(MPI.IN_PLACE, vec, op=MPI.MAX)
-        return bool(vec[0]), int(vec[2]) ^ 0xFFFFFFFFFFFFFFFF, int(vec[1]), bool(vec[3])
+            p.request = self.transport.post(p.send, p.recv, p.slot)
+            self.transport.wait(p.request, p.recv, p.slot)
 
     def _describe(self, site: str, layer: int, failed: bool, residual: float, bound: float,
                   ratio: float, digest: int) -> str:
@@ -313,7 +307,7 @@ class CheckedAllreduce:
     def check_agreement(self, x: Any, *, site: str, layer: int) -> int:
         """Hash ``x`` on every rank of the group and raise if any copy differs."""
         digest = checksum.digest64(x)
-        _, low, high, _ = self._verdict(False, digest)
+        _, low, high, _ = agree(self.comm, False, digest)
         if low != high:
             raise IntegrityError(self._describe(site, layer, False, 0.0, 0.0, 0.0, digest),
                                  self.comm)

@@ -20,7 +20,8 @@ class IntegrityError(Exception):
     """A collective's result failed validation after all retries (exit code 3).
 
     Raised on every rank of ``comm`` together (the verdict is collective); ranks outside
-    it (other replicas) learn of it only through ``MPI_Abort``.
+    it (other replicas) learn of it only through ``MPI_Abort``. ``comm = None``: raised
+    by the ranks of one point-to-point message only; the job ends through ``MPI_Abort``.
     """
 
     exit_code = 3
