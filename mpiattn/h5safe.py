@@ -78,7 +78,9 @@ def open_for_reading(path: str | Path) -> Any:
     except MALFORMED as err:
         raise InputError(f"'{path}' is not a readable HDF5 file ({one_line(err)})") from None
     try:
-        check_contents(f)
+        raw_extents: list[tuple[int, int]] = []
+        check_contents(f, raw_extents)
+        check_heaps(path, raw_extents, f.id.get_create_plist().get_sizes()[1])
     except InputError as err:
         f.close()
         raise InputError(f"'{path}': {err}") from None
@@ -89,9 +91,11 @@ def open_for_reading(path: str | Path) -> Any:
     return f
 
 
-def check_contents(f: Any) -> int:
+def check_contents(f: Any, raw_extents: list[tuple[int, int]] | None = None) -> int:
     """Walk every link below the root of open file ``f`` (each object once, so hard-link
     cycles end) and check it as ``open_for_reading`` describes; the number of objects.
+    When ``raw_extents`` is given, the (start, end) file offsets of every dataset's stored
+    array bytes are appended to it (for ``check_heaps``).
 
     Uses h5py's low-level ids (about 30 µs an object). Raises ``InputError`` naming the
     first offending object (without the file's path).
@@ -117,7 +121,90 @@ def check_contents(f: Any) -> int:
                 todo.append((where, oid))
             elif isinstance(oid, h5py.h5d.DatasetID):
                 _check_dataset(oid, f"dataset {where}", file_bytes)
+                if raw_extents is not None:
+                    raw_extents.extend(_raw_extents(oid))
     return len(seen)
+
+
+def _raw_extents(did: Any) -> list[tuple[int, int]]:
+    """(start, end) file offsets of a dataset's stored array bytes (contiguous or chunks;
+    none for compact or unallocated data, which live in or need no file space)."""
+    import h5py
+
+    layout = did.get_create_plist().get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = did.get_offset()
+        return [] if offset is None else [(offset, offset + int(did.get_storage_size()))]
+    if layout != h5py.h5d.CHUNKED:
+        return []
+    found: list[Any] = []
+    try:  # one pass over the chunk index (h5py >= 3.8 with HDF5 >= 1.14)
+        did.chunk_iter(found.append)
+    except (AttributeError, NotImplementedError):  # by index: a pass per chunk
+        found = [did.get_chunk_info(i) for i in range(did.get_num_chunks())]
+    return [(c.byte_offset, c.byte_offset + c.size) for c in found if c.byte_offset is not None]
+
+
+def check_heaps(path: str | Path, raw_extents: list[tuple[int, int]],
+                sizeof_size: int = 8) -> int:
+    """Refuse (``InputError``) a damaged HDF5 global heap before HDF5 reads it.
+
+    Variable-length strings (every text attribute) live in global heap collections
+    ("GCOL"). HDF5 (2.0 included) loops forever on a collection whose free-space record
+    (index 0) has size 0, e.g. after one flipped byte in an earlier record's size, and no
+    signal stops it. This finds each collection outside ``raw_extents`` (the datasets'
+    array bytes, from ``check_contents``) by its signature and walks its records as HDF5
+    does. ``sizeof_size``: the file's "size of lengths" (8 in every file h5py writes).
+    Returns the number of collections checked. A collection hidden inside a dataset's array
+    bytes (only a deliberately crafted file does that) is not found.
+    """
+    import mmap
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        found = 0
+        for start, end in _gaps(raw_extents, len(mm)):
+            at = mm.find(HEAP_SIGNATURE, start, end)
+            while at >= 0:
+                _check_heap(mm, at, sizeof_size)
+                found += 1
+                at = mm.find(HEAP_SIGNATURE, at + 1, end)
+    return found
+
+
+HEAP_SIGNATURE = b"GCOL\x01\x00\x00\x00"  # signature, version 1, three reserved bytes
+
+
+def _gaps(extents: list[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
+    """The parts of ``[0, size)`` outside every extent."""
+    at = 0
+    for start, end in sorted(extents):
+        if start > at:
+            yield at, min(start, size)
+        at = max(at, end)
+    if at < size:
+        yield at, size
+
+
+def _check_heap(mm: Any, at: int, sizeof_size: int) -> None:
+    """Walk the records of the collection at byte ``at`` as HDF5's deserializer does;
+    refuse one where HDF5 would not advance (free space of size 0) or would wrap around."""
+    header = 8 + sizeof_size
+    size = int.from_bytes(mm[at + 8 : at + header], "little")
+    end = at + size
+    if size < header or end > len(mm):
+        return  # HDF5 fails to load it with an error: no loop
+    record = 8 + sizeof_size
+    pos = at + header
+    while pos < end:
+        if pos + record > end:
+            return  # a too-small tail is free space
+        index = int.from_bytes(mm[pos : pos + 2], "little")
+        length = int.from_bytes(mm[pos + 8 : pos + record], "little")
+        if length >= 2**62 or (index == 0 and length == 0):
+            raise InputError(f"the global heap at byte {at} is damaged (record at byte {pos}"
+                             f" has index {index}, size {length}): HDF5 would loop forever"
+                             f" reading its strings; {NOT_OURS}")
+        pos += length if index == 0 else record + (length + 7) // 8 * 8
 
 
 def _identity(oid: Any) -> tuple[int, int]:

@@ -131,12 +131,29 @@ def big_config(folder: Path) -> tuple[Path, str]:
     return path, "attribute 'config'"
 
 
+def damaged_heap(folder: Path) -> tuple[Path, str]:
+    """The free-space record of the strings' heap with size 0: HDF5 2.0 loops forever."""
+    path = folder / "damaged-heap.h5"
+    with base_file(path) as f:
+        f["timings/forward"] = np.ones(1)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"GCOL")
+    pos, end = at + 16, at + int.from_bytes(raw[at + 8 : at + 16], "little")
+    while int.from_bytes(raw[pos : pos + 2], "little") != 0:  # to the index-0 record
+        pos += 16 + (int.from_bytes(raw[pos + 8 : pos + 16], "little") + 7) // 8 * 8
+        assert pos + 16 <= end
+    raw[pos + 8 : pos + 16] = bytes(8)
+    path.write_bytes(bytes(raw))
+    return path, "global heap"
+
+
 HOSTILE: dict[str, Callable[[Path], tuple[Path, str]]] = {
     f.__name__: f for f in (external_storage, external_link, soft_link, virtual_dataset,
-                            huge_unallocated, huge_compressed, non_utf8_attribute, big_config)
+                            huge_unallocated, huge_compressed, non_utf8_attribute, big_config,
+                            damaged_heap)
 }
 REFUSED_AT_OPEN = ["external_storage", "external_link", "soft_link", "virtual_dataset",
-                   "huge_unallocated", "huge_compressed"]
+                   "huge_unallocated", "huge_compressed", "damaged_heap"]
 
 
 @pytest.fixture(scope="module")
