@@ -1,6 +1,8 @@
 """Scaled dot-product attention on the heads of one rank: no communication happens here.
 
-Two algorithms, equal within float tolerance (tested):
+Two algorithms in a registry (``ALGORITHMS``, chosen by ``attention.impl`` for run, bench
+and train alike), equal within float tolerance (tested); each has the per-head kernel the
+inference path runs, a forward that keeps a named cache, and its backward:
 
 - **plain**: the whole (S, S) score matrix of a head at once. On NumPy it runs head by
   head, so the scores stay in cache and the softmax passes are cheap; on CuPy all heads go
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import get_array_module
+from .ops import mask_backward, mask_cached, softmax, softmax_backward, softmax_cached
 
 PLAIN_MAX_SEQ = 2048  # auto: plain up to this length (16 MiB of float32 scores per head)
 
@@ -89,15 +92,6 @@ def mask_bias(key_mask: Any, dtype: Any) -> Any:
     bias = xp.zeros(key_mask.shape, dtype=dtype)
     bias[~key_mask] = -xp.inf
     return bias[:, None, None, :]
-
-
-def softmax(s: Any, out: Any = None) -> Any:
-    """Softmax over the last axis, stabilised by the row maximum; ``out=s`` works in place."""
-    xp = get_array_module(s)
-    out = xp.subtract(s, s.max(axis=-1, keepdims=True), out=out)
-    xp.exp(out, out=out)
-    out /= out.sum(axis=-1, keepdims=True)
-    return out
 
 
 def attention(q: Any, k: Any, v: Any, bias: Any = None) -> Any:
@@ -202,11 +196,7 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
         k = rows[b, :n, width + cols.start : width + cols.stop]
         v = rows[b, :n, 2 * width + cols.start : 2 * width + cols.stop]
         bias = mask.row_bias(b, n)
-        o = dest[b, :, cols]
-        if impl == "plain":
-            _plain_head(q, k, v, bias, o)
-        else:
-            _blocked_head(q, k, v, bias, o, block)
+        ALGORITHMS[impl].head(q, k, v, bias, dest[b, :, cols], block)
 
     pairs = [(b, h) for b in range(batch) for h in range(heads)]
     if options.workers > 1 and xp.__name__ == "numpy" and len(pairs) > 1:
@@ -218,3 +208,163 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
         for b, h in pairs:
             one(b, h)
     return impl
+
+
+# --- the registry: inference kernel, caching forward and backward per algorithm ---------
+
+
+def _split_qkv(qkv: Any, batch: int, seq: int, heads: int, head_dim: int) -> tuple:
+    """(B*S, 3*h*d) [Q|K|V] -> three (B, h, S, d) views."""
+    return tuple(qkv.reshape(batch, seq, 3, heads, head_dim)[:, :, i].transpose(0, 2, 1, 3)
+                 for i in range(3))
+
+
+def _join_qkv(dq: Any, dk: Any, dv: Any) -> Any:
+    """Three (B, h, S, d) gradients -> (B*S, 3*h*d) in the fused [Q|K|V] layout."""
+    xp = get_array_module(dq)
+    batch, heads, seq, head_dim = dq.shape
+    dqkv = xp.empty((batch, seq, 3, heads, head_dim), dtype=dq.dtype)
+    for i, g in enumerate((dq, dk, dv)):
+        dqkv[:, :, i] = g.transpose(0, 2, 1, 3)
+    return dqkv.reshape(batch * seq, 3 * heads * head_dim)
+
+
+@dataclass
+class PlainCache:
+    q: Any  # (B, h, S, d), unscaled
+    k: Any
+    v: Any
+    p: Any  # (B, h, S, S) probabilities
+    bias: Any  # (B, 1, 1, S) 0/-inf
+    scale: float
+
+
+@dataclass
+class BlockedCache:
+    q: Any  # (B, h, S, d), unscaled
+    k: Any
+    v: Any
+    o: Any  # (B, h, S, d) output
+    lse: Any  # (B, h, S, 1) row log-sum-exp
+    bias: Any
+    scale: float
+    block: int
+
+
+class Plain:
+    """The whole (S, S) score matrix of a head at once."""
+
+    name = "plain"
+
+    @staticmethod
+    def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int = 0) -> None:
+        _plain_head(q, k, v, bias, out)
+
+    @staticmethod
+    def forward_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,
+                       block: int = 0) -> tuple[Any, PlainCache]:
+        """qkv (B*S, 3*h*d) [Q|K|V] -> o (B*S, h*d), all heads batched."""
+        q, k, v = _split_qkv(qkv, batch, seq, heads, head_dim)
+        scale = 1.0 / math.sqrt(head_dim)
+        s = (q @ k.swapaxes(-1, -2)) * scale  # (B, h, S, S)
+        s, _ = mask_cached(s, bias)
+        p, _ = softmax_cached(s)
+        o = p @ v  # (B, h, S, d)
+        out = o.transpose(0, 2, 1, 3).reshape(batch * seq, heads * head_dim)
+        return out, PlainCache(q, k, v, p, bias, scale)
+
+    @staticmethod
+    def backward(do: Any, c: PlainCache) -> tuple[Any, Any, Any]:
+        """(dq, dk, dv) from do, all (B, h, S, d)."""
+        dv = c.p.swapaxes(-1, -2) @ do
+        dp = do @ c.v.swapaxes(-1, -2)
+        ds = mask_backward(softmax_backward(dp, c.p), c.bias) * c.scale
+        return ds @ c.k, ds.swapaxes(-1, -2) @ c.q, dv
+
+
+class Blocked:
+    """FlashAttention's online softmax: memory O(S * block) per head instead of O(S^2)."""
+
+    name = "blocked"
+
+    @staticmethod
+    def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int) -> None:
+        _blocked_head(q, k, v, bias, out, block)
+
+    @staticmethod
+    def forward_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,
+                       block: int) -> tuple[Any, BlockedCache]:
+        """As ``Plain.forward_cached``, keeping per query row only the log-sum-exp L.
+
+        Per query block: for each key block, s = q k^T/sqrt(d) + bias, new row max m',
+        rescale the running sum l and output by exp(m - m'), add exp(s - m') and
+        exp(s - m') v. Then o = acc / l and L = m + log l.
+        """
+        xp = get_array_module(qkv)
+        q, k, v = _split_qkv(qkv, batch, seq, heads, head_dim)
+        scale = 1.0 / math.sqrt(head_dim)
+        o = xp.empty((batch, heads, seq, head_dim), dtype=qkv.dtype)
+        lse = xp.empty((batch, heads, seq, 1), dtype=qkv.dtype)
+        for q0 in range(0, seq, block):
+            qb = q[:, :, q0:q0 + block] * scale
+            m = xp.full((*qb.shape[:3], 1), -xp.inf, dtype=qkv.dtype)
+            total = xp.zeros_like(m)
+            acc = xp.zeros(qb.shape, dtype=qkv.dtype)
+            for k0 in range(0, seq, block):
+                s = qb @ k[:, :, k0:k0 + block].swapaxes(-1, -2)
+                if bias is not None:
+                    s = s + bias[..., k0:k0 + block]
+                m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+                safe = xp.where(xp.isfinite(m_new), m_new, 0)
+                alpha = xp.exp(m - safe)
+                p = xp.exp(s - safe)
+                total = total * alpha + p.sum(axis=-1, keepdims=True)
+                acc = acc * alpha + p @ v[:, :, k0:k0 + block]
+                m = m_new
+            o[:, :, q0:q0 + block] = acc / total
+            lse[:, :, q0:q0 + block] = m + xp.log(total)
+        out = o.transpose(0, 2, 1, 3).reshape(batch * seq, heads * head_dim)
+        return out, BlockedCache(q, k, v, o, lse, bias, scale, block)
+
+    @staticmethod
+    def backward(do: Any, c: BlockedCache) -> tuple[Any, Any, Any]:
+        """FlashAttention's backward: recompute p = exp(s - L) block by block.
+
+        With D = rowsum(do * o): dv += p^T do, dp = do v^T, ds = p (dp - D),
+        dq += ds k / sqrt(d), dk += ds^T q / sqrt(d). Masked keys have p = 0: ds = 0 there.
+        """
+        xp = get_array_module(do)
+        q, k, v, block, seq = c.q, c.k, c.v, c.block, c.q.shape[2]
+        big_d = (do * c.o).sum(axis=-1, keepdims=True)
+        dq, dk, dv = (xp.zeros_like(t) for t in (q, k, v))
+        for q0 in range(0, seq, block):
+            qs = slice(q0, q0 + block)
+            qb, dob = q[:, :, qs], do[:, :, qs]
+            for k0 in range(0, seq, block):
+                ks = slice(k0, k0 + block)
+                s = (qb * c.scale) @ k[:, :, ks].swapaxes(-1, -2)
+                if c.bias is not None:
+                    s = s + c.bias[..., ks]
+                p = xp.exp(s - c.lse[:, :, qs])
+                dv[:, :, ks] += p.swapaxes(-1, -2) @ dob
+                ds = p * (dob @ v[:, :, ks].swapaxes(-1, -2) - big_d[:, :, qs])
+                dq[:, :, qs] += (ds @ k[:, :, ks]) * c.scale
+                dk[:, :, ks] += (ds.swapaxes(-1, -2) @ qb) * c.scale
+        return dq, dk, dv
+
+
+ALGORITHMS: dict[str, Any] = {"plain": Plain(), "blocked": Blocked()}
+
+
+def attention_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,
+                     impl: str = "plain", block: int = 0) -> tuple[Any, Any]:
+    """The caching forward of algorithm ``impl``: (o (B*S, h*d), its cache)."""
+    return ALGORITHMS[impl].forward_cached(qkv, bias, batch, seq, heads, head_dim, block)
+
+
+def attention_backward(dout: Any, cache: Any) -> Any:
+    """d qkv (B*S, 3*h*d) from d o (B*S, h*d), for the algorithm that made ``cache``."""
+    batch, heads, seq, head_dim = cache.q.shape
+    do = dout.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
+    algorithm = ALGORITHMS["blocked" if isinstance(cache, BlockedCache) else "plain"]
+    return _join_qkv(*algorithm.backward(do, cache))

@@ -104,17 +104,17 @@ def allreduce_sweep(world: Any, comm: Any, sizes: list[int], repeats: int) -> di
 def train_step(x: Any, shard: Any, reducer: Any, eps: float,
                attention: tuple[str, int]) -> Callable[[], Any]:
     """One layer's forward with its cache and the hand-written backward (training)."""
-    from . import grad
+    from .attention import mask_bias
+    from .model import layer_backward, layer_forward_cached
 
     impl, block = attention
     xp = get_array_module(x)
     dy = x * 0.01
-    bias = grad.key_bias(xp.ones(x.shape[:2], dtype=bool), x.dtype)  # full sequences
+    bias = mask_bias(xp.ones(x.shape[:2], dtype=bool), x.dtype)  # full sequences
 
     def step() -> Any:
-        _, cache = grad.layer_forward(x, shard, bias, reducer, 0, eps,
-                                      block if impl == "blocked" else 0)
-        return grad.layer_backward(dy, cache, reducer)
+        _, cache = layer_forward_cached(x, shard, bias, reducer, 0, eps, impl, block)
+        return layer_backward(dy, cache, reducer)
 
     return step
 

@@ -11,11 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from . import grad, h5io
+from . import h5io
 from .config import Config
 from .corpus import Corpus
 from .errors import InputError
 from .hf import to_hf
+from .mlm import MLMHead
 from .model import Embeddings, LayerShard
 
 
@@ -123,7 +124,7 @@ def expected_shapes(cfg: Config, vocab: int) -> dict[str, tuple[int, ...]]:
     layer = LayerShard(z((h, 3 * h)), z(3 * h), z((h, h)), z(h), z(h), z(h), z((h, m.ffn)),
                        z(m.ffn), z((m.ffn, h)), z(h), z(h), z(h), h // m.heads)
     emb = Embeddings(z((vocab, h)), z((m.max_positions, h)), z((m.type_vocab, h)), z(h), z(h))
-    head = grad.MLMHead(z((h, h)), z(h), z(h), z(h), z(vocab))
+    head = MLMHead(z((h, h)), z(h), z(h), z(h), z(vocab))
     return {k: a.shape for k, a in to_hf(emb, [layer] * m.layers, head).items()}
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from . import grad
-from .model import Embeddings, LayerShard
+from .mlm import MLMHead
+from .model import Embeddings, LayerShard, split_shard
 from .shard import HeadShard
 
 QKV = ("q", "k", "v")
@@ -49,14 +49,14 @@ def layer_names(index: int, prefix: str = "bert.") -> dict[str, str]:
 
 
 def head_names() -> dict[str, str]:
-    """``grad.MLMHead`` field -> tensor name (BertForMaskedLM's ``cls.predictions``)."""
+    """``mlm.MLMHead`` field -> tensor name (BertForMaskedLM's ``cls.predictions``)."""
     c = "cls.predictions."
     return {"dense_w": c + "transform.dense.weight", "dense_b": c + "transform.dense.bias",
             "ln_g": c + "transform.LayerNorm.weight", "ln_b": c + "transform.LayerNorm.bias",
             "bias": c + "bias"}
 
 
-def to_hf(emb: Embeddings, layers: list[LayerShard], head: grad.MLMHead) -> dict[str, Any]:
+def to_hf(emb: Embeddings, layers: list[LayerShard], head: MLMHead) -> dict[str, Any]:
     """Whole-model tensors (``layers`` joined over the head group) in HF naming."""
     out = {name: getattr(emb, f) for f, name in embedding_names().items()}
     for i, p in enumerate(layers):
@@ -74,7 +74,7 @@ def to_hf(emb: Embeddings, layers: list[LayerShard], head: grad.MLMHead) -> dict
 
 
 def from_hf(t: dict[str, Any], layers: int, head_dim: int,
-            shard: HeadShard) -> tuple[Embeddings, list[LayerShard], grad.MLMHead]:
+            shard: HeadShard) -> tuple[Embeddings, list[LayerShard], MLMHead]:
     """This rank's shard of the whole-model tensors ``t`` (HF naming), any head split."""
     emb = Embeddings(**{f: t[name] for f, name in embedding_names().items()})
     out = []
@@ -86,9 +86,9 @@ def from_hf(t: dict[str, Any], layers: int, head_dim: int,
             **{f: t[names[f]].T for f in LINEAR}, **{f: t[names[f]] for f in VECTOR},
             head_dim=head_dim,
         )
-        out.append(grad.split_shard(full, shard.cols, shard.ffn_cols))
-    head = grad.MLMHead(**{f: t[name].T if f == "dense_w" else t[name]
+        out.append(split_shard(full, shard.cols, shard.ffn_cols))
+    head = MLMHead(**{f: t[name].T if f == "dense_w" else t[name]
                            for f, name in head_names().items()})
     own = [np.array(a, copy=True, order="C") for a in (*vars(emb).values(),
                                                        *vars(head).values())]
-    return (Embeddings(*own[:5]), out, grad.MLMHead(*own[5:]))
+    return (Embeddings(*own[:5]), out, MLMHead(*own[5:]))

@@ -1,5 +1,9 @@
 """BERT encoder on one rank's shard of heads, array-module generic, MPI-free.
 
+The layer has three functions side by side: ``layer_forward`` (what run and bench time:
+fused, in place, work arrays reused, optional overlap of reductions), ``layer_forward_cached``
+(what training runs: the same math, keeping a ``LayerCache``) and ``layer_backward``.
+
 Megatron tensor parallelism: Q/K/V and the first MLP linear are split by columns, the
 output projection and the second MLP linear by rows; after each row-parallel product the
 partial sums go through ``reduce`` (an Allreduce(SUM) across the head group when run under
@@ -8,14 +12,27 @@ MPI, the identity in one process). ``Y = sum_r Y_r + b`` is exact multi-head att
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .attention import KeyMask, Options, heads_attention
-from .backend import erf, get_array_module
+from .attention import KeyMask, Options, attention_backward, attention_cached, heads_attention
+from .backend import get_array_module
+from .ops import (
+    GeluCache,
+    LayerNormCache,
+    LinearCache,
+    embed,
+    gelu,
+    gelu_backward,
+    gelu_cached,
+    layer_norm,
+    layer_norm_backward,
+    layer_norm_cached,
+    linear_backward,
+    linear_cached,
+)
 from .shard import partition
 
 SITES = ("attention", "mlp")  # where a layer reduces partial sums
@@ -111,40 +128,6 @@ class PhaseTimer:
         finally:
             key = (self.layer, phase)
             self.seconds[key] = self.seconds.get(key, 0.0) + self.clock() - start
-
-
-def layer_norm(x: Any, g: Any, b: Any, eps: float) -> Any:
-    xp = get_array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    var = xp.mean(centred * centred, axis=-1, keepdims=True)
-    centred /= xp.sqrt(var + eps)
-    centred *= g
-    centred += b
-    return centred
-
-
-def gelu(x: Any, out: Any = None) -> Any:
-    """Exact GELU, x * Phi(x), as BERT uses it; ``out`` (not ``x``) saves the temporaries."""
-    xp = get_array_module(x)
-    t = xp.multiply(x, x.dtype.type(1.0 / math.sqrt(2.0)), out=out)
-    erf(t, out=t)
-    t += 1.0
-    t *= x
-    t *= 0.5
-    return t
-
-
-def embed(ids: Any, emb: Embeddings, eps: float, types: Any = None) -> Any:
-    """Word + position + token-type embeddings, then LayerNorm: (B, S) -> (B, S, H).
-
-    ``types``: (B, S) integer segment ids in [0, type_vocab) (validated by the reader), or
-    None for all 0 (one broadcast row, no (B, S, H) gather).
-    """
-    seq = ids.shape[1]
-    segment = emb.token_type[0] if types is None else emb.token_type[types]
-    x = emb.word[ids] + emb.position[:seq] + segment
-    return layer_norm(x, emb.ln_g, emb.ln_b, eps)
 
 
 def attention_partial(
@@ -289,3 +272,121 @@ def encoder_forward(
         if on_layer is not None:
             on_layer(i, attn, x)
     return x
+
+
+# --- training: the caching forward and the backward of one layer ----------------------
+
+
+@dataclass
+class LayerCache:
+    """What ``layer_backward`` needs from ``layer_forward_cached``."""
+
+    qkv: LinearCache  # column-parallel fused QKV
+    attention: Any  # the attention algorithm's cache (attention.PlainCache/BlockedCache)
+    out_proj: LinearCache  # row-parallel
+    ln1: LayerNormCache
+    mlp_in: LinearCache  # column-parallel
+    gelu: GeluCache
+    mlp_out: LinearCache  # row-parallel
+    ln2: LayerNormCache
+    shape: tuple[int, int, int]  # (B, S, H)
+    layer: int
+    head_dim: int
+
+
+def layer_forward_cached(x: Any, p: LayerShard, bias: Any, reduce: Reduce, layer: int,
+                         eps: float, impl: str = "plain", block: int = 0
+                         ) -> tuple[Any, LayerCache]:
+    """(B, S, H) -> (B, S, H), the math of ``layer_forward`` with a cache.
+
+    ``bias``: (B, 1, 1, S) additive key mask (``attention.mask_bias``); ``impl``/``block``:
+    the attention algorithm (``attention.ALGORITHMS``).
+    """
+    batch, seq, hidden = x.shape
+    x2 = x.reshape(batch * seq, hidden)
+    qkv, c_qkv = linear_cached(x2, p.w_qkv, p.b_qkv)  # column-parallel
+    o, c_att = attention_cached(qkv, bias, batch, seq, p.heads, p.head_dim, impl, block)
+    partial, c_o = linear_cached(o, p.w_o)  # row-parallel
+    attn = reduce(partial, site="attention", layer=layer) + p.b_o
+    h1, c_ln1 = layer_norm_cached(attn + x2, p.ln1_g, p.ln1_b, eps)
+    a, c_1 = linear_cached(h1, p.w_1, p.b_1)  # column-parallel
+    g, c_gelu = gelu_cached(a)
+    partial, c_2 = linear_cached(g, p.w_2)  # row-parallel
+    mlp = reduce(partial, site="mlp", layer=layer) + p.b_2
+    out, c_ln2 = layer_norm_cached(mlp + h1, p.ln2_g, p.ln2_b, eps)
+    cache = LayerCache(c_qkv, c_att, c_o, c_ln1, c_1, c_gelu, c_2, c_ln2, x.shape, layer,
+                       p.head_dim)
+    return out.reshape(batch, seq, hidden), cache
+
+
+def layer_backward(dout: Any, c: LayerCache, reduce: Reduce) -> tuple[Any, LayerShard]:
+    """(dx, gradients of this rank's LayerShard); two reductions, at the column-parallel
+    inputs (the conjugates of the forward ones: sites ``mlp.bwd`` and ``attention.bwd``)."""
+    batch, seq, hidden = c.shape
+    dout = dout.reshape(batch * seq, hidden)
+    dm, dln2_g, dln2_b = layer_norm_backward(dout, c.ln2)  # d(mlp + h1)
+    db_2 = dm.sum(axis=0)
+    dg, dw_2, _ = linear_backward(dm, c.mlp_out)  # leaving the row-parallel region: no reduce
+    da = gelu_backward(dg, c.gelu)
+    dh1_part, dw_1, db_1 = linear_backward(da, c.mlp_in)
+    dh1 = reduce(dh1_part, site="mlp.bwd", layer=c.layer) + dm  # entering column-parallel
+    dr, dln1_g, dln1_b = layer_norm_backward(dh1, c.ln1)  # d(attn + x2)
+    db_o = dr.sum(axis=0)
+    do, dw_o, _ = linear_backward(dr, c.out_proj)
+    dqkv = attention_backward(do, c.attention)
+    dx_part, dw_qkv, db_qkv = linear_backward(dqkv, c.qkv)
+    # The key bias adds q.b_k to every score of a query row; softmax ignores such a shift, so
+    # its gradient is exactly zero. Computed, it is rounding noise that Adam would blow up
+    # to steps of size lr (and that differs between layouts): write the exact zero.
+    width = db_qkv.shape[0] // 3
+    db_qkv[width: 2 * width] = 0
+    dx = reduce(dx_part, site="attention.bwd", layer=c.layer) + dr
+    grads = LayerShard(w_qkv=dw_qkv, b_qkv=db_qkv, w_o=dw_o, b_o=db_o, ln1_g=dln1_g,
+                       ln1_b=dln1_b, w_1=dw_1, b_1=db_1, w_2=dw_2, b_2=db_2, ln2_g=dln2_g,
+                       ln2_b=dln2_b, head_dim=c.head_dim)
+    return dx.reshape(batch, seq, hidden), grads
+
+
+# --- a layer's shards <-> the whole layer ----------------------------------------------
+
+
+def join_shards(pieces: list[LayerShard]) -> LayerShard:
+    """The whole layer from every head rank's shard, in head-rank order (host arrays)."""
+    import numpy as np
+
+    def qkv(name: str, axis: int) -> Any:
+        parts = [np.split(np.asarray(getattr(p, name)), 3, axis=axis) for p in pieces]
+        return np.concatenate([part[i] for i in range(3) for part in parts], axis=axis)
+
+    def cat(name: str, axis: int) -> Any:
+        return np.concatenate([np.asarray(getattr(p, name)) for p in pieces], axis=axis)
+
+    first = pieces[0]
+    return LayerShard(
+        w_qkv=qkv("w_qkv", 1), b_qkv=qkv("b_qkv", 0), w_o=cat("w_o", 0), b_o=first.b_o,
+        ln1_g=first.ln1_g, ln1_b=first.ln1_b, w_1=cat("w_1", 1), b_1=cat("b_1", 0),
+        w_2=cat("w_2", 0), b_2=first.b_2, ln2_g=first.ln2_g, ln2_b=first.ln2_b,
+        head_dim=first.head_dim,
+    )
+
+
+def split_shard(full: LayerShard, cols: slice, ffn_cols: slice) -> LayerShard:
+    """One head rank's shard of a whole layer: ``cols`` of Q/K/V, ``ffn_cols`` of the MLP
+    (``HeadShard.cols`` and ``HeadShard.ffn_cols``). Copies, so shards own their memory."""
+    hidden = full.w_o.shape[1]
+
+    def qkv(a: Any) -> Any:
+        parts = [a[..., i * hidden:(i + 1) * hidden][..., cols] for i in range(3)]
+        xp = get_array_module(a)
+        return xp.ascontiguousarray(xp.concatenate(parts, axis=-1))
+
+    def own(a: Any) -> Any:  # C order: BLAS rounds the same way on every path
+        return get_array_module(a).array(a, copy=True, order="C")
+
+    return LayerShard(
+        w_qkv=qkv(full.w_qkv), b_qkv=qkv(full.b_qkv), w_o=own(full.w_o[cols]),
+        b_o=own(full.b_o), ln1_g=own(full.ln1_g), ln1_b=own(full.ln1_b),
+        w_1=own(full.w_1[:, ffn_cols]), b_1=own(full.b_1[ffn_cols]),
+        w_2=own(full.w_2[ffn_cols]), b_2=own(full.b_2), ln2_g=own(full.ln2_g),
+        ln2_b=own(full.ln2_b), head_dim=full.head_dim,
+    )

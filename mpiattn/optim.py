@@ -1,7 +1,7 @@
 """Optimizers (SGD with momentum, Adam, AdamW), the learning-rate schedule and global-norm
 clipping, on lists of NumPy/CuPy arrays updated in place. MPI-free.
 
-Parameters and their state are lists in the order of ``grad.named``; each rank updates
+Parameters and their state are lists in the order of ``mlm.named``; each rank updates
 only what it holds (its shard of the sharded tensors, a full copy of the replicated ones),
 so the state is sharded exactly like the parameters.
 

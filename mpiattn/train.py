@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import grad, h5io
+from . import h5io, mlm
 from .attention import Options
 from .checkpoints import (
     History,
@@ -51,7 +51,7 @@ from .corpus import (
 from .data import Batch as InputBatch
 from .errors import ConfigError, InputError
 from .hf import from_hf, to_hf
-from .model import Embeddings, LayerShard
+from .model import Embeddings, LayerShard, join_shards
 from .optim import Optimizer, clip_factor, global_norm, lr_at
 from .progress import Progress
 from .shard import HeadShard
@@ -64,7 +64,7 @@ _HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10
 # --- parameters -------------------------------------------------------------------------
 
 
-def init_params(cfg: Config, shard: HeadShard, vocab: int) -> grad.Params:
+def init_params(cfg: Config, shard: HeadShard, vocab: int) -> mlm.Params:
     """Seeded weights (or model.weights) for this rank's shard, and a seeded MLM head.
 
     The head's LayerNorm gain starts at 1/sqrt(hidden): the seeded word embeddings have unit
@@ -79,22 +79,22 @@ def init_params(cfg: Config, shard: HeadShard, vocab: int) -> grad.Params:
     h, dtype = model.hidden, np.dtype(cfg.dtype)
     rng = np.random.default_rng([cfg.seed, _HEAD])
     dense = (rng.standard_normal((h, h), dtype=np.float32) / np.float32(np.sqrt(h)))
-    head = grad.MLMHead(dense.astype(dtype), np.zeros(h, dtype), np.full(h, 1 / np.sqrt(h),
+    head = mlm.MLMHead(dense.astype(dtype), np.zeros(h, dtype), np.full(h, 1 / np.sqrt(h),
                         dtype), np.zeros(h, dtype), np.zeros(vocab, dtype))
-    return grad.Params(emb, layers, head)
+    return mlm.Params(emb, layers, head)
 
 
-def rebuild(template: grad.Params, arrays: list[Any]) -> grad.Params:
+def rebuild(template: mlm.Params, arrays: list[Any]) -> mlm.Params:
     """A Params with the structure of ``template`` and the tensors of ``arrays`` (in the
-    order of ``grad.named``)."""
+    order of ``mlm.named``)."""
     it = iter(arrays)
     emb = Embeddings(*(next(it) for _ in dataclasses.fields(Embeddings)))
     layers = []
     for p in template.layers:
         values = {f.name: next(it) for f in dataclasses.fields(LayerShard) if f.name != "head_dim"}
         layers.append(LayerShard(**values, head_dim=p.head_dim))
-    head = grad.MLMHead(*(next(it) for _ in dataclasses.fields(grad.MLMHead)))
-    return grad.Params(emb, layers, head)
+    head = mlm.MLMHead(*(next(it) for _ in dataclasses.fields(mlm.MLMHead)))
+    return mlm.Params(emb, layers, head)
 
 
 # --- the communication a step needs ---------------------------------------------------
@@ -158,21 +158,22 @@ class StepResult:
 class Trainer:
     """One rank's training state and step; no MPI here (the groups are passed in)."""
 
-    def __init__(self, cfg: Config, corpus: Corpus, params: grad.Params, groups: Groups,
+    def __init__(self, cfg: Config, corpus: Corpus, params: mlm.Params, groups: Groups,
                  xp: Any = np, clock: Callable[[], float] = time.perf_counter) -> None:
         self.cfg, self.corpus, self.groups, self.xp, self.clock = cfg, corpus, groups, xp, clock
         self.params = params
-        named = grad.named(params)
+        named = mlm.named(params)
         self.names = [n for n, _, _ in named]
         self.sharded = [s for _, _, s in named]
         self.opt = Optimizer(cfg.train, self.arrays())
         self.buckets = Buckets(self.arrays(), xp) if groups.replicas > 1 else None
         self.eps = cfg.model.layer_norm_eps
-        impl, block = Options(cfg.attention.impl, cfg.attention.block).resolve(cfg.input.seq_len)
-        self.block = block if impl == "blocked" else 0  # 0: plain attention
+        # the algorithm attention.impl names, as in run and bench (attention.ALGORITHMS)
+        self.impl, self.block = Options(cfg.attention.impl,
+                                        cfg.attention.block).resolve(cfg.input.seq_len)
 
     def arrays(self) -> list[Any]:
-        return [a for _, a, _ in grad.named(self.params)]
+        return [a for _, a, _ in mlm.named(self.params)]
 
     def _device(self, b: Batch) -> tuple:
         xp = self.xp
@@ -185,10 +186,10 @@ class Trainer:
         batch = train_batch(self.corpus, self.cfg, step, g.replicas, g.replica)
         ids, mask, pos, tgt = self._device(batch)
         t0 = clock()
-        loss, cache = grad.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
-                                         g.heads, self.eps, self.block)
+        loss, cache = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
+                                        g.heads, self.eps, self.impl, self.block)
         t1 = clock()
-        grads = [a for _, a, _ in grad.named(grad.model_backward(cache, g.heads))]
+        grads = [a for _, a, _ in mlm.named(mlm.model_backward(cache, g.heads))]
         del cache
         t2 = clock()
         if g.replicas > 1:
@@ -209,8 +210,8 @@ class Trainer:
         for index in range(self.cfg.train.eval_batches):
             batch = eval_batch(self.corpus, self.cfg, index, g.replicas, g.replica)
             ids, mask, pos, tgt = self._device(batch)
-            loss, _ = grad.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
-                                         g.heads, self.eps, self.block)
+            loss, _ = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
+                                        g.heads, self.eps, self.impl, self.block)
             total += loss
         if g.replicas > 1:
             total = float(_sum(g.data, [total], "eval", self.xp)[0])
@@ -321,16 +322,16 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     params = init_params(cfg, shard, corpus.vocab)
     history, start = History(), 0
     if ck is not None:
-        params = grad.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard))
+        params = mlm.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard))
         history, start = ck.history, ck.step
-    dev = [xp.asarray(a) for _, a, _ in grad.named(params)]
+    dev = [xp.asarray(a) for _, a, _ in mlm.named(params)]
     params = rebuild(params, dev)
     trainer = Trainer(cfg, corpus, params, groups, xp, backend.timer())
     if ck is not None:
         for kind in trainer.opt.names:
             full = ck.state[kind]
             emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
-            arrays = [a for _, a, _ in grad.named(grad.Params(emb, layers, head))]
+            arrays = [a for _, a, _ in mlm.named(mlm.Params(emb, layers, head))]
             for target, value in zip(trainer.opt.state[kind], arrays, strict=True):
                 target[...] = xp.asarray(value)
     written: set[Path] = set()  # checkpoints this job wrote: the next may replace them
@@ -345,7 +346,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                 p = rebuild(trainer.params, [to_host(a) for a in arrays])
                 pieces = grid.comm("tensor").gather(p.layers, root=0)
                 if grid.coord("tensor") == 0:
-                    layers = [grad.join_shards([pc[i] for pc in pieces])
+                    layers = [join_shards([pc[i] for pc in pieces])
                               for i in range(m.layers)]
                     full[key] = to_hf(p.emb, layers, p.head)
         path = checkpoint_path(cfg.train, done)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MATH = ["attention", "model", "grad", "reference", "checksum", "shard", "optim", "balance",
+MATH = ["attention", "ops", "model", "mlm", "reference", "checksum", "shard", "optim", "balance",
         "hf", "grid", "corpus"]
 
 NO_MPI = """
@@ -30,7 +30,7 @@ sys.meta_path.insert(0, NoMPI())
 
 USE = """
 import numpy as np
-from mpiattn import config, grad, model, reference
+from mpiattn import config, model, reference
 from mpiattn.shard import head_shard
 from mpiattn.weights import open_source
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import ThreadGroup, run_ranks
 
-from mpiattn import grad
+from mpiattn import attention, mlm, model, ops
 from mpiattn.attention import KeyMask
 from mpiattn.config import ModelConfig
 from mpiattn.model import Embeddings, LocalReduce
@@ -62,9 +62,9 @@ def test_linear(rng):
     r = rng.normal(size=(4, 5))
 
     def f():
-        return float((grad.linear_forward(x, w, b)[0] * r).sum())
+        return float((ops.linear_cached(x, w, b)[0] * r).sum())
 
-    dx, dw, db = grad.linear_backward(r, grad.linear_forward(x, w, b)[1])
+    dx, dw, db = ops.linear_backward(r, ops.linear_cached(x, w, b)[1])
     for name, a, t in (("dx", dx, x), ("dw", dw, w), ("db", db, b)):
         check(f"linear {name}", a, f, t)
 
@@ -73,16 +73,16 @@ def test_softmax_and_mask(rng):
     s = rng.normal(size=(2, 3, 4, 5))
     keep = np.ones((2, 5), bool)
     keep[1, 3:] = False
-    bias = grad.key_bias(keep, s.dtype)
+    bias = attention.mask_bias(keep, s.dtype)
     r = rng.normal(size=s.shape)
 
     def f():
-        return float((grad.softmax_forward(grad.mask_forward(s, bias)[0])[0] * r).sum())
+        return float((ops.softmax_cached(ops.mask_cached(s, bias)[0])[0] * r).sum())
 
-    masked, mcache = grad.mask_forward(s, bias)
-    p, pcache = grad.softmax_forward(masked)
+    masked, mcache = ops.mask_cached(s, bias)
+    p, pcache = ops.softmax_cached(masked)
     assert np.all(p[1, ..., 3:] == 0)
-    ds = grad.mask_backward(grad.softmax_backward(r, pcache), mcache)
+    ds = ops.mask_backward(ops.softmax_backward(r, pcache), mcache)
     check("softmax+mask ds", ds, f, s)
 
 
@@ -91,9 +91,9 @@ def test_layernorm(rng):
     r = rng.normal(size=x.shape)
 
     def f():
-        return float((grad.layernorm_forward(x, g, b, 1e-5)[0] * r).sum())
+        return float((ops.layer_norm_cached(x, g, b, 1e-5)[0] * r).sum())
 
-    dx, dg, db = grad.layernorm_backward(r, grad.layernorm_forward(x, g, b, 1e-5)[1])
+    dx, dg, db = ops.layer_norm_backward(r, ops.layer_norm_cached(x, g, b, 1e-5)[1])
     for name, a, t in (("dx", dx, x), ("dg", dg, g), ("db", db, b)):
         check(f"layernorm {name}", a, f, t)
 
@@ -103,9 +103,9 @@ def test_gelu(rng):
     r = rng.normal(size=x.shape)
 
     def f():
-        return float((grad.gelu_forward(x)[0] * r).sum())
+        return float((ops.gelu_cached(x)[0] * r).sum())
 
-    check("gelu dx", grad.gelu_backward(r, grad.gelu_forward(x)[1]), f, x)
+    check("gelu dx", ops.gelu_backward(r, ops.gelu_cached(x)[1]), f, x)
 
 
 def test_attention(rng):
@@ -113,14 +113,14 @@ def test_attention(rng):
     qkv = rng.normal(size=(batch * seq, 3 * heads * d))
     keep = np.ones((batch, seq), bool)
     keep[0, 3:] = False  # padding in sequence 0
-    bias = grad.key_bias(keep, qkv.dtype)
+    bias = attention.mask_bias(keep, qkv.dtype)
     r = rng.normal(size=(batch * seq, heads * d))
 
     def f():
-        return float((grad.attention_forward(qkv, bias, batch, seq, heads, d)[0] * r).sum())
+        return float((attention.attention_cached(qkv, bias, batch, seq, heads, d)[0] * r).sum())
 
-    _, cache = grad.attention_forward(qkv, bias, batch, seq, heads, d)
-    check("attention dqkv", grad.attention_backward(r, cache), f, qkv)
+    _, cache = attention.attention_cached(qkv, bias, batch, seq, heads, d)
+    check("attention dqkv", attention.attention_backward(r, cache), f, qkv)
 
 
 @pytest.mark.parametrize("block", [2, 3, 7])
@@ -131,20 +131,20 @@ def test_blocked_attention(rng, block):
     keep = np.ones((batch, seq), bool)
     keep[0, 4:] = False
     keep[1, 1:3] = False  # a hole, not only a padded tail
-    bias = grad.key_bias(keep, qkv.dtype)
+    bias = attention.mask_bias(keep, qkv.dtype)
     r = rng.normal(size=(batch * seq, heads * d))
-    plain = grad.attention_forward(qkv, bias, batch, seq, heads, d)[0]
-    out, cache = grad.blocked_attention_forward(qkv, bias, batch, seq, heads, d, block)
+    plain = attention.attention_cached(qkv, bias, batch, seq, heads, d)[0]
+    out, cache = attention.attention_cached(qkv, bias, batch, seq, heads, d, "blocked", block)
     assert rel_err(out, plain) <= 1e-13
 
     def f():
-        o = grad.blocked_attention_forward(qkv, bias, batch, seq, heads, d, block)[0]
+        o = attention.attention_cached(qkv, bias, batch, seq, heads, d, "blocked", block)[0]
         return float((o * r).sum())
 
-    check(f"blocked attention dqkv (block {block})", grad.attention_backward(r, cache), f, qkv)
-    _, plain_cache = grad.attention_forward(qkv, bias, batch, seq, heads, d)
-    assert rel_err(grad.attention_backward(r, cache),
-                   grad.attention_backward(r, plain_cache)) <= 1e-12
+    check(f"blocked attention dqkv (block {block})", attention.attention_backward(r, cache), f, qkv)
+    _, plain_cache = attention.attention_cached(qkv, bias, batch, seq, heads, d)
+    assert rel_err(attention.attention_backward(r, cache),
+                   attention.attention_backward(r, plain_cache)) <= 1e-12
 
 
 def test_embedding(rng):
@@ -156,9 +156,9 @@ def test_embedding(rng):
     r = rng.normal(size=(2, 4, hidden))
 
     def f():
-        return float((grad.embedding_forward(ids, emb, 1e-5)[0] * r).sum())
+        return float((ops.embed_cached(ids, emb, 1e-5)[0] * r).sum())
 
-    g = grad.embedding_backward(r, grad.embedding_forward(ids, emb, 1e-5)[1])
+    g = ops.embed_backward(r, ops.embed_cached(ids, emb, 1e-5)[1])
     for name in ("word", "position", "token_type", "ln_g", "ln_b"):
         check(f"embedding {name}", getattr(g, name), f, getattr(emb, name))
 
@@ -167,10 +167,10 @@ def test_cross_entropy(rng):
     logits, targets = rng.normal(size=(6, 9)), rng.integers(0, 9, size=6)
 
     def f():
-        return grad.cross_entropy_forward(logits, targets, 0.25)[0]
+        return ops.cross_entropy_cached(logits, targets, 0.25)[0]
 
-    cache = grad.cross_entropy_forward(logits, targets, 0.25)[1]
-    check("cross-entropy dlogits", grad.cross_entropy_backward(cache), f, logits)
+    cache = ops.cross_entropy_cached(logits, targets, 0.25)[1]
+    check("cross-entropy dlogits", ops.cross_entropy_backward(cache), f, logits)
 
 
 # --- the whole model, sharded ---------------------------------------------------------
@@ -182,10 +182,10 @@ EPS = 1e-5
 def tiny_model(shard):
     source = SeededWeights(3, MODEL, "float64")
     rng = np.random.default_rng(9)
-    head = grad.MLMHead(rng.normal(size=(10, 10)) / 3, rng.normal(size=10) * 0.1,
+    head = mlm.MLMHead(rng.normal(size=(10, 10)) / 3, rng.normal(size=10) * 0.1,
                         1 + rng.normal(size=10) * 0.1, rng.normal(size=10) * 0.1,
                         rng.normal(size=23) * 0.1)
-    return grad.Params(source.embeddings(), [source.layer(i, shard) for i in range(2)], head)
+    return mlm.Params(source.embeddings(), [source.layer(i, shard) for i in range(2)], head)
 
 
 def tiny_batch():
@@ -210,9 +210,9 @@ def run_sharded(k):
         shard = head_shard(5, 2, 15, k, i)
         params = tiny_model(shard)
         member = group.member(i) if k > 1 else LocalReduce(np)
-        loss, cache = grad.model_forward(params, ids, keep, positions, targets, 1 / 7,
+        loss, cache = mlm.model_forward(params, ids, keep, positions, targets, 1 / 7,
                                          member, EPS)
-        out[i] = (loss, grad.model_backward(cache, member), shard)
+        out[i] = (loss, mlm.model_backward(cache, member), shard)
 
     run_ranks(work, [(i,) for i in range(k)], [group])
     return out
@@ -225,7 +225,7 @@ def test_layer_matches_model_forward():
     x = np.random.default_rng(1).normal(size=(3, 7, 10))
     want = model_layer_forward(x, params.layers[0], KeyMask.from_mask(keep), LocalReduce(np),
                                0, EPS)[1]
-    got = grad.layer_forward(x, params.layers[0], grad.key_bias(keep, x.dtype),
+    got = model.layer_forward_cached(x, params.layers[0], attention.mask_bias(keep, x.dtype),
                              LocalReduce(np), 0, EPS)[0]
     assert rel_err(got, want) <= 1e-13
 
@@ -236,13 +236,13 @@ def test_model_gradients_against_finite_differences():
     reduce = LocalReduce(np)
 
     def f():
-        return grad.model_forward(params, ids, keep, positions, targets, 1 / 7, reduce, EPS)[0]
+        return mlm.model_forward(params, ids, keep, positions, targets, 1 / 7, reduce, EPS)[0]
 
-    _, cache = grad.model_forward(params, ids, keep, positions, targets, 1 / 7, reduce, EPS)
-    grads = grad.model_backward(cache, reduce)
+    _, cache = mlm.model_forward(params, ids, keep, positions, targets, 1 / 7, reduce, EPS)
+    grads = mlm.model_backward(cache, reduce)
     rng = np.random.default_rng(5)
     worst = 0.0
-    for (name, p, _), (_, g, _) in zip(grad.named(params), grad.named(grads), strict=True):
+    for (name, p, _), (_, g, _) in zip(mlm.named(params), mlm.named(grads), strict=True):
         assert g.shape == p.shape, name
         sample = rng.choice(p.size, size=min(p.size, 12), replace=False)
         num = numeric(f, p, sample)
@@ -261,7 +261,7 @@ def test_sharded_gradients_equal_one_rank(k):
         assert abs(loss - loss1) <= 1e-12 * abs(loss1)
     worst = 0.0
     for i in range(2):
-        joined = grad.join_shards([g.layers[i] for _, g, _ in ranks])
+        joined = model.join_shards([g.layers[i] for _, g, _ in ranks])
         for f in ("w_qkv", "b_qkv", "w_o", "b_o", "ln1_g", "w_1", "b_1", "w_2", "b_2", "ln2_b"):
             err = rel_err(getattr(joined, f), getattr(g1.layers[i], f))
             worst = max(worst, err)
@@ -277,10 +277,10 @@ def test_split_join_roundtrip():
     full = tiny_model(head_shard(5, 2, 15, 1, 0)).layers[0]
     for k in (2, 3):
         shards = [head_shard(5, 2, 15, k, i) for i in range(k)]
-        pieces = [grad.split_shard(full, s.cols, s.ffn_cols) for s in shards]
+        pieces = [model.split_shard(full, s.cols, s.ffn_cols) for s in shards]
         seeded = [SeededWeights(3, MODEL, "float64").layer(0, s) for s in shards]
         for a, b in zip(pieces, seeded, strict=True):
             assert np.array_equal(a.w_qkv, b.w_qkv) and np.array_equal(a.w_2, b.w_2)
-        back = grad.join_shards(pieces)
+        back = model.join_shards(pieces)
         for f in ("w_qkv", "b_qkv", "w_o", "w_1", "b_1", "w_2"):
             assert np.array_equal(getattr(back, f), getattr(full, f))

@@ -22,7 +22,8 @@ from helpers import ThreadGroup, run_ranks, tiny
 from mpiattn import reference
 from mpiattn.data import Batch, hdf5_batch, load_batch, read_lines, split_lines
 from mpiattn.errors import InputError
-from mpiattn.model import LocalReduce, embed, encoder_forward
+from mpiattn.model import LocalReduce, encoder_forward
+from mpiattn.ops import embed
 from mpiattn.shard import head_shard
 from mpiattn.weights import open_source
 

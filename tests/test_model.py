@@ -7,9 +7,10 @@ import pytest
 from helpers import TOL, sharded_forward, tiny
 
 from mpiattn import reference
-from mpiattn.attention import attention, mask_bias, softmax
+from mpiattn.attention import attention, mask_bias
 from mpiattn.data import load_batch
-from mpiattn.model import gelu, layer_norm, mean_pool
+from mpiattn.model import mean_pool
+from mpiattn.ops import gelu, layer_norm, softmax
 from mpiattn.weights import open_source
 
 

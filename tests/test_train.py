@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import ThreadGroup, run_ranks
 
-from mpiattn import config, grad
+from mpiattn import config, mlm, model
 from mpiattn.corpus import Corpus, train_batch, unigram_entropy
 from mpiattn.hf import from_hf, to_hf
 from mpiattn.shard import head_shard
@@ -68,7 +68,7 @@ def simulate(cfg, corpus, tensor, replicas, steps, start=0, full_state=None):
         shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, head_rank)
         params = init_params(cfg, shard, corpus.vocab)
         if full_state is not None:
-            params = grad.Params(*from_hf(full_state[0], m.layers, m.hidden // m.heads,
+            params = mlm.Params(*from_hf(full_state[0], m.layers, m.hidden // m.heads,
                                           shard))
         groups = Groups(heads[replica].member(head_rank), data[head_rank].member(replica),
                         tensor, head_rank, replicas, replica)
@@ -76,8 +76,8 @@ def simulate(cfg, corpus, tensor, replicas, steps, start=0, full_state=None):
         if full_state is not None:
             for kind in tr.opt.names:
                 parts = from_hf(full_state[1][kind], m.layers, m.hidden // m.heads, shard)
-                for t, v in zip(tr.opt.state[kind], [a for _, a, _ in grad.named(
-                        grad.Params(*parts))], strict=True):
+                for t, v in zip(tr.opt.state[kind], [a for _, a, _ in mlm.named(
+                        mlm.Params(*parts))], strict=True):
                     t[...] = v
         got = [tr.step(s) for s in range(start, steps)]
         losses[(replica, head_rank)] = [r.loss for r in got]
@@ -92,7 +92,7 @@ def simulate(cfg, corpus, tensor, replicas, steps, start=0, full_state=None):
     def whole(index):
         parts = [rebuild(shards[(0, h)][0].params, shards[(0, h)][1][index])
                  for h in range(tensor)]
-        layers = [grad.join_shards([p.layers[i] for p in parts]) for i in range(m.layers)]
+        layers = [model.join_shards([p.layers[i] for p in parts]) for i in range(m.layers)]
         return to_hf(parts[0].emb, layers, parts[0].head)
 
     tr0 = shards[(0, 0)][0]

@@ -9,7 +9,7 @@ import pytest
 from test_grad import numeric, rel_err, tiny_batch, tiny_model
 from test_train import ROOT, tiny_train
 
-from mpiattn import grad
+from mpiattn import mlm, model
 from mpiattn.backend import select
 from mpiattn.model import LocalReduce
 from mpiattn.shard import head_shard
@@ -47,18 +47,18 @@ def test_sharded_gradients_over_mpi(world):
     params = tiny_model(shard)
 
     def loss():
-        return grad.model_forward(params, ids, keep, positions, targets, 1 / 7, reduce,
+        return mlm.model_forward(params, ids, keep, positions, targets, 1 / 7, reduce,
                                   1e-5)[0]
 
-    _, cache = grad.model_forward(params, ids, keep, positions, targets, 1 / 7, reduce, 1e-5)
-    grads = grad.model_backward(cache, reduce)
+    _, cache = mlm.model_forward(params, ids, keep, positions, targets, 1 / 7, reduce, 1e-5)
+    grads = mlm.model_backward(cache, reduce)
     one = tiny_model(head_shard(5, 2, 15, 1, 0))
-    _, c1 = grad.model_forward(one, ids, keep, positions, targets, 1 / 7, LocalReduce(np), 1e-5)
-    g1 = grad.model_backward(c1, LocalReduce(np))
+    _, c1 = mlm.model_forward(one, ids, keep, positions, targets, 1 / 7, LocalReduce(np), 1e-5)
+    g1 = mlm.model_backward(c1, LocalReduce(np))
     pieces = heads.allgather(grads.layers)
     worst = 0.0
     for i in range(2):
-        joined = grad.join_shards([p[i] for p in pieces])
+        joined = model.join_shards([p[i] for p in pieces])
         for f in ("w_qkv", "b_qkv", "w_o", "b_o", "ln1_g", "w_1", "b_1", "w_2", "ln2_b"):
             worst = max(worst, rel_err(getattr(joined, f), getattr(g1.layers[i], f)))
     assert worst <= 1e-12

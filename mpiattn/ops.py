@@ -1,0 +1,248 @@
+"""Elementary operations of the encoder, each as a side-by-side family (llm.c style):
+
+- ``op(x, ...)``: the forward the inference path runs (in place where it can);
+- ``op_cached(x, ...) -> (out, cache)``: the forward training runs, keeping what backward
+  needs in a named cache;
+- ``op_backward(dout, cache)``: the gradients.
+
+Array-module generic (NumPy or CuPy), MPI-free; each backward is checked against central
+finite differences in float64 (tests/test_grad.py). The two forwards of an op compute the
+same function (tested equal within float tolerance); they differ in what they keep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import erf, get_array_module
+
+# --- linear ------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearCache:
+    x: Any  # (N, in)
+    w: Any  # (in, out)
+
+
+def linear_cached(x: Any, w: Any, b: Any = None) -> tuple[Any, LinearCache]:
+    """y = x @ w (+ b) for x (N, in), w (in, out)."""
+    y = x @ w
+    if b is not None:
+        y += b
+    return y, LinearCache(x, w)
+
+
+def linear_backward(dy: Any, cache: LinearCache) -> tuple[Any, Any, Any]:
+    """(dx, dw, db) of ``linear_cached``; db is returned even when there was no bias."""
+    return dy @ cache.w.T, cache.x.T @ dy, dy.sum(axis=0)
+
+
+# --- softmax and the padding mask ----------------------------------------------------------
+
+
+def softmax(s: Any, out: Any = None) -> Any:
+    """Softmax over the last axis, stabilised by the row maximum; ``out=s`` works in place."""
+    xp = get_array_module(s)
+    out = xp.subtract(s, s.max(axis=-1, keepdims=True), out=out)
+    xp.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
+def softmax_cached(s: Any) -> tuple[Any, Any]:
+    """Softmax over the last axis (rows of -inf give 0 weight to those entries); the cache
+    is the probabilities themselves."""
+    xp = get_array_module(s)
+    p = xp.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return p, p
+
+
+def softmax_backward(dp: Any, p: Any) -> Any:
+    """ds = p * (dp - sum(dp * p)) along the last axis."""
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+
+
+def mask_cached(s: Any, bias: Any) -> tuple[Any, Any]:
+    """Padding mask as an additive 0/-inf bias on the key axis (broadcast)."""
+    return s + bias, bias
+
+
+def mask_backward(ds: Any, bias: Any) -> Any:
+    """Masked entries do not depend on the scores (their weight is exactly zero)."""
+    xp = get_array_module(ds)
+    return xp.where(xp.isfinite(bias), ds, 0)
+
+
+# --- LayerNorm ---------------------------------------------------------------------------
+
+
+def layer_norm(x: Any, g: Any, b: Any, eps: float) -> Any:
+    """LayerNorm over the last axis, one temporary."""
+    xp = get_array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = xp.mean(centred * centred, axis=-1, keepdims=True)
+    centred /= xp.sqrt(var + eps)
+    centred *= g
+    centred += b
+    return centred
+
+
+@dataclass
+class LayerNormCache:
+    xhat: Any  # normalised input, same shape as x
+    rstd: Any  # 1 / std per row, (..., 1)
+    g: Any  # the gain
+
+
+def layer_norm_cached(x: Any, g: Any, b: Any, eps: float) -> tuple[Any, LayerNormCache]:
+    xp = get_array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    return xhat * g + b, LayerNormCache(xhat, rstd, g)
+
+
+def layer_norm_backward(dy: Any, cache: LayerNormCache) -> tuple[Any, Any, Any]:
+    """(dx, dg, db); rows are the leading axes, features the last."""
+    xhat, rstd, g = cache.xhat, cache.rstd, cache.g
+    feat = xhat.shape[-1]
+    lead = tuple(range(dy.ndim - 1))
+    dg = (dy * xhat).sum(axis=lead)
+    db = dy.sum(axis=lead)
+    dxhat = dy * g
+    dx = (dxhat - dxhat.mean(axis=-1, keepdims=True)
+          - xhat * (dxhat * xhat).sum(axis=-1, keepdims=True) / feat) * rstd
+    return dx, dg, db
+
+
+# --- GELU (exact, erf) -------------------------------------------------------------------
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu(x: Any, out: Any = None) -> Any:
+    """Exact GELU, x * Phi(x), as BERT uses it; ``out`` (not ``x``) saves the temporaries."""
+    xp = get_array_module(x)
+    t = xp.multiply(x, x.dtype.type(_SQRT_HALF), out=out)
+    erf(t, out=t)
+    t += 1.0
+    t *= x
+    t *= 0.5
+    return t
+
+
+@dataclass
+class GeluCache:
+    x: Any
+    cdf: Any  # Phi(x)
+
+
+def gelu_cached(x: Any) -> tuple[Any, GeluCache]:
+    cdf = 0.5 * (1.0 + erf(x * _SQRT_HALF))
+    return x * cdf, GeluCache(x, cdf)
+
+
+def gelu_backward(dy: Any, cache: GeluCache) -> Any:
+    """d/dx x Phi(x) = Phi(x) + x phi(x)."""
+    xp = get_array_module(dy)
+    x, cdf = cache.x, cache.cdf
+    pdf = xp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return dy * (cdf + x * pdf)
+
+
+# --- embeddings --------------------------------------------------------------------------
+
+
+def embed(ids: Any, emb: Any, eps: float, types: Any = None) -> Any:
+    """Word + position + token-type embeddings, then LayerNorm: (B, S) -> (B, S, H).
+
+    ``emb``: a ``model.Embeddings``. ``types``: (B, S) integer segment ids in
+    [0, type_vocab) (validated by the reader), or None for all 0 (one broadcast row, no
+    (B, S, H) gather).
+    """
+    seq = ids.shape[1]
+    segment = emb.token_type[0] if types is None else emb.token_type[types]
+    x = emb.word[ids] + emb.position[:seq] + segment
+    return layer_norm(x, emb.ln_g, emb.ln_b, eps)
+
+
+@dataclass
+class EmbeddingCache:
+    ids: Any  # (B, S)
+    ln: LayerNormCache
+    emb: Any  # the tables (their shapes and dtypes shape the gradients)
+
+
+def embed_cached(ids: Any, emb: Any, eps: float) -> tuple[Any, EmbeddingCache]:
+    """Word + position + token-type(0), then LayerNorm: (B, S) -> (B, S, H)."""
+    seq = ids.shape[1]
+    x = emb.word[ids] + emb.position[:seq] + emb.token_type[0]
+    out, ln = layer_norm_cached(x, emb.ln_g, emb.ln_b, eps)
+    return out, EmbeddingCache(ids, ln, emb)
+
+
+def scatter_add(target: Any, index: Any, values: Any) -> None:
+    """target[index] += values with repeated indices accumulated (NumPy or CuPy)."""
+    xp = get_array_module(target)
+    if xp.__name__ == "cupy":
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+    else:
+        xp.add.at(target, index, values)
+
+
+def embed_backward(dout: Any, cache: EmbeddingCache) -> Any:
+    """Gradients of every embedding table, as a ``model.Embeddings`` of the tables' shapes."""
+    xp = get_array_module(dout)
+    ids, emb = cache.ids, cache.emb
+    dx, dg, db = layer_norm_backward(dout, cache.ln)
+    hidden = dx.shape[-1]
+    dword = xp.zeros_like(emb.word)
+    scatter_add(dword, ids.reshape(-1), dx.reshape(-1, hidden))
+    dpos = xp.zeros_like(emb.position)
+    dpos[: ids.shape[1]] = dx.sum(axis=0)
+    dtype_ = xp.zeros_like(emb.token_type)
+    dtype_[0] = dx.sum(axis=(0, 1))
+    return type(emb)(dword, dpos, dtype_, dg, db)
+
+
+# --- the loss ----------------------------------------------------------------------------
+
+
+@dataclass
+class CrossEntropyCache:
+    logp: Any  # (N, vocab) log-probabilities
+    targets: Any  # (N,)
+    scale: float
+
+
+def cross_entropy_cached(logits: Any, targets: Any, scale: float
+                         ) -> tuple[float, CrossEntropyCache]:
+    """scale * sum_i -log softmax(logits_i)[targets_i]: a float, and the cache.
+
+    ``scale`` is 1 / (masked tokens in the *global* batch), so that the sum of every
+    replica's loss (and gradient) is the mean over the global batch.
+    """
+    xp = get_array_module(logits)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    logz = xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+    logp = shifted - logz
+    rows = xp.arange(targets.shape[0])
+    loss = -float(logp[rows, targets].sum()) * scale
+    return loss, CrossEntropyCache(logp, targets, scale)
+
+
+def cross_entropy_backward(cache: CrossEntropyCache) -> Any:
+    xp = get_array_module(cache.logp)
+    dlogits = xp.exp(cache.logp)
+    dlogits[xp.arange(cache.targets.shape[0]), cache.targets] -= 1.0
+    dlogits *= cache.scale
+    return dlogits
