@@ -6,7 +6,11 @@
 
 Needs only h5py and NumPy (no MPI, no SciPy); matplotlib only for ``--plot``. Reads any
 format version it finds and skips the groups a file does not have (older files, bench
-files, training files), so one command reads them all.
+files, training files), so one command reads them all. Files are read through ``h5safe``:
+only bytes inside the file, bounded reads, UTF-8 text; a file that is hostile or malformed
+(wrong types, shapes or dtypes, a `config` attribute over 1 MiB) is one error line naming
+it (exit code 2 in the CLI), never a traceback. Non-finite numbers are shown (``nan``) and
+written as ``null`` in ``--json``; ``mpiattn verify`` is what fails such a file.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def _int(value: Any, where: str, default: int) -> int:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if number and float(value).is_integer():
         return int(value)
-    raise InputError(f"{where} is {value!r}, not an integer: {h5safe.NOT_OURS}")
+    raise InputError(f"{where} is {h5safe.short(value)}, not an integer: {h5safe.NOT_OURS}")
 
 
 def malformed(path: str | Path, err: BaseException) -> InputError:
