@@ -26,8 +26,10 @@ from . import h5io, jobkit
 from .attention import KeyMask
 from .backend import get_array_module
 from .config import Config
+from .layout import PHASES, write_provenance
 from .model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
-from .runner import PHASES, attention_options, load_shards, setup, write_provenance
+from .placement import attention_options, load_shards
+from .runner import setup
 
 
 def layer_flops(batch: int, seq: int, hidden: int, ffn: int) -> dict[str, float]:

@@ -3,80 +3,37 @@
     mpiexec -n 4 mpiattn run                       # embedded BERT-base default
     mpiexec -n 3 mpiattn run jobs/configs/minilm.toml -o minilm.h5
 
-Decided once, near the top: the topology, the backend, this rank's heads. Below that the
-model code runs unchanged on any number of ranks, and only rank 0 prints or writes.
+Decided once, near the top (the job kit: ``jobkit`` agrees, ``placement`` places): the
+process grid, the backend, this rank's heads. Below that the model code runs unchanged on
+any number of ranks, and only rank 0 prints or writes (the file layout is ``layout``'s).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import socket
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__, h5io, jobkit
-from .attention import Options
-from .backend import (
-    Backend,
-    blas_info,
-    erf,
-    limit_blas_threads,
-    oversubscription,
-    select,
-    to_host,
-)
-from .config import Config, check_world, coerce, validate
+from .backend import erf, to_host
+from .config import Config, check_world
 from .data import Batch, load_batch
-from .errors import ConfigError, InputError, UserError
+from .errors import ConfigError
+from .faults import FaultyPhases, crash_points, slowdown
+from .layout import PHASES, write_run
 from .model import SITES, PhaseTimer, encoder_forward, mean_pool
-from .shard import HeadShard, counts, head_shard, partition
-from .weights import checkpoint_shape, open_source, resolve_weights
-
-PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")
-
-
-def apply_checkpoint_shape(cfg: Config) -> None:
-    """Take model.* from the checkpoint's config.json; an explicit different value is an error."""
-    if not cfg.model.weights:
-        return
-    path = resolve_weights(cfg.model.weights)
-    shape = checkpoint_shape(path)
-    for key, raw in shape.items():
-        dotted = f"model.{key}"
-        current = getattr(cfg.model, key)
-        try:
-            value = coerce(dotted, raw, type(current))
-        except ConfigError as err:
-            raise InputError(f"'{path.parent / 'config.json'}': {err}") from None
-        if dotted in cfg.explicit and current != value:
-            raise ConfigError(
-                f"{dotted} = {current} but the checkpoint has {value}: remove {dotted}"
-                " from the config or load a matching checkpoint"
-            )
-        setattr(cfg.model, key, value)
-    validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
-
-
-@dataclass
-class Plan:
-    """Everything decided before the first FLOP."""
-
-    cfg: Config
-    grid: Any
-    backend: Backend
-    shard: HeadShard
-    head_counts: list[int]
-    batch: Batch  # the whole batch
-    rows: tuple[int, int]  # (count, start) of this replica's sequences
-    threads: int
-    limiter: Any = field(repr=False, default=None)
+from .placement import (
+    Plan,
+    apply_checkpoint_shape,
+    attention_options,
+    load_shards,
+    make_reducer,
+    place,
+)
 
 
 def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Batch], dict]:
@@ -99,136 +56,6 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Ba
     return (tensor, batch), jobkit.input_digests(cfg)
 
 
-def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
-    """Process grid, backend, BLAS threads and this rank's heads and rows (run and train)."""
-    from .grid import GridShape, make_grid
-
-    grid = make_grid(world, GridShape.of(world.Get_size(), tensor))
-    backend = select(cfg.backend, grid.local_rank)
-    threads, limiter = limit_blas_threads(grid.local_size) if not backend.is_gpu else (0, None)
-    warning = oversubscription(grid.local_size, threads) if threads else None
-    if warning and world.Get_rank() == 0:
-        print(warning, file=sys.stderr, flush=True)
-    m = cfg.model
-    head_counts = counts(m.heads, tensor)
-    if cfg.parallel.balance == "measured" and tensor > 1:
-        head_counts = calibrated_counts(cfg, grid, backend, batch)
-    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, grid.coord("tensor"),
-                       head_counts)
-    rows = partition(batch.shape[0], grid.axis_size("data"), grid.coord("data"))
-    return Plan(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter)
-
-
-def slowdown(cfg: Config, rank: int) -> float:
-    """How many times slower ``fault.slow`` makes this rank (1.0: not at all)."""
-    factor = 1.0
-    for n, entry in enumerate(cfg.fault.slow):
-        ok = (isinstance(entry, dict) and set(entry) == {"rank", "factor"}
-              and isinstance(entry["rank"], int) and isinstance(entry["factor"], int | float)
-              and entry["factor"] >= 1)
-        if not ok:
-            raise ConfigError(f"fault.slow[{n}] must be a table like {{rank = 1, factor = 3.0}}"
-                              " with factor >= 1")
-        if entry["rank"] == rank:
-            factor *= float(entry["factor"])
-    return factor
-
-
-def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) -> list[int]:
-    """Heads per head rank from measured rates, averaged over replicas (same on all)."""
-    from mpi4py import MPI
-
-    from .balance import head_rate, measured_counts
-
-    m = cfg.model
-    rows = min(batch.shape[0] * batch.shape[1], 2048)
-    rate = head_rate(backend.xp, rows, m.hidden, m.hidden // m.heads, max(1, m.ffn // m.heads),
-                     np.dtype(cfg.dtype), slowdown=slowdown(cfg, grid.rank))
-    rates = np.array(grid.comm("tensor").allgather(rate))
-    grid.comm("data").Allreduce(MPI.IN_PLACE, rates, op=MPI.SUM)  # every replica, same split
-    return measured_counts(m.heads, list(rates))
-
-
-def crash_points(cfg: Config, rank: int) -> dict[int, str]:
-    """layer -> "raise" | "kill" | "hang" for this rank, from ``fault.crash`` (tests)."""
-    points = {}
-    for n, entry in enumerate(cfg.fault.crash):
-        ok = isinstance(entry, dict) and set(entry) <= {"rank", "layer", "how"} and all(
-            isinstance(entry.get(k), int) for k in ("rank", "layer")
-        ) and entry.get("how", "raise") in ("raise", "kill", "hang")
-        if not ok:
-            raise ConfigError(f"fault.crash[{n}] must be a table like {{rank = 2, layer = 1,"
-                              ' how = "raise"}} (how: raise, kill or hang)')
-        if entry["rank"] == rank:
-            points[entry["layer"]] = entry.get("how", "raise")
-    return points
-
-
-class FaultyPhases:
-    """The phase timer, plus configured faults: a crash inside a layer's MLP (mid-layer)
-    and a slowdown that stretches every compute phase (an emulated slower rank)."""
-
-    COMPUTE = ("qkv", "attention", "out_proj", "mlp", "norm")
-
-    def __init__(self, timer: PhaseTimer, points: dict[int, str], rank: int,
-                 factor: float = 1.0) -> None:
-        self.timer, self.points, self.rank, self.factor = timer, points, rank, factor
-
-    @property
-    def layer(self) -> int:
-        return self.timer.layer
-
-    @layer.setter
-    def layer(self, value: int) -> None:
-        self.timer.layer = value
-
-    def __call__(self, name: str) -> Any:
-        how = self.points.get(self.layer) if name == "mlp" else None
-        if how == "kill":
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-        if how == "raise":
-            raise RuntimeError(f"injected crash on rank {self.rank} in layer {self.layer}")
-        while how == "hang":  # a rank stuck outside MPI: the others' watchdog ends the job
-            time.sleep(3600)
-        if self.factor > 1.0 and name in self.COMPUTE:
-            return self._stretched(name)
-        return self.timer(name)
-
-    @contextmanager
-    def _stretched(self, name: str) -> Iterator[None]:
-        with self.timer(name):
-            start = time.perf_counter()
-            yield
-            time.sleep((self.factor - 1.0) * (time.perf_counter() - start))
-
-
-def attention_options(cfg: Config, p: Plan) -> Options:
-    """Worker threads over heads take the rank's BLAS threads (NumPy only)."""
-    return Options(cfg.attention.impl, cfg.attention.block, max(1, p.threads))
-
-
-def make_reducer(cfg: Config, p: Plan, comm: Any = None,
-                 group_ranks: list[int] | None = None) -> Any:
-    """The checked Allreduce over ``comm`` (default: this rank's head group)."""
-    from .checksum import parse_faults
-    from .comm import CheckedAllreduce, cuda_aware_mpi
-
-    aware = {"true": True, "false": False}.get(cfg.comm.cuda_aware)
-    if aware is None:
-        aware = p.backend.is_gpu and cuda_aware_mpi()
-    return CheckedAllreduce(
-        comm=p.grid.comm("tensor") if comm is None else comm, backend=p.backend,
-        mode=cfg.checksum.mode, wire=cfg.checksum.wire,
-        on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
-        hash_every=cfg.checksum.hash_every, cuda_aware=aware,
-        faults=parse_faults(cfg.fault.inject, SITES), world_rank=p.grid.rank,
-        group_ranks=p.grid.group_ranks("tensor") if group_ranks is None else group_ranks,
-    )
-
-
 def setup(cfg: Config, world: Any, out_path: str, force: bool) -> tuple:
     """(plan, reducer, output reservation on rank 0) after the collective pre-flight."""
     (tensor, batch), out = jobkit.preflight(
@@ -237,29 +64,6 @@ def setup(cfg: Config, world: Any, out_path: str, force: bool) -> tuple:
     jobkit.set_timeout(cfg.comm.timeout)
     p = place(cfg, world, tensor, batch)
     return p, make_reducer(cfg, p), out
-
-
-def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, list]:
-    """Embeddings and this rank's shard of the given layers, on the rank's device."""
-    from .comm import agree_on_error
-
-    error: UserError | None = None
-    try:
-        source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
-        emb = source.embeddings()
-        layers = [source.layer(i, p.shard) for i in indices]
-    except (UserError, ValueError) as err:
-        error = err if isinstance(err, UserError) else InputError(str(err))
-    error = agree_on_error(world, error)
-    if error is not None:
-        raise error
-    if not p.backend.is_gpu:
-        return emb, layers
-    dev = p.backend.xp.asarray
-    emb = type(emb)(*(dev(a) for a in vars(emb).values()))
-    layers = [type(lp)(**{k: v if k == "head_dim" else dev(v) for k, v in vars(lp).items()})
-              for lp in layers]
-    return emb, layers
 
 
 def run(cfg: Config, world: Any, out_path: str, force: bool) -> Path | None:
@@ -357,82 +161,6 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
         return out.path
 
     return jobkit.conclude(world, write if rank == 0 else None)
-
-
-def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command: str,
-                     host_info: list) -> None:
-    """Root attributes and /ranks: what ran, where, with which libraries (every file)."""
-    from mpi4py import MPI
-
-    f.attrs.update({
-        "mpiattn_version": __version__, "format_version": h5io.FORMAT_VERSION,
-        "command": command, "config": cfg.to_toml(), "world_size": p.grid.size,
-        "tensor_parallel": p.grid.axis_size("tensor"), "data_parallel": p.grid.axis_size("data"),
-        "head_partition": np.array(p.head_counts), "backend": p.backend.name,
-        "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
-        "blas": str(blas_info()),
-        "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),
-    })
-    impl, block = attention_options(cfg, p).resolve(p.batch.shape[1])
-    f.attrs["attention"] = impl if impl == "plain" else f"{impl} (block {block})"
-    ranks = f.create_group("ranks")
-    ranks.create_dataset("host", data=[h for h, _ in host_info])
-    ranks.create_dataset("device", data=[d for _, d in host_info])
-
-
-def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
-              seconds: np.ndarray, totals: np.ndarray, host_info: list, records: list,
-              started: dt.datetime) -> None:
-    comp = cfg.output.compression
-    write_provenance(f, cfg, p, started, "run", host_info)
-    inp = f.create_group("input")
-    h5io.write_array(inp, "tokens", p.batch.ids, ("batch", "seq"), comp, digest=True)
-    h5io.write_array(inp, "attention_mask", p.batch.mask.astype(np.uint8), ("batch", "seq"),
-                     comp, digest=True)
-    if p.batch.types is not None:  # only when the input had them (absent: all 0)
-        h5io.write_array(inp, "token_type_ids", p.batch.types, ("batch", "seq"), comp,
-                         digest=True)
-    if p.batch.text is not None:
-        inp.create_dataset("text", data=p.batch.text)
-    if pooled is not None and p.batch.text is not None:
-        h5io.write_array(f.require_group("output"), "pooled", pooled, ("batch", "hidden"),
-                         comp, digest=True)
-    for (layer, name), array in sorted(outputs.items()):
-        g = f.require_group(h5io.layer_group(layer))
-        h5io.write_array(g, name, array, ("batch", "seq", "hidden"), comp, digest=True)
-    written_in_parallel = [d for d in ("output/pooled", "layers") if d in f and not outputs]
-    for top in written_in_parallel:  # label and digest what the replicas wrote (mpio)
-        h5io.label_and_digest(f[top])
-    if "output/pooled" in f:
-        f["output/pooled"].attrs["description"] = (
-            "mean over real tokens of the last layer, L2-normalised")
-    t = f.create_group("timings")
-    h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"), phases=list(PHASES),
-                     units="s")
-    for i, name in enumerate(("forward", "setup", "total")):
-        h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
-    h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
-                     units="B", description="peak RSS (CPU) or CuPy pool total (GPU)")
-    if records:
-        write_records(f, records)
-    f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
-    f.attrs["status"] = "complete"
-
-
-RECORD_DTYPE = np.dtype([
-    ("replica", "i4"), ("layer", "i4"), ("site", "S16"), ("residual", "f8"), ("bound", "f8"),
-    ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"), ("chunk", "i4"),
-])
-
-
-def write_records(f: Any, records: list) -> None:
-    table = np.array([
-        (replica, r.layer, r.site.encode(), r.residual, r.bound, r.ratio, r.passed, r.retries,
-         r.digest, r.chunk) for replica, r in records
-    ], dtype=RECORD_DTYPE)
-    g = f.require_group("checksum")
-    h5io.write_array(g, "collectives", table,
-                     description="one row per validated Allreduce; ratio = residual/bound")
 
 
 def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,

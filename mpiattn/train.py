@@ -248,7 +248,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     from .config import check_world
     from .jobkit import input_digests
     from .outfile import check_name
-    from .runner import apply_checkpoint_shape
+    from .placement import apply_checkpoint_shape
 
     apply_checkpoint_shape(cfg)
     tensor, _ = check_world(cfg, world_size)
@@ -299,8 +299,9 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     from .backend import to_host
     from .comm import gather_rows
     from .errors import NumericalError, Stopped
+    from .layout import write_provenance, write_records
     from .outfile import Reservation
-    from .runner import make_reducer, place, write_provenance, write_records
+    from .placement import make_reducer, place
 
     rank, size = world.Get_rank(), world.Get_size()
     started = dt.datetime.now(dt.timezone.utc)

@@ -79,7 +79,7 @@ def test_verify_catches_incomplete_and_failed_records(tmp_path):
     with h5py.File(path, "w") as f:
         f.attrs["status"] = "writing"
     assert "not 'complete'" in h5io.verify(path)[0]
-    from mpiattn.runner import RECORD_DTYPE
+    from mpiattn.layout import RECORD_DTYPE
 
     with h5py.File(path, "w") as f:
         f.attrs["status"] = "complete"

@@ -8,7 +8,7 @@ import pytest
 from mpiattn import config, reference
 from mpiattn.data import load_batch
 from mpiattn.model import mean_pool
-from mpiattn.runner import apply_checkpoint_shape
+from mpiattn.placement import apply_checkpoint_shape
 from mpiattn.weights import open_source
 
 ROOT = Path(__file__).resolve().parent.parent

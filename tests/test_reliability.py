@@ -544,10 +544,10 @@ def test_non_finite_activations_are_one_line(tmp_path, checkpoints):
     "{not json",
 ])
 def test_bad_checkpoint_config_json_is_a_user_error(tmp_path, checkpoints, text):
-    """What runner.plan does with config.json: apply it, then check the world (in process)."""
+    """What a run does with config.json: apply it, then check the world (in process)."""
     from mpiattn import config
     from mpiattn.errors import UserError
-    from mpiattn.runner import apply_checkpoint_shape
+    from mpiattn.placement import apply_checkpoint_shape
 
     shutil.copy(checkpoints["good"] / "model.safetensors", tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(text)

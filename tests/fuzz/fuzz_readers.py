@@ -24,7 +24,7 @@ Readers (``--reader``):
   /input/attention_mask); what it returns must be a valid batch.
 - ``safetensors``: ``mpiattn.weights.SafetensorsWeights``, ``embeddings()`` and ``layer()``
   for both shards of a two-rank split.
-- ``checkpoint_json``: the ``config.json`` beside a checkpoint, as ``runner.plan`` takes it
+- ``checkpoint_json``: the ``config.json`` beside a checkpoint, as a run takes it
   (``apply_checkpoint_shape``, then ``config.check_world``).
 - ``verify``: ``mpiattn.h5io.verify`` of a finished run file (a tiny ``mpiattn run``
   output plus a collectives table and a training history); a damaged file must give a list
@@ -187,8 +187,9 @@ def read_safetensors(path: Path) -> None:
 
 def read_checkpoint_json(path: Path) -> None:
     """config.json beside a checkpoint: the model shape a run takes from it, as
-    ``runner.plan`` does (apply it, then check the config against a two-rank world)."""
-    from mpiattn.runner import apply_checkpoint_shape
+    ``placement.apply_checkpoint_shape`` does (apply it, then check the config against a
+    two-rank world)."""
+    from mpiattn.placement import apply_checkpoint_shape
 
     (path.parent / "config.json").write_bytes(path.read_bytes())
     cfg = config.Config()
@@ -214,7 +215,7 @@ def seed_run(folder: Path) -> bytes:
 
     import h5py
 
-    from mpiattn.runner import RECORD_DTYPE
+    from mpiattn.layout import RECORD_DTYPE
 
     tiny = {"model.layers": 1, "model.heads": 2, "model.hidden": 8, "model.ffn": 16,
             "model.vocab": 20, "input.batch": 2, "input.seq_len": 4}

@@ -8,7 +8,8 @@ from helpers import TINY, TOL
 from mpiattn import config, reference
 from mpiattn.data import load_batch
 from mpiattn.errors import ConfigError, IntegrityError, UserError
-from mpiattn.runner import PHASES, run
+from mpiattn.layout import PHASES
+from mpiattn.runner import run
 from mpiattn.weights import open_source
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -164,7 +165,7 @@ def test_minilm_on_n_ranks_equals_one_process(world, shared_dir):
     from pathlib import Path
 
     from mpiattn.model import mean_pool
-    from mpiattn.runner import apply_checkpoint_shape
+    from mpiattn.placement import apply_checkpoint_shape
 
     root = Path(__file__).resolve().parents[2]
     cfg = config.load(root / "jobs/configs/minilm.toml",

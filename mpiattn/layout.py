@@ -1,0 +1,93 @@
+"""The HDF5 layout of the files mpiattn writes: what goes where, with which labels and
+units. The mechanics (atomic publishing, digests, chunking) are ``h5io``'s.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+
+from . import __version__, h5io
+from .backend import blas_info
+from .config import Config
+from .placement import Plan, attention_options
+
+PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")  # run and bench
+
+
+def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command: str,
+                     host_info: list) -> None:
+    """Root attributes and /ranks: what ran, where, with which libraries (every file)."""
+    from mpi4py import MPI
+
+    f.attrs.update({
+        "mpiattn_version": __version__, "format_version": h5io.FORMAT_VERSION,
+        "command": command, "config": cfg.to_toml(), "world_size": p.grid.size,
+        "tensor_parallel": p.grid.axis_size("tensor"), "data_parallel": p.grid.axis_size("data"),
+        "head_partition": np.array(p.head_counts), "backend": p.backend.name,
+        "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
+        "blas": str(blas_info()),
+        "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),
+    })
+    impl, block = attention_options(cfg, p).resolve(p.batch.shape[1])
+    f.attrs["attention"] = impl if impl == "plain" else f"{impl} (block {block})"
+    ranks = f.create_group("ranks")
+    ranks.create_dataset("host", data=[h for h, _ in host_info])
+    ranks.create_dataset("device", data=[d for _, d in host_info])
+
+
+def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
+              seconds: np.ndarray, totals: np.ndarray, host_info: list, records: list,
+              started: dt.datetime) -> None:
+    comp = cfg.output.compression
+    write_provenance(f, cfg, p, started, "run", host_info)
+    inp = f.create_group("input")
+    h5io.write_array(inp, "tokens", p.batch.ids, ("batch", "seq"), comp, digest=True)
+    h5io.write_array(inp, "attention_mask", p.batch.mask.astype(np.uint8), ("batch", "seq"),
+                     comp, digest=True)
+    if p.batch.types is not None:  # only when the input had them (absent: all 0)
+        h5io.write_array(inp, "token_type_ids", p.batch.types, ("batch", "seq"), comp,
+                         digest=True)
+    if p.batch.text is not None:
+        inp.create_dataset("text", data=p.batch.text)
+    if pooled is not None and p.batch.text is not None:
+        h5io.write_array(f.require_group("output"), "pooled", pooled, ("batch", "hidden"),
+                         comp, digest=True)
+    for (layer, name), array in sorted(outputs.items()):
+        g = f.require_group(h5io.layer_group(layer))
+        h5io.write_array(g, name, array, ("batch", "seq", "hidden"), comp, digest=True)
+    written_in_parallel = [d for d in ("output/pooled", "layers") if d in f and not outputs]
+    for top in written_in_parallel:  # label and digest what the replicas wrote (mpio)
+        h5io.label_and_digest(f[top])
+    if "output/pooled" in f:
+        f["output/pooled"].attrs["description"] = (
+            "mean over real tokens of the last layer, L2-normalised")
+    t = f.create_group("timings")
+    h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"), phases=list(PHASES),
+                     units="s")
+    for i, name in enumerate(("forward", "setup", "total")):
+        h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
+    h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
+                     units="B", description="peak RSS (CPU) or CuPy pool total (GPU)")
+    if records:
+        write_records(f, records)
+    f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    f.attrs["status"] = "complete"
+
+
+RECORD_DTYPE = np.dtype([
+    ("replica", "i4"), ("layer", "i4"), ("site", "S16"), ("residual", "f8"), ("bound", "f8"),
+    ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"), ("chunk", "i4"),
+])
+
+
+def write_records(f: Any, records: list) -> None:
+    table = np.array([
+        (replica, r.layer, r.site.encode(), r.residual, r.bound, r.ratio, r.passed, r.retries,
+         r.digest, r.chunk) for replica, r in records
+    ], dtype=RECORD_DTYPE)
+    g = f.require_group("checksum")
+    h5io.write_array(g, "collectives", table,
+                     description="one row per validated Allreduce; ratio = residual/bound")

@@ -1,0 +1,144 @@
+"""Where a job's ranks stand and what each holds: the part of the job kit after the
+pre-flight, shared by run, bench and train.
+
+    plan = place(cfg, world, tensor, batch)      # collective: grid, backend, heads, rows
+    reducer = make_reducer(cfg, plan)            # the checked Allreduce of the head group
+    emb, layers = load_shards(cfg, plan, world, range(cfg.model.layers))
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .attention import Options
+from .backend import Backend, limit_blas_threads, oversubscription, select
+from .config import Config, coerce, validate
+from .data import Batch
+from .errors import ConfigError, InputError, UserError
+from .faults import slowdown
+from .model import SITES
+from .shard import HeadShard, counts, head_shard, partition
+from .weights import checkpoint_shape, open_source, resolve_weights
+
+
+def apply_checkpoint_shape(cfg: Config) -> None:
+    """Take model.* from the checkpoint's config.json; an explicit different value is an error."""
+    if not cfg.model.weights:
+        return
+    path = resolve_weights(cfg.model.weights)
+    shape = checkpoint_shape(path)
+    for key, raw in shape.items():
+        dotted = f"model.{key}"
+        current = getattr(cfg.model, key)
+        try:
+            value = coerce(dotted, raw, type(current))
+        except ConfigError as err:
+            raise InputError(f"'{path.parent / 'config.json'}': {err}") from None
+        if dotted in cfg.explicit and current != value:
+            raise ConfigError(
+                f"{dotted} = {current} but the checkpoint has {value}: remove {dotted}"
+                " from the config or load a matching checkpoint"
+            )
+        setattr(cfg.model, key, value)
+    validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first FLOP."""
+
+    cfg: Config
+    grid: Any
+    backend: Backend
+    shard: HeadShard
+    head_counts: list[int]
+    batch: Batch  # the whole batch
+    rows: tuple[int, int]  # (count, start) of this replica's sequences
+    threads: int
+    limiter: Any = field(repr=False, default=None)
+
+
+def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
+    """Process grid, backend, BLAS threads and this rank's heads and rows (run and train)."""
+    from .grid import GridShape, make_grid
+
+    grid = make_grid(world, GridShape.of(world.Get_size(), tensor))
+    backend = select(cfg.backend, grid.local_rank)
+    threads, limiter = limit_blas_threads(grid.local_size) if not backend.is_gpu else (0, None)
+    warning = oversubscription(grid.local_size, threads) if threads else None
+    if warning and world.Get_rank() == 0:
+        print(warning, file=sys.stderr, flush=True)
+    m = cfg.model
+    head_counts = counts(m.heads, tensor)
+    if cfg.parallel.balance == "measured" and tensor > 1:
+        head_counts = calibrated_counts(cfg, grid, backend, batch)
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, grid.coord("tensor"),
+                       head_counts)
+    rows = partition(batch.shape[0], grid.axis_size("data"), grid.coord("data"))
+    return Plan(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter)
+
+
+def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) -> list[int]:
+    """Heads per head rank from measured rates, averaged over replicas (same on all)."""
+    from mpi4py import MPI
+
+    from .balance import head_rate, measured_counts
+
+    m = cfg.model
+    rows = min(batch.shape[0] * batch.shape[1], 2048)
+    rate = head_rate(backend.xp, rows, m.hidden, m.hidden // m.heads, max(1, m.ffn // m.heads),
+                     np.dtype(cfg.dtype), slowdown=slowdown(cfg, grid.rank))
+    rates = np.array(grid.comm("tensor").allgather(rate))
+    grid.comm("data").Allreduce(MPI.IN_PLACE, rates, op=MPI.SUM)  # every replica, same split
+    return measured_counts(m.heads, list(rates))
+
+
+def attention_options(cfg: Config, p: Plan) -> Options:
+    """Worker threads over heads take the rank's BLAS threads (NumPy only)."""
+    return Options(cfg.attention.impl, cfg.attention.block, max(1, p.threads))
+
+
+def make_reducer(cfg: Config, p: Plan, comm: Any = None,
+                 group_ranks: list[int] | None = None) -> Any:
+    """The checked Allreduce over ``comm`` (default: this rank's head group)."""
+    from .checksum import parse_faults
+    from .comm import CheckedAllreduce, cuda_aware_mpi
+
+    aware = {"true": True, "false": False}.get(cfg.comm.cuda_aware)
+    if aware is None:
+        aware = p.backend.is_gpu and cuda_aware_mpi()
+    return CheckedAllreduce(
+        comm=p.grid.comm("tensor") if comm is None else comm, backend=p.backend,
+        mode=cfg.checksum.mode, wire=cfg.checksum.wire,
+        on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
+        hash_every=cfg.checksum.hash_every, cuda_aware=aware,
+        faults=parse_faults(cfg.fault.inject, SITES), world_rank=p.grid.rank,
+        group_ranks=p.grid.group_ranks("tensor") if group_ranks is None else group_ranks,
+    )
+
+
+def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, list]:
+    """Embeddings and this rank's shard of the given layers, on the rank's device."""
+    from .comm import agree_on_error
+
+    error: UserError | None = None
+    try:
+        source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
+        emb = source.embeddings()
+        layers = [source.layer(i, p.shard) for i in indices]
+    except (UserError, ValueError) as err:
+        error = err if isinstance(err, UserError) else InputError(str(err))
+    error = agree_on_error(world, error)
+    if error is not None:
+        raise error
+    if not p.backend.is_gpu:
+        return emb, layers
+    dev = p.backend.xp.asarray
+    emb = type(emb)(*(dev(a) for a in vars(emb).values()))
+    layers = [type(lp)(**{k: v if k == "head_dim" else dev(v) for k, v in vars(lp).items()})
+              for lp in layers]
+    return emb, layers
