@@ -26,7 +26,7 @@ from . import h5io, jobkit
 from .attention import KeyMask
 from .backend import get_array_module
 from .config import Config
-from .layout import PHASES, write_provenance
+from .layout import PHASES, BenchResult, write_bench, write_provenance
 from .model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
 from .placement import attention_options, load_shards
 from .runner import setup
@@ -234,39 +234,14 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
     imbalance = float(layer_per_rank.max() / layer_per_rank.mean())
     path = out.path
 
+    result = BenchResult(peaks, summary, results, flops, all_phases, layer_per_rank,
+                         imbalance, memory, comm_table, p.grid.axis_size("tensor"), overhead,
+                         reducer.mode, sweep_rows)
+
     def write() -> None:
         with h5io.atomic_file(out) as fh:
             write_provenance(fh, cfg, p, started, "bench", host_info)
-            g = fh.create_group("bench")
-            h5io.write_array(g, "gemm/flops_per_second", peaks, ("rank",), units="FLOP/s",
-                             description="best matmul rate at the layer's GEMM shapes,"
-                             " all ranks busy")
-            for name, (t, rate, frac) in summary.items():
-                sub = g.create_group(name)
-                h5io.write_array(sub, "seconds", results[name], ("repeat",), units="s")
-                sub.attrs.update({"median_s": t, "spread_s": float(np.ptp(results[name])),
-                                  "model_flops": flops[name], "flops_per_second": rate,
-                                  "fraction_of_peak": frac})
-            h5io.write_array(g, "phases/seconds", all_phases, ("rank", "phase"),
-                             phases=list(PHASES), units="s")
-            h5io.write_array(g, "layer_per_rank", layer_per_rank, ("rank",), units="s",
-                             imbalance=imbalance)
-            h5io.write_array(g, "memory/peak_bytes", memory, ("rank",), units="B",
-                             description="peak RSS (CPU) or CuPy pool total (GPU)")
-            ar = g.create_group("allreduce")
-            for key, values in comm_table.items():
-                h5io.write_array(ar, key, values, ("size",),
-                                 units="B" if key == "bytes" else
-                                 ("s" if "seconds" in key or key == "spread" else "B/s"))
-            ar.attrs["ranks"] = p.grid.axis_size("tensor")
-            ar.attrs["convention"] = "busbw = bytes/time * 2(n-1)/n (nccl-tests)"
-            g.attrs["checksum_overhead"] = overhead
-            g.attrs["checksum_mode"] = reducer.mode
-            if sweep_rows:
-                h5io.write_array(g, "sweep", np.array(sweep_rows), ("point", "field"),
-                                 fields=["seq_len", "seconds", "flops_per_second"])
-            fh.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
-            fh.attrs["status"] = "complete"
+            write_bench(fh, result)
 
     jobkit.conclude(world, write)
 

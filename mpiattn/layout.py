@@ -5,6 +5,7 @@ units. The mechanics (atomic publishing, digests, chunking) are ``h5io``'s.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,3 +92,79 @@ def write_records(f: Any, records: list) -> None:
     g = f.require_group("checksum")
     h5io.write_array(g, "collectives", table,
                      description="one row per validated Allreduce; ratio = residual/bound")
+
+
+# --- bench files --------------------------------------------------------------------------
+
+
+@dataclass
+class BenchResult:
+    """What ``mpiattn bench`` measured (see ``bench``), as it goes to ``/bench``."""
+
+    peaks: np.ndarray  # (rank,) FLOP/s at the layer's GEMM shapes
+    summary: dict  # name -> (median s, FLOP/s, fraction of the GEMM limit)
+    seconds: dict  # name -> (repeat,) seconds
+    flops: dict  # name -> model FLOPs
+    phases: np.ndarray  # (rank, phase) seconds of one layer
+    layer_per_rank: np.ndarray  # (rank,) s
+    imbalance: float
+    memory: np.ndarray  # (rank,) peak bytes
+    allreduce: dict  # column -> (size,) array, nccl-tests layout
+    allreduce_ranks: int
+    checksum_overhead: float
+    checksum_mode: str
+    sweep: list  # (seq_len, seconds, FLOP/s) rows
+
+
+def write_bench(fh: Any, r: BenchResult) -> None:
+    g = fh.create_group("bench")
+    h5io.write_array(g, "gemm/flops_per_second", r.peaks, ("rank",), units="FLOP/s",
+                     description="best matmul rate at the layer's GEMM shapes, all ranks busy")
+    for name, (t, rate, frac) in r.summary.items():
+        sub = g.create_group(name)
+        h5io.write_array(sub, "seconds", r.seconds[name], ("repeat",), units="s")
+        sub.attrs.update({"median_s": t, "spread_s": float(np.ptp(r.seconds[name])),
+                          "model_flops": r.flops[name], "flops_per_second": rate,
+                          "fraction_of_peak": frac})
+    h5io.write_array(g, "phases/seconds", r.phases, ("rank", "phase"), phases=list(PHASES),
+                     units="s")
+    h5io.write_array(g, "layer_per_rank", r.layer_per_rank, ("rank",), units="s",
+                     imbalance=r.imbalance)
+    h5io.write_array(g, "memory/peak_bytes", r.memory, ("rank",), units="B",
+                     description="peak RSS (CPU) or CuPy pool total (GPU)")
+    ar = g.create_group("allreduce")
+    for key, values in r.allreduce.items():
+        h5io.write_array(ar, key, values, ("size",),
+                         units="B" if key == "bytes" else
+                         ("s" if "seconds" in key or key == "spread" else "B/s"))
+    ar.attrs["ranks"] = r.allreduce_ranks
+    ar.attrs["convention"] = "busbw = bytes/time * 2(n-1)/n (nccl-tests)"
+    g.attrs["checksum_overhead"] = r.checksum_overhead
+    g.attrs["checksum_mode"] = r.checksum_mode
+    if r.sweep:
+        h5io.write_array(g, "sweep", np.array(r.sweep), ("point", "field"),
+                         fields=["seq_len", "seconds", "flops_per_second"])
+    fh.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    fh.attrs["status"] = "complete"
+
+
+# --- training files -----------------------------------------------------------------------
+
+TRAIN_PHASES = ("forward", "backward", "allreduce", "optimizer", "checkpoint")
+
+
+def write_train(f: Any, history: Any, attrs: dict, seconds: np.ndarray, totals: np.ndarray,
+                records: list, first_step: int, status: str) -> None:
+    """``/train`` (per-step history, ``attrs``), per-rank per-step timings, records;
+    ``status`` "complete" or "interrupted" (a stopped run's output so far)."""
+    g = f.create_group("train")
+    history.write(g)
+    g.attrs.update(attrs)
+    tg = f.create_group("timings")
+    h5io.write_array(tg, "seconds", seconds, ("rank", "step", "phase"),
+                     phases=list(TRAIN_PHASES), units="s", first_step=first_step)
+    h5io.write_array(tg, "total", totals, ("rank",), units="s")
+    if records:
+        write_records(f, records)
+    f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    f.attrs["status"] = status

@@ -51,12 +51,13 @@ from .corpus import (
 from .data import Batch as InputBatch
 from .errors import ConfigError, InputError
 from .hf import from_hf, to_hf
+from .layout import TRAIN_PHASES
 from .model import Embeddings, LayerShard, join_shards
 from .optim import Optimizer, clip_factor, global_norm, lr_at
 from .progress import Progress
 from .shard import HeadShard
 
-PHASES = ("forward", "backward", "allreduce", "optimizer", "checkpoint")
+PHASES = TRAIN_PHASES
 BUCKET_COLS, BUCKET_ROWS = 1024, 1024  # gradient buckets of at most 1 Mi elements
 _HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10..12)
 
@@ -299,7 +300,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     from .backend import to_host
     from .comm import gather_rows
     from .errors import NumericalError, Stopped
-    from .layout import write_provenance, write_records
+    from .layout import write_provenance, write_train
     from .outfile import Reservation
     from .placement import make_reducer, place
 
@@ -412,18 +413,11 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     def write() -> Path:
         with h5io.atomic_file(out) as f:
             write_provenance(f, cfg, plan, started, "train", host_info)
-            g = f.create_group("train")
-            history.write(g)
-            g.attrs.update({"unigram_entropy": unigram_entropy(corpus), "vocab": corpus.vocab,
-                            "first_step": start, "resumed_from": resume or ""})
-            tg = f.create_group("timings")
-            h5io.write_array(tg, "seconds", all_seconds, ("rank", "step", "phase"),
-                             phases=list(PHASES), units="s", first_step=start)
-            h5io.write_array(tg, "total", totals, ("rank",), units="s")
-            if any(records):
-                write_records(f, [r for part in records for r in part])
-            f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
-            f.attrs["status"] = "interrupted" if stopped else "complete"
+            write_train(f, history, {"unigram_entropy": unigram_entropy(corpus),
+                                     "vocab": corpus.vocab, "first_step": start,
+                                     "resumed_from": resume or ""},
+                        all_seconds, totals, [r for part in records for r in part], start,
+                        "interrupted" if stopped else "complete")
         if stopped:
             return out.path
         ev = f"; held-out loss {history.eval_loss[-1]:.4f}" if history.eval_loss else ""
