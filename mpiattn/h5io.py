@@ -187,16 +187,22 @@ def verify(path: str | Path) -> list[str]:
             status = h5safe.text(h5safe.attr(f, "status", ""), "attribute 'status' of /")
             if status != "complete":
                 problems.append(f"status is '{status or 'missing'}', not 'complete'")
-        except (*h5safe.MALFORMED, InputError) as err:
+        except InputError as err:
             problems.append(h5safe.one_line(err))
+        except h5safe.MALFORMED as err:
+            problems.append(f"attribute 'status' of / cannot be read ({h5safe.one_line(err)}):"
+                            " corrupted")
         try:
             config = h5safe.attr(f, "config")
             if config is not None:
                 tomllib.loads(h5safe.text(config, "attribute 'config' of /"))
         except tomllib.TOMLDecodeError as err:
             problems.append(f"attribute 'config' of / is not TOML ({h5safe.one_line(err)})")
-        except (*h5safe.MALFORMED, InputError) as err:
+        except InputError as err:
             problems.append(h5safe.one_line(err))
+        except h5safe.MALFORMED as err:
+            problems.append(f"attribute 'config' of / cannot be read ({h5safe.one_line(err)}):"
+                            " corrupted")
         try:
             found_datasets = h5safe.datasets(f)
         except h5safe.MALFORMED as err:
