@@ -448,6 +448,8 @@ def scan(dset: Any, digest: bool = True, finite: bool = False) -> Scan:
             bad = ~np.isfinite(block).ravel()
             if bad.any():
                 first = offset + int(np.argmax(bad))
+                if hasher is None:
+                    break  # nothing more to learn
         offset += block.size
     where = None if first is None else tuple(int(i) for i in np.unravel_index(first,
                                                                              dset.shape))
