@@ -49,7 +49,9 @@ class InputConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor: int = 0  # head-parallel ranks per replica; 0 = all ranks
+    tensor: int = 0  # head-parallel ranks per pipeline stage; 0 = all ranks of a stage
+    pipeline: int = 1  # stages of consecutive layers per replica (run only)
+    microbatches: int = 1  # pipeline: micro-batches each replica's batch is split into
     balance: str = "even"  # "even" | "measured"
     overlap: int = 1  # split the batch into this many chunks, reduce one while computing the next
 
@@ -159,7 +161,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = (
     "model.layers", "model.heads", "model.hidden", "model.ffn", "model.vocab",
     "model.type_vocab", "model.max_positions", "model.layer_norm_eps",
-    "input.batch", "input.seq_len", "parallel.overlap", "train.steps", "train.lr", "train.eps",
+    "input.batch", "input.seq_len", "parallel.overlap", "parallel.pipeline",
+    "parallel.microbatches", "train.steps", "train.lr", "train.eps",
     "train.eval_batches",
 )
 NON_NEGATIVE = (
@@ -377,7 +380,24 @@ def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
 
     Every message names the values that work (``tensor_choices``), or, when none does,
     a rank count, input.batch or model.heads that would (each with its parallel.tensor).
+    With ``parallel.pipeline = P`` the world is P stages first; the head split is then
+    checked on the world / P ranks of one stage.
     """
+    stages = cfg.parallel.pipeline
+    if stages > 1:
+        valid = [d for d in range(1, min(world_size, cfg.model.layers) + 1)
+                 if world_size % d == 0]
+        if world_size % stages or stages > cfg.model.layers:
+            raise ConfigError(f"parallel.pipeline = {stages} stages for {world_size} ranks and"
+                              f" {cfg.model.layers} layers: use parallel.pipeline ="
+                              f" {_spoken(valid)} (a divisor of the ranks, at most the layers)")
+        try:
+            return check_world(dataclasses.replace(
+                cfg, parallel=dataclasses.replace(cfg.parallel, pipeline=1)),
+                world_size // stages)
+        except ConfigError as err:
+            raise ConfigError(f"with parallel.pipeline = {stages}, each stage has"
+                              f" {world_size // stages} ranks: {err}") from None
     tensor = cfg.parallel.tensor or world_size
     data = world_size // tensor
     if world_size % tensor:

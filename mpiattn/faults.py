@@ -5,6 +5,7 @@ transfers are ``fault.inject`` (``transfers.FaultPlan``).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,8 +73,11 @@ class FaultyPhases:
             os.kill(os.getpid(), signal.SIGKILL)
         if how == "raise":
             raise RuntimeError(f"injected crash on rank {self.rank} in layer {self.layer}")
-        while how == "hang":  # a rank stuck outside MPI: the others' watchdog ends the job
-            time.sleep(3600)
+        if how == "hang":  # a rank stuck outside MPI: the others' watchdog ends the job
+            print(f"mpiattn: note: rank {self.rank} hangs in layer {self.layer} (fault.crash)",
+                  file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
         if self.factor > 1.0 and name in self.COMPUTE:
             return self._stretched(name)
         return self.timer(name)

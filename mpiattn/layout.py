@@ -27,6 +27,7 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
         "mpiattn_version": __version__, "format_version": h5io.FORMAT_VERSION,
         "command": command, "config": cfg.to_toml(), "world_size": p.grid.size,
         "tensor_parallel": p.grid.axis_size("tensor"), "data_parallel": p.grid.axis_size("data"),
+        "pipeline_parallel": p.grid.axis_size("pipeline"),
         "head_partition": np.array(p.head_counts), "backend": p.backend.name,
         "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
         "blas": str(blas_info()),
@@ -41,7 +42,7 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
 
 def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
               seconds: np.ndarray, totals: np.ndarray, host_info: list, records: list,
-              started: dt.datetime) -> None:
+              started: dt.datetime, phases: tuple[str, ...] = PHASES) -> None:
     comp = cfg.output.compression
     write_provenance(f, cfg, p, started, "run", host_info)
     inp = f.create_group("input")
@@ -66,7 +67,7 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
         f["output/pooled"].attrs["description"] = (
             "mean over real tokens of the last layer, L2-normalised")
     t = f.create_group("timings")
-    h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"), phases=list(PHASES),
+    h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"), phases=list(phases),
                      units="s")
     for i, name in enumerate(("forward", "setup", "total")):
         h5io.write_array(t, name, totals[:, i], ("rank",), units="s")

@@ -21,8 +21,11 @@ from .data import Batch
 from .errors import ConfigError, InputError, UserError
 from .faults import slowdown
 from .model import SITES
+from .pipeline import SITE as PIPELINE_SITE
 from .shard import HeadShard, counts, head_shard, partition
 from .weights import checkpoint_shape, open_source, resolve_weights
+
+ALL_SITES = (*SITES, PIPELINE_SITE)  # where fault.inject may flip a bit
 
 
 def apply_checkpoint_shape(cfg: Config) -> None:
@@ -66,7 +69,7 @@ def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
     """Process grid, backend, BLAS threads and this rank's heads and rows (run and train)."""
     from .grid import GridShape, make_grid
 
-    grid = make_grid(world, GridShape.of(world.Get_size(), tensor))
+    grid = make_grid(world, GridShape.of(world.Get_size(), tensor, cfg.parallel.pipeline))
     backend = select(cfg.backend, grid.local_rank)
     threads, limiter = limit_blas_threads(grid.local_size) if not backend.is_gpu else (0, None)
     warning = oversubscription(grid.local_size, threads) if threads else None
@@ -116,7 +119,7 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None,
         mode=cfg.checksum.mode, wire=cfg.checksum.wire,
         on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
         hash_every=cfg.checksum.hash_every, cuda_aware=aware,
-        faults=parse_faults(cfg.fault.inject, SITES), world_rank=p.grid.rank,
+        faults=parse_faults(cfg.fault.inject, ALL_SITES), world_rank=p.grid.rank,
         group_ranks=p.grid.group_ranks("tensor") if group_ranks is None else group_ranks,
     )
 
@@ -142,3 +145,14 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, 
     layers = [type(lp)(**{k: v if k == "head_dim" else dev(v) for k, v in vars(lp).items()})
               for lp in layers]
     return emb, layers
+
+
+def make_p2p(cfg: Config, p: Plan) -> Any:
+    """The checked point-to-point transfers between this rank's pipeline stages."""
+    from .checksum import parse_faults
+    from .transfers import CheckedP2P, FaultPlan, RetryPolicy
+
+    return CheckedP2P(p.grid.comm("pipeline"),
+                      RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
+                      FaultPlan(parse_faults(cfg.fault.inject, ALL_SITES), p.grid.rank),
+                      group_ranks=p.grid.group_ranks("pipeline"), abort_on_failure=True)

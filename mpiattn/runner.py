@@ -25,12 +25,16 @@ from .data import Batch, load_batch
 from .errors import ConfigError
 from .faults import FaultyPhases, crash_points, slowdown
 from .layout import PHASES, write_run
-from .model import SITES, PhaseTimer, encoder_forward, mean_pool
+from .model import PhaseTimer, encoder_forward, mean_pool
+from .pipeline import PHASES as PIPELINE_PHASES
+from .pipeline import stage_forward, stage_layers
 from .placement import (
+    ALL_SITES,
     Plan,
     apply_checkpoint_shape,
     attention_options,
     load_shards,
+    make_p2p,
     make_reducer,
     place,
 )
@@ -46,13 +50,13 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Ba
     apply_checkpoint_shape(cfg)
     tensor, _ = check_world(cfg, world_size)
     batch = load_batch(cfg)
-    replicas = world_size // tensor
+    replicas = world_size // (tensor * cfg.parallel.pipeline)
     if replicas > batch.shape[0]:
         raise ConfigError(f"{replicas} data-parallel replicas for {batch.shape[0]} sequences:"
                           " raise parallel.tensor or give more input")
     crash_points(cfg, rank)  # validates fault.crash, fault.slow and fault.inject
     slowdown(cfg, rank)
-    parse_faults(cfg.fault.inject, SITES)
+    parse_faults(cfg.fault.inject, ALL_SITES)
     return (tensor, batch), jobkit.input_digests(cfg)
 
 
@@ -85,12 +89,14 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     rank = world.Get_rank()
     crashes, slow = crash_points(cfg, rank), slowdown(cfg, rank)
     grid, backend, xp = p.grid, p.backend, p.backend.xp
+    stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     count, start = p.rows
     mine = p.batch.rows(start, count)
 
     t0 = time.perf_counter()
     erf(xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # loads the erf kernel outside the timings
-    emb, layers = load_shards(cfg, p, world, range(cfg.model.layers))
+    my_layers = stage_layers(cfg.model.layers, stages, stage)
+    emb, layers = load_shards(cfg, p, world, my_layers)
     ids, mask = xp.asarray(mine.ids), xp.asarray(mine.mask)
     types = None if mine.types is None else xp.asarray(mine.types)
     setup_s = time.perf_counter() - t0
@@ -100,55 +106,80 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
         cfg.output.layers]
     leader = grid.coord("tensor") == 0  # one copy of each replica's results leaves the group
     outputs: dict[tuple[int, str], np.ndarray] = {}
-    timer = PhaseTimer(backend.timer(), PHASES)
+    phases = PHASES + (PIPELINE_PHASES if stages > 1 else ())
+    timer = PhaseTimer(backend.timer(), phases)
+    # a stage's layers are its own: only its head group checks them together
+    finite_comm = world if stages == 1 else grid.comm("tensor")
 
-    def on_layer(i: int, attn: Any, hidden: Any) -> None:
+    def on_layer(i: int, rows: slice, attn: Any, hidden: Any) -> None:
         if cfg.check.finite != "off":
-            check_finite(world, attn, i, "attention")
-            check_finite(world, hidden, i, "mlp")
+            check_finite(finite_comm, attn, i, "attention")
+            check_finite(finite_comm, hidden, i, "mlp")
         if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "layer":
             reducer.check_agreement(hidden, site="hidden", layer=i)
         if leader and i in keep:
-            outputs[(i, "attention")] = to_host(attn)
-            outputs[(i, "hidden")] = to_host(hidden)
+            for name, a in (("attention", attn), ("hidden", hidden)):
+                if rows == slice(None):  # the whole batch at once: keep it as it is
+                    outputs[(i, name)] = to_host(a)
+                else:  # one micro-batch of it
+                    whole = outputs.setdefault((i, name), np.empty((count, *a.shape[1:]),
+                                                                   dtype=a.dtype))
+                    whole[rows] = to_host(a)
 
+    phase = FaultyPhases(timer, crashes, rank, slow) if crashes or slow > 1 else timer
+    options, eps = attention_options(cfg, p), cfg.model.layer_norm_eps
+    p2p = make_p2p(cfg, p) if stages > 1 else None
     world.Barrier()
     t_fwd = time.perf_counter()
-    hidden = encoder_forward(ids, mask, emb, layers, reducer, cfg.model.layer_norm_eps,
-                             FaultyPhases(timer, crashes, rank, slow) if crashes or slow > 1
-                             else timer, on_layer,
-                             attention_options(cfg, p), cfg.parallel.overlap, types)
-    if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
-        reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
-    pooled = to_host(mean_pool(hidden, mask))
+    if stages == 1:
+        hidden = encoder_forward(ids, mask, emb, layers, reducer, eps, phase,
+                                 lambda i, a, h: on_layer(i, slice(None), a, h), options,
+                                 cfg.parallel.overlap, types)
+    else:
+        finals = stage_forward(ids, mask, types, emb, dict(zip(my_layers, layers, strict=True)),
+                               reducer, eps, stage, stages, p2p, cfg.parallel.microbatches,
+                               phase, on_layer, options, cfg.parallel.overlap)
+        hidden = xp.concatenate([h for _, h in finals]) if finals else None
+    pooled = None
+    if hidden is not None:  # the last stage
+        if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
+            reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
+        pooled = to_host(mean_pool(hidden, mask))
     backend.sync()
     forward_s = time.perf_counter() - t_fwd
 
     # --- gather to rank 0 ---------------------------------------------------------------
-    seconds = np.zeros((cfg.model.layers, len(PHASES)))
-    for (layer, phase), s in timer.seconds.items():
-        seconds[layer, PHASES.index(phase)] += s
+    seconds = np.zeros((cfg.model.layers, len(phases)))
+    for (layer, name), s in timer.seconds.items():
+        seconds[layer, phases.index(name)] += s
     all_seconds = gather_rows(world, seconds[None])
     per_rank = np.array([[forward_s, setup_s, time.perf_counter() - wall0,
                           backend.memory_high_water()]])
     all_totals = gather_rows(world, per_rank)
     host_info = world.gather((socket.gethostname(), backend.device))
+    if leader and stages > 1:  # every stage's layers (and the last one's pooling) to stage 0
+        parts = grid.comm("pipeline").gather((outputs, pooled), root=0)
+        if stage == 0:
+            outputs = {k: v for part, _ in parts for k, v in part.items()}
+            pooled = parts[-1][1]
     gathered: dict[tuple[int, str], np.ndarray] = {}
-    pooled_all, records = None, []
-    parallel = grid.axis_size("data") > 1 and h5io.has_parallel_hdf5()
-    if leader and parallel:  # every replica writes its own rows into one file (mpio)
+    pooled_all = None
+    writer = leader and stage == 0  # one per replica
+    parallel = grid.axis_size("data") > 1 and stages == 1 and h5io.has_parallel_hdf5()
+    if writer and parallel:  # every replica writes its own rows into one file (mpio)
         tmp = grid.comm("data").bcast(str(out.create()) if rank == 0 else None)
         rows = {f"{h5io.layer_group(i)}/{name}": a for (i, name), a in outputs.items()}
         if p.batch.text is not None:
             rows["output/pooled"] = pooled
         h5io.write_rows_parallel(tmp, grid.comm("data"), p.rows[1], p.batch.shape[0], rows)
-    elif leader:  # replica leaders send their batch rows to rank 0, in replica order
+    elif writer:  # replica leaders send their batch rows to rank 0, in replica order
         for key in sorted(outputs):
             gathered[key] = gather_rows(grid.comm("data"), outputs[key])
         pooled_all = gather_rows(grid.comm("data"), pooled)
-    if leader:
-        records = grid.comm("data").gather([(grid.coord("data"), r) for r in reducer.records])
-
+    # a head group's Allreduce records are alike on all its ranks; every rank's own
+    # messages between stages are its own
+    transfers = (reducer.records if leader else []) + (p2p.records if p2p is not None else [])
+    records = world.gather([(grid.coord("data"), r) for r in transfers])
 
     def write() -> Path:
         writing = h5io.atomic_update(out) if parallel else h5io.atomic_file(out)
@@ -156,25 +187,27 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
             f.attrs["write_mode"] = (f"mpio, {grid.axis_size('data')} writers" if parallel
                                      else "gathered to rank 0")
             write_run(f, cfg, p, gathered, pooled_all, all_seconds, all_totals, host_info,
-                      [item for part in records for item in part], started)
-        print_summary(cfg, p, all_seconds, all_totals, out.path)
+                      [item for part in records for item in part], started, phases)
+        print_summary(cfg, p, all_seconds, all_totals, out.path, phases)
         return out.path
 
     return jobkit.conclude(world, write if rank == 0 else None)
 
 
 def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,
-                  path: Path) -> None:
+                  path: Path, phases: tuple[str, ...] = PHASES) -> None:
     m = cfg.model
     b, s = p.batch.shape
     print(f"mpiattn {__version__}: {m.layers} layers, {m.heads} heads, hidden {m.hidden},"
           f" ffn {m.ffn}; batch {b} x seq {s}, {cfg.dtype}, {p.backend.name}")
     data, tensor = p.grid.axis_size("data"), p.grid.axis_size("tensor")
-    print(f"ranks {p.grid.size} = {data} data x {tensor} head;"
+    stages = p.grid.axis_size("pipeline")
+    staged = f" x {stages} stages ({cfg.parallel.microbatches} micro-batches)" if stages > 1 else ""
+    print(f"ranks {p.grid.size} = {data} data{staged} x {tensor} head;"
           f" heads per rank {p.head_counts}; BLAS threads/rank {p.threads or '-'}")
     phase_total = seconds.sum(axis=1).mean(axis=0)  # mean over ranks, per phase
     share = phase_total / max(phase_total.sum(), 1e-12)
-    parts = ", ".join(f"{name} {100 * x:.0f}%" for name, x in zip(PHASES, share, strict=True))
+    parts = ", ".join(f"{name} {100 * x:.0f}%" for name, x in zip(phases, share, strict=True))
     print(f"forward {totals[:, 0].max():.3f} s (max over ranks), setup"
           f" {totals[:, 1].max():.3f} s, wall {totals[:, 2].max():.3f} s, peak memory"
           f" {totals[:, 3].max() / 2**30:.2f} GiB/rank")

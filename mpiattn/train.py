@@ -252,6 +252,10 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     from .placement import apply_checkpoint_shape
 
     apply_checkpoint_shape(cfg)
+    if cfg.parallel.pipeline > 1:
+        raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline}: training has no"
+                          " pipeline schedule (1F1B) yet; pipeline stages run in mpiattn run"
+                          " only: set parallel.pipeline = 1")
     tensor, _ = check_world(cfg, world_size)
     corpus = Corpus.load(cfg)
     cfg.model.vocab = corpus.vocab

@@ -216,7 +216,15 @@ _OK, _AGAIN, _GIVE_UP = 0, 1, 2
 class CheckedP2P(_Checked):
     """One tensor from one rank to another, its digest verified by the receiver, who
     answers with a verdict; a corrupted message is sent again (both sides follow the same
-    policy, so they agree on the attempts without another collective)."""
+    policy, so they agree on the attempts without another collective).
+
+    When the retries are spent the receiver raises ``IntegrityError`` (``comm = None``:
+    only this pair knows). With ``abort_on_failure`` (a job, which ends through
+    ``MPI_Abort``) the sender is not told, so the receiver's is the one message; without
+    it both sides raise (tests, embedding).
+    """
+
+    abort_on_failure: bool = False
 
     def send(self, x: np.ndarray, dest: int, *, site: str, layer: int, tag: int = 0) -> None:
         x = np.ascontiguousarray(x)
@@ -245,14 +253,18 @@ class CheckedP2P(_Checked):
             self.faults.apply(out, layer, site, "result", attempt)
             passed = checksum.digest64(out) == int(digest[0])
             final = passed or self.policy.gives_up(attempt)
-            verdict = _OK if passed else (_GIVE_UP if final else _AGAIN)
-            self.comm.Send(np.array([verdict], dtype=np.int64), source, 3 * tag + _VERDICT)
-            if final:
-                self.ledger.add(layer, site, passed, attempt, int(digest[0]))
+            if final:  # the message's tag (a pipeline's micro-batch) in the chunk column
+                self.ledger.add(layer, site, passed, attempt, int(digest[0]), chunk=tag)
+            if final and not passed:
+                if self.abort_on_failure:  # the receiver alone reports; the job ends
+                    raise self._failure(layer, site, source, self.comm.Get_rank(), attempt)
+                self.comm.Send(np.array([_GIVE_UP], dtype=np.int64), source,
+                               3 * tag + _VERDICT)
+                raise self._failure(layer, site, source, self.comm.Get_rank(), attempt)
+            self.comm.Send(np.array([_OK if passed else _AGAIN], dtype=np.int64), source,
+                           3 * tag + _VERDICT)
             if passed:
                 return out
-            if final:
-                raise self._failure(layer, site, source, self.comm.Get_rank(), attempt)
             attempt += 1
 
     def _failure(self, layer: int, site: str, sender: int, receiver: int,

@@ -48,7 +48,8 @@ def launch(per_rank: list[list], cwd: Path, wdirs: list[Path] | None = None,
            ) -> tuple[subprocess.CompletedProcess, float]:
     """``mpiexec -n 1 CMD_0 : -n 1 CMD_1 ...`` (one block per rank, so each rank may get
     other arguments or another working directory); (result, wall seconds). ``signal_after``
-    = (seconds or a file to wait for, signal) sends the signal to the launcher."""
+    = (seconds, a file to wait for, or text to wait for on stderr; signal) sends the signal
+    to the launcher, and the seconds returned are counted from it."""
     cmd: list = [MPIEXEC]
     for rank, args in enumerate(per_rank):
         if rank:
@@ -62,23 +63,30 @@ def launch(per_rank: list[list], cwd: Path, wdirs: list[Path] | None = None,
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
     if signal_after is not None:
         when, sig = signal_after
         if isinstance(when, Path):  # as soon as the job has made this file
             while not when.exists() and proc.poll() is None and time.perf_counter() - start < HANG:
                 time.sleep(0.01)
+        elif isinstance(when, str):  # as soon as the job has said this (on stderr)
+            for line in iter(proc.stderr.readline, b""):
+                seen += line
+                if when.encode() in line:
+                    break
         else:
             time.sleep(when)
         proc.send_signal(sig)
+        signalled = time.perf_counter()
     try:
         out, err = proc.communicate(timeout=HANG)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail(f"{cmd} hung for {HANG} s")
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - (start if signal_after is None else signalled)
     return subprocess.CompletedProcess(cmd, proc.returncode, out.decode(errors="replace"),
-                                       err.decode(errors="replace")), seconds
+                                       (seen + err).decode(errors="replace")), seconds
 
 
 def same(args: list, ranks: int) -> list[list]:
@@ -336,13 +344,23 @@ def test_a_hung_rank_is_cut_by_the_watchdog(tmp_path, ranks, hung):
     assert "layer 1" in line and "comm.timeout = 2 s" in line
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_persistent_corruption_between_pipeline_stages_ends_every_rank(tmp_path, ranks):
+    flip = 'fault.inject=[{rank=0, layer=0, site="activations", index=0, bit=5, times=9}]'
+    args = ["run", *sets({**TINY, "parallel.pipeline": 2}), "--set", flip, "-o", "out.h5"]
+    done, seconds = launch(same(args, ranks), tmp_path)
+    line = assert_collective_failure(done, seconds, tmp_path, "out.h5", code=3,
+                                     match="integrity error")
+    assert "point-to-point transfer at layer 0 site 'activations'" in line
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_signal_during_a_run_is_one_line_and_nothing_written(tmp_path, ranks, sig):
     crash = 'fault.crash=[{rank=0, layer=1, how="hang"}]'
     args = ["run", *sets(TINY), "--set", crash, "-o", "out.h5"]
-    done, seconds = launch(same(args, ranks), tmp_path, signal_after=(4.0, sig))
-    line = assert_collective_failure(done, seconds - 4.0, tmp_path, "out.h5",
+    done, seconds = launch(same(args, ranks), tmp_path, signal_after=("hangs in layer 1", sig))
+    line = assert_collective_failure(done, seconds, tmp_path, "out.h5",
                                      code=128 + sig, match="interrupted by")
     assert "layer 1" in line
 

@@ -1,0 +1,87 @@
+"""Pipeline parallelism of the forward pass: stages of consecutive layers, micro-batches
+moved stage to stage by checked point-to-point messages (GPipe's fill and drain).
+
+    for each micro-batch m (in order):
+        stage 0:      embed, its layers, send to stage 1
+        stage s:      receive from stage s-1, its layers, send to stage s+1
+        last stage:   receive, its layers, keep the result
+
+Layers split like heads (``shard.partition``): 12 layers on 5 stages are 3,3,2,2,2. Every
+rank of a stage's head group holds the same activations after its Allreduces, so head
+rank t of stage s sends to head rank t of stage s+1 over the pipeline communicator: no
+extra gather. Each message carries a digest checked on receipt (``transfers.CheckedP2P``,
+site ``activations``): a flipped bit is caught, the message resent, the output equal to a
+clean run. The time a stage waits for its input is the ``bubble`` phase: ideally
+(P-1)/(M+P-1) of the forward (Huang et al., GPipe, 2019; Megatron-LM's schedules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .attention import KeyMask, Options
+from .backend import get_array_module, to_host
+from .model import LayerShard, Phase, Reduce, layer_forward, no_timing
+from .ops import embed
+from .shard import partition
+
+SITE = "activations"  # fault.inject site of the messages between stages
+PHASES = ("p2p", "bubble")  # timed phases a stage adds: sending, waiting for its input
+
+
+def stage_layers(layers: int, stages: int, stage: int) -> range:
+    """The layers of pipeline stage ``stage`` (consecutive; earlier stages take the
+    remainder)."""
+    count, start = partition(layers, stages, stage)
+    return range(start, start + count)
+
+
+def micro_batches(batch: int, count: int) -> list[slice]:
+    """Row slices of ``count`` micro-batches (at most one per sequence)."""
+    count = max(1, min(count, batch))
+    spans = [partition(batch, count, m) for m in range(count)]
+    return [slice(start, start + n) for n, start in spans]
+
+
+def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[int, LayerShard],
+                  reduce: Reduce, eps: float, stage: int, stages: int, p2p: Any,
+                  microbatches: int, phase: Phase = no_timing,
+                  on_layer: Callable[[int, slice, Any, Any], None] | None = None,
+                  options: Options | None = None, chunks: int = 1) -> list[tuple[slice, Any]]:
+    """This stage's share of the forward of the whole (B, S) batch.
+
+    ``layers``: index -> this rank's shard of the stage's layers. ``p2p``: a
+    ``CheckedP2P`` over the pipeline communicator (rank = stage). ``on_layer(i, rows,
+    attention, hidden)`` sees each layer's outputs of each micro-batch. Returns, on the last
+    stage, (rows, last hidden (b, S, H)) per micro-batch; elsewhere an empty list.
+    """
+    xp = get_array_module(ids)
+    hidden = emb.ln_g.shape[0]
+    seq = ids.shape[1]
+    order = sorted(layers)
+    finals = []
+    for m, rows in enumerate(micro_batches(ids.shape[0], microbatches)):
+        count = rows.stop - rows.start
+        if stage == 0:
+            x = embed(ids[rows], emb, eps, None if types is None else types[rows])
+        else:
+            x = np.empty((count, seq, hidden), dtype=emb.ln_g.dtype)  # host: checked p2p
+            with phase("bubble"):  # waiting for the previous stage is the pipeline's idle time
+                p2p.recv(x, stage - 1, site=SITE, layer=order[0] - 1, tag=m)
+            x = xp.asarray(x)
+        mask = KeyMask.from_mask(key_mask[rows])
+        for i in order:
+            if hasattr(phase, "layer"):
+                phase.layer = i
+            attn, x = layer_forward(x, layers[i], mask, reduce, i, eps, phase, options, chunks)
+            if on_layer is not None:
+                on_layer(i, rows, attn, x)
+        if stage < stages - 1:
+            with phase("p2p"):
+                p2p.send(to_host(x), stage + 1, site=SITE, layer=order[-1], tag=m)
+        else:
+            finals.append((rows, x))
+    return finals
