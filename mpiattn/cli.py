@@ -358,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = guard or real
     try:
         args = parser().parse_args(argv)
+        if args.command == "train":  # a stop request before the job's handlers: kept
+            from .watchdog import record_early_signals
+
+            record_early_signals()
         if args.command in OFFLINE and _launcher_rank() > 0:
             _quiet()  # started under a launcher: rank 0 alone speaks for the copies
         status = COMMANDS[args.command](args)

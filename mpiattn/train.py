@@ -405,6 +405,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         if stopped:
             break
     bar.close()
+    if done == t.steps:  # a stop agreed on the last step: the run is complete
+        stopped = 0
 
     seconds = seconds[: done - start]
     all_seconds = gather_rows(world, seconds[None])

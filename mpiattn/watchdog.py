@@ -86,6 +86,8 @@ class Watchdog:
             signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
             for sig in signals:
                 signal.signal(sig, _ignore)
+        while _early:  # arrived before these handlers: act on them now
+            self._signalled(_early.pop(0))
 
     def _loop(self) -> None:
         import select
@@ -139,6 +141,21 @@ class Watchdog:
         for fn in self._cleanups:
             with contextlib.suppress(Exception):
                 fn()
+
+
+_early: list[int] = []  # stop signals that arrived before the watchdog handled them
+
+
+def _remember(signum: int, frame: Any) -> None:
+    _early.append(signum)
+
+
+def record_early_signals() -> None:
+    """From process start to ``handle_signals("flag")``: a SIGTERM/SIGUSR1/SIGINT is noted
+    (then acted on as a stop request) instead of killing the process (Slurm's warning may
+    come while the ranks still import)."""
+    for sig in (*STOP_SIGNALS, signal.SIGUSR1):
+        signal.signal(sig, _remember)
 
 
 def _ignore(signum: int, frame: Any) -> None:
