@@ -46,6 +46,7 @@ class Watchdog:
         self._signal_mode = "none"  # "exit": end at once; "flag": set stop_requested
         self.stop_requested = 0  # the signal number a "flag" command has received
         self.finished = False  # the output is published: a late signal changes nothing
+        self.fired = False  # the timeout has ended the job
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -122,7 +123,7 @@ class Watchdog:
 
     def _check_wait(self) -> None:
         wait = self._wait
-        if wait is None or self.timeout <= 0:
+        if wait is None or self.timeout <= 0 or self.fired:
             return
         operation, peers, since = wait
         waited = time.monotonic() - since
@@ -135,6 +136,7 @@ class Watchdog:
                  f"{' (' + where + ')' if where else ''}{' with ranks ' + peers if peers else ''}"
                  f" (comm.timeout = {self.timeout:g} s): a peer hung or died; ending the job")
             self.cleanup()
+            self.fired = True  # once: the abort ends the job (a test's callback returns)
             self.abort(EXIT_TIMEOUT)
 
     def cleanup(self) -> None:
