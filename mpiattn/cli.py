@@ -185,12 +185,17 @@ def _mpi_command(body: Callable[[Any], int], signals: str = "exit") -> int:
         return abort(1)
 
 
+def _output(args: argparse.Namespace, default: str) -> str:
+    """``-o`` as given ("" included: refused by the name check), else ``default``."""
+    return default if args.output is None else args.output
+
+
 def _load_config(args: argparse.Namespace) -> Any:
     """The config file, ``--set`` overrides and ``-o``, validated (the same on every rank)."""
     from . import config
 
     cfg = config.load(args.config, args.overrides)
-    if args.output:
+    if args.output is not None:  # "" too: the name check refuses it
         cfg.output.path = args.output
     return cfg
 
@@ -231,7 +236,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench import bench
 
         cfg, sweep = jobkit.agreed(world, lambda: _bench_args(args))
-        bench(cfg, world, args.output or "mpiattn-bench.h5", args.force, args.repeats, sweep)
+        bench(cfg, world, _output(args, "mpiattn-bench.h5"), args.force, args.repeats, sweep)
         return 0
 
     return _mpi_command(body)
@@ -243,7 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train import train
 
         cfg = jobkit.agreed(world, lambda: config.load(args.config, args.overrides))
-        train(cfg, world, args.output or "mpiattn-train.h5", args.force, args.resume)
+        train(cfg, world, _output(args, "mpiattn-train.h5"), args.force, args.resume)
         return 0
 
     return _mpi_command(body, signals="flag")

@@ -28,16 +28,6 @@ def layer_group(index: int) -> str:
     return f"layers/{index:02d}"
 
 
-def check_output(path: str | Path, force: bool) -> Path:
-    """Refuse a name that cannot be written or would clobber a file without --force
-    (no temporary is made: ``outfile.Reservation.make`` makes one)."""
-    path = Path(path)
-    outfile.check_name(path)
-    if (path.exists() or path.is_symlink()) and not force:
-        raise UserError(f"output '{path}' exists: pass --force to overwrite it, or -o NEW.h5")
-    return path
-
-
 def sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 

@@ -25,7 +25,9 @@ import ctypes
 import errno
 import os
 import socket
+import stat
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,16 +59,25 @@ def _host() -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40]
 
 
-def check_name(path: Path) -> None:
-    """The output name is one we can record and create: UTF-8, short enough, not a folder."""
-    text = str(path)
+def check_name(path: str | Path) -> None:
+    """The output name is one we can record and create: UTF-8 without control characters,
+    short enough, a file name (not a folder, not ``x/``), and nothing but a regular file
+    (or a link) already there: a device, FIFO or socket is never replaced, even with
+    ``--force``."""
+    text = os.fspath(path)
+    if not text:
+        raise UserError("the output name is empty: give a file name with -o")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise UserError(f"output name {text!r} is not valid UTF-8: choose a plain name with -o"
                         ) from None
-    if not path.name or text.endswith(os.sep):
-        raise UserError(f"output '{path}' names a folder: give a file name with -o")
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise UserError(f"output name {text!r} holds control characters (newline, escape,"
+                        " ...): choose a plain name with -o")
+    path = Path(text)
+    if not path.name or text.endswith(os.sep) or path.name in (".", ".."):
+        raise UserError(f"output '{text}' names a folder: give a file name with -o")
     folder = path.parent
     if not folder.is_dir():
         raise UserError(f"output folder '{folder}' does not exist: create it first")
@@ -76,8 +87,20 @@ def check_name(path: Path) -> None:
                         f" bytes; this file system allows {limit}: choose a shorter -o")
     if path.is_dir():
         raise UserError(f"output '{path}' is a directory: give a file name with -o")
+    _check_regular(path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"output folder '{folder}' is not writable: choose another -o")
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse a name taken by anything but a regular file or a symbolic link."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise UserError(f"output '{path}' exists and is not a regular file (a device, FIFO or"
+                        " socket): it is never replaced; choose a file name with -o")
 
 
 def _prefix(path: Path) -> str:
@@ -105,8 +128,8 @@ class Reservation:
         """Check ``path`` (and that a temporary can be created beside it); a one-line
         UserError otherwise. An existing ``path`` is refused unless ``force`` (checked
         again, atomically, when publishing)."""
-        path = Path(path)
         check_name(path)
+        path = Path(path)
         if (path.exists() or path.is_symlink()) and not force:
             raise UserError(f"output '{path}' exists: pass --force to overwrite it, or -o NEW.h5")
         out = cls(path, force)
@@ -150,6 +173,7 @@ class Reservation:
             finally:
                 os.close(fd)
             if replace:
+                _check_regular(self.path)  # what --force may replace, checked again now
                 os.replace(tmp, self.path)
             else:
                 rename_noreplace(tmp, self.path)

@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpiattn import h5io
+from mpiattn import h5io, outfile
 from mpiattn.errors import UserError
 
 
@@ -30,14 +30,14 @@ def test_atomic_file_appears_only_on_success(tmp_path):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_check_output_refuses_to_clobber(tmp_path):
+def test_output_reservation_refuses_to_clobber(tmp_path):
     path = tmp_path / "out.h5"
     path.write_bytes(b"precious")
     with pytest.raises(UserError, match="--force"):
-        h5io.check_output(path, force=False)
-    assert h5io.check_output(path, force=True) == path
+        _ = outfile.Reservation.make(path, False).path
+    assert outfile.Reservation.make(path, True).path == path
     with pytest.raises(UserError, match="does not exist"):
-        h5io.check_output(tmp_path / "no" / "x.h5", force=False)
+        _ = outfile.Reservation.make(tmp_path / "no" / "x.h5", False).path
 
 
 def test_unwritable_folder_is_reported_and_nothing_is_touched(tmp_path):
@@ -47,12 +47,12 @@ def test_unwritable_folder_is_reported_and_nothing_is_touched(tmp_path):
         blocker = tmp_path / "file"
         blocker.write_text("x")
         with pytest.raises(UserError, match="does not exist"):
-            h5io.check_output(blocker / "out.h5", force=False)
+            _ = outfile.Reservation.make(blocker / "out.h5", False).path
         return
     folder = tmp_path / "ro"
     folder.mkdir(mode=0o500)
     with pytest.raises(UserError, match="not writable"):
-        h5io.check_output(folder / "out.h5", force=False)
+        _ = outfile.Reservation.make(folder / "out.h5", False).path
 
 
 def test_verify_accepts_a_sound_file(tmp_path):
