@@ -259,16 +259,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+MAX_CONFIG_BYTES = 1 << 20  # the embedded default is ~1 KiB
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the TOML file, then ``--set`` overrides; validated."""
     cfg = Config()
     explicit: set[str] = set()
     if path:
         path = Path(path)
+        if path.exists() and not path.is_file():  # a folder, or a FIFO that could block
+            raise ConfigError(f"config file '{path}' is not a regular file: give a TOML file")
+        if path.exists() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file '{path}' is {path.stat().st_size} bytes, more than"
+                              f" a config holds ({MAX_CONFIG_BYTES}): is it the right file?")
         try:
             table = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file '{path}' does not exist") from None
+        except OSError as err:
+            raise ConfigError(f"config file '{path}' cannot be read: {err.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from None
         for key, value in _flatten(table).items():

@@ -75,8 +75,8 @@ class Corpus:
 
         tokenizer = default_tokenizer(cfg)
         specials = _special_ids(tokenizer)
-        train = _tokenize(read_lines(Path(cfg.train.corpus)), tokenizer)
-        held = _tokenize(read_lines(Path(cfg.train.heldout)), tokenizer)
+        train = _tokenize(read_lines(Path(cfg.train.corpus), what="train.corpus"), tokenizer)
+        held = _tokenize(read_lines(Path(cfg.train.heldout), what="train.heldout"), tokenizer)
         if cfg.model.weights:  # a real checkpoint keeps its tokenizer's ids
             size = cfg.model.vocab
             lookup = np.arange(max(size, 1 + max(max(s, default=0) for s in train + held)))

@@ -63,7 +63,18 @@ def split_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def read_lines(path: Path, keep_blank: bool = False) -> list[str]:
+def regular_file(path: Path, what: str) -> None:
+    """InputError unless ``path`` is a regular file (a FIFO or device could block or never
+    end; a folder is not text)."""
+    if not path.exists():
+        raise InputError(f"{what} = '{path}': the file does not exist (relative paths are"
+                         f" taken from the current folder, {Path.cwd()})")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise InputError(f"{what} = '{path}' is {kind}: give a text file")
+
+
+def read_lines(path: Path, keep_blank: bool = False, what: str = "input.text") -> list[str]:
     r"""The lines of a UTF-8 text file, stripped, or an InputError saying what is wrong.
 
     ``keep_blank=False`` (a training corpus, a stream of paragraphs) drops blank and
@@ -72,27 +83,26 @@ def read_lines(path: Path, keep_blank: bool = False) -> list[str]:
     entry per line, in order, a blank line as "" (encoded as the empty sentence, [CLS]
     [SEP], as sentence-transformers does), so output row i is line i. Lines end at "\n" only (see
     ``split_lines``). Errors: a missing or unreadable file, bytes that are not UTF-8, and a
-    file with no lines (with ``keep_blank=False``: no non-blank line).
+    file with no lines (with ``keep_blank=False``: no non-blank line), anything but a
+    regular file. ``what`` names the config key in messages.
     """
+    regular_file(path, what)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"input.text = '{path}': the file does not exist (relative paths are"
-                         f" taken from the current folder, {Path.cwd()})") from None
     except OSError as err:
-        raise InputError(f"input.text = '{path}': cannot be read ({err.strerror})") from None
+        raise InputError(f"{what} = '{path}': cannot be read ({err.strerror})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(
-            f"input.text = '{path}': not UTF-8 (byte {err.start}): convert it with iconv"
+            f"{what} = '{path}': not UTF-8 (byte {err.start}): convert it with iconv"
         ) from None
     if keep_blank:
         lines = [line.strip() for line in split_lines(text)]
     else:
         lines = [line for line in (part.strip() for part in text.splitlines()) if line]
     if not lines:
-        raise InputError(f"input.text = '{path}': the file has no text (one sentence per line)")
+        raise InputError(f"{what} = '{path}': the file has no text (one sentence per line)")
     return lines
 
 
@@ -107,7 +117,8 @@ def tokenizer_path(cfg: Config, fallback: str = "") -> Path:
     else:
         raise InputError("input.text needs a tokenizer: set input.tokenizer or model.weights")
     if not path.is_file():
-        raise InputError(f"tokenizer '{path}' does not exist: set input.tokenizer")
+        state = "is not a regular file" if path.exists() else "does not exist"
+        raise InputError(f"tokenizer '{path}' {state}: set input.tokenizer to a tokenizer.json")
     return path
 
 
@@ -230,7 +241,9 @@ def hdf5_batch(path: Path, vocab: int, max_positions: int, type_vocab: int = 2) 
             types_dset = f.get("input/token_type_ids")
             types = None if types_dset is None else _read_types(
                 f"{name}: /input/token_type_ids", types_dset, ids.shape, type_vocab)
-    except InputError as err:  # from h5safe: say which input it was
+    except InputError as err:  # from h5safe: say which input it was (once)
+        if str(err).startswith(name):
+            raise
         reason = str(err).removeprefix(f"'{path}'")
         sep = " " if reason.startswith(" ") else ": "
         raise InputError(f"{name}{sep}{reason.removeprefix(': ').strip()}") from None
