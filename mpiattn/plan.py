@@ -51,6 +51,9 @@ PLAN_KEYS = {
     "checksum.wire": str,
 }
 DEFAULT_RANKS = [1 << i for i in range(11)]  # 1 .. 1024
+MAX_RANKS = 2**20  # the largest rank count (and ranks per node) plan predicts
+MAX_RANK_COUNTS = 1024  # rank counts in one --ranks list
+MAX_SET_INT = 2**40  # a --set integer (model or input size)
 
 
 @dataclass
@@ -115,8 +118,9 @@ def job_with(job: Job, overrides: list[str]) -> Job:
         except tomllib.TOMLDecodeError:
             value = raw.strip()
         if not isinstance(value, PLAN_KEYS[key]) or isinstance(value, bool) or (
-                isinstance(value, int) and value < 1):
-            raise ConfigError(f"--set {key} needs a positive {PLAN_KEYS[key].__name__},"
+                isinstance(value, int) and not 1 <= value <= MAX_SET_INT):
+            limit = " at most 2**40" if PLAN_KEYS[key] is int else ""
+            raise ConfigError(f"--set {key} needs a positive {PLAN_KEYS[key].__name__}{limit},"
                               f" got {raw!r}")
         values[names[key]] = value
     out = Job(**values)
@@ -389,8 +393,8 @@ class Target:
 
 def layouts(job: Job, n: int) -> list[tuple[int, int]]:
     """(data, tensor) splits of n ranks the runner accepts: T <= heads, D <= batch."""
-    return [(n // t, t) for t in range(1, n + 1)
-            if n % t == 0 and t <= job.heads and n // t <= job.batch]
+    divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
+    return [(n // t, t) for t in sorted(divisors) if t <= job.heads and n // t <= job.batch]
 
 
 def predict_layout(job: Job, f: Fit, tgt: Target, data: int, tensor: int) -> dict[str, Any]:
@@ -488,31 +492,60 @@ def assumptions(f: Fit, tgt: Target, layout: str = "heads") -> list[str]:
 
 
 def parse_ranks(text: str) -> list[int]:
+    """The rank counts of ``--ranks`` (the defaults when empty); one-line ConfigError for
+    anything but 1 to ``MAX_RANK_COUNTS`` integers in 1 .. ``MAX_RANKS``."""
     if not text.strip():
         return list(DEFAULT_RANKS)
-    try:
-        ranks = sorted({int(x) for x in text.split(",") if x.strip()})
+    items = [x for x in text.split(",") if x.strip()]
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    if len(items) > MAX_RANK_COUNTS:
+        raise ConfigError(f"--ranks lists {len(items)} rank counts; give at most"
+                          f" {MAX_RANK_COUNTS}")
+    try:  # more than 20 digits is beyond any cap: refused without converting it
+        ranks = sorted({int(x) if len(x.strip()) <= 20 else MAX_RANKS + 1 for x in items})
     except ValueError:
-        raise ConfigError(f"--ranks expects comma-separated integers, got '{text}'") from None
-    if not ranks or ranks[0] < 1:
-        raise ConfigError("--ranks needs positive rank counts")
+        raise ConfigError(f"--ranks expects comma-separated integers, got '{shown}'") from None
+    if not ranks or ranks[0] < 1 or ranks[-1] > MAX_RANKS:
+        raise ConfigError(f"--ranks needs rank counts from 1 to {MAX_RANKS} (2**20), got"
+                          f" '{shown}'")
     return ranks
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Every numeric option of ``plan``, before any file is read: cores finite and > 0,
+    ranks per node 1 .. ``MAX_RANKS``, inter-node alpha and beta finite and >= 0; one-line
+    ConfigError naming the option otherwise."""
+    for option, name in (("--cores", "cores"), ("--measured-cores", "measured_cores")):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{option} must be a finite number of cores > 0, got {value!r}:"
+                              " give the cores per node, e.g. 64")
+    for option, name, unit, example in (("--nodes-alpha", "nodes_alpha", "seconds", "5e-6"),
+                                        ("--nodes-beta", "nodes_beta", "seconds per byte",
+                                         "1e-10")):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{option} must be a finite number of {unit} >= 0, got"
+                              f" {value!r}: e.g. {option} {example}")
+    rpn = getattr(args, "ranks_per_node", None)
+    if rpn is not None and not 1 <= rpn <= MAX_RANKS:
+        raise ConfigError(f"--ranks-per-node must be from 1 to {MAX_RANKS} (2**20), got {rpn}")
+
+
 def plan_command(args: argparse.Namespace) -> int:
+    check_options(args)
+    ranks = parse_ranks(args.ranks)
     files = [load(p) for p in args.files]
     f = fit(files, getattr(args, "measured_cores", None))
     base = next((rf for rf in files if rf.config.get("model")), None)
     if base is None:
         raise InputError("no input file carries a config attribute with the model shape")
     job = job_with(Job.from_file(base), args.overrides)
-    if args.ranks_per_node is not None and args.ranks_per_node < 1:
-        raise ConfigError("--ranks-per-node must be >= 1")
     tgt = Target(args.cores or f.cores, args.ranks_per_node,
                  f.alpha if args.nodes_alpha is None else args.nodes_alpha,
                  f.beta if args.nodes_beta is None else args.nodes_beta)
     layout = getattr(args, "layout", "heads")
-    rows = table(job, f, tgt, parse_ranks(args.ranks), layout)
+    rows = table(job, f, tgt, ranks, layout)
     if args.ranks_per_node is None and (args.nodes_alpha is not None
                                         or args.nodes_beta is not None):
         f.notes.append("--nodes-alpha/--nodes-beta are used only with --ranks-per-node:"
