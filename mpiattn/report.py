@@ -15,7 +15,9 @@ written as ``null`` in ``--json``; ``mpiattn verify`` is what fails such a file.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,8 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from . import h5safe
-from .errors import InputError
+from . import h5safe, outfile
+from .errors import InputError, UserError
 
 KNOWN_FORMAT = 1
 MAX_CONFIG_BYTES = 2**20  # the `config` attribute (a few KiB of TOML when mpiattn wrote it)
@@ -171,6 +173,8 @@ def _root(f: Any, path: str) -> RunFile:
     world = _int(attrs.get("world_size"), "attribute 'world_size' of /", 0)
     parts = attrs.get("head_partition")
     parts = parts if isinstance(parts, list) else [] if parts is None else [parts]
+    if "status" in attrs:  # as verify reads it: text, or the file is not ours
+        attrs["status"] = h5safe.text(attrs["status"], "attribute 'status' of /")
     return RunFile(
         path=path, format_version=version,
         command=h5safe.text(attrs.get("command", ""), "attribute 'command' of /"),
@@ -423,7 +427,43 @@ def format_scaling(sc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(files: list[RunFile], sc: dict[str, Any] | None, out: str) -> None:
+def plot_target(name: str) -> outfile.Reservation:
+    """The PNG file ``--plot NAME`` will create, checked before any work: ``.png`` added to
+    a name without a suffix (what the user is told is the real name), any other suffix
+    refused, an existing name (or one that is not a regular file) refused, the folder
+    checked by ``outfile.Reservation.make`` (exists, takes a new regular file). One-line
+    InputError otherwise (exit 2 in the CLI)."""
+    given = Path(name)
+    if given.exists() and not given.is_file():
+        raise InputError(f"--plot '{name}' is not a regular file: give a new file name"
+                         " ending in .png")
+    if given.name and not given.suffix and not name.endswith(("/", ".")):
+        given = given.with_name(given.name + ".png")
+    elif given.suffix.lower() != ".png":
+        raise InputError(f"--plot '{name}': plots are written as PNG: give a file name ending"
+                         " in .png")
+    if given.exists() or given.is_symlink():
+        raise InputError(f"'{given}' exists: choose another --plot name or remove it")
+    try:
+        return outfile.Reservation.make(given, force=False)
+    except UserError as err:
+        raise InputError(f"--plot '{given}': "
+                         + str(err).replace("-o NEW.h5", "another --plot name")
+                         .replace(" -o", " --plot")) from None
+
+
+def plot(files: list[RunFile], sc: dict[str, Any] | None,
+         out: outfile.Reservation | str) -> Path:
+    """Render the figures to PNG bytes and publish them under ``out`` (an exclusive
+    temporary renamed without replacing anything); the file's name."""
+    out = out if isinstance(out, outfile.Reservation) else plot_target(str(out))
+    try:
+        return _plot(files, sc, out)
+    finally:
+        out.discard()
+
+
+def _plot(files: list[RunFile], sc: dict[str, Any] | None, out: outfile.Reservation) -> Path:
     try:
         import matplotlib
     except ImportError:
@@ -481,8 +521,19 @@ def plot(files: list[RunFile], sc: dict[str, Any] | None, out: str) -> None:
             ax.set_title("training loss")
             ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    try:
+        out.write(image.getbuffer())
+    except OSError as err:
+        raise InputError(f"cannot write '{out.path}': {os.strerror(err.errno or 0)}; choose"
+                         " another --plot name") from None
+    try:
+        return out.publish(replace=False)
+    except outfile.OutputExists:
+        raise InputError(f"'{out.path}' was created by someone else meanwhile: choose another"
+                         " --plot name or remove it") from None
 
 
 def _checked_summary(rf: RunFile) -> tuple[dict[str, Any], str]:
@@ -515,11 +566,12 @@ def report(paths: list[str], as_json: bool = False, plot_to: str | None = None) 
     """Print the summary of each file (and the scaling table of several), as text or JSON
     (non-finite numbers as null); 0 on success. A missing, hostile or malformed file raises
     one ``InputError`` line naming it (exit code 2 in the CLI)."""
+    target = plot_target(plot_to) if plot_to else None  # before any work
     files = [load(p) for p in paths]
     checked = [_checked_summary(rf) for rf in files]
     sc = scaling(files) if len(files) > 1 else None
-    if plot_to:
-        plot(files, sc, plot_to)
+    if target is not None:
+        plot_to = str(plot(files, sc, target))
     if as_json:
         summaries = [s for s, _ in checked]
         print(json.dumps(plain({"files": summaries, "scaling": sc, "plot": plot_to}),
