@@ -162,7 +162,10 @@ def verify(path: str | Path) -> list[str]:
     most ``h5safe.MAX_ATTR_BYTES``; every dataset with a digest still matches it (streamed
     in blocks, so memory stays bounded; HDF5's fletcher32 also fails a read of a corrupted
     chunk); no NaN/inf in ``/layers/*``, ``/output/pooled``, ``/train/loss``,
-    ``/train/eval_loss``, ``/train/grad_norm``; every recorded collective passed.
+    ``/train/eval_loss``, ``/train/grad_norm``; every recorded collective passed; no
+    object is reached under two names (hard links); everything the root attributes and the
+    ``config`` promise is there (``_promised``: inputs, kept layers and pooled output with
+    digests, Allreduce records, one timing row and host per ``world_size``).
     Raises ``InputError`` (one line) when the file cannot be opened safely
     (``h5safe.open_for_reading``); anything else wrong is a one-line problem in the list.
     """
@@ -182,10 +185,11 @@ def verify(path: str | Path) -> list[str]:
         except h5safe.MALFORMED as err:
             problems.append(f"attribute 'status' of / cannot be read ({h5safe.one_line(err)}):"
                             " corrupted")
+        config = None
         try:
             config = h5safe.attr(f, "config")
             if config is not None:
-                tomllib.loads(h5safe.text(config, "attribute 'config' of /"))
+                config = tomllib.loads(h5safe.text(config, "attribute 'config' of /"))
         except tomllib.TOMLDecodeError as err:
             problems.append(f"attribute 'config' of / is not TOML ({h5safe.one_line(err)})")
         except InputError as err:
@@ -231,4 +235,161 @@ def verify(path: str | Path) -> list[str]:
             except (*h5safe.MALFORMED, InputError) as err:
                 problems.append(f"/checksum/collectives cannot be read"
                                 f" ({h5safe.one_line(err)}): corrupted")
+        try:  # a file sound so far is checked for what it lacks (no cascade of lines)
+            problems += _shared_objects(f)
+            if not problems:
+                problems += _promised(f, config if isinstance(config, dict) else None)
+        except InputError as err:
+            problems.append(h5safe.one_line(err))
+        except h5safe.MALFORMED as err:
+            problems.append(f"the file's structure cannot be read ({h5safe.one_line(err)}):"
+                            " corrupted")
+    return problems
+
+
+def _shared_objects(f: Any) -> list[str]:
+    """Objects reached under more than one name (hard links): a dataset is written once,
+    under one name; a second name makes one array pass for two."""
+    import h5py
+
+    names: dict[tuple[int, int], list[str]] = {}
+    root = h5py.h5o.get_info(f.id)
+    names[(int(root.fileno), int(root.addr))] = ["/"]
+    todo: list[tuple[str, Any]] = [("", f.id)]
+    while todo:
+        prefix, gid = todo.pop()
+        for raw in gid:
+            where = f"{prefix}/{raw.decode('utf-8', 'replace')}"
+            oid = h5py.h5o.open(gid, raw)
+            info = h5py.h5o.get_info(oid)
+            seen = names.setdefault((int(info.fileno), int(info.addr)), [])
+            seen.append(where)
+            if len(seen) == 1 and isinstance(oid, h5py.h5g.GroupID):
+                todo.append((where, oid))
+    return [f"{' and '.join(sorted(where))} are one object under {len(where)} names (hard"
+            " links): each dataset of an mpiattn file has one name; the file was altered"
+            for where in names.values() if len(where) > 1]
+
+
+def _promised(f: Any, config: dict | None) -> list[str]:
+    """What the root attributes and the ``config`` TOML promise is there (README, "HDF5
+    file"): run files their inputs, the layers ``output.layers`` keeps, the pooled output
+    of text input, the Allreduce records of a checked head group; every file one timing
+    row and one host per rank. Files without a ``command`` and ``format_version`` (not
+    written by a command) are not checked."""
+    from . import h5safe
+
+    command = h5safe.attr(f, "command")
+    if command is None:
+        return (["root attribute 'command' is missing: cannot tell what the file should hold"]
+                if "format_version" in f.attrs else [])
+    command = h5safe.text(command, "attribute 'command' of /")
+    if command not in ("run", "train", "bench"):
+        return [f"root attribute 'command' is {command!r}, not run, train or bench"]
+    problems: list[str] = []
+    world = _count_attr(f, "world_size", problems)
+    if world is not None:  # run files always hold both; train and bench files, when timed
+        for name in ("ranks/host", "timings/seconds"):
+            if command == "run" or name in f:
+                _rows(f, name, world, problems)
+        axes = [_count_attr(f, name, problems, required=False)
+                for name in ("data_parallel", "pipeline_parallel", "tensor_parallel")]
+        if None not in axes[::2] and (axes[0] or 1) * (axes[1] or 1) * (axes[2] or 1) != world:
+            problems.append(f"root attributes data_parallel x pipeline_parallel x"
+                            f" tensor_parallel = {axes[0]} x {axes[1] or 1} x {axes[2]} is not"
+                            f" world_size = {world}")
+    if command == "train":
+        _need(f, "train/loss", problems)
+    elif command == "bench":
+        if "bench" not in f:
+            problems.append("group /bench is missing (a bench file's measurements)")
+    else:
+        problems += _promised_run(f, config)
+    return problems
+
+
+def _count_attr(f: Any, name: str, problems: list[str], required: bool = True) -> int | None:
+    """Root attribute ``name`` as a count >= 1 (None, with a problem line, otherwise)."""
+    from . import h5safe
+
+    value = h5safe.attr(f, name)
+    if value is None:
+        if required:
+            problems.append(f"root attribute '{name}' is missing")
+        return None
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        problems.append(f"root attribute '{name}' is {h5safe.short(value)}, not a count >= 1")
+        return None
+    return value
+
+
+def _rows(f: Any, name: str, world: int, problems: list[str]) -> None:
+    """Dataset ``name`` has one row per rank."""
+    if _need(f, name, problems, digest=False) and (not f[name].shape or
+                                                   f[name].shape[0] != world):
+        problems.append(f"/{name} has shape {f[name].shape}, not one row per rank of"
+                        f" world_size = {world}")
+
+
+def _need(f: Any, name: str, problems: list[str], digest: bool = False,
+          why: str = "") -> bool:
+    """Dataset ``name`` is there (with its sha256 attribute when ``digest``); a problem
+    line naming what is missing otherwise."""
+    import h5py
+
+    if not isinstance(f.get(name), h5py.Dataset):
+        problems.append(f"dataset /{name} is missing{why}")
+        return False
+    if digest and DIGEST_ATTR not in f[name].attrs:
+        problems.append(f"dataset /{name} has no '{DIGEST_ATTR}' attribute: its contents"
+                        " cannot be checked")
+    return True
+
+
+def _promised_run(f: Any, config: dict | None) -> list[str]:
+    """A run file against its ``config``: inputs, kept layers, pooled output, records."""
+    if config is None:
+        return ["root attribute 'config' is missing or not TOML: cannot tell which layers"
+                " the file should hold"]
+    problems: list[str] = []
+    for name in ("input/tokens", "input/attention_mask"):
+        _need(f, name, problems, digest=True)
+
+    def section(key: str) -> dict:
+        value = config.get(key, {})
+        return value if isinstance(value, dict) else {}
+
+    layers, keep = section("model").get("layers"), section("output").get("layers", "all")
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= 10**6:
+        problems.append(f"config model.layers is {layers!r}, not a layer count")
+    elif keep not in ("all", "last", "none"):
+        problems.append(f"config output.layers is {keep!r}, not 'all', 'last' or 'none'")
+    else:
+        kept = {"all": range(layers), "last": [layers - 1], "none": []}[keep]
+        why = f" (output.layers = '{keep}', model.layers = {layers})"
+        if kept and "layers" not in f:
+            problems.append(f"group /layers is missing{why}")
+        else:
+            for index in kept:
+                group = layer_group(index)
+                if group not in f:
+                    problems.append(f"group /{group} is missing{why}")
+                    continue
+                for name in ("attention", "hidden"):
+                    _need(f, f"{group}/{name}", problems, digest=True, why=why)
+    text = section("input").get("text", "")
+    if isinstance(text, str) and text:
+        _need(f, "output/pooled", problems, digest=True,
+              why=f" (input.text = '{text}' promises pooled embeddings)")
+    check = section("checksum")
+    tensor = _count_attr(f, "tensor_parallel", [], required=False) or 1
+    stages = _count_attr(f, "pipeline_parallel", [], required=False) or 1
+    if check.get("mode", "abft") == "abft" and (tensor > 1 or stages > 1):
+        _need(f, "checksum/collectives", problems,
+              why=f" (checksum.mode = 'abft' with tensor_parallel = {tensor},"
+              f" pipeline_parallel = {stages} records every checked transfer)")
     return problems
