@@ -13,6 +13,7 @@ ends the job at once instead of leaving the others in a collective.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,14 +23,37 @@ from . import __version__
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Command-line mistakes are one line (not usage + error), printed by launcher rank 0
-    only, exit 2: under ``mpiexec -n K`` every rank parses the same arguments."""
+    """Command-line mistakes are one line (not usage + error), exit 2. Under a launcher
+    the ranks agree on it first (``_agree_on_usage``), so that a mistake made on one rank
+    only (an MPMD launch) ends every rank, and rank 0 alone says it."""
 
     def error(self, message: str) -> NoReturn:
+        line = f"mpiattn: error: {message} (see '{self.prog} --help')"
+        agreed = _agree_on_usage(line)
         if _launcher_rank() == 0:
-            print(f"mpiattn: error: {message} (see '{self.prog} --help')", file=sys.stderr,
-                  flush=True)
+            print(agreed or line, file=sys.stderr, flush=True)
         raise SystemExit(2)
+
+
+def _agree_on_usage(line: str) -> str | None:
+    """Under a launcher with several ranks: join the job's first agreement (the allgather of
+    ``jobkit.agreed``) with this error, so the ranks that parsed fine end too; the first
+    error in rank order, or None when MPI cannot be reached."""
+    import os
+
+    sizes = [os.environ.get(k, "") for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")]
+    if not any(s.isdigit() and int(s) > 1 for s in sizes):
+        return None
+    try:
+        from mpi4py import MPI
+
+        from .errors import UserError
+
+        items = MPI.COMM_WORLD.allgather((UserError, line.removeprefix("mpiattn: error: ")))
+    except Exception:  # no MPI here: this rank's line is all there is
+        return None
+    first = next((item for item in items if item is not None), None)
+    return None if first is None else f"mpiattn: error: {first[1]}"
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -130,12 +154,32 @@ def _world() -> Any:
     return MPI.COMM_WORLD
 
 
-def _mpi_command(body: Callable[[Any], int], signals: str = "exit") -> int:
+def _startup_timeout(args: argparse.Namespace | None) -> float:
+    """``comm.timeout`` of the config this rank sees (read again after MPI starts, and
+    agreed then); the default when there is none or it does not load."""
+    from .watchdog import DEFAULT_TIMEOUT
+
+    if args is None or not hasattr(args, "overrides"):
+        return DEFAULT_TIMEOUT
+    try:
+        from . import config
+
+        return config.load(args.config, args.overrides).comm.timeout
+    except Exception:  # reported properly once MPI runs; here only the timeout matters
+        return DEFAULT_TIMEOUT
+
+
+def _mpi_command(body: Callable[[Any], int], signals: str = "exit",
+                 args: argparse.Namespace | None = None) -> int:
     """Run ``body(world)`` under the failure policy above, with the watchdog on."""
     from . import jobkit, watchdog
     from .errors import IntegrityError, Stopped, UserError
 
-    world = jobkit.start(_world(), signals=signals)
+    # MPI_Init itself waits for every rank: one that never starts MPI (a --help or a
+    # missing MPI library on one rank) would hold the others there for ever
+    with watchdog.startup_guard(_startup_timeout(args), _launcher_rank()):
+        raw_world = _world()
+    world = jobkit.start(raw_world, signals=signals)
     rank, size = world.Get_rank(), world.Get_size()
     import numpy as np
 
@@ -192,11 +236,12 @@ def _output(args: argparse.Namespace, default: str) -> str:
 
 def _load_config(args: argparse.Namespace) -> Any:
     """The config file, ``--set`` overrides and ``-o``, validated (the same on every rank)."""
-    from . import config
+    from . import config, jobkit
 
     cfg = config.load(args.config, args.overrides)
     if args.output is not None:  # "" too: the name check refuses it
         cfg.output.path = args.output
+    jobkit.set_timeout(cfg.comm.timeout)  # the start-up agreement waits at most this long
     return cfg
 
 
@@ -209,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run(cfg, world, cfg.output.path, args.force)
         return 0
 
-    return _mpi_command(body)
+    return _mpi_command(body, args=args)
 
 
 def _bench_args(args: argparse.Namespace) -> tuple[Any, list[int]]:
@@ -239,7 +284,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench(cfg, world, _output(args, "mpiattn-bench.h5"), args.force, args.repeats, sweep)
         return 0
 
-    return _mpi_command(body)
+    return _mpi_command(body, args=args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -247,11 +292,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         from . import config, jobkit
         from .train import train
 
-        cfg = jobkit.agreed(world, lambda: config.load(args.config, args.overrides))
+        def load() -> Any:
+            cfg = config.load(args.config, args.overrides)
+            jobkit.set_timeout(cfg.comm.timeout)  # the start-up agreement waits this long
+            return cfg
+
+        cfg = jobkit.agreed(world, load)
         train(cfg, world, _output(args, "mpiattn-train.h5"), args.force, args.resume)
         return 0
 
-    return _mpi_command(body, signals="flag")
+    return _mpi_command(body, signals="flag", args=args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -362,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     guard = _GuardedStdout(real) if _has_fd(real) else None
     sys.stdout = guard or real
     try:
+        if _launcher_rank() > 0:  # --help and --version: rank 0 alone prints them
+            sys.stdout = io.StringIO()
         args = parser().parse_args(argv)
+        sys.stdout = guard or real
         if args.command == "train":  # a stop request before the job's handlers: kept
             from .watchdog import record_early_signals
 

@@ -71,6 +71,7 @@ def agreed(world: Any, check: Callable[[], T]) -> T:
     """``check()`` on every rank; its first error (rank order) raised on every rank."""
     value, error = _local(check)
     item = None if error is None else (type(error), str(error))
+    watchdog.at(during="start-up")
     raise_first(world.allgather(item))
     return value  # type: ignore[return-value]
 
@@ -112,6 +113,7 @@ def preflight(world: Any, check: Callable[[], tuple[T, dict[str, str]]],
     item = None if error is None else (type(error), str(error))
     gathered = world.allgather((item, digests))
     err = _first_error([e for e, _ in gathered]) or _disagreement([d for _, d in gathered])
+    watchdog.at(during=None)
     if err is not None:
         if out is not None:
             out.discard()

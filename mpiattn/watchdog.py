@@ -132,9 +132,12 @@ class Watchdog:
             return
         with self._lock:
             where = self.describe()
+            cause = ("a rank did not join the job's start (an argument or config mistake on"
+                     " one rank only, no MPI library on its node: see its own message)"
+                     if self.where.get("during") == "start-up" else "a peer hung or died")
             _say(f"mpiattn: timeout: rank {self.rank} waited {waited:.0f} s in {operation}"
                  f"{' (' + where + ')' if where else ''}{' with ranks ' + peers if peers else ''}"
-                 f" (comm.timeout = {self.timeout:g} s): a peer hung or died; ending the job")
+                 f" (comm.timeout = {self.timeout:g} s): {cause}; ending the job")
             self.cleanup()
             self.fired = True  # once: the abort ends the job (a test's callback returns)
             self.abort(EXIT_TIMEOUT)
@@ -168,6 +171,47 @@ def _say(line: str) -> None:
     with contextlib.suppress(Exception):
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def startup_guard(timeout: float, rank: int) -> Iterator[None]:
+    """Bound the wait in MPI start-up (``MPI_Init``), before any communicator exists: after
+    ``timeout`` seconds (0: never) one line is printed and this process is killed; the
+    launcher then ends the others.
+
+    ``MPI_Init`` runs inside the import of ``mpi4py.MPI`` holding the interpreter lock, so
+    no thread of this process can act: a watcher process (forked twice, so it is nobody's
+    zombie) waits on a pipe that this process closes once MPI is up, or that closes when
+    this process dies.
+    """
+    if timeout <= 0 or not hasattr(os, "fork"):
+        yield
+        return
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:  # the watcher: no Python state is touched, only syscalls, then _exit
+        try:
+            os.close(write_end)
+            if os.fork() == 0:
+                import select
+
+                ready, _, _ = select.select([read_end], [], [],
+                                            timeout + 0.25 * min(rank, 8))
+                if not ready:
+                    os.write(2, (f"mpiattn: timeout: rank {rank} waited {timeout:g} s in MPI"
+                                 " start-up (MPI_Init): a rank did not start MPI (a --help or"
+                                 " a mistake on one rank only, no MPI library on its node: see"
+                                 " its own message); ending the job\n").encode())
+                    os.kill(parent, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    os.waitpid(child, 0)
+    try:
+        yield
+    finally:
+        os.close(write_end)  # the watcher sees the pipe close and leaves
 
 
 _current: Watchdog | None = None
