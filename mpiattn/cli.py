@@ -416,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = io.StringIO()
         args = parser().parse_args(argv)
         sys.stdout = guard or real
-        if args.command == "train":  # a stop request before the job's handlers: kept
-            from .watchdog import record_early_signals
+        if args.command in ("run", "bench", "train", "info"):  # before the job's handlers:
+            from .watchdog import record_early_signals  # a signal is kept, then acted on
 
             record_early_signals()
         if args.command in OFFLINE and _launcher_rank() > 0:

@@ -335,6 +335,17 @@ def validate(cfg: Config) -> None:
             f"input.seq_len = {cfg.input.seq_len} exceeds model.max_positions ="
             f" {m.max_positions}: shorten the sequence or raise max_positions"
         )
+    for key in ("train.beta1", "train.beta2"):
+        if not 0.0 <= get(cfg, key) < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {get(cfg, key)}")
+    if not 0.0 <= cfg.train.momentum <= 1.0:
+        raise ConfigError(f"config key 'train.momentum' must be in [0, 1], got"
+                          f" {cfg.train.momentum}")
+    if cfg.seed < 0:
+        raise ConfigError(f"config key 'seed' must be >= 0, got {cfg.seed}")
+    if 0 < cfg.comm.timeout < 1:
+        raise ConfigError(f"comm.timeout = {cfg.comm.timeout}: give 0 (no limit) or at least"
+                          " 1 second (a shorter wait ends healthy jobs)")
     if not 0.0 < cfg.train.mask_prob < 1.0:
         raise ConfigError(f"train.mask_prob must be in (0, 1), got {cfg.train.mask_prob}")
     if not 0.0 < cfg.input.min_fill <= 1.0:

@@ -88,3 +88,13 @@ class FaultyPhases:
             start = time.perf_counter()
             yield
             time.sleep((self.factor - 1.0) * (time.perf_counter() - start))
+
+
+def check_fault_ranks(cfg: Config, world_size: int) -> None:
+    """A fault aimed at a rank the job does not have is a mistake, not a silent no-op."""
+    for key in ("inject", "crash", "slow"):
+        for n, entry in enumerate(getattr(cfg.fault, key)):
+            rank = entry.get("rank") if isinstance(entry, dict) else None
+            if isinstance(rank, int) and not 0 <= rank < world_size:
+                raise ConfigError(f"fault.{key}[{n}].rank = {rank} but the job has"
+                                  f" {world_size} ranks (0..{world_size - 1})")

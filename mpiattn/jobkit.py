@@ -140,8 +140,10 @@ def _disagreement(per_rank: list[dict[str, str]]) -> UserError | None:
         if len(groups) > 1:
             parts = " vs ".join(f"ranks {_ranks(r)}" for r in
                                 sorted(groups.values(), key=lambda r: r[0]))
-            err = InputError(f"ranks read different contents for {label} ({parts}): a stale"
-                             " or node-local copy? Give every rank the same file")
+            hint = ("give every rank the same command line and config"
+                    if label.startswith("the ") else
+                    "a stale or node-local copy? Give every rank the same file")
+            err = InputError(f"ranks differ in {label} ({parts}): {hint}")
             err.agreed = True
             return err
     return None
@@ -161,11 +163,17 @@ def conclude(world: Any, write: Callable[[], Any] | None, final: bool = True) ->
     """Rank 0 (the caller that passes ``write``) writes and publishes; the outcome is
     agreed, so a failed write is one line and the same exit code on every rank. After
     the ``final`` output is published a late signal no longer fails the job."""
-    value, error = _local(write) if write is not None else (None, None)
     dog = watchdog.current()
-    if dog is not None and error is None and write is not None and final:
-        dog.finished = True  # published: a late signal does not undo a complete run
-    raise_first(world.allgather(None if error is None else (type(error), str(error))))
+    if dog is not None and final:
+        dog.concluding = True  # a signal now waits until the output is published
+    try:
+        value, error = _local(write) if write is not None else (None, None)
+        raise_first(world.allgather(None if error is None else (type(error), str(error))))
+    finally:
+        if dog is not None:
+            dog.concluding = False
+    if dog is not None and final:
+        dog.finished = True  # published on every rank: a late signal changes nothing
     return value
 
 
@@ -186,7 +194,11 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None) -> dict[str, s
     if cfg.input.text or cfg.input.tokenizer:
         files["input.tokenizer"] = tokenizer_path(cfg)
     files.update(extra or {})
-    out = {"the resolved config": text_digest(cfg.to_toml())}
+    import sys
+
+    out = {"the resolved config": text_digest(cfg.to_toml()),
+           "the command line (e.g. --force on some ranks only)": text_digest(
+               "\0".join(sys.argv[1:]))}
     for label, path in files.items():
         try:
             out[f"{label} '{path}'"] = file_digest(path)

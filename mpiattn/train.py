@@ -243,10 +243,11 @@ def _resumable_output(path: str, resume: str | None) -> bool:
 
 
 def check_training(cfg: Config, world_size: int, resume: str | None,
-                   force: bool) -> tuple[tuple, dict]:
+                   force: bool, out_path: str = "") -> tuple[tuple, dict]:
     """Every local check of a training job, with no collective: ((tensor, corpus,
     checkpoint or None, resume path or None), input digests)."""
     from .config import check_world
+    from .faults import check_fault_ranks
     from .jobkit import input_digests
     from .outfile import check_name
     from .placement import apply_checkpoint_shape
@@ -257,6 +258,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
                           " pipeline schedule (1F1B) yet; pipeline stages run in mpiattn run"
                           " only: set parallel.pipeline = 1")
     tensor, _ = check_world(cfg, world_size)
+    check_fault_ranks(cfg, world_size)
     corpus = Corpus.load(cfg)
     cfg.model.vocab = corpus.vocab
     t, ck = cfg.train, None
@@ -272,8 +274,12 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     first = 0 if ck is None else ck.step
     names = {checkpoint_path(t, done) for done in range(first + 1, t.steps + 1)
              if checkpoint_due(done - 1, t)} | {checkpoint_path(t, t.steps)}
+    output = Path(out_path).absolute() if out_path else None
     for path in sorted(names):
         check_name(path)
+        if output is not None and path.absolute() == output:
+            raise ConfigError(f"train.checkpoint '{path}' is also the output (-o): give them"
+                              ' different names, e.g. train.checkpoint = "NAME-{step}.h5"')
         if path.exists() and not force and not (resume and path.samefile(resume)):
             raise ConfigError(f"train.checkpoint '{path}' exists: pass --force, resume from it"
                               ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
@@ -313,7 +319,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     wall0 = time.perf_counter()
     out_force = force or _resumable_output(out_path, resume)
     (tensor, corpus, ck, resume), out = jobkit.preflight(
-        world, lambda: check_training(cfg, size, resume, force), output=(out_path, out_force))
+        world, lambda: check_training(cfg, size, resume, force, out_path),
+        output=(out_path, out_force))
     jobkit.set_timeout(cfg.comm.timeout)
 
     first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0

@@ -47,6 +47,8 @@ class Watchdog:
         self.stop_requested = 0  # the signal number a "flag" command has received
         self.finished = False  # the output is published: a late signal changes nothing
         self.fired = False  # the timeout has ended the job
+        self.concluding = False  # the final output is being written and agreed on
+        self.deferred = 0  # a signal that came while concluding (acted on if that fails)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -111,14 +113,19 @@ class Watchdog:
             return
         if self._signal_mode == "none" or self.finished:
             return
+        if self.concluding and not self.deferred:  # the output is being written: finish it
+            self.deferred = signum
+            return
         self.cleanup()
-        if self.rank == 0:
-            name = signal.Signals(signum).name
-            where = self.describe()
-            _say(f"mpiattn: interrupted by {name}{' at ' + where if where else ''};"
-                 " nothing written")
-        else:
-            time.sleep(0.2)  # let rank 0 remove its temporary before the launcher reacts
+        name = signal.Signals(signum).name
+        where = self.describe()
+        line = f"interrupted by {name}{' at ' + where if where else ''}; nothing written"
+        if self.rank != 0:
+            # when the launcher signalled every rank, rank 0 speaks and the launcher ends
+            # this one meanwhile; still alive, this rank alone was signalled: it says so
+            time.sleep(1.0)
+            line = f"rank {self.rank}: {line}"
+        _say(f"mpiattn: {line}")
         os._exit(128 + signum)
 
     def _check_wait(self) -> None:

@@ -176,7 +176,8 @@ def test_differing_inputs_name_the_file_and_the_ranks():
     err = jobkit._disagreement([{"input.text 'a.txt'": "x"}, {"input.text 'a.txt'": "x"},
                                 {"input.text 'a.txt'": "y"}, {"input.text 'a.txt'": "x"}])
     assert isinstance(err, InputError) and err.agreed
-    assert "input.text 'a.txt'" in str(err) and "ranks 0-1,3 vs ranks 2" in str(err)
+    assert "ranks differ in input.text 'a.txt'" in str(err)
+    assert "ranks 0-1,3 vs ranks 2" in str(err) and "same file" in str(err)
     assert jobkit._disagreement([{"a": "x"}, {"a": "x"}]) is None
 
 
