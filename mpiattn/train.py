@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -205,10 +206,13 @@ class Trainer:
         seconds.update(forward=t1 - t0, backward=t2 - t1, allreduce=t3 - t2, optimizer=t4 - t3)
         return StepResult(loss, lr, norm, seconds)
 
-    def evaluate(self) -> float:
-        """Mean held-out MLM loss over ``train.eval_batches`` fixed batches."""
+    def evaluate(self, stop: Callable[[], int] | None = None) -> float | None:
+        """Mean held-out MLM loss over ``train.eval_batches`` fixed batches; None when
+        ``stop()`` (a collective verdict, asked before each batch) says to stop."""
         g, total = self.groups, 0.0
         for index in range(self.cfg.train.eval_batches):
+            if stop is not None and stop():
+                return None
             batch = eval_batch(self.corpus, self.cfg, index, g.replicas, g.replica)
             ids, mask, pos, tgt = self._device(batch)
             loss, _ = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
@@ -400,8 +404,14 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         history.grad_norm.append(r.grad_norm)
         history.tokens_per_second.append(tokens)
         if eval_due(step, t) and not stopped:
-            history.eval_step.append(step)
-            history.eval_loss.append(trainer.evaluate())
+            held = trainer.evaluate(stop=lambda: _flags(world, dog.stop_requested if dog
+                                                        else 0)[0])
+            if held is None:  # a stop request during the evaluation: no half an eval
+                stopped = dog.stop_requested if dog else signal.SIGTERM
+                stopped = _flags(world, stopped)[0]
+            else:
+                history.eval_step.append(step)
+                history.eval_loss.append(held)
         done = step + 1
         if checkpoint_due(step, t) or stopped:
             c0 = time.perf_counter()
@@ -446,8 +456,6 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         if out is not None:
             out.discard()
     if stopped:
-        import signal
-
         raise Stopped(f"stopped by {signal.Signals(stopped).name} after {done} of {t.steps}"
                       f" steps: checkpoint '{ckpt}', partial output '{out_path}'"
                       f" (status interrupted); continue with --resume {ckpt} (or --resume"
