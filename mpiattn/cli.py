@@ -220,6 +220,11 @@ def _mpi_command(body: Callable[[Any], int], signals: str = "exit",
             group.Barrier()  # the message is out before the job is torn down
             return abort(err.exit_code)
         return err.exit_code
+    except MemoryError:  # on one rank, mid-job: one line, then the job ends
+        print(f"mpiattn: rank {rank}: out of memory: use a smaller model.* or input.*, more"
+              " ranks (parallel.tensor, parallel.pipeline) or a node with more memory",
+              file=sys.stderr, flush=True)
+        return abort(1)
     except BaseException as err:
         if isinstance(err, SystemExit) and not err.code:
             raise
@@ -269,9 +274,12 @@ def _bench_args(args: argparse.Namespace) -> tuple[Any, list[int]]:
     except ValueError:
         raise ConfigError(f"--sweep expects comma-separated lengths, got '{args.sweep}'"
                           ) from None
-    if args.repeats < 1 or any(x < 1 or x > cfg.model.max_positions for x in sweep):
-        raise ConfigError("--repeats must be >= 1 and --sweep lengths within"
-                          f" 1..model.max_positions ({cfg.model.max_positions})")
+    if not 1 <= args.repeats <= 10_000:
+        raise ConfigError(f"--repeats {args.repeats}: give 1 to 10000 timed repeats")
+    bad = [x for x in sweep if not 1 <= x <= cfg.model.max_positions]
+    if bad:
+        raise ConfigError(f"--sweep length {bad[0]} is outside 1..model.max_positions"
+                          f" ({cfg.model.max_positions})")
     return cfg, sweep
 
 

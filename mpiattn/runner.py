@@ -40,6 +40,23 @@ from .placement import (
 )
 
 
+def check_memory(cfg: Config) -> None:
+    """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory:
+    a MemoryError mid-job on some ranks is worse than one line now."""
+    import os
+
+    m = cfg.model
+    need = (m.vocab + m.max_positions + m.type_vocab) * m.hidden * np.dtype(cfg.dtype).itemsize
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise ConfigError(f"the embedding tables need {need / 2**30:.1f} GiB on every rank;"
+                          f" this node has {have / 2**30:.1f} GiB: lower model.vocab,"
+                          " model.hidden or model.max_positions")
+
+
 def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Batch], dict]:
     """Every local check of a run, with no collective: ((tensor, batch), input digests).
 
@@ -49,6 +66,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Ba
 
     apply_checkpoint_shape(cfg)
     tensor, _ = check_world(cfg, world_size)
+    check_memory(cfg)
     batch = load_batch(cfg)
     replicas = world_size // (tensor * cfg.parallel.pipeline)
     if replicas > batch.shape[0]:

@@ -252,6 +252,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     checkpoint or None, resume path or None), input digests)."""
     from .config import check_world
     from .faults import check_fault_ranks
+    from .runner import check_memory
     from .jobkit import input_digests
     from .outfile import check_name
     from .placement import apply_checkpoint_shape
@@ -263,6 +264,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
                           " only: set parallel.pipeline = 1")
     tensor, _ = check_world(cfg, world_size)
     check_fault_ranks(cfg, world_size)
+    check_memory(cfg)
     corpus = Corpus.load(cfg)
     cfg.model.vocab = corpus.vocab
     t, ck = cfg.train, None

