@@ -252,10 +252,10 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     checkpoint or None, resume path or None), input digests)."""
     from .config import check_world
     from .faults import check_fault_ranks
-    from .runner import check_memory
     from .jobkit import input_digests
     from .outfile import check_name
     from .placement import apply_checkpoint_shape
+    from .runner import check_memory
 
     apply_checkpoint_shape(cfg)
     if cfg.parallel.pipeline > 1:
