@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from . import checksum, watchdog
 from .backend import Backend, data_ptr, get_array_module
-from .errors import IntegrityError, NumericalError, UserError
+from .errors import IntegrityError, NumericalError
 from .transfers import FaultPlan, Ledger, Record, RetryPolicy, agree
 
 
@@ -45,24 +45,6 @@ def check_finite(comm: Any, x: Any, layer: int, site: str) -> None:
         raise NumericalError(f"non-finite activations at layer {layer} after the {site} block"
                              f" on rank(s) {ranks} (inf/NaN): check the input and the weights",
                              comm)
-
-
-def agree_on_error(comm: Any, error: UserError | None) -> UserError | None:
-    """Collective: the first rank's error (in rank order) on every rank, or None.
-
-    Lets rank 0 report a problem that only another rank saw (a file missing on one node)
-    and every rank leave together instead of hanging in the next collective.
-    """
-    if not comm.allreduce(error is not None, op=MPI.LOR):
-        return None
-    messages = comm.allgather(None if error is None else (type(error), str(error)))
-    for rank, item in enumerate(messages):
-        if item is not None:
-            kind, text = item
-            err = kind(text if rank == 0 or comm.Get_size() == 1 else f"rank {rank}: {text}")
-            err.agreed = True
-            return err
-    return None
 
 
 def gather_rows(comm: Any, rows: np.ndarray, root: int = 0) -> np.ndarray | None:

@@ -67,12 +67,16 @@ def _first_error(items: list[tuple[type, str] | None]) -> UserError | None:
     return None
 
 
-def agreed(world: Any, check: Callable[[], T]) -> T:
-    """``check()`` on every rank; its first error (rank order) raised on every rank."""
+def agreed(world: Any, check: Callable[[], T], during: str | None = "start-up") -> T:
+    """``check()`` on every rank; its first error (rank order) raised on every rank.
+    ``during`` names the moment for the watchdog's message while the ranks agree."""
     value, error = _local(check)
     item = None if error is None else (type(error), str(error))
-    watchdog.at(during="start-up")
-    raise_first(world.allgather(item))
+    watchdog.at(during=during)
+    try:
+        raise_first(world.allgather(item))
+    finally:
+        watchdog.at(during=None)
     return value  # type: ignore[return-value]
 
 
@@ -111,6 +115,7 @@ def preflight(world: Any, check: Callable[[], tuple[T, dict[str, str]]],
     if out is not None:
         watchdog_cleanup(out.discard)
     item = None if error is None else (type(error), str(error))
+    watchdog.at(during="start-up")
     gathered = world.allgather((item, digests))
     err = _first_error([e for e, _ in gathered]) or _disagreement([d for _, d in gathered])
     watchdog.at(during=None)

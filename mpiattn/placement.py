@@ -18,7 +18,7 @@ from .attention import Options
 from .backend import Backend, limit_blas_threads, oversubscription, select
 from .config import Config, coerce, validate
 from .data import Batch
-from .errors import ConfigError, InputError, UserError
+from .errors import ConfigError, InputError
 from .faults import slowdown
 from .model import SITES
 from .pipeline import SITE as PIPELINE_SITE
@@ -126,18 +126,16 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None,
 
 def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, list]:
     """Embeddings and this rank's shard of the given layers, on the rank's device."""
-    from .comm import agree_on_error
+    from .jobkit import agreed
 
-    error: UserError | None = None
-    try:
-        source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
-        emb = source.embeddings()
-        layers = [source.layer(i, p.shard) for i in indices]
-    except (UserError, ValueError) as err:
-        error = err if isinstance(err, UserError) else InputError(str(err))
-    error = agree_on_error(world, error)
-    if error is not None:
-        raise error
+    def read() -> tuple[Any, list]:
+        try:
+            source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
+            return source.embeddings(), [source.layer(i, p.shard) for i in indices]
+        except ValueError as err:  # e.g. a tensor's bytes that do not fit its shape
+            raise InputError(str(err)) from None
+
+    emb, layers = agreed(world, read, during="loading weights")
     if not p.backend.is_gpu:
         return emb, layers
     dev = p.backend.xp.asarray
