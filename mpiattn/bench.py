@@ -137,7 +137,7 @@ def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], 
 
 def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
           sweep: list[int]) -> Path | None:
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     cfg.input.min_fill = 1.0  # full sequences: every counted FLOP is done
     cfg.output.layers = "none"
     p, reducer, out = setup(cfg, world, out_path, force)

@@ -12,14 +12,13 @@ import difflib
 import json
 import math
 import re
+import tomllib
 import types
 import typing
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import ConfigError
 

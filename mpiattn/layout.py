@@ -75,7 +75,7 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
                      units="B", description="peak RSS (CPU) or CuPy pool total (GPU)")
     if records:
         write_records(f, records)
-    f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
     f.attrs["status"] = "complete"
 
 
@@ -145,7 +145,7 @@ def write_bench(fh: Any, r: BenchResult) -> None:
     if r.sweep:
         h5io.write_array(g, "sweep", np.array(r.sweep), ("point", "field"),
                          fields=["seq_len", "seconds", "flops_per_second"])
-    fh.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    fh.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
     fh.attrs["status"] = "complete"
 
 
@@ -167,5 +167,5 @@ def write_train(f: Any, history: Any, attrs: dict, seconds: np.ndarray, totals: 
     h5io.write_array(tg, "total", totals, ("rank",), units="s")
     if records:
         write_records(f, records)
-    f.attrs["end_time"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
     f.attrs["status"] = status

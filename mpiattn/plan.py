@@ -32,12 +32,12 @@ import json
 import math
 import os
 import socket
+import tomllib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from .errors import ConfigError, InputError
 from .report import RunFile, load

@@ -19,12 +19,12 @@ import io
 import json
 import os
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from . import h5safe, outfile
 from .errors import InputError, UserError

@@ -91,7 +91,7 @@ def setup(cfg: Config, world: Any, out_path: str, force: bool) -> tuple:
 
 def run(cfg: Config, world: Any, out_path: str, force: bool) -> Path | None:
     """The whole job on every rank; returns the output path on rank 0."""
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     p, reducer, out = setup(cfg, world, out_path, force)
     try:

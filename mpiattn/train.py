@@ -321,7 +321,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     from .placement import make_reducer, place
 
     rank, size = world.Get_rank(), world.Get_size()
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     out_force = force or _resumable_output(out_path, resume)
     (tensor, corpus, ck, resume), out = jobkit.preflight(
