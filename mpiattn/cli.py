@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         if guard is None or not guard.closed or stop.code not in (0, None):
             raise
         status = 0
+    except KeyboardInterrupt:  # Ctrl-C in verify, report, plan: no traceback
+        print("mpiattn: interrupted by SIGINT", file=sys.stderr, flush=True)
+        status = 130
     finally:
         sys.stdout = real
     return CLOSED_PIPE if guard is not None and guard.closed and not status else status
