@@ -4,7 +4,7 @@ the rank count matters) and checks the exit code, the one line printed and the f
 
 Failure policy (mpiattn/cli.py): a UserError -> one line from rank 0, exit 2; an integrity
 failure -> exit 3; anything else -> printed by the failing rank with its rank, then
-``COMM_WORLD.Abort`` ends the job. Output is written to ``.NAME.tmp-PID`` and renamed when
+``COMM_WORLD.Abort`` ends the job. Output is written to an exclusive temporary and renamed when
 complete, so no failure leaves a complete-looking file under the output name.
 """
 
