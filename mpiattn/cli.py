@@ -194,7 +194,14 @@ def _mpi_command(body: Callable[[Any], int], signals: str = "exit",
 
     try:
         with np.errstate(all="ignore"):  # inf/NaN are found by check.finite, once, not warned
-            return body(world)
+            status = body(world)
+        # done: a late signal must not kill the interpreter's shutdown (it restores the
+        # default action of Python-level handlers, not of ignored signals)
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        return status
     except UserError as err:
         if err.agreed:  # every rank holds it: rank 0 says it, all leave with its code
             if rank == 0:

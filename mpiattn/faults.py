@@ -90,11 +90,18 @@ class FaultyPhases:
             time.sleep((self.factor - 1.0) * (time.perf_counter() - start))
 
 
-def check_fault_ranks(cfg: Config, world_size: int) -> None:
-    """A fault aimed at a rank the job does not have is a mistake, not a silent no-op."""
+def check_fault_targets(cfg: Config, world_size: int) -> None:
+    """A fault aimed at a rank or layer the job does not have is a mistake, not a silent
+    no-op. (Element indices wrap around the message, so any index fires.)"""
+    layers = cfg.model.layers
     for key in ("inject", "crash", "slow"):
         for n, entry in enumerate(getattr(cfg.fault, key)):
-            rank = entry.get("rank") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict):
+                continue
+            rank, layer = entry.get("rank"), entry.get("layer")
             if isinstance(rank, int) and not 0 <= rank < world_size:
                 raise ConfigError(f"fault.{key}[{n}].rank = {rank} but the job has"
                                   f" {world_size} ranks (0..{world_size - 1})")
+            if isinstance(layer, int) and not 0 <= layer < layers:
+                raise ConfigError(f"fault.{key}[{n}].layer = {layer} but the model has"
+                                  f" {layers} layers (0..{layers - 1})")

@@ -284,8 +284,12 @@ def _promised(f: Any, config: dict | None) -> list[str]:
         return (["root attribute 'command' is missing: cannot tell what the file should hold"]
                 if "format_version" in f.attrs else [])
     command = h5safe.text(command, "attribute 'command' of /")
+    if command == "train checkpoint":  # parameters, optimizer state, history, vocabulary
+        return [f"group /{name} is missing" for name in ("params", "train", "vocab")
+                if name not in f]
     if command not in ("run", "train", "bench"):
-        return [f"root attribute 'command' is {command!r}, not run, train or bench"]
+        return [f"root attribute 'command' is {command!r}, not run, train, bench or a"
+                " train checkpoint"]
     problems: list[str] = []
     world = _count_attr(f, "world_size", problems)
     if world is not None:  # run files always hold both; train and bench files, when timed

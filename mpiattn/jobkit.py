@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import watchdog
+from . import outfile, watchdog
 from .errors import ConfigError, InputError, UserError
 from .outfile import Reservation, stale_note
 
@@ -37,6 +37,7 @@ def start(raw_world: Any, timeout: float = watchdog.DEFAULT_TIMEOUT,
     """COMM_WORLD with every blocking call watched; signals handled as ``signals`` says
     (``"exit"``: at once, ``"flag"``: the step loop asks ``watchdog.current()``)."""
     dog = watchdog.install(timeout, raw_world.Abort, raw_world.Get_rank())
+    dog.on_cleanup(outfile.discard_all)  # before handling signals: none slips through
     dog.handle_signals(signals)
     return watchdog.watch(raw_world)
 

@@ -34,6 +34,15 @@ from pathlib import Path
 from .errors import UserError
 
 SUFFIX = ".tmp"
+_LIVE: set[Path] = set()  # temporaries this process made and has not yet published or removed
+
+
+def discard_all() -> None:
+    """Remove every live temporary of this process (a signal or a timeout ends it)."""
+    for tmp in list(_LIVE):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _LIVE.discard(tmp)
 _RENAME_NOREPLACE = 1  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -153,6 +162,7 @@ class Reservation:
             finally:
                 os.close(fd)
             self.tmp = Path(tmp)
+            _LIVE.add(self.tmp)
         return self.tmp
 
     def write(self, image: bytes | memoryview) -> None:
@@ -187,6 +197,7 @@ class Reservation:
             reason = os.strerror(err.errno) if err.errno else str(err)
             raise UserError(f"cannot write '{self.path}': {reason}; earlier files are"
                             " untouched") from None
+        _LIVE.discard(self.tmp)
         self.published, self.tmp = True, None
         fsync_folder(self.path.parent)
         return self.path
@@ -196,6 +207,7 @@ class Reservation:
         if self.tmp is not None and not self.published:
             with contextlib.suppress(FileNotFoundError):
                 self.tmp.unlink()
+        _LIVE.discard(self.tmp)
         self.tmp = None
 
 

@@ -23,7 +23,7 @@ from .backend import erf, to_host
 from .config import Config, check_world
 from .data import Batch, load_batch
 from .errors import ConfigError
-from .faults import FaultyPhases, check_fault_ranks, crash_points, slowdown
+from .faults import FaultyPhases, check_fault_targets, crash_points, slowdown
 from .layout import PHASES, write_run
 from .model import PhaseTimer, encoder_forward, mean_pool
 from .pipeline import PHASES as PIPELINE_PHASES
@@ -75,7 +75,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Ba
     crash_points(cfg, rank)  # validates fault.crash, fault.slow and fault.inject
     slowdown(cfg, rank)
     parse_faults(cfg.fault.inject, ALL_SITES)
-    check_fault_ranks(cfg, world_size)
+    check_fault_targets(cfg, world_size)
     return (tensor, batch), jobkit.input_digests(cfg)
 
 

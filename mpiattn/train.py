@@ -251,7 +251,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     """Every local check of a training job, with no collective: ((tensor, corpus,
     checkpoint or None, resume path or None), input digests)."""
     from .config import check_world
-    from .faults import check_fault_ranks
+    from .faults import check_fault_targets
     from .jobkit import input_digests
     from .outfile import check_name
     from .placement import apply_checkpoint_shape
@@ -263,7 +263,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
                           " pipeline schedule (1F1B) yet; pipeline stages run in mpiattn run"
                           " only: set parallel.pipeline = 1")
     tensor, _ = check_world(cfg, world_size)
-    check_fault_ranks(cfg, world_size)
+    check_fault_targets(cfg, world_size)
     check_memory(cfg)
     corpus = Corpus.load(cfg)
     cfg.model.vocab = corpus.vocab

@@ -20,6 +20,7 @@ second signal ends the job at once.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 EXIT_TIMEOUT = 5
+DUPLICATE_SECONDS = 2.0  # signals this close count as one (Slurm and mpiexec both pass it on)
 DEFAULT_TIMEOUT = 600.0  # seconds; as PyTorch's NCCL watchdog: no healthy job waits that long
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -48,6 +50,7 @@ class Watchdog:
         self.finished = False  # the output is published: a late signal changes nothing
         self.fired = False  # the timeout has ended the job
         self.concluding = False  # the final output is being written and agreed on
+        self._last_signal = -math.inf
         self.deferred = 0  # a signal that came while concluding (acted on if that fails)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -105,6 +108,10 @@ class Watchdog:
             self._check_wait()
 
     def _signalled(self, signum: int) -> None:
+        now = time.monotonic()
+        if now - self._last_signal < DUPLICATE_SECONDS:
+            return  # the same signal again: from the launcher and from Slurm at once
+        self._last_signal = now
         if self._signal_mode == "flag" and not self.stop_requested:
             self.stop_requested = signum
             if self.rank == 0:
@@ -119,12 +126,13 @@ class Watchdog:
         self.cleanup()
         name = signal.Signals(signum).name
         where = self.describe()
-        line = f"interrupted by {name}{' at ' + where if where else ''}; nothing written"
+        line = f"interrupted by {name}{' (' + where + ')' if where else ''}; nothing written"
         if self.rank != 0:
             # when the launcher signalled every rank, rank 0 speaks and the launcher ends
             # this one meanwhile; still alive, this rank alone was signalled: it says so
             time.sleep(1.0)
-            line = f"rank {self.rank}: {line}"
+            _say(f"mpiattn: rank {self.rank}: {line}")
+            self.abort(128 + signum)
         _say(f"mpiattn: {line}")
         os._exit(128 + signum)
 
