@@ -189,6 +189,9 @@ def _mpi_command(body: Callable[[Any], int], signals: str = "exit",
         if dog is not None:
             dog.cleanup()
         if size > 1:
+            import time
+
+            time.sleep(watchdog.GRACE_SECONDS)  # the launcher forwards the line first
             world.Abort(code)
         return code
 

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 EXIT_TIMEOUT = 5
+GRACE_SECONDS = 0.2  # between a rank's last line and MPI_Abort: the launcher forwards it
+STAGGER_SECONDS = 0.5  # rank r's watchdog fires r x this later (up to rank 8): one line
 DUPLICATE_SECONDS = 2.0  # signals this close count as one (Slurm and mpiexec both pass it on)
 DEFAULT_TIMEOUT = 600.0  # seconds; as PyTorch's NCCL watchdog: no healthy job waits that long
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -132,6 +134,7 @@ class Watchdog:
             # this one meanwhile; still alive, this rank alone was signalled: it says so
             time.sleep(1.0)
             _say(f"mpiattn: rank {self.rank}: {line}")
+            time.sleep(GRACE_SECONDS)
             self.abort(128 + signum)
         _say(f"mpiattn: {line}")
         os._exit(128 + signum)
@@ -143,7 +146,7 @@ class Watchdog:
         operation, peers, since = wait
         waited = time.monotonic() - since
         # lower ranks speak first, so one line usually reaches the user
-        if waited < self.timeout + 0.25 * min(self.rank, 8):
+        if waited < self.timeout + STAGGER_SECONDS * min(self.rank, 8):
             return
         with self._lock:
             where = self.describe()
@@ -155,6 +158,7 @@ class Watchdog:
                  f" (comm.timeout = {self.timeout:g} s): {cause}; ending the job")
             self.cleanup()
             self.fired = True  # once: the abort ends the job (a test's callback returns)
+            time.sleep(GRACE_SECONDS)
             self.abort(EXIT_TIMEOUT)
 
     def cleanup(self) -> None:
@@ -212,7 +216,7 @@ def startup_guard(timeout: float, rank: int) -> Iterator[None]:
                 import select
 
                 ready, _, _ = select.select([read_end], [], [],
-                                            timeout + 0.25 * min(rank, 8))
+                                            timeout + STAGGER_SECONDS * min(rank, 8))
                 if not ready:
                     os.write(2, (f"mpiattn: timeout: rank {rank} waited {timeout:g} s in MPI"
                                  " start-up (MPI_Init): a rank did not start MPI (a --help or"
