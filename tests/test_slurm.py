@@ -302,8 +302,7 @@ def signal_once(env, job: str, log: Path, sig: str):
     def poll(info: dict[str, str]) -> None:
         if sent or info.get("JobState") != "RUNNING" or not log.exists():
             return
-        if re.search(r"step \d+/\d+", log.read_text()):
-            time.sleep(2)
+        if re.search(r"step \d+/\d+", log.read_text()):  # training has begun: signal now
             cmd = ["scancel", f"--signal={sig}", "--batch", job]
             subprocess.run(cmd, env=env, check=True, timeout=30)
             sent.append(sig)
@@ -363,7 +362,7 @@ def test_train_sbatch_requeues_on_warning(cluster, tmp_path, launcher):
     """The same, fast and deterministic: the warning sent the way Slurm sends it
     (``scancel --signal=USR1 --batch``) a few seconds into training."""
     data = small_corpus(tmp_path)
-    steps = 800
+    steps = 3000  # ~15 s on a quiet machine: the warning lands well before the end
     args = [*TRAIN, *data, "--set", f"train.steps={steps}"]
     reference = train_here(tmp_path / "ref", "ref.h5", *args,
                            "--set", 'train.checkpoint="ref-{step}.h5"')  # fmt: skip
