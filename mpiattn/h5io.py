@@ -176,27 +176,16 @@ def verify(path: str | Path) -> list[str]:
     finite_checked = ("output/pooled", "train/loss", "train/eval_loss", "train/grad_norm")
     problems: list[str] = []
     with open_for_reading(path) as f:
-        try:
-            status = h5safe.text(h5safe.attr(f, "status", ""), "attribute 'status' of /")
-            if status != "complete":
-                problems.append(f"status is '{status or 'missing'}', not 'complete'")
-        except InputError as err:
-            problems.append(h5safe.one_line(err))
-        except h5safe.MALFORMED as err:
-            problems.append(f"attribute 'status' of / cannot be read ({h5safe.one_line(err)}):"
-                            " corrupted")
-        config = None
-        try:
-            config = h5safe.attr(f, "config")
-            if config is not None:
-                config = tomllib.loads(h5safe.text(config, "attribute 'config' of /"))
-        except tomllib.TOMLDecodeError as err:
-            problems.append(f"attribute 'config' of / is not TOML ({h5safe.one_line(err)})")
-        except InputError as err:
-            problems.append(h5safe.one_line(err))
-        except h5safe.MALFORMED as err:
-            problems.append(f"attribute 'config' of / cannot be read ({h5safe.one_line(err)}):"
-                            " corrupted")
+        status = _root_text(f, "status", problems, "")
+        if status is not None and status != "complete":
+            problems.append(f"status is '{status or 'missing'}', not 'complete'")
+        config = _root_text(f, "config", problems)
+        if config is not None:
+            try:
+                config = tomllib.loads(config)
+            except tomllib.TOMLDecodeError as err:
+                problems.append(f"attribute 'config' of / is not TOML ({h5safe.one_line(err)})")
+                config = None
         try:
             found_datasets = h5safe.datasets(f)
         except h5safe.MALFORMED as err:
@@ -269,6 +258,22 @@ def _shared_objects(f: Any) -> list[str]:
     return [f"{' and '.join(sorted(where))} are one object under {len(where)} names (hard"
             " links): each dataset of an mpiattn file has one name; the file was altered"
             for where in names.values() if len(where) > 1]
+
+
+def _root_text(f: Any, name: str, problems: list[str], default: Any = None) -> str | None:
+    """Root attribute ``name`` as text (``default`` when absent); an unreadable or
+    non-UTF-8 one is a problem line and None."""
+    from . import h5safe
+
+    try:
+        value = h5safe.attr(f, name, default)
+        return None if value is None else h5safe.text(value, f"attribute '{name}' of /")
+    except InputError as err:
+        problems.append(h5safe.one_line(err))
+    except h5safe.MALFORMED as err:
+        problems.append(f"attribute '{name}' of / cannot be read ({h5safe.one_line(err)}):"
+                        " corrupted")
+    return None
 
 
 def _promised(f: Any, config: dict | None) -> list[str]:

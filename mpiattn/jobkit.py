@@ -106,15 +106,14 @@ def preflight(world: Any, check: Callable[[], tuple[T, dict[str, str]]],
     = (path, force), rank 0 reserves the output file after its own checks passed; if any
     rank failed, the reservation is dropped. Returns (value, reservation on rank 0).
     """
-    (value, digests), error = _split(_local(check))
+    result, error = _local(check)
+    value, digests = result if result is not None else (None, {})
     out = None
     if error is None and output is not None and world.Get_rank() == 0:
         try:
             out = Reservation.make(*output)
         except UserError as err:
             error = err
-    if out is not None:
-        watchdog_cleanup(out.discard)
     item = None if error is None else (type(error), str(error))
     watchdog.at(during="start-up")
     gathered = world.allgather((item, digests))
@@ -131,11 +130,6 @@ def preflight(world: Any, check: Callable[[], tuple[T, dict[str, str]]],
     return value, out  # type: ignore[return-value]
 
 
-def _split(result: tuple[Any, UserError | None]) -> tuple[tuple[Any, dict], UserError | None]:
-    value, error = result
-    return (value if value is not None else (None, {})), error
-
-
 def _disagreement(per_rank: list[dict[str, str]]) -> UserError | None:
     """An InputError naming the first input whose digest differs between ranks."""
     labels = sorted({k for d in per_rank for k in d})
@@ -144,7 +138,7 @@ def _disagreement(per_rank: list[dict[str, str]]) -> UserError | None:
         for rank, digests in enumerate(per_rank):
             groups.setdefault(digests.get(label), []).append(rank)
         if len(groups) > 1:
-            parts = " vs ".join(f"ranks {_ranks(r)}" for r in
+            parts = " vs ".join(f"ranks {watchdog.rank_ranges(r)}" for r in
                                 sorted(groups.values(), key=lambda r: r[0]))
             hint = ("give every rank the same command line and config"
                     if label.startswith("the ") else
@@ -153,16 +147,6 @@ def _disagreement(per_rank: list[dict[str, str]]) -> UserError | None:
             err.agreed = True
             return err
     return None
-
-
-def _ranks(ranks: list[int]) -> str:
-    return watchdog._ranges(ranks)
-
-
-def watchdog_cleanup(fn: Callable[[], None]) -> None:
-    dog = watchdog.current()
-    if dog is not None:
-        dog.on_cleanup(fn)
 
 
 def conclude(world: Any, write: Callable[[], Any] | None, final: bool = True) -> Any:

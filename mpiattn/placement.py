@@ -50,6 +50,23 @@ def apply_checkpoint_shape(cfg: Config) -> None:
     validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
 
 
+def check_memory(cfg: Config) -> None:
+    """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory:
+    a MemoryError mid-job on some ranks is worse than one line now."""
+    import os
+
+    m = cfg.model
+    need = (m.vocab + m.max_positions + m.type_vocab) * m.hidden * np.dtype(cfg.dtype).itemsize
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise ConfigError(f"the embedding tables need {need / 2**30:.1f} GiB on every rank;"
+                          f" this node has {have / 2**30:.1f} GiB: lower model.vocab,"
+                          " model.hidden or model.max_positions")
+
+
 @dataclass
 class Plan:
     """Everything decided before the first FLOP."""

@@ -33,28 +33,12 @@ from .placement import (
     Plan,
     apply_checkpoint_shape,
     attention_options,
+    check_memory,
     load_shards,
     make_p2p,
     make_reducer,
     place,
 )
-
-
-def check_memory(cfg: Config) -> None:
-    """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory:
-    a MemoryError mid-job on some ranks is worse than one line now."""
-    import os
-
-    m = cfg.model
-    need = (m.vocab + m.max_positions + m.type_vocab) * m.hidden * np.dtype(cfg.dtype).itemsize
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > have:
-        raise ConfigError(f"the embedding tables need {need / 2**30:.1f} GiB on every rank;"
-                          f" this node has {have / 2**30:.1f} GiB: lower model.vocab,"
-                          " model.hidden or model.max_positions")
 
 
 def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Batch], dict]:

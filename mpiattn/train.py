@@ -254,8 +254,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     from .faults import check_fault_targets
     from .jobkit import input_digests
     from .outfile import check_name
-    from .placement import apply_checkpoint_shape
-    from .runner import check_memory
+    from .placement import apply_checkpoint_shape, check_memory
 
     apply_checkpoint_shape(cfg)
     if cfg.parallel.pipeline > 1:

@@ -318,7 +318,7 @@ def _watched_class(base: type) -> type:
             ranks = MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world)
             group.Free()
             world.Free()
-            self._peers = _ranges(list(ranks))
+            self._peers = rank_ranges(list(ranks))
         return self._peers
 
     body = {name: wrap(name) for name in BLOCKING if hasattr(base, name)}
@@ -328,7 +328,7 @@ def _watched_class(base: type) -> type:
     return cls
 
 
-def _ranges(ranks: list[int]) -> str:
+def rank_ranges(ranks: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'."""
     out, i = [], 0
     while i < len(ranks):

@@ -166,7 +166,7 @@ def test_watched_communicators_are_real_ones():
     sub = comm.Split(0, 0)
     assert isinstance(sub, watchdog._Watched)
     assert comm.allreduce(2) == 2
-    assert watchdog._ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert watchdog.rank_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
 # --- agreement ----------------------------------------------------------------------------
