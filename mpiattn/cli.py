@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="sharded encoder forward pass, written to HDF5",
                          description="Run under mpiexec -n K; K ranks share the heads.")
     _add_config_args(run, "mpiattn-run.h5 or output.path")
+    run.add_argument("--resume", nargs="?", const="auto", metavar="PARTS",
+                     help="continue an interrupted text run from its finished chunks (default:"
+                     " the parts folder of this job beside the output)")
     bench = sub.add_parser("bench", help="the sharded layer against the measured limits",
                            description="Run under mpiexec -n K; writes results to HDF5.")
     _add_config_args(bench, "mpiattn-bench.h5")
@@ -266,7 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .runner import run
 
         cfg = jobkit.agreed(world, lambda: _load_config(args))
-        run(cfg, world, cfg.output.path, args.force)
+        run(cfg, world, cfg.output.path, args.force, args.resume)
         return 0
 
     return _mpi_command(body, args=args)

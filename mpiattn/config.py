@@ -38,9 +38,12 @@ class ModelConfig:
 
 @dataclass
 class InputConfig:
-    batch: int = 8  # sequences (synthetic input; text input uses one per line)
-    seq_len: int = 128  # tokens per sequence (text: the truncation length)
+    batch: int = 8  # sequences (seeded input); text: sentences per micro-batch
+    seq_len: int = 128  # tokens per sequence (seeded input)
     text: str = ""  # a UTF-8 file, one sentence per line; "" = seeded token ids
+    pairs: bool = False  # text: each line is two tab-separated sentences (a pair)
+    max_tokens: int = 0  # text: truncation length in tokens; 0 = the model's own limit
+    chunk: int = 1024  # text: lines read, length-sorted and written together
     tokenizer: str = ""  # tokenizer.json; "" = the one beside model.weights
     tokens: str = ""  # HDF5 /input/tokens (batch, seq), e.g. a run file: sets batch and seq
     min_fill: float = 0.5  # seeded input: shortest sequence as a fraction of seq_len
@@ -52,6 +55,7 @@ class ParallelConfig:
     pipeline: int = 1  # stages of consecutive layers per replica (run only)
     microbatches: int = 1  # pipeline: micro-batches each replica's batch is split into
     balance: str = "even"  # "even" | "measured"
+    assign: str = "balanced"  # text: micro-batches to replicas, "balanced" | "round-robin"
     overlap: int = 1  # split the batch into this many chunks, reduce one while computing the next
 
 
@@ -64,7 +68,7 @@ class AttentionConfig:
 @dataclass
 class OutputConfig:
     path: str = "mpiattn-run.h5"
-    layers: str = "all"  # "all" | "last" | "none"
+    layers: str = "auto"  # "all" | "last" | "none"; "auto": text "none", else "all"
     compression: str = "none"  # "none" | "gzip" | "lzf"
 
 
@@ -144,8 +148,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("float32", "float64"),
     "backend": ("auto", "numpy", "cupy"),
     "parallel.balance": ("even", "measured"),
+    "parallel.assign": ("balanced", "round-robin"),
     "attention.impl": ("auto", "plain", "blocked"),
-    "output.layers": ("all", "last", "none"),
+    "output.layers": ("auto", "all", "last", "none"),
     "output.compression": ("none", "gzip", "lzf"),
     "comm.cuda_aware": ("auto", "true", "false"),
     "checksum.mode": ("abft", "off"),
@@ -161,12 +166,12 @@ POSITIVE = (
     "model.layers", "model.heads", "model.hidden", "model.ffn", "model.vocab",
     "model.type_vocab", "model.max_positions", "model.layer_norm_eps",
     "input.batch", "input.seq_len", "parallel.overlap", "parallel.pipeline",
-    "parallel.microbatches", "train.steps", "train.lr", "train.eps",
+    "parallel.microbatches", "input.chunk", "train.steps", "train.lr", "train.eps",
     "train.eval_batches",
 )
 NON_NEGATIVE = (
-    "parallel.tensor", "attention.block", "checksum.retries", "comm.timeout", "train.warmup",
-    "train.min_lr",
+    "parallel.tensor", "input.max_tokens", "attention.block", "checksum.retries",
+    "comm.timeout", "train.warmup", "train.min_lr",
     "train.weight_decay", "train.clip", "train.eval_every", "train.checkpoint_every",
 )
 
@@ -351,6 +356,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"input.min_fill must be in (0, 1], got {cfg.input.min_fill}")
     if cfg.input.text and cfg.input.tokens:
         raise ConfigError("input.text and input.tokens are both set: give one input")
+    if cfg.input.max_tokens == 1 or cfg.input.max_tokens > m.max_positions:
+        raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens}: give 0 (the model's own"
+                          f" limit) or 2 .. model.max_positions = {m.max_positions}")
+    if cfg.output.layers == "auto":  # per-token states of a corpus only when asked for
+        cfg.output.layers = "none" if cfg.input.text else "all"
 
 
 def _fits(cfg: Config, world_size: int, tensor: int) -> bool:

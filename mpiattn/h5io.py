@@ -365,12 +365,15 @@ def _promised_run(f: Any, config: dict | None) -> list[str]:
         return ["root attribute 'config' is missing or not TOML: cannot tell which layers"
                 " the file should hold"]
     problems: list[str] = []
-    for name in ("input/tokens", "input/attention_mask"):
-        _need(f, name, problems, digest=True)
 
     def section(key: str) -> dict:
         value = config.get(key, {})
         return value if isinstance(value, dict) else {}
+
+    text = section("input").get("text", "")
+    streamed = isinstance(text, str) and bool(text)  # ragged rows (``corpusfile``)
+    for name in ("input/tokens", "input/offsets" if streamed else "input/attention_mask"):
+        _need(f, name, problems, digest=True)
 
     layers, keep = section("model").get("layers"), section("output").get("layers", "all")
     if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= 10**6:
@@ -390,8 +393,7 @@ def _promised_run(f: Any, config: dict | None) -> list[str]:
                     continue
                 for name in ("attention", "hidden"):
                     _need(f, f"{group}/{name}", problems, digest=True, why=why)
-    text = section("input").get("text", "")
-    if isinstance(text, str) and text:
+    if streamed:
         _need(f, "output/pooled", problems, digest=True,
               why=f" (input.text = '{text}' promises pooled embeddings)")
     check = section("checksum")

@@ -73,8 +73,18 @@ def setup(cfg: Config, world: Any, out_path: str, force: bool) -> tuple:
     return p, make_reducer(cfg, p), out
 
 
-def run(cfg: Config, world: Any, out_path: str, force: bool) -> Path | None:
-    """The whole job on every rank; returns the output path on rank 0."""
+def run(cfg: Config, world: Any, out_path: str, force: bool,
+        resume: str | None = None) -> Path | None:
+    """The whole job on every rank; returns the output path on rank 0. Text input is
+    streamed (``encode``; ``resume`` continues an interrupted one); seeded and HDF5 token
+    input run as one batch."""
+    if cfg.input.text:
+        from .encode import run_text
+
+        return run_text(cfg, world, out_path, force, resume)
+    if resume is not None:
+        raise ConfigError("--resume continues an interrupted text run (input.text); this"
+                          " job runs as one batch: run it again without --resume")
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     p, reducer, out = setup(cfg, world, out_path, force)

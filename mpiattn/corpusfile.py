@@ -1,0 +1,333 @@
+"""The output of a streamed text run: finished chunks kept as parts, assembled at the end.
+
+    parts = Parts.create(out.path, job_key)          # or Parts.find(...) to resume
+    parts.write(index, ChunkResult(...))             # each chunk: its own file, published whole
+    with h5io.atomic_disk_file(out) as f:            # at the end, on disk, never in memory
+        assemble(f, parts, count, hidden, keep)      # appended chunk after chunk
+    parts.remove()
+
+Why parts: HDF5 gives no crash consistency to a file being appended to, so a job killed
+mid-write (SIGKILL, a node lost) could leave a file no tool can open, and nothing to resume
+from. Here every finished chunk is a small file published by rename into a private folder
+(``.NAME.HOST-PID-RANDOM.parts``, made with ``mkdtemp``), and the final file is built
+from them and published under its name only when complete. ``--resume`` finds the folder
+of the same job (same resolved config and input digests: ``job_key``), skips the chunks it
+holds and writes the rest; since a chunk's result depends only on its own lines, the
+finished file equals an uninterrupted run's bit for bit. A running job holds an exclusive
+``flock`` on its folder, so two jobs never share one.
+
+Layout of the finished file (``lines`` = input lines, ``tokens`` = real tokens of all
+lines, row i of a ragged dataset is ``[offsets[i]:offsets[i+1]]``):
+
+    /input/text (lines,) UTF-8 [/input/text_pair (lines,) with input.pairs]
+    /input/tokens (tokens,) int64, /input/offsets (lines+1,) int64,
+    /input/token_type_ids (tokens,) int64 (pairs only), /input/truncated (lines,) uint8
+    /output/pooled (lines, hidden): mean over real tokens, L2-normalised
+    /layers/NN/attention|hidden (tokens, hidden) when output.layers keeps layer NN
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, UserError
+from .outfile import _host, _name_max
+
+SUFFIX = ".parts"
+JOB_FILE = "job.json"
+_PART = re.compile(r"chunk-(\d{7})\.h5")
+
+
+@dataclass
+class ChunkResult:
+    """One chunk's rows in line order (see the module docstring for the fields)."""
+
+    first: int  # index of the chunk's first line
+    text: list[str]
+    text_pair: list[str] | None
+    ids: list[np.ndarray]  # per line
+    types: list[np.ndarray] | None  # per line (pairs only)
+    truncated: np.ndarray  # (lines,) bool
+    pooled: np.ndarray  # (lines, hidden)
+    layers: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (tokens, H)
+    stats: dict[str, float] = field(default_factory=dict)  # per-chunk measurements
+
+
+def job_key(config_toml: str, digests: dict[str, str]) -> str:
+    """The identity of a job for resuming: its resolved config and its inputs' digests
+    (the command line and the output name are not part of it)."""
+    inputs = {k: v for k, v in digests.items() if not k.startswith("the ")}
+    blob = json.dumps({"config": config_toml, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _folders(out_path: Path) -> list[Path]:
+    stem = out_path.name.encode("utf-8", "surrogateescape")[:16].decode("utf-8", "ignore")
+    return sorted(p for p in out_path.parent.glob(f".{stem}*{SUFFIX}") if p.is_dir())
+
+
+def _read_job(folder: Path) -> dict:
+    try:
+        job = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return job if isinstance(job, dict) else {}
+
+
+class Parts:
+    """A private folder of finished chunks (see the module docstring)."""
+
+    def __init__(self, folder: Path, job: dict, lock: int) -> None:
+        self.folder, self.job, self._lock = folder, job, lock
+
+    @classmethod
+    def create(cls, out_path: Path, key: str, lines: int, chunk: int) -> Parts:
+        """A new folder beside ``out_path`` for a job of ``lines`` lines in chunks of
+        ``chunk``; UserError when it cannot be made."""
+        tail = f".{_host()}-{os.getpid()}-"
+        room = _name_max(out_path.parent) - len(tail) - 8 - len(SUFFIX) - 1
+        name = out_path.name.encode("utf-8")[: max(room, 1)].decode("utf-8", "ignore")
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=f".{name}{tail}", suffix=SUFFIX,
+                                           dir=out_path.parent))
+        except OSError as err:
+            raise UserError(f"cannot create a folder in '{out_path.parent}':"
+                            f" {os.strerror(err.errno or 0)}; choose another -o") from None
+        job = {"key": key, "lines": lines, "chunk": chunk, "output": out_path.name}
+        (folder / JOB_FILE).write_text(json.dumps(job), encoding="utf-8")
+        return cls(folder, job, _lock(folder, "it was just made"))
+
+    @classmethod
+    def find(cls, out_path: Path, key: str, where: str | None = None) -> Parts:
+        """The interrupted job's folder to resume: ``where`` itself, or (None) the one
+        beside ``out_path`` whose job key is ``key``. UserError (exit 2) when there is none,
+        it belongs to another job, or a running job holds it."""
+        if where is not None:
+            candidates = [Path(where)]
+            if not (candidates[0] / JOB_FILE).is_file():
+                raise UserError(f"--resume '{where}' is not the parts folder of an interrupted"
+                                " run (it has no job.json)")
+        else:
+            candidates = [p for p in _folders(out_path) if _read_job(p).get("key") == key]
+            if not candidates:
+                others = len(_folders(out_path))
+                raise UserError(f"--resume: no interrupted run of this job beside"
+                                f" '{out_path}' (parts folders of other jobs or inputs:"
+                                f" {others}); run without --resume to start afresh")
+        folder = max(candidates, key=lambda p: len(list(p.glob("chunk-*.h5"))))
+        job = _read_job(folder)
+        if job.get("key") != key:
+            raise UserError(f"--resume '{folder}' holds a run of another config or other inputs:"
+                            " resume with the same config, inputs and model")
+        parts = cls(folder, job, _lock(folder, "another job is writing it now"))
+        for stale in folder.glob("*.tmp*"):  # a part the killed job was writing
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        return parts
+
+    def done(self) -> int:
+        """Chunks finished, counted from the first without a gap."""
+        have = {int(m.group(1)) for p in self.folder.iterdir() if (m := _PART.fullmatch(p.name))}
+        n = 0
+        while n in have:
+            n += 1
+        return n
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"chunk-{index:07d}.h5"
+
+    def write(self, index: int, r: ChunkResult) -> None:
+        """Chunk ``index`` as its own HDF5 file, renamed into place when whole."""
+        import h5py
+
+        from . import outfile
+
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
+        try:
+            with h5py.File(tmp_path, "w") as f:
+                f.attrs["first"] = r.first
+                f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
+                f["text"] = np.array(r.text, dtype=h5py.string_dtype())
+                if r.text_pair is not None:
+                    f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
+                f["lengths"] = np.array([len(a) for a in r.ids], dtype=np.int64)
+                f["tokens"] = _concat(r.ids, np.int64)
+                if r.types is not None:
+                    f["token_type_ids"] = _concat(r.types, np.int64)
+                f["truncated"] = r.truncated.astype(np.uint8)
+                f["pooled"] = r.pooled
+                for (layer, name), a in r.layers.items():
+                    f[f"layers/{layer:02d}/{name}"] = a
+            os.replace(tmp_path, self.path(index))
+        finally:
+            outfile._LIVE.discard(tmp_path)
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+
+    def read_stats(self) -> list[dict[str, float]]:
+        """Each finished chunk's measurements (attributes ``stat_*``), in chunk order."""
+        import h5py
+
+        out = []
+        for i in range(self.done()):
+            with h5py.File(self.path(i), "r") as f:
+                out.append({k.removeprefix("stat_"): float(v) for k, v in f.attrs.items()
+                            if k.startswith("stat_")})
+        return out
+
+    def remove(self) -> None:
+        """Delete the folder (after the final file is published)."""
+        for p in self.folder.iterdir():
+            with contextlib.suppress(OSError):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+        self.release()
+
+    def release(self) -> None:
+        if self._lock >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock)
+            self._lock = -1
+
+
+def _lock(folder: Path, why: str) -> int:
+    fd = os.open(folder / JOB_FILE, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"--resume: '{folder}' is locked: {why}") from None
+    return fd
+
+
+def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
+class _Appender:
+    """A resizable dataset grown part by part, with the SHA-256 of its bytes in row order
+    (equal to ``h5io.sha256`` of the whole array)."""
+
+    def __init__(self, group: Any, name: str, tail: tuple[int, ...], dtype: Any,
+                 labels: tuple[str, ...], compression: str, rows_hint: int) -> None:
+        rows = max(1, min(rows_hint, max(1, 2**20 // max(1, int(np.prod(tail)) * 4))))
+        opts: dict[str, Any] = {"chunks": (rows, *tail), "fletcher32": True}
+        if compression != "none":
+            opts.update(compression=compression, shuffle=True)
+        self.dset = group.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail),
+                                         dtype=dtype, **opts)
+        for axis, label in enumerate(labels):
+            self.dset.dims[axis].label = label
+        self.hash = hashlib.sha256()
+
+    def append(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=self.dset.dtype)
+        n = self.dset.shape[0]
+        self.dset.resize(n + a.shape[0], axis=0)
+        if a.shape[0]:
+            self.dset[n:] = a
+        self.hash.update(a.tobytes())
+
+    def finish(self, **attrs: Any) -> None:
+        from .h5io import DIGEST_ATTR
+
+        self.dset.attrs[DIGEST_ATTR] = self.hash.hexdigest()
+        self.dset.attrs.update(attrs)
+
+
+def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
+             kept: list[int], pairs: bool, compression: str) -> dict[str, int]:
+    """Write every part into ``f`` in line order (the layout above); returns the totals
+    (lines, tokens, truncated). Raises InputError when a part is missing or does not
+    continue where the previous one ended."""
+    import h5py
+
+    inp, out = f.create_group("input"), f.create_group("output")
+    strings = h5py.string_dtype()
+    text = inp.create_dataset("text", shape=(0,), maxshape=(None,), dtype=strings,
+                              chunks=(4096,))
+    text.dims[0].label = "line"
+    text_pair = None
+    if pairs:
+        text_pair = inp.create_dataset("text_pair", shape=(0,), maxshape=(None,),
+                                       dtype=strings, chunks=(4096,))
+        text_pair.dims[0].label = "line"
+    hint = min(1 << 16, 64 * max(lines, 1))  # tokens per HDF5 chunk
+    tokens = _Appender(inp, "tokens", (), np.int64, ("token",), compression, hint)
+    types = (_Appender(inp, "token_type_ids", (), np.int64, ("token",), compression, hint)
+             if pairs else None)
+    truncated = _Appender(inp, "truncated", (), np.uint8, ("line",), compression, lines)
+    pooled = _Appender(out, "pooled", (hidden,), dtype, ("line", "hidden"), compression, lines)
+    states = {(i, name): _Appender(f.require_group(f"layers/{i:02d}"), name, (hidden,), dtype,
+                                   ("token", "hidden"), compression, hint)
+              for i in kept for name in ("attention", "hidden")}
+    offsets = [np.zeros(1, dtype=np.int64)]
+    done = total_tokens = 0
+    for index in range(parts.done()):
+        with h5py.File(parts.path(index), "r") as part:
+            if int(part.attrs["first"]) != done:
+                raise InputError(f"part {index} of '{parts.folder}' starts at line"
+                                 f" {int(part.attrs['first'])}, not {done}: the folder was"
+                                 " altered; run again without --resume")
+            n = part["pooled"].shape[0]
+            for dset, name in ((text, "text"), (text_pair, "text_pair")):
+                if dset is not None:
+                    dset.resize(done + n, axis=0)
+                    dset[done:] = part[name][()]
+            lengths = part["lengths"][()]
+            tokens.append(part["tokens"][()])
+            if types is not None:
+                types.append(part["token_type_ids"][()])
+            truncated.append(part["truncated"][()])
+            pooled.append(part["pooled"][()])
+            for (i, name), app in states.items():
+                app.append(part[f"layers/{i:02d}/{name}"][()])
+            offsets.append(total_tokens + np.cumsum(lengths))
+            done, total_tokens = done + n, total_tokens + int(lengths.sum())
+    if done != lines:
+        raise InputError(f"'{parts.folder}' holds {done} of {lines} lines: run again")
+    from .h5io import write_array
+
+    ragged = "row i is [offsets[i]:offsets[i+1]] of each (token, ...) dataset"
+    write_array(inp, "offsets", np.concatenate(offsets), ("line_edge",), digest=True,
+                description=ragged)
+    for app in (tokens, types, truncated):
+        if app is not None:
+            app.finish()
+    pooled.finish(description="mean over real tokens of the last layer, L2-normalised")
+    for app in states.values():
+        app.finish(description=f"per real token, all lines concatenated; {ragged} of"
+                   " /input/offsets")
+    n_truncated = int(np.count_nonzero(truncated.dset[()])) if lines else 0
+    return {"lines": done, "tokens": total_tokens, "truncated": n_truncated}
+
+
+@contextlib.contextmanager
+def disk_file(out: Any) -> Iterator[Any]:
+    """An h5py File written straight into ``out``'s exclusive temporary (too big for
+    memory), published under the final name only if the block succeeds."""
+    import h5py
+
+    try:
+        with h5py.File(out.create(), "w", libver="latest") as f:
+            f.attrs["status"] = "writing"
+            yield f
+        out.publish()
+    finally:
+        out.discard()

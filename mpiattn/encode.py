@@ -1,0 +1,424 @@
+"""``mpiattn run`` on a text corpus: every line encoded by the head-sharded encoder, streamed.
+
+    mpiexec -n 4 mpiattn run jobs/configs/minilm.toml --set input.text='"corpus.txt"' -o c.h5
+
+Every rank reads the same chunk of ``input.chunk`` lines and tokenizes it (no padding,
+truncated at the model's own limit); the chunk is cut into length-sorted micro-batches of
+``input.batch`` sentences, and the micro-batches are assigned to the data-parallel
+replicas by estimated cost (``parallel.assign``; ``textstream.assign``). Each replica's
+head group runs its micro-batches through the encoder exactly as a one-batch run does
+(checked Allreduces, finite checks). The replica leaders send their rows to rank 0, which
+puts them back in line order and writes the chunk as a part (``corpusfile``); at the end
+the parts become the output file. Memory per rank is bounded by the chunk, never by the
+number of lines; a killed job continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, jobkit
+from .backend import erf, to_host
+from .config import Config, check_world
+from .corpusfile import ChunkResult, Parts, assemble, disk_file, job_key
+from .data import Batch, tokenizer_path
+from .errors import ConfigError, IntegrityError, UserError
+from .faults import FaultyPhases, check_fault_targets, crash_points, slowdown
+from .layout import PHASES, write_provenance, write_records
+from .model import PhaseTimer, encoder_forward, mean_pool
+from .placement import (
+    ALL_SITES,
+    Plan,
+    apply_checkpoint_shape,
+    attention_options,
+    check_memory,
+    load_shards,
+    make_reducer,
+    place,
+)
+from .textstream import (
+    SentenceTokenizer,
+    TextInfo,
+    assign,
+    batch_cost,
+    chunks,
+    model_max_length,
+    scan,
+    sorted_batches,
+)
+
+
+def truncation(cfg: Config) -> tuple[int, str]:
+    """(tokens, source) of the text truncation: input.max_tokens, else the model's own."""
+    if cfg.input.max_tokens:
+        return cfg.input.max_tokens, "input.max_tokens"
+    from .weights import resolve_weights
+
+    folder = resolve_weights(cfg.model.weights).parent if cfg.model.weights else None
+    return model_max_length(folder, cfg.model.max_positions)
+
+
+def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
+    """Every local check of a text run, no collective: ((tensor, info, tokenizer), digests)."""
+    from .checksum import parse_faults
+
+    apply_checkpoint_shape(cfg)
+    if cfg.parallel.pipeline > 1:
+        raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline} with input.text: a"
+                          " text corpus is streamed through head-sharded replicas; set"
+                          " parallel.pipeline = 1 (pipeline stages run seeded or HDF5 input)")
+    if "input.seq_len" in cfg.explicit:
+        raise ConfigError("input.seq_len is the length of seeded input; text is cut at the"
+                          " model's own limit, or at input.max_tokens: set that instead")
+    tensor, _ = check_world(cfg, world_size)
+    check_memory(cfg)
+    limit, _ = truncation(cfg)
+    tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab)
+    info = scan(Path(cfg.input.text), cfg.input.pairs)
+    if cfg.input.pairs and cfg.model.type_vocab < 2:
+        raise ConfigError(f"input.pairs = true needs segment ids 0 and 1, but the model's type"
+                          f" vocabulary holds {cfg.model.type_vocab} (model.type_vocab)")
+    crash_points(cfg, rank)
+    slowdown(cfg, rank)
+    parse_faults(cfg.fault.inject, ALL_SITES)
+    check_fault_targets(cfg, world_size)
+    return (tensor, info, tok), jobkit.input_digests(cfg)
+
+
+def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, resume: str | None) -> Parts:
+    if resume is None:
+        return Parts.create(out.path, key, info.lines, cfg.input.chunk)
+    return Parts.find(out.path, key, None if resume == "auto" else resume)
+
+
+def run_text(cfg: Config, world: Any, out_path: str, force: bool,
+             resume: str | None = None) -> Path | None:
+    """The whole streamed job on every rank; returns the output path on rank 0.
+    ``resume``: None (start afresh), "auto" (the interrupted run of this job beside the
+    output) or a parts folder."""
+    started = dt.datetime.now(dt.UTC)
+    wall0 = time.perf_counter()
+    rank = world.Get_rank()
+    (tensor, info, tok), out = jobkit.preflight(
+        world, lambda: check_inputs(cfg, world.Get_size(), rank), output=(out_path, force))
+    jobkit.set_timeout(cfg.comm.timeout)
+    parts = None
+    try:
+        key = job_key(cfg.to_toml(), jobkit.input_digests(cfg)) if rank == 0 else ""
+        parts = jobkit.agreed(world, lambda: _open_parts(cfg, out, info, key, resume)
+                              if rank == 0 else None, during="opening the parts folder")
+        first_chunk = world.bcast(parts.done() if rank == 0 else None, root=0)
+        limit = tok.max_length
+        shape = Batch(np.zeros((cfg.input.batch, limit), dtype=np.int64),
+                      np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
+        p = place(cfg, world, tensor, shape)
+        job = _Job(cfg, world, p, tok, info, parts)
+        job.encode(first_chunk)
+        return job.finish(out, started, wall0)
+    finally:
+        if out is not None:
+            out.discard()
+        if parts is not None:
+            _leave_parts(parts, info.lines, cfg.input.chunk)
+
+
+def _leave_parts(parts: Parts, lines: int, chunk: int) -> None:
+    """After a failure: keep finished chunks for --resume (and say so), else remove."""
+    if not parts.folder.exists():
+        return
+    done = parts.done()
+    if done == 0:
+        parts.remove()
+        return
+    parts.release()
+    print(f"mpiattn: note: {min(done * chunk, lines)} of {lines} lines are done in"
+          f" '{parts.folder}': run the same command with --resume to continue", flush=True)
+
+
+class _Job:
+    """The streamed encoding on one rank (built after the pre-flight agreed)."""
+
+    def __init__(self, cfg: Config, world: Any, p: Plan, tok: SentenceTokenizer,
+                 info: TextInfo, parts: Parts | None) -> None:
+        self.cfg, self.world, self.p, self.tok, self.info = cfg, world, p, tok, info
+        self.parts = parts  # rank 0 only
+        self.rank = world.Get_rank()
+        grid = p.grid
+        self.leader = grid.coord("tensor") == 0
+        self.replicas, self.replica = grid.axis_size("data"), grid.coord("data")
+        self.head_comm = grid.comm("tensor")
+        self.kept = {"all": list(range(cfg.model.layers)), "last": [cfg.model.layers - 1],
+                     "none": []}[cfg.output.layers]
+        self.timer = PhaseTimer(p.backend.timer(), PHASES)
+        crashes, slow = crash_points(cfg, self.rank), slowdown(cfg, self.rank)
+        self.phase = (FaultyPhases(self.timer, crashes, self.rank, slow)
+                      if crashes or slow > 1 else self.timer)
+        self.reducer = make_reducer(cfg, p)
+        self.records: dict[tuple[int, str], list] = {}  # (layer, site) -> aggregate
+        self.busy = self.wait = 0.0  # seconds computing, seconds waiting for other replicas
+        self.lines = self.tokens = self.padded = 0  # this replica's work
+        t0 = time.perf_counter()
+        erf(p.backend.xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # the erf kernel, outside timings
+        self.emb, self.layers = load_shards(cfg, p, world, range(cfg.model.layers))
+        self.setup_s = time.perf_counter() - t0
+
+    # --- one micro-batch ----------------------------------------------------------------
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None
+                 ) -> tuple[np.ndarray, dict[tuple[int, str], np.ndarray]]:
+        """Pooled rows and the kept layers' states of real tokens (row-major), on host."""
+        cfg, xp = self.cfg, self.p.backend.xp
+        d_mask = xp.asarray(mask)
+        states: dict[tuple[int, str], np.ndarray] = {}
+
+        def on_layer(i: int, attn: Any, hidden: Any) -> None:
+            from .comm import check_finite
+
+            if cfg.check.finite != "off":
+                check_finite(self.head_comm, attn, i, "attention")
+                check_finite(self.head_comm, hidden, i, "mlp")
+            if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "layer":
+                self.reducer.check_agreement(hidden, site="hidden", layer=i)
+            if self.leader and i in self.kept:
+                states[(i, "attention")] = to_host(attn[d_mask])
+                states[(i, "hidden")] = to_host(hidden[d_mask])
+
+        hidden = encoder_forward(xp.asarray(ids), d_mask, self.emb, self.layers, self.reducer,
+                                 cfg.model.layer_norm_eps, self.phase, on_layer,
+                                 attention_options(cfg, self.p), cfg.parallel.overlap,
+                                 None if types is None else xp.asarray(types))
+        if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
+            self.reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
+        return to_host(mean_pool(hidden, d_mask)), states
+
+    def _drain_records(self) -> None:
+        """Fold the reducer's records into one aggregate per (layer, site): memory stays
+        bounded however many micro-batches run."""
+        for r in self.reducer.records:
+            agg = self.records.setdefault((r.layer, r.site), [0, 0.0, 0.0, 0.0, True, 0, 0])
+            agg[0] += 1
+            if r.ratio >= agg[3]:
+                agg[1], agg[2], agg[3] = r.residual, r.bound, r.ratio
+            agg[4] = agg[4] and r.passed
+            agg[5] += r.retries
+            agg[6] = r.digest or agg[6]
+        self.reducer.records.clear()
+
+    # --- the stream ---------------------------------------------------------------------
+
+    def encode(self, first_chunk: int) -> None:
+        from .progress import Progress
+
+        cfg, size = self.cfg, self.cfg.input.chunk
+        start = min(first_chunk * size, self.info.lines)
+        self.world.Barrier()
+        self.t_fwd = time.perf_counter()
+        with Progress(self.info.lines, "lines", start=start, verbose=self.rank == 0,
+                      fields={"tok/s": 0.0}) as bar:
+            if start:
+                bar.note(f"mpiattn: resuming: {start} of {self.info.lines} lines were done")
+            tokens_done, t0 = 0, time.perf_counter()
+            for index, (first, items) in enumerate(
+                    chunks(Path(cfg.input.text), size, cfg.input.pairs, start), first_chunk):
+                n_tokens = self._chunk(index, first, items)
+                tokens_done += n_tokens
+                bar.update(len(items), **{"tok/s": tokens_done / max(time.perf_counter() - t0,
+                                                                     1e-9)})
+        self.p.backend.sync()
+        self.forward_s = time.perf_counter() - self.t_fwd
+
+    def _chunk(self, index: int, first: int, items: list) -> int:
+        """Encode one chunk on every rank; rank 0 writes it. Returns its real tokens."""
+        cfg = self.cfg
+        toks = self.tok.encode(items, first)
+        lengths = toks.lengths
+        batches = sorted_batches(lengths, cfg.input.batch)
+        costs = [batch_cost(b, lengths, cfg.model.hidden) for b in batches]
+        mine = assign(costs, self.replicas, cfg.parallel.assign)[self.replica]
+        results = []
+        t0 = time.perf_counter()
+        for j in mine:
+            rows = batches[j]
+            ids, mask, types = toks.padded(rows)
+            pooled, states = self._forward(ids, mask, types if cfg.input.pairs else None)
+            results.append((rows, pooled, states))
+            self.lines += len(rows)
+            self.tokens += int(mask.sum())
+            self.padded += mask.size
+        busy = time.perf_counter() - t0
+        self.busy += busy
+        self._drain_records()
+        t1 = time.perf_counter()
+        if self.leader:
+            payload = (busy, results, _digest(results))
+            gathered = self.p.grid.comm("data").gather(payload, root=0)
+        self.wait += time.perf_counter() - t1
+        error = None
+        if self.rank == 0:
+            try:
+                self._write(index, first, items, toks, gathered)
+            except OSError as err:
+                error = UserError(f"cannot write chunk {index} to '{self.parts.folder}':"
+                                  f" {err.strerror or err}")
+            except (UserError, IntegrityError) as err:
+                error = err
+        # rank 0's write is agreed before the next chunk's collectives
+        failed = self.world.bcast(None if error is None else (type(error), str(error)), root=0)
+        if failed is not None:
+            kind, text = failed
+            err = error if error is not None else (
+                kind(text, self.world) if issubclass(kind, IntegrityError) else kind(text))
+            if isinstance(err, IntegrityError):
+                err.comm = self.world
+            else:
+                err.agreed = True
+            raise err
+        return int(lengths.sum())
+
+    def _write(self, index: int, first: int, items: list, toks: Any, gathered: list) -> None:
+        cfg, n = self.cfg, len(items)
+        hidden = cfg.model.hidden
+        offsets = np.concatenate([[0], np.cumsum(toks.lengths)])
+        pooled = np.empty((n, hidden), dtype=np.dtype(cfg.dtype))
+        layers = {(i, name): np.empty((int(offsets[-1]), hidden), dtype=pooled.dtype)
+                  for i in self.kept for name in ("attention", "hidden")}
+        busy = []
+        for replica, (seconds, results, digest) in enumerate(gathered):
+            if _digest(results) != digest:
+                raise IntegrityError(f"the rows of replica {replica} in chunk {index} arrived"
+                                     " altered (digest mismatch) at rank 0")
+            busy.append(seconds)
+            for rows, p_rows, states in results:
+                pooled[rows] = p_rows
+                lengths = toks.lengths[rows]
+                starts = np.concatenate([[0], np.cumsum(lengths)])
+                for key, a in states.items():
+                    dest = layers[key]
+                    for k, row in enumerate(rows):
+                        dest[offsets[row]:offsets[row + 1]] = a[starts[k]:starts[k + 1]]
+        pairs = cfg.input.pairs
+        text = [it[0] for it in items] if pairs else list(items)
+        mean = float(np.mean(busy)) if busy else 0.0
+        stats = {"busy_max": max(busy, default=0.0), "busy_mean": mean, "lines": n,
+                 "tokens": float(offsets[-1])}
+        self.parts.write(index, ChunkResult(
+            first, text, [it[1] for it in items] if pairs else None, toks.ids,
+            toks.types if pairs else None, toks.truncated, pooled, layers, stats))
+
+    # --- the end ------------------------------------------------------------------------
+
+    def finish(self, out: Any, started: dt.datetime, wall0: float) -> Path | None:
+        from .comm import gather_rows
+
+        cfg, p, phases = self.cfg, self.p, PHASES
+        seconds = np.zeros((cfg.model.layers, len(phases)))
+        for (layer, name), s in self.timer.seconds.items():
+            seconds[layer, phases.index(name)] += s
+        all_seconds = gather_rows(self.world, seconds[None])
+        per_rank = np.array([[self.forward_s, self.setup_s, time.perf_counter() - wall0,
+                              p.backend.memory_high_water(), self.busy, self.wait,
+                              self.lines, self.tokens, self.padded]])
+        totals = gather_rows(self.world, per_rank)
+        host_info = self.world.gather((socket.gethostname(), p.backend.device))
+        records = self.world.gather([(self.replica, key, agg) for key, agg in
+                                     self.records.items()] if self.leader else [])
+
+        def write() -> Path:
+            with disk_file(out) as f:
+                f.attrs["write_mode"] = "chunks gathered to rank 0, assembled from parts"
+                write_provenance(f, cfg, p, started, "run", host_info)
+                self._write_file(f, all_seconds, totals, records, phases)
+            self.parts.remove()
+            self._summary(totals, out.path)
+            return out.path
+
+        return jobkit.conclude(self.world, write if self.rank == 0 else None)
+
+    def _write_file(self, f: Any, seconds: np.ndarray, totals: np.ndarray, records: list,
+                    phases: tuple[str, ...]) -> None:
+        from . import h5io
+        from .transfers import Record
+
+        cfg = self.cfg
+        counts = assemble(f, self.parts, self.info.lines, cfg.model.hidden,
+                          np.dtype(cfg.dtype), self.kept, cfg.input.pairs,
+                          cfg.output.compression)
+        limit, source = truncation(cfg)
+        stats = self.parts.read_stats()
+        busy_max = sum(s.get("busy_max", 0.0) for s in stats)
+        busy_mean = sum(s.get("busy_mean", 0.0) for s in stats)
+        f.attrs.update({"lines": counts["lines"], "tokens": counts["tokens"],
+                        "max_tokens": limit, "max_tokens_source": source,
+                        "truncated_lines": counts["truncated"], "chunk_lines": cfg.input.chunk,
+                        "micro_batch": cfg.input.batch, "assign": cfg.parallel.assign,
+                        "replica_imbalance": busy_max / busy_mean if busy_mean else 1.0})
+        t = f.create_group("timings")
+        h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"),
+                         phases=list(phases), units="s")
+        for i, name in enumerate(("forward", "setup", "total")):
+            h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
+        h5io.write_array(t, "busy", totals[:, 4], ("rank",), units="s",
+                         description="seconds in this rank's micro-batches (this session)")
+        h5io.write_array(t, "wait", totals[:, 5], ("rank",), units="s",
+                         description="seconds waiting for the other replicas at chunk ends")
+        work = f.create_group("work")
+        for i, name in ((6, "lines"), (7, "tokens"), (8, "padded_tokens")):
+            h5io.write_array(work, name, totals[:, i].astype(np.int64), ("rank",),
+                             units="1", description=f"{name.replace('_', ' ')} this rank's"
+                             " replica encoded (this session)")
+        h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
+                         units="B", description="peak RSS (CPU) or CuPy pool total (GPU)")
+        rows = [(replica, Record(layer, site, *agg[1:4], bool(agg[4]), int(agg[5]),
+                                 int(agg[6]), int(agg[0])))
+                for part in records for replica, (layer, site), agg in part]
+        if rows:
+            write_records(f, rows)
+            f["checksum/collectives"].attrs["aggregated"] = (
+                "one row per (replica, layer, site): the worst ratio, retries summed, passed"
+                " only if all passed; 'chunk' holds the number of transfers")
+        f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
+        f.attrs["status"] = "complete"
+
+    def _summary(self, totals: np.ndarray, path: Path) -> None:
+        cfg, p, m = self.cfg, self.p, self.cfg.model
+        lines, tokens = int(totals[:, 6].sum()), int(totals[:, 7].sum())
+        padded = int(totals[:, 8].sum())
+        # one head group's ranks all count their replica's work: count each replica once
+        tensor = p.grid.axis_size("tensor")
+        lines, tokens, padded = lines // tensor, tokens // tensor, padded // tensor
+        forward = float(totals[:, 0].max())
+        limit, source = truncation(cfg)
+        print(f"mpiattn {__version__}: {m.layers} layers, {m.heads} heads, hidden {m.hidden};"
+              f" {self.info.lines} lines of '{cfg.input.text}', micro-batches of"
+              f" {cfg.input.batch}, {cfg.dtype}, {p.backend.name}")
+        print(f"ranks {p.grid.size} = {self.replicas} data x {tensor} head; heads per rank"
+              f" {p.head_counts}; BLAS threads/rank {p.threads or '-'}; assign"
+              f" {cfg.parallel.assign}")
+        busy = totals[:, 4]
+        print(f"encoded {lines} lines, {tokens} tokens ({padded - tokens} padding) in"
+              f" {forward:.2f} s: {lines / max(forward, 1e-9):.1f} lines/s,"
+              f" {tokens / max(forward, 1e-9):.0f} tokens/s; replicas busy"
+              f" {busy.min():.2f}-{busy.max():.2f} s; truncated at {limit} tokens ({source}):"
+              f" see /input/truncated")
+        print(f"peak memory {totals[:, 3].max() / 2**30:.2f} GiB/rank; wall"
+              f" {totals[:, 2].max():.2f} s")
+        print(f"wrote {path}")
+
+
+def _digest(results: list) -> str:
+    """SHA-256 over every array a replica sends to rank 0 (checked on arrival)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rows, pooled, states in results:
+        h.update(np.ascontiguousarray(rows).tobytes())
+        h.update(np.ascontiguousarray(pooled).tobytes())
+        for key in sorted(states):
+            h.update(np.ascontiguousarray(states[key]).tobytes())
+    return h.hexdigest()
