@@ -163,6 +163,9 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
+_BATCHED_SCORES = 1 << 22  # CPU: batch all heads while the (B, h, S, S) scores stay this small
+
+
 def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_dim: int,
                     mask: KeyMask, options: Options) -> str:
     """Attention of all local heads from the fused QKV product into ``out``.
@@ -175,7 +178,10 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     impl, block = options.resolve(seq)
     width = heads * head_dim
     scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
-    if xp.__name__ == "cupy" and impl == "plain":  # one batched product on the GPU
+    # one batched product: on the GPU always; on the CPU for short sequences, where the
+    # per-(sequence, head) loop below costs more in calls than in arithmetic
+    batched = xp.__name__ == "cupy" or batch * heads * seq * seq <= _BATCHED_SCORES
+    if impl == "plain" and batched:
         q, k, v = (qkv.reshape(batch, seq, 3, heads, head_dim)[:, :, i].transpose(0, 2, 1, 3)
                    for i in range(3))
         bias = mask.bias[:, None, None, :] if mask.bias is not None else None

@@ -29,12 +29,58 @@ def get_array_module(x: Any) -> ModuleType:
 
 
 def erf(x: Any, out: Any = None) -> Any:
-    """Elementwise erf on the array's own device (exact GELU needs it; NumPy has none)."""
-    if get_array_module(x) is np:
-        from scipy.special import erf as _erf
-    else:
+    """Elementwise erf on the array's own device (exact GELU needs it; NumPy has none).
+
+    float64 and CuPy arrays: scipy's (cupyx's) erf. float32 NumPy arrays: ``erf_float32``
+    (within 5e-7 of the exact value, 5x faster than scipy's, whose erf dominated the MLP).
+    """
+    if get_array_module(x) is not np:
         from cupyx.scipy.special import erf as _erf
+    elif x.dtype == np.float32:
+        return erf_float32(x, out)
+    else:
+        from scipy.special import erf as _erf
     return _erf(x) if out is None else _erf(x, out=out)
+
+
+# erfc(z) = t exp(-z^2 + poly(t)), t = 1/(1 + z/2), z >= 0: Numerical Recipes (Press et al.,
+# 3rd ed. 2007, sec. 6.2.2, "erfccheb"'s predecessor erfcc), fractional error < 1.2e-7
+_ERFC = tuple(np.float32(c) for c in (
+    0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418,
+    0.37409196, 1.00002368, -1.26551223))
+_ERF_BLOCK = 1 << 15  # elements per pass: every temporary of a block stays in L2
+
+
+def erf_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """erf of a float32 array, 1 - erfc(|x|) with the sign of x, in cache-sized blocks.
+
+    Max abs error 4.3e-7 against float64 erf (float32 rounding included; an ulp of 1 is
+    1.2e-7); NaN stays NaN, +-inf gives +-1. ``out`` may be ``x``.
+    """
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    elif not out.flags.c_contiguous:  # blocks are runs of a flat view
+        out[...] = erf_float32(x)
+        return out
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    for i in range(0, flat_x.size, _ERF_BLOCK):
+        xb = flat_x[i : i + _ERF_BLOCK]
+        z = np.abs(xb)
+        t = np.multiply(z, np.float32(0.5))
+        t += 1
+        np.reciprocal(t, out=t)
+        y = np.multiply(t, _ERFC[0])
+        for c in _ERFC[1:9]:
+            y += c
+            y *= t
+        y += _ERFC[9]
+        np.multiply(z, z, out=z)
+        y -= z
+        np.exp(y, out=y)
+        y *= t
+        np.subtract(np.float32(1), y, out=y)
+        np.copysign(y, xb, out=flat_out[i : i + _ERF_BLOCK])
+    return out
 
 
 def wrapping_dot(a: Any, b: Any) -> Any:
