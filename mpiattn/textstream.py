@@ -10,7 +10,8 @@ cut into length-sorted micro-batches. No MPI; every function is the same on ever
 Lines end at "\\n" ("\\r\\n" accepted), are stripped, and a blank line is the empty sentence
 ([CLS] [SEP]), as sentence-transformers encodes it: output row i is line i. With ``pairs``
 each line is two tab-separated columns, tokenized with the tokenizer's pair template
-(segment 0, then 1). Sorting by length within a chunk (longest first, as
+(segment 0, then 1; a line whose second column is empty is a single sentence, as
+transformers' tokenizers encode ``(text, "")``). Sorting by length within a chunk (longest first, as
 sentence-transformers' ``encode`` sorts its input) keeps padding small while memory stays
 bounded by the chunk.
 """
@@ -169,6 +170,8 @@ class SentenceTokenizer:
     def encode(self, items: list[Item], first_line: int = 0,
                what: str = "input.text") -> Tokens:
         """Ids, segment ids and truncation flags of ``items`` (lines ``first_line`` ...)."""
+        # an empty second sentence is no pair at all, as transformers' tokenizers treat it
+        items = [it[0] if isinstance(it, tuple) and not it[1] else it for it in items]
         encodings = self._tok.encode_batch(items)
         ids = [np.array(e.ids, dtype=np.int64) for e in encodings]
         types = [np.array(e.type_ids, dtype=np.int64) for e in encodings]
