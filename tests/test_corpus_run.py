@@ -5,6 +5,7 @@ and the one-process result. Runs go through the real command line at 1-5 ranks.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -138,7 +139,7 @@ def test_layer_states_equal_the_one_process_reference(tmp_path, corpus, minilm_d
     from mpiattn.placement import apply_checkpoint_shape
     from mpiattn.weights import open_source
 
-    path, lines = corpus
+    path, _lines = corpus
     done = run(4, tmp_path, "-o", "c.h5",
                sets=(f'input.text="{path}"', "parallel.tensor=2", "input.chunk=37",
                      "input.batch=5", 'output.layers="all"', "parallel.overlap=2"))
@@ -147,7 +148,7 @@ def test_layer_states_equal_the_one_process_reference(tmp_path, corpus, minilm_d
     offsets = got["input/offsets"]
     cfg = config.load(None, [f'model.weights="{MODEL}"'])
     apply_checkpoint_shape(cfg)
-    rows = [got["input/tokens"][a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    rows = [got["input/tokens"][a:b] for a, b in itertools.pairwise(offsets)]
     longest = max(len(r) for r in rows)
     ids = np.zeros((len(rows), longest), np.int64)
     mask = np.zeros(ids.shape, bool)
@@ -311,7 +312,7 @@ def test_scan_and_chunks_split_on_newline_only(tmp_path):
     got = list(textstream.chunks(path, 3))
     assert got == [(0, ["a\x0bb", "c\u2028c", ""]), (3, ["d"])]
     assert list(textstream.chunks(path, 3, start=2)) == [(2, ["", "d"])]
-    with pytest.raises(InputError, match="line 2: 1 tab-separated column"):
+    with pytest.raises(InputError, match="line 1: 1 tab-separated column"):
         textstream.scan(path, pairs=True)
 
 
