@@ -43,7 +43,7 @@ class InputConfig:
     text: str = ""  # a UTF-8 file, one sentence per line; "" = seeded token ids
     pairs: bool = False  # text: each line is two tab-separated sentences (a pair)
     max_tokens: int = 0  # text: truncation length in tokens; 0 = the model's own limit
-    chunk: int = 1024  # text: lines read, length-sorted and written together
+    chunk: int = 0  # text: lines read, length-sorted and written together; 0 = auto
     tokenizer: str = ""  # tokenizer.json; "" = the one beside model.weights
     tokens: str = ""  # HDF5 /input/tokens (batch, seq), e.g. a run file: sets batch and seq
     min_fill: float = 0.5  # seeded input: shortest sequence as a fraction of seq_len
@@ -166,11 +166,11 @@ POSITIVE = (
     "model.layers", "model.heads", "model.hidden", "model.ffn", "model.vocab",
     "model.type_vocab", "model.max_positions", "model.layer_norm_eps",
     "input.batch", "input.seq_len", "parallel.overlap", "parallel.pipeline",
-    "parallel.microbatches", "input.chunk", "train.steps", "train.lr", "train.eps",
+    "parallel.microbatches", "train.steps", "train.lr", "train.eps",
     "train.eval_batches",
 )
 NON_NEGATIVE = (
-    "parallel.tensor", "input.max_tokens", "attention.block", "checksum.retries",
+    "parallel.tensor", "input.max_tokens", "input.chunk", "attention.block", "checksum.retries",
     "comm.timeout", "train.warmup", "train.min_lr",
     "train.weight_decay", "train.clip", "train.eval_every", "train.checkpoint_every",
 )

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, UserError
+from .h5io import LIBVER
 from .outfile import _host, _name_max
 
 SUFFIX = ".parts"
@@ -159,7 +160,7 @@ class Parts:
         tmp_path = Path(tmp)
         outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
         try:
-            with h5py.File(tmp_path, "w") as f:
+            with h5py.File(tmp_path, "w", libver=LIBVER) as f:
                 f.attrs["first"] = r.first
                 f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
                 f["text"] = np.array(r.text, dtype=h5py.string_dtype())
@@ -277,8 +278,9 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     states = {(i, name): _Appender(f.require_group(f"layers/{i:02d}"), name, (hidden,), dtype,
                                    ("token", "hidden"), compression, hint)
               for i in kept for name in ("attention", "hidden")}
-    offsets = [np.zeros(1, dtype=np.int64)]
-    done = total_tokens = 0
+    offsets = _Appender(inp, "offsets", (), np.int64, ("line_edge",), compression, lines + 1)
+    offsets.append(np.zeros(1, dtype=np.int64))
+    done = total_tokens = n_truncated = 0
     for index in range(parts.done()):
         with h5py.File(parts.path(index), "r") as part:
             if int(part.attrs["first"]) != done:
@@ -294,19 +296,18 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
             tokens.append(part["tokens"][()])
             if types is not None:
                 types.append(part["token_type_ids"][()])
-            truncated.append(part["truncated"][()])
+            flags = part["truncated"][()]
+            truncated.append(flags)
+            n_truncated += int(np.count_nonzero(flags))
             pooled.append(part["pooled"][()])
             for (i, name), app in states.items():
                 app.append(part[f"layers/{i:02d}/{name}"][()])
-            offsets.append(total_tokens + np.cumsum(lengths))
+            offsets.append(total_tokens + np.cumsum(lengths, dtype=np.int64))
             done, total_tokens = done + n, total_tokens + int(lengths.sum())
     if done != lines:
         raise InputError(f"'{parts.folder}' holds {done} of {lines} lines: run again")
-    from .h5io import write_array
-
     ragged = "row i is [offsets[i]:offsets[i+1]] of each (token, ...) dataset"
-    write_array(inp, "offsets", np.concatenate(offsets), ("line_edge",), digest=True,
-                description=ragged)
+    offsets.finish(description=ragged)
     for app in (tokens, types, truncated):
         if app is not None:
             app.finish()
@@ -314,7 +315,6 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     for app in states.values():
         app.finish(description=f"per real token, all lines concatenated; {ragged} of"
                    " /input/offsets")
-    n_truncated = int(np.count_nonzero(truncated.dset[()])) if lines else 0
     return {"lines": done, "tokens": total_tokens, "truncated": n_truncated}
 
 
@@ -325,7 +325,7 @@ def disk_file(out: Any) -> Iterator[Any]:
     import h5py
 
     try:
-        with h5py.File(out.create(), "w", libver="latest") as f:
+        with h5py.File(out.create(), "w", libver=LIBVER) as f:
             f.attrs["status"] = "writing"
             yield f
         out.publish()

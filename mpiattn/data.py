@@ -175,8 +175,9 @@ def _check_shape(where: str, dset: Any, max_positions: int) -> tuple[int, int]:
     return b, s
 
 
-def _read_types(where: str, dset: Any, shape: tuple[int, int], type_vocab: int) -> np.ndarray:
-    """``/input/token_type_ids`` as (B, S) int64, each in [0, type_vocab), else InputError."""
+def _read_types(where: str, dset: Any, shape: tuple[int, ...], type_vocab: int) -> np.ndarray:
+    """``/input/token_type_ids`` of ``shape`` ((B, S), or (tokens,) ragged) as int64, each
+    in [0, type_vocab), else InputError."""
     import h5py
 
     if not isinstance(dset, h5py.Dataset) or dset.shape != shape:
@@ -190,10 +191,10 @@ def _read_types(where: str, dset: Any, shape: tuple[int, int], type_vocab: int) 
     types = read(dset)
     bad = np.argwhere((types < 0) | (types >= type_vocab))
     if bad.size:
-        row, col = (int(i) for i in bad[0])
-        raise InputError(f"{where} has type id {types[row, col]} (row {row}, position {col}):"
-                         f" the model's type vocabulary holds {type_vocab} types (0 .. "
-                         f"{type_vocab - 1})")
+        at = tuple(int(i) for i in bad[0])
+        place = f"row {at[0]}, position {at[1]}" if len(at) == 2 else f"token {at[0]}"
+        raise InputError(f"{where} has type id {types[at]} ({place}): the model's type"
+                         f" vocabulary holds {type_vocab} types (0 .. {type_vocab - 1})")
     return types.astype(np.int64, copy=False)
 
 
@@ -218,6 +219,8 @@ def hdf5_batch(path: Path, vocab: int, max_positions: int, type_vocab: int = 2) 
     try:
         with h5safe.open_for_reading(path) as f:  # nothing from outside the file
             dset = f.get("input/tokens")
+            if isinstance(dset, h5py.Dataset) and dset.ndim == 1 and "input/offsets" in f:
+                return _ragged_batch(f, name, vocab, max_positions, type_vocab)
             _check_shape(f"{name}: /input/tokens", dset, max_positions)
             if dset.dtype.kind not in "iuf":
                 raise InputError(f"{name}: /input/tokens has dtype {dset.dtype}: token ids must"
@@ -255,6 +258,54 @@ def hdf5_batch(path: Path, vocab: int, max_positions: int, type_vocab: int = 2) 
     if empty.size:
         raise InputError(f"{name}: row {empty[0]} has no real tokens (mask all 0 or ids all 0)")
     return Batch(ids.astype(np.int64, copy=False), mask, types=types)
+
+
+def _ragged_batch(f: Any, name: str, vocab: int, max_positions: int,
+                  type_vocab: int) -> Batch:
+    """A text run's ragged ``/input/tokens`` (tokens,) with ``/input/offsets`` (lines+1,)
+    (and ``/input/token_type_ids`` (tokens,)) as one padded batch, checked like the 2-D
+    layout: row i is tokens[offsets[i]:offsets[i+1]]."""
+    import h5py
+
+    from . import h5safe
+
+    offsets_dset, tokens_dset = f["input/offsets"], f["input/tokens"]
+    where = f"{name}: /input/offsets"
+    if not isinstance(offsets_dset, h5py.Dataset) or offsets_dset.ndim != 1 or (
+            offsets_dset.dtype.kind not in "iu"):
+        raise InputError(f"{where} must be 1-D integers (lines+1 row edges)")
+    if tokens_dset.shape[0] >= MAX_TOKENS or offsets_dset.shape[0] - 1 >= MAX_TOKENS:
+        raise InputError(f"{name}: /input/tokens holds {tokens_dset.shape[0]} tokens, more"
+                         " than one batch holds (< 2**31)")
+    offsets = h5safe.read(offsets_dset).astype(np.int64)
+    lengths = np.diff(offsets)
+    if offsets.size < 2 or offsets[0] != 0 or offsets[-1] != tokens_dset.shape[0] or (
+            lengths < 1).any():
+        raise InputError(f"{where} are not row edges of /input/tokens (0, increasing, ending"
+                         f" at {tokens_dset.shape[0]}, every row at least one token)")
+    longest = int(lengths.max())
+    if longest > max_positions:
+        raise InputError(f"{name}: /input/tokens has a row of {longest} tokens, more than"
+                         f" model.max_positions = {max_positions}")
+    if longest * lengths.size >= MAX_TOKENS:
+        raise InputError(f"{name}: {lengths.size} rows padded to {longest} tokens are more"
+                         " than a run holds (< 2**31)")
+    if tokens_dset.dtype.kind not in "iu":
+        raise InputError(f"{name}: /input/tokens has dtype {tokens_dset.dtype}: token ids"
+                         " must be integers (int64)")
+    flat = h5safe.read(tokens_dset)
+    _check_ids(f"{name}: /input/tokens", flat, vocab)
+    mask = np.arange(longest)[None, :] < lengths[:, None]
+    ids = np.zeros(mask.shape, dtype=np.int64)
+    ids[mask] = flat
+    types = None
+    if "input/token_type_ids" in f:
+        types_dset = f["input/token_type_ids"]
+        flat_types = _read_types(f"{name}: /input/token_type_ids", types_dset,
+                                 tokens_dset.shape, type_vocab)
+        types = np.zeros_like(ids)
+        types[mask] = flat_types
+    return Batch(ids, mask, types=types)
 
 
 def load_batch(cfg: Config) -> Batch:

@@ -22,6 +22,9 @@ from .errors import InputError, UserError
 
 FORMAT_VERSION = 1
 DIGEST_ATTR = "sha256"
+# object formats of HDF5 1.10, both bounds: "latest" with the h5py 3.16 wheel writes HDF5
+# 2.0 formats that h5dump 1.10, netCDF and h5py on HDF5 <= 1.14 cannot read
+LIBVER = ("v110", "v110")
 
 
 def layer_group(index: int) -> str:
@@ -94,7 +97,7 @@ def atomic_file(out: outfile.Reservation | str | Path) -> Iterator[Any]:
     out = reserve(out)
     memory = io.BytesIO()  # closed before its bytes are taken: a whole, consistent file
     try:
-        f = h5py.File(memory, "w", libver="latest")
+        f = h5py.File(memory, "w", libver=LIBVER)
         try:
             f.attrs["status"] = "writing"
             yield f
@@ -124,7 +127,7 @@ def write_rows_parallel(tmp: str | Path, comm: Any, start: int, total: int,
     into one new file with the ``mpio`` driver (datasets created by all, in one order)."""
     import h5py
 
-    with h5py.File(tmp, "w", driver="mpio", comm=comm) as f:
+    with h5py.File(tmp, "w", driver="mpio", comm=comm, libver=LIBVER) as f:
         f.attrs["status"] = "writing"
         for name in sorted(arrays):
             local = arrays[name]

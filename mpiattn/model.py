@@ -164,8 +164,7 @@ def mlp_partial(h1: Any, p: LayerShard, reduce: Reduce, phase: Phase = no_timing
     with phase("mlp"):
         a = options.scratch(f"a{slot}", shape, h1.dtype, xp)
         xp.matmul(h1, p.w_1, out=a)
-        a += p.b_1
-        a = gelu(a, out=options.scratch(f"gelu{slot}", shape, h1.dtype, xp))
+        a = gelu(a, out=options.scratch(f"gelu{slot}", shape, h1.dtype, xp), bias=p.b_1)
         partial = reduce.buffer(h1.shape[0], h1.shape[1], h1.dtype, slot)
         xp.matmul(a, p.w_2, out=partial)
     return partial

@@ -277,6 +277,11 @@ def fastest(files: list[RunFile]) -> list[RunFile]:
 
 
 def fit(files: list[RunFile], cores_override: float | None = None) -> Fit:
+    streamed = [rf.path for rf in files if rf.command == "run" and "lines" in rf.attrs]
+    if streamed:
+        raise InputError(f"'{streamed[0]}' is a streamed text run: its micro-batches vary in"
+                         " length, so it cannot calibrate a per-layer model; give mpiattn"
+                         " bench files or runs of seeded input")
     cores, cores_from = measured_cores(files, cores_override)
     files = fastest(files)
     runs = [m for m in (reduce_run(rf, cores) for rf in files) if m is not None]

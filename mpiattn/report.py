@@ -301,6 +301,10 @@ def summarize(rf: RunFile) -> dict[str, Any]:
         "model": {k: m[k] for k in ("layers", "heads", "hidden", "ffn") if k in m},
         "input": {k: rf.input[k] for k in ("batch", "seq_len") if k in rf.input},
     }
+    if rf.command == "run" and "lines" in rf.attrs:  # a streamed text run (ragged rows)
+        out["input"] = {"lines": _int(rf.attrs.get("lines"), "attribute 'lines'", 0),
+                        "tokens": _int(rf.attrs.get("tokens"), "attribute 'tokens'", 0),
+                        "micro_batch": rf.input.get("batch", "?")}
     for name in ("forward", "setup", "total"):
         value = getattr(rf, name)
         if value is not None:
@@ -370,8 +374,10 @@ def format_summary(s: dict[str, Any]) -> str:
     if m:
         lines.append(f"  model     {m.get('layers', '?')} layers, {m.get('heads', '?')} heads,"
                      f" hidden {m.get('hidden', '?')}, ffn {m.get('ffn', '?')};"
-                     f" batch {i.get('batch', '?')} x seq {i.get('seq_len', '?')},"
-                     f" {s.get('dtype') or '?'}, {s.get('backend') or '?'}")
+                     + (f" {i['lines']} lines, {i['tokens']} tokens in micro-batches of"
+                        f" {i['micro_batch']}," if "lines" in i else
+                        f" batch {i.get('batch', '?')} x seq {i.get('seq_len', '?')},")
+                     + f" {s.get('dtype') or '?'}, {s.get('backend') or '?'}")
     lines.append(f"  ranks     {s['world_size']} = {s['data_parallel']} data x"
                  f" {s['tensor_parallel']} head; heads per rank {s['head_partition']}")
     times = [f"{k} {s[f'{k}_s']:.4f} s" for k in ("forward", "setup", "total") if f"{k}_s" in s]

@@ -47,6 +47,9 @@ class Watchdog:
         self._wait: tuple[str, str, float] | None = None  # (operation, peers, since)
         self._lock = threading.Lock()
         self._cleanups: list[Callable[[], None]] = []
+        # what an interrupted job leaves for the user (e.g. "the finished chunks are kept"),
+        # said instead of "nothing written"; None: nothing is left
+        self.kept: Callable[[], str | None] | None = None
         self._signal_mode = "none"  # "exit": end at once; "flag": set stop_requested
         self.stop_requested = 0  # the signal number a "flag" command has received
         self.finished = False  # the output is published: a late signal changes nothing
@@ -128,7 +131,9 @@ class Watchdog:
         self.cleanup()
         name = signal.Signals(signum).name
         where = self.describe()
-        line = f"interrupted by {name}{' (' + where + ')' if where else ''}; nothing written"
+        kept = self.kept() if self.kept is not None else None
+        line = (f"interrupted by {name}{' (' + where + ')' if where else ''};"
+                f" {kept or 'nothing written'}")
         if self.rank != 0:
             # when the launcher signalled every rank, rank 0 speaks and the launcher ends
             # this one meanwhile; still alive, this rank alone was signalled: it says so

@@ -290,6 +290,34 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=needs_mpiexec)])
+def test_sigterm_keeps_the_finished_chunks_and_says_how_to_resume(tmp_path, ranks):
+    lines = (ROOT / "data/corpus/train.txt").read_text(encoding="utf-8").split("\n")[:600]
+    path = tmp_path / "big.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sets = (f'input.text="{path}"', "input.chunk=20", "input.batch=8", "parallel.tensor=1")
+    job = subprocess.Popen(command(ranks, "-o", "t.h5", sets=sets), cwd=tmp_path, env=env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        if list(tmp_path.glob(".t.h5*.parts/chunk-0000002.h5")):
+            break
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGTERM)  # as Slurm's scancel and the launcher's ^C do
+    _, err = job.communicate(timeout=60)
+    assert job.returncode != 0
+    assert "SIGTERM" in err and "--resume" in err and "lines are done and kept in" in err, err
+    assert not (tmp_path / "t.h5").exists()
+    assert len(list(tmp_path.glob(".t.h5*.parts"))) == 1
+    assert not list(tmp_path.glob(".t.h5*.tmp"))  # no temporary of the output
+    resumed = run(ranks, tmp_path, "-o", "t.h5", "--resume", sets=sets)
+    assert resumed.returncode == 0, resumed.stderr
+    with h5py.File(tmp_path / "t.h5") as f:
+        assert f["output/pooled"].shape == (600, 384)
+    assert not list(tmp_path.glob(".t.h5*.parts"))
+
+
 def test_resume_without_an_interrupted_run_is_refused(tmp_path, minilm_dir):
     path = tmp_path / "a.txt"
     path.write_text("one line\n", encoding="utf-8")
@@ -340,3 +368,25 @@ def test_model_max_length_reads_sentence_transformers_config(tmp_path, minilm_di
         256, "sentence_bert_config.json max_seq_length")
     assert textstream.model_max_length(tmp_path, 512) == (512, "model.max_positions")
     assert textstream.model_max_length(minilm_dir, 128)[0] == 128
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_a_text_run_file_replays_as_token_input(tmp_path, pairs):
+    """``input.tokens`` of a text run's file (ragged ids, offsets, segment ids) gives the
+    same states as the text run, padded back into a batch."""
+    path = tmp_path / "t.tsv"
+    path.write_text("How old are you?\tI am six.\nA man plays a guitar.\tIt is loud.\n\t\n",
+                    encoding="utf-8")
+    sets = (f'input.text="{path}"', f"input.pairs={str(pairs).lower()}",
+            'output.layers="last"')
+    done = run(1, tmp_path, "-o", "text.h5", sets=sets)
+    assert done.returncode == 0, done.stderr
+    replay = run(1, tmp_path, "-o", "replay.h5", sets=('input.tokens="text.h5"',))
+    assert replay.returncode == 0, replay.stderr
+    text, again = contents(tmp_path / "text.h5"), contents(tmp_path / "replay.h5")
+    mask = again["input/attention_mask"].astype(bool)
+    np.testing.assert_array_equal(again["input/tokens"][mask], text["input/tokens"])
+    if pairs:
+        np.testing.assert_array_equal(again["input/token_type_ids"][mask],
+                                      text["input/token_type_ids"])
+    assert np.abs(again["layers/05/hidden"][mask] - text["layers/05/hidden"]).max() <= 1e-5

@@ -147,6 +147,7 @@ def values_for(key: str) -> st.SearchStrategy:
     """Mostly values of the key's own type (NaN, huge, control characters included)."""
     kind = type(config.get(config.Config(), key))
     own = {int: st.integers(), float: st.floats(), str: st.text(max_size=12),
+           bool: st.booleans(),
            list: st.lists(st.dictionaries(st.text(max_size=4), toml_values, max_size=3),
                           max_size=2)}[kind]
     return st.one_of(own, own, toml_values)

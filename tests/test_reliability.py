@@ -489,8 +489,8 @@ def test_bad_checkpoint_on_the_command_line(tmp_path, checkpoints):
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (b"", "the file has no text"),
-    (b"caf\xe9 au lait\n", "not UTF-8 (byte 3)"),
+    (b"", "the file is empty"),
+    (b"ok\ncaf\xe9 au lait\n", "line 2: not UTF-8 (byte 3 of the line)"),
 ], ids=["empty", "latin-1"])  # blank lines are rows now (test_input_exactness.py)
 def test_bad_text_file_is_one_line_naming_it(tmp_path, content, message):
     path = tmp_path / "sentences.txt"
