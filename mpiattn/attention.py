@@ -19,6 +19,7 @@ Any other mask adds a 0/-inf bias. Every sequence has at least one real token.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,12 +72,12 @@ class Options:
 
     def scratch(self, name: str, shape: tuple, dtype: Any, xp: Any) -> Any:
         """A work array kept from call to call: large fresh arrays cost page faults
-        (the allocator maps and unmaps them each time), which showed in every layer."""
-        key = (name, shape, str(dtype), xp.__name__)
-        buf = self._scratch.get(key)
-        if buf is None:
-            buf = self._scratch[key] = xp.empty(shape, dtype=dtype)
-        return buf
+        (the allocator maps and unmaps them each time), which showed in every layer.
+        One buffer per name, grown to the largest shape asked for; a smaller shape is a
+        contiguous view of its start (a stream of batches of every length would otherwise
+        keep one buffer per shape)."""
+        return grown(self._scratch, (name, str(dtype), xp.__name__), shape,
+                     lambda n: xp.empty(n, dtype=dtype))
 
     def resolve(self, seq: int) -> tuple[str, int]:
         impl = self.impl
@@ -84,6 +85,16 @@ class Options:
             impl = "plain" if seq <= PLAIN_MAX_SEQ else "blocked"
         block = self.block or min(512, seq)
         return impl, block
+
+
+def grown(cache: dict, key: Any, shape: tuple, make: Callable[[int], Any]) -> Any:
+    """A C-contiguous ``shape`` view of the start of ``cache[key]``, a flat buffer made by
+    ``make(size)`` and replaced by a bigger one when ``shape`` needs more."""
+    size = math.prod(shape)
+    buf = cache.get(key)
+    if buf is None or buf.size < size:
+        buf = cache[key] = make(max(size, 1))
+    return buf[:size].reshape(shape)
 
 
 def mask_bias(key_mask: Any, dtype: Any) -> Any:

@@ -90,18 +90,19 @@ class AllreduceTransport:
     _buffers: dict = field(default_factory=dict)
 
     def buffer(self, name: str, shape: tuple, dtype: Any, host: bool = False) -> Any:
-        """The buffer ``name`` of this shape and dtype (made once, then reused)."""
-        key = (name, shape, np.dtype(dtype).str, host)
-        buf = self._buffers.get(key)
-        if buf is None:
+        """The buffer ``name`` of this shape and dtype (made once, then reused; a view of
+        the largest one asked for)."""
+        from .attention import grown
+
+        def make(size: int) -> Any:
             if host and self.backend.is_gpu:
                 import cupyx
 
-                buf = cupyx.empty_pinned(shape, dtype=dtype)
-            else:
-                buf = (np if host else self.backend.xp).empty(shape, dtype=dtype)
-            self._buffers[key] = buf
-        return buf
+                return cupyx.empty_pinned(size, dtype=dtype)
+            return (np if host else self.backend.xp).empty(size, dtype=dtype)
+
+        # one per name, grown to the largest shape (batches of every length reuse it)
+        return grown(self._buffers, (name, np.dtype(dtype).str, host), shape, make)
 
     def post(self, send: Any, recv: Any, slot: int) -> Any:
         """Start the sum of ``send`` into ``recv``; the request."""

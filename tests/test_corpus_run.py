@@ -390,3 +390,19 @@ def test_a_text_run_file_replays_as_token_input(tmp_path, pairs):
         np.testing.assert_array_equal(again["input/token_type_ids"][mask],
                                       text["input/token_type_ids"])
     assert np.abs(again["layers/05/hidden"][mask] - text["layers/05/hidden"]).max() <= 1e-5
+
+
+def test_auto_chunk_bounds_rank_0s_states_and_config_checks():
+    from mpiattn import config
+    from mpiattn.encode import CHUNK_LINES, auto_chunk
+
+    text = ['input.text="x.txt"', "model.hidden=384", "model.heads=12", "model.layers=6"]
+    assert auto_chunk(config.load(None, text)) == CHUNK_LINES  # "auto" keeps no layers
+    last = auto_chunk(config.load(None, [*text, 'output.layers="last"']))
+    every = auto_chunk(config.load(None, [*text, 'output.layers="all"']))
+    assert CHUNK_LINES >= last > every >= 128
+    assert every * 2 * 6 * 32 * 384 * 4 <= 200 * 2**20  # ~200 MiB of states at 32 tok/line
+    assert config.load(None, []).output.layers == "all"  # seeded input keeps every layer
+    for bad in ("input.max_tokens=1", "input.max_tokens=513", "input.chunk=-1"):
+        with pytest.raises(config.ConfigError):
+            config.load(None, [bad])
