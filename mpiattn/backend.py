@@ -31,16 +31,81 @@ def get_array_module(x: Any) -> ModuleType:
 def erf(x: Any, out: Any = None) -> Any:
     """Elementwise erf on the array's own device (exact GELU needs it; NumPy has none).
 
-    float64 and CuPy arrays: scipy's (cupyx's) erf. float32 NumPy arrays: ``erf_float32``
-    (within 5e-7 of the exact value, 5x faster than scipy's, whose erf dominated the MLP).
+    NumPy float32: ``erf_float32`` (within 5e-7 of the exact value, 5x faster than scipy's,
+    whose erf dominated the MLP); other NumPy arrays: ``erf_float64`` (within 3 ulp), so
+    the core needs no SciPy. CuPy arrays: cupyx's erf.
     """
     if get_array_module(x) is not np:
         from cupyx.scipy.special import erf as _erf
-    elif x.dtype == np.float32:
+
+        return _erf(x) if out is None else _erf(x, out=out)
+    if x.dtype == np.float32:
         return erf_float32(x, out)
-    else:
-        from scipy.special import erf as _erf
-    return _erf(x) if out is None else _erf(x, out=out)
+    result = erf_float64(x)
+    if out is None:
+        return result.astype(x.dtype, copy=False) if x.dtype.kind == "f" else result
+    out[...] = result
+    return out
+
+
+# W. J. Cody, "Rational Chebyshev approximations for the error function", Math. Comp. 23
+# (1969) 631-637, as in netlib specfun CALERF: |x| <= 0.46875, 0.46875 < |x| <= 4, |x| > 4
+_CODY_A = (3.16112374387056560e00, 1.13864154151050156e02, 3.77485237685302021e02,
+           3.20937758913846947e03, 1.85777706184603153e-1)
+_CODY_B = (2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03,
+           2.84423683343917062e03)
+_CODY_C = (5.64188496988670089e-1, 8.88314979438837594e00, 6.61191906371416295e01,
+           2.98635138197400131e02, 8.81952221241769090e02, 1.71204761263407058e03,
+           2.05107837782607147e03, 1.23033935479799725e03, 2.15311535474403846e-8)
+_CODY_D = (1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02,
+           1.62138957456669019e03, 3.29079923573345963e03, 4.36261909014324716e03,
+           3.43936767414372164e03, 1.23033935480374942e03)
+_CODY_P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1,
+           1.60837851487422766e-2, 6.58749161529837803e-4, 1.63153871373020978e-2)
+_CODY_Q = (2.56852019228982242e00, 1.87295284992346725e00, 5.27905102951428412e-1,
+           6.05183413124413191e-2, 2.33520497626869185e-3)
+_INV_SQRT_PI = 5.6418958354775628695e-1
+
+
+def _erfc_tail(y: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """exp(-y^2) * ratio, with y^2 split as Cody does so that exp keeps full precision."""
+    head = np.trunc(y * 16.0) / 16.0
+    return np.exp(-head * head) * np.exp(-(y - head) * (y + head)) * ratio
+
+
+def erf_float64(x: np.ndarray) -> np.ndarray:
+    """erf in float64 by Cody's rational approximations (max abs error 3.3e-16 against
+    scipy.special.erf over [-8, 8]); NaN stays NaN, +-inf gives +-1."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.abs(x)
+    out = np.empty_like(x)
+    small, big = y <= 0.46875, y > 4.0
+    mid = ~small & ~big & ~np.isnan(y)
+
+    z = y[small] ** 2
+    num, den = _CODY_A[4] * z, z
+    for a, b in zip(_CODY_A[:3], _CODY_B[:3], strict=True):
+        num, den = (num + a) * z, (den + b) * z
+    out[small] = x[small] * (num + _CODY_A[3]) / (den + _CODY_B[3])
+
+    ym = y[mid]
+    num, den = _CODY_C[8] * ym, ym
+    for c, d in zip(_CODY_C[:7], _CODY_D[:7], strict=True):
+        num, den = (num + c) * ym, (den + d) * ym
+    out[mid] = np.copysign(1.0 - _erfc_tail(ym, (num + _CODY_C[7]) / (den + _CODY_D[7])),
+                           x[mid])
+
+    yb = y[big]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        z = 1.0 / (yb * yb)
+        num, den = _CODY_P[5] * z, z
+        for p, q in zip(_CODY_P[:4], _CODY_Q[:4], strict=True):
+            num, den = (num + p) * z, (den + q) * z
+        ratio = (_INV_SQRT_PI - z * (num + _CODY_P[4]) / (den + _CODY_Q[4])) / yb
+        tail = np.where(np.isfinite(yb), _erfc_tail(yb, ratio), 0.0)
+    out[big] = np.copysign(1.0 - tail, x[big])
+    out[np.isnan(x)] = np.nan
+    return out
 
 
 # erfc(z) = t exp(-z^2 + poly(t)), t = 1/(1 + z/2), z >= 0: Numerical Recipes (Press et al.,
@@ -229,7 +294,6 @@ def limit_blas_threads(ranks_on_node: int) -> tuple[int, Any]:
     the loaded BLAS libraries; the share when none is loaded), and the threadpoolctl
     limiter, which the caller keeps alive.
     """
-    import scipy.special  # noqa: F401  loads SciPy's own BLAS now (erf would, later)
     from threadpoolctl import threadpool_limits
 
     share = max(1, usable_cores() // max(1, ranks_on_node))
