@@ -8,9 +8,11 @@ here. CuPy is imported only when asked for or probed, so CPU ranks never pay for
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -221,27 +223,66 @@ class Backend:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def nvidia_driver_present() -> bool:
+    """Whether this node shows an NVIDIA driver (``/proc/driver/nvidia`` or a
+    ``/dev/nvidiaN`` device), looked up without importing CuPy: on a CPU node that import
+    alone costs ~150 MiB and ~0.3 s per rank."""
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def probe_device(index: int) -> str | None:
+    """None when a tiny computation on CUDA device ``index`` gives the right numbers (a
+    cuBLAS GEMM and a compiled elementwise kernel: what a layer needs), else why not, in
+    one line (e.g. a CUDA library CuPy cannot load)."""
+    try:
+        import cupy
+        from cupyx.scipy.special import erf as cupy_erf
+
+        with cupy.cuda.Device(index):
+            a = cupy.arange(16, dtype=cupy.float32).reshape(4, 4)
+            got = float((a @ a).sum()) + float(cupy_erf(cupy.zeros(2, cupy.float32)).sum())
+        want = float((np.arange(16, dtype=np.float32).reshape(4, 4) @
+                      np.arange(16, dtype=np.float32).reshape(4, 4)).sum())
+        return None if got == want else f"a 4x4 GEMM on it gave {got}, not {want}"
+    except Exception as err:  # a library that does not load, a driver too old, ...
+        return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
 def select(name: str, local_rank: int = 0) -> Backend:
-    """The backend ``name`` asks for; ``auto`` takes CuPy only when a device is present.
+    """The backend ``name`` asks for. ``auto`` takes CuPy only where the node shows an
+    NVIDIA driver, CuPy sees a device and a tiny computation on it succeeds; otherwise
+    NumPy, saying in one line (local rank 0) why when a device was seen but failed.
+    ``cupy`` raises ConfigError with that reason instead.
 
     With CuPy, rank ``local_rank`` on a node takes device ``local_rank % device_count``.
     """
     if name not in ("auto", "numpy", "cupy"):
         raise ConfigError(f"backend '{name}' is unknown: use auto, numpy or cupy")
-    devices = cupy_device_count() if name in ("auto", "cupy") else 0
+    look = name == "cupy" or (name == "auto" and nvidia_driver_present())
+    devices = cupy_device_count() if look else 0
     if name == "cupy" and devices == 0:
         raise ConfigError(
             "backend = 'cupy' but no CUDA device is usable (CuPy missing or no GPU):"
             " install mpiattn[gpu] on a GPU node, or set backend = 'auto'"
         )
     if devices:
-        import cupy
-
         index = local_rank % devices
-        cupy.cuda.Device(index).use()
-        props = cupy.cuda.runtime.getDeviceProperties(index)
-        label = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return Backend("cupy", cupy, f"cuda:{index} {label}")
+        failure = probe_device(index)
+        if failure is None:
+            import cupy
+
+            cupy.cuda.Device(index).use()
+            props = cupy.cuda.runtime.getDeviceProperties(index)
+            label = props["name"]
+            label = label.decode() if isinstance(label, bytes) else label
+            return Backend("cupy", cupy, f"cuda:{index} {label}")
+        if name == "cupy":
+            raise ConfigError(f"backend = 'cupy' but CUDA device {index} fails a test"
+                              f" computation ({failure}): install mpiattn[gpu] (CuPy with"
+                              " its CUDA libraries), or set backend = 'numpy'")
+        if local_rank == 0:
+            print(f"mpiattn: note: CUDA device {index} fails a test computation ({failure});"
+                  " using NumPy on the CPU", file=sys.stderr, flush=True)
     return Backend("numpy", np, f"cpu ({os.cpu_count()} cores)")
 
 

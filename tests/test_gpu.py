@@ -60,3 +60,37 @@ def test_checksum_arithmetic_stays_on_device():
     assert checksum.residual_ratio(buf, 1)[2] <= 1.0
     host = cupy.asnumpy(part)
     assert checksum.digest64(part) == checksum.digest64(host)
+
+
+def test_auto_does_not_import_cupy_without_a_driver(monkeypatch):
+    """On a CPU node ``auto`` never imports CuPy (its import alone is ~150 MiB per rank)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mpiattn import backend; backend.nvidia_driver_present = lambda:"
+            " False; b = backend.select('auto'); print(b.name, 'cupy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.split() == ["numpy", "False"], done.stderr
+
+
+def test_a_device_that_fails_its_test_computation_falls_back_in_one_line(monkeypatch,
+                                                                          capsys):
+    monkeypatch.setattr(backend, "nvidia_driver_present", lambda: True)
+    monkeypatch.setattr(backend, "cupy_device_count", lambda: 2)
+    monkeypatch.setattr(backend, "probe_device",
+                        lambda index: f"OSError: libcublas.so.12 not found (device {index})")
+    assert backend.select("auto", local_rank=3).name == "numpy"
+    assert capsys.readouterr().err == ""  # only local rank 0 says it
+    assert backend.select("auto", local_rank=0).name == "numpy"
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("mpiattn: note: CUDA device 0 fails") and "libcublas" in line
+    assert "\n" not in line
+    with pytest.raises(ConfigError, match="device 1 fails a test computation.*libcublas"):
+        backend.select("cupy", local_rank=1)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a device is present")
+def test_probe_reports_why_a_device_cannot_compute():
+    reason = backend.probe_device(0)
+    assert reason is not None and "\n" not in reason and len(reason) <= 200
