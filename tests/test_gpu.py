@@ -94,3 +94,13 @@ def test_a_device_that_fails_its_test_computation_falls_back_in_one_line(monkeyp
 def test_probe_reports_why_a_device_cannot_compute():
     reason = backend.probe_device(0)
     assert reason is not None and "\n" not in reason and len(reason) <= 200
+
+
+@pytest.mark.parametrize("library", ["cublas", "curand", "nvrtc"])
+def test_cupys_cuda_libraries_load_without_a_device(library):
+    """The gpu extra brings the CUDA libraries CuPy's GEMMs, random numbers and compiled
+    kernels load (cupy-cuda13x[ctk]); without them the first GEMM on a GPU node fails."""
+    cupy = pytest.importorskip("cupy")
+    module = getattr(cupy.cuda, library)
+    version = module.getVersion(0) if library == "cublas" else module.getVersion()
+    assert version
