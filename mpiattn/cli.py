@@ -74,9 +74,11 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="sharded encoder forward pass, written to HDF5",
                          description="Run under mpiexec -n K; K ranks share the heads.")
     _add_config_args(run, "mpiattn-run.h5 or output.path")
-    run.add_argument("--resume", nargs="?", const="auto", metavar="PARTS",
-                     help="continue an interrupted text run from its finished chunks (default:"
-                     " the parts folder of this job beside the output)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted text run from its finished chunks (the"
+                     " parts folder of this job beside the output)")
+    run.add_argument("--resume-from", metavar="PARTS",
+                     help="continue an interrupted text run from this parts folder")
     bench = sub.add_parser("bench", help="the sharded layer against the measured limits",
                            description="Run under mpiexec -n K; writes results to HDF5.")
     _add_config_args(bench, "mpiattn-bench.h5")
@@ -268,8 +270,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         from . import jobkit
         from .runner import run
 
-        cfg = jobkit.agreed(world, lambda: _load_config(args))
-        run(cfg, world, cfg.output.path, args.force, args.resume)
+        def load() -> Any:
+            from .errors import ConfigError
+
+            cfg = _load_config(args)
+            if (args.resume or args.resume_from) and not cfg.input.text:
+                raise ConfigError("--resume continues an interrupted text run (input.text);"
+                                  " this job runs as one batch: run it again without --resume")
+            return cfg
+
+        cfg = jobkit.agreed(world, load)
+        resume = args.resume_from or ("auto" if args.resume else None)
+        run(cfg, world, cfg.output.path, args.force, resume)
         return 0
 
     return _mpi_command(body, args=args)

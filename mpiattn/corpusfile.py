@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,7 +78,8 @@ def job_key(config_toml: str, digests: dict[str, str]) -> str:
 
 def _folders(out_path: Path) -> list[Path]:
     stem = out_path.name.encode("utf-8", "surrogateescape")[:16].decode("utf-8", "ignore")
-    return sorted(p for p in out_path.parent.glob(f".{stem}*{SUFFIX}") if p.is_dir())
+    pattern = f".{glob.escape(stem)}*{SUFFIX}"  # a name may hold [ ] * ?
+    return sorted(p for p in out_path.parent.glob(pattern) if p.is_dir())
 
 
 def _read_job(folder: Path) -> dict:
@@ -87,39 +90,91 @@ def _read_job(folder: Path) -> dict:
     return job if isinstance(job, dict) else {}
 
 
-class Parts:
-    """A private folder of finished chunks (see the module docstring)."""
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
 
-    def __init__(self, folder: Path, job: dict, lock: int) -> None:
-        self.folder, self.job, self._lock = folder, job, lock
+
+def check_space(folder: Path, need: int, what: str) -> None:
+    """UserError (one line) when ``folder``'s file system has less than ``need`` bytes
+    free: HDF5 fails untidily (or worse) on a full disk, so a write is not begun."""
+    free = _free_bytes(folder)
+    if free < need:
+        raise UserError(f"no space for {what} in '{folder}': it needs about"
+                        f" {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some"
+                        " space (finished chunks are kept for --resume)")
+
+
+def _part_digest(arrays: list[np.ndarray], texts: list[list[str]]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    for strings in texts:
+        h.update("\0".join(strings).encode("utf-8"))  # lines hold no NUL (textstream.scan)
+    return h.hexdigest()
+
+
+def _part_contents(r: ChunkResult) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+    arrays = {"lengths": np.array([len(a) for a in r.ids], dtype=np.int64),
+              "tokens": _concat(r.ids, np.int64), "truncated": r.truncated.astype(np.uint8),
+              "pooled": r.pooled}
+    if r.types is not None:
+        arrays["token_type_ids"] = _concat(r.types, np.int64)
+    for (layer, name), a in sorted(r.layers.items()):
+        arrays[f"layers/{layer:02d}/{name}"] = a
+    return arrays, [r.text] + ([r.text_pair] if r.text_pair is not None else [])
+
+
+class Parts:
+    """A private folder of finished chunks (see the module docstring), made when the first
+    chunk is written (a job that fails before leaves no folder)."""
+
+    def __init__(self, out_path: Path, job: dict, folder: Path | None = None,
+                 lock: int = -1) -> None:
+        self.out_path, self.job, self.folder, self._lock = out_path, job, folder, lock
 
     @classmethod
-    def create(cls, out_path: Path, key: str, lines: int, chunk: int) -> Parts:
-        """A new folder beside ``out_path`` for a job of ``lines`` lines in chunks of
-        ``chunk``; UserError when it cannot be made."""
+    def new(cls, out_path: Path, key: str, layout: dict, lines: int, chunk: int) -> Parts:
+        """Parts of a fresh job of ``lines`` lines in chunks of ``chunk`` on ``layout``
+        (world size, tensor-parallel size): the folder comes with the first chunk."""
+        return cls(out_path, {"key": key, "layout": layout, "lines": lines, "chunk": chunk,
+                              "output": out_path.name})
+
+    def _make_folder(self) -> Path:
+        if self.folder is not None:
+            return self.folder
+        out_path = self.out_path
         tail = f".{_host()}-{os.getpid()}-"
         room = _name_max(out_path.parent) - len(tail) - 8 - len(SUFFIX) - 1
         name = out_path.name.encode("utf-8")[: max(room, 1)].decode("utf-8", "ignore")
+        folder = None
         try:
             folder = Path(tempfile.mkdtemp(prefix=f".{name}{tail}", suffix=SUFFIX,
                                            dir=out_path.parent))
+            (folder / JOB_FILE).write_text(json.dumps(self.job), encoding="utf-8")
         except OSError as err:
-            raise UserError(f"cannot create a folder in '{out_path.parent}':"
-                            f" {os.strerror(err.errno or 0)}; choose another -o") from None
-        job = {"key": key, "lines": lines, "chunk": chunk, "output": out_path.name}
-        (folder / JOB_FILE).write_text(json.dumps(job), encoding="utf-8")
-        return cls(folder, job, _lock(folder, "it was just made"))
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise UserError(f"cannot create the parts folder in '{out_path.parent}':"
+                            f" {os.strerror(err.errno or 0)}; free space or choose another -o"
+                            ) from None
+        self.folder, self._lock = folder, _lock(folder, "it was just made")
+        return folder
 
     @classmethod
-    def find(cls, out_path: Path, key: str, where: str | None = None) -> Parts:
+    def find(cls, out_path: Path, key: str, layout: dict, where: str | None = None) -> Parts:
         """The interrupted job's folder to resume: ``where`` itself, or (None) the one
         beside ``out_path`` whose job key is ``key``. UserError (exit 2) when there is none,
-        it belongs to another job, or a running job holds it."""
+        it belongs to another job or rank layout, or a running job holds it. Damaged or
+        unfinished parts are removed (they are computed again)."""
         if where is not None:
             candidates = [Path(where)]
             if not (candidates[0] / JOB_FILE).is_file():
-                raise UserError(f"--resume '{where}' is not the parts folder of an interrupted"
-                                " run (it has no job.json)")
+                raise UserError(f"--resume-from '{where}' is not the parts folder of an"
+                                " interrupted run (it has no job.json)")
         else:
             candidates = [p for p in _folders(out_path) if _read_job(p).get("key") == key]
             if not candidates:
@@ -132,30 +187,76 @@ class Parts:
         if job.get("key") != key:
             raise UserError(f"--resume '{folder}' holds a run of another config or other inputs:"
                             " resume with the same config, inputs and model")
-        parts = cls(folder, job, _lock(folder, "another job is writing it now"))
+        if job.get("layout") != layout:
+            was = job.get("layout") or {}
+            raise UserError(f"--resume: '{folder}' was run on {was.get('world_size', '?')}"
+                            f" ranks with parallel.tensor = {was.get('tensor', '?')}; resume it"
+                            " on the same (its rows must equal an uninterrupted run's)")
+        parts = cls(out_path, job, folder, _lock(folder, "another job is writing it now"))
         for stale in folder.glob("*.tmp*"):  # a part the killed job was writing
             with contextlib.suppress(OSError):
                 stale.unlink()
+        parts.drop_damaged()
         return parts
 
     def done(self) -> int:
         """Chunks finished, counted from the first without a gap."""
+        if self.folder is None or not self.folder.exists():
+            return 0
         have = {int(m.group(1)) for p in self.folder.iterdir() if (m := _PART.fullmatch(p.name))}
         n = 0
         while n in have:
             n += 1
         return n
 
+    def drop_damaged(self) -> None:
+        """Remove the first part whose contents do not match its digest, and every part
+        after it: a part is whole or absent (``--resume`` computes them again)."""
+        for index in range(self.done()):
+            if not self.intact(index):
+                for p in self.folder.glob("chunk-*.h5"):
+                    m = _PART.fullmatch(p.name)
+                    if m and int(m.group(1)) >= index:
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+                return
+
+    def intact(self, index: int) -> bool:
+        """Part ``index`` reads back and matches the digest it was written with."""
+        import h5py
+
+        try:
+            with h5py.File(self.path(index), "r") as f:
+                want = f.attrs["sha256"]
+                names = ["lengths", "tokens", "truncated", "pooled"]
+                names += ["token_type_ids"] if "token_type_ids" in f else []
+                layers: list[str] = []
+                if "layers" in f:
+                    f["layers"].visititems(lambda n, o: layers.append(f"layers/{n}")
+                                           if isinstance(o, h5py.Dataset) else None)
+                arrays = [f[n][()] for n in names + sorted(layers)]
+                texts = [list(f[n].asstr()[()]) for n in ("text", "text_pair") if n in f]
+        except (OSError, KeyError, RuntimeError, ValueError):
+            return False
+        return _part_digest(arrays, texts) == want
+
     def path(self, index: int) -> Path:
-        return self.folder / f"chunk-{index:07d}.h5"
+        return (self.folder or self._make_folder()) / f"chunk-{index:07d}.h5"
 
     def write(self, index: int, r: ChunkResult) -> None:
-        """Chunk ``index`` as its own HDF5 file, renamed into place when whole."""
+        """Chunk ``index`` as its own HDF5 file with the digest of its contents, flushed,
+        fsynced and renamed into place only when whole. UserError (one line) when it
+        cannot be written (a full disk is found before HDF5 starts)."""
         import h5py
 
         from . import outfile
 
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.folder)
+        folder = self._make_folder()
+        arrays, texts = _part_contents(r)
+        need = sum(a.nbytes for a in arrays.values()) + sum(
+            len(t.encode("utf-8")) + 16 for strings in texts for t in strings)
+        check_space(folder, need + (1 << 20), f"chunk {index}")
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
         os.close(fd)
         tmp_path = Path(tmp)
         outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
@@ -166,15 +267,21 @@ class Parts:
                 f["text"] = np.array(r.text, dtype=h5py.string_dtype())
                 if r.text_pair is not None:
                     f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
-                f["lengths"] = np.array([len(a) for a in r.ids], dtype=np.int64)
-                f["tokens"] = _concat(r.ids, np.int64)
-                if r.types is not None:
-                    f["token_type_ids"] = _concat(r.types, np.int64)
-                f["truncated"] = r.truncated.astype(np.uint8)
-                f["pooled"] = r.pooled
-                for (layer, name), a in r.layers.items():
-                    f[f"layers/{layer:02d}/{name}"] = a
+                for name, a in arrays.items():
+                    f[name] = a
+                f.attrs["sha256"] = _part_digest(list(arrays.values()), texts)
+                f.flush()  # a failed write raises here, not in a destructor that hides it
+            fd = os.open(tmp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp_path, self.path(index))
+            outfile.fsync_folder(folder)
+        except (OSError, RuntimeError, ValueError) as err:
+            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
+            raise UserError(f"cannot write chunk {index} to '{folder}': "
+                            f"{' '.join(reason.split())[:200]}") from None
         finally:
             outfile._LIVE.discard(tmp_path)
             with contextlib.suppress(FileNotFoundError):
@@ -191,13 +298,15 @@ class Parts:
                             if k.startswith("stat_")})
         return out
 
+    def size(self) -> int:
+        """Bytes of the finished parts (what assembling them writes, about)."""
+        return sum(self.path(i).stat().st_size for i in range(self.done()))
+
     def remove(self) -> None:
-        """Delete the folder (after the final file is published)."""
-        for p in self.folder.iterdir():
-            with contextlib.suppress(OSError):
-                p.unlink()
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()
+        """Delete the folder (after the final file is published, or when its chunks can
+        never be used: another job published the output, or the input changed)."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
         self.release()
 
     def release(self) -> None:
@@ -282,6 +391,11 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     offsets.append(np.zeros(1, dtype=np.int64))
     done = total_tokens = n_truncated = 0
     for index in range(parts.done()):
+        if not parts.intact(index):  # damaged since it was written: computed again
+            parts.drop_damaged()
+            raise InputError(f"part {index} of '{parts.folder}' does not match its digest"
+                             " (damaged on disk?); it was removed: run the same command with"
+                             " --resume to compute it again")
         with h5py.File(parts.path(index), "r") as part:
             if int(part.attrs["first"]) != done:
                 raise InputError(f"part {index} of '{parts.folder}' starts at line"
@@ -325,9 +439,15 @@ def disk_file(out: Any) -> Iterator[Any]:
     import h5py
 
     try:
-        with h5py.File(out.create(), "w", libver=LIBVER) as f:
-            f.attrs["status"] = "writing"
-            yield f
+        try:
+            with h5py.File(out.create(), "w", libver=LIBVER) as f:
+                f.attrs["status"] = "writing"
+                yield f
+                f.flush()  # a failed write raises here, not in a destructor that hides it
+        except (OSError, RuntimeError) as err:
+            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
+            raise UserError(f"cannot write '{out.path}': {' '.join(reason.split())[:200]};"
+                            " earlier files are untouched") from None
         out.publish()
     finally:
         out.discard()

@@ -26,12 +26,13 @@ import numpy as np
 from . import __version__, jobkit, watchdog
 from .backend import erf, to_host
 from .config import Config, check_world
-from .corpusfile import ChunkResult, Parts, assemble, disk_file, job_key
+from .corpusfile import ChunkResult, Parts, assemble, check_space, disk_file, job_key
 from .data import Batch, tokenizer_path
-from .errors import ConfigError, IntegrityError, UserError
+from .errors import ConfigError, InputError, IntegrityError, UserError
 from .faults import FaultyPhases, check_fault_targets, crash_points, slowdown
 from .layout import PHASES, write_provenance, write_records
 from .model import PhaseTimer, encoder_forward, mean_pool
+from .outfile import OutputExists
 from .placement import (
     ALL_SITES,
     Plan,
@@ -95,6 +96,9 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     info = scan(Path(cfg.input.text), cfg.input.pairs)
     limit, _ = truncation(cfg)
     tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab)
+    if cfg.input.pairs and 0 < cfg.input.max_tokens < 3:
+        raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens} with input.pairs: a pair"
+                          " needs at least 3 tokens ([CLS] a [SEP] b [SEP]'s specials)")
     if cfg.input.pairs and cfg.model.type_vocab < 2:
         raise ConfigError(f"input.pairs = true needs segment ids 0 and 1, but the model's type"
                           f" vocabulary holds {cfg.model.type_vocab} (model.type_vocab)")
@@ -106,10 +110,11 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     return (tensor, info, tok, digests), digests
 
 
-def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, resume: str | None) -> Parts:
+def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, layout: dict,
+                resume: str | None) -> Parts:
     if resume is None:
-        return Parts.create(out.path, key, info.lines, cfg.input.chunk)
-    return Parts.find(out.path, key, None if resume == "auto" else resume)
+        return Parts.new(out.path, key, layout, info.lines, cfg.input.chunk)
+    return Parts.find(out.path, key, layout, None if resume == "auto" else resume)
 
 
 def run_text(cfg: Config, world: Any, out_path: str, force: bool,
@@ -130,7 +135,8 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
     parts = None
     try:
         key = job_key(cfg.to_toml(), digests)
-        parts = jobkit.agreed(world, lambda: _open_parts(cfg, out, info, key, resume)
+        layout = {"world_size": world.Get_size(), "tensor": tensor}  # the rows' exact bits
+        parts = jobkit.agreed(world, lambda: _open_parts(cfg, out, info, key, layout, resume)
                               if rank == 0 else None, during="opening the parts folder")
         dog = watchdog.current()
         if dog is not None and parts is not None:  # a signal keeps the finished chunks
@@ -143,6 +149,10 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
         job = _Job(cfg, world, p, tok, info, parts)
         job.encode(first_chunk)
         return job.finish(out, started, wall0)
+    except (InputChanged, OutputExists):
+        if parts is not None:  # chunks of another file, or another job published the
+            parts.remove()     # output: never resumable
+        raise
     finally:
         if out is not None:
             out.discard()
@@ -150,9 +160,13 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
             _leave_parts(parts, info.lines, cfg.input.chunk)
 
 
+class InputChanged(InputError):
+    """input.text changed while the job read it (its chunks are of no use)."""
+
+
 def _kept_note(parts: Parts, lines: int, chunk: int) -> str | None:
     """What a stopped job leaves: its finished chunks, kept for --resume (None: none)."""
-    done = parts.done() if parts.folder.exists() else 0
+    done = parts.done()
     if done == 0:
         return None
     return (f"{min(done * chunk, lines)} of {lines} lines are done and kept in"
@@ -161,8 +175,6 @@ def _kept_note(parts: Parts, lines: int, chunk: int) -> str | None:
 
 def _leave_parts(parts: Parts, lines: int, chunk: int) -> None:
     """After a failure: keep finished chunks for --resume (and say so), else remove."""
-    if not parts.folder.exists():
-        return
     note = _kept_note(parts, lines, chunk)
     if note is None:
         parts.remove()
@@ -253,18 +265,29 @@ class _Job:
                       fields={"tok/s": 0.0}) as bar:
             if start:
                 bar.note(f"mpiattn: resuming: {start} of {self.info.lines} lines were done")
-            tokens_done, t0 = 0, time.perf_counter()
+            # tokens shown: rank 0's micro-batches times the replicas, then the chunk's own
+            self.tokens_done = self.tokens_estimated = 0
+            self.t0 = time.perf_counter()
+            end = start
             for index, (first, items) in enumerate(
                     chunks(Path(cfg.input.text), size, cfg.input.pairs, start), first_chunk):
-                n_tokens = self._chunk(index, first, items)
-                tokens_done += n_tokens
-                bar.update(len(items), **{"tok/s": tokens_done / max(time.perf_counter() - t0,
-                                                                     1e-9)})
+                end = first + len(items)
+                if end > self.info.lines:
+                    raise self._changed("more")
+                self._chunk(index, first, items, bar)
+            if end != self.info.lines:
+                raise self._changed("fewer")
         self.p.backend.sync()
         self.forward_s = time.perf_counter() - self.t_fwd
 
-    def _chunk(self, index: int, first: int, items: list) -> int:
-        """Encode one chunk on every rank; rank 0 writes it. Returns its real tokens."""
+    def _changed(self, how: str) -> InputChanged:
+        return InputChanged(f"input.text = '{self.cfg.input.text}' changed while the job"
+                            f" read it: it now has {how} than the {self.info.lines} lines it"
+                            " had at the start; its chunks are discarded: run again")
+
+    def _chunk(self, index: int, first: int, items: list, bar: Any) -> None:
+        """Encode one chunk on every rank; rank 0 writes it. ``bar`` (rank 0's progress)
+        moves with rank 0's micro-batches, by their share of the chunk."""
         cfg = self.cfg
         toks = self.tok.encode(items, first)
         lengths = toks.lengths
@@ -273,6 +296,8 @@ class _Job:
         mine = assign(costs, self.replicas, cfg.parallel.assign)[self.replica]
         results = []
         t0 = time.perf_counter()
+        n, mine_lines = len(items), sum(len(batches[j]) for j in mine)
+        shown = 0  # lines of this chunk the progress shows so far
         for j in mine:
             rows = batches[j]
             ids, mask, types = toks.padded(rows)
@@ -281,6 +306,9 @@ class _Job:
             self.lines += len(rows)
             self.tokens += int(mask.sum())
             self.padded += mask.size
+            step = min(n - shown, round(len(rows) * n / max(mine_lines, 1)))
+            shown += step
+            self._progress(bar, step, int(mask.sum()) * self.replicas)
         busy = time.perf_counter() - t0
         self.busy += busy
         self._drain_records()
@@ -309,7 +337,15 @@ class _Job:
             else:
                 err.agreed = True
             raise err
-        return int(lengths.sum())
+        self.tokens_done += int(lengths.sum()) - self.tokens_estimated
+        self.tokens_estimated = 0
+        self._progress(bar, n - shown, 0)
+
+    def _progress(self, bar: Any, lines: int, tokens_estimate: int) -> None:
+        self.tokens_estimated += tokens_estimate
+        self.tokens_done += tokens_estimate
+        rate = self.tokens_done / max(time.perf_counter() - self.t0, 1e-9)
+        bar.update(lines, **{"tok/s": rate})
 
     def _write(self, index: int, first: int, items: list, toks: Any, gathered: list) -> None:
         cfg, n = self.cfg, len(items)
@@ -360,6 +396,8 @@ class _Job:
                                      self.records.items()] if self.leader else [])
 
         def write() -> Path:
+            check_space(out.path.parent, int(self.parts.size() * 1.1) + (4 << 20),
+                        "the output file")
             with disk_file(out) as f:
                 f.attrs["write_mode"] = "chunks gathered to rank 0, assembled from parts"
                 write_provenance(f, cfg, p, started, "run", host_info)

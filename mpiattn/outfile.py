@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import socket
 import stat
@@ -248,7 +249,7 @@ def temporaries(path: str | Path) -> list[Path]:
     """Temporaries of ``path`` in its folder (any writer)."""
     path = Path(path)
     stem = path.name.encode("utf-8", "surrogateescape")[:16].decode("utf-8", "ignore")
-    return sorted(p for p in path.parent.glob(f".{stem}*{SUFFIX}") if p.is_file())
+    return sorted(p for p in path.parent.glob(f".{glob.escape(stem)}*{SUFFIX}") if p.is_file())
 
 
 def is_stale(tmp: Path) -> bool:

@@ -106,7 +106,7 @@ class Progress:
             self._bar.update(n)
             return
         now = self.clock()
-        if now >= self._next:
+        if now >= self._next and self.done < self.total:  # the last line is close()'s
             self._emit(self.line(now))
             self._next = now + self.interval
 

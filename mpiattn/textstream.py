@@ -10,8 +10,8 @@ cut into length-sorted micro-batches. No MPI; every function is the same on ever
 Lines end at "\\n" ("\\r\\n" accepted), are stripped, and a blank line is the empty sentence
 ([CLS] [SEP]), as sentence-transformers encodes it: output row i is line i. With ``pairs``
 each line is two tab-separated columns, tokenized with the tokenizer's pair template
-(segment 0, then 1; a line whose second column is empty is a single sentence, as
-transformers' tokenizers encode ``(text, "")``). Sorting by length within a chunk (longest first, as
+(segment 0, then 1; an empty column is an empty segment, as transformers' tokenizers
+encode a batch of pairs). Sorting by length within a chunk (longest first, as
 sentence-transformers' ``encode`` sorts its input) keeps padding small while memory stays
 bounded by the chunk.
 """
@@ -48,6 +48,9 @@ def _decode(raw: bytes, number: int, where: str) -> str:
 
 def _item(raw: bytes, number: int, pairs: bool, where: str) -> Item:
     line = _decode(raw.removesuffix(b"\n").removesuffix(b"\r"), number, where)
+    if "\0" in line:
+        raise InputError(f"{where} line {number}: a NUL byte (position {line.index(chr(0))}):"
+                         " HDF5 strings cannot hold it; remove NULs (tr -d '\\000')")
     if not pairs:
         return line.strip()
     columns = line.split("\t")
@@ -170,8 +173,6 @@ class SentenceTokenizer:
     def encode(self, items: list[Item], first_line: int = 0,
                what: str = "input.text") -> Tokens:
         """Ids, segment ids and truncation flags of ``items`` (lines ``first_line`` ...)."""
-        # an empty second sentence is no pair at all, as transformers' tokenizers treat it
-        items = [it[0] if isinstance(it, tuple) and not it[1] else it for it in items]
         encodings = self._tok.encode_batch(items)
         ids = [np.array(e.ids, dtype=np.int64) for e in encodings]
         types = [np.array(e.type_ids, dtype=np.int64) for e in encodings]
@@ -184,6 +185,10 @@ class SentenceTokenizer:
                 raise InputError(f"{what} line {first_line + i + 1}: segment id {int(t.max())}"
                                  f" but the model's type vocabulary holds {self.type_vocab}"
                                  " (model.type_vocab): it cannot encode sentence pairs")
+            if a.size > self.max_length:  # tokenizers skips a limit below its specials
+                raise InputError(f"{what} line {first_line + i + 1}: {a.size} tokens after"
+                                 f" truncation to {self.max_length}: the limit is below what"
+                                 " the tokenizer's template needs; raise input.max_tokens")
         truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
         return Tokens(ids, types, truncated)
 

@@ -195,12 +195,12 @@ def test_pairs_file_equals_bert_model_with_token_types(tmp_path, minilm_dir, ran
     offsets = got["input/offsets"]
     assert [t.decode() for t in got["input/text_pair"]] == [b for _, b in pairs]
     for i, (a, b) in enumerate(pairs):
-        enc = tok(a, b, return_tensors="pt")
+        enc = tok([a], [b], return_tensors="pt")  # a batch of pairs: "" is an empty segment
         span = slice(offsets[i], offsets[i + 1])
         np.testing.assert_array_equal(got["input/tokens"][span], enc["input_ids"][0].numpy())
         np.testing.assert_array_equal(got["input/token_type_ids"][span],
                                       enc["token_type_ids"][0].numpy())
-        assert got["input/token_type_ids"][span].max() == (1 if b else 0)  # 2nd segment
+        assert got["input/token_type_ids"][span].max() == 1  # the second segment
         with torch.no_grad():
             want = model(**enc).last_hidden_state[0].numpy()
         assert np.abs(got["layers/05/hidden"][span] - want).max() <= TOL
@@ -227,6 +227,7 @@ BAD = {
     "not-utf8": (b"fine\nalso fine\nbad \xff byte\n", "line 3: not UTF-8"),
     "one-column": (b"a\tb\nno tab here\n", "line 2: 1 tab-separated column"),
     "three-columns": (b"a\tb\tc\n", "line 1: 3 tab-separated columns"),
+    "nul": (b"ok\nNUL\x00here\n", "line 2: a NUL byte (position 3)"),
 }
 
 
@@ -275,6 +276,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert len(folders) == 1 and not (tmp_path / "cut.h5").exists()
     assert not (folders[0] / "chunk-0000029.h5").exists()  # killed mid-corpus
 
+    with h5py.File(folders[0] / "chunk-0000001.h5", "r+") as part:  # damaged on disk
+        part["pooled"][0, 0] += 1.0
     again = run(2, tmp_path, "-o", "cut.h5", sets=sets)  # without --resume: a fresh start
     assert again.returncode == 0, again.stderr
     (tmp_path / "cut.h5").unlink()
@@ -296,39 +299,77 @@ def test_sigterm_keeps_the_finished_chunks_and_says_how_to_resume(tmp_path, rank
     path = tmp_path / "big.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     sets = (f'input.text="{path}"', "input.chunk=20", "input.batch=8", "parallel.tensor=1")
-    job = subprocess.Popen(command(ranks, "-o", "t.h5", sets=sets), cwd=tmp_path, env=env(),
+    job = subprocess.Popen(command(ranks, "-o", "t[1].h5", sets=sets), cwd=tmp_path, env=env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and job.poll() is None:
-        if list(tmp_path.glob(".t.h5*.parts/chunk-0000002.h5")):
+        if list(tmp_path.glob(".t[[]1].h5*.parts/chunk-0000002.h5")):
             break
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGTERM)  # as Slurm's scancel and the launcher's ^C do
     _, err = job.communicate(timeout=60)
     assert job.returncode != 0
     assert "SIGTERM" in err and "--resume" in err and "lines are done and kept in" in err, err
-    assert not (tmp_path / "t.h5").exists()
-    assert len(list(tmp_path.glob(".t.h5*.parts"))) == 1
-    assert not list(tmp_path.glob(".t.h5*.tmp"))  # no temporary of the output
-    resumed = run(ranks, tmp_path, "-o", "t.h5", "--resume", sets=sets)
+    assert not (tmp_path / "t[1].h5").exists()
+    assert len(list(tmp_path.glob(".t[[]1].h5*.parts"))) == 1
+    assert not list(tmp_path.glob(".t[[]1].h5*.tmp"))  # no temporary of the output
+    other = run(3 - ranks, tmp_path, "-o", "t[1].h5", "--resume", sets=sets)
+    assert other.returncode == 2  # other ranks would give other bits
+    assert f"was run on {ranks} ranks" in one_error_line(other)
+    resumed = run(ranks, tmp_path, "-o", "t[1].h5", "--resume", sets=sets)
     assert resumed.returncode == 0, resumed.stderr
-    with h5py.File(tmp_path / "t.h5") as f:
+    with h5py.File(tmp_path / "t[1].h5") as f:
         assert f["output/pooled"].shape == (600, 384)
-    assert not list(tmp_path.glob(".t.h5*.parts"))
+    assert not list(tmp_path.glob(".t[[]1].h5*.parts"))
 
 
-def test_resume_without_an_interrupted_run_is_refused(tmp_path, minilm_dir):
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=needs_mpiexec)])
+def test_resume_without_an_interrupted_run_is_refused(tmp_path, minilm_dir, ranks):
     path = tmp_path / "a.txt"
     path.write_text("one line\n", encoding="utf-8")
-    done = run(1, tmp_path, "-o", "a.h5", "--resume", sets=(f'input.text="{path}"',))
+    done = run(ranks, tmp_path, "-o", "a.h5", "--resume", sets=(f'input.text="{path}"',))
     assert done.returncode == 2
     assert "no interrupted run of this job" in one_error_line(done)
-    seeded = subprocess.run([sys.executable, "-m", "mpiattn.cli", "run", "--set",
-                             "model.layers=1", "-o", "s.h5", "--resume"], cwd=tmp_path,
-                            env=env(), capture_output=True, text=True, timeout=60)
+    garbage = run(ranks, tmp_path, "-o", "a.h5", "--resume-from", str(tmp_path),
+                  sets=(f'input.text="{path}"',))
+    assert garbage.returncode == 2 and "has no job.json" in one_error_line(garbage)
+    base = [sys.executable, "-m", "mpiattn.cli", "run", "--set", "model.layers=1", "-o",
+            "s.h5", "--resume"]
+    seeded = subprocess.run([MPIEXEC, "-n", str(ranks), *base] if ranks > 1 else base,
+                            cwd=tmp_path, env=env(), capture_output=True, text=True,
+                            timeout=60)
     assert seeded.returncode == 2
     assert "--resume continues an interrupted text run" in one_error_line(seeded)
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("a\tb\n", encoding="utf-8")
+    pairs = run(ranks, tmp_path, "-o", "p.h5", sets=(f'input.text="{tsv}"', "input.pairs=true",
+                                                     "input.max_tokens=2"))
+    assert pairs.returncode == 2 and "a pair needs at least 3 tokens" in one_error_line(pairs)
+    assert not list(tmp_path.glob(".*.parts"))  # nothing failed after a chunk: no folders
+
+
+def test_a_full_disk_is_one_line_and_publishes_no_part(tmp_path, monkeypatch):
+    from mpiattn import corpusfile
+    from mpiattn.errors import UserError
+
+    parts = corpusfile.Parts.new(tmp_path / "o.h5", "k", {}, 2, 2)
+    result = corpusfile.ChunkResult(0, ["a", "b"], None, [np.array([101, 102])] * 2, None,
+                                    np.zeros(2, bool), np.ones((2, 4), np.float32))
+    monkeypatch.setattr(corpusfile, "_free_bytes", lambda folder: 1000)
+    with pytest.raises(UserError, match="no space for chunk 0 .* MiB are free"):
+        parts.write(0, result)
+    assert parts.done() == 0 and not list(parts.folder.glob("*.tmp"))
+    monkeypatch.undo()
+    parts.write(0, result)
+    assert parts.done() == 1 and parts.intact(0)
+    with h5py.File(parts.path(0), "r+") as f:  # damaged on disk: dropped, computed again
+        f["tokens"][0] = 7
+    assert not parts.intact(0)
+    parts.drop_damaged()
+    assert parts.done() == 0
+    parts.remove()
+    assert not parts.folder.exists()
 
 
 # --- the pieces, serially -----------------------------------------------------------------
