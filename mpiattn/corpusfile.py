@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, UserError
-from .h5io import LIBVER
+from .h5io import DIGEST_ATTR, LIBVER
+from .h5io import text_sha256 as text_hash
 from .outfile import _host, _name_max
 
 SUFFIX = ".parts"
@@ -355,8 +356,6 @@ class _Appender:
         self.hash.update(a.tobytes())
 
     def finish(self, **attrs: Any) -> None:
-        from .h5io import DIGEST_ATTR
-
         self.dset.attrs[DIGEST_ATTR] = self.hash.hexdigest()
         self.dset.attrs.update(attrs)
 
@@ -387,6 +386,7 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     states = {(i, name): _Appender(f.require_group(f"layers/{i:02d}"), name, (hidden,), dtype,
                                    ("token", "hidden"), compression, hint)
               for i in kept for name in ("attention", "hidden")}
+    text_hashes = [hashlib.sha256(), hashlib.sha256()]  # text, text_pair (h5io.text_sha256)
     offsets = _Appender(inp, "offsets", (), np.int64, ("line_edge",), compression, lines + 1)
     offsets.append(np.zeros(1, dtype=np.int64))
     done = total_tokens = n_truncated = 0
@@ -402,10 +402,12 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
                                  f" {int(part.attrs['first'])}, not {done}: the folder was"
                                  " altered; run again without --resume")
             n = part["pooled"].shape[0]
-            for dset, name in ((text, "text"), (text_pair, "text_pair")):
+            for k, (dset, name) in enumerate(((text, "text"), (text_pair, "text_pair"))):
                 if dset is not None:
+                    strings = part[name].asstr()[()]
                     dset.resize(done + n, axis=0)
-                    dset[done:] = part[name][()]
+                    dset[done:] = strings
+                    text_hash(strings, text_hashes[k])
             lengths = part["lengths"][()]
             tokens.append(part["tokens"][()])
             if types is not None:
@@ -420,6 +422,9 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
             done, total_tokens = done + n, total_tokens + int(lengths.sum())
     if done != lines:
         raise InputError(f"'{parts.folder}' holds {done} of {lines} lines: run again")
+    for dset, h in zip((text, text_pair), text_hashes, strict=True):
+        if dset is not None:
+            dset.attrs[DIGEST_ATTR] = h.hexdigest()
     ragged = "row i is [offsets[i]:offsets[i+1]] of each (token, ...) dataset"
     offsets.finish(description=ragged)
     for app in (tokens, types, truncated):

@@ -35,6 +35,16 @@ def sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def text_sha256(strings: Any, hasher: Any = None) -> Any:
+    """SHA-256 of strings as a text dataset's digest: each one's UTF-8 bytes and a NUL
+    (``h5safe.scan`` reads it back so). With ``hasher``, updates it and returns it."""
+    h = hasher if hasher is not None else hashlib.sha256()
+    for text in strings:
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")
+    return h if hasher is not None else h.hexdigest()
+
+
 def _dataset_options(array: np.ndarray, compression: str) -> dict[str, Any]:
     """Chunked, checksummed (fletcher32) and optionally compressed for arrays worth it."""
     if array.ndim == 0 or array.nbytes < 4096 or array.dtype.kind not in "fiub":

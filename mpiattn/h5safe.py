@@ -437,6 +437,16 @@ def scan(dset: Any, digest: bool = True, finite: bool = False) -> Scan:
     array) and, when ``finite`` and the type is floating/complex, the index of the first
     NaN or inf. Memory: one block. Raises as ``blocks`` does."""
     hasher = hashlib.sha256() if digest else None
+    if _is_text(dset):  # strings: UTF-8 bytes of each, NUL-terminated (h5io.text_sha256)
+        _check_size(dset, None)
+        rows = max(1, BLOCK_BYTES // 256)
+        for start in range(0, dset.shape[0] if dset.shape else 1, rows):
+            for item in np.asarray(dset[start : start + rows] if dset.shape else
+                                   [dset[()]]).ravel():
+                if hasher is not None:
+                    hasher.update(item if isinstance(item, bytes) else str(item).encode())
+                    hasher.update(b"\0")
+        return Scan(hasher.hexdigest() if hasher is not None else None, None)
     check = finite and dset.dtype.kind in "fc"
     first: int | None = None
     offset = 0
@@ -454,6 +464,13 @@ def scan(dset: Any, digest: bool = True, finite: bool = False) -> Scan:
     where = None if first is None else tuple(int(i) for i in np.unravel_index(first,
                                                                              dset.shape))
     return Scan(hasher.hexdigest() if hasher is not None else None, where)
+
+
+def _is_text(dset: Any) -> bool:
+    import h5py
+
+    info = h5py.check_string_dtype(dset.dtype)
+    return info is not None and info.length is None and dset.ndim <= 1
 
 
 def datasets(f: Any) -> list[tuple[str, Any]]:

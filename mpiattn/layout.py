@@ -53,7 +53,8 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
         h5io.write_array(inp, "token_type_ids", p.batch.types, ("batch", "seq"), comp,
                          digest=True)
     if p.batch.text is not None:
-        inp.create_dataset("text", data=p.batch.text)
+        inp.create_dataset("text", data=p.batch.text).attrs[h5io.DIGEST_ATTR] = (
+            h5io.text_sha256(p.batch.text))
     if pooled is not None and p.batch.text is not None:
         h5io.write_array(f.require_group("output"), "pooled", pooled, ("batch", "hidden"),
                          comp, digest=True)

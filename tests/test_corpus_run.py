@@ -447,3 +447,16 @@ def test_auto_chunk_bounds_rank_0s_states_and_config_checks():
     for bad in ("input.max_tokens=1", "input.max_tokens=513", "input.chunk=-1"):
         with pytest.raises(config.ConfigError):
             config.load(None, [bad])
+
+
+def test_verify_checks_the_text_too(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("A man plays.\n\ncafé au lait\n", encoding="utf-8")
+    done = run(1, tmp_path, "-o", "t.h5", sets=(f'input.text="{path}"',))
+    assert done.returncode == 0, done.stderr
+    verify = [sys.executable, "-m", "mpiattn.cli", "verify", str(tmp_path / "t.h5")]
+    assert subprocess.run(verify, env=env(), capture_output=True).returncode == 0
+    with h5py.File(tmp_path / "t.h5", "r+") as f:
+        f["input/text"][1] = "not what the line said"
+    bad = subprocess.run(verify, env=env(), capture_output=True, text=True)
+    assert bad.returncode == 1 and "/input/text does not match its sha256" in bad.stdout
