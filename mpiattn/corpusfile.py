@@ -404,10 +404,10 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
             n = part["pooled"].shape[0]
             for k, (dset, name) in enumerate(((text, "text"), (text_pair, "text_pair"))):
                 if dset is not None:
-                    strings = part[name].asstr()[()]
+                    column = part[name].asstr()[()]
                     dset.resize(done + n, axis=0)
-                    dset[done:] = strings
-                    text_hash(strings, text_hashes[k])
+                    dset[done:] = column
+                    text_hash(column, text_hashes[k])
             lengths = part["lengths"][()]
             tokens.append(part["tokens"][()])
             if types is not None:
