@@ -19,12 +19,11 @@ Any other mask adds a 0/-inf bias. Every sequence has at least one real token.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import get_array_module
+from .backend import get_array_module, grown
 from .ops import mask_backward, mask_cached, softmax, softmax_backward, softmax_cached
 
 PLAIN_MAX_SEQ = 2048  # auto: plain up to this length (16 MiB of float32 scores per head)
@@ -85,16 +84,6 @@ class Options:
             impl = "plain" if seq <= PLAIN_MAX_SEQ else "blocked"
         block = self.block or min(512, seq)
         return impl, block
-
-
-def grown(cache: dict, key: Any, shape: tuple, make: Callable[[int], Any]) -> Any:
-    """A C-contiguous ``shape`` view of the start of ``cache[key]``, a flat buffer made by
-    ``make(size)`` and replaced by a bigger one when ``shape`` needs more."""
-    size = math.prod(shape)
-    buf = cache.get(key)
-    if buf is None or buf.size < size:
-        buf = cache[key] = make(max(size, 1))
-    return buf[:size].reshape(shape)
 
 
 def mask_bias(key_mask: Any, dtype: Any) -> Any:

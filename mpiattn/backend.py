@@ -7,6 +7,7 @@ here. CuPy is imported only when asked for or probed, so CPU ranks never pay for
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -166,6 +167,16 @@ def data_ptr(x: Any) -> int:
     if get_array_module(x) is np:
         return int(x.__array_interface__["data"][0])
     return int(x.data.ptr)
+
+
+def grown(cache: dict, key: Any, shape: tuple, make: Callable[[int], Any]) -> Any:
+    """A C-contiguous ``shape`` view of the start of ``cache[key]``, a flat buffer made by
+    ``make(size)`` and replaced by a bigger one when ``shape`` needs more."""
+    size = math.prod(shape)
+    buf = cache.get(key)
+    if buf is None or buf.size < size:
+        buf = cache[key] = make(max(size, 1))
+    return buf[:size].reshape(shape)
 
 
 def to_host(x: Any) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import checksum, watchdog
-from .backend import Backend, data_ptr, get_array_module
+from .backend import Backend, data_ptr, get_array_module, grown
 from .errors import IntegrityError, NumericalError
 from .transfers import FaultPlan, Ledger, Record, RetryPolicy, agree
 
@@ -92,8 +92,6 @@ class AllreduceTransport:
     def buffer(self, name: str, shape: tuple, dtype: Any, host: bool = False) -> Any:
         """The buffer ``name`` of this shape and dtype (made once, then reused; a view of
         the largest one asked for)."""
-        from .attention import grown
-
         def make(size: int) -> Any:
             if host and self.backend.is_gpu:
                 import cupyx

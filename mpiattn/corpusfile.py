@@ -114,7 +114,7 @@ def _part_digest(arrays: list[np.ndarray], texts: list[list[str]]) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     for strings in texts:
-        h.update("\0".join(strings).encode("utf-8"))  # lines hold no NUL (textstream.scan)
+        text_hash(strings, h)
     return h.hexdigest()
 
 
@@ -127,6 +127,15 @@ def _part_contents(r: ChunkResult) -> tuple[dict[str, np.ndarray], list[list[str
     for (layer, name), a in sorted(r.layers.items()):
         arrays[f"layers/{layer:02d}/{name}"] = a
     return arrays, [r.text] + ([r.text_pair] if r.text_pair is not None else [])
+
+
+@dataclass
+class PartData:
+    """One part read back and checked (``Parts.read``)."""
+
+    first: int  # index of its first line
+    arrays: dict[str, np.ndarray]  # lengths, tokens, truncated, pooled, ..., layers/NN/*
+    texts: dict[str, list[str]]  # text (and text_pair)
 
 
 class Parts:
@@ -222,8 +231,9 @@ class Parts:
                             p.unlink()
                 return
 
-    def intact(self, index: int) -> bool:
-        """Part ``index`` reads back and matches the digest it was written with."""
+    def read(self, index: int) -> PartData | None:
+        """Part ``index`` as written (arrays in digest order, text columns), or None when
+        it cannot be read back or does not match its digest."""
         import h5py
 
         try:
@@ -235,14 +245,23 @@ class Parts:
                 if "layers" in f:
                     f["layers"].visititems(lambda n, o: layers.append(f"layers/{n}")
                                            if isinstance(o, h5py.Dataset) else None)
-                arrays = [f[n][()] for n in names + sorted(layers)]
-                texts = [list(f[n].asstr()[()]) for n in ("text", "text_pair") if n in f]
+                arrays = {n: f[n][()] for n in names + sorted(layers)}
+                texts = {n: list(f[n].asstr()[()]) for n in ("text", "text_pair") if n in f}
+                first = int(f.attrs["first"])
         except (OSError, KeyError, RuntimeError, ValueError):
-            return False
-        return _part_digest(arrays, texts) == want
+            return None
+        if _part_digest(list(arrays.values()), list(texts.values())) != want:
+            return None
+        return PartData(first, arrays, texts)
+
+    def intact(self, index: int) -> bool:
+        """Part ``index`` reads back and matches the digest it was written with."""
+        return self.read(index) is not None
 
     def path(self, index: int) -> Path:
-        return (self.folder or self._make_folder()) / f"chunk-{index:07d}.h5"
+        if self.folder is None:
+            raise ValueError("no parts folder yet: nothing has been written")
+        return self.folder / f"chunk-{index:07d}.h5"
 
     def write(self, index: int, r: ChunkResult) -> None:
         """Chunk ``index`` as its own HDF5 file with the digest of its contents, flushed,
@@ -391,35 +410,33 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     offsets.append(np.zeros(1, dtype=np.int64))
     done = total_tokens = n_truncated = 0
     for index in range(parts.done()):
-        if not parts.intact(index):  # damaged since it was written: computed again
+        part = parts.read(index)  # one read: checked against its digest, then appended
+        if part is None:  # damaged since it was written: computed again
             parts.drop_damaged()
             raise InputError(f"part {index} of '{parts.folder}' does not match its digest"
                              " (damaged on disk?); it was removed: run the same command with"
                              " --resume to compute it again")
-        with h5py.File(parts.path(index), "r") as part:
-            if int(part.attrs["first"]) != done:
-                raise InputError(f"part {index} of '{parts.folder}' starts at line"
-                                 f" {int(part.attrs['first'])}, not {done}: the folder was"
-                                 " altered; run again without --resume")
-            n = part["pooled"].shape[0]
-            for k, (dset, name) in enumerate(((text, "text"), (text_pair, "text_pair"))):
-                if dset is not None:
-                    column = part[name].asstr()[()]
-                    dset.resize(done + n, axis=0)
-                    dset[done:] = column
-                    text_hash(column, text_hashes[k])
-            lengths = part["lengths"][()]
-            tokens.append(part["tokens"][()])
-            if types is not None:
-                types.append(part["token_type_ids"][()])
-            flags = part["truncated"][()]
-            truncated.append(flags)
-            n_truncated += int(np.count_nonzero(flags))
-            pooled.append(part["pooled"][()])
-            for (i, name), app in states.items():
-                app.append(part[f"layers/{i:02d}/{name}"][()])
-            offsets.append(total_tokens + np.cumsum(lengths, dtype=np.int64))
-            done, total_tokens = done + n, total_tokens + int(lengths.sum())
+        if part.first != done:
+            raise InputError(f"part {index} of '{parts.folder}' starts at line {part.first},"
+                             f" not {done}: the folder was altered; run again without --resume")
+        a = part.arrays
+        n = a["pooled"].shape[0]
+        for k, (dset, name) in enumerate(((text, "text"), (text_pair, "text_pair"))):
+            if dset is not None:
+                dset.resize(done + n, axis=0)
+                dset[done:] = part.texts[name]
+                text_hash(part.texts[name], text_hashes[k])
+        lengths = a["lengths"]
+        tokens.append(a["tokens"])
+        if types is not None:
+            types.append(a["token_type_ids"])
+        truncated.append(a["truncated"])
+        n_truncated += int(np.count_nonzero(a["truncated"]))
+        pooled.append(a["pooled"])
+        for (i, name), app in states.items():
+            app.append(a[f"layers/{i:02d}/{name}"])
+        offsets.append(total_tokens + np.cumsum(lengths, dtype=np.int64))
+        done, total_tokens = done + n, total_tokens + int(lengths.sum())
     if done != lines:
         raise InputError(f"'{parts.folder}' holds {done} of {lines} lines: run again")
     for dset, h in zip((text, text_pair), text_hashes, strict=True):

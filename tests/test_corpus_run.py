@@ -66,13 +66,6 @@ def one_error_line(done: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def sentence_model(minilm_dir):
-    st = pytest.importorskip("sentence_transformers")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return st.SentenceTransformer(str(minilm_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     """~100 real lines, blank and whitespace-only lines, one longer than the model's limit."""
     real = (ROOT / "data/corpus/train.txt").read_text(encoding="utf-8").split("\n")[:90]
@@ -90,7 +83,8 @@ LAYOUTS = [(1, 1), pytest.param(2, 1, marks=needs_mpiexec),
 
 
 @pytest.fixture(scope="module")
-def matrix_runs(tmp_path_factory, corpus) -> dict:
+def matrix_runs() -> dict:
+    """The one-process run's datasets, for the layouts that follow it."""
     return {}
 
 

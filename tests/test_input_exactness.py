@@ -72,13 +72,6 @@ RANKS = [1, pytest.param(2, marks=needs_mpiexec)]
 
 
 @pytest.fixture(scope="module")
-def sentence_model(minilm_dir):
-    st = pytest.importorskip("sentence_transformers")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return st.SentenceTransformer(str(minilm_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def bert_model(minilm_dir):
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
