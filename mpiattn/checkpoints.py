@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 
 from . import h5io
-from .config import Config
+from .config import Config, ModelConfig
 from .corpus import Corpus
 from .errors import InputError
 from .hf import to_hf
 from .mlm import MLMHead
 from .model import Embeddings, LayerShard
+
+MAX_TOKENIZER = 64 << 20  # bytes of one stored tokenizer file
 
 
 def checkpoint_due(step: int, t: Any) -> bool:
@@ -58,9 +60,10 @@ class History:
 
 def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
                      state: dict[str, dict[str, Any]], corpus: Corpus, history: History,
-                     tensor: int) -> None:
+                     tensor: int, tokenizer: dict[str, bytes]) -> None:
     """Whole-model parameters and optimizer state (HF naming), written atomically to
-    ``path`` (a file name, refused if it exists, or an ``outfile.Reservation``)."""
+    ``path`` (a file name, refused if it exists, or an ``outfile.Reservation``), with the
+    tokenizer files (``export.tokenizer_files``) so the file alone is a usable model."""
     with h5io.atomic_file(path) as f:
         f.attrs.update({"format_version": h5io.FORMAT_VERSION, "command": "train checkpoint",
                         "step": done, "optimizer": cfg.train.optimizer, "seed": cfg.seed,
@@ -77,6 +80,10 @@ def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
         h5io.write_array(f.create_group("vocab"), "token_ids", corpus.token_ids,
                          description="tokenizer id of each model id")
         history.write(f.create_group("train"))
+        tok = f.create_group("tokenizer")
+        tok.attrs["description"] = "the tokenizer files the model was trained with, as bytes"
+        for name, data in tokenizer.items():
+            tok.create_dataset(name, data=np.frombuffer(data, dtype=np.uint8))
         f.attrs["status"] = "complete"
 
 
@@ -115,6 +122,72 @@ def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
         raise InputError(f"'{path}' is at step {ck.step}, train.steps = {cfg.train.steps}:"
                          " raise train.steps to continue")
     return ck
+
+
+@dataclass
+class TrainedModel:
+    """What a checkpoint holds of the model alone (``mpiattn export``, ``model.weights``)."""
+
+    path: Path
+    step: int
+    model: ModelConfig  # the model's shape (model.* of the training job)
+    token_ids: np.ndarray  # tokenizer id of each model id
+    tokenizer: dict[str, bytes]  # file name -> contents
+
+
+def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel, dict]:
+    """The model of a complete checkpoint and (``with_params``) its whole tensors in HF
+    naming; only what is inside the file, every size checked (``h5safe``). Raises
+    ``InputError`` for anything else, including checkpoints without their tokenizer."""
+    from . import h5safe
+
+    path = Path(path)
+    with h5io.open_for_reading(path) as f:
+        if h5safe.attr(f, "status") != "complete" or "params" not in f \
+                or h5safe.attr(f, "command") != "train checkpoint":
+            raise InputError(f"'{path}' is not a complete mpiattn training checkpoint")
+        if "tokenizer" not in f:
+            raise InputError(f"'{path}' holds no tokenizer (written before checkpoints kept"
+                             " theirs): train again, or continue it with --resume, to get one")
+        try:
+            shape = _model_shape(h5safe.text(h5safe.attr(f, "config"), "config"))
+            tok = {name: h5safe.read(f["tokenizer"][name], MAX_TOKENIZER).tobytes()
+                   for name in f["tokenizer"]}
+            model = TrainedModel(path, int(h5safe.attr(f, "step")), shape,
+                                 h5safe.read(f["vocab/token_ids"]), tok)
+            params = {k: h5safe.read(f["params"][k]) for k in f["params"]} if with_params \
+                else {}
+        except h5safe.MALFORMED as err:
+            raise InputError(f"'{path}' is not a readable mpiattn training checkpoint:"
+                             f" {h5safe.one_line(err)}") from None
+    if "tokenizer.json" not in model.tokenizer:
+        raise InputError(f"'{path}': /tokenizer has no tokenizer.json")
+    return model, params
+
+
+def _model_shape(toml: str) -> ModelConfig:
+    """model.* of a stored training config (``model.weights``, where it started, dropped)."""
+    import tomllib
+
+    from .config import ConfigError, coerce
+
+    default = ModelConfig()
+    try:
+        table = tomllib.loads(toml).get("model", {})
+        return ModelConfig(**{k: coerce(f"model.{k}", v, type(getattr(default, k)))
+                              for k, v in table.items()
+                              if k != "weights" and hasattr(default, k)})
+    except (tomllib.TOMLDecodeError, ConfigError, AttributeError) as err:
+        raise ValueError(f"its config attribute is not a training config: {err}") from None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Does ``path`` name an HDF5 file (by its signature; a training checkpoint, say)?"""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def expected_shapes(cfg: Config, vocab: int) -> dict[str, tuple[int, ...]]:

@@ -90,6 +90,12 @@ def parser() -> argparse.ArgumentParser:
     _add_config_args(tr, "mpiattn-train.h5")
     tr.add_argument("--resume", metavar="CKPT.h5", help="continue from a training checkpoint"
                     " (any head split)")
+    ex = sub.add_parser("export", help="a training checkpoint as a Hugging Face model folder"
+                        " (no MPI)")
+    ex.add_argument("checkpoint", help="a checkpoint written by mpiattn train")
+    ex.add_argument("folder", help="the folder to create (model.safetensors, config.json,"
+                    " tokenizer files)")
+    ex.add_argument("--force", action="store_true", help="replace an existing folder")
     ver = sub.add_parser("verify", help="re-check a finished HDF5 file offline (no MPI)")
     ver.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
     sub.add_parser("info", help="versions, MPI library, GPUs, BLAS; per rank under mpiexec")
@@ -358,6 +364,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .export import export_checkpoint
+
+    if _launcher_rank() > 0:  # started under a launcher: one copy writes the folder
+        return 0
+    try:
+        folder = export_checkpoint(args.checkpoint, args.folder, args.force)
+    except UserError as err:
+        print(f"mpiattn export: error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"exported {folder} (Hugging Face BertForMaskedLM)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import info
 
@@ -386,7 +407,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return err.exit_code
 
 
-COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train": cmd_train, "verify": cmd_verify,
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "train": cmd_train, "export": cmd_export,
+            "verify": cmd_verify,
             "info": cmd_info, "report": cmd_report, "plan": cmd_plan}
 
 
@@ -470,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     return CLOSED_PIPE if guard is not None and guard.closed and not status else status
 
 
-OFFLINE = ("verify", "report", "plan")  # commands without MPI
+OFFLINE = ("verify", "report", "plan", "export")  # commands without MPI
 
 
 def _quiet() -> None:

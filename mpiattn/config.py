@@ -120,6 +120,7 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 0  # steps between checkpoints; 0 = none
     checkpoint: str = "mpiattn-ckpt.h5"
+    export: str = "auto"  # Hugging Face folder at the end; "auto" = OUTPUT-hf, "" = none
 
 
 @dataclass
@@ -292,8 +293,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         key, value = parse_override(text)
         _assign(cfg, key, value)
         explicit.add(key)
-    validate(cfg)
     cfg.explicit = explicit
+    validate(cfg)
     return cfg
 
 
@@ -302,8 +303,8 @@ def from_dict(flat: dict[str, Any]) -> Config:
     cfg = Config()
     for key, value in flat.items():
         _assign(cfg, key, value)
-    validate(cfg)
     cfg.explicit = set(flat)
+    validate(cfg)
     return cfg
 
 
@@ -334,7 +335,8 @@ def validate(cfg: Config) -> None:
         )
     if m.ffn < m.heads:
         raise ConfigError(f"model.ffn = {m.ffn} must be at least model.heads = {m.heads}")
-    if cfg.input.seq_len > m.max_positions:
+    text_default = cfg.input.text and "input.seq_len" not in cfg.explicit  # unused by text
+    if cfg.input.seq_len > m.max_positions and not text_default:
         raise ConfigError(
             f"input.seq_len = {cfg.input.seq_len} exceeds model.max_positions ="
             f" {m.max_positions}: shorten the sequence or raise max_positions"

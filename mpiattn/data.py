@@ -108,12 +108,12 @@ def read_lines(path: Path, keep_blank: bool = False, what: str = "input.text") -
 
 def tokenizer_path(cfg: Config, fallback: str = "") -> Path:
     """input.tokenizer, or the tokenizer.json beside the model's weights (or ``fallback``'s)."""
-    from .weights import resolve_weights
+    from .weights import model_folder
 
     if cfg.input.tokenizer:
         path = Path(cfg.input.tokenizer)
     elif cfg.model.weights or fallback:
-        path = resolve_weights(cfg.model.weights or fallback).parent / "tokenizer.json"
+        path = model_folder(cfg.model.weights or fallback) / "tokenizer.json"
     else:
         raise InputError("input.text needs a tokenizer: set input.tokenizer or model.weights")
     if not path.is_file():

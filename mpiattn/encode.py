@@ -59,9 +59,9 @@ def truncation(cfg: Config) -> tuple[int, str]:
     """(tokens, source) of the text truncation: input.max_tokens, else the model's own."""
     if cfg.input.max_tokens:
         return cfg.input.max_tokens, "input.max_tokens"
-    from .weights import resolve_weights
+    from .weights import model_folder
 
-    folder = resolve_weights(cfg.model.weights).parent if cfg.model.weights else None
+    folder = model_folder(cfg.model.weights) if cfg.model.weights else None
     return model_max_length(folder, cfg.model.max_positions)
 
 

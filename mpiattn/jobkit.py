@@ -169,14 +169,15 @@ def conclude(world: Any, write: Callable[[], Any] | None, final: bool = True) ->
 
 def input_digests(cfg: Any, extra: dict[str, Path] | None = None) -> dict[str, str]:
     """Digests of the resolved config and of every input file a job of ``cfg`` reads."""
+    from .checkpoints import is_checkpoint
     from .data import tokenizer_path
-    from .weights import resolve_weights
+    from .weights import describe, resolve_weights
 
     files: dict[str, Path] = {}
     if cfg.model.weights:
         weights = resolve_weights(cfg.model.weights)
         files["model.weights"] = weights
-        if (weights.parent / "config.json").is_file():
+        if not is_checkpoint(weights) and (weights.parent / "config.json").is_file():
             files["model.weights config.json"] = weights.parent / "config.json"
     for key in ("text", "tokens"):
         if getattr(cfg.input, key):
@@ -191,7 +192,7 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None) -> dict[str, s
                "\0".join(sys.argv[1:]))}
     for label, path in files.items():
         try:
-            out[f"{label} '{path}'"] = file_digest(path)
+            out[f"{label} '{describe(path)}'"] = file_digest(path)
         except OSError as err:
             raise InputError(f"{label} '{path}' cannot be read: {err.strerror}") from None
     return out

