@@ -140,7 +140,7 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
     started = dt.datetime.now(dt.UTC)
     cfg.input.min_fill = 1.0  # full sequences: every counted FLOP is done
     cfg.output.layers = "none"
-    p, reducer, out = setup(cfg, world, out_path, force)
+    p, reducer, out = setup(cfg, world, out_path, force, "bench")
     try:
         return _bench(cfg, world, p, reducer, out, started, repeats, sweep)
     finally:

@@ -207,8 +207,9 @@ class Fault:
     times: int = 1
 
 
-def parse_faults(entries: list, sites: tuple[str, ...]) -> list[Fault]:
-    """Validate ``fault.inject`` tables; errors name the entry and the key."""
+def parse_faults(entries: list, sites: tuple[str, ...], command: str = "") -> list[Fault]:
+    """Validate ``fault.inject`` tables; errors name the entry, the key and, for a site
+    outside ``sites``, the ``command`` whose sites they are."""
     from .errors import ConfigError
 
     faults = []
@@ -229,7 +230,8 @@ def parse_faults(entries: list, sites: tuple[str, ...]) -> list[Fault]:
                 raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {entry[key]!r}")
         fault = Fault(**entry)
         if fault.site not in sites:
-            raise ConfigError(f"{where}.site = '{fault.site}': use one of {', '.join(sites)}")
+            of = f" is not a site of mpiattn {command}" if command else ""
+            raise ConfigError(f"{where}.site = '{fault.site}'{of}: use one of {', '.join(sites)}")
         if fault.where not in FAULT_WHERE:
             raise ConfigError(f"{where}.where = '{fault.where}': use send or result")
         if min(fault.rank, fault.layer, fault.index, fault.bit) < 0 or fault.times < 1:

@@ -34,7 +34,7 @@ from .layout import PHASES, write_provenance, write_records
 from .model import PhaseTimer, encoder_forward, mean_pool
 from .outfile import OutputExists
 from .placement import (
-    ALL_SITES,
+    RUN_SITES,
     Plan,
     apply_checkpoint_shape,
     attention_options,
@@ -104,7 +104,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
                           f" vocabulary holds {cfg.model.type_vocab} (model.type_vocab)")
     crash_points(cfg, rank)
     slowdown(cfg, rank)
-    parse_faults(cfg.fault.inject, ALL_SITES)
+    parse_faults(cfg.fault.inject, RUN_SITES, "run")
     check_fault_targets(cfg, world_size)
     digests = jobkit.input_digests(cfg)
     return (tensor, info, tok, digests), digests

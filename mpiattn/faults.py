@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 from .config import Config
 from .errors import ConfigError
@@ -90,10 +92,19 @@ class FaultyPhases:
             time.sleep((self.factor - 1.0) * (time.perf_counter() - start))
 
 
-def check_fault_targets(cfg: Config, world_size: int) -> None:
-    """A fault aimed at a rank or layer the job does not have is a mistake, not a silent
-    no-op. (Element indices wrap around the message, so any index fires.)"""
-    layers = cfg.model.layers
+Span = Callable[[str, int], tuple[int, str]]  # (site, rank) -> (layer count, what it is)
+
+
+def check_fault_targets(cfg: Config, world_size: int, span: Span | None = None) -> None:
+    """A fault aimed at a rank or layer the job does not have, or at a bit its elements
+    (``cfg.dtype``) lack, is a mistake, not a silent no-op or a crash mid-job. (Element
+    indices wrap around the message, so any index fires.)
+
+    ``span(site, rank)`` says how many layer indices a ``fault.inject`` site has on that
+    rank and what they are, where that is not the model's layers (train: gradient buckets,
+    one-number sums); a count of 0 means the site moves nothing in this job.
+    """
+    layers, bits = cfg.model.layers, 8 * np.dtype(cfg.dtype).itemsize
     for key in ("inject", "crash", "slow"):
         for n, entry in enumerate(getattr(cfg.fault, key)):
             if not isinstance(entry, dict):
@@ -102,6 +113,15 @@ def check_fault_targets(cfg: Config, world_size: int) -> None:
             if isinstance(rank, int) and not 0 <= rank < world_size:
                 raise ConfigError(f"fault.{key}[{n}].rank = {rank} but the job has"
                                   f" {world_size} ranks (0..{world_size - 1})")
-            if isinstance(layer, int) and not 0 <= layer < layers:
-                raise ConfigError(f"fault.{key}[{n}].layer = {layer} but the model has"
-                                  f" {layers} layers (0..{layers - 1})")
+            bit = entry.get("bit")
+            if key == "inject" and isinstance(bit, int) and not 0 <= bit < bits:
+                raise ConfigError(f"fault.inject[{n}].bit = {bit} but a {cfg.dtype} element has"
+                                  f" {bits} bits (0..{bits - 1})")
+            count, what = layers, f"the model has {layers} layers"
+            if key == "inject" and span is not None and isinstance(rank, int):
+                count, what = span(str(entry.get("site")), rank)
+                if count == 0:
+                    raise ConfigError(f"fault.inject[{n}].site = '{entry.get('site')}': {what}")
+            if isinstance(layer, int) and not 0 <= layer < count:
+                raise ConfigError(f"fault.{key}[{n}].layer = {layer} but {what}"
+                                  f" (0..{count - 1})")

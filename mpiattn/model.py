@@ -36,6 +36,7 @@ from .ops import (
 from .shard import partition
 
 SITES = ("attention", "mlp")  # where a layer reduces partial sums
+BACKWARD_SITES = ("attention.bwd", "mlp.bwd")  # where layer_backward reduces gradients
 
 
 @dataclass

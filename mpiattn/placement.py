@@ -25,7 +25,7 @@ from .pipeline import SITE as PIPELINE_SITE
 from .shard import HeadShard, counts, head_shard, partition
 from .weights import checkpoint_shape, model_folder, open_source
 
-ALL_SITES = (*SITES, PIPELINE_SITE)  # where fault.inject may flip a bit
+RUN_SITES = (*SITES, PIPELINE_SITE)  # where fault.inject may flip a bit in run and bench
 
 
 def apply_checkpoint_shape(cfg: Config) -> None:
@@ -122,9 +122,10 @@ def attention_options(cfg: Config, p: Plan) -> Options:
     return Options(cfg.attention.impl, cfg.attention.block, max(1, p.threads))
 
 
-def make_reducer(cfg: Config, p: Plan, comm: Any = None,
-                 group_ranks: list[int] | None = None) -> Any:
-    """The checked Allreduce over ``comm`` (default: this rank's head group)."""
+def make_reducer(cfg: Config, p: Plan, comm: Any = None, group_ranks: list[int] | None = None,
+                 sites: tuple[str, ...] = RUN_SITES) -> Any:
+    """The checked Allreduce over ``comm`` (default: this rank's head group); ``sites``:
+    where the command's ``fault.inject`` may aim (train: ``train.TRAIN_SITES``)."""
     from .checksum import parse_faults
     from .comm import CheckedAllreduce, cuda_aware_mpi
 
@@ -136,7 +137,7 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None,
         mode=cfg.checksum.mode, wire=cfg.checksum.wire,
         on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
         hash_every=cfg.checksum.hash_every, cuda_aware=aware,
-        faults=parse_faults(cfg.fault.inject, ALL_SITES), world_rank=p.grid.rank,
+        faults=parse_faults(cfg.fault.inject, sites), world_rank=p.grid.rank,
         group_ranks=p.grid.group_ranks("tensor") if group_ranks is None else group_ranks,
     )
 
@@ -169,5 +170,5 @@ def make_p2p(cfg: Config, p: Plan) -> Any:
 
     return CheckedP2P(p.grid.comm("pipeline"),
                       RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
-                      FaultPlan(parse_faults(cfg.fault.inject, ALL_SITES), p.grid.rank),
+                      FaultPlan(parse_faults(cfg.fault.inject, RUN_SITES), p.grid.rank),
                       group_ranks=p.grid.group_ranks("pipeline"), abort_on_failure=True)

@@ -29,7 +29,7 @@ from .model import PhaseTimer, encoder_forward, mean_pool
 from .pipeline import PHASES as PIPELINE_PHASES
 from .pipeline import stage_forward, stage_layers
 from .placement import (
-    ALL_SITES,
+    RUN_SITES,
     Plan,
     apply_checkpoint_shape,
     attention_options,
@@ -41,8 +41,10 @@ from .placement import (
 )
 
 
-def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Batch], dict]:
-    """Every local check of a run, with no collective: ((tensor, batch), input digests).
+def check_inputs(cfg: Config, world_size: int, rank: int,
+                 command: str = "run") -> tuple[tuple[int, Batch], dict]:
+    """Every local check of a run (or a bench: ``command``), with no collective: ((tensor,
+    batch), input digests).
 
     Raises UserError (or ValueError) for the pre-flight to agree on.
     """
@@ -58,15 +60,15 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple[int, Ba
                           " raise parallel.tensor or give more input")
     crash_points(cfg, rank)  # validates fault.crash, fault.slow and fault.inject
     slowdown(cfg, rank)
-    parse_faults(cfg.fault.inject, ALL_SITES)
+    parse_faults(cfg.fault.inject, RUN_SITES, command)
     check_fault_targets(cfg, world_size)
     return (tensor, batch), jobkit.input_digests(cfg)
 
 
-def setup(cfg: Config, world: Any, out_path: str, force: bool) -> tuple:
+def setup(cfg: Config, world: Any, out_path: str, force: bool, command: str = "run") -> tuple:
     """(plan, reducer, output reservation on rank 0) after the collective pre-flight."""
     (tensor, batch), out = jobkit.preflight(
-        world, lambda: check_inputs(cfg, world.Get_size(), world.Get_rank()),
+        world, lambda: check_inputs(cfg, world.Get_size(), world.Get_rank(), command),
         output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
     p = place(cfg, world, tensor, batch)

@@ -53,13 +53,16 @@ from .data import Batch as InputBatch
 from .errors import ConfigError, InputError
 from .hf import from_hf, to_hf
 from .layout import TRAIN_PHASES
-from .model import Embeddings, LayerShard, join_shards
+from .model import BACKWARD_SITES, SITES, Embeddings, LayerShard, join_shards
 from .optim import Optimizer, clip_factor, global_norm, lr_at
 from .progress import Progress
-from .shard import HeadShard
+from .shard import HeadShard, head_shard
 
 PHASES = TRAIN_PHASES
 BUCKET_COLS, BUCKET_ROWS = 1024, 1024  # gradient buckets of at most 1 Mi elements
+GRAD_SITE = "grad"  # the gradient buckets over the data group (layer: bucket index)
+SUM_SITES = ("loss", "grad_norm", "eval")  # one-number sums (layer 0)
+TRAIN_SITES = (*SITES, *BACKWARD_SITES, GRAD_SITE, *SUM_SITES)  # where fault.inject may aim
 _HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10..12)
 
 
@@ -131,6 +134,52 @@ def _sum(reduce: Any, values: list[float], site: str, xp: Any = np) -> np.ndarra
     return np.array(to_host(reduce(buf, site=site, layer=0)[0]), copy=True)
 
 
+def bucket_count(elements: int) -> int:
+    """How many buckets ``Buckets`` cuts a rank's ``elements`` gradient values into."""
+    rows = -(-elements // BUCKET_COLS)
+    return -(-rows // BUCKET_ROWS)
+
+
+def shard_elements(model: Any, vocab: int, shard: HeadShard) -> int:
+    """Parameters that a rank holding ``shard`` trains (the sizes of ``mlm.named``)."""
+    h, w = model.hidden, shard.width
+    f = shard.ffn_cols.stop - shard.ffn_cols.start
+    emb = (vocab + model.max_positions + model.type_vocab + 2) * h
+    layer = 4 * h * w + 3 * w + 2 * h * f + f + 6 * h  # qkv, out, mlp, biases, two norms
+    return emb + model.layers * layer + h * h + 3 * h + vocab  # + the MLM head
+
+
+def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int], tuple[int, str]]:
+    """What the layer of a ``fault.inject`` site means in training, for each rank (see
+    ``faults.check_fault_targets``): a sum over a group of one rank moves nothing; a
+    ``grad`` fault's layer is the bucket index; the one-number sums have layer 0."""
+    from .grid import GridShape
+
+    shape, m = GridShape.of(world_size, tensor), cfg.model
+
+    def span(site: str, rank: int) -> tuple[int, str]:
+        if site in (GRAD_SITE, "loss", "eval"):  # summed over the data group
+            if shape.data == 1:
+                return 0, (f"parallel.tensor = {tensor} of {world_size} ranks leaves one"
+                           " replica, so nothing is summed there: lower parallel.tensor")
+        elif shape.tensor == 1:
+            return 0, ("parallel.tensor = 1 puts every head on one rank, so nothing is"
+                       " summed there: raise parallel.tensor")
+        if site == GRAD_SITE:
+            measured = cfg.parallel.balance == "measured"  # heads unknown yet: bound them
+            parts, index = (1, 0) if measured else (tensor, shape.coords(rank)["tensor"])
+            shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, parts, index)
+            count = bucket_count(shard_elements(m, m.vocab, shard))
+            bound = "at most " if measured else ""
+            return count, (f"rank {rank} sums its gradients in {bound}{count} bucket(s), and"
+                           " a 'grad' fault's layer is the bucket index")
+        if site in SUM_SITES:
+            return 1, f"site '{site}' sums one number a step"
+        return m.layers, f"the model has {m.layers} layers"
+
+    return span
+
+
 class Buckets:
     """Parameter gradients packed into one flat array, Allreduced as (rows, cols) views of
     at most ``BUCKET_ROWS`` rows each: a few large messages, each checksum-validated."""
@@ -149,7 +198,7 @@ class Buckets:
             offset += g.size
         for n, start in enumerate(range(0, self.grid.shape[0], BUCKET_ROWS)):
             view = self.grid[start: start + BUCKET_ROWS]
-            view[...] = reduce(view, site="grad", layer=n)
+            view[...] = reduce(view, site=GRAD_SITE, layer=n)
         offset = 0
         for g in grads:
             g.reshape(-1)[...] = self.flat[offset: offset + g.size]
@@ -266,6 +315,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
                    force: bool, out_path: str = "") -> tuple[tuple, dict]:
     """Every local check of a training job, with no collective: ((tensor, corpus,
     checkpoint or None, resume path or None, tokenizer files), input digests)."""
+    from .checksum import parse_faults
     from .config import check_world
     from .export import check_folder, tokenizer_files
     from .faults import check_fault_targets
@@ -279,10 +329,11 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
                           " pipeline schedule (1F1B) yet; pipeline stages run in mpiattn run"
                           " only: set parallel.pipeline = 1")
     tensor, _ = check_world(cfg, world_size)
-    check_fault_targets(cfg, world_size)
     check_memory(cfg)
     corpus = Corpus.load(cfg)
     cfg.model.vocab = corpus.vocab
+    parse_faults(cfg.fault.inject, TRAIN_SITES, "train")
+    check_fault_targets(cfg, world_size, fault_span(cfg, world_size, tensor))
     t, ck = cfg.train, None
     if resume == "auto":
         found = latest_checkpoint(t)
@@ -353,8 +404,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     plan = place(cfg, world, tensor, InputBatch(first.ids, first.key_mask))
     grid, backend, shard = plan.grid, plan.backend, plan.shard
     xp, m = backend.xp, cfg.model
-    heads = make_reducer(cfg, plan)
-    data = make_reducer(cfg, plan, grid.comm("data"), grid.group_ranks("data"))
+    heads = make_reducer(cfg, plan, sites=TRAIN_SITES)
+    data = make_reducer(cfg, plan, grid.comm("data"), grid.group_ranks("data"), TRAIN_SITES)
     groups = Groups(heads, data, tensor, grid.coord("tensor"), grid.axis_size("data"),
                     grid.coord("data"))
 

@@ -354,6 +354,24 @@ def test_persistent_corruption_between_pipeline_stages_ends_every_rank(tmp_path,
     assert "point-to-point transfer at layer 0 site 'activations'" in line
 
 
+@pytest.mark.parametrize(("ranks", "site"), [(2, "mlp.bwd"), (4, "attention.bwd"),
+                                           (4, "grad")])
+def test_persistent_corruption_in_training_ends_every_rank(tmp_path, corpus, ranks, site):
+    """A flip on every attempt of a backward or gradient Allreduce; at 4 ranks (2 heads x 2
+    replicas) the ranks outside the failing group end by the abort."""
+    work = job_folder(tmp_path, corpus)
+    layer = 0 if site == "grad" else 1
+    flip = (f"fault.inject=[{{rank={ranks - 1}, layer={layer}, site=\"{site}\", index=3,"
+            " bit=30, times=9}]")  # float32's top exponent bit
+    tensor = 1 if site == "grad" and ranks == 2 else 2
+    args = ["train", *sets({**TRAIN, "parallel.tensor": tensor}), "--set", flip, "-o", "out.h5"]
+    done, seconds = launch(same(args, ranks), work)
+    line = assert_collective_failure(done, seconds, work, "out.h5", code=3,
+                                     match="integrity error")
+    assert f"layer {layer} site '{site}'" in line and "gave up after 2 retries" in line
+    assert not list(work.glob("ck-*.h5"))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_signal_during_a_run_is_one_line_and_nothing_written(tmp_path, ranks, sig):

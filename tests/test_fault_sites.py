@@ -1,0 +1,110 @@
+"""Where ``fault.inject`` may aim, per command (no MPI): run and bench refuse the training
+sites in one line naming their own; train takes them and checks each one's layer (for
+``grad`` the gradient bucket, for the one-number sums 0) and that its group sums anything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import tiny
+from test_train import ROOT, tiny_train
+
+from mpiattn import mlm
+from mpiattn.errors import ConfigError
+from mpiattn.runner import check_inputs
+from mpiattn.shard import head_shard
+from mpiattn.train import (
+    BUCKET_COLS,
+    BUCKET_ROWS,
+    TRAIN_SITES,
+    Buckets,
+    bucket_count,
+    check_training,
+    init_params,
+    shard_elements,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for name, lines in (("train.txt", 120), ("heldout.txt", 30)):
+        text = (ROOT / "data/corpus" / name).read_text(encoding="utf-8").splitlines()[:lines]
+        (folder / name).write_text("\n".join(text) + "\n", encoding="utf-8")
+    return folder
+
+
+def flip(site: str, layer: int = 0, rank: int = 1) -> dict:
+    return {"fault.inject": [{"rank": rank, "layer": layer, "site": site, "index": 0,
+                              "bit": 30}]}
+
+
+def train_check(folder, world: int, tensor: int, **fault) -> None:
+    cfg = tiny_train(folder, **{"parallel.tensor": tensor}, **fault,
+                     **{"train.checkpoint": str(folder / "never-{step}.h5")})
+    check_training(cfg, world, None, False)
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+@pytest.mark.parametrize("site", ["grad", "attention.bwd", "loss"])
+def test_run_and_bench_refuse_training_sites(command, site):
+    with pytest.raises(ConfigError) as info:
+        check_inputs(tiny(**flip(site)), 2, 0, command)
+    assert str(info.value) == (f"fault.inject[0].site = '{site}' is not a site of mpiattn"
+                               f" {command}: use one of attention, mlp, activations")
+
+
+def test_run_takes_its_own_sites():
+    check_inputs(tiny(**flip("mlp", layer=1)), 2, 0)
+
+
+@pytest.mark.parametrize(("site", "tensor"), [("attention.bwd", 2), ("mlp.bwd", 4),
+                                              ("grad", 1), ("grad", 2), ("loss", 2),
+                                              ("eval", 1), ("grad_norm", 2), ("mlp", 2)])
+def test_train_takes_its_sites(corpus, site, tensor):
+    train_check(corpus, 4, tensor, **flip(site, rank=3))
+
+
+@pytest.mark.parametrize(("site", "layer", "tensor", "text"), [
+    ("grad", 1, 1, "layer = 1 but rank 1 sums its gradients in 1 bucket(s), and a 'grad'"
+                   " fault's layer is the bucket index (0..0)"),
+    ("grad", 0, 4, "site = 'grad': parallel.tensor = 4 of 4 ranks leaves one replica, so"
+                   " nothing is summed there: lower parallel.tensor"),
+    ("loss", 1, 2, "layer = 1 but site 'loss' sums one number a step (0..0)"),
+    ("mlp.bwd", 2, 2, "layer = 2 but the model has 2 layers (0..1)"),
+    ("attention.bwd", 0, 1, "site = 'attention.bwd': parallel.tensor = 1 puts every head on"
+                            " one rank, so nothing is summed there: raise parallel.tensor"),
+    ("activations", 0, 2, "site = 'activations' is not a site of mpiattn train: use one of"
+                          f" {', '.join(TRAIN_SITES)}"),
+])
+def test_train_refuses_faults_that_cannot_fire(corpus, site, layer, tensor, text):
+    with pytest.raises(ConfigError) as info:
+        train_check(corpus, 4, tensor, **flip(site, layer))
+    assert str(info.value) == f"fault.inject[0].{text}"
+
+
+def test_a_bit_outside_the_element_is_refused_before_the_job():
+    cfg = tiny(dtype="float32", **flip("mlp"))
+    cfg.fault.inject[0]["bit"] = 40
+    with pytest.raises(ConfigError) as info:
+        check_inputs(cfg, 2, 0)
+    assert str(info.value) == "fault.inject[0].bit = 40 but a float32 element has 32 bits (0..31)"
+
+
+@pytest.mark.parametrize(("tensor", "index"), [(1, 0), (2, 1), (3, 2)])
+def test_shard_elements_counts_the_trained_parameters(corpus, tensor, index):
+    cfg = tiny_train(corpus)
+    m = cfg.model
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, index)
+    held = sum(a.size for _, a, _ in mlm.named(init_params(cfg, shard, 80)))
+    assert shard_elements(m, 80, shard) == held
+
+
+@pytest.mark.parametrize("elements", [1, BUCKET_ROWS * BUCKET_COLS,
+                                      BUCKET_ROWS * BUCKET_COLS + 1])
+def test_bucket_count_is_what_buckets_reduce(elements):
+    seen = []
+    Buckets([np.zeros(elements, np.float32)], np).allreduce(
+        [np.zeros(elements, np.float32)], lambda v, site, layer: seen.append(layer) or v)
+    assert seen == list(range(bucket_count(elements)))
