@@ -14,6 +14,12 @@ inference path runs, a forward that keeps a named cache, and its backward:
 Padding is masked on the key axis. A prefix mask (real tokens first, as tokenizers pad)
 is applied by cutting the keys at each sequence's length: exact, and no work on padding.
 Any other mask adds a 0/-inf bias. Every sequence has at least one real token.
+
+With a ``headstats.Probe`` (``output.head_stats``, ``output.attention_maps``) the kernels
+also give each query's attention entropy and distance, from the weights they already
+have (plain: the (S, S) weights; blocked: sums carried from key block to key block like
+the softmax's own), and the chosen sequences' probabilities come from a separate small
+pass (``probabilities``). Without one, nothing extra runs.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import headstats
 from .backend import get_array_module, grown
 from .ops import mask_backward, mask_cached, softmax, softmax_backward, softmax_cached
 
@@ -55,6 +62,18 @@ class KeyMask:
 
     def keys(self, b: int, seq: int) -> int:
         return seq if self.lengths is None else self.lengths[b]
+
+    def real(self, batch: int, seq: int, xp: Any) -> Any:
+        """(batch, seq) bool: True on real tokens (the queries statistics average over)."""
+        if self.lengths is None:
+            return self.bias == 0
+        return xp.arange(seq)[None, :] < xp.asarray(self.lengths)[:, None]
+
+    def key_bias(self, b: int, seq: int, xp: Any, dtype: Any) -> Any:
+        """(seq,) 0/-inf additive bias of sequence ``b`` over all ``seq`` keys."""
+        if self.lengths is None:
+            return self.bias[b].astype(dtype)
+        return xp.where(xp.arange(seq) < self.lengths[b], 0, -xp.inf).astype(dtype)
 
     def row_bias(self, b: int, stop: int, start: int = 0) -> Any:
         return None if self.bias is None else self.bias[b, start:stop]
@@ -94,21 +113,44 @@ def mask_bias(key_mask: Any, dtype: Any) -> Any:
     return bias[:, None, None, :]
 
 
-def attention(q: Any, k: Any, v: Any, bias: Any = None) -> Any:
-    """softmax(q k^T / sqrt(d) + bias) v for (B, h, S, d) arrays, all heads batched."""
+def attention(q: Any, k: Any, v: Any, bias: Any = None, stats: tuple | None = None) -> Any:
+    """softmax(q k^T / sqrt(d) + bias) v for (B, h, S, d) arrays, all heads batched.
+
+    ``stats``: (entropy, distance) arrays (B, h, S) to fill with each query's attention
+    entropy (nats) and distance (tokens) (``headstats``).
+    """
     xp = get_array_module(q)
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
     scores = xp.matmul(q * scale, k.swapaxes(-1, -2))  # (B, h, S, S)
     if bias is not None:
         scores += bias
     probs = softmax(scores, out=scores)
+    if stats is not None:
+        stats[0][...], stats[1][...] = headstats.from_probabilities(probs)
     return xp.matmul(probs, v)  # (B, h, S, d)
 
 
-def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any) -> None:
+def probabilities(q: Any, k: Any, bias: Any = None) -> Any:
+    """softmax(q k^T / sqrt(d) + bias): (h, S, S) attention probabilities (query, key)
+    from unscaled (h, S, d) q and k and a (S,) 0/-inf key bias; masked keys get 0.
+
+    The attention maps of ``output.attention_maps``: a separate pass over the chosen
+    sequences only, the same for every algorithm.
+    """
+    xp = get_array_module(q)
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    scores = xp.matmul(q * scale, k.swapaxes(-1, -2))
+    if bias is not None:
+        scores += bias
+    return softmax(scores, out=scores)
+
+
+def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any, stats: tuple | None = None
+                ) -> None:
     """One head: (S, d) views in, softmax(q k^T + bias) v written to ``out`` (S, d).
 
     ``q`` is already scaled. The row sums divide the (S, d) output, not the (S, S) scores.
+    ``stats``: (entropy, distance) (S,) views to fill per query (``headstats.finish``).
     """
     xp = get_array_module(q)
     s = q @ k.T
@@ -117,15 +159,21 @@ def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any) -> None:
     s -= s.max(axis=1, keepdims=True)
     xp.exp(s, out=s)
     xp.matmul(s, v, out=out)
-    out /= s.sum(axis=1, keepdims=True)
+    total = s.sum(axis=1, keepdims=True)
+    out /= total
+    if stats is not None:
+        headstats.finish(*headstats.weight_sums(s), total, *stats)
 
 
-def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int) -> None:
+def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
+                  stats: tuple | None = None) -> None:
     """One head with the online softmax over key blocks (FlashAttention, forward).
 
     Pass 1, per query block: for each key block, scores s = q k^T (+ bias); new row max
     m' = max(m, max s); rescale l and the output accumulator by exp(m - m'); add exp(s -
     m') to l and exp(s - m') v to the accumulator. Pass 2: divide by l.
+    ``stats``: (entropy, distance) (S,) views; the sums a = sum e ln e and c = sum e |i-j|
+    ride along, rescaled with l (``headstats.rescale_log_sum``), and finish with it.
     """
     xp = get_array_module(q)
     seq, keys = q.shape[0], k.shape[0]
@@ -135,6 +183,7 @@ def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int) -> No
         acc[...] = 0
         m = xp.full((qb.shape[0], 1), -xp.inf, dtype=q.dtype)
         total = xp.zeros((qb.shape[0], 1), dtype=q.dtype)
+        a = c = xp.zeros_like(total)
         for k0 in range(0, keys, block):
             s = qb @ k[k0 : k0 + block].T
             if bias is not None:
@@ -145,12 +194,19 @@ def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int) -> No
             alpha = xp.exp(m - safe)
             s -= safe
             xp.exp(s, out=s)
+            if stats is not None:
+                shift = xp.where(xp.isfinite(m), m - safe, 0)
+                a_block, c_block = headstats.weight_sums(s, q0, k0)
+                a = headstats.rescale_log_sum(a, total, alpha, shift) + a_block
+                c = alpha * c + c_block
             total *= alpha
             total += s.sum(axis=1, keepdims=True)
             acc *= alpha
             acc += s @ v[k0 : k0 + block]
             m = m_new
         acc /= total
+        if stats is not None:
+            headstats.finish(a, c, total, *(x[q0 : q0 + block] for x in stats))
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -167,17 +223,23 @@ _BATCHED_SCORES = 1 << 22  # CPU: batch all heads while the (B, h, S, S) scores 
 
 
 def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_dim: int,
-                    mask: KeyMask, options: Options) -> str:
+                    mask: KeyMask, options: Options, probe: Any = None) -> str:
     """Attention of all local heads from the fused QKV product into ``out``.
 
     ``qkv`` is (B*S, 3*h*d) laid out [Q heads | K heads | V heads]; ``out`` is (B*S, h*d),
     head h in columns h*d:(h+1)*d, ready for the output projection without a transpose.
+    ``probe`` (a ``headstats.Probe``, or None): receives each query's entropy and distance
+    (B, h, S) and the probabilities (h, S, S) of the sequences it asks for.
     Returns the algorithm used (recorded in the output file).
     """
     xp = get_array_module(qkv)
     impl, block = options.resolve(seq)
     width = heads * head_dim
     scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
+    stats = None
+    if probe is not None and probe.stats:
+        stats = (xp.empty((batch, heads, seq), dtype=qkv.dtype),
+                 xp.empty((batch, heads, seq), dtype=qkv.dtype))
     # one batched product: on the GPU always; on the CPU for short sequences, where the
     # per-(sequence, head) loop below costs more in calls than in arithmetic
     batched = xp.__name__ == "cupy" or batch * heads * seq * seq <= _BATCHED_SCORES
@@ -188,8 +250,9 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
         if mask.lengths is not None and min(mask.lengths) < seq:
             bias = xp.where(xp.arange(seq)[None, :] < xp.asarray(mask.lengths)[:, None],
                             0, -xp.inf).astype(qkv.dtype)[:, None, None, :]
-        o = attention(q, k, v, bias)
+        o = attention(q, k, v, bias, stats)
         out.reshape(batch, seq, heads, head_dim)[...] = o.transpose(0, 2, 1, 3)
+        _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)
         return impl
 
     rows = qkv.reshape(batch, seq, 3 * width)
@@ -202,7 +265,8 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
         k = rows[b, :n, width + cols.start : width + cols.stop]
         v = rows[b, :n, 2 * width + cols.start : 2 * width + cols.stop]
         bias = mask.row_bias(b, n)
-        ALGORITHMS[impl].head(q, k, v, bias, dest[b, :, cols], block)
+        ALGORITHMS[impl].head(q, k, v, bias, dest[b, :, cols], block,
+                              None if stats is None else (stats[0][b, h], stats[1][b, h]))
 
     pairs = [(b, h) for b in range(batch) for h in range(heads)]
     if options.workers > 1 and xp.__name__ == "numpy" and len(pairs) > 1:
@@ -213,7 +277,22 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     else:
         for b, h in pairs:
             one(b, h)
+    _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)
     return impl
+
+
+def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, heads: int,
+            head_dim: int, mask: KeyMask) -> None:
+    """Hand the per-query statistics and the wanted sequences' probabilities to ``probe``."""
+    if probe is None:
+        return
+    xp = get_array_module(qkv)
+    if stats is not None:
+        probe.add(*stats, mask.real(batch, seq, xp))
+    for b in probe.map_rows(batch):
+        q, k = (qkv.reshape(batch, seq, 3, heads, head_dim)[b, :, i].transpose(1, 0, 2)
+                for i in range(2))  # (h, S, d)
+        probe.add_map(b, probabilities(q, k, mask.key_bias(b, seq, xp, qkv.dtype)))
 
 
 # --- the registry: inference kernel, caching forward and backward per algorithm ---------
@@ -263,8 +342,9 @@ class Plain:
     name = "plain"
 
     @staticmethod
-    def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int = 0) -> None:
-        _plain_head(q, k, v, bias, out)
+    def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int = 0,
+             stats: tuple | None = None) -> None:
+        _plain_head(q, k, v, bias, out, stats)
 
     @staticmethod
     def forward_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,
@@ -294,8 +374,9 @@ class Blocked:
     name = "blocked"
 
     @staticmethod
-    def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int) -> None:
-        _blocked_head(q, k, v, bias, out, block)
+    def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
+             stats: tuple | None = None) -> None:
+        _blocked_head(q, k, v, bias, out, block, stats)
 
     @staticmethod
     def forward_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,

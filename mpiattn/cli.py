@@ -103,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
     rep.add_argument("--json", action="store_true", help="machine-readable output")
     rep.add_argument("--plot", metavar="OUT.png", help="phase breakdown, scaling, loss curves")
+    rep.add_argument("--heads", action="store_true",
+                     help="per-head attention entropy and distance as layer x head tables;"
+                     " with --plot, as heatmaps (files of output.head_stats = true)")
     pl = sub.add_parser("plan", help="predict time and speed-up at N ranks from runs or bench"
                         " files (no MPI)")
     pl.add_argument("files", nargs="+", help="mpiattn bench files, or run files at several"
@@ -390,7 +393,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
     try:
-        return report(args.files, args.json, args.plot)
+        return report(args.files, args.json, args.plot, args.heads)
     except UserError as err:
         print(f"mpiattn report: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -70,6 +70,9 @@ class OutputConfig:
     path: str = "mpiattn-run.h5"
     layers: str = "auto"  # "all" | "last" | "none"; "auto": text "none", else "all"
     compression: str = "none"  # "none" | "gzip" | "lzf"
+    head_stats: bool = False  # run: mean attention entropy and distance per (layer, head)
+    attention_maps: list = field(default_factory=list)  # run: sequences whose probabilities
+    # go to /heads/maps (indices into the batch; L*H*S^2 numbers each)
 
 
 @dataclass
@@ -361,6 +364,13 @@ def validate(cfg: Config) -> None:
     if cfg.input.max_tokens == 1 or cfg.input.max_tokens > m.max_positions:
         raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens}: give 0 (the model's own"
                           f" limit) or 2 .. model.max_positions = {m.max_positions}")
+    maps = cfg.output.attention_maps
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < 2**63 for i in maps):
+        raise ConfigError(f"output.attention_maps = {maps!r}: give sequence indices, integers"
+                          " >= 0 (e.g. [0, 3])")
+    if len(set(maps)) != len(maps):
+        raise ConfigError(f"output.attention_maps = {maps!r} repeats an index: give each"
+                          " sequence once")
     if cfg.output.layers == "auto":  # per-token states of a corpus only when asked for
         cfg.output.layers = "none" if cfg.input.text else "all"
 

@@ -89,6 +89,11 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
         raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline} with input.text: a"
                           " text corpus is streamed through head-sharded replicas; set"
                           " parallel.pipeline = 1 (pipeline stages run seeded or HDF5 input)")
+    if cfg.output.head_stats or cfg.output.attention_maps:
+        key = "output.head_stats" if cfg.output.head_stats else "output.attention_maps"
+        raise ConfigError(f"{key} is not yet supported with text input (input.text): per-head"
+                          " statistics and maps are written for seeded or HDF5 token input"
+                          " (input.tokens); remove the key for a text run")
     tensor, _ = check_world(cfg, world_size)
     check_memory(cfg)
     if not cfg.input.chunk:  # resolved before the config is digested (resume finds it)

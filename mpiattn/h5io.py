@@ -174,11 +174,12 @@ def verify(path: str | Path) -> list[str]:
     Checks: ``status == "complete"``; the ``config`` attribute, when present, is TOML of at
     most ``h5safe.MAX_ATTR_BYTES``; every dataset with a digest still matches it (streamed
     in blocks, so memory stays bounded; HDF5's fletcher32 also fails a read of a corrupted
-    chunk); no NaN/inf in ``/layers/*``, ``/output/pooled``, ``/train/loss``,
+    chunk); no NaN/inf in ``/layers/*``, ``/heads/*``, ``/output/pooled``, ``/train/loss``,
     ``/train/eval_loss``, ``/train/grad_norm``; every recorded collective passed; no
     object is reached under two names (hard links); everything the root attributes and the
     ``config`` promise is there (``_promised``: inputs, kept layers and pooled output with
-    digests, Allreduce records, one timing row and host per ``world_size``).
+    digests, per-head statistics and maps, Allreduce records, one timing row and host per
+    ``world_size``).
     Raises ``InputError`` (one line) when the file cannot be opened safely
     (``h5safe.open_for_reading``); anything else wrong is a one-line problem in the list.
     """
@@ -206,7 +207,7 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"the file's objects cannot be listed ({h5safe.one_line(err)}):"
                             " corrupted")
         for name, dset in found_datasets:
-            finite = name.startswith("layers/") or name in finite_checked
+            finite = name.startswith(("layers/", "heads/")) or name in finite_checked
             try:
                 want = h5safe.attr(dset, DIGEST_ATTR)
                 if want is None and not finite:
@@ -409,6 +410,18 @@ def _promised_run(f: Any, config: dict | None) -> list[str]:
     if streamed:
         _need(f, "output/pooled", problems, digest=True,
               why=f" (input.text = '{text}' promises pooled embeddings)")
+    output = section("output")
+    if output.get("head_stats") is True:
+        for name in ("heads/entropy", "heads/distance"):
+            _need(f, name, problems, digest=True, why=" (output.head_stats = true)")
+    maps = output.get("attention_maps")
+    if isinstance(maps, list) and maps:
+        why = f" (output.attention_maps = {maps})"
+        _need(f, "heads/sequences", problems, digest=True, why=why)
+        if (_need(f, "heads/maps", problems, digest=True, why=why)
+                and f["heads/maps"].shape[:1] != (len(maps),)):
+            problems.append(f"/heads/maps has shape {f['heads/maps'].shape}, not one map per"
+                            f" sequence of output.attention_maps = {maps}")
     check = section("checksum")
     tensor = _count_attr(f, "tensor_parallel", [], required=False) or 1
     stages = _count_attr(f, "pipeline_parallel", [], required=False) or 1

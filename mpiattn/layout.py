@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__, h5io
 from .backend import blas_info
 from .config import Config
+from .headstats import HeadResults
 from .placement import Plan, attention_options
 
 PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")  # run and bench
@@ -42,7 +43,8 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
 
 def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
               seconds: np.ndarray, totals: np.ndarray, host_info: list, records: list,
-              started: dt.datetime, phases: tuple[str, ...] = PHASES) -> None:
+              started: dt.datetime, phases: tuple[str, ...] = PHASES,
+              heads: HeadResults | None = None) -> None:
     comp = cfg.output.compression
     write_provenance(f, cfg, p, started, "run", host_info)
     inp = f.create_group("input")
@@ -76,8 +78,39 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
                      units="B", description="peak RSS (CPU) or CuPy pool total (GPU)")
     if records:
         write_records(f, records)
+    if heads is not None:
+        write_heads(f, heads, comp)
     f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
     f.attrs["status"] = "complete"
+
+
+HEADS_DEFINITION = (
+    "Clark et al. 2019, 'What Does BERT Look At?': for query token i of a head, with p_ij"
+    " its attention probability on key j (0 on padding keys), entropy H_i = -sum_j p_ij"
+    " ln p_ij and distance D_i = sum_j p_ij |i - j| (token positions); each (layer, head)"
+    " value is the mean over the real query tokens of every sequence of the run")
+
+
+def write_heads(f: Any, r: HeadResults, compression: str = "none") -> None:
+    """``/heads``: entropy and distance (layer, head) float64 means (``output.head_stats``),
+    and the attention probabilities of the chosen sequences (``output.attention_maps``)."""
+    g = f.create_group("heads")
+    g.attrs["definition"] = HEADS_DEFINITION
+    if r.entropy is not None and r.distance is not None:
+        g.attrs["query_tokens"] = r.query_tokens
+        h5io.write_array(g, "entropy", r.entropy, ("layer", "head"), digest=True,
+                         units="nats", description="mean attention entropy over real query"
+                         " tokens: -sum_j p_ij ln p_ij")
+        h5io.write_array(g, "distance", r.distance, ("layer", "head"), digest=True,
+                         units="tokens", description="mean attention distance over real query"
+                         " tokens: sum_j p_ij |i - j|")
+    if r.maps is not None:
+        h5io.write_array(g, "sequences", np.array(r.sequences, dtype=np.int64), ("sequence",),
+                         digest=True, description="row of /input/tokens of each map")
+        h5io.write_array(g, "maps", r.maps, ("sequence", "layer", "head", "query", "key"),
+                         compression, digest=True, units="1",
+                         description="attention probabilities p_ij (rows sum to 1; 0 on"
+                         " padding keys; padding query rows attend to the real keys)")
 
 
 RECORD_DTYPE = np.dtype([

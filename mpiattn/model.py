@@ -134,11 +134,13 @@ class PhaseTimer:
 def attention_partial(
     x2: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, batch: int, seq: int,
     phase: Phase = no_timing, options: Options | None = None, slot: int = 0,
+    probe: Any = None,
 ) -> Any:
     """This rank's heads' share of multi-head attention: (B*S, H) -> partial (B*S, H).
 
     Column-parallel QKV (one fused GEMM), local attention, row-parallel output projection
-    written straight into the reduction's buffer.
+    written straight into the reduction's buffer. ``probe``: a ``headstats.Probe`` that
+    receives this rank's heads' statistics and maps (timed as ``attention``), or None.
     """
     xp = get_array_module(x2)
     rows, hidden = x2.shape
@@ -149,7 +151,7 @@ def attention_partial(
         qkv += p.b_qkv
     with phase("attention"):
         o = options.scratch(f"o{slot}", (rows, p.heads * p.head_dim), x2.dtype, xp)
-        heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options)
+        heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options, probe)
     with phase("out_proj"):
         partial = reduce.buffer(rows, hidden, x2.dtype, slot)
         xp.matmul(o, p.w_o, out=partial)
@@ -173,10 +175,10 @@ def mlp_partial(h1: Any, p: LayerShard, reduce: Reduce, phase: Phase = no_timing
 
 def attention_block(
     x2: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, batch: int, seq: int,
-    phase: Phase = no_timing, options: Options | None = None,
+    phase: Phase = no_timing, options: Options | None = None, probe: Any = None,
 ) -> Any:
     """Multi-head attention of the whole model from this rank's heads: (B*S, H) -> (B*S, H)."""
-    partial = attention_partial(x2, p, mask, reduce, batch, seq, phase, options)
+    partial = attention_partial(x2, p, mask, reduce, batch, seq, phase, options, probe=probe)
     with phase("allreduce"):
         return reduce(partial, site="attention", layer=layer) + p.b_o
 
@@ -199,11 +201,13 @@ def _chunked(reduce: Reduce, site: str, layer: int, spans: list[tuple[int, int]]
 def layer_forward(
     x: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, eps: float,
     phase: Phase = no_timing, options: Options | None = None, chunks: int = 1,
+    probe: Any = None,
 ) -> tuple[Any, Any]:
     """One encoder layer on this rank's heads: (B, S, H) -> (attention output, hidden).
 
     ``chunks > 1`` splits the batch into that many groups of sequences and overlaps the
     reduction of one group with the computation of the next; the numbers are the same.
+    ``probe``: this layer's ``headstats.Probe`` (per-head statistics, maps), or None.
     """
     xp = get_array_module(x)
     batch, seq, hidden = x.shape
@@ -211,7 +215,7 @@ def layer_forward(
     x2 = x.reshape(rows, hidden)
     chunks = min(chunks, batch)
     if chunks <= 1:
-        attn = attention_block(x2, p, mask, reduce, layer, batch, seq, phase, options)
+        attn = attention_block(x2, p, mask, reduce, layer, batch, seq, phase, options, probe)
     else:
         spans = []
         for i in range(chunks):
@@ -221,7 +225,8 @@ def layer_forward(
         def attn_part(slot: int, start: int, stop: int) -> Any:
             n = (stop - start) // seq
             return attention_partial(x2[start:stop], p, mask.rows(start // seq, n), reduce, n,
-                                     seq, phase, options, slot)
+                                     seq, phase, options, slot,
+                                     None if probe is None else probe.rows(start // seq))
 
         attn = _chunked(reduce, "attention", layer, spans, attn_part,
                         xp.empty((rows, hidden), x.dtype), phase)
@@ -257,18 +262,21 @@ def encoder_forward(
     ids: Any, key_mask: Any, emb: Embeddings, layers: list[LayerShard], reduce: Reduce,
     eps: float, phase: Phase = no_timing, on_layer: Callable[[int, Any, Any], None] | None = None,
     options: Options | None = None, chunks: int = 1, types: Any = None,
+    stats: Any = None,
 ) -> Any:
     """Embeddings and all layers: ids, key_mask, types (B, S) -> last hidden (B, S, H).
 
     ``on_layer(i, attention, hidden)`` sees every layer's output; ``types`` are the token
-    type (segment) ids, None for all 0 (see ``embed``).
+    type (segment) ids, None for all 0 (see ``embed``); ``stats``: a
+    ``headstats.HeadStats`` collecting this rank's heads' statistics, or None.
     """
     x = embed(ids, emb, eps, types)
     mask = KeyMask.from_mask(key_mask)
     for i, p in enumerate(layers):
         if hasattr(phase, "layer"):  # PhaseTimer and its wrappers attribute time to layers
             phase.layer = i
-        attn, x = layer_forward(x, p, mask, reduce, i, eps, phase, options, chunks)
+        attn, x = layer_forward(x, p, mask, reduce, i, eps, phase, options, chunks,
+                                None if stats is None else stats.at(i))
         if on_layer is not None:
             on_layer(i, attn, x)
     return x

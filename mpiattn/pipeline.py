@@ -50,13 +50,16 @@ def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[in
                   reduce: Reduce, eps: float, stage: int, stages: int, p2p: Any,
                   microbatches: int, phase: Phase = no_timing,
                   on_layer: Callable[[int, slice, Any, Any], None] | None = None,
-                  options: Options | None = None, chunks: int = 1) -> list[tuple[slice, Any]]:
+                  options: Options | None = None, chunks: int = 1,
+                  stats: Any = None) -> list[tuple[slice, Any]]:
     """This stage's share of the forward of the whole (B, S) batch.
 
     ``layers``: index -> this rank's shard of the stage's layers. ``p2p``: a
     ``CheckedP2P`` over the pipeline communicator (rank = stage). ``on_layer(i, rows,
-    attention, hidden)`` sees each layer's outputs of each micro-batch. Returns, on the last
-    stage, (rows, last hidden (b, S, H)) per micro-batch; elsewhere an empty list.
+    attention, hidden)`` sees each layer's outputs of each micro-batch; ``stats``: a
+    ``headstats.HeadStats`` for this rank's heads of the stage's layers, or None. Returns,
+    on the last stage, (rows, last hidden (b, S, H)) per micro-batch; elsewhere an empty
+    list.
     """
     xp = get_array_module(ids)
     hidden = emb.ln_g.shape[0]
@@ -76,7 +79,8 @@ def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[in
         for i in order:
             if hasattr(phase, "layer"):
                 phase.layer = i
-            attn, x = layer_forward(x, layers[i], mask, reduce, i, eps, phase, options, chunks)
+            attn, x = layer_forward(x, layers[i], mask, reduce, i, eps, phase, options, chunks,
+                                    None if stats is None else stats.at(i, rows.start))
             if on_layer is not None:
                 on_layer(i, rows, attn, x)
         if stage < stages - 1:

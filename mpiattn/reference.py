@@ -24,11 +24,13 @@ def _layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.n
 
 def forward(
     ids: np.ndarray, mask: np.ndarray, source: Source, model: ModelConfig,
-    types: np.ndarray | None = None,
+    types: np.ndarray | None = None, probabilities: list | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-layer (attention outputs, hidden states), each (B, S, hidden).
 
     ids, mask (True on real tokens) and types (token type ids; None: all 0) are (B, S).
+    ``probabilities``: a list that receives each layer's attention probabilities
+    (B, heads, S query, S key), 0 on padding keys (the oracle of ``headstats``).
     """
     heads, hidden = model.heads, model.hidden
     d = hidden // heads
@@ -44,7 +46,7 @@ def forward(
         p = source.layer(layer, full)
         wq, wk, wv = np.split(p.w_qkv, 3, axis=1)
         bq, bk, bv = np.split(p.b_qkv, 3)
-        per_head = []
+        per_head, probs_of_layer = [], []
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
             q = x @ wq[:, cols] + bq[cols]  # (B, S, d)
@@ -54,7 +56,10 @@ def forward(
             scores = np.where(mask[:, None, :], scores, -np.inf)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             probs = scores / scores.sum(axis=-1, keepdims=True)
+            probs_of_layer.append(probs)
             per_head.append(np.einsum("bqk,bkd->bqd", probs, v))
+        if probabilities is not None:
+            probabilities.append(np.stack(probs_of_layer, axis=1))
         attn = np.concatenate(per_head, axis=-1) @ p.w_o + p.b_o
         h1 = _layer_norm(x + attn, p.ln1_g, p.ln1_b, model.layer_norm_eps)
         a = h1 @ p.w_1 + p.b_1

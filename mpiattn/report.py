@@ -3,6 +3,7 @@
     mpiattn report run.h5                       # per-phase table, partition, checksums
     mpiattn report s1.h5 s2.h5 s4.h5 --plot scaling.png    # + strong scaling
     mpiattn report run.h5 --json
+    mpiattn report --heads run.h5 --plot heads.png   # per-head entropy/distance heatmaps
 
 Needs only h5py and NumPy (no MPI, no SciPy); matplotlib only for ``--plot``. Reads any
 format version it finds and skips the groups a file does not have (older files, bench
@@ -83,6 +84,8 @@ class RunFile:
     collectives: np.ndarray | None = None
     train: dict[str, np.ndarray] = field(default_factory=dict)
     bench: dict[str, Any] = field(default_factory=dict)
+    heads: dict[str, np.ndarray] = field(default_factory=dict)  # entropy, distance (L, H)
+    head_attrs: dict[str, Any] = field(default_factory=dict)  # query_tokens, map shape
 
     @property
     def model(self) -> dict:
@@ -160,7 +163,30 @@ def _read(f: Any, path: str) -> RunFile:
                 rf.train[name] = value
     if "bench" in f:
         rf.bench = _read_bench(f["bench"])
+    if "heads" in f:
+        _read_heads(f, rf)
     return rf
+
+
+def _read_heads(f: Any, rf: RunFile) -> None:
+    """/heads/entropy and /heads/distance (layer, head), the query-token count, and the
+    shape of /heads/maps (the maps themselves are not read)."""
+    for name in ("entropy", "distance"):
+        value = _numbers(f, f"heads/{name}", ndim=(2,))
+        if value is not None and 0 in value.shape:
+            raise InputError(f"/heads/{name} has shape {value.shape}: it holds no heads")
+        if value is not None:
+            rf.heads[name] = value
+    if len({v.shape for v in rf.heads.values()}) > 1:
+        raise InputError(f"/heads/entropy has shape {rf.heads['entropy'].shape} but"
+                         f" /heads/distance {rf.heads['distance'].shape}")
+    tokens = h5safe.attr(f["heads"], "query_tokens")
+    if tokens is not None:
+        rf.head_attrs["query_tokens"] = _int(_scalar(tokens, "attribute 'query_tokens'"),
+                                             "attribute 'query_tokens' of /heads", 0)
+    maps = f.get("heads/maps")
+    if maps is not None and hasattr(maps, "shape"):
+        rf.head_attrs["maps_shape"] = [int(n) for n in maps.shape]
 
 
 def _root(f: Any, path: str) -> RunFile:
@@ -283,6 +309,21 @@ def train_summary(rf: RunFile) -> dict[str, Any] | None:
     return out
 
 
+def heads_summary(rf: RunFile, tables: bool = False) -> dict[str, Any] | None:
+    """Per-head statistics: means over all (layer, head), the query tokens they average
+    over, the maps' shape; with ``tables`` the (layer, head) arrays themselves."""
+    if not rf.heads and not rf.head_attrs:
+        return None
+    out: dict[str, Any] = dict(rf.head_attrs)
+    for name, units in (("entropy", "nats"), ("distance", "tokens")):
+        value = rf.heads.get(name)
+        if value is not None:
+            out[f"mean_{name}_{units}"] = _ignoring_nan(np.mean, value.ravel())
+            if tables:
+                out[name] = value
+    return out
+
+
 def _ignoring_nan(fn: Any, values: np.ndarray) -> float:
     """``fn`` over the values that are not NaN (NaN when there are none), without the
     RuntimeWarning of ``np.nanmin``/``np.nanmean`` on an all-NaN array."""
@@ -290,7 +331,8 @@ def _ignoring_nan(fn: Any, values: np.ndarray) -> float:
     return float(fn(kept)) if kept.size else float("nan")
 
 
-def summarize(rf: RunFile) -> dict[str, Any]:
+def summarize(rf: RunFile, heads: bool = False) -> dict[str, Any]:
+    """One file's summary; ``heads``: with the (layer, head) statistics tables."""
     m = rf.model
     out: dict[str, Any] = {
         "path": rf.path, "format_version": rf.format_version, "command": rf.command,
@@ -314,7 +356,8 @@ def summarize(rf: RunFile) -> dict[str, Any]:
         extra = float(np.max(layer[:, 0] - np.median(layer[:, 1:], axis=1)))
         out["first_layer_extra_s"] = extra
     for key, fn in (("phases", phase_table), ("checksum", checksum_summary),
-                    ("train", train_summary)):
+                    ("train", train_summary),
+                    ("heads", lambda r: heads_summary(r, tables=heads))):
         value = fn(rf)
         if value is not None:
             out[key] = value
@@ -415,7 +458,28 @@ def format_summary(s: dict[str, Any]) -> str:
         if "tokens_per_second_mean" in t:
             parts.append(f"{t['tokens_per_second_mean']:.0f} tokens/s")
         lines.append("  training  " + "; ".join(parts))
+    h = s.get("heads")
+    if h:
+        if "mean_entropy_nats" in h and "mean_distance_tokens" in h:
+            lines.append(f"  heads     mean entropy {h['mean_entropy_nats']:.4f} nats, mean"
+                         f" distance {h['mean_distance_tokens']:.3f} tokens (over"
+                         f" {h.get('query_tokens', '?')} query tokens)")
+        if "maps_shape" in h:
+            lines.append(f"  maps      {' x '.join(map(str, h['maps_shape']))} (sequence,"
+                         " layer, head, query, key) in /heads/maps")
+        for name, units in (("entropy", "nats"), ("distance", "tokens")):
+            if name in h:
+                lines += _head_table(f"mean attention {name} [{units}]", h[name])
     return "\n".join(lines)
+
+
+def _head_table(title: str, values: np.ndarray) -> list[str]:
+    """A (layer, head) array as text: one row per layer, one column per head."""
+    lines = [f"  {title}, layer x head:",
+             "  layer" + "".join(f"{h:>8}" for h in range(values.shape[1]))]
+    for layer, row in enumerate(values):
+        lines.append(f"  {layer:>5}" + "".join(f"{v:>8.3f}" for v in row))
+    return lines
 
 
 def format_scaling(sc: dict[str, Any]) -> str:
@@ -459,23 +523,75 @@ def plot_target(name: str) -> outfile.Reservation:
 
 
 def plot(files: list[RunFile], sc: dict[str, Any] | None,
-         out: outfile.Reservation | str) -> Path:
+         out: outfile.Reservation | str, heads: bool = False) -> Path:
     """Render the figures to PNG bytes and publish them under ``out`` (an exclusive
-    temporary renamed without replacing anything); the file's name."""
+    temporary renamed without replacing anything); the file's name. ``heads``: the
+    per-head statistics heatmaps instead of the phase, scaling and loss panels."""
     out = out if isinstance(out, outfile.Reservation) else plot_target(str(out))
     try:
-        return _plot(files, sc, out)
+        return _plot_heads(files, out) if heads else _plot(files, sc, out)
     finally:
         out.discard()
 
 
-def _plot(files: list[RunFile], sc: dict[str, Any] | None, out: outfile.Reservation) -> Path:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend; InputError when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install 'mpiattn[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_heads(files: list[RunFile], out: outfile.Reservation) -> Path:
+    """One row per file: mean attention entropy and distance as layer x head heatmaps."""
+    plt = _pyplot()
+    rows = [rf for rf in files if rf.heads]
+    if not rows:
+        raise InputError("nothing to plot: no /heads/entropy in these files (run with"
+                         " output.head_stats = true)")
+    layers = max(rf.heads["entropy"].shape[0] for rf in rows)
+    heads = max(rf.heads["entropy"].shape[1] for rf in rows)
+    size = (2 * (1.6 + 0.45 * heads), 0.9 + 0.4 * layers)
+    fig, axes = plt.subplots(len(rows), 2, squeeze=False,
+                             figsize=(max(8.0, size[0]), max(3.2, size[1]) * len(rows)))
+    for row, rf in zip(axes, rows, strict=True):
+        for ax, (name, units, cmap) in zip(row, (("entropy", "nats", "viridis"),
+                                                 ("distance", "tokens", "magma")), strict=True):
+            values = rf.heads[name]
+            image = ax.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest")
+            fig.colorbar(image, ax=ax, label=f"{name} [{units}]")
+            ax.set_xticks(np.arange(values.shape[1]))
+            ax.set_yticks(np.arange(values.shape[0]))
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_title(f"mean attention {name}, {Path(rf.path).name}", fontsize="medium")
+    return _publish(plt, fig, out)
+
+
+def _publish(plt: Any, fig: Any, out: outfile.Reservation) -> Path:
+    """The figure as PNG bytes, published under ``out`` without replacing anything."""
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    plt.close(fig)
+    try:
+        out.write(image.getbuffer())
+    except OSError as err:
+        raise InputError(f"cannot write '{out.path}': {os.strerror(err.errno or 0)}; choose"
+                         " another --plot name") from None
+    try:
+        return out.publish(replace=False)
+    except outfile.OutputExists:
+        raise InputError(f"'{out.path}' was created by someone else meanwhile: choose another"
+                         " --plot name or remove it") from None
+
+
+def _plot(files: list[RunFile], sc: dict[str, Any] | None, out: outfile.Reservation) -> Path:
+    plt = _pyplot()
 
     timed = sorted((rf for rf in files if rf.seconds is not None), key=lambda r: r.world_size)
     trained = [rf for rf in files if "loss" in rf.train]
@@ -526,27 +642,14 @@ def _plot(files: list[RunFile], sc: dict[str, Any] | None, out: outfile.Reservat
             ax.set_ylabel("loss [nats per masked token]")
             ax.set_title("training loss")
             ax.legend(fontsize="small")
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=120)
-    plt.close(fig)
-    try:
-        out.write(image.getbuffer())
-    except OSError as err:
-        raise InputError(f"cannot write '{out.path}': {os.strerror(err.errno or 0)}; choose"
-                         " another --plot name") from None
-    try:
-        return out.publish(replace=False)
-    except outfile.OutputExists:
-        raise InputError(f"'{out.path}' was created by someone else meanwhile: choose another"
-                         " --plot name or remove it") from None
+    return _publish(plt, fig, out)
 
 
-def _checked_summary(rf: RunFile) -> tuple[dict[str, Any], str]:
+def _checked_summary(rf: RunFile, heads: bool = False) -> tuple[dict[str, Any], str]:
     """``summarize`` and ``format_summary`` of one file; what they raise on values of the
     wrong kind (a malformed file) becomes one ``InputError`` line naming the file."""
     try:
-        s = summarize(rf)
+        s = summarize(rf, heads)
         return s, format_summary(s)
     except h5safe.MALFORMED as err:
         raise malformed(rf.path, err) from None
@@ -568,16 +671,24 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def report(paths: list[str], as_json: bool = False, plot_to: str | None = None) -> int:
+def report(paths: list[str], as_json: bool = False, plot_to: str | None = None,
+           heads: bool = False) -> int:
     """Print the summary of each file (and the scaling table of several), as text or JSON
-    (non-finite numbers as null); 0 on success. A missing, hostile or malformed file raises
-    one ``InputError`` line naming it (exit code 2 in the CLI)."""
+    (non-finite numbers as null); 0 on success. ``heads``: with the per-head statistics
+    as (layer, head) tables, and ``plot_to`` draws them as heatmaps; every file must hold
+    /heads/entropy then. A missing, hostile or malformed file raises one ``InputError``
+    line naming it (exit code 2 in the CLI)."""
     target = plot_target(plot_to) if plot_to else None  # before any work
     files = [load(p) for p in paths]
-    checked = [_checked_summary(rf) for rf in files]
+    if heads:
+        for rf in files:
+            if "entropy" not in rf.heads:
+                raise InputError(f"'{rf.path}' has no /heads/entropy: --heads reads files of"
+                                 " `mpiattn run --set output.head_stats=true`")
+    checked = [_checked_summary(rf, heads) for rf in files]
     sc = scaling(files) if len(files) > 1 else None
     if target is not None:
-        plot_to = str(plot(files, sc, target))
+        plot_to = str(plot(files, sc, target, heads))
     if as_json:
         summaries = [s for s, _ in checked]
         print(json.dumps(plain({"files": summaries, "scaling": sc, "plot": plot_to}),

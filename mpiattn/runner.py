@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from .config import Config, check_world
 from .data import Batch, load_batch
 from .errors import ConfigError
 from .faults import FaultyPhases, check_fault_targets, crash_points, slowdown
+from .headstats import HeadResults, HeadStats, assemble, rank_sums
 from .layout import PHASES, write_run
 from .model import PhaseTimer, encoder_forward, mean_pool
 from .pipeline import PHASES as PIPELINE_PHASES
@@ -58,6 +60,10 @@ def check_inputs(cfg: Config, world_size: int, rank: int,
     if replicas > batch.shape[0]:
         raise ConfigError(f"{replicas} data-parallel replicas for {batch.shape[0]} sequences:"
                           " raise parallel.tensor or give more input")
+    beyond = [i for i in cfg.output.attention_maps if i >= batch.shape[0]]
+    if beyond:
+        raise ConfigError(f"output.attention_maps asks for sequence(s) {beyond}, but the input"
+                          f" has {batch.shape[0]} (indices 0 .. {batch.shape[0] - 1})")
     crash_points(cfg, rank)  # validates fault.crash, fault.slow and fault.inject
     slowdown(cfg, rank)
     parse_faults(cfg.fault.inject, RUN_SITES, command)
@@ -142,6 +148,11 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
                     whole[rows] = to_host(a)
 
     phase = FaultyPhases(timer, crashes, rank, slow) if crashes or slow > 1 else timer
+    stats = None  # per-head statistics and maps of this rank's heads (opt-in: they cost time)
+    if cfg.output.head_stats or cfg.output.attention_maps:
+        stats = HeadStats(xp, cfg.model.layers, p.shard.start, p.shard.count, first_row=start,
+                          stats=cfg.output.head_stats,
+                          map_sequences=tuple(cfg.output.attention_maps))
     options, eps = attention_options(cfg, p), cfg.model.layer_norm_eps
     p2p = make_p2p(cfg, p) if stages > 1 else None
     world.Barrier()
@@ -149,11 +160,11 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     if stages == 1:
         hidden = encoder_forward(ids, mask, emb, layers, reducer, eps, phase,
                                  lambda i, a, h: on_layer(i, slice(None), a, h), options,
-                                 cfg.parallel.overlap, types)
+                                 cfg.parallel.overlap, types, stats)
     else:
         finals = stage_forward(ids, mask, types, emb, dict(zip(my_layers, layers, strict=True)),
                                reducer, eps, stage, stages, p2p, cfg.parallel.microbatches,
-                               phase, on_layer, options, cfg.parallel.overlap)
+                               phase, on_layer, options, cfg.parallel.overlap, stats)
         hidden = xp.concatenate([h for _, h in finals]) if finals else None
     pooled = None
     if hidden is not None:  # the last stage
@@ -172,6 +183,7 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
                           backend.memory_high_water()]])
     all_totals = gather_rows(world, per_rank)
     host_info = world.gather((socket.gethostname(), backend.device))
+    heads = gather_heads(world, cfg, stats) if stats is not None else None  # rank 0's
     if leader and stages > 1:  # every stage's layers (and the last one's pooling) to stage 0
         parts = grid.comm("pipeline").gather((outputs, pooled), root=0)
         if stage == 0:
@@ -202,11 +214,30 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
             f.attrs["write_mode"] = (f"mpio, {grid.axis_size('data')} writers" if parallel
                                      else "gathered to rank 0")
             write_run(f, cfg, p, gathered, pooled_all, all_seconds, all_totals, host_info,
-                      [item for part in records for item in part], started, phases)
+                      [item for part in records for item in part], started, phases,
+                      heads() if heads is not None else None)
         print_summary(cfg, p, all_seconds, all_totals, out.path, phases)
         return out.path
 
     return jobkit.conclude(world, write if rank == 0 else None)
+
+
+def gather_heads(world: Any, cfg: Config, stats: HeadStats
+                 ) -> Callable[[], HeadResults] | None:
+    """Collective over ``world``, after the forward: every rank's sums (one Gatherv) and
+    map pieces (one gather) to rank 0. Rank 0 gets the function that combines them (run
+    inside its write, whose failure all ranks agree on); None elsewhere."""
+    from .comm import gather_rows
+
+    sums = (gather_rows(world, rank_sums(stats, cfg.model.heads)[None]) if stats.stats
+            else None)
+    pieces = world.gather([(g, layer, stats.first_head, probs)
+                           for (g, layer), probs in stats.host()[3].items()])
+    if world.Get_rank() != 0:
+        return None
+    return lambda: assemble(sums, [piece for part in pieces for piece in part],
+                            list(cfg.output.attention_maps), cfg.model.layers,
+                            cfg.model.heads)
 
 
 def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,

@@ -328,6 +328,9 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline}: training has no"
                           " pipeline schedule (1F1B) yet; pipeline stages run in mpiattn run"
                           " only: set parallel.pipeline = 1")
+    if cfg.output.head_stats or cfg.output.attention_maps:
+        raise ConfigError("output.head_stats and output.attention_maps are written by mpiattn"
+                          " run only: remove them from the training config")
     tensor, _ = check_world(cfg, world_size)
     check_memory(cfg)
     corpus = Corpus.load(cfg)

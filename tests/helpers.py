@@ -97,3 +97,20 @@ def sharded_forward(cfg: config.Config, k: int) -> list[tuple[Any, Any]]:
         for (a0, h0), (a1, h1) in zip(results[0], other, strict=True):
             assert np.array_equal(a0, a1) and np.array_equal(h0, h1)
     return results[0]
+
+
+def direct_head_stats(probs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clark et al.'s statistics written out, the oracle of ``headstats``: from
+    probabilities (B, h, S, S) (0 on padding keys) and the (B, S) real-token mask, per head
+    the mean over real query tokens of -sum_j p ln p (nats) and of sum_j p |i - j|
+    (tokens)."""
+    seq = probs.shape[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(probs > 0, probs * np.log(probs), 0.0)
+    entropy = -plogp.sum(axis=-1)  # (B, h, S)
+    pos = np.arange(seq)
+    distance = (probs * np.abs(pos[:, None] - pos[None, :])).sum(axis=-1)
+    real = mask[:, None, :]
+    count = mask.sum()
+    return (np.where(real, entropy, 0).sum(axis=(0, 2)) / count,
+            np.where(real, distance, 0).sum(axis=(0, 2)) / count)
