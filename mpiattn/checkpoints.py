@@ -137,11 +137,16 @@ class TrainedModel:
 
 def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel, dict]:
     """The model of a complete checkpoint and (``with_params``) its whole tensors in HF
-    naming; only what is inside the file, every size checked (``h5safe``). Raises
-    ``InputError`` for anything else, including checkpoints without their tokenizer."""
+    naming; only what is inside the file, every size checked (``h5safe``), every tensor
+    the model needs there with its shape (and finite, when read). Raises ``InputError``
+    for anything else, including checkpoints without their tokenizer."""
+    import h5py
+
     from . import h5safe
+    from .export import PASSTHROUGH, TOKENIZER_FILES
 
     path = Path(path)
+    bad = f"'{path}' is not a readable mpiattn training checkpoint"
     with h5io.open_for_reading(path) as f:
         if h5safe.attr(f, "status") != "complete" or "params" not in f \
                 or h5safe.attr(f, "command") != "train checkpoint":
@@ -151,15 +156,27 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
                              " theirs): train again, or continue it with --resume, to get one")
         try:
             shape = _model_shape(h5safe.text(h5safe.attr(f, "config"), "config"))
-            tok = {name: h5safe.read(f["tokenizer"][name], MAX_TOKENIZER).tobytes()
-                   for name in f["tokenizer"]}
-            model = TrainedModel(path, int(h5safe.attr(f, "step")), shape,
-                                 h5safe.read(f["vocab/token_ids"]), tok)
-            params = {k: h5safe.read(f["params"][k]) for k in f["params"]} if with_params \
-                else {}
+            group = f["tokenizer"]
+            tok = {name: h5safe.read(group[name], MAX_TOKENIZER).tobytes()
+                   for name in TOKENIZER_FILES
+                   if name in group and isinstance(group[name], h5py.Dataset)}
+            token_ids = h5safe.read(f["vocab/token_ids"])
+            if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu" or not token_ids.size:
+                raise ValueError("/vocab/token_ids is not a list of token ids")
+            model = TrainedModel(path, int(h5safe.attr(f, "step")), shape, token_ids, tok)
+            want = model_shapes(shape, token_ids.size)
+            stored = f["params"]
+            for name, need in want.items():
+                got = stored[name].shape if name in stored else None
+                if got != need:
+                    raise ValueError(f"/params/{name} has shape {got}, the model needs {need}")
+            names = [*want, *(n for n in PASSTHROUGH if n in stored)]
+            params = {k: h5safe.read(stored[k]) for k in names} if with_params else {}
         except h5safe.MALFORMED as err:
-            raise InputError(f"'{path}' is not a readable mpiattn training checkpoint:"
-                             f" {h5safe.one_line(err)}") from None
+            raise InputError(f"{bad}: {h5safe.one_line(err)}") from None
+    for name, a in params.items():
+        if a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise InputError(f"{bad}: /params/{name} holds non-finite or non-float values")
     if "tokenizer.json" not in model.tokenizer:
         raise InputError(f"'{path}': /tokenizer has no tokenizer.json")
     return model, params
@@ -192,7 +209,15 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def expected_shapes(cfg: Config, vocab: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the whole-model tensors in HF naming (as ``to_hf`` writes them)."""
-    m, h = cfg.model, cfg.model.hidden
+    return model_shapes(cfg.model, vocab)
+
+
+def model_shapes(m: ModelConfig, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the whole-model tensors of a model of shape ``m`` with ``vocab`` ids.
+    Raises ``ValueError`` when the heads do not divide the hidden width."""
+    h = m.hidden
+    if m.heads < 1 or h % m.heads:
+        raise ValueError(f"model.heads = {m.heads} does not divide model.hidden = {h}")
     z = np.zeros
     layer = LayerShard(z((h, 3 * h)), z(3 * h), z((h, h)), z(h), z(h), z(h), z((h, m.ffn)),
                        z(m.ffn), z((m.ffn, h)), z(h), z(h), z(h), h // m.heads)

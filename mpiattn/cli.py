@@ -368,11 +368,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import signal
+
     from .errors import UserError
-    from .export import export_checkpoint
+    from .export import export_checkpoint, stale_temporaries
 
     if _launcher_rank() > 0:  # started under a launcher: one copy writes the folder
         return 0
+
+    def stop(signum: int, _frame: Any) -> None:  # unwinds: the temporary folder is removed
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    for tmp in stale_temporaries(args.folder):
+        print(f"mpiattn export: note: '{tmp}' is the temporary of an export whose process is"
+              " gone (safe to delete)", file=sys.stderr)
     try:
         folder = export_checkpoint(args.checkpoint, args.folder, args.force)
     except UserError as err:

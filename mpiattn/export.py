@@ -11,10 +11,15 @@ tokenizer and the model agree: the word embedding row of every tokenizer id is t
 its model id, ids outside the trained vocabulary get the [UNK] row (as in training) and
 a decoder bias of ``UNTRAINED_BIAS`` (never predicted: exp(-1e4) is 0 in float32). The id
 map is kept in ``mpiattn_vocab.json``.
+
+Tensors of the source model that training leaves alone (BERT's pooler) and the
+sentence-transformers files beside its tokenizer travel with the checkpoint into the
+export, so the folder also loads as the sentence-transformers model it started from.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -25,16 +30,22 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, UserError
 from .outfile import OutputExists, fsync_folder
 
 # tokenizer.json and the files beside it that tokenizer loaders and sentence-transformers read
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt", "sentence_bert_config.json")
+                   "vocab.txt", "sentence_bert_config.json", "modules.json",
+                   "config_sentence_transformers.json", "1_Pooling/config.json")
+PASSTHROUGH = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")  # kept, not trained
 MAX_TOKENIZER_FILE = 64 << 20  # bytes: a tokenizer file larger than this is not one
 UNTRAINED_BIAS = -1.0e4
 WORD = "bert.embeddings.word_embeddings.weight"
 BIAS = "cls.predictions.bias"
+
+
+class ExportError(UserError):
+    """The export folder could not be written (exit 2, one line)."""
 
 
 def tokenizer_files(tokenizer_json: Path) -> dict[str, bytes]:
@@ -80,8 +91,8 @@ def on_tokenizer_ids(tensors: dict[str, np.ndarray], token_ids: np.ndarray, voca
         return tensors
     if token_ids.size == 0 or token_ids.min() < 0 or token_ids.max() >= vocab or unk not in \
             token_ids or np.unique(token_ids).size != token_ids.size:
-        raise InputError(f"the model's token ids do not fit the tokenizer ({vocab} ids, [UNK]"
-                         f" = {unk}): the export would not agree with its tokenizer")
+        raise InputError(f"the model's token ids do not fit its tokenizer ({vocab} ids, [UNK]"
+                         f" = {unk}): not a model mpiattn trained")
     lookup = np.full(vocab, int(np.flatnonzero(token_ids == unk)[0]), dtype=np.int64)
     lookup[token_ids] = np.arange(token_ids.size)
     out = dict(tensors)
@@ -120,9 +131,28 @@ class ModelFolder:
     vocab_map: list[int] | None = None  # tokenizer id of each trained id (remapped vocab)
 
 
+def _within_positions(files: dict[str, bytes], positions: int) -> dict[str, bytes]:
+    """The tokenizer files with their length limits (``tokenizer_config.json``
+    ``model_max_length``, ``sentence_bert_config.json`` ``max_seq_length``) cut to the
+    model's ``positions``: a tokenizer that truncates longer would crash the model."""
+    out = dict(files)
+    for name, key in (("tokenizer_config.json", "model_max_length"),
+                      ("sentence_bert_config.json", "max_seq_length")):
+        try:
+            table = json.loads(files[name])
+        except (KeyError, ValueError):
+            continue
+        if isinstance(table, dict) and (not isinstance(table.get(key), int)
+                                        or table[key] > positions):
+            table[key] = positions
+            out[name] = (json.dumps(table, indent=2) + "\n").encode("utf-8")
+    return out
+
+
 def build(model: Any, tensors: dict[str, np.ndarray], token_ids: np.ndarray,
           tokenizer: dict[str, bytes], extra: dict | None = None) -> ModelFolder:
     """The folder of a model: ``tensors`` in HF naming on the model's ids ``token_ids``."""
+    tokenizer = _within_positions(tokenizer, model.max_positions)
     vocab, special = tokenizer_vocab(tokenizer)
     remapped = not np.array_equal(token_ids, np.arange(vocab))
     tensors = on_tokenizer_ids(tensors, token_ids, vocab, special["[UNK]"])
@@ -139,46 +169,81 @@ def build(model: Any, tensors: dict[str, np.ndarray], token_ids: np.ndarray,
 def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
     """Write ``folder`` to a private temporary beside ``dest`` and rename it into place.
 
-    ``dest`` must not exist unless ``force`` (then the old folder is replaced, never half:
-    it is moved aside first and removed once the new one is in place). Raises
-    ``OutputExists``.
+    ``dest`` must not exist unless ``force`` and it is an earlier export (then the old
+    folder is replaced, never half: it is moved aside first and removed once the new one is
+    in place). The temporary, ``.NAME.HOST-PID-RANDOM.tmp``, is removed on any error or
+    signal that reaches Python. Raises ``OutputExists``, ``InputError`` or ``ExportError``.
     """
     from safetensors.numpy import save_file
 
+    from .outfile import _prefix
+
     dest = Path(dest)
     check_folder(dest, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    mode = 0o666 & ~_umask()
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(dest), suffix=".tmp", dir=dest.parent))
+    except OSError as err:
+        raise ExportError(f"cannot write export folder '{dest}': {err.strerror}") from None
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in folder.tensors.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(folder.config, indent=2) + "\n",
                                          encoding="utf-8")
         for name, data in folder.tokenizer.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).write_bytes(data)
         if folder.vocab_map is not None:
             (tmp / "mpiattn_vocab.json").write_text(json.dumps(
                 {"token_ids": folder.vocab_map,
                  "meaning": "tokenizer id of each id the model was trained on"}) + "\n",
                 encoding="utf-8")
-        for path in tmp.iterdir():
+        for path in [p for p in tmp.rglob("*") if p.is_file()]:
+            path.chmod(mode)
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)
+        for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            sub.chmod(mode | (mode & 0o444) >> 2)  # folders: x wherever r
         old = None
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old",
-                                        dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(dest), suffix=".old", dir=dest.parent))
             os.rename(dest, old / "model")
         os.rename(tmp, dest)
         fsync_folder(dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write export folder '{dest}': {err.strerror or err}"
+                          ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_export(folder: Path) -> bool:
+    """Was ``folder`` written by an export (its config.json has an ``mpiattn`` entry)?"""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("mpiattn"), dict)
+
+
+def stale_temporaries(dest: str | Path) -> list[Path]:
+    """Temporaries of exports to ``dest`` whose writer is gone (same host, dead PID)."""
+    from .outfile import is_stale
+
+    dest = Path(dest)
+    return sorted(p for p in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp")
+                  if p.is_dir() and is_stale(p))
 
 
 def check_folder(dest: str | Path, force: bool) -> None:
@@ -188,13 +253,20 @@ def check_folder(dest: str | Path, force: bool) -> None:
     text = os.fspath(dest)
     if not dest.name or dest.name in (".", "..") or any(c in text for c in "\n\r\t"):
         raise InputError(f"export folder {text!r}: give a plain folder name")
-    if not dest.parent.is_dir() or not os.access(dest.parent, os.W_OK | os.X_OK):
-        raise InputError(f"export folder '{dest}': '{dest.parent}' is not a writable folder")
+    if not dest.parent.is_dir():
+        raise InputError(f"export folder '{dest}': folder '{dest.parent}' does not exist:"
+                         " create it first")
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise InputError(f"export folder '{dest}': folder '{dest.parent}' is not writable")
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise InputError(f"export folder '{dest}' exists and is not a folder: it is never"
                          " replaced; choose another name")
     if dest.exists() and not force:
         raise OutputExists(f"export folder '{dest}' exists: pass --force to replace it")
+    if dest.exists() and not is_export(dest):
+        raise InputError(f"export folder '{dest}' exists and is not an mpiattn export (no"
+                         " config.json with an 'mpiattn' entry): it is never replaced, even"
+                         " with --force; choose another name")
 
 
 def default_folder(output: str | Path) -> Path:

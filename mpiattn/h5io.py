@@ -174,7 +174,9 @@ def verify(path: str | Path) -> list[str]:
     Checks: ``status == "complete"``; the ``config`` attribute, when present, is TOML of at
     most ``h5safe.MAX_ATTR_BYTES``; every dataset with a digest still matches it (streamed
     in blocks, so memory stays bounded; HDF5's fletcher32 also fails a read of a corrupted
-    chunk); no NaN/inf in ``/layers/*``, ``/heads/*``, ``/output/pooled``, ``/train/loss``,
+    chunk); no NaN/inf in ``/layers/*``, ``/heads/*``, a checkpoint's ``/params/*`` and
+    ``/optimizer/*`` (whose tensors must all be there, with the model's shapes),
+    ``/output/pooled``, ``/train/loss``,
     ``/train/eval_loss``, ``/train/grad_norm``; every recorded collective passed; no
     object is reached under two names (hard links); everything the root attributes and the
     ``config`` promise is there (``_promised``: inputs, kept layers and pooled output with
@@ -207,7 +209,8 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"the file's objects cannot be listed ({h5safe.one_line(err)}):"
                             " corrupted")
         for name, dset in found_datasets:
-            finite = name.startswith(("layers/", "heads/")) or name in finite_checked
+            finite = name.startswith(("layers/", "heads/", "params/", "optimizer/")) \
+                or name in finite_checked
             try:
                 want = h5safe.attr(dset, DIGEST_ATTR)
                 if want is None and not finite:
@@ -247,6 +250,14 @@ def verify(path: str | Path) -> list[str]:
         except h5safe.MALFORMED as err:
             problems.append(f"the file's structure cannot be read ({h5safe.one_line(err)}):"
                             " corrupted")
+        checkpoint = h5safe.attr(f, "command") == "train checkpoint"
+    if checkpoint and not problems:  # every tensor the model needs, with its shape
+        from .checkpoints import read_model
+
+        try:
+            read_model(path, with_params=False)
+        except InputError as err:
+            problems.append(h5safe.one_line(err))
     return problems
 
 

@@ -279,6 +279,19 @@ class Trainer:
         return total / self.cfg.train.eval_batches
 
 
+def untrained_tensors(cfg: Config, ck: Any) -> dict[str, np.ndarray]:
+    """Tensors of the starting model that training keeps but never changes (BERT's pooler,
+    ``export.PASSTHROUGH``): from the checkpoint resumed, or from ``model.weights``."""
+    from .export import PASSTHROUGH
+    from .weights import open_source
+
+    if ck is not None:
+        return {k: ck.params[k] for k in PASSTHROUGH if k in ck.params}
+    if not cfg.model.weights:
+        return {}
+    return open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype)).passthrough()
+
+
 def eval_due(step: int, t: Any) -> bool:
     """Evaluate after optimizer step ``step`` (0-based)? Every eval_every steps and at the end."""
     done = step + 1
@@ -322,7 +335,12 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     from .jobkit import input_digests
     from .outfile import check_name
     from .placement import apply_checkpoint_shape, check_memory
+    from .weights import model_folder
 
+    if cfg.model.weights and (model_folder(cfg.model.weights) / "mpiattn_vocab.json").exists():
+        raise ConfigError(f"model.weights = '{cfg.model.weights}' was trained on a remapped"
+                          " vocabulary (its mpiattn_vocab.json): continue its training from"
+                          " its checkpoint with --resume (run and export take the folder)")
     apply_checkpoint_shape(cfg)
     if cfg.parallel.pipeline > 1:
         raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline}: training has no"
@@ -362,6 +380,12 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     folder = export_folder(cfg, out_path)
     if folder is not None:
         check_folder(folder, force)
+        taken = {checkpoint_path(t, d).absolute() for d in range(first + 1, t.steps + 1)}
+        if output is not None:
+            taken.add(output)
+        if folder.absolute() in taken:
+            raise ConfigError(f"train.export '{folder}' is also the output or a checkpoint:"
+                              " give the export folder its own name")
     files = {"train.corpus": Path(t.corpus), "train.heldout": Path(t.heldout),
              "tokenizer": default_tokenizer(cfg)}
     if resume:
@@ -414,6 +438,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
 
     params = init_params(cfg, shard, corpus.vocab)
     history, start = History(), 0
+    kept = untrained_tensors(cfg, ck) if rank == 0 else {}
     if ck is not None:
         params = mlm.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard))
         history, start = ck.history, ck.step
@@ -443,6 +468,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                     layers = [join_shards([pc[i] for pc in pieces])
                               for i in range(m.layers)]
                     full[key] = to_hf(p.emb, layers, p.head)
+                    if key == "params":
+                        full[key].update(kept)
         return full
 
     latest: dict[str, np.ndarray] = {}  # the whole parameters last gathered, on rank 0
@@ -530,13 +557,6 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         latest = gather(optimizer=False).get("params", {})
 
     def write() -> Path:
-        if folder is not None:
-            from . import export
-
-            info = {"trained_by": f"mpiattn {__version__} train", "steps": done,
-                    "held_out_loss": history.eval_loss[-1] if history.eval_loss else None}
-            model = export.build(cfg.model, latest, corpus.token_ids, tokenizer, info)
-            export.publish(model, folder, force)
         with h5io.atomic_file(out) as f:
             write_provenance(f, cfg, plan, started, "train", host_info)
             write_train(f, history, {"unigram_entropy": unigram_entropy(corpus),
@@ -546,17 +566,37 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                         "interrupted" if stopped else "complete")
         if stopped:
             return out.path
+        exported = ""
+        if folder is not None:
+            export_model(folder)
+            exported = f"\nexported {folder} (Hugging Face BertForMaskedLM)"
         ev = ""
         if history.eval_loss:
             before = (f"{history.eval_loss[0]:.4f} before step 0 -> "
                       if history.eval_step[0] == -1 and len(history.eval_loss) > 1 else "")
             ev = f"; held-out loss {before}{history.eval_loss[-1]:.4f}"
         speed = float(np.median(history.tokens_per_second[start:]))
-        exported = f"\nexported {folder} (Hugging Face BertForMaskedLM)" if folder else ""
         print(f"trained steps {start}..{t.steps - 1}: loss {history.loss[-1]:.4f}{ev}"
               f" (unigram baseline {unigram_entropy(corpus):.4f} nats), {speed:.0f} tokens/s"
               f" (median), wall {totals.max():.1f} s\nwrote {out.path}{exported}", flush=True)
         return out.path
+
+    def export_model(folder: Path) -> None:
+        """The Hugging Face folder, after the output: a failed export loses neither."""
+        from . import export
+        from .errors import UserError
+
+        info = {"trained_by": f"mpiattn {__version__} train", "steps": done,
+                "held_out_loss": history.eval_loss[-1] if history.eval_loss else None}
+        try:
+            export.publish(export.build(cfg.model, latest, corpus.token_ids, tokenizer, info),
+                           folder, force)
+        except UserError as err:
+            where = checkpoint_path(t, done)
+            kept = (f"; the model is in '{where}': mpiattn export {where} DIR"
+                    if saved[0] == done else "; no checkpoint holds the final model"
+                    " (train.checkpoint_every = 0)")
+            raise type(err)(f"{err}; the output '{out.path}' is written{kept}") from None
 
     try:
         path = jobkit.conclude(world, write if rank == 0 else None)

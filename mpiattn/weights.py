@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,6 +45,11 @@ class Source:
     def head(self) -> MLMHead | None:
         """The masked-language-model head, when the source has one."""
         return None
+
+    def passthrough(self) -> dict[str, np.ndarray]:
+        """Whole tensors of the source that the model keeps but never uses (BERT's pooler,
+        ``export.PASSTHROUGH``), by their ``bert.*`` names: carried into exports."""
+        return {}
 
 
 def _fuse_qkv(q: list, k: list, v: list) -> np.ndarray:
@@ -155,9 +162,8 @@ def resolve_weights(spec: str) -> Path:
 
 def model_folder(spec: str) -> Path:
     """The folder holding the config.json and tokenizer files of ``model.weights``: the
-    folder of the safetensors file, or, for a training checkpoint, a private temporary
-    folder (removed at exit) holding what the checkpoint carries inside, as an export
-    would write it."""
+    folder of the safetensors file, or, for a training checkpoint, the folder its files
+    are unpacked to (``_unpacked``), as an export would write them."""
     path = resolve_weights(spec)
     if path.suffix == ".safetensors" or not is_checkpoint(path):
         return path.parent
@@ -169,30 +175,56 @@ _UNPACKED: dict[Path, str] = {}  # temporary folder -> the checkpoint it came fr
 
 def describe(path: Path) -> str:
     """How to name ``path`` to a user and to the other ranks: a file of an unpacked
-    checkpoint (a private temporary, different on each rank) is named by the checkpoint."""
+    checkpoint (in a temporary directory, which may differ between nodes) is named by the
+    checkpoint."""
     source = _UNPACKED.get(path.parent)
     return f"{source}:/tokenizer/{path.name}" if source else str(path)
 
 
 @functools.cache
 def _unpacked(checkpoint: str) -> Path:
-    import atexit
+    """The checkpoint's model files in a folder of this user's in the temporary directory,
+    named by the checkpoint's path, size and time: made once (atomically, so ranks on one
+    node share it), reused by later runs, never half-written; about 1 MB a checkpoint."""
+    import hashlib
     import shutil
     import tempfile
 
     from . import export
     from .checkpoints import read_model
 
+    st = os.stat(checkpoint)
+    key = hashlib.sha256(f"{checkpoint}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    folder = Path(tempfile.gettempdir()) / f"mpiattn-model-{os.getuid()}-{key[:20]}"
+    _UNPACKED[folder] = checkpoint
+    if _own_folder(folder):
+        return folder
     trained, _ = read_model(checkpoint, with_params=False)
     vocab, special = export.tokenizer_vocab(trained.tokenizer)
-    folder = Path(tempfile.mkdtemp(prefix="mpiattn-model-"))
-    atexit.register(shutil.rmtree, folder, True)
-    _UNPACKED[folder] = checkpoint
-    for name, data in trained.tokenizer.items():
-        (folder / name).write_bytes(data)
-    config = export.hf_config(trained.model, vocab, special["[PAD]"], np.float32)
-    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        for name, data in trained.tokenizer.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
+            (tmp / name).write_bytes(data)
+        config = export.hf_config(trained.model, vocab, special["[PAD]"], np.float32)
+        (tmp / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _own_folder(folder):  # not another rank's copy either
+            raise InputError(f"'{checkpoint}': its model files cannot be unpacked into"
+                             f" '{folder.parent}' (set TMPDIR to a writable folder)") from None
     return folder
+
+
+def _own_folder(folder: Path) -> bool:
+    """A complete unpacked folder of this user's (not a link, not someone else's)."""
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() \
+        and (folder / "config.json").is_file()
 
 
 def checkpoint_shape(folder: Path) -> dict[str, Any]:
@@ -256,6 +288,16 @@ class SafetensorsWeights(Source):
         parts = {f: self._slice(names[f], shape) for f, shape in shapes.items()}
         parts["dense_w"] = np.ascontiguousarray(parts["dense_w"].T)
         return MLMHead(**parts)
+
+    def passthrough(self) -> dict[str, np.ndarray]:
+        from .export import PASSTHROUGH
+
+        out = {}
+        for name in PASSTHROUGH:
+            key = self.prefix + name.removeprefix("bert.")
+            if key in self.keys:
+                out[name] = np.asarray(self._read(key, ()), dtype=self.dtype)
+        return out
 
     def embeddings(self) -> Embeddings:
         m = self.m

@@ -120,12 +120,17 @@ def own_mlm_loss(params_hf: dict, cfg, corpus: Corpus, index: int = 0) -> float:
 def test_seeded_export_agrees_with_transformers(seeded):
     cfg, tmp = seeded
     folder = tmp / "train-hf"
-    names = sorted(p.name for p in folder.iterdir())
-    assert names == ["config.json", "model.safetensors", "mpiattn_vocab.json",
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert names == ["1_Pooling/config.json", "config.json", "config_sentence_transformers.json",
+                     "model.safetensors", "modules.json", "mpiattn_vocab.json",
                      "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json",
                      "tokenizer_config.json", "vocab.txt"]
+    assert {(folder / n).stat().st_mode & 0o777 for n in names} == {0o666 & ~_umask()}
     hf_cfg = json.loads((folder / "config.json").read_text())
     assert hf_cfg["vocab_size"] == 30522 and hf_cfg["num_attention_heads"] == 5
+    # the tokenizer never cuts longer than the model's 16 positions
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 16
+    assert json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"] == 16
     corpus = Corpus.load(cfg)
     token_ids = json.loads((folder / "mpiattn_vocab.json").read_text())["token_ids"]
     assert token_ids == corpus.token_ids.tolist() and len(token_ids) == corpus.vocab < 30522
@@ -158,6 +163,66 @@ def test_checkpoint_is_a_weights_source_and_exports_the_same(seeded):
     assert len(refused.stderr.strip().splitlines()) == 1
     assert mpiattn("export", "--force", str(tmp / "ck-4.h5"), str(tmp / "again")).returncode == 0
     assert not [p for p in tmp.iterdir() if p.name.startswith(".again")]  # no temporaries
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_force_replaces_only_an_earlier_export(seeded, tmp_path):
+    import shutil
+
+    _, tmp = seeded
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(tmp / "ck-4.h5", folder / "ck.h5")
+    proc = mpiattn("export", "--force", str(folder / "ck.h5"), str(folder))
+    assert proc.returncode == 2 and "is not an mpiattn export" in proc.stderr
+    assert (folder / "ck.h5").is_file()  # nothing of the user's is touched
+
+
+def test_damaged_checkpoints_are_refused_by_export_and_verify(seeded, tmp_path):
+    import shutil
+
+    _, tmp = seeded
+    word = "bert.embeddings.word_embeddings.weight"
+    layer = "bert.encoder.layer.1.output.dense.weight"
+    damages = {
+        "missing": lambda f: f["params"].__delitem__(layer),
+        "shape": lambda f: (f["params"].__delitem__(word),
+                            f["params"].create_dataset(word, data=np.zeros((3, 20), "f4"))),
+        "nan": lambda f: f["params"][layer].__setitem__((0, 0), np.nan),
+    }
+    for name, damage in damages.items():
+        path = tmp_path / f"{name}.h5"
+        shutil.copy(tmp / "ck-4.h5", path)
+        with h5py.File(path, "a") as f:
+            damage(f)
+        proc = mpiattn("export", str(path), str(tmp_path / f"out-{name}"))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / f"out-{name}").exists()
+        verified = mpiattn("verify", str(path))
+        assert verified.returncode == 1 and "FAILED" in verified.stdout, (name, verified.stdout)
+    assert mpiattn("verify", str(tmp / "ck-4.h5")).returncode == 0
+
+
+def test_training_refuses_what_would_lose_or_misread_the_model(seeded, corpus_files):
+    _, tmp = seeded
+    sets = [f"--set=train.corpus={corpus_files / 'train.txt'}",
+            f"--set=train.heldout={corpus_files / 'heldout.txt'}", "--set=model.layers=2",
+            "--set=model.heads=5", "--set=model.hidden=20", "--set=model.ffn=30",
+            "--set=model.max_positions=16", "--set=input.seq_len=12", "--set=input.batch=6",
+            "--set=train.steps=2", f"--set=train.checkpoint={tmp / 'x-{step}.h5'}"]
+    same = mpiattn("train", *sets, f"--set=train.export={tmp / 'o.h5'}", "-o",
+                   str(tmp / "o.h5"), ranks=1)
+    assert same.returncode == 2 and "is also the output" in same.stderr, same.stderr
+    remapped = mpiattn("train", *sets[:2], "--set=train.steps=2",
+                       f"--set=model.weights={tmp / 'train-hf'}", "-o", str(tmp / "r.h5"),
+                       ranks=1)
+    assert remapped.returncode == 2 and "remapped vocabulary" in remapped.stderr
+    assert not (tmp / "o.h5").exists() and not (tmp / "r.h5").exists()
 
 
 @pytest.mark.parametrize("target", ["train.h5", "missing.h5", "sentences.txt"])
@@ -217,3 +282,15 @@ def test_minilm_finetune_exports_continues_and_agrees(corpus_files, tmp_path):
     assert abs(ours - theirs) <= 1e-5 * abs(ours), (ours, theirs)
     for ids, rows in hidden_states_of_run(tmp_path, folder, 2, "minilm"):
         assert np.abs(transformers_hidden(folder, ids) - rows).max() <= 1e-5
+    # the untouched pooler and the sentence-transformers modules travel along
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertModel
+
+    _, info = BertModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"]  # pooler included; the MLM head is BertModel's extra
+    assert all(k.startswith("cls.predictions.") for k in info["unexpected_keys"])
+    with h5py.File(tmp_path / "run-minilm.h5") as f:
+        pooled = f["output/pooled"][()]
+    st = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES)
+    assert np.abs(st - pooled).max() <= 1e-5
+    assert np.allclose(np.linalg.norm(st, axis=1), 1, atol=1e-5)
