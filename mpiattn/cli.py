@@ -101,8 +101,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, MPI library, GPUs, BLAS; per rank under mpiexec")
     rep = sub.add_parser("report", help="tables, JSON and plots from HDF5 files (no MPI)")
     rep.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
-    rep.add_argument("--json", action="store_true", help="machine-readable output")
-    rep.add_argument("--plot", metavar="OUT.png", help="phase breakdown, scaling, loss curves")
+    form = rep.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="machine-readable output, per rank")
+    form.add_argument("--csv", action="store_true",
+                      help="bench files: the Allreduce table as CSV on stdout (nccl-tests"
+                      " columns: size B, count, type, redop, root, time us, algbw GB/s,"
+                      " busbw GB/s, #wrong; then spread, copy_time, copy_bw, ranks, file)")
+    rep.add_argument("--plot", metavar="OUT.png", help="phase breakdown (one panel per kind of"
+                     " file), scaling, loss curves, Allreduce bandwidth")
     rep.add_argument("--heads", action="store_true",
                      help="per-head attention entropy and distance as layer x head tables;"
                      " with --plot, as heatmaps (files of output.head_stats = true)")
@@ -404,7 +410,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
     try:
-        return report(args.files, args.json, args.plot, args.heads)
+        return report(args.files, args.json, args.plot, args.heads, args.csv)
     except UserError as err:
         print(f"mpiattn report: error: {err}", file=sys.stderr)
         return err.exit_code

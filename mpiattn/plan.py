@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .report import RunFile, load
+from .report import Loaded, load
 
 PHASE_AR = "allreduce"
 REPLICATED = "norm"  # LayerNorm and residuals: the same work on every rank of a head group
@@ -71,7 +71,7 @@ class Job:
     wire: str = "float64"
 
     @classmethod
-    def from_file(cls, rf: RunFile) -> Job:
+    def from_file(cls, rf: Loaded) -> Job:
         m, i, c = rf.model, rf.input, rf.config.get("checksum", {})
         try:
             return cls(int(m["layers"]), int(m["heads"]), int(m["hidden"]), int(m["ffn"]),
@@ -213,7 +213,7 @@ class Fit:
     notes: list[str] = field(default_factory=list)
 
 
-def measured_cores(files: list[RunFile], override: float | None) -> tuple[float, str]:
+def measured_cores(files: list[Loaded], override: float | None) -> tuple[float, str]:
     if override:
         return float(override), "--measured-cores"
     here = socket.gethostname()
@@ -226,7 +226,7 @@ def measured_cores(files: list[RunFile], override: float | None) -> tuple[float,
     return float(os.cpu_count() or 1), "os.cpu_count() here (files do not tell)"
 
 
-def reduce_run(rf: RunFile, cores: float) -> Measured | None:
+def reduce_run(rf: Loaded, cores: float) -> Measured | None:
     """A run file's steady-state layer, or a bench file's per-phase layer (after warm-up)."""
     phases = rf.phases
     if rf.seconds is not None and rf.forward is not None:
@@ -260,10 +260,10 @@ def rank_flops(job: Job, heads: int, batch: int) -> float:
     return job.sharded_flops(batch) * heads / job.heads
 
 
-def fastest(files: list[RunFile]) -> list[RunFile]:
+def fastest(files: list[Loaded]) -> list[Loaded]:
     """One run per layout and shape: the fastest forward (interference only slows a run).
     Files without timings (bench files) all stay."""
-    best: dict[tuple, RunFile] = {}
+    best: dict[tuple, Loaded] = {}
     out = []
     for rf in files:
         if rf.forward_s is None or rf.seconds is None:
@@ -276,7 +276,7 @@ def fastest(files: list[RunFile]) -> list[RunFile]:
     return out + list(best.values())
 
 
-def fit(files: list[RunFile], cores_override: float | None = None) -> Fit:
+def fit(files: list[Loaded], cores_override: float | None = None) -> Fit:
     streamed = [rf.path for rf in files if rf.command == "run" and "lines" in rf.attrs]
     if streamed:
         raise InputError(f"'{streamed[0]}' is a streamed text run: its micro-batches vary in"
@@ -455,7 +455,7 @@ def table(job: Job, f: Fit, tgt: Target, ranks: list[int], layout: str = "heads"
     return rows
 
 
-def check(files: list[RunFile], f: Fit) -> list[dict[str, Any]]:
+def check(files: list[Loaded], f: Fit) -> list[dict[str, Any]]:
     """The fit against each input run: predicted layer time vs measured, same layout."""
     out = []
     for rf in files:

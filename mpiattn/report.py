@@ -1,72 +1,53 @@
-"""``mpiattn report``: tables, JSON and plots from finished HDF5 files, offline.
+"""``mpiattn report``: tables, JSON, CSV and plots from finished HDF5 files, offline.
 
     mpiattn report run.h5                       # per-phase table, partition, checksums
     mpiattn report s1.h5 s2.h5 s4.h5 --plot scaling.png    # + strong scaling
-    mpiattn report run.h5 --json
+    mpiattn report run.h5 --json                # everything the tables show, per rank
+    mpiattn report bench.h5                     # kernels, phases, Allreduce (nccl-tests)
+    mpiattn report bench.h5 --csv > ar.csv      # the Allreduce table as CSV
     mpiattn report --heads run.h5 --plot heads.png   # per-head entropy/distance heatmaps
 
-Needs only h5py and NumPy (no MPI, no SciPy); matplotlib only for ``--plot``. Reads any
-format version it finds and skips the groups a file does not have (older files, bench
-files, training files), so one command reads them all. Files are read through ``h5safe``:
-only bytes inside the file, bounded reads, UTF-8 text; a file that is hostile or malformed
-(wrong types, shapes or dtypes, a `config` attribute over 1 MiB) is one error line naming
-it (exit code 2 in the CLI), never a traceback. Non-finite numbers are shown (``nan``) and
-written as ``null`` in ``--json``; ``mpiattn verify`` is what fails such a file.
+Built on the Python API (``mpiattn.open``, ``mpiattn/files.py``): ``load`` reads what the
+tables need through it, in its NumPy forms, so report needs only h5py and NumPy (no MPI,
+no SciPy, no pandas); matplotlib only for ``--plot``. Reads any format version it finds
+and skips the groups a file does not have, so one command reads run, bench, training and
+checkpoint files. Files are read through ``h5safe``: only bytes inside the file, bounded
+reads, UTF-8 text; a file that is hostile or malformed (wrong types, shapes or dtypes, a
+`config` attribute over 1 MiB) is one error line naming it (exit code 2 in the CLI), never
+a traceback. Non-finite numbers are shown (``nan``) and written as ``null`` in ``--json``;
+``mpiattn verify`` is what fails such a file.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import files as api
 from . import h5safe, outfile
 from .errors import InputError, UserError
+from .files import NCCL_COLUMNS, NCCL_UNITS, Columns, malformed
 
 KNOWN_FORMAT = 1
-MAX_CONFIG_BYTES = 2**20  # the `config` attribute (a few KiB of TOML when mpiattn wrote it)
-MAX_READ_BYTES = 2**30  # one dataset read by report (timings, hosts, records, histories)
-
-
-def _scalar(value: Any, where: str) -> Any:
-    """An HDF5 attribute as a plain Python value (JSON-ready); text must be UTF-8."""
-    if isinstance(value, (bytes, str)):
-        return h5safe.text(value, where)
-    if isinstance(value, np.ndarray):
-        return [_scalar(v, where) for v in value.ravel()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _int(value: Any, where: str, default: int) -> int:
-    """An integer attribute (``default`` when absent, 0 or empty); InputError otherwise."""
-    if value is None or value == 0 or value == "":
-        return default
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if number and float(value).is_integer():
-        return int(value)
-    raise InputError(f"{where} is {h5safe.short(value)}, not an integer: {h5safe.NOT_OURS}")
-
-
-def malformed(path: str | Path, err: BaseException) -> InputError:
-    """The one line for a file that h5py or NumPy could not read the way report needs."""
-    return InputError(f"'{path}': not a readable mpiattn file ({type(err).__name__}:"
-                      f" {h5safe.one_line(err)}); `mpiattn verify {path}` checks it")
+_int = api.integer
+ALLREDUCE_CSV = (*NCCL_COLUMNS, "spread", "copy_time", "copy_bw", "ranks", "file")
 
 
 @dataclass
-class RunFile:
-    """What the analysis needs from one file; absent parts stay None / empty."""
+class Loaded:
+    """What the analysis needs from one file, read whole (the file is closed again);
+    absent parts stay None / empty."""
 
     path: str
+    kind: str  # run, bench, train, checkpoint or unknown (``files.open``'s class)
     format_version: int
     command: str
     config: dict  # the parsed `config` TOML ({} when missing or unreadable)
@@ -76,12 +57,14 @@ class RunFile:
     head_partition: list[int]
     attrs: dict  # the other root attributes, as plain values
     phases: list[str] = field(default_factory=list)
-    seconds: np.ndarray | None = None  # (rank, layer, phase)
-    forward: np.ndarray | None = None  # (rank,)
+    seconds: np.ndarray | None = None  # (rank, layer | step, phase) [s]
+    axis: str = "layer"  # the name of seconds' middle axis (its dimension label)
+    forward: np.ndarray | None = None  # (rank,) [s]
     setup: np.ndarray | None = None
     total: np.ndarray | None = None
     hosts: list[str] = field(default_factory=list)
-    collectives: np.ndarray | None = None
+    ranks: Columns = field(default_factory=dict)  # ``File.ranks``: one row per rank
+    collectives: Columns | None = None  # ``File.collectives``
     train: dict[str, np.ndarray] = field(default_factory=dict)
     bench: dict[str, Any] = field(default_factory=dict)
     heads: dict[str, np.ndarray] = field(default_factory=dict)  # entropy, distance (L, H)
@@ -103,44 +86,20 @@ class RunFile:
         return float(self.forward.max()) if self.forward is not None else None
 
 
-def _dataset(f: Any, name: str) -> np.ndarray | None:
-    """Dataset ``name`` read within the bounds of ``h5safe.read`` (None when absent)."""
-    return h5safe.read(f[name], MAX_READ_BYTES) if name in f else None
-
-
-def _numbers(f: Any, name: str, ndim: tuple[int, ...] = (0, 1)) -> np.ndarray | None:
-    """A numeric dataset as float64, at least 1-D (None when absent); InputError when it
-    holds no numbers or has a number of dimensions outside ``ndim``."""
-    value = _dataset(f, name)
-    if value is None:
-        return None
-    where = f"{f.name.rstrip('/')}/{name}"
-    if value.dtype.kind not in "biuf":
-        raise InputError(f"{where} has dtype {value.dtype}: expected numbers")
-    if value.ndim not in ndim:
-        raise InputError(f"{where} has shape {value.shape}: expected {max(ndim)} dimension(s)")
-    return np.atleast_1d(value.astype(float))
-
-
-def _parse_config(raw: str) -> dict:
-    """The `config` TOML as a dict; {} when it is not TOML (an older or foreign file)."""
-    try:
-        return tomllib.loads(raw)
-    except (tomllib.TOMLDecodeError, RecursionError):
-        return {}
-
-
-def load(path: str | Path) -> RunFile:
-    """Read one file written by mpiattn (run, train or bench), tolerating missing parts.
+def load(path: str | Path) -> Loaded:
+    """Read one file written by mpiattn (run, train, bench or checkpoint) through
+    ``mpiattn.open``, tolerating missing parts.
 
     Only the file's own bytes are read, within bounds (``h5safe``). A missing, hostile or
     malformed file raises one ``InputError`` line naming ``path``.
     """
-    with h5safe.open_for_reading(path) as f:
+    with api.open(path) as f:
         try:
-            rf = _read(f, str(path))
+            rf = _read(f)
         except InputError as err:
-            raise InputError(f"'{path}': {err}") from None
+            text = str(err)
+            raise InputError(text if text.startswith(f"'{path}'") else f"'{path}': {text}"
+                             ) from None
         except h5safe.MALFORMED as err:
             raise malformed(path, err) from None
     if rf.format_version > KNOWN_FORMAT:
@@ -149,147 +108,142 @@ def load(path: str | Path) -> RunFile:
     return rf
 
 
-def _read(f: Any, path: str) -> RunFile:
-    rf = _root(f, path)
-    _read_timings(f, rf)
-    hosts = _dataset(f, "ranks/host")
-    if hosts is not None:
-        rf.hosts = [h5safe.text(h, "an element of /ranks/host") for h in hosts.ravel()]
-    rf.collectives = _dataset(f, "checksum/collectives")
-    if "train" in f:
-        for name in ("loss", "eval_loss", "eval_step", "step", "tokens_per_second", "lr"):
-            value = _numbers(f, f"train/{name}")
-            if value is not None:
-                rf.train[name] = value
-    if "bench" in f:
-        rf.bench = _read_bench(f["bench"])
-    if "heads" in f:
+def _read(f: api.AnyFile) -> Loaded:
+    rf = Loaded(path=f.path, kind=f.kind, format_version=f.format_version, command=f.command,
+                config=f.config, world_size=f.world_size, tensor_parallel=f.tensor_parallel,
+                data_parallel=f.data_parallel, head_partition=f.head_partition, attrs=f.attrs)
+    if not isinstance(f, api.BenchFile):  # a bench file's timings are of one layer
+        _read_timings(f, rf)
+    table = f.ranks(raw=True)
+    assert isinstance(table, dict)
+    rf.ranks = table
+    for name in ("forward", "setup", "total"):
+        value = table.get(f"{name}_s")
+        if value is not None and value.size:
+            setattr(rf, name, value.astype(float))
+    rf.hosts = [str(h) for h in table.get("host", [])]
+    collectives = f.collectives(raw=True)
+    assert collectives is None or isinstance(collectives, dict)
+    rf.collectives = collectives
+    if isinstance(f, api.TrainFile):
+        _read_train(f, rf)
+    if isinstance(f, api.BenchFile):
+        rf.bench = _read_bench(f, table)
+    if isinstance(f, api.RunFile):
         _read_heads(f, rf)
     return rf
 
 
-def _read_heads(f: Any, rf: RunFile) -> None:
+def _read_timings(f: api.AnyFile, rf: Loaded) -> None:
+    """/timings/seconds as (rank, layer | step, phase), with its phase names and axis."""
+    lab = f.timings(raw=True)
+    if lab is None:
+        return
+    assert isinstance(lab, api.Labelled)
+    sec = lab.values[:, None, :] if lab.values.ndim == 2 else lab.values  # no layer axis
+    rf.seconds = sec
+    rf.phases = _phase_names(lab)
+    rf.axis = lab.dims[1] if lab.values.ndim == 3 else "layer"
+
+
+def _phase_names(lab: api.Labelled) -> list[str]:
+    """The last axis' coordinates as names (phase0, ... when the file names none)."""
+    names = lab.coords[lab.dims[-1]]
+    if names.dtype.kind in "biuf":
+        return [f"phase{i}" for i in range(lab.values.shape[-1])]
+    return [str(n) for n in names]
+
+
+def _read_train(f: api.TrainFile, rf: Loaded) -> None:
+    history = f.history(raw=True)
+    if isinstance(history, dict):
+        rf.train.update({k: np.asarray(v, dtype=float) for k, v in history.items()})
+    evals = f.evals(raw=True)
+    if isinstance(evals, dict):
+        rf.train["eval_loss"] = evals["eval_loss"]
+        rf.train["eval_step"] = evals["step"].astype(float)
+
+
+def _read_bench(f: api.BenchFile, ranks: Columns) -> dict[str, Any]:
+    """The Allreduce table (nccl-tests columns; and as bytes, seconds, ranks for ``plan``),
+    the per-rank GEMM rates, the one-layer phase times, the kernels, the sweep, the scalar
+    results."""
+    out: dict[str, Any] = {}
+    table = f.allreduce(raw=True)
+    if isinstance(table, dict):
+        out["nccl"] = table
+        out["allreduce"] = {"bytes": table["size"].astype(float),
+                            "seconds": table["time"] * 1e-6,
+                            "ranks": table["ranks"].astype(float)}
+    if "gemm_flops_per_second" in ranks:
+        out["gemm_flops_per_second"] = ranks["gemm_flops_per_second"].astype(float)
+    lab = f.timings(raw=True)
+    if isinstance(lab, api.Labelled):  # (rank, phase), one layer
+        out["phase_seconds"] = np.atleast_2d(lab.values.reshape(lab.values.shape[0], -1))
+        out["phases"] = _phase_names(lab)
+    kernels = f.kernels(raw=True)
+    if isinstance(kernels, dict) and len(kernels["name"]):
+        out["kernels"] = kernels
+    sweep = f.sweep(raw=True)
+    if isinstance(sweep, dict):
+        out["sweep"] = sweep
+    results = f.results
+    out["results"] = results
+    out["checksum_mode"] = str(results.get("checksum_mode", ""))
+    return out
+
+
+def _read_heads(f: api.RunFile, rf: Loaded) -> None:
     """/heads/entropy and /heads/distance (layer, head), the query-token count, and the
     shape of /heads/maps (the maps themselves are not read)."""
-    for name in ("entropy", "distance"):
-        value = _numbers(f, f"heads/{name}", ndim=(2,))
-        if value is not None and 0 in value.shape:
-            raise InputError(f"/heads/{name} has shape {value.shape}: it holds no heads")
-        if value is not None:
-            rf.heads[name] = value
-    if len({v.shape for v in rf.heads.values()}) > 1:
-        raise InputError(f"/heads/entropy has shape {rf.heads['entropy'].shape} but"
-                         f" /heads/distance {rf.heads['distance'].shape}")
-    tokens = h5safe.attr(f["heads"], "query_tokens")
+    stats = f.head_stats(raw=True)
+    for name, lab in (stats or {}).items():
+        rf.heads[name] = np.asarray(lab.values, dtype=float)
+    tokens = f.query_tokens
     if tokens is not None:
-        rf.head_attrs["query_tokens"] = _int(_scalar(tokens, "attribute 'query_tokens'"),
-                                             "attribute 'query_tokens' of /heads", 0)
-    maps = f.get("heads/maps")
-    if maps is not None and hasattr(maps, "shape"):
-        rf.head_attrs["maps_shape"] = [int(n) for n in maps.shape]
-
-
-def _root(f: Any, path: str) -> RunFile:
-    """Root attributes, the `config` TOML bounded to ``MAX_CONFIG_BYTES``."""
-    raw = h5safe.attr(f, "config", "", max_bytes=MAX_CONFIG_BYTES)
-    cfg = _parse_config(h5safe.text(raw, "attribute 'config' of /"))
-    attrs = {k: _scalar(h5safe.attr(f, k), f"attribute '{k}' of /") for k in f.attrs
-             if k != "config"}
-    version = _int(attrs.get("format_version"), "attribute 'format_version' of /", 0)
-    world = _int(attrs.get("world_size"), "attribute 'world_size' of /", 0)
-    parts = attrs.get("head_partition")
-    parts = parts if isinstance(parts, list) else [] if parts is None else [parts]
-    if "status" in attrs:  # as verify reads it: text, or the file is not ours
-        attrs["status"] = h5safe.text(attrs["status"], "attribute 'status' of /")
-    return RunFile(
-        path=path, format_version=version,
-        command=h5safe.text(attrs.get("command", ""), "attribute 'command' of /"),
-        config=cfg, world_size=world,
-        tensor_parallel=_int(attrs.get("tensor_parallel"), "attribute 'tensor_parallel'"
-                             " of /", world),
-        data_parallel=_int(attrs.get("data_parallel"), "attribute 'data_parallel' of /", 1),
-        head_partition=[_int(x, "attribute 'head_partition' of /", 0) for x in parts],
-        attrs=attrs,
-    )
-
-
-def _read_timings(f: Any, rf: RunFile) -> None:
-    """/timings/seconds (rank, layer, phase) with its `phases` names, and the per-rank
-    forward/setup/total times; InputError when their shapes do not fit together."""
-    sec = _numbers(f, "timings/seconds", ndim=(2, 3))
-    if sec is not None:
-        sec = sec[:, None, :] if sec.ndim == 2 else sec  # (rank, phase): no layer axis
-        if 0 in sec.shape:
-            raise InputError(f"/timings/seconds has shape {sec.shape}: it holds no times")
-        names = h5safe.attr(f["timings/seconds"], "phases")
-        rf.phases = ([h5safe.text(x, "attribute 'phases' of /timings/seconds")
-                      for x in np.atleast_1d(names).ravel()] if names is not None
-                     else [f"phase{i}" for i in range(sec.shape[-1])])
-        if len(rf.phases) != sec.shape[-1]:
-            raise InputError(f"/timings/seconds has {sec.shape[-1]} phases but its 'phases'"
-                             f" attribute names {len(rf.phases)}")
-        rf.seconds = sec
-    for name in ("forward", "setup", "total"):
-        value = _numbers(f, f"timings/{name}")
-        if value is not None and value.size:
-            setattr(rf, name, value)
-
-
-def _read_bench(g: Any) -> dict[str, Any]:
-    """/bench/allreduce (bytes, seconds, ranks) and /bench/gemm/flops_per_second."""
-    out: dict[str, Any] = {}
-    if "allreduce" in g and "bytes" in g["allreduce"] and "seconds" in g["allreduce"]:
-        nbytes = _numbers(g, "allreduce/bytes")
-        seconds = _numbers(g, "allreduce/seconds")
-        if "ranks" in g["allreduce"]:
-            ranks = _numbers(g, "allreduce/ranks")
-        else:
-            ranks = np.array([float(h5safe.attr(g["allreduce"], "ranks", 1))])
-        out["allreduce"] = {"bytes": nbytes, "seconds": seconds,
-                            "ranks": np.broadcast_to(ranks, nbytes.shape).copy()}
-    if "gemm" in g and "flops_per_second" in g["gemm"]:
-        out["gemm_flops_per_second"] = _numbers(g, "gemm/flops_per_second")
-    if "phases" in g and "seconds" in g["phases"]:  # (rank, phase), one layer
-        out["phase_seconds"] = np.atleast_2d(_numbers(g, "phases/seconds", ndim=(0, 1, 2)))
-        out["phases"] = [h5safe.text(x, "attribute 'phases' of /bench/phases/seconds")
-                         for x in np.atleast_1d(h5safe.attr(g["phases/seconds"], "phases",
-                                                            [])).ravel()]
-    out["checksum_mode"] = h5safe.text(h5safe.attr(g, "checksum_mode", ""),
-                                       "attribute 'checksum_mode' of /bench")
-    return out
+        rf.head_attrs["query_tokens"] = tokens
+    maps = f.attention_maps
+    if maps is not None:
+        rf.head_attrs["maps_shape"] = list(maps.shape)
 
 
 # --- one file ---------------------------------------------------------------------------
 
-def phase_table(rf: RunFile) -> dict[str, dict[str, float]] | None:
-    """Per phase: mean over ranks of the per-rank sum over layers, max, max/mean."""
-    if rf.seconds is None:
-        return None
-    per_rank = rf.seconds.sum(axis=1)  # (rank, phase)
+def _phase_rows(per_rank: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per phase of a (rank, phase) array: mean over ranks, max, max/mean."""
     table = {}
-    for i, name in enumerate(rf.phases):
+    for i, name in enumerate(names):
         mean, top = float(per_rank[:, i].mean()), float(per_rank[:, i].max())
         table[name] = {"mean_s": mean, "max_s": top,
                        "imbalance": top / mean if mean > 0 else 1.0}
     return table
 
 
-def checksum_summary(rf: RunFile) -> dict[str, Any] | None:
+def phase_table(rf: Loaded) -> dict[str, dict[str, float]] | None:
+    """Per phase: mean over ranks of the per-rank sum over layers (steps), max, max/mean;
+    a bench file's: of its one timed layer."""
+    if rf.seconds is not None:
+        return _phase_rows(rf.seconds.sum(axis=1), rf.phases)
+    if "phase_seconds" in rf.bench:
+        return _phase_rows(rf.bench["phase_seconds"], rf.bench["phases"])
+    return None
+
+
+def checksum_summary(rf: Loaded) -> dict[str, Any] | None:
     t = rf.collectives
-    if t is None or t.dtype.names is None:
+    if t is None:
         return None
-    names = t.dtype.names
-    out: dict[str, Any] = {"count": len(t)}
-    if "passed" in names:
+    out: dict[str, Any] = {"count": len(next(iter(t.values()), []))}
+    if "passed" in t:
         out["passed"] = int(np.asarray(t["passed"]).astype(bool).sum())
-    if "ratio" in names and len(t):
+    if "ratio" in t and out["count"]:
         out["max_ratio"] = float(np.max(t["ratio"]))
-    if "retries" in names:
+    if "retries" in t:
         out["retries"] = int(np.sum(t["retries"]))
     return out
 
 
-def train_summary(rf: RunFile) -> dict[str, Any] | None:
+def train_summary(rf: Loaded) -> dict[str, Any] | None:
     if not rf.train:
         return None
     out: dict[str, Any] = {}
@@ -309,7 +263,7 @@ def train_summary(rf: RunFile) -> dict[str, Any] | None:
     return out
 
 
-def heads_summary(rf: RunFile, tables: bool = False) -> dict[str, Any] | None:
+def heads_summary(rf: Loaded, tables: bool = False) -> dict[str, Any] | None:
     """Per-head statistics: means over all (layer, head), the query tokens they average
     over, the maps' shape; with ``tables`` the (layer, head) arrays themselves."""
     if not rf.heads and not rf.head_attrs:
@@ -331,7 +285,7 @@ def _ignoring_nan(fn: Any, values: np.ndarray) -> float:
     return float(fn(kept)) if kept.size else float("nan")
 
 
-def summarize(rf: RunFile, heads: bool = False) -> dict[str, Any]:
+def summarize(rf: Loaded, heads: bool = False) -> dict[str, Any]:
     """One file's summary; ``heads``: with the (layer, head) statistics tables."""
     m = rf.model
     out: dict[str, Any] = {
@@ -351,22 +305,74 @@ def summarize(rf: RunFile, heads: bool = False) -> dict[str, Any]:
         value = getattr(rf, name)
         if value is not None:
             out[f"{name}_s"] = float(value.max())
-    if rf.seconds is not None and rf.seconds.shape[1] >= 3 and rf.command != "train":
+    memory = rf.ranks.get("peak_memory_bytes")
+    if memory is not None and len(memory):
+        out["peak_memory_bytes"] = int(np.max(memory))
+    if rf.seconds is not None and rf.seconds.shape[1] >= 3 and rf.axis == "layer":
         layer = rf.seconds.sum(axis=2)  # (rank, layer); training files: (rank, step)
         extra = float(np.max(layer[:, 0] - np.median(layer[:, 1:], axis=1)))
         out["first_layer_extra_s"] = extra
     for key, fn in (("phases", phase_table), ("checksum", checksum_summary),
                     ("train", train_summary),
-                    ("heads", lambda r: heads_summary(r, tables=heads))):
+                    ("heads", lambda r: heads_summary(r, tables=heads)),
+                    ("bench", bench_summary)):
         value = fn(rf)
         if value is not None:
             out[key] = value
+    if "phases" in out:
+        out["phases_over"] = (f"{rf.axis}s" if rf.seconds is not None else "one layer")
+    out["ranks"] = per_rank(rf)
+    return out
+
+
+def per_rank(rf: Loaded) -> list[dict[str, Any]]:
+    """One dict per rank: its ``File.ranks`` columns (host, device, forward_s, setup_s,
+    total_s, peak_memory_bytes, ...; gemm_flops_per_second, layer_s of a bench file) and
+    ``phase_s``, its time per phase summed over layers (steps; a bench file: one layer)."""
+    per_phase = None
+    if rf.seconds is not None:
+        per_phase, names = rf.seconds.sum(axis=1), rf.phases
+    elif "phase_seconds" in rf.bench:
+        per_phase, names = rf.bench["phase_seconds"], rf.bench["phases"]
+    count = max(len(rf.ranks.get("rank", ())), 0 if per_phase is None else len(per_phase))
+    rows: list[dict[str, Any]] = [{"rank": r} for r in range(count)]
+    for name, values in rf.ranks.items():
+        if name != "rank":
+            for row, value in zip(rows, values, strict=False):
+                row[name] = value
+    if per_phase is not None:
+        for row, values in zip(rows, per_phase, strict=False):
+            row["phase_s"] = dict(zip(names, values.tolist(), strict=True))
+    return rows
+
+
+def bench_summary(rf: Loaded) -> dict[str, Any] | None:
+    """A bench file's results: the summed GEMM limit, the kernels (median, spread, FLOP/s,
+    fraction of the limit), the Allreduce table in nccl-tests columns, the sweep, the
+    scalars (checksum_overhead, imbalance, checksum_mode, allreduce_ranks)."""
+    b = rf.bench
+    if not b:
+        return None
+    out: dict[str, Any] = dict(b.get("results", {}))
+    if "gemm_flops_per_second" in b:
+        out["gemm_limit_flops_per_second"] = float(np.sum(b["gemm_flops_per_second"]))
+    if "kernels" in b:
+        k = b["kernels"]
+        out["kernels"] = {str(name): {c: float(k[c][i]) for c in k if c != "name"}
+                          for i, name in enumerate(k["name"])}
+    if "nccl" in b:
+        t = b["nccl"]
+        out["allreduce"] = {"units": NCCL_UNITS, "rows": [
+            {c: t[c][i] for c in t} for i in range(len(t["size"]))]}
+    if "sweep" in b:
+        s = b["sweep"]
+        out["sweep"] = [{c: s[c][i] for c in s} for i in range(len(next(iter(s.values()))))]
     return out
 
 
 # --- several files ------------------------------------------------------------------------
 
-def same_model(files: list[RunFile]) -> list[str]:
+def same_model(files: list[Loaded]) -> list[str]:
     """Differences in [model], [input] (and dtype) between the first file and the others."""
     problems = []
     ref = files[0]
@@ -386,10 +392,11 @@ def same_model(files: list[RunFile]) -> list[str]:
     return problems
 
 
-def scaling(files: list[RunFile]) -> dict[str, Any]:
+def scaling(files: list[Loaded]) -> dict[str, Any]:
     """Strong scaling: per rank count the best forward time, speed-up and efficiency."""
     timed = [rf for rf in files if rf.forward_s is not None and rf.world_size > 0]
-    best: dict[int, RunFile] = {}
+    differences = same_model(timed) if timed else []
+    best: dict[int, Loaded] = {}
     for rf in timed:
         n = rf.world_size
         if n not in best or rf.forward_s < best[n].forward_s:  # type: ignore[operator]
@@ -404,7 +411,7 @@ def scaling(files: list[RunFile]) -> dict[str, Any]:
             rows.append({"ranks": n, "layout": f"{best[n].data_parallel}x{best[n].tensor_parallel}",
                          "forward_s": t, "speedup": speedup,
                          "efficiency": speedup * n0 / n, "path": best[n].path})
-    return {"same_model": not same_model(files), "differences": same_model(files),
+    return {"same_model": not differences, "differences": differences,
             "rows": rows, "repeated": len(timed) - len(best)}
 
 
@@ -426,6 +433,9 @@ def format_summary(s: dict[str, Any]) -> str:
     times = [f"{k} {s[f'{k}_s']:.4f} s" for k in ("forward", "setup", "total") if f"{k}_s" in s]
     if times:
         lines.append("  time      " + ", ".join(times) + " (max over ranks)")
+    if "peak_memory_bytes" in s:
+        lines.append(f"  memory    peak {s['peak_memory_bytes'] / 2**30:.2f} GiB per rank (max"
+                     " over ranks)")
     phases = s.get("phases")
     if phases:
         total = sum(v["mean_s"] for v in phases.values()) or 1.0
@@ -433,8 +443,9 @@ def format_summary(s: dict[str, Any]) -> str:
         for name, v in phases.items():
             lines.append(f"  {name:<12}{v['mean_s']:>10.4f}{v['max_s']:>10.4f}"
                          f"{v['imbalance']:>11.3f}{100 * v['mean_s'] / total:>7.1f}%")
-        axis = "steps" if s["command"] == "train" else "layers"
-        lines.append(f"  (mean over ranks of the per-rank sum over {axis}; imbalance = max/mean)")
+        over = s.get("phases_over", "layers")
+        lines.append("  (mean over ranks of " + (f"the per-rank sum over {over}" if over !=
+                     "one layer" else "one layer's time") + "; imbalance = max/mean)")
         extra = s.get("first_layer_extra_s", 0.0)
         layers = m.get("layers")
         layers = layers if isinstance(layers, int) and 1 <= layers < 2**63 else 1
@@ -458,6 +469,8 @@ def format_summary(s: dict[str, Any]) -> str:
         if "tokens_per_second_mean" in t:
             parts.append(f"{t['tokens_per_second_mean']:.0f} tokens/s")
         lines.append("  training  " + "; ".join(parts))
+    if s.get("bench"):
+        lines += format_bench(s["bench"])
     h = s.get("heads")
     if h:
         if "mean_entropy_nats" in h and "mean_distance_tokens" in h:
@@ -471,6 +484,79 @@ def format_summary(s: dict[str, Any]) -> str:
             if name in h:
                 lines += _head_table(f"mean attention {name} [{units}]", h[name])
     return "\n".join(lines)
+
+
+def format_bench(b: dict[str, Any]) -> list[str]:
+    """A bench file's results as text: GEMM limit, kernels, the scalars, the Allreduce
+    table in nccl-tests' layout, the sweep."""
+    lines = []
+    limit = b.get("gemm_limit_flops_per_second")
+    if limit is not None:
+        lines.append(f"  gemm      limit {limit / 1e9:.2f} GFLOP/s (sum over ranks of the best"
+                     " matmul rate at the layer's shapes)")
+    if "kernels" in b:
+        lines.append(f"  {'kernel':<16}{'median ms':>11}{'spread ms':>11}{'GFLOP/s':>10}"
+                     f"{'of limit':>10}")
+        for name, k in b["kernels"].items():
+            lines.append(f"  {name:<16}{k['median_s'] * 1e3:>11.3f}{k['spread_s'] * 1e3:>11.3f}"
+                         f"{k['flops_per_second'] / 1e9:>10.3f}{k['fraction_of_peak']:>10.3f}")
+    scalars = []
+    if "imbalance" in b:
+        scalars.append(f"imbalance {b['imbalance']:.3f} (max/mean layer time over ranks)")
+    if "checksum_overhead" in b:
+        scalars.append(f"checksums on/off {b['checksum_overhead']:.3f}"
+                       f" ({b.get('checksum_mode') or '?'})")
+    if scalars:
+        lines.append("  layer     " + "; ".join(scalars))
+    if "allreduce" in b:
+        rows = b["allreduce"]["rows"]
+        ranks = sorted({int(r["ranks"]) for r in rows})
+        lines.append(f"  allreduce over {', '.join(map(str, ranks))} rank(s), out-of-place"
+                     " (nccl-tests columns; busbw = algbw x 2(n-1)/n; #wrong N/A: not checked):")
+        lines += ["  " + line for line in nccl_table(rows)]
+    if "sweep" in b:
+        lines.append(f"  {'sweep':<8}{'seq_len':>9}{'layer ms':>11}{'GFLOP/s':>10}")
+        for row in b["sweep"]:
+            lines.append(f"  {'':<8}{row.get('seq_len', float('nan')):>9.0f}"
+                         f"{row.get('seconds', float('nan')) * 1e3:>11.3f}"
+                         f"{row.get('flops_per_second', float('nan')) / 1e9:>10.3f}")
+    return lines
+
+
+def nccl_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Allreduce rows (``BenchFile.allreduce`` columns) as nccl-tests prints them."""
+    out = ["#       size         count      type   redop    root     time   algbw   busbw"
+           " #wrong",
+           "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)"]
+    for r in rows:
+        out.append(f"{int(r['size']):>12d}  {int(r['count']):>12d}  {r['type']:>8}"
+                   f"  {r['redop']:>6}  {int(r['root']):>6d}  {r['time']:>7.2f}"
+                   f"  {r['algbw']:>6.2f}  {r['busbw']:>6.2f}  {r['#wrong']:>5}")
+    return out
+
+
+def allreduce_csv(files: list[Loaded]) -> str:
+    """The Allreduce tables of bench files as CSV: the nccl-tests columns (size B, count,
+    type, redop, root, time us, algbw GB/s, busbw GB/s, #wrong), then spread (us),
+    copy_time (us), copy_bw (GB/s), ranks and file; one row per file and message size.
+    Floats are written in full (``repr``)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(ALLREDUCE_CSV)
+    for rf in files:
+        t = rf.bench.get("nccl")
+        if t is None:
+            continue
+        for i in range(len(t["size"])):
+            writer.writerow([_csv_value(t[c][i]) if c in t else "" for c in ALLREDUCE_CSV[:-1]]
+                            + [rf.path])
+    return text.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    return "" if isinstance(value, float) and not np.isfinite(value) else value
 
 
 def _head_table(title: str, values: np.ndarray) -> list[str]:
@@ -522,7 +608,7 @@ def plot_target(name: str) -> outfile.Reservation:
                          .replace(" -o", " --plot")) from None
 
 
-def plot(files: list[RunFile], sc: dict[str, Any] | None,
+def plot(files: list[Loaded], sc: dict[str, Any] | None,
          out: outfile.Reservation | str, heads: bool = False) -> Path:
     """Render the figures to PNG bytes and publish them under ``out`` (an exclusive
     temporary renamed without replacing anything); the file's name. ``heads``: the
@@ -546,7 +632,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _plot_heads(files: list[RunFile], out: outfile.Reservation) -> Path:
+def _plot_heads(files: list[Loaded], out: outfile.Reservation) -> Path:
     """One row per file: mean attention entropy and distance as layer x head heatmaps."""
     plt = _pyplot()
     rows = [rf for rf in files if rf.heads]
@@ -590,32 +676,30 @@ def _publish(plt: Any, fig: Any, out: outfile.Reservation) -> Path:
                          " --plot name or remove it") from None
 
 
-def _plot(files: list[RunFile], sc: dict[str, Any] | None, out: outfile.Reservation) -> Path:
+def _plot(files: list[Loaded], sc: dict[str, Any] | None, out: outfile.Reservation) -> Path:
+    """One panel per kind of measurement, never unlike ones on one axis: time per phase of
+    run files (summed over layers) and, separately, of training files (over steps) and of
+    bench files (one layer); strong scaling; training loss; Allreduce bus bandwidth."""
     plt = _pyplot()
-
-    timed = sorted((rf for rf in files if rf.seconds is not None), key=lambda r: r.world_size)
+    groups: dict[str, list[Loaded]] = {}
+    for rf in files:  # by the timing axis' dimension label: layer, step, bench's one layer
+        if rf.seconds is not None:
+            groups.setdefault(f"{rf.axis}s", []).append(rf)
+        elif "phase_seconds" in rf.bench:
+            groups.setdefault("one layer", []).append(rf)
+    panels: list[tuple[str, Any]] = [("phases", (over, sorted(g, key=lambda r: r.world_size)))
+                                     for over, g in groups.items()]
+    panels += [("scaling", None)] if sc and len(sc["rows"]) > 1 else []
     trained = [rf for rf in files if "loss" in rf.train]
-    panels = (["phases"] if timed else []) + (["scaling"] if sc and len(sc["rows"]) > 1 else [])
-    panels += ["loss"] if trained else []
+    panels += [("loss", trained)] if trained else []
+    benched = [rf for rf in files if "nccl" in rf.bench]
+    panels += [("allreduce", benched)] if benched else []
     if not panels:
-        raise InputError("nothing to plot: no /timings or /train in these files")
+        raise InputError("nothing to plot: no /timings, /train or /bench in these files")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    for ax, (panel, data) in zip(axes[0], panels, strict=True):
         if panel == "phases":
-            labels = [f"{rf.world_size}" for rf in timed]
-            x = np.arange(len(timed))
-            names = list(dict.fromkeys(n for rf in timed for n in rf.phases))
-            bottom = np.zeros(len(timed))
-            for name in names:
-                h = np.array([rf.seconds.sum(axis=1).mean(axis=0)[rf.phases.index(name)]
-                              if name in rf.phases else 0.0 for rf in timed])
-                ax.bar(x, h, bottom=bottom, label=name)
-                bottom += h
-            ax.set_xticks(x, labels)
-            ax.set_xlabel("ranks (one bar per file)")
-            ax.set_ylabel("time per rank, summed over layers [s]")
-            ax.set_title("time per phase (mean over ranks)")
-            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            _phase_panel(ax, *data)
         elif panel == "scaling":
             assert sc is not None
             n = np.array([r["ranks"] for r in sc["rows"]], dtype=float)
@@ -627,8 +711,8 @@ def _plot(files: list[RunFile], sc: dict[str, Any] | None, out: outfile.Reservat
             ax.set_ylabel(f"speed-up vs {int(n[0])} rank(s) [×]")
             ax.set_title("strong scaling" + ("" if sc["same_model"] else " (DIFFERENT models)"))
             ax.legend(fontsize="small")
-        else:
-            for rf in trained:
+        elif panel == "loss":
+            for rf in data:
                 loss = rf.train["loss"]
                 steps = rf.train.get("step")
                 steps = steps if steps is not None and steps.size == loss.size else np.arange(
@@ -642,10 +726,44 @@ def _plot(files: list[RunFile], sc: dict[str, Any] | None, out: outfile.Reservat
             ax.set_ylabel("loss [nats per masked token]")
             ax.set_title("training loss")
             ax.legend(fontsize="small")
+        else:
+            for rf in data:
+                t = rf.bench["nccl"]
+                name = f"{Path(rf.path).name} ({int(t['ranks'][0])} ranks)"
+                line = ax.plot(t["size"], t["busbw"], "o-", label=f"{name} busbw")[0]
+                if "copy_bw" in t:
+                    ax.plot(t["size"], t["copy_bw"], ":", color=line.get_color(),
+                            label=f"{name} memory copy")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("message size [B]")
+            ax.set_ylabel("bandwidth [GB/s]")
+            ax.set_title("Allreduce bus bandwidth (bench)")
+            ax.legend(fontsize="small")
     return _publish(plt, fig, out)
 
 
-def _checked_summary(rf: RunFile, heads: bool = False) -> tuple[dict[str, Any], str]:
+def _phase_panel(ax: Any, over: str, group: list[Loaded]) -> None:
+    """Stacked time per phase, one bar per file, of files timed over the same axis."""
+    x = np.arange(len(group))
+    per_file = [(rf.seconds.sum(axis=1), rf.phases) if rf.seconds is not None else
+                (rf.bench["phase_seconds"], rf.bench["phases"]) for rf in group]
+    names = list(dict.fromkeys(n for _, phases in per_file for n in phases))
+    bottom = np.zeros(len(group))
+    for name in names:
+        h = np.array([per.mean(axis=0)[phases.index(name)] if name in phases else 0.0
+                      for per, phases in per_file])
+        ax.bar(x, h, bottom=bottom, label=name)
+        bottom += h
+    kinds = "/".join(dict.fromkeys(rf.kind for rf in group))
+    ax.set_xticks(x, [f"{rf.world_size}" for rf in group])
+    ax.set_xlabel("ranks (one bar per file)")
+    ax.set_ylabel("time per rank, " + (f"summed over {over}" if over != "one layer" else
+                                       "one layer") + " [s]")
+    ax.set_title(f"{kinds}: time per phase (mean over ranks)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _checked_summary(rf: Loaded, heads: bool = False) -> tuple[dict[str, Any], str]:
     """``summarize`` and ``format_summary`` of one file; what they raise on values of the
     wrong kind (a malformed file) becomes one ``InputError`` line naming the file."""
     try:
@@ -672,12 +790,14 @@ def plain(value: Any) -> Any:
 
 
 def report(paths: list[str], as_json: bool = False, plot_to: str | None = None,
-           heads: bool = False) -> int:
-    """Print the summary of each file (and the scaling table of several), as text or JSON
-    (non-finite numbers as null); 0 on success. ``heads``: with the per-head statistics
-    as (layer, head) tables, and ``plot_to`` draws them as heatmaps; every file must hold
-    /heads/entropy then. A missing, hostile or malformed file raises one ``InputError``
-    line naming it (exit code 2 in the CLI)."""
+           heads: bool = False, as_csv: bool = False) -> int:
+    """Print the summary of each file (and the scaling table of several run files), as
+    text or JSON (non-finite numbers as null; per rank what the tables aggregate); 0 on
+    success. ``as_csv``: the Allreduce tables of bench files as CSV instead
+    (``allreduce_csv``; every file must hold /bench/allreduce). ``heads``: with the
+    per-head statistics as (layer, head) tables, and ``plot_to`` draws them as heatmaps;
+    every file must hold /heads/entropy then. A missing, hostile or malformed file raises
+    one ``InputError`` line naming it (exit code 2 in the CLI)."""
     target = plot_target(plot_to) if plot_to else None  # before any work
     files = [load(p) for p in paths]
     if heads:
@@ -685,10 +805,22 @@ def report(paths: list[str], as_json: bool = False, plot_to: str | None = None,
             if "entropy" not in rf.heads:
                 raise InputError(f"'{rf.path}' has no /heads/entropy: --heads reads files of"
                                  " `mpiattn run --set output.head_stats=true`")
+    if as_csv:
+        for rf in files:
+            if "nccl" not in rf.bench:
+                raise InputError(f"'{rf.path}' holds no /bench/allreduce: --csv writes the"
+                                 " Allreduce table of `mpiattn bench` files")
     checked = [_checked_summary(rf, heads) for rf in files]
     sc = scaling(files) if len(files) > 1 else None
+    if sc is not None and len(sc["rows"]) < 2:
+        sc = None  # fewer than two timed run files: nothing to compare
     if target is not None:
         plot_to = str(plot(files, sc, target, heads))
+    if as_csv:
+        sys.stdout.write(allreduce_csv(files))
+        if plot_to:
+            print(f"wrote {plot_to}", file=sys.stderr)
+        return 0
     if as_json:
         summaries = [s for s, _ in checked]
         print(json.dumps(plain({"files": summaries, "scaling": sc, "plot": plot_to}),

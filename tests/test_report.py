@@ -114,7 +114,8 @@ def test_other_format_version_and_bare_file(tmp_path, capsys):
 def test_no_mpi_or_scipy_imported(tmp_path):
     path = write_run(tmp_path / "a.h5", 2, 1.0)
     code = ("import sys; from mpiattn.cli import main; assert main(['report', sys.argv[1]]) == 0;"
-            "bad = [m for m in ('mpi4py', 'scipy', 'matplotlib') if m in sys.modules];"
+            "bad = [m for m in ('mpi4py', 'scipy', 'matplotlib', 'pandas', 'xarray')"
+            " if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True)
 
