@@ -30,7 +30,7 @@ import numpy as np
 from . import h5safe, outfile
 from .errors import InputError, UserError
 
-KNOWN_FORMAT = 1
+KNOWN_FORMAT = 2  # 2 added dimension scales; what report reads is alike in 1 and 2
 MAX_CONFIG_BYTES = 2**20  # the `config` attribute (a few KiB of TOML when mpiattn wrote it)
 MAX_READ_BYTES = 2**30  # one dataset read by report (timings, hosts, records, histories)
 
