@@ -5,6 +5,7 @@ file (Hugging Face names, so any head split resumes from it), written atomically
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,17 +46,48 @@ class History:
     eval_loss: list = field(default_factory=list)
 
     def write(self, g: Any) -> None:
-        units = {"loss": "nats", "eval_loss": "nats", "tokens_per_second": "1/s"}
-        for name, values in vars(self).items():
+        """One dataset per field in ``g``: ``step`` and ``eval_step`` are the coordinates
+        (dimension scales) of the per-step and the held-out records."""
+        loss = {"units": "1", "long_name": "masked-LM cross-entropy in nats per masked token"}
+        attrs = {"loss": loss, "eval_loss": loss, "lr": {"units": "1"},
+                 "grad_norm": {"units": "1"},
+                 "tokens_per_second": {"units": "1/s", "long_name": "tokens per second"},
+                 "step": {"long_name": "optimizer step (0-based)"},
+                 "eval_step": {"long_name": "optimizer step after which the held-out loss"
+                               " was measured (-1: the starting model)"}}
+        fields = vars(self)
+        for name in sorted(fields, key=lambda k: not k.endswith("step")):  # coordinates first
             kind = np.int64 if name.endswith("step") else np.float64
-            h5io.write_array(g, name, np.asarray(values, dtype=kind), ("step",),
-                             **({"units": units[name]} if name in units else {}))
+            h5io.write_array(g, name, np.asarray(fields[name], dtype=kind),
+                             ("eval_step" if name.startswith("eval") else "step",),
+                             **attrs.get(name, {}))
 
     @classmethod
     def read(cls, g: Any) -> History:
         from .h5safe import read
 
         return cls(**{f.name: list(read(g[f.name])) for f in dataclasses.fields(cls)})
+
+
+def param_dims(name: str, ndim: int) -> tuple[str, ...]:
+    """Dimension names of a whole-model tensor in Hugging Face naming (``hf.to_hf``):
+    linear weights are (out, in); ``hidden_out`` is the output axis of a hidden x hidden
+    matrix, ``model_id`` the model's vocabulary, ``position`` and ``token_type`` the rows
+    of those embedding tables."""
+    tables = {"word_embeddings.weight": "model_id", "position_embeddings.weight": "position",
+              "token_type_embeddings.weight": "token_type"}
+    for suffix, rows in tables.items():
+        if name.endswith(suffix):
+            return (rows, "hidden_unit")
+    if name.endswith("intermediate.dense.weight"):
+        return ("ffn_unit", "hidden_unit")
+    if name.endswith("intermediate.dense.bias"):
+        return ("ffn_unit",)
+    if name.endswith("output.dense.weight") and ".attention." not in name:
+        return ("hidden_unit", "ffn_unit")
+    if name == "cls.predictions.bias":
+        return ("model_id",)
+    return ("hidden_out", "hidden_unit")[2 - ndim :]  # biases, LayerNorm, (h, h) weights
 
 
 def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
@@ -72,18 +104,19 @@ def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
                         "rng": "stateless: batches and masks are seeded by (seed, step)"})
         g = f.create_group("params")
         for name, a in params.items():
-            h5io.write_array(g, name, a)
+            h5io.write_array(g, name, a, param_dims(name, a.ndim))
         for kind, tensors in state.items():
             s = f.create_group(f"optimizer/{kind}")
             for name, a in tensors.items():
-                h5io.write_array(s, name, a)
+                h5io.write_array(s, name, a, param_dims(name, a.ndim))
         h5io.write_array(f.create_group("vocab"), "token_ids", corpus.token_ids,
-                         description="tokenizer id of each model id")
+                         ("model_id",), description="tokenizer id of each model id")
         history.write(f.create_group("train"))
         tok = f.create_group("tokenizer")
         tok.attrs["description"] = "the tokenizer files the model was trained with, as bytes"
         for name, data in tokenizer.items():
-            tok.create_dataset(name, data=np.frombuffer(data, dtype=np.uint8))
+            h5io.write_array(tok, name, np.frombuffer(data, dtype=np.uint8),
+                             (re.sub(r"\W", "_", name) + "_byte",), units="bytes")
         f.attrs["status"] = "complete"
 
 

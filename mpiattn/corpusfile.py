@@ -16,14 +16,15 @@ holds and writes the rest; since a chunk's result depends only on its own lines,
 finished file equals an uninterrupted run's bit for bit. A running job holds an exclusive
 ``flock`` on its folder, so two jobs never share one.
 
-Layout of the finished file (``lines`` = input lines, ``tokens`` = real tokens of all
-lines, row i of a ragged dataset is ``[offsets[i]:offsets[i+1]]``):
+Layout of the finished file, by dimension (``line``: input lines, ``token``: real tokens
+of all lines, ``line_edge``: lines + 1; row i of a ragged dataset is
+``[offsets[i]:offsets[i+1]]``; the dimensions are attached by ``finish``):
 
-    /input/text (lines,) UTF-8 [/input/text_pair (lines,) with input.pairs]
-    /input/tokens (tokens,) int64, /input/offsets (lines+1,) int64,
-    /input/token_type_ids (tokens,) int64 (pairs only), /input/truncated (lines,) uint8
-    /output/pooled (lines, hidden): mean over real tokens, L2-normalised
-    /layers/NN/attention|hidden (tokens, hidden) when output.layers keeps layer NN
+    /input/text (line,) UTF-8 [/input/text_pair (line,) with input.pairs]
+    /input/tokens (token,) int64, /input/offsets (line_edge,) int64,
+    /input/token_type_ids (token,) int64 (pairs only), /input/truncated (line,) uint8
+    /output/pooled (line, hidden_unit): mean over real tokens, L2-normalised
+    /layers/NN/attention|hidden (token, hidden_unit) when output.layers keeps layer NN
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, UserError
-from .h5io import DIGEST_ATTR, LIBVER
+from .h5io import DIGEST_ATTR, LIBVER, attach_dimensions
 from .h5io import text_sha256 as text_hash
 from .outfile import _host, _name_max
 
@@ -355,15 +356,14 @@ class _Appender:
     (equal to ``h5io.sha256`` of the whole array)."""
 
     def __init__(self, group: Any, name: str, tail: tuple[int, ...], dtype: Any,
-                 labels: tuple[str, ...], compression: str, rows_hint: int) -> None:
+                 dims: tuple[str, ...], compression: str, rows_hint: int) -> None:
         rows = max(1, min(rows_hint, max(1, 2**20 // max(1, int(np.prod(tail)) * 4))))
         opts: dict[str, Any] = {"chunks": (rows, *tail), "fletcher32": True}
         if compression != "none":
             opts.update(compression=compression, shuffle=True)
         self.dset = group.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail),
                                          dtype=dtype, **opts)
-        for axis, label in enumerate(labels):
-            self.dset.dims[axis].label = label
+        self.dims = dims  # attached when the length is known (``finish``)
         self.hash = hashlib.sha256()
 
     def append(self, a: np.ndarray) -> None:
@@ -375,6 +375,7 @@ class _Appender:
         self.hash.update(a.tobytes())
 
     def finish(self, **attrs: Any) -> None:
+        attach_dimensions(self.dset, self.dims)
         self.dset.attrs[DIGEST_ATTR] = self.hash.hexdigest()
         self.dset.attrs.update(attrs)
 
@@ -390,20 +391,19 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     strings = h5py.string_dtype()
     text = inp.create_dataset("text", shape=(0,), maxshape=(None,), dtype=strings,
                               chunks=(4096,))
-    text.dims[0].label = "line"
     text_pair = None
     if pairs:
         text_pair = inp.create_dataset("text_pair", shape=(0,), maxshape=(None,),
                                        dtype=strings, chunks=(4096,))
-        text_pair.dims[0].label = "line"
     hint = min(1 << 16, 64 * max(lines, 1))  # tokens per HDF5 chunk
     tokens = _Appender(inp, "tokens", (), np.int64, ("token",), compression, hint)
     types = (_Appender(inp, "token_type_ids", (), np.int64, ("token",), compression, hint)
              if pairs else None)
     truncated = _Appender(inp, "truncated", (), np.uint8, ("line",), compression, lines)
-    pooled = _Appender(out, "pooled", (hidden,), dtype, ("line", "hidden"), compression, lines)
+    pooled = _Appender(out, "pooled", (hidden,), dtype, ("line", "hidden_unit"), compression,
+                       lines)
     states = {(i, name): _Appender(f.require_group(f"layers/{i:02d}"), name, (hidden,), dtype,
-                                   ("token", "hidden"), compression, hint)
+                                   ("token", "hidden_unit"), compression, hint)
               for i in kept for name in ("attention", "hidden")}
     text_hashes = [hashlib.sha256(), hashlib.sha256()]  # text, text_pair (h5io.text_sha256)
     offsets = _Appender(inp, "offsets", (), np.int64, ("line_edge",), compression, lines + 1)
@@ -441,6 +441,7 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
         raise InputError(f"'{parts.folder}' holds {done} of {lines} lines: run again")
     for dset, h in zip((text, text_pair), text_hashes, strict=True):
         if dset is not None:
+            attach_dimensions(dset, ("line",))
             dset.attrs[DIGEST_ATTR] = h.hexdigest()
     ragged = "row i is [offsets[i]:offsets[i+1]] of each (token, ...) dataset"
     offsets.finish(description=ragged)

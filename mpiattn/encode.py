@@ -30,7 +30,7 @@ from .corpusfile import ChunkResult, Parts, assemble, check_space, disk_file, jo
 from .data import Batch, tokenizer_path
 from .errors import ConfigError, InputError, IntegrityError, UserError
 from .faults import FaultyPhases, check_fault_targets, crash_points, slowdown
-from .layout import PHASES, write_provenance, write_records
+from .layout import PHASES, write_phase_seconds, write_provenance, write_records
 from .model import PhaseTimer, encoder_forward, mean_pool
 from .outfile import OutputExists
 from .placement import (
@@ -432,8 +432,7 @@ class _Job:
                         "micro_batch": cfg.input.batch, "assign": cfg.parallel.assign,
                         "replica_imbalance": busy_max / busy_mean if busy_mean else 1.0})
         t = f.create_group("timings")
-        h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"),
-                         phases=list(phases), units="s")
+        write_phase_seconds(t, seconds, ("rank", "layer", "phase"), phases)
         for i, name in enumerate(("forward", "setup", "total")):
             h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
         h5io.write_array(t, "busy", totals[:, 4], ("rank",), units="s",
@@ -446,7 +445,7 @@ class _Job:
                              units="1", description=f"{name.replace('_', ' ')} this rank's"
                              " replica encoded (this session)")
         h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
-                         units="B", description="peak RSS (CPU) or CuPy pool total (GPU)")
+                         units="bytes", description="peak RSS (CPU) or CuPy pool total (GPU)")
         rows = [(replica, Record(layer, site, *agg[1:4], bool(agg[4]), int(agg[5]),
                                  int(agg[6]), int(agg[0])))
                 for part in records for replica, (layer, site), agg in part]

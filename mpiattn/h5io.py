@@ -3,6 +3,10 @@
 A file is written under a temporary name in its final directory and renamed when
 ``status = "complete"`` has been set, so a crash never leaves a complete-looking file.
 Every representation carries a SHA-256 digest attribute; ``verify`` re-checks them.
+
+Every axis of every dataset is a named dimension (format 2): an HDF5 dimension scale, as
+netCDF-4 writes them, so ``xarray.open_dataset(path, engine="h5netcdf", group=...)`` and
+``ncdump`` show named, aligned axes (``dimension``, ``attach_dimensions``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 from . import outfile
 from .errors import InputError, UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dimension scales and UDUNITS units (1: labels only)
 DIGEST_ATTR = "sha256"
 # object formats of HDF5 1.10, both bounds: "latest" with the h5py 3.16 wheel writes HDF5
 # 2.0 formats that h5dump 1.10, netCDF and h5py on HDF5 <= 1.14 cannot read
@@ -56,13 +60,42 @@ def _dataset_options(array: np.ndarray, compression: str) -> dict[str, Any]:
     return opts
 
 
-def write_array(group: Any, name: str, array: np.ndarray, labels: tuple[str, ...] = (),
-                compression: str = "none", digest: bool = False, **attrs: Any) -> Any:
-    """A dataset with dimension labels, attributes and (optionally) its SHA-256 digest."""
-    array = np.asarray(array)
-    dset = group.create_dataset(name, data=array, **_dataset_options(array, compression))
-    for axis, label in enumerate(labels):
-        dset.dims[axis].label = label
+# A dimension scale netCDF-4 shows as a dimension without a coordinate variable (its NAME
+# attribute, as netCDF-C and h5netcdf write it, followed by the length in 10 characters).
+NOT_A_VARIABLE = "This is a netCDF dimension but not a netCDF variable."
+# Dimensions shared by several groups: created at the file's root, where every group sees
+# them (netCDF-4 looks a variable's dimensions up in its group and the groups above). Any
+# other dimension is created in the group of the first array that has it.
+ROOT_DIMENSIONS = frozenset({
+    "rank", "layer", "batch", "seq", "hidden_unit",  # run and bench files
+    "line", "line_edge", "token",  # text-corpus runs
+    "model_id", "position", "token_type", "ffn_unit", "hidden_out",  # checkpoints
+})
+# Dimensions without a coordinate variable: the ragged token axis of a text-corpus run can
+# hold billions of positions, and xarray would read a coordinate of them whole on opening.
+INDEX_ONLY = frozenset({"token"})
+_ZEROS_BLOCK = 1 << 20  # elements of an index-only dimension written at a time
+
+
+def _string_data(array: np.ndarray) -> tuple[np.ndarray, Any]:
+    """(data, dtype) for h5py: NumPy unicode or object text as variable-length UTF-8."""
+    import h5py
+
+    if array.dtype.kind in "UO":
+        return array.astype(object), h5py.string_dtype()
+    return array, None
+
+
+def write_array(group: Any, name: str, array: Any, dims: tuple[str, ...] = (),
+                compression: str = "none", digest: bool = False,
+                coords: dict[str, Any] | None = None, **attrs: Any) -> Any:
+    """A dataset with named dimensions (``attach_dimensions``: ``dims`` gives one name per
+    axis, ``coords`` the values of a dimension created here), attributes and (optionally)
+    its SHA-256 digest. Text (a list of ``str``) is stored as variable-length UTF-8."""
+    array, dtype = _string_data(np.asarray(array))
+    dset = group.create_dataset(name, data=array, dtype=dtype,
+                                **_dataset_options(array, compression))
+    attach_dimensions(dset, dims, coords)
     for key, value in attrs.items():
         dset.attrs[key] = value
     if digest:
@@ -70,9 +103,115 @@ def write_array(group: Any, name: str, array: np.ndarray, labels: tuple[str, ...
     return dset
 
 
+def dimension(group: Any, name: str, values: Any = None, size: int | None = None,
+              **attrs: Any) -> Any:
+    """The dimension ``name`` of ``group`` (an HDF5 dimension scale), created on the first
+    call: a coordinate variable holding ``values`` (indices, phase names, step numbers,
+    message sizes...), or, with ``values`` None, a dimension of ``size`` without one
+    (``NOT_A_VARIABLE``; its zeros compress to almost nothing). A later call returns the
+    same dataset; one that disagrees on the length or the values raises ``ValueError``
+    (a layout error: arrays of different lengths need differently named axes)."""
+    length = len(values) if values is not None else size
+    if length is None:
+        raise ValueError(f"dimension '{name}': give its values or its size")
+    found = group.get(name)
+    if found is not None:
+        if not _is_scale(found) or found.shape != (length,):
+            raise ValueError(f"{found.name} is not a dimension of length {length}: name the"
+                             " axis differently")
+        if values is not None and (_is_index_only(found) or
+                                   _coordinate(found) != np.asarray(values).tolist()):
+            raise ValueError(f"dimension {found.name} holds other values")
+        return found
+    if values is not None:
+        data, dtype = _string_data(np.asarray(values))
+        dset = group.create_dataset(name, data=data, dtype=dtype,
+                                    **_dataset_options(data, "none"))
+        dset.make_scale(name)
+    else:
+        chunk = min(length, _ZEROS_BLOCK)
+        dset = group.create_dataset(name, shape=(length,), dtype=np.uint8,
+                                    **({"chunks": (chunk,), "compression": "gzip"}
+                                       if length else {}))
+        for start in range(0, length, chunk or 1):  # stored, so h5safe's size rule holds
+            dset[start : start + chunk] = np.zeros(min(chunk, length - start), np.uint8)
+        dset.make_scale(f"{NOT_A_VARIABLE}{length:10d}")
+    for key, value in attrs.items():
+        dset.attrs[key] = value
+    return dset
+
+
+def find_dimension(group: Any, name: str) -> Any:
+    """The dimension scale ``name`` in ``group`` or the nearest group above it, as netCDF-4
+    finds a variable's dimensions; None when there is none. A dataset of that name that is
+    not a dimension scale raises ``ValueError`` (netCDF readers would take the array for
+    the axis' coordinate)."""
+    import h5py
+
+    while True:
+        found = group.get(name)
+        if isinstance(found, h5py.Dataset):
+            if not _is_scale(found):
+                raise ValueError(f"{found.name} is an array, not the dimension '{name}': name"
+                                 " the axis differently")
+            return found
+        if group.name == "/":
+            return None
+        group = group.parent
+
+
+def attach_dimensions(dset: Any, dims: tuple[str, ...],
+                      coords: dict[str, Any] | None = None) -> None:
+    """Name every axis of ``dset``: ``dims[i]`` is axis i's dimension, found with
+    ``find_dimension`` or else created (``dimension``) at the root for ``ROOT_DIMENSIONS``,
+    in ``dset``'s group otherwise, holding ``coords[name]``, or indices 0..n-1, or nothing
+    for ``INDEX_ONLY``. A 1-D dataset named as its dimension becomes that dimension's
+    coordinate variable itself (``/train/step``, ``/bench/allreduce/bytes``)."""
+    if len(dims) != dset.ndim:
+        raise ValueError(f"{dset.name} has {dset.ndim} axes but {len(dims)} dimension names")
+    for axis, name in enumerate(dims):
+        n = dset.shape[axis]
+        if dset.ndim == 1 and dset.name.rsplit("/", 1)[-1] == name:
+            dset.make_scale(name)
+            continue
+        scale = find_dimension(dset.parent, name)
+        if scale is None:
+            home = dset.file if name in ROOT_DIMENSIONS else dset.parent
+            values = (coords or {}).get(name)
+            if values is None and name not in INDEX_ONLY:
+                values = np.arange(n, dtype=np.int64)
+            scale = dimension(home, name, values, size=n)
+        if scale.shape != (n,):
+            raise ValueError(f"axis {axis} of {dset.name} ('{name}') has length {n}, the"
+                             f" dimension {scale.name} {scale.shape[0]}: name the axis"
+                             " differently")
+        dset.dims[axis].attach_scale(scale)
+
+
+def _is_scale(dset: Any) -> bool:
+    import h5py
+
+    return isinstance(dset, h5py.Dataset) and dset.attrs.get("CLASS") == b"DIMENSION_SCALE"
+
+
+def _coordinate(dset: Any) -> list:
+    """A coordinate variable's values as a list (text as ``str``)."""
+    import h5py
+
+    if h5py.check_string_dtype(dset.dtype) is not None:
+        return list(dset.asstr()[()])
+    return dset[()].tolist()
+
+
+def _is_index_only(dset: Any) -> bool:
+    name = dset.attrs.get("NAME", b"")
+    return (name if isinstance(name, bytes) else str(name).encode()).startswith(
+        NOT_A_VARIABLE.encode())
+
+
 def label_and_digest(node: Any) -> None:
-    """Dimension labels and SHA-256 digests for representations written by other ranks:
-    (batch, seq, hidden) layer outputs and (batch, hidden) pooled embeddings."""
+    """Dimensions and SHA-256 digests for representations written by other ranks:
+    (batch, seq, hidden_unit) layer outputs and (batch, hidden_unit) pooled embeddings."""
     import h5py
 
     dsets = [node] if isinstance(node, h5py.Dataset) else []
@@ -80,9 +219,8 @@ def label_and_digest(node: Any) -> None:
         node.visititems(lambda _, obj: dsets.append(obj) if isinstance(obj, h5py.Dataset)
                         else None)
     for dset in dsets:
-        labels = ("batch", "seq", "hidden") if dset.ndim == 3 else ("batch", "hidden")
-        for axis, label in enumerate(labels[: dset.ndim]):
-            dset.dims[axis].label = label
+        attach_dimensions(dset, ("batch", "seq", "hidden_unit") if dset.ndim == 3
+                          else ("batch", "hidden_unit"))
         dset.attrs[DIGEST_ATTR] = sha256(dset[()])
 
 
@@ -263,7 +401,9 @@ def verify(path: str | Path) -> list[str]:
 
 def _shared_objects(f: Any) -> list[str]:
     """Objects reached under more than one name (hard links): a dataset is written once,
-    under one name; a second name makes one array pass for two."""
+    under one name; a second name makes one array pass for two. Dimension scales are not
+    a second name: HDF5 attaches them by object references in attributes
+    (``DIMENSION_LIST``, ``REFERENCE_LIST``), which are not links."""
     import h5py
 
     names: dict[tuple[int, int], list[str]] = {}

@@ -1,5 +1,12 @@
-"""The HDF5 layout of the files mpiattn writes: what goes where, with which labels and
-units. The mechanics (atomic publishing, digests, chunking) are ``h5io``'s.
+"""The HDF5 layout of the files mpiattn writes: what goes where, with which dimensions
+and units. The mechanics (atomic publishing, digests, chunking, dimension scales) are
+``h5io``'s.
+
+Dimension names (format 2; README, "HDF5 file"): one name is one length in a file, so
+axes of different lengths have different names (``step`` of the history, ``eval_step`` of
+the held-out evaluations, ``session_step`` of the timed steps). Units are UDUNITS-2
+strings (``s``, ``bytes``, ``bytes/s``, ``1/s``, ``1``); what a dimensionless number
+counts (FLOP, nats, token positions) is in its ``long_name``.
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
     })
     impl, block = attention_options(cfg, p).resolve(p.batch.shape[1])
     f.attrs["attention"] = impl if impl == "plain" else f"{impl} (block {block})"
+    h5io.dimension(f, "rank", np.arange(p.grid.size), long_name="rank in MPI_COMM_WORLD")
     ranks = f.create_group("ranks")
-    ranks.create_dataset("host", data=[h for h, _ in host_info])
-    ranks.create_dataset("device", data=[d for _, d in host_info])
+    h5io.write_array(ranks, "host", [h for h, _ in host_info], ("rank",))
+    h5io.write_array(ranks, "device", [d for _, d in host_info], ("rank",))
 
 
 def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
@@ -55,14 +63,14 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
         h5io.write_array(inp, "token_type_ids", p.batch.types, ("batch", "seq"), comp,
                          digest=True)
     if p.batch.text is not None:
-        inp.create_dataset("text", data=p.batch.text).attrs[h5io.DIGEST_ATTR] = (
-            h5io.text_sha256(p.batch.text))
+        h5io.write_array(inp, "text", list(p.batch.text), ("batch",)).attrs[
+            h5io.DIGEST_ATTR] = h5io.text_sha256(p.batch.text)
     if pooled is not None and p.batch.text is not None:
-        h5io.write_array(f.require_group("output"), "pooled", pooled, ("batch", "hidden"),
+        h5io.write_array(f.require_group("output"), "pooled", pooled, ("batch", "hidden_unit"),
                          comp, digest=True)
     for (layer, name), array in sorted(outputs.items()):
         g = f.require_group(h5io.layer_group(layer))
-        h5io.write_array(g, name, array, ("batch", "seq", "hidden"), comp, digest=True)
+        h5io.write_array(g, name, array, ("batch", "seq", "hidden_unit"), comp, digest=True)
     written_in_parallel = [d for d in ("output/pooled", "layers") if d in f and not outputs]
     for top in written_in_parallel:  # label and digest what the replicas wrote (mpio)
         h5io.label_and_digest(f[top])
@@ -70,18 +78,25 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
         f["output/pooled"].attrs["description"] = (
             "mean over real tokens of the last layer, L2-normalised")
     t = f.create_group("timings")
-    h5io.write_array(t, "seconds", seconds, ("rank", "layer", "phase"), phases=list(phases),
-                     units="s")
+    write_phase_seconds(t, seconds, ("rank", "layer", "phase"), phases)
     for i, name in enumerate(("forward", "setup", "total")):
         h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
     h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
-                     units="B", description="peak RSS (CPU) or CuPy pool total (GPU)")
+                     units="bytes", description="peak RSS (CPU) or CuPy pool total (GPU)")
     if records:
         write_records(f, records)
     if heads is not None:
         write_heads(f, heads, comp)
     f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
     f.attrs["status"] = "complete"
+
+
+def write_phase_seconds(g: Any, seconds: np.ndarray, dims: tuple[str, ...],
+                        phases: tuple[str, ...] | list[str], **attrs: Any) -> None:
+    """``seconds`` per phase in ``g``, the last axis a ``phase`` coordinate of the names
+    (and, for readers of format 1, the same names in the attribute ``phases``)."""
+    h5io.write_array(g, "seconds", seconds, dims, coords={"phase": list(phases)},
+                     phases=list(phases), units="s", **attrs)
 
 
 HEADS_DEFINITION = (
@@ -99,14 +114,18 @@ def write_heads(f: Any, r: HeadResults, compression: str = "none") -> None:
     if r.entropy is not None and r.distance is not None:
         g.attrs["query_tokens"] = r.query_tokens
         h5io.write_array(g, "entropy", r.entropy, ("layer", "head"), digest=True,
-                         units="nats", description="mean attention entropy over real query"
-                         " tokens: -sum_j p_ij ln p_ij")
+                         units="1", long_name="mean attention entropy in nats",
+                         description="mean attention entropy over real query tokens:"
+                         " -sum_j p_ij ln p_ij (natural logarithm: nats)")
         h5io.write_array(g, "distance", r.distance, ("layer", "head"), digest=True,
-                         units="tokens", description="mean attention distance over real query"
-                         " tokens: sum_j p_ij |i - j|")
+                         units="1", long_name="mean attention distance in token positions",
+                         description="mean attention distance over real query tokens:"
+                         " sum_j p_ij |i - j| (token positions)")
     if r.maps is not None:
-        h5io.write_array(g, "sequences", np.array(r.sequences, dtype=np.int64), ("sequence",),
-                         digest=True, description="row of /input/tokens of each map")
+        rows = np.array(r.sequences, dtype=np.int64)
+        h5io.write_array(g, "sequences", rows, ("sequence",), digest=True,
+                         coords={"sequence": rows},
+                         description="row of /input/tokens of each map")
         h5io.write_array(g, "maps", r.maps, ("sequence", "layer", "head", "query", "key"),
                          compression, digest=True, units="1",
                          description="attention probabilities p_ij (rows sum to 1; 0 on"
@@ -125,7 +144,7 @@ def write_records(f: Any, records: list) -> None:
          r.digest, r.chunk) for replica, r in records
     ], dtype=RECORD_DTYPE)
     g = f.require_group("checksum")
-    h5io.write_array(g, "collectives", table,
+    h5io.write_array(g, "collectives", table, ("record",),
                      description="one row per validated Allreduce; ratio = residual/bound")
 
 
@@ -153,7 +172,8 @@ class BenchResult:
 
 def write_bench(fh: Any, r: BenchResult) -> None:
     g = fh.create_group("bench")
-    h5io.write_array(g, "gemm/flops_per_second", r.peaks, ("rank",), units="FLOP/s",
+    h5io.write_array(g, "gemm/flops_per_second", r.peaks, ("rank",), units="1/s",
+                     long_name="floating-point operations per second",
                      description="best matmul rate at the layer's GEMM shapes, all ranks busy")
     for name, (t, rate, frac) in r.summary.items():
         sub = g.create_group(name)
@@ -161,24 +181,25 @@ def write_bench(fh: Any, r: BenchResult) -> None:
         sub.attrs.update({"median_s": t, "spread_s": float(np.ptp(r.seconds[name])),
                           "model_flops": r.flops[name], "flops_per_second": rate,
                           "fraction_of_peak": frac})
-    h5io.write_array(g, "phases/seconds", r.phases, ("rank", "phase"), phases=list(PHASES),
-                     units="s")
+    write_phase_seconds(g.create_group("phases"), r.phases, ("rank", "phase"), PHASES)
     h5io.write_array(g, "layer_per_rank", r.layer_per_rank, ("rank",), units="s",
                      imbalance=r.imbalance)
-    h5io.write_array(g, "memory/peak_bytes", r.memory, ("rank",), units="B",
+    h5io.write_array(g, "memory/peak_bytes", r.memory, ("rank",), units="bytes",
                      description="peak RSS (CPU) or CuPy pool total (GPU)")
-    ar = g.create_group("allreduce")
-    for key, values in r.allreduce.items():
-        h5io.write_array(ar, key, values, ("size",),
-                         units="B" if key == "bytes" else
-                         ("s" if "seconds" in key or key == "spread" else "B/s"))
+    ar = g.create_group("allreduce")  # "bytes" first: the coordinate of the others
+    for key in sorted(r.allreduce, key=lambda k: k != "bytes"):
+        h5io.write_array(ar, key, r.allreduce[key], ("bytes",),
+                         units="bytes" if key == "bytes" else
+                         ("s" if "seconds" in key or key == "spread" else "bytes/s"),
+                         **({"long_name": "message size"} if key == "bytes" else {}))
     ar.attrs["ranks"] = r.allreduce_ranks
     ar.attrs["convention"] = "busbw = bytes/time * 2(n-1)/n (nccl-tests)"
     g.attrs["checksum_overhead"] = r.checksum_overhead
     g.attrs["checksum_mode"] = r.checksum_mode
     if r.sweep:
+        fields = ["seq_len", "seconds", "flops_per_second"]
         h5io.write_array(g, "sweep", np.array(r.sweep), ("point", "field"),
-                         fields=["seq_len", "seconds", "flops_per_second"])
+                         coords={"field": fields}, fields=fields)
     fh.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
     fh.attrs["status"] = "complete"
 
@@ -196,8 +217,10 @@ def write_train(f: Any, history: Any, attrs: dict, seconds: np.ndarray, totals: 
     history.write(g)
     g.attrs.update(attrs)
     tg = f.create_group("timings")
-    h5io.write_array(tg, "seconds", seconds, ("rank", "step", "phase"),
-                     phases=list(TRAIN_PHASES), units="s", first_step=first_step)
+    h5io.dimension(tg, "session_step", first_step + np.arange(seconds.shape[1]),
+                   long_name="optimizer step timed by this session (from first_step on)")
+    write_phase_seconds(tg, seconds, ("rank", "session_step", "phase"), TRAIN_PHASES,
+                        first_step=first_step)
     h5io.write_array(tg, "total", totals, ("rank",), units="s")
     if records:
         write_records(f, records)

@@ -36,7 +36,7 @@ from . import h5safe, outfile
 from .errors import InputError, UserError
 from .files import NCCL_COLUMNS, NCCL_UNITS, Columns, malformed
 
-KNOWN_FORMAT = 1
+KNOWN_FORMAT = 2  # 2 added dimension scales; what report reads is alike in 1 and 2
 _int = api.integer
 ALLREDUCE_CSV = (*NCCL_COLUMNS, "spread", "copy_time", "copy_bw", "ranks", "file")
 

@@ -114,3 +114,9 @@ def direct_head_stats(probs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
     count = mask.sum()
     return (np.where(real, entropy, 0).sum(axis=(0, 2)) / count,
             np.where(real, distance, 0).sum(axis=(0, 2)) / count)
+
+
+def dim_names(dset: Any) -> list[str]:
+    """The dimension of each axis of an HDF5 dataset: the name of the dimension scale
+    attached to it (format 2), else its label (format 1)."""
+    return [d[0].name.rsplit("/", 1)[-1] if len(d) else d.label for d in dset.dims]

@@ -11,7 +11,8 @@ from mpiattn.errors import UserError
 def finished_file(path, shape=(4, 16, 32)):
     data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with h5io.atomic_file(path) as f:
-        h5io.write_array(f, "layers/00/hidden", data, ("batch", "seq", "hidden"), digest=True)
+        h5io.write_array(f, "layers/00/hidden", data, ("batch", "seq", "hidden_unit"),
+                         digest=True)
         h5io.write_array(f, "small", np.arange(5.0), ("x",), digest=True)
         f.attrs["status"] = "complete"
     return data

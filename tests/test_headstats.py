@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import TOL, ThreadGroup, direct_head_stats, run_ranks, tiny
+from helpers import TOL, ThreadGroup, dim_names, direct_head_stats, run_ranks, tiny
 
 from mpiattn import attention as attention_module
 from mpiattn import config, h5io, reference
@@ -216,8 +216,7 @@ def test_verify_reads_and_checks_the_heads_group(tmp_path):
     path = heads_file(tmp_path / "h.h5")
     assert verify(path) == []
     with h5py.File(path, "a") as f:
-        assert [d.label for d in f["heads/maps"].dims] == ["sequence", "layer", "head",
-                                                           "query", "key"]
+        assert dim_names(f["heads/maps"]) == ["sequence", "layer", "head", "query", "key"]
         del f["heads/distance"]
         f["heads/entropy"][0, 0] = np.nan
     problems = verify(path)

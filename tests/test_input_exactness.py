@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import ThreadGroup, run_ranks, tiny
+from helpers import ThreadGroup, dim_names, run_ranks, tiny
 
 from mpiattn import reference
 from mpiattn.data import Batch, hdf5_batch, load_batch, read_lines, split_lines
@@ -160,7 +160,7 @@ def test_sentence_pairs_equal_bert_model_with_token_types(tmp_path, bert_model, 
     with h5py.File(tmp_path / "out.h5", "r") as f:
         got = f["layers/05/hidden"][()]
         written = f["input/token_type_ids"]
-        assert [d.label for d in written.dims] == ["batch", "seq"]
+        assert dim_names(written) == ["batch", "seq"]
         np.testing.assert_array_equal(written[()], types)
     with torch.no_grad():
         def last(t: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from helpers import dim_names
 
 from mpiattn import config, reference
 from mpiattn.data import load_batch
@@ -59,7 +60,7 @@ def test_replicas_write_one_file_collectively(tmp_path):
         assert f.attrs["write_mode"] == "mpio, 2 writers"
         assert f.attrs["data_parallel"] == 2
         assert "Open MPI" in f.attrs["mpi_library"]
-        assert [d.label for d in f["layers/01/hidden"].dims] == ["batch", "seq", "hidden"]
+        assert dim_names(f["layers/01/hidden"]) == ["batch", "seq", "hidden_unit"]
     assert verify(path) == []
     assert reference_error(path) <= 1e-12
 

@@ -100,9 +100,9 @@ def test_training_summary_and_missing_groups(tmp_path):
 
 
 def test_other_format_version_and_bare_file(tmp_path, capsys):
-    path = write_run(tmp_path / "v2.h5", 1, 1.0, version=2)
+    path = write_run(tmp_path / "v3.h5", 1, 1.0, version=3)
     assert main(["report", str(path)]) == 0
-    assert "format_version 2" in capsys.readouterr().err
+    assert "format_version 3" in capsys.readouterr().err
     bare = tmp_path / "bare.h5"
     with h5py.File(bare, "w") as f:
         f.attrs["world_size"] = 3

@@ -3,7 +3,7 @@
 import h5py
 import numpy as np
 import pytest
-from helpers import TINY, TOL
+from helpers import TINY, TOL, dim_names
 
 from mpiattn import config, reference
 from mpiattn.data import load_batch
@@ -74,7 +74,7 @@ def test_file_schema(world, shared_dir):
         b, s, h = cfg.input.batch, cfg.input.seq_len, cfg.model.hidden
         assert f["layers/01/hidden"].shape == (b, s, h)
         assert f["layers/01/hidden"].attrs["sha256"]
-        assert [d.label for d in f["layers/01/attention"].dims] == ["batch", "seq", "hidden"]
+        assert dim_names(f["layers/01/attention"]) == ["batch", "seq", "hidden_unit"]
         assert f["input/attention_mask"].shape == (b, s)
         t = f["timings/seconds"]
         assert t.shape == (world.Get_size(), cfg.model.layers, len(PHASES))
