@@ -258,6 +258,11 @@ def check_folder(dest: str | Path, force: bool) -> None:
                          " create it first")
     if not os.access(dest.parent, os.W_OK | os.X_OK):
         raise InputError(f"export folder '{dest}': folder '{dest.parent}' is not writable")
+    limit = _name_max(dest.parent)
+    if len(dest.name.encode("utf-8", "surrogateescape")) > limit:
+        raise InputError(f"export folder name '{dest.name[:40]}...' is longer than this file"
+                         f" system allows ({limit} bytes): choose a shorter name (train.export"
+                         " or -o)")
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise InputError(f"export folder '{dest}' exists and is not a folder: it is never"
                          " replaced; choose another name")
@@ -267,6 +272,13 @@ def check_folder(dest: str | Path, force: bool) -> None:
         raise InputError(f"export folder '{dest}' exists and is not an mpiattn export (no"
                          " config.json with an 'mpiattn' entry): it is never replaced, even"
                          " with --force; choose another name")
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def default_folder(output: str | Path) -> Path:

@@ -133,7 +133,13 @@ def _installed(module: str) -> bool:
 
     if module in sys.modules:  # imported, or blocked (None) by a test
         return sys.modules[module] is not None
-    return importlib.util.find_spec(module) is not None
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:  # installed but broken (a missing dependency of its own): as if absent
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _array(lab: Labelled, raw: bool) -> Labelled | xarray.DataArray:
@@ -176,11 +182,16 @@ def _guarded(method: F) -> F:
             text = str(err)
             raise InputError(text if text.startswith(f"'{self.path}'") else
                              f"'{self.path}': {text}") from None
-        except Missing:
+        except (Missing, BadIndex):
             raise
         except h5safe.MALFORMED as err:
             raise malformed(self.path, err) from None
     return wrapper  # type: ignore[return-value]
+
+
+class BadIndex(IndexError):
+    """A selection a dataset cannot take (out of range, reversed, unsorted): the caller's
+    index, not the file, is at fault."""
 
 
 class Lazy:
@@ -252,9 +263,15 @@ class Lazy:
     @_guarded
     def __getitem__(self, key: Any) -> np.ndarray:
         dset = self._ready()
-        if self.is_text:  # strictly UTF-8: a bad byte is a one-line InputError
-            return np.asarray(dset.asstr()[key], dtype=object)
-        return np.asarray(dset[key])
+        try:
+            if self.is_text:  # strictly UTF-8: a bad byte is a one-line InputError
+                return np.asarray(dset.asstr()[key], dtype=object)
+            return np.asarray(dset[key])
+        except (IndexError, TypeError, ValueError) as err:  # raised by the selection
+            if isinstance(err, UnicodeDecodeError):
+                raise
+            raise BadIndex(f"{self.name} {tuple(self.shape)} cannot be indexed with"
+                           f" {key!r}: {err}") from None
 
     @_guarded
     def read(self) -> np.ndarray:
@@ -402,6 +419,7 @@ class File:
         found = _texts(labels, f"dimension labels of {dset.name}") if labels is not None else []
         if len(found) != ndim:
             found = [""] * ndim
+        found = [label or self._scale_name(dset, axis) for axis, label in enumerate(found)]
         fallback = FALLBACK_DIMS.get(dset.name.lstrip("/"), ())
         if dset.name == "/timings/seconds" and self.command == "train":
             fallback = ("rank", "step", "phase")
@@ -432,6 +450,16 @@ class File:
                 value = np.arange(first, first + n)
             coords[dim] = np.arange(n) if value is None else value
         return coords
+
+    def _scale_name(self, dset: Any, axis: int) -> str:
+        """The name of the dimension scale attached to ``axis`` ("" when none)."""
+        if "DIMENSION_LIST" not in dset.attrs:
+            return ""
+        try:
+            scales = dset.dims[axis]
+            return scales[0].name.rsplit("/", 1)[-1] if len(scales) else ""
+        except (InputError, *h5safe.MALFORMED):
+            return ""
 
     def _scale(self, dset: Any, axis: int, n: int) -> np.ndarray | None:
         """The first dimension scale attached to ``axis`` when it is a 1-D dataset of
@@ -592,8 +620,14 @@ class RunFile(File):
     @_guarded
     def layers(self) -> list[int]:
         """Indices of the layers whose states the file keeps (/layers/NN)."""
+        import h5py
+
         group = self.h5.get("layers")
-        return sorted(int(k) for k in group if k.isdigit()) if group is not None else []
+        if group is None:
+            return []
+        if not isinstance(group, h5py.Group):
+            raise InputError(f"/layers is not a group: {h5safe.NOT_OURS}")
+        return sorted(int(k) for k in group if k.isdigit())
 
     @_guarded
     def layer(self, index: int, name: str = "hidden") -> Lazy:

@@ -186,6 +186,7 @@ def attach_dimensions(dset: Any, dims: tuple[str, ...],
                              f" dimension {scale.name} {scale.shape[0]}: name the axis"
                              " differently")
         dset.dims[axis].attach_scale(scale)
+        dset.dims[axis].label = name  # h5py's and format 1's name of the axis
 
 
 def _is_scale(dset: Any) -> bool:
@@ -388,7 +389,10 @@ def verify(path: str | Path) -> list[str]:
         except h5safe.MALFORMED as err:
             problems.append(f"the file's structure cannot be read ({h5safe.one_line(err)}):"
                             " corrupted")
-        checkpoint = h5safe.attr(f, "command") == "train checkpoint"
+        try:
+            checkpoint = h5safe.attr(f, "command") == "train checkpoint"
+        except (InputError, *h5safe.MALFORMED):
+            checkpoint = False  # an unreadable root attribute: a problem found above
     if checkpoint and not problems:  # every tensor the model needs, with its shape
         from .checkpoints import read_model
 

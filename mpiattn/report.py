@@ -757,6 +757,7 @@ def _phase_panel(ax: Any, over: str, group: list[Loaded]) -> None:
     kinds = "/".join(dict.fromkeys(rf.kind for rf in group))
     ax.set_xticks(x, [f"{rf.world_size}" for rf in group])
     ax.set_xlabel("ranks (one bar per file)")
+    over = {"session_steps": "steps"}.get(over, over)  # format 2's name of a run's steps
     ax.set_ylabel("time per rank, " + (f"summed over {over}" if over != "one layer" else
                                        "one layer") + " [s]")
     ax.set_title(f"{kinds}: time per phase (mean over ranks)")

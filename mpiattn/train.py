@@ -379,6 +379,8 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
                               ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
     folder = export_folder(cfg, out_path)
     if folder is not None:
+        if out_path:
+            check_name(out_path)  # the output's own complaint first (its export is named after it)
         check_folder(folder, force)
         taken = {checkpoint_path(t, d).absolute() for d in range(first + 1, t.steps + 1)}
         if output is not None:

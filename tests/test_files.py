@@ -131,7 +131,7 @@ def test_run_file(made):
         np.testing.assert_array_equal(layer[0, :3], h["layers/01/hidden"][0, :3])
         np.testing.assert_array_equal(np.asarray(f.layer(0, "attention")),
                                       h["layers/00/attention"][()])
-        assert layer.to_xarray().dims == ("batch", "seq", "hidden")
+        assert layer.to_xarray().dims == ("batch", "seq", "hidden_unit")
         with pytest.raises(KeyError, match=r"kept layers: \[0, 1\]"):
             f.layer(5)
 
@@ -155,7 +155,7 @@ def test_text_run_rows_are_lines(text_run):
         assert f.rows(3) == slice(edges[3], edges[4])
         np.testing.assert_array_equal(f.layer(-1)[f.rows(3)],
                                       h["layers/05/hidden"][edges[3]:edges[4]])
-        assert f.pooled is not None and f.pooled.dims == ("line", "hidden")
+        assert f.pooled is not None and f.pooled.dims == ("line", "hidden_unit")
         np.testing.assert_array_equal(f.pooled[:2], h["output/pooled"][:2])
         text = f["input/text"]
         assert text.is_text and text[0] == h["input/text"][0].decode()
@@ -203,9 +203,9 @@ def test_train_and_checkpoint_files(made):
         evals = t.evals()
         np.testing.assert_array_equal(evals.index, h["train/eval_step"][()])
         timings = t.timings()
-        assert timings.dims == labels(h["timings/seconds"]) == ("rank", "step", "phase")
+        assert timings.dims == labels(h["timings/seconds"]) == ("rank", "session_step", "phase")
         first = h["timings/seconds"].attrs["first_step"]
-        assert list(timings.coords["step"].values) == list(range(first, first + 4))
+        assert list(timings.coords["session_step"].values) == list(range(first, first + 4))
         assert t.collectives() is None  # one rank: nothing to check
         assert t.train_attrs["vocab"] == 80
     with mpiattn.open(made["checkpoint"]) as c:
@@ -245,7 +245,9 @@ def test_opening_reads_no_arrays(made, monkeypatch):
         _ = f.config, f.attrs, f.layers, f.layer(0), f.attention_maps, f.tokens
         assert read == []
         f.timings()
-        assert [name for name, _ in read] == ["/timings/seconds"]
+        arrays = [name for name, _ in read]  # the timings, then their dimension scales
+        assert arrays[0] == "/timings/seconds"
+        assert all(not n.startswith(("/layers", "/input", "/output")) for n in arrays)
         read.clear()
         f.layer(0)[1, :2]
         assert read == [("/layers/00/hidden", (1, slice(None, 2)))]
@@ -388,3 +390,16 @@ def test_mixed_kinds_plot_one_panel_per_kind(made, monkeypatch, tmp_path):
     assert "Allreduce bus bandwidth (bench)" in seen["titles"]
     assert "training loss" in seen["titles"]
     assert (tmp_path / "mixed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_bad_index_is_the_callers_not_the_files(made):
+    """Out of range, reversed or unsorted selections raise IndexError naming the dataset,
+    not the file's one-line InputError."""
+    from mpiattn.errors import InputError
+
+    with mpiattn.open(made["run"]) as f:
+        layer = f.layer(0)
+        for key in (10**12, slice(None, None, -1), [3, 1]):
+            with pytest.raises(IndexError) as err:
+                layer[key]
+            assert not isinstance(err.value, InputError) and "layers/00/hidden" in str(err.value)
