@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, UserError
-from .outfile import OutputExists, fsync_folder
+from .outfile import OutputExists, _name_max, _umask, fsync_folder
 
 # tokenizer.json and the files beside it that tokenizer loaders and sentence-transformers read
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -222,12 +222,6 @@ def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
     return dest
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def is_export(folder: Path) -> bool:
     """Was ``folder`` written by an export (its config.json has an ``mpiattn`` entry)?"""
     try:
@@ -272,13 +266,6 @@ def check_folder(dest: str | Path, force: bool) -> None:
         raise InputError(f"export folder '{dest}' exists and is not an mpiattn export (no"
                          " config.json with an 'mpiattn' entry): it is never replaced, even"
                          " with --force; choose another name")
-
-
-def _name_max(folder: Path) -> int:
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
 
 
 def default_folder(output: str | Path) -> Path:
