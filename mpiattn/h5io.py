@@ -476,6 +476,11 @@ def _promised(f: Any, config: dict | None) -> list[str]:
             problems.append(f"root attributes data_parallel x pipeline_parallel x"
                             f" tensor_parallel = {axes[0]} x {axes[1] or 1} x {axes[2]} is not"
                             f" world_size = {world}")
+    version = h5safe.attr(f, "format_version")
+    if isinstance(version, (int, np.integer)) and version >= 2:
+        problems += _unnamed_axes(f)
+    if "heads" in f:
+        problems += _implausible_heads(f)
     if command == "train":
         _need(f, "train/loss", problems)
     elif command == "bench":
@@ -483,6 +488,41 @@ def _promised(f: Any, config: dict | None) -> list[str]:
             problems.append("group /bench is missing (a bench file's measurements)")
     else:
         problems += _promised_run(f, config)
+    return problems
+
+
+def _unnamed_axes(f: Any) -> list[str]:
+    """Format 2 names every axis of every dataset with an attached dimension scale (README,
+    "Dimensions and units"); the scales themselves excepted. One line per dataset."""
+    from . import h5safe
+
+    problems = []
+    for name, dset in h5safe.datasets(f):
+        if h5safe.attr(dset, "CLASS") in (b"DIMENSION_SCALE", "DIMENSION_SCALE"):
+            continue
+        missing = [axis for axis in range(len(dset.shape or ())) if len(dset.dims[axis]) == 0]
+        if missing:
+            problems.append(f"dataset /{name}: axis {missing[0]} has no dimension scale"
+                            " (format 2 names every axis)")
+    return problems
+
+
+def _implausible_heads(f: Any) -> list[str]:
+    """Per-head statistics that cannot be: a negative entropy or distance, or a mean over
+    fewer than one query token."""
+    from . import h5safe
+
+    problems = []
+    tokens = h5safe.attr(f["heads"], "query_tokens")
+    if tokens is not None and (not isinstance(tokens, (int, np.integer)) or tokens < 1):
+        problems.append(f"attribute 'query_tokens' of /heads is {h5safe.short(tokens)}, not a"
+                        " count >= 1")
+    for name in ("entropy", "distance"):
+        if f"heads/{name}" in f:
+            values = h5safe.read(f[f"heads/{name}"])
+            if values.dtype.kind == "f" and values.size and np.nanmin(values) < 0:
+                problems.append(f"/heads/{name} holds negative values ({np.nanmin(values):.3g}):"
+                                " not a mean attention " + name)
     return problems
 
 

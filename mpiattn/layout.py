@@ -199,7 +199,8 @@ def write_bench(fh: Any, r: BenchResult) -> None:
     if r.sweep:
         fields = ["seq_len", "seconds", "flops_per_second"]
         h5io.write_array(g, "sweep", np.array(r.sweep), ("point", "field"),
-                         coords={"field": fields}, fields=fields)
+                         coords={"field": fields}, fields=fields,
+                         field_units=["1", "s", "1/s"])  # tokens, seconds, FLOP per second
     fh.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
     fh.attrs["status"] = "complete"
 

@@ -253,3 +253,18 @@ def test_format_1_files_still_verify_and_report(written_files, tmp_path, capsys)
     np.testing.assert_array_equal(v1.seconds, v2.seconds)
     assert report.summarize(v1)["phases"] == report.summarize(v2)["phases"]
     assert "note" not in capsys.readouterr().err  # both versions are known
+
+
+def test_verify_fails_a_format_2_axis_without_its_scale(written_files, tmp_path):
+    import shutil
+
+    from mpiattn.h5io import verify
+
+    path = tmp_path / "run.h5"
+    shutil.copy(written_files["run"], path)
+    assert verify(path) == []
+    with h5py.File(path, "a") as f:
+        dset = f["timings/seconds"]
+        dset.dims[1].detach_scale(dset.dims[1][0])
+    assert verify(path) == ["dataset /timings/seconds: axis 1 has no dimension scale (format 2"
+                            " names every axis)"]

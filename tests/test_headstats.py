@@ -282,3 +282,19 @@ def test_weight_sums_on_any_block(rows, cols, first_row, first_col):
     np.testing.assert_allclose(a, want_a, rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(c, (e * np.abs(i - j)).sum(axis=-1, keepdims=True),
                                rtol=1e-13, atol=1e-13)
+
+
+def test_verify_fails_statistics_that_cannot_be(tmp_path):
+    """A negative entropy or distance, or a mean over no query token, fails verify (even
+    with its digest recomputed): report would print them as measurements."""
+    for name, damage in (("entropy", lambda f: f["heads/entropy"].__setitem__((0, 0), -1.0)),
+                         ("distance", lambda f: f["heads/distance"].__setitem__((1, 2), -3.0)),
+                         ("query_tokens", lambda f: f["heads"].attrs.__setitem__(
+                             "query_tokens", -5))):
+        path = heads_file(tmp_path / f"{name}.h5", maps=False)
+        with h5py.File(path, "a") as f:
+            damage(f)
+            for key in ("entropy", "distance"):
+                f[f"heads/{key}"].attrs[h5io.DIGEST_ATTR] = h5io.sha256(f[f"heads/{key}"][()])
+        problems = verify(path)
+        assert any(name in p for p in problems), (name, problems)
