@@ -290,7 +290,7 @@ def summarize(rf: Loaded, heads: bool = False) -> dict[str, Any]:
     m = rf.model
     out: dict[str, Any] = {
         "path": rf.path, "format_version": rf.format_version, "command": rf.command,
-        "status": rf.attrs.get("status"), "world_size": rf.world_size,
+        "status": rf.attrs.get("status"), "world_size": rf.world_size or None,
         "tensor_parallel": rf.tensor_parallel, "data_parallel": rf.data_parallel,
         "head_partition": rf.head_partition, "backend": rf.attrs.get("backend"),
         "dtype": rf.config.get("dtype"),
@@ -428,8 +428,12 @@ def format_summary(s: dict[str, Any]) -> str:
                         f" {i['micro_batch']}," if "lines" in i else
                         f" batch {i.get('batch', '?')} x seq {i.get('seq_len', '?')},")
                      + f" {s.get('dtype') or '?'}, {s.get('backend') or '?'}")
-    lines.append(f"  ranks     {s['world_size']} = {s['data_parallel']} data x"
-                 f" {s['tensor_parallel']} head; heads per rank {s['head_partition']}")
+    if s["world_size"]:
+        lines.append(f"  ranks     {s['world_size']} = {s['data_parallel']} data x"
+                     f" {s['tensor_parallel']} head; heads per rank {s['head_partition']}")
+    elif s["command"] == "train checkpoint":  # whole tensors: any layout resumes from it
+        lines.append(f"  tensors   whole (written by a job with {s['tensor_parallel']}"
+                     " head ranks; any layout resumes from it, `mpiattn export` converts it)")
     times = [f"{k} {s[f'{k}_s']:.4f} s" for k in ("forward", "setup", "total") if f"{k}_s" in s]
     if times:
         lines.append("  time      " + ", ".join(times) + " (max over ranks)")
