@@ -733,6 +733,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     mine = [(grid.coord("data"), r) for r in heads.records] if grid.coord("tensor") == 0 else []
     if stages > 1 and grid.coord("tensor") == 0:  # the messages between stages, received here
         mine += [(grid.coord("data"), r) for r in groups.p2p.records]
+        if stage == 0:  # the sums over the stages and over the tied embedding's two ends
+            mine += [(grid.coord("data"), r) for r in groups.pipe.records + groups.tied.records]
     mine += [(grid.coord("data"), r) for r in data.records] if grid.coord("data") == 0 else []
     records = world.gather(mine)
     folder = None if stopped else export_folder(cfg, out_path)
