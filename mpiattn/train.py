@@ -10,6 +10,13 @@ inputs), one checked Allreduce of the gradients over the data group in a few fla
 buckets, the global gradient norm (sharded squares summed over the head group), and the
 optimizer on this rank's shard.
 
+With ``parallel.pipeline = P`` (world = data x pipeline x tensor) each stage holds its
+layers (stage 0 the embeddings, the last the MLM head and a copy of the tied word
+embedding) and runs the 1F1B schedule over ``parallel.microbatches`` micro-batches
+(``pipeline.stage_events``): activations and their gradients move as checked
+point-to-point messages, the tied embedding's gradient is summed over the two ends, loss
+and gradient norm over the stages.
+
 Data (``corpus``), checkpoints and their resume (``checkpoints``), the Hugging Face
 naming (``hf``) live in their own modules; this one holds the step and the loop.
 """
@@ -307,7 +314,7 @@ class Trainer:
         before = self.params.first - 1  # label of the boundary with the previous stage
         after = self.params.first + len(self.params.layers) - 1  # ... with the next one
         inputs: dict[int, Any] = {}  # received activations (F) or their gradients (B)
-        outputs: dict[int, Any] = {}  # to send: outputs (F) or input gradients (B)
+        outputs: dict[tuple[str, int], Any] = {}  # to send: outputs (F), dL/d inputs (B)
         caches: dict[int, Any] = {}
         grads: list[Any] = []
         loss = seconds_f = seconds_b = 0.0
