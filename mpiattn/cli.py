@@ -308,7 +308,8 @@ def _bench_args(args: argparse.Namespace) -> tuple[Any, list[int]]:
     cfg = _load_config(args)
     if cfg.parallel.pipeline > 1:
         raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline}: bench times one layer;"
-                          " pipeline stages run in mpiattn run only: set parallel.pipeline = 1")
+                          " pipeline stages run in mpiattn run and train: set"
+                          " parallel.pipeline = 1")
     try:
         sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
     except ValueError:

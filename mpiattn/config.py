@@ -52,7 +52,7 @@ class InputConfig:
 @dataclass
 class ParallelConfig:
     tensor: int = 0  # head-parallel ranks per pipeline stage; 0 = all ranks of a stage
-    pipeline: int = 1  # stages of consecutive layers per replica (run only)
+    pipeline: int = 1  # stages of consecutive layers per replica (run and train)
     microbatches: int = 1  # pipeline: micro-batches each replica's batch is split into
     balance: str = "even"  # "even" | "measured"
     assign: str = "balanced"  # text: micro-batches to replicas, "balanced" | "round-robin"

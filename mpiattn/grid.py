@@ -9,8 +9,8 @@ Axes, outermost first: ``data`` (replicas of the model, each on its share of the
 ``pipeline`` (stages of consecutive layers), ``tensor`` (the heads of a layer). The world
 rank is the mixed-radix number of the coordinates with ``tensor`` fastest, so a head group
 is a run of neighbouring ranks (on one node when it fits), as in Megatron-LM's
-``initialize_model_parallel``. Today's runs use pipeline = 1: world rank = replica * T +
-head rank. The shape is pure arithmetic (tested without MPI); only ``make_grid`` talks.
+``initialize_model_parallel``. With pipeline = 1: world rank = replica * T + head rank.
+The shape is pure arithmetic (tested without MPI); only ``make_grid`` talks.
 """
 
 from __future__ import annotations

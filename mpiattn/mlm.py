@@ -58,11 +58,18 @@ class MLMHead:
 
 @dataclass
 class Params:
-    """Everything one rank trains: replicated embeddings and head, sharded layers."""
+    """Everything one rank trains: replicated embeddings and head, sharded layers.
 
-    emb: Embeddings
+    A pipeline stage (``train.stage_params``) holds a part: ``layers`` are the model's
+    layers ``first``, ``first + 1``, ...; the embeddings live on the first stage, the
+    head on the last, which also keeps a copy of the tied word embedding (an
+    ``Embeddings`` whose other tables are None); a part a stage lacks is None.
+    """
+
+    emb: Embeddings | None
     layers: list[LayerShard]
-    head: MLMHead
+    head: MLMHead | None
+    first: int = 0  # the model index of layers[0]
 
 
 @dataclass
@@ -92,13 +99,80 @@ def head_backward(dlogits: Any, c: HeadCache) -> tuple[Any, MLMHead, Any]:
 
 
 @dataclass
-class ModelCache:
-    embeddings: EmbeddingCache
+class StageCache:
+    """What the backward of one (micro-)batch through a stage's part of the model needs."""
+
+    embeddings: EmbeddingCache | None  # first stage only
     layers: list[LayerCache]
-    head: HeadCache
-    loss: CrossEntropyCache
+    head: HeadCache | None  # last stage only
+    loss: CrossEntropyCache | None
     positions: Any  # (N,) flat indices of the masked tokens
     shape: tuple[int, int, int]  # (B, S, H)
+    first: int = 0  # the model index of the stage's first layer
+
+
+ModelCache = StageCache  # the whole model is the one stage of P = 1
+
+
+def stage_forward(params: Params, inputs: Any, key_mask: Any, positions: Any, targets: Any,
+                  scale: float, reduce: Reduce, eps: float, impl: str = "plain",
+                  block: int = 0, *, first_stage: bool = True,
+                  last_stage: bool = True) -> tuple[Any, StageCache]:
+    """A stage's part of the MLM forward (GPipe/Megatron-LM pipeline stages).
+
+    ``inputs``: ids (B, S) on the first stage, else the previous stage's hidden states
+    (B, S, H); key_mask (B, S) bool; positions (N,) flat indices into B*S of the masked
+    tokens, targets (N,) their original ids (used by the last stage). Returns the loss
+    ``scale * sum of the N token losses`` on the last stage, else the hidden states
+    (B, S, H) for the next stage, and the cache for ``stage_backward``.
+    """
+    c_emb = None
+    if first_stage:
+        x, c_emb = embed_cached(inputs, params.emb, eps)
+    else:
+        x = inputs
+    bias = mask_bias(key_mask, x.dtype)
+    caches = []
+    for j, p in enumerate(params.layers):
+        x, c = layer_cached(x, p, bias, reduce, params.first + j, eps, impl, block)
+        caches.append(c)
+    if not last_stage:
+        return x, StageCache(c_emb, caches, None, None, positions, x.shape, params.first)
+    hidden = x.shape[-1]
+    h = x.reshape(-1, hidden)[positions]
+    logits, c_head = head_cached(h, params.head, params.emb.word, eps)
+    loss, c_ce = cross_entropy_cached(logits, targets, scale)
+    return loss, StageCache(c_emb, caches, c_head, c_ce, positions, x.shape, params.first)
+
+
+def stage_backward(c: StageCache, dout: Any, reduce: Reduce) -> tuple[Any, Params]:
+    """(dL/d the stage's input hidden states (B, S, H), or None on the first stage; the
+    gradients of the stage's parameters, in the shape of its ``Params``). ``dout``: dL/d
+    the stage's output (B, S, H); None on the last stage (the loss is its output)."""
+    dhead, dword_dec = None, None
+    if c.loss is not None:
+        xp = get_array_module(c.loss.logp)
+        dlogits = cross_entropy_backward(c.loss)
+        dh, dhead, dword_dec = head_backward(dlogits, c.head)
+        batch, seq, hidden = c.shape
+        dx = xp.zeros((batch * seq, hidden), dtype=dh.dtype)
+        dx[c.positions] = dh  # positions are distinct
+        dx = dx.reshape(c.shape)
+    else:
+        dx = dout
+    dlayers: list[LayerShard] = []
+    for lc in reversed(c.layers):
+        dx, g = layer_backward(dx, lc, reduce)
+        dlayers.append(g)
+    demb = None
+    if c.embeddings is not None:
+        demb = embed_backward(dx, c.embeddings)
+        if dword_dec is not None:
+            demb.word += dword_dec
+        dx = None
+    elif dword_dec is not None:  # the last stage's copy of the tied word embedding
+        demb = Embeddings(dword_dec, None, None, None, None)
+    return dx, Params(demb, dlayers[::-1], dhead, c.first)
 
 
 def model_forward(params: Params, ids: Any, key_mask: Any, positions: Any, targets: Any,
@@ -110,35 +184,13 @@ def model_forward(params: Params, ids: Any, key_mask: Any, positions: Any, targe
 
     Returns ``scale * sum of the N token losses`` and the cache for ``model_backward``.
     """
-    x, c_emb = embed_cached(ids, params.emb, eps)
-    bias = mask_bias(key_mask, x.dtype)
-    caches = []
-    for i, p in enumerate(params.layers):
-        x, c = layer_cached(x, p, bias, reduce, i, eps, impl, block)
-        caches.append(c)
-    hidden = x.shape[-1]
-    h = x.reshape(-1, hidden)[positions]
-    logits, c_head = head_cached(h, params.head, params.emb.word, eps)
-    loss, c_ce = cross_entropy_cached(logits, targets, scale)
-    return loss, ModelCache(c_emb, caches, c_head, c_ce, positions, x.shape)
+    return stage_forward(params, ids, key_mask, positions, targets, scale, reduce, eps,
+                         impl, block)
 
 
 def model_backward(c: ModelCache, reduce: Reduce) -> Params:
     """Gradients of every parameter this rank holds, in the shape of ``Params``."""
-    xp = get_array_module(c.loss.logp)
-    dlogits = cross_entropy_backward(c.loss)
-    dh, dhead, dword_dec = head_backward(dlogits, c.head)
-    batch, seq, hidden = c.shape
-    dx = xp.zeros((batch * seq, hidden), dtype=dh.dtype)
-    dx[c.positions] = dh  # positions are distinct
-    dx = dx.reshape(c.shape)
-    dlayers: list[LayerShard] = []
-    for lc in reversed(c.layers):
-        dx, g = layer_backward(dx, lc, reduce)
-        dlayers.append(g)
-    demb = embed_backward(dx, c.embeddings)
-    demb.word += dword_dec
-    return Params(demb, dlayers[::-1], dhead)
+    return stage_backward(c, None, reduce)[1]
 
 
 # --- parameters as a flat, named list -------------------------------------------------
@@ -147,11 +199,17 @@ LAYER_SHARDED = ("w_qkv", "b_qkv", "w_o", "w_1", "b_1", "w_2")  # split across h
 
 
 def named(params: Params) -> list[tuple[str, Any, bool]]:
-    """(name, array, sharded) for every tensor, in a fixed order (optimizer, buckets)."""
-    out = [(f"emb.{f.name}", getattr(params.emb, f.name), False) for f in fields(Embeddings)]
-    for i, p in enumerate(params.layers):
+    """(name, array, sharded) for every tensor, in a fixed order (optimizer, buckets);
+    a stage's missing parts (None) are left out, its layers named by model index."""
+    out = []
+    if params.emb is not None:
+        out += [(f"emb.{f.name}", getattr(params.emb, f.name), False)
+                for f in fields(Embeddings) if getattr(params.emb, f.name) is not None]
+    for i, p in enumerate(params.layers, start=params.first):
         for f in fields(LayerShard):
             if f.name != "head_dim":
                 out.append((f"layer{i}.{f.name}", getattr(p, f.name), f.name in LAYER_SHARDED))
-    out += [(f"head.{f.name}", getattr(params.head, f.name), False) for f in fields(MLMHead)]
+    if params.head is not None:
+        out += [(f"head.{f.name}", getattr(params.head, f.name), False)
+                for f in fields(MLMHead)]
     return out

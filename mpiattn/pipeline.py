@@ -46,6 +46,62 @@ def micro_batches(batch: int, count: int) -> list[slice]:
     return [slice(start, start + n) for n, start in spans]
 
 
+BWD_SITE = "activations.bwd"  # fault.inject site of the gradients sent back (training)
+
+
+def one_f_one_b(stages: int, stage: int, micro: int) -> list[tuple[str, int]]:
+    """The order of forwards ("F", m) and backwards ("B", m) of micro-batches 0..micro-1 on
+    pipeline stage ``stage`` of ``stages``: 1F1B, PipeDream-Flush (Narayanan et al.,
+    "Memory-Efficient Pipeline-Parallel DNN Training", 2021) as Megatron-LM's
+    non-interleaved schedule (``forward_backward_pipelining_without_interleaving``):
+    a warm-up of min(stages - stage - 1, micro) forwards, then one forward and one
+    backward alternately, then the remaining backwards. At most stages - stage
+    micro-batches' activations are held at once (GPipe holds all ``micro``).
+    """
+    warm = min(stages - stage - 1, micro)
+    order = [("F", m) for m in range(warm)]
+    for k in range(micro - warm):
+        order += [("F", warm + k), ("B", k)]
+    order += [("B", m) for m in range(micro - warm, micro)]
+    return order
+
+
+def stage_events(stages: int, stage: int, micro: int,
+                 backward: bool = True) -> list[tuple[str, str, int]]:
+    """What stage ``stage`` does, in order: ("recv" | "run" | "send", "F" | "B", m).
+
+    The order of ``one_f_one_b`` (forwards only without ``backward``) with its messages:
+    a forward receives its input from the previous stage and sends its output to the
+    next; a backward receives dL/d output from the next and sends dL/d input to the
+    previous. A warm-up forward's output is sent at once; a steady-state forward's after
+    the gradient of the backward that follows it has arrived: Megatron-LM's
+    ``send_forward_recv_backward`` as a receive, then a send, matched by the next stage's
+    ``send_backward_recv_forward`` (a send, then a receive), so blocking messages never
+    wait on each other in a cycle (``tests/test_pipeline_schedule.py`` simulates it).
+    """
+    first, last = stage == 0, stage == stages - 1
+    order = (one_f_one_b(stages, stage, micro) if backward
+             else [("F", m) for m in range(micro)])
+    warm = min(stages - stage - 1, micro)
+    events: list[tuple[str, str, int]] = []
+    deferred: list[int] = []
+    for op, m in order:
+        if op == "F":
+            events += [] if first else [("recv", "F", m)]
+            events.append(("run", "F", m))
+            if not last and backward and m >= warm:
+                deferred.append(m)
+            elif not last:
+                events.append(("send", "F", m))
+            continue
+        events += [] if last else [("recv", "B", m)]
+        events += [("send", "F", d) for d in deferred]
+        deferred.clear()
+        events.append(("run", "B", m))
+        events += [] if first else [("send", "B", m)]
+    return events
+
+
 def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[int, LayerShard],
                   reduce: Reduce, eps: float, stage: int, stages: int, p2p: Any,
                   microbatches: int, phase: Phase = no_timing,

@@ -10,6 +10,13 @@ inputs), one checked Allreduce of the gradients over the data group in a few fla
 buckets, the global gradient norm (sharded squares summed over the head group), and the
 optimizer on this rank's shard.
 
+With ``parallel.pipeline = P`` (world = data x pipeline x tensor) each stage holds its
+layers (stage 0 the embeddings, the last the MLM head and a copy of the tied word
+embedding) and runs the 1F1B schedule over ``parallel.microbatches`` micro-batches
+(``pipeline.stage_events``): activations and their gradients move as checked
+point-to-point messages, the tied embedding's gradient is summed over the two ends, loss
+and gradient norm over the stages.
+
 Data (``corpus``), checkpoints and their resume (``checkpoints``), the Hugging Face
 naming (``hf``) live in their own modules; this one holds the step and the loop.
 """
@@ -54,7 +61,9 @@ from .errors import ConfigError, InputError
 from .hf import from_hf, to_hf
 from .layout import TRAIN_PHASES
 from .model import BACKWARD_SITES, SITES, Embeddings, LayerShard, join_shards
-from .optim import Optimizer, clip_factor, global_norm, lr_at
+from .optim import Optimizer, clip_factor, global_norm, lr_at, squared_norms
+from .pipeline import BWD_SITE, micro_batches, stage_events, stage_layers
+from .pipeline import SITE as FWD_SITE
 from .progress import Progress
 from .shard import HeadShard, head_shard
 
@@ -62,28 +71,33 @@ PHASES = TRAIN_PHASES
 BUCKET_COLS, BUCKET_ROWS = 1024, 1024  # gradient buckets of at most 1 Mi elements
 GRAD_SITE = "grad"  # the gradient buckets over the data group (layer: bucket index)
 SUM_SITES = ("loss", "grad_norm", "eval")  # one-number sums (layer 0)
-TRAIN_SITES = (*SITES, *BACKWARD_SITES, GRAD_SITE, *SUM_SITES)  # where fault.inject may aim
+TIED_SITE = "grad.tied"  # the tied word embedding's gradient, first + last stage (layer 0)
+STAGE_SITES = (FWD_SITE, BWD_SITE, TIED_SITE)  # with parallel.pipeline > 1
+TRAIN_SITES = (*SITES, *BACKWARD_SITES, GRAD_SITE, *SUM_SITES, *STAGE_SITES)  # fault.inject
 _HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10..12)
 
 
 # --- parameters -------------------------------------------------------------------------
 
 
-def init_params(cfg: Config, shard: HeadShard, vocab: int) -> mlm.Params:
+def init_params(cfg: Config, shard: HeadShard, vocab: int,
+                layers: range | None = None) -> mlm.Params:
     """Seeded weights (or model.weights) for this rank's shard, and the MLM head: the
     checkpoint's when it has one, else a new one.
 
     A new head on a pretrained model is BERT's initialisation (dense N(0, 0.02^2), LayerNorm
     1 and 0, bias 0; Devlin et al. 2019, ``initializer_range``). On seeded weights its
     LayerNorm gain starts at 1/sqrt(hidden): the seeded word embeddings have unit variance,
-    so the tied decoder then starts with logits of unit scale.
+    so the tied decoder then starts with logits of unit scale. ``layers``: which layers to
+    build (a pipeline stage's; default all), each seeded by its model index.
     """
     from .weights import open_source
 
     model = dataclasses.replace(cfg.model, vocab=vocab)
     source = open_source(cfg.seed, model, np.dtype(cfg.dtype))
     emb = source.embeddings()
-    layers = [source.layer(i, shard) for i in range(model.layers)]
+    indices = range(model.layers) if layers is None else layers
+    built = [source.layer(i, shard) for i in indices]
     head = source.head()
     if head is None:
         h, dtype = model.hidden, np.dtype(cfg.dtype)
@@ -93,20 +107,42 @@ def init_params(cfg: Config, shard: HeadShard, vocab: int) -> mlm.Params:
         gain = 1.0 if model.weights else 1 / np.sqrt(h)
         head = mlm.MLMHead(dense.astype(dtype), np.zeros(h, dtype), np.full(h, gain, dtype),
                            np.zeros(h, dtype), np.zeros(vocab, dtype))
-    return mlm.Params(emb, layers, head)
+    return mlm.Params(emb, built, head, indices.start)
+
+
+def stage_params(whole: mlm.Params, stage: int, stages: int, total: int) -> mlm.Params:
+    """Pipeline stage ``stage``'s part of ``whole`` (all ``total`` layers, or already just
+    the stage's): its layers (``pipeline.stage_layers``), the embeddings on stage 0, the
+    MLM head and a copy of the tied word embedding on the last stage (Megatron-LM's
+    embedding group). With one stage: ``whole``."""
+    if stages == 1:
+        return whole
+    layers, first = whole.layers, whole.first
+    if len(layers) == total:  # the whole model's layers: take the stage's
+        span = stage_layers(total, stages, stage)
+        layers, first = layers[span.start: span.stop], span.start
+    emb = whole.emb if stage == 0 else None
+    if stage == stages - 1:
+        emb = Embeddings(whole.emb.word.copy(), None, None, None, None)
+    return mlm.Params(emb, layers, whole.head if stage == stages - 1 else None, first)
 
 
 def rebuild(template: mlm.Params, arrays: list[Any]) -> mlm.Params:
     """A Params with the structure of ``template`` and the tensors of ``arrays`` (in the
     order of ``mlm.named``)."""
     it = iter(arrays)
-    emb = Embeddings(*(next(it) for _ in dataclasses.fields(Embeddings)))
+    emb = None
+    if template.emb is not None:
+        emb = Embeddings(*(None if getattr(template.emb, f.name) is None else next(it)
+                           for f in dataclasses.fields(Embeddings)))
     layers = []
     for p in template.layers:
         values = {f.name: next(it) for f in dataclasses.fields(LayerShard) if f.name != "head_dim"}
         layers.append(LayerShard(**values, head_dim=p.head_dim))
-    head = mlm.MLMHead(*(next(it) for _ in dataclasses.fields(mlm.MLMHead)))
-    return mlm.Params(emb, layers, head)
+    head = None
+    if template.head is not None:
+        head = mlm.MLMHead(*(next(it) for _ in dataclasses.fields(mlm.MLMHead)))
+    return mlm.Params(emb, layers, head, template.first)
 
 
 # --- the communication a step needs ---------------------------------------------------
@@ -116,7 +152,12 @@ def rebuild(template: mlm.Params, arrays: list[Any]) -> mlm.Params:
 class Groups:
     """The two reductions: over the head group (activations, their gradients, norms) and
     over the data group (parameter gradients, losses). Checked Allreduces under MPI,
-    ``ThreadGroup`` members in tests, ``LocalReduce`` for one process."""
+    ``ThreadGroup`` members in tests, ``LocalReduce`` for one process.
+
+    With pipeline stages (``stages`` > 1) also: ``p2p`` (a ``transfers.CheckedP2P`` over
+    the pipeline communicator, rank = stage), ``pipe`` (a sum over the stages: loss and
+    gradient norm) and ``tied`` (a sum over the first and last stage, the tied word
+    embedding's gradient; None on the other stages)."""
 
     heads: Any
     data: Any
@@ -124,6 +165,12 @@ class Groups:
     head_rank: int = 0
     replicas: int = 1
     replica: int = 0
+    stages: int = 1
+    stage: int = 0
+    microbatches: int = 1
+    p2p: Any = None
+    pipe: Any = None
+    tied: Any = None
 
 
 def _sum(reduce: Any, values: list[float], site: str, xp: Any = np) -> np.ndarray:
@@ -155,9 +202,17 @@ def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int]
     ``grad`` fault's layer is the bucket index; the one-number sums have layer 0."""
     from .grid import GridShape
 
-    shape, m = GridShape.of(world_size, tensor), cfg.model
+    shape, m = GridShape.of(world_size, tensor, cfg.parallel.pipeline), cfg.model
 
     def span(site: str, rank: int) -> tuple[int, str]:
+        if site in STAGE_SITES:
+            if shape.pipeline == 1:
+                return 0, ("parallel.pipeline = 1 keeps every layer on one stage, so"
+                           " nothing moves between stages: raise parallel.pipeline")
+            if site == TIED_SITE:
+                return 1, f"site '{site}' sums one tensor a step"
+            return m.layers - 1, (f"site '{site}' is labelled by the last layer before a"
+                                  " stage boundary")
         if site in (GRAD_SITE, "loss", "eval"):  # summed over the data group
             if shape.data == 1:
                 return 0, (f"parallel.tensor = {tensor} of {world_size} ranks leaves one"
@@ -238,8 +293,105 @@ class Trainer:
         return (xp.asarray(b.ids), xp.asarray(b.key_mask), xp.asarray(b.positions),
                 xp.asarray(b.targets))
 
+    def _pipeline(self, batch: Batch, backward: bool) -> tuple[float, list[Any], float, float]:
+        """This stage's share of the batch over ``microbatches`` micro-batches: the 1F1B
+        schedule with its messages (``pipeline.stage_events``) with ``backward``, else
+        forwards only.
+
+        Activations (b, S, H) go to the next stage and their gradients come back as
+        checked point-to-point messages (sites ``activations`` and ``activations.bwd``,
+        labelled by the last layer before the boundary; tags m and M + m). Returns (the
+        summed loss of the micro-batches, 0 but on the last stage; the summed gradients in
+        ``mlm.named`` order, or [] without ``backward``; seconds forward, seconds backward).
+        """
+        from .backend import to_host
+
+        g, xp, clock = self.groups, self.xp, self.clock
+        first, last = g.stage == 0, g.stage == g.stages - 1
+        ids, mask = xp.asarray(batch.ids), xp.asarray(batch.key_mask)
+        seq, hidden, dtype = batch.ids.shape[1], self.cfg.model.hidden, np.dtype(self.cfg.dtype)
+        rows = micro_batches(batch.ids.shape[0], g.microbatches)
+        before = self.params.first - 1  # label of the boundary with the previous stage
+        after = self.params.first + len(self.params.layers) - 1  # ... with the next one
+        inputs: dict[int, Any] = {}  # received activations (F) or their gradients (B)
+        outputs: dict[tuple[str, int], Any] = {}  # to send: outputs (F), dL/d inputs (B)
+        caches: dict[int, Any] = {}
+        grads: list[Any] = []
+        loss = seconds_f = seconds_b = 0.0
+        for kind, op, m in stage_events(g.stages, g.stage, len(rows), backward):
+            r, t0 = rows[m], clock()
+            shape, tag = (r.stop - r.start, seq, hidden), m if op == "F" else len(rows) + m
+            site = FWD_SITE if op == "F" else BWD_SITE
+            peer, label = ((g.stage - 1, before) if (kind == "recv") == (op == "F")
+                           else (g.stage + 1, after))
+            if kind == "recv":
+                buf = np.empty(shape, dtype)  # host: checked p2p
+                g.p2p.recv(buf, peer, site=site, layer=label, tag=tag)
+                inputs[m] = xp.asarray(buf)
+            elif kind == "send":
+                g.p2p.send(to_host(outputs.pop((op, m))), peer, site=site, layer=label,
+                           tag=tag)
+            elif op == "F":
+                lo, hi = r.start * seq, r.stop * seq
+                sel = (batch.positions >= lo) & (batch.positions < hi)
+                pos, tgt = xp.asarray(batch.positions[sel] - lo), xp.asarray(batch.targets[sel])
+                out, cache = mlm.stage_forward(self.params, ids[r] if first else inputs.pop(m),
+                                               mask[r], pos, tgt, batch.scale, g.heads,
+                                               self.eps, self.impl, self.block,
+                                               first_stage=first, last_stage=last)
+                if last:
+                    loss += float(out)
+                else:
+                    outputs[("F", m)] = out
+                if backward:
+                    caches[m] = cache
+            else:
+                dx, part = mlm.stage_backward(caches.pop(m), inputs.pop(m, None), g.heads)
+                arrays = [a for _, a, _ in mlm.named(part)]
+                if grads:
+                    for total, a in zip(grads, arrays, strict=True):
+                        total += a
+                else:  # a copy: nothing of a later micro-batch may write into it
+                    grads = [a.copy() for a in arrays]
+                if not first:
+                    outputs[("B", m)] = dx
+            if op == "F":
+                seconds_f += clock() - t0
+            else:
+                seconds_b += clock() - t0
+        return loss, grads, seconds_f, seconds_b
+
+    def _pipeline_step(self, step: int) -> StepResult:
+        """``step`` with pipeline stages: the 1F1B schedule, the tied word embedding's
+        gradient summed over the first and last stage, the data group's buckets, the loss
+        and the gradient norm (sum of squares over every stage, the tied copy once) summed
+        over the stages, the optimizer on this stage's parameters."""
+        g, clock = self.groups, self.clock
+        seconds = dict.fromkeys(PHASES, 0.0)
+        batch = train_batch(self.corpus, self.cfg, step, g.replicas, g.replica)
+        loss, grads, seconds["forward"], seconds["backward"] = self._pipeline(batch, True)
+        t2 = clock()
+        if g.tied is not None:  # emb.word is the first tensor of both ends' lists
+            grads[0][...] = g.tied(grads[0], site=TIED_SITE, layer=0)
+        if g.replicas > 1:
+            self.buckets.allreduce(grads, g.data)
+            loss = float(_sum(g.data, [loss], "loss", self.xp)[0])
+        t3 = clock()
+        once = slice(1, None) if g.stage == g.stages - 1 else slice(None)  # the tied copy
+        sharded, plain = squared_norms(grads[once], self.sharded[once])
+        local = float(_sum(g.heads, [sharded], "grad_norm", self.xp)[0]) + plain
+        total, loss = (float(v) for v in _sum(g.pipe, [local, loss], "grad_norm", self.xp))
+        norm = float(np.sqrt(total))
+        lr = lr_at(step, self.cfg.train)
+        self.opt.step(self.arrays(), grads, lr, step, clip_factor(norm, self.cfg.train.clip))
+        t4 = clock()
+        seconds.update(allreduce=t3 - t2, optimizer=t4 - t3)
+        return StepResult(loss, lr, norm, seconds)
+
     def step(self, step: int) -> StepResult:
         g, clock = self.groups, self.clock
+        if g.stages > 1:
+            return self._pipeline_step(step)
         seconds = dict.fromkeys(PHASES, 0.0)
         batch = train_batch(self.corpus, self.cfg, step, g.replicas, g.replica)
         ids, mask, pos, tgt = self._device(batch)
@@ -270,12 +422,17 @@ class Trainer:
             if stop is not None and stop():
                 return None
             batch = eval_batch(self.corpus, self.cfg, index, g.replicas, g.replica)
+            if g.stages > 1:  # forwards only; the loss on the last stage
+                total += self._pipeline(batch, False)[0]
+                continue
             ids, mask, pos, tgt = self._device(batch)
             loss, _ = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
                                         g.heads, self.eps, self.impl, self.block)
             total += loss
         if g.replicas > 1:
             total = float(_sum(g.data, [total], "eval", self.xp)[0])
+        if g.stages > 1:
+            total = float(_sum(g.pipe, [total], "eval", self.xp)[0])
         return total / self.cfg.train.eval_batches
 
 
@@ -342,10 +499,6 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
                           " vocabulary (its mpiattn_vocab.json): continue its training from"
                           " its checkpoint with --resume (run and export take the folder)")
     apply_checkpoint_shape(cfg)
-    if cfg.parallel.pipeline > 1:
-        raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline}: training has no"
-                          " pipeline schedule (1F1B) yet; pipeline stages run in mpiattn run"
-                          " only: set parallel.pipeline = 1")
     if cfg.output.head_stats or cfg.output.attention_maps:
         raise ConfigError("output.head_stats and output.attention_maps are written by mpiattn"
                           " run only: remove them from the training config")
@@ -396,6 +549,29 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     return (tensor, corpus, ck, resume, tokenizer), input_digests(cfg, files)
 
 
+def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
+    """Collective over the pipeline communicator: (the checked point-to-point messages
+    between stages, the checked sum over the stages, the checked sum over the first and
+    last stage or None on the others: Megatron-LM's embedding group)."""
+    from mpi4py import MPI
+
+    from .checksum import parse_faults
+    from .placement import make_reducer
+    from .transfers import CheckedP2P, FaultPlan, RetryPolicy
+
+    grid = plan.grid
+    comm, ranks = grid.comm("pipeline"), grid.group_ranks("pipeline")
+    stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
+    p2p = CheckedP2P(comm, RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
+                     FaultPlan(parse_faults(cfg.fault.inject, TRAIN_SITES), grid.rank),
+                     group_ranks=ranks, abort_on_failure=True)
+    pipe = make_reducer(cfg, plan, comm, ranks, TRAIN_SITES)
+    end = stage in (0, stages - 1)
+    ends = comm.Split(color=0 if end else MPI.UNDEFINED, key=stage)
+    tied = make_reducer(cfg, plan, ends, [ranks[0], ranks[-1]], TRAIN_SITES) if end else None
+    return p2p, pipe, tied
+
+
 def _flags(world: Any, *values: int) -> list[int]:
     """Collective: the maximum over all ranks of each small integer (one tiny Allreduce)."""
     from mpi4py import MPI
@@ -435,14 +611,20 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     xp, m = backend.xp, cfg.model
     heads = make_reducer(cfg, plan, sites=TRAIN_SITES)
     data = make_reducer(cfg, plan, grid.comm("data"), grid.group_ranks("data"), TRAIN_SITES)
+    stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     groups = Groups(heads, data, tensor, grid.coord("tensor"), grid.axis_size("data"),
-                    grid.coord("data"))
+                    grid.coord("data"), stages, stage, cfg.parallel.microbatches)
+    if stages > 1:
+        groups.p2p, groups.pipe, groups.tied = _stage_links(cfg, plan)
 
-    params = init_params(cfg, shard, corpus.vocab)
+    def part(whole: mlm.Params) -> mlm.Params:
+        return stage_params(whole, stage, stages, m.layers)
+
+    params = part(init_params(cfg, shard, corpus.vocab, stage_layers(m.layers, stages, stage)))
     history, start = History(), 0
     kept = untrained_tensors(cfg, ck) if rank == 0 else {}
     if ck is not None:
-        params = mlm.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard))
+        params = part(mlm.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard)))
         history, start = ck.history, ck.step
     dev = [xp.asarray(a) for _, a, _ in mlm.named(params)]
     params = rebuild(params, dev)
@@ -451,14 +633,15 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         for kind in trainer.opt.names:
             full = ck.state[kind]
             emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
-            arrays = [a for _, a, _ in mlm.named(mlm.Params(emb, layers, head))]
+            arrays = [a for _, a, _ in mlm.named(part(mlm.Params(emb, layers, head)))]
             for target, value in zip(trainer.opt.state[kind], arrays, strict=True):
                 target[...] = xp.asarray(value)
     written: set[Path] = set()  # checkpoints this job wrote: the next may replace them
 
     def gather(optimizer: bool = True) -> dict[str, dict[str, np.ndarray]]:
         """The whole model (and optimizer state) in HF naming, on rank 0 (replica 0 holds
-        it; the head group gathers its shards); {} elsewhere."""
+        it; each stage's head group gathers its shards, then the stages gather to stage 0:
+        embeddings from the first, the head from the last); {} elsewhere."""
         full = {}
         if grid.coord("data") == 0:
             kinds = trainer.opt.names if optimizer else []
@@ -466,10 +649,13 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                     (kind, trainer.opt.state[kind]) for kind in kinds]:
                 p = rebuild(trainer.params, [to_host(a) for a in arrays])
                 pieces = grid.comm("tensor").gather(p.layers, root=0)
-                if grid.coord("tensor") == 0:
-                    layers = [join_shards([pc[i] for pc in pieces])
-                              for i in range(m.layers)]
-                    full[key] = to_hf(p.emb, layers, p.head)
+                if grid.coord("tensor") != 0:
+                    continue
+                layers = [join_shards([pc[i] for pc in pieces]) for i in range(len(p.layers))]
+                parts = grid.comm("pipeline").gather((p.emb, layers, p.head), root=0)
+                if stage == 0:
+                    every = [lay for _, lays, _ in parts for lay in lays]
+                    full[key] = to_hf(parts[0][0], every, parts[-1][2])
                     if key == "params":
                         full[key].update(kept)
         return full
@@ -552,6 +738,10 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
     host_info = world.gather((socket.gethostname(), backend.device))
     mine = [(grid.coord("data"), r) for r in heads.records] if grid.coord("tensor") == 0 else []
+    if stages > 1 and grid.coord("tensor") == 0:  # the messages between stages, received here
+        mine += [(grid.coord("data"), r) for r in groups.p2p.records]
+        if stage == 0:  # the sums over the stages and over the tied embedding's two ends
+            mine += [(grid.coord("data"), r) for r in groups.pipe.records + groups.tied.records]
     mine += [(grid.coord("data"), r) for r in data.records] if grid.coord("data") == 0 else []
     records = world.gather(mine)
     folder = None if stopped else export_folder(cfg, out_path)

@@ -75,8 +75,11 @@ def test_train_takes_its_sites(corpus, site, tensor):
     ("mlp.bwd", 2, 2, "layer = 2 but the model has 2 layers (0..1)"),
     ("attention.bwd", 0, 1, "site = 'attention.bwd': parallel.tensor = 1 puts every head on"
                             " one rank, so nothing is summed there: raise parallel.tensor"),
-    ("activations", 0, 2, "site = 'activations' is not a site of mpiattn train: use one of"
-                          f" {', '.join(TRAIN_SITES)}"),
+    ("activations", 0, 2, "site = 'activations': parallel.pipeline = 1 keeps every layer on"
+                          " one stage, so nothing moves between stages: raise"
+                          " parallel.pipeline"),
+    ("attention.fwd", 0, 2, "site = 'attention.fwd' is not a site of mpiattn train: use one"
+                            f" of {', '.join(TRAIN_SITES)}"),
 ])
 def test_train_refuses_faults_that_cannot_fire(corpus, site, layer, tensor, text):
     with pytest.raises(ConfigError) as info:
