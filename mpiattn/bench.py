@@ -9,6 +9,11 @@ the attention block and the whole layer in model FLOP/s and as a fraction of tha
 the checked Allreduce (latency, bus bandwidth) against a plain memory copy, the per-phase
 breakdown and load imbalance, peak memory per rank, checksums on vs off, and optionally a
 sweep over sequence lengths. Inputs are full-length sequences, so no FLOP is skipped.
+
+With ``parallel.pipeline = P > 1`` (``bench_pipeline``) it times the whole pipelined
+forward instead (``pipeline.stage_forward`` on every stage, as ``mpiattn run`` does):
+per rank its stage and per-phase seconds (``p2p`` and ``bubble`` included), the measured
+bubble fraction against GPipe's ideal (P-1)/(M+P-1), and the time per layer.
 """
 
 from __future__ import annotations
@@ -26,9 +31,18 @@ from . import h5io, jobkit
 from .attention import KeyMask
 from .backend import get_array_module
 from .config import Config
-from .layout import PHASES, BenchResult, write_bench, write_provenance
+from .layout import (
+    PHASES,
+    BenchResult,
+    PipelineBenchResult,
+    write_bench,
+    write_pipeline_bench,
+    write_provenance,
+)
 from .model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
-from .placement import attention_options, load_shards
+from .pipeline import PHASES as PIPELINE_PHASES
+from .pipeline import micro_batches, stage_forward, stage_layers
+from .placement import attention_options, load_shards, make_p2p
 from .runner import setup
 
 
@@ -142,6 +156,8 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
     cfg.output.layers = "none"
     p, reducer, out = setup(cfg, world, out_path, force, "bench")
     try:
+        if p.grid.axis_size("pipeline") > 1:
+            return bench_pipeline(cfg, world, p, reducer, out, started, repeats)
         return _bench(cfg, world, p, reducer, out, started, repeats, sweep)
     finally:
         if out is not None:
@@ -262,5 +278,109 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
           f" {comm_table['copy_bandwidth'][i] / 1e9:.2f} GB/s; 8 B latency"
           f" {comm_table['seconds'][0] * 1e6:.1f} us")
     print(f"  peak memory     {memory.max() / 2**30:.2f} GiB per rank (max)")
+    print(f"wrote {path}")
+    return path
+
+
+def ideal_bubble(stages: int, micro: int) -> float:
+    """GPipe's idle fraction of a stage, (P-1)/(M+P-1), for P equal stages and M
+    micro-batches with free messages (Huang et al., "GPipe", 2019, section 2.3)."""
+    return (stages - 1) / (micro + stages - 1)
+
+
+def bubble_fractions(job_s: float, own_s: np.ndarray, waited_s: np.ndarray) -> np.ndarray:
+    """Per rank, the fraction of the job's forward (``job_s``, seconds: the slowest rank's)
+    that the rank was idle: not working (its own forward ``own_s`` less the time
+    ``waited_s`` it waited for its input, the ``bubble`` phase) — the fill wait before its
+    first micro-batch, the gaps between them and the drain after its last. Clipped to
+    [0, 1] (timer noise)."""
+    busy = np.asarray(own_s, dtype=float) - np.asarray(waited_s, dtype=float)
+    return np.clip((job_s - busy) / job_s, 0.0, 1.0) if job_s > 0 else np.zeros_like(busy)
+
+
+def bench_pipeline(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
+                   started: dt.datetime, repeats: int) -> Path | None:
+    """The pipelined forward of the whole model, ``repeats`` times after one warm-up:
+    per rank its stage, per-phase seconds per forward, its own forward time and idle
+    (bubble) fraction; the job's forward (slowest rank per repeat), the time per layer,
+    the point-to-point bandwidth between stages; written to ``/bench/pipeline``."""
+    from .comm import gather_rows
+
+    rank, grid = world.Get_rank(), p.grid
+    xp, sync = p.backend.xp, p.backend.sync
+    m, dtype = cfg.model, np.dtype(cfg.dtype)
+    stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
+    count, start = p.rows
+    mine = p.batch.rows(start, count)
+    micro = len(micro_batches(count, cfg.parallel.microbatches))
+    my_layers = stage_layers(m.layers, stages, stage)
+    emb, shards = load_shards(cfg, p, world, my_layers)
+    layers = dict(zip(my_layers, shards, strict=True))
+    ids, mask = xp.asarray(mine.ids), xp.asarray(mine.mask)
+    types = None if mine.types is None else xp.asarray(mine.types)
+    options, eps = attention_options(cfg, p), m.layer_norm_eps
+    p2p = make_p2p(cfg, p)
+    phases = PHASES + PIPELINE_PHASES
+    timer = PhaseTimer(p.backend.timer(), phases)
+    seq = p.batch.shape[1]
+    if rank == 0:
+        print(f"bench: pipeline {stages} stages x {grid.axis_size('tensor')} head ranks x"
+              f" {grid.axis_size('data')} replicas, {m.layers} layers, {micro} micro-batches,"
+              f" batch {p.batch.shape[0]} x seq {seq}, {cfg.dtype}", flush=True)
+
+    def forward(phase: Phase = no_timing) -> Any:
+        return stage_forward(ids, mask, types, emb, layers, reducer, eps, stage, stages, p2p,
+                             cfg.parallel.microbatches, phase, None, options,
+                             cfg.parallel.overlap)
+
+    forward()  # warm-up, untimed
+    own = timed(world, sync, lambda: forward(timer), repeats, warmup=0)
+    job = slowest(world, own)
+    per_phase = np.zeros(len(phases))
+    for (_, name), sec in timer.seconds.items():
+        per_phase[phases.index(name)] += sec
+    per_phase /= repeats  # seconds per forward
+    all_phases = gather_rows(world, per_phase[None])
+    own_mean = gather_rows(world, np.array([own.mean()]))
+    stage_of = gather_rows(world, np.array([stage], dtype=np.int64))
+    memory = gather_rows(world, np.array([p.backend.memory_high_water()], dtype=np.int64))
+    message = -(-count // micro) * seq * m.hidden * dtype.itemsize  # bytes per micro-batch
+    sent = 0 if stage == stages - 1 else micro * message
+    sent_all = gather_rows(world, np.array([sent], dtype=np.int64))
+    host_info = world.gather((socket.gethostname(), p.backend.device))
+    if rank != 0:
+        return jobkit.conclude(world, None)
+
+    bubble = phases.index("bubble")
+    fractions = bubble_fractions(float(job.mean()), own_mean, all_phases[:, bubble])
+    p2p_s = all_phases[:, phases.index("p2p")]
+    senders = sent_all > 0
+    bandwidth = float(sent_all[senders].sum() / p2p_s[senders].sum()) if np.any(
+        senders & (p2p_s > 0)) else 0.0
+    result = PipelineBenchResult(
+        stages=stages, microbatches=micro, layers=m.layers, seconds=job, stage=stage_of,
+        phases=all_phases, phase_names=phases, forward_per_rank=own_mean,
+        bubble_fraction=fractions, ideal=ideal_bubble(stages, micro),
+        message_bytes=message, p2p_bandwidth=bandwidth, memory=memory,
+        checksum_mode=reducer.mode)
+    path = out.path
+
+    def write() -> None:
+        with h5io.atomic_file(out) as fh:
+            write_provenance(fh, cfg, p, started, "bench", host_info)
+            write_pipeline_bench(fh, result)
+
+    jobkit.conclude(world, write)
+    t = float(np.median(job))
+    print(f"  forward         {t * 1e3:8.1f} ms  (spread {np.ptp(job) * 1e3:.1f} ms),"
+          f" {t / m.layers * 1e3:.2f} ms per layer")
+    for s in range(stages):
+        on = stage_of == s
+        print(f"  stage {s:<9} bubble {fractions[on].mean():5.3f}, waited"
+              f" {all_phases[on, bubble].mean() * 1e3:.1f} ms, p2p"
+              f" {p2p_s[on].mean() * 1e3:.1f} ms")
+    print(f"  pipeline        bubble {fractions.mean():.3f} measured vs"
+          f" {result.ideal:.3f} ideal (P-1)/(M+P-1), P={stages} M={micro}; p2p"
+          f" {bandwidth / 1e9:.2f} GB/s")
     print(f"wrote {path}")
     return path

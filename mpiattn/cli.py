@@ -306,15 +306,15 @@ def _bench_args(args: argparse.Namespace) -> tuple[Any, list[int]]:
     from .errors import ConfigError
 
     cfg = _load_config(args)
-    if cfg.parallel.pipeline > 1:
-        raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline}: bench times one layer;"
-                          " pipeline stages run in mpiattn run and train: set"
-                          " parallel.pipeline = 1")
     try:
         sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--sweep expects comma-separated lengths, got '{args.sweep}'"
                           ) from None
+    if sweep and cfg.parallel.pipeline > 1:
+        raise ConfigError(f"--sweep times one layer; parallel.pipeline = {cfg.parallel.pipeline}"
+                          " times the pipelined forward: drop --sweep or set"
+                          " parallel.pipeline = 1")
     if not 1 <= args.repeats <= 10_000:
         raise ConfigError(f"--repeats {args.repeats}: give 1 to 10000 timed repeats")
     bad = [x for x in sweep if not 1 <= x <= cfg.model.max_positions]

@@ -205,6 +205,59 @@ def write_bench(fh: Any, r: BenchResult) -> None:
     fh.attrs["status"] = "complete"
 
 
+@dataclass
+class PipelineBenchResult:
+    """What ``mpiattn bench`` measured of a pipelined forward (``bench.bench_pipeline``),
+    as it goes to ``/bench/pipeline`` and ``/bench/phases``."""
+
+    stages: int  # P
+    microbatches: int  # M
+    layers: int  # of the whole model
+    seconds: np.ndarray  # (repeat,) s: the slowest rank's forward
+    stage: np.ndarray  # (rank,) pipeline stage
+    phases: np.ndarray  # (rank, phase) s per forward
+    phase_names: tuple[str, ...]
+    forward_per_rank: np.ndarray  # (rank,) s: mean own forward
+    bubble_fraction: np.ndarray  # (rank,) idle fraction of the job's forward
+    ideal: float  # (P-1)/(M+P-1)
+    message_bytes: int  # per micro-batch between two stages
+    p2p_bandwidth: float  # bytes/s: sent bytes over time in the p2p phase
+    memory: np.ndarray  # (rank,) peak bytes
+    checksum_mode: str
+
+
+def write_pipeline_bench(fh: Any, r: PipelineBenchResult) -> None:
+    """``/bench/pipeline`` (forward seconds per repeat; per rank: stage, forward, bubble
+    fraction), ``/bench/phases/seconds`` (rank, phase; ``p2p`` and ``bubble`` its own
+    phases) and peak memory."""
+    g = fh.create_group("bench")
+    pg = g.create_group("pipeline")
+    t = float(np.median(r.seconds))
+    h5io.write_array(pg, "forward_seconds", r.seconds, ("repeat",), units="s",
+                     description="the whole pipelined forward, slowest rank per repeat")
+    h5io.write_array(pg, "stage", r.stage, ("rank",), long_name="pipeline stage")
+    h5io.write_array(pg, "forward_per_rank", r.forward_per_rank, ("rank",), units="s",
+                     description="mean time from the barrier to this rank's last message")
+    h5io.write_array(pg, "bubble_fraction", r.bubble_fraction, ("rank",), units="1",
+                     description="idle share of the job's forward: 1 - (own forward -"
+                     " waiting for input) / slowest forward (GPipe's bubble)")
+    pg.attrs.update({
+        "stages": r.stages, "microbatches": r.microbatches, "layers": r.layers,
+        "median_s": t, "spread_s": float(np.ptp(r.seconds)),
+        "time_per_layer_s": t / r.layers,
+        "bubble_fraction": float(np.mean(r.bubble_fraction)),
+        "ideal_bubble_fraction": r.ideal,
+        "ideal_formula": "(P-1)/(M+P-1) (Huang et al., GPipe, 2019)",
+        "message_bytes": r.message_bytes, "p2p_bytes_per_second": r.p2p_bandwidth})
+    write_phase_seconds(g.create_group("phases"), r.phases, ("rank", "phase"), r.phase_names,
+                        description="seconds per forward, summed over the stage's layers")
+    h5io.write_array(g, "memory/peak_bytes", r.memory, ("rank",), units="bytes",
+                     description="peak RSS (CPU) or CuPy pool total (GPU)")
+    g.attrs["checksum_mode"] = r.checksum_mode
+    fh.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
+    fh.attrs["status"] = "complete"
+
+
 # --- training files -----------------------------------------------------------------------
 
 TRAIN_PHASES = ("forward", "backward", "allreduce", "optimizer", "checkpoint")
