@@ -784,7 +784,8 @@ class BenchFile(File):
         group = self.h5.get("bench")
         for name in group if isinstance(group, h5py.Group) else ():
             sub = group[name]
-            if not isinstance(sub, h5py.Group) or "median_s" not in sub.attrs:
+            if (not isinstance(sub, h5py.Group) or "median_s" not in sub.attrs
+                    or name == "pipeline"):  # the pipelined forward: ``pipeline()``
                 continue
             names.append(name)
             for k in fields:
@@ -814,6 +815,24 @@ class BenchFile(File):
                              f" {len(names)}")
         return _frame({k: table[:, i] for i, k in enumerate(names)}, None,
                       {"seconds": "s", "flops_per_second": "FLOP/s"}, raw, "bench/sweep")
+
+    def pipeline(self) -> dict[str, float]:
+        """The pipelined forward's scalars (``/bench/pipeline``'s attributes: stages,
+        microbatches, layers, median_s, time_per_layer_s [s], bubble_fraction and
+        ideal_bubble_fraction (P-1)/(M+P-1), message_bytes [B], p2p_bytes_per_second
+        [B/s]); empty for a one-layer bench."""
+        group = self.h5.get("bench/pipeline")
+        if group is None:
+            return {}
+        out = {}
+        for key in ("stages", "microbatches", "layers", "median_s", "time_per_layer_s",
+                    "bubble_fraction", "ideal_bubble_fraction", "message_bytes",
+                    "p2p_bytes_per_second"):
+            if key in group.attrs:
+                v = scalar(h5safe.attr(group, key), f"attribute '{key}' of /bench/pipeline")
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[key] = float(v)
+        return out
 
     @property
     @_guarded

@@ -188,6 +188,9 @@ def _read_bench(f: api.BenchFile, ranks: Columns) -> dict[str, Any]:
     if isinstance(sweep, dict):
         out["sweep"] = sweep
     results = f.results
+    pipe = f.pipeline()
+    if pipe:
+        out["pipeline"] = pipe
     out["results"] = results
     out["checksum_mode"] = str(results.get("checksum_mode", ""))
     return out
@@ -364,6 +367,8 @@ def bench_summary(rf: Loaded) -> dict[str, Any] | None:
         t = b["nccl"]
         out["allreduce"] = {"units": NCCL_UNITS, "rows": [
             {c: t[c][i] for c in t} for i in range(len(t["size"]))]}
+    if "pipeline" in b:
+        out["pipeline"] = dict(b["pipeline"])
     if "sweep" in b:
         s = b["sweep"]
         out["sweep"] = [{c: s[c][i] for c in s} for i in range(len(next(iter(s.values()))))]
@@ -504,6 +509,14 @@ def format_bench(b: dict[str, Any]) -> list[str]:
         for name, k in b["kernels"].items():
             lines.append(f"  {name:<16}{k['median_s'] * 1e3:>11.3f}{k['spread_s'] * 1e3:>11.3f}"
                          f"{k['flops_per_second'] / 1e9:>10.3f}{k['fraction_of_peak']:>10.3f}")
+    pipe = b.get("pipeline")
+    if pipe:
+        lines.append(f"  pipeline  {int(pipe.get('stages', 0))} stages x"
+                     f" {int(pipe.get('microbatches', 0))} micro-batches: bubble"
+                     f" {pipe.get('bubble_fraction', float('nan')):.3f} measured vs"
+                     f" {pipe.get('ideal_bubble_fraction', float('nan')):.3f} ideal"
+                     " (P-1)/(M+P-1); per layer"
+                     f" {pipe.get('time_per_layer_s', float('nan')) * 1e3:.3f} ms")
     scalars = []
     if "imbalance" in b:
         scalars.append(f"imbalance {b['imbalance']:.3f} (max/mean layer time over ranks)")
