@@ -19,6 +19,13 @@ Two fitted models, both stated in the output with their numbers:
    (column sums, hash) that the run's "allreduce" phase also holds. Bytes on the wire:
    ``(N+2)·H·8`` with ABFT checksums in float64, ``N·H·elt`` without.
 
+3. Pipeline stages (``--layout best`` weighs them against heads and replicas): P stages of
+   ceil(L/P) layers, M micro-batches (GPipe): ``forward = ceil(L/P)·layer·(M+P-1)/M +
+   (M+P-2)·(α + b·S·H·elt·β)``; the bubble is (P-1)/(M+P-1) of the stage time (Huang et al.,
+   "GPipe", 2019), and a micro-batch of b = ceil(B/(D·M)) sequences crosses each boundary
+   as one point-to-point message at the fitted Allreduce α, β (inter-node ones when the
+   ranks span nodes). M = ``parallel.microbatches`` (``--set``), else min(rows, 4P).
+
 Inputs: ``mpiattn bench`` files (``/bench/allreduce`` bytes/seconds/ranks, ``/bench/gemm``)
 and/or run files at several rank counts. Only h5py and NumPy are needed.
 """
@@ -48,7 +55,7 @@ CHECK_ROWS = 2  # rows an ABFT partial carries on top of its N rows (sum and |su
 PLAN_KEYS = {
     "model.hidden": int, "model.heads": int, "model.layers": int, "model.ffn": int,
     "input.batch": int, "input.seq_len": int, "dtype": str, "checksum.mode": str,
-    "checksum.wire": str,
+    "checksum.wire": str, "parallel.microbatches": int,
 }
 DEFAULT_RANKS = [1 << i for i in range(11)]  # 1 .. 1024
 MAX_RANKS = 2**20  # the largest rank count (and ranks per node) plan predicts
@@ -69,6 +76,7 @@ class Job:
     dtype: str = "float32"
     checksum: str = "abft"
     wire: str = "float64"
+    microbatches: int = 0  # per pipeline; 0: min(rows, 4 x stages)
 
     @classmethod
     def from_file(cls, rf: Loaded) -> Job:
@@ -106,7 +114,8 @@ def job_with(job: Job, overrides: list[str]) -> Job:
     values = asdict(job)
     names = {"model.layers": "layers", "model.heads": "heads", "model.hidden": "hidden",
              "model.ffn": "ffn", "input.batch": "batch", "input.seq_len": "seq_len",
-             "dtype": "dtype", "checksum.mode": "checksum", "checksum.wire": "wire"}
+             "dtype": "dtype", "checksum.mode": "checksum", "checksum.wire": "wire",
+             "parallel.microbatches": "microbatches"}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -402,8 +411,40 @@ def layouts(job: Job, n: int) -> list[tuple[int, int]]:
     return [(n // t, t) for t in sorted(divisors) if t <= job.heads and n // t <= job.batch]
 
 
-def predict_layout(job: Job, f: Fit, tgt: Target, data: int, tensor: int) -> dict[str, Any]:
-    n = data * tensor
+def pipeline_layouts(job: Job, n: int) -> list[tuple[int, int, int]]:
+    """(data, tensor, pipeline) splits of n ranks: P <= layers stages, each a (D, T) split
+    of n/P ranks (``layouts``)."""
+    return [(d, t, stages) for stages in range(1, min(n, job.layers) + 1) if n % stages == 0
+            for d, t in layouts(job, n // stages)]
+
+
+def bubble_fraction(stages: int, micro: int) -> float:
+    """GPipe's idle fraction of a pipeline, (P-1)/(M+P-1) (Huang et al., 2019)."""
+    return (stages - 1) / (micro + stages - 1)
+
+
+def micro_count(job: Job, rows: int, stages: int) -> int:
+    """Micro-batches of a replica's ``rows`` sequences: ``job.microbatches`` (at most one
+    per sequence), else min(rows, 4 x stages) (GPipe: M >= 4P hides the bubble)."""
+    if stages == 1:
+        return 1
+    return max(1, min(rows, job.microbatches or 4 * stages))
+
+
+def best_axis(r: dict[str, Any]) -> str:
+    """The axis a layout mostly splits on: layers (pipeline), heads (tensor) or the batch
+    (data), by the largest factor; "none" on one rank."""
+    factors = {"layers": r.get("pipeline", 1), "heads": r["tensor"], "batch": r["data"]}
+    top = max(factors.values())
+    return "none" if top == 1 else next(k for k, v in factors.items() if v == top)
+
+
+def predict_layout(job: Job, f: Fit, tgt: Target, data: int, tensor: int,
+                   stages: int = 1) -> dict[str, Any]:
+    """Predicted seconds of one layout: ``layer_s`` per model layer (a pipeline's: its
+    forward less the one-off part over the layers), ``forward_s``; with ``stages`` > 1 the
+    bubble and the point-to-point seconds per forward (module docstring, 3.)."""
+    n = data * tensor * stages
     rpn = tgt.ranks_per_node or n
     local = min(n, rpn)
     k = threads_for(tgt.cores, local)
@@ -418,21 +459,38 @@ def predict_layout(job: Job, f: Fit, tgt: Target, data: int, tensor: int) -> dic
     a, b = (tgt.alpha_inter, tgt.beta_inter) if spans else (f.alpha, f.beta)
     allreduce = 2 * (f.h * nbytes / sp + ring(tensor, nbytes, a, b))
     layer = compute + allreduce
-    return {"ranks": n, "data": data, "tensor": tensor, "nodes": math.ceil(n / rpn),
+    micro = micro_count(job, rows, stages)
+    per_stage = math.ceil(job.layers / stages)
+    p2p = 0.0
+    if stages > 1:
+        message = math.ceil(rows / micro) * job.seq_len * job.hidden * job.elt
+        across = tgt.ranks_per_node is not None and n > rpn
+        a, b = (tgt.alpha_inter, tgt.beta_inter) if across else (f.alpha, f.beta)
+        p2p = (micro + stages - 2) * (a + message * b)
+    layers_s = per_stage * layer * (micro + stages - 1) / micro + p2p
+    return {"ranks": n, "data": data, "tensor": tensor, "pipeline": stages,
+            "microbatches": micro, "nodes": math.ceil(n / rpn),
             "heads_per_rank": heads, "threads": k, "speed": sp, "wire_bytes": nbytes,
             "inter_node": spans, "compute_s": compute, "allreduce_s": allreduce,
-            "layer_s": layer, "forward_s": layer * job.layers + f.once / share}
+            "bubble_fraction": bubble_fraction(stages, micro), "p2p_s": p2p,
+            "layer_s": layers_s / job.layers, "forward_s": layers_s + f.once / share}
 
 
 def predict(job: Job, f: Fit, tgt: Target, n: int, layout: str = "heads"
             ) -> dict[str, Any] | None:
     """The prediction at n ranks: heads first (the most head ranks that fit, as
-    ``parallel.tensor = 0`` does up to model.heads), or the fastest split ("best")."""
+    ``parallel.tensor = 0`` does up to model.heads), or the fastest split of data x heads x
+    pipeline stages ("best"), with ``axis`` the one it mostly splits (``best_axis``)."""
+    if layout == "best":
+        options = [predict_layout(job, f, tgt, d, t, s) for d, t, s in pipeline_layouts(job, n)]
+        if not options:
+            return None
+        best = min(options, key=lambda r: r["forward_s"])
+        best["axis"] = best_axis(best)
+        return best
     options = [predict_layout(job, f, tgt, d, t) for d, t in layouts(job, n)]
     if not options:
         return None
-    if layout == "best":
-        return min(options, key=lambda r: r["layer_s"])
     return max(options, key=lambda r: r["tensor"])
 
 
@@ -445,7 +503,8 @@ def table(job: Job, f: Fit, tgt: Target, ranks: list[int], layout: str = "heads"
         if r is None:
             rows.append({"ranks": n, "impossible": f"needs ranks <= heads x batch ="
                          f" {job.heads * job.batch} with a split D x T, T <= {job.heads},"
-                         f" D <= {job.batch}"})
+                         f" D <= {job.batch}" + (f" (x P <= {job.layers} stages)"
+                                                 if layout == "best" else "")})
             continue
         if base is None:
             base = r
@@ -479,8 +538,10 @@ def assumptions(f: Fit, tgt: Target, layout: str = "heads") -> list[str]:
     out = [
         f"placement: {where}; BLAS threads per rank = cores // ranks on the node (runner's"
         " rule); ranks beyond the cores time-share them (a rank gets min(1, c/n) of a core)",
-        ("layout: for each N the data x head split (heads <= model.heads, replicas <="
-         " input.batch) with the shortest predicted layer" if layout == "best" else
+        ("layout: for each N the data x head x pipeline split (heads <= model.heads,"
+         " replicas <= input.batch, stages <= model.layers) with the shortest predicted"
+         " forward; axis = the largest factor (batch, heads or layers)" if layout == "best"
+         else
          "layout: for each N the most head ranks T <= model.heads that divide N; the rest"
          " data-parallel replicas (<= input.batch); --layout best picks the fastest split"),
         "compute scales with the rank's heads (ceil(heads/T)) and sequences (ceil(B/D)); the"
@@ -492,7 +553,12 @@ def assumptions(f: Fit, tgt: Target, layout: str = "heads") -> list[str]:
         " pooling: the median of the inputs; it does not shrink with more ranks)",
         "no overlap of compute and communication (parallel.overlap is not modelled); the"
         " measured machine's per-core rates at every scale",
-    ]
+    ] + ([
+        "pipeline: ceil(L/P) layers per stage, M micro-batches (parallel.microbatches, else"
+        " min(rows, 4P)); stage time x (M+P-1)/M (bubble (P-1)/(M+P-1), GPipe) plus"
+        " (M+P-2) point-to-point messages of ceil(rows/M) x S x H x itemsize bytes at the"
+        " Allreduce alpha + bytes beta; a micro-batch's layer costs 1/M of the batch's"
+    ] if layout == "best" else [])
     return out + f.notes
 
 
@@ -595,17 +661,22 @@ def format_plan(job: Job, f: Fit, tgt: Target, rows: list[dict], checks: list[di
                             if "forward_error" in c else f"{'(bench: one layer)':<34}")
                          + f"  ({c['path']})")
     lines.append("prediction:")
-    lines.append(f"  {'ranks':>6} {'DxT':>8} {'nodes':>5} {'heads':>5} {'compute ms':>11}"
+    lines.append(f"  {'ranks':>6} {'DxT[xP]':>8} {'nodes':>5} {'heads':>5} {'compute ms':>11}"
                  f" {'allred. ms':>11} {'layer ms':>10} {'forward s':>10} {'speed-up':>9}"
                  f" {'eff.':>6}")
     for r in rows:
         if "impossible" in r:
             lines.append(f"  {r['ranks']:>6}  -- {r['impossible']}")
             continue
-        lines.append(f"  {r['ranks']:>6} {r['data']:>3}x{r['tensor']:<4} {r['nodes']:>5}"
+        split = f"{r['data']}x{r['tensor']}" + (
+            f"x{r['pipeline']}" if r.get("pipeline", 1) > 1 else "")
+        lines.append(f"  {r['ranks']:>6} {split:>8} {r['nodes']:>5}"
                      f" {r['heads_per_rank']:>5} {r['compute_s'] * 1e3:>11.2f}"
                      f" {r['allreduce_s'] * 1e3:>11.2f} {r['layer_s'] * 1e3:>10.2f}"
-                     f" {r['forward_s']:>10.3f} {r['speedup']:>9.2f} {r['efficiency']:>6.2f}")
+                     f" {r['forward_s']:>10.3f} {r['speedup']:>9.2f} {r['efficiency']:>6.2f}"
+                     + (f"  {r['axis']}" if "axis" in r else "")
+                     + (f" (M={r['microbatches']}, bubble {r['bubble_fraction']:.2f})"
+                        if r.get("pipeline", 1) > 1 else ""))
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in assumptions(f, tgt, layout)]
     return "\n".join(lines)

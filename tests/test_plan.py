@@ -3,6 +3,7 @@ predict real runs made here at 1, 2 and 4 ranks within ±30%."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -157,3 +158,47 @@ def test_predicts_real_runs_within_30_percent(tmp_path):
     for c in checks:
         assert abs(c["layer_error"]) < 0.3, c
         assert abs(c["forward_error"]) < 0.3, c
+
+
+def test_pipeline_bubble_follows_gpipe():
+    """Stage time x (M+P-1)/M: the bubble (P-1)/(M+P-1), no messages at alpha = beta = 0."""
+    f = plan.Fit(cores=4, rate=2e10, g=3e-9, p=0.9, h=5e-10, alpha=0.0, beta=0.0)
+    tgt = plan.Target(4, None, 0.0, 0.0)
+    for stages in (2, 3, 4):
+        for micro in (1, 2, 8):
+            job = plan.Job(layers=12, heads=12, hidden=96, ffn=384, batch=8, seq_len=32,
+                           microbatches=micro)
+            r = plan.predict_layout(job, f, tgt, 1, 1, stages)
+            assert r["microbatches"] == micro
+            assert r["bubble_fraction"] == pytest.approx((stages - 1) / (micro + stages - 1))
+            assert r["p2p_s"] == 0.0
+            layer = r["compute_s"] + r["allreduce_s"]
+            want = -(-12 // stages) * layer * (micro + stages - 1) / micro
+            assert r["forward_s"] == pytest.approx(want)
+    # messages: (M+P-2) of ceil(B/M) x S x H x itemsize bytes at alpha + bytes beta
+    f2 = dataclasses.replace(f, alpha=1e-5, beta=1e-9)
+    job = plan.Job(layers=12, heads=12, hidden=96, ffn=384, batch=8, seq_len=32,
+                   microbatches=4)
+    r = plan.predict_layout(job, f2, tgt, 1, 1, 3)
+    assert r["p2p_s"] == pytest.approx(5 * (1e-5 + 2 * 32 * 96 * 4 * 1e-9))
+
+
+def test_best_layout_picks_the_axis():
+    """Few heads and many layers: pipeline stages; many heads, few layers and a fast
+    Allreduce: heads; one head and one layer: the batch."""
+    f = plan.Fit(cores=64, rate=2e10, g=3e-9, p=0.9, h=5e-10, alpha=2e-6, beta=1e-10)
+    tgt = plan.Target(64, None, f.alpha, f.beta)
+
+    def best(**shape):
+        job = plan.Job(**{"hidden": 96, "ffn": 384, "seq_len": 64, **shape})
+        return plan.predict(job, f, tgt, 8, "best")
+
+    layers = best(layers=24, heads=2, batch=1)
+    assert layers["axis"] == "layers" and layers["pipeline"] >= 4
+    assert best(layers=2, heads=12, batch=1)["axis"] == "heads"
+    assert best(layers=1, heads=1, batch=8)["axis"] == "batch"
+    assert plan.predict(plan.Job(layers=24, heads=2, hidden=96, ffn=384, batch=1,
+                                 seq_len=64), f, tgt, 8) is None  # heads first: no pipeline
+    job = plan.Job(layers=24, heads=2, hidden=96, ffn=384, batch=1, seq_len=64)
+    text = plan.format_plan(job, f, tgt, plan.table(job, f, tgt, [8], "best"), [], "best")
+    assert "layers (M=" in text and "GPipe" in text
