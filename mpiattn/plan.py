@@ -245,6 +245,8 @@ def reduce_run(rf: Loaded, cores: float) -> Measured | None:
         steady = rf.seconds[:, 1:] if layers > 1 else rf.seconds
         per = np.median(steady, axis=1)  # (rank, phase) per layer
         forward = float(rf.forward.max())
+    elif "pipeline" in rf.bench:  # a stage's whole forward, not one layer: not fitted
+        return None
     elif "phase_seconds" in rf.bench:
         per, phases, layers = rf.bench["phase_seconds"], rf.bench["phases"], 1
         forward = float(per.sum(axis=1).max())
