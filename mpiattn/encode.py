@@ -33,6 +33,8 @@ from .faults import FaultyPhases, check_fault_targets, crash_points, slowdown
 from .layout import PHASES, write_phase_seconds, write_provenance, write_records
 from .model import PhaseTimer, encoder_forward, mean_pool
 from .outfile import OutputExists
+from .pipeline import PHASES as PIPELINE_PHASES
+from .pipeline import stage_forward, stage_layers
 from .placement import (
     RUN_SITES,
     Plan,
@@ -40,6 +42,7 @@ from .placement import (
     attention_options,
     check_memory,
     load_shards,
+    make_p2p,
     make_reducer,
     place,
 )
@@ -85,10 +88,6 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     from .checksum import parse_faults
 
     apply_checkpoint_shape(cfg)
-    if cfg.parallel.pipeline > 1:
-        raise ConfigError(f"parallel.pipeline = {cfg.parallel.pipeline} with input.text: a"
-                          " text corpus is streamed through head-sharded replicas; set"
-                          " parallel.pipeline = 1 (pipeline stages run seeded or HDF5 input)")
     if cfg.output.head_stats or cfg.output.attention_maps:
         key = "output.head_stats" if cfg.output.head_stats else "output.attention_maps"
         raise ConfigError(f"{key} is not yet supported with text input (input.text): per-head"
@@ -140,7 +139,8 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
     parts = None
     try:
         key = job_key(cfg.to_toml(), digests)
-        layout = {"world_size": world.Get_size(), "tensor": tensor}  # the rows' exact bits
+        layout = {"world_size": world.Get_size(), "tensor": tensor,  # the rows' exact bits
+                  "pipeline": cfg.parallel.pipeline}
         parts = jobkit.agreed(world, lambda: _open_parts(cfg, out, info, key, layout, resume)
                               if rank == 0 else None, during="opening the parts folder")
         dog = watchdog.current()
@@ -199,10 +199,12 @@ class _Job:
         grid = p.grid
         self.leader = grid.coord("tensor") == 0
         self.replicas, self.replica = grid.axis_size("data"), grid.coord("data")
+        self.stages, self.stage = grid.axis_size("pipeline"), grid.coord("pipeline")
         self.head_comm = grid.comm("tensor")
         self.kept = {"all": list(range(cfg.model.layers)), "last": [cfg.model.layers - 1],
                      "none": []}[cfg.output.layers]
-        self.timer = PhaseTimer(p.backend.timer(), PHASES)
+        self.phases = PHASES + (PIPELINE_PHASES if self.stages > 1 else ())
+        self.timer = PhaseTimer(p.backend.timer(), self.phases)
         crashes, slow = crash_points(cfg, self.rank), slowdown(cfg, self.rank)
         self.phase = (FaultyPhases(self.timer, crashes, self.rank, slow)
                       if crashes or slow > 1 else self.timer)
@@ -212,19 +214,22 @@ class _Job:
         self.lines = self.tokens = self.padded = 0  # this replica's work
         t0 = time.perf_counter()
         erf(p.backend.xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # the erf kernel, outside timings
-        self.emb, self.layers = load_shards(cfg, p, world, range(cfg.model.layers))
+        self.my_layers = stage_layers(cfg.model.layers, self.stages, self.stage)
+        self.emb, self.layers = load_shards(cfg, p, world, self.my_layers)
+        self.p2p = make_p2p(cfg, p) if self.stages > 1 else None
         self.setup_s = time.perf_counter() - t0
 
     # --- one micro-batch ----------------------------------------------------------------
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None
-                 ) -> tuple[np.ndarray, dict[tuple[int, str], np.ndarray]]:
-        """Pooled rows and the kept layers' states of real tokens (row-major), on host."""
+                 ) -> tuple[np.ndarray | None, dict[tuple[int, str], np.ndarray]]:
+        """Pooled rows (None but on the last pipeline stage) and the kept states of this
+        stage's layers for real tokens (row-major), on host."""
         cfg, xp = self.cfg, self.p.backend.xp
         d_mask = xp.asarray(mask)
-        states: dict[tuple[int, str], np.ndarray] = {}
+        pieces: dict[tuple[int, str], list[np.ndarray]] = {}
 
-        def on_layer(i: int, attn: Any, hidden: Any) -> None:
+        def on_layer(i: int, rows: slice, attn: Any, hidden: Any) -> None:
             from .comm import check_finite
 
             if cfg.check.finite != "off":
@@ -232,22 +237,35 @@ class _Job:
                 check_finite(self.head_comm, hidden, i, "mlp")
             if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "layer":
                 self.reducer.check_agreement(hidden, site="hidden", layer=i)
-            if self.leader and i in self.kept:
-                states[(i, "attention")] = to_host(attn[d_mask])
-                states[(i, "hidden")] = to_host(hidden[d_mask])
+            if self.leader and i in self.kept:  # micro-batches come in row order
+                pieces.setdefault((i, "attention"), []).append(to_host(attn[d_mask[rows]]))
+                pieces.setdefault((i, "hidden"), []).append(to_host(hidden[d_mask[rows]]))
 
-        hidden = encoder_forward(xp.asarray(ids), d_mask, self.emb, self.layers, self.reducer,
-                                 cfg.model.layer_norm_eps, self.phase, on_layer,
-                                 attention_options(cfg, self.p), cfg.parallel.overlap,
-                                 None if types is None else xp.asarray(types))
+        d_ids, d_types = xp.asarray(ids), None if types is None else xp.asarray(types)
+        eps, options = cfg.model.layer_norm_eps, attention_options(cfg, self.p)
+        if self.stages == 1:
+            hidden = encoder_forward(d_ids, d_mask, self.emb, self.layers, self.reducer, eps,
+                                     self.phase, lambda i, a, h: on_layer(i, slice(None), a, h),
+                                     options, cfg.parallel.overlap, d_types)
+        else:  # GPipe fill and drain over this micro-batch's rows (pipeline.stage_forward)
+            finals = stage_forward(d_ids, d_mask, d_types, self.emb,
+                                   dict(zip(self.my_layers, self.layers, strict=True)),
+                                   self.reducer, eps, self.stage, self.stages, self.p2p,
+                                   cfg.parallel.microbatches, self.phase, on_layer, options,
+                                   cfg.parallel.overlap)
+            hidden = xp.concatenate([h for _, h in finals]) if finals else None
+        states = {key: np.concatenate(parts) for key, parts in pieces.items()}
+        if hidden is None:
+            return None, states
         if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
             self.reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
         return to_host(mean_pool(hidden, d_mask)), states
 
     def _drain_records(self) -> None:
-        """Fold the reducer's records into one aggregate per (layer, site): memory stays
-        bounded however many micro-batches run."""
-        for r in self.reducer.records:
+        """Fold the reducer's (and the pipeline messages') records into one aggregate per
+        (layer, site): memory stays bounded however many micro-batches run."""
+        received = self.p2p.records if self.p2p is not None else []
+        for r in [*self.reducer.records, *received]:
             agg = self.records.setdefault((r.layer, r.site), [0, 0.0, 0.0, 0.0, True, 0, 0])
             agg[0] += 1
             if r.ratio >= agg[3]:
@@ -256,6 +274,8 @@ class _Job:
             agg[5] += r.retries
             agg[6] = r.digest or agg[6]
         self.reducer.records.clear()
+        if self.p2p is not None:
+            self.p2p.records.clear()
 
     # --- the stream ---------------------------------------------------------------------
 
@@ -318,7 +338,13 @@ class _Job:
         self.busy += busy
         self._drain_records()
         t1 = time.perf_counter()
-        if self.leader:
+        if self.leader and self.stages > 1:  # each stage's layers, the last one's pooling
+            parts = self.p.grid.comm("pipeline").gather(results, root=0)
+            if self.stage == 0:
+                results = [(rows, parts[-1][k][1],
+                            {key: a for part in parts for key, a in part[k][2].items()})
+                           for k, (rows, _, _) in enumerate(results)]
+        if self.leader and self.stage == 0:  # one copy of each replica's rows to rank 0
             payload = (busy, results, _digest(results))
             gathered = self.p.grid.comm("data").gather(payload, root=0)
         self.wait += time.perf_counter() - t1
@@ -387,7 +413,7 @@ class _Job:
     def finish(self, out: Any, started: dt.datetime, wall0: float) -> Path | None:
         from .comm import gather_rows
 
-        cfg, p, phases = self.cfg, self.p, PHASES
+        cfg, p, phases = self.cfg, self.p, self.phases
         seconds = np.zeros((cfg.model.layers, len(phases)))
         for (layer, name), s in self.timer.seconds.items():
             seconds[layer, phases.index(name)] += s
@@ -461,8 +487,8 @@ class _Job:
         cfg, p, m = self.cfg, self.p, self.cfg.model
         lines, tokens = int(totals[:, 6].sum()), int(totals[:, 7].sum())
         padded = int(totals[:, 8].sum())
-        # one head group's ranks all count their replica's work: count each replica once
-        tensor = p.grid.axis_size("tensor")
+        # every rank of a replica (its stages' head groups) counts the replica's work: once
+        tensor = p.grid.axis_size("tensor") * p.grid.axis_size("pipeline")
         lines, tokens, padded = lines // tensor, tokens // tensor, padded // tensor
         forward = float(totals[:, 0].max())
         limit, source = truncation(cfg)

@@ -77,9 +77,11 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
 
 # --- order and values at 1-5 ranks, tensor x data layouts ------------------------------
 
-LAYOUTS = [(1, 1), pytest.param(2, 1, marks=needs_mpiexec),
-           pytest.param(2, 2, marks=needs_mpiexec), pytest.param(3, 1, marks=needs_mpiexec),
-           pytest.param(4, 2, marks=needs_mpiexec), pytest.param(5, 1, marks=needs_mpiexec)]
+LAYOUTS = [(1, 1, 1), pytest.param(2, 1, 1, marks=needs_mpiexec),
+           pytest.param(2, 2, 1, marks=needs_mpiexec), pytest.param(3, 1, 1, marks=needs_mpiexec),
+           pytest.param(4, 2, 1, marks=needs_mpiexec), pytest.param(5, 1, 1, marks=needs_mpiexec),
+           # pipeline stages: 6 layers on 2 stages x 2 head ranks, and on 5 (2,1,1,1,1)
+           pytest.param(4, 2, 2, marks=needs_mpiexec), pytest.param(5, 1, 5, marks=needs_mpiexec)]
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +90,18 @@ def matrix_runs() -> dict:
     return {}
 
 
-@pytest.mark.parametrize(("ranks", "tensor"), LAYOUTS)
+@pytest.mark.parametrize(("ranks", "tensor", "pipeline"), LAYOUTS)
 def test_every_line_in_order_equals_sentence_transformers(tmp_path, corpus, sentence_model,
-                                                          matrix_runs, ranks, tensor):
+                                                          matrix_runs, ranks, tensor, pipeline):
     """One row per line in line order (blank lines, a truncated line, uneven chunks and
-    micro-batches), equal to sentence-transformers and to the one-process run."""
+    micro-batches), equal to sentence-transformers and to the one-process run, with head,
+    data and pipeline parallelism (stages: each micro-batch's rows in 2 pipeline
+    micro-batches, GPipe fill and drain)."""
     path, lines = corpus
     done = run(ranks, tmp_path, "-o", "c.h5",
                sets=(f'input.text="{path}"', f"parallel.tensor={tensor}", "input.chunk=23",
-                     "input.batch=6", 'output.layers="last"'))
+                     "input.batch=6", 'output.layers="last"', f"parallel.pipeline={pipeline}",
+                     "parallel.microbatches=2"))
     assert done.returncode == 0, done.stderr
     got = contents(tmp_path / "c.h5")
     want = sentence_model.encode(lines, batch_size=32, normalize_embeddings=True,
@@ -111,7 +116,8 @@ def test_every_line_in_order_equals_sentence_transformers(tmp_path, corpus, sent
     assert got["layers/05/hidden"].shape == (lengths.sum(), 384)
     with h5py.File(tmp_path / "c.h5") as f:
         assert f.attrs["truncated_lines"] == 1 and f.attrs["max_tokens"] == 256
-        assert f.attrs["data_parallel"] * f.attrs["tensor_parallel"] == ranks
+        assert f.attrs["data_parallel"] * f.attrs["tensor_parallel"] * pipeline == ranks
+        assert f.attrs["pipeline_parallel"] == pipeline
     verify = subprocess.run([sys.executable, "-m", "mpiattn.cli", "verify",
                              str(tmp_path / "c.h5")], env=env(), capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
