@@ -240,11 +240,6 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def expected_shapes(cfg: Config, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the whole-model tensors in HF naming (as ``to_hf`` writes them)."""
-    return model_shapes(cfg.model, vocab)
-
-
 def model_shapes(m: ModelConfig, vocab: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the whole-model tensors of a model of shape ``m`` with ``vocab`` ids.
     Raises ``ValueError`` when the heads do not divide the hidden width."""

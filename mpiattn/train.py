@@ -42,8 +42,8 @@ from .checkpoints import (
     check_shapes,
     checkpoint_due,
     checkpoint_path,
-    expected_shapes,
     latest_checkpoint,
+    model_shapes,
     read_checkpoint,
     write_checkpoint,
 )
@@ -517,7 +517,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         if not np.array_equal(ck.token_ids, corpus.token_ids):
             raise InputError(f"'{resume}' was trained on another vocabulary (tokenizer,"
                              " corpus or model.vocab differ)")
-        check_shapes(resume, ck, expected_shapes(cfg, corpus.vocab))
+        check_shapes(resume, ck, model_shapes(cfg.model, corpus.vocab))
     first = 0 if ck is None else ck.step
     names = {checkpoint_path(t, done) for done in range(first + 1, t.steps + 1)
              if checkpoint_due(done - 1, t)} | {checkpoint_path(t, t.steps)}
@@ -545,7 +545,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
              "tokenizer": default_tokenizer(cfg)}
     if resume:
         files["--resume checkpoint"] = Path(resume)
-    tokenizer = tokenizer_files(default_tokenizer(cfg))
+    tokenizer = tokenizer_files(files["tokenizer"])
     return (tensor, corpus, ck, resume, tokenizer), input_digests(cfg, files)
 
 

@@ -340,8 +340,11 @@ class CheckpointWeights(SafetensorsWeights):
 
         Source.__init__(self, np.dtype(dtype))
         self.path, self.m = path, model
+        from .export import tokenizer_vocab
+
         trained, _ = read_model(path, with_params=False)
         self.token_ids = trained.token_ids
+        self.unk = tokenizer_vocab(trained.tokenizer)[1]["[UNK]"]
         self.file = h5io.open_for_reading(path)
         self.params = self.file["params"]
         self.keys = set(self.params)
@@ -356,7 +359,7 @@ class CheckpointWeights(SafetensorsWeights):
             names = [n for n in (export.WORD, export.BIAS) if n in self.keys]
             whole = {n: h5safe.read(self.params[n]) for n in names}
             self._vocab = export.on_tokenizer_ids(whole, self.token_ids, self.m.vocab,
-                                                  _unk_id(self.path))
+                                                  self.unk)
         return self._vocab
 
     def _shape(self, key: str) -> tuple[int, ...]:
@@ -372,13 +375,6 @@ class CheckpointWeights(SafetensorsWeights):
         if key in (export.WORD, export.BIAS):
             return self._on_tokenizer_ids()[key][index]
         return self.params[key][index]
-
-
-def _unk_id(checkpoint: Path) -> int:
-    from . import export
-
-    tokenizer = (_unpacked(str(checkpoint.resolve())) / "tokenizer.json").read_bytes()
-    return export.tokenizer_vocab({"tokenizer.json": tokenizer})[1]["[UNK]"]
 
 
 def open_source(seed: int, model: ModelConfig, dtype: Any) -> Source:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,3 +121,19 @@ def dim_names(dset: Any) -> list[str]:
     """The dimension of each axis of an HDF5 dataset: the name of the dimension scale
     attached to it (format 2), else its label (format 1)."""
     return [d[0].name.rsplit("/", 1)[-1] if len(d) else d.label for d in dset.dims]
+
+
+def resume_errors(straight: Path, resumed: Path, straight_ck: Path, resumed_ck: Path
+                  ) -> tuple[float, float, float]:
+    """Relative errors of a resumed run against a straight one: the per-step losses of the
+    two outputs, and the parameters and Adam's v of their final checkpoints."""
+    import h5py
+    from test_grad import rel_err
+
+    with h5py.File(straight) as a, h5py.File(resumed) as b:
+        loss = rel_err(b["train/loss"][()], a["train/loss"][()])
+    with h5py.File(straight_ck) as a, h5py.File(resumed_ck) as b:
+        params = max(rel_err(b["params"][k][()], a["params"][k][()]) for k in a["params"])
+        adam_v = max(rel_err(b["optimizer/v"][k][()], a["optimizer/v"][k][()])
+                     for k in a["optimizer/v"])
+    return loss, params, adam_v

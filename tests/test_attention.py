@@ -6,11 +6,16 @@ import pytest
 from mpiattn.attention import KeyMask, Options, attention, heads_attention, mask_bias
 
 
-def case(batch=3, seq=37, heads=4, d=8, seed=0, prefix=True):
+def case(batch=3, seq=37, heads=4, d=8, seed=0, prefix=True, last_length=None):
+    """Random (B*S, 3*h*d) qkv and a (B, S) key mask: the first sequence full, the others
+    of random lengths (the last one ``last_length`` long when given), or (``prefix``
+    False) holes anywhere but the first token."""
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((batch * seq, 3 * heads * d)) * 2
     lengths = rng.integers(1, seq + 1, size=batch)
     lengths[0] = seq
+    if last_length is not None:
+        lengths[-1] = last_length
     mask = np.arange(seq)[None, :] < lengths[:, None]
     if not prefix:  # holes in the middle, first token always real
         mask = rng.random((batch, seq)) < 0.6

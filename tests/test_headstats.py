@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 from helpers import TOL, ThreadGroup, dim_names, direct_head_stats, run_ranks, tiny
+from test_attention import case as attention_case
 
 from mpiattn import attention as attention_module
 from mpiattn import config, h5io, reference
@@ -26,16 +27,9 @@ from mpiattn.weights import open_source
 
 
 def case(batch=3, seq=37, heads=4, d=8, seed=0, prefix=True):
-    rng = np.random.default_rng(seed)
-    qkv = rng.standard_normal((batch * seq, 3 * heads * d)) * 2
-    lengths = rng.integers(1, seq + 1, size=batch)
-    lengths[0] = seq
-    lengths[-1] = 1  # one real token: entropy 0, distance 0
-    mask = np.arange(seq)[None, :] < lengths[:, None]
-    if not prefix:  # holes in the middle, first token always real
-        mask = rng.random((batch, seq)) < 0.6
-        mask[:, 0] = True
-    return qkv, mask
+    """``test_attention.case`` with one real token in the last sequence (entropy 0,
+    distance 0)."""
+    return attention_case(batch, seq, heads, d, seed, prefix, last_length=1)
 
 
 def full_probabilities(qkv, mask, batch, seq, heads, d):

@@ -12,23 +12,13 @@ leaves no output. (The command line's exit code and abort of the other replicas:
 import h5py
 import numpy as np
 import pytest
-from test_train import ROOT, tiny_train
+from test_train import tiny_train
 
 from mpiattn.errors import IntegrityError
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
 STEPS = 3  # every step reduces at each site once: a fault with times = 1 fires in each
-
-
-@pytest.fixture
-def corpus_dir(world, shared_dir):
-    if world.Get_rank() == 0:
-        for name, lines in (("train.txt", 120), ("heldout.txt", 30)):
-            text = (ROOT / "data/corpus" / name).read_text(encoding="utf-8").splitlines()
-            (shared_dir / name).write_text("\n".join(text[:lines]) + "\n", encoding="utf-8")
-    world.Barrier()
-    return shared_dir
 
 
 def tensor_for(site, size):

@@ -3,11 +3,14 @@
     mpiexec -n 2 python -m pytest --with-mpi tests/mpi/test_train_mpi.py
 """
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
+from helpers import resume_errors
 from test_grad import numeric, rel_err, tiny_batch, tiny_model
-from test_train import ROOT, tiny_train
+from test_train import tiny_train
 
 from mpiattn import mlm, model
 from mpiattn.backend import select
@@ -15,16 +18,6 @@ from mpiattn.model import LocalReduce
 from mpiattn.shard import head_shard
 
 pytestmark = pytest.mark.mpi(min_size=2)
-
-
-@pytest.fixture
-def corpus_dir(world, shared_dir):
-    if world.Get_rank() == 0:
-        for name, lines in (("train.txt", 120), ("heldout.txt", 30)):
-            text = (ROOT / "data/corpus" / name).read_text(encoding="utf-8").splitlines()
-            (shared_dir / name).write_text("\n".join(text[:lines]) + "\n", encoding="utf-8")
-    world.Barrier()
-    return shared_dir
 
 
 def test_sharded_gradients_over_mpi(world):
@@ -143,13 +136,9 @@ def test_resume_with_another_tensor_size(world, corpus_dir):
         world.Barrier()
         if rank != 0:
             continue
-        with h5py.File(corpus_dir / "straight.h5") as a, \
-                h5py.File(corpus_dir / f"resumed{tensor}.h5") as b:
-            loss_err = rel_err(b["train/loss"][()], a["train/loss"][()])
-        with h5py.File(corpus_dir / "s-8.h5") as a, h5py.File(str(ck).format(step=8)) as b:
-            perr = max(rel_err(b["params"][k][()], a["params"][k][()]) for k in a["params"])
-            serr = max(rel_err(b["optimizer/v"][k][()], a["optimizer/v"][k][()])
-                       for k in a["optimizer/v"])
+        loss_err, perr, serr = resume_errors(
+            corpus_dir / "straight.h5", corpus_dir / f"resumed{tensor}.h5",
+            corpus_dir / "s-8.h5", Path(str(ck).format(step=8)))
         print(f"tensor {size} -> {tensor} at step 4: losses {loss_err:.1e}, params"
               f" {perr:.1e}, adam v {serr:.1e}")
         assert loss_err <= 1e-12 and perr <= 1e-12 and serr <= 1e-12

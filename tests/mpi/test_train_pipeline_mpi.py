@@ -4,22 +4,15 @@ one process.
     mpiexec -n 3 python -m pytest --with-mpi --only-mpi tests/mpi/test_train_pipeline_mpi.py
 """
 
+from pathlib import Path
+
 import h5py
 import pytest
+from helpers import resume_errors
 from test_grad import rel_err
-from test_train import ROOT, tiny_train
+from test_train import tiny_train
 
 pytestmark = pytest.mark.mpi(min_size=2)
-
-
-@pytest.fixture
-def corpus_dir(world, shared_dir):
-    if world.Get_rank() == 0:
-        for name, lines in (("train.txt", 120), ("heldout.txt", 30)):
-            text = (ROOT / "data/corpus" / name).read_text(encoding="utf-8").splitlines()
-            (shared_dir / name).write_text("\n".join(text[:lines]) + "\n", encoding="utf-8")
-    world.Barrier()
-    return shared_dir
 
 
 def layouts(size):
@@ -90,13 +83,9 @@ def test_resume_with_another_pipeline_size(world, corpus_dir):
                   **over, **{"parallel.pipeline": after, "train.checkpoint": str(rk)})
         if rank != 0:
             continue
-        with h5py.File(corpus_dir / "straight.h5") as a, \
-                h5py.File(corpus_dir / f"resumed{after}.h5") as b:
-            loss_err = rel_err(b["train/loss"][()], a["train/loss"][()])
-        with h5py.File(corpus_dir / "s-8.h5") as a, h5py.File(str(rk).format(step=8)) as b:
-            perr = max(rel_err(b["params"][k][()], a["params"][k][()]) for k in a["params"])
-            serr = max(rel_err(b["optimizer/v"][k][()], a["optimizer/v"][k][()])
-                       for k in a["optimizer/v"])
+        loss_err, perr, serr = resume_errors(
+            corpus_dir / "straight.h5", corpus_dir / f"resumed{after}.h5",
+            corpus_dir / "s-8.h5", Path(str(rk).format(step=8)))
         print(f"pipeline {stages} -> {after} at step 4: losses {loss_err:.1e}, params"
               f" {perr:.1e}, adam v {serr:.1e}")
         assert loss_err <= 1e-12 and perr <= 1e-12 and serr <= 1e-12
