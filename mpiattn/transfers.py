@@ -6,7 +6,9 @@ and recomputed by its receiver:
 
 - ``CheckedAllgather``: every rank's block to every rank;
 - ``CheckedAlltoall``: block j of every rank to rank j (Ulysses' head <-> sequence swap);
-- ``CheckedP2P``: one activation tensor from one rank to another (pipeline stages).
+- ``CheckedP2P``: one activation tensor from one rank to another (pipeline stages);
+- ``CheckedRing``: one shift of a ring, every rank to the next, nonblocking (ring attention's
+  K/V slices travel while each rank computes on the one at hand).
 
 The pieces they share: ``RetryPolicy`` (``checksum.on_mismatch``/``retries``), ``FaultPlan``
 (``fault.inject`` flips a bit before sending, after the digest, or in the received copy),
@@ -274,3 +276,110 @@ class CheckedP2P(_Checked):
             f"hash mismatch in the point-to-point transfer at layer {layer} site '{site}'"
             f" from rank {self.group_ranks[sender]} to rank {self.group_ranks[receiver]};"
             f" gave up after {attempt} retries")
+
+
+_RING_TAG = 30000  # + 2 x channel + (0 payload, 1 digest); below MPI's minimum tag bound 32767
+RING_CHANNELS = 8
+
+
+@dataclass
+class RingShift:
+    """One ring shift in flight (from ``CheckedRing.start`` to ``CheckedRing.finish``)."""
+
+    payload: np.ndarray  # what this rank sends, kept for a resend
+    sent: np.ndarray  # the buffer of the Isend: ``payload`` or its corrupted copy
+    digest: np.ndarray  # (1,) uint64, this rank's digest of ``payload`` (Isend buffer)
+    received: np.ndarray  # the Irecv buffer: the previous rank's payload
+    received_digest: np.ndarray  # (1,) uint64, the previous rank's digest
+    requests: list  # the four requests: Irecv x 2, Isend x 2
+    layer: int
+    site: str
+    channel: int
+    finished: bool = False
+
+
+@dataclass
+class CheckedRing(_Checked):
+    """One ring shift over ``comm``: every rank sends an array to the next rank
+    ((rank + 1) % n) and receives the same-shaped array from the previous one, with
+    nonblocking Isend/Irecv so the caller computes while it travels. Moved data: the
+    sender's 64-bit digest (checksum.digest64) travels with it and the receiver checks it.
+
+    ``finish`` is collective over ``comm`` (one tiny Allreduce): every rank finishes the
+    same shifts in the same order. Shifts in flight at once need distinct channels. With
+    one rank a shift is a copy of the payload: no MPI call, no record.
+    """
+
+    def start(self, payload: np.ndarray, *, site: str, layer: int,
+              channel: int = 0) -> RingShift:
+        """Post the shift (Irecv into a fresh buffer of payload's shape/dtype, Isend of
+        payload and of its digest). The caller must not modify ``payload`` until
+        ``finish``. ``channel`` (0..7) keeps up to 8 shifts in flight at once apart
+        (distinct tags), e.g. K/V and the dK/dV accumulator in the backward."""
+        if not 0 <= channel < RING_CHANNELS:
+            raise ValueError(f"ring channel {channel} is outside 0..{RING_CHANNELS - 1}")
+        payload = np.ascontiguousarray(payload)
+        received = np.empty_like(payload)
+        digest = np.array([checksum.digest64(payload)], dtype=np.uint64)
+        received_digest = np.empty(1, dtype=np.uint64)
+        n = self.comm.Get_size()
+        if n == 1:
+            np.copyto(received, payload)
+            received_digest[:] = digest
+            return RingShift(payload, payload, digest, received, received_digest, [], layer,
+                             site, channel)
+        prev, nxt = self._neighbours()
+        tag = _RING_TAG + 2 * channel
+        sent = self._outgoing(payload, layer, site, 0)
+        requests = [
+            self.comm.Irecv(received, prev, tag),
+            self.comm.Irecv(received_digest, prev, tag + 1),
+            self.comm.Isend(sent, nxt, tag),
+            self.comm.Isend(digest, nxt, tag + 1),
+        ]
+        return RingShift(payload, sent, digest, received, received_digest, requests, layer,
+                         site, channel)
+
+    def finish(self, shift: RingShift) -> np.ndarray:
+        """Wait for the shift, verify the received digest, agree over ``comm`` so every
+        rank of the ring retries or stops together; on a mismatch resend the kept payload
+        (and its digest) with a blocking Sendrecv (same check) up to the policy's retries;
+        the received array. One record per shift (the sender's digest); a fault that
+        persists raises ``IntegrityError`` naming the sender->receiver world ranks."""
+        if shift.finished:
+            raise ValueError(f"ring shift at layer {shift.layer} site '{shift.site}' channel"
+                             f" {shift.channel} is already finished")
+        shift.finished = True
+        if self.comm.Get_size() == 1:
+            return shift.received
+        from mpi4py import MPI
+
+        layer, site = shift.layer, shift.site
+        prev, nxt = self._neighbours()
+        tag = _RING_TAG + 2 * shift.channel
+        watchdog.at(layer=layer, site=site)
+        # Isend/Irecv return at once; the wait is here, and a watched comm does not see it
+        with watchdog.waiting(f"Waitall (ring shift, channel {shift.channel})",
+                              watchdog.rank_ranges(sorted({self.group_ranks[prev],
+                                                           self.group_ranks[nxt]}))):
+            MPI.Request.Waitall(shift.requests)
+        shift.requests = []
+        shift.sent = shift.payload  # the send buffer is free (a corrupted copy is dropped)
+        attempt = 0
+        while True:
+            self.faults.apply(shift.received, layer, site, "result", attempt)
+            expected = int(shift.received_digest[0])
+            bad = ([] if checksum.digest64(shift.received) == expected
+                   else [(prev, self.comm.Get_rank())])
+            if self._settle("ring shift", bad, layer, site, attempt, expected):
+                return shift.received
+            attempt += 1
+            self.comm.Sendrecv(self._outgoing(shift.payload, layer, site, attempt), nxt, tag,
+                               shift.received, prev, tag)
+            self.comm.Sendrecv(shift.digest, nxt, tag + 1, shift.received_digest, prev,
+                               tag + 1)
+
+    def _neighbours(self) -> tuple[int, int]:
+        """(previous, next) group ranks of this rank in the ring."""
+        n, me = self.comm.Get_size(), self.comm.Get_rank()
+        return (me - 1) % n, (me + 1) % n
