@@ -86,6 +86,7 @@ class Options:
     impl: str = "auto"  # "auto" | "plain" | "blocked"
     block: int = 0  # 0 = chosen from the sequence length
     workers: int = 1  # threads over heads; BLAS runs single-threaded inside them
+    sequence: Any = None  # a seqattn.SequenceAttention when the tokens are split over ranks
     _scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     def scratch(self, name: str, shape: tuple, dtype: Any, xp: Any) -> Any:

@@ -53,6 +53,7 @@ class InputConfig:
 class ParallelConfig:
     tensor: int = 0  # head-parallel ranks per pipeline stage; 0 = all ranks of a stage
     pipeline: int = 1  # stages of consecutive layers per replica (run and train)
+    sequence: int = 1  # ranks that split the tokens of every sequence (attention.sequence)
     microbatches: int = 1  # pipeline: micro-batches each replica's batch is split into
     balance: str = "even"  # "even" | "measured"
     assign: str = "balanced"  # text: micro-batches to replicas, "balanced" | "round-robin"
@@ -63,6 +64,7 @@ class ParallelConfig:
 class AttentionConfig:
     impl: str = "auto"  # "auto" | "plain" | "blocked"
     block: int = 0  # key block of blocked attention; 0 = chosen from seq_len
+    sequence: str = "auto"  # with parallel.sequence > 1: "ulysses" | "ring" | "auto"
 
 
 @dataclass
@@ -154,6 +156,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.balance": ("even", "measured"),
     "parallel.assign": ("balanced", "round-robin"),
     "attention.impl": ("auto", "plain", "blocked"),
+    "attention.sequence": ("auto", "ulysses", "ring"),
     "output.layers": ("auto", "all", "last", "none"),
     "output.compression": ("none", "gzip", "lzf"),
     "comm.cuda_aware": ("auto", "true", "false"),
@@ -170,7 +173,7 @@ POSITIVE = (
     "model.layers", "model.heads", "model.hidden", "model.ffn", "model.vocab",
     "model.type_vocab", "model.max_positions", "model.layer_norm_eps",
     "input.batch", "input.seq_len", "parallel.overlap", "parallel.pipeline",
-    "parallel.microbatches", "train.steps", "train.lr", "train.eps",
+    "parallel.sequence", "parallel.microbatches", "train.steps", "train.lr", "train.eps",
     "train.eval_batches",
 )
 NON_NEGATIVE = (
@@ -425,7 +428,19 @@ def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
     With ``parallel.pipeline = P`` the world is P stages first; the head split is then
     checked on the world / P ranks of one stage.
     """
-    stages = cfg.parallel.pipeline
+    stages, sequence = cfg.parallel.pipeline, cfg.parallel.sequence
+    if sequence > 1:
+        if world_size % sequence:
+            valid = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise ConfigError(f"parallel.sequence = {sequence} does not divide the {world_size}"
+                              f" ranks: use parallel.sequence = {_spoken(valid)}")
+        try:
+            return check_world(dataclasses.replace(
+                cfg, parallel=dataclasses.replace(cfg.parallel, sequence=1)),
+                world_size // sequence)
+        except ConfigError as err:
+            raise ConfigError(f"with parallel.sequence = {sequence}, each sequence slice has"
+                              f" {world_size // sequence} ranks: {err}") from None
     if stages > 1:
         valid = [d for d in range(1, min(world_size, cfg.model.layers) + 1)
                  if world_size % d == 0]

@@ -6,10 +6,12 @@
     grid.comm("tensor")        # this rank's head group (Megatron's tensor-parallel group)
 
 Axes, outermost first: ``data`` (replicas of the model, each on its share of the batch),
-``pipeline`` (stages of consecutive layers), ``tensor`` (the heads of a layer). The world
-rank is the mixed-radix number of the coordinates with ``tensor`` fastest, so a head group
-is a run of neighbouring ranks (on one node when it fits), as in Megatron-LM's
-``initialize_model_parallel``. With pipeline = 1: world rank = replica * T + head rank.
+``pipeline`` (stages of consecutive layers), ``sequence`` (slices of the tokens of every
+sequence, Ulysses or ring attention between them), ``tensor`` (the heads of a layer). The
+world rank is the mixed-radix number of the coordinates with ``tensor`` fastest, so a head
+group is a run of neighbouring ranks (on one node when it fits), then its sequence group, as
+in Megatron-LM's ``initialize_model_parallel`` (tensor, then context parallel). With
+pipeline = sequence = 1: world rank = replica * T + head rank.
 The shape is pure arithmetic (tested without MPI); only ``make_grid`` talks.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-AXES = ("data", "pipeline", "tensor")  # outermost first; the last varies fastest
+AXES = ("data", "pipeline", "sequence", "tensor")  # outermost first; the last varies fastest
 
 
 @dataclass(frozen=True)
@@ -31,21 +33,25 @@ class GridShape:
     data: int = 1
     pipeline: int = 1
     tensor: int = 1
+    sequence: int = 1
 
     @classmethod
-    def of(cls, world_size: int, tensor: int, pipeline: int = 1) -> GridShape:
-        """The shape that puts ``tensor`` x ``pipeline`` ranks on one replica and the rest on
-        data parallelism; a ConfigError (one line, with the valid values) otherwise."""
-        for name, value in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline)):
+    def of(cls, world_size: int, tensor: int, pipeline: int = 1,
+           sequence: int = 1) -> GridShape:
+        """The shape that puts ``tensor`` x ``sequence`` x ``pipeline`` ranks on one replica
+        and the rest on data parallelism; a ConfigError (one line, with the valid values)
+        otherwise."""
+        for name, value in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline),
+                            ("parallel.sequence", sequence)):
             if value < 1:
                 raise ConfigError(f"{name} = {value}: give a positive number of ranks")
-        model = tensor * pipeline
+        model = tensor * pipeline * sequence
         if world_size % model:
             valid = [d for d in range(1, world_size + 1) if world_size % d == 0]
-            raise ConfigError(f"parallel.tensor x parallel.pipeline = {tensor} x {pipeline}"
-                              f" = {model} does not divide the {world_size} ranks: their"
-                              f" product must be one of {valid}")
-        return cls(world_size // model, pipeline, tensor)
+            raise ConfigError(f"parallel.tensor x parallel.pipeline x parallel.sequence ="
+                              f" {tensor} x {pipeline} x {sequence} = {model} does not divide"
+                              f" the {world_size} ranks: their product must be one of {valid}")
+        return cls(world_size // model, pipeline, tensor, sequence)
 
     @property
     def sizes(self) -> dict[str, int]:

@@ -36,6 +36,7 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
         "command": command, "config": cfg.to_toml(), "world_size": p.grid.size,
         "tensor_parallel": p.grid.axis_size("tensor"), "data_parallel": p.grid.axis_size("data"),
         "pipeline_parallel": p.grid.axis_size("pipeline"),
+        "sequence_parallel": p.grid.axis_size("sequence"),
         "head_partition": np.array(p.head_counts), "backend": p.backend.name,
         "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
         "blas": str(blas_info()),
@@ -43,6 +44,11 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
     })
     impl, block = attention_options(cfg, p).resolve(p.batch.shape[1])
     f.attrs["attention"] = impl if impl == "plain" else f"{impl} (block {block})"
+    if p.grid.axis_size("sequence") > 1:
+        from .seqattn import resolve
+
+        f.attrs["attention"] += ", sequence parallel: " + resolve(
+            cfg.attention.sequence, min(p.head_counts), p.grid.axis_size("sequence"))
     h5io.dimension(f, "rank", np.arange(p.grid.size), long_name="rank in MPI_COMM_WORLD")
     ranks = f.create_group("ranks")
     h5io.write_array(ranks, "host", [h for h, _ in host_info], ("rank",))

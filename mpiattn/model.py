@@ -134,13 +134,16 @@ class PhaseTimer:
 def attention_partial(
     x2: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, batch: int, seq: int,
     phase: Phase = no_timing, options: Options | None = None, slot: int = 0,
-    probe: Any = None,
+    probe: Any = None, layer: int = 0,
 ) -> Any:
     """This rank's heads' share of multi-head attention: (B*S, H) -> partial (B*S, H).
 
     Column-parallel QKV (one fused GEMM), local attention, row-parallel output projection
     written straight into the reduction's buffer. ``probe``: a ``headstats.Probe`` that
     receives this rank's heads' statistics and maps (timed as ``attention``), or None.
+    With ``options.sequence`` (sequence parallelism) the rows are this rank's tokens and
+    attention reaches every key through the sequence group (``seqattn``; ``layer`` labels
+    its transfers).
     """
     xp = get_array_module(x2)
     rows, hidden = x2.shape
@@ -151,7 +154,10 @@ def attention_partial(
         qkv += p.b_qkv
     with phase("attention"):
         o = options.scratch(f"o{slot}", (rows, p.heads * p.head_dim), x2.dtype, xp)
-        heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options, probe)
+        if options.sequence is not None:
+            options.sequence.forward(qkv, o, batch, p.heads, p.head_dim, mask, options, layer)
+        else:
+            heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options, probe)
     with phase("out_proj"):
         partial = reduce.buffer(rows, hidden, x2.dtype, slot)
         xp.matmul(o, p.w_o, out=partial)
@@ -178,7 +184,8 @@ def attention_block(
     phase: Phase = no_timing, options: Options | None = None, probe: Any = None,
 ) -> Any:
     """Multi-head attention of the whole model from this rank's heads: (B*S, H) -> (B*S, H)."""
-    partial = attention_partial(x2, p, mask, reduce, batch, seq, phase, options, probe=probe)
+    partial = attention_partial(x2, p, mask, reduce, batch, seq, phase, options, probe=probe,
+                                layer=layer)
     with phase("allreduce"):
         return reduce(partial, site="attention", layer=layer) + p.b_o
 
@@ -226,7 +233,8 @@ def layer_forward(
             n = (stop - start) // seq
             return attention_partial(x2[start:stop], p, mask.rows(start // seq, n), reduce, n,
                                      seq, phase, options, slot,
-                                     None if probe is None else probe.rows(start // seq))
+                                     None if probe is None else probe.rows(start // seq),
+                                     layer)
 
         attn = _chunked(reduce, "attention", layer, spans, attn_part,
                         xp.empty((rows, hidden), x.dtype), phase)
@@ -268,9 +276,12 @@ def encoder_forward(
 
     ``on_layer(i, attention, hidden)`` sees every layer's output; ``types`` are the token
     type (segment) ids, None for all 0 (see ``embed``); ``stats``: a
-    ``headstats.HeadStats`` collecting this rank's heads' statistics, or None.
+    ``headstats.HeadStats`` collecting this rank's heads' statistics, or None. With
+    ``options.sequence``, ids and types are this rank's tokens (B, S_i) and key_mask covers
+    whole sequences (B, S); the result is (B, S_i, H).
     """
-    x = embed(ids, emb, eps, types)
+    sequence = options.sequence if options is not None else None
+    x = embed(ids, emb, eps, types, 0 if sequence is None else sequence.split.start)
     mask = KeyMask.from_mask(key_mask)
     for i, p in enumerate(layers):
         if hasattr(phase, "layer"):  # PhaseTimer and its wrappers attribute time to layers
@@ -300,20 +311,27 @@ class LayerCache:
     shape: tuple[int, int, int]  # (B, S, H)
     layer: int
     head_dim: int
+    sequence: Any = None  # the seqattn.SequenceAttention that made ``attention``, if any
 
 
 def layer_forward_cached(x: Any, p: LayerShard, bias: Any, reduce: Reduce, layer: int,
-                         eps: float, impl: str = "plain", block: int = 0
-                         ) -> tuple[Any, LayerCache]:
+                         eps: float, impl: str = "plain", block: int = 0,
+                         sequence: Any = None) -> tuple[Any, LayerCache]:
     """(B, S, H) -> (B, S, H), the math of ``layer_forward`` with a cache.
 
     ``bias``: (B, 1, 1, S) additive key mask (``attention.mask_bias``); ``impl``/``block``:
-    the attention algorithm (``attention.ALGORITHMS``).
+    the attention algorithm (``attention.ALGORITHMS``). ``sequence``: a
+    ``seqattn.SequenceAttention`` when x holds this rank's tokens (B, S_i, H) of sequences
+    whose whole key mask is ``bias`` (B, 1, 1, S).
     """
     batch, seq, hidden = x.shape
     x2 = x.reshape(batch * seq, hidden)
     qkv, c_qkv = linear_cached(x2, p.w_qkv, p.b_qkv)  # column-parallel
-    o, c_att = attention_cached(qkv, bias, batch, seq, p.heads, p.head_dim, impl, block)
+    if sequence is None:
+        o, c_att = attention_cached(qkv, bias, batch, seq, p.heads, p.head_dim, impl, block)
+    else:
+        o, c_att = sequence.forward_cached(qkv, bias, batch, p.heads, p.head_dim, impl, block,
+                                           layer)
     partial, c_o = linear_cached(o, p.w_o)  # row-parallel
     attn = reduce(partial, site="attention", layer=layer) + p.b_o
     h1, c_ln1 = layer_norm_cached(attn + x2, p.ln1_g, p.ln1_b, eps)
@@ -323,7 +341,7 @@ def layer_forward_cached(x: Any, p: LayerShard, bias: Any, reduce: Reduce, layer
     mlp = reduce(partial, site="mlp", layer=layer) + p.b_2
     out, c_ln2 = layer_norm_cached(mlp + h1, p.ln2_g, p.ln2_b, eps)
     cache = LayerCache(c_qkv, c_att, c_o, c_ln1, c_1, c_gelu, c_2, c_ln2, x.shape, layer,
-                       p.head_dim)
+                       p.head_dim, sequence)
     return out.reshape(batch, seq, hidden), cache
 
 
@@ -341,7 +359,11 @@ def layer_backward(dout: Any, c: LayerCache, reduce: Reduce) -> tuple[Any, Layer
     dr, dln1_g, dln1_b = layer_norm_backward(dh1, c.ln1)  # d(attn + x2)
     db_o = dr.sum(axis=0)
     do, dw_o, _ = linear_backward(dr, c.out_proj)
-    dqkv = attention_backward(do, c.attention)
+    if c.sequence is None:
+        dqkv = attention_backward(do, c.attention)
+    else:
+        dqkv = c.sequence.backward(do, c.attention, do.shape[1] // c.head_dim, c.head_dim,
+                                   c.layer)
     dx_part, dw_qkv, db_qkv = linear_backward(dqkv, c.qkv)
     # The key bias adds q.b_k to every score of a query row; softmax ignores such a shift, so
     # its gradient is exactly zero. Computed, it is rounding noise that Adam would blow up

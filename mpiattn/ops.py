@@ -194,16 +194,17 @@ def gelu_backward(dy: Any, cache: GeluCache) -> Any:
 # --- embeddings --------------------------------------------------------------------------
 
 
-def embed(ids: Any, emb: Any, eps: float, types: Any = None) -> Any:
+def embed(ids: Any, emb: Any, eps: float, types: Any = None, offset: int = 0) -> Any:
     """Word + position + token-type embeddings, then LayerNorm: (B, S) -> (B, S, H).
 
     ``emb``: a ``model.Embeddings``. ``types``: (B, S) integer segment ids in
     [0, type_vocab) (validated by the reader), or None for all 0 (one broadcast row, no
-    (B, S, H) gather).
+    (B, S, H) gather). ``offset``: the position of the first token (a sequence-parallel
+    rank's slice starts there).
     """
     seq = ids.shape[1]
     segment = emb.token_type[0] if types is None else emb.token_type[types]
-    x = emb.word[ids] + emb.position[:seq] + segment
+    x = emb.word[ids] + emb.position[offset:offset + seq] + segment
     return layer_norm(x, emb.ln_g, emb.ln_b, eps)
 
 
@@ -212,14 +213,17 @@ class EmbeddingCache:
     ids: Any  # (B, S)
     ln: LayerNormCache
     emb: Any  # the tables (their shapes and dtypes shape the gradients)
+    offset: int = 0  # position of the first token
 
 
-def embed_cached(ids: Any, emb: Any, eps: float) -> tuple[Any, EmbeddingCache]:
-    """Word + position + token-type(0), then LayerNorm: (B, S) -> (B, S, H)."""
+def embed_cached(ids: Any, emb: Any, eps: float, offset: int = 0
+                 ) -> tuple[Any, EmbeddingCache]:
+    """Word + position + token-type(0), then LayerNorm: (B, S) -> (B, S, H); the first
+    token at position ``offset``."""
     seq = ids.shape[1]
-    x = emb.word[ids] + emb.position[:seq] + emb.token_type[0]
+    x = emb.word[ids] + emb.position[offset:offset + seq] + emb.token_type[0]
     out, ln = layer_norm_cached(x, emb.ln_g, emb.ln_b, eps)
-    return out, EmbeddingCache(ids, ln, emb)
+    return out, EmbeddingCache(ids, ln, emb, offset)
 
 
 def scatter_add(target: Any, index: Any, values: Any) -> None:
@@ -242,7 +246,7 @@ def embed_backward(dout: Any, cache: EmbeddingCache) -> Any:
     dword = xp.zeros_like(emb.word)
     scatter_add(dword, ids.reshape(-1), dx.reshape(-1, hidden))
     dpos = xp.zeros_like(emb.position)
-    dpos[: ids.shape[1]] = dx.sum(axis=0)
+    dpos[cache.offset: cache.offset + ids.shape[1]] = dx.sum(axis=0)
     dtype_ = xp.zeros_like(emb.token_type)
     dtype_[0] = dx.sum(axis=(0, 1))
     return type(emb)(dword, dpos, dtype_, dg, db)

@@ -125,7 +125,9 @@ def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[in
     for m, rows in enumerate(micro_batches(ids.shape[0], microbatches)):
         count = rows.stop - rows.start
         if stage == 0:
-            x = embed(ids[rows], emb, eps, None if types is None else types[rows])
+            x = embed(ids[rows], emb, eps, None if types is None else types[rows],
+                      0 if options is None or options.sequence is None
+                      else options.sequence.split.start)
         else:
             x = np.empty((count, seq, hidden), dtype=emb.ln_g.dtype)  # host: checked p2p
             with phase("bubble"):  # waiting for the previous stage is the pipeline's idle time

@@ -22,10 +22,14 @@ from .errors import ConfigError, InputError
 from .faults import slowdown
 from .model import SITES
 from .pipeline import SITE as PIPELINE_SITE
+from .seqattn import BACKWARD_SITES as SEQUENCE_BACKWARD_SITES
+from .seqattn import RING_BACKWARD_SITES, RING_SITES, ULYSSES_BACKWARD_SITES, ULYSSES_SITES
+from .seqattn import SITES as SEQUENCE_SITES
 from .shard import HeadShard, counts, head_shard, partition
 from .weights import checkpoint_shape, model_folder, open_source
 
-RUN_SITES = (*SITES, PIPELINE_SITE)  # where fault.inject may flip a bit in run and bench
+# where fault.inject may flip a bit in run and bench
+RUN_SITES = (*SITES, PIPELINE_SITE, *SEQUENCE_SITES)
 
 
 def apply_checkpoint_shape(cfg: Config) -> None:
@@ -86,7 +90,8 @@ def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
     """Process grid, backend, BLAS threads and this rank's heads and rows (run and train)."""
     from .grid import GridShape, make_grid
 
-    grid = make_grid(world, GridShape.of(world.Get_size(), tensor, cfg.parallel.pipeline))
+    grid = make_grid(world, GridShape.of(world.Get_size(), tensor, cfg.parallel.pipeline,
+                                         cfg.parallel.sequence))
     backend = select(cfg.backend, grid.local_rank)
     threads, limiter = limit_blas_threads(grid.local_size) if not backend.is_gpu else (0, None)
     warning = oversubscription(grid.local_size, threads) if threads else None
@@ -172,3 +177,63 @@ def make_p2p(cfg: Config, p: Plan) -> Any:
                       RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
                       FaultPlan(parse_faults(cfg.fault.inject, RUN_SITES), p.grid.rank),
                       group_ranks=p.grid.group_ranks("pipeline"), abort_on_failure=True)
+
+
+def check_sequence(cfg: Config, tensor: int, seq: int, command: str = "run") -> None:
+    """What ``parallel.sequence = Q`` needs, checked before any collective (ConfigError, one
+    line): a token per rank, a head per rank for Ulysses (``seqattn.resolve``; the fewest
+    heads any head rank holds), a fault site the chosen algorithm uses; refused where it is
+    not built (text input, per-head statistics and maps)."""
+    from .seqattn import resolve
+
+    parts = cfg.parallel.sequence
+    sites = {e.get("site") for e in cfg.fault.inject if isinstance(e, dict)}
+    used = sites & set(SEQUENCE_SITES + SEQUENCE_BACKWARD_SITES)
+    if parts == 1:
+        if used:
+            raise ConfigError(f"fault.inject site '{sorted(used)[0]}' moves tokens between"
+                              " sequence slices, and parallel.sequence = 1 has none: raise"
+                              " parallel.sequence")
+        return
+    if cfg.input.text:
+        raise ConfigError("parallel.sequence > 1 is built for token input (seeded or"
+                          " input.tokens), not for streamed text (input.text): its batches"
+                          " have every length; use parallel.tensor and data parallelism")
+    if cfg.output.head_stats or cfg.output.attention_maps:
+        raise ConfigError("output.head_stats and output.attention_maps are not built with"
+                          " parallel.sequence > 1: turn them off or set parallel.sequence = 1")
+    if seq < parts:
+        raise ConfigError(f"parallel.sequence = {parts} ranks for sequences of {seq} tokens:"
+                          f" each rank needs a token (parallel.sequence <= {seq})")
+    try:
+        algorithm = resolve(cfg.attention.sequence, min(counts(cfg.model.heads, tensor)), parts)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    wrong = used - set({"ulysses": ULYSSES_SITES + ULYSSES_BACKWARD_SITES,
+                        "ring": RING_SITES + RING_BACKWARD_SITES}[algorithm])
+    if wrong:
+        raise ConfigError(f"fault.inject site '{sorted(wrong)[0]}' is not used by"
+                          f" attention.sequence = \"{algorithm}\" in this {command}")
+
+
+def make_sequence(cfg: Config, p: Plan, seq: int, sites: tuple[str, ...] = RUN_SITES) -> Any:
+    """This rank's ``seqattn.SequenceAttention`` over its sequence group for sequences of
+    ``seq`` tokens, with its checked transfer (``transfers.CheckedAlltoall`` for Ulysses,
+    ``transfers.CheckedRing`` for the ring); None with ``parallel.sequence = 1``."""
+    from .checksum import parse_faults
+    from .seqattn import SequenceAttention, SequenceSplit, resolve
+    from .transfers import CheckedAlltoall, CheckedRing, FaultPlan, RetryPolicy
+
+    grid = p.grid
+    parts = grid.axis_size("sequence")
+    if parts == 1:
+        return None
+    algorithm = resolve(cfg.attention.sequence, min(p.head_counts), parts)
+    kind = CheckedAlltoall if algorithm == "ulysses" else CheckedRing
+    transfer = kind(grid.comm("sequence"),
+                    RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
+                    FaultPlan(parse_faults(cfg.fault.inject, sites), grid.rank),
+                    group_ranks=grid.group_ranks("sequence"))
+    split = SequenceSplit(seq, parts, grid.coord("sequence"))
+    return SequenceAttention(algorithm, split, transfer,
+                             cfg.attention.block or min(512, split.widest))

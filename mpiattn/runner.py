@@ -36,9 +36,11 @@ from .placement import (
     apply_checkpoint_shape,
     attention_options,
     check_memory,
+    check_sequence,
     load_shards,
     make_p2p,
     make_reducer,
+    make_sequence,
     place,
 )
 
@@ -56,7 +58,8 @@ def check_inputs(cfg: Config, world_size: int, rank: int,
     tensor, _ = check_world(cfg, world_size)
     check_memory(cfg)
     batch = load_batch(cfg)
-    replicas = world_size // (tensor * cfg.parallel.pipeline)
+    check_sequence(cfg, tensor, batch.shape[1], command)
+    replicas = world_size // (tensor * cfg.parallel.pipeline * cfg.parallel.sequence)
     if replicas > batch.shape[0]:
         raise ConfigError(f"{replicas} data-parallel replicas for {batch.shape[0]} sequences:"
                           " raise parallel.tensor or give more input")
@@ -118,8 +121,10 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     erf(xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # loads the erf kernel outside the timings
     my_layers = stage_layers(cfg.model.layers, stages, stage)
     emb, layers = load_shards(cfg, p, world, my_layers)
-    ids, mask = xp.asarray(mine.ids), xp.asarray(mine.mask)
-    types = None if mine.types is None else xp.asarray(mine.types)
+    sequence = make_sequence(cfg, p, p.batch.shape[1])
+    tokens = slice(None) if sequence is None else sequence.split.local  # this rank's slice
+    ids, mask = xp.asarray(mine.ids[:, tokens]), xp.asarray(mine.mask)  # the mask: every key
+    types = None if mine.types is None else xp.asarray(mine.types[:, tokens])
     setup_s = time.perf_counter() - t0
 
     # --- forward ------------------------------------------------------------------------
@@ -154,6 +159,7 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
                           stats=cfg.output.head_stats,
                           map_sequences=tuple(cfg.output.attention_maps))
     options, eps = attention_options(cfg, p), cfg.model.layer_norm_eps
+    options.sequence = sequence
     p2p = make_p2p(cfg, p) if stages > 1 else None
     world.Barrier()
     t_fwd = time.perf_counter()
@@ -170,9 +176,12 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     if hidden is not None:  # the last stage
         if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
             reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
-        pooled = to_host(mean_pool(hidden, mask))
+        if sequence is None:
+            pooled = to_host(mean_pool(hidden, mask))
     backend.sync()
     forward_s = time.perf_counter() - t_fwd
+    if sequence is not None and leader:  # the slices of the tokens to the group's first rank
+        outputs, pooled = gather_tokens(grid.comm("sequence"), outputs, hidden, mask)
 
     # --- gather to rank 0 ---------------------------------------------------------------
     seconds = np.zeros((cfg.model.layers, len(phases)))
@@ -191,8 +200,9 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
             pooled = parts[-1][1]
     gathered: dict[tuple[int, str], np.ndarray] = {}
     pooled_all = None
-    writer = leader and stage == 0  # one per replica
-    parallel = grid.axis_size("data") > 1 and stages == 1 and h5io.has_parallel_hdf5()
+    writer = leader and stage == 0 and grid.coord("sequence") == 0  # one per replica
+    parallel = (grid.axis_size("data") > 1 and stages == 1 and grid.axis_size("sequence") == 1
+                and h5io.has_parallel_hdf5())
     if writer and parallel:  # every replica writes its own rows into one file (mpio)
         tmp = grid.comm("data").bcast(str(out.create()) if rank == 0 else None)
         rows = {f"{h5io.layer_group(i)}/{name}": a for (i, name), a in outputs.items()}
@@ -205,7 +215,9 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
         pooled_all = gather_rows(grid.comm("data"), pooled)
     # a head group's Allreduce records are alike on all its ranks; every rank's own
     # messages between stages are its own
-    transfers = (reducer.records if leader else []) + (p2p.records if p2p is not None else [])
+    # messages between stages and sequence slices are every rank's own
+    transfers = ((reducer.records if leader else []) + (p2p.records if p2p is not None else [])
+                 + (sequence.transfer.records if sequence is not None else []))
     records = world.gather([(grid.coord("data"), r) for r in transfers])
 
     def write() -> Path:
@@ -220,6 +232,23 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
         return out.path
 
     return jobkit.conclude(world, write if rank == 0 else None)
+
+
+def gather_tokens(comm: Any, outputs: dict[tuple[int, str], np.ndarray], hidden: Any,
+                  key_mask: Any) -> tuple[dict[tuple[int, str], np.ndarray], np.ndarray | None]:
+    """Collective over a sequence group (one gather): every rank's token slices of the kept
+    layers and of the last hidden state to the group's rank 0, joined along the sequence in
+    rank order; there, the pooled embedding of the whole sequences (``mean_pool``; None on
+    the other ranks and on stages without the last layer)."""
+    last = None if hidden is None else to_host(hidden)
+    parts = comm.gather((outputs, last), root=0)
+    if comm.Get_rank() != 0:
+        return {}, None
+    joined = {key: np.concatenate([part[key] for part, _ in parts], axis=1) for key in outputs}
+    if last is None:
+        return joined, None
+    whole = np.concatenate([h for _, h in parts], axis=1)
+    return joined, to_host(mean_pool(whole, to_host(key_mask)))
 
 
 def gather_heads(world: Any, cfg: Config, stats: HeadStats
@@ -249,6 +278,9 @@ def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,
     data, tensor = p.grid.axis_size("data"), p.grid.axis_size("tensor")
     stages = p.grid.axis_size("pipeline")
     staged = f" x {stages} stages ({cfg.parallel.microbatches} micro-batches)" if stages > 1 else ""
+    sequence = p.grid.axis_size("sequence")
+    if sequence > 1:
+        staged += f" x {sequence} sequence ({cfg.attention.sequence})"
     print(f"ranks {p.grid.size} = {data} data{staged} x {tensor} head;"
           f" heads per rank {p.head_counts}; BLAS threads/rank {p.threads or '-'}")
     phase_total = seconds.sum(axis=1).mean(axis=0)  # mean over ranks, per phase

@@ -137,3 +137,56 @@ def resume_errors(straight: Path, resumed: Path, straight_ck: Path, resumed_ck: 
         adam_v = max(rel_err(b["optimizer/v"][k][()], a["optimizer/v"][k][()])
                      for k in a["optimizer/v"])
     return loss, params, adam_v
+
+
+class ThreadAlltoall:
+    """``k`` threads stand in for a sequence group's Alltoall: block j of member i goes to
+    member j (as ``transfers.CheckedAlltoall``), every call also counted by site."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.barrier = threading.Barrier(k)
+        self.slots: list[Any] = [None] * k
+        self.sites: list[str] = []
+
+    def member(self, index: int) -> Any:
+        group = self
+
+        def alltoall(blocks: np.ndarray, *, site: str, layer: int) -> np.ndarray:
+            assert blocks.shape[0] == group.k
+            group.slots[index] = blocks.copy()
+            group.barrier.wait()
+            out = np.stack([group.slots[s][index] for s in range(group.k)])
+            if index == 0:
+                group.sites.append(site)
+            group.barrier.wait()
+            return out
+
+        return alltoall
+
+
+class ThreadRing:
+    """``k`` threads stand in for a sequence group's ring (``transfers.CheckedRing``):
+    ``start`` hands a copy to the next member on the channel, ``finish`` takes what the
+    previous member handed over."""
+
+    def __init__(self, k: int) -> None:
+        import queue
+
+        self.k = k
+        self.boxes = {(r, c): queue.Queue() for r in range(k) for c in range(8)}
+        self.barrier = threading.Barrier(k)  # for run_ranks' abort on an error
+
+    def member(self, index: int) -> Any:
+        group = self
+
+        class Member:
+            def start(self, payload: np.ndarray, *, site: str, layer: int,
+                      channel: int = 0) -> tuple[int, int]:
+                group.boxes[((index + 1) % group.k, channel)].put(np.array(payload, copy=True))
+                return index, channel
+
+            def finish(self, shift: tuple[int, int]) -> np.ndarray:
+                return group.boxes[shift].get(timeout=60)
+
+        return Member()
