@@ -17,6 +17,7 @@ The shape is pure arithmetic (tested without MPI); only ``make_grid`` talks.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -79,8 +80,15 @@ class GridShape:
 
     def group(self, rank: int, axis: str) -> list[int]:
         """World ranks that differ from ``rank`` only along ``axis``, in axis order."""
+        return self.group_over(rank, (axis,))
+
+    def group_over(self, rank: int, axes: tuple[str, ...]) -> list[int]:
+        """World ranks that differ from ``rank`` only along ``axes``, ascending (e.g. the
+        data x sequence ranks whose parameter gradients are summed)."""
         at = self.coords(rank)
-        return [self.rank({**at, axis: i}) for i in range(getattr(self, axis))]
+        ranges = [range(getattr(self, a)) for a in axes]
+        return sorted(self.rank({**at, **dict(zip(axes, c, strict=True))})
+                      for c in itertools.product(*ranges))
 
 
 @dataclass
@@ -113,6 +121,16 @@ class ProcessGrid:
     def group_ranks(self, axis: str) -> list[int]:
         """World ranks of this rank's group along ``axis`` (for messages and records)."""
         return self.shape.group(self.rank, axis)
+
+    def comm_over(self, axes: tuple[str, ...]) -> Any:
+        """Collective over ``world``: a communicator of the ranks that differ from this one
+        only along ``axes`` (ranked as in ``GridShape.group_over``); an axis's own when
+        ``axes`` is one axis."""
+        if len(axes) == 1:
+            return self.comms[axes[0]]
+        at = self.shape.coords(self.rank)
+        color = self.shape.rank({**at, **dict.fromkeys(axes, 0)})
+        return self.world.Split(color=color, key=self.rank)
 
 
 def make_grid(world: Any, shape: GridShape) -> ProcessGrid:

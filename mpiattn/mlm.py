@@ -117,7 +117,7 @@ ModelCache = StageCache  # the whole model is the one stage of P = 1
 def stage_forward(params: Params, inputs: Any, key_mask: Any, positions: Any, targets: Any,
                   scale: float, reduce: Reduce, eps: float, impl: str = "plain",
                   block: int = 0, *, first_stage: bool = True,
-                  last_stage: bool = True) -> tuple[Any, StageCache]:
+                  last_stage: bool = True, sequence: Any = None) -> tuple[Any, StageCache]:
     """A stage's part of the MLM forward (GPipe/Megatron-LM pipeline stages).
 
     ``inputs``: ids (B, S) on the first stage, else the previous stage's hidden states
@@ -125,16 +125,21 @@ def stage_forward(params: Params, inputs: Any, key_mask: Any, positions: Any, ta
     tokens, targets (N,) their original ids (used by the last stage). Returns the loss
     ``scale * sum of the N token losses`` on the last stage, else the hidden states
     (B, S, H) for the next stage, and the cache for ``stage_backward``.
+
+    ``sequence``: a ``seqattn.SequenceAttention`` when this rank holds a slice of the
+    tokens (sequence parallelism): ids, inputs and positions are then the slice's (S_i
+    tokens), key_mask covers whole sequences (B, S).
     """
     c_emb = None
     if first_stage:
-        x, c_emb = embed_cached(inputs, params.emb, eps)
+        x, c_emb = embed_cached(inputs, params.emb, eps,
+                                0 if sequence is None else sequence.split.start)
     else:
         x = inputs
     bias = mask_bias(key_mask, x.dtype)
     caches = []
     for j, p in enumerate(params.layers):
-        x, c = layer_cached(x, p, bias, reduce, params.first + j, eps, impl, block)
+        x, c = layer_cached(x, p, bias, reduce, params.first + j, eps, impl, block, sequence)
         caches.append(c)
     if not last_stage:
         return x, StageCache(c_emb, caches, None, None, positions, x.shape, params.first)
@@ -177,7 +182,7 @@ def stage_backward(c: StageCache, dout: Any, reduce: Reduce) -> tuple[Any, Param
 
 def model_forward(params: Params, ids: Any, key_mask: Any, positions: Any, targets: Any,
                   scale: float, reduce: Reduce, eps: float, impl: str = "plain",
-                  block: int = 0) -> tuple[float, ModelCache]:
+                  block: int = 0, sequence: Any = None) -> tuple[float, ModelCache]:
     """MLM loss of a batch: ids (B, S), key_mask (B, S) bool, positions (N,) flat indices
     into B*S of the masked tokens, targets (N,) their original ids; ``impl``/``block``:
     the attention algorithm (``attention.ALGORITHMS``).
@@ -185,7 +190,7 @@ def model_forward(params: Params, ids: Any, key_mask: Any, positions: Any, targe
     Returns ``scale * sum of the N token losses`` and the cache for ``model_backward``.
     """
     return stage_forward(params, ids, key_mask, positions, targets, scale, reduce, eps,
-                         impl, block)
+                         impl, block, sequence=sequence)
 
 
 def model_backward(c: ModelCache, reduce: Reduce) -> Params:

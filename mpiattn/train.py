@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, h5io, mlm
+from . import __version__, h5io, mlm, seqattn
 from .attention import Options
 from .checkpoints import (
     History,
@@ -73,7 +73,9 @@ GRAD_SITE = "grad"  # the gradient buckets over the data group (layer: bucket in
 SUM_SITES = ("loss", "grad_norm", "eval")  # one-number sums (layer 0)
 TIED_SITE = "grad.tied"  # the tied word embedding's gradient, first + last stage (layer 0)
 STAGE_SITES = (FWD_SITE, BWD_SITE, TIED_SITE)  # with parallel.pipeline > 1
-TRAIN_SITES = (*SITES, *BACKWARD_SITES, GRAD_SITE, *SUM_SITES, *STAGE_SITES)  # fault.inject
+SEQUENCE_SITES = seqattn.SITES + seqattn.BACKWARD_SITES  # with parallel.sequence > 1
+TRAIN_SITES = (*SITES, *BACKWARD_SITES, GRAD_SITE, *SUM_SITES, *STAGE_SITES,
+               *SEQUENCE_SITES)  # fault.inject
 _HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10..12)
 
 
@@ -171,6 +173,13 @@ class Groups:
     p2p: Any = None
     pipe: Any = None
     tied: Any = None
+    sequence: Any = None  # seqattn.SequenceAttention with parallel.sequence > 1
+
+    @property
+    def summed(self) -> bool:
+        """Are parameter gradients and losses summed over other ranks (``data``: the
+        replicas and, with sequence parallelism, the sequence group's token slices)?"""
+        return self.replicas > 1 or self.sequence is not None
 
 
 def _sum(reduce: Any, values: list[float], site: str, xp: Any = np) -> np.ndarray:
@@ -202,9 +211,12 @@ def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int]
     ``grad`` fault's layer is the bucket index; the one-number sums have layer 0."""
     from .grid import GridShape
 
-    shape, m = GridShape.of(world_size, tensor, cfg.parallel.pipeline), cfg.model
+    shape = GridShape.of(world_size, tensor, cfg.parallel.pipeline, cfg.parallel.sequence)
+    m = cfg.model
 
     def span(site: str, rank: int) -> tuple[int, str]:
+        if site in SEQUENCE_SITES:  # check_sequence has refused them without a sequence group
+            return m.layers, f"the model has {m.layers} layers"
         if site in STAGE_SITES:
             if shape.pipeline == 1:
                 return 0, ("parallel.pipeline = 1 keeps every layer on one stage, so"
@@ -213,8 +225,8 @@ def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int]
                 return 1, f"site '{site}' sums one tensor a step"
             return m.layers - 1, (f"site '{site}' is labelled by the last layer before a"
                                   " stage boundary")
-        if site in (GRAD_SITE, "loss", "eval"):  # summed over the data group
-            if shape.data == 1:
+        if site in (GRAD_SITE, "loss", "eval"):  # summed over the data x sequence group
+            if shape.data * shape.sequence == 1:
                 return 0, (f"parallel.tensor = {tensor} of {world_size} ranks leaves one"
                            " replica, so nothing is summed there: lower parallel.tensor")
         elif shape.tensor == 1:
@@ -279,7 +291,7 @@ class Trainer:
         self.names = [n for n, _, _ in named]
         self.sharded = [s for _, _, s in named]
         self.opt = Optimizer(cfg.train, self.arrays())
-        self.buckets = Buckets(self.arrays(), xp) if groups.replicas > 1 else None
+        self.buckets = Buckets(self.arrays(), xp) if groups.summed else None
         self.eps = cfg.model.layer_norm_eps
         # the algorithm attention.impl names, as in run and bench (attention.ALGORITHMS)
         self.impl, self.block = Options(cfg.attention.impl,
@@ -287,6 +299,20 @@ class Trainer:
 
     def arrays(self) -> list[Any]:
         return [a for _, a, _ in mlm.named(self.params)]
+
+    def _local(self, b: Batch) -> Batch:
+        """This rank's tokens of a replica's batch (sequence parallelism): ids (b, S_i),
+        the masked positions inside the slice renumbered into b*S_i; the key mask stays
+        whole (every key is attended to). The batch itself without a sequence group."""
+        if self.groups.sequence is None:
+            return b
+        split = self.groups.sequence.split
+        seq = b.ids.shape[1]
+        row, col = np.divmod(b.positions, seq)
+        mine = (col >= split.start) & (col < split.start + split.count)
+        positions = row[mine] * split.count + col[mine] - split.start
+        return dataclasses.replace(b, ids=np.ascontiguousarray(b.ids[:, split.local]),
+                                   positions=positions, targets=b.targets[mine])
 
     def _device(self, b: Batch) -> tuple:
         xp = self.xp
@@ -338,7 +364,8 @@ class Trainer:
                 out, cache = mlm.stage_forward(self.params, ids[r] if first else inputs.pop(m),
                                                mask[r], pos, tgt, batch.scale, g.heads,
                                                self.eps, self.impl, self.block,
-                                               first_stage=first, last_stage=last)
+                                               first_stage=first, last_stage=last,
+                                               sequence=g.sequence)
                 if last:
                     loss += float(out)
                 else:
@@ -368,12 +395,12 @@ class Trainer:
         over the stages, the optimizer on this stage's parameters."""
         g, clock = self.groups, self.clock
         seconds = dict.fromkeys(PHASES, 0.0)
-        batch = train_batch(self.corpus, self.cfg, step, g.replicas, g.replica)
+        batch = self._local(train_batch(self.corpus, self.cfg, step, g.replicas, g.replica))
         loss, grads, seconds["forward"], seconds["backward"] = self._pipeline(batch, True)
         t2 = clock()
         if g.tied is not None:  # emb.word is the first tensor of both ends' lists
             grads[0][...] = g.tied(grads[0], site=TIED_SITE, layer=0)
-        if g.replicas > 1:
+        if g.summed:
             self.buckets.allreduce(grads, g.data)
             loss = float(_sum(g.data, [loss], "loss", self.xp)[0])
         t3 = clock()
@@ -393,16 +420,16 @@ class Trainer:
         if g.stages > 1:
             return self._pipeline_step(step)
         seconds = dict.fromkeys(PHASES, 0.0)
-        batch = train_batch(self.corpus, self.cfg, step, g.replicas, g.replica)
+        batch = self._local(train_batch(self.corpus, self.cfg, step, g.replicas, g.replica))
         ids, mask, pos, tgt = self._device(batch)
         t0 = clock()
         loss, cache = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
-                                        g.heads, self.eps, self.impl, self.block)
+                                        g.heads, self.eps, self.impl, self.block, g.sequence)
         t1 = clock()
         grads = [a for _, a, _ in mlm.named(mlm.model_backward(cache, g.heads))]
         del cache
         t2 = clock()
-        if g.replicas > 1:
+        if g.summed:
             self.buckets.allreduce(grads, g.data)
             loss = float(_sum(g.data, [loss], "loss", self.xp)[0])
         t3 = clock()
@@ -421,15 +448,16 @@ class Trainer:
         for index in range(self.cfg.train.eval_batches):
             if stop is not None and stop():
                 return None
-            batch = eval_batch(self.corpus, self.cfg, index, g.replicas, g.replica)
+            batch = self._local(eval_batch(self.corpus, self.cfg, index, g.replicas,
+                                           g.replica))
             if g.stages > 1:  # forwards only; the loss on the last stage
                 total += self._pipeline(batch, False)[0]
                 continue
             ids, mask, pos, tgt = self._device(batch)
             loss, _ = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
-                                        g.heads, self.eps, self.impl, self.block)
+                                        g.heads, self.eps, self.impl, self.block, g.sequence)
             total += loss
-        if g.replicas > 1:
+        if g.summed:
             total = float(_sum(g.data, [total], "eval", self.xp)[0])
         if g.stages > 1:
             total = float(_sum(g.pipe, [total], "eval", self.xp)[0])
@@ -491,7 +519,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     from .faults import check_fault_targets
     from .jobkit import input_digests
     from .outfile import check_name
-    from .placement import apply_checkpoint_shape, check_memory
+    from .placement import apply_checkpoint_shape, check_memory, check_sequence
     from .weights import model_folder
 
     if cfg.model.weights and (model_folder(cfg.model.weights) / "mpiattn_vocab.json").exists():
@@ -503,6 +531,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         raise ConfigError("output.head_stats and output.attention_maps are written by mpiattn"
                           " run only: remove them from the training config")
     tensor, _ = check_world(cfg, world_size)
+    check_sequence(cfg, tensor, cfg.input.seq_len, "train")
     check_memory(cfg)
     corpus = Corpus.load(cfg)
     cfg.model.vocab = corpus.vocab
@@ -594,7 +623,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     from .errors import NumericalError, Stopped
     from .layout import write_provenance, write_train
     from .outfile import Reservation
-    from .placement import make_reducer, place
+    from .placement import make_reducer, make_sequence, place
 
     rank, size = world.Get_rank(), world.Get_size()
     started = dt.datetime.now(dt.UTC)
@@ -610,10 +639,14 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     grid, backend, shard = plan.grid, plan.backend, plan.shard
     xp, m = backend.xp, cfg.model
     heads = make_reducer(cfg, plan, sites=TRAIN_SITES)
-    data = make_reducer(cfg, plan, grid.comm("data"), grid.group_ranks("data"), TRAIN_SITES)
+    summed = ("data", "sequence")  # the ranks whose parameter gradients are summed
+    data = make_reducer(cfg, plan, grid.comm_over(summed),
+                        grid.shape.group_over(rank, summed), TRAIN_SITES)
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     groups = Groups(heads, data, tensor, grid.coord("tensor"), grid.axis_size("data"),
-                    grid.coord("data"), stages, stage, cfg.parallel.microbatches)
+                    grid.coord("data"), stages, stage, cfg.parallel.microbatches,
+                    sequence=make_sequence(cfg, plan, first.ids.shape[1], TRAIN_SITES))
+    first_copy = grid.coord("data") == 0 and grid.coord("sequence") == 0  # of the model
     if stages > 1:
         groups.p2p, groups.pipe, groups.tied = _stage_links(cfg, plan)
 
@@ -643,7 +676,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         it; each stage's head group gathers its shards, then the stages gather to stage 0:
         embeddings from the first, the head from the last); {} elsewhere."""
         full = {}
-        if grid.coord("data") == 0:
+        if first_copy:
             kinds = trainer.opt.names if optimizer else []
             for key, arrays in [("params", trainer.arrays())] + [
                     (kind, trainer.opt.state[kind]) for kind in kinds]:
@@ -742,7 +775,9 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         mine += [(grid.coord("data"), r) for r in groups.p2p.records]
         if stage == 0:  # the sums over the stages and over the tied embedding's two ends
             mine += [(grid.coord("data"), r) for r in groups.pipe.records + groups.tied.records]
-    mine += [(grid.coord("data"), r) for r in data.records] if grid.coord("data") == 0 else []
+    mine += [(grid.coord("data"), r) for r in data.records] if first_copy else []
+    if groups.sequence is not None:  # the messages between token slices, this rank's own
+        mine += [(grid.coord("data"), r) for r in groups.sequence.transfer.records]
     records = world.gather(mine)
     folder = None if stopped else export_folder(cfg, out_path)
     if folder is not None and saved[0] != done:  # the same verdict on every rank

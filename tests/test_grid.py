@@ -54,6 +54,7 @@ def test_sequence_groups_sit_between_heads_and_stages():
     assert shape.group(0, "tensor") == [0, 1]
     assert shape.group(1, "sequence") == [1, 3, 5]
     assert shape.group(1, "data") == [1, 7]
+    assert shape.group_over(1, ("data", "sequence")) == [1, 3, 5, 7, 9, 11]
 
 
 @pytest.mark.parametrize(("world", "tensor", "pipeline", "message"), [
