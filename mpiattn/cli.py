@@ -130,9 +130,14 @@ def parser() -> argparse.ArgumentParser:
                     help="inter-node seconds per byte (default: the fitted one)")
     pl.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="model.hidden|heads|layers|ffn, input.batch|"
-                    "seq_len, dtype, checksum.mode|wire of the predicted job (repeatable)")
+                    "seq_len, dtype, checksum.mode|wire, parallel.microbatches|sequence,"
+                    " attention.sequence (auto|ulysses|ring) of the predicted job (repeatable)")
     pl.add_argument("--layout", choices=("heads", "best"), default="heads",
-                    help="heads: most head ranks first (default); best: fastest D x T split")
+                    help="heads: most head ranks first (default); best: fastest data x"
+                    " pipeline x sequence x tensor split")
+    pl.add_argument("--memory", type=float, metavar="GIB",
+                    help="GiB per rank: layouts whose estimated weights + activations do not"
+                    " fit are left out")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     return ap
 

@@ -3,8 +3,10 @@
     mpiattn plan s1.h5 s2.h5 s4.h5                    # run files at several rank counts
     mpiattn plan bench2.h5 bench4.h5 --set model.layers=24 --set input.seq_len=512
     mpiattn plan s*.h5 --cores 64 --ranks-per-node 8 --nodes-alpha 5e-6 --nodes-beta 1e-10
+    mpiattn plan b1.h5 b2.h5 --set input.seq_len=65536 --layout best --memory 1.5
 
-Two fitted models, both stated in the output with their numbers:
+Two fitted models, both stated in the output with their numbers, and the layouts built on
+them:
 
 1. Compute (every phase but the Allreduce), per rank and layer:
    ``t = (F_rank / R + g·N·H) / speed``. ``F_rank`` is the rank's share of the model FLOPs
@@ -25,6 +27,28 @@ Two fitted models, both stated in the output with their numbers:
    "GPipe", 2019), and a micro-batch of b = ceil(B/(D·M)) sequences crosses each boundary
    as one point-to-point message at the fitted Allreduce α, β (inter-node ones when the
    ranks span nodes). M = ``parallel.microbatches`` (``--set``), else min(rows, 4P).
+
+4. Sequence parallelism (``--set parallel.sequence=Q``, ``--set attention.sequence=
+   ulysses|ring|auto``; ``--layout best`` weighs every Q and both algorithms): a rank holds
+   ceil(S/Q) tokens of each sequence, so the GEMMs, LayerNorm and the head group's two
+   Allreduces work on N/Q tokens. Attention FLOPs of the slowest rank: ring
+   ``4·B·ceil(S/Q)·S·W`` (its queries against every key), Ulysses ``4·B·S·S·ceil(h/Q)·d``
+   (whole sequences, its share of the T-rank's h heads; needs floor(heads/T) >= Q, as
+   ``seqattn.resolve``). Transfers use the fitted Allreduce α, β (inter-node ones when the
+   sequence group of T·Q ranks spans nodes), ``h`` per byte hashed (sender and receiver),
+   and a tiny agreement Allreduce ``2·ceil(log2 Q)·α`` per transfer (``transfers.agree``).
+   - Ulysses (Jacobs et al. 2023, DeepSpeed-Ulysses): two Alltoalls per layer forward,
+     Q/K/V to heads (``Q·3·B·ceil(S/Q)·ceil(h/Q)·d·elt`` bytes per rank, blocks padded as
+     ``seqattn`` pads them) and the output back (a third of that); each costs
+     ``(Q-1)·α + (Q-1)/Q·bytes·β`` (pairwise exchange) ``+ (Q-1)·α`` (the digests' Alltoall)
+     ``+ 2·h·bytes + agreement``.
+   - Ring (Liu et al. 2023, Ring Attention): Q-1 shifts of K/V, ``2·B·ceil(S/Q)·W·elt``
+     bytes each, overlapped with the block attention of the slice at hand (step compute =
+     attention / Q): a shift adds ``max(0, α + bytes·β - step) + 2·h·bytes + agreement``.
+     The overlap assumes the MPI library progresses Isend/Irecv while the rank computes.
+   A rough per-rank memory estimate (``memory``: weights + one layer's activations of the
+   local tokens + attention's scores and buffers) goes with every row; ``--memory GIB``
+   leaves out the layouts that would not fit.
 
 Inputs: ``mpiattn bench`` files (``/bench/allreduce`` bytes/seconds/ranks, ``/bench/gemm``)
 and/or run files at several rank counts. Only h5py and NumPy are needed.
@@ -55,8 +79,12 @@ CHECK_ROWS = 2  # rows an ABFT partial carries on top of its N rows (sum and |su
 PLAN_KEYS = {
     "model.hidden": int, "model.heads": int, "model.layers": int, "model.ffn": int,
     "input.batch": int, "input.seq_len": int, "dtype": str, "checksum.mode": str,
-    "checksum.wire": str, "parallel.microbatches": int,
+    "checksum.wire": str, "parallel.microbatches": int, "parallel.sequence": int,
+    "attention.sequence": str,
 }
+SEQUENCE_CHOICES = ("auto", "ulysses", "ring")  # attention.sequence, as seqattn.resolve takes it
+PLAIN_MAX_SEQ = 2048  # attention.impl = "auto": plain scores up to this length (attention.py)
+BLOCK = 512  # the default key/query block of blocked and ring attention (min with the keys)
 DEFAULT_RANKS = [1 << i for i in range(11)]  # 1 .. 1024
 MAX_RANKS = 2**20  # the largest rank count (and ranks per node) plan predicts
 MAX_RANK_COUNTS = 1024  # rank counts in one --ranks list
@@ -77,6 +105,8 @@ class Job:
     checksum: str = "abft"
     wire: str = "float64"
     microbatches: int = 0  # per pipeline; 0: min(rows, 4 x stages)
+    sequence: int = 0  # parallel.sequence Q; 0: not fixed (1 for --layout heads, any for best)
+    seq_algorithm: str = "auto"  # attention.sequence: "auto" | "ulysses" | "ring"
 
     @classmethod
     def from_file(cls, rf: Loaded) -> Job:
@@ -96,15 +126,31 @@ class Job:
     def tokens(self, batch: int | None = None) -> int:
         return (self.batch if batch is None else batch) * self.seq_len
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def linear_flops(self, tokens: int) -> float:
+        """FLOPs of one layer's GEMMs outside attention (QKV, output projection, MLP) on
+        ``tokens`` tokens, all heads: ``2·n·H·3H + 2·n·H·H + 4·n·H·F``."""
+        n, h = tokens, self.hidden
+        return float(2 * n * h * 3 * h + 2 * n * h * h + 4 * n * h * self.ffn)
+
+    def attention_flops(self, batch: int, queries: int, keys: int, heads: int) -> float:
+        """Scores and weighted sum: ``4·b·queries·keys·heads·head_dim`` FLOPs."""
+        return float(4 * batch * queries * keys * heads * self.head_dim)
+
     def sharded_flops(self, batch: int | None = None) -> float:
         """Model FLOPs of one layer on ``batch`` sequences, all heads (the sharded part)."""
         b = self.batch if batch is None else batch
-        n, h, s = b * self.seq_len, self.hidden, self.seq_len
-        return float(2 * n * h * 3 * h + 4 * b * s * s * h + 2 * n * h * h + 4 * n * h * self.ffn)
+        return (self.linear_flops(b * self.seq_len)
+                + self.attention_flops(b, self.seq_len, self.seq_len, self.heads))
 
-    def wire_bytes(self, batch: int | None = None) -> float:
-        """Bytes one rank contributes to one Allreduce."""
-        n, h = self.tokens(batch), self.hidden
+    def wire_bytes(self, batch: int | None = None, seq: int | None = None) -> float:
+        """Bytes one rank contributes to one Allreduce (``seq`` tokens of each sequence:
+        a sequence slice's, else all)."""
+        n = (self.batch if batch is None else batch) * (seq or self.seq_len)
+        h = self.hidden
         if self.checksum == "abft":
             return float((n + CHECK_ROWS) * h * (8 if self.wire == "float64" else self.elt))
         return float(n * h * self.elt)
@@ -115,7 +161,8 @@ def job_with(job: Job, overrides: list[str]) -> Job:
     names = {"model.layers": "layers", "model.heads": "heads", "model.hidden": "hidden",
              "model.ffn": "ffn", "input.batch": "batch", "input.seq_len": "seq_len",
              "dtype": "dtype", "checksum.mode": "checksum", "checksum.wire": "wire",
-             "parallel.microbatches": "microbatches"}
+             "parallel.microbatches": "microbatches", "parallel.sequence": "sequence",
+             "attention.sequence": "seq_algorithm"}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -133,6 +180,13 @@ def job_with(job: Job, overrides: list[str]) -> Job:
                               f" got {raw!r}")
         values[names[key]] = value
     out = Job(**values)
+    if out.seq_algorithm not in SEQUENCE_CHOICES:
+        raise ConfigError(f"--set attention.sequence = {out.seq_algorithm!r}: give one of"
+                          f" {', '.join(SEQUENCE_CHOICES)}")
+    if out.sequence > out.seq_len:
+        raise ConfigError(f"--set parallel.sequence = {out.sequence} ranks for sequences of"
+                          f" {out.seq_len} tokens: each rank needs a token (parallel.sequence"
+                          f" <= {out.seq_len})")
     if out.hidden % out.heads:
         raise ConfigError(f"model.hidden = {out.hidden} is not a multiple of model.heads ="
                           f" {out.heads}")
@@ -156,6 +210,20 @@ def ring(ranks: int, nbytes: float, alpha: float, beta: float) -> float:
     if ranks <= 1:
         return 0.0
     return 2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * nbytes * beta
+
+
+def alltoall(ranks: int, nbytes: float, alpha: float, beta: float) -> float:
+    """Pairwise-exchange Alltoall of ``nbytes`` per rank (all Q blocks, its own included):
+    ``(Q-1)·α + (Q-1)/Q·bytes·β``."""
+    if ranks <= 1:
+        return 0.0
+    return (ranks - 1) * alpha + (ranks - 1) / ranks * nbytes * beta
+
+
+def agreement(ranks: int, alpha: float) -> float:
+    """One tiny Allreduce that makes a transfer's verdict collective (``transfers.agree``):
+    latency only, ``2·ceil(log2 Q)·α`` (recursive doubling, there and back)."""
+    return 2 * math.ceil(math.log2(ranks)) * alpha if ranks > 1 else 0.0
 
 
 def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -235,8 +303,17 @@ def measured_cores(files: list[Loaded], override: float | None) -> tuple[float, 
     return float(os.cpu_count() or 1), "os.cpu_count() here (files do not tell)"
 
 
+def sequence_of(rf: Loaded) -> int:
+    """``parallel.sequence`` of a file's config (1 when absent)."""
+    par = rf.config.get("parallel", {})
+    return int(par.get("sequence", 1) or 1) if isinstance(par, dict) else 1
+
+
 def reduce_run(rf: Loaded, cores: float) -> Measured | None:
-    """A run file's steady-state layer, or a bench file's per-phase layer (after warm-up)."""
+    """A run file's steady-state layer, or a bench file's per-phase layer (after warm-up).
+    None for what the per-layer model cannot take (sequence-parallel runs among them)."""
+    if sequence_of(rf) > 1:  # its phases hold Alltoalls / ring shifts the fit does not model
+        return None
     phases = rf.phases
     if rf.seconds is not None and rf.forward is not None:
         layers = rf.seconds.shape[1]
@@ -299,6 +376,10 @@ def fit(files: list[Loaded], cores_override: float | None = None) -> Fit:
     benches = [rf for rf in files if rf.bench]
     notes: list[str] = []
     sources = {"cores": f"{cores:g} ({cores_from})"}
+    skipped = [rf.path for rf in files if sequence_of(rf) > 1]
+    if skipped:
+        notes.append(f"{len(skipped)} sequence-parallel file(s) not fitted (their phases mix"
+                     f" Alltoalls and ring shifts into attention): {', '.join(skipped[:3])}")
 
     # 1. compute. The "norm" phase is the replicated elementwise work (single-threaded
     # NumPy): g = its time x share / (N·H). The other phases are the sharded FLOPs: for
@@ -407,10 +488,13 @@ class Target:
     beta_inter: float
 
 
+def divisors(n: int) -> list[int]:
+    return sorted({d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)})
+
+
 def layouts(job: Job, n: int) -> list[tuple[int, int]]:
     """(data, tensor) splits of n ranks the runner accepts: T <= heads, D <= batch."""
-    divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
-    return [(n // t, t) for t in sorted(divisors) if t <= job.heads and n // t <= job.batch]
+    return [(n // t, t) for t in divisors(n) if t <= job.heads and n // t <= job.batch]
 
 
 def pipeline_layouts(job: Job, n: int) -> list[tuple[int, int, int]]:
@@ -418,6 +502,46 @@ def pipeline_layouts(job: Job, n: int) -> list[tuple[int, int, int]]:
     of n/P ranks (``layouts``)."""
     return [(d, t, stages) for stages in range(1, min(n, job.layers) + 1) if n % stages == 0
             for d, t in layouts(job, n // stages)]
+
+
+def sequence_parts(job: Job, n: int) -> list[int]:
+    """Sequence sizes Q a layout of n ranks may use: ``job.sequence`` when it is fixed (and
+    divides n), else every divisor of n up to the tokens of a sequence."""
+    if job.sequence:
+        return [job.sequence] if n % job.sequence == 0 else []
+    return [q for q in divisors(n) if q <= job.seq_len]
+
+
+def sequence_algorithms(job: Job, tensor: int, parts: int, weigh: bool) -> list[str]:
+    """The attention.sequence algorithms a layout with T head ranks and Q sequence ranks
+    can run: [""] at Q = 1; Ulysses only when the fewest heads of a head rank (floor(h/T))
+    are >= Q (``seqattn.resolve``). "auto" is the runner's rule (Ulysses when it fits, else
+    the ring), or with ``weigh`` (``--layout best``) both, to be timed against each other."""
+    if parts == 1:
+        return [""]
+    fits = job.heads // tensor >= parts
+    if job.seq_algorithm == "auto":
+        if weigh:
+            return ["ulysses", "ring"] if fits else ["ring"]
+        return ["ulysses" if fits else "ring"]
+    return [job.seq_algorithm] if job.seq_algorithm == "ring" or fits else []
+
+
+def grid_layouts(job: Job, n: int, best: bool) -> list[tuple[int, int, int, int, str]]:
+    """(data, tensor, pipeline, sequence, algorithm) layouts of n ranks: with ``best`` every
+    D x T x P x Q split (``pipeline_layouts`` of n/Q, ``sequence_parts``), else no stages
+    and the sequence size fixed by ``job.sequence`` (1 when unset)."""
+    if best:
+        parts = sequence_parts(job, n)
+    else:
+        parts = [job.sequence or 1] if n % (job.sequence or 1) == 0 else []
+    out = []
+    for q in parts:
+        splits = (pipeline_layouts(job, n // q) if best
+                  else [(d, t, 1) for d, t in layouts(job, n // q)])
+        for d, t, stages in splits:
+            out += [(d, t, stages, q, a) for a in sequence_algorithms(job, t, q, best)]
+    return out
 
 
 def bubble_fraction(stages: int, micro: int) -> float:
@@ -434,38 +558,133 @@ def micro_count(job: Job, rows: int, stages: int) -> int:
 
 
 def best_axis(r: dict[str, Any]) -> str:
-    """The axis a layout mostly splits on: layers (pipeline), heads (tensor) or the batch
-    (data), by the largest factor; "none" on one rank."""
-    factors = {"layers": r.get("pipeline", 1), "heads": r["tensor"], "batch": r["data"]}
+    """The axis a layout mostly splits on: layers (pipeline), heads (tensor), the tokens of
+    each sequence (sequence) or the batch (data), by the largest factor; "none" on one
+    rank."""
+    factors = {"layers": r.get("pipeline", 1), "heads": r["tensor"],
+               "sequence": r.get("sequence", 1), "batch": r["data"]}
     top = max(factors.values())
     return "none" if top == 1 else next(k for k, v in factors.items() if v == top)
 
 
+def attention_flops(job: Job, rows: int, heads: int, parts: int, algorithm: str) -> float:
+    """Attention FLOPs per layer of the slowest rank of a head rank with ``heads`` heads
+    and ``rows`` sequences, split over ``parts`` sequence ranks: Q = 1 all queries against
+    all keys; the ring ceil(S/Q) queries against all S keys, every head (4·B·ceil(S/Q)·S·W);
+    Ulysses every query against every key of ceil(h/Q) heads (4·B·S·S·ceil(h/Q)·d)."""
+    s = job.seq_len
+    if algorithm == "ring":
+        return job.attention_flops(rows, math.ceil(s / parts), s, heads)
+    if algorithm == "ulysses":
+        return job.attention_flops(rows, s, s, math.ceil(heads / parts))
+    return job.attention_flops(rows, s, s, heads)
+
+
+def ulysses_bytes(job: Job, rows: int, heads: int, parts: int) -> tuple[float, float]:
+    """Bytes one rank hands to each of the forward's two Alltoalls (all Q blocks, its own
+    included; Q-1 of them leave it): Q, K, V of its tokens to head shares
+    ``Q·3·B·ceil(S/Q)·ceil(h/Q)·d·elt``, the attention output back ``Q·B·ceil(S/Q)·
+    ceil(h/Q)·d·elt``. The blocks are padded to the widest slice and head share
+    (``seqattn``), so uneven splits move a little more than 3·B·(S/Q)·W·elt."""
+    block = rows * math.ceil(job.seq_len / parts) * math.ceil(heads / parts) * job.head_dim
+    return float(parts * 3 * block * job.elt), float(parts * block * job.elt)
+
+
+def ring_bytes(job: Job, rows: int, heads: int, parts: int) -> float:
+    """Bytes of one ring shift: the K/V of a (padded) sequence slice, 2·B·ceil(S/Q)·W·elt."""
+    return float(rows * math.ceil(job.seq_len / parts) * 2 * heads * job.head_dim * job.elt)
+
+
+def memory(job: Job, rows: int, heads: int, tensor: int, parts: int, algorithm: str,
+           stages: int = 1) -> tuple[float, float]:
+    """(weights, activations) bytes per rank, a rough forward (inference) model:
+    weights ceil(L/P)·(4·H·W + 2·H·ceil(F/T))·elt; activations of one layer at a time for
+    the n = B·ceil(S/Q) local tokens: n·(2H + 4W + ceil(F/T))·elt (input and output states,
+    Q/K/V, attention output, MLP intermediate) plus the Allreduce buffer, plus attention's:
+    scores B·h'·S·S·elt (plain, S <= 2048, every head at once) or B·h'·b²·elt (blocked,
+    b = min(512, S)), h' = ceil(h/Q) heads over the whole sequence for Ulysses with its
+    whole-sequence Q/K/V/output (4·B·S·h'·d·elt) and the QKV Alltoall's send and receive
+    blocks; for the ring three K/V slices (own, at hand, in flight), the output and scaled
+    queries (2·n·W·elt) and B·h·b²·elt scores, b = min(512, ceil(S/Q))."""
+    elt, d, hid, s = job.elt, job.head_dim, job.hidden, job.seq_len
+    local = math.ceil(s / parts)
+    n, w, ffn = rows * local, heads * d, math.ceil(job.ffn / tensor)
+    weights = math.ceil(job.layers / stages) * (4 * hid * w + 2 * hid * ffn) * elt
+    acts = n * (2 * hid + 4 * w + ffn) * elt + job.wire_bytes(rows, local)
+    if algorithm == "ring":
+        blk = min(BLOCK, local)
+        acts += 3 * ring_bytes(job, rows, heads, parts) + 2 * n * w * elt
+        acts += rows * heads * blk * blk * elt
+    else:
+        h_att = math.ceil(heads / parts) if algorithm == "ulysses" else heads
+        blk = s if s <= PLAIN_MAX_SEQ else min(BLOCK, s)
+        acts += rows * h_att * (s * s if s <= PLAIN_MAX_SEQ else blk * blk) * elt
+        if algorithm == "ulysses":
+            acts += 4 * rows * s * h_att * d * elt + 2 * ulysses_bytes(job, rows, heads, parts)[0]
+    return float(weights), float(acts)
+
+
 def predict_layout(job: Job, f: Fit, tgt: Target, data: int, tensor: int,
-                   stages: int = 1) -> dict[str, Any]:
+                   stages: int = 1, sequence: int = 1, algorithm: str = "") -> dict[str, Any]:
     """Predicted seconds of one layout: ``layer_s`` per model layer (a pipeline's: its
     forward less the one-off part over the layers), ``forward_s``; with ``stages`` > 1 the
-    bubble and the point-to-point seconds per forward (module docstring, 3.)."""
-    n = data * tensor * stages
+    bubble and the point-to-point seconds per forward (module docstring, 3.); with
+    ``sequence`` = Q > 1 ranks splitting the tokens, ``algorithm`` "ulysses" or "ring"
+    (default: the runner's choice, ``seqattn.resolve``) and its communication ``seq_s``
+    (module docstring, 4.)."""
+    from .seqattn import resolve
+
+    q = sequence
+    n = data * tensor * stages * q
     rpn = tgt.ranks_per_node or n
-    local = min(n, rpn)
-    k = threads_for(tgt.cores, local)
-    sp = speed(tgt.cores, local, k, f.p)
+    local_ranks = min(n, rpn)
+    k = threads_for(tgt.cores, local_ranks)
+    sp = speed(tgt.cores, local_ranks, k, f.p)
     rows = math.ceil(job.batch / data)
     heads = math.ceil(job.heads / tensor)
-    share = speed(tgt.cores, local, k, 0.0)  # single-threaded elementwise work
-    compute = (rank_flops(job, heads, rows) / f.rate / sp
-               + f.g * job.tokens(rows) * job.hidden / share)
-    nbytes = job.wire_bytes(rows)
+    local = math.ceil(job.seq_len / q)
+    algo = "" if q == 1 else (algorithm or resolve(job.seq_algorithm, job.heads // tensor, q))
+    share = speed(tgt.cores, local_ranks, k, 0.0)  # single-threaded elementwise work
+    att = attention_flops(job, rows, heads, q, algo)
+    compute = ((job.linear_flops(rows * local) * heads / job.heads + att) / f.rate / sp
+               + f.g * rows * local * job.hidden / share)
+    nbytes = job.wire_bytes(rows, local)
     spans = tgt.ranks_per_node is not None and (tensor > rpn or rpn % tensor != 0)
     a, b = (tgt.alpha_inter, tgt.beta_inter) if spans else (f.alpha, f.beta)
     allreduce = 2 * (f.h * nbytes / sp + ring(tensor, nbytes, a, b))
-    layer = compute + allreduce
+    seq: dict[str, Any] = {"sequence": q, "algorithm": algo or "none", "local_tokens": local,
+                           "attention_flops": att, "seq_s": 0.0, "seq_inter_node": False}
+    if q > 1:
+        group = tensor * q  # the sequence group: every T-th rank of a run of T·Q
+        seq["seq_inter_node"] = across = (tgt.ranks_per_node is not None
+                                          and (group > rpn or rpn % group != 0))
+        a, b = (tgt.alpha_inter, tgt.beta_inter) if across else (f.alpha, f.beta)
+        if algo == "ulysses":
+            moved = ulysses_bytes(job, rows, heads, q)
+            # per Alltoall: the blocks hashed when sent and when received, the payload
+            # exchange, the digests' own Alltoall (latency), the agreement
+            seq["seq_s"] = sum(2 * f.h * x / sp + alltoall(q, x, a, b) + (q - 1) * a
+                               + agreement(q, a) for x in moved)
+            seq["alltoall_bytes"] = list(moved)
+            seq["alltoall_sent_bytes"] = (q - 1) / q * sum(moved)
+        else:
+            kv = ring_bytes(job, rows, heads, q)
+            step = att / q / f.rate / sp  # the block attention of one slice
+            transfer = a + kv * b
+            # Q-1 shifts, each overlapped with a step: only what the transfer takes beyond
+            # the step shows, plus the digests (sent, received) and the agreement
+            seq["seq_s"] = (q - 1) * (max(0.0, transfer - step) + 2 * f.h * kv / sp
+                                      + agreement(q, a))
+            seq.update(ring_shifts=q - 1, ring_bytes=kv, ring_step_s=step,
+                       ring_transfer_s=transfer,
+                       ring_hidden_fraction=min(step, transfer) / transfer if transfer else 1.0)
+    weights, acts = memory(job, rows, heads, tensor, q, algo, stages)
+    layer = compute + allreduce + seq["seq_s"]
     micro = micro_count(job, rows, stages)
     per_stage = math.ceil(job.layers / stages)
     p2p = 0.0
     if stages > 1:
-        message = math.ceil(rows / micro) * job.seq_len * job.hidden * job.elt
+        message = math.ceil(rows / micro) * local * job.hidden * job.elt
         across = tgt.ranks_per_node is not None and n > rpn
         a, b = (tgt.alpha_inter, tgt.beta_inter) if across else (f.alpha, f.beta)
         p2p = (micro + stages - 2) * (a + message * b)
@@ -473,40 +692,58 @@ def predict_layout(job: Job, f: Fit, tgt: Target, data: int, tensor: int,
     return {"ranks": n, "data": data, "tensor": tensor, "pipeline": stages,
             "microbatches": micro, "nodes": math.ceil(n / rpn),
             "heads_per_rank": heads, "threads": k, "speed": sp, "wire_bytes": nbytes,
-            "inter_node": spans, "compute_s": compute, "allreduce_s": allreduce,
+            "inter_node": spans, "compute_s": compute, "allreduce_s": allreduce, **seq,
+            "weights_bytes": weights, "activation_bytes": acts, "memory_bytes": weights + acts,
             "bubble_fraction": bubble_fraction(stages, micro), "p2p_s": p2p,
             "layer_s": layers_s / job.layers, "forward_s": layers_s + f.once / share}
 
 
-def predict(job: Job, f: Fit, tgt: Target, n: int, layout: str = "heads"
-            ) -> dict[str, Any] | None:
+def predict(job: Job, f: Fit, tgt: Target, n: int, layout: str = "heads",
+            memory_limit: float | None = None) -> dict[str, Any] | None:
     """The prediction at n ranks: heads first (the most head ranks that fit, as
-    ``parallel.tensor = 0`` does up to model.heads), or the fastest split of data x heads x
-    pipeline stages ("best"), with ``axis`` the one it mostly splits (``best_axis``)."""
-    if layout == "best":
-        options = [predict_layout(job, f, tgt, d, t, s) for d, t, s in pipeline_layouts(job, n)]
-        if not options:
-            return None
-        best = min(options, key=lambda r: r["forward_s"])
-        best["axis"] = best_axis(best)
-        return best
-    options = [predict_layout(job, f, tgt, d, t) for d, t in layouts(job, n)]
+    ``parallel.tensor = 0`` does up to model.heads; ``parallel.sequence`` fixed by the job,
+    1 when unset), or the fastest split of data x pipeline x sequence x heads ("best"),
+    with ``axis`` the one it mostly splits (``best_axis``). ``memory_limit``: bytes per
+    rank a layout's estimate must fit in (``memory``); None when no layout is left."""
+    best = layout == "best"
+    options = [predict_layout(job, f, tgt, d, t, s, q, a)
+               for d, t, s, q, a in grid_layouts(job, n, best)]
+    if memory_limit is not None:
+        options = [r for r in options if r["memory_bytes"] <= memory_limit]
     if not options:
         return None
+    if best:
+        choice = min(options, key=lambda r: r["forward_s"])
+        choice["axis"] = best_axis(choice)
+        return choice
     return max(options, key=lambda r: r["tensor"])
 
 
-def table(job: Job, f: Fit, tgt: Target, ranks: list[int], layout: str = "heads"
-          ) -> list[dict[str, Any]]:
+def impossible(job: Job, n: int, layout: str, memory_limit: float | None) -> str:
+    """Why no layout of n ranks is predicted (``predict`` returned None)."""
+    if memory_limit is not None and grid_layouts(job, n, layout == "best"):
+        return (f"every layout needs more than --memory {memory_limit / 2**30:g} GiB per rank"
+                " (estimate: the memory column)")
+    text = (f"needs ranks <= heads x batch = {job.heads * job.batch} with a split D x T,"
+            f" T <= {job.heads}, D <= {job.batch}")
+    if layout == "best":
+        text += f" (x P <= {job.layers} stages" + (
+            f" x Q <= {job.seq_len} sequence ranks)" if not job.sequence else ")")
+    if job.sequence:
+        text += f" x parallel.sequence = {job.sequence}"
+        if job.seq_algorithm == "ulysses":
+            text += " (Ulysses: heads per head rank >= Q, else attention.sequence = ring)"
+    return text
+
+
+def table(job: Job, f: Fit, tgt: Target, ranks: list[int], layout: str = "heads",
+          memory_limit: float | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     base = None
     for n in ranks:
-        r = predict(job, f, tgt, n, layout)
+        r = predict(job, f, tgt, n, layout, memory_limit)
         if r is None:
-            rows.append({"ranks": n, "impossible": f"needs ranks <= heads x batch ="
-                         f" {job.heads * job.batch} with a split D x T, T <= {job.heads},"
-                         f" D <= {job.batch}" + (f" (x P <= {job.layers} stages)"
-                                                 if layout == "best" else "")})
+            rows.append({"ranks": n, "impossible": impossible(job, n, layout, memory_limit)})
             continue
         if base is None:
             base = r
@@ -534,15 +771,17 @@ def check(files: list[Loaded], f: Fit) -> list[dict[str, Any]]:
     return out
 
 
-def assumptions(f: Fit, tgt: Target, layout: str = "heads") -> list[str]:
+def assumptions(f: Fit, tgt: Target, layout: str = "heads", job: Job | None = None,
+                memory_limit: float | None = None) -> list[str]:
     where = (f"{tgt.ranks_per_node} ranks per node, {tgt.cores:g} cores per node"
              if tgt.ranks_per_node else f"all ranks on one node of {tgt.cores:g} cores")
     out = [
         f"placement: {where}; BLAS threads per rank = cores // ranks on the node (runner's"
         " rule); ranks beyond the cores time-share them (a rank gets min(1, c/n) of a core)",
-        ("layout: for each N the data x head x pipeline split (heads <= model.heads,"
-         " replicas <= input.batch, stages <= model.layers) with the shortest predicted"
-         " forward; axis = the largest factor (batch, heads or layers)" if layout == "best"
+        ("layout: for each N the data x pipeline x sequence x head split (heads <="
+         " model.heads, replicas <= input.batch, stages <= model.layers, sequence ranks <="
+         " input.seq_len, or parallel.sequence when set) with the shortest predicted forward;"
+         " axis = the largest factor (layers, heads, sequence or batch)" if layout == "best"
          else
          "layout: for each N the most head ranks T <= model.heads that divide N; the rest"
          " data-parallel replicas (<= input.batch); --layout best picks the fastest split"),
@@ -553,7 +792,8 @@ def assumptions(f: Fit, tgt: Target, layout: str = "heads") -> list[str]:
         "layer = the steady state (median over layers 1..L-1); forward = layers x layer +"
         f" a one-off {f.once * 1e3:.1f} ms per dedicated core (first-call warm-up, embeddings,"
         " pooling: the median of the inputs; it does not shrink with more ranks)",
-        "no overlap of compute and communication (parallel.overlap is not modelled); the"
+        "no overlap of compute and the Allreduces (parallel.overlap is not modelled; the"
+        " ring's K/V shifts are the one overlap modelled); the"
         " measured machine's per-core rates at every scale",
     ] + ([
         "pipeline: ceil(L/P) layers per stage, M micro-batches (parallel.microbatches, else"
@@ -561,6 +801,32 @@ def assumptions(f: Fit, tgt: Target, layout: str = "heads") -> list[str]:
         " (M+P-2) point-to-point messages of ceil(rows/M) x S x H x itemsize bytes at the"
         " Allreduce alpha + bytes beta; a micro-batch's layer costs 1/M of the batch's"
     ] if layout == "best" else [])
+    if layout == "best" or (job is not None and job.sequence > 1):
+        out += [
+            "sequence (parallel.sequence = Q): a rank holds ceil(S/Q) tokens of each sequence;"
+            " QKV, output projection, MLP, LayerNorm and the head group's Allreduces scale"
+            " with them; attention FLOPs of the slowest rank: ring 4·B·ceil(S/Q)·S·W, Ulysses"
+            " 4·B·S²·ceil(h/Q)·d (Ulysses needs floor(heads/T) >= Q; attention.sequence ="
+            " auto runs Ulysses when it fits" + (", --layout best times both)" if layout
+                                                 == "best" else ")"),
+            "sequence transfers at the fitted Allreduce alpha, beta (the inter-node ones when"
+            " the sequence group spans nodes), checksum work h per byte hashed, a tiny"
+            " Allreduce agreement of 2·ceil(log2 Q)·alpha per transfer. Ulysses: two"
+            " Alltoalls per layer (Q/K/V 3·B·ceil(S/Q)·W·elt, output B·ceil(S/Q)·W·elt, head"
+            " shares padded to ceil(h/Q)), each (Q-1)·alpha + (Q-1)/Q·bytes·beta (pairwise"
+            " exchange) + (Q-1)·alpha for the digests + 2·bytes·h. Ring: Q-1 shifts of K/V"
+            " (2·B·ceil(S/Q)·W·elt), each overlapped with one slice's block attention: a step"
+            " costs max(step compute, alpha + bytes·beta) + 2·bytes·h + agreement; the overlap"
+            " assumes the MPI library moves the Isend/Irecv while the rank computes (async"
+            " progress); without it the whole transfer adds",
+            "memory (per rank, rough, forward): weights of its layers and heads + one layer's"
+            " activations of its local tokens (states, Q/K/V, MLP intermediate, Allreduce"
+            " buffer) + attention's scores (plain S <= 2048: every head's S x S at once;"
+            " blocked/ring: 512 x 512 blocks), Ulysses' whole-sequence Q/K/V of its head share"
+            " and Alltoall buffers, the ring's three K/V slices" + (
+                f"; layouts above --memory {memory_limit / 2**30:g} GiB are left out"
+                if memory_limit else ""),
+        ]
     return out + f.notes
 
 
@@ -600,6 +866,10 @@ def check_options(args: argparse.Namespace) -> None:
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{option} must be a finite number of {unit} >= 0, got"
                               f" {value!r}: e.g. {option} {example}")
+    gib = getattr(args, "memory", None)
+    if gib is not None and not (math.isfinite(gib) and gib > 0):
+        raise ConfigError(f"--memory must be a finite number of GiB per rank > 0, got {gib!r}:"
+                          " e.g. --memory 1.5")
     rpn = getattr(args, "ranks_per_node", None)
     if rpn is not None and not 1 <= rpn <= MAX_RANKS:
         raise ConfigError(f"--ranks-per-node must be from 1 to {MAX_RANKS} (2**20), got {rpn}")
@@ -618,7 +888,9 @@ def plan_command(args: argparse.Namespace) -> int:
                  f.alpha if args.nodes_alpha is None else args.nodes_alpha,
                  f.beta if args.nodes_beta is None else args.nodes_beta)
     layout = getattr(args, "layout", "heads")
-    rows = table(job, f, tgt, ranks, layout)
+    gib = getattr(args, "memory", None)
+    limit = None if gib is None else gib * 2**30
+    rows = table(job, f, tgt, ranks, layout, limit)
     if args.ranks_per_node is None and (args.nodes_alpha is not None
                                         or args.nodes_beta is not None):
         f.notes.append("--nodes-alpha/--nodes-beta are used only with --ranks-per-node:"
@@ -626,15 +898,16 @@ def plan_command(args: argparse.Namespace) -> int:
     checks = check(files, f)
     if args.json:
         print(json.dumps({"job": asdict(job), "fit": asdict(f), "target": asdict(tgt),
-                          "assumptions": assumptions(f, tgt, layout), "check": checks,
+                          "assumptions": assumptions(f, tgt, layout, job, limit),
+                          "check": checks,
                           "predictions": rows}, indent=2))
         return 0
-    print(format_plan(job, f, tgt, rows, checks, layout))
+    print(format_plan(job, f, tgt, rows, checks, layout, limit))
     return 0
 
 
 def format_plan(job: Job, f: Fit, tgt: Target, rows: list[dict], checks: list[dict],
-                layout: str = "heads") -> str:
+                layout: str = "heads", memory_limit: float | None = None) -> str:
     lines = [f"plan: {job.layers} layers, {job.heads} heads, hidden {job.hidden}, ffn"
              f" {job.ffn}; batch {job.batch} x seq {job.seq_len}, {job.dtype}, checksums"
              f" {job.checksum}" + (f" ({job.wire} wire)" if job.checksum == "abft" else ""),
@@ -663,22 +936,32 @@ def format_plan(job: Job, f: Fit, tgt: Target, rows: list[dict], checks: list[di
                             if "forward_error" in c else f"{'(bench: one layer)':<34}")
                          + f"  ({c['path']})")
     lines.append("prediction:")
+    seq = layout == "best" or job.sequence > 1
     lines.append(f"  {'ranks':>6} {'DxT[xP]':>8} {'nodes':>5} {'heads':>5} {'compute ms':>11}"
-                 f" {'allred. ms':>11} {'layer ms':>10} {'forward s':>10} {'speed-up':>9}"
-                 f" {'eff.':>6}")
+                 f" {'allred. ms':>11}"
+                 + (f" {'seq':>11} {'seq. ms':>9}" if seq else "")
+                 + f" {'layer ms':>10} {'forward s':>10} {'speed-up':>9} {'eff.':>6}"
+                 f" {'mem MiB':>8}")
     for r in rows:
         if "impossible" in r:
             lines.append(f"  {r['ranks']:>6}  -- {r['impossible']}")
             continue
         split = f"{r['data']}x{r['tensor']}" + (
             f"x{r['pipeline']}" if r.get("pipeline", 1) > 1 else "")
+        algo = f"{r['sequence']} {r['algorithm']}" if r["sequence"] > 1 else "-"
+        hidden = (f", {100 * r['ring_hidden_fraction']:.0f}% of shifts hidden"
+                  if "ring_hidden_fraction" in r else "")
         lines.append(f"  {r['ranks']:>6} {split:>8} {r['nodes']:>5}"
                      f" {r['heads_per_rank']:>5} {r['compute_s'] * 1e3:>11.2f}"
-                     f" {r['allreduce_s'] * 1e3:>11.2f} {r['layer_s'] * 1e3:>10.2f}"
+                     f" {r['allreduce_s'] * 1e3:>11.2f}"
+                     + (f" {algo:>11} {r['seq_s'] * 1e3:>9.2f}" if seq else "")
+                     + f" {r['layer_s'] * 1e3:>10.2f}"
                      f" {r['forward_s']:>10.3f} {r['speedup']:>9.2f} {r['efficiency']:>6.2f}"
+                     f" {r['memory_bytes'] / 2**20:>8.0f}"
                      + (f"  {r['axis']}" if "axis" in r else "")
                      + (f" (M={r['microbatches']}, bubble {r['bubble_fraction']:.2f})"
-                        if r.get("pipeline", 1) > 1 else ""))
+                        if r.get("pipeline", 1) > 1 else "")
+                     + (f" ({r['algorithm']}{hidden})" if r["sequence"] > 1 else ""))
     lines.append("assumptions:")
-    lines += [f"  - {a}" for a in assumptions(f, tgt, layout)]
+    lines += [f"  - {a}" for a in assumptions(f, tgt, layout, job, memory_limit)]
     return "\n".join(lines)

@@ -193,12 +193,122 @@ def test_best_layout_picks_the_axis():
         job = plan.Job(**{"hidden": 96, "ffn": 384, "seq_len": 64, **shape})
         return plan.predict(job, f, tgt, 8, "best")
 
-    layers = best(layers=24, heads=2, batch=1)
+    # parallel.sequence = 1 fixed: at batch 1 splitting the tokens beats both of these
+    # (test_best_layout_splits_long_sequences)
+    layers = best(layers=24, heads=2, batch=1, sequence=1)
     assert layers["axis"] == "layers" and layers["pipeline"] >= 4
-    assert best(layers=2, heads=12, batch=1)["axis"] == "heads"
+    assert best(layers=2, heads=12, batch=1, sequence=1)["axis"] == "heads"
     assert best(layers=1, heads=1, batch=8)["axis"] == "batch"
     assert plan.predict(plan.Job(layers=24, heads=2, hidden=96, ffn=384, batch=1,
                                  seq_len=64), f, tgt, 8) is None  # heads first: no pipeline
-    job = plan.Job(layers=24, heads=2, hidden=96, ffn=384, batch=1, seq_len=64)
+    job = plan.Job(layers=24, heads=2, hidden=96, ffn=384, batch=1, seq_len=64, sequence=1)
     text = plan.format_plan(job, f, tgt, plan.table(job, f, tgt, [8], "best"), [], "best")
     assert "layers (M=" in text and "GPipe" in text
+
+
+# --- sequence parallelism (issue #15) ------------------------------------------------------
+
+ALPHA, BETA = 1e-5, 1e-9
+SEQ_FIT = plan.Fit(cores=3, rate=1e9, g=0.0, p=1.0, h=0.0, alpha=ALPHA, beta=BETA)
+SEQ_TGT = plan.Target(3, None, ALPHA, BETA)  # 3 cores: one thread, a whole core per rank
+
+
+def test_ring_costs_by_hand_uneven():
+    """10 tokens on Q = 3 ranks (4, 3, 3): the slowest rank's 4 queries meet all 10 keys;
+    2 shifts of its padded K/V, each hidden behind one slice's attention where it can."""
+    job = plan.Job(layers=1, heads=4, hidden=64, ffn=256, batch=2, seq_len=10, sequence=3,
+                   seq_algorithm="ring")
+    r = plan.predict_layout(job, SEQ_FIT, SEQ_TGT, 1, 1, 1, 3, "ring")
+    att = 4 * 2 * 4 * 10 * 64  # 4·B·ceil(S/Q)·S·W
+    assert r["attention_flops"] == att and r["local_tokens"] == 4
+    linear = 2 * 8 * 64 * 192 + 2 * 8 * 64 * 64 + 4 * 8 * 64 * 256  # N = B·ceil(S/Q) = 8
+    assert r["compute_s"] == pytest.approx((linear + att) / 1e9)
+    kv = 2 * 4 * 2 * 64 * 4  # 2·B·ceil(S/Q)·W·elt
+    assert r["ring_bytes"] == kv and r["ring_shifts"] == 2
+    step, transfer = att / 3 / 1e9, ALPHA + kv * BETA
+    assert r["ring_hidden_fraction"] == pytest.approx(step / transfer)
+    agree = 2 * 2 * ALPHA  # 2·ceil(log2 3)·alpha
+    assert r["seq_s"] == pytest.approx(2 * (transfer - step + agree))
+    assert r["wire_bytes"] == (8 + 2) * 64 * 8  # the head group's Allreduce: local tokens
+    # a step that outlasts its shift hides it: only the agreements remain
+    slow = dataclasses.replace(SEQ_FIT, rate=1e6)
+    r = plan.predict_layout(job, slow, SEQ_TGT, 1, 1, 1, 3, "ring")
+    assert r["ring_hidden_fraction"] == 1.0 and r["seq_s"] == pytest.approx(2 * agree)
+
+
+def test_ulysses_costs_by_hand():
+    """Q = 2, 4 heads of one head rank, 10 tokens (5 each): two Alltoalls, whole sequences
+    over 2 heads per rank; Q = 3 pads the head shares (2, 1, 1) and the slices (4, 3, 3)."""
+    job = plan.Job(layers=1, heads=4, hidden=64, ffn=256, batch=2, seq_len=10)
+    r = plan.predict_layout(job, SEQ_FIT, SEQ_TGT, 1, 1, 1, 2, "ulysses")
+    assert r["algorithm"] == "ulysses"
+    assert r["attention_flops"] == 4 * 2 * 10 * 10 * 2 * 16  # 4·B·S·S·(h/Q)·d
+    block = 2 * 5 * 2 * 16 * 4  # B·(S/Q)·(h/Q)·d·elt
+    assert r["alltoall_bytes"] == [2 * 3 * block, 2 * block]  # Q blocks of Q/K/V; of O
+    assert r["alltoall_sent_bytes"] == pytest.approx(0.5 * 8 * block)  # (Q-1)/Q leaves
+    one = [ALPHA + 0.5 * x * BETA + ALPHA + 2 * ALPHA for x in r["alltoall_bytes"]]
+    assert r["seq_s"] == pytest.approx(sum(one))  # exchange, digests, agreement
+    r3 = plan.predict_layout(job, SEQ_FIT, SEQ_TGT, 1, 1, 1, 3, "ulysses")
+    assert r3["alltoall_bytes"][1] == 3 * (2 * 4 * 2 * 16 * 4)  # padded: ceil(S/3), ceil(h/3)
+    assert r3["attention_flops"] == 4 * 2 * 10 * 10 * 2 * 16
+
+
+def test_ulysses_needs_a_head_per_sequence_rank():
+    """Ulysses is offered only where floor(heads/T) >= Q: never chosen otherwise, a fixed
+    choice that cannot run is impossible, "auto" falls back to the ring as the runner does."""
+    job = plan.Job(layers=1, heads=3, hidden=96, ffn=384, batch=1, seq_len=4096)
+    for n in range(1, 17):
+        for r in [plan.predict_layout(job, SEQ_FIT, SEQ_TGT, d, t, p, q, a)
+                  for d, t, p, q, a in plan.grid_layouts(job, n, True)]:
+            if r["algorithm"] == "ulysses":
+                assert 3 // r["tensor"] >= r["sequence"], r
+        best = plan.predict(job, SEQ_FIT, SEQ_TGT, n, "best")
+        assert best["algorithm"] != "ulysses" or 3 // best["tensor"] >= best["sequence"]
+    fixed = dataclasses.replace(job, sequence=4, seq_algorithm="ulysses")
+    rows = plan.table(fixed, SEQ_FIT, SEQ_TGT, [4, 8])
+    assert all("impossible" in r for r in rows) and "Ulysses" in rows[0]["impossible"]
+    auto = dataclasses.replace(job, sequence=4)
+    assert plan.predict(auto, SEQ_FIT, SEQ_TGT, 4)["algorithm"] == "ring"
+    assert plan.predict(dataclasses.replace(job, sequence=3), SEQ_FIT, SEQ_TGT,
+                        3)["algorithm"] == "ulysses"
+
+
+def test_best_layout_splits_long_sequences():
+    """Two heads, one sequence, one layer, 16k tokens on 8 ranks: heads cannot split past 2,
+    a pipeline has one layer, the batch one row; the tokens are split, and the memory
+    estimate shrinks with them."""
+    f = plan.Fit(cores=64, rate=2e10, g=3e-9, p=0.9, h=5e-10, alpha=2e-6, beta=1e-10)
+    tgt = plan.Target(64, None, f.alpha, f.beta)
+    job = plan.Job(layers=1, heads=2, hidden=128, ffn=512, batch=1, seq_len=16384)
+    r = plan.predict(job, f, tgt, 8, "best")
+    assert r["axis"] == "sequence" and r["sequence"] >= 4 and r["tensor"] <= 2
+    assert r["algorithm"] in ("ring", "ulysses")
+    assert plan.predict(job, f, tgt, 8) is None  # heads first, no sequence: 2 heads x 1 row
+    mem = [plan.predict_layout(job, f, tgt, 1, 1, 1, q, "ring")["memory_bytes"]
+           for q in (1, 2, 4, 8)]
+    assert mem == sorted(mem, reverse=True) and mem[-1] < mem[0] / 4
+    # a --memory that only split tokens fit: Q = 1 and 2 are left out
+    limit = (mem[2] + mem[1]) / 2
+    assert plan.predict(job, f, tgt, 2, "best", limit) is None
+    rows = plan.table(job, f, tgt, [2, 4], "best", limit)
+    assert "--memory" in rows[0]["impossible"] and rows[1]["sequence"] == 4
+
+
+def test_cli_names_the_sequence_algorithm(tmp_path, capsys):
+    paths = [str(synthetic_run(tmp_path / f"s{n}.h5", n)) for n in (1, 2)]
+    common = ["plan", *paths, "--measured-cores", str(CORES), "--ranks", "4,8", "--set",
+              "input.seq_len=4096", "--set", "parallel.sequence=4"]
+    assert main([*common, "--set", "attention.sequence=ring"]) == 0
+    out = capsys.readouterr().out
+    assert "4 ring" in out and "(ring, " in out and "shifts hidden" in out
+    assert "Ring: Q-1 shifts" in out and "mem MiB" in out
+    assert main([*common, "--set", "attention.sequence=ulysses", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["algorithm"] for r in data["predictions"]] == ["ulysses", "ulysses"]
+    assert all(r["sequence"] == 4 and len(r["alltoall_bytes"]) == 2
+               for r in data["predictions"])
+    assert main([*common, "--layout", "best", "--memory", "0.5"]) == 0
+    assert "sequence" in capsys.readouterr().out
+    assert main([*common, "--set", "attention.sequence=stripes"]) == 2
+    assert main(["plan", *paths, "--set", "parallel.sequence=99999"]) == 2
+    assert main(["plan", *paths, "--memory", "-1"]) == 2
