@@ -41,6 +41,7 @@ from .placement import (
     apply_checkpoint_shape,
     attention_options,
     check_memory,
+    check_sequence,
     load_shards,
     make_p2p,
     make_reducer,
@@ -94,6 +95,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
                           " statistics and maps are written for seeded or HDF5 token input"
                           " (input.tokens); remove the key for a text run")
     tensor, _ = check_world(cfg, world_size)
+    check_sequence(cfg, tensor, cfg.input.seq_len)  # refuses text with parallel.sequence > 1
     check_memory(cfg)
     if not cfg.input.chunk:  # resolved before the config is digested (resume finds it)
         cfg.input.chunk = auto_chunk(cfg)
