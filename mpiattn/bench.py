@@ -14,6 +14,10 @@ With ``parallel.pipeline = P > 1`` (``bench_pipeline``) it times the whole pipel
 forward instead (``pipeline.stage_forward`` on every stage, as ``mpiattn run`` does):
 per rank its stage and per-phase seconds (``p2p`` and ``bubble`` included), the measured
 bubble fraction against GPipe's ideal (P-1)/(M+P-1), and the time per layer.
+
+With ``parallel.sequence = Q > 1`` (``seqbench.bench_sequence``) every rank holds its slice
+of the tokens and the layer is timed at every sweep length, with the sequence transfers'
+seconds, the peak RSS of each length and the ring's hidden transfer fraction.
 """
 
 from __future__ import annotations
@@ -150,14 +154,28 @@ def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], 
 
 
 def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
-          sweep: list[int]) -> Path | None:
+          sweep: list[int], warmup: int = 1) -> Path | None:
+    """The bench on every rank: the pipelined forward (``parallel.pipeline > 1``), the
+    sequence-parallel layer over the sweep (``parallel.sequence > 1``, ``seqbench``;
+    ``warmup`` untimed layers per length), or the head-parallel layer."""
+    from .errors import ConfigError
+    from .seqbench import bench_sequence, check_sweep
+
     started = dt.datetime.now(dt.UTC)
     cfg.input.min_fill = 1.0  # full sequences: every counted FLOP is done
     cfg.output.layers = "none"
+    if cfg.parallel.sequence > 1:  # the same on every rank: no collective needed
+        if cfg.parallel.pipeline > 1:
+            raise ConfigError("mpiattn bench times parallel.sequence on one layer: set"
+                              " parallel.pipeline = 1 (or parallel.sequence = 1)")
+        check_sweep(cfg, sweep)
     p, reducer, out = setup(cfg, world, out_path, force, "bench")
     try:
         if p.grid.axis_size("pipeline") > 1:
             return bench_pipeline(cfg, world, p, reducer, out, started, repeats)
+        if p.grid.axis_size("sequence") > 1:
+            return bench_sequence(cfg, world, p, reducer, out, started, repeats, sweep,
+                                  warmup)
         return _bench(cfg, world, p, reducer, out, started, repeats, sweep)
     finally:
         if out is not None:

@@ -83,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
                            description="Run under mpiexec -n K; writes results to HDF5.")
     _add_config_args(bench, "mpiattn-bench.h5")
     bench.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
+    bench.add_argument("--warmup", type=int, default=1,
+                       help="untimed layers before the repeats at each sweep length with"
+                       " parallel.sequence > 1 (default 1; 0 for one long cold run)")
     bench.add_argument("--sweep", default="", metavar="S1,S2,...",
                        help="also time the layer at these sequence lengths")
     tr = sub.add_parser("train", help="masked-language-model training, head-sharded",
@@ -322,6 +325,8 @@ def _bench_args(args: argparse.Namespace) -> tuple[Any, list[int]]:
                           " parallel.pipeline = 1")
     if not 1 <= args.repeats <= 10_000:
         raise ConfigError(f"--repeats {args.repeats}: give 1 to 10000 timed repeats")
+    if not 0 <= args.warmup <= 100:
+        raise ConfigError(f"--warmup {args.warmup}: give 0 to 100 untimed runs")
     bad = [x for x in sweep if not 1 <= x <= cfg.model.max_positions]
     if bad:
         raise ConfigError(f"--sweep length {bad[0]} is outside 1..model.max_positions"
@@ -335,7 +340,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench import bench
 
         cfg, sweep = jobkit.agreed(world, lambda: _bench_args(args))
-        bench(cfg, world, _output(args, "mpiattn-bench.h5"), args.force, args.repeats, sweep)
+        bench(cfg, world, _output(args, "mpiattn-bench.h5"), args.force, args.repeats, sweep,
+              args.warmup)
         return 0
 
     return _mpi_command(body, args=args)

@@ -816,6 +816,66 @@ class BenchFile(File):
         return _frame({k: table[:, i] for i, k in enumerate(names)}, None,
                       {"seconds": "s", "flops_per_second": "FLOP/s"}, raw, "bench/sweep")
 
+    @_guarded
+    def sequence(self, raw: bool = False) -> Columns | pandas.DataFrame | None:
+        """/bench/sequence per sweep length (index ``seq_len``): layer_s and
+        attention_block_s (the job's: slowest rank per repeat, median), layer_flops_per_second
+        [FLOP/s], transfer_s (the slowest rank's seconds inside the sequence transfers per
+        layer), transfer_share (mean over ranks of transfer / own layer seconds),
+        transfer_bytes [B] (most sent by a rank per layer), peak_rss [B] (the largest rank's
+        peak of that length; ``sequence_attrs()['memory_method']`` says how), and for the
+        ring hidden_fraction (mean over ranks) with its parts ring_s, local_s, shift_s
+        (means over ranks). None when the bench ran without parallel.sequence."""
+        base = "bench/sequence"
+        seq = self._numbers(f"{base}/seq_len")
+        if seq is None:
+            return None
+        n = seq.size
+
+        def column(name: str, per_rank: bool) -> np.ndarray | None:
+            value = self._numbers(f"{base}/{name}", (2,) if per_rank else (1,))
+            if value is None:
+                return None
+            if value.shape[-1] != n:
+                raise InputError(f"/{base}/{name} has shape {value.shape}: expected {n}"
+                                 " sweep lengths on its last axis")
+            return value
+
+        cols: Columns = {"seq_len": seq.astype(np.int64)}
+        for key, name in (("layer_s", "layer_seconds"),
+                          ("attention_block_s", "attention_block_seconds"),
+                          ("layer_flops_per_second", "layer_flops_per_second")):
+            value = column(name, False)
+            if value is not None:
+                cols[key] = value
+        transfer, own = column("transfer_seconds", True), column("rank_layer_seconds", True)
+        if transfer is not None:
+            cols["transfer_s"] = transfer.max(axis=0)
+            if own is not None and own.shape == transfer.shape:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    cols["transfer_share"] = np.where(own > 0, transfer / own, np.nan).mean(0)
+        for key, name in (("transfer_bytes", "transfer_bytes"), ("peak_rss", "peak_rss")):
+            value = column(name, True)
+            if value is not None:
+                cols[key] = value.max(axis=0)
+        for key, name in (("hidden_fraction", "hidden_fraction"), ("ring_s", "ring_seconds"),
+                          ("local_s", "local_seconds"), ("shift_s", "shift_seconds")):
+            value = column(f"overlap/{name}", True)
+            if value is not None:
+                cols[key] = value.mean(axis=0)
+        return _frame(cols, "seq_len", {"layer_s": "s", "attention_block_s": "s",
+                                        "layer_flops_per_second": "FLOP/s", "transfer_s": "s",
+                                        "transfer_share": "1", "transfer_bytes": "B",
+                                        "peak_rss": "B", "hidden_fraction": "1", "ring_s": "s",
+                                        "local_s": "s", "shift_s": "s"}, raw, base)
+
+    @_guarded
+    def sequence_attrs(self) -> dict[str, Any]:
+        """/bench/sequence's attributes: algorithm, parts (Q), warmup, repeats,
+        memory_method; empty without one."""
+        group = self.h5.get("bench/sequence")
+        return self._attrs(group) if group is not None else {}
+
     def pipeline(self) -> dict[str, float]:
         """The pipelined forward's scalars (``/bench/pipeline``'s attributes: stages,
         microbatches, layers, median_s, time_per_layer_s [s], bubble_fraction and

@@ -471,10 +471,12 @@ def _promised(f: Any, config: dict | None) -> list[str]:
             if command == "run" or name in f:
                 _rows(f, name, world, problems)
         axes = [_count_attr(f, name, problems, required=False)
-                for name in ("data_parallel", "pipeline_parallel", "tensor_parallel")]
-        if None not in axes[::2] and (axes[0] or 1) * (axes[1] or 1) * (axes[2] or 1) != world:
+                for name in ("data_parallel", "pipeline_parallel", "tensor_parallel",
+                             "sequence_parallel")]
+        if None not in axes[::2] and int(np.prod([a or 1 for a in axes])) != world:
             problems.append(f"root attributes data_parallel x pipeline_parallel x"
-                            f" tensor_parallel = {axes[0]} x {axes[1] or 1} x {axes[2]} is not"
+                            f" tensor_parallel x sequence_parallel = {axes[0]} x"
+                            f" {axes[1] or 1} x {axes[2]} x {axes[3] or 1} is not"
                             f" world_size = {world}")
     version = h5safe.attr(f, "format_version")
     if isinstance(version, (int, np.integer)) and version >= 2:

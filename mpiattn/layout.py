@@ -264,6 +264,94 @@ def write_pipeline_bench(fh: Any, r: PipelineBenchResult) -> None:
     fh.attrs["status"] = "complete"
 
 
+@dataclass
+class SequenceBenchResult:
+    """What ``mpiattn bench`` measured with ``parallel.sequence = Q > 1``
+    (``seqbench.bench_sequence``), as it goes to ``/bench/sequence``. Per-rank arrays are
+    (rank, seq_len); NaN in the ring's overlap columns with Ulysses."""
+
+    algorithm: str  # "ring" | "ulysses"
+    parts: int  # Q
+    seq_len: np.ndarray  # (seq_len,) tokens per sequence, ascending
+    layer_seconds: np.ndarray  # (seq_len,) the job's: slowest rank per repeat, median
+    block_seconds: np.ndarray  # (seq_len,) the attention block, the same way
+    layer_flops: np.ndarray  # (seq_len,) model FLOPs of the layer, whole batch and sequence
+    block_flops: np.ndarray  # (seq_len,) of the attention block
+    rank_layer_seconds: np.ndarray  # median over repeats of the rank's own layer
+    rank_block_seconds: np.ndarray
+    rank_flops_per_second: np.ndarray  # the rank's equal share of the model FLOPs per s
+    transfer_seconds: np.ndarray  # inside the sequence transfers per layer
+    transfer_bytes: np.ndarray  # sent by the rank per layer
+    peak_rss: np.ndarray  # bytes, per point (``memory_method``)
+    memory_method: str
+    phases: np.ndarray  # (rank, seq_len, phase) s per layer
+    ring_seconds: np.ndarray  # (a) the ring forward with real transfers
+    local_seconds: np.ndarray  # (b) the same with local copies
+    shift_seconds: np.ndarray  # (c) the shifts alone
+    hidden: np.ndarray  # 1 - (a - b) / c clipped to [0, 1]
+    warmup: int
+    repeats: int
+    checksum_mode: str
+
+
+SEQUENCE_HIDDEN = ("1 - (a - b) / c clipped to [0, 1]: a the ring forward with real checked"
+                   " transfers (the layer's attention phase), b the same forward with the"
+                   " transfers replaced by local copies, c the Q - 1 checked shifts alone")
+
+
+def write_sequence_bench(fh: Any, r: SequenceBenchResult) -> None:
+    """``/bench/sequence``: per sweep length (dimension ``seq_len``) the job's layer and
+    attention-block seconds and FLOP/s; per rank and length the rank's seconds, FLOP/s,
+    sequence-transfer seconds and bytes, peak RSS, phases and (ring) the overlap."""
+    g = fh.create_group("bench")
+    sg = g.create_group("sequence")
+    h5io.dimension(sg, "seq_len", r.seq_len, units="1",
+                   long_name="tokens per sequence (sweep point)")
+    seq, per = ("seq_len",), ("rank", "seq_len")
+    job = "the slowest rank per repeat, median over repeats"
+    h5io.write_array(sg, "layer_seconds", r.layer_seconds, seq, units="s",
+                     description=f"one encoder layer: {job}")
+    h5io.write_array(sg, "attention_block_seconds", r.block_seconds, seq, units="s",
+                     description=f"the attention block inside the timed layer: {job}")
+    for name, flops, t in (("layer", r.layer_flops, r.layer_seconds),
+                           ("attention_block", r.block_flops, r.block_seconds)):
+        h5io.write_array(sg, f"{name}_flops_per_second", flops / t, seq, units="1/s",
+                         long_name="model floating-point operations per second",
+                         model_flops=flops)
+    h5io.write_array(sg, "rank_layer_seconds", r.rank_layer_seconds, per, units="s",
+                     description="this rank's own layer, median over repeats")
+    h5io.write_array(sg, "rank_attention_block_seconds", r.rank_block_seconds, per,
+                     units="s", description="this rank's own attention block, median")
+    h5io.write_array(sg, "rank_flops_per_second", r.rank_flops_per_second, per, units="1/s",
+                     long_name="model floating-point operations per second",
+                     description="the layer's model FLOPs / world size / own layer seconds")
+    h5io.write_array(sg, "transfer_seconds", r.transfer_seconds, per, units="s",
+                     description="per layer, inside the sequence group's checked transfers"
+                     " (Alltoall calls; ring shift start + finish: the part not hidden),"
+                     " digests included; median over repeats")
+    h5io.write_array(sg, "transfer_bytes", r.transfer_bytes, per, units="bytes",
+                     description="sent by this rank per layer (own Alltoall block excluded)")
+    h5io.write_array(sg, "peak_rss", r.peak_rss, per, units="bytes",
+                     description=f"peak memory of the point: {r.memory_method}",
+                     method=r.memory_method)
+    write_phase_seconds(sg, r.phases, ("rank", "seq_len", "phase"), PHASES,
+                        description="seconds per layer, mean over the timed repeats")
+    if r.algorithm == "ring":
+        og = sg.create_group("overlap")
+        for name, a, what in (
+                ("ring_seconds", r.ring_seconds, "(a) the ring forward with real transfers"),
+                ("local_seconds", r.local_seconds, "(b) the same forward, local copies"),
+                ("shift_seconds", r.shift_seconds, "(c) the Q - 1 checked shifts alone")):
+            h5io.write_array(og, name, a, per, units="s", description=what)
+        h5io.write_array(og, "hidden_fraction", r.hidden, per, units="1",
+                         description=SEQUENCE_HIDDEN)
+    sg.attrs.update({"algorithm": r.algorithm, "parts": r.parts, "warmup": r.warmup,
+                     "repeats": r.repeats, "memory_method": r.memory_method})
+    g.attrs["checksum_mode"] = r.checksum_mode
+    fh.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
+    fh.attrs["status"] = "complete"
+
+
 # --- training files -----------------------------------------------------------------------
 
 TRAIN_PHASES = ("forward", "backward", "allreduce", "optimizer", "checkpoint")

@@ -187,6 +187,10 @@ def _read_bench(f: api.BenchFile, ranks: Columns) -> dict[str, Any]:
     sweep = f.sweep(raw=True)
     if isinstance(sweep, dict):
         out["sweep"] = sweep
+    sequence = f.sequence(raw=True)
+    if isinstance(sequence, dict):
+        out["sequence"] = sequence
+        out["sequence_attrs"] = f.sequence_attrs()
     results = f.results
     pipe = f.pipeline()
     if pipe:
@@ -372,7 +376,16 @@ def bench_summary(rf: Loaded) -> dict[str, Any] | None:
     if "sweep" in b:
         s = b["sweep"]
         out["sweep"] = [{c: s[c][i] for c in s} for i in range(len(next(iter(s.values()))))]
+    if "sequence" in b:
+        s = b["sequence"]
+        out["sequence"] = {**b.get("sequence_attrs", {}), "rows": [
+            {c: _plain(s[c][i]) for c in s} for i in range(len(s["seq_len"]))]}
     return out
+
+
+def _plain(x: Any) -> Any:
+    """A NumPy scalar as a Python number (JSON), NaN kept."""
+    return x.item() if isinstance(x, np.generic) else x
 
 
 # --- several files ------------------------------------------------------------------------
@@ -537,6 +550,31 @@ def format_bench(b: dict[str, Any]) -> list[str]:
             lines.append(f"  {'':<8}{row.get('seq_len', float('nan')):>9.0f}"
                          f"{row.get('seconds', float('nan')) * 1e3:>11.3f}"
                          f"{row.get('flops_per_second', float('nan')) / 1e9:>10.3f}")
+    if "sequence" in b:
+        lines += format_sequence(b["sequence"])
+    return lines
+
+
+def format_sequence(seq: dict[str, Any]) -> list[str]:
+    """The sequence-parallel sweep: per length the layer and attention block, the share of
+    the layer inside the sequence transfers, the bytes a rank sent, the peak RSS per rank
+    and (ring) the fraction of the transfer time hidden behind compute."""
+    nan = float("nan")
+    lines = [f"  sequence  {seq.get('algorithm', '?')} over parallel.sequence ="
+             f" {seq.get('parts', '?')}; peak RSS: {seq.get('memory_method', '?')}",
+             f"  {'seq_len':>9}{'layer s':>10}{'attn s':>10}{'GFLOP/s':>9}{'xfer %':>8}"
+             f"{'MiB sent':>10}{'RSS GiB':>9}{'hidden':>8}"]
+    for row in seq.get("rows", []):
+        lines.append(f"  {row.get('seq_len', 0):>9.0f}{row.get('layer_s', nan):>10.3f}"
+                     f"{row.get('attention_block_s', nan):>10.3f}"
+                     f"{row.get('layer_flops_per_second', nan) / 1e9:>9.2f}"
+                     f"{100 * row.get('transfer_share', nan):>8.1f}"
+                     f"{row.get('transfer_bytes', nan) / 2**20:>10.1f}"
+                     f"{row.get('peak_rss', nan) / 2**30:>9.2f}"
+                     f"{row.get('hidden_fraction', nan):>8.2f}")
+    if any("hidden_fraction" in row for row in seq.get("rows", [])):
+        lines.append("  (hidden = 1 - (a - b)/c: a ring with transfers, b with local copies,"
+                     " c shifts alone; means over ranks)")
     return lines
 
 
