@@ -33,6 +33,7 @@ local tokens, as ``model.attention_partial`` makes it; outputs (B*S_i, h*d).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -100,6 +101,9 @@ class Ring(Protocol):
     def start(self, payload: Any, *, site: str, layer: int, channel: int = 0) -> Any:
         """Send ``payload`` to the next rank, receive the previous rank's (nonblocking)."""
 
+    def poll(self, shift: Any) -> None:
+        """Let the shift progress while the caller computes (never blocks)."""
+
     def finish(self, shift: Any) -> Any:
         """The array received from the previous rank, checked."""
 
@@ -124,12 +128,14 @@ def key_bias(mask: Any, start: int, count: int, batch: int, xp: Any, dtype: Any)
 
 # --- partial attention with its log-sum-exp, and the merge --------------------------------
 
-def partial_attention(q: Any, k: Any, v: Any, bias: Any, block: int) -> tuple[Any, Any]:
+def partial_attention(q: Any, k: Any, v: Any, bias: Any, block: int,
+                      poll: Callable[[], None] | None = None) -> tuple[Any, Any]:
     """softmax(q k^T + bias) v over the keys given, with the row log-sum-exp:
     q (B, h, Sq, d) already scaled by 1/sqrt(d), k, v (B, h, Sk, d), bias (B, 1, 1, Sk) or
     None -> (o (B, h, Sq, d), lse (B, h, Sq, 1)). Blocked online softmax (FlashAttention,
     forward), O(block^2) scores per (sequence, head) at a time. A row whose every key is
-    masked gets o = 0 and lse = -inf, which ``merge`` treats as "no keys"."""
+    masked gets o = 0 and lse = -inf, which ``merge`` treats as "no keys". ``poll`` is
+    called after every block (a ring shift in flight progresses meanwhile)."""
     xp = get_array_module(q)
     o = xp.empty(q.shape, dtype=q.dtype)
     lse = xp.empty((*q.shape[:3], 1), dtype=q.dtype)
@@ -153,6 +159,8 @@ def partial_attention(q: Any, k: Any, v: Any, bias: Any, block: int) -> tuple[An
             acc *= alpha
             acc += s @ v[:, :, k0:k0 + block]
             m = m_new
+            if poll is not None:
+                poll()
         empty = total == 0
         o[:, :, q0:q0 + block] = acc / xp.where(empty, 1, total)
         lse[:, :, q0:q0 + block] = xp.where(empty, -xp.inf, m + xp.log(xp.where(empty, 1, total)))
@@ -174,7 +182,8 @@ def merge(o: Any, lse: Any, o_new: Any, lse_new: Any) -> tuple[Any, Any]:
 
 
 def partial_attention_backward(q: Any, k: Any, v: Any, bias: Any, do: Any, lse: Any,
-                               big_d: Any, scale: float, block: int
+                               big_d: Any, scale: float, block: int,
+                               poll: Callable[[], None] | None = None
                                ) -> tuple[Any, Any, Any]:
     """The FlashAttention backward against one key slice: (dq, dk, dv) contributions.
 
@@ -198,6 +207,8 @@ def partial_attention_backward(q: Any, k: Any, v: Any, bias: Any, do: Any, lse: 
             ds = p * (dob @ v[:, :, ks].swapaxes(-1, -2) - big_d[:, :, qs])
             dq[:, :, qs] += (ds @ k[:, :, ks]) * scale
             dk[:, :, ks] += (ds.swapaxes(-1, -2) @ qb) * scale
+            if poll is not None:
+                poll()
     return dq, dk, dv
 
 
@@ -300,6 +311,19 @@ class SequenceAttention:
 
     # -- the ring -----------------------------------------------------------------------
 
+    def _poller(self, *shifts: Any) -> Callable[[], None] | None:
+        """What the block loops call so the shifts in flight progress (``Ring.poll``)."""
+        live = [s for s in shifts if s is not None]
+        poll = getattr(self.transfer, "poll", None)
+        if not live or poll is None:
+            return None
+
+        def progress() -> None:
+            for shift in live:
+                poll(shift)
+
+        return progress
+
     def _ring_forward(self, qkv: Any, batch: int, heads: int, head_dim: int, mask: Any,
                       layer: int) -> tuple[Any, RingCache]:
         xp = get_array_module(qkv)
@@ -322,7 +346,7 @@ class SequenceAttention:
             start, count = split.spans[(split.index - step) % parts]
             k, v = (current[:, :count, i].transpose(0, 2, 1, 3) for i in range(2))
             bias = key_bias(mask, start, count, batch, xp, q.dtype)
-            o_step, lse_step = partial_attention(qs, k, v, bias, block)
+            o_step, lse_step = partial_attention(qs, k, v, bias, block, self._poller(shift))
             o, lse = merge(o, lse, o_step, lse_step)
             if shift is not None:
                 current = xp.asarray(self.transfer.finish(shift))
@@ -344,8 +368,9 @@ class SequenceAttention:
             start, count = split.spans[(split.index - step) % parts]
             k, v = (current[:, :count, i].transpose(0, 2, 1, 3) for i in range(2))
             bias = key_bias(c.mask, start, count, batch, xp, do.dtype)
-            dq_step, dk, dv = partial_attention_backward(c.q, k, v, bias, do, c.lse, big_d,
-                                                         c.scale, c.block)
+            dq_step, dk, dv = partial_attention_backward(
+                c.q, k, v, bias, do, c.lse, big_d, c.scale, c.block,
+                self._poller(shift, None if parts == 1 else carried))
             dq += dq_step
             acc = (xp.zeros_like(c.kv) if carried is None
                    else xp.asarray(self.transfer.finish(carried)))

@@ -340,6 +340,16 @@ class CheckedRing(_Checked):
         return RingShift(payload, sent, digest, received, received_digest, requests, layer,
                          site, channel)
 
+    def poll(self, shift: RingShift) -> None:
+        """Let MPI move the shift along (``MPI_Testall``, never blocks). Libraries without an
+        asynchronous progress thread (MPICH and Open MPI by default) move a large message
+        (rendezvous protocol) only inside MPI calls, so a computation meant to hide the
+        shift calls this between its blocks; without it the bytes move in ``finish``."""
+        if shift.requests:
+            from mpi4py import MPI
+
+            MPI.Request.Testall(shift.requests)
+
     def finish(self, shift: RingShift) -> np.ndarray:
         """Wait for the shift, verify the received digest, agree over ``comm`` so every
         rank of the ring retries or stops together; on a mismatch resend the kept payload

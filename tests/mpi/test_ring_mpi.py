@@ -122,3 +122,20 @@ def test_the_wait_is_watched(world, monkeypatch):
     shift(make(world), slice_of(rank), channel=3)
     neighbours = sorted({(rank - 1) % size, (rank + 1) % size})
     assert seen == [("Waitall (ring shift, channel 3)", watchdog.rank_ranges(neighbours))]
+
+
+def test_polling_a_large_shift_completes_it_before_the_wait(world):
+    """``poll`` (MPI_Testall) moves a rendezvous-sized message while the caller computes:
+    after enough polls the requests are done, and ``finish`` still checks and records it."""
+    import time
+
+    size, rank = world.Get_size(), world.Get_rank()
+    ring = make(world)
+    big = slice_of(rank, (256, 1024))  # 2 MiB: beyond every eager limit
+    flight = ring.start(big, site="kv", layer=0)
+    deadline = time.monotonic() + 10
+    while any(flight.requests) and time.monotonic() < deadline:  # a request is true until done
+        ring.poll(flight)
+    assert not any(flight.requests)  # completed by the polls alone
+    np.testing.assert_array_equal(ring.finish(flight), slice_of((rank - 1) % size, (256, 1024)))
+    assert ring.records[-1].passed
