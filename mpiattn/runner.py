@@ -280,7 +280,10 @@ def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,
     staged = f" x {stages} stages ({cfg.parallel.microbatches} micro-batches)" if stages > 1 else ""
     sequence = p.grid.axis_size("sequence")
     if sequence > 1:
-        staged += f" x {sequence} sequence ({cfg.attention.sequence})"
+        from .seqattn import resolve
+
+        algorithm = resolve(cfg.attention.sequence, min(p.head_counts), sequence)
+        staged += f" x {sequence} sequence ({algorithm})"
     print(f"ranks {p.grid.size} = {data} data{staged} x {tensor} head;"
           f" heads per rank {p.head_counts}; BLAS threads/rank {p.threads or '-'}")
     phase_total = seconds.sum(axis=1).mean(axis=0)  # mean over ranks, per phase
