@@ -113,22 +113,31 @@ def no_timing(_: str) -> Any:
 
 
 class PhaseTimer:
-    """Accumulates seconds per (layer, phase) with a clock that syncs the device."""
+    """Accumulates seconds per (layer, phase) with a clock that syncs the device.
+
+    Phases nest: a phase timed inside another (the sequence group's transfers inside
+    ``attention``) is taken out of the outer one, so every second counts once."""
 
     def __init__(self, clock: Callable[[], float], phases: tuple[str, ...]) -> None:
         self.clock = clock
         self.phases = phases
         self.seconds: dict[tuple[int, str], float] = {}
         self.layer = 0
+        self._inner: list[float] = []  # per open phase: seconds of the phases inside it
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         start = self.clock()
+        self._inner.append(0.0)
         try:
             yield
         finally:
+            elapsed = self.clock() - start
+            inner = self._inner.pop()
             key = (self.layer, phase)
-            self.seconds[key] = self.seconds.get(key, 0.0) + self.clock() - start
+            self.seconds[key] = self.seconds.get(key, 0.0) + elapsed - inner
+            if self._inner:
+                self._inner[-1] += elapsed
 
 
 def attention_partial(

@@ -43,6 +43,7 @@ from .placement import (
     make_sequence,
     place,
 )
+from .seqattn import PHASES as SEQUENCE_PHASES
 
 
 def check_inputs(cfg: Config, world_size: int, rank: int,
@@ -132,7 +133,8 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
         cfg.output.layers]
     leader = grid.coord("tensor") == 0  # one copy of each replica's results leaves the group
     outputs: dict[tuple[int, str], np.ndarray] = {}
-    phases = PHASES + (PIPELINE_PHASES if stages > 1 else ())
+    phases = (PHASES + (PIPELINE_PHASES if stages > 1 else ())
+              + (SEQUENCE_PHASES if sequence is not None else ()))
     timer = PhaseTimer(backend.timer(), phases)
     # a stage's layers are its own: only its head group checks them together
     finite_comm = world if stages == 1 else grid.comm("tensor")
@@ -160,6 +162,8 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
                           map_sequences=tuple(cfg.output.attention_maps))
     options, eps = attention_options(cfg, p), cfg.model.layer_norm_eps
     options.sequence = sequence
+    if sequence is not None:  # its transfers, out of the attention phase
+        sequence.phase = phase
     p2p = make_p2p(cfg, p) if stages > 1 else None
     world.Barrier()
     t_fwd = time.perf_counter()

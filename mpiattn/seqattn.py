@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,6 +48,7 @@ RING_BACKWARD_SITES = ("ring.kv.bwd", "ring.dkv")
 SITES = ULYSSES_SITES + RING_SITES
 BACKWARD_SITES = ULYSSES_BACKWARD_SITES + RING_BACKWARD_SITES
 ALGORITHMS = ("ulysses", "ring")
+PHASES = ("sequence",)  # run's timings: the transfers' own (not hidden) seconds
 
 
 def resolve(algorithm: str, heads: int, parts: int) -> str:
@@ -248,6 +250,10 @@ class SequenceAttention:
     split: SequenceSplit
     transfer: Any
     block: int = 512  # the ring's query and key block
+    phase: Any = None  # a model.Phase that times the transfers as "sequence", or None
+
+    def _timed(self) -> Any:
+        return nullcontext() if self.phase is None else self.phase("sequence")
 
     # -- Ulysses: head-sharded whole sequences <-> sequence-sharded all heads ------------
 
@@ -262,7 +268,8 @@ class SequenceAttention:
                           dtype=x.dtype)
         for j, (count, first) in enumerate(shares):
             blocks[j, :, :split.count, :, :count] = x[:, :, :, first:first + count]
-        got = xp.asarray(self.transfer(_host(blocks), site=site, layer=layer))
+        with self._timed():
+            got = xp.asarray(self.transfer(_host(blocks), site=site, layer=layer))
         mine = shares[split.index][0]
         return xp.concatenate([got[s, :, :c, :, :mine] for s, (_, c) in enumerate(split.spans)],
                               axis=1)
@@ -278,7 +285,8 @@ class SequenceAttention:
         mine = shares[split.index][0]
         for s, (start, c) in enumerate(split.spans):
             blocks[s, :, :c, :, :mine] = y[:, start:start + c]
-        got = xp.asarray(self.transfer(_host(blocks), site=site, layer=layer))
+        with self._timed():
+            got = xp.asarray(self.transfer(_host(blocks), site=site, layer=layer))
         out = xp.empty((batch, split.count, y.shape[2], heads, head_dim), dtype=y.dtype)
         for j, (count, first) in enumerate(shares):
             out[:, :, :, first:first + count] = got[j, :, :split.count, :, :count]
@@ -342,14 +350,16 @@ class SequenceAttention:
         for step in range(parts):
             shift = None
             if step < parts - 1:  # the next slice travels while this one is attended to
-                shift = self.transfer.start(_host(current), site="ring.kv", layer=layer)
+                with self._timed():
+                    shift = self.transfer.start(_host(current), site="ring.kv", layer=layer)
             start, count = split.spans[(split.index - step) % parts]
             k, v = (current[:, :count, i].transpose(0, 2, 1, 3) for i in range(2))
             bias = key_bias(mask, start, count, batch, xp, q.dtype)
             o_step, lse_step = partial_attention(qs, k, v, bias, block, self._poller(shift))
             o, lse = merge(o, lse, o_step, lse_step)
             if shift is not None:
-                current = xp.asarray(self.transfer.finish(shift))
+                with self._timed():
+                    current = xp.asarray(self.transfer.finish(shift))
         return o, RingCache(q, kv, o, lse, mask, scale, block)
 
     def _ring_backward(self, do: Any, c: RingCache, layer: int) -> tuple[Any, Any, Any]:

@@ -170,3 +170,38 @@ def test_split_is_contiguous_and_uneven_and_ulysses_needs_a_head_per_rank():
     assert resolve("auto", 12, 5) == "ulysses" and resolve("auto", 3, 4) == "ring"
     with pytest.raises(ValueError, match="use attention.sequence = \"ring\""):
         resolve("ulysses", 3, 4)
+
+
+def test_nested_phases_count_every_second_once():
+    """The sequence group's transfers are timed inside ``attention``: the timer takes the
+    inner phase's seconds out of the outer one."""
+    from mpiattn.model import PhaseTimer
+
+    ticks = iter([0.0, 1.0, 4.0, 10.0])  # attention starts, sequence 1..4, attention ends
+    timer = PhaseTimer(lambda: next(ticks), ("attention", "sequence"))
+    with timer("attention"), timer("sequence"):
+        pass
+    assert timer.seconds == {(0, "attention"): 7.0, (0, "sequence"): 3.0}
+
+
+def test_transfers_are_timed_as_the_sequence_phase():
+    from mpiattn.model import PhaseTimer
+
+    transfers, fakes = group("ulysses", 2)
+    timers = [PhaseTimer(lambda: 0.0, ("sequence",)) for _ in range(2)]
+    names: list[list[str]] = [[], []]
+
+    def rank(i: int) -> None:
+        def phase(name: str, i=i):
+            names[i].append(name)
+            return timers[i](name)
+
+        split = SequenceSplit(10, 2, i)
+        qkv, mask = inputs(1, 10, 2, 4, "float64", False)
+        attn = SequenceAttention("ulysses", split, transfers[i], phase=phase)
+        out = np.empty((split.count, 8))
+        attn.forward(local_rows(qkv, 1, 10, split), out, 1, 2, 4, KeyMask.from_mask(mask),
+                     Options(), 0)
+
+    run_ranks(rank, [(0,), (1,)], fakes)
+    assert names == [["sequence"] * 2] * 2  # the two Alltoalls, nothing else

@@ -72,6 +72,9 @@ def test_runs_equal_the_reference(world, shared_dir, dtype):
             assert ({"alltoall.qkv", "alltoall.out"} if algorithm == "ulysses"
                     else {"ring.kv"}) <= sites
             assert rec["passed"].all()
+            phases = [p.decode() for p in f["timings/phase"][()]]
+            seconds = f["timings/seconds"][()]  # (rank, layer, phase)
+            assert phases[-1] == "sequence" and (seconds[..., -1].sum(axis=1) > 0).all()
 
 
 def training_grids(size):
