@@ -11,6 +11,11 @@ inference path runs, a forward that keeps a named cache, and its backward:
   keys in blocks of ``block`` columns; a running row maximum ``m`` and sum ``l`` rescale
   the partial output, so memory is O(block^2) per head instead of O(S^2).
 
+The blocked algorithm's loops are ``partial_attention`` and ``partial_attention_backward``:
+attention over the keys given with its row log-sum-exp, so that results over disjoint key
+sets ``merge`` into attention over all of them (the ring of ``seqattn`` runs them on each
+travelling K/V slice).
+
 Padding is masked on the key axis. A prefix mask (real tokens first, as tokenizers pad)
 is applied by cutting the keys at each sequence's length: exact, and no work on padding.
 Any other mask adds a 0/-inf bias. Every sequence has at least one real token.
@@ -25,6 +30,7 @@ pass (``probabilities``). Without one, nothing extra runs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -296,6 +302,92 @@ def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, hea
         probe.add_map(b, probabilities(q, k, mask.key_bias(b, seq, xp, qkv.dtype)))
 
 
+# --- attention over part of the keys, with its log-sum-exp, and the merge ---------------
+
+def partial_attention(q: Any, k: Any, v: Any, bias: Any, block: int,
+                      poll: Callable[[], None] | None = None) -> tuple[Any, Any]:
+    """softmax(q k^T + bias) v over the keys given, with the row log-sum-exp:
+    q (B, h, Sq, d) already scaled by 1/sqrt(d), k, v (B, h, Sk, d), bias (B, 1, 1, Sk) or
+    None -> (o (B, h, Sq, d), lse (B, h, Sq, 1)). Blocked online softmax (FlashAttention,
+    forward), O(block^2) scores per (sequence, head) at a time. A row whose every key is
+    masked gets o = 0 and lse = -inf, which ``merge`` treats as "no keys". ``poll`` is
+    called after every block (a ring shift in flight progresses meanwhile)."""
+    xp = get_array_module(q)
+    o = xp.empty(q.shape, dtype=q.dtype)
+    lse = xp.empty((*q.shape[:3], 1), dtype=q.dtype)
+    keys = k.shape[2]
+    for q0 in range(0, q.shape[2], block):
+        qb = q[:, :, q0:q0 + block]
+        m = xp.full((*qb.shape[:3], 1), -xp.inf, dtype=q.dtype)
+        total = xp.zeros_like(m)
+        acc = xp.zeros(qb.shape, dtype=q.dtype)
+        for k0 in range(0, keys, block):
+            s = qb @ k[:, :, k0:k0 + block].swapaxes(-1, -2)
+            if bias is not None:
+                s += bias[..., k0:k0 + block]
+            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+            safe = xp.where(xp.isfinite(m_new), m_new, 0)
+            alpha = xp.exp(m - safe)
+            s -= safe
+            xp.exp(s, out=s)
+            total *= alpha
+            total += s.sum(axis=-1, keepdims=True)
+            acc *= alpha
+            acc += s @ v[:, :, k0:k0 + block]
+            m = m_new
+            if poll is not None:
+                poll()
+        empty = total == 0
+        o[:, :, q0:q0 + block] = acc / xp.where(empty, 1, total)
+        lse[:, :, q0:q0 + block] = xp.where(empty, -xp.inf, m + xp.log(xp.where(empty, 1, total)))
+    return o, lse
+
+
+def merge(o: Any, lse: Any, o_new: Any, lse_new: Any) -> tuple[Any, Any]:
+    """Attention over two disjoint key sets from each one's (output, log-sum-exp):
+    L = log(e^lse + e^lse_new), o = e^(lse - L) o + e^(lse_new - L) o_new (in place on
+    ``o``; ring-flash-attention's ``_update_out_and_lse``). Rows with no keys on either
+    side (-inf) keep what the other side has."""
+    xp = get_array_module(o)
+    total = xp.logaddexp(lse, lse_new)
+    finite = xp.isfinite(total)
+    safe = xp.where(finite, total, 0)
+    o *= xp.where(finite, xp.exp(lse - safe), 0)
+    o += xp.where(finite, xp.exp(lse_new - safe), 0) * o_new
+    return o, total
+
+
+def partial_attention_backward(q: Any, k: Any, v: Any, bias: Any, do: Any, lse: Any,
+                               big_d: Any, scale: float, block: int,
+                               poll: Callable[[], None] | None = None
+                               ) -> tuple[Any, Any, Any]:
+    """The FlashAttention backward against one key slice: (dq, dk, dv) contributions.
+
+    q (B, h, Sq, d) unscaled, k, v (B, h, Sk, d), bias (B, 1, 1, Sk) or None, do the
+    output gradient, lse the log-sum-exp over *all* keys (so p = exp(s - lse) are the true
+    probabilities), big_d = rowsum(do * o) (B, h, Sq, 1). With ds = p (do v^T - D):
+    dq = ds k scale, dk = ds^T q scale, dv = p^T do.
+    """
+    xp = get_array_module(q)
+    dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
+    for q0 in range(0, q.shape[2], block):
+        qs = slice(q0, q0 + block)
+        qb, dob = q[:, :, qs], do[:, :, qs]
+        for k0 in range(0, k.shape[2], block):
+            ks = slice(k0, k0 + block)
+            s = (qb * scale) @ k[:, :, ks].swapaxes(-1, -2)
+            if bias is not None:
+                s += bias[..., ks]
+            p = xp.exp(s - lse[:, :, qs])
+            dv[:, :, ks] += p.swapaxes(-1, -2) @ dob
+            ds = p * (dob @ v[:, :, ks].swapaxes(-1, -2) - big_d[:, :, qs])
+            dq[:, :, qs] += (ds @ k[:, :, ks]) * scale
+            dk[:, :, ks] += (ds.swapaxes(-1, -2) @ qb) * scale
+            if poll is not None:
+                poll()
+    return dq, dk, dv
+
+
 # --- the registry: inference kernel, caching forward and backward per algorithm ---------
 
 
@@ -388,29 +480,9 @@ class Blocked:
         rescale the running sum l and output by exp(m - m'), add exp(s - m') and
         exp(s - m') v. Then o = acc / l and L = m + log l.
         """
-        xp = get_array_module(qkv)
         q, k, v = _split_qkv(qkv, batch, seq, heads, head_dim)
         scale = 1.0 / math.sqrt(head_dim)
-        o = xp.empty((batch, heads, seq, head_dim), dtype=qkv.dtype)
-        lse = xp.empty((batch, heads, seq, 1), dtype=qkv.dtype)
-        for q0 in range(0, seq, block):
-            qb = q[:, :, q0:q0 + block] * scale
-            m = xp.full((*qb.shape[:3], 1), -xp.inf, dtype=qkv.dtype)
-            total = xp.zeros_like(m)
-            acc = xp.zeros(qb.shape, dtype=qkv.dtype)
-            for k0 in range(0, seq, block):
-                s = qb @ k[:, :, k0:k0 + block].swapaxes(-1, -2)
-                if bias is not None:
-                    s = s + bias[..., k0:k0 + block]
-                m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
-                safe = xp.where(xp.isfinite(m_new), m_new, 0)
-                alpha = xp.exp(m - safe)
-                p = xp.exp(s - safe)
-                total = total * alpha + p.sum(axis=-1, keepdims=True)
-                acc = acc * alpha + p @ v[:, :, k0:k0 + block]
-                m = m_new
-            o[:, :, q0:q0 + block] = acc / total
-            lse[:, :, q0:q0 + block] = m + xp.log(total)
+        o, lse = partial_attention(q * q.dtype.type(scale), k, v, bias, block)
         out = o.transpose(0, 2, 1, 3).reshape(batch * seq, heads * head_dim)
         return out, BlockedCache(q, k, v, o, lse, bias, scale, block)
 
@@ -421,24 +493,9 @@ class Blocked:
         With D = rowsum(do * o): dv += p^T do, dp = do v^T, ds = p (dp - D),
         dq += ds k / sqrt(d), dk += ds^T q / sqrt(d). Masked keys have p = 0: ds = 0 there.
         """
-        xp = get_array_module(do)
-        q, k, v, block, seq = c.q, c.k, c.v, c.block, c.q.shape[2]
         big_d = (do * c.o).sum(axis=-1, keepdims=True)
-        dq, dk, dv = (xp.zeros_like(t) for t in (q, k, v))
-        for q0 in range(0, seq, block):
-            qs = slice(q0, q0 + block)
-            qb, dob = q[:, :, qs], do[:, :, qs]
-            for k0 in range(0, seq, block):
-                ks = slice(k0, k0 + block)
-                s = (qb * c.scale) @ k[:, :, ks].swapaxes(-1, -2)
-                if c.bias is not None:
-                    s = s + c.bias[..., ks]
-                p = xp.exp(s - c.lse[:, :, qs])
-                dv[:, :, ks] += p.swapaxes(-1, -2) @ dob
-                ds = p * (dob @ v[:, :, ks].swapaxes(-1, -2) - big_d[:, :, qs])
-                dq[:, :, qs] += (ds @ k[:, :, ks]) * c.scale
-                dk[:, :, ks] += (ds.swapaxes(-1, -2) @ qb) * c.scale
-        return dq, dk, dv
+        return partial_attention_backward(c.q, c.k, c.v, c.bias, do, c.lse, big_d, c.scale,
+                                          c.block)
 
 
 ALGORITHMS: dict[str, Any] = {"plain": Plain(), "blocked": Blocked()}

@@ -38,6 +38,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .attention import merge, partial_attention, partial_attention_backward
 from .backend import get_array_module, to_host
 from .shard import counts, partition
 
@@ -128,97 +129,7 @@ def key_bias(mask: Any, start: int, count: int, batch: int, xp: Any, dtype: Any)
     return bias[:, None, None, :]
 
 
-# --- partial attention with its log-sum-exp, and the merge --------------------------------
-
-def partial_attention(q: Any, k: Any, v: Any, bias: Any, block: int,
-                      poll: Callable[[], None] | None = None) -> tuple[Any, Any]:
-    """softmax(q k^T + bias) v over the keys given, with the row log-sum-exp:
-    q (B, h, Sq, d) already scaled by 1/sqrt(d), k, v (B, h, Sk, d), bias (B, 1, 1, Sk) or
-    None -> (o (B, h, Sq, d), lse (B, h, Sq, 1)). Blocked online softmax (FlashAttention,
-    forward), O(block^2) scores per (sequence, head) at a time. A row whose every key is
-    masked gets o = 0 and lse = -inf, which ``merge`` treats as "no keys". ``poll`` is
-    called after every block (a ring shift in flight progresses meanwhile)."""
-    xp = get_array_module(q)
-    o = xp.empty(q.shape, dtype=q.dtype)
-    lse = xp.empty((*q.shape[:3], 1), dtype=q.dtype)
-    keys = k.shape[2]
-    for q0 in range(0, q.shape[2], block):
-        qb = q[:, :, q0:q0 + block]
-        m = xp.full((*qb.shape[:3], 1), -xp.inf, dtype=q.dtype)
-        total = xp.zeros_like(m)
-        acc = xp.zeros(qb.shape, dtype=q.dtype)
-        for k0 in range(0, keys, block):
-            s = qb @ k[:, :, k0:k0 + block].swapaxes(-1, -2)
-            if bias is not None:
-                s += bias[..., k0:k0 + block]
-            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
-            safe = xp.where(xp.isfinite(m_new), m_new, 0)
-            alpha = xp.exp(m - safe)
-            s -= safe
-            xp.exp(s, out=s)
-            total *= alpha
-            total += s.sum(axis=-1, keepdims=True)
-            acc *= alpha
-            acc += s @ v[:, :, k0:k0 + block]
-            m = m_new
-            if poll is not None:
-                poll()
-        empty = total == 0
-        o[:, :, q0:q0 + block] = acc / xp.where(empty, 1, total)
-        lse[:, :, q0:q0 + block] = xp.where(empty, -xp.inf, m + xp.log(xp.where(empty, 1, total)))
-    return o, lse
-
-
-def merge(o: Any, lse: Any, o_new: Any, lse_new: Any) -> tuple[Any, Any]:
-    """Attention over two disjoint key sets from each one's (output, log-sum-exp):
-    L = log(e^lse + e^lse_new), o = e^(lse - L) o + e^(lse_new - L) o_new (in place on
-    ``o``; ring-flash-attention's ``_update_out_and_lse``). Rows with no keys on either
-    side (-inf) keep what the other side has."""
-    xp = get_array_module(o)
-    total = xp.logaddexp(lse, lse_new)
-    finite = xp.isfinite(total)
-    safe = xp.where(finite, total, 0)
-    o *= xp.where(finite, xp.exp(lse - safe), 0)
-    o += xp.where(finite, xp.exp(lse_new - safe), 0) * o_new
-    return o, total
-
-
-def partial_attention_backward(q: Any, k: Any, v: Any, bias: Any, do: Any, lse: Any,
-                               big_d: Any, scale: float, block: int,
-                               poll: Callable[[], None] | None = None
-                               ) -> tuple[Any, Any, Any]:
-    """The FlashAttention backward against one key slice: (dq, dk, dv) contributions.
-
-    q (B, h, Sq, d) unscaled, k, v (B, h, Sk, d), bias (B, 1, 1, Sk) or None, do the
-    output gradient, lse the log-sum-exp over *all* keys (so p = exp(s - lse) are the true
-    probabilities), big_d = rowsum(do * o) (B, h, Sq, 1). With ds = p (do v^T - D):
-    dq = ds k scale, dk = ds^T q scale, dv = p^T do.
-    """
-    xp = get_array_module(q)
-    dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
-    for q0 in range(0, q.shape[2], block):
-        qs = slice(q0, q0 + block)
-        qb, dob = q[:, :, qs], do[:, :, qs]
-        for k0 in range(0, k.shape[2], block):
-            ks = slice(k0, k0 + block)
-            s = (qb * scale) @ k[:, :, ks].swapaxes(-1, -2)
-            if bias is not None:
-                s += bias[..., ks]
-            p = xp.exp(s - lse[:, :, qs])
-            dv[:, :, ks] += p.swapaxes(-1, -2) @ dob
-            ds = p * (dob @ v[:, :, ks].swapaxes(-1, -2) - big_d[:, :, qs])
-            dq[:, :, qs] += (ds @ k[:, :, ks]) * scale
-            dk[:, :, ks] += (ds.swapaxes(-1, -2) @ qb) * scale
-            if poll is not None:
-                poll()
-    return dq, dk, dv
-
-
 # --- the two algorithms ----------------------------------------------------------------
-
-def _host(x: Any) -> Any:
-    return to_host(x)
-
 
 @dataclass
 class UlyssesCache:
@@ -269,7 +180,7 @@ class SequenceAttention:
         for j, (count, first) in enumerate(shares):
             blocks[j, :, :split.count, :, :count] = x[:, :, :, first:first + count]
         with self._timed():
-            got = xp.asarray(self.transfer(_host(blocks), site=site, layer=layer))
+            got = xp.asarray(self.transfer(to_host(blocks), site=site, layer=layer))
         mine = shares[split.index][0]
         return xp.concatenate([got[s, :, :c, :, :mine] for s, (_, c) in enumerate(split.spans)],
                               axis=1)
@@ -286,7 +197,7 @@ class SequenceAttention:
         for s, (start, c) in enumerate(split.spans):
             blocks[s, :, :c, :, :mine] = y[:, start:start + c]
         with self._timed():
-            got = xp.asarray(self.transfer(_host(blocks), site=site, layer=layer))
+            got = xp.asarray(self.transfer(to_host(blocks), site=site, layer=layer))
         out = xp.empty((batch, split.count, y.shape[2], heads, head_dim), dtype=y.dtype)
         for j, (count, first) in enumerate(shares):
             out[:, :, :, first:first + count] = got[j, :, :split.count, :, :count]
@@ -351,7 +262,7 @@ class SequenceAttention:
             shift = None
             if step < parts - 1:  # the next slice travels while this one is attended to
                 with self._timed():
-                    shift = self.transfer.start(_host(current), site="ring.kv", layer=layer)
+                    shift = self.transfer.start(to_host(current), site="ring.kv", layer=layer)
             start, count = split.spans[(split.index - step) % parts]
             k, v = (current[:, :count, i].transpose(0, 2, 1, 3) for i in range(2))
             bias = key_bias(mask, start, count, batch, xp, q.dtype)
@@ -374,7 +285,7 @@ class SequenceAttention:
         for step in range(parts):
             shift = None
             if step < parts - 1:
-                shift = self.transfer.start(_host(current), site="ring.kv.bwd", layer=layer)
+                shift = self.transfer.start(to_host(current), site="ring.kv.bwd", layer=layer)
             start, count = split.spans[(split.index - step) % parts]
             k, v = (current[:, :count, i].transpose(0, 2, 1, 3) for i in range(2))
             bias = key_bias(c.mask, start, count, batch, xp, do.dtype)
@@ -388,7 +299,7 @@ class SequenceAttention:
             acc[:, :count, 1] += dv.transpose(0, 2, 1, 3)
             # the accumulator of this slice goes on to the next rank; after the last step
             # that rank is the slice's owner
-            carried = (self.transfer.start(_host(acc), site="ring.dkv", layer=layer, channel=1)
+            carried = (self.transfer.start(to_host(acc), site="ring.dkv", layer=layer, channel=1)
                        if parts > 1 else acc)
             if shift is not None:
                 current = xp.asarray(self.transfer.finish(shift))
