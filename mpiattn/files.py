@@ -344,6 +344,9 @@ class File:
                                        "attribute 'tensor_parallel' of /", self.world_size)
         self.data_parallel = integer(self.attrs.get("data_parallel"),
                                      "attribute 'data_parallel' of /", 1)
+        self.pipeline_parallel, self.sequence_parallel = (
+            integer(self.attrs.get(f"{axis}_parallel"), f"attribute '{axis}_parallel' of /", 1)
+            for axis in ("pipeline", "sequence"))
         parts = self.attrs.get("head_partition")
         parts = parts if isinstance(parts, list) else [] if parts is None else [parts]
         self.head_partition = [integer(x, "attribute 'head_partition' of /", 0) for x in parts]

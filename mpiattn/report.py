@@ -56,6 +56,8 @@ class Loaded:
     data_parallel: int
     head_partition: list[int]
     attrs: dict  # the other root attributes, as plain values
+    pipeline_parallel: int = 1
+    sequence_parallel: int = 1
     phases: list[str] = field(default_factory=list)
     seconds: np.ndarray | None = None  # (rank, layer | step, phase) [s]
     axis: str = "layer"  # the name of seconds' middle axis (its dimension label)
@@ -111,7 +113,8 @@ def load(path: str | Path) -> Loaded:
 def _read(f: api.AnyFile) -> Loaded:
     rf = Loaded(path=f.path, kind=f.kind, format_version=f.format_version, command=f.command,
                 config=f.config, world_size=f.world_size, tensor_parallel=f.tensor_parallel,
-                data_parallel=f.data_parallel, head_partition=f.head_partition, attrs=f.attrs)
+                data_parallel=f.data_parallel, head_partition=f.head_partition, attrs=f.attrs,
+                pipeline_parallel=f.pipeline_parallel, sequence_parallel=f.sequence_parallel)
     if not isinstance(f, api.BenchFile):  # a bench file's timings are of one layer
         _read_timings(f, rf)
     table = f.ranks(raw=True)
@@ -299,6 +302,7 @@ def summarize(rf: Loaded, heads: bool = False) -> dict[str, Any]:
         "path": rf.path, "format_version": rf.format_version, "command": rf.command,
         "status": rf.attrs.get("status"), "world_size": rf.world_size or None,
         "tensor_parallel": rf.tensor_parallel, "data_parallel": rf.data_parallel,
+        "pipeline_parallel": rf.pipeline_parallel, "sequence_parallel": rf.sequence_parallel,
         "head_partition": rf.head_partition, "backend": rf.attrs.get("backend"),
         "dtype": rf.config.get("dtype"),
         "model": {k: m[k] for k in ("layers", "heads", "hidden", "ffn") if k in m},
@@ -447,7 +451,9 @@ def format_summary(s: dict[str, Any]) -> str:
                         f" batch {i.get('batch', '?')} x seq {i.get('seq_len', '?')},")
                      + f" {s.get('dtype') or '?'}, {s.get('backend') or '?'}")
     if s["world_size"]:
-        lines.append(f"  ranks     {s['world_size']} = {s['data_parallel']} data x"
+        axes = "".join(f" x {s[f'{axis}_parallel']} {axis}" for axis in ("pipeline", "sequence")
+                       if s[f"{axis}_parallel"] > 1)
+        lines.append(f"  ranks     {s['world_size']} = {s['data_parallel']} data{axes} x"
                      f" {s['tensor_parallel']} head; heads per rank {s['head_partition']}")
     elif s["command"] == "train checkpoint":  # whole tensors: any layout resumes from it
         lines.append(f"  tensors   whole (written by a job with {s['tensor_parallel']}"

@@ -16,6 +16,7 @@ from test_train import tiny_train
 
 from mpiattn import config
 from mpiattn.errors import ConfigError, IntegrityError
+from mpiattn.report import format_summary, load, summarize
 from mpiattn.runner import run
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -62,6 +63,8 @@ def test_runs_equal_the_reference(world, shared_dir, dtype):
         worst = check_against_reference(cfg, path)
         print(f"{name} {dtype}: max rel error {worst:.1e}")
         assert worst <= TOL[dtype]
+        text = format_summary(summarize(load(path)))  # the report names the axis and phase
+        assert f" x {over['parallel.sequence']} sequence x " in text and "\n  sequence " in text
         with h5py.File(path) as f:
             assert f.attrs["sequence_parallel"] == over["parallel.sequence"]
             assert f["layers/01/hidden"].shape == (cfg.input.batch, SEQ, cfg.model.hidden)
