@@ -164,12 +164,15 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
     started = dt.datetime.now(dt.UTC)
     cfg.input.min_fill = 1.0  # full sequences: every counted FLOP is done
     cfg.output.layers = "none"
-    if cfg.parallel.sequence > 1:  # the same on every rank: no collective needed
-        if cfg.parallel.pipeline > 1:
-            raise ConfigError("mpiattn bench times parallel.sequence on one layer: set"
-                              " parallel.pipeline = 1 (or parallel.sequence = 1)")
-        check_sweep(cfg, sweep)
-    p, reducer, out = setup(cfg, world, out_path, force, "bench")
+
+    def sequence_checks() -> None:  # in the pre-flight: one line from rank 0
+        if cfg.parallel.sequence > 1:
+            if cfg.parallel.pipeline > 1:
+                raise ConfigError("mpiattn bench times parallel.sequence on one layer: set"
+                                  " parallel.pipeline = 1 (or parallel.sequence = 1)")
+            check_sweep(cfg, sweep)
+
+    p, reducer, out = setup(cfg, world, out_path, force, "bench", sequence_checks)
     try:
         if p.grid.axis_size("pipeline") > 1:
             return bench_pipeline(cfg, world, p, reducer, out, started, repeats)

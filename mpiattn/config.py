@@ -439,8 +439,9 @@ def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
                 cfg, parallel=dataclasses.replace(cfg.parallel, sequence=1)),
                 world_size // sequence)
         except ConfigError as err:
-            raise ConfigError(f"with parallel.sequence = {sequence}, each sequence slice has"
-                              f" {world_size // sequence} ranks: {err}") from None
+            raise ConfigError(f"with parallel.sequence = {sequence}, the tokens of a sequence are"
+                              f" split {sequence} ways and {world_size // sequence} ranks hold"
+                              f" each slice (tensor x pipeline x data): {err}") from None
     if stages > 1:
         valid = [d for d in range(1, min(world_size, cfg.model.layers) + 1)
                  if world_size % d == 0]

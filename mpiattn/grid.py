@@ -125,9 +125,10 @@ class ProcessGrid:
     def comm_over(self, axes: tuple[str, ...]) -> Any:
         """Collective over ``world``: a communicator of the ranks that differ from this one
         only along ``axes`` (ranked as in ``GridShape.group_over``); an axis's own when
-        ``axes`` is one axis."""
-        if len(axes) == 1:
-            return self.comms[axes[0]]
+        only one of ``axes`` has more than one rank (no new communicator then)."""
+        wide = [a for a in axes if getattr(self.shape, a) > 1]
+        if len(wide) <= 1:
+            return self.comms[wide[0] if wide else axes[0]]
         at = self.shape.coords(self.rank)
         color = self.shape.rank({**at, **dict.fromkeys(axes, 0)})
         return self.world.Split(color=color, key=self.rank)

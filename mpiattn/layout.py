@@ -44,11 +44,16 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
     })
     impl, block = attention_options(cfg, p).resolve(p.batch.shape[1])
     f.attrs["attention"] = impl if impl == "plain" else f"{impl} (block {block})"
-    if p.grid.axis_size("sequence") > 1:
-        from .seqattn import resolve
+    parts = p.grid.axis_size("sequence")
+    if parts > 1:
+        from .seqattn import SequenceSplit, resolve
 
-        f.attrs["attention"] += ", sequence parallel: " + resolve(
-            cfg.attention.sequence, min(p.head_counts), p.grid.axis_size("sequence"))
+        if resolve(cfg.attention.sequence, min(p.head_counts), parts) == "ulysses":
+            f.attrs["attention"] += ", sequence parallel: ulysses"
+        else:  # the ring runs the blocked online softmax on each slice (make_sequence)
+            widest = SequenceSplit(p.batch.shape[1], parts, 0).widest
+            f.attrs["attention"] = (f"blocked (block {cfg.attention.block or min(512, widest)}),"
+                                    " sequence parallel: ring")
     h5io.dimension(f, "rank", np.arange(p.grid.size), long_name="rank in MPI_COMM_WORLD")
     ranks = f.create_group("ranks")
     h5io.write_array(ranks, "host", [h for h, _ in host_info], ("rank",))

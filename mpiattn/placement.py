@@ -108,7 +108,8 @@ def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
 
 
 def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) -> list[int]:
-    """Heads per head rank from measured rates, averaged over replicas (same on all)."""
+    """Heads per head rank from measured rates, averaged over replicas and token slices
+    (the same on every rank)."""
     from mpi4py import MPI
 
     from .balance import head_rate, measured_counts
@@ -118,7 +119,12 @@ def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) ->
     rate = head_rate(backend.xp, rows, m.hidden, m.hidden // m.heads, max(1, m.ffn // m.heads),
                      np.dtype(cfg.dtype), slowdown=slowdown(cfg, grid.rank))
     rates = np.array(grid.comm("tensor").allgather(rate))
-    grid.comm("data").Allreduce(MPI.IN_PLACE, rates, op=MPI.SUM)  # every replica, same split
+    # every replica and token slice: the same split (a sequence group's ranks must hold the
+    # same heads, or their Alltoall and ring buffers would not match)
+    summed = grid.comm_over(("data", "sequence"))
+    summed.Allreduce(MPI.IN_PLACE, rates, op=MPI.SUM)
+    if all(summed is not comm for comm in grid.comms.values()):  # made for this sum
+        summed.Free()
     return measured_counts(m.heads, list(rates))
 
 

@@ -75,11 +75,18 @@ def check_inputs(cfg: Config, world_size: int, rank: int,
     return (tensor, batch), jobkit.input_digests(cfg)
 
 
-def setup(cfg: Config, world: Any, out_path: str, force: bool, command: str = "run") -> tuple:
-    """(plan, reducer, output reservation on rank 0) after the collective pre-flight."""
-    (tensor, batch), out = jobkit.preflight(
-        world, lambda: check_inputs(cfg, world.Get_size(), world.Get_rank(), command),
-        output=(out_path, force))
+def setup(cfg: Config, world: Any, out_path: str, force: bool, command: str = "run",
+          extra: Callable[[], None] | None = None) -> tuple:
+    """(plan, reducer, output reservation on rank 0) after the collective pre-flight;
+    ``extra``: the command's own local checks, agreed with the others."""
+
+    def checks() -> tuple[tuple[int, Batch], dict]:
+        found = check_inputs(cfg, world.Get_size(), world.Get_rank(), command)
+        if extra is not None:
+            extra()
+        return found
+
+    (tensor, batch), out = jobkit.preflight(world, checks, output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
     p = place(cfg, world, tensor, batch)
     return p, make_reducer(cfg, p), out

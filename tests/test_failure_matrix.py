@@ -282,6 +282,23 @@ def test_bad_config_value_and_world_mismatch(tmp_path, corpus, command, ranks):
         assert_collective_failure(done, seconds, work, "out.h5", match="parallel.tensor")
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("command", ["run", "bench", "train"])
+def test_sequence_parallel_mistakes_end_every_rank(tmp_path, corpus, command, ranks):
+    """Ulysses with fewer heads than sequence ranks; bench: a sweep length shorter than the
+    sequence group (both found in the pre-flight, so one line from rank 0)."""
+    work = job_folder(tmp_path, corpus)
+    keys = {**COMMANDS[command], "parallel.sequence": ranks, "parallel.tensor": 1,
+            "attention.sequence": "ulysses", "model.heads": 1}
+    done, seconds = launch(same([command, *sets(keys), "-o", "out.h5"], ranks), work)
+    assert_collective_failure(done, seconds, work, "out.h5", match="attention.sequence")
+    if command == "bench":
+        keys = {**keys, "attention.sequence": "ring"}
+        args = [command, *sets(keys), "--sweep", f"{ranks - 1},16", "-o", "out.h5"]
+        done, seconds = launch(same(args, ranks), work)
+        assert_collective_failure(done, seconds, work, "out.h5", match="--sweep length")
+
+
 WRITE_FAILS = """
 import errno, sys
 from mpiattn import cli, outfile

@@ -195,3 +195,22 @@ def test_mistakes_are_one_line_on_every_rank(world, shared_dir):
         with pytest.raises(ConfigError) as err:
             run(config.from_dict({**TINY, **over}), world, str(shared_dir / f"m{n}.h5"), True)
         assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("algorithm", ["ulysses", "ring"])
+def test_measured_balance_gives_every_slice_the_same_heads(world, shared_dir, algorithm):
+    """One slow rank in one sequence slice: the head split is measured over every replica
+    and slice, so the ranks of a sequence group hold the same heads (their Alltoall and
+    ring buffers must match) and the numbers are the reference's."""
+    if world.Get_size() != 4:
+        pytest.skip("a 2 x 2 sequence x head grid")
+    cfg, path = run_job(world, shared_dir, f"balance-{algorithm}.h5", dtype="float64",
+                        **{"parallel.sequence": 2, "parallel.tensor": 2,
+                           "attention.sequence": algorithm, "parallel.balance": "measured",
+                           "fault.slow": [{"rank": 1, "factor": 8.0}]})
+    if world.Get_rank() == 0:
+        with h5py.File(path) as f:
+            heads = list(f.attrs["head_partition"])
+        assert heads[1] < heads[0]  # the slow head rank got fewer
+        assert check_against_reference(cfg, path) <= TOL["float64"]
