@@ -112,11 +112,19 @@ def residual_ratio(reduced: Any, ranks: int) -> tuple[float, float, float]:
     ``reduced`` is (n+2, m) as delivered by the Allreduce. A ratio above 1 means the sum
     is corrupted; non-finite checksums give an infinite ratio.
     """
-    xp = get_array_module(reduced)
     n = reduced.shape[0] - CHECK_ROWS
-    t = column_sums(reduced[:n])
-    residual = xp.abs(t - reduced[n])
-    bound = bound_factor(n, ranks, reduced.dtype) * reduced[n + 1]
+    return block_residual_ratio(reduced[:n], reduced[n], reduced[n + 1], ranks)
+
+
+def block_residual_ratio(total: Any, sums: Any, magnitudes: Any, ranks: int
+                         ) -> tuple[float, float, float]:
+    """``residual_ratio`` of a sum ``total`` (n, m) whose summed checksum rows ``sums``
+    and ``magnitudes`` are held apart from it."""
+    xp = get_array_module(total)
+    n = total.shape[0]
+    t = column_sums(total)
+    residual = xp.abs(t - sums)
+    bound = bound_factor(n, ranks, total.dtype) * magnitudes
     # ratio = residual / bound, with 0/0 = 0 (an all-zero column) and r/0 = inf for r > 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = xp.where(residual == 0, 0.0, residual / bound)

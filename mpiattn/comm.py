@@ -376,8 +376,7 @@ class SplitSum:
         buf = owner.transport.buffer
         slot, dtype = p.slot, p.partial.dtype
         self.blocks = buf(f"split_in{slot}", (self.k, mine[1] - mine[0], cols), dtype)
-        self.sums = buf(f"split_sums{slot}", (mine[1] - mine[0] + checksum.CHECK_ROWS, cols),
-                        np.float64)
+        self.total = buf(f"split_total{slot}", (mine[1] - mine[0], cols), np.float64)
         self.rows_out = buf(f"split_rows{slot}", (self.k, checksum.CHECK_ROWS, cols),
                             np.float64)
         self.rows_in = buf(f"split_rows_in{slot}", (self.k, checksum.CHECK_ROWS, cols),
@@ -390,30 +389,36 @@ class SplitSum:
         out and every other rank's blocks for this rank in."""
         p, owner = self.p, self.owner
         rows, cols = p.partial.shape
-        magnitude = owner.transport.buffer(f"abs{p.slot}", (rows, cols), p.partial.dtype)
+        buf = owner.transport.buffer
+        wide = buf(f"split_wide{p.slot}", (rows, cols), np.float64)
+        wide[...] = p.partial  # exact: float32 -> float64
+        magnitude = buf(f"abs{p.slot}", (rows, cols), p.partial.dtype)
         np.abs(p.partial, out=magnitude)
+        u = checksum.unit_roundoff(p.partial.dtype)
         for j, (a, b) in enumerate(self.spans):
-            np.add.reduce(p.partial[a:b], axis=0, dtype=np.float64, out=self.rows_out[j, 0])
-            inflate = (1.0 + 4 * checksum.unit_roundoff(np.float64)) / (
-                1.0 - checksum.gamma(max(b - a - 1, 0), checksum.unit_roundoff(p.partial.dtype)))
+            checksum.column_sums(wide[a:b], out=self.rows_out[j, 0])
             self.rows_out[j, 1] = checksum.column_sums(magnitude[a:b])
-            self.rows_out[j, 1] *= inflate
+            # as append_checksums: the |block| sums, taken in float32, made an upper bound
+            self.rows_out[j, 1] *= (1.0 + 4 * checksum.unit_roundoff(np.float64)) / (
+                1.0 - checksum.gamma(max(b - a - 1, 0), u))
         self.local_bad = not bool(np.isfinite(self.rows_out[:, 1]).all())
         payload = p.partial
+        a, b = self.spans[self.rank]
         if owner.injector:  # corrupt a copy after the checksums; the partial stays clean
-            payload = owner.transport.buffer("corrupt", (rows, cols), p.partial.dtype)
+            payload = buf("corrupt", (rows, cols), p.partial.dtype)
             payload[...] = p.partial
             with np.errstate(invalid="ignore", over="ignore"):
                 owner.injector.apply(payload, p.layer, p.site, "send", p.attempt)
-        self.payload = payload
+                wide[a:b] = payload[a:b]  # this rank's own block, as sent
+        self.own = wide[a:b]  # this rank's own block, as sent, in float64
         comm, tag = owner.comm, _TAG + 4 * p.slot
         self.requests = []
-        for j, (a, b) in enumerate(self.spans):
+        for j, (c, d) in enumerate(self.spans):
             if j == self.rank:
                 continue
             self.requests.append(comm.Irecv(self.blocks[j], source=j, tag=tag))
             self.requests.append(comm.Irecv(self.rows_in[j], source=j, tag=tag + 1))
-            self.requests.append(comm.Isend(payload[a:b], dest=j, tag=tag))
+            self.requests.append(comm.Isend(payload[c:d], dest=j, tag=tag))
             self.requests.append(comm.Isend(self.rows_out[j], dest=j, tag=tag + 1))
 
     def complete(self) -> tuple[float, float, float, bool]:
@@ -424,16 +429,16 @@ class SplitSum:
         with watchdog.waiting("checked sum (point to point)", ranks):
             MPI.Request.Waitall(self.requests)
         a, b = self.spans[self.rank]
-        n = b - a
         self.rows_in[self.rank] = self.rows_out[self.rank]
-        parts = [self.payload[a:b] if i == self.rank else self.blocks[i] for i in range(self.k)]
-        total = self.sums[:n]
+        parts = [self.own if i == self.rank else self.blocks[i] for i in range(self.k)]
+        total = self.total
         total[...] = parts[0]
         with np.errstate(invalid="ignore", over="ignore"):
             for part in parts[1:]:  # in rank order, the same on every rank and every run
                 total += part
-        np.sum(self.rows_in, axis=0, out=self.sums[n:])
-        residual, bound, ratio = checksum.residual_ratio(self.sums, self.k)
+        sums = self.rows_in.sum(axis=0)
+        residual, bound, ratio = checksum.block_residual_ratio(total, sums[0], sums[1],
+                                                               self.k)
         with np.errstate(invalid="ignore", over="ignore"):
             p.out[a:b] = total
         tag = _TAG + 4 * p.slot + 2
