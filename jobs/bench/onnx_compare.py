@@ -2,7 +2,7 @@
 
     pip install -e ".[test,bench]"     # bench: onnxruntime, onnx (torch, transformers: test)
     python jobs/bench/onnx_compare.py                          # BERT-base, batch 8 x seq 512
-    python jobs/bench/onnx_compare.py --runs 7 --ranks 2 --threads 2 -o onnx-compare.h5
+    python jobs/bench/onnx_compare.py --runs 7 --gemm --plain-attention -o cmp.json
 
 Both sides do the same job as whole processes, timed from start to exit (wall clock, the
 parent's ``perf_counter`` around ``subprocess.run``): BERT-base (12 layers, hidden 768,
@@ -19,6 +19,8 @@ random weights, the last hidden state written to an HDF5 file.
   attention, fused GELU, skip-LayerNorm; the fused ops found are printed), cached in the
   work folder. Each run is one process: session on the CPU provider with
   ``intra_op_num_threads = --threads`` (default: the cores), one inference, h5py write.
+  ``--plain-attention`` also times the same graph without the attention fusion (every
+  other fusion kept), in case ORT's fused CPU attention is the slower of the two.
 
 Runs alternate (mpiattn, ORT, mpiattn, ...) after one untimed warm-up of each (page cache,
 model file); the report gives the median of ``--runs`` per side, the ratio mpiattn / ORT
@@ -52,13 +54,36 @@ GEMM_FLAG = "--gemm-worker"  # internal: the GEMM rate under mpiexec
 BERT_BASE = dict(layers=12, heads=12, hidden=768, ffn=3072, vocab=30522, positions=512)
 
 
-def build_onnx(folder: Path, seq: int) -> Path:
-    """The optimised BERT-base ONNX graph (made once, then reused)."""
-    final = folder / f"bert-base-opt-s{seq}.onnx"
+def build_onnx(folder: Path, seq: int, fuse_attention: bool = True) -> Path:
+    """The optimised BERT-base ONNX graph (made once, then reused); ``fuse_attention``
+    False keeps attention as ORT's MatMul/Softmax nodes (every other fusion stays)."""
+    final = folder / f"bert-base-opt-s{seq}{'' if fuse_attention else '-noattn'}.onnx"
     if final.is_file():
         return final
-    import torch
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    m = BERT_BASE
+    raw = folder / f"bert-base-s{seq}.onnx"
+    if not raw.is_file():
+        export_bert(raw, seq)
+    options = FusionOptions("bert")
+    options.enable_attention = fuse_attention
+    opt = optimize_model(str(raw), model_type="bert", num_heads=m["heads"],
+                         hidden_size=m["hidden"], optimization_options=options)
+    fused = opt.get_fused_operator_statistics()
+    print(f"ONNX Runtime fusions: {json.dumps({k: v for k, v in fused.items() if v})}",
+          flush=True)
+    if fuse_attention and not (fused.get("Attention") or fused.get("MultiHeadAttention")):
+        sys.exit("onnx_compare: ONNX Runtime fused no attention in the exported graph"
+                 " (a transformers version whose attention export it does not know?)")
+    opt.save_model_to_file(str(final))
+    return final
+
+
+def export_bert(raw: Path, seq: int) -> None:
+    """A transformers BertModel (random weights, no pooler) exported with torch.onnx."""
+    import torch
     from transformers import BertConfig, BertModel
 
     m = BERT_BASE
@@ -66,8 +91,8 @@ def build_onnx(folder: Path, seq: int) -> Path:
                         num_hidden_layers=m["layers"], num_attention_heads=m["heads"],
                         intermediate_size=m["ffn"], hidden_act="gelu",
                         max_position_embeddings=max(m["positions"], seq))
-    torch.manual_seed(0)
     config._attn_implementation = "eager"  # the graph pattern ORT's attention fusion knows
+    torch.manual_seed(0)
     bert = BertModel(config, add_pooling_layer=False).eval()
 
     class Wrapper(torch.nn.Module):  # keyword arguments: BertModel's positions vary
@@ -79,27 +104,15 @@ def build_onnx(folder: Path, seq: int) -> Path:
             return self.bert(input_ids=ids, attention_mask=mask, token_type_ids=types,
                              return_dict=False)[0]
 
-    model = Wrapper().eval()
     ids = torch.randint(0, m["vocab"], (1, seq))
-    raw = folder / f"bert-base-s{seq}.onnx"
     with torch.no_grad():
-        torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(raw),
-                          input_names=["input_ids", "attention_mask", "token_type_ids"],
+        torch.onnx.export(Wrapper().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+                          str(raw), input_names=["input_ids", "attention_mask", "token_type_ids"],
                           output_names=["last_hidden_state"],
                           dynamic_axes={n: {0: "batch", 1: "seq"} for n in
                                         ("input_ids", "attention_mask", "token_type_ids",
                                          "last_hidden_state")},
                           opset_version=17, dynamo=False)
-    opt = optimize_model(str(raw), model_type="bert", num_heads=m["heads"],
-                         hidden_size=m["hidden"])
-    print(f"ONNX Runtime fusions: {json.dumps(opt.get_fused_operator_statistics())}",
-          flush=True)
-    fused = opt.get_fused_operator_statistics()
-    if not (fused.get("Attention") or fused.get("MultiHeadAttention")):
-        sys.exit("onnx_compare: ONNX Runtime fused no attention in the exported graph"
-                 " (a transformers version whose attention export it does not know?)")
-    opt.save_model_to_file(str(final))
-    return final
 
 
 def ort_worker(model: str, out: str, batch: int, seq: int, threads: int) -> None:
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--gemm", action="store_true", help="also measure the GEMM limit")
+    ap.add_argument("--plain-attention", action="store_true",
+                    help="also time ORT without its attention fusion (every other fusion kept)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "onnx-compare",
                     help="work folder (the ONNX model is cached here)")
     ap.add_argument("-o", "--output", type=Path, help="results as JSON")
@@ -209,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_onnx(args.work, args.seq)
+    plain = build_onnx(args.work, args.seq, fuse_attention=False) if args.plain_attention \
+        else None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     mpi_env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.ranks)))
@@ -221,17 +238,21 @@ def main(argv: list[str] | None = None) -> int:
     ort_cmd = [sys.executable, __file__, WORKER_FLAG, str(model), str(ort_out),
                "--batch", str(args.batch), "--seq", str(args.seq),
                "--threads", str(args.threads)]
-    walls: dict[str, list[float]] = {"mpiattn": [], "ort": []}
+    sides = [("mpiattn", mpi_cmd, mpi_env), ("ort", ort_cmd, ort_env)]
+    if plain is not None:
+        sides.append(("ort_plain_attention", [*ort_cmd[:3], str(plain), *ort_cmd[4:]],
+                      ort_env))
+    walls: dict[str, list[float]] = {side: [] for side, _, _ in sides}
     breakdowns, ort_forward = [], []
     for i in range(args.runs + 1):  # run 0 warms the page cache, untimed
-        for side, cmd, e in (("mpiattn", mpi_cmd, mpi_env), ("ort", ort_cmd, ort_env)):
+        for side, cmd, e in sides:
             wall = timed(cmd, e, args.work / f"{side}.log")
             if i == 0:
                 continue
             walls[side].append(wall)
             if side == "mpiattn":
                 breakdowns.append(mpiattn_breakdown(mpi_out))
-            else:
+            elif side == "ort":
                 import h5py
 
                 with h5py.File(ort_out, "r") as f:
@@ -253,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall: mpiattn {med['mpiattn']:.3f} s, ONNX Runtime {med['ort']:.3f} s"
           f" (inference alone {result['ort_inference_s']:.3f} s); ratio"
           f" {result['ratio']:.3f} (target <= {RATIO_MAX})")
+    if plain is not None:
+        print(f"ONNX Runtime without its attention fusion: {med['ort_plain_attention']:.3f} s;"
+              f" mpiattn / that {med['mpiattn'] / med['ort_plain_attention']:.3f}")
     print(f"mpiattn: setup {mine['setup']:.3f} s, forward {mine['forward']:.3f} s, layer 0"
           f" {mine['layer0']:.3f} s vs median layer {mine['layer_median']:.3f} s; "
           + ", ".join(f"{k[6:]} {100 * v:.0f}%" for k, v in mine.items()
