@@ -24,11 +24,12 @@ random weights, the last hidden state written to an HDF5 file.
 
 Runs alternate (mpiattn, ORT, mpiattn, ...) after one untimed warm-up of each (page cache,
 model file); the report gives the median of ``--runs`` per side, the ratio mpiattn / ORT
-(target <= 0.85) and mpiattn's own breakdown (median over runs of the slowest rank):
-setup, forward, layer 0 against the median layer, phase shares. ``--gemm`` also measures
-the GEMM limit (``mpiattn.bench.gemm_rate`` at each rank's GEMM shapes, all ranks at
-once: the forward's FLOPs at the summed rate) and reports it over the forward (target
->= 0.75). Nothing is asserted; exit 1 only when a step fails.
+(target <= 0.85), the fastest run of each (steadier when others share the machine),
+and mpiattn's own breakdown (median over runs of the slowest rank): setup, forward,
+layer 0 against the median layer, phase shares. ``--gemm`` also measures the GEMM limit
+(``mpiattn.bench.gemm_rate`` at each rank's GEMM shapes, all ranks at once: the
+forward's FLOPs at the summed rate) and reports it over the forward (target >= 0.75).
+Nothing is asserted; exit 1 only when a step fails.
 """
 
 from __future__ import annotations
@@ -257,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 with h5py.File(ort_out, "r") as f:
                     ort_forward.append(float(f.attrs["forward_s"]))
-            print(f"run {i}: {side} {wall:.3f} s", flush=True)
+            extra = ""
+            if side == "mpiattn":
+                extra = (f" (setup {breakdowns[-1]['setup']:.3f} s, forward"
+                         f" {breakdowns[-1]['forward']:.3f} s)")
+            print(f"run {i}: {side} {wall:.3f} s{extra}", flush=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
     mine = {k: statistics.median(b[k] for b in breakdowns) for k in breakdowns[0]}
     result = {"shape": f"BERT-base, batch {args.batch} x seq {args.seq}, float32",
@@ -271,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         result["forward_vs_gemm_limit"] = limit / mine["forward"]
     print(f"{result['shape']}; mpiattn {args.ranks} ranks, ORT {args.threads} threads;"
           f" medians of {args.runs} interleaved runs")
+    best = {k: min(v) for k, v in walls.items()}
+    result["best_s"], result["best_ratio"] = best, best["mpiattn"] / best["ort"]
+    print(f"fastest runs (steadier on a shared machine): mpiattn {best['mpiattn']:.3f} s,"
+          f" ONNX Runtime {best['ort']:.3f} s, ratio {result['best_ratio']:.3f}")
     print(f"wall: mpiattn {med['mpiattn']:.3f} s, ONNX Runtime {med['ort']:.3f} s"
           f" (inference alone {result['ort_inference_s']:.3f} s); ratio"
           f" {result['ratio']:.3f} (target <= {RATIO_MAX})")
