@@ -24,6 +24,7 @@ import numpy as np
 
 from .attention import KeyMask, Options
 from .backend import get_array_module
+from .errors import NumericalError
 from .model import LayerShard, layer_forward
 
 WARM_LAYER = -1  # the layer index of the warm-up pass: no fault.inject entry matches it
@@ -45,11 +46,15 @@ def warm_up(layer: LayerShard, options: Options, reduce: Any, batch: int, seq: i
     ledger = getattr(reduce, "ledger", None)
     kept = len(ledger.records) if ledger is not None else 0
     seconds = getattr(reduce, "seconds", 0.0)
-    layer_forward(x, layer, KeyMask([seq]), reduce, WARM_LAYER, eps, options=options)
-    if ledger is not None:  # the warm-up's checked reductions are not the job's
-        del ledger.records[kept:]
-    if hasattr(reduce, "seconds"):
-        reduce.seconds = seconds
+    try:
+        layer_forward(x, layer, KeyMask([seq]), reduce, WARM_LAYER, eps, options=options)
+    except NumericalError:  # raised on every rank of the group alike: the timed forward
+        pass  # meets the same inf/NaN in layer 0 and names it there, not at layer -1
+    finally:
+        if ledger is not None:  # the warm-up's checked reductions are not the job's
+            del ledger.records[kept:]
+        if hasattr(reduce, "seconds"):
+            reduce.seconds = seconds
     if xp is not np:
         return
     _grow(options._scratch, batch)
