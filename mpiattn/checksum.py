@@ -112,11 +112,19 @@ def residual_ratio(reduced: Any, ranks: int) -> tuple[float, float, float]:
     ``reduced`` is (n+2, m) as delivered by the Allreduce. A ratio above 1 means the sum
     is corrupted; non-finite checksums give an infinite ratio.
     """
-    xp = get_array_module(reduced)
     n = reduced.shape[0] - CHECK_ROWS
-    t = column_sums(reduced[:n])
-    residual = xp.abs(t - reduced[n])
-    bound = bound_factor(n, ranks, reduced.dtype) * reduced[n + 1]
+    return block_residual_ratio(reduced[:n], reduced[n], reduced[n + 1], ranks)
+
+
+def block_residual_ratio(total: Any, sums: Any, magnitudes: Any, ranks: int
+                         ) -> tuple[float, float, float]:
+    """``residual_ratio`` of a sum ``total`` (n, m) whose summed checksum rows ``sums``
+    and ``magnitudes`` are held apart from it."""
+    xp = get_array_module(total)
+    n = total.shape[0]
+    t = column_sums(total)
+    residual = xp.abs(t - sums)
+    bound = bound_factor(n, ranks, total.dtype) * magnitudes
     # ratio = residual / bound, with 0/0 = 0 (an all-zero column) and r/0 = inf for r > 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = xp.where(residual == 0, 0.0, residual / bound)
@@ -269,18 +277,55 @@ def simulated_allreduce(partials: list, wire: Any, rng: np.random.Generator,
     return total
 
 
+def simulated_split_ratio(partials: list, fault: tuple[int, int, int] | None = None) -> float:
+    """The worst residual/bound over the row blocks of ``comm.SplitSum``, in one process.
+
+    Rank j's block of the rows: every rank's clean block gives its float64 checksum rows,
+    its (perhaps flipped, ``fault = (rank, index, bit)``) payload block is summed in
+    float64 in rank order, and the sum is checked against the summed rows over k ranks.
+    """
+    from .shard import partition
+
+    k = len(partials)
+    n, m = partials[0].shape
+    sent = []
+    for r, p in enumerate(partials):
+        body = p.copy()
+        if fault is not None and fault[0] == r:
+            flip_bit(body, fault[1], fault[2])
+        sent.append(body)
+    worst = 0.0
+    for j in range(k):
+        count, start = partition(n, k, j)
+        rows = slice(start, start + count)
+        buf = np.zeros((count + CHECK_ROWS, m), np.float64)
+        check = np.empty_like(buf)
+        with np.errstate(invalid="ignore", over="ignore"):
+            for r in range(k):
+                append_checksums(partials[r][rows], check)
+                buf[:count] += sent[r][rows]
+                buf[count:] += check[count:]
+        worst = max(worst, residual_ratio(buf, k)[2])
+    return worst
+
+
 def detection_rate(bit: int, trials: int, rng: np.random.Generator, wire: Any = np.float64,
-                   rows: int = 256, cols: int = 48, dtype: Any = np.float32) -> float:
+                   rows: int = 256, cols: int = 48, dtype: Any = np.float32,
+                   split: bool = False) -> float:
     """Fraction of single flips of ``bit`` (random rank, element, 2-4 ranks) that fail the check.
 
     Partials are standard normal: elements of every size down to ~1e-4 of typical, which is
-    where low mantissa bits fall under the rounding bound.
+    where low mantissa bits fall under the rounding bound. ``split``: the check of
+    ``comm.SplitSum`` (float64 sums per row block) instead of one Allreduce in ``wire``.
     """
     hits = 0
     for _ in range(trials):
         ranks = int(rng.integers(2, 5))
         parts = [rng.standard_normal((rows, cols)).astype(dtype) for _ in range(ranks)]
         fault = (int(rng.integers(ranks)), int(rng.integers(rows * cols)), bit)
-        _, _, ratio = residual_ratio(simulated_allreduce(parts, wire, rng, fault), ranks)
+        if split:
+            ratio = simulated_split_ratio(parts, fault)
+        else:
+            _, _, ratio = residual_ratio(simulated_allreduce(parts, wire, rng, fault), ranks)
         hits += ratio > 1.0
     return hits / trials

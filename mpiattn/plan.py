@@ -19,7 +19,8 @@ them:
 2. Allreduce, two per layer, ring algorithm over the T ranks of a head group:
    ``t = h·bytes/speed + 2(T-1)·α + 2(T-1)/T·bytes·β``; ``h`` is the local checksum work
    (column sums, hash) that the run's "allreduce" phase also holds. Bytes on the wire:
-   ``(N+2)·H·8`` with ABFT checksums in float64, ``N·H·elt`` without.
+   ``N·H·elt + 2·H·8`` with ABFT checksums on the float64 wire (NumPy ranks sum blocks
+   of rows in float64 after a float32 exchange: ``comm.SplitSum``), ``N·H·elt`` without.
 
 3. Pipeline stages (``--layout best`` weighs them against heads and replicas): P stages of
    ceil(L/P) layers, M micro-batches (GPipe): ``forward = ceil(L/P)·layer·(M+P-1)/M +
@@ -148,11 +149,14 @@ class Job:
 
     def wire_bytes(self, batch: int | None = None, seq: int | None = None) -> float:
         """Bytes one rank contributes to one Allreduce (``seq`` tokens of each sequence:
-        a sequence slice's, else all)."""
+        a sequence slice's, else all). The float64 wire of NumPy ranks (``comm.SplitSum``)
+        moves the partial in its own dtype plus float64 checksum rows; CuPy ranks send it
+        all in float64 (not modelled here)."""
         n = (self.batch if batch is None else batch) * (seq or self.seq_len)
         h = self.hidden
         if self.checksum == "abft":
-            return float((n + CHECK_ROWS) * h * (8 if self.wire == "float64" else self.elt))
+            return float(n * h * self.elt + CHECK_ROWS * h * (8 if self.wire == "float64"
+                                                              else self.elt))
         return float(n * h * self.elt)
 
 

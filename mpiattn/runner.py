@@ -44,6 +44,7 @@ from .placement import (
     place,
 )
 from .seqattn import PHASES as SEQUENCE_PHASES
+from .warmup import warm_up
 
 
 def check_inputs(cfg: Config, world_size: int, rank: int,
@@ -133,6 +134,10 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     tokens = slice(None) if sequence is None else sequence.split.local  # this rank's slice
     ids, mask = xp.asarray(mine.ids[:, tokens]), xp.asarray(mine.mask)  # the mask: every key
     types = None if mine.types is None else xp.asarray(mine.types[:, tokens])
+    options, eps = attention_options(cfg, p), cfg.model.layer_norm_eps
+    if stages == 1 and sequence is None and layers and count:  # first calls: setup
+        warm_up(layers[0], options, reducer, count, mine.ids.shape[1], cfg.model.hidden,
+                np.dtype(cfg.dtype), eps)
     setup_s = time.perf_counter() - t0
 
     # --- forward ------------------------------------------------------------------------
@@ -167,7 +172,6 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
         stats = HeadStats(xp, cfg.model.layers, p.shard.start, p.shard.count, first_row=start,
                           stats=cfg.output.head_stats,
                           map_sequences=tuple(cfg.output.attention_maps))
-    options, eps = attention_options(cfg, p), cfg.model.layer_norm_eps
     options.sequence = sequence
     if sequence is not None:  # its transfers, out of the attention phase
         sequence.phase = phase

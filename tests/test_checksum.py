@@ -108,3 +108,30 @@ def test_fault_tables_are_validated():
                       "must be int")]:
         with pytest.raises(ConfigError, match=msg):
             checksum.parse_faults([bad], ("attention", "mlp"))
+
+
+def test_split_sums_give_no_false_alarm_on_clean_collectives():
+    """``comm.SplitSum``'s check (float64 sums per row block, in rank order) over the same
+    1,200 clean cases as the Allreduce's, float32 partials only (what takes that path)."""
+    rng = np.random.default_rng(2027)
+    worst, count = 0.0, 0
+    for parts, dtype in clean_cases(rng):
+        if dtype != np.float32 or parts[0].shape[0] < len(parts):
+            continue
+        worst = max(worst, checksum.simulated_split_ratio(parts))
+        count += 1
+    print(f"{count} clean split sums: worst residual/bound {worst:.3g}")
+    assert count >= 500 and worst <= 1.0
+
+
+@pytest.mark.parametrize("bit", [31, 30, 27, 23, 22, 15, 8])
+def test_split_sums_catch_every_flip_from_bit_8_up(bit):
+    assert detection_rate(bit, 40, np.random.default_rng(bit), split=True) == 1.0
+
+
+def test_split_sums_catch_low_mantissa_flips_at_least_as_often_as_one_allreduce():
+    rng = np.random.default_rng(5)
+    split = {bit: detection_rate(bit, 60, rng, split=True) for bit in (0, 2, 4)}
+    whole = {bit: detection_rate(bit, 60, rng) for bit in (0, 2, 4)}
+    print("split:", split, "one float64 Allreduce:", whole)
+    assert all(split[b] >= whole[b] - 0.05 for b in split) and split[0] >= 0.5

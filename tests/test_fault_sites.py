@@ -52,7 +52,8 @@ def test_run_and_bench_refuse_training_sites(command, site):
     with pytest.raises(ConfigError) as info:
         check_inputs(tiny(**flip(site)), 2, 0, command)
     assert str(info.value) == (f"fault.inject[0].site = '{site}' is not a site of mpiattn"
-                               f" {command}: use one of attention, mlp, activations")
+                               f" {command}: use one of attention, mlp, activations,"
+                               " alltoall.qkv, alltoall.out, ring.kv")
 
 
 def test_run_takes_its_own_sites():
