@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH = ["attention", "ops", "model", "mlm", "reference", "checksum", "shard", "optim", "balance",
-        "hf", "grid", "corpus", "headstats"]
+        "hf", "grid", "corpus", "headstats", "seqattn"]
 
 NO_MPI = """
 import sys
