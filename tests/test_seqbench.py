@@ -32,6 +32,9 @@ class Echo:
     def start(self, payload, *, site, layer, channel=0):
         return payload
 
+    def poll(self, shift):
+        self.polled = shift
+
     def finish(self, shift):
         return shift
 
@@ -43,6 +46,8 @@ def test_timed_transfer_counts_sent_bytes_and_time():
     assert t.sent == 3 * 40
     t.finish(t.start(np.zeros(5, np.float64), site="ring.kv", layer=0))
     assert t.sent == 3 * 40 + 40 and t.seconds >= 0 and t.records == ["r"]
+    t.poll("shift")  # the ring's block loops reach the real transfer's poll through it
+    assert t.inner.polled == "shift"
 
 
 def test_local_ring_returns_a_copy():
