@@ -15,14 +15,17 @@ standard algorithms move data between the slices:
   that padding; Ulysses needs at least one head per rank (``heads >= Q``).
 - **Ring** (Liu et al. 2023, "Ring Attention"; the merge of zhuzilin/ring-flash-attention
   ``utils.py``): every rank keeps its query slice; the K/V slices travel around the ring
-  (``ring.start``/``ring.finish``, nonblocking) while the slice at hand is attended to with
-  the blocked online softmax; partial results (output, log-sum-exp) merge by log-sum-exp.
+  (``ring.start``/``ring.finish``, nonblocking; ``ring.poll`` after every block lets MPI
+  move them meanwhile) while the slice at hand is attended to with the blocked online
+  softmax (``attention.partial_attention``); partial results (output, log-sum-exp) merge
+  by log-sum-exp (``attention.merge``).
   The backward sends K/V around again with the dK/dV accumulator of each slice one hop
   behind, and a last hop brings each accumulator home.
 
 Everything here is MPI-free: the transfers are objects passed in (``transfers.CheckedAlltoall``
 and ``transfers.CheckedRing`` under MPI; thread-backed fakes in one-process tests), whose
-every block is hashed by its sender and checked by its receiver. Sites (``fault.inject``):
+every block is hashed by its sender and checked by its receiver. With ``phase`` set, the
+transfers are timed as the phase ``sequence``. Sites (``fault.inject``):
 Ulysses ``alltoall.qkv``, ``alltoall.out`` (forward), ``alltoall.dout``, ``alltoall.dqkv``
 (backward); ring ``ring.kv`` (forward), ``ring.kv.bwd``, ``ring.dkv`` (backward).
 
