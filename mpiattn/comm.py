@@ -258,60 +258,51 @@ class CheckedAllreduce:
             residual, bound, ratio = checksum.residual_ratio(p.recv, ranks)
             if not p.aliased:
                 p.out[...] = p.recv[:rows]
-            self.injector.apply(p.out, p.layer, p.site, "result", p.attempt)
-            digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0
             # |P| sums are finite on every rank with finite data: else nothing to retry
             local_bad = not bool(self.backend.xp.isfinite(p.send[rows + 1]).all())
-            failed, low, high, nonfinite = agree(self.comm, ratio > 1.0, digest, local_bad)
-            if nonfinite:
-                bad = [r for r, b in zip(self.group_ranks, self.comm.allgather(local_bad),
-                                         strict=True) if b]
-                raise NumericalError(
-                    f"non-finite values (inf/NaN) in the partial sums at layer {p.layer} site"
-                    f" '{p.site}' on rank(s) {bad}: check the input and the weights",
-                    self.comm)
-            passed = not failed and low == high
-            if passed or self.policy.gives_up(p.attempt):
-                self.ledger.add(p.layer, p.site, passed, p.attempt, high, residual=residual,
-                                bound=bound, ratio=ratio, chunk=p.slot)
-            if passed:
+            if self._verdict(p, residual, bound, ratio, local_bad):
                 return p.out
-            problem = self._describe(p.site, p.layer, failed, residual, bound, ratio, digest)
-            if self.policy.gives_up(p.attempt):
-                raise IntegrityError(f"{problem}; gave up after {p.attempt} retries", self.comm)
             p.attempt += 1  # the partial is intact: send it again
             self._fill(p)
             p.request = self.transport.post(p.send, p.recv, p.slot)
             self.transport.wait(p.request, p.recv, p.slot)
 
     def _finish_split(self, p: Pending) -> Any:
-        """``_finish`` of a split round: the same verdict, agreement, records and retries."""
+        """``_finish`` of a split round: the same verdict, agreement, records and retries;
+        a failure reports the worst block's figures (the same on every rank)."""
         while True:
-            residual, bound, ratio, local_bad = p.split.complete()
-            self.injector.apply(p.out, p.layer, p.site, "result", p.attempt)
-            digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0
-            failed, low, high, nonfinite = agree(self.comm, ratio > 1.0, digest, local_bad)
-            if nonfinite:
-                bad = [r for r, b in zip(self.group_ranks, self.comm.allgather(local_bad),
-                                         strict=True) if b]
-                raise NumericalError(
-                    f"non-finite values (inf/NaN) in the partial sums at layer {p.layer} site"
-                    f" '{p.site}' on rank(s) {bad}: check the input and the weights",
-                    self.comm)
-            passed = not failed and low == high
-            if failed:  # failure path only: the worst block's figures, the same on every rank
-                residual, bound, ratio = max(self.comm.allgather((residual, bound, ratio)),
-                                             key=lambda x: x[2])
-            if passed or self.policy.gives_up(p.attempt):
-                self.ledger.add(p.layer, p.site, passed, p.attempt, high, residual=residual,
-                                bound=bound, ratio=ratio, chunk=p.slot)
-            if passed:
+            if self._verdict(p, *p.split.complete(), worst_block=True):
                 return p.out
-            problem = self._describe(p.site, p.layer, failed, residual, bound, ratio, digest)
-            if self.policy.gives_up(p.attempt):
-                raise IntegrityError(f"{problem}; gave up after {p.attempt} retries", self.comm)
             p.attempt += 1  # the partial is intact: send it again
             p.split.post()
+
+    def _verdict(self, p: Pending, residual: float, bound: float, ratio: float,
+                 local_bad: bool, worst_block: bool = False) -> bool:
+        """One attempt's outcome, agreed by the group: result faults, the hash, the
+        non-finite check (NumericalError), the record when final; True when it passed,
+        False to retry, IntegrityError when the policy gives up."""
+        self.injector.apply(p.out, p.layer, p.site, "result", p.attempt)
+        digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0
+        failed, low, high, nonfinite = agree(self.comm, ratio > 1.0, digest, local_bad)
+        if nonfinite:
+            bad = [r for r, b in zip(self.group_ranks, self.comm.allgather(local_bad),
+                                     strict=True) if b]
+            raise NumericalError(
+                f"non-finite values (inf/NaN) in the partial sums at layer {p.layer} site"
+                f" '{p.site}' on rank(s) {bad}: check the input and the weights", self.comm)
+        passed = not failed and low == high
+        if failed and worst_block:  # failure path only
+            residual, bound, ratio = max(self.comm.allgather((residual, bound, ratio)),
+                                         key=lambda x: x[2])
+        if passed or self.policy.gives_up(p.attempt):
+            self.ledger.add(p.layer, p.site, passed, p.attempt, high, residual=residual,
+                            bound=bound, ratio=ratio, chunk=p.slot)
+        if passed:
+            return True
+        problem = self._describe(p.site, p.layer, failed, residual, bound, ratio, digest)
+        if self.policy.gives_up(p.attempt):
+            raise IntegrityError(f"{problem}; gave up after {p.attempt} retries", self.comm)
+        return False
 
     def _describe(self, site: str, layer: int, failed: bool, residual: float, bound: float,
                   ratio: float, digest: int) -> str:

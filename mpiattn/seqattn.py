@@ -171,37 +171,41 @@ class SequenceAttention:
 
     # -- Ulysses: head-sharded whole sequences <-> sequence-sharded all heads ------------
 
+    def _padded(self, like: Any, heads: int, head_dim: int) -> tuple[list, Any]:
+        """Every rank's head share (count, first) and a zeroed Alltoall buffer
+        (Q, B, widest slice, c, widest share, d) shaped after ``like`` (B, ., c, ., d)."""
+        xp, parts = get_array_module(like), self.split.parts
+        shares = [partition(heads, parts, j) for j in range(parts)]
+        blocks = xp.zeros((parts, like.shape[0], self.split.widest, like.shape[2],
+                           max(counts(heads, parts)), head_dim), dtype=like.dtype)
+        return shares, blocks
+
+    def _alltoall(self, blocks: Any, layer: int, site: str) -> Any:
+        with self._timed():
+            return get_array_module(blocks).asarray(
+                self.transfer(to_host(blocks), site=site, layer=layer))
+
     def _to_heads(self, x: Any, heads: int, head_dim: int, layer: int, site: str) -> Any:
         """(B, S_i, c, h, d) local tokens of every head -> (B, S, c, h_me, d) every token
         of this rank's share of the heads (``partition(h, Q, me)``)."""
-        xp = get_array_module(x)
-        split, batch, parts = self.split, x.shape[0], self.split.parts
-        shares = [partition(heads, parts, j) for j in range(parts)]
-        widest_h = max(counts(heads, parts))
-        blocks = xp.zeros((parts, batch, split.widest, x.shape[2], widest_h, head_dim),
-                          dtype=x.dtype)
+        xp, split = get_array_module(x), self.split
+        shares, blocks = self._padded(x, heads, head_dim)
         for j, (count, first) in enumerate(shares):
             blocks[j, :, :split.count, :, :count] = x[:, :, :, first:first + count]
-        with self._timed():
-            got = xp.asarray(self.transfer(to_host(blocks), site=site, layer=layer))
+        got = self._alltoall(blocks, layer, site)
         mine = shares[split.index][0]
         return xp.concatenate([got[s, :, :c, :, :mine] for s, (_, c) in enumerate(split.spans)],
                               axis=1)
 
     def _to_tokens(self, y: Any, heads: int, head_dim: int, layer: int, site: str) -> Any:
         """The inverse of ``_to_heads``: (B, S, c, h_me, d) -> (B, S_i, c, h, d)."""
-        xp = get_array_module(y)
-        split, batch, parts = self.split, y.shape[0], self.split.parts
-        shares = [partition(heads, parts, j) for j in range(parts)]
-        widest_h = max(counts(heads, parts))
-        blocks = xp.zeros((parts, batch, split.widest, y.shape[2], widest_h, head_dim),
-                          dtype=y.dtype)
+        xp, split = get_array_module(y), self.split
+        shares, blocks = self._padded(y, heads, head_dim)
         mine = shares[split.index][0]
         for s, (start, c) in enumerate(split.spans):
             blocks[s, :, :c, :, :mine] = y[:, start:start + c]
-        with self._timed():
-            got = xp.asarray(self.transfer(to_host(blocks), site=site, layer=layer))
-        out = xp.empty((batch, split.count, y.shape[2], heads, head_dim), dtype=y.dtype)
+        got = self._alltoall(blocks, layer, site)
+        out = xp.empty((y.shape[0], split.count, y.shape[2], heads, head_dim), dtype=y.dtype)
         for j, (count, first) in enumerate(shares):
             out[:, :, :, first:first + count] = got[j, :, :split.count, :, :count]
         return out
