@@ -23,11 +23,11 @@ from .ops import (
     GeluCache,
     LayerNormCache,
     LinearCache,
+    add_layer_norm,
     embed,
     gelu,
     gelu_backward,
     gelu_cached,
-    layer_norm,
     layer_norm_backward,
     layer_norm_cached,
     linear_backward,
@@ -192,11 +192,12 @@ def attention_block(
     x2: Any, p: LayerShard, mask: KeyMask, reduce: Reduce, layer: int, batch: int, seq: int,
     phase: Phase = no_timing, options: Options | None = None, probe: Any = None,
 ) -> Any:
-    """Multi-head attention of the whole model from this rank's heads: (B*S, H) -> (B*S, H)."""
+    """Multi-head attention of the whole model from this rank's heads, less the output
+    bias: (B*S, H) -> (B*S, H), valid until the reduction's next call."""
     partial = attention_partial(x2, p, mask, reduce, batch, seq, phase, options, probe=probe,
                                 layer=layer)
     with phase("allreduce"):
-        return reduce(partial, site="attention", layer=layer) + p.b_o
+        return reduce(partial, site="attention", layer=layer)
 
 
 def _chunked(reduce: Reduce, site: str, layer: int, spans: list[tuple[int, int]],
@@ -247,23 +248,23 @@ def layer_forward(
 
         attn = _chunked(reduce, "attention", layer, spans, attn_part,
                         xp.empty((rows, hidden), x.dtype), phase)
-        attn += p.b_o
-    with phase("norm"):
-        h1 = layer_norm(attn + x2, p.ln1_g, p.ln1_b, eps)
+    with phase("norm"):  # the bias goes in with the residual; attn_out keeps attn + bias
+        attn_out = xp.empty((rows, hidden), x.dtype)
+        h1 = add_layer_norm(attn, x2, p.ln1_g, p.ln1_b, eps, bias=p.b_o, total=attn_out,
+                            out=options.scratch("h1", (rows, hidden), x.dtype, xp)
+                            if options is not None else None)
     if chunks <= 1:
         partial = mlp_partial(h1, p, reduce, phase, options=options)
         with phase("allreduce"):
-            mlp = reduce(partial, site="mlp", layer=layer) + p.b_2
+            mlp = reduce(partial, site="mlp", layer=layer)
     else:
         mlp = _chunked(reduce, "mlp", layer, spans,
                        lambda slot, start, stop: mlp_partial(h1[start:stop], p, reduce, phase,
                                                              slot, options),
                        xp.empty((rows, hidden), x.dtype), phase)
-        mlp += p.b_2
     with phase("norm"):
-        mlp += h1
-        out = layer_norm(mlp, p.ln2_g, p.ln2_b, eps)
-    return attn.reshape(batch, seq, hidden), out.reshape(batch, seq, hidden)
+        out = add_layer_norm(mlp, h1, p.ln2_g, p.ln2_b, eps, bias=p.b_2)
+    return attn_out.reshape(batch, seq, hidden), out.reshape(batch, seq, hidden)
 
 
 def mean_pool(hidden: Any, key_mask: Any) -> Any:

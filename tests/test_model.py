@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from helpers import TOL, sharded_forward, tiny
 
-from mpiattn import reference
+from mpiattn import ops, reference
 from mpiattn.attention import attention, mask_bias
 from mpiattn.data import load_batch
 from mpiattn.model import mean_pool
-from mpiattn.ops import gelu, layer_norm, softmax
+from mpiattn.ops import add_layer_norm, gelu, layer_norm, softmax
 from mpiattn.weights import open_source
 
 
@@ -95,6 +95,34 @@ def test_layer_norm_normalises():
     y = layer_norm(x.copy(), np.ones(10), np.zeros(10), 1e-12)
     np.testing.assert_allclose(y.mean(-1), 0, atol=1e-12)
     np.testing.assert_allclose(y.std(-1), 1, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_total", [True, False])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_add_layer_norm_is_layer_norm_of_the_sum(monkeypatch, dtype, with_bias, with_total,
+                                                  contiguous):
+    """Blocks of 3 rows over 10 (the last one short), and the whole-array path that takes
+    views, give LayerNorm(x + bias + residual); ``total`` gets x + bias; inputs untouched."""
+    monkeypatch.setattr(ops, "_NORM_BLOCK", 3 * 7)
+    rng = np.random.default_rng(4)
+    x, residual = (rng.normal(2, 3, size=(10, 7)).astype(dtype) for _ in range(2))
+    g, b, bias = (rng.normal(size=7).astype(dtype) for _ in range(3))
+    if not contiguous:
+        x = np.asfortranarray(x)
+    before = x.copy(), residual.copy()
+    total = np.full((10, 7), np.nan, dtype=dtype) if with_total else None
+    got = add_layer_norm(x, residual, g, b, 1e-5, bias=bias if with_bias else None,
+                         total=total)
+    s = x.astype(np.float64) + (bias if with_bias else 0)
+    want = layer_norm(s + residual, g.astype(np.float64), b.astype(np.float64), 1e-5)
+    tol = 2e-6 if dtype == np.float32 else 1e-14
+    assert got.dtype == dtype and np.abs(got - want).max() <= tol * np.abs(want).max()
+    if with_total:
+        np.testing.assert_allclose(total, s, rtol=tol)
+    np.testing.assert_array_equal(x, before[0])
+    np.testing.assert_array_equal(residual, before[1])
 
 
 def test_mean_pool_ignores_padding_and_is_unit_length():
