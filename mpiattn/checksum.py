@@ -106,6 +106,48 @@ def append_checksums(partial: Any, out: Any, abs_scratch: Any = None,
     return out
 
 
+SPLIT_CHUNK = 1 << 16  # elements of a float64 chunk of rows (512 KiB): stays in L2
+
+
+def wide_checksum_rows(x: Any, out: Any, wide: Any, magnitude: Any) -> Any:
+    """The two checksum rows ``append_checksums`` gives a float32 block ``x`` (n, m) on the
+    float64 wire, into ``out`` (2, m) float64, without a float64 copy of the block.
+
+    The rows go through in chunks of ``wide.shape[0]`` rows: a chunk is widened into
+    ``wide`` (c, m) float64 and its |values| taken into ``magnitude`` (c, m, x's dtype),
+    so every pass stays in cache. Chunked sums are sums in another order, which the
+    bound allows; the |x| row is inflated as in ``append_checksums``.
+    """
+    n = x.shape[0]
+    step = wide.shape[0]
+    out[...] = 0
+    for i in range(0, n, step):
+        rows = x[i : i + step]
+        r = rows.shape[0]
+        wide[:r] = rows  # exact: float32 -> float64
+        out[0] += column_sums(wide[:r])
+        out[1] += column_sums(np.abs(rows, out=magnitude[:r]))
+    out[1] *= (1.0 + 4 * unit_roundoff(out.dtype)) / (
+        1.0 - gamma(max(n - 1, 0), unit_roundoff(x.dtype)))
+    return out
+
+
+def ratio_of_sums(t: Any, sums: Any, magnitudes: Any, rows: int, ranks: int
+                  ) -> tuple[float, float, float]:
+    """(max residual, bound at that column, max residual/bound) of a sum of ``rows`` rows
+    whose column sums are ``t``, against the summed checksum rows ``sums`` and
+    ``magnitudes`` (all (m,), one dtype)."""
+    xp = get_array_module(t)
+    residual = xp.abs(t - sums)
+    bound = bound_factor(rows, ranks, t.dtype) * magnitudes
+    # ratio = residual / bound, with 0/0 = 0 (an all-zero column) and r/0 = inf for r > 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = xp.where(residual == 0, 0.0, residual / bound)
+    ratio = xp.where(xp.isfinite(ratio), ratio, xp.inf)
+    j = int(xp.argmax(ratio))
+    return float(residual[j]), float(bound[j]), float(ratio[j])
+
+
 def residual_ratio(reduced: Any, ranks: int) -> tuple[float, float, float]:
     """(max residual, bound at that column, max residual/bound) of a reduced buffer.
 
@@ -120,17 +162,7 @@ def block_residual_ratio(total: Any, sums: Any, magnitudes: Any, ranks: int
                          ) -> tuple[float, float, float]:
     """``residual_ratio`` of a sum ``total`` (n, m) whose summed checksum rows ``sums``
     and ``magnitudes`` are held apart from it."""
-    xp = get_array_module(total)
-    n = total.shape[0]
-    t = column_sums(total)
-    residual = xp.abs(t - sums)
-    bound = bound_factor(n, ranks, total.dtype) * magnitudes
-    # ratio = residual / bound, with 0/0 = 0 (an all-zero column) and r/0 = inf for r > 0
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ratio = xp.where(residual == 0, 0.0, residual / bound)
-    ratio = xp.where(xp.isfinite(ratio), ratio, xp.inf)
-    j = int(xp.argmax(ratio))
-    return float(residual[j]), float(bound[j]), float(ratio[j])
+    return ratio_of_sums(column_sums(total), sums, magnitudes, total.shape[0], ranks)
 
 
 _CHUNK = 1 << 16  # words hashed against one table of constants
@@ -294,18 +326,20 @@ def simulated_split_ratio(partials: list, fault: tuple[int, int, int] | None = N
         if fault is not None and fault[0] == r:
             flip_bit(body, fault[1], fault[2])
         sent.append(body)
+    chunk = max(1, SPLIT_CHUNK // max(m, 1))
+    wide, magnitude = np.empty((chunk, m)), np.empty((chunk, m), partials[0].dtype)
+    check = np.empty((CHECK_ROWS, m))
     worst = 0.0
     for j in range(k):
         count, start = partition(n, k, j)
         rows = slice(start, start + count)
-        buf = np.zeros((count + CHECK_ROWS, m), np.float64)
-        check = np.empty_like(buf)
+        total = np.zeros((count, m))
+        sums = np.zeros((CHECK_ROWS, m))
         with np.errstate(invalid="ignore", over="ignore"):
             for r in range(k):
-                append_checksums(partials[r][rows], check)
-                buf[:count] += sent[r][rows]
-                buf[count:] += check[count:]
-        worst = max(worst, residual_ratio(buf, k)[2])
+                sums += wide_checksum_rows(partials[r][rows], check, wide, magnitude)
+                total += sent[r][rows]
+        worst = max(worst, block_residual_ratio(total, sums[0], sums[1], k)[2])
     return worst
 
 

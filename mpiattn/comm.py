@@ -367,7 +367,9 @@ class SplitSum:
         buf = owner.transport.buffer
         slot, dtype = p.slot, p.partial.dtype
         self.blocks = buf(f"split_in{slot}", (self.k, mine[1] - mine[0], cols), dtype)
-        self.total = buf(f"split_total{slot}", (mine[1] - mine[0], cols), np.float64)
+        chunk = max(1, checksum.SPLIT_CHUNK // max(cols, 1))  # rows of the in-cache float64 passes
+        self.wide = buf(f"split_wide{slot}", (chunk, cols), np.float64)
+        self.magnitude = buf(f"split_abs{slot}", (chunk, cols), dtype)
         self.rows_out = buf(f"split_rows{slot}", (self.k, checksum.CHECK_ROWS, cols),
                             np.float64)
         self.rows_in = buf(f"split_rows_in{slot}", (self.k, checksum.CHECK_ROWS, cols),
@@ -380,28 +382,18 @@ class SplitSum:
         out and every other rank's blocks for this rank in."""
         p, owner = self.p, self.owner
         rows, cols = p.partial.shape
-        buf = owner.transport.buffer
-        wide = buf(f"split_wide{p.slot}", (rows, cols), np.float64)
-        wide[...] = p.partial  # exact: float32 -> float64
-        magnitude = buf(f"abs{p.slot}", (rows, cols), p.partial.dtype)
-        np.abs(p.partial, out=magnitude)
-        u = checksum.unit_roundoff(p.partial.dtype)
         for j, (a, b) in enumerate(self.spans):
-            checksum.column_sums(wide[a:b], out=self.rows_out[j, 0])
-            self.rows_out[j, 1] = checksum.column_sums(magnitude[a:b])
-            # as append_checksums: the |block| sums, taken in float32, made an upper bound
-            self.rows_out[j, 1] *= (1.0 + 4 * checksum.unit_roundoff(np.float64)) / (
-                1.0 - checksum.gamma(max(b - a - 1, 0), u))
+            checksum.wide_checksum_rows(p.partial[a:b], self.rows_out[j], self.wide,
+                                        self.magnitude)
         self.local_bad = not bool(np.isfinite(self.rows_out[:, 1]).all())
         payload = p.partial
-        a, b = self.spans[self.rank]
         if owner.injector:  # corrupt a copy after the checksums; the partial stays clean
-            payload = buf("corrupt", (rows, cols), p.partial.dtype)
+            payload = owner.transport.buffer("corrupt", (rows, cols), p.partial.dtype)
             payload[...] = p.partial
             with np.errstate(invalid="ignore", over="ignore"):
                 owner.injector.apply(payload, p.layer, p.site, "send", p.attempt)
-                wide[a:b] = payload[a:b]  # this rank's own block, as sent
-        self.own = wide[a:b]  # this rank's own block, as sent, in float64
+        a, b = self.spans[self.rank]
+        self.own = payload[a:b]  # this rank's own block, as sent
         comm, tag = owner.comm, _TAG + 4 * p.slot
         self.requests = []
         for j, (c, d) in enumerate(self.spans):
@@ -422,16 +414,19 @@ class SplitSum:
         a, b = self.spans[self.rank]
         self.rows_in[self.rank] = self.rows_out[self.rank]
         parts = [self.own if i == self.rank else self.blocks[i] for i in range(self.k)]
-        total = self.total
-        total[...] = parts[0]
+        column_sums = np.zeros(p.out.shape[1])
+        step = self.wide.shape[0]
         with np.errstate(invalid="ignore", over="ignore"):
-            for part in parts[1:]:  # in rank order, the same on every rank and every run
-                total += part
+            for i in range(0, b - a, step):  # a chunk of rows at a time, in cache
+                total = self.wide[: min(step, b - a - i)]
+                total[...] = parts[0][i : i + step]
+                for part in parts[1:]:  # in rank order, the same on every rank and every run
+                    total += part[i : i + step]
+                column_sums += checksum.column_sums(total)
+                p.out[a + i : a + i + total.shape[0]] = total  # rounded once
         sums = self.rows_in.sum(axis=0)
-        residual, bound, ratio = checksum.block_residual_ratio(total, sums[0], sums[1],
-                                                               self.k)
-        with np.errstate(invalid="ignore", over="ignore"):
-            p.out[a:b] = total
+        residual, bound, ratio = checksum.ratio_of_sums(column_sums, sums[0], sums[1], b - a,
+                                                        self.k)
         tag = _TAG + 4 * p.slot + 2
         requests = []
         for j, (c, d) in enumerate(self.spans):

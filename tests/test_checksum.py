@@ -110,6 +110,20 @@ def test_fault_tables_are_validated():
             checksum.parse_faults([bad], ("attention", "mlp"))
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
+def test_wide_checksum_rows_are_append_checksums_rows(chunk_rows):
+    """Chunk by chunk, the float64 column sums equal the whole block's (to float64
+    rounding) and the |x| row is an upper bound of the exact one, as tight as before."""
+    x = np.random.default_rng(8).standard_normal((50, 9)).astype(np.float32) * 1e3
+    out = np.empty((2, 9))
+    checksum.wide_checksum_rows(x, out, np.empty((chunk_rows, 9)),
+                                np.empty((chunk_rows, 9), np.float32))
+    whole = checksum.append_checksums(x, np.empty((52, 9)))[50:]
+    exact = np.abs(x.astype(np.float64)).sum(axis=0)
+    np.testing.assert_allclose(out[0], whole[0], rtol=0, atol=1e-15 * exact.max() * 50)
+    assert (out[1] >= exact).all() and (out[1] <= whole[1] * (1 + 1e-6)).all()
+
+
 def test_split_sums_give_no_false_alarm_on_clean_collectives():
     """``comm.SplitSum``'s check (float64 sums per row block, in rank order) over the same
     1,200 clean cases as the Allreduce's, float32 partials only (what takes that path)."""

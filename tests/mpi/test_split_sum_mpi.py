@@ -1,16 +1,24 @@
 """The float64 wire on NumPy ranks (``comm.SplitSum``): blocks of rows summed in float64 by
 their owner, checked, rounded and shared point to point. The result is the rank-ordered
 float64 sum rounded once; a flip at any bit class is caught and healed by one retry; fewer
-rows than ranks go through the Allreduce as before."""
+rows than ranks go through the Allreduce as before. Each test runs with chunks of two rows
+as well (the block's checksum rows and its sum go chunk by chunk through cache)."""
 
 import numpy as np
 import pytest
 
+from mpiattn import checksum
 from mpiattn.backend import select
 from mpiattn.checksum import Fault
 from mpiattn.comm import CheckedAllreduce
 
 pytestmark = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(autouse=True, params=["one-chunk", "two-row-chunks"])
+def chunk(request, monkeypatch):
+    if request.param == "two-row-chunks":
+        monkeypatch.setattr(checksum, "SPLIT_CHUNK", 2 * 7)  # 7 columns below
 
 
 def reducer(world, faults=()):
