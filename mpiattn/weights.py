@@ -50,9 +50,10 @@ def _normal_table() -> np.ndarray:
 
 
 @functools.cache
-def _scaled_table(scale: float) -> np.ndarray:
-    """``_normal_table() * float32(scale)``, rounded in float32 as the draws are."""
-    return _normal_table() * np.float32(scale)
+def _scaled_table(scale: float, dtype: str = "<f4") -> np.ndarray:
+    """``_normal_table() * float32(scale)``, rounded in float32 as the draws are, then
+    held in ``dtype`` (exact: float64 runs get the float32 values)."""
+    return (_normal_table() * np.float32(scale)).astype(dtype)
 
 
 @dataclass
@@ -88,14 +89,19 @@ class SeededWeights(Source):
         super().__init__(np.dtype(dtype))
         self.seed, self.m = seed, model
 
-    def _normal(self, rng: np.random.Generator, shape: tuple, scale: float) -> np.ndarray:
+    def _normal(self, rng: np.random.Generator, shape: tuple, scale: float,
+                out: np.ndarray | None = None) -> np.ndarray:
         """The next ``prod(shape)`` values of the stream: 16 raw bits each (little-endian
         quarters of its 64-bit words) index ``_normal_table``. Made in float32 whatever
-        the run's dtype, so float32 and float64 runs share weights."""
+        the run's dtype, so float32 and float64 runs share weights. ``out``: a view of
+        ``shape`` in the run's dtype (a block of a fused tensor) to write them into."""
         n = int(np.prod(shape, dtype=np.int64))
         raw = rng.bit_generator.random_raw((n + 3) // 4).astype("<u8", copy=False)
-        picks = _scaled_table(float(scale))[raw.view("<u2")[:n]]
-        return picks.reshape(shape).astype(self.dtype, copy=False)
+        picks = raw.view("<u2")[:n].reshape(shape)
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        return np.take(_scaled_table(float(scale), self.dtype.str), picks, out=out,
+                       mode="wrap")  # every pick is in range: "wrap" skips the checks
 
     def _affine(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         g = 1.0 + self._normal(rng, (n,), 0.1)
@@ -115,35 +121,35 @@ class SeededWeights(Source):
             raise ValueError("a shard needs at least one head")
         m, d = self.m, shard.head_dim
         win, wout = 1.0 / np.sqrt(m.hidden), 1.0 / np.sqrt(m.hidden)
-        parts: dict[str, list] = {k: [] for k in ("q", "k", "v", "bq", "bk", "bv", "o", "w1",
-                                                  "b1", "w2")}
-        for head in range(shard.start, shard.stop):
+        width, ffn = shard.width, shard.ffn_cols.stop - shard.ffn_cols.start
+        w_qkv, b_qkv = self._empty(m.hidden, 3 * width), self._empty(3 * width)
+        w_o, w_1 = self._empty(width, m.hidden), self._empty(m.hidden, ffn)
+        b_1, w_2 = self._empty(ffn), self._empty(ffn, m.hidden)
+        col = 0  # the first of this head's MLP columns
+        for i, head in enumerate(range(shard.start, shard.stop)):
             rng = np.random.default_rng([self.seed, _HEAD, index, head])
             f = shard.ffn_group(head).stop - shard.ffn_group(head).start
-            for name in ("q", "k", "v"):
-                parts[name].append(self._normal(rng, (m.hidden, d), win))
-            for name in ("bq", "bk", "bv"):
-                parts[name].append(self._normal(rng, (d,), 0.1))
-            parts["o"].append(self._normal(rng, (d, m.hidden), wout))
-            parts["w1"].append(self._normal(rng, (m.hidden, f), win))
-            parts["b1"].append(self._normal(rng, (f,), 0.1))
-            parts["w2"].append(self._normal(rng, (f, m.hidden), 1.0 / np.sqrt(m.ffn)))
+            heads = [slice(j * width + i * d, j * width + (i + 1) * d) for j in range(3)]
+            for cols in heads:  # [Q | K | V] blocks of columns, head i in each
+                self._normal(rng, (m.hidden, d), win, out=w_qkv[:, cols])
+            for cols in heads:
+                self._normal(rng, (d,), 0.1, out=b_qkv[cols])
+            self._normal(rng, (d, m.hidden), wout, out=w_o[i * d : (i + 1) * d])
+            self._normal(rng, (m.hidden, f), win, out=w_1[:, col : col + f])
+            self._normal(rng, (f,), 0.1, out=b_1[col : col + f])
+            self._normal(rng, (f, m.hidden), 1.0 / np.sqrt(m.ffn), out=w_2[col : col + f])
+            col += f
         rng = np.random.default_rng([self.seed, _LAYER, index])
         b_o = self._normal(rng, (m.hidden,), 0.1)
         b_2 = self._normal(rng, (m.hidden,), 0.1)
         ln1 = self._affine(rng, m.hidden)
         ln2 = self._affine(rng, m.hidden)
+        return LayerShard(w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o, b_o=b_o, ln1_g=ln1[0],
+                          ln1_b=ln1[1], w_1=w_1, b_1=b_1, w_2=w_2, b_2=b_2, ln2_g=ln2[0],
+                          ln2_b=ln2[1], head_dim=d)
 
-        def cat(name: str, axis: int = 0) -> np.ndarray:
-            return np.concatenate(parts[name], axis=axis)
-
-        return LayerShard(
-            w_qkv=_fuse_qkv(parts["q"], parts["k"], parts["v"]),
-            b_qkv=_fuse_qkv(parts["bq"], parts["bk"], parts["bv"]),
-            w_o=cat("o"), b_o=b_o, ln1_g=ln1[0], ln1_b=ln1[1],
-            w_1=cat("w1", axis=1), b_1=cat("b1"), w_2=cat("w2"),
-            b_2=b_2, ln2_g=ln2[0], ln2_b=ln2[1], head_dim=d,
-        )
+    def _empty(self, *shape: int) -> np.ndarray:
+        return np.empty(shape, dtype=self.dtype)
 
 
 # --- Hugging Face BERT checkpoints -------------------------------------------------------
