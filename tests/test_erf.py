@@ -72,6 +72,17 @@ def test_gelu_with_bias_is_exact_gelu_of_the_sum(dtype):
     np.testing.assert_array_equal(x, before)  # the input is left as it was
 
 
+def test_float32_gelu_is_within_4e_7_of_float64_over_the_whole_range():
+    """The blocked float32 GELU (Abramowitz & Stegun 7.1.26) in absolute terms, on a fine
+    grid where it matters and far out in both tails (GELU(-12) is ~1e-32: rounds to 0)."""
+    x = np.linspace(-12, 12, 400_001).astype(np.float32)[None, :]
+    s = x.astype(np.float64)
+    want = 0.5 * s * (1 + scipy_erf(s / np.sqrt(2)))
+    got = gelu(x)
+    assert got.dtype == np.float32 and np.abs(got - want).max() <= 4e-7
+    assert np.isnan(gelu(np.float32([[np.nan, 1.0]]))[0, 0])
+
+
 def test_batched_short_attention_equals_the_per_head_loop(monkeypatch):
     from mpiattn.attention import KeyMask, Options, heads_attention
 
