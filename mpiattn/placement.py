@@ -153,14 +153,18 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None, group_ranks: list[int] 
     )
 
 
-def load_shards(cfg: Config, p: Plan, world: Any, indices: range) -> tuple[Any, list]:
-    """Embeddings and this rank's shard of the given layers, on the rank's device."""
+def load_shards(cfg: Config, p: Plan, world: Any, indices: range,
+                vocab_rows: np.ndarray | None = None) -> tuple[Any, list]:
+    """Embeddings and this rank's shard of the given layers, on the rank's device.
+    ``vocab_rows``: the only token ids this rank embeds (sorted, unique; see
+    ``weights.Source.embeddings``), or None for the whole word table."""
     from .jobkit import agreed
 
     def read() -> tuple[Any, list]:
         try:
             source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
-            return source.embeddings(), [source.layer(i, p.shard) for i in indices]
+            return (source.embeddings(vocab_rows),
+                    [source.layer(i, p.shard) for i in indices])
         except ValueError as err:  # e.g. a tensor's bytes that do not fit its shape
             raise InputError(str(err)) from None
 

@@ -129,10 +129,13 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     t0 = time.perf_counter()
     erf(xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # loads the erf kernel outside the timings
     my_layers = stage_layers(cfg.model.layers, stages, stage)
-    emb, layers = load_shards(cfg, p, world, my_layers)
     sequence = make_sequence(cfg, p, p.batch.shape[1])
     tokens = slice(None) if sequence is None else sequence.split.local  # this rank's slice
-    ids, mask = xp.asarray(mine.ids[:, tokens]), xp.asarray(mine.mask)  # the mask: every key
+    # only the word rows of this rank's tokens (a BERT batch uses a few thousand of 30,522)
+    vocab_rows = np.unique(mine.ids[:, tokens])
+    emb, layers = load_shards(cfg, p, world, my_layers, vocab_rows)
+    ids = xp.asarray(np.searchsorted(vocab_rows, mine.ids[:, tokens]))
+    mask = xp.asarray(mine.mask)  # the mask: every key
     types = None if mine.types is None else xp.asarray(mine.types[:, tokens])
     options, eps = attention_options(cfg, p), cfg.model.layer_norm_eps
     if stages == 1 and sequence is None and layers and count:  # first calls: setup

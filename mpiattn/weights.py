@@ -62,7 +62,11 @@ class Source:
 
     dtype: Any
 
-    def embeddings(self) -> Embeddings:
+    def embeddings(self, rows: np.ndarray | None = None) -> Embeddings:
+        """The embedding tables. ``rows``: sorted, unique token ids: the word table then
+        holds only those rows, in that order ((len(rows), hidden)), and the ids to embed
+        are their indices in ``rows`` (``np.searchsorted(rows, ids)``); a job that knows
+        its tokens need not build the whole (vocab, hidden) table."""
         raise NotImplementedError
 
     def layer(self, index: int, shard: HeadShard) -> LayerShard:
@@ -103,14 +107,40 @@ class SeededWeights(Source):
         return np.take(_scaled_table(float(scale), self.dtype.str), picks, out=out,
                        mode="wrap")  # every pick is in range: "wrap" skips the checks
 
+    def _rows(self, rng: np.random.Generator, rows: np.ndarray, shape: tuple[int, int],
+              scale: float) -> np.ndarray:
+        """``self._normal(rng, shape, scale)[rows]`` without drawing the other rows: the
+        stream jumps to each row's 64-bit words (``PCG64.advance``), then past the whole
+        table, so the draws after it are those of a whole table."""
+        bits = rng.bit_generator
+        start, cols = bits.state, shape[1]
+        out = np.empty((len(rows), cols), dtype=self.dtype)
+        table = _scaled_table(float(scale), self.dtype.str)
+        at = 0  # 64-bit words drawn so far
+        for i, row in enumerate(rows.tolist()):
+            first, stop = row * cols // 4, ((row + 1) * cols + 3) // 4
+            if first < at:  # rows sharing a word (cols not a multiple of 4): start over
+                bits.state, at = start, 0
+            bits.advance(first - at)
+            raw = bits.random_raw(stop - first).astype("<u8", copy=False)
+            skip = row * cols - 4 * first
+            np.take(table, raw.view("<u2")[skip : skip + cols], out=out[i], mode="wrap")
+            at = stop
+        bits.state = start
+        bits.advance((shape[0] * cols + 3) // 4)
+        return out
+
     def _affine(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         g = 1.0 + self._normal(rng, (n,), 0.1)
         return g.astype(self.dtype), self._normal(rng, (n,), 0.1)
 
-    def embeddings(self) -> Embeddings:
+    def embeddings(self, rows: np.ndarray | None = None) -> Embeddings:
         m = self.m
         rng = np.random.default_rng([self.seed, _EMBED])
-        word = self._normal(rng, (m.vocab, m.hidden), 1.0)
+        if rows is None:
+            word = self._normal(rng, (m.vocab, m.hidden), 1.0)
+        else:
+            word = self._rows(rng, rows, (m.vocab, m.hidden), 1.0)
         position = self._normal(rng, (m.max_positions, m.hidden), 0.5)
         token_type = self._normal(rng, (m.type_vocab, m.hidden), 0.5)
         g, b = self._affine(rng, m.hidden)
@@ -333,13 +363,16 @@ class SafetensorsWeights(Source):
                 out[name] = np.asarray(self._read(key, ()), dtype=self.dtype)
         return out
 
-    def embeddings(self) -> Embeddings:
+    def embeddings(self, rows: np.ndarray | None = None) -> Embeddings:
         m = self.m
         shapes = {"word": (m.vocab, m.hidden), "position": (m.max_positions, m.hidden),
                   "token_type": (m.type_vocab, m.hidden), "ln_g": (m.hidden,),
                   "ln_b": (m.hidden,)}
         names = hf.embedding_names(self.prefix)
-        return Embeddings(**{f: self._slice(names[f], shape) for f, shape in shapes.items()})
+        emb = Embeddings(**{f: self._slice(names[f], shape) for f, shape in shapes.items()})
+        if rows is not None:
+            emb.word = emb.word[rows]
+        return emb
 
     def layer(self, index: int, shard: HeadShard) -> LayerShard:
         m, h = self.m, self.m.hidden

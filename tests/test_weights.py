@@ -1,5 +1,7 @@
 """Seeded shards never depend on the rank count; checkpoints load slice by slice."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from helpers import tiny
@@ -91,6 +93,30 @@ def test_safetensors_shards_equal_seeded_shards(checkpoint, parts):
         for name in FIELDS:
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
     np.testing.assert_array_equal(loaded.embeddings().word, src.embeddings().word)
+
+
+@pytest.mark.parametrize("hidden", [8, 6, 7])  # rows that start inside a 64-bit word too
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_embeddings_of_some_rows_are_those_rows_of_the_whole_table(hidden, dtype):
+    """Seeded: the rows drawn alone (the stream jumps to them) are the whole table's rows,
+    bit for bit, and the tables drawn after the word table are unchanged."""
+    m = dataclasses.replace(tiny().model, hidden=hidden, vocab=97)
+    src = SeededWeights(5, m, dtype)
+    whole = src.embeddings()
+    for rows in ([0], [96], [1, 2, 3, 40, 95, 96], list(range(97)), []):
+        part = src.embeddings(np.array(rows, dtype=np.int64))
+        assert part.word.shape == (len(rows), hidden) and part.word.dtype == whole.word.dtype
+        np.testing.assert_array_equal(part.word, whole.word[rows])
+        for name in ("position", "token_type", "ln_g", "ln_b"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(whole, name))
+
+
+def test_safetensors_embeddings_of_some_rows(checkpoint):
+    path, src, m = checkpoint
+    rows = np.array([0, 3, m.vocab - 1])
+    got = SafetensorsWeights(path, m, "float32").embeddings(rows)
+    np.testing.assert_array_equal(got.word, src.embeddings().word[rows])
+    np.testing.assert_array_equal(got.position, src.embeddings().position)
 
 
 def test_missing_tensor_and_wrong_shape_are_named(checkpoint, tmp_path):
