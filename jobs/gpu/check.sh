@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The prepared GPU check (about 3 minutes on one GPU): installs what it needs unless CuPy
-# already imports, runs the GPU tests and the GPU benchmark, and writes one HDF5 file.
+# The prepared GPU check: installs what it needs unless it all imports, runs the GPU tests,
+# the main job on CuPy with verify, the GPU benchmark (seq 512, a sweep to 16,384, CuPy's
+# GEMM limit) and a CPU strong-scaling run that `mpiattn plan` predicted from its 1-, 2-
+# and 4-rank runs alone (jobs/gpu/scaling.py), and writes one HDF5 file.
 #   bash jobs/gpu/check.sh [OUT_DIR]        -> OUT_DIR/gpu-check.h5 (default ./gpu-check)
 # BACKEND=numpy QUICK=1 runs the same steps on a CPU with small shapes (tested in CI).
+# Offline (a GPU node that reaches no package index): WHEELS=DIR installs from wheels
+# fetched beforehand, e.g. for the node's Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#       mpich pytest-mpi
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-${OUT:-gpu-check}}
@@ -10,17 +17,28 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 backend=${BACKEND:-cupy}
 run_shape=()  # the main job: the embedded BERT-base default
-shape=(--set input.seq_len=512 --set model.max_positions=8192)
-sweep=512,2048,8192
+shape=(--set input.seq_len=512 --set model.max_positions=16384)
+sweep=512,2048,8192,16384
+scaling=()  # the strong-scaling job: the main job
+fit=1,2,4
+predict=8,16
 if [ -n "${QUICK:-}" ]; then
     shape=(--set model.layers=2 --set model.hidden=128 --set model.heads=4 --set model.ffn=256
            --set input.batch=2 --set input.seq_len=64 --set model.vocab=1000)
     run_shape=("${shape[@]}")
     sweep=32,128
+    scaling=(--set model.layers=2 --set model.hidden=128 --set model.heads=8
+             --set model.ffn=256 --set input.batch=4 --set input.seq_len=64
+             --set model.vocab=1000)
 fi
 
-if ! python3 -c "import cupy, mpi4py, h5py, mpiattn" 2>/dev/null; then
-    python3 -m pip install -q -e ".[mpi,gpu]" pytest pytest-mpi hypothesis
+if ! python3 -c "import cupy, mpi4py.MPI, h5py, pytest_mpi, mpiattn" 2>/dev/null; then
+    if [ -n "${WHEELS:-}" ]; then  # offline: what the node lacks, from the wheels given
+        python3 -m pip install -q --no-index --find-links "$WHEELS" mpich pytest-mpi
+        python3 -m pip install -q --no-build-isolation --no-deps -e .
+    else
+        python3 -m pip install -q -e ".[mpi,gpu]" pytest pytest-mpi hypothesis
+    fi
 fi
 python3 -c "from mpiattn.backend import cupy_device_count as n; print('GPUs:', n())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" || true
@@ -38,7 +56,12 @@ mpiattn verify "$out/run-gpu.h5"
 mpiexec -n 1 mpiattn bench --set backend="$backend" "${shape[@]}" --sweep "$sweep" \
     --repeats 10 -o "$out/bench-gpu.h5" --force
 
-# 4. One file holding it all
+# 4. CPU strong scaling at 1, 2, 4, 8 and 16 ranks: 8 and 16 predicted by `plan` from
+#    the first three alone, then measured in the layout it chose (out of sample)
+python3 jobs/gpu/scaling.py "$out/scaling" --fit "$fit" --predict "$predict" \
+    "${scaling[@]}" | tee "$out/scaling.log"
+
+# 5. One file holding it all
 python3 - "$out" <<'PY'
 import sys
 from pathlib import Path
@@ -47,9 +70,9 @@ import h5py
 
 out = Path(sys.argv[1])
 with h5py.File(out / "gpu-check.h5", "w") as f:
-    for name in ("run-gpu.h5", "bench-gpu.h5"):
+    for name in ("run-gpu.h5", "bench-gpu.h5", "scaling/scaling.h5"):
         with h5py.File(out / name) as src:
-            g = f.create_group(name.removesuffix(".h5"))
+            g = f.create_group(Path(name).stem)
             for key in src:
                 src.copy(key, g)
             g.attrs.update(src.attrs)
