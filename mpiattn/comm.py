@@ -414,7 +414,7 @@ class SplitSum:
         a, b = self.spans[self.rank]
         self.rows_in[self.rank] = self.rows_out[self.rank]
         parts = [self.own if i == self.rank else self.blocks[i] for i in range(self.k)]
-        column_sums = np.zeros(p.out.shape[1])
+        total_sums = np.zeros(p.out.shape[1])  # column sums of this rank's block of the sum
         step = self.wide.shape[0]
         with np.errstate(invalid="ignore", over="ignore"):
             for i in range(0, b - a, step):  # a chunk of rows at a time, in cache
@@ -422,10 +422,10 @@ class SplitSum:
                 total[...] = parts[0][i : i + step]
                 for part in parts[1:]:  # in rank order, the same on every rank and every run
                     total += part[i : i + step]
-                column_sums += checksum.column_sums(total)
+                total_sums += checksum.column_sums(total)
                 p.out[a + i : a + i + total.shape[0]] = total  # rounded once
         sums = self.rows_in.sum(axis=0)
-        residual, bound, ratio = checksum.ratio_of_sums(column_sums, sums[0], sums[1], b - a,
+        residual, bound, ratio = checksum.ratio_of_sums(total_sums, sums[0], sums[1], b - a,
                                                         self.k)
         tag = _TAG + 4 * p.slot + 2
         requests = []

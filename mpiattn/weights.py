@@ -112,6 +112,9 @@ class SeededWeights(Source):
         """``self._normal(rng, shape, scale)[rows]`` without drawing the other rows: the
         stream jumps to each row's 64-bit words (``PCG64.advance``), then past the whole
         table, so the draws after it are those of a whole table."""
+        if len(rows) and (rows[0] < 0 or rows[-1] >= shape[0]):
+            raise ValueError(f"token ids {rows[0]}..{rows[-1]} outside the {shape[0]} rows of"
+                             " the word table")
         bits = rng.bit_generator
         start, cols = bits.state, shape[1]
         out = np.empty((len(rows), cols), dtype=self.dtype)

@@ -109,6 +109,8 @@ def test_embeddings_of_some_rows_are_those_rows_of_the_whole_table(hidden, dtype
         np.testing.assert_array_equal(part.word, whole.word[rows])
         for name in ("position", "token_type", "ln_g", "ln_b"):
             np.testing.assert_array_equal(getattr(part, name), getattr(whole, name))
+    with pytest.raises(ValueError, match="outside the 97 rows"):
+        src.embeddings(np.array([3, 97]))
 
 
 def test_safetensors_embeddings_of_some_rows(checkpoint):
