@@ -388,7 +388,7 @@ class SplitSum:
         self.local_bad = not bool(np.isfinite(self.rows_out[:, 1]).all())
         payload = p.partial
         if owner.injector:  # corrupt a copy after the checksums; the partial stays clean
-            payload = owner.transport.buffer("corrupt", (rows, cols), p.partial.dtype)
+            payload = owner.transport.buffer(f"corrupt{p.slot}", (rows, cols), p.partial.dtype)
             payload[...] = p.partial
             with np.errstate(invalid="ignore", over="ignore"):
                 owner.injector.apply(payload, p.layer, p.site, "send", p.attempt)

@@ -78,3 +78,21 @@ def test_fewer_rows_than_ranks_use_the_allreduce(world):
     got = red(parts[world.Get_rank()].copy(), site="mlp", layer=0)
     np.testing.assert_allclose(got, rank_ordered_sum(parts), rtol=1e-6)
     assert red.records[0].passed
+
+
+@pytest.mark.parametrize("fires", [False, True])
+def test_two_slots_in_flight_keep_their_own_payloads(world, fires):
+    """``parallel.overlap``: slot 1 is posted before slot 0 completes. With faults
+    configured each slot sends (and sums its own block from) a copy of its own: a fault
+    that never fires costs no retry, one that fires on layer 3 costs a retry there only."""
+    fault = Fault(rank=0, layer=3 if fires else 99, site="mlp", index=2, bit=30)
+    red = reducer(world, [fault])
+    me = world.Get_rank()
+    slots = [partials(world, rows=8 + slot, cols=7) for slot in (0, 1)]
+    for layer in (2, 3):
+        handles = [red.start(parts[me].copy(), site="mlp", layer=layer, slot=slot)
+                   for slot, parts in enumerate(slots)]
+        for parts, handle in zip(slots, handles, strict=True):
+            np.testing.assert_array_equal(red.finish(handle), rank_ordered_sum(parts))
+    retries = [(r.layer, r.retries) for r in red.records]
+    assert retries == [(2, 0), (2, 0), (3, int(fires)), (3, int(fires))]
