@@ -210,26 +210,27 @@ def _gelu_blocks(x: np.ndarray, out: np.ndarray, bias: np.ndarray | None) -> np.
     step = max(1, _GELU_BLOCK // cols)
     work = np.empty((4, min(step, rows_x.shape[0]), cols), dtype=np.float32)
     one, zero, minus_half = np.float32(1), np.float32(0), np.float32(-0.5)
-    for i in range(0, rows_x.shape[0], step):
-        xb, o = rows_x[i : i + step], rows_out[i : i + step]
-        n = xb.shape[0]
-        if bias is not None:
-            xb = np.add(xb, bias, out=work[0, :n])
-        a = np.abs(xb, out=work[1, :n])
-        t = np.multiply(a, _HASTINGS_P, out=work[2, :n])
-        t += one
-        np.reciprocal(t, out=t)
-        y = np.multiply(t, _HASTINGS_A[-1], out=work[3, :n])
-        for c in _HASTINGS_A[-2::-1]:  # Horner: q = t (a1 + t (a2 + ... t a5)) ...
-            y += c
-            y *= t
-        e = np.multiply(xb, xb, out=t)
-        e *= minus_half
-        np.exp(e, out=e)  # ... * exp(-x^2 / 2)
-        y *= e
-        y *= a
-        np.maximum(xb, zero, out=o)
-        o -= y
+    with np.errstate(over="ignore", invalid="ignore"):  # x^2 of |x| > 1.8e19; +-inf
+        for i in range(0, rows_x.shape[0], step):
+            xb, o = rows_x[i : i + step], rows_out[i : i + step]
+            n = xb.shape[0]
+            if bias is not None:
+                xb = np.add(xb, bias, out=work[0, :n])
+            a = np.abs(xb, out=work[1, :n])
+            t = np.multiply(a, _HASTINGS_P, out=work[2, :n])
+            t += one
+            np.reciprocal(t, out=t)
+            y = np.multiply(t, _HASTINGS_A[-1], out=work[3, :n])
+            for c in _HASTINGS_A[-2::-1]:  # Horner: q = t (a1 + t (a2 + ... t a5)) ...
+                y += c
+                y *= t
+            e = np.multiply(xb, xb, out=t)
+            e *= minus_half
+            np.exp(e, out=e)  # ... * exp(-x^2 / 2)
+            y *= e
+            y *= a
+            np.maximum(xb, zero, out=o)
+            o -= y
     return out
 
 

@@ -69,10 +69,11 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
         assert f["bench-gpu"].attrs["command"] == "bench"
         assert "fraction_of_peak" in f["bench-gpu/bench/layer"].attrs
         assert "testsuite" in f.attrs["tests_junit"]
-        scaling = f["scaling"]  # 8 and 16 ranks predicted from 1, 2 and 4, then measured
-        assert scaling["ranks"][...].tolist() == [1, 2, 4, 8, 16]
-        assert scaling["in_fit"][...].tolist() == [True, True, True, False, False]
-        assert scaling["tensor"][...].tolist() == [1, 2, 4, 8, 8]  # 8 heads: 16 = 8 x 2
+        scaling = f["scaling"]  # 4 ranks predicted from 1 and 2 (QUICK), then measured
+        assert scaling["ranks"][...].tolist() == [1, 2, 4]
+        assert scaling["in_fit"][...].tolist() == [True, True, False]
+        assert scaling["tensor"][...].tolist() == [1, 2, 2]  # 2 heads: 4 = 2 head x 2 data
+        assert scaling["data"][...].tolist() == [1, 1, 2]
         assert (scaling["measured_forward"][...] > 0).all()
         assert (scaling["predicted_forward"][...] > 0).all()
         assert all(math.isfinite(e) for e in scaling["error"][...])

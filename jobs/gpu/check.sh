@@ -5,14 +5,17 @@
 # and 4-rank runs alone (jobs/gpu/scaling.py), and writes one HDF5 file.
 #   bash jobs/gpu/check.sh [OUT_DIR]        -> OUT_DIR/gpu-check.h5 (default ./gpu-check)
 # BACKEND=numpy QUICK=1 runs the same steps on a CPU with small shapes (tested in CI).
-# Offline (a GPU node that reaches no package index): WHEELS=DIR installs from wheels
-# fetched beforehand, e.g. for the node's Python 3.12:
+# Offline (a GPU node that reaches no package index): WHEELS=DIR installs every wheel in
+# DIR, then mpiattn without its dependencies; give the wheels of whatever of CuPy, mpi4py,
+# h5py, safetensors, tokenizers, threadpoolctl, tqdm the node lacks, and always an MPI
+# (mpich) and pytest-mpi, e.g. for a node whose Python 3.12 has all but those two:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #       mpich pytest-mpi
 set -euo pipefail
+out=$(realpath -m -- "${1:-${OUT:-gpu-check}}")  # relative to where it was started
+wheels=${WHEELS:+$(realpath -m -- "$WHEELS")}
 cd "$(dirname "$0")/../.."
-out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 backend=${BACKEND:-cupy}
@@ -27,21 +30,31 @@ if [ -n "${QUICK:-}" ]; then
            --set input.batch=2 --set input.seq_len=64 --set model.vocab=1000)
     run_shape=("${shape[@]}")
     sweep=32,128
-    scaling=(--set model.layers=2 --set model.hidden=128 --set model.heads=8
-             --set model.ffn=256 --set input.batch=4 --set input.seq_len=64
+    scaling=(--set model.layers=2 --set model.hidden=64 --set model.heads=2
+             --set model.ffn=128 --set input.batch=2 --set input.seq_len=32
              --set model.vocab=1000)
+    fit=1,2  # a 2-core machine: 4 ranks in 2 head x 2 data, predicted from 1 and 2
+    predict=4
 fi
 
-if ! python3 -c "import cupy, mpi4py.MPI, h5py, pytest_mpi, mpiattn" 2>/dev/null; then
-    if [ -n "${WHEELS:-}" ]; then  # offline: what the node lacks, from the wheels given
-        python3 -m pip install -q --no-index --find-links "$WHEELS" mpich pytest-mpi
+needs="import cupy, mpi4py.MPI, h5py, safetensors, tokenizers, threadpoolctl, tqdm, pytest_mpi"
+if ! python3 -c "$needs; import mpiattn" 2>/dev/null; then
+    if [ -n "$wheels" ]; then  # offline: every wheel given, then mpiattn without its deps
+        python3 -m pip install -q --no-index --find-links "$wheels" "$wheels"/*.whl
         python3 -m pip install -q --no-build-isolation --no-deps -e .
     else
         python3 -m pip install -q -e ".[mpi,gpu]" pytest pytest-mpi hypothesis
     fi
+    if ! python3 -c "$needs; import mpiattn"; then
+        echo "check.sh: still missing after the install (above); give its wheel in WHEELS" >&2
+        exit 1
+    fi
 fi
 python3 -c "from mpiattn.backend import cupy_device_count as n; print('GPUs:', n())"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" || true
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+        > "$out/nvidia-smi.csv" || true
+fi
 
 # 1. GPU tests (CuPy numerics against the NumPy reference), then the attention tests
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
@@ -59,7 +72,7 @@ mpiexec -n 1 mpiattn bench --set backend="$backend" "${shape[@]}" --sweep "$swee
 # 4. CPU strong scaling at 1, 2, 4, 8 and 16 ranks: 8 and 16 predicted by `plan` from
 #    the first three alone, then measured in the layout it chose (out of sample)
 python3 jobs/gpu/scaling.py "$out/scaling" --fit "$fit" --predict "$predict" \
-    "${scaling[@]}" | tee "$out/scaling.log"
+    "${scaling[@]}" 2>&1 | tee "$out/scaling.log"
 
 # 5. One file holding it all
 python3 - "$out" <<'PY'
@@ -68,16 +81,20 @@ from pathlib import Path
 
 import h5py
 
+from mpiattn.h5io import atomic_file
+from mpiattn.outfile import Reservation
+
 out = Path(sys.argv[1])
-with h5py.File(out / "gpu-check.h5", "w") as f:
+with atomic_file(Reservation.make(out / "gpu-check.h5", force=True)) as f:
     for name in ("run-gpu.h5", "bench-gpu.h5", "scaling/scaling.h5"):
-        with h5py.File(out / name) as src:
+        with h5py.File(out / name, "r") as src:
             g = f.create_group(Path(name).stem)
             for key in src:
                 src.copy(key, g)
             g.attrs.update(src.attrs)
     f.attrs["tests_junit"] = (out / "gpu-tests.xml").read_text()
-    f.attrs["nvidia_smi"] = (out / "nvidia-smi.csv").read_text() if (out / "nvidia-smi.csv").exists() else ""
+    smi = out / "nvidia-smi.csv"
+    f.attrs["nvidia_smi"] = smi.read_text() if smi.exists() else "nvidia-smi not found"
     f.attrs["status"] = "complete"
 print(f"wrote {out / 'gpu-check.h5'}")
 PY
