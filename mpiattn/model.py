@@ -223,7 +223,8 @@ def layer_forward(
     """One encoder layer on this rank's heads: (B, S, H) -> (attention output, hidden).
 
     ``chunks > 1`` splits the batch into that many groups of sequences and overlaps the
-    reduction of one group with the computation of the next; the numbers are the same.
+    reduction of one group with the computation of the next; the numbers agree to
+    rounding (BLAS may round a product of fewer rows differently: ~5e-7 in float32).
     ``probe``: this layer's ``headstats.Probe`` (per-head statistics, maps), or None.
     """
     xp = get_array_module(x)
