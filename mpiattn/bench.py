@@ -73,6 +73,20 @@ def timed(world: Any, sync: Callable[[], None], fn: Callable[[], Any], repeats: 
     return out
 
 
+def publish(world: Any, out: Any, cfg: Config, p: Any, started: Any, host_info: Any,
+            write_result: Callable[[Any], None]) -> None:
+    """Rank 0's end of a bench: the file (provenance, then ``write_result(fh)``) built and
+    published atomically (``h5io.atomic_file``), concluded with the others
+    (``jobkit.conclude``)."""
+
+    def write() -> None:
+        with h5io.atomic_file(out) as fh:
+            write_provenance(fh, cfg, p, started, "bench", host_info)
+            write_result(fh)
+
+    jobkit.conclude(world, write)
+
+
 def slowest(world: Any, seconds: np.ndarray) -> np.ndarray:
     """Per repeat, the time of the slowest rank: what the job waits for."""
     from mpi4py import MPI
@@ -275,12 +289,7 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
                          imbalance, memory, comm_table, p.grid.axis_size("tensor"), overhead,
                          reducer.mode, sweep_rows)
 
-    def write() -> None:
-        with h5io.atomic_file(out) as fh:
-            write_provenance(fh, cfg, p, started, "bench", host_info)
-            write_bench(fh, result)
-
-    jobkit.conclude(world, write)
+    publish(world, out, cfg, p, started, host_info, lambda fh: write_bench(fh, result))
 
     print(f"  GEMM limit      {total_peak / 1e9:8.1f} GFLOP/s "
           f"({', '.join(f'{x / 1e9:.1f}' for x in peaks)} per rank)")
@@ -386,12 +395,8 @@ def bench_pipeline(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
         checksum_mode=reducer.mode)
     path = out.path
 
-    def write() -> None:
-        with h5io.atomic_file(out) as fh:
-            write_provenance(fh, cfg, p, started, "bench", host_info)
-            write_pipeline_bench(fh, result)
-
-    jobkit.conclude(world, write)
+    publish(world, out, cfg, p, started, host_info,
+            lambda fh: write_pipeline_bench(fh, result))
     t = float(np.median(job))
     print(f"  forward         {t * 1e3:8.1f} ms  (spread {np.ptp(job) * 1e3:.1f} ms),"
           f" {t / m.layers * 1e3:.2f} ms per layer")

@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from . import h5io, jobkit
+from . import jobkit
 from .attention import KeyMask
 from .backend import get_array_module
-from .bench import layer_flops, slowest
+from .bench import layer_flops, publish, slowest
 from .config import Config
-from .layout import PHASES, SequenceBenchResult, write_provenance, write_sequence_bench
+from .layout import PHASES, SequenceBenchResult, write_sequence_bench
 from .model import PhaseTimer, layer_forward
 from .placement import attention_options, load_shards, make_sequence
 
@@ -267,12 +267,8 @@ def bench_sequence(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
         repeats=repeats, checksum_mode=reducer.mode)
     path = out.path
 
-    def write() -> None:
-        with h5io.atomic_file(out) as fh:
-            write_provenance(fh, cfg, p, started, "bench", host_info)
-            write_sequence_bench(fh, result)
-
-    jobkit.conclude(world, write)
+    publish(world, out, cfg, p, started, host_info,
+            lambda fh: write_sequence_bench(fh, result))
     print(f"  peak RSS: {method}")
     print(f"wrote {path}")
     return path

@@ -30,6 +30,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+# the config keys `mpiattn plan --set` takes: the predicted job is the measured one
+PLAN_KEYS = {"model.hidden", "model.heads", "model.layers", "model.ffn", "input.batch",
+             "input.seq_len", "dtype", "checksum.mode", "checksum.wire",
+             "parallel.microbatches", "parallel.sequence", "attention.sequence"}
+
 
 def ranks_list(text: str) -> list[int]:
     return [int(n) for n in text.split(",") if n]
@@ -140,10 +145,6 @@ def write(path: Path, every: list[int], rows: dict, measured: np.ndarray,
         f.attrs["job"] = json.dumps(json.loads(plan_json)["job"])
         f.attrs["status"] = "complete"
 
-
-PLAN_KEYS = {"model.hidden", "model.heads", "model.layers", "model.ffn", "input.batch",
-             "input.seq_len", "dtype", "checksum.mode", "checksum.wire",
-             "parallel.microbatches", "parallel.sequence", "attention.sequence"}
 
 if __name__ == "__main__":
     raise SystemExit(main())
