@@ -3,7 +3,7 @@
     mpiexec -n 4 mpiattn run                    # embedded BERT-base default
     mpiexec -n 3 mpiattn run jobs/configs/minilm.toml
 
-The files, from Python (no MPI; ``mpiattn/files.py``)::
+The files, from Python (no MPI; ``mpiattn/analysis/files.py``)::
 
     import mpiattn
     with mpiattn.open("mpiattn-run.h5") as f:
@@ -13,7 +13,7 @@ The files, from Python (no MPI; ``mpiattn/files.py``)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # The file API is imported on first use (PEP 562): `import mpiattn` stays cheap (no
 # typing, NumPy or h5py) for the MPI commands, which import what they need themselves.
@@ -22,7 +22,7 @@ __all__ = ["BenchFile", "CheckpointFile", "File", "Labelled", "Lazy", "RunFile",
 
 TYPE_CHECKING = False  # type checkers take it as True (without importing typing here)
 if TYPE_CHECKING:
-    from .files import (
+    from .analysis.files import (
         BenchFile,
         CheckpointFile,
         File,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> object:
     if name in __all__ and name != "__version__":
-        from . import files
+        from .analysis import files
 
         value = getattr(files, name)
         globals()[name] = value  # later look-ups skip this function

@@ -47,7 +47,7 @@ def cli(*args: str, cwd: Path, flat: dict) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "mpiattn.cli", *args, *sets], cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "mpiattn", *args, *sets], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from mpiattn import config
-from mpiattn.data import load_batch
-from mpiattn.model import encoder_forward
-from mpiattn.shard import head_shard
-from mpiattn.weights import open_source
+from mpiattn.core.model import encoder_forward
+from mpiattn.core.shard import head_shard
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.weights import open_source
 
 # Tolerances of every equivalence test (max |got - want| / max |want|), per dtype.
 TOL = {"float32": 1e-5, "float64": 1e-12}

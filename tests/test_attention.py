@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpiattn.attention import KeyMask, Options, attention, heads_attention, mask_bias
+from mpiattn.core.attention import KeyMask, Options, attention, heads_attention, mask_bias
 
 
 def case(batch=3, seq=37, heads=4, d=8, seed=0, prefix=True, last_length=None):

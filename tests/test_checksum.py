@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpiattn import checksum
+from mpiattn.core import checksum
 from mpiattn.errors import ConfigError
 
 simulate = checksum.simulated_allreduce

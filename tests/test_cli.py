@@ -13,7 +13,7 @@ TINY_SET = ["--set", "model.layers=2", "--set", "model.hidden=64", "--set", "mod
 
 
 def mpiattn(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mpiattn.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "mpiattn", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

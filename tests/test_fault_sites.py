@@ -10,11 +10,8 @@ import pytest
 from helpers import tiny
 from test_train import ROOT, tiny_train
 
-from mpiattn import mlm
-from mpiattn.errors import ConfigError
-from mpiattn.runner import check_inputs
-from mpiattn.shard import head_shard
-from mpiattn.train import (
+from mpiattn.commands.runner import check_inputs
+from mpiattn.commands.train import (
     BUCKET_COLS,
     BUCKET_ROWS,
     TRAIN_SITES,
@@ -24,6 +21,9 @@ from mpiattn.train import (
     init_params,
     shard_elements,
 )
+from mpiattn.core import mlm
+from mpiattn.core.shard import head_shard
+from mpiattn.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 import mpiattn
-from mpiattn import files, report
-from mpiattn.cli import main
+from mpiattn.analysis import files, report
+from mpiattn.commands.cli import main
 from mpiattn.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ pd = pytest.importorskip("pandas")
 
 def mpiattn_cli(cwd: Path, ranks: int, *args: str, **sets: object) -> None:
     """``mpiattn ARGS --set k=v ...`` in ``cwd`` (under mpiexec for ranks > 1)."""
-    cmd = [sys.executable, "-m", "mpiattn.cli", *args,
+    cmd = [sys.executable, "-m", "mpiattn", *args,
            *(a for k, v in sets.items() for a in ("--set", f"{k.replace('__', '.')}={v}"))]
     cmd = [MPIEXEC, "-n", str(ranks), *cmd] if ranks > 1 else cmd
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -88,9 +88,9 @@ def labels(dset: h5py.Dataset) -> tuple[str, ...]:
 # --- the API on each kind of file -------------------------------------------------------
 
 def test_import_mpiattn_stays_light():
-    code = ("import sys, mpiattn; heavy = [m for m in ('numpy', 'h5py', 'mpiattn.files')"
+    code = ("import sys, mpiattn; heavy = [m for m in ('numpy', 'h5py', 'mpiattn.analysis.files')"
             " if m in sys.modules]; assert not heavy, heavy; mpiattn.open;"
-            " assert 'mpiattn.files' in sys.modules; assert 'open' in dir(mpiattn);"
+            " assert 'mpiattn.analysis.files' in sys.modules; assert 'open' in dir(mpiattn);"
             " assert 'pandas' not in sys.modules and 'xarray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 

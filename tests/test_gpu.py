@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from helpers import TOL, tiny
 
-from mpiattn import backend, reference
-from mpiattn.data import load_batch
+from mpiattn.core import backend, reference
 from mpiattn.errors import ConfigError
-from mpiattn.weights import open_source
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.weights import open_source
 
 HAS_GPU = backend.cupy_device_count() > 0
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CuPy and a CUDA device")
@@ -26,8 +26,8 @@ def test_auto_falls_back_to_numpy_without_a_device():
 def test_sharded_layer_on_gpu_equals_reference(dtype):
     import cupy
 
-    from mpiattn.model import LocalReduce, encoder_forward
-    from mpiattn.shard import head_shard
+    from mpiattn.core.model import LocalReduce, encoder_forward
+    from mpiattn.core.shard import head_shard
 
     cfg = tiny(dtype=dtype)
     m = cfg.model
@@ -51,7 +51,7 @@ def test_sharded_layer_on_gpu_equals_reference(dtype):
 def test_checksum_arithmetic_stays_on_device():
     import cupy
 
-    from mpiattn import checksum
+    from mpiattn.core import checksum
 
     part = cupy.asarray(np.random.default_rng(0).standard_normal((64, 16)), dtype=cupy.float32)
     buf = cupy.empty((66, 16), cupy.float64)
@@ -67,7 +67,7 @@ def test_auto_does_not_import_cupy_without_a_driver(monkeypatch):
     import subprocess
     import sys
 
-    code = ("import sys; from mpiattn import backend; backend.nvidia_driver_present = lambda:"
+    code = ("import sys; from mpiattn.core import backend; backend.nvidia_driver_present = lambda:"
             " False; b = backend.select('auto'); print(b.name, 'cupy' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from helpers import ThreadGroup, run_ranks
 
-from mpiattn import attention, mlm, model, ops
-from mpiattn.attention import KeyMask
 from mpiattn.config import ModelConfig
-from mpiattn.model import Embeddings, LocalReduce
-from mpiattn.model import layer_forward as model_layer_forward
-from mpiattn.shard import head_shard
-from mpiattn.weights import SeededWeights
+from mpiattn.core import attention, mlm, model, ops
+from mpiattn.core.attention import KeyMask
+from mpiattn.core.model import Embeddings, LocalReduce
+from mpiattn.core.model import layer_forward as model_layer_forward
+from mpiattn.core.shard import head_shard
+from mpiattn.io.weights import SeededWeights
 
 TOL = 1e-6
 H = 1e-6  # finite-difference step

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mpiattn.errors import ConfigError
-from mpiattn.grid import AXES, GridShape
+from mpiattn.parallel.grid import AXES, GridShape
 
 
 def test_todays_layout_is_the_grid_with_one_stage():

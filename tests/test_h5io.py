@@ -4,8 +4,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mpiattn import h5io, outfile
 from mpiattn.errors import UserError
+from mpiattn.io import h5io, outfile
+from mpiattn.io.verify import verify
 
 
 def finished_file(path, shape=(4, 16, 32)):
@@ -58,7 +59,7 @@ def test_unwritable_folder_is_reported_and_nothing_is_touched(tmp_path):
 
 def test_verify_accepts_a_sound_file(tmp_path):
     finished_file(tmp_path / "ok.h5")
-    assert h5io.verify(tmp_path / "ok.h5") == []
+    assert verify(tmp_path / "ok.h5") == []
 
 
 @pytest.mark.parametrize("name", ["layers/00/hidden", "small"])
@@ -71,7 +72,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, name):
     raw = bytearray(path.read_bytes())
     raw[offset + 10] ^= 0x04
     path.write_bytes(bytes(raw))
-    problems = h5io.verify(path)
+    problems = verify(path)
     assert len(problems) == 1 and f"/{name}" in problems[0]
 
 
@@ -79,8 +80,8 @@ def test_verify_catches_incomplete_and_failed_records(tmp_path):
     path = tmp_path / "x.h5"
     with h5py.File(path, "w") as f:
         f.attrs["status"] = "writing"
-    assert "not 'complete'" in h5io.verify(path)[0]
-    from mpiattn.layout import RECORD_DTYPE
+    assert "not 'complete'" in verify(path)[0]
+    from mpiattn.io.layout import RECORD_DTYPE
 
     with h5py.File(path, "w") as f:
         f.attrs["status"] = "complete"
@@ -88,11 +89,11 @@ def test_verify_catches_incomplete_and_failed_records(tmp_path):
         table["passed"] = [1, 0]
         table["site"] = [b"attention", b"mlp"]
         f["checksum/collectives"] = table
-    assert "site 'mlp' failed" in h5io.verify(path)[0]
+    assert "site 'mlp' failed" in verify(path)[0]
 
 
 def test_verify_rejects_non_hdf5(tmp_path):
     path = tmp_path / "x.h5"
     path.write_bytes(b"not hdf5 at all")
     with pytest.raises(UserError, match="not a readable HDF5 file"):
-        h5io.verify(path)
+        verify(path)

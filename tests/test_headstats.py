@@ -12,18 +12,20 @@ import pytest
 from helpers import TOL, ThreadGroup, dim_names, direct_head_stats, run_ranks, tiny
 from test_attention import case as attention_case
 
-from mpiattn import attention as attention_module
-from mpiattn import config, h5io, reference
-from mpiattn.attention import KeyMask, Options, heads_attention
-from mpiattn.cli import main
-from mpiattn.data import load_batch
+from mpiattn import config
+from mpiattn.commands.cli import main
+from mpiattn.core import attention as attention_module
+from mpiattn.core import reference
+from mpiattn.core.attention import KeyMask, Options, heads_attention
+from mpiattn.core.headstats import HeadResults, HeadStats, from_probabilities, means, rank_sums
+from mpiattn.core.model import encoder_forward
+from mpiattn.core.shard import head_shard
 from mpiattn.errors import ConfigError
-from mpiattn.h5io import verify
-from mpiattn.headstats import HeadResults, HeadStats, from_probabilities, means, rank_sums
-from mpiattn.layout import write_heads
-from mpiattn.model import encoder_forward
-from mpiattn.shard import head_shard
-from mpiattn.weights import open_source
+from mpiattn.inputs.data import load_batch
+from mpiattn.io import h5io
+from mpiattn.io.layout import write_heads
+from mpiattn.io.verify import verify
+from mpiattn.io.weights import open_source
 
 
 def case(batch=3, seq=37, heads=4, d=8, seed=0, prefix=True):
@@ -166,8 +168,8 @@ def test_config_round_trip_keeps_the_keys():
 
 @pytest.mark.parametrize("key", ["output.head_stats", "output.attention_maps"])
 def test_text_input_and_training_refuse_head_output(tmp_path, key):
-    from mpiattn.encode import check_inputs as text_checks
-    from mpiattn.train import check_training
+    from mpiattn.commands.encode import check_inputs as text_checks
+    from mpiattn.commands.train import check_training
 
     value = True if key == "output.head_stats" else [0]
     cfg = tiny(input__text=str(tmp_path / "lines.txt"), **{key.replace(".", "__"): value})
@@ -264,7 +266,7 @@ def test_report_heads_plot_and_what_plot_refuses(tmp_path, monkeypatch, capsys):
 ])
 def test_weight_sums_on_any_block(rows, cols, first_row, first_col):
     """The distance sum of a key block left of, right of or across its queries."""
-    from mpiattn.headstats import weight_sums
+    from mpiattn.core.headstats import weight_sums
 
     e = np.random.default_rng(rows * cols).random((2, rows, cols))
     e[0, :, 0] = 0  # a masked key

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from helpers import ThreadGroup, dim_names, run_ranks, tiny
 
-from mpiattn import reference
-from mpiattn.data import Batch, hdf5_batch, load_batch, read_lines, split_lines
+from mpiattn.core import reference
+from mpiattn.core.model import LocalReduce, encoder_forward
+from mpiattn.core.ops import embed
+from mpiattn.core.shard import head_shard
 from mpiattn.errors import InputError
-from mpiattn.model import LocalReduce, encoder_forward
-from mpiattn.ops import embed
-from mpiattn.shard import head_shard
-from mpiattn.weights import open_source
+from mpiattn.inputs.data import Batch, hdf5_batch, load_batch, read_lines, split_lines
+from mpiattn.io.weights import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = Path("/work/shared/cases")
@@ -60,7 +60,7 @@ def run(ranks: int, cwd: Path, *sets: str) -> subprocess.CompletedProcess:
     """``mpiattn run`` with the MiniLM weights; ranks 1 is a plain process (no launcher)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "mpiattn.cli", "run", "--set", f'model.weights="{MODEL}"',
+    cmd = [sys.executable, "-m", "mpiattn", "run", "--set", f'model.weights="{MODEL}"',
            *(arg for s in sets for arg in ("--set", s)), "-o", "out.h5"]
     if ranks > 1:
         cmd = [MPIEXEC, "-n", str(ranks), *cmd]

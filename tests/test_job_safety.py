@@ -13,8 +13,10 @@ import time
 
 import pytest
 
-from mpiattn import jobkit, outfile, watchdog
+from mpiattn.commands import jobkit
 from mpiattn.errors import InputError, UserError
+from mpiattn.io import outfile
+from mpiattn.parallel import watchdog
 
 # --- outfile ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import h5py
 import pytest
 
 from mpiattn import config
-from mpiattn.backend import oversubscription, usable_cores
+from mpiattn.core.backend import oversubscription, usable_cores
 from mpiattn.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_no_mpi_is_one_line_naming_both_fixes(tmp_path, kind, command):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
         env.pop(var, None)
-    done = subprocess.run([sys.executable, "-m", "mpiattn.cli", command], env=env,
+    done = subprocess.run([sys.executable, "-m", "mpiattn", command], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert len(done.stderr.splitlines()) == 1, done.stderr
@@ -134,7 +134,7 @@ def test_no_mpi_is_one_line_naming_both_fixes(tmp_path, kind, command):
     assert 'pip install "mpiattn[mpi]"' in done.stderr
     assert "pip install --no-binary mpi4py --force-reinstall mpi4py" in done.stderr
     if command == "info":  # a launcher's rank 1 leaves the line to rank 0
-        done = subprocess.run([sys.executable, "-m", "mpiattn.cli", command],
+        done = subprocess.run([sys.executable, "-m", "mpiattn", command],
                               env={**env, "PMI_RANK": "1"}, cwd=tmp_path,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and done.stderr == ""
@@ -155,7 +155,7 @@ def h5_inputs(tmp_path_factory):
 
 def read_one_line_and_close(args: list[str]) -> tuple[int, bytes]:
     """Start mpiattn with stdout a pipe, read one line, close the pipe: (status, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", "mpiattn.cli", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "mpiattn", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout.readline()
@@ -193,7 +193,7 @@ def test_a_closed_pipe_exits_quietly(h5_inputs, name):
 PROBE = """
 import json, sys
 from threadpoolctl import threadpool_info
-from mpiattn.backend import blas_info, limit_blas_threads
+from mpiattn.core.backend import blas_info, limit_blas_threads
 threads, limiter = limit_blas_threads(int(sys.argv[1]))
 libs = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
 print(json.dumps({"threads": threads, "reported": libs, "info": blas_info()}))
@@ -241,7 +241,7 @@ def test_a_run_records_the_thread_count_in_effect(tmp_path):
     small = ["model.layers=1", "model.heads=2", "model.hidden=16", "model.ffn=16",
              "model.vocab=50", "input.batch=2", "input.seq_len=8"]
     args = [x for s in small for x in ("--set", s)]
-    done = subprocess.run([sys.executable, "-m", "mpiattn.cli", "run", *args, "-o",
+    done = subprocess.run([sys.executable, "-m", "mpiattn", "run", *args, "-o",
                            str(tmp_path / "t.h5")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -270,7 +270,7 @@ def test_oversubscription_warning(monkeypatch, ranks, threads, cores, slower, fi
 
 
 def test_oversubscription_names_the_variable_that_wins(monkeypatch):
-    from mpiattn.backend import blas_info
+    from mpiattn.core.backend import blas_info
 
     if not any(lib["internal_api"] == "openblas" for lib in blas_info()):
         pytest.skip("NumPy here does not use OpenBLAS")

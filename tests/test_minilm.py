@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpiattn import config, reference
-from mpiattn.data import load_batch
-from mpiattn.model import mean_pool
-from mpiattn.placement import apply_checkpoint_shape
-from mpiattn.weights import open_source
+from mpiattn import config
+from mpiattn.commands.placement import apply_checkpoint_shape
+from mpiattn.core import reference
+from mpiattn.core.model import mean_pool
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.weights import open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from helpers import TOL, sharded_forward, tiny
 
-from mpiattn import ops, reference
-from mpiattn.attention import attention, mask_bias
-from mpiattn.data import load_batch
-from mpiattn.model import mean_pool
-from mpiattn.ops import add_layer_norm, gelu, layer_norm, softmax
-from mpiattn.weights import open_source
+from mpiattn.core import ops, reference
+from mpiattn.core.attention import attention, mask_bias
+from mpiattn.core.model import mean_pool
+from mpiattn.core.ops import add_layer_norm, gelu, layer_norm, softmax
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.weights import open_source
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -65,8 +65,8 @@ def test_padding_does_not_leak_into_real_tokens():
     base = reference.forward(batch.ids, batch.mask, source, cfg.model)[1][0]
     scrambled = batch.ids.copy()
     scrambled[~batch.mask] = 17  # different ids under the mask
-    from mpiattn.model import LocalReduce, encoder_forward
-    from mpiattn.shard import head_shard
+    from mpiattn.core.model import LocalReduce, encoder_forward
+    from mpiattn.core.shard import head_shard
 
     shard = head_shard(12, 8, cfg.model.ffn, 1, 0)
     layers = [source.layer(0, shard)]

@@ -21,7 +21,7 @@ TINY_RUN = ["--set", "model.layers=2", "--set", "model.heads=2", "--set", "model
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run([sys.executable, "-m", "mpiattn.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mpiattn", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd, env=env)
 
 
@@ -150,7 +150,7 @@ def test_verify_fails_a_file_missing_what_it_promises(work, case, names):
 
 
 def test_verify_fails_missing_records_of_a_two_rank_run(tmp_path):
-    done = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "mpiattn.cli", "run",
+    done = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "mpiattn", "run",
                            *TINY_RUN, "-o", "r2.h5"], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

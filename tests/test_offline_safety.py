@@ -18,8 +18,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mpiattn import config, h5io, h5safe
+from mpiattn import config
 from mpiattn.errors import InputError
+from mpiattn.io import h5io, h5safe
 
 TINY_RUN = ["--set", "model.layers=1", "--set", "model.heads=2", "--set", "model.hidden=32",
             "--set", "model.ffn=64", "--set", "model.vocab=100", "--set", "input.batch=2",
@@ -28,7 +29,7 @@ SECRET = 4242.4242  # the value stored in the file outside: it must never be pri
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mpiattn.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "mpiattn", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -203,7 +204,7 @@ def test_bytes_outside_the_file_are_never_shown(hostile, command):
 @pytest.mark.parametrize("case", REFUSED_AT_OPEN)
 def test_input_and_checkpoint_readers_refuse_hostile_files(hostile, case):
     """``input.tokens`` and ``train --resume`` open files with ``h5io.open_for_reading``."""
-    from mpiattn.checkpoints import read_checkpoint
+    from mpiattn.io.checkpoints import read_checkpoint
 
     path, names = hostile[case]
     with pytest.raises(InputError, match=names):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mpiattn.config import TrainConfig
-from mpiattn.optim import Optimizer, clip_factor, global_norm, lr_at
+from mpiattn.core.optim import Optimizer, clip_factor, global_norm, lr_at
 
 
 def scalar_reference(kind, t, p, grads, lrs, decays):

@@ -13,10 +13,11 @@ import h5py
 import pytest
 from helpers import dim_names
 
-from mpiattn import config, reference
-from mpiattn.data import load_batch
-from mpiattn.h5io import verify
-from mpiattn.weights import open_source
+from mpiattn import config
+from mpiattn.core import reference
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.verify import verify
+from mpiattn.io.weights import open_source
 
 VENV = os.environ.get("MPIATTN_PHDF5_VENV", "")
 MPIRUN = shutil.which("mpirun", path="/usr/bin")  # Open MPI's, not the MPICH wheel's
@@ -38,7 +39,7 @@ def mpirun(ranks, tmp_path, **extra):
     env.pop("VIRTUAL_ENV", None)
     python = str(Path(VENV) / "bin" / "python")
     done = subprocess.run([MPIRUN, "--oversubscribe", "-n", str(ranks), python, "-m",
-                           "mpiattn.cli", "run", *args, "-o", "out.h5"], cwd=tmp_path,
+                           "mpiattn.commands.cli", "run", *args, "-o", "out.h5"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return tmp_path / "out.h5"

@@ -3,7 +3,7 @@ deadlock when every send blocks until its receive (``CheckedP2P`` waits for a ve
 
 import pytest
 
-from mpiattn.pipeline import one_f_one_b, stage_events
+from mpiattn.core.pipeline import one_f_one_b, stage_events
 
 # PipeDream-Flush / Megatron-LM non-interleaved 1F1B, 4 stages, 8 micro-batches (Narayanan
 # et al., SC'21, Figure 4 top, numbered from 0 here)

@@ -15,9 +15,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mpiattn import plan, report
-from mpiattn.cli import main
-from mpiattn.shard import counts
+from mpiattn.analysis import plan, report
+from mpiattn.commands.cli import main
+from mpiattn.core.shard import counts
 
 PHASES = ["qkv", "attention", "out_proj", "allreduce", "norm", "mlp"]
 JOB = plan.Job(layers=3, heads=12, hidden=96, ffn=384, batch=4, seq_len=32)
@@ -134,7 +134,7 @@ def test_predicts_real_runs_within_30_percent(tmp_path):
     def runs(tag: str) -> None:
         for n in (1, 2, 4):
             out = tmp_path / f"r{n}{tag}.h5"
-            done = subprocess.run(["mpiexec", "-n", str(n), sys.executable, "-m", "mpiattn.cli",
+            done = subprocess.run(["mpiexec", "-n", str(n), sys.executable, "-m", "mpiattn",
                                    "run", *small, "-o", str(out)], capture_output=True,
                                   text=True, env=env, cwd=tmp_path, timeout=120)
             assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""``mpiattn.progress.Progress``: timed plain lines off a terminal, a tqdm bar on one."""
+"""``mpiattn.commands.progress.Progress``: timed plain lines off a terminal, a tqdm bar on one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from mpiattn.progress import Progress, duration
+from mpiattn.commands.progress import Progress, duration
 
 
 class Clock:

@@ -14,11 +14,12 @@ from helpers import TOL, sharded_forward
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mpiattn import config, reference
-from mpiattn.data import load_batch
+from mpiattn import config
+from mpiattn.core import reference
+from mpiattn.core.shard import counts, head_shard, partition, weighted_counts
 from mpiattn.errors import ConfigError
-from mpiattn.shard import counts, head_shard, partition, weighted_counts
-from mpiattn.weights import open_source
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.weights import open_source
 
 FEW = settings(max_examples=15, deadline=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -189,7 +190,7 @@ def test_token_file_round_trip(tmp_path_factory, batch, seq, vocab, data):
     """Any valid ids and prefix mask written as a run file's /input come back unchanged."""
     import h5py
 
-    from mpiattn.data import hdf5_batch
+    from mpiattn.inputs.data import hdf5_batch
 
     lengths = data.draw(st.lists(st.integers(1, seq), min_size=batch, max_size=batch))
     ids = np.array(data.draw(st.lists(st.lists(st.integers(1, vocab - 1), min_size=seq,

@@ -2,7 +2,7 @@
 is wrong. Every test drives the real command line in a subprocess (``mpiexec -n K`` where
 the rank count matters) and checks the exit code, the one line printed and the files left.
 
-Failure policy (mpiattn/cli.py): a UserError -> one line from rank 0, exit 2; an integrity
+Failure policy (mpiattn/commands/cli.py): a UserError -> one line from rank 0, exit 2; an integrity
 failure -> exit 3; anything else -> printed by the failing rank with its rank, then
 ``COMM_WORLD.Abort`` ends the job. Output is written to an exclusive temporary and renamed when
 complete, so no failure leaves a complete-looking file under the output name.
@@ -43,7 +43,7 @@ def mpiattn(*args: str, ranks: int | None = None, cwd: Path,
             wrapper: list[str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """The CLI (under ``mpiexec -n ranks`` if given); (result, wall seconds). A job that
     outlives HANG seconds is killed with its whole process group and fails the test."""
-    cmd = [sys.executable, *(wrapper or ["-m", "mpiattn.cli"]), *args]
+    cmd = [sys.executable, *(wrapper or ["-m", "mpiattn"]), *args]
     if ranks:
         if not Path(MPIEXEC).exists():
             pytest.skip("mpiexec not found")
@@ -118,7 +118,8 @@ def test_sigkill_of_one_rank_ends_the_job_and_leaves_nothing(tmp_path, rank):
 
 WRITE_THEN_DIE = """
 import os, signal, sys
-from mpiattn import cli, h5io
+from mpiattn.commands import cli
+from mpiattn.io import h5io
 
 real = h5io.write_array
 
@@ -165,7 +166,7 @@ from mpi4py import MPI  # shared memory of the MPI library first: it would hit t
 MPI.COMM_WORLD.Barrier()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
-from mpiattn.cli import main
+from mpiattn.commands.cli import main
 
 sys.exit(main(sys.argv[2:]))
 """
@@ -266,7 +267,7 @@ def checkpoints(tmp_path_factory):
     from test_weights import export_hf
 
     from mpiattn import config
-    from mpiattn.weights import SeededWeights
+    from mpiattn.io.weights import SeededWeights
 
     m = config.from_dict(TINY).model
     tensors = export_hf(SeededWeights(1, m, "float32"), m)
@@ -397,8 +398,8 @@ def test_bad_token_file_is_one_input_error_naming_it(token_files, case):
     and exit 2, shown for two of them below (one rank, and two ranks that agree)."""
     from helpers import tiny
 
-    from mpiattn.data import load_batch
     from mpiattn.errors import InputError
+    from mpiattn.inputs.data import load_batch
 
     path, message = token_files[case]
     cfg = tiny(model__max_positions=64, model__vocab=300, input__seq_len=16,
@@ -423,8 +424,8 @@ def test_absurd_declared_size_is_refused_before_reading(token_files):
     """In process, with the allocator traced: the refusal allocates (almost) nothing."""
     import tracemalloc
 
-    from mpiattn.data import hdf5_batch
     from mpiattn.errors import InputError
+    from mpiattn.inputs.data import hdf5_batch
 
     for case in ("absurd-shape", "absurd-batch"):
         path, message = token_files[case]
@@ -463,9 +464,9 @@ def test_bad_checkpoint_is_one_input_error_naming_it(checkpoints, case):
     """In process, every tensor a run would read; the CLI is shown below."""
     from helpers import tiny
 
+    from mpiattn.core.shard import head_shard
     from mpiattn.errors import InputError
-    from mpiattn.shard import head_shard
-    from mpiattn.weights import open_source
+    from mpiattn.io.weights import open_source
 
     m = tiny(model__heads=4, model__hidden=64, model__ffn=128, model__vocab=300,
              model__max_positions=64, model__weights=str(checkpoints[case])).model
@@ -546,8 +547,8 @@ def test_non_finite_activations_are_one_line(tmp_path, checkpoints):
 def test_bad_checkpoint_config_json_is_a_user_error(tmp_path, checkpoints, text):
     """What a run does with config.json: apply it, then check the world (in process)."""
     from mpiattn import config
+    from mpiattn.commands.placement import apply_checkpoint_shape
     from mpiattn.errors import UserError
-    from mpiattn.placement import apply_checkpoint_shape
 
     shutil.copy(checkpoints["good"] / "model.safetensors", tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(text)

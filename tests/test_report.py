@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from mpiattn import report
-from mpiattn.cli import main
+from mpiattn.analysis import report
+from mpiattn.commands.cli import main
 
 PHASES = ["qkv", "attention", "out_proj", "allreduce", "norm", "mlp"]
 RECORD = np.dtype([("replica", "i4"), ("layer", "i4"), ("site", "S16"), ("residual", "f8"),
@@ -113,7 +113,8 @@ def test_other_format_version_and_bare_file(tmp_path, capsys):
 
 def test_no_mpi_or_scipy_imported(tmp_path):
     path = write_run(tmp_path / "a.h5", 2, 1.0)
-    code = ("import sys; from mpiattn.cli import main; assert main(['report', sys.argv[1]]) == 0;"
+    code = ("import sys; from mpiattn.commands.cli import main;"
+            "assert main(['report', sys.argv[1]]) == 0;"
             "bad = [m for m in ('mpi4py', 'scipy', 'matplotlib', 'pandas', 'xarray')"
             " if m in sys.modules];"
             "assert not bad, bad")

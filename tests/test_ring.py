@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpiattn.transfers import CheckedRing
+from mpiattn.parallel.transfers import CheckedRing
 
 
 class OneRank:

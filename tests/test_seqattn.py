@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from helpers import TOL, ThreadAlltoall, ThreadRing, run_ranks
 
-from mpiattn.attention import KeyMask, Options, attention_backward, attention_cached, mask_bias
-from mpiattn.seqattn import (
+from mpiattn.core.attention import KeyMask, Options, attention_backward, attention_cached, mask_bias
+from mpiattn.core.seqattn import (
     SequenceAttention,
     SequenceSplit,
     merge,
@@ -59,7 +59,7 @@ def test_forward_of_every_slice_equals_whole_sequence_attention(algorithm, parts
     head_dim = 8
     qkv, key_mask = inputs(batch, seq, heads, head_dim, dtype, padded)
     want = np.empty((batch * seq, heads * head_dim), dtype=dtype)
-    from mpiattn.attention import heads_attention
+    from mpiattn.core.attention import heads_attention
 
     heads_attention(qkv, want, batch, seq, heads, head_dim, KeyMask.from_mask(key_mask),
                     Options("plain"))
@@ -175,7 +175,7 @@ def test_split_is_contiguous_and_uneven_and_ulysses_needs_a_head_per_rank():
 def test_nested_phases_count_every_second_once():
     """The sequence group's transfers are timed inside ``attention``: the timer takes the
     inner phase's seconds out of the outer one."""
-    from mpiattn.model import PhaseTimer
+    from mpiattn.core.model import PhaseTimer
 
     ticks = iter([0.0, 1.0, 4.0, 10.0])  # attention starts, sequence 1..4, attention ends
     timer = PhaseTimer(lambda: next(ticks), ("attention", "sequence"))
@@ -185,7 +185,7 @@ def test_nested_phases_count_every_second_once():
 
 
 def test_transfers_are_timed_as_the_sequence_phase():
-    from mpiattn.model import PhaseTimer
+    from mpiattn.core.model import PhaseTimer
 
     transfers, fakes = group("ulysses", 2)
     timers = [PhaseTimer(lambda: 0.0, ("sequence",)) for _ in range(2)]

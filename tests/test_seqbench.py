@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from mpiattn import files
+from mpiattn.analysis import files
+from mpiattn.commands.seqbench import (
+    LocalRing,
+    TimedTransfer,
+    check_sweep,
+    hidden_fraction,
+    peak_rss,
+)
 from mpiattn.errors import ConfigError
-from mpiattn.layout import SequenceBenchResult, write_sequence_bench
-from mpiattn.seqbench import LocalRing, TimedTransfer, check_sweep, hidden_fraction, peak_rss
+from mpiattn.io.layout import SequenceBenchResult, write_sequence_bench
 
 
 def test_hidden_fraction():

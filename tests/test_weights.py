@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import tiny
 
+from mpiattn.core.shard import head_shard
 from mpiattn.errors import InputError
-from mpiattn.shard import head_shard
-from mpiattn.weights import SafetensorsWeights, SeededWeights, resolve_weights
+from mpiattn.io.weights import SafetensorsWeights, SeededWeights, resolve_weights
 
 FIELDS = ("w_qkv", "b_qkv", "w_o", "w_1", "b_1", "w_2")
 
@@ -152,7 +152,7 @@ def test_unreadable_and_absent_files(tmp_path):
 def test_seeded_model_is_the_same_at_1_to_5_head_ranks(parts):
     """Every layer of a model split over ``parts`` head ranks joins to the one-rank layer,
     bit for bit (heads 12 over 5 ranks: 3, 3, 2, 2, 2)."""
-    from mpiattn.model import join_shards
+    from mpiattn.core.model import join_shards
 
     m = tiny(model__ffn=250).model
     d = m.hidden // m.heads
@@ -169,7 +169,7 @@ def test_seeded_model_is_the_same_at_1_to_5_head_ranks(parts):
 def test_seeded_values_are_table_entries_picked_by_16_raw_bits():
     """A head's stream, rebuilt by hand: its first tensor (Q) is the normal table at the
     little-endian 16-bit quarters of the raw PCG64 words, times 1/sqrt(hidden)."""
-    from mpiattn.weights import _HEAD, _normal_table
+    from mpiattn.io.weights import _HEAD, _normal_table
 
     m = tiny().model
     d = m.hidden // m.heads
@@ -187,7 +187,7 @@ def test_normal_table_is_standard_normal():
     Kolmogorov-Smirnov distance; a 2^16-value normal sample is at ~0.003)."""
     import math
 
-    from mpiattn.weights import _normal_table
+    from mpiattn.io.weights import _normal_table
 
     z = np.sort(_normal_table().astype(np.float64))
     assert z.dtype == np.float64 and z.size == 1 << 16

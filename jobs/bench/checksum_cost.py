@@ -26,13 +26,13 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpiattn.attention import KeyMask, Options
-from mpiattn.backend import limit_blas_threads, select
-from mpiattn.comm import CheckedAllreduce
 from mpiattn.config import Config
-from mpiattn.model import layer_forward
-from mpiattn.shard import head_shard
-from mpiattn.weights import SeededWeights
+from mpiattn.core.attention import KeyMask, Options
+from mpiattn.core.backend import limit_blas_threads, select
+from mpiattn.core.model import layer_forward
+from mpiattn.core.shard import head_shard
+from mpiattn.io.weights import SeededWeights
+from mpiattn.parallel.comm import CheckedAllreduce
 
 MODES = {"off": ("off", "native", True), "native": ("abft", "native", True),
          "float64": ("abft", "float64", True), "float64-allreduce": ("abft", "float64", False)}

@@ -5,7 +5,7 @@
 
 Both continue masked-language-model training of all-MiniLM-L6-v2 on data/corpus with
 AdamW (the settings of jobs/configs/finetune-minilm.toml) on the same global batches
-(``mpiattn.corpus.train_batch``: BERT masking seeded by step):
+(``mpiattn.inputs.corpus.train_batch``: BERT masking seeded by step):
 
 - ``mpiexec -n R mpiattn train`` (OMP_NUM_THREADS=1, one core per rank): seconds per
   optimizer step from its ``/train/tokens_per_second``;
@@ -47,7 +47,7 @@ def mpiattn_steps(args: argparse.Namespace, work: Path) -> np.ndarray:
     import h5py
 
     out = work / "train.h5"
-    cmd = ["mpiexec", "-n", str(args.ranks), sys.executable, "-m", "mpiattn.cli", "train",
+    cmd = ["mpiexec", "-n", str(args.ranks), sys.executable, "-m", "mpiattn", "train",
            str(CONFIG), "-o", str(out)]
     for s in settings(args):
         cmd += ["--set", s]
@@ -66,9 +66,9 @@ def torch_steps(args: argparse.Namespace) -> np.ndarray:
     from transformers import BertForMaskedLM
 
     from mpiattn import config
-    from mpiattn.corpus import Corpus, train_batch
-    from mpiattn.placement import apply_checkpoint_shape
-    from mpiattn.weights import model_folder
+    from mpiattn.commands.placement import apply_checkpoint_shape
+    from mpiattn.inputs.corpus import Corpus, train_batch
+    from mpiattn.io.weights import model_folder
 
     torch.set_num_threads(args.ranks)
     cfg = config.load(CONFIG, settings(args))

@@ -9,7 +9,7 @@ parent's ``perf_counter`` around ``subprocess.run``): BERT-base (12 layers, hidd
 12 heads, ffn 3072), ``--batch`` sequences of ``--seq`` tokens with no padding, float32,
 random weights, the last hidden state written to an HDF5 file.
 
-- **mpiattn**: ``mpiexec -n R python -m mpiattn.cli run`` with default settings (seeded
+- **mpiattn**: ``mpiexec -n R python -m mpiattn run`` with default settings (seeded
   weights, checksums on, float64 wire) and ``input.min_fill=1.0`` (no padding),
   ``output.layers="last"``. Its own /timings (setup, forward, per-phase, per layer) are
   read back from the file.
@@ -27,7 +27,7 @@ model file); the report gives the median of ``--runs`` per side, the ratio mpiat
 (target <= 0.85), the fastest run of each (steadier when others share the machine),
 and mpiattn's own breakdown (median over runs of the slowest rank): setup, forward,
 layer 0 against the median layer, phase shares. ``--gemm`` also measures the GEMM limit
-(``mpiattn.bench.gemm_rate`` at each rank's GEMM shapes, all ranks at once: the
+(``mpiattn.commands.bench.gemm_rate`` at each rank's GEMM shapes, all ranks at once: the
 forward's FLOPs at the summed rate) and reports it over the forward (target >= 0.75).
 Nothing is asserted; exit 1 only when a step fails.
 """
@@ -167,11 +167,11 @@ def mpiattn_breakdown(path: Path) -> dict[str, float]:
 
 def gemm_worker(batch: int, seq: int) -> None:
     """Under mpiexec: every rank's best SGEMM rate at its shard's GEMM shapes, all ranks
-    busy at once (``mpiattn.bench.gemm_rate``); rank 0 prints their sum."""
+    busy at once (``mpiattn.commands.bench.gemm_rate``); rank 0 prints their sum."""
     from mpi4py import MPI
     from threadpoolctl import threadpool_limits
 
-    from mpiattn.bench import gemm_rate
+    from mpiattn.commands.bench import gemm_rate
 
     world = MPI.COMM_WORLD
     ranks, m = world.Get_size(), BERT_BASE
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     mpi_env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.ranks)))
     ort_env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
     mpi_out, ort_out = args.work / "mpiattn.h5", args.work / "ort.h5"
-    mpi_cmd = ["mpiexec", "-n", str(args.ranks), sys.executable, "-m", "mpiattn.cli", "run",
+    mpi_cmd = ["mpiexec", "-n", str(args.ranks), sys.executable, "-m", "mpiattn", "run",
                "--set", f"input.batch={args.batch}", "--set", f"input.seq_len={args.seq}",
                "--set", "input.min_fill=1.0", "--set", 'output.layers="last"',
                "-o", str(mpi_out), "--force"]

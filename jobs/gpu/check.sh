@@ -50,7 +50,7 @@ if ! python3 -c "$needs; import mpiattn" 2>/dev/null; then
         exit 1
     fi
 fi
-python3 -c "from mpiattn.backend import cupy_device_count as n; print('GPUs:', n())"
+python3 -c "from mpiattn.core.backend import cupy_device_count as n; print('GPUs:', n())"
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
         > "$out/nvidia-smi.csv" || true
@@ -81,8 +81,8 @@ from pathlib import Path
 
 import h5py
 
-from mpiattn.h5io import atomic_file
-from mpiattn.outfile import Reservation
+from mpiattn.io.h5io import atomic_file
+from mpiattn.io.outfile import Reservation
 
 out = Path(sys.argv[1])
 with atomic_file(Reservation.make(out / "gpu-check.h5", force=True)) as f:

@@ -47,7 +47,7 @@ def options(sets: list[str]) -> list[str]:
 def run(out: Path, ranks: int, sets: list[str], tensor: int) -> Path:
     """One ``mpiattn run`` at ``ranks`` ranks with ``tensor`` head ranks; its file."""
     path = out / f"scale-{ranks}.h5"
-    cmd = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpiattn.cli", "run",
+    cmd = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpiattn", "run",
            *options(["backend=numpy", 'output.layers="none"', *sets,
                      f"parallel.tensor={tensor}"]), "-o", str(path), "--force"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -88,7 +88,7 @@ def main() -> int:
     fitted = [run(args.out, n, args.sets, fit_layout(args.sets, n)) for n in args.fit]
     every = sorted(set(args.fit) | set(args.predict))
     plan_sets = options([s for s in args.sets if s.split("=")[0].strip() in PLAN_KEYS])
-    done = subprocess.run([sys.executable, "-m", "mpiattn.cli", "plan", *map(str, fitted),
+    done = subprocess.run([sys.executable, "-m", "mpiattn", "plan", *map(str, fitted),
                            "--ranks", ",".join(map(str, every)), "--json", *plan_sets],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -121,8 +121,8 @@ def write(path: Path, every: list[int], rows: dict, measured: np.ndarray,
           predicted: np.ndarray, fit: list[int], plan_json: str) -> None:
     """``scaling.h5``, published atomically (``h5io.atomic_file``), replacing an earlier
     one of this folder."""
-    from mpiattn.h5io import atomic_file
-    from mpiattn.outfile import Reservation
+    from mpiattn.io.h5io import atomic_file
+    from mpiattn.io.outfile import Reservation
 
     with atomic_file(Reservation.make(path, force=True)) as f:
         dim = f.create_dataset("ranks", data=np.array(every, dtype=np.int64))

@@ -20,16 +20,16 @@ Readers (``--reader``):
 
 - ``config``: ``mpiattn.config.load`` of a TOML file; what loads must also survive the trip
   through ``to_toml`` (the ``config`` attribute of every output file) unchanged.
-- ``tokens``: ``mpiattn.data.hdf5_batch`` (``input.tokens``: /input/tokens and
+- ``tokens``: ``mpiattn.inputs.data.hdf5_batch`` (``input.tokens``: /input/tokens and
   /input/attention_mask); what it returns must be a valid batch.
-- ``safetensors``: ``mpiattn.weights.SafetensorsWeights``, ``embeddings()`` and ``layer()``
+- ``safetensors``: ``mpiattn.io.weights.SafetensorsWeights``, ``embeddings()`` and ``layer()``
   for both shards of a two-rank split.
 - ``checkpoint_json``: the ``config.json`` beside a checkpoint, as a run takes it
   (``apply_checkpoint_shape``, then ``config.check_world``).
-- ``verify``: ``mpiattn.h5io.verify`` of a finished run file (a tiny ``mpiattn run``
+- ``verify``: ``mpiattn.io.verify.verify`` of a finished run file (a tiny ``mpiattn run``
   output plus a collectives table and a training history); a damaged file must give a list
   of one-line problems.
-- ``report``: ``mpiattn.report.report`` of the same file, as text and as ``--json`` (which
+- ``report``: ``mpiattn.analysis.report.report`` of the same file, as text and as ``--json`` (which
   must be strict JSON).
 
 ``--atheris`` hands one reader to Google's coverage-guided fuzzer (``pip install atheris``,
@@ -61,8 +61,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from mpiattn import config, data  # noqa: E402
+from mpiattn import config  # noqa: E402
 from mpiattn.errors import UserError  # noqa: E402
+from mpiattn.inputs import data  # noqa: E402
 
 # The tiny model every seed file belongs to.
 MODEL = {"layers": 1, "heads": 2, "hidden": 8, "ffn": 16, "vocab": 20, "type_vocab": 2,
@@ -128,8 +129,8 @@ def seed_tokens(folder: Path) -> bytes:
 def seed_safetensors() -> bytes:
     from safetensors.numpy import save
 
-    from mpiattn.shard import head_shard
-    from mpiattn.weights import SeededWeights
+    from mpiattn.core.shard import head_shard
+    from mpiattn.io.weights import SeededWeights
 
     m = config.ModelConfig(**MODEL)
     src = SeededWeights(1, m, "float32")
@@ -175,8 +176,8 @@ def read_tokens(path: Path) -> None:
 
 
 def read_safetensors(path: Path) -> None:
-    from mpiattn.shard import head_shard
-    from mpiattn.weights import SafetensorsWeights
+    from mpiattn.core.shard import head_shard
+    from mpiattn.io.weights import SafetensorsWeights
 
     m = config.ModelConfig(**MODEL)
     source = SafetensorsWeights(path, m, np.float32)
@@ -189,7 +190,7 @@ def read_checkpoint_json(path: Path) -> None:
     """config.json beside a checkpoint: the model shape a run takes from it, as
     ``placement.apply_checkpoint_shape`` does (apply it, then check the config against a
     two-rank world)."""
-    from mpiattn.placement import apply_checkpoint_shape
+    from mpiattn.commands.placement import apply_checkpoint_shape
 
     (path.parent / "config.json").write_bytes(path.read_bytes())
     cfg = config.Config()
@@ -215,14 +216,14 @@ def seed_run(folder: Path) -> bytes:
 
     import h5py
 
-    from mpiattn.layout import RECORD_DTYPE
+    from mpiattn.io.layout import RECORD_DTYPE
 
     tiny = {"model.layers": 1, "model.heads": 2, "model.hidden": 8, "model.ffn": 16,
             "model.vocab": 20, "input.batch": 2, "input.seq_len": 4}
     sets = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (
         str(ROOT), os.environ.get("PYTHONPATH"))))}
-    subprocess.run([sys.executable, "-m", "mpiattn.cli", "run", *sets, "-o", "raw.h5",
+    subprocess.run([sys.executable, "-m", "mpiattn", "run", *sets, "-o", "raw.h5",
                     "--force"], check=True, capture_output=True, cwd=folder, env=env,
                    timeout=120)
     path = folder / "seed-run.h5"
@@ -255,7 +256,7 @@ def seed_run(folder: Path) -> bytes:
 
 def read_verify(path: Path) -> None:
     """A list of one-line problems (or a UserError when the file cannot be opened)."""
-    from mpiattn.h5io import verify
+    from mpiattn.io.verify import verify
 
     problems = verify(path)
     assert isinstance(problems, list)
@@ -267,7 +268,7 @@ def read_report(path: Path) -> None:
     import contextlib
     import io
 
-    from mpiattn.report import report
+    from mpiattn.analysis.report import report
 
     for as_json in (False, True):
         out = io.StringIO()

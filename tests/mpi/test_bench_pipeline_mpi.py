@@ -8,9 +8,9 @@ import pytest
 from helpers import TINY
 
 from mpiattn import config
-from mpiattn.bench import bench
-from mpiattn.h5io import verify
-from mpiattn.report import report
+from mpiattn.analysis.report import report
+from mpiattn.commands.bench import bench
+from mpiattn.io.verify import verify
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

@@ -9,10 +9,10 @@ import pytest
 from helpers import TINY
 
 from mpiattn import config
-from mpiattn.bench import bench
-from mpiattn.files import open as open_file
-from mpiattn.h5io import verify
-from mpiattn.report import report
+from mpiattn.analysis.files import open as open_file
+from mpiattn.analysis.report import report
+from mpiattn.commands.bench import bench
+from mpiattn.io.verify import verify
 
 pytestmark = pytest.mark.mpi(min_size=2)
 SWEEP = [24, 40]

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from helpers import TINY, TOL, dim_names, direct_head_stats
 
-from mpiattn import config, reference
-from mpiattn.data import load_batch
+from mpiattn import config
+from mpiattn.commands.runner import run
+from mpiattn.core import reference
 from mpiattn.errors import ConfigError
-from mpiattn.h5io import verify
-from mpiattn.runner import run
-from mpiattn.weights import open_source
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.verify import verify
+from mpiattn.io.weights import open_source
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

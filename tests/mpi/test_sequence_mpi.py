@@ -15,9 +15,9 @@ from test_run_mpi import check_against_reference
 from test_train import tiny_train
 
 from mpiattn import config
+from mpiattn.analysis.report import format_summary, load, summarize
+from mpiattn.commands.runner import run
 from mpiattn.errors import ConfigError, IntegrityError
-from mpiattn.report import format_summary, load, summarize
-from mpiattn.runner import run
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -96,7 +96,7 @@ def training_grids(size):
 def test_training_equals_one_process(world, corpus_dir):
     from mpi4py import MPI
 
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     size, rank = world.Get_size(), world.Get_rank()
     ref = corpus_dir / "seq-ref.h5"
@@ -160,7 +160,7 @@ def test_a_persistent_flip_stops_every_rank_and_leaves_no_file(world, shared_dir
                                                  ("alltoall.dqkv", "ulysses")])
 def test_a_flip_in_the_backward_is_healed_and_training_unchanged(world, corpus_dir, site,
                                                                  algorithm):
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     over = {"parallel.sequence": world.Get_size(), "parallel.tensor": 1, "train.steps": 3,
             "attention.sequence": algorithm}

@@ -7,10 +7,10 @@ as well (the block's checksum rows and its sum go chunk by chunk through cache).
 import numpy as np
 import pytest
 
-from mpiattn import checksum
-from mpiattn.backend import select
-from mpiattn.checksum import Fault
-from mpiattn.comm import CheckedAllreduce
+from mpiattn.core import checksum
+from mpiattn.core.backend import select
+from mpiattn.core.checksum import Fault
+from mpiattn.parallel.comm import CheckedAllreduce
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

@@ -31,7 +31,7 @@ def tensor_for(site, size):
 
 def train_job(world, folder, name, site, **over):
     """Train STEPS steps; (output, final checkpoint)."""
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     flat = {"train.steps": STEPS, "parallel.tensor": tensor_for(site, world.Get_size()),
             "train.checkpoint": str(folder / f"{name}-{{step}}.h5"),

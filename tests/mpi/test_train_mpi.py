@@ -12,10 +12,10 @@ from helpers import resume_errors
 from test_grad import numeric, rel_err, tiny_batch, tiny_model
 from test_train import tiny_train
 
-from mpiattn import mlm, model
-from mpiattn.backend import select
-from mpiattn.model import LocalReduce
-from mpiattn.shard import head_shard
+from mpiattn.core import mlm, model
+from mpiattn.core.backend import select
+from mpiattn.core.model import LocalReduce
+from mpiattn.core.shard import head_shard
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -25,7 +25,7 @@ def test_sharded_gradients_over_mpi(world):
     the one-process ones, and central differences of the distributed loss."""
     from mpi4py import MPI
 
-    from mpiattn.comm import CheckedAllreduce
+    from mpiattn.parallel.comm import CheckedAllreduce
 
     size, rank = world.Get_size(), world.Get_rank()
     tensor = min(size, 5)
@@ -85,7 +85,7 @@ def layouts(size):
 
 
 def run_train(world, folder, name, **over):
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     cfg = tiny_train(folder, **over)
     train(cfg, world, str(folder / name), True)
@@ -97,7 +97,7 @@ def run_train(world, folder, name, **over):
 def test_layouts_equal_one_process(world, corpus_dir, dtype):
     from mpi4py import MPI
 
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     size, rank = world.Get_size(), world.Get_rank()
     tol = {"float64": 1e-10, "float32": 1e-5}[dtype]
@@ -121,7 +121,7 @@ def test_layouts_equal_one_process(world, corpus_dir, dtype):
 
 def test_resume_with_another_tensor_size(world, corpus_dir):
     size, rank = world.Get_size(), world.Get_rank()
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     over = {"train.steps": 8, "train.checkpoint_every": 4, "parallel.tensor": size}
     cfg = tiny_train(corpus_dir, **over, **{"train.checkpoint": str(corpus_dir / "s-{step}.h5")})
@@ -145,8 +145,8 @@ def test_resume_with_another_tensor_size(world, corpus_dir):
 
 
 def test_config_errors_reach_every_rank(world, corpus_dir):
+    from mpiattn.commands.train import train
     from mpiattn.errors import UserError
-    from mpiattn.train import train
 
     cfg = tiny_train(corpus_dir, **{"train.corpus": str(corpus_dir / "missing.txt")})
     with pytest.raises(UserError, match="does not exist"):

@@ -32,7 +32,7 @@ def layouts(size):
 
 
 def run_train(world, folder, name, resume=None, **over):
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     cfg = tiny_train(folder, **over)
     train(cfg, world, str(folder / name), True, resume=resume)
@@ -44,7 +44,7 @@ def run_train(world, folder, name, resume=None, **over):
 def test_stages_equal_one_process(world, corpus_dir, dtype):
     from mpi4py import MPI
 
-    from mpiattn.train import train
+    from mpiattn.commands.train import train
 
     size, rank = world.Get_size(), world.Get_rank()
     tol = {"float64": 1e-10, "float32": 1e-5}[dtype]
@@ -94,7 +94,7 @@ def test_resume_with_another_pipeline_size(world, corpus_dir):
 def test_flipped_bits_between_stages_are_resent(world, corpus_dir):
     """A bit flipped in every activation sent forward, every gradient sent back and the tied
     embedding's gradient: each is caught, resent, and the losses equal a clean run's."""
-    from mpiattn.pipeline import stage_layers
+    from mpiattn.core.pipeline import stage_layers
 
     size, rank = world.Get_size(), world.Get_rank()
     stages = 2 if size % 2 == 0 else size

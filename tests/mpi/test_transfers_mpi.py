@@ -5,9 +5,9 @@ fault that persists stops every rank taking part, and each transfer leaves one r
 import numpy as np
 import pytest
 
-from mpiattn.checksum import Fault
+from mpiattn.core.checksum import Fault
 from mpiattn.errors import IntegrityError
-from mpiattn.transfers import (
+from mpiattn.parallel.transfers import (
     CheckedAllgather,
     CheckedAlltoall,
     CheckedP2P,

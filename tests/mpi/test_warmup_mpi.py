@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from mpiattn.attention import KeyMask, Options
-from mpiattn.backend import select
-from mpiattn.checksum import Fault
-from mpiattn.comm import CheckedAllreduce
-from mpiattn.model import layer_forward
-from mpiattn.shard import head_shard
-from mpiattn.warmup import warm_up
-from mpiattn.weights import SeededWeights
+from mpiattn.commands.warmup import warm_up
+from mpiattn.core.attention import KeyMask, Options
+from mpiattn.core.backend import select
+from mpiattn.core.checksum import Fault
+from mpiattn.core.model import layer_forward
+from mpiattn.core.shard import head_shard
+from mpiattn.io.weights import SeededWeights
+from mpiattn.parallel.comm import CheckedAllreduce
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

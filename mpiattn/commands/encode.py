@@ -1,0 +1,526 @@
+"""``mpiattn run`` on a text corpus: every line encoded by the head-sharded encoder, streamed.
+
+    mpiexec -n 4 mpiattn run jobs/configs/minilm.toml --set input.text='"corpus.txt"' -o c.h5
+
+Every rank reads the same chunk of ``input.chunk`` lines and tokenizes it (no padding,
+truncated at the model's own limit); the chunk is cut into length-sorted micro-batches of
+``input.batch`` sentences, and the micro-batches are assigned to the data-parallel
+replicas by estimated cost (``parallel.assign``; ``textstream.assign``). Each replica's
+head group runs its micro-batches through the encoder exactly as a one-batch run does
+(checked Allreduces, finite checks). The replica leaders send their rows to rank 0, which
+puts them back in line order and writes the chunk as a part (``corpusfile``); at the end
+the parts become the output file. Memory per rank is bounded by the chunk, never by the
+number of lines; a killed job continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config, check_world
+from ..core.backend import erf, to_host
+from ..core.model import PhaseTimer, encoder_forward, mean_pool
+from ..core.pipeline import PHASES as PIPELINE_PHASES
+from ..core.pipeline import stage_forward, stage_layers
+from ..errors import ConfigError, InputError, IntegrityError, UserError
+from ..inputs.data import Batch, tokenizer_path
+from ..inputs.textstream import (
+    SentenceTokenizer,
+    TextInfo,
+    assign,
+    batch_cost,
+    chunks,
+    model_max_length,
+    scan,
+    sorted_batches,
+)
+from ..io.corpusfile import ChunkResult, Parts, assemble, check_space, disk_file, job_key
+from ..io.layout import PHASES, write_phase_seconds, write_provenance, write_records
+from ..io.outfile import OutputExists
+from ..parallel import watchdog
+from ..parallel.faults import FaultyPhases, check_fault_targets, crash_points, slowdown
+from ..version import __version__
+from . import jobkit
+from .placement import (
+    RUN_SITES,
+    Plan,
+    apply_checkpoint_shape,
+    attention_options,
+    check_memory,
+    check_sequence,
+    load_shards,
+    make_p2p,
+    make_reducer,
+    place,
+)
+
+
+def truncation(cfg: Config) -> tuple[int, str]:
+    """(tokens, source) of the text truncation: input.max_tokens, else the model's own."""
+    if cfg.input.max_tokens:
+        return cfg.input.max_tokens, "input.max_tokens"
+    from ..io.weights import model_folder
+
+    folder = model_folder(cfg.model.weights) if cfg.model.weights else None
+    return model_max_length(folder, cfg.model.max_positions)
+
+
+CHUNK_LINES = 4096  # sorting 4096 lines leaves 1.9% padding on data/corpus (1024: 6.8%)
+CHUNK_STATES_BYTES = 200 * 2**20  # auto chunk: rank 0's per-token states of one chunk
+
+
+def auto_chunk(cfg: Config, tokens_per_line: float = 32.0) -> int:
+    """``input.chunk = 0``: 4096 lines, fewer when per-token states are kept, so that rank
+    0's states of one chunk stay near 200 MiB at ``tokens_per_line`` (never below 128)."""
+    kept = {"all": cfg.model.layers, "last": 1, "none": 0}[cfg.output.layers]
+    if not kept:
+        return CHUNK_LINES
+    per_line = 2 * kept * tokens_per_line * cfg.model.hidden * np.dtype(cfg.dtype).itemsize
+    return int(min(CHUNK_LINES, max(128, CHUNK_STATES_BYTES // per_line)))
+
+
+def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
+    """Every local check of a text run, no collective: ((tensor, info, tokenizer, digests),
+    digests)."""
+    from ..core.checksum import parse_faults
+
+    apply_checkpoint_shape(cfg)
+    if cfg.output.head_stats or cfg.output.attention_maps:
+        key = "output.head_stats" if cfg.output.head_stats else "output.attention_maps"
+        raise ConfigError(f"{key} is not yet supported with text input (input.text): per-head"
+                          " statistics and maps are written for seeded or HDF5 token input"
+                          " (input.tokens); remove the key for a text run")
+    tensor, _ = check_world(cfg, world_size)
+    check_sequence(cfg, tensor, cfg.input.seq_len)  # refuses text with parallel.sequence > 1
+    check_memory(cfg)
+    if not cfg.input.chunk:  # resolved before the config is digested (resume finds it)
+        cfg.input.chunk = auto_chunk(cfg)
+    info = scan(Path(cfg.input.text), cfg.input.pairs)
+    limit, _ = truncation(cfg)
+    tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab)
+    if cfg.input.pairs and 0 < cfg.input.max_tokens < 3:
+        raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens} with input.pairs: a pair"
+                          " needs at least 3 tokens ([CLS] a [SEP] b [SEP]'s specials)")
+    if cfg.input.pairs and cfg.model.type_vocab < 2:
+        raise ConfigError(f"input.pairs = true needs segment ids 0 and 1, but the model's type"
+                          f" vocabulary holds {cfg.model.type_vocab} (model.type_vocab)")
+    crash_points(cfg, rank)
+    slowdown(cfg, rank)
+    parse_faults(cfg.fault.inject, RUN_SITES, "run")
+    check_fault_targets(cfg, world_size)
+    digests = jobkit.input_digests(cfg)
+    return (tensor, info, tok, digests), digests
+
+
+def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, layout: dict,
+                resume: str | None) -> Parts:
+    if resume is None:
+        return Parts.new(out.path, key, layout, info.lines, cfg.input.chunk)
+    return Parts.find(out.path, key, layout, None if resume == "auto" else resume)
+
+
+def run_text(cfg: Config, world: Any, out_path: str, force: bool,
+             resume: str | None = None) -> Path | None:
+    """The whole streamed job on every rank; returns the output path on rank 0.
+    ``resume``: None (start afresh), "auto" (the interrupted run of this job beside the
+    output) or a parts folder."""
+    started = dt.datetime.now(dt.UTC)
+    wall0 = time.perf_counter()
+    rank = world.Get_rank()
+    (tensor, info, tok, digests), out = jobkit.preflight(
+        world, lambda: check_inputs(cfg, world.Get_size(), rank), output=(out_path, force))
+    jobkit.set_timeout(cfg.comm.timeout)
+    if rank == 0 and "input.seq_len" in cfg.explicit and not cfg.input.max_tokens:
+        limit, source = truncation(cfg)
+        print(f"mpiattn: note: input.seq_len is the length of seeded input; text is cut at"
+              f" {limit} tokens ({source}): set input.max_tokens to change that", flush=True)
+    parts = None
+    try:
+        key = job_key(cfg.to_toml(), digests)
+        layout = {"world_size": world.Get_size(), "tensor": tensor,  # the rows' exact bits
+                  "pipeline": cfg.parallel.pipeline}
+        parts = jobkit.agreed(world, lambda: _open_parts(cfg, out, info, key, layout, resume)
+                              if rank == 0 else None, during="opening the parts folder")
+        dog = watchdog.current()
+        if dog is not None and parts is not None:  # a signal keeps the finished chunks
+            dog.kept = lambda: _kept_note(parts, info.lines, cfg.input.chunk)
+        first_chunk = world.bcast(parts.done() if rank == 0 else None, root=0)
+        limit = tok.max_length
+        shape = Batch(np.zeros((cfg.input.batch, limit), dtype=np.int64),
+                      np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
+        p = place(cfg, world, tensor, shape)
+        job = _Job(cfg, world, p, tok, info, parts)
+        job.encode(first_chunk)
+        return job.finish(out, started, wall0)
+    except (InputChanged, OutputExists):
+        if parts is not None:  # chunks of another file, or another job published the
+            parts.remove()     # output: never resumable
+        raise
+    finally:
+        if out is not None:
+            out.discard()
+        if parts is not None:
+            _leave_parts(parts, info.lines, cfg.input.chunk)
+
+
+class InputChanged(InputError):
+    """input.text changed while the job read it (its chunks are of no use)."""
+
+
+def _kept_note(parts: Parts, lines: int, chunk: int) -> str | None:
+    """What a stopped job leaves: its finished chunks, kept for --resume (None: none)."""
+    done = parts.done()
+    if done == 0:
+        return None
+    return (f"{min(done * chunk, lines)} of {lines} lines are done and kept in"
+            f" '{parts.folder}': run the same command with --resume to continue")
+
+
+def _leave_parts(parts: Parts, lines: int, chunk: int) -> None:
+    """After a failure: keep finished chunks for --resume (and say so), else remove."""
+    note = _kept_note(parts, lines, chunk)
+    if note is None:
+        parts.remove()
+        return
+    parts.release()
+    print(f"mpiattn: note: {note}", flush=True)
+
+
+class _Job:
+    """The streamed encoding on one rank (built after the pre-flight agreed)."""
+
+    def __init__(self, cfg: Config, world: Any, p: Plan, tok: SentenceTokenizer,
+                 info: TextInfo, parts: Parts | None) -> None:
+        self.cfg, self.world, self.p, self.tok, self.info = cfg, world, p, tok, info
+        self.parts = parts  # rank 0 only
+        self.rank = world.Get_rank()
+        grid = p.grid
+        self.leader = grid.coord("tensor") == 0
+        self.replicas, self.replica = grid.axis_size("data"), grid.coord("data")
+        self.stages, self.stage = grid.axis_size("pipeline"), grid.coord("pipeline")
+        self.head_comm = grid.comm("tensor")
+        self.kept = {"all": list(range(cfg.model.layers)), "last": [cfg.model.layers - 1],
+                     "none": []}[cfg.output.layers]
+        self.phases = PHASES + (PIPELINE_PHASES if self.stages > 1 else ())
+        self.timer = PhaseTimer(p.backend.timer(), self.phases)
+        crashes, slow = crash_points(cfg, self.rank), slowdown(cfg, self.rank)
+        self.phase = (FaultyPhases(self.timer, crashes, self.rank, slow)
+                      if crashes or slow > 1 else self.timer)
+        self.reducer = make_reducer(cfg, p)
+        self.records: dict[tuple[int, str], list] = {}  # (layer, site) -> aggregate
+        self.busy = self.wait = 0.0  # seconds computing, seconds waiting for other replicas
+        self.lines = self.tokens = self.padded = 0  # this replica's work
+        t0 = time.perf_counter()
+        erf(p.backend.xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # the erf kernel, outside timings
+        self.my_layers = stage_layers(cfg.model.layers, self.stages, self.stage)
+        self.emb, self.layers = load_shards(cfg, p, world, self.my_layers)
+        self.p2p = make_p2p(cfg, p) if self.stages > 1 else None
+        self.setup_s = time.perf_counter() - t0
+
+    # --- one micro-batch ----------------------------------------------------------------
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None
+                 ) -> tuple[np.ndarray | None, dict[tuple[int, str], np.ndarray]]:
+        """Pooled rows (None but on the last pipeline stage) and the kept states of this
+        stage's layers for real tokens (row-major), on host."""
+        cfg, xp = self.cfg, self.p.backend.xp
+        d_mask = xp.asarray(mask)
+        pieces: dict[tuple[int, str], list[np.ndarray]] = {}
+
+        def on_layer(i: int, rows: slice, attn: Any, hidden: Any) -> None:
+            from ..parallel.comm import check_finite
+
+            if cfg.check.finite != "off":
+                check_finite(self.head_comm, attn, i, "attention")
+                check_finite(self.head_comm, hidden, i, "mlp")
+            if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "layer":
+                self.reducer.check_agreement(hidden, site="hidden", layer=i)
+            if self.leader and i in self.kept:  # micro-batches come in row order
+                pieces.setdefault((i, "attention"), []).append(to_host(attn[d_mask[rows]]))
+                pieces.setdefault((i, "hidden"), []).append(to_host(hidden[d_mask[rows]]))
+
+        d_ids, d_types = xp.asarray(ids), None if types is None else xp.asarray(types)
+        eps, options = cfg.model.layer_norm_eps, attention_options(cfg, self.p)
+        if self.stages == 1:
+            hidden = encoder_forward(d_ids, d_mask, self.emb, self.layers, self.reducer, eps,
+                                     self.phase, lambda i, a, h: on_layer(i, slice(None), a, h),
+                                     options, cfg.parallel.overlap, d_types)
+        else:  # GPipe fill and drain over this micro-batch's rows (pipeline.stage_forward)
+            finals = stage_forward(d_ids, d_mask, d_types, self.emb,
+                                   dict(zip(self.my_layers, self.layers, strict=True)),
+                                   self.reducer, eps, self.stage, self.stages, self.p2p,
+                                   cfg.parallel.microbatches, self.phase, on_layer, options,
+                                   cfg.parallel.overlap)
+            hidden = xp.concatenate([h for _, h in finals]) if finals else None
+        states = {key: np.concatenate(parts) for key, parts in pieces.items()}
+        if hidden is None:
+            return None, states
+        if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
+            self.reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
+        return to_host(mean_pool(hidden, d_mask)), states
+
+    def _drain_records(self) -> None:
+        """Fold the reducer's (and the pipeline messages') records into one aggregate per
+        (layer, site): memory stays bounded however many micro-batches run."""
+        received = self.p2p.records if self.p2p is not None else []
+        for r in [*self.reducer.records, *received]:
+            agg = self.records.setdefault((r.layer, r.site), [0, 0.0, 0.0, 0.0, True, 0, 0])
+            agg[0] += 1
+            if r.ratio >= agg[3]:
+                agg[1], agg[2], agg[3] = r.residual, r.bound, r.ratio
+            agg[4] = agg[4] and r.passed
+            agg[5] += r.retries
+            agg[6] = r.digest or agg[6]
+        self.reducer.records.clear()
+        if self.p2p is not None:
+            self.p2p.records.clear()
+
+    # --- the stream ---------------------------------------------------------------------
+
+    def encode(self, first_chunk: int) -> None:
+        from .progress import Progress
+
+        cfg, size = self.cfg, self.cfg.input.chunk
+        start = min(first_chunk * size, self.info.lines)
+        self.world.Barrier()
+        self.t_fwd = time.perf_counter()
+        with Progress(self.info.lines, "lines", start=start, verbose=self.rank == 0,
+                      fields={"tok/s": 0.0}) as bar:
+            if start:
+                bar.note(f"mpiattn: resuming: {start} of {self.info.lines} lines were done")
+            # tokens shown: rank 0's micro-batches times the replicas, then the chunk's own
+            self.tokens_done = self.tokens_estimated = 0
+            self.t0 = time.perf_counter()
+            end = start
+            for index, (first, items) in enumerate(
+                    chunks(Path(cfg.input.text), size, cfg.input.pairs, start), first_chunk):
+                end = first + len(items)
+                if end > self.info.lines:
+                    raise self._changed("more")
+                self._chunk(index, first, items, bar)
+            if end != self.info.lines:
+                raise self._changed("fewer")
+        self.p.backend.sync()
+        self.forward_s = time.perf_counter() - self.t_fwd
+
+    def _changed(self, how: str) -> InputChanged:
+        return InputChanged(f"input.text = '{self.cfg.input.text}' changed while the job"
+                            f" read it: it now has {how} than the {self.info.lines} lines it"
+                            " had at the start; its chunks are discarded: run again")
+
+    def _chunk(self, index: int, first: int, items: list, bar: Any) -> None:
+        """Encode one chunk on every rank; rank 0 writes it. ``bar`` (rank 0's progress)
+        moves with rank 0's micro-batches, by their share of the chunk."""
+        cfg = self.cfg
+        toks = self.tok.encode(items, first)
+        lengths = toks.lengths
+        batches = sorted_batches(lengths, cfg.input.batch)
+        costs = [batch_cost(b, lengths, cfg.model.hidden) for b in batches]
+        mine = assign(costs, self.replicas, cfg.parallel.assign)[self.replica]
+        results = []
+        t0 = time.perf_counter()
+        n, mine_lines = len(items), sum(len(batches[j]) for j in mine)
+        shown = 0  # lines of this chunk the progress shows so far
+        for j in mine:
+            rows = batches[j]
+            ids, mask, types = toks.padded(rows)
+            pooled, states = self._forward(ids, mask, types if cfg.input.pairs else None)
+            results.append((rows, pooled, states))
+            self.lines += len(rows)
+            self.tokens += int(mask.sum())
+            self.padded += mask.size
+            step = min(n - shown, round(len(rows) * n / max(mine_lines, 1)))
+            shown += step
+            self._progress(bar, step, int(mask.sum()) * self.replicas)
+        busy = time.perf_counter() - t0
+        self.busy += busy
+        self._drain_records()
+        t1 = time.perf_counter()
+        if self.leader and self.stages > 1:  # each stage's layers, the last one's pooling
+            parts = self.p.grid.comm("pipeline").gather(results, root=0)
+            if self.stage == 0:
+                results = [(rows, parts[-1][k][1],
+                            {key: a for part in parts for key, a in part[k][2].items()})
+                           for k, (rows, _, _) in enumerate(results)]
+        if self.leader and self.stage == 0:  # one copy of each replica's rows to rank 0
+            payload = (busy, results, _digest(results))
+            gathered = self.p.grid.comm("data").gather(payload, root=0)
+        self.wait += time.perf_counter() - t1
+        error = None
+        if self.rank == 0:
+            try:
+                self._write(index, first, items, toks, gathered)
+            except OSError as err:
+                error = UserError(f"cannot write chunk {index} to '{self.parts.folder}':"
+                                  f" {err.strerror or err}")
+            except (UserError, IntegrityError) as err:
+                error = err
+        # rank 0's write is agreed before the next chunk's collectives
+        failed = self.world.bcast(None if error is None else (type(error), str(error)), root=0)
+        if failed is not None:
+            kind, text = failed
+            err = error if error is not None else (
+                kind(text, self.world) if issubclass(kind, IntegrityError) else kind(text))
+            if isinstance(err, IntegrityError):
+                err.comm = self.world
+            else:
+                err.agreed = True
+            raise err
+        self.tokens_done += int(lengths.sum()) - self.tokens_estimated
+        self.tokens_estimated = 0
+        self._progress(bar, n - shown, 0)
+
+    def _progress(self, bar: Any, lines: int, tokens_estimate: int) -> None:
+        self.tokens_estimated += tokens_estimate
+        self.tokens_done += tokens_estimate
+        rate = self.tokens_done / max(time.perf_counter() - self.t0, 1e-9)
+        bar.update(lines, **{"tok/s": rate})
+
+    def _write(self, index: int, first: int, items: list, toks: Any, gathered: list) -> None:
+        cfg, n = self.cfg, len(items)
+        hidden = cfg.model.hidden
+        offsets = np.concatenate([[0], np.cumsum(toks.lengths)])
+        pooled = np.empty((n, hidden), dtype=np.dtype(cfg.dtype))
+        layers = {(i, name): np.empty((int(offsets[-1]), hidden), dtype=pooled.dtype)
+                  for i in self.kept for name in ("attention", "hidden")}
+        busy = []
+        for replica, (seconds, results, digest) in enumerate(gathered):
+            if _digest(results) != digest:
+                raise IntegrityError(f"the rows of replica {replica} in chunk {index} arrived"
+                                     " altered (digest mismatch) at rank 0")
+            busy.append(seconds)
+            for rows, p_rows, states in results:
+                pooled[rows] = p_rows
+                lengths = toks.lengths[rows]
+                starts = np.concatenate([[0], np.cumsum(lengths)])
+                for key, a in states.items():
+                    dest = layers[key]
+                    for k, row in enumerate(rows):
+                        dest[offsets[row]:offsets[row + 1]] = a[starts[k]:starts[k + 1]]
+        pairs = cfg.input.pairs
+        text = [it[0] for it in items] if pairs else list(items)
+        mean = float(np.mean(busy)) if busy else 0.0
+        stats = {"busy_max": max(busy, default=0.0), "busy_mean": mean, "lines": n,
+                 "tokens": float(offsets[-1])}
+        self.parts.write(index, ChunkResult(
+            first, text, [it[1] for it in items] if pairs else None, toks.ids,
+            toks.types if pairs else None, toks.truncated, pooled, layers, stats))
+
+    # --- the end ------------------------------------------------------------------------
+
+    def finish(self, out: Any, started: dt.datetime, wall0: float) -> Path | None:
+        from ..parallel.comm import gather_rows
+
+        cfg, p, phases = self.cfg, self.p, self.phases
+        seconds = np.zeros((cfg.model.layers, len(phases)))
+        for (layer, name), s in self.timer.seconds.items():
+            seconds[layer, phases.index(name)] += s
+        all_seconds = gather_rows(self.world, seconds[None])
+        per_rank = np.array([[self.forward_s, self.setup_s, time.perf_counter() - wall0,
+                              p.backend.memory_high_water(), self.busy, self.wait,
+                              self.lines, self.tokens, self.padded]])
+        totals = gather_rows(self.world, per_rank)
+        host_info = self.world.gather((socket.gethostname(), p.backend.device))
+        records = self.world.gather([(self.replica, key, agg) for key, agg in
+                                     self.records.items()] if self.leader else [])
+
+        def write() -> Path:
+            check_space(out.path.parent, int(self.parts.size() * 1.1) + (4 << 20),
+                        "the output file")
+            with disk_file(out) as f:
+                f.attrs["write_mode"] = "chunks gathered to rank 0, assembled from parts"
+                write_provenance(f, cfg, p, started, "run", host_info)
+                self._write_file(f, all_seconds, totals, records, phases)
+            self.parts.remove()
+            self._summary(totals, out.path)
+            return out.path
+
+        return jobkit.conclude(self.world, write if self.rank == 0 else None)
+
+    def _write_file(self, f: Any, seconds: np.ndarray, totals: np.ndarray, records: list,
+                    phases: tuple[str, ...]) -> None:
+        from ..io import h5io
+        from ..parallel.transfers import Record
+
+        cfg = self.cfg
+        counts = assemble(f, self.parts, self.info.lines, cfg.model.hidden,
+                          np.dtype(cfg.dtype), self.kept, cfg.input.pairs,
+                          cfg.output.compression)
+        limit, source = truncation(cfg)
+        stats = self.parts.read_stats()
+        busy_max = sum(s.get("busy_max", 0.0) for s in stats)
+        busy_mean = sum(s.get("busy_mean", 0.0) for s in stats)
+        f.attrs.update({"lines": counts["lines"], "tokens": counts["tokens"],
+                        "max_tokens": limit, "max_tokens_source": source,
+                        "truncated_lines": counts["truncated"], "chunk_lines": cfg.input.chunk,
+                        "micro_batch": cfg.input.batch, "assign": cfg.parallel.assign,
+                        "replica_imbalance": busy_max / busy_mean if busy_mean else 1.0})
+        t = f.create_group("timings")
+        write_phase_seconds(t, seconds, ("rank", "layer", "phase"), phases)
+        for i, name in enumerate(("forward", "setup", "total")):
+            h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
+        h5io.write_array(t, "busy", totals[:, 4], ("rank",), units="s",
+                         description="seconds in this rank's micro-batches (this session)")
+        h5io.write_array(t, "wait", totals[:, 5], ("rank",), units="s",
+                         description="seconds waiting for the other replicas at chunk ends")
+        work = f.create_group("work")
+        for i, name in ((6, "lines"), (7, "tokens"), (8, "padded_tokens")):
+            h5io.write_array(work, name, totals[:, i].astype(np.int64), ("rank",),
+                             units="1", description=f"{name.replace('_', ' ')} this rank's"
+                             " replica encoded (this session)")
+        h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
+                         units="bytes", description="peak RSS (CPU) or CuPy pool total (GPU)")
+        rows = [(replica, Record(layer, site, *agg[1:4], bool(agg[4]), int(agg[5]),
+                                 int(agg[6]), int(agg[0])))
+                for part in records for replica, (layer, site), agg in part]
+        if rows:
+            write_records(f, rows)
+            f["checksum/collectives"].attrs["aggregated"] = (
+                "one row per (replica, layer, site): the worst ratio, retries summed, passed"
+                " only if all passed; 'chunk' holds the number of transfers")
+        f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
+        f.attrs["status"] = "complete"
+
+    def _summary(self, totals: np.ndarray, path: Path) -> None:
+        cfg, p, m = self.cfg, self.p, self.cfg.model
+        lines, tokens = int(totals[:, 6].sum()), int(totals[:, 7].sum())
+        padded = int(totals[:, 8].sum())
+        # every rank of a replica (its stages' head groups) counts the replica's work: once
+        tensor = p.grid.axis_size("tensor") * p.grid.axis_size("pipeline")
+        lines, tokens, padded = lines // tensor, tokens // tensor, padded // tensor
+        forward = float(totals[:, 0].max())
+        limit, source = truncation(cfg)
+        print(f"mpiattn {__version__}: {m.layers} layers, {m.heads} heads, hidden {m.hidden};"
+              f" {self.info.lines} lines of '{cfg.input.text}', micro-batches of"
+              f" {cfg.input.batch}, {cfg.dtype}, {p.backend.name}")
+        print(f"ranks {p.grid.size} = {self.replicas} data x {tensor} head; heads per rank"
+              f" {p.head_counts}; BLAS threads/rank {p.threads or '-'}; assign"
+              f" {cfg.parallel.assign}")
+        busy = totals[:, 4]
+        print(f"encoded {lines} lines, {tokens} tokens ({padded - tokens} padding) in"
+              f" {forward:.2f} s: {lines / max(forward, 1e-9):.1f} lines/s,"
+              f" {tokens / max(forward, 1e-9):.0f} tokens/s; replicas busy"
+              f" {busy.min():.2f}-{busy.max():.2f} s; truncated at {limit} tokens ({source}):"
+              f" see /input/truncated")
+        print(f"peak memory {totals[:, 3].max() / 2**30:.2f} GiB/rank; wall"
+              f" {totals[:, 2].max():.2f} s")
+        print(f"wrote {path}")
+
+
+def _digest(results: list) -> str:
+    """SHA-256 over every array a replica sends to rank 0 (checked on arrival)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rows, pooled, states in results:
+        h.update(np.ascontiguousarray(rows).tobytes())
+        h.update(np.ascontiguousarray(pooled).tobytes())
+        for key in sorted(states):
+            h.update(np.ascontiguousarray(states[key]).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,249 @@
+"""Where a job's ranks stand and what each holds: the part of the job kit after the
+pre-flight, shared by run, bench and train.
+
+    plan = place(cfg, world, tensor, batch)      # collective: grid, backend, heads, rows
+    reducer = make_reducer(cfg, plan)            # the checked Allreduce of the head group
+    emb, layers = load_shards(cfg, plan, world, range(cfg.model.layers))
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import Config, coerce, validate
+from ..core.attention import Options
+from ..core.backend import Backend, limit_blas_threads, oversubscription, select
+from ..core.model import SITES
+from ..core.pipeline import SITE as PIPELINE_SITE
+from ..core.seqattn import BACKWARD_SITES as SEQUENCE_BACKWARD_SITES
+from ..core.seqattn import RING_BACKWARD_SITES, RING_SITES, ULYSSES_BACKWARD_SITES, ULYSSES_SITES
+from ..core.seqattn import SITES as SEQUENCE_SITES
+from ..core.shard import HeadShard, counts, head_shard, partition
+from ..errors import ConfigError, InputError
+from ..inputs.data import Batch
+from ..io.weights import checkpoint_shape, model_folder, open_source
+from ..parallel.faults import slowdown
+
+# where fault.inject may flip a bit in run and bench
+RUN_SITES = (*SITES, PIPELINE_SITE, *SEQUENCE_SITES)
+
+
+def apply_checkpoint_shape(cfg: Config) -> None:
+    """Take model.* from the checkpoint's config.json; an explicit different value is an error."""
+    if not cfg.model.weights:
+        return
+    folder = model_folder(cfg.model.weights)
+    shape = checkpoint_shape(folder)
+    for key, raw in shape.items():
+        dotted = f"model.{key}"
+        current = getattr(cfg.model, key)
+        try:
+            value = coerce(dotted, raw, type(current))
+        except ConfigError as err:
+            raise InputError(f"'{folder / 'config.json'}': {err}") from None
+        if dotted in cfg.explicit and current != value:
+            raise ConfigError(
+                f"{dotted} = {current} but the checkpoint has {value}: remove {dotted}"
+                " from the config or load a matching checkpoint"
+            )
+        setattr(cfg.model, key, value)
+    validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
+
+
+def check_memory(cfg: Config) -> None:
+    """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory:
+    a MemoryError mid-job on some ranks is worse than one line now."""
+    import os
+
+    m = cfg.model
+    need = (m.vocab + m.max_positions + m.type_vocab) * m.hidden * np.dtype(cfg.dtype).itemsize
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise ConfigError(f"the embedding tables need {need / 2**30:.1f} GiB on every rank;"
+                          f" this node has {have / 2**30:.1f} GiB: lower model.vocab,"
+                          " model.hidden or model.max_positions")
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first FLOP."""
+
+    cfg: Config
+    grid: Any
+    backend: Backend
+    shard: HeadShard
+    head_counts: list[int]
+    batch: Batch  # the whole batch
+    rows: tuple[int, int]  # (count, start) of this replica's sequences
+    threads: int
+    limiter: Any = field(repr=False, default=None)
+
+
+def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
+    """Process grid, backend, BLAS threads and this rank's heads and rows (run and train)."""
+    from ..parallel.grid import GridShape, make_grid
+
+    grid = make_grid(world, GridShape.of(world.Get_size(), tensor, cfg.parallel.pipeline,
+                                         cfg.parallel.sequence))
+    backend = select(cfg.backend, grid.local_rank)
+    threads, limiter = limit_blas_threads(grid.local_size) if not backend.is_gpu else (0, None)
+    warning = oversubscription(grid.local_size, threads) if threads else None
+    if warning and world.Get_rank() == 0:
+        print(warning, file=sys.stderr, flush=True)
+    m = cfg.model
+    head_counts = counts(m.heads, tensor)
+    if cfg.parallel.balance == "measured" and tensor > 1:
+        head_counts = calibrated_counts(cfg, grid, backend, batch)
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, grid.coord("tensor"),
+                       head_counts)
+    rows = partition(batch.shape[0], grid.axis_size("data"), grid.coord("data"))
+    return Plan(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter)
+
+
+def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) -> list[int]:
+    """Heads per head rank from measured rates, averaged over replicas and token slices
+    (the same on every rank)."""
+    from mpi4py import MPI
+
+    from ..core.balance import head_rate, measured_counts
+
+    m = cfg.model
+    rows = min(batch.shape[0] * batch.shape[1], 2048)
+    rate = head_rate(backend.xp, rows, m.hidden, m.hidden // m.heads, max(1, m.ffn // m.heads),
+                     np.dtype(cfg.dtype), slowdown=slowdown(cfg, grid.rank))
+    rates = np.array(grid.comm("tensor").allgather(rate))
+    # every replica and token slice: the same split (a sequence group's ranks must hold the
+    # same heads, or their Alltoall and ring buffers would not match)
+    summed = grid.comm_over(("data", "sequence"))
+    summed.Allreduce(MPI.IN_PLACE, rates, op=MPI.SUM)
+    if all(summed is not comm for comm in grid.comms.values()):  # made for this sum
+        summed.Free()
+    return measured_counts(m.heads, list(rates))
+
+
+def attention_options(cfg: Config, p: Plan) -> Options:
+    """The attention options of this rank's plan (``Options.configured``)."""
+    return Options.configured(cfg.attention.impl, cfg.attention.block, p.threads)
+
+
+def make_reducer(cfg: Config, p: Plan, comm: Any = None, group_ranks: list[int] | None = None,
+                 sites: tuple[str, ...] = RUN_SITES) -> Any:
+    """The checked Allreduce over ``comm`` (default: this rank's head group); ``sites``:
+    where the command's ``fault.inject`` may aim (train: ``train.TRAIN_SITES``)."""
+    from ..core.checksum import parse_faults
+    from ..parallel.comm import CheckedAllreduce, cuda_aware_mpi
+
+    aware = {"true": True, "false": False}.get(cfg.comm.cuda_aware)
+    if aware is None:
+        aware = p.backend.is_gpu and cuda_aware_mpi()
+    return CheckedAllreduce(
+        comm=p.grid.comm("tensor") if comm is None else comm, backend=p.backend,
+        mode=cfg.checksum.mode, wire=cfg.checksum.wire,
+        on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
+        hash_every=cfg.checksum.hash_every, cuda_aware=aware,
+        faults=parse_faults(cfg.fault.inject, sites), world_rank=p.grid.rank,
+        group_ranks=p.grid.group_ranks("tensor") if group_ranks is None else group_ranks,
+    )
+
+
+def load_shards(cfg: Config, p: Plan, world: Any, indices: range,
+                vocab_rows: np.ndarray | None = None) -> tuple[Any, list]:
+    """Embeddings and this rank's shard of the given layers, on the rank's device.
+    ``vocab_rows``: the only token ids this rank embeds (sorted, unique; see
+    ``weights.Source.embeddings``), or None for the whole word table."""
+    from .jobkit import agreed
+
+    def read() -> tuple[Any, list]:
+        try:
+            source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
+            return (source.embeddings(vocab_rows),
+                    [source.layer(i, p.shard) for i in indices])
+        except ValueError as err:  # e.g. a tensor's bytes that do not fit its shape
+            raise InputError(str(err)) from None
+
+    emb, layers = agreed(world, read, during="loading weights")
+    if not p.backend.is_gpu:
+        return emb, layers
+    dev = p.backend.xp.asarray
+    emb = type(emb)(*(dev(a) for a in vars(emb).values()))
+    layers = [type(lp)(**{k: v if k == "head_dim" else dev(v) for k, v in vars(lp).items()})
+              for lp in layers]
+    return emb, layers
+
+
+def make_p2p(cfg: Config, p: Plan) -> Any:
+    """The checked point-to-point transfers between this rank's pipeline stages."""
+    from ..core.checksum import parse_faults
+    from ..parallel.transfers import CheckedP2P, FaultPlan, RetryPolicy
+
+    return CheckedP2P(p.grid.comm("pipeline"),
+                      RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
+                      FaultPlan(parse_faults(cfg.fault.inject, RUN_SITES), p.grid.rank),
+                      group_ranks=p.grid.group_ranks("pipeline"), abort_on_failure=True)
+
+
+def check_sequence(cfg: Config, tensor: int, seq: int, command: str = "run") -> None:
+    """What ``parallel.sequence = Q`` needs, checked before any collective (ConfigError, one
+    line): a token per rank, a head per rank for Ulysses (``seqattn.resolve``; the fewest
+    heads any head rank holds), a fault site the chosen algorithm uses; refused where it is
+    not built (text input, per-head statistics and maps)."""
+    from ..core.seqattn import resolve
+
+    parts = cfg.parallel.sequence
+    sites = {e.get("site") for e in cfg.fault.inject if isinstance(e, dict)}
+    used = sites & set(SEQUENCE_SITES + SEQUENCE_BACKWARD_SITES)
+    if parts == 1:
+        if used:
+            raise ConfigError(f"fault.inject site '{sorted(used)[0]}' moves tokens between"
+                              " sequence slices, and parallel.sequence = 1 has none: raise"
+                              " parallel.sequence")
+        return
+    if cfg.input.text:
+        raise ConfigError("parallel.sequence > 1 is built for token input (seeded or"
+                          " input.tokens), not for streamed text (input.text): its batches"
+                          " have every length; use parallel.tensor and data parallelism")
+    if cfg.output.head_stats or cfg.output.attention_maps:
+        raise ConfigError("output.head_stats and output.attention_maps are not built with"
+                          " parallel.sequence > 1: turn them off or set parallel.sequence = 1")
+    if seq < parts:
+        raise ConfigError(f"parallel.sequence = {parts} ranks for sequences of {seq} tokens:"
+                          f" each rank needs a token (parallel.sequence <= {seq})")
+    try:
+        algorithm = resolve(cfg.attention.sequence, min(counts(cfg.model.heads, tensor)), parts)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    wrong = used - set({"ulysses": ULYSSES_SITES + ULYSSES_BACKWARD_SITES,
+                        "ring": RING_SITES + RING_BACKWARD_SITES}[algorithm])
+    if wrong:
+        raise ConfigError(f"fault.inject site '{sorted(wrong)[0]}' is not used by"
+                          f" attention.sequence = \"{algorithm}\" in this {command}")
+
+
+def make_sequence(cfg: Config, p: Plan, seq: int, sites: tuple[str, ...] = RUN_SITES) -> Any:
+    """This rank's ``seqattn.SequenceAttention`` over its sequence group for sequences of
+    ``seq`` tokens, with its checked transfer (``transfers.CheckedAlltoall`` for Ulysses,
+    ``transfers.CheckedRing`` for the ring); None with ``parallel.sequence = 1``."""
+    from ..core.checksum import parse_faults
+    from ..core.seqattn import SequenceAttention, SequenceSplit, resolve
+    from ..parallel.transfers import CheckedAlltoall, CheckedRing, FaultPlan, RetryPolicy
+
+    grid = p.grid
+    parts = grid.axis_size("sequence")
+    if parts == 1:
+        return None
+    algorithm = resolve(cfg.attention.sequence, min(p.head_counts), parts)
+    kind = CheckedAlltoall if algorithm == "ulysses" else CheckedRing
+    transfer = kind(grid.comm("sequence"),
+                    RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
+                    FaultPlan(parse_faults(cfg.fault.inject, sites), grid.rank),
+                    group_ranks=grid.group_ranks("sequence"))
+    split = SequenceSplit(seq, parts, grid.coord("sequence"))
+    return SequenceAttention(algorithm, split, transfer,
+                             cfg.attention.block or min(512, split.widest))

@@ -1,0 +1,841 @@
+"""``mpiattn train``: masked-language-model training of the head-sharded encoder.
+
+    mpiexec -n 2 mpiattn train jobs/configs/train-small.toml -o train.h5
+    mpiexec -n 4 mpiattn train CONFIG.toml --set parallel.tensor=2 --resume ckpt.h5
+
+World = data x tensor, as ``mpiattn run``: each head group holds the whole model, sharded
+by heads; the replicas split every global batch by rows. Per step: forward (two checked
+Allreduces per layer over the head group), backward (two more, at the column-parallel
+inputs), one checked Allreduce of the gradients over the data group in a few flat
+buckets, the global gradient norm (sharded squares summed over the head group), and the
+optimizer on this rank's shard.
+
+With ``parallel.pipeline = P`` (world = data x pipeline x tensor) each stage holds its
+layers (stage 0 the embeddings, the last the MLM head and a copy of the tied word
+embedding) and runs the 1F1B schedule over ``parallel.microbatches`` micro-batches
+(``pipeline.stage_events``): activations and their gradients move as checked
+point-to-point messages, the tied embedding's gradient is summed over the two ends, loss
+and gradient norm over the stages.
+
+Data (``corpus``), checkpoints and their resume (``checkpoints``), the Hugging Face
+naming (``hf``) live in their own modules; this one holds the step and the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..core import mlm, seqattn
+from ..core.attention import Options
+from ..core.model import BACKWARD_SITES, SITES, Embeddings, LayerShard, join_shards
+from ..core.optim import Optimizer, clip_factor, global_norm, lr_at, squared_norms
+from ..core.pipeline import BWD_SITE, micro_batches, stage_events, stage_layers
+from ..core.pipeline import SITE as FWD_SITE
+from ..core.shard import HeadShard, head_shard
+from ..errors import ConfigError, InputError
+from ..inputs.corpus import (
+    Batch,
+    Corpus,
+    default_tokenizer,
+    eval_batch,
+    train_batch,
+    unigram_entropy,
+)
+from ..inputs.data import Batch as InputBatch
+from ..io import h5io
+from ..io.checkpoints import (
+    History,
+    check_shapes,
+    checkpoint_due,
+    checkpoint_path,
+    latest_checkpoint,
+    model_shapes,
+    read_checkpoint,
+    write_checkpoint,
+)
+from ..io.hf import from_hf, to_hf
+from ..io.layout import TRAIN_PHASES
+from ..version import __version__
+from .progress import Progress
+
+PHASES = TRAIN_PHASES
+BUCKET_COLS, BUCKET_ROWS = 1024, 1024  # gradient buckets of at most 1 Mi elements
+GRAD_SITE = "grad"  # the gradient buckets over the data group (layer: bucket index)
+SUM_SITES = ("loss", "grad_norm", "eval")  # one-number sums (layer 0)
+TIED_SITE = "grad.tied"  # the tied word embedding's gradient, first + last stage (layer 0)
+STAGE_SITES = (FWD_SITE, BWD_SITE, TIED_SITE)  # with parallel.pipeline > 1
+SEQUENCE_SITES = seqattn.SITES + seqattn.BACKWARD_SITES  # with parallel.sequence > 1
+TRAIN_SITES = (*SITES, *BACKWARD_SITES, GRAD_SITE, *SUM_SITES, *STAGE_SITES,
+               *SEQUENCE_SITES)  # fault.inject
+_HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10..12)
+
+
+# --- parameters -------------------------------------------------------------------------
+
+
+def init_params(cfg: Config, shard: HeadShard, vocab: int,
+                layers: range | None = None) -> mlm.Params:
+    """Seeded weights (or model.weights) for this rank's shard, and the MLM head: the
+    checkpoint's when it has one, else a new one.
+
+    A new head on a pretrained model is BERT's initialisation (dense N(0, 0.02^2), LayerNorm
+    1 and 0, bias 0; Devlin et al. 2019, ``initializer_range``). On seeded weights its
+    LayerNorm gain starts at 1/sqrt(hidden): the seeded word embeddings have unit variance,
+    so the tied decoder then starts with logits of unit scale. ``layers``: which layers to
+    build (a pipeline stage's; default all), each seeded by its model index.
+    """
+    from ..io.weights import open_source
+
+    model = dataclasses.replace(cfg.model, vocab=vocab)
+    source = open_source(cfg.seed, model, np.dtype(cfg.dtype))
+    emb = source.embeddings()
+    indices = range(model.layers) if layers is None else layers
+    built = [source.layer(i, shard) for i in indices]
+    head = source.head()
+    if head is None:
+        h, dtype = model.hidden, np.dtype(cfg.dtype)
+        rng = np.random.default_rng([cfg.seed, _HEAD])
+        dense = rng.standard_normal((h, h), dtype=np.float32)
+        dense = dense * np.float32(0.02) if model.weights else dense / np.float32(np.sqrt(h))
+        gain = 1.0 if model.weights else 1 / np.sqrt(h)
+        head = mlm.MLMHead(dense.astype(dtype), np.zeros(h, dtype), np.full(h, gain, dtype),
+                           np.zeros(h, dtype), np.zeros(vocab, dtype))
+    return mlm.Params(emb, built, head, indices.start)
+
+
+def stage_params(whole: mlm.Params, stage: int, stages: int, total: int) -> mlm.Params:
+    """Pipeline stage ``stage``'s part of ``whole`` (all ``total`` layers, or already just
+    the stage's): its layers (``pipeline.stage_layers``), the embeddings on stage 0, the
+    MLM head and a copy of the tied word embedding on the last stage (Megatron-LM's
+    embedding group). With one stage: ``whole``."""
+    if stages == 1:
+        return whole
+    layers, first = whole.layers, whole.first
+    if len(layers) == total:  # the whole model's layers: take the stage's
+        span = stage_layers(total, stages, stage)
+        layers, first = layers[span.start: span.stop], span.start
+    emb = whole.emb if stage == 0 else None
+    if stage == stages - 1:
+        emb = Embeddings(whole.emb.word.copy(), None, None, None, None)
+    return mlm.Params(emb, layers, whole.head if stage == stages - 1 else None, first)
+
+
+def rebuild(template: mlm.Params, arrays: list[Any]) -> mlm.Params:
+    """A Params with the structure of ``template`` and the tensors of ``arrays`` (in the
+    order of ``mlm.named``)."""
+    it = iter(arrays)
+    emb = None
+    if template.emb is not None:
+        emb = Embeddings(*(None if getattr(template.emb, f.name) is None else next(it)
+                           for f in dataclasses.fields(Embeddings)))
+    layers = []
+    for p in template.layers:
+        values = {f.name: next(it) for f in dataclasses.fields(LayerShard) if f.name != "head_dim"}
+        layers.append(LayerShard(**values, head_dim=p.head_dim))
+    head = None
+    if template.head is not None:
+        head = mlm.MLMHead(*(next(it) for _ in dataclasses.fields(mlm.MLMHead)))
+    return mlm.Params(emb, layers, head, template.first)
+
+
+# --- the communication a step needs ---------------------------------------------------
+
+
+@dataclass
+class Groups:
+    """The two reductions: over the head group (activations, their gradients, norms) and
+    over the data group (parameter gradients, losses). Checked Allreduces under MPI,
+    ``ThreadGroup`` members in tests, ``LocalReduce`` for one process.
+
+    With pipeline stages (``stages`` > 1) also: ``p2p`` (a ``transfers.CheckedP2P`` over
+    the pipeline communicator, rank = stage), ``pipe`` (a sum over the stages: loss and
+    gradient norm) and ``tied`` (a sum over the first and last stage, the tied word
+    embedding's gradient; None on the other stages)."""
+
+    heads: Any
+    data: Any
+    tensor: int = 1
+    head_rank: int = 0
+    replicas: int = 1
+    replica: int = 0
+    stages: int = 1
+    stage: int = 0
+    microbatches: int = 1
+    p2p: Any = None
+    pipe: Any = None
+    tied: Any = None
+    sequence: Any = None  # seqattn.SequenceAttention with parallel.sequence > 1
+
+    @property
+    def summed(self) -> bool:
+        """Are parameter gradients and losses summed over other ranks (``data``: the
+        replicas and, with sequence parallelism, the sequence group's token slices)?"""
+        return self.replicas > 1 or self.sequence is not None
+
+
+def _sum(reduce: Any, values: list[float], site: str, xp: Any = np) -> np.ndarray:
+    """Scalars summed through a (1, n) float64 reduction (on the run's device)."""
+    from ..core.backend import to_host
+
+    buf = xp.asarray([values], dtype=np.float64)
+    return np.array(to_host(reduce(buf, site=site, layer=0)[0]), copy=True)
+
+
+def bucket_count(elements: int) -> int:
+    """How many buckets ``Buckets`` cuts a rank's ``elements`` gradient values into."""
+    rows = -(-elements // BUCKET_COLS)
+    return -(-rows // BUCKET_ROWS)
+
+
+def shard_elements(model: Any, vocab: int, shard: HeadShard) -> int:
+    """Parameters that a rank holding ``shard`` trains (the sizes of ``mlm.named``)."""
+    h, w = model.hidden, shard.width
+    f = shard.ffn_cols.stop - shard.ffn_cols.start
+    emb = (vocab + model.max_positions + model.type_vocab + 2) * h
+    layer = 4 * h * w + 3 * w + 2 * h * f + f + 6 * h  # qkv, out, mlp, biases, two norms
+    return emb + model.layers * layer + h * h + 3 * h + vocab  # + the MLM head
+
+
+def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int], tuple[int, str]]:
+    """What the layer of a ``fault.inject`` site means in training, for each rank (see
+    ``faults.check_fault_targets``): a sum over a group of one rank moves nothing; a
+    ``grad`` fault's layer is the bucket index; the one-number sums have layer 0."""
+    from ..parallel.grid import GridShape
+
+    shape = GridShape.of(world_size, tensor, cfg.parallel.pipeline, cfg.parallel.sequence)
+    m = cfg.model
+
+    def span(site: str, rank: int) -> tuple[int, str]:
+        if site in SEQUENCE_SITES:  # check_sequence has refused them without a sequence group
+            return m.layers, f"the model has {m.layers} layers"
+        if site in STAGE_SITES:
+            if shape.pipeline == 1:
+                return 0, ("parallel.pipeline = 1 keeps every layer on one stage, so"
+                           " nothing moves between stages: raise parallel.pipeline")
+            if site == TIED_SITE:
+                return 1, f"site '{site}' sums one tensor a step"
+            return m.layers - 1, (f"site '{site}' is labelled by the last layer before a"
+                                  " stage boundary")
+        if site in (GRAD_SITE, "loss", "eval"):  # summed over the data x sequence group
+            if shape.data * shape.sequence == 1:
+                return 0, (f"parallel.tensor = {tensor} of {world_size} ranks leaves one"
+                           " replica, so nothing is summed there: lower parallel.tensor")
+        elif shape.tensor == 1:
+            return 0, ("parallel.tensor = 1 puts every head on one rank, so nothing is"
+                       " summed there: raise parallel.tensor")
+        if site == GRAD_SITE:
+            measured = cfg.parallel.balance == "measured"  # heads unknown yet: bound them
+            parts, index = (1, 0) if measured else (tensor, shape.coords(rank)["tensor"])
+            shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, parts, index)
+            count = bucket_count(shard_elements(m, m.vocab, shard))
+            bound = "at most " if measured else ""
+            return count, (f"rank {rank} sums its gradients in {bound}{count} bucket(s), and"
+                           " a 'grad' fault's layer is the bucket index")
+        if site in SUM_SITES:
+            return 1, f"site '{site}' sums one number a step"
+        return m.layers, f"the model has {m.layers} layers"
+
+    return span
+
+
+class Buckets:
+    """Parameter gradients packed into one flat array, Allreduced as (rows, cols) views of
+    at most ``BUCKET_ROWS`` rows each: a few large messages, each checksum-validated."""
+
+    def __init__(self, grads: list[Any], xp: Any) -> None:
+        self.sizes = [g.size for g in grads]
+        total = sum(self.sizes)
+        rows = -(-total // BUCKET_COLS)
+        self.flat = xp.zeros(rows * BUCKET_COLS, dtype=grads[0].dtype)
+        self.grid = self.flat.reshape(rows, BUCKET_COLS)
+
+    def allreduce(self, grads: list[Any], reduce: Any) -> None:
+        offset = 0
+        for g in grads:
+            self.flat[offset: offset + g.size] = g.reshape(-1)
+            offset += g.size
+        for n, start in enumerate(range(0, self.grid.shape[0], BUCKET_ROWS)):
+            view = self.grid[start: start + BUCKET_ROWS]
+            view[...] = reduce(view, site=GRAD_SITE, layer=n)
+        offset = 0
+        for g in grads:
+            g.reshape(-1)[...] = self.flat[offset: offset + g.size]
+            offset += g.size
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float
+    seconds: dict[str, float]
+
+
+class Trainer:
+    """One rank's training state and step; no MPI here (the groups are passed in)."""
+
+    def __init__(self, cfg: Config, corpus: Corpus, params: mlm.Params, groups: Groups,
+                 xp: Any = np, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.cfg, self.corpus, self.groups, self.xp, self.clock = cfg, corpus, groups, xp, clock
+        self.params = params
+        named = mlm.named(params)
+        self.names = [n for n, _, _ in named]
+        self.sharded = [s for _, _, s in named]
+        self.opt = Optimizer(cfg.train, self.arrays())
+        self.buckets = Buckets(self.arrays(), xp) if groups.summed else None
+        self.eps = cfg.model.layer_norm_eps
+        # the algorithm attention.impl names, as in run and bench (attention.ALGORITHMS)
+        self.impl, self.block = Options(cfg.attention.impl,
+                                        cfg.attention.block).resolve(cfg.input.seq_len)
+
+    def arrays(self) -> list[Any]:
+        return [a for _, a, _ in mlm.named(self.params)]
+
+    def _local(self, b: Batch) -> Batch:
+        """This rank's tokens of a replica's batch (sequence parallelism): ids (b, S_i),
+        the masked positions inside the slice renumbered into b*S_i; the key mask stays
+        whole (every key is attended to). The batch itself without a sequence group."""
+        if self.groups.sequence is None:
+            return b
+        split = self.groups.sequence.split
+        seq = b.ids.shape[1]
+        row, col = np.divmod(b.positions, seq)
+        mine = (col >= split.start) & (col < split.start + split.count)
+        positions = row[mine] * split.count + col[mine] - split.start
+        return dataclasses.replace(b, ids=np.ascontiguousarray(b.ids[:, split.local]),
+                                   positions=positions, targets=b.targets[mine])
+
+    def _device(self, b: Batch) -> tuple:
+        xp = self.xp
+        return (xp.asarray(b.ids), xp.asarray(b.key_mask), xp.asarray(b.positions),
+                xp.asarray(b.targets))
+
+    def _pipeline(self, batch: Batch, backward: bool) -> tuple[float, list[Any], float, float]:
+        """This stage's share of the batch over ``microbatches`` micro-batches: the 1F1B
+        schedule with its messages (``pipeline.stage_events``) with ``backward``, else
+        forwards only.
+
+        Activations (b, S, H) go to the next stage and their gradients come back as
+        checked point-to-point messages (sites ``activations`` and ``activations.bwd``,
+        labelled by the last layer before the boundary; tags m and M + m). Returns (the
+        summed loss of the micro-batches, 0 but on the last stage; the summed gradients in
+        ``mlm.named`` order, or [] without ``backward``; seconds forward, seconds backward).
+        """
+        from ..core.backend import to_host
+
+        g, xp, clock = self.groups, self.xp, self.clock
+        first, last = g.stage == 0, g.stage == g.stages - 1
+        ids, mask = xp.asarray(batch.ids), xp.asarray(batch.key_mask)
+        seq, hidden, dtype = batch.ids.shape[1], self.cfg.model.hidden, np.dtype(self.cfg.dtype)
+        rows = micro_batches(batch.ids.shape[0], g.microbatches)
+        before = self.params.first - 1  # label of the boundary with the previous stage
+        after = self.params.first + len(self.params.layers) - 1  # ... with the next one
+        inputs: dict[int, Any] = {}  # received activations (F) or their gradients (B)
+        outputs: dict[tuple[str, int], Any] = {}  # to send: outputs (F), dL/d inputs (B)
+        caches: dict[int, Any] = {}
+        grads: list[Any] = []
+        loss = seconds_f = seconds_b = 0.0
+        for kind, op, m in stage_events(g.stages, g.stage, len(rows), backward):
+            r, t0 = rows[m], clock()
+            shape, tag = (r.stop - r.start, seq, hidden), m if op == "F" else len(rows) + m
+            site = FWD_SITE if op == "F" else BWD_SITE
+            peer, label = ((g.stage - 1, before) if (kind == "recv") == (op == "F")
+                           else (g.stage + 1, after))
+            if kind == "recv":
+                buf = np.empty(shape, dtype)  # host: checked p2p
+                g.p2p.recv(buf, peer, site=site, layer=label, tag=tag)
+                inputs[m] = xp.asarray(buf)
+            elif kind == "send":
+                g.p2p.send(to_host(outputs.pop((op, m))), peer, site=site, layer=label,
+                           tag=tag)
+            elif op == "F":
+                lo, hi = r.start * seq, r.stop * seq
+                sel = (batch.positions >= lo) & (batch.positions < hi)
+                pos, tgt = xp.asarray(batch.positions[sel] - lo), xp.asarray(batch.targets[sel])
+                out, cache = mlm.stage_forward(self.params, ids[r] if first else inputs.pop(m),
+                                               mask[r], pos, tgt, batch.scale, g.heads,
+                                               self.eps, self.impl, self.block,
+                                               first_stage=first, last_stage=last,
+                                               sequence=g.sequence)
+                if last:
+                    loss += float(out)
+                else:
+                    outputs[("F", m)] = out
+                if backward:
+                    caches[m] = cache
+            else:
+                dx, part = mlm.stage_backward(caches.pop(m), inputs.pop(m, None), g.heads)
+                arrays = [a for _, a, _ in mlm.named(part)]
+                if grads:
+                    for total, a in zip(grads, arrays, strict=True):
+                        total += a
+                else:  # a copy: nothing of a later micro-batch may write into it
+                    grads = [a.copy() for a in arrays]
+                if not first:
+                    outputs[("B", m)] = dx
+            if op == "F":
+                seconds_f += clock() - t0
+            else:
+                seconds_b += clock() - t0
+        return loss, grads, seconds_f, seconds_b
+
+    def _pipeline_step(self, step: int) -> StepResult:
+        """``step`` with pipeline stages: the 1F1B schedule, the tied word embedding's
+        gradient summed over the first and last stage, the data group's buckets, the loss
+        and the gradient norm (sum of squares over every stage, the tied copy once) summed
+        over the stages, the optimizer on this stage's parameters."""
+        g, clock = self.groups, self.clock
+        seconds = dict.fromkeys(PHASES, 0.0)
+        batch = self._local(train_batch(self.corpus, self.cfg, step, g.replicas, g.replica))
+        loss, grads, seconds["forward"], seconds["backward"] = self._pipeline(batch, True)
+        t2 = clock()
+        if g.tied is not None:  # emb.word is the first tensor of both ends' lists
+            grads[0][...] = g.tied(grads[0], site=TIED_SITE, layer=0)
+        if g.summed:
+            self.buckets.allreduce(grads, g.data)
+            loss = float(_sum(g.data, [loss], "loss", self.xp)[0])
+        t3 = clock()
+        once = slice(1, None) if g.stage == g.stages - 1 else slice(None)  # the tied copy
+        sharded, plain = squared_norms(grads[once], self.sharded[once])
+        local = float(_sum(g.heads, [sharded], "grad_norm", self.xp)[0]) + plain
+        total, loss = (float(v) for v in _sum(g.pipe, [local, loss], "grad_norm", self.xp))
+        norm = float(np.sqrt(total))
+        lr = lr_at(step, self.cfg.train)
+        self.opt.step(self.arrays(), grads, lr, step, clip_factor(norm, self.cfg.train.clip))
+        t4 = clock()
+        seconds.update(allreduce=t3 - t2, optimizer=t4 - t3)
+        return StepResult(loss, lr, norm, seconds)
+
+    def step(self, step: int) -> StepResult:
+        g, clock = self.groups, self.clock
+        if g.stages > 1:
+            return self._pipeline_step(step)
+        seconds = dict.fromkeys(PHASES, 0.0)
+        batch = self._local(train_batch(self.corpus, self.cfg, step, g.replicas, g.replica))
+        ids, mask, pos, tgt = self._device(batch)
+        t0 = clock()
+        loss, cache = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
+                                        g.heads, self.eps, self.impl, self.block, g.sequence)
+        t1 = clock()
+        grads = [a for _, a, _ in mlm.named(mlm.model_backward(cache, g.heads))]
+        del cache
+        t2 = clock()
+        if g.summed:
+            self.buckets.allreduce(grads, g.data)
+            loss = float(_sum(g.data, [loss], "loss", self.xp)[0])
+        t3 = clock()
+        norm = global_norm(grads, self.sharded,
+                           lambda s: float(_sum(g.heads, [s], "grad_norm", self.xp)[0]))
+        lr = lr_at(step, self.cfg.train)
+        self.opt.step(self.arrays(), grads, lr, step, clip_factor(norm, self.cfg.train.clip))
+        t4 = clock()
+        seconds.update(forward=t1 - t0, backward=t2 - t1, allreduce=t3 - t2, optimizer=t4 - t3)
+        return StepResult(loss, lr, norm, seconds)
+
+    def evaluate(self, stop: Callable[[], int] | None = None) -> float | None:
+        """Mean held-out MLM loss over ``train.eval_batches`` fixed batches; None when
+        ``stop()`` (a collective verdict, asked before each batch) says to stop."""
+        g, total = self.groups, 0.0
+        for index in range(self.cfg.train.eval_batches):
+            if stop is not None and stop():
+                return None
+            batch = self._local(eval_batch(self.corpus, self.cfg, index, g.replicas,
+                                           g.replica))
+            if g.stages > 1:  # forwards only; the loss on the last stage
+                total += self._pipeline(batch, False)[0]
+                continue
+            ids, mask, pos, tgt = self._device(batch)
+            loss, _ = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
+                                        g.heads, self.eps, self.impl, self.block, g.sequence)
+            total += loss
+        if g.summed:
+            total = float(_sum(g.data, [total], "eval", self.xp)[0])
+        if g.stages > 1:
+            total = float(_sum(g.pipe, [total], "eval", self.xp)[0])
+        return total / self.cfg.train.eval_batches
+
+
+def untrained_tensors(cfg: Config, ck: Any) -> dict[str, np.ndarray]:
+    """Tensors of the starting model that training keeps but never changes (BERT's pooler,
+    ``hf.PASSTHROUGH``): from the checkpoint resumed, or from ``model.weights``."""
+    from ..io.hf import PASSTHROUGH
+    from ..io.weights import open_source
+
+    if ck is not None:
+        return {k: ck.params[k] for k in PASSTHROUGH if k in ck.params}
+    if not cfg.model.weights:
+        return {}
+    return open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype)).passthrough()
+
+
+def eval_due(step: int, t: Any) -> bool:
+    """Evaluate after optimizer step ``step`` (0-based)? Every eval_every steps and at the end."""
+    done = step + 1
+    return done == t.steps or (t.eval_every > 0 and done % t.eval_every == 0)
+
+
+# --- the MPI job ------------------------------------------------------------------------
+
+
+def _resumable_output(path: str, resume: str | None) -> bool:
+    """An existing output that a resumed run may replace without --force: the partial
+    output of an earlier, stopped run (status "interrupted")."""
+    import h5py
+
+    if not resume or not Path(path).is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("status") == "interrupted" and f.attrs.get("command") == "train"
+    except OSError:
+        return False
+
+
+def export_folder(cfg: Config, out_path: str) -> Path | None:
+    """Where the job exports its model (``train.export``), or None."""
+    from ..io.export import default_folder
+
+    if cfg.train.export == "auto":
+        return default_folder(out_path or "mpiattn-train.h5")
+    return Path(cfg.train.export) if cfg.train.export else None
+
+
+def check_training(cfg: Config, world_size: int, resume: str | None,
+                   force: bool, out_path: str = "") -> tuple[tuple, dict]:
+    """Every local check of a training job, with no collective: ((tensor, corpus,
+    checkpoint or None, resume path or None, tokenizer files), input digests)."""
+    from ..config import check_world
+    from ..core.checksum import parse_faults
+    from ..io.export import check_folder, tokenizer_files
+    from ..io.outfile import check_name
+    from ..io.weights import model_folder
+    from ..parallel.faults import check_fault_targets
+    from .jobkit import input_digests
+    from .placement import apply_checkpoint_shape, check_memory, check_sequence
+
+    if cfg.model.weights and (model_folder(cfg.model.weights) / "mpiattn_vocab.json").exists():
+        raise ConfigError(f"model.weights = '{cfg.model.weights}' was trained on a remapped"
+                          " vocabulary (its mpiattn_vocab.json): continue its training from"
+                          " its checkpoint with --resume (run and export take the folder)")
+    apply_checkpoint_shape(cfg)
+    if cfg.output.head_stats or cfg.output.attention_maps:
+        raise ConfigError("output.head_stats and output.attention_maps are written by mpiattn"
+                          " run only: remove them from the training config")
+    tensor, _ = check_world(cfg, world_size)
+    check_sequence(cfg, tensor, cfg.input.seq_len, "train")
+    check_memory(cfg)
+    corpus = Corpus.load(cfg)
+    cfg.model.vocab = corpus.vocab
+    parse_faults(cfg.fault.inject, TRAIN_SITES, "train")
+    check_fault_targets(cfg, world_size, fault_span(cfg, world_size, tensor))
+    t, ck = cfg.train, None
+    if resume == "auto":
+        found = latest_checkpoint(t)
+        resume = None if found is None else str(found)
+    if resume:
+        ck = read_checkpoint(resume, cfg)
+        if not np.array_equal(ck.token_ids, corpus.token_ids):
+            raise InputError(f"'{resume}' was trained on another vocabulary (tokenizer,"
+                             " corpus or model.vocab differ)")
+        check_shapes(resume, ck, model_shapes(cfg.model, corpus.vocab))
+    first = 0 if ck is None else ck.step
+    names = {checkpoint_path(t, done) for done in range(first + 1, t.steps + 1)
+             if checkpoint_due(done - 1, t)} | {checkpoint_path(t, t.steps)}
+    output = Path(out_path).absolute() if out_path else None
+    for path in sorted(names):
+        check_name(path)
+        if output is not None and path.absolute() == output:
+            raise ConfigError(f"train.checkpoint '{path}' is also the output (-o): give them"
+                              ' different names, e.g. train.checkpoint = "NAME-{step}.h5"')
+        if path.exists() and not force and not (resume and path.samefile(resume)):
+            raise ConfigError(f"train.checkpoint '{path}' exists: pass --force, resume from it"
+                              ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
+    folder = export_folder(cfg, out_path)
+    if folder is not None:
+        if out_path:
+            check_name(out_path)  # the output's own complaint first (its export is named after it)
+        check_folder(folder, force)
+        taken = {checkpoint_path(t, d).absolute() for d in range(first + 1, t.steps + 1)}
+        if output is not None:
+            taken.add(output)
+        if folder.absolute() in taken:
+            raise ConfigError(f"train.export '{folder}' is also the output or a checkpoint:"
+                              " give the export folder its own name")
+    files = {"train.corpus": Path(t.corpus), "train.heldout": Path(t.heldout),
+             "tokenizer": default_tokenizer(cfg)}
+    if resume:
+        files["--resume checkpoint"] = Path(resume)
+    tokenizer = tokenizer_files(files["tokenizer"])
+    return (tensor, corpus, ck, resume, tokenizer), input_digests(cfg, files)
+
+
+def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
+    """Collective over the pipeline communicator: (the checked point-to-point messages
+    between stages, the checked sum over the stages, the checked sum over the first and
+    last stage or None on the others: Megatron-LM's embedding group)."""
+    from mpi4py import MPI
+
+    from ..core.checksum import parse_faults
+    from ..parallel.transfers import CheckedP2P, FaultPlan, RetryPolicy
+    from .placement import make_reducer
+
+    grid = plan.grid
+    comm, ranks = grid.comm("pipeline"), grid.group_ranks("pipeline")
+    stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
+    p2p = CheckedP2P(comm, RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
+                     FaultPlan(parse_faults(cfg.fault.inject, TRAIN_SITES), grid.rank),
+                     group_ranks=ranks, abort_on_failure=True)
+    pipe = make_reducer(cfg, plan, comm, ranks, TRAIN_SITES)
+    end = stage in (0, stages - 1)
+    ends = comm.Split(color=0 if end else MPI.UNDEFINED, key=stage)
+    tied = make_reducer(cfg, plan, ends, [ranks[0], ranks[-1]], TRAIN_SITES) if end else None
+    return p2p, pipe, tied
+
+
+def _flags(world: Any, *values: int) -> list[int]:
+    """Collective: the maximum over all ranks of each small integer (one tiny Allreduce)."""
+    from mpi4py import MPI
+
+    buf = np.array(values, dtype=np.int64)
+    world.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+    return [int(v) for v in buf]
+
+
+def train(cfg: Config, world: Any, out_path: str, force: bool,
+          resume: str | None = None) -> Path | None:
+    """The whole training job on every rank; returns the output path on rank 0.
+
+    Raises ``Stopped`` on every rank after a signal (SIGTERM, SIGUSR1: Slurm's warning
+    before the time limit) was agreed on at a step boundary, the checkpoint written.
+    """
+    from ..core.backend import to_host
+    from ..errors import NumericalError, Stopped
+    from ..io.layout import write_provenance, write_train
+    from ..io.outfile import Reservation
+    from ..parallel import watchdog
+    from ..parallel.comm import gather_rows
+    from . import jobkit
+    from .placement import make_reducer, make_sequence, place
+
+    rank, size = world.Get_rank(), world.Get_size()
+    started = dt.datetime.now(dt.UTC)
+    wall0 = time.perf_counter()
+    out_force = force or _resumable_output(out_path, resume)
+    (tensor, corpus, ck, resume, tokenizer), out = jobkit.preflight(
+        world, lambda: check_training(cfg, size, resume, force, out_path),
+        output=(out_path, out_force))
+    jobkit.set_timeout(cfg.comm.timeout)
+
+    first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0
+    plan = place(cfg, world, tensor, InputBatch(first.ids, first.key_mask))
+    grid, backend, shard = plan.grid, plan.backend, plan.shard
+    xp, m = backend.xp, cfg.model
+    heads = make_reducer(cfg, plan, sites=TRAIN_SITES)
+    summed = ("data", "sequence")  # the ranks whose parameter gradients are summed
+    data = make_reducer(cfg, plan, grid.comm_over(summed),
+                        grid.shape.group_over(rank, summed), TRAIN_SITES)
+    stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
+    groups = Groups(heads, data, tensor, grid.coord("tensor"), grid.axis_size("data"),
+                    grid.coord("data"), stages, stage, cfg.parallel.microbatches,
+                    sequence=make_sequence(cfg, plan, first.ids.shape[1], TRAIN_SITES))
+    first_copy = grid.coord("data") == 0 and grid.coord("sequence") == 0  # of the model
+    if stages > 1:
+        groups.p2p, groups.pipe, groups.tied = _stage_links(cfg, plan)
+
+    def part(whole: mlm.Params) -> mlm.Params:
+        return stage_params(whole, stage, stages, m.layers)
+
+    params = part(init_params(cfg, shard, corpus.vocab, stage_layers(m.layers, stages, stage)))
+    history, start = History(), 0
+    kept = untrained_tensors(cfg, ck) if rank == 0 else {}
+    if ck is not None:
+        params = part(mlm.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard)))
+        history, start = ck.history, ck.step
+    dev = [xp.asarray(a) for _, a, _ in mlm.named(params)]
+    params = rebuild(params, dev)
+    trainer = Trainer(cfg, corpus, params, groups, xp, backend.timer())
+    if ck is not None:
+        for kind in trainer.opt.names:
+            full = ck.state[kind]
+            emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
+            arrays = [a for _, a, _ in mlm.named(part(mlm.Params(emb, layers, head)))]
+            for target, value in zip(trainer.opt.state[kind], arrays, strict=True):
+                target[...] = xp.asarray(value)
+    written: set[Path] = set()  # checkpoints this job wrote: the next may replace them
+
+    def gather(optimizer: bool = True) -> dict[str, dict[str, np.ndarray]]:
+        """The whole model (and optimizer state) in HF naming, on rank 0 (replica 0 holds
+        it; each stage's head group gathers its shards, then the stages gather to stage 0:
+        embeddings from the first, the head from the last); {} elsewhere."""
+        full = {}
+        if first_copy:
+            kinds = trainer.opt.names if optimizer else []
+            for key, arrays in [("params", trainer.arrays())] + [
+                    (kind, trainer.opt.state[kind]) for kind in kinds]:
+                p = rebuild(trainer.params, [to_host(a) for a in arrays])
+                pieces = grid.comm("tensor").gather(p.layers, root=0)
+                if grid.coord("tensor") != 0:
+                    continue
+                layers = [join_shards([pc[i] for pc in pieces]) for i in range(len(p.layers))]
+                parts = grid.comm("pipeline").gather((p.emb, layers, p.head), root=0)
+                if stage == 0:
+                    every = [lay for _, lays, _ in parts for lay in lays]
+                    full[key] = to_hf(parts[0][0], every, parts[-1][2])
+                    if key == "params":
+                        full[key].update(kept)
+        return full
+
+    latest: dict[str, np.ndarray] = {}  # the whole parameters last gathered, on rank 0
+    saved = [-1]  # the steps done at the last checkpoint (every rank)
+
+    def save(done: int) -> Path:
+        """Gather the whole model and optimizer state to rank 0, which writes it; the
+        outcome is agreed by every rank."""
+        full = gather()
+        latest.clear()
+        latest.update(full.get("params", {}))
+        saved[0] = done
+        path = checkpoint_path(cfg.train, done)
+
+        def write() -> None:
+            replace = force or path in written or bool(resume and path.exists()
+                                                       and path.samefile(resume))
+            state = {kind: full[kind] for kind in trainer.opt.names}
+            write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
+                             corpus, history, tensor, tokenizer)
+            written.add(path)
+
+        jobkit.conclude(world, write if rank == 0 else None, final=False)
+        return path
+
+    t = cfg.train
+    dog = watchdog.current()
+    seconds = np.zeros((t.steps - start, len(PHASES)))
+    stopped, done = 0, start
+    if start == 0 and t.eval_batches > 0:  # the starting model's own held-out loss
+        held = trainer.evaluate()
+        history.eval_step.append(-1)
+        history.eval_loss.append(held)
+    world.Barrier()
+    bar = Progress(t.steps, "step", start=start, verbose=rank == 0, desc="train")
+    for step in range(start, t.steps):
+        watchdog.at(step=step)
+        t0 = time.perf_counter()
+        r = trainer.step(step)
+        wall = time.perf_counter() - t0
+        tokens = cfg.input.batch * cfg.input.seq_len / wall
+        bad = not (np.isfinite(r.loss) and np.isfinite(r.grad_norm))
+        bad, stopped = _flags(world, int(bad), dog.stop_requested if dog else 0)
+        if bad:
+            raise NumericalError(
+                f"training diverged at step {step}: loss {r.loss:.4g}, gradient norm"
+                f" {r.grad_norm:.4g} (inf/NaN); lower train.lr, raise train.warmup or set"
+                " train.clip", world)
+        history.step.append(step)
+        history.loss.append(r.loss)
+        history.lr.append(r.lr)
+        history.grad_norm.append(r.grad_norm)
+        history.tokens_per_second.append(tokens)
+        if eval_due(step, t) and not stopped:
+            held = trainer.evaluate(stop=lambda: _flags(world, dog.stop_requested if dog
+                                                        else 0)[0])
+            if held is None:  # a stop request during the evaluation: no half an eval
+                stopped = dog.stop_requested if dog else signal.SIGTERM
+                stopped = _flags(world, stopped)[0]
+            else:
+                history.eval_step.append(step)
+                history.eval_loss.append(held)
+        done = step + 1
+        if checkpoint_due(step, t) or stopped:
+            c0 = time.perf_counter()
+            ckpt = save(done)
+            r.seconds["checkpoint"] = time.perf_counter() - c0
+        seconds[step - start] = [r.seconds[p] for p in PHASES]
+        bar.update(1, loss=f"{r.loss:.3f}", lr=f"{r.lr:.2e}", tok_s=f"{tokens:.0f}")
+        if stopped:
+            break
+    bar.close()
+    if done == t.steps:  # a stop agreed on the last step: the run is complete
+        stopped = 0
+
+    seconds = seconds[: done - start]
+    all_seconds = gather_rows(world, seconds[None])
+    totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
+    host_info = world.gather((socket.gethostname(), backend.device))
+    mine = [(grid.coord("data"), r) for r in heads.records] if grid.coord("tensor") == 0 else []
+    if stages > 1 and grid.coord("tensor") == 0:  # the messages between stages, received here
+        mine += [(grid.coord("data"), r) for r in groups.p2p.records]
+        if stage == 0:  # the sums over the stages and over the tied embedding's two ends
+            mine += [(grid.coord("data"), r) for r in groups.pipe.records + groups.tied.records]
+    mine += [(grid.coord("data"), r) for r in data.records] if first_copy else []
+    if groups.sequence is not None:  # the messages between token slices, this rank's own
+        mine += [(grid.coord("data"), r) for r in groups.sequence.transfer.records]
+    records = world.gather(mine)
+    folder = None if stopped else export_folder(cfg, out_path)
+    if folder is not None and saved[0] != done:  # the same verdict on every rank
+        latest = gather(optimizer=False).get("params", {})
+
+    def write() -> Path:
+        with h5io.atomic_file(out) as f:
+            write_provenance(f, cfg, plan, started, "train", host_info)
+            write_train(f, history, {"unigram_entropy": unigram_entropy(corpus),
+                                     "vocab": corpus.vocab, "first_step": start,
+                                     "resumed_from": resume or ""},
+                        all_seconds, totals, [r for part in records for r in part], start,
+                        "interrupted" if stopped else "complete")
+        if stopped:
+            return out.path
+        exported = ""
+        if folder is not None:
+            export_model(folder)
+            exported = f"\nexported {folder} (Hugging Face BertForMaskedLM)"
+        ev = ""
+        if history.eval_loss:
+            before = (f"{history.eval_loss[0]:.4f} before step 0 -> "
+                      if history.eval_step[0] == -1 and len(history.eval_loss) > 1 else "")
+            ev = f"; held-out loss {before}{history.eval_loss[-1]:.4f}"
+        speed = float(np.median(history.tokens_per_second[start:]))
+        print(f"trained steps {start}..{t.steps - 1}: loss {history.loss[-1]:.4f}{ev}"
+              f" (unigram baseline {unigram_entropy(corpus):.4f} nats), {speed:.0f} tokens/s"
+              f" (median), wall {totals.max():.1f} s\nwrote {out.path}{exported}", flush=True)
+        return out.path
+
+    def export_model(folder: Path) -> None:
+        """The Hugging Face folder, after the output: a failed export loses neither."""
+        from ..errors import UserError
+        from ..io import export
+
+        info = {"trained_by": f"mpiattn {__version__} train", "steps": done,
+                "held_out_loss": history.eval_loss[-1] if history.eval_loss else None}
+        try:
+            export.publish(export.build(cfg.model, latest, corpus.token_ids, tokenizer, info),
+                           folder, force)
+        except UserError as err:
+            where = checkpoint_path(t, done)
+            kept = (f"; the model is in '{where}': mpiattn export {where} DIR"
+                    if saved[0] == done else "; no checkpoint holds the final model"
+                    " (train.checkpoint_every = 0)")
+            raise type(err)(f"{err}; the output '{out.path}' is written{kept}") from None
+
+    try:
+        path = jobkit.conclude(world, write if rank == 0 else None)
+    finally:
+        if out is not None:
+            out.discard()
+    if stopped:
+        raise Stopped(f"stopped by {signal.Signals(stopped).name} after {done} of {t.steps}"
+                      f" steps: checkpoint '{ckpt}', partial output '{out_path}'"
+                      f" (status interrupted); continue with --resume {ckpt} (or --resume"
+                      " auto)")
+    return path

@@ -1,0 +1,521 @@
+"""Scaled dot-product attention on the heads of one rank: no communication happens here.
+
+Two algorithms in a registry (``ALGORITHMS``, chosen by ``attention.impl`` for run, bench
+and train alike), equal within float tolerance (tested); each has the per-head kernel the
+inference path runs, a forward that keeps a named cache, and its backward:
+
+- **plain**: the whole (S, S) score matrix of a head at once. On NumPy it runs head by
+  head, so the scores stay in cache and the softmax passes are cheap; on CuPy all heads go
+  in one batched product.
+- **blocked**: FlashAttention's online softmax. Queries in blocks of ``block`` rows meet
+  keys in blocks of ``block`` columns; a running row maximum ``m`` and sum ``l`` rescale
+  the partial output, so memory is O(block^2) per head instead of O(S^2).
+
+The blocked algorithm's loops are ``partial_attention`` and ``partial_attention_backward``:
+attention over the keys given with its row log-sum-exp, so that results over disjoint key
+sets ``merge`` into attention over all of them (the ring of ``seqattn`` runs them on each
+travelling K/V slice).
+
+Padding is masked on the key axis. A prefix mask (real tokens first, as tokenizers pad)
+is applied by cutting the keys at each sequence's length: exact, and no work on padding.
+Any other mask adds a 0/-inf bias. Every sequence has at least one real token.
+
+With a ``headstats.Probe`` (``output.head_stats``, ``output.attention_maps``) the kernels
+also give each query's attention entropy and distance, from the weights they already
+have (plain: the (S, S) weights; blocked: sums carried from key block to key block like
+the softmax's own), and the chosen sequences' probabilities come from a separate small
+pass (``probabilities``). Without one, nothing extra runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import headstats
+from .backend import get_array_module, grown
+from .ops import mask_backward, mask_cached, softmax, softmax_backward, softmax_cached
+
+PLAIN_MAX_SEQ = 2048  # auto: plain up to this length (16 MiB of float32 scores per head)
+
+
+@dataclass
+class KeyMask:
+    """Which keys each sequence may attend to."""
+
+    lengths: list[int] | None  # prefix masks: the first lengths[b] keys are real
+    bias: Any = None  # otherwise (B, S) additive bias, 0 on real tokens, -inf on padding
+
+    @classmethod
+    def from_mask(cls, key_mask: Any) -> KeyMask:
+        xp = get_array_module(key_mask)
+        lengths = key_mask.sum(axis=1)
+        prefix = xp.arange(key_mask.shape[1])[None, :] < lengths[:, None]
+        if bool((prefix == key_mask).all()):
+            return cls([int(n) for n in lengths.tolist()])
+        bias = xp.zeros(key_mask.shape, dtype=xp.float32)
+        bias[~key_mask] = -xp.inf
+        return cls(None, bias)
+
+    def rows(self, start: int, count: int) -> KeyMask:
+        """The mask of sequences start..start+count (a chunk of the batch)."""
+        if self.lengths is not None:
+            return KeyMask(self.lengths[start : start + count])
+        return KeyMask(None, self.bias[start : start + count])
+
+    def keys(self, b: int, seq: int) -> int:
+        return seq if self.lengths is None else self.lengths[b]
+
+    def real(self, batch: int, seq: int, xp: Any) -> Any:
+        """(batch, seq) bool: True on real tokens (the queries statistics average over)."""
+        if self.lengths is None:
+            return self.bias == 0
+        return xp.arange(seq)[None, :] < xp.asarray(self.lengths)[:, None]
+
+    def key_bias(self, b: int, seq: int, xp: Any, dtype: Any) -> Any:
+        """(seq,) 0/-inf additive bias of sequence ``b`` over all ``seq`` keys."""
+        if self.lengths is None:
+            return self.bias[b].astype(dtype)
+        return xp.where(xp.arange(seq) < self.lengths[b], 0, -xp.inf).astype(dtype)
+
+    def row_bias(self, b: int, stop: int, start: int = 0) -> Any:
+        return None if self.bias is None else self.bias[b, start:stop]
+
+
+@dataclass
+class Options:
+    """How attention runs: the algorithm, its block, and worker threads (NumPy only)."""
+
+    impl: str = "auto"  # "auto" | "plain" | "blocked"
+    block: int = 0  # 0 = chosen from the sequence length
+    workers: int = 1  # threads over heads; BLAS runs single-threaded inside them
+    sequence: Any = None  # a seqattn.SequenceAttention when the tokens are split over ranks
+    _scratch: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def configured(cls, impl: str, block: int, threads: int) -> Options:
+        """The ``[attention]`` table's choice; worker threads over heads take the rank's
+        BLAS threads (NumPy only)."""
+        return cls(impl, block, max(1, threads))
+
+    def scratch(self, name: str, shape: tuple, dtype: Any, xp: Any) -> Any:
+        """A work array kept from call to call: large fresh arrays cost page faults
+        (the allocator maps and unmaps them each time), which showed in every layer.
+        One buffer per name, grown to the largest shape asked for; a smaller shape is a
+        contiguous view of its start (a stream of batches of every length would otherwise
+        keep one buffer per shape)."""
+        return grown(self._scratch, (name, str(dtype), xp.__name__), shape,
+                     lambda n: xp.empty(n, dtype=dtype))
+
+    def resolve(self, seq: int) -> tuple[str, int]:
+        impl = self.impl
+        if impl == "auto":
+            impl = "plain" if seq <= PLAIN_MAX_SEQ else "blocked"
+        block = self.block or min(512, seq)
+        return impl, block
+
+
+def mask_bias(key_mask: Any, dtype: Any) -> Any:
+    """(B, 1, 1, S) additive bias: 0 on real tokens, -inf on padding."""
+    xp = get_array_module(key_mask)
+    bias = xp.zeros(key_mask.shape, dtype=dtype)
+    bias[~key_mask] = -xp.inf
+    return bias[:, None, None, :]
+
+
+def attention(q: Any, k: Any, v: Any, bias: Any = None, stats: tuple | None = None) -> Any:
+    """softmax(q k^T / sqrt(d) + bias) v for (B, h, S, d) arrays, all heads batched.
+
+    ``stats``: (entropy, distance) arrays (B, h, S) to fill with each query's attention
+    entropy (nats) and distance (tokens) (``headstats``).
+    """
+    xp = get_array_module(q)
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    scores = xp.matmul(q * scale, k.swapaxes(-1, -2))  # (B, h, S, S)
+    if bias is not None:
+        scores += bias
+    probs = softmax(scores, out=scores)
+    if stats is not None:
+        stats[0][...], stats[1][...] = headstats.from_probabilities(probs)
+    return xp.matmul(probs, v)  # (B, h, S, d)
+
+
+def probabilities(q: Any, k: Any, bias: Any = None) -> Any:
+    """softmax(q k^T / sqrt(d) + bias): (h, S, S) attention probabilities (query, key)
+    from unscaled (h, S, d) q and k and a (S,) 0/-inf key bias; masked keys get 0.
+
+    The attention maps of ``output.attention_maps``: a separate pass over the chosen
+    sequences only, the same for every algorithm.
+    """
+    xp = get_array_module(q)
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    scores = xp.matmul(q * scale, k.swapaxes(-1, -2))
+    if bias is not None:
+        scores += bias
+    return softmax(scores, out=scores)
+
+
+def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any, stats: tuple | None = None
+                ) -> None:
+    """One head: (S, d) views in, softmax(q k^T + bias) v written to ``out`` (S, d).
+
+    ``q`` is already scaled. The row sums divide the (S, d) output, not the (S, S) scores.
+    ``stats``: (entropy, distance) (S,) views to fill per query (``headstats.finish``).
+    """
+    xp = get_array_module(q)
+    s = q @ k.T
+    if bias is not None:
+        s += bias
+    s -= s.max(axis=1, keepdims=True)
+    xp.exp(s, out=s)
+    xp.matmul(s, v, out=out)
+    total = s.sum(axis=1, keepdims=True)
+    out /= total
+    if stats is not None:
+        headstats.finish(*headstats.weight_sums(s), total, *stats)
+
+
+def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
+                  stats: tuple | None = None) -> None:
+    """One head with the online softmax over key blocks (FlashAttention, forward).
+
+    Pass 1, per query block: for each key block, scores s = q k^T (+ bias); new row max
+    m' = max(m, max s); rescale l and the output accumulator by exp(m - m'); add exp(s -
+    m') to l and exp(s - m') v to the accumulator. Pass 2: divide by l.
+    ``stats``: (entropy, distance) (S,) views; the sums a = sum e ln e and c = sum e |i-j|
+    ride along, rescaled with l (``headstats.rescale_log_sum``), and finish with it.
+    """
+    xp = get_array_module(q)
+    seq, keys = q.shape[0], k.shape[0]
+    for q0 in range(0, seq, block):
+        qb = q[q0 : q0 + block]
+        acc = out[q0 : q0 + block]
+        acc[...] = 0
+        m = xp.full((qb.shape[0], 1), -xp.inf, dtype=q.dtype)
+        total = xp.zeros((qb.shape[0], 1), dtype=q.dtype)
+        a = c = xp.zeros_like(total)
+        for k0 in range(0, keys, block):
+            s = qb @ k[k0 : k0 + block].T
+            if bias is not None:
+                s += bias[k0 : k0 + block]
+            m_new = xp.maximum(m, s.max(axis=1, keepdims=True))
+            # rows with every key so far masked keep m = -inf: nothing to rescale yet
+            safe = xp.where(xp.isfinite(m_new), m_new, 0)
+            alpha = xp.exp(m - safe)
+            s -= safe
+            xp.exp(s, out=s)
+            if stats is not None:
+                shift = xp.where(xp.isfinite(m), m - safe, 0)
+                a_block, c_block = headstats.weight_sums(s, q0, k0)
+                a = headstats.rescale_log_sum(a, total, alpha, shift) + a_block
+                c = alpha * c + c_block
+            total *= alpha
+            total += s.sum(axis=1, keepdims=True)
+            acc *= alpha
+            acc += s @ v[k0 : k0 + block]
+            m = m_new
+        acc /= total
+        if stats is not None:
+            headstats.finish(a, c, total, *(x[q0 : q0 + block] for x in stats))
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers != workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mpiattn-head")
+    return _pool
+
+
+_BATCHED_SCORES = 1 << 22  # CPU: batch all heads while the (B, h, S, S) scores stay this small
+
+
+def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_dim: int,
+                    mask: KeyMask, options: Options, probe: Any = None) -> str:
+    """Attention of all local heads from the fused QKV product into ``out``.
+
+    ``qkv`` is (B*S, 3*h*d) laid out [Q heads | K heads | V heads]; ``out`` is (B*S, h*d),
+    head h in columns h*d:(h+1)*d, ready for the output projection without a transpose.
+    ``probe`` (a ``headstats.Probe``, or None): receives each query's entropy and distance
+    (B, h, S) and the probabilities (h, S, S) of the sequences it asks for.
+    Returns the algorithm used (recorded in the output file).
+    """
+    xp = get_array_module(qkv)
+    impl, block = options.resolve(seq)
+    width = heads * head_dim
+    scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
+    stats = None
+    if probe is not None and probe.stats:
+        stats = (xp.empty((batch, heads, seq), dtype=qkv.dtype),
+                 xp.empty((batch, heads, seq), dtype=qkv.dtype))
+    # one batched product: on the GPU always; on the CPU for short sequences, where the
+    # per-(sequence, head) loop below costs more in calls than in arithmetic
+    batched = xp.__name__ == "cupy" or batch * heads * seq * seq <= _BATCHED_SCORES
+    if impl == "plain" and batched:
+        q, k, v = (qkv.reshape(batch, seq, 3, heads, head_dim)[:, :, i].transpose(0, 2, 1, 3)
+                   for i in range(3))
+        bias = mask.bias[:, None, None, :] if mask.bias is not None else None
+        if mask.lengths is not None and min(mask.lengths) < seq:
+            bias = xp.where(xp.arange(seq)[None, :] < xp.asarray(mask.lengths)[:, None],
+                            0, -xp.inf).astype(qkv.dtype)[:, None, None, :]
+        o = attention(q, k, v, bias, stats)
+        out.reshape(batch, seq, heads, head_dim)[...] = o.transpose(0, 2, 1, 3)
+        _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)
+        return impl
+
+    rows = qkv.reshape(batch, seq, 3 * width)
+    dest = out.reshape(batch, seq, width)
+
+    def one(b: int, h: int) -> None:
+        cols = slice(h * head_dim, (h + 1) * head_dim)
+        n = mask.keys(b, seq)
+        q = rows[b, :, cols] * scale  # (S, d), contiguous
+        k = rows[b, :n, width + cols.start : width + cols.stop]
+        v = rows[b, :n, 2 * width + cols.start : 2 * width + cols.stop]
+        bias = mask.row_bias(b, n)
+        ALGORITHMS[impl].head(q, k, v, bias, dest[b, :, cols], block,
+                              None if stats is None else (stats[0][b, h], stats[1][b, h]))
+
+    pairs = [(b, h) for b in range(batch) for h in range(heads)]
+    if options.workers > 1 and xp.__name__ == "numpy" and len(pairs) > 1:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            list(_executor(options.workers).map(lambda bh: one(*bh), pairs))
+    else:
+        for b, h in pairs:
+            one(b, h)
+    _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)
+    return impl
+
+
+def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, heads: int,
+            head_dim: int, mask: KeyMask) -> None:
+    """Hand the per-query statistics and the wanted sequences' probabilities to ``probe``."""
+    if probe is None:
+        return
+    xp = get_array_module(qkv)
+    if stats is not None:
+        probe.add(*stats, mask.real(batch, seq, xp))
+    for b in probe.map_rows(batch):
+        q, k = (qkv.reshape(batch, seq, 3, heads, head_dim)[b, :, i].transpose(1, 0, 2)
+                for i in range(2))  # (h, S, d)
+        probe.add_map(b, probabilities(q, k, mask.key_bias(b, seq, xp, qkv.dtype)))
+
+
+# --- attention over part of the keys, with its log-sum-exp, and the merge ---------------
+
+def partial_attention(q: Any, k: Any, v: Any, bias: Any, block: int,
+                      poll: Callable[[], None] | None = None) -> tuple[Any, Any]:
+    """softmax(q k^T + bias) v over the keys given, with the row log-sum-exp:
+    q (B, h, Sq, d) already scaled by 1/sqrt(d), k, v (B, h, Sk, d), bias (B, 1, 1, Sk) or
+    None -> (o (B, h, Sq, d), lse (B, h, Sq, 1)). Blocked online softmax (FlashAttention,
+    forward), O(block^2) scores per (sequence, head) at a time. A row whose every key is
+    masked gets o = 0 and lse = -inf, which ``merge`` treats as "no keys". ``poll`` is
+    called after every block (a ring shift in flight progresses meanwhile)."""
+    xp = get_array_module(q)
+    o = xp.empty(q.shape, dtype=q.dtype)
+    lse = xp.empty((*q.shape[:3], 1), dtype=q.dtype)
+    keys = k.shape[2]
+    for q0 in range(0, q.shape[2], block):
+        qb = q[:, :, q0:q0 + block]
+        m = xp.full((*qb.shape[:3], 1), -xp.inf, dtype=q.dtype)
+        total = xp.zeros_like(m)
+        acc = xp.zeros(qb.shape, dtype=q.dtype)
+        for k0 in range(0, keys, block):
+            s = qb @ k[:, :, k0:k0 + block].swapaxes(-1, -2)
+            if bias is not None:
+                s += bias[..., k0:k0 + block]
+            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+            safe = xp.where(xp.isfinite(m_new), m_new, 0)
+            alpha = xp.exp(m - safe)
+            s -= safe
+            xp.exp(s, out=s)
+            total *= alpha
+            total += s.sum(axis=-1, keepdims=True)
+            acc *= alpha
+            acc += s @ v[:, :, k0:k0 + block]
+            m = m_new
+            if poll is not None:
+                poll()
+        empty = total == 0
+        o[:, :, q0:q0 + block] = acc / xp.where(empty, 1, total)
+        lse[:, :, q0:q0 + block] = xp.where(empty, -xp.inf, m + xp.log(xp.where(empty, 1, total)))
+    return o, lse
+
+
+def merge(o: Any, lse: Any, o_new: Any, lse_new: Any) -> tuple[Any, Any]:
+    """Attention over two disjoint key sets from each one's (output, log-sum-exp):
+    L = log(e^lse + e^lse_new), o = e^(lse - L) o + e^(lse_new - L) o_new (in place on
+    ``o``; ring-flash-attention's ``_update_out_and_lse``). Rows with no keys on either
+    side (-inf) keep what the other side has."""
+    xp = get_array_module(o)
+    total = xp.logaddexp(lse, lse_new)
+    finite = xp.isfinite(total)
+    safe = xp.where(finite, total, 0)
+    o *= xp.where(finite, xp.exp(lse - safe), 0)
+    o += xp.where(finite, xp.exp(lse_new - safe), 0) * o_new
+    return o, total
+
+
+def partial_attention_backward(q: Any, k: Any, v: Any, bias: Any, do: Any, lse: Any,
+                               big_d: Any, scale: float, block: int,
+                               poll: Callable[[], None] | None = None
+                               ) -> tuple[Any, Any, Any]:
+    """The FlashAttention backward against one key slice: (dq, dk, dv) contributions.
+
+    q (B, h, Sq, d) unscaled, k, v (B, h, Sk, d), bias (B, 1, 1, Sk) or None, do the
+    output gradient, lse the log-sum-exp over *all* keys (so p = exp(s - lse) are the true
+    probabilities), big_d = rowsum(do * o) (B, h, Sq, 1). With ds = p (do v^T - D):
+    dq = ds k scale, dk = ds^T q scale, dv = p^T do.
+    """
+    xp = get_array_module(q)
+    dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
+    for q0 in range(0, q.shape[2], block):
+        qs = slice(q0, q0 + block)
+        qb, dob = q[:, :, qs], do[:, :, qs]
+        for k0 in range(0, k.shape[2], block):
+            ks = slice(k0, k0 + block)
+            s = (qb * scale) @ k[:, :, ks].swapaxes(-1, -2)
+            if bias is not None:
+                s += bias[..., ks]
+            p = xp.exp(s - lse[:, :, qs])
+            dv[:, :, ks] += p.swapaxes(-1, -2) @ dob
+            ds = p * (dob @ v[:, :, ks].swapaxes(-1, -2) - big_d[:, :, qs])
+            dq[:, :, qs] += (ds @ k[:, :, ks]) * scale
+            dk[:, :, ks] += (ds.swapaxes(-1, -2) @ qb) * scale
+            if poll is not None:
+                poll()
+    return dq, dk, dv
+
+
+# --- the registry: inference kernel, caching forward and backward per algorithm ---------
+
+
+def _split_qkv(qkv: Any, batch: int, seq: int, heads: int, head_dim: int) -> tuple:
+    """(B*S, 3*h*d) [Q|K|V] -> three (B, h, S, d) views."""
+    return tuple(qkv.reshape(batch, seq, 3, heads, head_dim)[:, :, i].transpose(0, 2, 1, 3)
+                 for i in range(3))
+
+
+def _join_qkv(dq: Any, dk: Any, dv: Any) -> Any:
+    """Three (B, h, S, d) gradients -> (B*S, 3*h*d) in the fused [Q|K|V] layout."""
+    xp = get_array_module(dq)
+    batch, heads, seq, head_dim = dq.shape
+    dqkv = xp.empty((batch, seq, 3, heads, head_dim), dtype=dq.dtype)
+    for i, g in enumerate((dq, dk, dv)):
+        dqkv[:, :, i] = g.transpose(0, 2, 1, 3)
+    return dqkv.reshape(batch * seq, 3 * heads * head_dim)
+
+
+@dataclass
+class PlainCache:
+    q: Any  # (B, h, S, d), unscaled
+    k: Any
+    v: Any
+    p: Any  # (B, h, S, S) probabilities
+    bias: Any  # (B, 1, 1, S) 0/-inf
+    scale: float
+
+
+@dataclass
+class BlockedCache:
+    q: Any  # (B, h, S, d), unscaled
+    k: Any
+    v: Any
+    o: Any  # (B, h, S, d) output
+    lse: Any  # (B, h, S, 1) row log-sum-exp
+    bias: Any
+    scale: float
+    block: int
+
+
+class Plain:
+    """The whole (S, S) score matrix of a head at once."""
+
+    name = "plain"
+
+    @staticmethod
+    def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int = 0,
+             stats: tuple | None = None) -> None:
+        _plain_head(q, k, v, bias, out, stats)
+
+    @staticmethod
+    def forward_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,
+                       block: int = 0) -> tuple[Any, PlainCache]:
+        """qkv (B*S, 3*h*d) [Q|K|V] -> o (B*S, h*d), all heads batched."""
+        q, k, v = _split_qkv(qkv, batch, seq, heads, head_dim)
+        scale = 1.0 / math.sqrt(head_dim)
+        s = (q @ k.swapaxes(-1, -2)) * scale  # (B, h, S, S)
+        s, _ = mask_cached(s, bias)
+        p, _ = softmax_cached(s)
+        o = p @ v  # (B, h, S, d)
+        out = o.transpose(0, 2, 1, 3).reshape(batch * seq, heads * head_dim)
+        return out, PlainCache(q, k, v, p, bias, scale)
+
+    @staticmethod
+    def backward(do: Any, c: PlainCache) -> tuple[Any, Any, Any]:
+        """(dq, dk, dv) from do, all (B, h, S, d)."""
+        dv = c.p.swapaxes(-1, -2) @ do
+        dp = do @ c.v.swapaxes(-1, -2)
+        ds = mask_backward(softmax_backward(dp, c.p), c.bias) * c.scale
+        return ds @ c.k, ds.swapaxes(-1, -2) @ c.q, dv
+
+
+class Blocked:
+    """FlashAttention's online softmax: memory O(S * block) per head instead of O(S^2)."""
+
+    name = "blocked"
+
+    @staticmethod
+    def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
+             stats: tuple | None = None) -> None:
+        _blocked_head(q, k, v, bias, out, block, stats)
+
+    @staticmethod
+    def forward_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,
+                       block: int) -> tuple[Any, BlockedCache]:
+        """As ``Plain.forward_cached``, keeping per query row only the log-sum-exp L.
+
+        Per query block: for each key block, s = q k^T/sqrt(d) + bias, new row max m',
+        rescale the running sum l and output by exp(m - m'), add exp(s - m') and
+        exp(s - m') v. Then o = acc / l and L = m + log l.
+        """
+        q, k, v = _split_qkv(qkv, batch, seq, heads, head_dim)
+        scale = 1.0 / math.sqrt(head_dim)
+        o, lse = partial_attention(q * q.dtype.type(scale), k, v, bias, block)
+        out = o.transpose(0, 2, 1, 3).reshape(batch * seq, heads * head_dim)
+        return out, BlockedCache(q, k, v, o, lse, bias, scale, block)
+
+    @staticmethod
+    def backward(do: Any, c: BlockedCache) -> tuple[Any, Any, Any]:
+        """FlashAttention's backward: recompute p = exp(s - L) block by block.
+
+        With D = rowsum(do * o): dv += p^T do, dp = do v^T, ds = p (dp - D),
+        dq += ds k / sqrt(d), dk += ds^T q / sqrt(d). Masked keys have p = 0: ds = 0 there.
+        """
+        big_d = (do * c.o).sum(axis=-1, keepdims=True)
+        return partial_attention_backward(c.q, c.k, c.v, c.bias, do, c.lse, big_d, c.scale,
+                                          c.block)
+
+
+ALGORITHMS: dict[str, Any] = {"plain": Plain(), "blocked": Blocked()}
+
+
+def attention_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,
+                     impl: str = "plain", block: int = 0) -> tuple[Any, Any]:
+    """The caching forward of algorithm ``impl``: (o (B*S, h*d), its cache)."""
+    return ALGORITHMS[impl].forward_cached(qkv, bias, batch, seq, heads, head_dim, block)
+
+
+def attention_backward(dout: Any, cache: Any) -> Any:
+    """d qkv (B*S, 3*h*d) from d o (B*S, h*d), for the algorithm that made ``cache``."""
+    batch, heads, seq, head_dim = cache.q.shape
+    do = dout.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
+    algorithm = ALGORITHMS["blocked" if isinstance(cache, BlockedCache) else "plain"]
+    return _join_qkv(*algorithm.backward(do, cache))

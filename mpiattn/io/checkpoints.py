@@ -1,0 +1,286 @@
+"""Training checkpoints: whole-model parameters, optimizer state and history in one HDF5
+file (Hugging Face names, so any head split resumes from it), written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config, ModelConfig
+from ..core.mlm import MLMHead
+from ..core.model import Embeddings, LayerShard
+from ..errors import InputError
+from . import h5io
+from .hf import to_hf
+
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from ..inputs.corpus import Corpus
+
+MAX_TOKENIZER = 64 << 20  # bytes of one stored tokenizer file
+
+
+def checkpoint_due(step: int, t: Any) -> bool:
+    done = step + 1
+    return t.checkpoint_every > 0 and (done % t.checkpoint_every == 0 or done == t.steps)
+
+
+def checkpoint_path(t: Any, done: int) -> Path:
+    """train.checkpoint with ``{step}`` replaced by the steps done (one file per checkpoint)."""
+    return Path(t.checkpoint.replace("{step}", str(done)))
+
+
+@dataclass
+class History:
+    """Per-step records, continued across resumes (stored in checkpoints)."""
+
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
+    tokens_per_second: list = field(default_factory=list)
+    eval_step: list = field(default_factory=list)
+    eval_loss: list = field(default_factory=list)
+
+    def write(self, g: Any) -> None:
+        """One dataset per field in ``g``: ``step`` and ``eval_step`` are the coordinates
+        (dimension scales) of the per-step and the held-out records."""
+        loss = {"units": "1", "long_name": "masked-LM cross-entropy in nats per masked token"}
+        attrs = {"loss": loss, "eval_loss": loss, "lr": {"units": "1"},
+                 "grad_norm": {"units": "1"},
+                 "tokens_per_second": {"units": "1/s", "long_name": "tokens per second"},
+                 "step": {"long_name": "optimizer step (0-based)"},
+                 "eval_step": {"long_name": "optimizer step after which the held-out loss"
+                               " was measured (-1: the starting model)"}}
+        fields = vars(self)
+        for name in sorted(fields, key=lambda k: not k.endswith("step")):  # coordinates first
+            kind = np.int64 if name.endswith("step") else np.float64
+            h5io.write_array(g, name, np.asarray(fields[name], dtype=kind),
+                             ("eval_step" if name.startswith("eval") else "step",),
+                             **attrs.get(name, {}))
+
+    @classmethod
+    def read(cls, g: Any) -> History:
+        from .h5safe import read
+
+        return cls(**{f.name: list(read(g[f.name])) for f in dataclasses.fields(cls)})
+
+
+def param_dims(name: str, ndim: int) -> tuple[str, ...]:
+    """Dimension names of a whole-model tensor in Hugging Face naming (``hf.to_hf``):
+    linear weights are (out, in); ``hidden_out`` is the output axis of a hidden x hidden
+    matrix, ``model_id`` the model's vocabulary, ``position`` and ``token_type`` the rows
+    of those embedding tables."""
+    tables = {"word_embeddings.weight": "model_id", "position_embeddings.weight": "position",
+              "token_type_embeddings.weight": "token_type"}
+    for suffix, rows in tables.items():
+        if name.endswith(suffix):
+            return (rows, "hidden_unit")
+    if name.endswith("intermediate.dense.weight"):
+        return ("ffn_unit", "hidden_unit")
+    if name.endswith("intermediate.dense.bias"):
+        return ("ffn_unit",)
+    if name.endswith("output.dense.weight") and ".attention." not in name:
+        return ("hidden_unit", "ffn_unit")
+    if name == "cls.predictions.bias":
+        return ("model_id",)
+    return ("hidden_out", "hidden_unit")[2 - ndim :]  # biases, LayerNorm, (h, h) weights
+
+
+def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
+                     state: dict[str, dict[str, Any]], corpus: Corpus, history: History,
+                     tensor: int, tokenizer: dict[str, bytes]) -> None:
+    """Whole-model parameters and optimizer state (HF naming), written atomically to
+    ``path`` (a file name, refused if it exists, or an ``outfile.Reservation``), with the
+    tokenizer files (``export.tokenizer_files``) so the file alone is a usable model."""
+    with h5io.atomic_file(path) as f:
+        f.attrs.update({"format_version": h5io.FORMAT_VERSION, "command": "train checkpoint",
+                        "step": done, "optimizer": cfg.train.optimizer, "seed": cfg.seed,
+                        "config": cfg.to_toml(), "tensor_parallel": tensor,
+                        "data_position": done * cfg.input.batch,
+                        "rng": "stateless: batches and masks are seeded by (seed, step)"})
+        g = f.create_group("params")
+        for name, a in params.items():
+            h5io.write_array(g, name, a, param_dims(name, a.ndim))
+        for kind, tensors in state.items():
+            s = f.create_group(f"optimizer/{kind}")
+            for name, a in tensors.items():
+                h5io.write_array(s, name, a, param_dims(name, a.ndim))
+        h5io.write_array(f.create_group("vocab"), "token_ids", corpus.token_ids,
+                         ("model_id",), description="tokenizer id of each model id")
+        history.write(f.create_group("train"))
+        tok = f.create_group("tokenizer")
+        tok.attrs["description"] = "the tokenizer files the model was trained with, as bytes"
+        for name, data in tokenizer.items():
+            h5io.write_array(tok, name, np.frombuffer(data, dtype=np.uint8),
+                             (re.sub(r"\W", "_", name) + "_byte",), units="bytes")
+        f.attrs["status"] = "complete"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    params: dict[str, np.ndarray]
+    state: dict[str, dict[str, np.ndarray]]
+    token_ids: np.ndarray
+    history: History
+    optimizer: str
+
+
+def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
+    """A checkpoint someone handed us: only what is inside the file (``h5safe``), every
+    dataset's declared size checked before it is read, any malformed part one line."""
+    from . import h5safe
+
+    with h5io.open_for_reading(path) as f:
+        if h5safe.attr(f, "status") != "complete" or "params" not in f:
+            raise InputError(f"'{path}' is not a complete mpiattn training checkpoint")
+        try:
+            params = {k: h5safe.read(f["params"][k]) for k in f["params"]}
+            state = {kind: {k: h5safe.read(g[k]) for k in g}
+                     for kind, g in f.get("optimizer", {}).items()}
+            ck = Checkpoint(int(h5safe.attr(f, "step")), params, state,
+                            h5safe.read(f["vocab/token_ids"]), History.read(f["train"]),
+                            h5safe.text(h5safe.attr(f, "optimizer"), "optimizer"))
+        except h5safe.MALFORMED as err:
+            raise InputError(f"'{path}' is not a readable mpiattn training checkpoint:"
+                             f" {h5safe.one_line(err)}") from None
+    if ck.optimizer != cfg.train.optimizer:
+        raise InputError(f"'{path}' holds {ck.optimizer} state but train.optimizer ="
+                         f" {cfg.train.optimizer}: set train.optimizer={ck.optimizer}")
+    if ck.step >= cfg.train.steps:
+        raise InputError(f"'{path}' is at step {ck.step}, train.steps = {cfg.train.steps}:"
+                         " raise train.steps to continue")
+    return ck
+
+
+@dataclass
+class TrainedModel:
+    """What a checkpoint holds of the model alone (``mpiattn export``, ``model.weights``)."""
+
+    path: Path
+    step: int
+    model: ModelConfig  # the model's shape (model.* of the training job)
+    token_ids: np.ndarray  # tokenizer id of each model id
+    tokenizer: dict[str, bytes]  # file name -> contents
+
+
+def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel, dict]:
+    """The model of a complete checkpoint and (``with_params``) its whole tensors in HF
+    naming; only what is inside the file, every size checked (``h5safe``), every tensor
+    the model needs there with its shape (and finite, when read). Raises ``InputError``
+    for anything else, including checkpoints without their tokenizer."""
+    import h5py
+
+    from . import h5safe
+    from .hf import PASSTHROUGH, TOKENIZER_FILES
+
+    path = Path(path)
+    bad = f"'{path}' is not a readable mpiattn training checkpoint"
+    with h5io.open_for_reading(path) as f:
+        if h5safe.attr(f, "status") != "complete" or "params" not in f \
+                or h5safe.attr(f, "command") != "train checkpoint":
+            raise InputError(f"'{path}' is not a complete mpiattn training checkpoint")
+        if "tokenizer" not in f:
+            raise InputError(f"'{path}' holds no tokenizer (written before checkpoints kept"
+                             " theirs): train again, or continue it with --resume, to get one")
+        try:
+            shape = _model_shape(h5safe.text(h5safe.attr(f, "config"), "config"))
+            group = f["tokenizer"]
+            tok = {name: h5safe.read(group[name], MAX_TOKENIZER).tobytes()
+                   for name in TOKENIZER_FILES
+                   if name in group and isinstance(group[name], h5py.Dataset)}
+            token_ids = h5safe.read(f["vocab/token_ids"])
+            if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu" or not token_ids.size:
+                raise ValueError("/vocab/token_ids is not a list of token ids")
+            model = TrainedModel(path, int(h5safe.attr(f, "step")), shape, token_ids, tok)
+            want = model_shapes(shape, token_ids.size)
+            stored = f["params"]
+            for name, need in want.items():
+                got = stored[name].shape if name in stored else None
+                if got != need:
+                    raise ValueError(f"/params/{name} has shape {got}, the model needs {need}")
+            names = [*want, *(n for n in PASSTHROUGH if n in stored)]
+            params = {k: h5safe.read(stored[k]) for k in names} if with_params else {}
+        except h5safe.MALFORMED as err:
+            raise InputError(f"{bad}: {h5safe.one_line(err)}") from None
+    for name, a in params.items():
+        if a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise InputError(f"{bad}: /params/{name} holds non-finite or non-float values")
+    if "tokenizer.json" not in model.tokenizer:
+        raise InputError(f"'{path}': /tokenizer has no tokenizer.json")
+    return model, params
+
+
+def _model_shape(toml: str) -> ModelConfig:
+    """model.* of a stored training config (``model.weights``, where it started, dropped)."""
+    import tomllib
+
+    from ..config import ConfigError, coerce
+
+    default = ModelConfig()
+    try:
+        table = tomllib.loads(toml).get("model", {})
+        return ModelConfig(**{k: coerce(f"model.{k}", v, type(getattr(default, k)))
+                              for k, v in table.items()
+                              if k != "weights" and hasattr(default, k)})
+    except (tomllib.TOMLDecodeError, ConfigError, AttributeError) as err:
+        raise ValueError(f"its config attribute is not a training config: {err}") from None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Does ``path`` name an HDF5 file (by its signature; a training checkpoint, say)?"""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def model_shapes(m: ModelConfig, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the whole-model tensors of a model of shape ``m`` with ``vocab`` ids.
+    Raises ``ValueError`` when the heads do not divide the hidden width."""
+    h = m.hidden
+    if m.heads < 1 or h % m.heads:
+        raise ValueError(f"model.heads = {m.heads} does not divide model.hidden = {h}")
+    z = np.zeros
+    layer = LayerShard(z((h, 3 * h)), z(3 * h), z((h, h)), z(h), z(h), z(h), z((h, m.ffn)),
+                       z(m.ffn), z((m.ffn, h)), z(h), z(h), z(h), h // m.heads)
+    emb = Embeddings(z((vocab, h)), z((m.max_positions, h)), z((m.type_vocab, h)), z(h), z(h))
+    head = MLMHead(z((h, h)), z(h), z(h), z(h), z(vocab))
+    return {k: a.shape for k, a in to_hf(emb, [layer] * m.layers, head).items()}
+
+
+def check_shapes(path: str, ck: Checkpoint, want: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in want.items():
+        got = ck.params.get(name)
+        if got is None or got.shape != shape:
+            have = None if got is None else got.shape
+            raise InputError(f"'{path}': {name} has shape {have}, this model needs {shape}"
+                             " (the config's model.* must match the checkpoint's)")
+
+
+def latest_checkpoint(t: Any) -> Path | None:
+    """``--resume auto``: the newest complete checkpoint of ``train.checkpoint`` (any
+    ``{step}``), or None when there is none yet (a first run starts from scratch)."""
+    import h5py
+
+    pattern = Path(t.checkpoint.replace("{step}", "*"))
+    best: tuple[int, Path] | None = None
+    for path in pattern.parent.glob(pattern.name):
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("status") != "complete" or "step" not in f.attrs:
+                    continue
+                step = int(f.attrs["step"])
+        except (OSError, ValueError, TypeError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
+    return None if best is None else best[1]

@@ -1,0 +1,476 @@
+"""The output of a streamed text run: finished chunks kept as parts, assembled at the end.
+
+    parts = Parts.create(out.path, job_key)          # or Parts.find(...) to resume
+    parts.write(index, ChunkResult(...))             # each chunk: its own file, published whole
+    with h5io.atomic_disk_file(out) as f:            # at the end, on disk, never in memory
+        assemble(f, parts, count, hidden, keep)      # appended chunk after chunk
+    parts.remove()
+
+Why parts: HDF5 gives no crash consistency to a file being appended to, so a job killed
+mid-write (SIGKILL, a node lost) could leave a file no tool can open, and nothing to resume
+from. Here every finished chunk is a small file published by rename into a private folder
+(``.NAME.HOST-PID-RANDOM.parts``, made with ``mkdtemp``), and the final file is built
+from them and published under its name only when complete. ``--resume`` finds the folder
+of the same job (same resolved config and input digests: ``job_key``), skips the chunks it
+holds and writes the rest; since a chunk's result depends only on its own lines, the
+finished file equals an uninterrupted run's bit for bit. A running job holds an exclusive
+``flock`` on its folder, so two jobs never share one.
+
+Layout of the finished file, by dimension (``line``: input lines, ``token``: real tokens
+of all lines, ``line_edge``: lines + 1; row i of a ragged dataset is
+``[offsets[i]:offsets[i+1]]``; the dimensions are attached by ``finish``):
+
+    /input/text (line,) UTF-8 [/input/text_pair (line,) with input.pairs]
+    /input/tokens (token,) int64, /input/offsets (line_edge,) int64,
+    /input/token_type_ids (token,) int64 (pairs only), /input/truncated (line,) uint8
+    /output/pooled (line, hidden_unit): mean over real tokens, L2-normalised
+    /layers/NN/attention|hidden (token, hidden_unit) when output.layers keeps layer NN
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, UserError
+from .h5io import DIGEST_ATTR, LIBVER, attach_dimensions
+from .h5io import text_sha256 as text_hash
+from .outfile import _host, _name_max
+
+SUFFIX = ".parts"
+JOB_FILE = "job.json"
+_PART = re.compile(r"chunk-(\d{7})\.h5")
+
+
+@dataclass
+class ChunkResult:
+    """One chunk's rows in line order (see the module docstring for the fields)."""
+
+    first: int  # index of the chunk's first line
+    text: list[str]
+    text_pair: list[str] | None
+    ids: list[np.ndarray]  # per line
+    types: list[np.ndarray] | None  # per line (pairs only)
+    truncated: np.ndarray  # (lines,) bool
+    pooled: np.ndarray  # (lines, hidden)
+    layers: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (tokens, H)
+    stats: dict[str, float] = field(default_factory=dict)  # per-chunk measurements
+
+
+def job_key(config_toml: str, digests: dict[str, str]) -> str:
+    """The identity of a job for resuming: its resolved config and its inputs' digests
+    (the command line and the output name are not part of it)."""
+    inputs = {k: v for k, v in digests.items() if not k.startswith("the ")}
+    blob = json.dumps({"config": config_toml, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _folders(out_path: Path) -> list[Path]:
+    stem = out_path.name.encode("utf-8", "surrogateescape")[:16].decode("utf-8", "ignore")
+    pattern = f".{glob.escape(stem)}*{SUFFIX}"  # a name may hold [ ] * ?
+    return sorted(p for p in out_path.parent.glob(pattern) if p.is_dir())
+
+
+def _read_job(folder: Path) -> dict:
+    try:
+        job = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return job if isinstance(job, dict) else {}
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def check_space(folder: Path, need: int, what: str) -> None:
+    """UserError (one line) when ``folder``'s file system has less than ``need`` bytes
+    free: HDF5 fails untidily (or worse) on a full disk, so a write is not begun."""
+    free = _free_bytes(folder)
+    if free < need:
+        raise UserError(f"no space for {what} in '{folder}': it needs about"
+                        f" {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some"
+                        " space (finished chunks are kept for --resume)")
+
+
+def _part_digest(arrays: list[np.ndarray], texts: list[list[str]]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    for strings in texts:
+        text_hash(strings, h)
+    return h.hexdigest()
+
+
+def _part_contents(r: ChunkResult) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+    arrays = {"lengths": np.array([len(a) for a in r.ids], dtype=np.int64),
+              "tokens": _concat(r.ids, np.int64), "truncated": r.truncated.astype(np.uint8),
+              "pooled": r.pooled}
+    if r.types is not None:
+        arrays["token_type_ids"] = _concat(r.types, np.int64)
+    for (layer, name), a in sorted(r.layers.items()):
+        arrays[f"layers/{layer:02d}/{name}"] = a
+    return arrays, [r.text] + ([r.text_pair] if r.text_pair is not None else [])
+
+
+@dataclass
+class PartData:
+    """One part read back and checked (``Parts.read``)."""
+
+    first: int  # index of its first line
+    arrays: dict[str, np.ndarray]  # lengths, tokens, truncated, pooled, ..., layers/NN/*
+    texts: dict[str, list[str]]  # text (and text_pair)
+
+
+class Parts:
+    """A private folder of finished chunks (see the module docstring), made when the first
+    chunk is written (a job that fails before leaves no folder)."""
+
+    def __init__(self, out_path: Path, job: dict, folder: Path | None = None,
+                 lock: int = -1) -> None:
+        self.out_path, self.job, self.folder, self._lock = out_path, job, folder, lock
+
+    @classmethod
+    def new(cls, out_path: Path, key: str, layout: dict, lines: int, chunk: int) -> Parts:
+        """Parts of a fresh job of ``lines`` lines in chunks of ``chunk`` on ``layout``
+        (world size, tensor-parallel size): the folder comes with the first chunk."""
+        return cls(out_path, {"key": key, "layout": layout, "lines": lines, "chunk": chunk,
+                              "output": out_path.name})
+
+    def _make_folder(self) -> Path:
+        if self.folder is not None:
+            return self.folder
+        out_path = self.out_path
+        tail = f".{_host()}-{os.getpid()}-"
+        room = _name_max(out_path.parent) - len(tail) - 8 - len(SUFFIX) - 1
+        name = out_path.name.encode("utf-8")[: max(room, 1)].decode("utf-8", "ignore")
+        folder = None
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=f".{name}{tail}", suffix=SUFFIX,
+                                           dir=out_path.parent))
+            (folder / JOB_FILE).write_text(json.dumps(self.job), encoding="utf-8")
+        except OSError as err:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise UserError(f"cannot create the parts folder in '{out_path.parent}':"
+                            f" {os.strerror(err.errno or 0)}; free space or choose another -o"
+                            ) from None
+        self.folder, self._lock = folder, _lock(folder, "it was just made")
+        return folder
+
+    @classmethod
+    def find(cls, out_path: Path, key: str, layout: dict, where: str | None = None) -> Parts:
+        """The interrupted job's folder to resume: ``where`` itself, or (None) the one
+        beside ``out_path`` whose job key is ``key``. UserError (exit 2) when there is none,
+        it belongs to another job or rank layout, or a running job holds it. Damaged or
+        unfinished parts are removed (they are computed again)."""
+        if where is not None:
+            candidates = [Path(where)]
+            if not (candidates[0] / JOB_FILE).is_file():
+                raise UserError(f"--resume-from '{where}' is not the parts folder of an"
+                                " interrupted run (it has no job.json)")
+        else:
+            candidates = [p for p in _folders(out_path) if _read_job(p).get("key") == key]
+            if not candidates:
+                others = len(_folders(out_path))
+                raise UserError(f"--resume: no interrupted run of this job beside"
+                                f" '{out_path}' (parts folders of other jobs or inputs:"
+                                f" {others}); run without --resume to start afresh")
+        folder = max(candidates, key=lambda p: len(list(p.glob("chunk-*.h5"))))
+        job = _read_job(folder)
+        if job.get("key") != key:
+            raise UserError(f"--resume '{folder}' holds a run of another config or other inputs:"
+                            " resume with the same config, inputs and model")
+        if job.get("layout") != layout:
+            was = job.get("layout") or {}
+            raise UserError(f"--resume: '{folder}' was run on {was.get('world_size', '?')}"
+                            f" ranks with parallel.tensor = {was.get('tensor', '?')}; resume it"
+                            " on the same (its rows must equal an uninterrupted run's)")
+        parts = cls(out_path, job, folder, _lock(folder, "another job is writing it now"))
+        for stale in folder.glob("*.tmp*"):  # a part the killed job was writing
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        parts.drop_damaged()
+        return parts
+
+    def done(self) -> int:
+        """Chunks finished, counted from the first without a gap."""
+        if self.folder is None or not self.folder.exists():
+            return 0
+        have = {int(m.group(1)) for p in self.folder.iterdir() if (m := _PART.fullmatch(p.name))}
+        n = 0
+        while n in have:
+            n += 1
+        return n
+
+    def drop_damaged(self) -> None:
+        """Remove the first part whose contents do not match its digest, and every part
+        after it: a part is whole or absent (``--resume`` computes them again)."""
+        for index in range(self.done()):
+            if not self.intact(index):
+                for p in self.folder.glob("chunk-*.h5"):
+                    m = _PART.fullmatch(p.name)
+                    if m and int(m.group(1)) >= index:
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+                return
+
+    def read(self, index: int) -> PartData | None:
+        """Part ``index`` as written (arrays in digest order, text columns), or None when
+        it cannot be read back or does not match its digest."""
+        import h5py
+
+        try:
+            with h5py.File(self.path(index), "r") as f:
+                want = f.attrs["sha256"]
+                names = ["lengths", "tokens", "truncated", "pooled"]
+                names += ["token_type_ids"] if "token_type_ids" in f else []
+                layers: list[str] = []
+                if "layers" in f:
+                    f["layers"].visititems(lambda n, o: layers.append(f"layers/{n}")
+                                           if isinstance(o, h5py.Dataset) else None)
+                arrays = {n: f[n][()] for n in names + sorted(layers)}
+                texts = {n: list(f[n].asstr()[()]) for n in ("text", "text_pair") if n in f}
+                first = int(f.attrs["first"])
+        except (OSError, KeyError, RuntimeError, ValueError):
+            return None
+        if _part_digest(list(arrays.values()), list(texts.values())) != want:
+            return None
+        return PartData(first, arrays, texts)
+
+    def intact(self, index: int) -> bool:
+        """Part ``index`` reads back and matches the digest it was written with."""
+        return self.read(index) is not None
+
+    def path(self, index: int) -> Path:
+        if self.folder is None:
+            raise ValueError("no parts folder yet: nothing has been written")
+        return self.folder / f"chunk-{index:07d}.h5"
+
+    def write(self, index: int, r: ChunkResult) -> None:
+        """Chunk ``index`` as its own HDF5 file with the digest of its contents, flushed,
+        fsynced and renamed into place only when whole. UserError (one line) when it
+        cannot be written (a full disk is found before HDF5 starts)."""
+        import h5py
+
+        from . import outfile
+
+        folder = self._make_folder()
+        arrays, texts = _part_contents(r)
+        need = sum(a.nbytes for a in arrays.values()) + sum(
+            len(t.encode("utf-8")) + 16 for strings in texts for t in strings)
+        check_space(folder, need + (1 << 20), f"chunk {index}")
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
+        try:
+            with h5py.File(tmp_path, "w", libver=LIBVER) as f:
+                f.attrs["first"] = r.first
+                f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
+                f["text"] = np.array(r.text, dtype=h5py.string_dtype())
+                if r.text_pair is not None:
+                    f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
+                for name, a in arrays.items():
+                    f[name] = a
+                f.attrs["sha256"] = _part_digest(list(arrays.values()), texts)
+                f.flush()  # a failed write raises here, not in a destructor that hides it
+            fd = os.open(tmp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_path, self.path(index))
+            outfile.fsync_folder(folder)
+        except (OSError, RuntimeError, ValueError) as err:
+            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
+            raise UserError(f"cannot write chunk {index} to '{folder}': "
+                            f"{' '.join(reason.split())[:200]}") from None
+        finally:
+            outfile._LIVE.discard(tmp_path)
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+
+    def read_stats(self) -> list[dict[str, float]]:
+        """Each finished chunk's measurements (attributes ``stat_*``), in chunk order."""
+        import h5py
+
+        out = []
+        for i in range(self.done()):
+            with h5py.File(self.path(i), "r") as f:
+                out.append({k.removeprefix("stat_"): float(v) for k, v in f.attrs.items()
+                            if k.startswith("stat_")})
+        return out
+
+    def size(self) -> int:
+        """Bytes of the finished parts (what assembling them writes, about)."""
+        return sum(self.path(i).stat().st_size for i in range(self.done()))
+
+    def remove(self) -> None:
+        """Delete the folder (after the final file is published, or when its chunks can
+        never be used: another job published the output, or the input changed)."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        if self._lock >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock)
+            self._lock = -1
+
+
+def _lock(folder: Path, why: str) -> int:
+    fd = os.open(folder / JOB_FILE, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"--resume: '{folder}' is locked: {why}") from None
+    return fd
+
+
+def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
+class _Appender:
+    """A resizable dataset grown part by part, with the SHA-256 of its bytes in row order
+    (equal to ``h5io.sha256`` of the whole array)."""
+
+    def __init__(self, group: Any, name: str, tail: tuple[int, ...], dtype: Any,
+                 dims: tuple[str, ...], compression: str, rows_hint: int) -> None:
+        rows = max(1, min(rows_hint, max(1, 2**20 // max(1, int(np.prod(tail)) * 4))))
+        opts: dict[str, Any] = {"chunks": (rows, *tail), "fletcher32": True}
+        if compression != "none":
+            opts.update(compression=compression, shuffle=True)
+        self.dset = group.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail),
+                                         dtype=dtype, **opts)
+        self.dims = dims  # attached when the length is known (``finish``)
+        self.hash = hashlib.sha256()
+
+    def append(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=self.dset.dtype)
+        n = self.dset.shape[0]
+        self.dset.resize(n + a.shape[0], axis=0)
+        if a.shape[0]:
+            self.dset[n:] = a
+        self.hash.update(a.tobytes())
+
+    def finish(self, **attrs: Any) -> None:
+        attach_dimensions(self.dset, self.dims)
+        self.dset.attrs[DIGEST_ATTR] = self.hash.hexdigest()
+        self.dset.attrs.update(attrs)
+
+
+def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
+             kept: list[int], pairs: bool, compression: str) -> dict[str, int]:
+    """Write every part into ``f`` in line order (the layout above); returns the totals
+    (lines, tokens, truncated). Raises InputError when a part is missing or does not
+    continue where the previous one ended."""
+    import h5py
+
+    inp, out = f.create_group("input"), f.create_group("output")
+    strings = h5py.string_dtype()
+    text = inp.create_dataset("text", shape=(0,), maxshape=(None,), dtype=strings,
+                              chunks=(4096,))
+    text_pair = None
+    if pairs:
+        text_pair = inp.create_dataset("text_pair", shape=(0,), maxshape=(None,),
+                                       dtype=strings, chunks=(4096,))
+    hint = min(1 << 16, 64 * max(lines, 1))  # tokens per HDF5 chunk
+    tokens = _Appender(inp, "tokens", (), np.int64, ("token",), compression, hint)
+    types = (_Appender(inp, "token_type_ids", (), np.int64, ("token",), compression, hint)
+             if pairs else None)
+    truncated = _Appender(inp, "truncated", (), np.uint8, ("line",), compression, lines)
+    pooled = _Appender(out, "pooled", (hidden,), dtype, ("line", "hidden_unit"), compression,
+                       lines)
+    states = {(i, name): _Appender(f.require_group(f"layers/{i:02d}"), name, (hidden,), dtype,
+                                   ("token", "hidden_unit"), compression, hint)
+              for i in kept for name in ("attention", "hidden")}
+    text_hashes = [hashlib.sha256(), hashlib.sha256()]  # text, text_pair (h5io.text_sha256)
+    offsets = _Appender(inp, "offsets", (), np.int64, ("line_edge",), compression, lines + 1)
+    offsets.append(np.zeros(1, dtype=np.int64))
+    done = total_tokens = n_truncated = 0
+    for index in range(parts.done()):
+        part = parts.read(index)  # one read: checked against its digest, then appended
+        if part is None:  # damaged since it was written: computed again
+            parts.drop_damaged()
+            raise InputError(f"part {index} of '{parts.folder}' does not match its digest"
+                             " (damaged on disk?); it was removed: run the same command with"
+                             " --resume to compute it again")
+        if part.first != done:
+            raise InputError(f"part {index} of '{parts.folder}' starts at line {part.first},"
+                             f" not {done}: the folder was altered; run again without --resume")
+        a = part.arrays
+        n = a["pooled"].shape[0]
+        for k, (dset, name) in enumerate(((text, "text"), (text_pair, "text_pair"))):
+            if dset is not None:
+                dset.resize(done + n, axis=0)
+                dset[done:] = part.texts[name]
+                text_hash(part.texts[name], text_hashes[k])
+        lengths = a["lengths"]
+        tokens.append(a["tokens"])
+        if types is not None:
+            types.append(a["token_type_ids"])
+        truncated.append(a["truncated"])
+        n_truncated += int(np.count_nonzero(a["truncated"]))
+        pooled.append(a["pooled"])
+        for (i, name), app in states.items():
+            app.append(a[f"layers/{i:02d}/{name}"])
+        offsets.append(total_tokens + np.cumsum(lengths, dtype=np.int64))
+        done, total_tokens = done + n, total_tokens + int(lengths.sum())
+    if done != lines:
+        raise InputError(f"'{parts.folder}' holds {done} of {lines} lines: run again")
+    for dset, h in zip((text, text_pair), text_hashes, strict=True):
+        if dset is not None:
+            attach_dimensions(dset, ("line",))
+            dset.attrs[DIGEST_ATTR] = h.hexdigest()
+    ragged = "row i is [offsets[i]:offsets[i+1]] of each (token, ...) dataset"
+    offsets.finish(description=ragged)
+    for app in (tokens, types, truncated):
+        if app is not None:
+            app.finish()
+    pooled.finish(description="mean over real tokens of the last layer, L2-normalised")
+    for app in states.values():
+        app.finish(description=f"per real token, all lines concatenated; {ragged} of"
+                   " /input/offsets")
+    return {"lines": done, "tokens": total_tokens, "truncated": n_truncated}
+
+
+@contextlib.contextmanager
+def disk_file(out: Any) -> Iterator[Any]:
+    """An h5py File written straight into ``out``'s exclusive temporary (too big for
+    memory), published under the final name only if the block succeeds."""
+    import h5py
+
+    try:
+        try:
+            with h5py.File(out.create(), "w", libver=LIBVER) as f:
+                f.attrs["status"] = "writing"
+                yield f
+                f.flush()  # a failed write raises here, not in a destructor that hides it
+        except (OSError, RuntimeError) as err:
+            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
+            raise UserError(f"cannot write '{out.path}': {' '.join(reason.split())[:200]};"
+                            " earlier files are untouched") from None
+        out.publish()
+    finally:
+        out.discard()

@@ -1,0 +1,288 @@
+"""Hugging Face model folders: what a training checkpoint becomes so other tools can use it.
+
+A folder holds ``model.safetensors`` (``BertForMaskedLM`` names: ``bert.*`` and
+``cls.predictions.*``), ``config.json`` and the tokenizer files the model was trained
+with. ``transformers.BertModel.from_pretrained(DIR)``, ``BertForMaskedLM`` and
+``mpiattn run --set model.weights=DIR`` all load it.
+
+A model trained on a remapped vocabulary (seeded weights: the train split's most frequent
+token ids, the rest read as [UNK]) is exported on the tokenizer's own ids, so the copied
+tokenizer and the model agree: the word embedding row of every tokenizer id is the row of
+its model id, ids outside the trained vocabulary get the [UNK] row (as in training) and
+a decoder bias of ``UNTRAINED_BIAS`` (never predicted: exp(-1e4) is 0 in float32). The id
+map is kept in ``mpiattn_vocab.json``.
+
+Tensors of the source model that training leaves alone (BERT's pooler) and the
+sentence-transformers files beside its tokenizer travel with the checkpoint into the
+export, so the folder also loads as the sentence-transformers model it started from.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, UserError
+from .hf import TOKENIZER_FILES
+from .outfile import OutputExists, _name_max, _umask, fsync_folder
+
+# tokenizer.json and the files beside it that tokenizer loaders and sentence-transformers read
+MAX_TOKENIZER_FILE = 64 << 20  # bytes: a tokenizer file larger than this is not one
+UNTRAINED_BIAS = -1.0e4
+WORD = "bert.embeddings.word_embeddings.weight"
+BIAS = "cls.predictions.bias"
+
+
+class ExportError(UserError):
+    """The export folder could not be written (exit 2, one line)."""
+
+
+def tokenizer_files(tokenizer_json: Path) -> dict[str, bytes]:
+    """``tokenizer.json`` and those of ``TOKENIZER_FILES`` found beside it: name -> bytes."""
+    out = {"tokenizer.json": _read_small(tokenizer_json)}
+    for name in TOKENIZER_FILES[1:]:
+        path = tokenizer_json.parent / name
+        if path.is_file():
+            out[name] = _read_small(path)
+    return out
+
+
+def _read_small(path: Path) -> bytes:
+    if path.stat().st_size > MAX_TOKENIZER_FILE:
+        raise InputError(f"'{path}' is over {MAX_TOKENIZER_FILE >> 20} MiB: not a tokenizer file")
+    return path.read_bytes()
+
+
+def tokenizer_vocab(files: dict[str, bytes]) -> tuple[int, dict[str, int]]:
+    """(vocabulary size, ids of [PAD] and [UNK]) of the tokenizer in ``files``."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+    except Exception as err:  # the Rust side raises a bare Exception on a bad file
+        raise InputError(f"the tokenizer cannot be loaded: {err}") from None
+    ids = {name: tok.token_to_id(name) for name in ("[PAD]", "[UNK]")}
+    if any(v is None for v in ids.values()):
+        raise InputError("the tokenizer lacks [PAD] or [UNK] (not a BERT one?)")
+    return tok.get_vocab_size(with_added_tokens=True), ids
+
+
+def on_tokenizer_ids(tensors: dict[str, np.ndarray], token_ids: np.ndarray, vocab: int,
+                     unk: int) -> dict[str, np.ndarray]:
+    """HF tensors of a model whose word ids are ``token_ids`` (tokenizer id of each model
+    id), re-indexed by tokenizer id: (vocab, hidden) word embeddings and (vocab,) decoder
+    bias. Identity when the model already uses the tokenizer's ids.
+
+    Raises ``InputError`` when ``token_ids`` does not fit the tokenizer.
+    """
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    if np.array_equal(token_ids, np.arange(vocab)):
+        return tensors
+    if token_ids.size == 0 or token_ids.min() < 0 or token_ids.max() >= vocab or unk not in \
+            token_ids or np.unique(token_ids).size != token_ids.size:
+        raise InputError(f"the model's token ids do not fit its tokenizer ({vocab} ids, [UNK]"
+                         f" = {unk}): not a model mpiattn trained")
+    lookup = np.full(vocab, int(np.flatnonzero(token_ids == unk)[0]), dtype=np.int64)
+    lookup[token_ids] = np.arange(token_ids.size)
+    out = dict(tensors)
+    out[WORD] = np.ascontiguousarray(tensors[WORD][lookup])
+    if BIAS in tensors:
+        bias = tensors[BIAS][lookup]
+        untrained = np.ones(vocab, dtype=bool)
+        untrained[token_ids] = False
+        bias[untrained] = UNTRAINED_BIAS
+        out[BIAS] = bias
+    return out
+
+
+def hf_config(model: Any, vocab: int, pad: int, dtype: Any, extra: dict | None = None) -> dict:
+    """``config.json`` of a ``BertForMaskedLM`` with the shape of ``model`` (``ModelConfig``)."""
+    return {
+        "architectures": ["BertForMaskedLM"], "model_type": "bert",
+        "vocab_size": int(vocab), "hidden_size": model.hidden,
+        "num_hidden_layers": model.layers, "num_attention_heads": model.heads,
+        "intermediate_size": model.ffn, "hidden_act": "gelu",
+        "max_position_embeddings": model.max_positions, "type_vocab_size": model.type_vocab,
+        "layer_norm_eps": model.layer_norm_eps, "pad_token_id": int(pad),
+        "initializer_range": 0.02, "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "position_embedding_type": "absolute",
+        "torch_dtype": np.dtype(dtype).name, **(extra or {}),
+    }
+
+
+@dataclass
+class ModelFolder:
+    """What an export writes."""
+
+    tensors: dict[str, np.ndarray]  # HF names -> whole tensors
+    config: dict
+    tokenizer: dict[str, bytes]  # file name -> contents
+    vocab_map: list[int] | None = None  # tokenizer id of each trained id (remapped vocab)
+
+
+def _within_positions(files: dict[str, bytes], positions: int) -> dict[str, bytes]:
+    """The tokenizer files with their length limits (``tokenizer_config.json``
+    ``model_max_length``, ``sentence_bert_config.json`` ``max_seq_length``) cut to the
+    model's ``positions``: a tokenizer that truncates longer would crash the model."""
+    out = dict(files)
+    for name, key in (("tokenizer_config.json", "model_max_length"),
+                      ("sentence_bert_config.json", "max_seq_length")):
+        try:
+            table = json.loads(files[name])
+        except (KeyError, ValueError):
+            continue
+        if isinstance(table, dict) and (not isinstance(table.get(key), int)
+                                        or table[key] > positions):
+            table[key] = positions
+            out[name] = (json.dumps(table, indent=2) + "\n").encode("utf-8")
+    return out
+
+
+def build(model: Any, tensors: dict[str, np.ndarray], token_ids: np.ndarray,
+          tokenizer: dict[str, bytes], extra: dict | None = None) -> ModelFolder:
+    """The folder of a model: ``tensors`` in HF naming on the model's ids ``token_ids``."""
+    tokenizer = _within_positions(tokenizer, model.max_positions)
+    vocab, special = tokenizer_vocab(tokenizer)
+    remapped = not np.array_equal(token_ids, np.arange(vocab))
+    tensors = on_tokenizer_ids(tensors, token_ids, vocab, special["[UNK]"])
+    dtype = tensors[WORD].dtype
+    info = dict(extra or {})
+    if remapped:
+        info["trained_vocab"] = len(token_ids)
+        info["untrained_ids"] = f"read as [UNK], decoder bias {UNTRAINED_BIAS:g}"
+    config = hf_config(model, vocab, special["[PAD]"], dtype, {"mpiattn": info})
+    return ModelFolder(tensors, config, tokenizer,
+                       [int(i) for i in token_ids] if remapped else None)
+
+
+def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
+    """Write ``folder`` to a private temporary beside ``dest`` and rename it into place.
+
+    ``dest`` must not exist unless ``force`` and it is an earlier export (then the old
+    folder is replaced, never half: it is moved aside first and removed once the new one is
+    in place). The temporary, ``.NAME.HOST-PID-RANDOM.tmp``, is removed on any error or
+    signal that reaches Python. Raises ``OutputExists``, ``InputError`` or ``ExportError``.
+    """
+    from safetensors.numpy import save_file
+
+    from .outfile import _prefix
+
+    dest = Path(dest)
+    check_folder(dest, force)
+    mode = 0o666 & ~_umask()
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(dest), suffix=".tmp", dir=dest.parent))
+    except OSError as err:
+        raise ExportError(f"cannot write export folder '{dest}': {err.strerror}") from None
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in folder.tensors.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(folder.config, indent=2) + "\n",
+                                         encoding="utf-8")
+        for name, data in folder.tokenizer.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
+            (tmp / name).write_bytes(data)
+        if folder.vocab_map is not None:
+            (tmp / "mpiattn_vocab.json").write_text(json.dumps(
+                {"token_ids": folder.vocab_map,
+                 "meaning": "tokenizer id of each id the model was trained on"}) + "\n",
+                encoding="utf-8")
+        for path in [p for p in tmp.rglob("*") if p.is_file()]:
+            path.chmod(mode)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            sub.chmod(mode | (mode & 0o444) >> 2)  # folders: x wherever r
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=_prefix(dest), suffix=".old", dir=dest.parent))
+            os.rename(dest, old / "model")
+        os.rename(tmp, dest)
+        fsync_folder(dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write export folder '{dest}': {err.strerror or err}"
+                          ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def is_export(folder: Path) -> bool:
+    """Was ``folder`` written by an export (its config.json has an ``mpiattn`` entry)?"""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("mpiattn"), dict)
+
+
+def stale_temporaries(dest: str | Path) -> list[Path]:
+    """Temporaries of exports to ``dest`` whose writer is gone (same host, dead PID)."""
+    from .outfile import is_stale
+
+    dest = Path(dest)
+    return sorted(p for p in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp")
+                  if p.is_dir() and is_stale(p))
+
+
+def check_folder(dest: str | Path, force: bool) -> None:
+    """``dest`` can become an export folder: its parent is a writable folder, and nothing is
+    there yet (or, with ``force``, a folder). Raises ``OutputExists`` or ``InputError``."""
+    dest = Path(dest)
+    text = os.fspath(dest)
+    if not dest.name or dest.name in (".", "..") or any(c in text for c in "\n\r\t"):
+        raise InputError(f"export folder {text!r}: give a plain folder name")
+    if not dest.parent.is_dir():
+        raise InputError(f"export folder '{dest}': folder '{dest.parent}' does not exist:"
+                         " create it first")
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise InputError(f"export folder '{dest}': folder '{dest.parent}' is not writable")
+    limit = _name_max(dest.parent)
+    if len(dest.name.encode("utf-8", "surrogateescape")) > limit:
+        raise InputError(f"export folder name '{dest.name[:40]}...' is longer than this file"
+                         f" system allows ({limit} bytes): choose a shorter name (train.export"
+                         " or -o)")
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise InputError(f"export folder '{dest}' exists and is not a folder: it is never"
+                         " replaced; choose another name")
+    if dest.exists() and not force:
+        raise OutputExists(f"export folder '{dest}' exists: pass --force to replace it")
+    if dest.exists() and not is_export(dest):
+        raise InputError(f"export folder '{dest}' exists and is not an mpiattn export (no"
+                         " config.json with an 'mpiattn' entry): it is never replaced, even"
+                         " with --force; choose another name")
+
+
+def default_folder(output: str | Path) -> Path:
+    """Where a training job exports by default: ``OUT-hf`` beside its output ``OUT.h5``."""
+    out = Path(output)
+    return out.with_name(out.stem + "-hf")
+
+
+def export_checkpoint(checkpoint: str | Path, dest: str | Path, force: bool = False) -> Path:
+    """``mpiattn export CKPT.h5 DIR``: a training checkpoint as a Hugging Face folder.
+
+    Raises ``InputError`` (not a complete checkpoint, no tokenizer inside) or
+    ``OutputExists`` (``dest`` exists and not ``force``).
+    """
+    from ..version import __version__
+    from .checkpoints import read_model
+
+    check_folder(dest, force)
+    trained, params = read_model(checkpoint)
+    info = {"trained_by": f"mpiattn {__version__} train", "steps": trained.step,
+            "exported_from": str(Path(checkpoint).name)}
+    return publish(build(trained.model, params, trained.token_ids, trained.tokenizer, info),
+                   dest, force)

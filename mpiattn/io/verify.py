@@ -1,0 +1,336 @@
+"""``mpiattn verify``: whether a file is what it says it is. Every dataset's digest, the
+run's promised contents, the named axes, the shared objects, and (for a checkpoint) every
+tensor the model needs, read through the safe reader (``h5safe``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .h5io import DIGEST_ATTR, layer_group, open_for_reading
+
+
+def verify(path: str | Path) -> list[str]:
+    """Problems found in a finished file (empty when it is sound); no MPI needed.
+
+    Checks: ``status == "complete"``; the ``config`` attribute, when present, is TOML of at
+    most ``h5safe.MAX_ATTR_BYTES``; every dataset with a digest still matches it (streamed
+    in blocks, so memory stays bounded; HDF5's fletcher32 also fails a read of a corrupted
+    chunk); no NaN/inf in ``/layers/*``, ``/heads/*``, a checkpoint's ``/params/*`` and
+    ``/optimizer/*`` (whose tensors must all be there, with the model's shapes),
+    ``/output/pooled``, ``/train/loss``,
+    ``/train/eval_loss``, ``/train/grad_norm``; every recorded collective passed; no
+    object is reached under two names (hard links); everything the root attributes and the
+    ``config`` promise is there (``_promised``: inputs, kept layers and pooled output with
+    digests, per-head statistics and maps, Allreduce records, one timing row and host per
+    ``world_size``).
+    Raises ``InputError`` (one line) when the file cannot be opened safely
+    (``h5safe.open_for_reading``); anything else wrong is a one-line problem in the list.
+    """
+    import tomllib
+
+    from . import h5safe
+
+    finite_checked = ("output/pooled", "train/loss", "train/eval_loss", "train/grad_norm")
+    problems: list[str] = []
+    with open_for_reading(path) as f:
+        status = _root_text(f, "status", problems, "")
+        if status is not None and status != "complete":
+            problems.append(f"status is '{status or 'missing'}', not 'complete'")
+        config = _root_text(f, "config", problems)
+        if config is not None:
+            try:
+                config = tomllib.loads(config)
+            except tomllib.TOMLDecodeError as err:
+                problems.append(f"attribute 'config' of / is not TOML ({h5safe.one_line(err)})")
+                config = None
+        try:
+            found_datasets = h5safe.datasets(f)
+        except h5safe.MALFORMED as err:
+            found_datasets = []
+            problems.append(f"the file's objects cannot be listed ({h5safe.one_line(err)}):"
+                            " corrupted")
+        for name, dset in found_datasets:
+            finite = name.startswith(("layers/", "heads/", "params/", "optimizer/")) \
+                or name in finite_checked
+            try:
+                want = h5safe.attr(dset, DIGEST_ATTR)
+                if want is None and not finite:
+                    continue
+                want = None if want is None else h5safe.text(want, f"/{name} attribute"
+                                                             f" '{DIGEST_ATTR}'")
+                found = h5safe.scan(dset, digest=want is not None, finite=finite)
+            except InputError as err:
+                problems.append(h5safe.one_line(err))
+                continue
+            except h5safe.MALFORMED as err:
+                problems.append(f"dataset /{name} cannot be read ({h5safe.one_line(err)}):"
+                                " corrupted")
+                continue
+            if want is not None and found.sha256 != want:
+                problems.append(f"dataset /{name} does not match its sha256 digest")
+            elif found.first_nonfinite is not None:
+                at = found.first_nonfinite
+                problems.append(f"non-finite values in /{name} (first at index"
+                                f" {at[0] if len(at) == 1 else at})")
+        if "checksum/collectives" in f:
+            try:
+                table = h5safe.read(f["checksum/collectives"])
+                for row in table[~table["passed"].astype(bool)]:
+                    site = h5safe.text(row["site"], "a site in /checksum/collectives")
+                    problems.append(f"collective replica {row['replica']} layer"
+                                    f" {row['layer']} site '{site}' failed its checksum")
+            except (*h5safe.MALFORMED, InputError) as err:
+                problems.append(f"/checksum/collectives cannot be read"
+                                f" ({h5safe.one_line(err)}): corrupted")
+        try:  # a file sound so far is checked for what it lacks (no cascade of lines)
+            problems += _shared_objects(f)
+            if not problems:
+                problems += _promised(f, config if isinstance(config, dict) else None)
+        except InputError as err:
+            problems.append(h5safe.one_line(err))
+        except h5safe.MALFORMED as err:
+            problems.append(f"the file's structure cannot be read ({h5safe.one_line(err)}):"
+                            " corrupted")
+        try:
+            checkpoint = h5safe.attr(f, "command") == "train checkpoint"
+        except (InputError, *h5safe.MALFORMED):
+            checkpoint = False  # an unreadable root attribute: a problem found above
+    if checkpoint and not problems:  # every tensor the model needs, with its shape
+        from .checkpoints import read_model
+
+        try:
+            read_model(path, with_params=False)
+        except InputError as err:
+            problems.append(h5safe.one_line(err))
+    return problems
+
+
+def _shared_objects(f: Any) -> list[str]:
+    """Objects reached under more than one name (hard links): a dataset is written once,
+    under one name; a second name makes one array pass for two. Dimension scales are not
+    a second name: HDF5 attaches them by object references in attributes
+    (``DIMENSION_LIST``, ``REFERENCE_LIST``), which are not links."""
+    import h5py
+
+    names: dict[tuple[int, int], list[str]] = {}
+    root = h5py.h5o.get_info(f.id)
+    names[(int(root.fileno), int(root.addr))] = ["/"]
+    todo: list[tuple[str, Any]] = [("", f.id)]
+    while todo:
+        prefix, gid = todo.pop()
+        for raw in gid:
+            where = f"{prefix}/{raw.decode('utf-8', 'replace')}"
+            oid = h5py.h5o.open(gid, raw)
+            info = h5py.h5o.get_info(oid)
+            seen = names.setdefault((int(info.fileno), int(info.addr)), [])
+            seen.append(where)
+            if len(seen) == 1 and isinstance(oid, h5py.h5g.GroupID):
+                todo.append((where, oid))
+    return [f"{' and '.join(sorted(where))} are one object under {len(where)} names (hard"
+            " links): each dataset of an mpiattn file has one name; the file was altered"
+            for where in names.values() if len(where) > 1]
+
+
+def _root_text(f: Any, name: str, problems: list[str], default: Any = None) -> str | None:
+    """Root attribute ``name`` as text (``default`` when absent); an unreadable or
+    non-UTF-8 one is a problem line and None."""
+    from . import h5safe
+
+    try:
+        value = h5safe.attr(f, name, default)
+        return None if value is None else h5safe.text(value, f"attribute '{name}' of /")
+    except InputError as err:
+        problems.append(h5safe.one_line(err))
+    except h5safe.MALFORMED as err:
+        problems.append(f"attribute '{name}' of / cannot be read ({h5safe.one_line(err)}):"
+                        " corrupted")
+    return None
+
+
+def _promised(f: Any, config: dict | None) -> list[str]:
+    """What the root attributes and the ``config`` TOML promise is there (README, "HDF5
+    file"): run files their inputs, the layers ``output.layers`` keeps, the pooled output
+    of text input, the Allreduce records of a checked head group; every file one timing
+    row and one host per rank. Files without a ``command`` and ``format_version`` (not
+    written by a command) are not checked."""
+    from . import h5safe
+
+    command = h5safe.attr(f, "command")
+    if command is None:
+        return (["root attribute 'command' is missing: cannot tell what the file should hold"]
+                if "format_version" in f.attrs else [])
+    command = h5safe.text(command, "attribute 'command' of /")
+    if command == "train checkpoint":  # parameters, optimizer state, history, vocabulary
+        return [f"group /{name} is missing" for name in ("params", "train", "vocab")
+                if name not in f]
+    if command not in ("run", "train", "bench"):
+        return [f"root attribute 'command' is {command!r}, not run, train, bench or a"
+                " train checkpoint"]
+    problems: list[str] = []
+    world = _count_attr(f, "world_size", problems)
+    if world is not None:  # run files always hold both; train and bench files, when timed
+        for name in ("ranks/host", "timings/seconds"):
+            if command == "run" or name in f:
+                _rows(f, name, world, problems)
+        axes = [_count_attr(f, name, problems, required=False)
+                for name in ("data_parallel", "pipeline_parallel", "tensor_parallel",
+                             "sequence_parallel")]
+        if None not in axes[::2] and int(np.prod([a or 1 for a in axes])) != world:
+            problems.append(f"root attributes data_parallel x pipeline_parallel x"
+                            f" tensor_parallel x sequence_parallel = {axes[0]} x"
+                            f" {axes[1] or 1} x {axes[2]} x {axes[3] or 1} is not"
+                            f" world_size = {world}")
+    version = h5safe.attr(f, "format_version")
+    if isinstance(version, (int, np.integer)) and version >= 2:
+        problems += _unnamed_axes(f)
+    if "heads" in f:
+        problems += _implausible_heads(f)
+    if command == "train":
+        _need(f, "train/loss", problems)
+    elif command == "bench":
+        if "bench" not in f:
+            problems.append("group /bench is missing (a bench file's measurements)")
+    else:
+        problems += _promised_run(f, config)
+    return problems
+
+
+def _unnamed_axes(f: Any) -> list[str]:
+    """Format 2 names every axis of every dataset with an attached dimension scale (README,
+    "Dimensions and units"); the scales themselves excepted. One line per dataset."""
+    from . import h5safe
+
+    problems = []
+    for name, dset in h5safe.datasets(f):
+        if h5safe.attr(dset, "CLASS") in (b"DIMENSION_SCALE", "DIMENSION_SCALE"):
+            continue
+        missing = [axis for axis in range(len(dset.shape or ())) if len(dset.dims[axis]) == 0]
+        if missing:
+            problems.append(f"dataset /{name}: axis {missing[0]} has no dimension scale"
+                            " (format 2 names every axis)")
+    return problems
+
+
+def _implausible_heads(f: Any) -> list[str]:
+    """Per-head statistics that cannot be: a negative entropy or distance, or a mean over
+    fewer than one query token."""
+    from . import h5safe
+
+    problems = []
+    tokens = h5safe.attr(f["heads"], "query_tokens")
+    if tokens is not None and (not isinstance(tokens, (int, np.integer)) or tokens < 1):
+        problems.append(f"attribute 'query_tokens' of /heads is {h5safe.short(tokens)}, not a"
+                        " count >= 1")
+    for name in ("entropy", "distance"):
+        if f"heads/{name}" in f:
+            values = h5safe.read(f[f"heads/{name}"])
+            if values.dtype.kind == "f" and values.size and np.nanmin(values) < 0:
+                problems.append(f"/heads/{name} holds negative values ({np.nanmin(values):.3g}):"
+                                " not a mean attention " + name)
+    return problems
+
+
+def _count_attr(f: Any, name: str, problems: list[str], required: bool = True) -> int | None:
+    """Root attribute ``name`` as a count >= 1 (None, with a problem line, otherwise)."""
+    from . import h5safe
+
+    value = h5safe.attr(f, name)
+    if value is None:
+        if required:
+            problems.append(f"root attribute '{name}' is missing")
+        return None
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        problems.append(f"root attribute '{name}' is {h5safe.short(value)}, not a count >= 1")
+        return None
+    return value
+
+
+def _rows(f: Any, name: str, world: int, problems: list[str]) -> None:
+    """Dataset ``name`` has one row per rank."""
+    if _need(f, name, problems, digest=False) and (not f[name].shape or
+                                                   f[name].shape[0] != world):
+        problems.append(f"/{name} has shape {f[name].shape}, not one row per rank of"
+                        f" world_size = {world}")
+
+
+def _need(f: Any, name: str, problems: list[str], digest: bool = False,
+          why: str = "") -> bool:
+    """Dataset ``name`` is there (with its sha256 attribute when ``digest``); a problem
+    line naming what is missing otherwise."""
+    import h5py
+
+    if not isinstance(f.get(name), h5py.Dataset):
+        problems.append(f"dataset /{name} is missing{why}")
+        return False
+    if digest and DIGEST_ATTR not in f[name].attrs:
+        problems.append(f"dataset /{name} has no '{DIGEST_ATTR}' attribute: its contents"
+                        " cannot be checked")
+    return True
+
+
+def _promised_run(f: Any, config: dict | None) -> list[str]:
+    """A run file against its ``config``: inputs, kept layers, pooled output, records."""
+    if config is None:
+        return ["root attribute 'config' is missing or not TOML: cannot tell which layers"
+                " the file should hold"]
+    problems: list[str] = []
+
+    def section(key: str) -> dict:
+        value = config.get(key, {})
+        return value if isinstance(value, dict) else {}
+
+    text = section("input").get("text", "")
+    streamed = isinstance(text, str) and bool(text)  # ragged rows (``corpusfile``)
+    for name in ("input/tokens", "input/offsets" if streamed else "input/attention_mask"):
+        _need(f, name, problems, digest=True)
+
+    layers, keep = section("model").get("layers"), section("output").get("layers", "all")
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= 10**6:
+        problems.append(f"config model.layers is {layers!r}, not a layer count")
+    elif keep not in ("all", "last", "none"):
+        problems.append(f"config output.layers is {keep!r}, not 'all', 'last' or 'none'")
+    else:
+        kept = {"all": range(layers), "last": [layers - 1], "none": []}[keep]
+        why = f" (output.layers = '{keep}', model.layers = {layers})"
+        if kept and "layers" not in f:
+            problems.append(f"group /layers is missing{why}")
+        else:
+            for index in kept:
+                group = layer_group(index)
+                if group not in f:
+                    problems.append(f"group /{group} is missing{why}")
+                    continue
+                for name in ("attention", "hidden"):
+                    _need(f, f"{group}/{name}", problems, digest=True, why=why)
+    if streamed:
+        _need(f, "output/pooled", problems, digest=True,
+              why=f" (input.text = '{text}' promises pooled embeddings)")
+    output = section("output")
+    if output.get("head_stats") is True:
+        for name in ("heads/entropy", "heads/distance"):
+            _need(f, name, problems, digest=True, why=" (output.head_stats = true)")
+    maps = output.get("attention_maps")
+    if isinstance(maps, list) and maps:
+        why = f" (output.attention_maps = {maps})"
+        _need(f, "heads/sequences", problems, digest=True, why=why)
+        if (_need(f, "heads/maps", problems, digest=True, why=why)
+                and f["heads/maps"].shape[:1] != (len(maps),)):
+            problems.append(f"/heads/maps has shape {f['heads/maps'].shape}, not one map per"
+                            f" sequence of output.attention_maps = {maps}")
+    check = section("checksum")
+    tensor = _count_attr(f, "tensor_parallel", [], required=False) or 1
+    stages = _count_attr(f, "pipeline_parallel", [], required=False) or 1
+    if check.get("mode", "abft") == "abft" and (tensor > 1 or stages > 1):
+        _need(f, "checksum/collectives", problems,
+              why=f" (checksum.mode = 'abft' with tensor_parallel = {tensor},"
+              f" pipeline_parallel = {stages} records every checked transfer)")
+    return problems
