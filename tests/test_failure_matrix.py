@@ -3,8 +3,11 @@
 The kinds (not cases) of issue #11, each run through the real command line under
 ``mpiexec``; per-rank differences come from MPMD launches (``mpiexec -n 1 A : -n 1 B``,
 with ``-wdir`` for a file that differs between "nodes"). Every case asserts that every
-rank exits non-zero within ``LIMIT`` seconds, that exactly one ``mpiattn:`` line reaches
-the user (from one rank), no traceback, no file under the output name and no temporary.
+rank exits non-zero (a rank left waiting would be ended only by the watchdog, at
+``comm.timeout``, 600 s by default, far beyond ``HANG``: the test then fails), that exactly
+one ``mpiattn:`` line reaches the user (from one rank), no traceback, no file under the
+output name and no temporary. How long each job took is printed, never asserted: a busy
+machine must not fail the suite.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
-LIMIT = 10.0  # seconds from launch to the last rank's exit, MPI start-up included
-HANG = 60
+HANG = 120  # seconds: a job still running then is a hang (its process group is killed)
 
 TINY = {"model.layers": 2, "model.hidden": 36, "model.heads": 6, "model.ffn": 64,
         "model.vocab": 200, "model.max_positions": 32, "input.batch": 6, "input.seq_len": 16}
@@ -107,7 +109,6 @@ def assert_collective_failure(done: subprocess.CompletedProcess, seconds: float,
     assert done.returncode != 0, done.stderr
     if code is not None:
         assert done.returncode == code, done.stderr
-    assert seconds < LIMIT, f"took {seconds:.1f} s"
     assert len(lines) == 1, done.stderr  # one line, from one rank
     assert "Traceback" not in done.stderr, done.stderr
     assert match in lines[0], lines[0]
@@ -340,11 +341,10 @@ def test_offline_commands_under_mpiexec_speak_once(tmp_path, ranks):
     for args, code in [(["verify", "missing.h5"], 1), (["verify", "junk.h5"], 1),
                        (["report", "missing.h5"], 2), (["report", "junk.h5"], 2),
                        (["info", "--bogus"], 2), (["run", "--bogus"], 2)]:
-        done, seconds = launch(same(args, ranks), tmp_path)
+        done, _ = launch(same(args, ranks), tmp_path)
         lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         print(args, done.returncode, lines)
         assert done.returncode == code, done.stderr
-        assert seconds < LIMIT
         assert len(lines) == 1 and "Traceback" not in done.stderr, lines
 
 
@@ -352,14 +352,14 @@ def test_offline_commands_under_mpiexec_speak_once(tmp_path, ranks):
 
 @pytest.mark.parametrize(("ranks", "hung"), [(2, 1), (3, 0), (3, 2)])
 def test_a_hung_rank_is_cut_by_the_watchdog(tmp_path, ranks, hung):
-    keys = {**TINY, "comm.timeout": 2,
+    keys = {**TINY, "comm.timeout": 5,  # beyond any wait a loaded machine makes
             "fault.crash": f"[{{rank={hung}, layer=1, how=\"hang\"}}]"}
     args = ["run", *sets({k: v for k, v in keys.items() if k != "fault.crash"}),
             "--set", f"fault.crash={keys['fault.crash']}", "-o", "out.h5"]
     done, seconds = launch(same(args, ranks), tmp_path)
     line = assert_collective_failure(done, seconds, tmp_path, "out.h5", code=5,
                                      match="mpiattn: timeout: rank")
-    assert "layer 1" in line and "comm.timeout = 2 s" in line
+    assert "layer 1" in line and "comm.timeout = 5 s" in line
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

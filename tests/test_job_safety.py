@@ -137,7 +137,7 @@ def test_a_wait_past_the_timeout_ends_the_job_naming_the_operation(capsys):
 
 def test_waits_within_the_timeout_and_a_zero_timeout_never_end_the_job():
     codes = []
-    dog = watchdog.Watchdog(1.0, codes.append, rank=0)
+    dog = watchdog.Watchdog(30.0, codes.append, rank=0)
     with dog.waiting("Barrier"):
         time.sleep(0.3)
     dog.timeout = 0
