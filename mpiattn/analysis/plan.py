@@ -71,12 +71,14 @@ from typing import Any
 
 import numpy as np
 
+from ..core import costs
+from ..core.attention import DEFAULT_BLOCK, PLAIN_MAX_SEQ
+from ..core.costs import CHECK_ROWS
 from ..errors import ConfigError, InputError
 from .report import Loaded, load
 
 PHASE_AR = "allreduce"
 REPLICATED = "norm"  # LayerNorm and residuals: the same work on every rank of a head group
-CHECK_ROWS = 2  # rows an ABFT partial carries on top of its N rows (sum and |sum|)
 PLAN_KEYS = {
     "model.hidden": int, "model.heads": int, "model.layers": int, "model.ffn": int,
     "input.batch": int, "input.seq_len": int, "dtype": str, "checksum.mode": str,
@@ -84,8 +86,6 @@ PLAN_KEYS = {
     "attention.sequence": str,
 }
 SEQUENCE_CHOICES = ("auto", "ulysses", "ring")  # attention.sequence, as seqattn.resolve takes it
-PLAIN_MAX_SEQ = 2048  # attention.impl = "auto": plain scores up to this length (attention.py)
-BLOCK = 512  # the default key/query block of blocked and ring attention (min with the keys)
 DEFAULT_RANKS = [1 << i for i in range(11)]  # 1 .. 1024
 MAX_RANKS = 2**20  # the largest rank count (and ranks per node) plan predicts
 MAX_RANK_COUNTS = 1024  # rank counts in one --ranks list
@@ -134,12 +134,11 @@ class Job:
     def linear_flops(self, tokens: int) -> float:
         """FLOPs of one layer's GEMMs outside attention (QKV, output projection, MLP) on
         ``tokens`` tokens, all heads: ``2·n·H·3H + 2·n·H·H + 4·n·H·F``."""
-        n, h = tokens, self.hidden
-        return float(2 * n * h * 3 * h + 2 * n * h * h + 4 * n * h * self.ffn)
+        return costs.linear_flops(tokens, self.hidden, self.ffn)
 
     def attention_flops(self, batch: int, queries: int, keys: int, heads: int) -> float:
         """Scores and weighted sum: ``4·b·queries·keys·heads·head_dim`` FLOPs."""
-        return float(4 * batch * queries * keys * heads * self.head_dim)
+        return costs.attention_flops(batch, queries, keys, heads, self.head_dim)
 
     def sharded_flops(self, batch: int | None = None) -> float:
         """Model FLOPs of one layer on ``batch`` sequences, all heads (the sharded part)."""
@@ -200,8 +199,8 @@ def job_with(job: Job, overrides: list[str]) -> Job:
 # --- the machine model ----------------------------------------------------------------------
 
 def threads_for(cores: float, local: int) -> int:
-    """BLAS threads per rank, the runner's rule: cores // ranks on the node, at least 1."""
-    return max(1, int(cores) // max(1, local))
+    """BLAS threads per rank, the runner's rule (``costs.blas_threads``)."""
+    return costs.blas_threads(cores, local)
 
 
 def speed(cores: float, local: int, threads: int, p: float) -> float:
@@ -616,12 +615,12 @@ def memory(job: Job, rows: int, heads: int, tensor: int, parts: int, algorithm: 
     weights = math.ceil(job.layers / stages) * (4 * hid * w + 2 * hid * ffn) * elt
     acts = n * (2 * hid + 4 * w + ffn) * elt + job.wire_bytes(rows, local)
     if algorithm == "ring":
-        blk = min(BLOCK, local)
+        blk = min(DEFAULT_BLOCK, local)
         acts += 3 * ring_bytes(job, rows, heads, parts) + 2 * n * w * elt
         acts += rows * heads * blk * blk * elt
     else:
         h_att = math.ceil(heads / parts) if algorithm == "ulysses" else heads
-        blk = s if s <= PLAIN_MAX_SEQ else min(BLOCK, s)
+        blk = s if s <= PLAIN_MAX_SEQ else min(DEFAULT_BLOCK, s)
         acts += rows * h_att * (s * s if s <= PLAIN_MAX_SEQ else blk * blk) * elt
         if algorithm == "ulysses":
             acts += 4 * rows * s * h_att * d * elt + 2 * ulysses_bytes(job, rows, heads, parts)[0]

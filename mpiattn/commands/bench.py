@@ -33,6 +33,7 @@ import numpy as np
 from ..config import Config
 from ..core.attention import KeyMask
 from ..core.backend import get_array_module
+from ..core.costs import layer_flops
 from ..core.model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import micro_batches, stage_forward, stage_layers
@@ -44,7 +45,7 @@ from ..io.layout import (
     write_pipeline_bench,
 )
 from . import jobkit
-from .benchkit import layer_flops, publish, slowest, timed
+from .benchkit import publish, slowest, timed
 from .placement import attention_options, load_shards, make_p2p
 from .runner import setup
 

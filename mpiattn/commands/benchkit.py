@@ -1,4 +1,4 @@
-"""What every benchmark shares: model FLOPs of a layer, timed repeats behind a barrier,
+"""What every benchmark shares: timed repeats behind a barrier,
 the slowest rank per repeat, and the bench file's publishing (provenance, result, atomic
 file, agreed end). ``bench`` and ``seqbench`` both import it."""
 
@@ -14,14 +14,6 @@ from ..config import Config
 from ..io import h5io
 from ..io.layout import write_provenance
 from . import jobkit
-
-
-def layer_flops(batch: int, seq: int, hidden: int, ffn: int) -> dict[str, float]:
-    """Model FLOPs of one layer (multiply-add = 2), whole model, no padding."""
-    n = batch * seq
-    attention = 2 * n * hidden * 3 * hidden + 4 * batch * seq * seq * hidden
-    attention += 2 * n * hidden * hidden
-    return {"attention_block": float(attention), "layer": float(attention + 4 * n * hidden * ffn)}
 
 
 def timed(world: Any, sync: Callable[[], None], fn: Callable[[], Any], repeats: int,

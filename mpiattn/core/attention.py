@@ -40,6 +40,7 @@ from .backend import get_array_module, grown
 from .ops import mask_backward, mask_cached, softmax, softmax_backward, softmax_cached
 
 PLAIN_MAX_SEQ = 2048  # auto: plain up to this length (16 MiB of float32 scores per head)
+DEFAULT_BLOCK = 512  # blocked attention's key/query block when none is set (min with the keys)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Options:
         impl = self.impl
         if impl == "auto":
             impl = "plain" if seq <= PLAIN_MAX_SEQ else "blocked"
-        block = self.block or min(512, seq)
+        block = self.block or min(DEFAULT_BLOCK, seq)
         return impl, block
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .costs import blas_threads
 
 
 def get_array_module(x: Any) -> ModuleType:
@@ -348,7 +349,7 @@ def limit_blas_threads(ranks_on_node: int) -> tuple[int, Any]:
     """
     from threadpoolctl import threadpool_limits
 
-    share = max(1, usable_cores() // max(1, ranks_on_node))
+    share = blas_threads(usable_cores(), ranks_on_node)
     limits: dict[str, int] = {}
     for lib in _blas_libraries():
         wanted, name = requested_blas_threads(lib["internal_api"])
@@ -371,7 +372,7 @@ def oversubscription(ranks_on_node: int, threads: int, cores: int | None = None)
     if threads < 1 or ranks_on_node * threads <= cores:
         return None
     factor = ranks_on_node * threads / cores
-    fit = max(1, cores // max(1, ranks_on_node))
+    fit = blas_threads(cores, ranks_on_node)
     names = sorted({requested_blas_threads(lib["internal_api"])[1] or "OMP_NUM_THREADS"
                     for lib in _blas_libraries()}) or ["OMP_NUM_THREADS"]
     fixes = [f"set {' '.join(f'{name}={fit}' for name in names)}"] if threads > fit else []
