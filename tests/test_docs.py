@@ -73,7 +73,8 @@ def code_text(text: str) -> str:
     """Everything in code: fenced blocks and inline code spans."""
     fenced = "\n".join(b.text for b in blocks(text, ""))
     rest = FENCE.sub("", text)
-    return fenced + "\n" + "\n".join(re.findall(r"`([^`\n]+)`", rest))
+    spans = re.findall(r"`((?:[^`\n]|\n(?!\n))+)`", rest)  # a span may wrap, not a paragraph
+    return fenced + "\n" + "\n".join(spans)
 
 
 def command_lines(script: str) -> list[list[str]]:
