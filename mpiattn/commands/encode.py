@@ -305,7 +305,7 @@ class _Job:
     def encode(self, first_chunk: int) -> None:
         from .progress import Progress
 
-        cfg, size = self.cfg, self.cfg.input.chunk
+        size = self.cfg.input.chunk
         start = min(first_chunk * size, self.info.lines)
         self.world.Barrier()
         self.t_fwd = time.perf_counter()

@@ -124,7 +124,7 @@ class Source:
 # --- recognising a file ---------------------------------------------------------------
 
 
-def _head(path: Path, what: str, n: int = 512) -> bytes:
+def _head(path: Path, what: str, n: int = SNIFF) -> bytes:
     from .data import regular_file
 
     regular_file(path, what)
@@ -431,13 +431,14 @@ class IdKind:
         return value
 
 
-def _text_field(record: dict, name: str, number: int, src: Source) -> str:
+def _text_field(record: dict, name: str, number: int, src: Source,
+                key: str = "input.field") -> str:
     at = f"{src.where} {src.unit} {number}"
     if name not in record:
         keys = list(record)[:6]
         have = ", ".join(repr(k) for k in keys) + (", ..." if len(record) > 6 else "")
         raise InputError(f"{at}: no field '{name}' (it has {have or 'no fields'}): set"
-                         " input.field (input.pair_field) to the field that holds the text")
+                         f" {key} to the field that holds the text")
     value = record[name]
     if not isinstance(value, str):
         raise InputError(f"{at}: field '{name}' is {_kind(value)}, not a string")
@@ -464,8 +465,8 @@ def jsonl_record(raw: bytes, number: int, src: Source, ids: IdKind
                          f" object per line, e.g. {{\"{src.spec.field}\": \"...\"}}")
     spec = src.spec
     text = _text_field(record, spec.field, number, src)
-    item: Item = (text, _text_field(record, spec.pair_field, number, src)) if spec.pairs \
-        else text
+    item: Item = (text, _text_field(record, spec.pair_field, number, src, "input.pair_field")
+                  ) if spec.pairs else text
     rid = (ids.check(record.get(spec.id_field), number, spec.id_field in record)
            if spec.id_field else None)
     return item, rid
