@@ -318,15 +318,15 @@ class _Job:
             self.tokens_done = self.tokens_estimated = 0
             self.t0 = time.perf_counter()
             end = start
-            for index, (first, items, record_ids, digest) in enumerate(
+            for index, (first, items, record_ids, records_digest) in enumerate(
                     record_chunks(self.source, size, start), first_chunk):
                 end = first + len(items)
                 if end > self.info.lines:
                     raise self._changed(f"more than the {self.info.lines} {self.units}")
-                if digest != self.info.chunk_digests[index]:
+                if records_digest != self.info.chunk_digests[index]:
                     raise self._changed(f"other {self.units} {first + 1}-{end}"
                                         f" (chunk {index}) than")
-                self._chunk(index, first, items, record_ids, digest, bar)
+                self._chunk(index, first, items, record_ids, records_digest, bar)
             if end != self.info.lines:
                 raise self._changed(f"fewer than the {self.info.lines} {self.units}")
         self.p.backend.sync()
@@ -338,7 +338,7 @@ class _Job:
                             " discarded: run again")
 
     def _chunk(self, index: int, first: int, items: list, record_ids: list | None,
-               digest: str, bar: Any) -> None:
+               records_digest: str, bar: Any) -> None:
         """Encode one chunk on every rank; rank 0 writes it. ``bar`` (rank 0's progress)
         moves with rank 0's micro-batches, by their share of the chunk."""
         cfg = self.cfg
@@ -379,7 +379,8 @@ class _Job:
         error = None
         if self.rank == 0:
             try:
-                self._write(index, first, items, record_ids, digest, toks, gathered)
+                self._write(index, first, items, record_ids, records_digest, toks,
+                            gathered)
             except OSError as err:
                 error = UserError(f"cannot write chunk {index} to '{self.parts.folder}':"
                                   f" {err.strerror or err}")
@@ -407,7 +408,7 @@ class _Job:
         bar.update(lines, **{"tok/s": rate})
 
     def _write(self, index: int, first: int, items: list, record_ids: list | None,
-               digest: str, toks: Any, gathered: list) -> None:
+               records_digest: str, toks: Any, gathered: list) -> None:
         cfg, n = self.cfg, len(items)
         hidden = cfg.model.hidden
         offsets = np.concatenate([[0], np.cumsum(toks.lengths)])
@@ -436,7 +437,7 @@ class _Job:
         self.parts.write(index, ChunkResult(
             first, text, [it[1] for it in items] if pairs else None, toks.ids,
             toks.types if pairs else None, toks.truncated, pooled, layers, stats,
-            record_ids=record_ids, records_sha256=digest))
+            record_ids=record_ids, records_sha256=records_digest))
 
     # --- the end ------------------------------------------------------------------------
 
