@@ -31,7 +31,7 @@ import mpiattn
 from mpiattn import config
 from mpiattn.commands import encode, jobkit
 from mpiattn.errors import ConfigError, InputError, UserError
-from mpiattn.inputs import textstream
+from mpiattn.inputs import records, textstream
 from mpiattn.inputs.records import Spec, open_source
 
 pa = pytest.importorskip("pyarrow")
@@ -132,6 +132,20 @@ def test_line_ends_are_pythons_text_mode(tmp_path, data, kind):
         want = [line.removesuffix("\n").strip() for line in fh]
     got = [item for _, item, _ in textstream.records(open_source(path, Spec()))]
     assert got == want
+
+
+def test_split_lines_equals_text_mode_at_every_block_size():
+    """Random runs of a, b, \\r, \\n split by blocks of 1, 2, 3, 5 and 64 bytes (a "\\r\\n"
+    may straddle two blocks) give the lines of Python's text mode."""
+    rng = np.random.default_rng(5)
+    for _ in range(1500):
+        data = bytes(rng.choice(list(b"ab\r\n"), size=int(rng.integers(0, 15))))
+        text = io.TextIOWrapper(io.BytesIO(data), encoding="latin-1", newline=None).read()
+        want = [line.encode("latin-1") for line in text.split("\n")]
+        if want[-1] == b"":
+            want.pop()  # a final line end does not start a line
+        for block in (1, 2, 3, 5, 64):
+            assert list(records.split_lines(io.BytesIO(data), block)) == want, (data, block)
 
 
 def test_pairs_and_integer_ids_from_jsonl_and_parquet(tmp_path):

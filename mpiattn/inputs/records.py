@@ -332,22 +332,44 @@ def _damaged(where: str, compression: str, after: int, unit: str,
                       f" file is truncated or damaged; {fix}")
 
 
+LINE_BLOCK = 1 << 20  # bytes read at most at once while looking for a line end
+
+
+def split_lines(fh: IO[bytes], block: int = LINE_BLOCK) -> Iterator[bytes]:
+    """Lines of a binary stream without their line ends, as Python's text mode splits
+    them (universal newlines: "\\n", "\\r\\n" and a lone "\\r" end a line; a final line
+    end does not start another line). Read ``block`` bytes at a time: memory is a block
+    plus the longest line, also for a file whose lines all end in a lone "\\r"."""
+    carry = b""
+    read = getattr(fh, "read1", fh.read)  # what is decoded so far: a damaged stream's
+    while True:                           # lines before the damage are still yielded
+        data = read(block)
+        if not data:
+            break
+        if carry:
+            data = carry + data
+        held = data.endswith(b"\r")  # maybe the first half of a "\r\n": decided next time
+        if held:
+            data = data[:-1]
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        carry = lines.pop() + (b"\r" if held else b"")  # the unfinished last line
+        yield from lines
+    if carry:  # the last line, without a final line end (or with a lone "\r")
+        yield carry[:-1] if carry.endswith(b"\r") else carry
+
+
 def raw_lines(src: Source) -> Iterator[bytes]:
-    """The file's lines as bytes without their line end, universal newlines (``\\n``,
-    ``\\r\\n``, lone ``\\r``), a leading UTF-8 BOM removed. Memory: the longest line."""
+    """The file's lines as bytes without their line end (``split_lines``), a leading UTF-8
+    BOM removed. "\\r" and "\\n" never occur inside a UTF-8 sequence, so the split is
+    made on the bytes and each line is decoded on its own (with its own error)."""
+    number = 0
     try:
         with _binary(src.path, src.compression) as fh:
-            # latin-1 maps bytes 1:1 to characters, so the newline translation of text mode
-            # runs on the raw bytes; "\r" and "\n" never occur inside a UTF-8 sequence
-            text = io.TextIOWrapper(fh, encoding="latin-1", newline=None)
-            number = 0
-            for number, line in enumerate(text, start=1):
-                raw = line.encode("latin-1")
-                if raw.endswith(b"\n"):
-                    raw = raw[:-1]
+            for number, raw in enumerate(split_lines(fh), start=1):
                 if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                yield raw
+                    yield raw[3:]
+                else:
+                    yield raw
     except _stream_errors() as err:
         if src.compression == "none":
             raise InputError(f"{src.where}: cannot be read ({err})") from None
@@ -382,7 +404,8 @@ def _storable(text: str, number: int, where: str, unit: str, what: str = "") -> 
 def text_item(raw: bytes, number: int, pairs: bool, where: str) -> Item:
     """One plain-text line as its item (stripped; (first, second) with ``pairs``)."""
     line = _decode(raw, number, where)
-    _storable(line, number, where, "line")
+    if b"\0" in raw:  # strict UTF-8 holds no surrogates: NUL is all HDF5 cannot store
+        _storable(line, number, where, "line")
     if not pairs:
         return line.strip()
     columns = line.split("\t")
