@@ -234,6 +234,8 @@ BAD = {
                   "line 1: field 'text' holds a NUL byte"),
     "jsonl-surrogate": ("c.jsonl", jsonl(OK, b'{"text": "\\ud800"}'), (),
                         "line 2: field 'text' holds an unpaired surrogate"),
+    "jsonl-huge-int": ("c.jsonl", jsonl(OK, b'{"text": "a", "n": 1' + b"0" * 5000 + b"}"), (),
+                       "line 2: not JSON this reader takes (Exceeds the limit"),
     "jsonl-array": ("c.jsonl", b'[{"text": "a"}]\n', (), "a JSON array, not JSON Lines"),
     "jsonl-id-missing": ("c.jsonl", jsonl(OK, {"text": "b"}), ('input.id_field="id"',),
                          "line 2: no id field 'id'"),

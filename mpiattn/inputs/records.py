@@ -481,8 +481,9 @@ def jsonl_record(raw: bytes, number: int, src: Source, ids: IdKind
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise InputError(f"{at}: not JSON ({err.msg} at column {err.colno})") from None
-    except RecursionError:
-        raise InputError(f"{at}: not JSON this reader takes (nested too deeply)") from None
+    except (RecursionError, ValueError) as err:  # nested too deeply; an integer too long
+        detail = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:80]
+        raise InputError(f"{at}: not JSON this reader takes ({detail})") from None
     if not isinstance(record, dict):
         raise InputError(f"{at}: {_kind(record)}, not a JSON object: JSON Lines needs one"
                          f" object per line, e.g. {{\"{src.spec.field}\": \"...\"}}")
