@@ -590,6 +590,17 @@ def records(src: Source, start: int = 0) -> Iterator[tuple[int, Item, RecordId]]
     if src.format == "parquet":
         yield from parquet_records(src, start)
         return
+    if src.format == "text" and not src.spec.pairs:  # the common case, inlined
+        for number, raw in enumerate(raw_lines(src), start=1):
+            if number > start:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    line = "\0"
+                if "\0" in line:  # not UTF-8, or a NUL: the message
+                    text_item(raw, number, False, src.where)
+                yield number, line.strip(), None
+        return
     ids = IdKind(src)
     jsonl = src.format == "jsonl"
     for number, raw in enumerate(raw_lines(src), start=1):
