@@ -274,6 +274,8 @@ BAD = {
              " input.tokens"),
     "binary": ("c.txt", lambda: np.random.default_rng(0).bytes(4000), (),
                "binary data, not text"),
+    "cp1251": ("c.txt", "Привет, мир\nВторая строка\n".encode("cp1251") * 50, (),
+               "c.txt' line 1: not UTF-8 (byte 0 of the line): convert the file with iconv"),
     "utf16": ("c.txt", lambda: "plain words here\n".encode("utf-16-le") * 20, (),
               "looks like UTF-16 text"),
 }
