@@ -87,17 +87,16 @@ def auto_chunk(cfg: Config, tokens_per_line: float = 32.0) -> int:
 
 
 def corpus_source(cfg: Config) -> Source:
-    """``input.text`` recognised as ``input.format`` says (``records.open_source``)."""
+    """``input.text`` recognised as ``input.format`` says (``records.open_source``); an
+    explicit ``input.field`` on a file read as plain text is a ConfigError."""
     i = cfg.input
-    if "input.field" in cfg.explicit and i.format == "text":
-        raise ConfigError(f"input.field = '{i.field}' with input.format = \"text\": plain"
-                          " text has no fields; remove the key or give JSON Lines or Parquet")
     source = open_source(Path(i.text), Spec(i.format, i.field, i.pair_field, i.id_field,
                                             i.pairs))
     if source.format == "text" and "input.field" in cfg.explicit:
+        how = "input.format = \"text\"" if i.format == "text" else "its name and bytes"
         raise ConfigError(f"input.field = '{i.field}' but input.text = '{i.text}' is read as"
-                          " plain text (by its name): set input.format = \"jsonl\" or"
-                          " \"parquet\", or remove input.field")
+                          f" plain text ({how}), which has no fields: set input.format ="
+                          " \"jsonl\" or \"parquet\", or remove input.field")
     return source
 
 
