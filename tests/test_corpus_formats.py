@@ -175,10 +175,19 @@ def jsonl(*records: object) -> bytes:
                     for r in records)
 
 
-def parquet_bytes(**columns: object) -> bytes:
+def parquet_bytes(row_group_size: int | None = None, **columns: object) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(pa.table(columns), sink)
+    pq.write_table(pa.table(columns), sink, row_group_size=row_group_size)
     return sink.getvalue()
+
+
+def damaged_parquet() -> bytes:
+    """Row groups of 500 rows, snappy pages, 200 bytes in the middle flipped."""
+    lines = [f"sentence number {i} " * 5 for i in range(3000)]
+    data = bytearray(parquet_bytes(text=lines, row_group_size=500))
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(b ^ 0x55 for b in data[middle:middle + 200])
+    return bytes(data)
 
 
 def zip_bytes() -> bytes:
@@ -259,6 +268,9 @@ BAD = {
                          ('input.id_field="id"',), "id column 'id' is double"),
     "parquet-empty": ("c.parquet", lambda: parquet_bytes(text=pa.array([], pa.string())),
                       (), "has no rows"),
+    "parquet-truncated": ("c.parquet", lambda: parquet_bytes(text=["a", "b"])[:-30], (),
+                          "not a readable Parquet file"),
+    "parquet-damaged": ("c.parquet", damaged_parquet, (), "(a row group) cannot be read ("),
     "parquet-gzipped": ("c.parquet.gz", lambda: gzip.compress(parquet_bytes(text=["a"])), (),
                         "Parquet (gzip-compressed) cannot be read as a stream"),
     "parquet-as-text": ("c.txt", lambda: parquet_bytes(text=["a"]), ('input.format="text"',),

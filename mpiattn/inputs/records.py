@@ -536,11 +536,11 @@ def _parquet_columns(src: Source, pf: Any) -> list[str]:
 
 
 def parquet_records(src: Source, start: int = 0) -> Iterator[tuple[int, Item, RecordId]]:
-    """(row number, item, id) of a Parquet file, one row group's batch at a time; rows
-    before ``start`` (0-based) are skipped, whole row groups without being read."""
+    """(row number, item, id) of a Parquet file, one row group at a time (converted to
+    Python in batches of 8192 rows); rows before ``start`` (0-based) are skipped, whole row
+    groups without being read. A row group that cannot be read is named with its rows."""
     pf = _parquet_file(src)
     columns = _parquet_columns(src, pf)
-    spec = src.spec
     meta = pf.metadata
     groups, skipped = [], 0
     for g in range(meta.num_row_groups):
@@ -550,35 +550,49 @@ def parquet_records(src: Source, start: int = 0) -> Iterator[tuple[int, Item, Re
         else:
             groups.append(g)
     ids = IdKind(src)
-    number = skipped
+    number = size = skipped
+    group_first, group_rows = skipped, 0  # the row group being read (first row 0-based)
     try:
-        batches = pf.iter_batches(batch_size=8192, row_groups=groups, columns=columns)
-        for batch in batches:
-            values = [batch.column(i).to_pylist() for i in range(len(columns))]
-            for k in range(batch.num_rows):
-                number += 1
-                if number <= start:
-                    continue
-                at = f"{src.where} row {number}"
-                texts = []
-                for name, column in zip(columns[:2 if spec.pairs else 1], values, strict=False):
-                    value = column[k]
-                    if value is None:
-                        raise InputError(f"{at}: column '{name}' is null (missing text)")
-                    _storable(value, number, src.where, "row", f" column '{name}' holds")
-                    texts.append(value.strip())
-                item: Item = (texts[0], texts[1]) if spec.pairs else texts[0]
-                rid = None
-                if spec.id_field:
-                    value = values[-1][k]
-                    if value is None:
-                        raise InputError(f"{at}: id column '{spec.id_field}' is null")
-                    rid = ids.check(value, number)
-                yield number, item, rid
-    except UnicodeDecodeError as err:
-        raise InputError(f"{src.where} row {number + 1}: not UTF-8 ({err.reason})") from None
-    except OSError as err:
-        raise InputError(f"{src.where}: cannot be read after row {number} ({err})") from None
+        for g in groups:
+            group_first, group_rows = number, meta.row_group(g).num_rows
+            table = pf.read_row_group(g, columns=columns)  # memory: one row group
+            for batch in table.to_batches(max_chunksize=8192):
+                size = batch.num_rows
+                values = [batch.column(i).to_pylist() for i in range(len(columns))]
+                for k in range(size):
+                    number += 1
+                    if number > start:
+                        yield number, *_parquet_row(src, columns, values, k, number, ids)
+            del table
+    except UnicodeDecodeError as err:  # a whole batch is decoded at once
+        raise InputError(f"{src.where} rows {number + 1}-{number + size}: a string that is"
+                         f" not UTF-8 ({err.reason})") from None
+    except (OSError, ValueError) as err:  # pyarrow: ArrowIOError, ArrowInvalid (damage)
+        detail = " ".join(str(err).split())[:200]
+        raise InputError(f"{src.where}: rows {group_first + 1}-{group_first + group_rows} (a"
+                         f" row group) cannot be read ({detail}): the file is truncated or"
+                         " damaged") from None
+
+
+def _parquet_row(src: Source, columns: list[str], values: list[list], k: int, number: int,
+                 ids: IdKind) -> tuple[Item, RecordId]:
+    """Row ``k`` of a batch's columns (``values``) as (item, id), checked."""
+    spec = src.spec
+    at = f"{src.where} row {number}"
+    texts = []
+    for name, column in zip(columns[:2 if spec.pairs else 1], values, strict=False):
+        value = column[k]
+        if value is None:
+            raise InputError(f"{at}: column '{name}' is null (missing text)")
+        _storable(value, number, src.where, "row", f" column '{name}' holds")
+        texts.append(value.strip())
+    rid = None
+    if spec.id_field:
+        value = values[-1][k]
+        if value is None:
+            raise InputError(f"{at}: id column '{spec.id_field}' is null")
+        rid = ids.check(value, number)
+    return ((texts[0], texts[1]) if spec.pairs else texts[0]), rid
 
 
 def records(src: Source, start: int = 0) -> Iterator[tuple[int, Item, RecordId]]:
