@@ -255,6 +255,8 @@ BAD = {
                        " line 1's is a string"),
     "jsonl-pair-missing": ("c.jsonl", jsonl({"text": "a", "b": "x"}, OK),
                            ("input.pairs=true", 'input.pair_field="b"'), "line 2: no field 'b'"),
+    "jsonl-named-txt": ("c.txt", jsonl(OK, OK), (), "line 1 is a JSON object with a 'text'"
+                        " field: JSON Lines under another name? Set input.format"),
     "parquet-no-column": ("c.parquet", lambda: parquet_bytes(body=["a"]), (),
                           "no column 'text' (it has 'body')"),
     "parquet-not-string": ("c.parquet", lambda: parquet_bytes(text=[1, 2]), (),

@@ -186,6 +186,10 @@ def open_source(path: Path, spec: Spec, what: str = "input.text") -> Source:
         suffix = _stem_suffix(path)
         fmt = ("parquet" if is_parquet or suffix in PARQUET_SUFFIXES else
                "jsonl" if suffix in JSONL_SUFFIXES else "text")
+        if fmt == "text" and _looks_like_jsonl(inner, spec.field):
+            raise InputError(f"{where}: line 1 is a JSON object with a '{spec.field}' field:"
+                             " JSON Lines under another name? Set input.format = \"jsonl\""
+                             " (or \"text\" to encode each line as it is)")
     if fmt == "parquet":
         if compression != "none":
             raise InputError(f"{where}: Parquet{packed} cannot be read as a stream (Parquet"
@@ -208,6 +212,18 @@ def open_source(path: Path, spec: Spec, what: str = "input.text") -> Source:
                              " convert it with jq -c '.[]' FILE > corpus.jsonl")
     _check_keys(fmt, spec, where)
     return Source(path, fmt, compression, spec, what)
+
+
+def _looks_like_jsonl(head: bytes, field: str) -> bool:
+    """Whether the first line of ``head`` is a JSON object holding ``field``."""
+    first = head.removeprefix(b"\xef\xbb\xbf").split(b"\n", 1)[0].strip()
+    if not (first.startswith(b"{") and first.endswith(b"}")):
+        return False
+    try:
+        record = json.loads(first)
+    except ValueError:  # not JSON (or not UTF-8): a text line
+        return False
+    return isinstance(record, dict) and field in record
 
 
 def _name(fmt: str) -> str:
