@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,26 @@ def test_pairs_and_integer_ids_from_jsonl_and_parquet(tmp_path):
         open_source(path, Spec(field="q", pairs=True))
     with pytest.raises(ConfigError, match="plain text .* no fields"):
         open_source(tmp_path / "p.jsonl", Spec(format="text", id_field="n"))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda lines: [*lines[:9], lines[9] + "!", *lines[10:]], "other lines 9-16 (chunk 1)"),
+    (lambda lines: lines[:16], "fewer than the 20 lines"),  # a whole chunk less
+    (lambda lines: [*lines, "one more"], "more than the 20 lines"),
+])
+def test_a_corpus_changed_during_the_run_is_named_by_its_chunk(tmp_path, change, message):
+    """What the stream reads is checked chunk by chunk against the pre-flight's digests
+    (before this, only a changed line count was noticed)."""
+    lines = [f"sentence {i}" for i in range(20)]
+    path = tmp_path / "c.txt.gz"
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    src = open_source(path, Spec())
+    info = textstream.scan(path, spec=src, chunk=8)
+    assert [c[:2] for c in textstream.checked_chunks(src, 8, info)] == [(0, 0), (1, 8), (2, 16)]
+    assert [c[:2] for c in textstream.checked_chunks(src, 8, info, 2)] == [(2, 16)]
+    path.write_bytes(gzip.compress(("\n".join(change(lines)) + "\n").encode()))
+    with pytest.raises(textstream.InputChanged, match=re.escape(message)):
+        list(textstream.checked_chunks(src, 8, info))
 
 
 # --- bad records, containers, binary data: one line, before any work ----------------

@@ -28,16 +28,17 @@ from ..core.backend import erf, to_host
 from ..core.model import PhaseTimer, encoder_forward, mean_pool
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import stage_forward, stage_layers
-from ..errors import ConfigError, InputError, IntegrityError, UserError
+from ..errors import ConfigError, IntegrityError, UserError
 from ..inputs.data import Batch, tokenizer_path
 from ..inputs.records import Source, Spec, open_source
 from ..inputs.textstream import (
+    InputChanged,
     SentenceTokenizer,
     TextInfo,
     assign,
     batch_cost,
+    checked_chunks,
     model_max_length,
-    record_chunks,
     scan,
     sorted_batches,
 )
@@ -186,10 +187,6 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
             _leave_parts(parts, info.lines, cfg.input.chunk, info.unit)
 
 
-class InputChanged(InputError):
-    """input.text changed while the job read it (its chunks are of no use)."""
-
-
 def _kept_note(parts: Parts, lines: int, chunk: int, unit: str = "line") -> str | None:
     """What a stopped job leaves: its finished chunks, kept for --resume (None: none)."""
     done = parts.done()
@@ -316,25 +313,11 @@ class _Job:
             # tokens shown: rank 0's micro-batches times the replicas, then the chunk's own
             self.tokens_done = self.tokens_estimated = 0
             self.t0 = time.perf_counter()
-            end = start
-            for index, (first, items, record_ids, records_digest) in enumerate(
-                    record_chunks(self.source, size, start), first_chunk):
-                end = first + len(items)
-                if end > self.info.lines:
-                    raise self._changed(f"more than the {self.info.lines} {self.units}")
-                if records_digest != self.info.chunk_digests[index]:
-                    raise self._changed(f"other {self.units} {first + 1}-{end}"
-                                        f" (chunk {index}) than")
+            for index, first, items, record_ids, records_digest in checked_chunks(
+                    self.source, size, self.info, first_chunk):
                 self._chunk(index, first, items, record_ids, records_digest, bar)
-            if end != self.info.lines:
-                raise self._changed(f"fewer than the {self.info.lines} {self.units}")
         self.p.backend.sync()
         self.forward_s = time.perf_counter() - self.t_fwd
-
-    def _changed(self, how: str) -> InputChanged:
-        return InputChanged(f"input.text = '{self.cfg.input.text}' changed while the job"
-                            f" read it: it now has {how} it had at the start; its chunks are"
-                            " discarded: run again")
 
     def _chunk(self, index: int, first: int, items: list, record_ids: list | None,
                records_digest: str, bar: Any) -> None:

@@ -135,6 +135,36 @@ def record_chunks(src: Source, size: int, start: int = 0
             items, ids if with_ids else None)
 
 
+class InputChanged(InputError):
+    """The corpus changed while the job read it (its chunks are of no use)."""
+
+
+def checked_chunks(src: Source, size: int, info: TextInfo, first_chunk: int = 0
+                   ) -> Iterator[tuple[int, int, list[Item], list[RecordId] | None, str]]:
+    """(chunk index, index of its first record, items, ids, digest) from chunk
+    ``first_chunk`` on (``record_chunks``), each checked against what ``scan`` found:
+    InputChanged when the file now holds more, fewer or other records (a chunk whose digest
+    is not ``info.chunk_digests[index]``)."""
+    units = f"{info.unit}s"
+
+    def changed(how: str) -> InputChanged:
+        return InputChanged(f"{src.where} changed while the job read it: it now has {how}"
+                            " it had at the start; its chunks are discarded: run again")
+
+    start = min(first_chunk * size, info.lines)
+    end = start
+    for index, (first, items, ids, digest) in enumerate(record_chunks(src, size, start),
+                                                        first_chunk):
+        end = first + len(items)
+        if end > info.lines:
+            raise changed(f"more than the {info.lines} {units}")
+        if index >= len(info.chunk_digests) or digest != info.chunk_digests[index]:
+            raise changed(f"other {units} {first + 1}-{end} (chunk {index}) than")
+        yield index, first, items, ids, digest
+    if end != info.lines:
+        raise changed(f"fewer than the {info.lines} {units}")
+
+
 def chunks(path: Path, size: int, pairs: bool = False, start: int = 0,
            what: str = "input.text", spec: Spec | Source | None = None
            ) -> Iterator[tuple[int, list[Item]]]:
