@@ -40,7 +40,11 @@ class ModelConfig:
 class InputConfig:
     batch: int = 8  # sequences (seeded input); text: sentences per micro-batch
     seq_len: int = 128  # tokens per sequence (seeded input)
-    text: str = ""  # a UTF-8 file, one sentence per line; "" = seeded token ids
+    text: str = ""  # a corpus file (text, JSON Lines, Parquet; gzip/bz2/zstd); "" = seeded
+    format: str = "auto"  # text: "auto" (name, magic bytes) | "text" | "jsonl" | "parquet"
+    field: str = "text"  # JSON Lines / Parquet: the field holding the text
+    pair_field: str = ""  # JSON Lines / Parquet with pairs: the field of the second text
+    id_field: str = ""  # JSON Lines / Parquet: each record's id, kept in /input/id
     pairs: bool = False  # text: each line is two tab-separated sentences (a pair)
     max_tokens: int = 0  # text: truncation length in tokens; 0 = the model's own limit
     chunk: int = 0  # text: lines read, length-sorted and written together; 0 = auto
@@ -155,6 +159,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backend": ("auto", "numpy", "cupy"),
     "parallel.balance": ("even", "measured"),
     "parallel.assign": ("balanced", "round-robin"),
+    "input.format": ("auto", "text", "jsonl", "parquet"),
     "attention.impl": ("auto", "plain", "blocked"),
     "attention.sequence": ("auto", "ulysses", "ring"),
     "output.layers": ("auto", "all", "last", "none"),

@@ -6,6 +6,7 @@
         t = f.timings()                       # xarray.DataArray (rank, layer, phase) [s]
         t.sum("layer").max("rank")            # per phase: the slowest rank
         f.pooled[:8]                          # (batch | line, hidden): 8 rows read, no more
+        f.ids[:8]                             # a corpus run's record ids (input.id_field)
         f.layer(3)[0]                         # /layers/03/hidden, first sequence
         f.ranks()                             # pandas.DataFrame: host, forward_s, ... per rank
         f.collectives()                       # pandas.DataFrame: one row per checked Allreduce
@@ -612,6 +613,19 @@ class RunFile(File):
     def pooled(self) -> Lazy | None:
         """/output/pooled (batch | line, hidden): mean-pooled L2-normalised embeddings."""
         return self._lazy("output/pooled")
+
+    @property
+    @_guarded
+    def ids(self) -> Lazy | None:
+        """/input/id (line,) of a text run with ``input.id_field``: each record's id, ``str``
+        or int64, row i of ``pooled`` (None without ids): ``dict(zip(f.ids[:], f.pooled[:]))``."""
+        return self._lazy("input/id")
+
+    @property
+    @_guarded
+    def text(self) -> Lazy | None:
+        """/input/text (line,) of a text run: each record's text as stored (stripped)."""
+        return self._lazy("input/text")
 
     @property
     @_guarded

@@ -28,14 +28,16 @@ from ..core.backend import erf, to_host
 from ..core.model import PhaseTimer, encoder_forward, mean_pool
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import stage_forward, stage_layers
-from ..errors import ConfigError, InputError, IntegrityError, UserError
+from ..errors import ConfigError, IntegrityError, UserError
 from ..inputs.data import Batch, tokenizer_path
+from ..inputs.records import Source, Spec, open_source
 from ..inputs.textstream import (
+    InputChanged,
     SentenceTokenizer,
     TextInfo,
     assign,
     batch_cost,
-    chunks,
+    checked_chunks,
     model_max_length,
     scan,
     sorted_batches,
@@ -85,9 +87,23 @@ def auto_chunk(cfg: Config, tokens_per_line: float = 32.0) -> int:
     return int(min(CHUNK_LINES, max(128, CHUNK_STATES_BYTES // per_line)))
 
 
+def corpus_source(cfg: Config) -> Source:
+    """``input.text`` recognised as ``input.format`` says (``records.open_source``); an
+    explicit ``input.field`` on a file read as plain text is a ConfigError."""
+    i = cfg.input
+    source = open_source(Path(i.text), Spec(i.format, i.field, i.pair_field, i.id_field,
+                                            i.pairs))
+    if source.format == "text" and "input.field" in cfg.explicit:
+        how = "input.format = \"text\"" if i.format == "text" else "its name and bytes"
+        raise ConfigError(f"input.field = '{i.field}' but input.text = '{i.text}' is read as"
+                          f" plain text ({how}), which has no fields: set input.format ="
+                          " \"jsonl\" or \"parquet\", or remove input.field")
+    return source
+
+
 def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
-    """Every local check of a text run, no collective: ((tensor, info, tokenizer, digests),
-    digests)."""
+    """Every local check of a text run, no collective: ((tensor, info, tokenizer, source,
+    digests), digests)."""
     from ..core.checksum import parse_faults
 
     apply_checkpoint_shape(cfg)
@@ -101,7 +117,8 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     check_memory(cfg)
     if not cfg.input.chunk:  # resolved before the config is digested (resume finds it)
         cfg.input.chunk = auto_chunk(cfg)
-    info = scan(Path(cfg.input.text), cfg.input.pairs)
+    source = corpus_source(cfg)
+    info = scan(source.path, spec=source, chunk=cfg.input.chunk)
     limit, _ = truncation(cfg)
     tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab)
     if cfg.input.pairs and 0 < cfg.input.max_tokens < 3:
@@ -115,14 +132,15 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     parse_faults(cfg.fault.inject, RUN_SITES, "run")
     check_fault_targets(cfg, world_size)
     digests = jobkit.input_digests(cfg)
-    return (tensor, info, tok, digests), digests
+    return (tensor, info, tok, source, digests), digests
 
 
 def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, layout: dict,
                 resume: str | None) -> Parts:
     if resume is None:
         return Parts.new(out.path, key, layout, info.lines, cfg.input.chunk)
-    return Parts.find(out.path, key, layout, None if resume == "auto" else resume)
+    return Parts.find(out.path, key, layout, None if resume == "auto" else resume,
+                      records=info.chunk_digests)
 
 
 def run_text(cfg: Config, world: Any, out_path: str, force: bool,
@@ -133,7 +151,7 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     rank = world.Get_rank()
-    (tensor, info, tok, digests), out = jobkit.preflight(
+    (tensor, info, tok, source, digests), out = jobkit.preflight(
         world, lambda: check_inputs(cfg, world.Get_size(), rank), output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
     if rank == 0 and "input.seq_len" in cfg.explicit and not cfg.input.max_tokens:
@@ -149,13 +167,13 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
                               if rank == 0 else None, during="opening the parts folder")
         dog = watchdog.current()
         if dog is not None and parts is not None:  # a signal keeps the finished chunks
-            dog.kept = lambda: _kept_note(parts, info.lines, cfg.input.chunk)
+            dog.kept = lambda: _kept_note(parts, info.lines, cfg.input.chunk, info.unit)
         first_chunk = world.bcast(parts.done() if rank == 0 else None, root=0)
         limit = tok.max_length
         shape = Batch(np.zeros((cfg.input.batch, limit), dtype=np.int64),
                       np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
         p = place(cfg, world, tensor, shape)
-        job = _Job(cfg, world, p, tok, info, parts)
+        job = _Job(cfg, world, p, tok, info, parts, source)
         job.encode(first_chunk)
         return job.finish(out, started, wall0)
     except (InputChanged, OutputExists):
@@ -166,25 +184,21 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
         if out is not None:
             out.discard()
         if parts is not None:
-            _leave_parts(parts, info.lines, cfg.input.chunk)
+            _leave_parts(parts, info.lines, cfg.input.chunk, info.unit)
 
 
-class InputChanged(InputError):
-    """input.text changed while the job read it (its chunks are of no use)."""
-
-
-def _kept_note(parts: Parts, lines: int, chunk: int) -> str | None:
+def _kept_note(parts: Parts, lines: int, chunk: int, unit: str = "line") -> str | None:
     """What a stopped job leaves: its finished chunks, kept for --resume (None: none)."""
     done = parts.done()
     if done == 0:
         return None
-    return (f"{min(done * chunk, lines)} of {lines} lines are done and kept in"
+    return (f"{min(done * chunk, lines)} of {lines} {unit}s are done and kept in"
             f" '{parts.folder}': run the same command with --resume to continue")
 
 
-def _leave_parts(parts: Parts, lines: int, chunk: int) -> None:
+def _leave_parts(parts: Parts, lines: int, chunk: int, unit: str = "line") -> None:
     """After a failure: keep finished chunks for --resume (and say so), else remove."""
-    note = _kept_note(parts, lines, chunk)
+    note = _kept_note(parts, lines, chunk, unit)
     if note is None:
         parts.remove()
         return
@@ -196,8 +210,9 @@ class _Job:
     """The streamed encoding on one rank (built after the pre-flight agreed)."""
 
     def __init__(self, cfg: Config, world: Any, p: Plan, tok: SentenceTokenizer,
-                 info: TextInfo, parts: Parts | None) -> None:
+                 info: TextInfo, parts: Parts | None, source: Source) -> None:
         self.cfg, self.world, self.p, self.tok, self.info = cfg, world, p, tok, info
+        self.source, self.units = source, f"{info.unit}s"
         self.parts = parts  # rank 0 only
         self.rank = world.Get_rank()
         grid = p.grid
@@ -286,39 +301,30 @@ class _Job:
     def encode(self, first_chunk: int) -> None:
         from .progress import Progress
 
-        cfg, size = self.cfg, self.cfg.input.chunk
+        size = self.cfg.input.chunk
         start = min(first_chunk * size, self.info.lines)
         self.world.Barrier()
         self.t_fwd = time.perf_counter()
-        with Progress(self.info.lines, "lines", start=start, verbose=self.rank == 0,
+        with Progress(self.info.lines, self.units, start=start, verbose=self.rank == 0,
                       fields={"tok/s": 0.0}) as bar:
             if start:
-                bar.note(f"mpiattn: resuming: {start} of {self.info.lines} lines were done")
+                bar.note(f"mpiattn: resuming: {start} of {self.info.lines} {self.units}"
+                         " were done")
             # tokens shown: rank 0's micro-batches times the replicas, then the chunk's own
             self.tokens_done = self.tokens_estimated = 0
             self.t0 = time.perf_counter()
-            end = start
-            for index, (first, items) in enumerate(
-                    chunks(Path(cfg.input.text), size, cfg.input.pairs, start), first_chunk):
-                end = first + len(items)
-                if end > self.info.lines:
-                    raise self._changed("more")
-                self._chunk(index, first, items, bar)
-            if end != self.info.lines:
-                raise self._changed("fewer")
+            for index, first, items, record_ids, records_digest in checked_chunks(
+                    self.source, size, self.info, first_chunk):
+                self._chunk(index, first, items, record_ids, records_digest, bar)
         self.p.backend.sync()
         self.forward_s = time.perf_counter() - self.t_fwd
 
-    def _changed(self, how: str) -> InputChanged:
-        return InputChanged(f"input.text = '{self.cfg.input.text}' changed while the job"
-                            f" read it: it now has {how} than the {self.info.lines} lines it"
-                            " had at the start; its chunks are discarded: run again")
-
-    def _chunk(self, index: int, first: int, items: list, bar: Any) -> None:
+    def _chunk(self, index: int, first: int, items: list, record_ids: list | None,
+               records_digest: str, bar: Any) -> None:
         """Encode one chunk on every rank; rank 0 writes it. ``bar`` (rank 0's progress)
         moves with rank 0's micro-batches, by their share of the chunk."""
         cfg = self.cfg
-        toks = self.tok.encode(items, first)
+        toks = self.tok.encode(items, first, unit=self.info.unit)
         lengths = toks.lengths
         batches = sorted_batches(lengths, cfg.input.batch)
         costs = [batch_cost(b, lengths, cfg.model.hidden) for b in batches]
@@ -355,7 +361,8 @@ class _Job:
         error = None
         if self.rank == 0:
             try:
-                self._write(index, first, items, toks, gathered)
+                self._write(index, first, items, record_ids, records_digest, toks,
+                            gathered)
             except OSError as err:
                 error = UserError(f"cannot write chunk {index} to '{self.parts.folder}':"
                                   f" {err.strerror or err}")
@@ -382,7 +389,8 @@ class _Job:
         rate = self.tokens_done / max(time.perf_counter() - self.t0, 1e-9)
         bar.update(lines, **{"tok/s": rate})
 
-    def _write(self, index: int, first: int, items: list, toks: Any, gathered: list) -> None:
+    def _write(self, index: int, first: int, items: list, record_ids: list | None,
+               records_digest: str, toks: Any, gathered: list) -> None:
         cfg, n = self.cfg, len(items)
         hidden = cfg.model.hidden
         offsets = np.concatenate([[0], np.cumsum(toks.lengths)])
@@ -410,7 +418,8 @@ class _Job:
                  "tokens": float(offsets[-1])}
         self.parts.write(index, ChunkResult(
             first, text, [it[1] for it in items] if pairs else None, toks.ids,
-            toks.types if pairs else None, toks.truncated, pooled, layers, stats))
+            toks.types if pairs else None, toks.truncated, pooled, layers, stats,
+            record_ids=record_ids, records_sha256=records_digest))
 
     # --- the end ------------------------------------------------------------------------
 
@@ -451,12 +460,14 @@ class _Job:
         cfg = self.cfg
         counts = assemble(f, self.parts, self.info.lines, cfg.model.hidden,
                           np.dtype(cfg.dtype), self.kept, cfg.input.pairs,
-                          cfg.output.compression)
+                          cfg.output.compression, ids=self.info.ids,
+                          id_field=cfg.input.id_field)
         limit, source = truncation(cfg)
         stats = self.parts.read_stats()
         busy_max = sum(s.get("busy_max", 0.0) for s in stats)
         busy_mean = sum(s.get("busy_mean", 0.0) for s in stats)
         f.attrs.update({"lines": counts["lines"], "tokens": counts["tokens"],
+                        "input_format": self.info.label,
                         "max_tokens": limit, "max_tokens_source": source,
                         "truncated_lines": counts["truncated"], "chunk_lines": cfg.input.chunk,
                         "micro_batch": cfg.input.batch, "assign": cfg.parallel.assign,
@@ -497,7 +508,8 @@ class _Job:
         forward = float(totals[:, 0].max())
         limit, source = truncation(cfg)
         print(f"mpiattn {__version__}: {m.layers} layers, {m.heads} heads, hidden {m.hidden};"
-              f" {self.info.lines} lines of '{cfg.input.text}', micro-batches of"
+              f" {self.info.lines} {self.units} of '{cfg.input.text}' ({self.info.label}),"
+              " micro-batches of"
               f" {cfg.input.batch}, {cfg.dtype}, {p.backend.name}")
         print(f"ranks {p.grid.size} = {self.replicas} data x {tensor} head; heads per rank"
               f" {p.head_counts}; BLAS threads/rank {p.threads or '-'}; assign"

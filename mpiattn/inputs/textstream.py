@@ -7,8 +7,10 @@ cut into length-sorted micro-batches. No MPI; every function is the same on ever
         for rows in sorted_batches(tokens.lengths, 32):
             ids, mask, types = tokens.padded(rows)     # padded to this batch's longest
 
-Lines end at "\\n" ("\\r\\n" accepted), are stripped, and a blank line is the empty sentence
-([CLS] [SEP]), as sentence-transformers encodes it: output row i is line i. With ``pairs``
+Records come from plain text, JSON Lines or Parquet, compressed or not (``records``). Lines
+end as in Python's text mode ("\\n", "\\r\\n", a lone "\\r"), are stripped, and a blank line
+is the empty sentence ([CLS] [SEP]), as sentence-transformers encodes it: output row i is
+line (record) i. With ``pairs``
 each line is two tab-separated columns, tokenized with the tokenizer's pair template
 (segment 0, then 1; an empty column is an empty segment, as transformers' tokenizers
 encode a batch of pairs). Sorting by length within a chunk (longest first, as
@@ -18,6 +20,7 @@ bounded by the chunk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,86 +29,150 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-
-Item = str | tuple[str, str]
+from .records import Item, RecordId, Source, Spec, open_source, records
 
 
 @dataclass(frozen=True)
 class TextInfo:
-    """What ``scan`` found: the number of lines and of bytes."""
+    """What ``scan`` found: the number of records ("lines", also Parquet rows), the bytes
+    of the file, the ids' kind ("" none, "int", "str"), the SHA-256 of each chunk's decoded
+    records (``chunk_digest``; empty without a chunk size), the format label and the unit
+    a record number counts ("line", "row")."""
 
     lines: int
     size: int
+    ids: str = ""
+    chunk_digests: tuple[str, ...] = ()
+    label: str = "text"
+    unit: str = "line"
 
 
-def _decode(raw: bytes, number: int, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{where} line {number}: not UTF-8 (byte {err.start} of the line):"
-                         " convert the file with iconv") from None
+def chunk_digest(items: list[Item], ids: list[RecordId] | None) -> str:
+    """SHA-256 of a chunk's decoded records: each text (and second text), each id, as
+    UTF-8 with a NUL after each (NUL is refused in records, so the encoding is one-to-one;
+    an integer id is "i" and its digits, a string id "s" and the string)."""
+    h = hashlib.sha256()
+    for k, item in enumerate(items):
+        for text in item if isinstance(item, tuple) else (item,):
+            h.update(text.encode("utf-8"))
+            h.update(b"\0")
+        if ids is not None:
+            rid = ids[k]
+            h.update((f"i{rid}" if isinstance(rid, int) else f"s{rid}").encode("utf-8"))
+            h.update(b"\0")
+    return h.hexdigest()
 
 
-def _item(raw: bytes, number: int, pairs: bool, where: str) -> Item:
-    line = _decode(raw.removesuffix(b"\n").removesuffix(b"\r"), number, where)
-    if "\0" in line:
-        raise InputError(f"{where} line {number}: a NUL byte (position {line.index(chr(0))}):"
-                         " HDF5 strings cannot hold it; remove NULs (tr -d '\\000')")
-    if not pairs:
-        return line.strip()
-    columns = line.split("\t")
-    if len(columns) != 2:
-        raise InputError(f"{where} line {number}: {len(columns)} tab-separated column"
-                         f"{'s' if len(columns) != 1 else ''}; input.pairs = true needs two"
-                         " (first sentence, TAB, second sentence)")
-    return columns[0].strip(), columns[1].strip()
+def _source(path: Path, pairs: bool, what: str, spec: Spec | Source | None) -> Source:
+    if isinstance(spec, Source):
+        return spec
+    if spec is None:
+        spec = Spec(pairs=pairs)
+    return open_source(path, spec, what)
 
 
-def _lines(path: Path, what: str) -> Iterator[bytes]:
-    from .data import regular_file
+def scan(path: Path, pairs: bool = False, what: str = "input.text",
+         spec: Spec | Source | None = None, chunk: int = 0) -> TextInfo:
+    """Check every record (UTF-8; two columns with ``pairs``; JSON objects with their
+    fields; ids of one kind) and count them, in one pass with memory bounded by the longest
+    line (one row group of Parquet). ``spec`` says what to read (default: plain text, or
+    any format by name and magic with ``Spec()``); with ``chunk`` > 0, the digest of every
+    ``chunk`` records is kept (``TextInfo.chunk_digests``).
 
-    regular_file(path, what)
-    try:
-        with open(path, "rb") as fh:
-            yield from fh  # binary lines end at b"\n" only
-    except OSError as err:
-        raise InputError(f"{what} = '{path}': cannot be read ({err.strerror})") from None
-
-
-def scan(path: Path, pairs: bool = False, what: str = "input.text") -> TextInfo:
-    """Check every line (UTF-8; two columns with ``pairs``) and count them, in one pass
-    with memory bounded by the longest line.
-
-    Raises InputError naming the file and the 1-based line number: bytes that are not
-    UTF-8, a pairs line without exactly two tab-separated columns, a file with no lines,
-    anything but a readable regular file.
+    Raises InputError naming the file and the 1-based line (row) number: bytes that are not
+    UTF-8, a pairs line without exactly two tab-separated columns, a JSON Lines line that
+    is blank, not JSON, not an object or lacks a string field, an id that is not a string
+    or an integer, a file with no records, anything but a readable regular file, a
+    recognised container or binary data (``records.open_source``).
     """
-    where = f"{what} = '{path}'"
-    count = size = 0
-    for count, raw in enumerate(_lines(path, what), start=1):
-        _item(raw, count, pairs, where)
-        size += len(raw)
+    src = _source(path, pairs, what, spec)
+    count = 0
+    digests: list[str] = []
+    items: list[Item] = []
+    ids: list[RecordId] = []
+    kind = ""
+    for count, item, rid in records(src):  # noqa: B007
+        if rid is not None and not kind:
+            kind = "int" if isinstance(rid, int) else "str"
+        if chunk:
+            items.append(item)
+            ids.append(rid)
+            if len(items) == chunk:
+                digests.append(chunk_digest(items, ids if src.spec.id_field else None))
+                items, ids = [], []
     if count == 0:
-        raise InputError(f"{where}: the file is empty (one sentence per line)")
-    return TextInfo(count, size)
+        empty = "has no rows" if src.format == "parquet" else (
+            "is empty (one sentence per line)" if src.format == "text" else
+            "is empty (one JSON object per line)")
+        raise InputError(f"{src.where}: the file {empty}")
+    if items:
+        digests.append(chunk_digest(items, ids if src.spec.id_field else None))
+    try:
+        size = src.path.stat().st_size
+    except OSError:
+        size = 0
+    return TextInfo(count, size, kind, tuple(digests), src.label, src.unit)
+
+
+def record_chunks(src: Source, size: int, start: int = 0
+                  ) -> Iterator[tuple[int, list[Item], list[RecordId] | None, str]]:
+    """(index of the chunk's first record, its items, its ids (None without
+    ``input.id_field``), its ``chunk_digest``) for records ``start`` .. end, ``size`` at a
+    time (the last chunk may be shorter). Errors as ``scan``."""
+    with_ids = bool(src.spec.id_field)
+    items: list[Item] = []
+    ids: list[RecordId] = []
+    first = start
+    for _number, item, rid in records(src, start):
+        items.append(item)
+        ids.append(rid)
+        if len(items) == size:
+            yield first, items, ids if with_ids else None, chunk_digest(
+                items, ids if with_ids else None)
+            first, items, ids = first + size, [], []
+    if items:
+        yield first, items, ids if with_ids else None, chunk_digest(
+            items, ids if with_ids else None)
+
+
+class InputChanged(InputError):
+    """The corpus changed while the job read it (its chunks are of no use)."""
+
+
+def checked_chunks(src: Source, size: int, info: TextInfo, first_chunk: int = 0
+                   ) -> Iterator[tuple[int, int, list[Item], list[RecordId] | None, str]]:
+    """(chunk index, index of its first record, items, ids, digest) from chunk
+    ``first_chunk`` on (``record_chunks``), each checked against what ``scan`` found:
+    InputChanged when the file now holds more, fewer or other records (a chunk whose digest
+    is not ``info.chunk_digests[index]``)."""
+    units = f"{info.unit}s"
+
+    def changed(how: str) -> InputChanged:
+        return InputChanged(f"{src.where} changed while the job read it: it now has {how}"
+                            " it had at the start; its chunks are discarded: run again")
+
+    start = min(first_chunk * size, info.lines)
+    end = start
+    for index, (first, items, ids, digest) in enumerate(record_chunks(src, size, start),
+                                                        first_chunk):
+        end = first + len(items)
+        if end > info.lines:
+            raise changed(f"more than the {info.lines} {units}")
+        if index >= len(info.chunk_digests) or digest != info.chunk_digests[index]:
+            raise changed(f"other {units} {first + 1}-{end} (chunk {index}) than")
+        yield index, first, items, ids, digest
+    if end != info.lines:
+        raise changed(f"fewer than the {info.lines} {units}")
 
 
 def chunks(path: Path, size: int, pairs: bool = False, start: int = 0,
-           what: str = "input.text") -> Iterator[tuple[int, list[Item]]]:
+           what: str = "input.text", spec: Spec | Source | None = None
+           ) -> Iterator[tuple[int, list[Item]]]:
     """(index of the chunk's first line, its items) for lines ``start`` .. end, ``size``
     lines at a time (the last chunk may be shorter). Items are stripped strings, or
     (first, second) with ``pairs``. Errors as ``scan``."""
-    where = f"{what} = '{path}'"
-    items: list[Item] = []
-    first = start
-    for number, raw in enumerate(_lines(path, what), start=1):
-        if number <= start:
-            continue
-        items.append(_item(raw, number, pairs, where))
-        if len(items) == size:
-            yield first, items
-            first, items = first + size, []
-    if items:
+    src = _source(path, pairs, what, spec)
+    for first, items, _ids, _digest in record_chunks(src, size, start):
         yield first, items
 
 
@@ -171,22 +238,23 @@ class SentenceTokenizer:
         self.vocab, self.type_vocab = vocab, type_vocab
 
     def encode(self, items: list[Item], first_line: int = 0,
-               what: str = "input.text") -> Tokens:
-        """Ids, segment ids and truncation flags of ``items`` (lines ``first_line`` ...)."""
+               what: str = "input.text", unit: str = "line") -> Tokens:
+        """Ids, segment ids and truncation flags of ``items`` (records ``first_line`` ...,
+        numbered in messages as ``unit`` 1-based)."""
         encodings = self._tok.encode_batch(items)
         ids = [np.array(e.ids, dtype=np.int64) for e in encodings]
         types = [np.array(e.type_ids, dtype=np.int64) for e in encodings]
         for i, (a, t) in enumerate(zip(ids, types, strict=True)):
             if a.size and int(a.max()) >= self.vocab:
-                raise InputError(f"{what} line {first_line + i + 1}: token id {int(a.max())}"
+                raise InputError(f"{what} {unit} {first_line + i + 1}: token id {int(a.max())}"
                                  f" >= model.vocab = {self.vocab}: the tokenizer"
                                  f" '{self.path}' does not belong to this model")
             if t.size and int(t.max()) >= self.type_vocab:
-                raise InputError(f"{what} line {first_line + i + 1}: segment id {int(t.max())}"
+                raise InputError(f"{what} {unit} {first_line + i + 1}: segment id {int(t.max())}"
                                  f" but the model's type vocabulary holds {self.type_vocab}"
                                  " (model.type_vocab): it cannot encode sentence pairs")
             if a.size > self.max_length:  # tokenizers skips a limit below its specials
-                raise InputError(f"{what} line {first_line + i + 1}: {a.size} tokens after"
+                raise InputError(f"{what} {unit} {first_line + i + 1}: {a.size} tokens after"
                                  f" truncation to {self.max_length}: the limit is below what"
                                  " the tokenizer's template needs; raise input.max_tokens")
         truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)

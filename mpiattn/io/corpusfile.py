@@ -21,6 +21,7 @@ of all lines, ``line_edge``: lines + 1; row i of a ragged dataset is
 ``[offsets[i]:offsets[i+1]]``; the dimensions are attached by ``finish``):
 
     /input/text (line,) UTF-8 [/input/text_pair (line,) with input.pairs]
+    [/input/id (line,) int64 or UTF-8 with input.id_field: each record's id]
     /input/tokens (token,) int64, /input/offsets (line_edge,) int64,
     /input/token_type_ids (token,) int64 (pairs only), /input/truncated (line,) uint8
     /output/pooled (line, hidden_unit): mean over real tokens, L2-normalised
@@ -68,6 +69,8 @@ class ChunkResult:
     pooled: np.ndarray  # (lines, hidden)
     layers: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (tokens, H)
     stats: dict[str, float] = field(default_factory=dict)  # per-chunk measurements
+    record_ids: list[str] | list[int] | None = None  # per line, with input.id_field
+    records_sha256: str = ""  # textstream.chunk_digest of the chunk's decoded records
 
 
 def job_key(config_toml: str, digests: dict[str, str]) -> str:
@@ -127,7 +130,13 @@ def _part_contents(r: ChunkResult) -> tuple[dict[str, np.ndarray], list[list[str
         arrays["token_type_ids"] = _concat(r.types, np.int64)
     for (layer, name), a in sorted(r.layers.items()):
         arrays[f"layers/{layer:02d}/{name}"] = a
-    return arrays, [r.text] + ([r.text_pair] if r.text_pair is not None else [])
+    texts = [r.text] + ([r.text_pair] if r.text_pair is not None else [])
+    if r.record_ids is not None:
+        if all(isinstance(i, str) for i in r.record_ids):
+            texts.append(list(r.record_ids))  # type: ignore[arg-type]
+        else:
+            arrays["record_id"] = np.array(r.record_ids, dtype=np.int64)
+    return arrays, texts
 
 
 @dataclass
@@ -136,7 +145,8 @@ class PartData:
 
     first: int  # index of its first line
     arrays: dict[str, np.ndarray]  # lengths, tokens, truncated, pooled, ..., layers/NN/*
-    texts: dict[str, list[str]]  # text (and text_pair)
+    texts: dict[str, list[str]]  # text (and text_pair; record_id when the ids are strings)
+    records_sha256: str = ""  # the digest of the chunk's decoded records
 
 
 class Parts:
@@ -176,11 +186,13 @@ class Parts:
         return folder
 
     @classmethod
-    def find(cls, out_path: Path, key: str, layout: dict, where: str | None = None) -> Parts:
+    def find(cls, out_path: Path, key: str, layout: dict, where: str | None = None,
+             records: tuple[str, ...] = ()) -> Parts:
         """The interrupted job's folder to resume: ``where`` itself, or (None) the one
         beside ``out_path`` whose job key is ``key``. UserError (exit 2) when there is none,
         it belongs to another job or rank layout, or a running job holds it. Damaged or
-        unfinished parts are removed (they are computed again)."""
+        unfinished parts are removed (they are computed again), and so are parts whose
+        decoded records differ from ``records`` (the input's digest per chunk, when given)."""
         if where is not None:
             candidates = [Path(where)]
             if not (candidates[0] / JOB_FILE).is_file():
@@ -207,7 +219,7 @@ class Parts:
         for stale in folder.glob("*.tmp*"):  # a part the killed job was writing
             with contextlib.suppress(OSError):
                 stale.unlink()
-        parts.drop_damaged()
+        parts.drop_damaged(records)
         return parts
 
     def done(self) -> int:
@@ -220,11 +232,14 @@ class Parts:
             n += 1
         return n
 
-    def drop_damaged(self) -> None:
-        """Remove the first part whose contents do not match its digest, and every part
-        after it: a part is whole or absent (``--resume`` computes them again)."""
+    def drop_damaged(self, records: tuple[str, ...] = ()) -> None:
+        """Remove the first part whose contents do not match its digest (or whose records'
+        digest is not ``records[index]``, when given), and every part after it: a part is
+        whole or absent (``--resume`` computes them again)."""
         for index in range(self.done()):
-            if not self.intact(index):
+            part = self.read(index)
+            if part is None or (records and (index >= len(records)
+                                             or part.records_sha256 != records[index])):
                 for p in self.folder.glob("chunk-*.h5"):
                     m = _PART.fullmatch(p.name)
                     if m and int(m.group(1)) >= index:
@@ -246,14 +261,20 @@ class Parts:
                 if "layers" in f:
                     f["layers"].visititems(lambda n, o: layers.append(f"layers/{n}")
                                            if isinstance(o, h5py.Dataset) else None)
-                arrays = {n: f[n][()] for n in names + sorted(layers)}
+                ids = f.get("record_id")
+                string_ids = ids is not None and ids.dtype.kind == "O"
+                tail = ["record_id"] if ids is not None and not string_ids else []
+                arrays = {n: f[n][()] for n in names + sorted(layers) + tail}
                 texts = {n: list(f[n].asstr()[()]) for n in ("text", "text_pair") if n in f}
+                if string_ids:
+                    texts["record_id"] = list(ids.asstr()[()])
                 first = int(f.attrs["first"])
+                records = str(f.attrs.get("records_sha256", ""))
         except (OSError, KeyError, RuntimeError, ValueError):
             return None
         if _part_digest(list(arrays.values()), list(texts.values())) != want:
             return None
-        return PartData(first, arrays, texts)
+        return PartData(first, arrays, texts, records)
 
     def intact(self, index: int) -> bool:
         """Part ``index`` reads back and matches the digest it was written with."""
@@ -288,6 +309,9 @@ class Parts:
                 f["text"] = np.array(r.text, dtype=h5py.string_dtype())
                 if r.text_pair is not None:
                     f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
+                if r.record_ids is not None and "record_id" not in arrays:
+                    f["record_id"] = np.array(r.record_ids, dtype=h5py.string_dtype())
+                f.attrs["records_sha256"] = r.records_sha256
                 for name, a in arrays.items():
                     f[name] = a
                 f.attrs["sha256"] = _part_digest(list(arrays.values()), texts)
@@ -381,10 +405,12 @@ class _Appender:
 
 
 def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
-             kept: list[int], pairs: bool, compression: str) -> dict[str, int]:
+             kept: list[int], pairs: bool, compression: str, ids: str = "",
+             id_field: str = "") -> dict[str, int]:
     """Write every part into ``f`` in line order (the layout above); returns the totals
-    (lines, tokens, truncated). Raises InputError when a part is missing or does not
-    continue where the previous one ended."""
+    (lines, tokens, truncated). ``ids``: "int" or "str" writes /input/id (the records'
+    ``id_field``), "" none. Raises InputError when a part is missing or does not continue
+    where the previous one ended."""
     import h5py
 
     inp, out = f.create_group("input"), f.create_group("output")
@@ -395,6 +421,12 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     if pairs:
         text_pair = inp.create_dataset("text_pair", shape=(0,), maxshape=(None,),
                                        dtype=strings, chunks=(4096,))
+    id_text = id_numbers = None
+    if ids == "str":
+        id_text = inp.create_dataset("id", shape=(0,), maxshape=(None,), dtype=strings,
+                                     chunks=(4096,))
+    elif ids == "int":
+        id_numbers = _Appender(inp, "id", (), np.int64, ("line",), compression, lines)
     hint = min(1 << 16, 64 * max(lines, 1))  # tokens per HDF5 chunk
     tokens = _Appender(inp, "tokens", (), np.int64, ("token",), compression, hint)
     types = (_Appender(inp, "token_type_ids", (), np.int64, ("token",), compression, hint)
@@ -405,7 +437,7 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     states = {(i, name): _Appender(f.require_group(f"layers/{i:02d}"), name, (hidden,), dtype,
                                    ("token", "hidden_unit"), compression, hint)
               for i in kept for name in ("attention", "hidden")}
-    text_hashes = [hashlib.sha256(), hashlib.sha256()]  # text, text_pair (h5io.text_sha256)
+    text_hashes = [hashlib.sha256() for _ in range(3)]  # text, text_pair, id (text_sha256)
     offsets = _Appender(inp, "offsets", (), np.int64, ("line_edge",), compression, lines + 1)
     offsets.append(np.zeros(1, dtype=np.int64))
     done = total_tokens = n_truncated = 0
@@ -421,7 +453,8 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
                              f" not {done}: the folder was altered; run again without --resume")
         a = part.arrays
         n = a["pooled"].shape[0]
-        for k, (dset, name) in enumerate(((text, "text"), (text_pair, "text_pair"))):
+        for k, (dset, name) in enumerate(((text, "text"), (text_pair, "text_pair"),
+                                          (id_text, "record_id"))):
             if dset is not None:
                 dset.resize(done + n, axis=0)
                 dset[done:] = part.texts[name]
@@ -431,6 +464,8 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
         if types is not None:
             types.append(a["token_type_ids"])
         truncated.append(a["truncated"])
+        if id_numbers is not None:
+            id_numbers.append(a["record_id"])
         n_truncated += int(np.count_nonzero(a["truncated"]))
         pooled.append(a["pooled"])
         for (i, name), app in states.items():
@@ -439,10 +474,15 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
         done, total_tokens = done + n, total_tokens + int(lengths.sum())
     if done != lines:
         raise InputError(f"'{parts.folder}' holds {done} of {lines} lines: run again")
-    for dset, h in zip((text, text_pair), text_hashes, strict=True):
+    for dset, h in zip((text, text_pair, id_text), text_hashes, strict=True):
         if dset is not None:
             attach_dimensions(dset, ("line",))
             dset.attrs[DIGEST_ATTR] = h.hexdigest()
+    about = f"each record's '{id_field}' field, row i of /output/pooled is record i"
+    if id_text is not None:
+        id_text.attrs.update(field=id_field, description=about)
+    if id_numbers is not None:
+        id_numbers.finish(field=id_field, description=about)
     ragged = "row i is [offsets[i]:offsets[i+1]] of each (token, ...) dataset"
     offsets.finish(description=ragged)
     for app in (tokens, types, truncated):
