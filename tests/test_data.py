@@ -53,3 +53,42 @@ def test_text_needs_a_tokenizer(tmp_path):
     path.write_text("hello\n")
     with pytest.raises(InputError, match="needs a tokenizer"):
         load_batch(tiny(input__text=str(path)))
+
+
+@pytest.mark.parametrize("name", ["s.txt", "s.txt.gz", "s.jsonl", "s.parquet"])
+def test_one_batch_text_reads_every_corpus_format(tmp_path, minilm_dir, name):
+    """``mpiattn bench`` with ``input.text`` reads records as a text run does: a lone
+    ``\\r`` ends a line, a BOM is not text, JSON Lines and Parquet give their field."""
+    import gzip
+    import json
+
+    sentences = ["Hello world.", "Second line", "", "third, last"]
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": sentences}), path)
+    elif ".jsonl" in name:
+        path.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    else:
+        raw = ("\ufeff" + "\r".join(sentences[:2]) + "\r\n" + "\n".join(sentences[2:])
+               + "\n").encode()
+        path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    cfg = tiny(input__text=str(path), input__tokenizer=str(minilm_dir / "tokenizer.json"),
+               model__vocab=30522, input__seq_len=16)
+    want = text_batch(sentences, minilm_dir / "tokenizer.json", 16)
+    got = load_batch(cfg)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.mask, want.mask)
+
+
+def test_one_batch_text_refuses_pairs(tmp_path, minilm_dir):
+    from mpiattn.errors import ConfigError
+
+    path = tmp_path / "p.txt"
+    path.write_text("a\tb\n")
+    cfg = tiny(input__text=str(path), input__tokenizer=str(minilm_dir / "tokenizer.json"),
+               model__vocab=30522, input__pairs=True)
+    with pytest.raises(ConfigError, match="input.pairs needs a text run"):
+        load_batch(cfg)

@@ -308,14 +308,31 @@ def _ragged_batch(f: Any, name: str, vocab: int, max_positions: int,
     return Batch(ids, mask, types=types)
 
 
+def one_batch_lines(cfg: Config) -> list[str]:
+    """``input.text`` read whole as one batch (``mpiattn bench``): every format and line-end
+    rule a text run reads (``records``), one sentence per record. Sentence pairs are for
+    text runs only (ConfigError); a file without records is an InputError."""
+    from ..errors import ConfigError
+    from .records import Spec, open_source, records
+
+    i = cfg.input
+    if i.pairs:
+        raise ConfigError("input.pairs needs a text run (mpiattn run): a one-batch input"
+                          " (mpiattn bench) takes one sentence per record")
+    source = open_source(Path(i.text), Spec(i.format, i.field, i.pair_field, i.id_field))
+    lines = [str(item) for _, item, _ in records(source)]
+    if not lines:
+        raise InputError(f"{source.where}: no {source.unit}s: give at least one sentence")
+    return lines
+
+
 def load_batch(cfg: Config) -> Batch:
     """The job's whole input batch, the same on every rank."""
     if cfg.input.tokens:
         return hdf5_batch(Path(cfg.input.tokens), cfg.model.vocab, cfg.model.max_positions,
                           cfg.model.type_vocab)
     if cfg.input.text:
-        lines = read_lines(Path(cfg.input.text), keep_blank=True)
-        batch = text_batch(lines, tokenizer_path(cfg), cfg.input.seq_len)
+        batch = text_batch(one_batch_lines(cfg), tokenizer_path(cfg), cfg.input.seq_len)
         if int(batch.ids.max()) >= cfg.model.vocab:
             raise InputError(
                 f"token id {int(batch.ids.max())} >= model.vocab = {cfg.model.vocab}:"
