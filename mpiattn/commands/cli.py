@@ -171,8 +171,12 @@ def _world() -> Any:
     Raises SystemExit(2) when ``from mpi4py import MPI`` fails (mpi4py missing: ImportError;
     libmpi not found or not loadable: RuntimeError). Only launcher rank 0 prints.
     """
+    import warnings
+
     try:
-        from mpi4py import MPI
+        with warnings.catch_warnings():  # mpi4py's own mislaunch warning: ``launch`` says
+            warnings.filterwarnings("ignore", "suspicious MPI execution environment")
+            from mpi4py import MPI
     except (ImportError, RuntimeError, OSError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         if _launcher_rank() == 0:
@@ -208,6 +212,17 @@ def _mpi_command(body: Callable[[Any], int], signals: str = "exit",
     # missing MPI library on one rank) would hold the others there for ever
     with watchdog.startup_guard(_startup_timeout(args), _launcher_rank()):
         raw_world = _world()
+    if raw_world.Get_size() == 1:  # N singletons of a broken launch: each says so, exits
+        from .launch import Mislaunched, check
+
+        try:
+            from mpi4py import MPI
+
+            check(1, MPI.Get_library_version().splitlines()[0])
+        except Mislaunched as err:
+            if _launcher_rank() == 0:
+                print(f"mpiattn: error: {err}", file=sys.stderr, flush=True)
+            return err.exit_code
     world = jobkit.start(raw_world, signals=signals)
     rank, size = world.Get_rank(), world.Get_size()
     import numpy as np
