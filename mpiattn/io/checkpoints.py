@@ -236,10 +236,13 @@ def _model_shape(toml: str) -> ModelConfig:
 
 def is_checkpoint(path: str | Path) -> bool:
     """Does ``path`` name an HDF5 file (by its signature; a training checkpoint, say)?"""
-    try:
-        with open(path, "rb") as fh:
+    from ..errors import UserError
+    from .safefile import open_regular
+
+    try:  # never blocks on a FIFO: that is no checkpoint
+        with open_regular(path, "checkpoint") as fh:
             return fh.read(8) == b"\x89HDF\r\n\x1a\n"
-    except OSError:
+    except (OSError, UserError):
         return False
 
 
@@ -269,17 +272,17 @@ def check_shapes(path: str, ck: Checkpoint, want: dict[str, tuple[int, ...]]) ->
 def latest_checkpoint(t: Any) -> Path | None:
     """``--resume auto``: the newest complete checkpoint of ``train.checkpoint`` (any
     ``{step}``), or None when there is none yet (a first run starts from scratch)."""
-    import h5py
+    from . import h5safe
 
     pattern = Path(t.checkpoint.replace("{step}", "*"))
     best: tuple[int, Path] | None = None
     for path in pattern.parent.glob(pattern.name):
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("status") != "complete" or "step" not in f.attrs:
+        try:  # the safe reader: a FIFO, device or hostile file is passed over, not opened
+            with h5safe.open_for_reading(path) as f:
+                if h5safe.attr(f, "status") != "complete" or "step" not in f.attrs:
                     continue
-                step = int(f.attrs["step"])
-        except (OSError, ValueError, TypeError):
+                step = int(h5safe.attr(f, "step"))
+        except (InputError, *h5safe.MALFORMED):
             continue
         if best is None or step > best[0]:
             best = (step, path)

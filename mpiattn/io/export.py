@@ -56,9 +56,9 @@ def tokenizer_files(tokenizer_json: Path) -> dict[str, bytes]:
 
 
 def _read_small(path: Path) -> bytes:
-    if path.stat().st_size > MAX_TOKENIZER_FILE:
-        raise InputError(f"'{path}' is over {MAX_TOKENIZER_FILE >> 20} MiB: not a tokenizer file")
-    return path.read_bytes()
+    from .safefile import read_bytes
+
+    return read_bytes(path, "tokenizer file", MAX_TOKENIZER_FILE)
 
 
 def tokenizer_vocab(files: dict[str, bytes]) -> tuple[int, dict[str, int]]:
@@ -221,9 +221,11 @@ def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
 
 def is_export(folder: Path) -> bool:
     """Was ``folder`` written by an export (its config.json has an ``mpiattn`` entry)?"""
+    from .safefile import read_json
+
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(folder / "config.json", "export config.json", 2**20)
+    except UserError:
         return False
     return isinstance(config, dict) and isinstance(config.get("mpiattn"), dict)
 

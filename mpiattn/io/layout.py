@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")  # run and bench
 
 
+INPUTS: dict[str, str] = {}  # label -> SHA-256 of every input the job read (``jobkit``)
+
+
+def record_inputs(digests: dict[str, str]) -> None:
+    """Remember the agreed digests of the job's inputs (the resolved config and command
+    line excluded), written by ``write_provenance`` as the root attribute ``input_digests``
+    (JSON text: label -> SHA-256 hex; ``mpiattn verify --inputs`` lists it)."""
+    INPUTS.clear()
+    INPUTS.update({k: v for k, v in digests.items() if not k.startswith("the ")})
+
+
 def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command: str,
                      host_info: list) -> None:
     """Root attributes and /ranks: what ran, where, with which libraries (every file)."""
@@ -48,6 +59,10 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
         "blas": str(blas_info()),
         "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),
     })
+    if INPUTS:
+        import json
+
+        f.attrs["input_digests"] = json.dumps(INPUTS, sort_keys=True)
     impl, block = Options.configured(cfg.attention.impl, cfg.attention.block,
                                      p.threads).resolve(p.batch.shape[1])
     f.attrs["attention"] = impl if impl == "plain" else f"{impl} (block {block})"

@@ -334,3 +334,26 @@ def _promised_run(f: Any, config: dict | None) -> list[str]:
               why=f" (checksum.mode = 'abft' with tensor_parallel = {tensor},"
               f" pipeline_parallel = {stages} records every checked transfer)")
     return problems
+
+
+def recorded_inputs(path: str | Path) -> dict[str, str]:
+    """The digests of the inputs the job that wrote ``path`` read (root attribute
+    ``input_digests``: label -> SHA-256 hex; {} in files written before it existed).
+    Raises ``InputError`` (one line) when the file cannot be opened safely or the
+    attribute is not such a table."""
+    import json
+
+    from . import h5safe
+
+    with open_for_reading(path) as f:
+        raw = h5safe.attr(f, "input_digests")
+        if raw is None:
+            return {}
+        try:
+            table = json.loads(h5safe.text(raw, "attribute 'input_digests' of /"))
+        except ValueError:
+            table = None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise InputError(f"'{path}': attribute 'input_digests' of / is not a JSON table of"
+                         f" digests: {h5safe.NOT_OURS}")
+    return table

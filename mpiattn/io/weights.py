@@ -296,13 +296,12 @@ def _own_folder(folder: Path) -> bool:
 
 def checkpoint_shape(folder: Path) -> dict[str, Any]:
     """model.* values from a model folder's config.json ({} when there is none)."""
+    from .safefile import read_json
+
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         return {}
-    try:
-        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"'{cfg_path}' is not valid JSON: {err}") from None
+    hf = read_json(cfg_path, "model folder file")  # a FIFO or device: one line
     if not isinstance(hf, dict):
         raise InputError(f"'{cfg_path}' must hold a JSON object (a BERT config.json)")
     if hf.get("hidden_act", "gelu") != "gelu":
