@@ -339,3 +339,40 @@ def test_deep_group_tree_is_refused_quickly(tmp_path):
         f.attrs["status"] = "complete"
     with pytest.raises(InputError, match="nested more than"):
         verify(tmp_path / "deep.h5")
+
+
+# --- 4. digests: per-rank copies that differ, recorded inputs -----------------------------
+
+def test_ranks_with_differing_sentence_bert_config(tmp_path, minilm_dir):
+    """An MPMD launch where rank 1's model folder has another truncation limit: one line
+    naming the file and the ranks, exit 2 (was: 93 of 200 rows silently wrong)."""
+    for rank, limit in ((0, 256), (1, 8)):
+        work = tmp_path / f"r{rank}"
+        work.mkdir()
+        model = _model_copy(minilm_dir, work / "model")
+        (model / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": limit, "do_lower_case": False}))
+        (work / "t.txt").write_text(TEXT)
+    cmd = [sys.executable, "-m", "mpiattn", "run", "-o", "o.h5",
+           *_sets({"model.weights": "model", "input.text": "t.txt"})]
+    done = subprocess.run(["mpiexec", "-n", "1", "-wdir", str(tmp_path / "r0"), *cmd, ":",
+                           "-n", "1", "-wdir", str(tmp_path / "r1"), *cmd],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    line = one_error_line(done, "sentence_bert_config.json", "ranks 0", "ranks 1")
+    assert "differ" in line
+    assert not (tmp_path / "r0" / "o.h5").exists()
+
+
+def test_verify_lists_recorded_inputs(tmp_path, written_files):
+    """A text run records the digest of every model-folder file it read."""
+    import hashlib
+
+    from mpiattn.io.verify import recorded_inputs
+
+    listed = recorded_inputs(written_files["text"])
+    names = {label.split(" '")[0] for label in listed}
+    assert {"model.weights sentence_bert_config.json", "model.weights config.json",
+            "model.weights tokenizer.json", "input.text", "model.weights"} <= names
+    label = next(k for k in listed if k.startswith("model.weights sentence_bert"))
+    path = Path(label.split(" '", 1)[1].rstrip("'"))
+    assert listed[label] == hashlib.sha256(path.read_bytes()).hexdigest()
