@@ -376,3 +376,85 @@ def test_verify_lists_recorded_inputs(tmp_path, written_files):
     label = next(k for k in listed if k.startswith("model.weights sentence_bert"))
     path = Path(label.split(" '", 1)[1].rstrip("'"))
     assert listed[label] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- 5. --force deletes only what is ours -------------------------------------------------
+
+def _model_folder(value: float):
+    import numpy as np
+
+    from mpiattn.io.export import ModelFolder
+
+    return ModelFolder({"w": np.full((2, 2), value, dtype=np.float32)},
+                       {"model_type": "bert", "mpiattn": {"steps": 1}},
+                       {"tokenizer.json": b"{}", "1_Pooling/config.json": b"{}"}, None)
+
+
+def _load_w(folder: Path) -> float:
+    from safetensors.numpy import load_file
+
+    return float(load_file(folder / "model.safetensors")["w"][0, 0])
+
+
+@pytest.mark.parametrize("change", ["added file", "added folder", "changed file",
+                                    "removed file", "no manifest"])
+def test_force_replaces_only_an_export_as_written(tmp_path, change):
+    from mpiattn.errors import InputError
+    from mpiattn.io import export
+
+    dest = tmp_path / "hf"
+    export.publish(_model_folder(1.0), dest)
+    export.publish(_model_folder(2.0), dest, force=True)  # as written: replaced
+    assert _load_w(dest) == 2.0 and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    if change == "added file":
+        (dest / "notes.txt").write_text("mine")
+    elif change == "added folder":
+        (dest / "runs").mkdir()
+        (dest / "runs" / "a.txt").write_text("mine")
+    elif change == "changed file":  # e.g. save_pretrained over the export
+        (dest / "config.json").write_text('{"mpiattn": {}, "edited": true}')
+    elif change == "removed file":
+        (dest / "tokenizer.json").unlink()
+    else:
+        (dest / export.MANIFEST).unlink()
+    before = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
+    with pytest.raises(InputError, match="is not as mpiattn wrote it") as err:
+        export.publish(_model_folder(3.0), dest, force=True)
+    assert "\n" not in str(err.value) and "never replaced" in str(err.value)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporaries left
+
+
+def test_replacing_never_leaves_nothing_under_the_name(tmp_path, monkeypatch):
+    """Without RENAME_EXCHANGE, a signal between the two renames puts the old export
+    back; with it, the swap is one step."""
+    from mpiattn.io import export, outfile
+
+    dest = tmp_path / "hf"
+    export.publish(_model_folder(1.0), dest)
+    seen = []
+    real = outfile.exchange
+
+    def spy(a, b):
+        seen.append(dest.is_dir())
+        return real(a, b)
+
+    monkeypatch.setattr(outfile, "exchange", spy)
+    export.publish(_model_folder(2.0), dest, force=True)
+    assert _load_w(dest) == 2.0 and seen == [True]
+    monkeypatch.setattr(outfile, "exchange", lambda a, b: False)
+    renames = []
+    real_rename = os.rename
+
+    def killed_between(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # SIGTERM -> SystemExit lands here
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_between)
+    with pytest.raises(KeyboardInterrupt):
+        export.publish(_model_folder(3.0), dest, force=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert _load_w(dest) == 2.0  # the old export is back under its name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -431,6 +431,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
     for tmp in stale_temporaries(args.folder):
+        if tmp.suffix == ".old":  # an export --force killed between its two renames
+            print(f"mpiattn export: note: '{tmp}/model' is the previous '{args.folder}',"
+                  " moved aside by an interrupted export --force: move it back with mv if"
+                  " you need it", file=sys.stderr)
+            continue
         print(f"mpiattn export: note: '{tmp}' is the temporary of an export whose process is"
               " gone (safe to delete)", file=sys.stderr)
     try:
