@@ -458,3 +458,52 @@ def test_replacing_never_leaves_nothing_under_the_name(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "rename", real_rename)
     assert _load_w(dest) == 2.0  # the old export is back under its name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+# --- 6. private folders -------------------------------------------------------------------
+
+def _not_mine(folder: Path) -> None:
+    """Make ``folder`` look another user's: owned by nobody (as root), else open to all."""
+    if os.geteuid() == 0:
+        os.chown(folder, 65534, 65534)
+    else:
+        folder.chmod(0o777)
+
+
+def test_unpack_folder_planted_by_another_user(tmp_path, monkeypatch, written_files):
+    """Another user's (or a world-writable) $TMPDIR/mpiattn-model-UID-KEY never blocks a
+    run of that checkpoint, nor is it read: a fresh private folder is used instead."""
+    import tempfile
+
+    from mpiattn.io import weights
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    weights._unpacked.cache_clear()
+    fixed = weights.model_folder(str(written_files["checkpoint"]))
+    assert fixed.parent == tmp_path and (fixed / "config.json").is_file()
+    shutil.rmtree(fixed)
+    fixed.mkdir()
+    (fixed / "config.json").write_text('{"hidden_size": 3}')  # a trap
+    _not_mine(fixed)
+    weights._unpacked.cache_clear()
+    try:
+        got = weights.model_folder(str(written_files["checkpoint"]))
+    finally:
+        weights._unpacked.cache_clear()
+    assert got != fixed and got.parent == tmp_path
+    assert got.stat().st_uid == os.geteuid() and (got.stat().st_mode & 0o077) == 0
+    assert json.loads((got / "config.json").read_text())["hidden_size"] != 3
+    assert weights.describe(got / "tokenizer.json").startswith(
+        str(Path(written_files["checkpoint"]).resolve()))
+
+
+def test_resume_refuses_a_parts_folder_not_private(tmp_path):
+    from mpiattn.errors import UserError
+    from mpiattn.io import corpusfile
+
+    parts = corpusfile.Parts.new(tmp_path / "o.h5", "k", {}, 2, 1)
+    folder = parts._make_folder()
+    parts.release()
+    _not_mine(folder)
+    with pytest.raises(UserError, match="another user|group or others"):
+        corpusfile.Parts.find(tmp_path / "o.h5", "k", {})

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,11 +87,29 @@ def _folders(out_path: Path) -> list[Path]:
 
 
 def _read_job(folder: Path) -> dict:
-    try:
-        job = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from .safefile import read_json
+
+    try:  # a FIFO or a huge file planted as job.json is no job
+        job = read_json(folder / JOB_FILE, "parts job file", 1 << 20)
+    except UserError:
         return {}
     return job if isinstance(job, dict) else {}
+
+
+def _private(folder: Path) -> str | None:
+    """Why ``folder`` is not a parts folder only this user can change (a link, another
+    user's, writable by group or others), or None. ``mkdtemp`` makes them 0700."""
+    try:
+        st = os.lstat(folder)
+    except OSError as err:
+        return f"cannot be read ({os.strerror(err.errno or 0)})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder (a link?)"
+    if st.st_uid != os.geteuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o077:
+        return f"is open to group or others (mode {stat.S_IMODE(st.st_mode):o}, made 700)"
+    return None
 
 
 def _free_bytes(folder: Path) -> int:
@@ -199,7 +218,12 @@ class Parts:
                 raise UserError(f"--resume: no interrupted run of this job beside"
                                 f" '{out_path}' (parts folders of other jobs or inputs:"
                                 f" {others}); run without --resume to start afresh")
+        candidates = [p for p in candidates if _private(p) is None] or candidates
         folder = max(candidates, key=lambda p: len(list(p.glob("chunk-*.h5"))))
+        why = _private(folder)
+        if why is not None:
+            raise UserError(f"--resume: '{folder}' {why}: its parts are not trusted; run"
+                            " without --resume to start afresh")
         job = _read_job(folder)
         if job.get("key") != key:
             raise UserError(f"--resume '{folder}' holds a run of another config or other inputs:"
