@@ -507,3 +507,30 @@ def test_resume_refuses_a_parts_folder_not_private(tmp_path):
     _not_mine(folder)
     with pytest.raises(UserError, match="another user|group or others"):
         corpusfile.Parts.find(tmp_path / "o.h5", "k", {})
+
+
+# --- 8. a checkpoint missing an optimizer moment ----------------------------------------
+
+@pytest.mark.parametrize("damage", ["moment", "tensor"])
+def test_resume_from_checkpoint_missing_a_moment(tmp_path, written_files, damage):
+    import h5py
+
+    ck = tmp_path / "ck.h5"
+    shutil.copy(written_files["checkpoint"], ck)
+    with h5py.File(ck, "a") as f:
+        if damage == "moment":
+            del f["optimizer/v"]
+        else:
+            del f["optimizer/m"][sorted(f["optimizer/m"])[0]]
+    corpus = tmp_path / "corpus.txt"
+    lines = (ROOT / "data/corpus/train.txt").read_text(encoding="utf-8").splitlines()[:60]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    flat = {"dtype": "float64", "model.layers": 1, "model.heads": 2, "model.hidden": 8,
+            "model.ffn": 8, "model.vocab": 60, "model.max_positions": 16, "input.batch": 2,
+            "input.seq_len": 8, "train.steps": 4, "train.eval_every": 0,
+            "train.eval_batches": 1, "train.corpus": str(corpus), "train.heldout": str(corpus),
+            "train.checkpoint_every": 0, "train.checkpoint": str(tmp_path / "new-ck.h5")}
+    done = mpiattn("train", "-o", "t.h5", "--resume", str(ck), *_sets(flat), cwd=tmp_path,
+                   timeout=120)
+    one_error_line(done, "optimizer moment", "incomplete")
+    assert not (tmp_path / "t.h5").exists()

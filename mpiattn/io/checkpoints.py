@@ -267,6 +267,21 @@ def check_shapes(path: str, ck: Checkpoint, want: dict[str, tuple[int, ...]]) ->
             have = None if got is None else got.shape
             raise InputError(f"'{path}': {name} has shape {have}, this model needs {shape}"
                              " (the config's model.* must match the checkpoint's)")
+    from ..core.optim import STATE
+
+    for kind in STATE.get(ck.optimizer, ()):  # every moment the optimizer resumes from
+        moments = ck.state.get(kind)
+        if moments is None:
+            raise InputError(f"'{path}' has no optimizer moment '{kind}' of {ck.optimizer}"
+                             f" (/optimizer/{kind} is missing): the checkpoint is incomplete;"
+                             " resume from another checkpoint or start without --resume")
+        for name, shape in want.items():
+            got = moments.get(name)
+            if got is None or got.shape != shape:
+                have = "missing" if got is None else f"of shape {got.shape}"
+                raise InputError(f"'{path}': optimizer moment {kind} of {name} is {have}, the"
+                                 f" model needs {shape}: the checkpoint is incomplete; resume"
+                                 " from another checkpoint or start without --resume")
 
 
 def latest_checkpoint(t: Any) -> Path | None:
