@@ -111,6 +111,7 @@ SHIM = r"""
 #include <stdarg.h>
 #include <stdlib.h>
 #include <sys/file.h>
+#include <sys/statvfs.h>
 
 static int wanted(const char *name) { const char *v = getenv(name); return v ? atoi(v) : 0; }
 
@@ -140,6 +141,28 @@ int fcntl(int fd, int cmd, ...) {
 int fcntl64(int fd, int cmd, ...) {
     va_list ap; va_start(ap, cmd); void *arg = va_arg(ap, void *); va_end(ap);
     return forward("fcntl64", fd, cmd, arg);
+}
+
+/* SHIM_FREE_KIB: a nearly full disk (what statvfs says is free) */
+static void shrink(struct statvfs *st) {
+    if (getenv("SHIM_FREE_KIB") && st->f_frsize)
+        st->f_bavail = st->f_bfree = (unsigned long)wanted("SHIM_FREE_KIB") * 1024 / st->f_frsize;
+}
+
+int statvfs(const char *path, struct statvfs *st) {
+    int (*real)(const char *, struct statvfs *) =
+        (int (*)(const char *, struct statvfs *))dlsym(RTLD_NEXT, "statvfs");
+    int rc = real(path, st);
+    if (rc == 0) shrink(st);
+    return rc;
+}
+
+int statvfs64(const char *path, struct statvfs64 *st) {
+    int (*real)(const char *, struct statvfs64 *) =
+        (int (*)(const char *, struct statvfs64 *))dlsym(RTLD_NEXT, "statvfs64");
+    int rc = real(path, st);
+    if (rc == 0) shrink((struct statvfs *)st);  /* the same layout on 64-bit Linux */
+    return rc;
 }
 """
 
@@ -507,6 +530,33 @@ def test_resume_refuses_a_parts_folder_not_private(tmp_path):
     _not_mine(folder)
     with pytest.raises(UserError, match="another user|group or others"):
         corpusfile.Parts.find(tmp_path / "o.h5", "k", {})
+
+
+# --- 7/8. a full disk at assembly keeps the parts; verify of a resume with nothing left ----
+
+def test_full_disk_at_assembly_then_resume_with_nothing_left(tmp_path, flock_shim, minilm_dir):
+    """2 head ranks: every chunk is computed, the disk is too full for the final file ->
+    one line, parts kept; --resume computes nothing, publishes, and verify says OK."""
+    import h5py
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    sets = _sets({**MINILM, "input.text": "t.txt", "parallel.tensor": 2})
+    full = mpiattn("run", "-o", "o.h5", *sets, cwd=tmp_path, ranks=2, timeout=180,
+                   LD_PRELOAD=str(flock_shim), SHIM_FREE_KIB="3072")
+    assert full.returncode == 2, full.stderr
+    errors = [ln for ln in full.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "no space for the output file" in errors[0], full.stderr
+    assert "Traceback" not in full.stderr and not (tmp_path / "o.h5").exists()
+    (folder,) = tmp_path.glob(".o.h5*.parts")
+    assert len(list(folder.glob("chunk-*.h5"))) == 3  # kept for --resume
+    resumed = mpiattn("run", "-o", "o.h5", "--resume", *sets, cwd=tmp_path, ranks=2,
+                      timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not folder.exists()
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        assert "checksum/collectives" not in f and f["output/pooled"].shape[0] == 3
+    done = mpiattn("verify", "o.h5", cwd=tmp_path, timeout=60)
+    assert done.returncode == 0 and ": OK" in done.stdout, done.stdout
 
 
 # --- 8. a checkpoint missing an optimizer moment ----------------------------------------

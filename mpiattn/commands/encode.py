@@ -169,6 +169,9 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
             _leave_parts(parts, info.lines, cfg.input.chunk)
 
 
+NO_RECORDS = "none: every chunk was computed by an earlier session (--resume)"
+
+
 class InputChanged(InputError):
     """input.text changed while the job read it (its chunks are of no use)."""
 
@@ -484,6 +487,8 @@ class _Job:
             f["checksum/collectives"].attrs["aggregated"] = (
                 "one row per (replica, layer, site): the worst ratio, retries summed, passed"
                 " only if all passed; 'chunk' holds the number of transfers")
+        else:  # a resumed run whose chunks were all done before: no transfer this session
+            f.attrs["checksum_records"] = NO_RECORDS
         f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
         f.attrs["status"] = "complete"
 
