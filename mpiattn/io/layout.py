@@ -165,17 +165,44 @@ def write_heads(f: Any, r: HeadResults, compression: str = "none") -> None:
                          " padding keys; padding query rows attend to the real keys)")
 
 
+SITE_BYTES = 16
+# ``site`` is ASCII bytes, NUL-padded, as uint8[16]: netCDF-C (xarray's default engine with
+# netCDF4) aborts the process on a compound with a fixed-length string member. Files
+# before this held ``S16``; ``site_names`` reads both.
 RECORD_DTYPE = np.dtype([
-    ("replica", "i4"), ("layer", "i4"), ("site", "S16"), ("residual", "f8"), ("bound", "f8"),
-    ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"), ("chunk", "i4"),
+    ("replica", "i4"), ("layer", "i4"), ("site", "u1", (SITE_BYTES,)), ("residual", "f8"),
+    ("bound", "f8"), ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"),
+    ("chunk", "i4"),
 ])
 
 
+def site_codes(names: list[str]) -> np.ndarray:
+    """(len(names), SITE_BYTES) uint8: each name's ASCII bytes, NUL-padded (cut at 16)."""
+    raw = np.array([n.encode("ascii", "replace")[:SITE_BYTES] for n in names],
+                   dtype=f"S{SITE_BYTES}")
+    return raw.view(np.uint8).reshape(len(names), SITE_BYTES)
+
+
+def site_names(table: np.ndarray) -> np.ndarray:
+    """The ``site`` column of a records table as ``S16`` bytes (b"mlp"), whether the file
+    stored it as uint8[16] (now) or as a fixed-length string (older files)."""
+    column = np.asarray(table["site"])
+    if column.dtype.kind == "S":
+        return column
+    flat = np.ascontiguousarray(column, dtype=np.uint8).reshape(-1, column.shape[-1])
+    return flat.view(f"S{column.shape[-1]}").reshape(column.shape[:-1])
+
+
 def write_records(f: Any, records: list) -> None:
-    table = np.array([
-        (replica, r.layer, r.site.encode(), r.residual, r.bound, r.ratio, r.passed, r.retries,
-         r.digest, r.chunk) for replica, r in records
-    ], dtype=RECORD_DTYPE)
+    table = np.zeros(len(records), dtype=RECORD_DTYPE)
+    for field, getter in (("replica", lambda q, r: q), ("layer", lambda q, r: r.layer),
+                          ("residual", lambda q, r: r.residual),
+                          ("bound", lambda q, r: r.bound), ("ratio", lambda q, r: r.ratio),
+                          ("passed", lambda q, r: r.passed),
+                          ("retries", lambda q, r: r.retries),
+                          ("digest", lambda q, r: r.digest), ("chunk", lambda q, r: r.chunk)):
+        table[field] = [getter(q, r) for q, r in records]
+    table["site"] = site_codes([r.site for _, r in records])
     g = f.require_group("checksum")
     h5io.write_array(g, "collectives", table, ("record",),
                      description="one row per validated Allreduce; ratio = residual/bound")

@@ -79,9 +79,12 @@ def verify(path: str | Path) -> list[str]:
                                 f" {at[0] if len(at) == 1 else at})")
         if "checksum/collectives" in f:
             try:
-                table = h5safe.read(f["checksum/collectives"])
-                for row in table[~table["passed"].astype(bool)]:
-                    site = h5safe.text(row["site"], "a site in /checksum/collectives")
+                from .layout import site_names
+
+                table = np.atleast_1d(h5safe.read(f["checksum/collectives"]))
+                failed = ~table["passed"].astype(bool)
+                for row, raw in zip(table[failed], site_names(table)[failed], strict=True):
+                    site = h5safe.text(raw, "a site in /checksum/collectives")
                     problems.append(f"collective replica {row['replica']} layer"
                                     f" {row['layer']} site '{site}' failed its checksum")
             except (*h5safe.MALFORMED, InputError) as err:
