@@ -587,7 +587,7 @@ class File:
         for field in table.dtype.names:
             column = table[field]
             if field == "site":
-                from ..io.layout import site_names
+                from ..io.records import site_names
 
                 column = site_names(table)
             if column.dtype.kind == "S":

@@ -23,6 +23,7 @@ from ..core.backend import blas_info
 from ..core.headstats import HeadResults
 from ..version import __version__
 from . import h5io
+from .records import RECORD_DTYPE, SITE_BYTES, site_codes, site_names  # noqa: F401 (re-exported)
 
 TYPE_CHECKING = False  # type checkers take it as True
 if TYPE_CHECKING:
@@ -163,34 +164,6 @@ def write_heads(f: Any, r: HeadResults, compression: str = "none") -> None:
                          compression, digest=True, units="1",
                          description="attention probabilities p_ij (rows sum to 1; 0 on"
                          " padding keys; padding query rows attend to the real keys)")
-
-
-SITE_BYTES = 16
-# ``site`` is ASCII bytes, NUL-padded, as uint8[16]: netCDF-C (xarray's default engine with
-# netCDF4) aborts the process on a compound with a fixed-length string member. Files
-# before this held ``S16``; ``site_names`` reads both.
-RECORD_DTYPE = np.dtype([
-    ("replica", "i4"), ("layer", "i4"), ("site", "u1", (SITE_BYTES,)), ("residual", "f8"),
-    ("bound", "f8"), ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"),
-    ("chunk", "i4"),
-])
-
-
-def site_codes(names: list[str]) -> np.ndarray:
-    """(len(names), SITE_BYTES) uint8: each name's ASCII bytes, NUL-padded (cut at 16)."""
-    raw = np.array([n.encode("ascii", "replace")[:SITE_BYTES] for n in names],
-                   dtype=f"S{SITE_BYTES}")
-    return raw.view(np.uint8).reshape(len(names), SITE_BYTES)
-
-
-def site_names(table: np.ndarray) -> np.ndarray:
-    """The ``site`` column of a records table as ``S16`` bytes (b"mlp"), whether the file
-    stored it as uint8[16] (now) or as a fixed-length string (older files)."""
-    column = np.asarray(table["site"])
-    if column.dtype.kind == "S":
-        return column
-    flat = np.ascontiguousarray(column, dtype=np.uint8).reshape(-1, column.shape[-1])
-    return flat.view(f"S{column.shape[-1]}").reshape(column.shape[:-1])
 
 
 def write_records(f: Any, records: list) -> None:
