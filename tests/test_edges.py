@@ -642,3 +642,18 @@ def test_every_file_kind_opens_in_netcdf_c(tmp_path, written_files):
         dump = subprocess.run(["ncdump", str(tmp_path / "r2.h5")], capture_output=True,
                               text=True, timeout=60)
         assert dump.returncode == 0 and "group: checksum" in dump.stdout, dump.stderr
+
+
+def test_resume_refuses_another_experiments_checkpoint(written_files):
+    """A checkpoint of another seed (another experiment matching train.checkpoint) is
+    refused in one line naming both seeds, not silently continued."""
+    from mpiattn import config
+    from mpiattn.errors import InputError
+    from mpiattn.io.checkpoints import read_checkpoint
+
+    flat = {"dtype": "float64", "model.layers": 1, "model.heads": 2, "model.hidden": 8,
+            "model.ffn": 8, "model.vocab": 60, "model.max_positions": 16, "train.steps": 4,
+            "input.seq_len": 8}
+    read_checkpoint(written_files["checkpoint"], config.from_dict(flat))  # same seed: fine
+    with pytest.raises(InputError, match="another experiment .seed 0, this job's seed 7"):
+        read_checkpoint(written_files["checkpoint"], config.from_dict({**flat, "seed": 7}))

@@ -145,12 +145,18 @@ def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
             params = {k: h5safe.read(f["params"][k]) for k in f["params"]}
             state = {kind: {k: h5safe.read(g[k]) for k in g}
                      for kind, g in f.get("optimizer", {}).items()}
+            stored = h5safe.attr(f, "config")
             ck = Checkpoint(int(h5safe.attr(f, "step")), params, state,
                             h5safe.read(f["vocab/token_ids"]), History.read(f["train"]),
                             h5safe.text(h5safe.attr(f, "optimizer"), "optimizer"))
         except h5safe.MALFORMED as err:
             raise InputError(f"'{path}' is not a readable mpiattn training checkpoint:"
                              f" {h5safe.one_line(err)}") from None
+    seed = _stored_seed(stored)
+    if seed is not None and seed != cfg.seed:  # another experiment's (--resume auto too)
+        raise InputError(f"'{path}' is a checkpoint of another experiment (seed {seed}, this"
+                         f" job's seed {cfg.seed}): not resumed; pass --set seed={seed} to"
+                         " continue it, or start without --resume")
     if ck.optimizer != cfg.train.optimizer:
         raise InputError(f"'{path}' holds {ck.optimizer} state but train.optimizer ="
                          f" {cfg.train.optimizer}: set train.optimizer={ck.optimizer}")
@@ -216,6 +222,21 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
     if "tokenizer.json" not in model.tokenizer:
         raise InputError(f"'{path}': /tokenizer has no tokenizer.json")
     return model, params
+
+
+def _stored_seed(raw: Any) -> int | None:
+    """``seed`` of a checkpoint's stored config attribute (None when it has none)."""
+    import tomllib
+
+    from . import h5safe
+
+    if raw is None:
+        return None
+    try:
+        seed = tomllib.loads(h5safe.text(raw, "attribute 'config' of /")).get("seed", 0)
+    except (tomllib.TOMLDecodeError, InputError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def _model_shape(toml: str) -> ModelConfig:
