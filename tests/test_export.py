@@ -121,8 +121,9 @@ def test_seeded_export_agrees_with_transformers(seeded):
     cfg, tmp = seeded
     folder = tmp / "train-hf"
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    assert names == ["1_Pooling/config.json", "config.json", "config_sentence_transformers.json",
-                     "model.safetensors", "modules.json", "mpiattn_vocab.json",
+    assert names == [".mpiattn-manifest.json", "1_Pooling/config.json", "config.json",
+                     "config_sentence_transformers.json", "model.safetensors", "modules.json",
+                     "mpiattn_vocab.json",
                      "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json",
                      "tokenizer_config.json", "vocab.txt"]
     assert {(folder / n).stat().st_mode & 0o777 for n in names} == {0o666 & ~_umask()}

@@ -81,13 +81,13 @@ def test_verify_catches_incomplete_and_failed_records(tmp_path):
     with h5py.File(path, "w") as f:
         f.attrs["status"] = "writing"
     assert "not 'complete'" in verify(path)[0]
-    from mpiattn.io.layout import RECORD_DTYPE
+    from mpiattn.io.layout import RECORD_DTYPE, site_codes
 
     with h5py.File(path, "w") as f:
         f.attrs["status"] = "complete"
         table = np.zeros(2, RECORD_DTYPE)
         table["passed"] = [1, 0]
-        table["site"] = [b"attention", b"mlp"]
+        table["site"] = site_codes(["attention", "mlp"])
         f["checksum/collectives"] = table
     assert "site 'mlp' failed" in verify(path)[0]
 

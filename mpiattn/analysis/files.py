@@ -587,6 +587,10 @@ class File:
         cols: Columns = {}
         for field in table.dtype.names:
             column = table[field]
+            if field == "site":
+                from ..io.records import site_names
+
+                column = site_names(table)
             if column.dtype.kind == "S":
                 names = {v: h5safe.text(v, f"a {field} in /checksum/collectives")
                          for v in np.unique(column)}

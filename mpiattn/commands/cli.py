@@ -101,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="replace an existing folder")
     ver = sub.add_parser("verify", help="re-check a finished HDF5 file offline (no MPI)")
     ver.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
+    ver.add_argument("--inputs", action="store_true", help="also list the SHA-256 of every"
+                     " input the job read (model folder files, tokenizer, text, corpus,"
+                     " checkpoint), as recorded in the file")
     sub.add_parser("info", help="versions, MPI library, GPUs, BLAS; per rank under mpiexec")
     rep = sub.add_parser("report", help="tables, JSON and plots from HDF5 files (no MPI)")
     rep.add_argument("files", nargs="+", help="HDF5 files written by mpiattn")
@@ -171,8 +174,12 @@ def _world() -> Any:
     Raises SystemExit(2) when ``from mpi4py import MPI`` fails (mpi4py missing: ImportError;
     libmpi not found or not loadable: RuntimeError). Only launcher rank 0 prints.
     """
+    import warnings
+
     try:
-        from mpi4py import MPI
+        with warnings.catch_warnings():  # mpi4py's own mislaunch warning: ``launch`` says
+            warnings.filterwarnings("ignore", "suspicious MPI execution environment")
+            from mpi4py import MPI
     except (ImportError, RuntimeError, OSError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         if _launcher_rank() == 0:
@@ -208,6 +215,17 @@ def _mpi_command(body: Callable[[Any], int], signals: str = "exit",
     # missing MPI library on one rank) would hold the others there for ever
     with watchdog.startup_guard(_startup_timeout(args), _launcher_rank()):
         raw_world = _world()
+    if raw_world.Get_size() == 1:  # N singletons of a broken launch: each says so, exits
+        from .launch import Mislaunched, check
+
+        try:
+            from mpi4py import MPI
+
+            check(1, MPI.Get_library_version().splitlines()[0])
+        except Mislaunched as err:
+            if _launcher_rank() == 0:
+                print(f"mpiattn: error: {err}", file=sys.stderr, flush=True)
+            return err.exit_code
     world = jobkit.start(raw_world, signals=signals)
     rank, size = world.Get_rank(), world.Get_size()
     import numpy as np
@@ -369,10 +387,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..io.verify import verify
+    from ..io.verify import recorded_inputs, verify
 
     status = 0
     for path in args.files:
+        if getattr(args, "inputs", False):
+            try:
+                listed = recorded_inputs(path)
+            except UserError:
+                listed = {}  # verify says what is wrong with the file
+            for label, digest in sorted(listed.items()):
+                print(f"{path}: input {label}: sha256 {digest}")
+            if not listed:
+                print(f"{path}: no input digests recorded (seeded inputs only, or an older"
+                      " file)")
         try:
             problems = verify(path)
         except UserError as err:
@@ -403,6 +431,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
     for tmp in stale_temporaries(args.folder):
+        if tmp.suffix == ".old":  # an export --force killed between its two renames
+            print(f"mpiattn export: note: '{tmp}/model' is the previous '{args.folder}',"
+                  " moved aside by an interrupted export --force: move it back with mv if"
+                  " you need it", file=sys.stderr)
+            continue
         print(f"mpiattn export: note: '{tmp}' is the temporary of an export whose process is"
               " gone (safe to delete)", file=sys.stderr)
     try:

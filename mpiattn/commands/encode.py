@@ -187,6 +187,9 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
             _leave_parts(parts, info.lines, cfg.input.chunk, info.unit)
 
 
+NO_RECORDS = "none: every chunk was computed by an earlier session (--resume)"
+
+
 def _kept_note(parts: Parts, lines: int, chunk: int, unit: str = "line") -> str | None:
     """What a stopped job leaves: its finished chunks, kept for --resume (None: none)."""
     done = parts.done()
@@ -495,6 +498,8 @@ class _Job:
             f["checksum/collectives"].attrs["aggregated"] = (
                 "one row per (replica, layer, site): the worst ratio, retries summed, passed"
                 " only if all passed; 'chunk' holds the number of transfers")
+        else:  # a resumed run whose chunks were all done before: no transfer this session
+            f.attrs["checksum_records"] = NO_RECORDS
         f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
         f.attrs["status"] = "complete"
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import InputError
+from .records import regular_file
 
 _INPUT = 3  # seeded stream tag for input ids (weights use 0..2)
 
@@ -61,17 +62,6 @@ def split_lines(text: str) -> list[str]:
     if lines[-1] == "":
         lines.pop()  # "a\nb\n" is two lines; "" is none
     return [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
-def regular_file(path: Path, what: str) -> None:
-    """InputError unless ``path`` is a regular file (a FIFO or device could block or never
-    end; a folder is not text)."""
-    if not path.exists():
-        raise InputError(f"{what} = '{path}': the file does not exist (relative paths are"
-                         f" taken from the current folder, {Path.cwd()})")
-    if not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
-        raise InputError(f"{what} = '{path}' is {kind}: give a text file")
 
 
 def read_lines(path: Path, keep_blank: bool = False, what: str = "input.text") -> list[str]:

@@ -123,9 +123,18 @@ class Source:
 # --- recognising a file ---------------------------------------------------------------
 
 
-def _head(path: Path, what: str, n: int = SNIFF) -> bytes:
-    from .data import regular_file
+def regular_file(path: Path, what: str) -> None:
+    """InputError unless ``path`` is a regular file (a FIFO or device could block or never
+    end; a folder is not text)."""
+    if not path.exists():
+        raise InputError(f"{what} = '{path}': the file does not exist (relative paths are"
+                         f" taken from the current folder, {Path.cwd()})")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise InputError(f"{what} = '{path}' is {kind}: give a text file")
 
+
+def _head(path: Path, what: str, n: int = SNIFF) -> bytes:
     regular_file(path, what)
     try:
         with open(path, "rb") as fh:

@@ -21,7 +21,7 @@ bounded by the chunk.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,11 +182,13 @@ def model_max_length(weights_dir: Path | None, max_positions: int) -> tuple[int,
     weights (256 for all-MiniLM-L6-v2), else ``model.max_positions``; never more than
     ``max_positions``."""
     if weights_dir is not None:
+        from ..io.safefile import read_json
+
         config = weights_dir / "sentence_bert_config.json"
-        try:
-            limit = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
-        except (OSError, ValueError, AttributeError):
-            limit = None
+        limit = None
+        if os.path.lexists(config):  # a FIFO, device or bad JSON here: one line, exit 2
+            table = read_json(config, "model folder file")
+            limit = table.get("max_seq_length") if isinstance(table, dict) else None
         if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2:
             return min(limit, max_positions), f"{config.name} max_seq_length"
     return max_positions, "model.max_positions"

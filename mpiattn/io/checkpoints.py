@@ -145,12 +145,18 @@ def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
             params = {k: h5safe.read(f["params"][k]) for k in f["params"]}
             state = {kind: {k: h5safe.read(g[k]) for k in g}
                      for kind, g in f.get("optimizer", {}).items()}
+            stored = h5safe.attr(f, "config")
             ck = Checkpoint(int(h5safe.attr(f, "step")), params, state,
                             h5safe.read(f["vocab/token_ids"]), History.read(f["train"]),
                             h5safe.text(h5safe.attr(f, "optimizer"), "optimizer"))
         except h5safe.MALFORMED as err:
             raise InputError(f"'{path}' is not a readable mpiattn training checkpoint:"
                              f" {h5safe.one_line(err)}") from None
+    seed = _stored_seed(stored)
+    if seed is not None and seed != cfg.seed:  # another experiment's (--resume auto too)
+        raise InputError(f"'{path}' is a checkpoint of another experiment (seed {seed}, this"
+                         f" job's seed {cfg.seed}): not resumed; pass --set seed={seed} to"
+                         " continue it, or start without --resume")
     if ck.optimizer != cfg.train.optimizer:
         raise InputError(f"'{path}' holds {ck.optimizer} state but train.optimizer ="
                          f" {cfg.train.optimizer}: set train.optimizer={ck.optimizer}")
@@ -218,6 +224,21 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
     return model, params
 
 
+def _stored_seed(raw: Any) -> int | None:
+    """``seed`` of a checkpoint's stored config attribute (None when it has none)."""
+    import tomllib
+
+    from . import h5safe
+
+    if raw is None:
+        return None
+    try:
+        seed = tomllib.loads(h5safe.text(raw, "attribute 'config' of /")).get("seed", 0)
+    except (tomllib.TOMLDecodeError, InputError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def _model_shape(toml: str) -> ModelConfig:
     """model.* of a stored training config (``model.weights``, where it started, dropped)."""
     import tomllib
@@ -236,10 +257,13 @@ def _model_shape(toml: str) -> ModelConfig:
 
 def is_checkpoint(path: str | Path) -> bool:
     """Does ``path`` name an HDF5 file (by its signature; a training checkpoint, say)?"""
-    try:
-        with open(path, "rb") as fh:
+    from ..errors import UserError
+    from .safefile import open_regular
+
+    try:  # never blocks on a FIFO: that is no checkpoint
+        with open_regular(path, "checkpoint") as fh:
             return fh.read(8) == b"\x89HDF\r\n\x1a\n"
-    except OSError:
+    except (OSError, UserError):
         return False
 
 
@@ -264,22 +288,37 @@ def check_shapes(path: str, ck: Checkpoint, want: dict[str, tuple[int, ...]]) ->
             have = None if got is None else got.shape
             raise InputError(f"'{path}': {name} has shape {have}, this model needs {shape}"
                              " (the config's model.* must match the checkpoint's)")
+    from ..core.optim import STATE
+
+    for kind in STATE.get(ck.optimizer, ()):  # every moment the optimizer resumes from
+        moments = ck.state.get(kind)
+        if moments is None:
+            raise InputError(f"'{path}' has no optimizer moment '{kind}' of {ck.optimizer}"
+                             f" (/optimizer/{kind} is missing): the checkpoint is incomplete;"
+                             " resume from another checkpoint or start without --resume")
+        for name, shape in want.items():
+            got = moments.get(name)
+            if got is None or got.shape != shape:
+                have = "missing" if got is None else f"of shape {got.shape}"
+                raise InputError(f"'{path}': optimizer moment {kind} of {name} is {have}, the"
+                                 f" model needs {shape}: the checkpoint is incomplete; resume"
+                                 " from another checkpoint or start without --resume")
 
 
 def latest_checkpoint(t: Any) -> Path | None:
     """``--resume auto``: the newest complete checkpoint of ``train.checkpoint`` (any
     ``{step}``), or None when there is none yet (a first run starts from scratch)."""
-    import h5py
+    from . import h5safe
 
     pattern = Path(t.checkpoint.replace("{step}", "*"))
     best: tuple[int, Path] | None = None
     for path in pattern.parent.glob(pattern.name):
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("status") != "complete" or "step" not in f.attrs:
+        try:  # the safe reader: a FIFO, device or hostile file is passed over, not opened
+            with h5safe.open_for_reading(path) as f:
+                if h5safe.attr(f, "status") != "complete" or "step" not in f.attrs:
                     continue
-                step = int(f.attrs["step"])
-        except (OSError, ValueError, TypeError):
+                step = int(h5safe.attr(f, "step"))
+        except (InputError, *h5safe.MALFORMED):
             continue
         if best is None or step > best[0]:
             best = (step, path)

@@ -31,6 +31,7 @@ of all lines, ``line_edge``: lines + 1; row i of a ragged dataset is
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -38,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,11 +90,29 @@ def _folders(out_path: Path) -> list[Path]:
 
 
 def _read_job(folder: Path) -> dict:
-    try:
-        job = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from .safefile import read_json
+
+    try:  # a FIFO or a huge file planted as job.json is no job
+        job = read_json(folder / JOB_FILE, "parts job file", 1 << 20)
+    except UserError:
         return {}
     return job if isinstance(job, dict) else {}
+
+
+def _private(folder: Path) -> str | None:
+    """Why ``folder`` is not a parts folder only this user can change (a link, another
+    user's, writable by group or others), or None. ``mkdtemp`` makes them 0700."""
+    try:
+        st = os.lstat(folder)
+    except OSError as err:
+        return f"cannot be read ({os.strerror(err.errno or 0)})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder (a link?)"
+    if st.st_uid != os.geteuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o077:
+        return f"is open to group or others (mode {stat.S_IMODE(st.st_mode):o}, made 700)"
+    return None
 
 
 def _free_bytes(folder: Path) -> int:
@@ -182,7 +202,12 @@ class Parts:
             raise UserError(f"cannot create the parts folder in '{out_path.parent}':"
                             f" {os.strerror(err.errno or 0)}; free space or choose another -o"
                             ) from None
-        self.folder, self._lock = folder, _lock(folder, "it was just made")
+        try:
+            self._lock = _lock(folder, resuming=False)
+        except UserError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.folder = folder
         return folder
 
     @classmethod
@@ -205,7 +230,12 @@ class Parts:
                 raise UserError(f"--resume: no interrupted run of this job beside"
                                 f" '{out_path}' (parts folders of other jobs or inputs:"
                                 f" {others}); run without --resume to start afresh")
+        candidates = [p for p in candidates if _private(p) is None] or candidates
         folder = max(candidates, key=lambda p: len(list(p.glob("chunk-*.h5"))))
+        why = _private(folder)
+        if why is not None:
+            raise UserError(f"--resume: '{folder}' {why}: its parts are not trusted; run"
+                            " without --resume to start afresh")
         job = _read_job(folder)
         if job.get("key") != key:
             raise UserError(f"--resume '{folder}' holds a run of another config or other inputs:"
@@ -215,7 +245,7 @@ class Parts:
             raise UserError(f"--resume: '{folder}' was run on {was.get('world_size', '?')}"
                             f" ranks with parallel.tensor = {was.get('tensor', '?')}; resume it"
                             " on the same (its rows must equal an uninterrupted run's)")
-        parts = cls(out_path, job, folder, _lock(folder, "another job is writing it now"))
+        parts = cls(out_path, job, folder, _lock(folder, resuming=True))
         for stale in folder.glob("*.tmp*"):  # a part the killed job was writing
             with contextlib.suppress(OSError):
                 stale.unlink()
@@ -252,8 +282,10 @@ class Parts:
         it cannot be read back or does not match its digest."""
         import h5py
 
-        try:
-            with h5py.File(self.path(index), "r") as f:
+        from .h5safe import open_for_reading
+
+        try:  # the safe reader: a regular file, nothing outside it, bounded declared sizes
+            with open_for_reading(self.path(index), **_H5) as f:
                 want = f.attrs["sha256"]
                 names = ["lengths", "tokens", "truncated", "pooled"]
                 names += ["token_type_ids"] if "token_type_ids" in f else []
@@ -270,7 +302,7 @@ class Parts:
                     texts["record_id"] = list(ids.asstr()[()])
                 first = int(f.attrs["first"])
                 records = str(f.attrs.get("records_sha256", ""))
-        except (OSError, KeyError, RuntimeError, ValueError):
+        except (UserError, OSError, KeyError, RuntimeError, ValueError, TypeError):
             return None
         if _part_digest(list(arrays.values()), list(texts.values())) != want:
             return None
@@ -303,7 +335,7 @@ class Parts:
         tmp_path = Path(tmp)
         outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
         try:
-            with h5py.File(tmp_path, "w", libver=LIBVER) as f:
+            with _h5(tmp_path, "w") as f:
                 f.attrs["first"] = r.first
                 f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
                 f["text"] = np.array(r.text, dtype=h5py.string_dtype())
@@ -334,11 +366,9 @@ class Parts:
 
     def read_stats(self) -> list[dict[str, float]]:
         """Each finished chunk's measurements (attributes ``stat_*``), in chunk order."""
-        import h5py
-
         out = []
         for i in range(self.done()):
-            with h5py.File(self.path(i), "r") as f:
+            with _h5(self.path(i), "r") as f:
                 out.append({k.removeprefix("stat_"): float(v) for k, v in f.attrs.items()
                             if k.startswith("stat_")})
         return out
@@ -361,13 +391,62 @@ class Parts:
             self._lock = -1
 
 
-def _lock(folder: Path, why: str) -> int:
-    fd = os.open(folder / JOB_FILE, os.O_RDONLY)
+# flock errors that mean "this file system has no flock" (Lustre without -o flock: ENOSYS;
+# NFS without lockd: ENOLCK; some FUSE and object stores: EOPNOTSUPP), not "someone holds it"
+NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+_NOTED: set[str] = set()  # file systems already noted as lock-free (once a process)
+_H5: dict[str, Any] = {}  # h5py.File keywords: {"locking": False} once no lock works here
+
+
+def _h5(path: Path, mode: str) -> Any:
+    """``h5py.File`` of a part or the final file (HDF5's own lock off where none works:
+    HDF5 reads ``HDF5_USE_FILE_LOCKING`` once, and fails on ENOLCK even then)."""
+    import h5py
+
+    return h5py.File(path, mode, **({"libver": LIBVER} if mode != "r" else {}), **_H5)
+
+
+def _lock(folder: Path, resuming: bool) -> int:
+    """An exclusive lock on ``folder`` (its job.json) for this job's lifetime: the
+    descriptor, to be closed by ``release``.
+
+    The descriptor is opened read-write: on NFSv4, ``flock`` is emulated with POSIX locks
+    and an exclusive one on a read-only descriptor fails (EBADF). Where ``flock`` is not
+    available (``NO_FLOCK``) a POSIX record lock (``lockf``) is taken instead; where neither
+    is, the job goes on unlocked with a note (rank 0, once). That is safe: a fresh job's
+    folder has a new ``mkdtemp`` name no other job looks for, and two ``--resume`` of the
+    same job at once compute the same bits and publish each chunk whole by rename; the
+    lock only turns the second of them into a one-line refusal instead of wasted work.
+    A lock held by another job is a ``UserError`` (one line).
+    """
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise UserError(f"--resume: '{folder}' is locked: {why}") from None
+        fd = os.open(folder / JOB_FILE, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as err:
+        raise UserError(f"cannot open '{folder / JOB_FILE}': {os.strerror(err.errno or 0)}"
+                        " (a parts folder of another user, or a link in its place?)") from None
+    for take in (fcntl.flock, fcntl.lockf):
+        try:
+            take(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as err:
+            if err.errno in HELD:
+                os.close(fd)
+                raise UserError(f"--resume: '{folder}' is locked: another job is writing it"
+                                " now (wait for it, or resume elsewhere with -o)" if resuming
+                                else f"the new parts folder '{folder}' is locked by another"
+                                " process: run again") from None
+            if err.errno not in NO_FLOCK:
+                os.close(fd)
+                raise UserError(f"cannot lock the parts folder '{folder}':"
+                                f" {os.strerror(err.errno or 0)}") from None
+    where = str(folder.parent)
+    _H5["locking"] = False  # HDF5's flock would fail the same way
+    if where not in _NOTED:
+        _NOTED.add(where)
+        print(f"mpiattn: note: the file system of '{where}' has no file locks (flock and"
+              " POSIX locks unavailable): the parts folder is used unlocked; do not run two"
+              " --resume of one job at the same time", flush=True)
     return fd
 
 
@@ -499,11 +578,10 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
 def disk_file(out: Any) -> Iterator[Any]:
     """An h5py File written straight into ``out``'s exclusive temporary (too big for
     memory), published under the final name only if the block succeeds."""
-    import h5py
 
     try:
         try:
-            with h5py.File(out.create(), "w", libver=LIBVER) as f:
+            with _h5(out.create(), "w") as f:
                 f.attrs["status"] = "writing"
                 yield f
                 f.flush()  # a failed write raises here, not in a destructor that hides it

@@ -35,6 +35,7 @@ from .hf import TOKENIZER_FILES
 from .outfile import OutputExists, _name_max, _umask, fsync_folder
 
 # tokenizer.json and the files beside it that tokenizer loaders and sentence-transformers read
+MANIFEST = ".mpiattn-manifest.json"  # what publish wrote: relative name -> size, sha256
 MAX_TOKENIZER_FILE = 64 << 20  # bytes: a tokenizer file larger than this is not one
 UNTRAINED_BIAS = -1.0e4
 WORD = "bert.embeddings.word_embeddings.weight"
@@ -56,9 +57,9 @@ def tokenizer_files(tokenizer_json: Path) -> dict[str, bytes]:
 
 
 def _read_small(path: Path) -> bytes:
-    if path.stat().st_size > MAX_TOKENIZER_FILE:
-        raise InputError(f"'{path}' is over {MAX_TOKENIZER_FILE >> 20} MiB: not a tokenizer file")
-    return path.read_bytes()
+    from .safefile import read_bytes
+
+    return read_bytes(path, "tokenizer file", MAX_TOKENIZER_FILE)
 
 
 def tokenizer_vocab(files: dict[str, bytes]) -> tuple[int, dict[str, int]]:
@@ -166,10 +167,11 @@ def build(model: Any, tensors: dict[str, np.ndarray], token_ids: np.ndarray,
 def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
     """Write ``folder`` to a private temporary beside ``dest`` and rename it into place.
 
-    ``dest`` must not exist unless ``force`` and it is an earlier export (then the old
-    folder is replaced, never half: it is moved aside first and removed once the new one is
-    in place). The temporary, ``.NAME.HOST-PID-RANDOM.tmp``, is removed on any error or
-    signal that reaches Python. Raises ``OutputExists``, ``InputError`` or ``ExportError``.
+    ``dest`` must not exist unless ``force`` and it is an earlier export whose files still
+    equal the manifest (``MANIFEST``) it was written with (then the old folder is swapped
+    out atomically and removed: ``_replace``). The temporary,
+    ``.NAME.HOST-PID-RANDOM.tmp``, is removed on any error or signal that reaches Python.
+    Raises ``OutputExists``, ``InputError`` or ``ExportError``.
     """
     from safetensors.numpy import save_file
 
@@ -195,20 +197,15 @@ def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
                 {"token_ids": folder.vocab_map,
                  "meaning": "tokenizer id of each id the model was trained on"}) + "\n",
                 encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps({"files": _inventory(tmp)}, indent=1,
+                                               sort_keys=True) + "\n", encoding="utf-8")
         for path in [p for p in tmp.rglob("*") if p.is_file()]:
             path.chmod(mode)
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
         for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             sub.chmod(mode | (mode & 0o444) >> 2)  # folders: x wherever r
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=_prefix(dest), suffix=".old", dir=dest.parent))
-            os.rename(dest, old / "model")
-        os.rename(tmp, dest)
-        fsync_folder(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace(tmp, dest, force)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"cannot write export folder '{dest}': {err.strerror or err}"
@@ -219,11 +216,94 @@ def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
     return dest
 
 
+def _replace(tmp: Path, dest: Path, force: bool) -> None:
+    """Give the finished folder ``tmp`` the name ``dest``. An existing ``dest`` (allowed
+    by ``check_folder``) is checked against its manifest again, then swapped with ``tmp``
+    in one atomic exchange, so the name never holds nothing; the old folder (now at
+    ``tmp``) is removed after. Without RENAME_EXCHANGE, the old folder is moved aside
+    first and moved back if the second rename fails; a kill between the two renames
+    leaves it at the hidden ``.NAME.*.old/model`` (``stale_temporaries`` names it)."""
+    if not (dest.exists() or dest.is_symlink()):
+        from .outfile import _renameat2
+
+        try:  # a folder made under the name meanwhile is not replaced (where supported)
+            if not _renameat2(tmp, dest):
+                os.rename(tmp, dest)
+        except FileExistsError:
+            raise OutputExists(f"export folder '{dest}' was created by someone else while"
+                               " this export ran: nothing replaced") from None
+        fsync_folder(dest.parent)
+        return
+    check_folder(dest, force)  # again, now: nothing of anyone else's is replaced
+    from .outfile import _prefix, exchange
+
+    if exchange(tmp, dest):
+        fsync_folder(dest.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # the old export
+        return
+    old = Path(tempfile.mkdtemp(prefix=_prefix(dest), suffix=".old", dir=dest.parent))
+    os.rename(dest, old / "model")
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old / "model", dest)  # put the old one back
+        old.rmdir()
+        raise
+    fsync_folder(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _inventory(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file below ``folder`` but the manifest: relative name -> {size, sha256}.
+    Raises ``InputError`` on a link or special file (mpiattn writes neither)."""
+    from .safefile import digest
+
+    found: dict[str, dict[str, Any]] = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise InputError(f"'{path.relative_to(folder)}' is a link")
+        for name in files:
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                found[rel] = {"size": path.stat().st_size,
+                              "sha256": digest(path, "export file")}
+    return found
+
+
+def not_as_written(folder: Path) -> str | None:
+    """Why ``folder`` is not exactly the export mpiattn wrote (no manifest, a file added,
+    missing, or changed in size or content since), or None when it is."""
+    from .safefile import read_json
+
+    try:
+        manifest = read_json(folder / MANIFEST, "export manifest", 16 << 20)
+        have = _inventory(folder)
+    except UserError as err:
+        return str(err) if (folder / MANIFEST).exists() or os.path.lexists(
+            folder / MANIFEST) else f"it has no {MANIFEST}"
+    want = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(want, dict):
+        return f"its {MANIFEST} is not one mpiattn wrote"
+    for name in sorted(set(have) | set(want)):
+        if name not in want:
+            return f"'{name}' was added"
+        if name not in have:
+            return f"'{name}' is missing"
+        if have[name] != want[name]:
+            return f"'{name}' was changed"
+    return None
+
+
 def is_export(folder: Path) -> bool:
     """Was ``folder`` written by an export (its config.json has an ``mpiattn`` entry)?"""
+    from .safefile import read_json
+
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(folder / "config.json", "export config.json", 2**20)
+    except UserError:
         return False
     return isinstance(config, dict) and isinstance(config.get("mpiattn"), dict)
 
@@ -233,7 +313,8 @@ def stale_temporaries(dest: str | Path) -> list[Path]:
     from .outfile import is_stale
 
     dest = Path(dest)
-    return sorted(p for p in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp")
+    return sorted(p for suffix in ("tmp", "old")
+                  for p in dest.parent.glob(f".{glob.escape(dest.name)}.*.{suffix}")
                   if p.is_dir() and is_stale(p))
 
 
@@ -263,6 +344,11 @@ def check_folder(dest: str | Path, force: bool) -> None:
         raise InputError(f"export folder '{dest}' exists and is not an mpiattn export (no"
                          " config.json with an 'mpiattn' entry): it is never replaced, even"
                          " with --force; choose another name")
+    why = not_as_written(dest) if dest.exists() else None
+    if why is not None:
+        raise InputError(f"export folder '{dest}' is not as mpiattn wrote it ({why}): it is"
+                         " never replaced, even with --force; move it away or choose another"
+                         " name")
 
 
 def default_folder(output: str | Path) -> Path:

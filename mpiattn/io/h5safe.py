@@ -3,8 +3,9 @@
 HDF5 can make a file show bytes that live elsewhere (external storage, external links,
 virtual datasets) and can declare datasets far larger than the file (unallocated or
 compressed). ``open_for_reading`` walks every object when it opens a file and refuses
-the first kind, plugin filters, implausible declared sizes, compound types HDF5 would
-convert past their end, and damaged string heaps HDF5 would loop on forever;
+the first kind, groups nested past ``MAX_DEPTH``, plugin filters, implausible declared
+sizes, compound types HDF5 would convert past their end, and damaged string heaps HDF5
+would loop on forever;
 ``read``, ``blocks`` and ``attr`` check sizes again before allocating anything; ``scan``
 digests a dataset block by block; ``text`` turns attribute values into ``str`` or a
 one-line ``InputError``. Everything raised is an ``InputError`` naming the object, or one
@@ -39,6 +40,7 @@ MAX_ATTR_BYTES = 2**20  # one attribute value (the `config` TOML is a few KiB)
 MAX_VLEN_ITEMS = 64  # elements of a string array attribute (each read before its size is
 # known, each at most the file's size: 64 x the file at worst; mpiattn writes <= 6)
 MAX_OBJECTS = 65536  # groups + datasets + named types in one file
+MAX_DEPTH = 32  # groups nested in groups (mpiattn writes at most 3: /layers/NN/name)
 BUILTIN_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
                    6: "scaleoffset", 32000: "lzf"}
 
@@ -63,7 +65,7 @@ def one_line(err: BaseException) -> str:
 
 # --- opening --------------------------------------------------------------------------
 
-def open_for_reading(path: str | Path) -> Any:
+def open_for_reading(path: str | Path, locking: bool | None = None) -> Any:
     """The file at ``path``, opened read-only, after checking every object in it.
 
     Returns an ``h5py.File`` (a context manager). Raises ``InputError`` (one line, naming
@@ -73,6 +75,8 @@ def open_for_reading(path: str | Path) -> Any:
     refuses or declaring more bytes than the size rule allows (module docstring), a damaged
     string heap (``check_heaps``), and a file with more than ``MAX_OBJECTS`` objects.
     Cost: about 0.1-0.3 ms an object (the walk opens each object header once).
+    ``locking``: HDF5's file locking for this open (None: HDF5's default; False where the
+    file system has no locks, see ``corpusfile``).
     """
     import h5py
 
@@ -82,7 +86,7 @@ def open_for_reading(path: str | Path) -> Any:
     if not path.is_file():
         raise InputError(f"'{path}' is not a regular file: give the path of an HDF5 file")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", **({} if locking is None else {"locking": locking}))
     except MALFORMED as err:
         raise InputError(f"'{path}' is not a readable HDF5 file ({one_line(err)})") from None
     try:
@@ -112,9 +116,12 @@ def check_contents(f: Any, raw_extents: list[tuple[int, int]] | None = None) -> 
 
     file_bytes = int(f.id.get_filesize())
     seen: set[tuple[int, int]] = {_identity(f.id)}
-    todo: list[tuple[str, Any]] = [("", f.id)]
+    todo: list[tuple[str, Any, int]] = [("", f.id, 0)]
     while todo:
-        prefix, gid = todo.pop()
+        prefix, gid, depth = todo.pop()
+        if depth > MAX_DEPTH:  # every walk below (h5py's visititems too) is quadratic in it
+            raise InputError(f"groups nested more than {MAX_DEPTH} deep ({prefix[:60]}...):"
+                             f" {NOT_OURS}")
         for raw in gid:
             where = f"{prefix}/{raw.decode('utf-8', 'replace')}"
             _check_link(gid, raw, where)
@@ -126,7 +133,7 @@ def check_contents(f: Any, raw_extents: list[tuple[int, int]] | None = None) -> 
             if len(seen) > MAX_OBJECTS:
                 raise InputError(f"more than {MAX_OBJECTS} objects: {NOT_OURS}")
             if isinstance(oid, h5py.h5g.GroupID):
-                todo.append((where, oid))
+                todo.append((where, oid, depth + 1))
             elif isinstance(oid, h5py.h5d.DatasetID):
                 _check_dataset(oid, f"dataset {where}", file_bytes)
                 if raw_extents is not None:

@@ -23,6 +23,7 @@ from ..core.backend import blas_info
 from ..core.headstats import HeadResults
 from ..version import __version__
 from . import h5io
+from .records import RECORD_DTYPE, SITE_BYTES, site_codes, site_names  # noqa: F401 (re-exported)
 
 TYPE_CHECKING = False  # type checkers take it as True
 if TYPE_CHECKING:
@@ -30,6 +31,17 @@ if TYPE_CHECKING:
 
 
 PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")  # run and bench
+
+
+INPUTS: dict[str, str] = {}  # label -> SHA-256 of every input the job read (``jobkit``)
+
+
+def record_inputs(digests: dict[str, str]) -> None:
+    """Remember the agreed digests of the job's inputs (the resolved config and command
+    line excluded), written by ``write_provenance`` as the root attribute ``input_digests``
+    (JSON text: label -> SHA-256 hex; ``mpiattn verify --inputs`` lists it)."""
+    INPUTS.clear()
+    INPUTS.update({k: v for k, v in digests.items() if not k.startswith("the ")})
 
 
 def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command: str,
@@ -48,6 +60,10 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
         "blas": str(blas_info()),
         "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),
     })
+    if INPUTS:
+        import json
+
+        f.attrs["input_digests"] = json.dumps(INPUTS, sort_keys=True)
     impl, block = Options.configured(cfg.attention.impl, cfg.attention.block,
                                      p.threads).resolve(p.batch.shape[1])
     f.attrs["attention"] = impl if impl == "plain" else f"{impl} (block {block})"
@@ -150,17 +166,16 @@ def write_heads(f: Any, r: HeadResults, compression: str = "none") -> None:
                          " padding keys; padding query rows attend to the real keys)")
 
 
-RECORD_DTYPE = np.dtype([
-    ("replica", "i4"), ("layer", "i4"), ("site", "S16"), ("residual", "f8"), ("bound", "f8"),
-    ("ratio", "f8"), ("passed", "u1"), ("retries", "i4"), ("digest", "u8"), ("chunk", "i4"),
-])
-
-
 def write_records(f: Any, records: list) -> None:
-    table = np.array([
-        (replica, r.layer, r.site.encode(), r.residual, r.bound, r.ratio, r.passed, r.retries,
-         r.digest, r.chunk) for replica, r in records
-    ], dtype=RECORD_DTYPE)
+    table = np.zeros(len(records), dtype=RECORD_DTYPE)
+    for field, getter in (("replica", lambda q, r: q), ("layer", lambda q, r: r.layer),
+                          ("residual", lambda q, r: r.residual),
+                          ("bound", lambda q, r: r.bound), ("ratio", lambda q, r: r.ratio),
+                          ("passed", lambda q, r: r.passed),
+                          ("retries", lambda q, r: r.retries),
+                          ("digest", lambda q, r: r.digest), ("chunk", lambda q, r: r.chunk)):
+        table[field] = [getter(q, r) for q, r in records]
+    table["site"] = site_codes([r.site for _, r in records])
     g = f.require_group("checksum")
     h5io.write_array(g, "collectives", table, ("record",),
                      description="one row per validated Allreduce; ratio = residual/bound")

@@ -45,6 +45,7 @@ def discard_all() -> None:
             tmp.unlink()
         _LIVE.discard(tmp)
 _RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
@@ -222,14 +223,22 @@ def fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def _renameat2(src: Path, dst: Path) -> bool:
-    """RENAME_NOREPLACE through glibc; False when this system or file system lacks it."""
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` atomically (renameat2 RENAME_EXCHANGE): at every
+    moment each name holds one of the two. False when this system or file system lacks
+    it (nothing changed); OSError for any other failure."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _renameat2(src: Path, dst: Path, flags: int = _RENAME_NOREPLACE) -> bool:
+    """renameat2 through glibc (RENAME_NOREPLACE unless ``flags``); False when this system
+    or file system lacks it."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):

@@ -79,9 +79,12 @@ def verify(path: str | Path) -> list[str]:
                                 f" {at[0] if len(at) == 1 else at})")
         if "checksum/collectives" in f:
             try:
-                table = h5safe.read(f["checksum/collectives"])
-                for row in table[~table["passed"].astype(bool)]:
-                    site = h5safe.text(row["site"], "a site in /checksum/collectives")
+                from .records import site_names
+
+                table = np.atleast_1d(h5safe.read(f["checksum/collectives"]))
+                failed = ~table["passed"].astype(bool)
+                for row, raw in zip(table[failed], site_names(table)[failed], strict=True):
+                    site = h5safe.text(raw, "a site in /checksum/collectives")
                     problems.append(f"collective replica {row['replica']} layer"
                                     f" {row['layer']} site '{site}' failed its checksum")
             except (*h5safe.MALFORMED, InputError) as err:
@@ -329,8 +332,36 @@ def _promised_run(f: Any, config: dict | None) -> list[str]:
     check = section("checksum")
     tensor = _count_attr(f, "tensor_parallel", [], required=False) or 1
     stages = _count_attr(f, "pipeline_parallel", [], required=False) or 1
-    if check.get("mode", "abft") == "abft" and (tensor > 1 or stages > 1):
+    from . import h5safe
+
+    resumed_whole = streamed and str(h5safe.attr(f, "checksum_records", "")).startswith(
+        "none: ")  # a --resume that found every chunk done ran no collective
+    if check.get("mode", "abft") == "abft" and (tensor > 1 or stages > 1) \
+            and not resumed_whole:
         _need(f, "checksum/collectives", problems,
               why=f" (checksum.mode = 'abft' with tensor_parallel = {tensor},"
               f" pipeline_parallel = {stages} records every checked transfer)")
     return problems
+
+
+def recorded_inputs(path: str | Path) -> dict[str, str]:
+    """The digests of the inputs the job that wrote ``path`` read (root attribute
+    ``input_digests``: label -> SHA-256 hex; {} in files written before it existed).
+    Raises ``InputError`` (one line) when the file cannot be opened safely or the
+    attribute is not such a table."""
+    import json
+
+    from . import h5safe
+
+    with open_for_reading(path) as f:
+        raw = h5safe.attr(f, "input_digests")
+        if raw is None:
+            return {}
+        try:
+            table = json.loads(h5safe.text(raw, "attribute 'input_digests' of /"))
+        except ValueError:
+            table = None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise InputError(f"'{path}': attribute 'input_digests' of / is not a JSON table of"
+                         f" digests: {h5safe.NOT_OURS}")
+    return table

@@ -275,34 +275,41 @@ def _unpacked(checkpoint: str) -> Path:
             (tmp / name).write_bytes(data)
         config = export.hf_config(trained.model, vocab, special["[PAD]"], np.float32)
         (tmp / "config.json").write_text(json.dumps(config), encoding="utf-8")
-        os.rename(tmp, folder)
-    except OSError:
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _own_folder(folder):  # not another rank's copy either
-            raise InputError(f"'{checkpoint}': its model files cannot be unpacked into"
-                             f" '{folder.parent}' (set TMPDIR to a writable folder)") from None
+        raise InputError(f"'{checkpoint}': its model files cannot be unpacked into"
+                         f" '{folder.parent}' ({err.strerror}): set TMPDIR to a writable"
+                         " folder") from None
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another rank's copy, or a name someone else took: keep our own
+        if _own_folder(folder):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder
+        _UNPACKED[tmp] = checkpoint  # private (mkdtemp: 0700, ours), never shared
+        return tmp
     return folder
 
 
 def _own_folder(folder: Path) -> bool:
-    """A complete unpacked folder of this user's (not a link, not someone else's)."""
+    """A complete unpacked folder of this user's (not a link, not someone else's, not
+    writable by others: its files are trusted as the checkpoint's)."""
     try:
         st = os.lstat(folder)
     except OSError:
         return False
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() \
-        and (folder / "config.json").is_file()
+        and not st.st_mode & 0o022 and (folder / "config.json").is_file()
 
 
 def checkpoint_shape(folder: Path) -> dict[str, Any]:
     """model.* values from a model folder's config.json ({} when there is none)."""
+    from .safefile import read_json
+
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         return {}
-    try:
-        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"'{cfg_path}' is not valid JSON: {err}") from None
+    hf = read_json(cfg_path, "model folder file")  # a FIFO or device: one line
     if not isinstance(hf, dict):
         raise InputError(f"'{cfg_path}' must hold a JSON object (a BERT config.json)")
     if hf.get("hidden_act", "gelu") != "gelu":

@@ -216,7 +216,7 @@ def seed_run(folder: Path) -> bytes:
 
     import h5py
 
-    from mpiattn.io.layout import RECORD_DTYPE
+    from mpiattn.io.layout import RECORD_DTYPE, site_codes
 
     tiny = {"model.layers": 1, "model.heads": 2, "model.hidden": 8, "model.ffn": 16,
             "model.vocab": 20, "input.batch": 2, "input.seq_len": 4}
@@ -245,7 +245,7 @@ def seed_run(folder: Path) -> bytes:
             h5py.h5g.create(f.id, group, gcpl=untimed)
         table = np.zeros(2, RECORD_DTYPE)
         table["passed"] = [1, 0]
-        table["site"] = [b"attention", b"mlp"]
+        table["site"] = site_codes(["attention", "mlp"])
         f["checksum/collectives"] = table
         for name, values in (("loss", [7.0, 6.5, 6.0]), ("eval_loss", [6.2]),
                              ("eval_step", [3]), ("step", [1, 2, 3]),

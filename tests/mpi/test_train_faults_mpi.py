@@ -15,6 +15,7 @@ import pytest
 from test_train import tiny_train
 
 from mpiattn.errors import IntegrityError
+from mpiattn.io.layout import site_names
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -71,7 +72,7 @@ def test_one_flip_is_retried_to_the_clean_training(world, corpus_dir, site, wher
         rec = b["checksum/collectives"][()]
         clean = a["checksum/collectives"][()]
         assert "bit = 62" in b.attrs["config"]  # the injection is on record
-    at = rec[rec["site"] == site.encode()]
+    at = rec[site_names(rec) == site.encode()]
     retried = at[at["retries"] > 0]
     print(f"{size} ranks, tensor {tensor_for(site, size)}, {site} {where}: {len(retried)} of"
           f" {len(at)} records retried")
