@@ -234,12 +234,14 @@ class ndarray:
     # -- what MPI sees ---------------------------------------------------------------------
     @property
     def __cuda_array_interface__(self) -> dict:
-        if not _cuda_aware():
+        if not _cuda_aware():  # mpi4py reports it as "expecting buffer or list/tuple"
+            _log.record.mpi_refused += 1
             raise TypeError("stand-in: a device array was handed to MPI, but the simulated MPI"
                             " library is not CUDA-aware (CUPY_STANDIN_CUDA_AWARE=1 makes it"
                             " so); stage it through host memory")
         written = self._mem.written
         if written is not None and written[0]._done < written[1]:
+            _log.record.mpi_refused += 1
             raise RuntimeError(f"stand-in: MPI got a device buffer last written by launch"
                                f" {written[1]} on {written[0]!r}, which was not synchronised"
                                f" since (synchronised up to {written[0]._done})")

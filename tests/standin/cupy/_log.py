@@ -32,6 +32,7 @@ class Record:
     syncs: int = 0  # stream/device/event synchronisations
     launches: int = 0  # operations that wrote device memory (a kernel each, on a GPU)
     mpi_device_buffers: int = 0  # device buffers MPI read through __cuda_array_interface__
+    mpi_refused: int = 0  # device buffers refused: MPI not CUDA-aware, or stream not synced
     peak_bytes: dict[int, int] = field(default_factory=dict)  # device id -> peak live bytes
     live_bytes: dict[int, int] = field(default_factory=dict)
     allocations: dict[int, int] = field(default_factory=dict)
@@ -63,15 +64,21 @@ def mpi_cuda_aware() -> bool:
     return os.environ.get("CUPY_STANDIN_CUDA_AWARE", "0") not in ("", "0", "false")
 
 
+# helpers whose caller is the one that matters (the copy is made for the caller)
+_PASS_THROUGH = {"mpiattn.core.backend:to_host"}
+
+
 def caller() -> str:
-    """``module:function`` of the nearest frame outside the stand-in packages."""
+    """``module:function`` of the nearest frame outside the stand-in packages (and the
+    one-line helpers of ``_PASS_THROUGH``)."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
-            "cupy", "cupyx", "numpy"):
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "?")
+        name = f"{module}:{frame.f_code.co_name}"
+        if module.split(".")[0] not in ("cupy", "cupyx", "numpy") and name not in _PASS_THROUGH:
+            return name
         frame = frame.f_back
-    if frame is None:
-        return "?"
-    return f"{frame.f_globals.get('__name__', '?')}:{frame.f_code.co_name}"
+    return "?"
 
 
 def _dump() -> None:
