@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cupy
 import h5py
 import numpy as np
 from mpi4py import MPI
 
-import cupy
 from mpiattn import config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +52,9 @@ def branch_lines() -> dict[str, set[int]]:
                 continue
             if quotes % 2:
                 in_doc = True
-            if BRANCH.search(code) and not code.startswith(("def ", "from __future__")):
-                if not re.fullmatch(r'(f?"[^"]*"\s*)+\)?,?', code):  # message text only
-                    lines.add(n)
+            message = re.fullmatch(r'(f?"[^"]*"\s*)+\)?,?', code)  # message text only
+            if BRANCH.search(code) and not message and not code.startswith("def "):
+                lines.add(n)
         if lines:
             out[str(path)] = lines
     return out

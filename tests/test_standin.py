@@ -40,7 +40,7 @@ def test_device_arrays_refuse_implicit_conversion(cupy, tmp_path):
     with pytest.raises(TypeError, match="Implicit conversion to a NumPy array"):
         np.asarray(a)
     with pytest.raises(TypeError, match="Unsupported type"):
-        a + np.ones(3)  # noqa: B018
+        a + np.ones(3)
     with pytest.raises(TypeError, match="Unsupported type"):
         cupy.exp(np.ones(3))
     with pytest.raises(TypeError):
@@ -108,7 +108,7 @@ def test_devices_streams_events_and_runtime(cupy, monkeypatch):
         b = cupy.ones(3)
     a = cupy.ones(3)
     with pytest.raises(ValueError, match="different from the current device"):
-        a + b  # noqa: B018
+        a + b
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     start.record()
     a *= 2
@@ -204,7 +204,7 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
         for rank, seen in enumerate(matrix[job]["ranks"]):
             callers = {key.split()[1] for key in seen["copies"]}
             assert callers <= ALLOWED_COPIES.keys(), (job, rank, seen["copies"])
-            for key, n in seen["copies"].items():
+            for key in seen["copies"]:
                 if key.split()[1] == "mpiattn.parallel.comm:post":
                     assert key.endswith(" pinned"), key  # staging is pinned
     for job in ("run64", "run32"):

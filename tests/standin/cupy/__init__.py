@@ -47,7 +47,7 @@ _cuda_aware = _log.mpi_cuda_aware
 class _Memory:
     """One device allocation (shared by an array and its views)."""
 
-    __slots__ = ("device", "nbytes", "written", "__weakref__")
+    __slots__ = ("__weakref__", "device", "nbytes", "written")
 
     def __init__(self, device: int, nbytes: int) -> None:
         self.device, self.nbytes = device, nbytes
@@ -81,7 +81,7 @@ class _Flags:
 class MemoryPointer:
     """``x.data``: the address (of the NumPy memory underneath) and the device."""
 
-    __slots__ = ("ptr", "device")
+    __slots__ = ("device", "ptr")
 
     def __init__(self, ptr: int, device: Any) -> None:
         self.ptr, self.device = ptr, device
@@ -144,7 +144,7 @@ def _call(fn: Any, args: tuple, kwargs: dict) -> Any:
 class ndarray:
     """A device array: a NumPy array underneath, reachable only explicitly."""
 
-    __slots__ = ("_a", "_mem", "__weakref__")
+    __slots__ = ("__weakref__", "_a", "_mem")
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, shape: Any, dtype: Any = float, memptr: Any = None,
@@ -385,7 +385,7 @@ _UFUNCS = {
 }
 for _name in _UFUNCS:
     globals()[_name] = _Ufunc(getattr(_np, _name))
-abs = globals()["absolute"]  # noqa: A001  (cupy.abs is cupy.absolute)
+abs = globals()["absolute"]
 
 
 def _function(name: str) -> Any:

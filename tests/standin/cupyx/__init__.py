@@ -5,9 +5,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-import numpy as _np
-
 import cupy as _cupy
+import numpy as _np
 from cupy import _log
 
 _pinned: dict[int, tuple[int, int]] = {}  # id -> (start, end) address of live pinned buffers

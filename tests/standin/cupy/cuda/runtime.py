@@ -10,7 +10,7 @@ class CUDARuntimeError(RuntimeError):
     pass
 
 
-def getDeviceCount() -> int:  # noqa: N802  (CUDA's name)
+def getDeviceCount() -> int:
     """``CUPY_STANDIN_DEVICES`` (default 1; 0 shows a node without a usable device)."""
     count = int(os.environ.get("CUPY_STANDIN_DEVICES", "1"))
     if count == 0:
@@ -18,12 +18,12 @@ def getDeviceCount() -> int:  # noqa: N802  (CUDA's name)
     return count
 
 
-def getDeviceProperties(device: int) -> dict[str, Any]:  # noqa: N802
+def getDeviceProperties(device: int) -> dict[str, Any]:
     if not 0 <= device < getDeviceCount():
         raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
     return {"name": f"CuPy stand-in {device} (NumPy)".encode(), "totalGlobalMem": 16 << 30,
             "major": 9, "minor": 0, "multiProcessorCount": 1}
 
 
-def runtimeGetVersion() -> int:  # noqa: N802
+def runtimeGetVersion() -> int:
     return 12080

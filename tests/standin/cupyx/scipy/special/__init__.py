@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as _np
-
 import cupy as _cupy
+import numpy as _np
 
 
 def erf(x: Any, out: Any = None) -> Any:
