@@ -7,7 +7,8 @@ Each job runs in this process twice, on the NumPy backend and on ``backend = "cu
 (the stand-in), and rank 0 writes ``OUT_DIR/matrix.json``: per job the largest difference
 between the two, the stand-in's record (device-to-host copies by caller, device buffers
 MPI read, peak device bytes) and the CuPy-branch lines of the package this launch
-executed (``branch_lines``, traced with ``sys.settrace`` on those lines only).
+executed (``branch_lines``, traced with ``sys.settrace`` on those lines only), and who
+read the host clock while device work was queued (``unsynced_clock``).
 Jobs: run (float64 and float32; ``comm.cuda_aware`` false, true and auto), the pipeline
 and sequence (Ulysses, ring) layouts, a bit flip caught and retried, a text corpus through
 all-MiniLM-L6-v2's weights (when installed), ``bench``, ``train`` (forward, backward,
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,19 @@ def _trace(frame: Any, event: str, arg: Any) -> Any:
 
 
 TRAINED = ("train/loss", "train/eval_loss", "train/grad_norm", "train/lr")
+
+
+_HOST_CLOCK = time.perf_counter
+UNSYNCED: collections.Counter = collections.Counter()
+
+
+def _clock() -> float:
+    """``time.perf_counter`` that notes who reads it while device work is still queued
+    (the interval it opens or closes then misses or gains that work)."""
+    if not cupy.cuda.get_current_stream().done:
+        f = sys._getframe(1)
+        UNSYNCED[f"{f.f_globals.get('__name__')}:{f.f_code.co_name}"] += 1
+    return _HOST_CLOCK()
 
 
 def copies(rec: Any) -> dict[str, int]:
@@ -168,6 +183,7 @@ def main(out: Path) -> None:
             summary[name] = entry
 
     sys.settrace(_trace)
+    time.perf_counter = _clock
     try:
         job("run64", "run", {"dtype": "float64"})
         job("run64-aware", "run", {"dtype": "float64"}, aware=True)
@@ -212,12 +228,15 @@ def main(out: Path) -> None:
             summary["report"] = format_summary(summarize(load(out / "run64-aware-cupy.h5")))
     finally:
         sys.settrace(None)
+        time.perf_counter = _HOST_CLOCK
     hits = world.gather(sorted(HIT))
+    clocks = world.gather(dict(UNSYNCED))
     if rank == 0:
         summary["branch_lines"] = {"targets": sorted(f"{Path(f).relative_to(ROOT)}:{n}"
                                                      for f, ns in TARGETS.items() for n in ns),
                                    "hit": sorted({f"{Path(f).relative_to(ROOT)}:{n}"
                                                   for part in hits for f, n in part})}
+        summary["unsynced_clock"] = sorted({k for part in clocks for k in part})
         hf = out / "train-cupy-hf/model.safetensors", out / "train-numpy-hf/model.safetensors"
         if hf[0].exists() and hf[1].exists():
             from safetensors.numpy import load_file
