@@ -186,16 +186,35 @@ ALLOWED_CLOCKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    out = tmp_path_factory.mktemp("standin")
+def launch(out, ranks, *args):
+    """tests/standin_matrix.py on ``ranks`` ranks with the stand-in; its matrix.json."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{STANDIN}", OMP_NUM_THREADS="1")
     env.pop("MPIATTN_CUPY_STANDIN", None)
-    done = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "mpi4py",
-                           str(ROOT / "tests/standin_matrix.py"), str(out)],
+    done = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py",
+                           str(ROOT / "tests/standin_matrix.py"), str(out), *args],
                           env=env, cwd=out, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "matrix.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("standin"), 2)
+
+
+def test_uneven_heads_on_three_ranks(tmp_path):
+    """4 heads on 3 ranks (2, 1, 1): the same numbers, staging or device buffers."""
+    small = launch(tmp_path, 3, "small")
+    assert small["ranks"] == 3
+    for job in ("run64", "run64-aware"):
+        assert small[job]["diff"]["rel"] <= 1e-12
+        assert small[job]["devices"] == ["cuda:0 CuPy stand-in 0 (NumPy)"] * 3
+    for seen in small["run64"]["ranks"]:
+        assert seen["copies"]["get mpiattn.parallel.comm:post pinned"] == 2 * 3
+        assert seen["mpi_device_buffers"] == 0
+    for seen in small["run64-aware"]["ranks"]:
+        assert not any("comm:post" in key for key in seen["copies"])
+        assert seen["mpi_device_buffers"] > 0
 
 
 def test_outputs_equal_the_numpy_backend(matrix):
