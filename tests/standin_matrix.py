@@ -93,6 +93,7 @@ TRAINED = ("train/loss", "train/eval_loss", "train/grad_norm", "train/lr")
 
 _HOST_CLOCK = time.perf_counter
 UNSYNCED: collections.Counter = collections.Counter()
+API: set[str] = set()  # the stand-in's functions, ufuncs and methods the jobs called
 
 
 def _clock() -> float:
@@ -164,6 +165,7 @@ def main(out: Path, small: bool = False) -> None:
             else:
                 train(cfg, world, str(path), True)
             world.Barrier()
+        API.update(rec.api)
         mine = {"copies": copies(rec), "mpi_device_buffers": rec.mpi_device_buffers,
                 "peak_bytes": rec.peak_bytes.get(0, 0), "pinned_bytes": rec.pinned_bytes,
                 "syncs": rec.syncs, "launches": rec.launches}
@@ -232,12 +234,14 @@ def main(out: Path, small: bool = False) -> None:
         time.perf_counter = _HOST_CLOCK
     hits = world.gather(sorted(HIT))
     clocks = world.gather(dict(UNSYNCED))
+    api = world.gather(sorted(API | set(rec.api)))
     if rank == 0:
         summary["branch_lines"] = {"targets": sorted(f"{Path(f).relative_to(ROOT)}:{n}"
                                                      for f, ns in TARGETS.items() for n in ns),
                                    "hit": sorted({f"{Path(f).relative_to(ROOT)}:{n}"
                                                   for part in hits for f, n in part})}
         summary["unsynced_clock"] = sorted({k for part in clocks for k in part})
+        summary["api"] = sorted({k for part in api for k in part})
         hf = out / "train-cupy-hf/model.safetensors", out / "train-numpy-hf/model.safetensors"
         if hf[0].exists() and hf[1].exists():
             from safetensors.numpy import load_file

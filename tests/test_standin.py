@@ -272,6 +272,18 @@ def test_the_run_file_records_the_device(matrix):
     assert matrix["auto"] == "cupy"  # MPIATTN_CUPY_STANDIN=1 lets auto see the stand-in
 
 
+def test_the_standin_offers_only_what_mpiattn_uses(matrix, cupy):
+    """Each function, ufunc and array method of the stand-in is called by a job of the
+    matrix or named as ``xp.NAME`` in the package: a name nobody uses is not offered."""
+    named = set()
+    for path in (ROOT / "mpiattn").rglob("*.py"):
+        named |= set(re.findall(r"\bxp\.([A-Za-z_0-9]+)", path.read_text()))
+    offered = {*cupy._UFUNCS, *cupy._FUNCTION_NAMES, *cupy._CREATION,
+               *(f"ndarray.{m}" for m in cupy._METHODS)}
+    unused = {n for n in offered if n not in matrix["api"] and n.split(".")[-1] not in named}
+    assert not unused, f"the stand-in offers what mpiattn does not use: {sorted(unused)}"
+
+
 def test_every_cupy_branch_of_the_package_is_reached(matrix):
     lines = matrix["branch_lines"]
     missed = sorted(set(lines["targets"]) - set(lines["hit"]))

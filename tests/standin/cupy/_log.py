@@ -38,6 +38,10 @@ class Record:
     allocations: dict[int, int] = field(default_factory=dict)
     pinned_bytes: int = 0
     pinned_allocations: int = 0
+    api: dict[str, int] = field(default_factory=dict)  # CuPy names called -> calls
+
+    def used(self, name: str) -> None:
+        self.api[name] = self.api.get(name, 0) + 1
 
     def d2h(self, kind: str | None = None) -> list[Transfer]:
         return [t for t in self.transfers if t.direction == "d2h"
