@@ -43,11 +43,13 @@ BRANCH = re.compile(r"\bcupyx?\b|\bis_gpu\b|\bcuda_aware\b|xp is (not )?np\b|xp\
 
 def branch_lines() -> dict[str, set[int]]:
     """file -> line numbers of CuPy-path code in the package (comments, docstrings and
-    ``def`` lines left out)."""
+    ``def`` lines left out), and of the first line of the body of each ``if`` among them
+    (a branch taken, not only its test evaluated: the NumPy runs take the other side)."""
     out: dict[str, set[int]] = {}
     for path in sorted((ROOT / "mpiattn").rglob("*.py")):
         lines, in_doc = set(), False
-        for n, text in enumerate(path.read_text().splitlines(), 1):
+        source = path.read_text().splitlines()
+        for n, text in enumerate(source, 1):
             code = text.split("#")[0].strip()
             quotes = code.count('"""')
             if in_doc or code.startswith('"""'):
@@ -58,6 +60,14 @@ def branch_lines() -> dict[str, set[int]]:
             message = re.fullmatch(r'(f?"[^"]*"\s*)+\)?,?', code)  # message text only
             if BRANCH.search(code) and not message and not code.startswith("def "):
                 lines.add(n)
+                # an if statement (not a conditional expression): its test ends in ":"
+                # here or goes on after an open bracket or a boolean operator
+                if code.startswith(("if ", "elif ")) and code.endswith((":", "(", "and",
+                                                                         "or", "\\")):
+                    end = n  # the body starts after the ":" that ends the test
+                    while not source[end - 1].split("#")[0].rstrip().endswith(":"):
+                        end += 1
+                    lines.add(end + 1)
         if lines:
             out[str(path)] = lines
     return out
