@@ -9,8 +9,9 @@ between the two, the stand-in's record (device-to-host copies by caller, device 
 MPI read, peak device bytes) and the CuPy-branch lines of the package this launch
 executed (``branch_lines``, traced with ``sys.settrace`` on those lines only), and who
 read the host clock while device work was queued (``unsynced_clock``).
-Jobs: run (float64 and float32; ``comm.cuda_aware`` false, true and auto), the pipeline
-and sequence (Ulysses, ring) layouts, a bit flip caught and retried, a text corpus through
+Jobs: run (float64 and float32; ``comm.cuda_aware`` false, true and auto; per-head
+statistics and an attention map), the pipeline layout (blocked attention) and sequence
+(Ulysses, ring) layouts, a bit flip caught and retried, a text corpus through
 all-MiniLM-L6-v2's weights (when installed), ``bench``, ``train`` (forward, backward,
 AdamW, Hugging Face export) and ``auto`` seeing the stand-in's device.
 """
@@ -200,8 +201,11 @@ def main(out: Path, small: bool = False) -> None:
         job("run64", "run", {"dtype": "float64"})
         job("run64-aware", "run", {"dtype": "float64"}, aware=True)
         if not small:  # (3 ranks, small: the uneven head split 2, 1, 1 in both modes)
-            job("run32", "run", {"dtype": "float32"}, aware=None)  # the library says no
-            job("pipeline", "run", {"dtype": "float64", "parallel.pipeline": 2})
+            job("run32", "run", {"dtype": "float32", "output.head_stats": True,
+                                 "output.attention_maps": [1]},
+                aware=None, prefix=("layers", "heads"))  # auto: the library says no
+            job("pipeline", "run", {"dtype": "float64", "parallel.pipeline": 2,
+                                    "attention.impl": "blocked", "attention.block": 3})
             job("ulysses", "run", {"dtype": "float64", "parallel.sequence": 2})
             job("ring", "run", {"dtype": "float64", "parallel.sequence": 2,
                                 "attention.sequence": "ring"})

@@ -29,6 +29,11 @@ def cupy():
     assert standin.__standin__ == "mpiattn"
     yield standin
     sys.path.remove(str(STANDIN))
+    from mpiattn.core import checksum, headstats
+
+    for cache in (checksum._ones, checksum._tables, headstats._DISTANCES):  # keyed "cupy"
+        for key in [k for k in cache if k[0] == "cupy"]:
+            del cache[key]
     for k in [k for k in sys.modules if k.split(".")[0] in ("cupy", "cupyx")]:
         del sys.modules[k]
     sys.modules.update(saved)
@@ -166,12 +171,14 @@ ALLOWED_COPIES = {  # device -> host array copies, by the function that asks for
     "mpiattn.commands.runner:_run": "the pooled output",
     "mpiattn.commands.runner:gather_tokens": "token slices gathered for the output",
     "mpiattn.commands.encode:_forward": "pooled sentence embeddings of a text micro-batch",
+    "mpiattn.core.headstats:host": "per-head statistics for the output file, once a run",
+    "mpiattn.core.headstats:host_maps": "attention maps for the output file, once a run",
     "mpiattn.core.attention:from_mask": "key lengths of the mask, once per forward",
     "mpiattn.core.pipeline:stage_forward": "pipeline stage output (host p2p staging)",
     "mpiattn.core.seqattn:_alltoall": "Ulysses all-to-all (host staging)",
     "mpiattn.core.seqattn:_ring_forward": "ring K/V shift (host staging)",
     "mpiattn.commands.train:_sum": "the step's loss and token counts",
-    "mpiattn.commands.train:<listcomp>": "parameters for the checkpoint and export",
+    "mpiattn.commands.train:gather": "parameters for the checkpoint and export",
 }
 
 
@@ -189,7 +196,9 @@ ALLOWED_CLOCKS = {
 def launch(out, ranks, *args):
     """tests/standin_matrix.py on ``ranks`` ranks with the stand-in; its matrix.json."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{STANDIN}", OMP_NUM_THREADS="1")
-    env.pop("MPIATTN_CUPY_STANDIN", None)
+    for name in ("MPIATTN_CUPY_STANDIN", "CUPY_STANDIN_DEVICES", "CUPY_STANDIN_CUDA_AWARE",
+                 "CUPY_STANDIN_RECORD"):
+        env.pop(name, None)
     done = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py",
                            str(ROOT / "tests/standin_matrix.py"), str(out), *args],
                           env=env, cwd=out, capture_output=True, text=True, timeout=600)
@@ -218,11 +227,13 @@ def test_uneven_heads_on_three_ranks(tmp_path):
 
 
 def test_outputs_equal_the_numpy_backend(matrix):
-    for job, tol in (("run64", 1e-12), ("run64-aware", 1e-12), ("run32", 1e-5),
-                     ("pipeline", 1e-12), ("ulysses", 1e-12), ("ring", 1e-12)):
+    for job, tol, count in (("run64", 1e-12, 4), ("run64-aware", 1e-12, 4),
+                            ("run32", 1e-5, 7),  # with per-head statistics and a map
+                            ("pipeline", 1e-12, 4),  # blocked attention
+                            ("ulysses", 1e-12, 4), ("ring", 1e-12, 4)):
         diff = matrix[job]["diff"]
         print(f"{job}: max rel difference {diff['rel']:.2e} over {diff['count']} datasets")
-        assert diff["count"] == 4 and diff["rel"] <= tol, job
+        assert diff["count"] == count and diff["rel"] <= tol, job
         assert "layers/00/attention" in diff["equal"], job  # the same ops: bit for bit
     if "text" in matrix:  # a text corpus through real weights (mpiattn[model] installed)
         assert matrix["text"]["diff"]["rel"] <= 1e-5
@@ -249,6 +260,9 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
             assert staged == 2 * (layers + warm_up) and seen["mpi_device_buffers"] == 0
             verdicts = seen["copies"]["get mpiattn.core.checksum:ratio_of_sums pageable"]
             assert verdicts == staged  # one copy per checked Allreduce, not four reads
+    for seen in matrix["run32"]["ranks"]:  # statistics (3 arrays) and 2 maps: copied once
+        assert seen["copies"]["get mpiattn.core.headstats:host pageable"] == 3
+        assert seen["copies"]["get mpiattn.core.headstats:host_maps pageable"] == 2
     rank0 = matrix["run64"]["ranks"][0]["copies"]
     assert rank0["get mpiattn.commands.runner:on_layer pageable"] == 2 * layers  # attn, hidden
     for seen in matrix["run64-aware"]["ranks"]:  # CUDA-aware: device buffers, no staging

@@ -282,7 +282,7 @@ def gather_heads(world: Any, cfg: Config, stats: HeadStats
     sums = (gather_rows(world, rank_sums(stats, cfg.model.heads)[None]) if stats.stats
             else None)
     pieces = world.gather([(g, layer, stats.first_head, probs)
-                           for (g, layer), probs in stats.host()[3].items()])
+                           for (g, layer), probs in stats.host_maps().items()])
     if world.Get_rank() != 0:
         return None
     return lambda: assemble(sums, [piece for part in pieces for piece in part],

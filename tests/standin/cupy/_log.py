@@ -70,16 +70,18 @@ def mpi_cuda_aware() -> bool:
 
 # helpers whose caller is the one that matters (the copy is made for the caller)
 _PASS_THROUGH = {"mpiattn.core.backend:to_host"}
+_COMPREHENSIONS = {"<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>"}  # their function
 
 
 def caller() -> str:
     """``module:function`` of the nearest frame outside the stand-in packages (and the
-    one-line helpers of ``_PASS_THROUGH``)."""
+    one-line helpers of ``_PASS_THROUGH``, and comprehensions: their function counts)."""
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "?")
         name = f"{module}:{frame.f_code.co_name}"
-        if module.split(".")[0] not in ("cupy", "cupyx", "numpy") and name not in _PASS_THROUGH:
+        if (module.split(".")[0] not in ("cupy", "cupyx", "numpy") and name not in _PASS_THROUGH
+                and frame.f_code.co_name not in _COMPREHENSIONS):
             return name
         frame = frame.f_back
     return "?"
