@@ -50,8 +50,17 @@ def test_verify_reports_a_missing_file(tmp_path):
 
 
 def test_info_names_the_mpi_library():
+    import contextlib
+    from importlib import metadata
+
     done = mpiattn("info")
     assert done.returncode == 0 and "MPI library" in done.stdout and "CUDA-aware" in done.stdout
+    versions = []  # the gpu extra's CuPy wheel (cupy-cuda13x), gpu-cuda12's, a source build
+    for dist in ("cupy-cuda13x", "cupy-cuda12x", "cupy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(metadata.version(dist))
+    line = next(x for x in done.stdout.splitlines() if x.startswith("cupy "))
+    assert line.split(None, 1)[1] == (versions[0] if versions else "not installed")
 
 
 def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
