@@ -61,6 +61,49 @@ def test_device_arrays_refuse_implicit_conversion(cupy, tmp_path):
     assert type(np.exp(a)) is cupy.ndarray and type(a.sum()) is cupy.ndarray  # 0-d, as CuPy
 
 
+# every public name of the stand-in, looked up in the real CuPy (which imports without a GPU)
+_COMPARE = """
+import importlib, json, sys
+try:
+    real = {m: importlib.import_module(m) for m in ("cupy", "cupyx", "cupyx.scipy.special")}
+except ImportError:
+    print(json.dumps({"skip": True}))
+    sys.exit(0)
+for k in [k for k in sys.modules if k.split(".")[0] in ("cupy", "cupyx")]:
+    del sys.modules[k]
+sys.path.insert(0, sys.argv[1])
+import cupy, cupyx, cupyx.scipy.special
+mine = {"cupy": cupy, "cupyx": cupyx, "cupyx.scipy.special": cupyx.scipy.special,
+        "cupy.cuda": cupy.cuda, "cupy.cuda.runtime": cupy.cuda.runtime,
+        "cupy.ndarray": cupy.ndarray, "cupy.cuda.Device": cupy.cuda.Device,
+        "cupy.cuda.Stream": cupy.cuda.Stream, "cupy.cuda.Event": cupy.cuda.Event}
+real.update({"cupy.cuda": real["cupy"].cuda, "cupy.cuda.runtime": real["cupy"].cuda.runtime,
+             "cupy.ndarray": real["cupy"].ndarray, "cupy.cuda.Device": real["cupy"].cuda.Device,
+             "cupy.cuda.Stream": real["cupy"].cuda.Stream,
+             "cupy.cuda.Event": real["cupy"].cuda.Event})
+own = {"annotations", "Any", "os", "time", "standin"}  # imports; the stand-in's record
+lacking = [f"{where}.{name}" for where, obj in mine.items() for name in vars(obj)
+           if not name.startswith("_") and name not in own
+           and not isinstance(vars(obj)[name], type(sys))  # submodules: checked above
+           and not hasattr(real[where], name)]
+print(json.dumps({"lacking": lacking, "checked": sum(len(vars(o)) for o in mine.values())}))
+"""
+
+
+def test_the_standin_offers_nothing_cupy_lacks():
+    """Each public name of the stand-in exists in the real CuPy, when CuPy is installed
+    (it imports without a GPU): the stand-in is never more lenient in what it offers."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", _COMPARE, str(STANDIN)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    if result.get("skip"):
+        pytest.skip("the real CuPy is not installed (pip install 'mpiattn[gpu]')")
+    assert result["checked"] > 50 and result["lacking"] == []
+
+
 def test_explicit_copies_and_memory_are_recorded(cupy):
     import cupyx
 

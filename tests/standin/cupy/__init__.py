@@ -25,7 +25,7 @@ the NumPy backend's numbers where the operations are the same), speed, real asyn
 from __future__ import annotations
 
 import builtins as _b
-import weakref
+import weakref as _weakref
 from typing import Any
 
 import numpy as _np
@@ -56,7 +56,7 @@ class _Memory:
         live = rec.live_bytes[device] = rec.live_bytes.get(device, 0) + nbytes
         rec.peak_bytes[device] = _b.max(rec.peak_bytes.get(device, 0), live)
         self.written: tuple[Any, int] | None = None
-        weakref.finalize(self, _free, device, nbytes)
+        _weakref.finalize(self, _free, device, nbytes)
 
     def write(self) -> None:
         """A kernel on the current stream wrote this memory."""
@@ -78,7 +78,7 @@ class _Flags:
         self.owndata = own
 
 
-class MemoryPointer:
+class _MemoryPointer:
     """``x.data``: the address (of the NumPy memory underneath) and the device."""
 
     __slots__ = ("device", "ptr")
@@ -191,7 +191,7 @@ class ndarray:
             _np.copyto(out, self._a)
             host = out
         _log.record.transfers.append(_log.Transfer("d2h", "get", self.nbytes,
-                                                   cupyx_pinned(host), _log.caller()))
+                                                   _pinned(host), _log.caller()))
         return host
 
     def set(self, arr: Any, stream: Any = None) -> None:
@@ -205,7 +205,7 @@ class ndarray:
         _np.copyto(self._a, arr)
         self._mem.write()
         _log.record.transfers.append(_log.Transfer("h2d", "set", arr.nbytes,
-                                                   cupyx_pinned(arr), _log.caller()))
+                                                   _pinned(arr), _log.caller()))
 
     def _scalar(self) -> Any:
         if self.size != 1:
@@ -267,8 +267,8 @@ class ndarray:
     device = property(lambda self: cuda.Device(self._mem.device))
 
     @property
-    def data(self) -> MemoryPointer:
-        return MemoryPointer(self._a.ctypes.data, cuda.Device(self._mem.device))
+    def data(self) -> _MemoryPointer:
+        return _MemoryPointer(self._a.ctypes.data, cuda.Device(self._mem.device))
 
     def __len__(self) -> int:
         return len(self._a)
@@ -285,7 +285,7 @@ class ndarray:
     def __setitem__(self, key: Any, value: Any) -> None:
         if isinstance(value, _np.ndarray):  # CuPy copies a NumPy value to the device
             _log.record.transfers.append(_log.Transfer("h2d", "setitem", value.nbytes,
-                                                       cupyx_pinned(value), _log.caller()))
+                                                       _pinned(value), _log.caller()))
         else:
             value = _host(value)
         self._a[_index(key)] = value
@@ -429,7 +429,7 @@ def asarray(a: Any, dtype: Any = None, order: Any = None, *, blocking: bool = Fa
     host = _np.asarray(a, dtype=dtype, order=order)
     if isinstance(a, _np.ndarray):
         _log.record.transfers.append(_log.Transfer("h2d", "asarray", host.nbytes,
-                                                   cupyx_pinned(a), _log.caller()))
+                                                   _pinned(a), _log.caller()))
     return _wrap(_np.array(host, copy=True))
 
 
@@ -482,7 +482,7 @@ def get_default_memory_pool() -> _Pool:
     return _POOL
 
 
-def cupyx_pinned(a: Any) -> bool:
+def _pinned(a: Any) -> bool:
     from cupyx import _is_pinned
 
     return _is_pinned(a)
