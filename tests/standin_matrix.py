@@ -123,6 +123,13 @@ def copies(rec: Any) -> dict[str, int]:
     return dict(c)
 
 
+def uploads(rec: Any) -> dict[str, int]:
+    """Copies host -> device by ``kind caller pinned``."""
+    c = collections.Counter(f"{t.kind} {t.caller} {'pinned' if t.pinned else 'pageable'}"
+                            for t in rec.h2d())
+    return dict(c)
+
+
 def datasets(path: Path, prefix: tuple[str, ...]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     with h5py.File(path) as f:
@@ -177,7 +184,8 @@ def main(out: Path, small: bool = False) -> None:
                 train(cfg, world, str(path), True)
             world.Barrier()
         API.update(rec.api)
-        mine = {"copies": copies(rec), "mpi_device_buffers": rec.mpi_device_buffers,
+        mine = {"copies": copies(rec), "uploads": uploads(rec),
+                "mpi_device_buffers": rec.mpi_device_buffers,
                 "peak_bytes": rec.peak_bytes.get(0, 0), "pinned_bytes": rec.pinned_bytes,
                 "syncs": rec.syncs, "launches": rec.launches}
         every = world.gather(mine)

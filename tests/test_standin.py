@@ -225,6 +225,22 @@ ALLOWED_COPIES = {  # device -> host array copies, by the function that asks for
 }
 
 
+ALLOWED_UPLOADS = {  # host -> device copies, by the function that asks for them (a new one
+    # is a new copy: once per run or forward, or staging, never once per layer)
+    "mpiattn.parallel.comm:wait": "the staged Allreduce result back (not CUDA-aware)",
+    "mpiattn.commands.placement:load_shards": "weights, once",
+    "mpiattn.commands.runner:_run": "the batch's ids and mask, once",
+    "mpiattn.core.attention:device_lengths": "a prefix mask's key lengths, once per forward",
+    "mpiattn.core.checksum:_odd_constants": "the digest's constants, once (cached)",
+    "mpiattn.commands.encode:_forward": "a text micro-batch's ids and mask",
+    "mpiattn.commands.bench:_bench": "the benchmark's input, once",
+    "mpiattn.commands.train:_device": "a training step's batch",
+    "mpiattn.commands.train:_sum": "the step's loss and token counts, to be summed",
+    "mpiattn.commands.train:train": "the initial parameters, once",
+    "mpiattn.core.pipeline:stage_forward": "pipeline stage input (host p2p staging)",
+    "mpiattn.core.seqattn:_alltoall": "Ulysses all-to-all (host staging)",
+    "mpiattn.core.seqattn:_ring_forward": "ring K/V shift (host staging)",
+}
 # host clock reads while device work is queued (the stand-in's streams tell), and why they
 # are harmless; any other is an interval that misses, or gains, device work
 ALLOWED_CLOCKS = {
@@ -294,6 +310,8 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
         for rank, seen in enumerate(matrix[job]["ranks"]):
             callers = {key.split()[1] for key in seen["copies"]}
             assert callers <= ALLOWED_COPIES.keys(), (job, rank, seen["copies"])
+            callers = {key.split()[1] for key in seen["uploads"]}
+            assert callers <= ALLOWED_UPLOADS.keys(), (job, rank, seen["uploads"])
             for key in seen["copies"]:
                 if key.split()[1] == "mpiattn.parallel.comm:post":
                     assert key.endswith(" pinned"), key  # staging is pinned
@@ -303,6 +321,11 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
             assert staged == 2 * (layers + warm_up) and seen["mpi_device_buffers"] == 0
             verdicts = seen["copies"]["get mpiattn.core.checksum:ratio_of_sums pageable"]
             assert verdicts == staged  # one copy per checked Allreduce, not four reads
+            assert seen["uploads"]["set mpiattn.parallel.comm:wait pinned"] == staged
+            assert seen["uploads"]["asarray mpiattn.commands.runner:_run pageable"] == 2
+    for job in ("run64", *(["text"] if "text" in matrix else [])):  # not once per layer
+        for seen in matrix[job]["ranks"]:
+            assert seen["uploads"]["asarray mpiattn.core.attention:device_lengths pageable"] == 1
     for seen in matrix["run32"]["ranks"]:  # statistics (3 arrays) and 2 maps: copied once
         assert seen["copies"]["get mpiattn.core.headstats:host pageable"] == 3
         assert seen["copies"]["get mpiattn.core.headstats:host_maps pageable"] == 2

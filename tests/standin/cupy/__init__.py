@@ -427,9 +427,8 @@ def asarray(a: Any, dtype: Any = None, order: Any = None, *, blocking: bool = Fa
     if isinstance(a, ndarray):
         return a if dtype is None or _np.dtype(dtype) == a.dtype else a.astype(dtype)
     host = _np.asarray(a, dtype=dtype, order=order)
-    if isinstance(a, _np.ndarray):
-        _log.record.transfers.append(_log.Transfer("h2d", "asarray", host.nbytes,
-                                                   _pinned(a), _log.caller()))
+    _log.record.transfers.append(_log.Transfer("h2d", "asarray", host.nbytes, _pinned(a),
+                                               _log.caller()))
     return _wrap(_np.array(host, copy=True))
 
 
