@@ -50,23 +50,38 @@ def test_verify_reports_a_missing_file(tmp_path):
 
 
 def test_info_names_the_mpi_library():
+    import contextlib
+    from importlib import metadata
+
     done = mpiattn("info")
     assert done.returncode == 0 and "MPI library" in done.stdout and "CUDA-aware" in done.stdout
+    versions = []  # the gpu extra's CuPy wheel (cupy-cuda13x), gpu-cuda12's, a source build
+    for dist in ("cupy-cuda13x", "cupy-cuda12x", "cupy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(metadata.version(dist))
+    line = next(x for x in done.stdout.splitlines() if x.startswith("cupy "))
+    assert line.split(None, 1)[1] == (versions[0] if versions else "not installed")
 
 
 def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
-    """jobs/gpu/check.sh with BACKEND=numpy QUICK=1: every step but the device itself."""
+    """jobs/gpu/check.sh with QUICK=1 on the CuPy stand-in (tests/standin): every step,
+    the CuPy path included, but the device itself (docs/gpu-standin.md)."""
     import os
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, BACKEND="numpy", QUICK="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, BACKEND="cupy", QUICK="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{root}{os.pathsep}{root / 'tests/standin'}")
     done = subprocess.run(["bash", str(root / "jobs/gpu/check.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     with h5py.File(tmp_path / "gpu-check.h5") as f:
         assert f.attrs["status"] == "complete"
         assert f["bench-gpu"].attrs["command"] == "bench"
+        assert f["run-gpu"].attrs["backend"] == "cupy"  # the stand-in's device
+        device = f["run-gpu/ranks/device"][0]
+        device = device.decode() if isinstance(device, bytes) else device
+        assert device.startswith("cuda:0 CuPy stand-in")
         assert "fraction_of_peak" in f["bench-gpu/bench/layer"].attrs
         assert "testsuite" in f.attrs["tests_junit"]
         scaling = f["scaling"]  # 4 ranks predicted from 1 and 2 (QUICK), then measured

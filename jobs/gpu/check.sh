@@ -4,7 +4,9 @@
 # GEMM limit) and a CPU strong-scaling run that `mpiattn plan` predicted from its 1-, 2-
 # and 4-rank runs alone (jobs/gpu/scaling.py), and writes one HDF5 file.
 #   bash jobs/gpu/check.sh [OUT_DIR]        -> OUT_DIR/gpu-check.h5 (default ./gpu-check)
-# BACKEND=numpy QUICK=1 runs the same steps on a CPU with small shapes (tested in CI).
+# QUICK=1 runs the same steps with small shapes; on a CPU, CI runs it on the CuPy stand-in
+#   PYTHONPATH=.:tests/standin QUICK=1 bash jobs/gpu/check.sh OUT   (docs/gpu-standin.md)
+# and BACKEND=numpy runs it on NumPy.
 # Offline (a GPU node that reaches no package index): WHEELS=DIR installs every wheel in
 # DIR, then mpiattn without its dependencies; give the wheels of whatever of CuPy, mpi4py,
 # h5py, safetensors, tokenizers, threadpoolctl, tqdm the node lacks, and always an MPI

@@ -304,6 +304,7 @@ def summarize(rf: Loaded, heads: bool = False) -> dict[str, Any]:
         "tensor_parallel": rf.tensor_parallel, "data_parallel": rf.data_parallel,
         "pipeline_parallel": rf.pipeline_parallel, "sequence_parallel": rf.sequence_parallel,
         "head_partition": rf.head_partition, "backend": rf.attrs.get("backend"),
+        "cuda_aware": rf.attrs.get("cuda_aware"),
         "dtype": rf.config.get("dtype"),
         "model": {k: m[k] for k in ("layers", "heads", "hidden", "ffn") if k in m},
         "input": {k: rf.input[k] for k in ("batch", "seq_len") if k in rf.input},
@@ -449,7 +450,9 @@ def format_summary(s: dict[str, Any]) -> str:
                      + (f" {i['lines']} lines, {i['tokens']} tokens in micro-batches of"
                         f" {i['micro_batch']}," if "lines" in i else
                         f" batch {i.get('batch', '?')} x seq {i.get('seq_len', '?')},")
-                     + f" {s.get('dtype') or '?'}, {s.get('backend') or '?'}")
+                     + f" {s.get('dtype') or '?'}, {s.get('backend') or '?'}"
+                     + (f" (CUDA-aware MPI: {s['cuda_aware']})"
+                        if s.get("backend") == "cupy" and s.get("cuda_aware") else ""))
     if s["world_size"]:
         axes = "".join(f" x {s[f'{axis}_parallel']} {axis}" for axis in ("pipeline", "sequence")
                        if s[f"{axis}_parallel"] > 1)

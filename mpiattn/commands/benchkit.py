@@ -21,6 +21,7 @@ def timed(world: Any, sync: Callable[[], None], fn: Callable[[], Any], repeats: 
     """Seconds per repeat on this rank; a barrier lines the ranks up before each one."""
     for _ in range(warmup):
         fn()
+    sync()  # the warm-up's device work is not the first repeat's
     out = np.empty(repeats)
     for i in range(repeats):
         world.Barrier()

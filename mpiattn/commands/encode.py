@@ -239,6 +239,7 @@ class _Job:
         self.my_layers = stage_layers(cfg.model.layers, self.stages, self.stage)
         self.emb, self.layers = load_shards(cfg, p, world, self.my_layers)
         self.p2p = make_p2p(cfg, p) if self.stages > 1 else None
+        p.backend.sync()  # weights on the device count as setup
         self.setup_s = time.perf_counter() - t0
 
     # --- one micro-batch ----------------------------------------------------------------
@@ -347,6 +348,7 @@ class _Job:
             step = min(n - shown, round(len(rows) * n / max(mine_lines, 1)))
             shown += step
             self._progress(bar, step, int(mask.sum()) * self.replicas)
+        self.p.backend.sync()  # queued kernels are computing time, not waiting time
         busy = time.perf_counter() - t0
         self.busy += busy
         self._drain_records()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import socket
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -37,9 +38,11 @@ def info(world: Any) -> int:
         h5_mpi, h5_version = bool(h5py.get_config().mpi), h5py.__version__
     except ImportError:
         h5_mpi, h5_version = False, "not installed"
-    cupy = _version("cupy-cuda12x")
-    if cupy == "not installed":
-        cupy = _version("cupy")
+    # the gpu extra's wheel (cupy-cuda13x), gpu-cuda12's, or a source build
+    cupy = next((v for v in map(_version, ("cupy-cuda13x", "cupy-cuda12x", "cupy"))
+                 if v != "not installed"), "not installed")
+    if getattr(sys.modules.get("cupy"), "__standin__", None):
+        cupy = "the CuPy stand-in of the tests (tests/standin): NumPy, no GPU"
     lines = [
         f"mpiattn      {__version__}",
         f"python       {platform.python_version()} ({platform.machine()})",

@@ -84,6 +84,7 @@ class Plan:
     rows: tuple[int, int]  # (count, start) of this replica's sequences
     threads: int
     limiter: Any = field(repr=False, default=None)
+    cuda_aware: bool = False  # device buffers go to MPI as they are (CuPy ranks only)
 
 
 def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
@@ -104,7 +105,20 @@ def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
     shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, grid.coord("tensor"),
                        head_counts)
     rows = partition(batch.shape[0], grid.axis_size("data"), grid.coord("data"))
-    return Plan(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter)
+    return Plan(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter,
+                cuda_aware(cfg, backend))
+
+
+def cuda_aware(cfg: Config, backend: Backend) -> bool:
+    """Whether this rank hands device buffers to MPI: ``comm.cuda_aware`` when "true" or
+    "false"; with "auto", a CuPy rank whose MPI library says it takes them. Always False
+    on NumPy ranks (host buffers)."""
+    from ..parallel.comm import cuda_aware_mpi
+
+    if not backend.is_gpu:
+        return False
+    aware = {"true": True, "false": False}.get(cfg.comm.cuda_aware)
+    return cuda_aware_mpi() if aware is None else aware
 
 
 def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) -> list[int]:
@@ -138,16 +152,13 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None, group_ranks: list[int] 
     """The checked Allreduce over ``comm`` (default: this rank's head group); ``sites``:
     where the command's ``fault.inject`` may aim (train: ``train.TRAIN_SITES``)."""
     from ..core.checksum import parse_faults
-    from ..parallel.comm import CheckedAllreduce, cuda_aware_mpi
+    from ..parallel.comm import CheckedAllreduce
 
-    aware = {"true": True, "false": False}.get(cfg.comm.cuda_aware)
-    if aware is None:
-        aware = p.backend.is_gpu and cuda_aware_mpi()
     return CheckedAllreduce(
         comm=p.grid.comm("tensor") if comm is None else comm, backend=p.backend,
         mode=cfg.checksum.mode, wire=cfg.checksum.wire,
         on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
-        hash_every=cfg.checksum.hash_every, cuda_aware=aware,
+        hash_every=cfg.checksum.hash_every, cuda_aware=p.cuda_aware,
         faults=parse_faults(cfg.fault.inject, sites), world_rank=p.grid.rank,
         group_ranks=p.grid.group_ranks("tensor") if group_ranks is None else group_ranks,
     )

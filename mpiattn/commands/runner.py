@@ -143,6 +143,7 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     if stages == 1 and sequence is None and layers and count:  # first calls: setup
         warm_up(layers[0], options, reducer, count, mine.ids.shape[1], cfg.model.hidden,
                 np.dtype(cfg.dtype), eps)
+    backend.sync()  # the setup's device work counts as setup, not as forward
     setup_s = time.perf_counter() - t0
 
     # --- forward ------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def gather_heads(world: Any, cfg: Config, stats: HeadStats
     sums = (gather_rows(world, rank_sums(stats, cfg.model.heads)[None]) if stats.stats
             else None)
     pieces = world.gather([(g, layer, stats.first_head, probs)
-                           for (g, layer), probs in stats.host()[3].items()])
+                           for (g, layer), probs in stats.host_maps().items()])
     if world.Get_rank() != 0:
         return None
     return lambda: assemble(sums, [piece for part in pieces for piece in part],

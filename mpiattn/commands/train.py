@@ -731,6 +731,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     bar = Progress(t.steps, "step", start=start, verbose=rank == 0, desc="train")
     for step in range(start, t.steps):
         watchdog.at(step=step)
+        backend.sync()  # the evaluation's device work is not this step's
         t0 = time.perf_counter()
         r = trainer.step(step)
         wall = time.perf_counter() - t0
@@ -771,6 +772,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
 
     seconds = seconds[: done - start]
     all_seconds = gather_rows(world, seconds[None])
+    backend.sync()
     totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
     host_info = world.gather((socket.gethostname(), backend.device))
     mine = [(grid.coord("data"), r) for r in heads.records] if grid.coord("tensor") == 0 else []

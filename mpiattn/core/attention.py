@@ -49,6 +49,24 @@ class KeyMask:
 
     lengths: list[int] | None  # prefix masks: the first lengths[b] keys are real
     bias: Any = None  # otherwise (B, S) additive bias, 0 on real tokens, -inf on padding
+    _made: dict = field(default_factory=dict, repr=False, compare=False)  # made once
+
+    def device_lengths(self, xp: Any) -> Any:
+        """(B, 1) ``lengths`` as an ``xp`` array, made once per array module: on a GPU the
+        lengths go to the device once per forward, not once per layer."""
+        key = ("lengths", xp.__name__)
+        if key not in self._made:
+            self._made[key] = xp.asarray(self.lengths)[:, None]
+        return self._made[key]
+
+    def prefix_bias(self, xp: Any, seq: int, dtype: Any) -> Any:
+        """(B, 1, 1, S) additive bias of a prefix mask (0 on the first lengths[b] keys,
+        -inf after), made once per array module, length and dtype."""
+        key = ("bias", xp.__name__, seq, str(dtype))
+        if key not in self._made:
+            self._made[key] = xp.where(xp.arange(seq)[None, :] < self.device_lengths(xp),
+                                       0, -xp.inf).astype(dtype)[:, None, None, :]
+        return self._made[key]
 
     @classmethod
     def from_mask(cls, key_mask: Any) -> KeyMask:
@@ -74,7 +92,7 @@ class KeyMask:
         """(batch, seq) bool: True on real tokens (the queries statistics average over)."""
         if self.lengths is None:
             return self.bias == 0
-        return xp.arange(seq)[None, :] < xp.asarray(self.lengths)[:, None]
+        return xp.arange(seq)[None, :] < self.device_lengths(xp)
 
     def key_bias(self, b: int, seq: int, xp: Any, dtype: Any) -> Any:
         """(seq,) 0/-inf additive bias of sequence ``b`` over all ``seq`` keys."""
@@ -262,8 +280,7 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
                    for i in range(3))
         bias = mask.bias[:, None, None, :] if mask.bias is not None else None
         if mask.lengths is not None and min(mask.lengths) < seq:
-            bias = xp.where(xp.arange(seq)[None, :] < xp.asarray(mask.lengths)[:, None],
-                            0, -xp.inf).astype(qkv.dtype)[:, None, None, :]
+            bias = mask.prefix_bias(xp, seq, qkv.dtype)
         o = attention(q, k, v, bias, stats)
         out.reshape(batch, seq, heads, head_dim)[...] = o.transpose(0, 2, 1, 3)
         _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)

@@ -242,6 +242,23 @@ def nvidia_driver_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
+STANDIN_ENV = "MPIATTN_CUPY_STANDIN"  # tests: let ``auto`` see the CuPy stand-in's device
+
+
+def standin_requested() -> bool:
+    """Whether ``MPIATTN_CUPY_STANDIN`` (set, not "0") asks ``auto`` to look for a device
+    and the ``cupy`` that imports is the test stand-in (``tests/standin``, marked by
+    ``cupy.__standin__``). With the real CuPy the variable is ignored: only a driver counts.
+    """
+    if os.environ.get(STANDIN_ENV, "0") in ("", "0"):
+        return False
+    try:
+        import cupy
+    except Exception:
+        return False
+    return getattr(cupy, "__standin__", None) == "mpiattn"
+
+
 def probe_device(index: int) -> str | None:
     """None when a tiny computation on CUDA device ``index`` gives the right numbers (a
     cuBLAS GEMM and a compiled elementwise kernel: what a layer needs), else why not, in
@@ -270,7 +287,8 @@ def select(name: str, local_rank: int = 0) -> Backend:
     """
     if name not in ("auto", "numpy", "cupy"):
         raise ConfigError(f"backend '{name}' is unknown: use auto, numpy or cupy")
-    look = name == "cupy" or (name == "auto" and nvidia_driver_present())
+    look = name == "cupy" or (name == "auto" and (nvidia_driver_present()
+                                                  or standin_requested()))
     devices = cupy_device_count() if look else 0
     if name == "cupy" and devices == 0:
         raise ConfigError(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import get_array_module, wrapping_dot
+from .backend import get_array_module, to_host, wrapping_dot
 
 CHECK_ROWS = 2  # column sums, then column sums of absolute values
 
@@ -144,8 +144,13 @@ def ratio_of_sums(t: Any, sums: Any, magnitudes: Any, rows: int, ranks: int
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = xp.where(residual == 0, 0.0, residual / bound)
     ratio = xp.where(xp.isfinite(ratio), ratio, xp.inf)
-    j = int(xp.argmax(ratio))
-    return float(residual[j]), float(bound[j]), float(ratio[j])
+    if xp is np:
+        j = int(np.argmax(ratio))
+        return float(residual[j]), float(bound[j]), float(ratio[j])
+    # on a device: the three numbers in one copy to the host, not four synchronising reads
+    picked = xp.stack((residual, bound, ratio))[:, xp.argmax(ratio)]
+    r, b, q = (float(v) for v in to_host(picked))
+    return r, b, q
 
 
 def residual_ratio(reduced: Any, ranks: int) -> tuple[float, float, float]:

@@ -146,10 +146,15 @@ class HeadStats:
         this rank's ``first_row``-th."""
         return Probe(self, layer, self.first_row + first_row)
 
-    def host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-        """(entropy, distance, queries, maps) as NumPy arrays."""
+    def host(self, maps: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """(entropy, distance, queries, maps) as NumPy arrays; ``maps=False`` leaves the
+        maps (L*H*S^2 numbers each) on the device and gives an empty dict."""
         return (to_host(self.entropy), to_host(self.distance), to_host(self.queries),
-                {key: to_host(a) for key, a in self.maps.items()})
+                {key: to_host(a) for key, a in self.maps.items()} if maps else {})
+
+    def host_maps(self) -> dict:
+        """The attention maps as NumPy arrays, without the statistics."""
+        return {key: to_host(a) for key, a in self.maps.items()}
 
 
 @dataclass
@@ -192,7 +197,7 @@ def rank_sums(stats: HeadStats, heads: int) -> np.ndarray:
     """(3, layers, ``heads``) float64: this rank's entropy sums, distance sums and query
     counts in the columns of its own heads (global indices), zero elsewhere; summed over
     all ranks they give every (layer, head) once per replica (``means``)."""
-    entropy, distance, queries, _ = stats.host()
+    entropy, distance, queries, _ = stats.host(maps=False)
     out = np.zeros((3, stats.layers, heads))
     cols = slice(stats.first_head, stats.first_head + stats.heads)
     out[0, :, cols] = entropy

@@ -123,7 +123,7 @@ def key_bias(mask: Any, start: int, count: int, batch: int, xp: Any, dtype: Any)
         if min(mask.lengths) >= start + count:
             return None
         keys = xp.arange(start, start + count)[None, :]
-        real = keys < xp.asarray(mask.lengths)[:, None]
+        real = keys < mask.device_lengths(xp)  # on the device once per forward
     else:
         real = mask.bias[:, start:start + count] == 0
         if bool(real.all()):

@@ -56,6 +56,8 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
         "pipeline_parallel": p.grid.axis_size("pipeline"),
         "sequence_parallel": p.grid.axis_size("sequence"),
         "head_partition": np.array(p.head_counts), "backend": p.backend.name,
+        "cuda_aware": ("yes" if p.cuda_aware else "no (pinned host staging)")
+        if p.backend.is_gpu else "n/a (host arrays)",
         "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
         "blas": str(blas_info()),
         "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),

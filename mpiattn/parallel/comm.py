@@ -7,6 +7,7 @@ Every function takes its communicator as an argument; nothing binds ``COMM_WORLD
 from __future__ import annotations
 
 import ctypes
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,11 @@ def cuda_aware_mpi() -> bool:
     """Whether the loaded MPI library says it takes CUDA device buffers.
 
     mpi4py has no query for this; MPICH and Open MPI export ``MPIX_Query_cuda_support``.
+    Under the CuPy test stand-in (``tests/standin``) the simulated library answers.
     """
+    cupy = sys.modules.get("cupy")
+    if getattr(cupy, "__standin__", None) == "mpiattn":
+        return bool(cupy.standin.mpi_cuda_aware())
     try:
         query = ctypes.CDLL(None).MPIX_Query_cuda_support
     except (AttributeError, OSError):

@@ -1,0 +1,378 @@
+"""The CuPy path on the CuPy stand-in (tests/standin): the stand-in refuses what CuPy
+refuses, and the whole job runs on it with the NumPy backend's numbers (docs/gpu-standin.md).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN = ROOT / "tests/standin"
+
+
+@pytest.fixture(scope="module")
+def cupy():
+    """The stand-in's ``cupy`` for this module's tests; gone from the session afterwards."""
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("cupy", "cupyx")}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(STANDIN))
+    import cupy as standin
+
+    assert standin.__standin__ == "mpiattn"
+    yield standin
+    sys.path.remove(str(STANDIN))
+    from mpiattn.core import checksum, headstats
+
+    for cache in (checksum._ones, checksum._tables, headstats._DISTANCES):  # keyed "cupy"
+        for key in [k for k in cache if k[0] == "cupy"]:
+            del cache[key]
+    for k in [k for k in sys.modules if k.split(".")[0] in ("cupy", "cupyx")]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def test_device_arrays_refuse_implicit_conversion(cupy, tmp_path):
+    a = cupy.arange(6, dtype=cupy.float64).reshape(2, 3)
+    assert not isinstance(a, np.ndarray)
+    with pytest.raises(TypeError, match="Implicit conversion to a NumPy array"):
+        np.asarray(a)
+    with pytest.raises(TypeError, match="Unsupported type"):
+        a + np.ones(3)
+    with pytest.raises(TypeError, match="Unsupported type"):
+        cupy.exp(np.ones(3))
+    with pytest.raises(TypeError):
+        np.linalg.norm(a)  # a NumPy function CuPy does not provide
+    with pytest.raises(TypeError, match="only size-1"):
+        float(a)
+    with h5py.File(tmp_path / "x.h5", "w") as f, pytest.raises(TypeError):
+        f["x"] = a
+    with pytest.raises(AttributeError):
+        cupy.fft  # noqa: B018  (not used by mpiattn: not in the stand-in)
+    with pytest.raises(AttributeError):
+        a.searchsorted  # noqa: B018
+    assert type(np.exp(a)) is cupy.ndarray and type(a.sum()) is cupy.ndarray  # 0-d, as CuPy
+
+
+# every public name of the stand-in, looked up in the real CuPy (which imports without a GPU)
+_COMPARE = """
+import importlib, json, sys
+try:
+    real = {m: importlib.import_module(m) for m in ("cupy", "cupyx", "cupyx.scipy.special")}
+except ImportError:
+    print(json.dumps({"skip": True}))
+    sys.exit(0)
+for k in [k for k in sys.modules if k.split(".")[0] in ("cupy", "cupyx")]:
+    del sys.modules[k]
+sys.path.insert(0, sys.argv[1])
+import cupy, cupyx, cupyx.scipy.special
+mine = {"cupy": cupy, "cupyx": cupyx, "cupyx.scipy.special": cupyx.scipy.special,
+        "cupy.cuda": cupy.cuda, "cupy.cuda.runtime": cupy.cuda.runtime,
+        "cupy.ndarray": cupy.ndarray, "cupy.cuda.Device": cupy.cuda.Device,
+        "cupy.cuda.Stream": cupy.cuda.Stream, "cupy.cuda.Event": cupy.cuda.Event}
+real.update({"cupy.cuda": real["cupy"].cuda, "cupy.cuda.runtime": real["cupy"].cuda.runtime,
+             "cupy.ndarray": real["cupy"].ndarray, "cupy.cuda.Device": real["cupy"].cuda.Device,
+             "cupy.cuda.Stream": real["cupy"].cuda.Stream,
+             "cupy.cuda.Event": real["cupy"].cuda.Event})
+own = {"annotations", "Any", "os", "time", "standin"}  # imports; the stand-in's record
+lacking = [f"{where}.{name}" for where, obj in mine.items() for name in vars(obj)
+           if not name.startswith("_") and name not in own
+           and not isinstance(vars(obj)[name], type(sys))  # submodules: checked above
+           and not hasattr(real[where], name)]
+print(json.dumps({"lacking": lacking, "checked": sum(len(vars(o)) for o in mine.values())}))
+"""
+
+
+def test_the_standin_offers_nothing_cupy_lacks():
+    """Each public name of the stand-in exists in the real CuPy, when CuPy is installed
+    (it imports without a GPU): the stand-in is never more lenient in what it offers."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", _COMPARE, str(STANDIN)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    if result.get("skip"):
+        pytest.skip("the real CuPy is not installed (pip install 'mpiattn[gpu]')")
+    assert result["checked"] > 50 and result["lacking"] == []
+
+
+def test_explicit_copies_and_memory_are_recorded(cupy):
+    import cupyx
+
+    rec = cupy.standin.record
+    rec.reset()
+    a = cupy.zeros((4, 4), dtype=cupy.float32)
+    assert rec.peak_bytes[0] >= 64 and rec.allocations[0] == 1
+    pinned = cupyx.empty_pinned((4, 4), dtype=np.float32)
+    a.get(out=pinned)
+    host = cupy.asnumpy(a + 1)
+    assert float(a.sum()) == 0.0 and host.sum() == 16
+    kinds = [(t.kind, t.pinned) for t in rec.d2h()]
+    assert kinds == [("get", True), ("asnumpy", False), ("scalar", False)]
+    assert all(t.caller.startswith("test_standin:") for t in rec.d2h())
+    live = rec.live_bytes[0]
+    del a
+    assert rec.live_bytes[0] == live - 64
+    assert cupy.get_default_memory_pool().total_bytes() == rec.peak_bytes[0]
+
+
+def test_mpi_gets_device_buffers_only_cuda_aware_and_synchronised(cupy, monkeypatch):
+    from mpi4py import MPI
+
+    send = cupy.arange(4, dtype=cupy.float64)
+    recv = cupy.zeros(4, dtype=cupy.float64)
+    rec = cupy.standin.record
+    rec.reset()
+    monkeypatch.setenv("CUPY_STANDIN_CUDA_AWARE", "0")
+    with pytest.raises(TypeError):  # a host-only MPI would read device addresses
+        MPI.COMM_SELF.Allreduce(send, recv, op=MPI.SUM)
+    assert rec.mpi_refused == 1 and rec.mpi_device_buffers == 0
+    monkeypatch.setenv("CUPY_STANDIN_CUDA_AWARE", "1")
+    with pytest.raises(TypeError):  # written by a stream not synchronised since
+        MPI.COMM_SELF.Allreduce(send, recv, op=MPI.SUM)
+    with pytest.raises(RuntimeError, match="not synchronised"):
+        send.__cuda_array_interface__  # noqa: B018  (the reason mpi4py does not show)
+    cupy.cuda.get_current_stream().synchronize()
+    MPI.COMM_SELF.Allreduce(send, recv, op=MPI.SUM)
+    assert cupy.asnumpy(recv).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert rec.mpi_refused == 3 and rec.mpi_device_buffers > 0
+
+
+def test_devices_streams_events_and_runtime(cupy, monkeypatch):
+    monkeypatch.setenv("CUPY_STANDIN_DEVICES", "2")
+    assert cupy.cuda.runtime.getDeviceCount() == 2
+    assert cupy.cuda.runtime.getDeviceProperties(1)["name"] == b"CuPy stand-in 1 (NumPy)"
+    with pytest.raises(cupy.cuda.runtime.CUDARuntimeError):
+        cupy.cuda.Device(2)
+    with cupy.cuda.Device(1):
+        b = cupy.ones(3)
+    a = cupy.ones(3)
+    with pytest.raises(ValueError, match="different from the current device"):
+        a + b
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    a *= 2
+    end.record()
+    with pytest.raises(cupy.cuda.runtime.CUDARuntimeError, match="not ready"):
+        cupy.cuda.get_elapsed_time(start, end)
+    end.synchronize()
+    start.synchronize()
+    assert cupy.cuda.get_elapsed_time(start, end) >= 0.0
+
+
+def test_backend_selects_the_standin(cupy, monkeypatch):
+    from mpiattn.core import backend
+    from mpiattn.parallel.comm import cuda_aware_mpi
+
+    monkeypatch.setattr(backend, "nvidia_driver_present", lambda: False)
+    chosen = backend.select("cupy")
+    assert chosen.is_gpu and chosen.xp is cupy
+    assert chosen.device == "cuda:0 CuPy stand-in 0 (NumPy)"
+    monkeypatch.delenv(backend.STANDIN_ENV, raising=False)
+    assert backend.select("auto").name == "numpy"  # no driver, no switch: NumPy
+    monkeypatch.setenv(backend.STANDIN_ENV, "1")
+    assert backend.select("auto").name == "cupy"
+    monkeypatch.setenv("CUPY_STANDIN_CUDA_AWARE", "1")
+    assert cuda_aware_mpi()  # the simulated library answers
+    monkeypatch.setenv("CUPY_STANDIN_DEVICES", "0")
+    assert backend.select("auto").name == "numpy"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpu_tests_pass_on_the_standin(cupy, dtype):
+    """tests/test_gpu.py's device tests, which skip without a GPU, on the stand-in."""
+    import test_gpu
+
+    test_gpu.test_sharded_layer_on_gpu_equals_reference(dtype)
+    test_gpu.test_checksum_arithmetic_stays_on_device()
+
+
+# --- the whole job on 2 ranks, one launch (tests/standin_matrix.py) -------------------------
+
+# CuPy-path lines that the matrix does not reach, by what the line holds, and why
+NOT_REACHED = {
+    "mpiattn/config.py": ("cuda_aware", '"backend"', "comm.cuda_aware"),  # declarations
+    "mpiattn/commands/placement.py": ("cuda_aware: bool",),  # a field declaration
+    "mpiattn/commands/info.py": ("cupy",),  # `mpiattn info`: package metadata, no device
+    "mpiattn/commands/seqbench.py": ("is_gpu", "high-water"),  # the sequence sweep of bench
+    "mpiattn/core/backend.py": ("raise ConfigError", "use auto, numpy or cupy",  # errors
+                                'if name == "cupy":'),
+    "mpiattn/parallel/comm.py": ("MPIX_Query_cuda_support", "restype", "bool(query())"),
+}
+ALLOWED_COPIES = {  # device -> host array copies, by the function that asks for them
+    "mpiattn.parallel.comm:post": "staging of the checked Allreduce (not CUDA-aware)",
+    "mpiattn.core.checksum:ratio_of_sums": "the checksum verdict: 3 numbers, one copy",
+    "mpiattn.commands.runner:on_layer": "per-layer outputs written to HDF5",
+    "mpiattn.commands.runner:_run": "the pooled output",
+    "mpiattn.commands.runner:gather_tokens": "token slices gathered for the output",
+    "mpiattn.commands.encode:_forward": "pooled sentence embeddings of a text micro-batch",
+    "mpiattn.core.headstats:host": "per-head statistics for the output file, once a run",
+    "mpiattn.core.headstats:host_maps": "attention maps for the output file, once a run",
+    "mpiattn.core.attention:from_mask": "key lengths of the mask, once per forward",
+    "mpiattn.core.pipeline:stage_forward": "pipeline stage output (host p2p staging)",
+    "mpiattn.core.seqattn:_alltoall": "Ulysses all-to-all (host staging)",
+    "mpiattn.core.seqattn:_ring_forward": "ring K/V shift (host staging)",
+    "mpiattn.commands.train:_sum": "the step's loss and token counts",
+    "mpiattn.commands.train:gather": "parameters for the checkpoint and export",
+}
+
+
+ALLOWED_UPLOADS = {  # host -> device copies, by the function that asks for them (a new one
+    # is a new copy: once per run or forward, or staging, never once per layer)
+    "mpiattn.parallel.comm:wait": "the staged Allreduce result back (not CUDA-aware)",
+    "mpiattn.commands.placement:load_shards": "weights, once",
+    "mpiattn.commands.runner:_run": "the batch's ids and mask, once",
+    "mpiattn.core.attention:device_lengths": "a prefix mask's key lengths, once per forward",
+    "mpiattn.core.checksum:_odd_constants": "the digest's constants, once (cached)",
+    "mpiattn.commands.encode:_forward": "a text micro-batch's ids and mask",
+    "mpiattn.commands.bench:_bench": "the benchmark's input, once",
+    "mpiattn.commands.train:_device": "a training step's batch",
+    "mpiattn.commands.train:_sum": "the step's loss and token counts, to be summed",
+    "mpiattn.commands.train:train": "the initial parameters, once",
+    "mpiattn.core.pipeline:stage_forward": "pipeline stage input (host p2p staging)",
+    "mpiattn.core.seqattn:_alltoall": "Ulysses all-to-all (host staging)",
+    "mpiattn.core.seqattn:_ring_forward": "ring K/V shift (host staging)",
+}
+# host clock reads while device work is queued (the stand-in's streams tell), and why they
+# are harmless; any other is an interval that misses, or gains, device work
+ALLOWED_CLOCKS = {
+    "mpiattn.parallel.comm:start": "CheckedAllreduce.seconds, which no file reports",
+    "mpiattn.parallel.comm:finish": "CheckedAllreduce.seconds, which no file reports",
+    "mpiattn.commands.runner:_run": "the setup interval opens: earlier work is setup too",
+    "mpiattn.commands.encode:__init__": "the setup interval opens: earlier work is setup too",
+    "mpiattn.commands.encode:_progress": "the progress bar's tokens/s",
+}
+
+
+def launch(out, ranks, *args):
+    """tests/standin_matrix.py on ``ranks`` ranks with the stand-in; its matrix.json."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{STANDIN}", OMP_NUM_THREADS="1")
+    for name in ("MPIATTN_CUPY_STANDIN", "CUPY_STANDIN_DEVICES", "CUPY_STANDIN_CUDA_AWARE",
+                 "CUPY_STANDIN_RECORD"):
+        env.pop(name, None)
+    done = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py",
+                           str(ROOT / "tests/standin_matrix.py"), str(out), *args],
+                          env=env, cwd=out, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "matrix.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("standin"), 2)
+
+
+def test_uneven_heads_on_three_ranks(tmp_path):
+    """4 heads on 3 ranks (2, 1, 1): the same numbers, staging or device buffers."""
+    small = launch(tmp_path, 3, "small")
+    assert small["ranks"] == 3
+    for job in ("run64", "run64-aware"):
+        assert small[job]["diff"]["rel"] <= 1e-12
+        assert small[job]["devices"] == ["cuda:0 CuPy stand-in 0 (NumPy)"] * 3
+    for seen in small["run64"]["ranks"]:
+        assert seen["copies"]["get mpiattn.parallel.comm:post pinned"] == 2 * 3
+        assert seen["mpi_device_buffers"] == 0
+    for seen in small["run64-aware"]["ranks"]:
+        assert not any("comm:post" in key for key in seen["copies"])
+        assert seen["mpi_device_buffers"] > 0
+
+
+def test_outputs_equal_the_numpy_backend(matrix):
+    for job, tol, count in (("run64", 1e-12, 4), ("run64-aware", 1e-12, 4),
+                            ("run32", 1e-5, 7),  # with per-head statistics and a map
+                            ("pipeline", 1e-12, 4),  # blocked attention
+                            ("ulysses", 1e-12, 4), ("ring", 1e-12, 4)):
+        diff = matrix[job]["diff"]
+        print(f"{job}: max rel difference {diff['rel']:.2e} over {diff['count']} datasets")
+        assert diff["count"] == count and diff["rel"] <= tol, job
+        assert "layers/00/attention" in diff["equal"], job  # the same ops: bit for bit
+    if "text" in matrix:  # a text corpus through real weights (mpiattn[model] installed)
+        assert matrix["text"]["diff"]["rel"] <= 1e-5
+    fault = matrix["fault"]  # a flipped bit in a device partial: caught, retried, clean
+    assert fault["diff"]["rel"] <= 1e-12 and fault["retries"] == [0, 0, 1, 0]
+    train = matrix["train"]["diff"]  # forward, backward, AdamW: float32 losses, bit for bit
+    assert train["count"] == 4 and len(train["equal"]) == 4
+    assert matrix["export_equal"] is True
+
+
+def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
+    layers, warm_up = 2, 1  # each layer (and the warm-up pass) has two checked Allreduces
+    for job in ("run64", "run64-aware", "run32", "pipeline", "ulysses", "ring", "bench",
+                "train", "fault", *(["text"] if "text" in matrix else [])):
+        for rank, seen in enumerate(matrix[job]["ranks"]):
+            callers = {key.split()[1] for key in seen["copies"]}
+            assert callers <= ALLOWED_COPIES.keys(), (job, rank, seen["copies"])
+            callers = {key.split()[1] for key in seen["uploads"]}
+            assert callers <= ALLOWED_UPLOADS.keys(), (job, rank, seen["uploads"])
+            for key in seen["copies"]:
+                if key.split()[1] == "mpiattn.parallel.comm:post":
+                    assert key.endswith(" pinned"), key  # staging is pinned
+    for job in ("run64", "run32"):
+        for seen in matrix[job]["ranks"]:
+            staged = seen["copies"]["get mpiattn.parallel.comm:post pinned"]
+            assert staged == 2 * (layers + warm_up) and seen["mpi_device_buffers"] == 0
+            verdicts = seen["copies"]["get mpiattn.core.checksum:ratio_of_sums pageable"]
+            assert verdicts == staged  # one copy per checked Allreduce, not four reads
+            assert seen["uploads"]["set mpiattn.parallel.comm:wait pinned"] == staged
+            assert seen["uploads"]["asarray mpiattn.commands.runner:_run pageable"] == 2
+    for job in ("run64", *(["text"] if "text" in matrix else [])):  # not once per layer
+        for seen in matrix[job]["ranks"]:
+            assert seen["uploads"]["asarray mpiattn.core.attention:device_lengths pageable"] == 1
+    for seen in matrix["run32"]["ranks"]:  # statistics (3 arrays) and 2 maps: copied once
+        assert seen["copies"]["get mpiattn.core.headstats:host pageable"] == 3
+        assert seen["copies"]["get mpiattn.core.headstats:host_maps pageable"] == 2
+    rank0 = matrix["run64"]["ranks"][0]["copies"]
+    assert rank0["get mpiattn.commands.runner:on_layer pageable"] == 2 * layers  # attn, hidden
+    for seen in matrix["run64-aware"]["ranks"]:  # CUDA-aware: device buffers, no staging
+        assert not any("comm:post" in key for key in seen["copies"])
+        assert seen["mpi_device_buffers"] > 0 and seen["pinned_bytes"] == 0
+
+
+def test_timings_never_close_around_queued_device_work(matrix):
+    """Every interval a file reports is read after a synchronisation of the stream
+    (setup, forward, steps, bench repeats, the busy time of text runs)."""
+    assert set(matrix["unsynced_clock"]) <= ALLOWED_CLOCKS.keys(), matrix["unsynced_clock"]
+
+
+def test_the_run_file_records_the_device(matrix):
+    assert matrix["run64"]["devices"] == ["cuda:0 CuPy stand-in 0 (NumPy)"] * 2
+    assert matrix["run64"]["attrs"] == {"backend": "cupy",
+                                        "cuda_aware": "no (pinned host staging)"}
+    assert matrix["run64-aware"]["attrs"]["cuda_aware"] == "yes"
+    assert "float64, cupy (CUDA-aware MPI: yes)" in matrix["report"]
+    assert all(r["peak_bytes"] > 0 for r in matrix["run64"]["ranks"])
+    assert matrix["auto"] == "cupy"  # MPIATTN_CUPY_STANDIN=1 lets auto see the stand-in
+
+
+def test_the_standin_offers_only_what_mpiattn_uses(matrix, cupy):
+    """Each function, ufunc and array method of the stand-in is called by a job of the
+    matrix or named as ``xp.NAME`` in the package: a name nobody uses is not offered."""
+    named = set()
+    for path in (ROOT / "mpiattn").rglob("*.py"):
+        named |= set(re.findall(r"\bxp\.([A-Za-z_0-9]+)", path.read_text()))
+    offered = {*cupy._UFUNCS, *cupy._FUNCTION_NAMES, *cupy._CREATION,
+               *(f"ndarray.{m}" for m in cupy._METHODS)}
+    unused = {n for n in offered if n not in matrix["api"] and n.split(".")[-1] not in named}
+    assert not unused, f"the stand-in offers what mpiattn does not use: {sorted(unused)}"
+
+
+def test_every_cupy_branch_of_the_package_is_reached(matrix):
+    lines = matrix["branch_lines"]
+    missed = sorted(set(lines["targets"]) - set(lines["hit"]))
+    assert len(lines["targets"]) >= 50  # the CuPy path is found at all
+    unexplained = []
+    for where in missed:
+        path, number = where.rsplit(":", 1)
+        text = (ROOT / path).read_text().splitlines()[int(number) - 1]
+        if not any(s in text for s in NOT_REACHED.get(path, ())):
+            unexplained.append(f"{where}: {text.strip()}")
+    assert not unexplained, "CuPy-path lines no stand-in job reaches:\n" + "\n".join(unexplained)
+    assert re.search(r"comm\.py:\d+", " ".join(lines["hit"]))
