@@ -187,6 +187,6 @@ class ThreadRing:
                 return index, channel
 
             def finish(self, shift: tuple[int, int]) -> np.ndarray:
-                return group.boxes[shift].get(timeout=60)
+                return group.boxes[shift].get(timeout=240)
 
         return Member()

@@ -215,7 +215,7 @@ def test_pairs_on_a_model_with_one_segment_type_is_refused(tmp_path, minilm_dir)
          "--set", "input.pairs=true", "--set", f'input.tokenizer="{minilm_dir}/tokenizer.json"',
          "--set", "model.type_vocab=1", "--set", "model.layers=1", "--set", "model.hidden=32",
          "--set", "model.heads=2", "--set", "model.ffn=64", "-o", "x.h5"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=60)
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 2
     assert "type vocabulary holds 1" in one_error_line(done)
     assert not (tmp_path / "x.h5").exists()
@@ -241,7 +241,7 @@ def test_bad_text_is_one_line_naming_file_and_line(tmp_path, minilm_dir, case, r
     sets = [f'input.text="{path}"']
     if "column" in case:
         sets.append("input.pairs=true")
-    done = run(ranks, tmp_path, "-o", "x.h5", sets=tuple(sets), timeout=60)
+    done = run(ranks, tmp_path, "-o", "x.h5", sets=tuple(sets), timeout=240)
     assert done.returncode == 2, done.stderr
     line = one_error_line(done)
     assert f"{case}.txt" in line and message in line
@@ -309,7 +309,7 @@ def test_sigterm_keeps_the_finished_chunks_and_says_how_to_resume(tmp_path, rank
             break
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGTERM)  # as Slurm's scancel and the launcher's ^C do
-    _, err = job.communicate(timeout=60)
+    _, err = job.communicate(timeout=240)
     assert job.returncode != 0
     assert "SIGTERM" in err and "--resume" in err and "lines are done and kept in" in err, err
     assert not (tmp_path / "t[1].h5").exists()
@@ -339,7 +339,7 @@ def test_resume_without_an_interrupted_run_is_refused(tmp_path, minilm_dir, rank
             "s.h5", "--resume"]
     seeded = subprocess.run([MPIEXEC, "-n", str(ranks), *base] if ranks > 1 else base,
                             cwd=tmp_path, env=env(), capture_output=True, text=True,
-                            timeout=60)
+                            timeout=240)
     assert seeded.returncode == 2
     assert "--resume continues an interrupted text run" in one_error_line(seeded)
     tsv = tmp_path / "p.tsv"

@@ -174,7 +174,7 @@ def test_units_parse_with_udunits(written_files, kind):
 @pytest.mark.parametrize("kind", ["run", "text", "bench", "train", "checkpoint"])
 def test_ncdump_reads_every_kind_of_file(written_files, kind):
     done = subprocess.run(["ncdump", "-h", str(written_files[kind])], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert "phony_dim" not in done.stdout and "dimensions:" in done.stdout
 
