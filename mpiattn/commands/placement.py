@@ -172,7 +172,8 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range,
     if not p.backend.is_gpu:
         return emb, layers
     dev = p.backend.xp.asarray
-    emb = type(emb)(*(dev(a) for a in vars(emb).values()))
+    emb = type(emb)(**{k: v if v is None or isinstance(v, int) else dev(v)
+                       for k, v in vars(emb).items()})
     layers = [type(lp)(**{k: v if k == "head_dim" else dev(v) for k, v in vars(lp).items()})
               for lp in layers]
     return emb, layers

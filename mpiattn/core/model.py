@@ -64,11 +64,17 @@ class LayerShard:
 
 @dataclass
 class Embeddings:
-    word: Any  # (vocab, hidden)
-    position: Any  # (max_positions, hidden)
-    token_type: Any  # (type_vocab, hidden)
-    ln_g: Any
-    ln_b: Any
+    """The embedding tables (E = hidden, or ELECTRA's embedding_size)."""
+
+    word: Any  # (vocab, E)
+    position: Any  # (max_positions, E); RoBERTa family: (padding_idx + 1 + max_positions, E)
+    token_type: Any  # (type_vocab, E); DistilBERT: one zero row
+    ln_g: Any  # (E,)
+    ln_b: Any  # (E,)
+    project_w: Any = None  # ELECTRA: (E, hidden) after the LayerNorm, or None
+    project_b: Any = None  # (hidden,) or None
+    padding_idx: Any = None  # RoBERTa family: token n of a row reads position row
+    # padding_idx + 1 + n (n counts real tokens), padding reads row padding_idx; None: BERT
 
 
 class Reduce(Protocol):
@@ -292,7 +298,7 @@ def encoder_forward(
     whole sequences (B, S); the result is (B, S_i, H).
     """
     sequence = options.sequence if options is not None else None
-    x = embed(ids, emb, eps, types, 0 if sequence is None else sequence.split.start)
+    x = embed(ids, emb, eps, types, 0 if sequence is None else sequence.split.start, key_mask)
     mask = KeyMask.from_mask(key_mask)
     for i, p in enumerate(layers):
         if hasattr(phase, "layer"):  # PhaseTimer and its wrappers attribute time to layers

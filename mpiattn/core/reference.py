@@ -42,8 +42,15 @@ def forward(
     seq = ids.shape[1]
     if types is None:
         types = np.zeros_like(ids)
-    x = emb.word[ids] + emb.position[:seq][None] + emb.token_type[types]
+    if emb.padding_idx is None:  # BERT: 0 .. S-1
+        positions = np.broadcast_to(np.arange(seq), ids.shape)
+    else:  # RoBERTa family: padding_idx + 1 + index among the real tokens; padding_idx
+        count = np.cumsum(mask, axis=1)
+        positions = np.where(mask, emb.padding_idx + count, emb.padding_idx)
+    x = emb.word[ids] + emb.position[positions] + emb.token_type[types]
     x = _layer_norm(x, emb.ln_g, emb.ln_b, model.layer_norm_eps)
+    if emb.project_w is not None:  # ELECTRA's embeddings_project
+        x = x @ emb.project_w + emb.project_b
     attentions, hiddens = [], []
     for layer in range(model.layers):
         p = source.layer(layer, full)
