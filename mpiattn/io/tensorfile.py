@@ -76,6 +76,9 @@ class TensorFile:
                              f" of shape {shape} inside the file (truncated or damaged?)")
         return dtype, shape, begin
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
     def keys(self) -> set[str]:
         return set(self.entries)
 
