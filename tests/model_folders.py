@@ -36,6 +36,10 @@ def hf_config(family: str, **extra: Any) -> Any:
                                    **common, **extra)
     bert = dict(hidden_size=h, num_attention_heads=n, num_hidden_layers=layers,
                 intermediate_size=ffn, layer_norm_eps=1e-12, **common)
+    if family == "mpnet":
+        return tf.MPNetConfig(hidden_size=h, num_attention_heads=n, num_hidden_layers=layers,
+                              intermediate_size=ffn, vocab_size=30522,
+                              max_position_embeddings=42, **extra)
     kind = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig,
             "xlm-roberta": tf.XLMRobertaConfig, "camembert": tf.CamembertConfig,
             "electra": tf.ElectraConfig}[family]

@@ -42,7 +42,7 @@ FAMILIES = [("bert", "bert", "float64", {}), ("roberta", "roberta", "float64", {
             ("camembert", "camembert", "float32", {"pad_token_id": 0}),
             ("electra", "electra", "float64", {}),
             ("electra-noproj", "electra", "float64", {"embedding_size": 12}),
-            ("distilbert", "distilbert", "float64", {}),
+            ("distilbert", "distilbert", "float64", {}), ("mpnet", "mpnet", "float64", {}),
             ("bert-bf16", "bert", "bfloat16", {}), ("roberta-fp16", "roberta", "float16", {})]
 
 
@@ -97,7 +97,9 @@ def forward(cfg: config.Config, ids: np.ndarray, mask: np.ndarray, ranks: int) -
 
     def work(i: int) -> None:
         shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, ranks, i)
-        out[i] = encoder_forward(ids, mask, source.embeddings(),
+        emb = source.embeddings()
+        emb.relative_bias = source.relative_bias(shard)  # MPNet: this rank's columns
+        out[i] = encoder_forward(ids, mask, emb,
                                  [source.layer(n, shard) for n in range(m.layers)],
                                  group.member(i), m.layer_norm_eps)
 
@@ -181,6 +183,7 @@ PIPELINES = {
                    "activation_function": "torch.nn.modules.linear.Identity"}),
         ("Normalize", None)],
     "no-modules-json": None,
+    "mpnet-mean-normalize": [("Pooling", {"pooling_mode": "mean"}), ("Normalize", None)],
 }
 
 
@@ -195,7 +198,8 @@ def st_inputs(folder: Path, limit: int) -> tuple[np.ndarray, np.ndarray]:
 def test_sentence_transformers_modules_as_the_folder_lists_them(folders, tmp_path, case):
     """Each pooling mode, Dense layers and Normalize present or absent: the pooled rows
     equal ``SentenceTransformer(folder).encode`` (float64 model, float32 Dense weights)."""
-    folder = with_modules(folders(BASE), tmp_path / case, PIPELINES[case])
+    base = folders("mpnet" if case.startswith("mpnet") else BASE)
+    folder = with_modules(base, tmp_path / case, PIPELINES[case])
     cfg = model_cfg(folder, "float64")
     limit, source = model_max_length(folder, cfg.model.max_positions)
     assert (limit, source) == ((24, "sentence_bert_config.json max_seq_length")
@@ -249,24 +253,23 @@ def test_minilm_saved_as_roberta_gives_minilm_embeddings(folders, tmp_path, sent
     assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("case", ["mpnet", "no-tensor", "pooling", "module", "prompt",
+@pytest.mark.parametrize("case", ["modernbert", "no-tensor", "pooling", "module", "prompt",
                                   "dense-bin", "int-weights", "activation"])
 def test_what_is_not_built_is_one_line(folders, tmp_path, case):
     """Unknown architecture, a missing tensor, a pooling mode, module, default prompt,
     pickled Dense layer, integer weights, activation that are not built: one line naming
     what was found and what is built."""
-    import transformers as tf
     from safetensors.numpy import load_file, save_file
 
     folder = with_modules(folders(BASE), tmp_path / case,
                           [("Pooling", {"pooling_mode": "mean"}),
                            ("Dense", {"out_features": 4, "seed": 3})])
-    if case == "mpnet":
-        model = tf.MPNetModel(tf.MPNetConfig(hidden_size=12, num_attention_heads=3,
-                                             num_hidden_layers=1, intermediate_size=20,
-                                             vocab_size=100))
-        model.save_pretrained(folder)
-        want = "model_type 'mpnet' (MPNetModel) is not supported; mpiattn runs model_type bert"
+    if case == "modernbert":
+        hf = json.loads((folder / "config.json").read_text())
+        hf.update(model_type="modernbert", architectures=["ModernBertModel"])
+        (folder / "config.json").write_text(json.dumps(hf))
+        want = ("model_type 'modernbert' (ModernBertModel) is not supported; mpiattn runs"
+                " model_type bert")
     elif case in ("no-tensor", "int-weights"):
         tensors = load_file(str(folder / "model.safetensors"))
         key = "encoder.layer.1.attention.self.key.bias"

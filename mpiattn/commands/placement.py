@@ -25,6 +25,7 @@ from ..core.seqattn import SITES as SEQUENCE_SITES
 from ..core.shard import HeadShard, counts, head_shard, partition
 from ..errors import ConfigError, InputError
 from ..inputs.data import Batch
+from ..io.families import family_of
 from ..io.weights import checkpoint_shape, model_folder, open_source
 from ..parallel.faults import slowdown
 
@@ -52,6 +53,12 @@ def apply_checkpoint_shape(cfg: Config) -> None:
             )
         setattr(cfg.model, key, value)
     validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
+    family = family_of(folder)
+    if family.relative_bias and (cfg.parallel.sequence > 1 or cfg.attention.impl == "blocked"):
+        key = "parallel.sequence > 1" if cfg.parallel.sequence > 1 else \
+            'attention.impl = "blocked"'
+        raise ConfigError(f"{key} is not built for {family.name}'s relative position bias:"
+                          " use head, data and pipeline parallelism with plain attention")
 
 
 def check_memory(cfg: Config) -> None:
@@ -163,8 +170,9 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range,
     def read() -> tuple[Any, list]:
         try:
             source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
-            return (source.embeddings(vocab_rows),
-                    [source.layer(i, p.shard) for i in indices])
+            emb = source.embeddings(vocab_rows)
+            emb.relative_bias = source.relative_bias(p.shard)  # MPNet: this rank's heads
+            return emb, [source.layer(i, p.shard) for i in indices]
         except ValueError as err:  # e.g. a tensor's bytes that do not fit its shape
             raise InputError(str(err)) from None
 

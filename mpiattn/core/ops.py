@@ -263,6 +263,19 @@ def gelu_backward(dy: Any, cache: GeluCache) -> Any:
 # --- embeddings --------------------------------------------------------------------------
 
 
+def relative_buckets(seq: int, xp: Any) -> Any:
+    """MPNet's relative position bucket of key j for query i: (S, S) int, 32 buckets,
+    max distance 128 (transformers' ``relative_position_bucket``): 16 per direction
+    (key before the query: +16), distances 0..7 exact, then 8 + floor(2 log2(n / 8))
+    up to 15. The log is taken exactly on integers (``frexp`` of floor(n^2 / 64)), which
+    agrees with transformers' float32 arithmetic for every distance below 70,000."""
+    pos = xp.arange(seq)
+    n = pos[:, None] - pos[None, :]  # query - key = -(relative position)
+    a = xp.abs(n)
+    large = 8 + xp.frexp(xp.maximum(a * a // 64, 1).astype(xp.float64))[1] - 1
+    return xp.where(n < 0, 16, 0) + xp.where(a < 8, a, xp.minimum(large, 15))
+
+
 def position_rows(key_mask: Any, padding_idx: int, offset: int, seq: int) -> Any:
     """RoBERTa-family position rows of tokens ``offset .. offset + seq`` of whole
     sequences whose real tokens are ``key_mask`` (B, S_whole): ``padding_idx`` + the

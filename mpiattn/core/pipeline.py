@@ -24,7 +24,7 @@ import numpy as np
 
 from .attention import KeyMask, Options
 from .backend import get_array_module, to_host
-from .model import LayerShard, Phase, Reduce, layer_forward, no_timing
+from .model import LayerShard, Phase, Reduce, layer_forward, no_timing, with_relative_bias
 from .ops import embed
 from .shard import partition
 
@@ -121,6 +121,7 @@ def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[in
     order = sorted(layers)
     hidden = layers[order[0]].w_o.shape[1]
     seq = ids.shape[1]
+    options = with_relative_bias(options, emb, seq)
     finals = []
     for m, rows in enumerate(micro_batches(ids.shape[0], microbatches)):
         count = rows.stop - rows.start

@@ -18,6 +18,9 @@ projection, exact-erf GELU MLP); they differ in their embeddings and their names
   config keys (``dim``, ``n_layers``, ``n_heads``, ``hidden_dim``); LayerNorm eps 1e-12.
 - ELECTRA: BERT's layers; embeddings of ``embedding_size`` projected to the hidden size
   by ``embeddings_project`` when the two differ.
+- MPNet: RoBERTa positions (padding row 1), no token types, and one relative position
+  bias (32 buckets, max distance 128) added to every layer's scores
+  (``core.ops.relative_buckets``); its names (``encoder.layer.N.attention.attn.q``).
 """
 
 from __future__ import annotations
@@ -91,6 +94,28 @@ def _distilbert_layer_names(index: int, prefix: str) -> dict[str, str]:
     return names
 
 
+def _mpnet_embedding_names(prefix: str) -> dict[str, str]:
+    e = f"{prefix}embeddings."
+    return {"word": e + "word_embeddings.weight", "position": e + "position_embeddings.weight",
+            "ln_g": e + "LayerNorm.weight", "ln_b": e + "LayerNorm.bias"}
+
+
+def _mpnet_layer_names(index: int, prefix: str) -> dict[str, str]:
+    pre = f"{prefix}encoder.layer.{index}."
+    names = {}
+    for part in ("q", "k", "v"):
+        names[f"{part}_w"] = f"{pre}attention.attn.{part}.weight"
+        names[f"{part}_b"] = f"{pre}attention.attn.{part}.bias"
+    names.update({
+        "w_o": pre + "attention.attn.o.weight", "b_o": pre + "attention.attn.o.bias",
+        "ln1_g": pre + "attention.LayerNorm.weight", "ln1_b": pre + "attention.LayerNorm.bias",
+        "w_1": pre + "intermediate.dense.weight", "b_1": pre + "intermediate.dense.bias",
+        "w_2": pre + "output.dense.weight", "b_2": pre + "output.dense.bias",
+        "ln2_g": pre + "output.LayerNorm.weight", "ln2_b": pre + "output.LayerNorm.bias",
+    })
+    return names
+
+
 @dataclass(frozen=True)
 class Family:
     """One architecture: names, config keys and the embedding kind."""
@@ -105,11 +130,15 @@ class Family:
     token_types: bool = True
     project: bool = False  # ELECTRA: embeddings_project when embedding_size != hidden
     fixed: dict[str, Any] = field(default_factory=dict)  # model.* values the family fixes
+    relative_bias: str = ""  # MPNet: the shared relative position bias table's name
+    fixed_padding_idx: int | None = None  # MPNet: 1 whatever pad_token_id says
 
     def padding_idx(self, config: dict) -> int | None:
         """RoBERTa family: the padding row of the position table (``pad_token_id``)."""
         if not self.roberta_positions:
             return None
+        if self.fixed_padding_idx is not None:
+            return self.fixed_padding_idx
         pad = config.get("pad_token_id", 1)
         if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
             raise InputError(f"config.json: pad_token_id = {pad!r}: the {self.name} position"
@@ -154,8 +183,13 @@ FAMILIES: dict[str, Family] = {  # config.json model_type -> family
                          activation_key="activation", token_types=False,
                          fixed={"type_vocab": 1, "layer_norm_eps": 1e-12}),
 }
-_ARCHITECTURES = {"Bert": "bert", "Roberta": "roberta", "XLMRoberta": "xlm-roberta",
-                  "Camembert": "camembert", "Electra": "electra", "DistilBert": "distilbert"}
+FAMILIES["mpnet"] = Family(
+    "MPNet", ("mpnet.", ""), _BERT_KEYS, _mpnet_embedding_names, _mpnet_layer_names,
+    roberta_positions=True, token_types=False, fixed={"type_vocab": 1},
+    relative_bias="encoder.relative_attention_bias.weight", fixed_padding_idx=1)
+_ARCHITECTURES = {"MPNet": "mpnet", "Bert": "bert", "Roberta": "roberta",
+                  "XLMRoberta": "xlm-roberta", "Camembert": "camembert", "Electra": "electra",
+                  "DistilBert": "distilbert"}
 SUPPORTED = ", ".join(FAMILIES)
 
 
@@ -212,6 +246,10 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
                                           and arch[0] != kind else "")
         raise InputError(f"'{path}': {found} is not supported; mpiattn runs model_type"
                          f" {SUPPORTED}")
+    buckets = config.get("relative_attention_num_buckets", 32)
+    if family.relative_bias and buckets != 32:
+        raise InputError(f"'{path}': relative_attention_num_buckets = {buckets!r}; mpiattn"
+                         " builds MPNet's 32 buckets (transformers' own encoder uses 32)")
     act = config.get(family.activation_key, "gelu")
     if act != "gelu":
         raise InputError(f"'{path}': {family.activation_key} = {act!r}; mpiattn runs {family.name}"

@@ -77,6 +77,11 @@ class Source:
         """The masked-language-model head, when the source has one."""
         return None
 
+    def relative_bias(self, shard: HeadShard) -> np.ndarray | None:
+        """MPNet: the (32 buckets, shard.count) columns of the relative position bias of
+        this rank's heads; None for a model without one."""
+        return None
+
     def passthrough(self) -> dict[str, np.ndarray]:
         """Whole tensors of the source that the model keeps but never uses (BERT's pooler,
         ``hf.PASSTHROUGH``), by their ``bert.*`` names: carried into exports."""
@@ -331,6 +336,13 @@ class SafetensorsWeights(Source):
                 " (check model.* against the checkpoint's config.json)"
             )
         return np.asarray(self._read(key, index), dtype=self.dtype)
+
+    def relative_bias(self, shard: HeadShard) -> np.ndarray | None:
+        name = self.family.relative_bias
+        if not name:
+            return None
+        return self._slice(self.prefix + name, (32, self.m.heads),
+                           (slice(None), slice(shard.start, shard.stop)))
 
     def head(self) -> MLMHead | None:
         """``BertForMaskedLM``'s ``cls.predictions`` (decoder tied to the word embeddings),
