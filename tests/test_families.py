@@ -308,3 +308,15 @@ def test_what_is_not_built_is_one_line(folders, tmp_path, case):
         [source.layer(i, head_shard(3, 4, 20, 1, 0)) for i in range(2)]
     line = str(err.value)
     assert "\n" not in line and want in line, line
+
+
+def test_mpnet_refuses_what_its_bias_is_not_built_for(folders):
+    """MPNet's relative position bias is built for plain attention without sequence
+    parallelism: the others are one line before any work."""
+    folder = folders("mpnet")
+    for key, value, want in (("parallel.sequence", 2, "parallel.sequence > 1 is not built"),
+                             ("attention.impl", "blocked", 'attention.impl = "blocked" is')):
+        cfg = config.from_dict({"model.weights": str(folder), "input.seq_len": 16,
+                                key: value})
+        with pytest.raises(config.ConfigError, match=want):
+            apply_checkpoint_shape(cfg)
