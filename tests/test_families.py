@@ -320,3 +320,17 @@ def test_mpnet_refuses_what_its_bias_is_not_built_for(folders):
                                 key: value})
         with pytest.raises(config.ConfigError, match=want):
             apply_checkpoint_shape(cfg)
+
+
+def test_without_modules_json_the_tokenizer_limit_is_sentence_transformers(folders, tmp_path):
+    """No modules.json: sentence-transformers cuts at the tokenizer's model_max_length
+    (capped at the positions), not at sentence_bert_config.json; so does mpiattn."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = with_modules(folders(BASE), tmp_path / "plain", None,
+                          **{"sentence_bert_config.json": {"max_seq_length": 30}})
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": 17}))
+    want = SentenceTransformer(str(folder), device="cpu").max_seq_length
+    assert model_max_length(folder, 40) == (want, "tokenizer_config.json model_max_length")
+    assert want == 17
