@@ -334,3 +334,16 @@ def test_without_modules_json_the_tokenizer_limit_is_sentence_transformers(folde
     want = SentenceTransformer(str(folder), device="cpu").max_seq_length
     assert model_max_length(folder, 40) == (want, "tokenizer_config.json model_max_length")
     assert want == 17
+
+
+def test_training_other_families_is_one_line(folders):
+    """train's pre-flight (``check_sequence(..., "train")``) refuses a family it has no
+    names for; DistilBERT trains as the BERT it equals."""
+    from mpiattn.commands.placement import check_sequence
+
+    for name in ("roberta", "electra", "mpnet"):
+        cfg = model_cfg(folders(name), "float32")
+        with pytest.raises(config.ConfigError, match="mpiattn train fine-tunes BERT and"):
+            check_sequence(cfg, 1, 16, "train")
+        check_sequence(cfg, 1, 16, "run")
+    check_sequence(model_cfg(folders("distilbert"), "float32"), 1, 16, "train")

@@ -61,6 +61,21 @@ def apply_checkpoint_shape(cfg: Config) -> None:
                           " use head, data and pipeline parallelism with plain attention")
 
 
+TRAINABLE = ("BERT", "DistilBERT")  # families whose names and embeddings training has
+
+
+def check_trainable(cfg: Config) -> None:
+    """``mpiattn train`` fine-tunes BERT (and DistilBERT, exported as the BERT it equals);
+    another family's folder is one line before any work (ConfigError)."""
+    if not cfg.model.weights:
+        return
+    family = family_of(model_folder(cfg.model.weights))
+    if family.name not in TRAINABLE:
+        raise ConfigError(f"model.weights = '{cfg.model.weights}' is a {family.name} model:"
+                          f" mpiattn train fine-tunes {' and '.join(TRAINABLE)} models (run"
+                          " encodes every supported family)")
+
+
 def check_memory(cfg: Config) -> None:
     """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory:
     a MemoryError mid-job on some ranks is worse than one line now."""
@@ -202,9 +217,12 @@ def check_sequence(cfg: Config, tensor: int, seq: int, command: str = "run") -> 
     """What ``parallel.sequence = Q`` needs, checked before any collective (ConfigError, one
     line): a token per rank, a head per rank for Ulysses (``seqattn.resolve``; the fewest
     heads any head rank holds), a fault site the chosen algorithm uses; refused where it is
-    not built (text input, per-head statistics and maps)."""
+    not built (text input, per-head statistics and maps). With ``command = "train"`` also
+    the model family (``check_trainable``)."""
     from ..core.seqattn import resolve
 
+    if command == "train":  # train's pre-flight passes here: its families are checked too
+        check_trainable(cfg)
     parts = cfg.parallel.sequence
     sites = {e.get("site") for e in cfg.fault.inject if isinstance(e, dict)}
     used = sites & set(SEQUENCE_SITES + SEQUENCE_BACKWARD_SITES)
