@@ -153,7 +153,8 @@ def sentence_pipeline(weights: str, hidden: int) -> Pipeline:
 
 
 def check_width(pipe: Pipeline, folder: Path, hidden: int) -> None:
-    """The Pooling's ``word_embedding_dimension`` and each Dense's ``in_features`` fit."""
+    """Each Dense's ``in_features`` fits what the modules before it give (where
+    sentence-transformers would fail in its matrix product)."""
     width = hidden
     for step in pipe.steps:
         if isinstance(step, Dense):
@@ -161,9 +162,5 @@ def check_width(pipe: Pipeline, folder: Path, hidden: int) -> None:
                 raise InputError(f"'{folder}': a Dense module takes {step.w.shape[0]} inputs,"
                                  f" the modules before it give {width}")
             width = step.w.shape[1]
-        elif isinstance(step, Pool):
-            if step.dimension is not None and step.dimension != width:
-                raise InputError(f"'{folder}': the Pooling module was saved for"
-                                 f" word_embedding_dimension {step.dimension}, the model"
-                                 f" gives {width}")
-            width *= len(step.modes)
+        elif isinstance(step, Pool):  # its word_embedding_dimension is not checked:
+            width *= len(step.modes)    # sentence-transformers pools whatever comes
