@@ -347,3 +347,35 @@ def test_training_other_families_is_one_line(folders):
             check_sequence(cfg, 1, 16, "train")
         check_sequence(cfg, 1, 16, "run")
     check_sequence(model_cfg(folders("distilbert"), "float32"), 1, 16, "train")
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_position_bias_reaches_outputs_and_attention_maps(monkeypatch, batched):
+    """MPNet's (h, S, S) bias in both CPU attention paths: the output and the maps of
+    output.attention_maps are softmax(q k^T / sqrt(d) + bias + mask) and its product."""
+    from mpiattn.core import attention as attention_module
+    from mpiattn.core.attention import KeyMask, Options, heads_attention
+    from mpiattn.core.headstats import HeadStats
+    from mpiattn.core.ops import relative_buckets
+
+    if not batched:
+        monkeypatch.setattr(attention_module, "_BATCHED_SCORES", 0)
+    rng = np.random.default_rng(2)
+    batch, seq, heads, d = 2, 19, 3, 4
+    qkv = rng.standard_normal((batch * seq, 3 * heads * d))
+    mask = np.ones((batch, seq), dtype=bool)
+    mask[1, 11:] = False
+    position = rng.standard_normal((32, heads))[relative_buckets(seq, np)].transpose(2, 0, 1)
+    stats = HeadStats(np, layers=1, first_head=0, heads=heads, map_sequences=(1,))
+    out = np.empty((batch * seq, heads * d))
+    heads_attention(qkv, out, batch, seq, heads, d, KeyMask.from_mask(mask),
+                    Options("plain", position_bias=position), stats.at(0))
+    q, k, v = (qkv.reshape(batch, seq, 3, heads, d)[:, :, i].transpose(0, 2, 1, 3)
+               for i in range(3))
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(d) + position[None]
+    scores = np.where(mask[:, None, None, :], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(stats.maps[(1, 0)], probs[1], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out.reshape(batch, seq, heads, d).transpose(0, 2, 1, 3),
+                               probs @ v, rtol=1e-10, atol=1e-12)

@@ -271,7 +271,7 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
             bias = position[None] if bias is None else bias + position[None]
         o = attention(q, k, v, bias, stats)
         out.reshape(batch, seq, heads, head_dim)[...] = o.transpose(0, 2, 1, 3)
-        _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)
+        _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, position)
         return impl
 
     rows = qkv.reshape(batch, seq, 3 * width)
@@ -298,13 +298,14 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     else:
         for b, h in pairs:
             one(b, h)
-    _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)
+    _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, position)
     return impl
 
 
 def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, heads: int,
-            head_dim: int, mask: KeyMask) -> None:
-    """Hand the per-query statistics and the wanted sequences' probabilities to ``probe``."""
+            head_dim: int, mask: KeyMask, position: Any = None) -> None:
+    """Hand the per-query statistics and the wanted sequences' probabilities to ``probe``
+    (``position``: the (h, S, S) position bias of the scores, or None)."""
     if probe is None:
         return
     xp = get_array_module(qkv)
@@ -313,7 +314,8 @@ def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, hea
     for b in probe.map_rows(batch):
         q, k = (qkv.reshape(batch, seq, 3, heads, head_dim)[b, :, i].transpose(1, 0, 2)
                 for i in range(2))  # (h, S, d)
-        probe.add_map(b, probabilities(q, k, mask.key_bias(b, seq, xp, qkv.dtype)))
+        bias = mask.key_bias(b, seq, xp, qkv.dtype)
+        probe.add_map(b, probabilities(q, k, bias if position is None else bias + position))
 
 
 # --- attention over part of the keys, with its log-sum-exp, and the merge ---------------
