@@ -615,7 +615,8 @@ class RunFile(File):
     @property
     @_guarded
     def pooled(self) -> Lazy | None:
-        """/output/pooled (batch | line, hidden): mean-pooled L2-normalised embeddings."""
+        """/output/pooled (batch | line, width): the output of the model's
+        sentence-transformers modules (attrs ``modules``, ``modules_source``)."""
         return self._lazy("output/pooled")
 
     @property

@@ -25,9 +25,10 @@ import numpy as np
 
 from ..config import Config, check_world
 from ..core.backend import erf, to_host
-from ..core.model import PhaseTimer, encoder_forward, mean_pool
+from ..core.model import PhaseTimer, encoder_forward
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import stage_forward, stage_layers
+from ..core.pooling import Pipeline
 from ..errors import ConfigError, IntegrityError, UserError
 from ..inputs.data import Batch, tokenizer_path
 from ..inputs.records import Source, Spec, open_source
@@ -105,8 +106,10 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     """Every local check of a text run, no collective: ((tensor, info, tokenizer, source,
     digests), digests)."""
     from ..core.checksum import parse_faults
+    from ..io.stmodules import sentence_pipeline
 
     apply_checkpoint_shape(cfg)
+    pipe = sentence_pipeline(cfg.model.weights, cfg.model.hidden)
     if cfg.output.head_stats or cfg.output.attention_maps:
         key = "output.head_stats" if cfg.output.head_stats else "output.attention_maps"
         raise ConfigError(f"{key} is not yet supported with text input (input.text): per-head"
@@ -132,7 +135,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     parse_faults(cfg.fault.inject, RUN_SITES, "run")
     check_fault_targets(cfg, world_size)
     digests = jobkit.input_digests(cfg)
-    return (tensor, info, tok, source, digests), digests
+    return (tensor, info, tok, source, digests, pipe), digests
 
 
 def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, layout: dict,
@@ -151,7 +154,7 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     rank = world.Get_rank()
-    (tensor, info, tok, source, digests), out = jobkit.preflight(
+    (tensor, info, tok, source, digests, pipe), out = jobkit.preflight(
         world, lambda: check_inputs(cfg, world.Get_size(), rank), output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
     if rank == 0 and "input.seq_len" in cfg.explicit and not cfg.input.max_tokens:
@@ -173,7 +176,7 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
         shape = Batch(np.zeros((cfg.input.batch, limit), dtype=np.int64),
                       np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
         p = place(cfg, world, tensor, shape)
-        job = _Job(cfg, world, p, tok, info, parts, source)
+        job = _Job(cfg, world, p, tok, info, parts, source, pipe)
         job.encode(first_chunk)
         return job.finish(out, started, wall0)
     except (InputChanged, OutputExists):
@@ -213,9 +216,11 @@ class _Job:
     """The streamed encoding on one rank (built after the pre-flight agreed)."""
 
     def __init__(self, cfg: Config, world: Any, p: Plan, tok: SentenceTokenizer,
-                 info: TextInfo, parts: Parts | None, source: Source) -> None:
+                 info: TextInfo, parts: Parts | None, source: Source,
+                 pipe: Pipeline) -> None:
         self.cfg, self.world, self.p, self.tok, self.info = cfg, world, p, tok, info
         self.source, self.units = source, f"{info.unit}s"
+        self.pipe, self.width = pipe, pipe.width(cfg.model.hidden)  # the pooled rows
         self.parts = parts  # rank 0 only
         self.rank = world.Get_rank()
         grid = p.grid
@@ -282,7 +287,7 @@ class _Job:
             return None, states
         if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
             self.reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
-        return to_host(mean_pool(hidden, d_mask)), states
+        return to_host(self.pipe(hidden, d_mask)), states
 
     def _drain_records(self) -> None:
         """Fold the reducer's (and the pipeline messages') records into one aggregate per
@@ -399,7 +404,7 @@ class _Job:
         cfg, n = self.cfg, len(items)
         hidden = cfg.model.hidden
         offsets = np.concatenate([[0], np.cumsum(toks.lengths)])
-        pooled = np.empty((n, hidden), dtype=np.dtype(cfg.dtype))
+        pooled = np.empty((n, self.width), dtype=np.dtype(cfg.dtype))
         layers = {(i, name): np.empty((int(offsets[-1]), hidden), dtype=pooled.dtype)
                   for i in self.kept for name in ("attention", "hidden")}
         busy = []
@@ -465,8 +470,10 @@ class _Job:
         cfg = self.cfg
         counts = assemble(f, self.parts, self.info.lines, cfg.model.hidden,
                           np.dtype(cfg.dtype), self.kept, cfg.input.pairs,
-                          cfg.output.compression, ids=self.info.ids,
+                          cfg.output.compression, self.width, ids=self.info.ids,
                           id_field=cfg.input.id_field)
+        f["output/pooled"].attrs.update({"modules": self.pipe.describe(),
+                                         "modules_source": self.pipe.source})
         limit, source = truncation(cfg)
         stats = self.parts.read_stats()
         busy_max = sum(s.get("busy_max", 0.0) for s in stats)

@@ -25,6 +25,7 @@ from ..core.seqattn import SITES as SEQUENCE_SITES
 from ..core.shard import HeadShard, counts, head_shard, partition
 from ..errors import ConfigError, InputError
 from ..inputs.data import Batch
+from ..io.families import family_of
 from ..io.weights import checkpoint_shape, model_folder, open_source
 from ..parallel.faults import slowdown
 
@@ -52,6 +53,27 @@ def apply_checkpoint_shape(cfg: Config) -> None:
             )
         setattr(cfg.model, key, value)
     validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
+    family = family_of(folder)
+    if family.relative_bias and (cfg.parallel.sequence > 1 or cfg.attention.impl == "blocked"):
+        key = "parallel.sequence > 1" if cfg.parallel.sequence > 1 else \
+            'attention.impl = "blocked"'
+        raise ConfigError(f"{key} is not built for {family.name}'s relative position bias:"
+                          " use head, data and pipeline parallelism with plain attention")
+
+
+TRAINABLE = ("BERT", "DistilBERT")  # families whose names and embeddings training has
+
+
+def check_trainable(cfg: Config) -> None:
+    """``mpiattn train`` fine-tunes BERT (and DistilBERT, exported as the BERT it equals);
+    another family's folder is one line before any work (ConfigError)."""
+    if not cfg.model.weights:
+        return
+    family = family_of(model_folder(cfg.model.weights))
+    if family.name not in TRAINABLE:
+        raise ConfigError(f"model.weights = '{cfg.model.weights}' is a {family.name} model:"
+                          f" mpiattn train fine-tunes {' and '.join(TRAINABLE)} models (run"
+                          " encodes every supported family)")
 
 
 def check_memory(cfg: Config) -> None:
@@ -174,8 +196,9 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range,
     def read() -> tuple[Any, list]:
         try:
             source = open_source(cfg.seed, cfg.model, np.dtype(cfg.dtype))
-            return (source.embeddings(vocab_rows),
-                    [source.layer(i, p.shard) for i in indices])
+            emb = source.embeddings(vocab_rows)
+            emb.relative_bias = source.relative_bias(p.shard)  # MPNet: this rank's heads
+            return emb, [source.layer(i, p.shard) for i in indices]
         except ValueError as err:  # e.g. a tensor's bytes that do not fit its shape
             raise InputError(str(err)) from None
 
@@ -183,7 +206,8 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range,
     if not p.backend.is_gpu:
         return emb, layers
     dev = p.backend.xp.asarray
-    emb = type(emb)(*(dev(a) for a in vars(emb).values()))
+    emb = type(emb)(**{k: v if v is None or isinstance(v, int) else dev(v)
+                       for k, v in vars(emb).items()})
     layers = [type(lp)(**{k: v if k == "head_dim" else dev(v) for k, v in vars(lp).items()})
               for lp in layers]
     return emb, layers
@@ -204,9 +228,12 @@ def check_sequence(cfg: Config, tensor: int, seq: int, command: str = "run") -> 
     """What ``parallel.sequence = Q`` needs, checked before any collective (ConfigError, one
     line): a token per rank, a head per rank for Ulysses (``seqattn.resolve``; the fewest
     heads any head rank holds), a fault site the chosen algorithm uses; refused where it is
-    not built (text input, per-head statistics and maps)."""
+    not built (text input, per-head statistics and maps). With ``command = "train"`` also
+    the model family (``check_trainable``)."""
     from ..core.seqattn import resolve
 
+    if command == "train":  # train's pre-flight passes here: its families are checked too
+        check_trainable(cfg)
     parts = cfg.parallel.sequence
     sites = {e.get("site") for e in cfg.fault.inject if isinstance(e, dict)}
     used = sites & set(SEQUENCE_SITES + SEQUENCE_BACKWARD_SITES)

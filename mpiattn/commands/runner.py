@@ -22,14 +22,16 @@ import numpy as np
 from ..config import Config, check_world
 from ..core.backend import erf, to_host
 from ..core.headstats import HeadResults, HeadStats, assemble, rank_sums
-from ..core.model import PhaseTimer, encoder_forward, mean_pool
+from ..core.model import PhaseTimer, encoder_forward
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import stage_forward, stage_layers
+from ..core.pooling import default_pipeline
 from ..core.seqattn import PHASES as SEQUENCE_PHASES
 from ..errors import ConfigError
 from ..inputs.data import Batch, load_batch
 from ..io import h5io
 from ..io.layout import PHASES, write_run
+from ..io.stmodules import sentence_pipeline
 from ..parallel.faults import FaultyPhases, check_fault_targets, crash_points, slowdown
 from ..version import __version__
 from . import jobkit
@@ -59,6 +61,8 @@ def check_inputs(cfg: Config, world_size: int, rank: int,
     from ..core.checksum import parse_faults
 
     apply_checkpoint_shape(cfg)
+    if command == "run":  # refused here, before any work, when the folder's are not built
+        sentence_pipeline(cfg.model.weights, cfg.model.hidden)
     tensor, _ = check_world(cfg, world_size)
     check_memory(cfg)
     batch = load_batch(cfg)
@@ -129,6 +133,7 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
     mine = p.batch.rows(start, count)
 
     t0 = time.perf_counter()
+    pipe = sentence_pipeline(cfg.model.weights, cfg.model.hidden)  # checked in the pre-flight
     erf(xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # loads the erf kernel outside the timings
     my_layers = stage_layers(cfg.model.layers, stages, stage)
     sequence = make_sequence(cfg, p, p.batch.shape[1])
@@ -198,11 +203,11 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
         if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "end":
             reducer.check_agreement(hidden, site="hidden", layer=cfg.model.layers - 1)
         if sequence is None:
-            pooled = to_host(mean_pool(hidden, mask))
+            pooled = to_host(pipe(hidden, mask))
     backend.sync()
     forward_s = time.perf_counter() - t_fwd
     if sequence is not None and leader:  # the slices of the tokens to the group's first rank
-        outputs, pooled = gather_tokens(grid.comm("sequence"), outputs, hidden, mask)
+        outputs, pooled = gather_tokens(grid.comm("sequence"), outputs, hidden, mask, pipe)
 
     # --- gather to rank 0 ---------------------------------------------------------------
     seconds = np.zeros((cfg.model.layers, len(phases)))
@@ -256,11 +261,13 @@ def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.d
 
 
 def gather_tokens(comm: Any, outputs: dict[tuple[int, str], np.ndarray], hidden: Any,
-                  key_mask: Any) -> tuple[dict[tuple[int, str], np.ndarray], np.ndarray | None]:
+                  key_mask: Any, pipe: Any = None
+                  ) -> tuple[dict[tuple[int, str], np.ndarray], np.ndarray | None]:
     """Collective over a sequence group (one gather): every rank's token slices of the kept
     layers and of the last hidden state to the group's rank 0, joined along the sequence in
-    rank order; there, the pooled embedding of the whole sequences (``mean_pool``; None on
-    the other ranks and on stages without the last layer)."""
+    rank order; there, the pooled embedding of the whole sequences (None on
+    the other ranks and on stages without the last layer); ``pipe``: the
+    ``pooling.Pipeline`` (default: mean pooling, Normalize)."""
     last = None if hidden is None else to_host(hidden)
     parts = comm.gather((outputs, last), root=0)
     if comm.Get_rank() != 0:
@@ -269,7 +276,8 @@ def gather_tokens(comm: Any, outputs: dict[tuple[int, str], np.ndarray], hidden:
     if last is None:
         return joined, None
     whole = np.concatenate([h for _, h in parts], axis=1)
-    return joined, to_host(mean_pool(whole, to_host(key_mask)))
+    pipe = default_pipeline() if pipe is None else pipe
+    return joined, to_host(pipe(whole, to_host(key_mask)))
 
 
 def gather_heads(world: Any, cfg: Config, stats: HeadStats

@@ -112,6 +112,7 @@ class Options:
     block: int = 0  # 0 = chosen from the sequence length
     workers: int = 1  # threads over heads; BLAS runs single-threaded inside them
     sequence: Any = None  # a seqattn.SequenceAttention when the tokens are split over ranks
+    position_bias: Any = None  # (local heads, S, S) added to the scores (MPNet), or None
     _scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -275,15 +276,20 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     # one batched product: on the GPU always; on the CPU for short sequences, where the
     # per-(sequence, head) loop below costs more in calls than in arithmetic
     batched = xp.__name__ == "cupy" or batch * heads * seq * seq <= _BATCHED_SCORES
+    position = options.position_bias  # (h, S, S) or None
+    if position is not None and impl != "plain":
+        raise ValueError("a position bias (MPNet) is built for attention.impl = \"plain\"")
     if impl == "plain" and batched:
         q, k, v = (qkv.reshape(batch, seq, 3, heads, head_dim)[:, :, i].transpose(0, 2, 1, 3)
                    for i in range(3))
         bias = mask.bias[:, None, None, :] if mask.bias is not None else None
         if mask.lengths is not None and min(mask.lengths) < seq:
             bias = mask.prefix_bias(xp, seq, qkv.dtype)
+        if position is not None:
+            bias = position[None] if bias is None else bias + position[None]
         o = attention(q, k, v, bias, stats)
         out.reshape(batch, seq, heads, head_dim)[...] = o.transpose(0, 2, 1, 3)
-        _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)
+        _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, position)
         return impl
 
     rows = qkv.reshape(batch, seq, 3 * width)
@@ -296,6 +302,8 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
         k = rows[b, :n, width + cols.start : width + cols.stop]
         v = rows[b, :n, 2 * width + cols.start : 2 * width + cols.stop]
         bias = mask.row_bias(b, n)
+        if position is not None:
+            bias = position[h, :, :n] if bias is None else position[h, :, :n] + bias
         ALGORITHMS[impl].head(q, k, v, bias, dest[b, :, cols], block,
                               None if stats is None else (stats[0][b, h], stats[1][b, h]))
 
@@ -308,13 +316,14 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     else:
         for b, h in pairs:
             one(b, h)
-    _report(probe, stats, qkv, batch, seq, heads, head_dim, mask)
+    _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, position)
     return impl
 
 
 def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, heads: int,
-            head_dim: int, mask: KeyMask) -> None:
-    """Hand the per-query statistics and the wanted sequences' probabilities to ``probe``."""
+            head_dim: int, mask: KeyMask, position: Any = None) -> None:
+    """Hand the per-query statistics and the wanted sequences' probabilities to ``probe``
+    (``position``: the (h, S, S) position bias of the scores, or None)."""
     if probe is None:
         return
     xp = get_array_module(qkv)
@@ -323,7 +332,8 @@ def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, hea
     for b in probe.map_rows(batch):
         q, k = (qkv.reshape(batch, seq, 3, heads, head_dim)[b, :, i].transpose(1, 0, 2)
                 for i in range(2))  # (h, S, d)
-        probe.add_map(b, probabilities(q, k, mask.key_bias(b, seq, xp, qkv.dtype)))
+        bias = mask.key_bias(b, seq, xp, qkv.dtype)
+        probe.add_map(b, probabilities(q, k, bias if position is None else bias + position))
 
 
 # --- attention over part of the keys, with its log-sum-exp, and the merge ---------------

@@ -32,6 +32,7 @@ from .ops import (
     layer_norm_cached,
     linear_backward,
     linear_cached,
+    relative_buckets,
 )
 from .shard import partition
 
@@ -64,11 +65,36 @@ class LayerShard:
 
 @dataclass
 class Embeddings:
-    word: Any  # (vocab, hidden)
-    position: Any  # (max_positions, hidden)
-    token_type: Any  # (type_vocab, hidden)
-    ln_g: Any
-    ln_b: Any
+    """The embedding tables (E = hidden, or ELECTRA's embedding_size)."""
+
+    word: Any  # (vocab, E)
+    position: Any  # (max_positions, E); RoBERTa family: (padding_idx + 1 + max_positions, E)
+    token_type: Any  # (type_vocab, E); DistilBERT: one zero row
+    ln_g: Any  # (E,)
+    ln_b: Any  # (E,)
+    project_w: Any = None  # ELECTRA: (E, hidden) after the LayerNorm, or None
+    project_b: Any = None  # (hidden,) or None
+    padding_idx: Any = None  # RoBERTa family: token n of a row reads position row
+    # padding_idx + 1 + n (n counts real tokens), padding reads row padding_idx; None: BERT
+    relative_bias: Any = None  # MPNet: (32 buckets, this rank's heads) columns of the
+    # relative position bias added to every layer's scores; None: none
+
+
+def with_relative_bias(options: Options | None, emb: Embeddings | None, seq: int) -> Any:
+    """``options`` carrying MPNet's (local heads, S, S) position bias for sequences of
+    ``seq`` tokens (``ops.relative_buckets``), computed once for every layer; the same
+    options when the model has none."""
+    if emb is None or getattr(emb, "relative_bias", None) is None:
+        return options
+    import dataclasses
+
+    options = options or Options()
+    if options.sequence is not None:
+        raise ValueError("MPNet's relative position bias is not built with parallel.sequence")
+    xp = get_array_module(emb.relative_bias)
+    bias = emb.relative_bias[relative_buckets(seq, xp)]  # (S, S, h)
+    return dataclasses.replace(options, position_bias=xp.ascontiguousarray(
+        bias.transpose(2, 0, 1)))
 
 
 class Reduce(Protocol):
@@ -292,7 +318,8 @@ def encoder_forward(
     whole sequences (B, S); the result is (B, S_i, H).
     """
     sequence = options.sequence if options is not None else None
-    x = embed(ids, emb, eps, types, 0 if sequence is None else sequence.split.start)
+    x = embed(ids, emb, eps, types, 0 if sequence is None else sequence.split.start, key_mask)
+    options = with_relative_bias(options, emb, ids.shape[1])
     mask = KeyMask.from_mask(key_mask)
     for i, p in enumerate(layers):
         if hasattr(phase, "layer"):  # PhaseTimer and its wrappers attribute time to layers

@@ -263,18 +263,56 @@ def gelu_backward(dy: Any, cache: GeluCache) -> Any:
 # --- embeddings --------------------------------------------------------------------------
 
 
-def embed(ids: Any, emb: Any, eps: float, types: Any = None, offset: int = 0) -> Any:
-    """Word + position + token-type embeddings, then LayerNorm: (B, S) -> (B, S, H).
+def relative_buckets(seq: int, xp: Any) -> Any:
+    """MPNet's relative position bucket of key j for query i: (S, S) int, 32 buckets,
+    max distance 128 (transformers' ``relative_position_bucket``): 16 per direction
+    (key before the query: +16), distances 0..7 exact, then 8 + floor(2 log2(n / 8))
+    up to 15. The log is taken exactly on integers (``frexp`` of floor(n^2 / 64)), which
+    agrees with transformers' float32 arithmetic for every distance below 70,000."""
+    pos = xp.arange(seq)
+    n = pos[:, None] - pos[None, :]  # query - key = -(relative position)
+    a = xp.abs(n)
+    large = 8 + xp.frexp(xp.maximum(a * a // 64, 1).astype(xp.float64))[1] - 1
+    return xp.where(n < 0, 16, 0) + xp.where(a < 8, a, xp.minimum(large, 15))
+
+
+def position_rows(key_mask: Any, padding_idx: int, offset: int, seq: int) -> Any:
+    """RoBERTa-family position rows of tokens ``offset .. offset + seq`` of whole
+    sequences whose real tokens are ``key_mask`` (B, S_whole): ``padding_idx`` + the
+    running count of real tokens, ``padding_idx`` on padding (transformers'
+    ``create_position_ids_from_input_ids``, with padding told by the mask): (B, seq) int."""
+    xp = get_array_module(key_mask)
+    real = key_mask.astype(xp.int64)
+    rows = padding_idx + xp.cumsum(real, axis=1) * real
+    return rows[:, offset:offset + seq]
+
+
+def embed(ids: Any, emb: Any, eps: float, types: Any = None, offset: int = 0,
+          key_mask: Any = None) -> Any:
+    """Word + position + token-type embeddings, then LayerNorm (and ELECTRA's
+    projection): (B, S) -> (B, S, H).
 
     ``emb``: a ``model.Embeddings``. ``types``: (B, S) integer segment ids in
     [0, type_vocab) (validated by the reader), or None for all 0 (one broadcast row, no
     (B, S, H) gather). ``offset``: the position of the first token (a sequence-parallel
-    rank's slice starts there).
+    rank's slice starts there). ``key_mask``: (B, S_whole) real tokens of the whole
+    sequences, for the RoBERTa family's positions (``emb.padding_idx``; None: every token
+    is real).
     """
     seq = ids.shape[1]
     segment = emb.token_type[0] if types is None else emb.token_type[types]
-    x = emb.word[ids] + emb.position[offset:offset + seq] + segment
-    return layer_norm(x, emb.ln_g, emb.ln_b, eps)
+    pad = getattr(emb, "padding_idx", None)
+    if pad is None:
+        position = emb.position[offset:offset + seq]
+    elif key_mask is None:
+        position = emb.position[pad + 1 + offset:pad + 1 + offset + seq]
+    else:
+        position = emb.position[position_rows(key_mask, pad, offset, seq)]
+    x = layer_norm(emb.word[ids] + position + segment, emb.ln_g, emb.ln_b, eps)
+    if getattr(emb, "project_w", None) is not None:
+        xp = get_array_module(x)
+        x = xp.matmul(x, emb.project_w) + emb.project_b
+    return x
 
 
 @dataclass
@@ -289,6 +327,9 @@ def embed_cached(ids: Any, emb: Any, eps: float, offset: int = 0
                  ) -> tuple[Any, EmbeddingCache]:
     """Word + position + token-type(0), then LayerNorm: (B, S) -> (B, S, H); the first
     token at position ``offset``."""
+    if emb.padding_idx is not None or emb.project_w is not None:
+        raise ValueError("training is built for BERT embeddings (positions 0..S-1, no"
+                         " projection)")
     seq = ids.shape[1]
     x = emb.word[ids] + emb.position[offset:offset + seq] + emb.token_type[0]
     out, ln = layer_norm_cached(x, emb.ln_g, emb.ln_b, eps)

@@ -24,7 +24,7 @@ import numpy as np
 
 from .attention import KeyMask, Options
 from .backend import get_array_module, to_host
-from .model import LayerShard, Phase, Reduce, layer_forward, no_timing
+from .model import LayerShard, Phase, Reduce, layer_forward, no_timing, with_relative_bias
 from .ops import embed
 from .shard import partition
 
@@ -118,18 +118,20 @@ def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[in
     list.
     """
     xp = get_array_module(ids)
-    hidden = emb.ln_g.shape[0]
-    seq = ids.shape[1]
     order = sorted(layers)
+    hidden = layers[order[0]].w_o.shape[1]
+    seq = ids.shape[1]
+    options = with_relative_bias(options, emb, seq)
     finals = []
     for m, rows in enumerate(micro_batches(ids.shape[0], microbatches)):
         count = rows.stop - rows.start
         if stage == 0:
             x = embed(ids[rows], emb, eps, None if types is None else types[rows],
                       0 if options is None or options.sequence is None
-                      else options.sequence.split.start)
+                      else options.sequence.split.start, key_mask[rows])
         else:
-            x = np.empty((count, seq, hidden), dtype=emb.ln_g.dtype)  # host: checked p2p
+            x = np.empty((count, seq, hidden),  # host: checked p2p
+                         dtype=layers[order[0]].w_o.dtype)
             with phase("bubble"):  # waiting for the previous stage is the pipeline's idle time
                 p2p.recv(x, stage - 1, site=SITE, layer=order[0] - 1, tag=m)
             x = xp.asarray(x)

@@ -42,8 +42,24 @@ def forward(
     seq = ids.shape[1]
     if types is None:
         types = np.zeros_like(ids)
-    x = emb.word[ids] + emb.position[:seq][None] + emb.token_type[types]
+    if emb.padding_idx is None:  # BERT: 0 .. S-1
+        positions = np.broadcast_to(np.arange(seq), ids.shape)
+    else:  # RoBERTa family: padding_idx + 1 + index among the real tokens; padding_idx
+        count = np.cumsum(mask, axis=1)
+        positions = np.where(mask, emb.padding_idx + count, emb.padding_idx)
+    x = emb.word[ids] + emb.position[positions] + emb.token_type[types]
     x = _layer_norm(x, emb.ln_g, emb.ln_b, model.layer_norm_eps)
+    if emb.project_w is not None:  # ELECTRA's embeddings_project
+        x = x @ emb.project_w + emb.project_b
+    relative = source.relative_bias(full)  # MPNet: (32, heads), else None
+    if relative is not None:
+        pos = np.arange(seq)
+        n = pos[:, None] - pos[None, :]
+        a = np.abs(n)
+        large = np.array([8 + int(v).bit_length() - 1 for v in (a * a // 64).ravel()])
+        large = np.minimum(large.reshape(a.shape), 15)
+        buckets = np.where(n < 0, 16, 0) + np.where(a < 8, a, large)
+        relative = relative[buckets].transpose(2, 0, 1)  # (heads, S, S)
     attentions, hiddens = [], []
     for layer in range(model.layers):
         p = source.layer(layer, full)
@@ -56,6 +72,8 @@ def forward(
             k = x @ wk[:, cols] + bk[cols]
             v = x @ wv[:, cols] + bv[cols]
             scores = np.einsum("bqd,bkd->bqk", q, k) / math.sqrt(d)
+            if relative is not None:
+                scores = scores + relative[h]
             scores = np.where(mask[:, None, :], scores, -np.inf)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             probs = scores / scores.sum(axis=-1, keepdims=True)

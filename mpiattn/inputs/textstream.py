@@ -176,21 +176,36 @@ def chunks(path: Path, size: int, pairs: bool = False, start: int = 0,
         yield first, items
 
 
+def _read_key(path: Path, key: str) -> object:
+    """``key`` of a model folder's JSON file; None when the file is absent or not a table.
+    A FIFO, device, oversized or malformed file is an InputError (``safefile.read_json``:
+    one line, exit 2, never a hang)."""
+    from ..io.safefile import read_json
+
+    if not os.path.lexists(path):
+        return None
+    table = read_json(path, "model folder file")
+    return table.get(key) if isinstance(table, dict) else None
+
+
 def model_max_length(weights_dir: Path | None, max_positions: int) -> tuple[int, str]:
-    """The model's own truncation limit in tokens and where it comes from:
-    sentence-transformers' ``sentence_bert_config.json`` ``max_seq_length`` beside the
-    weights (256 for all-MiniLM-L6-v2), else ``model.max_positions``; never more than
-    ``max_positions``."""
+    """The model's own truncation limit in tokens and where it comes from, as
+    sentence-transformers decides it: ``sentence_bert_config.json`` ``max_seq_length``
+    (256 for all-MiniLM-L6-v2) when the folder has one and lists its modules
+    (``modules.json``); else the tokenizer's ``model_max_length``
+    (``tokenizer_config.json``) capped at the model's positions; else
+    ``model.max_positions``. Never more than ``max_positions`` (the usable positions: a
+    RoBERTa-family table of 514 rows has 512)."""
     if weights_dir is not None:
-        from ..io.safefile import read_json
 
         config = weights_dir / "sentence_bert_config.json"
-        limit = None
-        if os.path.lexists(config):  # a FIFO, device or bad JSON here: one line, exit 2
-            table = read_json(config, "model folder file")
-            limit = table.get("max_seq_length") if isinstance(table, dict) else None
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 2:
+        limit = _read_key(config, "max_seq_length")
+        if (weights_dir / "modules.json").is_file() and isinstance(limit, int) \
+                and not isinstance(limit, bool) and limit >= 2:
             return min(limit, max_positions), f"{config.name} max_seq_length"
+        limit = _read_key(weights_dir / "tokenizer_config.json", "model_max_length")
+        if isinstance(limit, int) and not isinstance(limit, bool) and 2 <= limit < max_positions:
+            return limit, "tokenizer_config.json model_max_length"
     return max_positions, "model.max_positions"
 
 

@@ -24,7 +24,9 @@ of all lines, ``line_edge``: lines + 1; row i of a ragged dataset is
     [/input/id (line,) int64 or UTF-8 with input.id_field: each record's id]
     /input/tokens (token,) int64, /input/offsets (line_edge,) int64,
     /input/token_type_ids (token,) int64 (pairs only), /input/truncated (line,) uint8
-    /output/pooled (line, hidden_unit): mean over real tokens, L2-normalised
+    /output/pooled (line, hidden_unit): the folder's sentence-transformers modules
+    (``core.pooling``; attrs ``modules``, ``modules_source``); its width may differ from
+    the hidden size (several pooling modes, Dense layers)
     /layers/NN/attention|hidden (token, hidden_unit) when output.layers keeps layer NN
 """
 
@@ -484,7 +486,8 @@ class _Appender:
 
 
 def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
-             kept: list[int], pairs: bool, compression: str, ids: str = "",
+             kept: list[int], pairs: bool, compression: str,
+             pooled_width: int | None = None, ids: str = "",
              id_field: str = "") -> dict[str, int]:
     """Write every part into ``f`` in line order (the layout above); returns the totals
     (lines, tokens, truncated). ``ids``: "int" or "str" writes /input/id (the records'
@@ -511,8 +514,8 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     types = (_Appender(inp, "token_type_ids", (), np.int64, ("token",), compression, hint)
              if pairs else None)
     truncated = _Appender(inp, "truncated", (), np.uint8, ("line",), compression, lines)
-    pooled = _Appender(out, "pooled", (hidden,), dtype, ("line", "hidden_unit"), compression,
-                       lines)
+    pooled = _Appender(out, "pooled", (pooled_width or hidden,), dtype, ("line", "hidden_unit"),
+                       compression, lines)
     states = {(i, name): _Appender(f.require_group(f"layers/{i:02d}"), name, (hidden,), dtype,
                                    ("token", "hidden_unit"), compression, hint)
               for i in kept for name in ("attention", "hidden")}
@@ -567,7 +570,8 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     for app in (tokens, types, truncated):
         if app is not None:
             app.finish()
-    pooled.finish(description="mean over real tokens of the last layer, L2-normalised")
+    pooled.finish(description="the last layer through the model's sentence-transformers"
+                  " modules (attrs modules, modules_source)")
     for app in states.values():
         app.finish(description=f"per real token, all lines concatenated; {ragged} of"
                    " /input/offsets")

@@ -94,6 +94,6 @@ def from_hf(t: dict[str, Any], layers: int, head_dim: int,
         out.append(split_shard(full, shard.cols, shard.ffn_cols))
     head = MLMHead(**{f: t[name].T if f == "dense_w" else t[name]
                            for f, name in head_names().items()})
-    own = [np.array(a, copy=True, order="C") for a in (*vars(emb).values(),
-                                                       *vars(head).values())]
+    tables = [emb.word, emb.position, emb.token_type, emb.ln_g, emb.ln_b]
+    own = [np.array(a, copy=True, order="C") for a in (*tables, *vars(head).values())]
     return (Embeddings(*own[:5]), out, MLMHead(*own[5:]))

@@ -111,8 +111,12 @@ def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
     for top in written_in_parallel:  # label and digest what the replicas wrote (mpio)
         h5io.label_and_digest(f[top])
     if "output/pooled" in f:
-        f["output/pooled"].attrs["description"] = (
-            "mean over real tokens of the last layer, L2-normalised")
+        from .stmodules import sentence_pipeline
+
+        pipe = sentence_pipeline(cfg.model.weights, cfg.model.hidden)
+        f["output/pooled"].attrs.update({
+            "description": "the last layer through the model's sentence-transformers modules",
+            "modules": pipe.describe(), "modules_source": pipe.source})
     t = f.create_group("timings")
     write_phase_seconds(t, seconds, ("rank", "layer", "phase"), phases)
     for i, name in enumerate(("forward", "setup", "total")):

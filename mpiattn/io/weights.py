@@ -1,4 +1,5 @@
-"""Where parameters come from: a seed, or a BERT checkpoint in Hugging Face naming.
+"""Where parameters come from: a seed, or a checkpoint of a supported family (``families``:
+BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT) in Hugging Face naming.
 
 Both sources build only the shard a rank owns. Seeded weights are drawn per head from a
 stream keyed by (seed, layer, head), so a head's numbers never depend on how many ranks
@@ -28,7 +29,7 @@ from ..core.mlm import MLMHead
 from ..core.model import Embeddings, LayerShard
 from ..core.shard import HeadShard
 from ..errors import InputError
-from . import hf
+from . import families, hf
 from .checkpoints import is_checkpoint
 
 # Stream tags keep the seeded draws of different tensors independent.
@@ -74,6 +75,11 @@ class Source:
 
     def head(self) -> MLMHead | None:
         """The masked-language-model head, when the source has one."""
+        return None
+
+    def relative_bias(self, shard: HeadShard) -> np.ndarray | None:
+        """MPNet: the (32 buckets, shard.count) columns of the relative position bias of
+        this rank's heads; None for a model without one."""
         return None
 
     def passthrough(self) -> dict[str, np.ndarray]:
@@ -185,19 +191,7 @@ class SeededWeights(Source):
         return np.empty(shape, dtype=self.dtype)
 
 
-# --- Hugging Face BERT checkpoints -------------------------------------------------------
-
-_HF_CONFIG = {  # config.json key -> model.* key
-    "num_hidden_layers": "layers",
-    "num_attention_heads": "heads",
-    "hidden_size": "hidden",
-    "intermediate_size": "ffn",
-    "vocab_size": "vocab",
-    "type_vocab_size": "type_vocab",
-    "max_position_embeddings": "max_positions",
-    "layer_norm_eps": "layer_norm_eps",
-}
-
+# --- Hugging Face checkpoints of every family ------------------------------------------
 
 def resolve_weights(spec: str) -> Path:
     """The .safetensors file that ``model.weights`` names.
@@ -303,46 +297,46 @@ def _own_folder(folder: Path) -> bool:
 
 
 def checkpoint_shape(folder: Path) -> dict[str, Any]:
-    """model.* values from a model folder's config.json ({} when there is none)."""
-    from .safefile import read_json
-
-    cfg_path = folder / "config.json"
-    if not os.path.lexists(cfg_path):
+    """model.* values from a model folder's config.json ({} when there is none), by its
+    family (``families.family_of``: an unknown or unsupported architecture is one line)."""
+    config = families.read_config(folder)
+    if config is None:
         return {}
-    hf = read_json(cfg_path, "model folder file")  # a FIFO or device: one line
-    if not isinstance(hf, dict):
-        raise InputError(f"'{cfg_path}' must hold a JSON object (a BERT config.json)")
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise InputError(f"'{cfg_path}': hidden_act = {hf['hidden_act']!r}, only exact 'gelu'")
-    return {ours: hf[theirs] for theirs, ours in _HF_CONFIG.items() if theirs in hf}
+    return families.family_of(folder, config).shape(config)
 
 
 class SafetensorsWeights(Source):
-    """BERT weights in Hugging Face naming; each rank reads only its rows or columns."""
+    """Weights of a supported family (``families``) in Hugging Face naming, from a
+    safetensors file of float64, float32, float16 or bfloat16 tensors (widened exactly to
+    the run's dtype: ``tensorfile``); each rank reads only its rows or columns."""
 
     def __init__(self, path: Path, model: ModelConfig, dtype: Any) -> None:
-        from safetensors import SafetensorError, safe_open
+        from .tensorfile import TensorFile
 
         super().__init__(np.dtype(dtype))
         self.path, self.m = path, model
-        try:
-            self.file = safe_open(str(path), framework="numpy")
-        except (SafetensorError, OSError, ValueError) as err:
-            raise InputError(f"'{path}' is not a readable safetensors file: {err}") from None
-        keys = set(self.file.keys())
-        self.prefix = "bert." if "bert.embeddings.word_embeddings.weight" in keys else ""
-        self.keys = keys
+        self.file = TensorFile(path)
+        self.keys = self.file.keys()
+        config = families.read_config(path.parent) or {}
+        self.family = families.family_of(path.parent, config)
+        self.padding_idx = self.family.padding_idx(config)
+        self.position_rows = self.family.position_rows(config)
+        self.embedding_size = self.family.embedding_size(config, model.hidden)
+        names = [p for p in self.family.prefixes
+                 if self.family.embedding_names(p)["word"] in self.keys]
+        self.prefix = names[0] if names else self.family.prefixes[0]
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.file.get_slice(key).get_shape())
+        return self.file.shape(key)
 
     def _read(self, key: str, index: Any) -> np.ndarray:
-        view = self.file.get_slice(key)
-        return view[index] if index != () else view[:]
+        return self.file.read(key, index)
 
     def _slice(self, key: str, expect: tuple[int, ...], index: Any = ()) -> np.ndarray:
         if key not in self.keys:
-            raise InputError(f"'{self.path}': tensor '{key}' is missing (not a BERT checkpoint?)")
+            raise InputError(f"'{self.path}': tensor '{key}' is missing (a {self.family.name}"
+                             f" model needs it; names tried under"
+                             f" {' or '.join(repr(p) for p in self.family.prefixes)})")
         shape = self._shape(key)
         if shape != expect:
             raise InputError(
@@ -351,11 +345,18 @@ class SafetensorsWeights(Source):
             )
         return np.asarray(self._read(key, index), dtype=self.dtype)
 
+    def relative_bias(self, shard: HeadShard) -> np.ndarray | None:
+        name = self.family.relative_bias
+        if not name:
+            return None
+        return self._slice(self.prefix + name, (32, self.m.heads),
+                           (slice(None), slice(shard.start, shard.stop)))
+
     def head(self) -> MLMHead | None:
         """``BertForMaskedLM``'s ``cls.predictions`` (decoder tied to the word embeddings),
-        when the file has it."""
+        when the file has it (BERT only)."""
         names = hf.head_names()
-        if names["dense_w"] not in self.keys:
+        if self.family.name != "BERT" or names["dense_w"] not in self.keys:
             return None
         h, v = self.m.hidden, self.m.vocab
         shapes = {"dense_w": (h, h), "dense_b": (h,), "ln_g": (h,), "ln_b": (h,), "bias": (v,)}
@@ -366,7 +367,9 @@ class SafetensorsWeights(Source):
     def passthrough(self) -> dict[str, np.ndarray]:
         from .hf import PASSTHROUGH
 
-        out = {}
+        out: dict[str, np.ndarray] = {}
+        if self.family.name != "BERT":
+            return out
         for name in PASSTHROUGH:
             key = self.prefix + name.removeprefix("bert.")
             if key in self.keys:
@@ -374,19 +377,27 @@ class SafetensorsWeights(Source):
         return out
 
     def embeddings(self, rows: np.ndarray | None = None) -> Embeddings:
-        m = self.m
-        shapes = {"word": (m.vocab, m.hidden), "position": (m.max_positions, m.hidden),
-                  "token_type": (m.type_vocab, m.hidden), "ln_g": (m.hidden,),
-                  "ln_b": (m.hidden,)}
-        names = hf.embedding_names(self.prefix)
-        emb = Embeddings(**{f: self._slice(names[f], shape) for f, shape in shapes.items()})
+        m, e = self.m, self.embedding_size
+        names = self.family.embedding_names(self.prefix)
+        shapes = {"word": (m.vocab, e), "position": (m.max_positions + self.position_rows, e),
+                  "ln_g": (e,), "ln_b": (e,)}
+        if "token_type" in names:
+            shapes["token_type"] = (m.type_vocab, e)
+        parts = {f: self._slice(names[f], shape) for f, shape in shapes.items()}
+        if "token_type" not in names:  # DistilBERT: no token types, one zero row
+            parts["token_type"] = np.zeros((1, e), dtype=self.dtype)
+        if self.family.project and e != m.hidden:
+            w = f"{self.prefix}embeddings_project.weight"
+            parts["project_w"] = np.ascontiguousarray(self._slice(w, (m.hidden, e)).T)
+            parts["project_b"] = self._slice(w.replace(".weight", ".bias"), (m.hidden,))
+        emb = Embeddings(**parts, padding_idx=self.padding_idx)
         if rows is not None:
             emb.word = emb.word[rows]
         return emb
 
     def layer(self, index: int, shard: HeadShard) -> LayerShard:
         m, h = self.m, self.m.hidden
-        names = hf.layer_names(index, self.prefix)
+        names = self.family.layer_names(index, self.prefix)
         cols, fcols = shard.cols, shard.ffn_cols
         # HF stores Linear weights as (out, in): our columns are its rows.
         qkv_w = [self._slice(names[f"{x}_w"], (h, h), cols).T for x in hf.QKV]
@@ -426,6 +437,8 @@ class CheckpointWeights(SafetensorsWeights):
         self.params = self.file["params"]
         self.keys = set(self.params)
         self.prefix = "bert."
+        self.family = families.FAMILIES["bert"]
+        self.padding_idx, self.position_rows, self.embedding_size = None, 0, model.hidden
         self._vocab: dict[str, np.ndarray] = {}
 
     def _on_tokenizer_ids(self) -> dict[str, np.ndarray]:

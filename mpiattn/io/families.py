@@ -1,0 +1,258 @@
+"""Model families: which architecture a folder holds, read from its ``config.json``, and
+the tensor names and ``config.json`` keys of each.
+
+    family = family_of(folder)          # InputError (one line) when it is not built here
+    shape = family.shape(config)        # model.* values
+    names = family.layer_names(3, "roberta.")
+
+The family comes from ``model_type`` (else the first of ``architectures``), never from a
+guess: anything that is not in ``FAMILIES`` is refused, naming what was found and what is
+supported. Every family here runs the same post-LayerNorm encoder layer (Q, K, V, output
+projection, exact-erf GELU MLP); they differ in their embeddings and their names:
+
+- BERT: positions 0..S-1, token types.
+- RoBERTa, XLM-RoBERTa, CamemBERT: positions ``padding_idx + 1 + (index among the real
+  tokens)``, padding at ``padding_idx`` (the table has ``padding_idx + 1`` extra rows),
+  one token type; names under ``roberta.`` or none.
+- DistilBERT: no token types; its own names (``transformer.layer.N.attention.q_lin``) and
+  config keys (``dim``, ``n_layers``, ``n_heads``, ``hidden_dim``); LayerNorm eps 1e-12.
+- ELECTRA: BERT's layers; embeddings of ``embedding_size`` projected to the hidden size
+  by ``embeddings_project`` when the two differ.
+- MPNet: RoBERTa positions (padding row 1), no token types, and one relative position
+  bias (32 buckets, max distance 128) added to every layer's scores
+  (``core.ops.relative_buckets``); its names (``encoder.layer.N.attention.attn.q``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+_BERT_KEYS = {  # config.json key -> model.* key
+    "num_hidden_layers": "layers",
+    "num_attention_heads": "heads",
+    "hidden_size": "hidden",
+    "intermediate_size": "ffn",
+    "vocab_size": "vocab",
+    "type_vocab_size": "type_vocab",
+    "max_position_embeddings": "max_positions",
+    "layer_norm_eps": "layer_norm_eps",
+}
+_DISTILBERT_KEYS = {"n_layers": "layers", "n_heads": "heads", "dim": "hidden",
+                    "hidden_dim": "ffn", "vocab_size": "vocab",
+                    "max_position_embeddings": "max_positions"}
+
+
+def _bert_embedding_names(prefix: str) -> dict[str, str]:
+    e = f"{prefix}embeddings."
+    return {"word": e + "word_embeddings.weight", "position": e + "position_embeddings.weight",
+            "token_type": e + "token_type_embeddings.weight", "ln_g": e + "LayerNorm.weight",
+            "ln_b": e + "LayerNorm.bias"}
+
+
+def _bert_layer_names(index: int, prefix: str) -> dict[str, str]:
+    pre = f"{prefix}encoder.layer.{index}."
+    names = {}
+    for part, hf in zip(("q", "k", "v"), ("query", "key", "value"), strict=True):
+        names[f"{part}_w"] = f"{pre}attention.self.{hf}.weight"
+        names[f"{part}_b"] = f"{pre}attention.self.{hf}.bias"
+    names.update({
+        "w_o": pre + "attention.output.dense.weight", "b_o": pre + "attention.output.dense.bias",
+        "ln1_g": pre + "attention.output.LayerNorm.weight",
+        "ln1_b": pre + "attention.output.LayerNorm.bias",
+        "w_1": pre + "intermediate.dense.weight", "b_1": pre + "intermediate.dense.bias",
+        "w_2": pre + "output.dense.weight", "b_2": pre + "output.dense.bias",
+        "ln2_g": pre + "output.LayerNorm.weight", "ln2_b": pre + "output.LayerNorm.bias",
+    })
+    return names
+
+
+def _distilbert_embedding_names(prefix: str) -> dict[str, str]:
+    e = f"{prefix}embeddings."
+    return {"word": e + "word_embeddings.weight", "position": e + "position_embeddings.weight",
+            "ln_g": e + "LayerNorm.weight", "ln_b": e + "LayerNorm.bias"}
+
+
+def _distilbert_layer_names(index: int, prefix: str) -> dict[str, str]:
+    pre = f"{prefix}transformer.layer.{index}."
+    names = {}
+    for part in ("q", "k", "v"):
+        names[f"{part}_w"] = f"{pre}attention.{part}_lin.weight"
+        names[f"{part}_b"] = f"{pre}attention.{part}_lin.bias"
+    names.update({
+        "w_o": pre + "attention.out_lin.weight", "b_o": pre + "attention.out_lin.bias",
+        "ln1_g": pre + "sa_layer_norm.weight", "ln1_b": pre + "sa_layer_norm.bias",
+        "w_1": pre + "ffn.lin1.weight", "b_1": pre + "ffn.lin1.bias",
+        "w_2": pre + "ffn.lin2.weight", "b_2": pre + "ffn.lin2.bias",
+        "ln2_g": pre + "output_layer_norm.weight", "ln2_b": pre + "output_layer_norm.bias",
+    })
+    return names
+
+
+def _mpnet_embedding_names(prefix: str) -> dict[str, str]:
+    e = f"{prefix}embeddings."
+    return {"word": e + "word_embeddings.weight", "position": e + "position_embeddings.weight",
+            "ln_g": e + "LayerNorm.weight", "ln_b": e + "LayerNorm.bias"}
+
+
+def _mpnet_layer_names(index: int, prefix: str) -> dict[str, str]:
+    pre = f"{prefix}encoder.layer.{index}."
+    names = {}
+    for part in ("q", "k", "v"):
+        names[f"{part}_w"] = f"{pre}attention.attn.{part}.weight"
+        names[f"{part}_b"] = f"{pre}attention.attn.{part}.bias"
+    names.update({
+        "w_o": pre + "attention.attn.o.weight", "b_o": pre + "attention.attn.o.bias",
+        "ln1_g": pre + "attention.LayerNorm.weight", "ln1_b": pre + "attention.LayerNorm.bias",
+        "w_1": pre + "intermediate.dense.weight", "b_1": pre + "intermediate.dense.bias",
+        "w_2": pre + "output.dense.weight", "b_2": pre + "output.dense.bias",
+        "ln2_g": pre + "output.LayerNorm.weight", "ln2_b": pre + "output.LayerNorm.bias",
+    })
+    return names
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture: names, config keys and the embedding kind."""
+
+    name: str  # as users know it
+    prefixes: tuple[str, ...]  # where its tensors may live ("bert.", "")
+    config_keys: dict[str, str]
+    embedding_names: Callable[[str], dict[str, str]]
+    layer_names: Callable[[int, str], dict[str, str]]
+    activation_key: str = "hidden_act"
+    roberta_positions: bool = False  # positions from padding_idx (RoBERTa family)
+    token_types: bool = True
+    project: bool = False  # ELECTRA: embeddings_project when embedding_size != hidden
+    fixed: dict[str, Any] = field(default_factory=dict)  # model.* values the family fixes
+    relative_bias: str = ""  # MPNet: the shared relative position bias table's name
+    fixed_padding_idx: int | None = None  # MPNet: 1 whatever pad_token_id says
+
+    def padding_idx(self, config: dict) -> int | None:
+        """RoBERTa family: the padding row of the position table (``pad_token_id``)."""
+        if not self.roberta_positions:
+            return None
+        if self.fixed_padding_idx is not None:
+            return self.fixed_padding_idx
+        pad = config.get("pad_token_id", 1)
+        if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+            raise InputError(f"config.json: pad_token_id = {pad!r}: the {self.name} position"
+                             " table needs a non-negative integer padding row")
+        return pad
+
+    def position_rows(self, config: dict) -> int:
+        """Rows of the position table in front of position 0 (RoBERTa: padding_idx + 1)."""
+        pad = self.padding_idx(config)
+        return 0 if pad is None else pad + 1
+
+    def shape(self, config: dict) -> dict[str, Any]:
+        """model.* values from ``config.json``: max_positions counts usable positions
+        (RoBERTa's 514-row table gives 512)."""
+        out = {ours: config[theirs] for theirs, ours in self.config_keys.items()
+               if theirs in config}
+        out.update(self.fixed)
+        if "max_positions" in out and isinstance(out["max_positions"], int):
+            out["max_positions"] -= self.position_rows(config)
+        return out
+
+    def embedding_size(self, config: dict, hidden: int) -> int:
+        """Width of the embedding tables (ELECTRA's ``embedding_size``; else hidden)."""
+        size = config.get("embedding_size", hidden) if self.project else hidden
+        return size if isinstance(size, int) and size > 0 else hidden
+
+
+_ROBERTA = dict(prefixes=("roberta.", ""), config_keys=_BERT_KEYS,
+                embedding_names=_bert_embedding_names, layer_names=_bert_layer_names,
+                roberta_positions=True)
+
+FAMILIES: dict[str, Family] = {  # config.json model_type -> family
+    "bert": Family("BERT", ("bert.", ""), _BERT_KEYS, _bert_embedding_names,
+                   _bert_layer_names),
+    "roberta": Family("RoBERTa", **_ROBERTA),
+    "xlm-roberta": Family("XLM-RoBERTa", **_ROBERTA),
+    "camembert": Family("CamemBERT", **_ROBERTA),
+    "electra": Family("ELECTRA", ("electra.", ""), _BERT_KEYS, _bert_embedding_names,
+                      _bert_layer_names, project=True),
+    "distilbert": Family("DistilBERT", ("distilbert.", ""), _DISTILBERT_KEYS,
+                         _distilbert_embedding_names, _distilbert_layer_names,
+                         activation_key="activation", token_types=False,
+                         fixed={"type_vocab": 1, "layer_norm_eps": 1e-12}),
+}
+FAMILIES["mpnet"] = Family(
+    "MPNet", ("mpnet.", ""), _BERT_KEYS, _mpnet_embedding_names, _mpnet_layer_names,
+    roberta_positions=True, token_types=False, fixed={"type_vocab": 1},
+    relative_bias="encoder.relative_attention_bias.weight", fixed_padding_idx=1)
+_ARCHITECTURES = {"MPNet": "mpnet", "Bert": "bert", "Roberta": "roberta",
+                  "XLMRoberta": "xlm-roberta", "Camembert": "camembert", "Electra": "electra",
+                  "DistilBert": "distilbert"}
+SUPPORTED = ", ".join(FAMILIES)
+
+
+def model_type(config: dict) -> str | None:
+    """``model_type``, else the family of the first of ``architectures`` (``BertModel``)."""
+    kind = config.get("model_type")
+    if isinstance(kind, str) and kind:
+        return kind
+    arch = config.get("architectures")
+    if isinstance(arch, list) and arch and isinstance(arch[0], str):
+        for stem in sorted(_ARCHITECTURES, key=len, reverse=True):
+            if arch[0].startswith(stem) and arch[0][len(stem):][:1].isupper():
+                return _ARCHITECTURES[stem]
+        return arch[0]
+    return None
+
+
+def read_config(folder: Path) -> dict | None:
+    """A folder's ``config.json`` as a dict, None when there is none."""
+    from .safefile import read_json
+
+    path = folder / "config.json"
+    if not os.path.lexists(path):
+        return None
+    config = read_json(path, "model folder file")  # a FIFO or device: one line, no hang
+    if not isinstance(config, dict):
+        raise InputError(f"'{path}' must hold a JSON object (a Hugging Face config.json)")
+    return config
+
+
+def family_of(folder: Path, config: dict | None = None) -> Family:
+    """The family of the model in ``folder`` (its ``config.json``). A folder without a
+    config.json, or one that names neither model_type nor architectures, must hold BERT
+    names (its tensors are checked by name when read).
+
+    Raises InputError (one line): a model_type or architecture that is not built here,
+    an activation other than exact GELU, positions other than absolute.
+    """
+    if config is None:
+        config = read_config(folder)
+    if config is None:
+        return FAMILIES["bert"]
+    path = folder / "config.json"
+    kind = model_type(config)
+    # No model_type nor architectures (a hand-written config.json, which transformers
+    # itself refuses): BERT's names are then required tensor by tensor when read.
+    family = FAMILIES.get(kind or "bert")
+    if family is None:
+        arch = config.get("architectures")
+        found = f"model_type '{kind}'" + (f" ({arch[0]})" if isinstance(arch, list) and arch
+                                          and arch[0] != kind else "")
+        raise InputError(f"'{path}': {found} is not supported; mpiattn runs model_type"
+                         f" {SUPPORTED}")
+    buckets = config.get("relative_attention_num_buckets", 32)
+    if family.relative_bias and buckets != 32:
+        raise InputError(f"'{path}': relative_attention_num_buckets = {buckets!r}; mpiattn"
+                         " builds MPNet's 32 buckets (transformers' own encoder uses 32)")
+    act = config.get(family.activation_key, "gelu")
+    if act != "gelu":
+        raise InputError(f"'{path}': {family.activation_key} = {act!r}; mpiattn runs {family.name}"
+                         " with exact (erf) 'gelu' only")
+    kind_pos = config.get("position_embedding_type", "absolute")
+    if kind_pos != "absolute":
+        raise InputError(f"'{path}': position_embedding_type = {kind_pos!r}; mpiattn builds"
+                         " 'absolute' positions only")
+    return family

@@ -1,0 +1,166 @@
+"""The sentence-transformers pipeline a model folder describes, read as
+sentence-transformers reads it.
+
+    pipe = read_pipeline(folder)       # core.pooling.Pipeline; InputError: one line
+    pipe.describe()                    # "Transformer > Pooling(cls) > Dense(12->6, tanh)"
+
+``modules.json`` lists the modules in order: the Transformer (mpiattn's encoder), then
+Pooling (``1_Pooling/config.json``: ``pooling_mode`` or the older ``pooling_mode_*``
+flags, concatenated in sentence-transformers' order), Dense layers (``config.json`` and
+``model.safetensors`` in the module's folder; ``activation_function`` a torch.nn class,
+Tanh when absent) and Normalize, each only when listed. A folder without
+``modules.json`` gets sentence-transformers' own default for a Hugging Face encoder:
+mean pooling, no Normalize. Anything else (another module type, prompts applied by
+default, a Dense layer stored as a PyTorch pickle) is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.pooling import ACTIVATIONS, POOLING_MODES, Dense, Normalize, Pipeline, Pool
+from ..errors import InputError
+
+BUILT = ("Transformer", "Pooling", "Dense", "Normalize")
+_LEGACY = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+           "pooling_mode_mean_tokens": "mean",
+           "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+           "pooling_mode_weightedmean_tokens": "weightedmean",
+           "pooling_mode_lasttoken": "lasttoken"}  # in sentence-transformers' order
+DEFAULT_SOURCE = ("no modules.json: sentence-transformers' default for a Hugging Face"
+                  " encoder (mean pooling, no Normalize)")
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"'{path}' cannot be read: {err.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"'{path}' is not valid JSON: {err}") from None
+
+
+def read_pipeline(folder: Path) -> Pipeline:
+    """The modules after the Transformer in ``folder`` (see the module docstring)."""
+    _check_prompts(folder)
+    listing = folder / "modules.json"
+    if not listing.is_file():
+        return Pipeline([Pool(("mean",))], DEFAULT_SOURCE)
+    entries = _json(listing)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise InputError(f"'{listing}' must be a JSON list of modules")
+    kinds = [str(e.get("type", "")).rsplit(".", 1)[-1] for e in entries]
+    other = [k for k in kinds if k not in BUILT]
+    if other:
+        raise InputError(f"'{listing}': module '{other[0]}' is not built; mpiattn runs"
+                         f" {', '.join(BUILT)}")
+    if kinds[:2] != ["Transformer", "Pooling"] or kinds.count("Transformer") != 1 \
+            or kinds.count("Pooling") != 1:
+        raise InputError(f"'{listing}': modules {' > '.join(kinds)}; mpiattn runs a"
+                         " Transformer, one Pooling, then Dense and Normalize modules")
+    steps: list[Any] = []
+    for entry, kind in zip(entries[1:], kinds[1:], strict=True):
+        path = folder / str(entry.get("path", ""))
+        if kind == "Pooling":
+            steps.append(_pooling(path / "config.json"))
+        elif kind == "Dense":
+            steps.append(_dense(path))
+        else:
+            steps.append(Normalize())
+    return Pipeline(steps, "modules.json")
+
+
+def _check_prompts(folder: Path) -> None:
+    path = folder / "config_sentence_transformers.json"
+    if not path.is_file():
+        return
+    config = _json(path)
+    if isinstance(config, dict) and config.get("default_prompt_name"):
+        raise InputError(f"'{path}': default_prompt_name = {config['default_prompt_name']!r}:"
+                         " sentence-transformers puts that prompt before every line, and"
+                         " mpiattn does not build prompts yet; remove the key (or write the"
+                         " prompt into the text)")
+
+
+def _pooling(path: Path) -> Pool:
+    config = _json(path) if path.is_file() else None
+    if not isinstance(config, dict):
+        raise InputError(f"'{path}' is missing or not a JSON object: the Pooling module"
+                         " listed in modules.json needs it")
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in _LEGACY.items() if config.get(key)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    wrong = [m for m in modes if m not in POOLING_MODES]
+    if wrong or not modes:
+        raise InputError(f"'{path}': pooling mode {wrong[0] if wrong else modes!r} is not"
+                         f" built; mpiattn pools {', '.join(POOLING_MODES)}")
+    dim = config.get("word_embedding_dimension", config.get("embedding_dimension"))
+    return Pool(tuple(modes), dim if isinstance(dim, int) else None)
+
+
+def _dense(path: Path) -> Dense:
+    from .tensorfile import TensorFile
+
+    config = _json(path / "config.json") if (path / "config.json").is_file() else None
+    if not isinstance(config, dict):
+        raise InputError(f"'{path / 'config.json'}' is missing or not a JSON object: the"
+                         " Dense module listed in modules.json needs it")
+    name = str(config.get("activation_function", "torch.nn.modules.activation.Tanh"))
+    activation = name.rsplit(".", 1)[-1].lower()
+    if not name.startswith("torch.") or activation not in ACTIVATIONS:
+        raise InputError(f"'{path / 'config.json'}': activation_function {name!r} is not"
+                         f" built; mpiattn runs torch.nn {', '.join(ACTIVATIONS)}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        bin_ = path / "pytorch_model.bin"
+        raise InputError(f"'{weights}' is missing" + (
+            f"; '{bin_}' is a PyTorch pickle, which mpiattn does not read: convert it to"
+            " safetensors" if bin_.is_file() else ": the Dense module needs its weights"))
+    f = TensorFile(weights)
+    fan_in, fan_out = config.get("in_features"), config.get("out_features")
+    if "linear.weight" not in f:
+        raise InputError(f"'{weights}': tensor 'linear.weight' is missing")
+    if f.shape("linear.weight") != (fan_out, fan_in):
+        raise InputError(f"'{weights}': tensor 'linear.weight' has shape"
+                         f" {f.shape('linear.weight')}, config.json says"
+                         f" ({fan_out}, {fan_in})")
+    bias = None
+    if config.get("bias", True):
+        if "linear.bias" not in f:
+            raise InputError(f"'{weights}': tensor 'linear.bias' is missing")
+        bias = f.read("linear.bias")
+    return Dense(np.ascontiguousarray(f.read("linear.weight").T), bias, activation)
+
+
+def sentence_pipeline(weights: str, hidden: int) -> Pipeline:
+    """The pipeline of ``model.weights`` (its model folder) for a model of ``hidden``
+    units, or mpiattn's default for seeded weights (mean pooling, Normalize) when
+    ``weights`` is empty. InputError (one line) as ``read_pipeline`` and ``check_width``."""
+    from ..core.pooling import default_pipeline
+    from .weights import model_folder
+
+    if not weights:
+        return default_pipeline()
+    folder = model_folder(weights)
+    pipe = read_pipeline(folder)
+    check_width(pipe, folder, hidden)
+    return pipe
+
+
+def check_width(pipe: Pipeline, folder: Path, hidden: int) -> None:
+    """Each Dense's ``in_features`` fits what the modules before it give (where
+    sentence-transformers would fail in its matrix product)."""
+    width = hidden
+    for step in pipe.steps:
+        if isinstance(step, Dense):
+            if step.w.shape[0] != width:
+                raise InputError(f"'{folder}': a Dense module takes {step.w.shape[0]} inputs,"
+                                 f" the modules before it give {width}")
+            width = step.w.shape[1]
+        elif isinstance(step, Pool):  # its word_embedding_dimension is not checked:
+            width *= len(step.modes)    # sentence-transformers pools whatever comes
