@@ -118,6 +118,13 @@ def test_every_line_in_order_equals_sentence_transformers(tmp_path, corpus, sent
         assert f.attrs["truncated_lines"] == 1 and f.attrs["max_tokens"] == 256
         assert f.attrs["data_parallel"] * f.attrs["tensor_parallel"] * pipeline == ranks
         assert f.attrs["pipeline_parallel"] == pipeline
+        # the tokenizing is split: each line once over all ranks, at most a rank's share
+        # of every chunk (chunks of 23 lines, the last one shorter) per rank
+        tokenized = f["work/lines_tokenized"][()]
+        chunks = [min(23, len(lines) - c) for c in range(0, len(lines), 23)]
+        assert tokenized.shape == (ranks,) and tokenized.sum() == len(lines)
+        assert tokenized.max() <= sum(-(-c // ranks) for c in chunks)
+        assert (f["work/bytes_read"][()] == 2 * path.stat().st_size).all()
     verify = subprocess.run([sys.executable, "-m", "mpiattn", "verify",
                              str(tmp_path / "c.h5")], env=env(), capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -461,3 +468,48 @@ def test_verify_checks_the_text_too(tmp_path):
         f["input/text"][1] = "not what the line said"
     bad = subprocess.run(verify, env=env(), capture_output=True, text=True)
     assert bad.returncode == 1 and "/input/text does not match its sha256" in bad.stdout
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3, 7, 40])
+def test_tokens_of_slices_join_to_the_chunks_tokens(minilm_dir, slices):
+    """What ranks exchange: each tokenizes a slice (``shard.partition``: uneven, empty when
+    ranks outnumber records), ``pack_tokens``/``join_tokens`` give the whole chunk's tokens
+    bit for bit, pairs and truncation flags included."""
+    from mpiattn.core.shard import partition
+    from mpiattn.inputs.textstream import SentenceTokenizer, join_tokens, pack_tokens
+
+    tok = SentenceTokenizer(minilm_dir / "tokenizer.json", 12, 30522, 2)
+    items = [("a question", "an answer"), ("", ""), ("one two three " * 9, "four"),
+             ("x", "y z"), ("naïve café", "déjà vu")] * 5
+    whole = tok.encode(items)
+    packed = []
+    for r in range(slices):
+        count, start = partition(len(items), slices, r)
+        block = pack_tokens(tok.encode(items[start:start + count], start))
+        packed.append(np.concatenate([block, np.zeros(r % 3, np.int64)]))  # padding ignored
+    joined = join_tokens(packed)
+    assert len(joined.ids) == len(items)
+    for got, want in ((joined.ids, whole.ids), (joined.types, whole.types)):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(joined.truncated, whole.truncated)
+    assert whole.truncated.any() and (np.concatenate(whole.types) == 1).any()
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=needs_mpiexec),
+                                   pytest.param(3, marks=needs_mpiexec)])
+def test_a_token_beyond_the_vocabulary_on_one_ranks_slice_ends_every_rank(tmp_path, minilm_dir,
+                                                                        ranks):
+    """Only the rank whose slice holds line 4 tokenizes it: its refusal is agreed before
+    the tokens are exchanged, so the job ends with one line naming the line, no hang."""
+    path = tmp_path / "v.txt"
+    path.write_text("a\nb\nc\nzebra xylophone\n")
+    sets = ('model.weights=""', f'input.text="{path}"',
+            f'input.tokenizer="{minilm_dir / "tokenizer.json"}"',
+            "model.vocab=1100", "model.layers=1", "model.hidden=32", "model.heads=2",
+            "model.ffn=64", "input.chunk=4", "parallel.tensor=1")
+    done = run(ranks, tmp_path, "-o", "v.h5", sets=sets, timeout=240)
+    assert done.returncode == 2, done.stderr
+    line = one_error_line(done)
+    assert "line 4: token id" in line and ">= model.vocab = 1100" in line, line
+    assert not (tmp_path / "v.h5").exists()

@@ -29,6 +29,7 @@ from ..core.model import PhaseTimer, encoder_forward
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import stage_forward, stage_layers
 from ..core.pooling import Pipeline
+from ..core.shard import partition
 from ..errors import ConfigError, IntegrityError, UserError
 from ..inputs.data import Batch, tokenizer_path
 from ..inputs.records import Source, Spec, open_source
@@ -36,10 +37,13 @@ from ..inputs.textstream import (
     InputChanged,
     SentenceTokenizer,
     TextInfo,
+    Tokens,
     assign,
     batch_cost,
     checked_chunks,
+    join_tokens,
     model_max_length,
+    pack_tokens,
     scan,
     sorted_batches,
 )
@@ -239,6 +243,8 @@ class _Job:
         self.records: dict[tuple[int, str], list] = {}  # (layer, site) -> aggregate
         self.busy = self.wait = 0.0  # seconds computing, seconds waiting for other replicas
         self.lines = self.tokens = self.padded = 0  # this replica's work
+        self.tokenized, self.tokenize_s = 0, 0.0  # this rank's share of the tokenizing
+        self.gather_tokens: Any = None  # the checked Allgather of the chunks' tokens
         t0 = time.perf_counter()
         erf(p.backend.xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # the erf kernel, outside timings
         self.my_layers = stage_layers(cfg.model.layers, self.stages, self.stage)
@@ -333,7 +339,7 @@ class _Job:
         """Encode one chunk on every rank; rank 0 writes it. ``bar`` (rank 0's progress)
         moves with rank 0's micro-batches, by their share of the chunk."""
         cfg = self.cfg
-        toks = self.tok.encode(items, first, unit=self.info.unit)
+        toks = self._tokenize(items, first, index)
         lengths = toks.lengths
         batches = sorted_batches(lengths, cfg.input.batch)
         costs = [batch_cost(b, lengths, cfg.model.hidden) for b in batches]
@@ -393,6 +399,43 @@ class _Job:
         self.tokens_estimated = 0
         self._progress(bar, n - shown, 0)
 
+    def _tokenize(self, items: list, first: int, index: int) -> Tokens:
+        """The chunk's tokens on every rank, each rank tokenizing 1/N of its records.
+
+        Rank r tokenizes the r-th of N consecutive slices (``shard.partition``), then one
+        checked Allgather (``transfers.CheckedAllgather``, site ``tokens``, each block's
+        digest verified on arrival) gives every rank the whole chunk: lengths for the
+        length sort and the cost-balanced assignment, ids for its micro-batches, all of it
+        for rank 0's part. A record the tokenizer refuses (an id beyond the vocabulary) is
+        agreed by all ranks before the exchange, so the job ends with one line, no hang.
+        """
+        from ..parallel.transfers import CheckedAllgather, RetryPolicy
+
+        size, rank = self.world.Get_size(), self.world.Get_rank()
+        count, start = partition(len(items), size, rank)
+        t0 = time.perf_counter()
+        try:
+            local, error = self.tok.encode(items[start:start + count], first + start,
+                                           unit=self.info.unit), None
+        except UserError as err:
+            local, error = None, err
+        jobkit.raise_first(self.world.allgather(
+            None if error is None else (type(error), str(error))))
+        packed = pack_tokens(local)
+        sizes = np.empty(size, dtype=np.int64)
+        self.world.Allgather(np.array([packed.size], dtype=np.int64), sizes)
+        block = np.zeros(int(sizes.max()), dtype=np.int64)
+        block[:packed.size] = packed
+        if self.gather_tokens is None:
+            cs = self.cfg.checksum
+            self.gather_tokens = CheckedAllgather(
+                self.world, RetryPolicy(cs.on_mismatch, cs.retries),
+                group_ranks=list(range(size)))
+        blocks = self.gather_tokens(block, site="tokens", layer=index)
+        self.tokenized += count
+        self.tokenize_s += time.perf_counter() - t0
+        return join_tokens(list(blocks))
+
     def _progress(self, bar: Any, lines: int, tokens_estimate: int) -> None:
         self.tokens_estimated += tokens_estimate
         self.tokens_done += tokens_estimate
@@ -433,6 +476,14 @@ class _Job:
 
     # --- the end ------------------------------------------------------------------------
 
+    def bytes_read(self) -> int:
+        """Bytes of ``input.text`` this rank read: the pre-flight scan and the encoding pass
+        each read the whole (possibly compressed) file."""
+        try:
+            return 2 * self.source.path.stat().st_size
+        except OSError:
+            return 0
+
     def finish(self, out: Any, started: dt.datetime, wall0: float) -> Path | None:
         from ..parallel.comm import gather_rows
 
@@ -443,7 +494,8 @@ class _Job:
         all_seconds = gather_rows(self.world, seconds[None])
         per_rank = np.array([[self.forward_s, self.setup_s, time.perf_counter() - wall0,
                               p.backend.memory_high_water(), self.busy, self.wait,
-                              self.lines, self.tokens, self.padded]])
+                              self.lines, self.tokens, self.padded, self.tokenized,
+                              self.tokenize_s, self.bytes_read()]])
         totals = gather_rows(self.world, per_rank)
         host_info = self.world.gather((socket.gethostname(), p.backend.device))
         records = self.world.gather([(self.replica, key, agg) for key, agg in
@@ -497,6 +549,16 @@ class _Job:
             h5io.write_array(work, name, totals[:, i].astype(np.int64), ("rank",),
                              units="1", description=f"{name.replace('_', ' ')} this rank's"
                              " replica encoded (this session)")
+        h5io.write_array(work, "lines_tokenized", totals[:, 9].astype(np.int64), ("rank",),
+                         units="1", description="records this rank tokenized (this session):"
+                         " its 1/N slice of every chunk")
+        h5io.write_array(work, "bytes_read", totals[:, 11].astype(np.int64), ("rank",),
+                         units="bytes", description="bytes of input.text this rank read"
+                         " (this session): the pre-flight scan and the encoding pass each"
+                         " read the whole file")
+        h5io.write_array(t, "tokenize", totals[:, 10], ("rank",), units="s",
+                         description="seconds tokenizing this rank's slices and exchanging"
+                         " the chunks' tokens (checked Allgather)")
         h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
                          units="bytes", description="peak RSS (CPU) or CuPy pool total (GPU)")
         rows = [(replica, Record(layer, site, *agg[1:4], bool(agg[4]), int(agg[5]),

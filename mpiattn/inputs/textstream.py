@@ -234,6 +234,35 @@ class Tokens:
         return ids, mask, types
 
 
+def pack_tokens(toks: Tokens) -> np.ndarray:
+    """One int64 vector of a tokenized slice, to move it between ranks:
+    ``[items, tokens, lengths (items), truncated (items), ids (tokens), types (tokens)]``."""
+    lengths = toks.lengths
+    flat = [np.concatenate(a) if a else np.zeros(0, np.int64) for a in (toks.ids, toks.types)]
+    head = np.array([len(lengths), int(lengths.sum())], dtype=np.int64)
+    return np.concatenate([head, lengths, toks.truncated.astype(np.int64), *flat])
+
+
+def join_tokens(packed: list[np.ndarray]) -> Tokens:
+    """The ``Tokens`` of consecutive slices packed by ``pack_tokens`` (trailing padding
+    ignored), in slice order: the same as tokenizing the slices together."""
+    ids: list[np.ndarray] = []
+    types: list[np.ndarray] = []
+    truncated = []
+    for block in packed:
+        items, total = int(block[0]), int(block[1])
+        lengths = block[2:2 + items]
+        flags = block[2 + items:2 + 2 * items].astype(bool)
+        at = 2 + 2 * items
+        flat_ids, flat_types = block[at:at + total], block[at + total:at + 2 * total]
+        cuts = np.cumsum(lengths)[:-1]
+        if items:
+            ids += np.split(flat_ids.copy(), cuts)
+            types += np.split(flat_types.copy(), cuts)
+        truncated.append(flags)
+    return Tokens(ids, types, np.concatenate(truncated) if truncated else np.zeros(0, bool))
+
+
 class SentenceTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer with the model's truncation and no padding.
 
