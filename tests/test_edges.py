@@ -250,6 +250,8 @@ def _model_copy(minilm_dir: Path, folder: Path) -> Path:
             (folder / p.name).symlink_to(p)
         elif p.is_file():
             shutil.copy(p, folder / p.name)
+        elif p.is_dir():  # the sentence-transformers modules (1_Pooling/, 2_Normalize/)
+            shutil.copytree(p, folder / p.name)
     return folder
 
 

@@ -331,7 +331,8 @@ def _method(name: str) -> Any:
 
 # methods: NumPy's, on the array underneath (reductions give 0-d device arrays, as CuPy's);
 # only those mpiattn calls on device arrays (the matrix's ``api`` lists what ran)
-_METHODS = ("reshape", "sum", "max", "mean", "all", "transpose", "swapaxes")
+_METHODS = ("reshape", "sum", "max", "mean", "all", "transpose", "swapaxes",
+            "argmax")  # pooling: the first real token
 for _name in _METHODS:
     setattr(ndarray, _name, _method(_name))
 
@@ -381,7 +382,8 @@ class _Ufunc:
 # the ufuncs mpiattn calls by name (``xp.exp``, ``np.exp(device_array)``); operators
 # (+, *, @, ==, ...) reach every ufunc behind them, as in CuPy. Add more only on purpose.
 _UFUNCS = {"add", "subtract", "multiply", "matmul", "exp", "log", "sqrt", "absolute",
-           "maximum", "isfinite", "logaddexp"}
+           "maximum", "isfinite", "logaddexp",
+           "minimum", "tanh", "frexp"}  # the model families: MPNet buckets, Dense layers
 for _name in _UFUNCS:
     globals()[_name] = _Ufunc(getattr(_np, _name))
 abs = globals()["absolute"]
@@ -398,7 +400,8 @@ def _function(name: str) -> Any:
     return function
 
 
-_FUNCTION_NAMES = ("where", "concatenate", "stack", "vdot", "mean", "argmax", "zeros_like")
+_FUNCTION_NAMES = ("where", "concatenate", "stack", "vdot", "mean", "argmax", "zeros_like",
+                   "cumsum")
 for _name in _FUNCTION_NAMES:
     globals()[_name] = _function(_name)
 
