@@ -42,7 +42,7 @@ zstandard = pytest.importorskip("zstandard")
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
 needs_mpiexec = pytest.mark.skipif(not Path(MPIEXEC).exists(), reason="mpiexec not found")
-DRIVER = str(Path(__file__).with_name("corpus_driver.py"))
+DRIVER = str(ROOT / "tests" / "corpus_driver.py")
 TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.ffn=64",
         "input.chunk=16", "input.batch=4"]
 FORMATS = ["txt", "txt.gz", "txt.zst", "txt.bz2", "jsonl", "jsonl.gz", "parquet"]
