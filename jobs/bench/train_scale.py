@@ -40,7 +40,8 @@ LAYOUTS = {
 def settings(args: argparse.Namespace) -> list[str]:
     return [f"input.batch={args.batch}", f"input.seq_len={args.seq_len}",
             f"train.steps={args.steps}", "train.checkpoint_every=0", "train.export=",
-            "train.eval_batches=0", f"train.corpus={ROOT / 'data/corpus/train.txt'}",
+            "train.eval_batches=1", f"train.eval_every={args.steps}",
+            f"train.corpus={ROOT / 'data/corpus/train.txt'}",
             f"train.heldout={ROOT / 'data/corpus/heldout.txt'}"]
 
 

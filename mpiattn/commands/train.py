@@ -10,6 +10,12 @@ inputs), one checked Allreduce of the gradients over the data group in a few fla
 buckets, the global gradient norm (sharded squares summed over the head group), and the
 optimizer on this rank's shard.
 
+Work that would otherwise repeat on every rank is split (docs/training-scale.md): the word
+table, the tied decoder and the softmax over the vocabulary by words over the head group
+(``parallel.vocab``, ``core.vocab``: three more checked sums a step), and the optimizer
+state over the replicas (``parallel.zero``, ``ZeroShard``: each replica updates its block
+of the parameters, then the blocks are gathered by a checked Allgather).
+
 With ``parallel.pipeline = P`` (world = data x pipeline x tensor) each stage holds its
 layers (stage 0 the embeddings, the last the MLM head and a copy of the tied word
 embedding) and runs the 1F1B schedule over ``parallel.microbatches`` micro-batches
@@ -260,15 +266,15 @@ def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int]
             return m.layers, f"the model has {m.layers} layers"
         if site in VOCAB_SITES:
             if vocab_split(cfg, m.vocab, shape.tensor, 0) is None:
-                return 0, (f"site '{site}' sums over a split vocabulary: it needs"
+                return 0, ("the vocabulary is split over the head group only with"
                            " parallel.tensor >= 2 and parallel.vocab = true, without"
-                           " pipeline stages or sequence slices")
+                           " pipeline stages or sequence slices: raise parallel.tensor")
             return 1, f"site '{site}' sums once a step (and once a held-out batch)"
         if site == ZERO_SITE:
             if shape.data < 2 or not cfg.parallel.zero or shape.sequence > 1:
-                return 0, (f"site '{site}' gathers the replicas' parameter shards: it needs"
-                           " two replicas or more and parallel.zero = true, without"
-                           " sequence slices")
+                return 0, ("the optimizer state is sharded (ZeRO-1) only over two replicas"
+                           " or more with parallel.zero = true, without sequence slices:"
+                           " lower parallel.tensor")
             return 1, f"site '{site}' gathers once a step"
         if site in STAGE_SITES:
             if shape.pipeline == 1:
