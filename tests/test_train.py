@@ -45,6 +45,7 @@ def tiny_train_flat(folder):
         "input.seq_len": 12, "train.steps": 20, "train.warmup": 3, "train.lr": 3e-3,
         "train.corpus": str(folder / "train.txt"), "train.heldout": str(folder / "heldout.txt"),
         "train.eval_batches": 2, "train.clip": 0.5,
+        "parallel.zero": True,  # off by default (docs/training-scale.md); tested here
     }
 
 
@@ -140,7 +141,8 @@ def test_finetune_config_layouts_give_the_same_losses(corpus_files):
 
     cfg = config.load(ROOT / "jobs/configs/finetune-minilm.toml", [
         f"train.corpus={corpus_files / 'train.txt'}", "input.batch=4", "input.seq_len=24",
-        f"train.heldout={corpus_files / 'heldout.txt'}", "train.warmup=2"])
+        f"train.heldout={corpus_files / 'heldout.txt'}", "train.warmup=2",
+        "parallel.zero=true"])
     apply_checkpoint_shape(cfg)
     corpus = Corpus.load(cfg)
     assert corpus.vocab == 30522 and cfg.model.heads == 12

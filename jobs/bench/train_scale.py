@@ -32,7 +32,7 @@ LAYOUTS = {
     "1 process x 2 threads": (1, 2, []),
     "tensor 2 (vocab split)": (2, 1, ["parallel.tensor=2"]),
     "tensor 2 (whole vocab)": (2, 1, ["parallel.tensor=2", "parallel.vocab=false"]),
-    "data 2 (ZeRO-1)": (2, 1, ["parallel.tensor=1"]),
+    "data 2 (ZeRO-1)": (2, 1, ["parallel.tensor=1", "parallel.zero=true"]),
     "data 2 (replicated state)": (2, 1, ["parallel.tensor=1", "parallel.zero=false"]),
 }
 
