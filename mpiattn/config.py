@@ -62,6 +62,8 @@ class ParallelConfig:
     balance: str = "even"  # "even" | "measured"
     assign: str = "balanced"  # text: micro-batches to replicas, "balanced" | "round-robin"
     overlap: int = 1  # split the batch into this many chunks, reduce one while computing the next
+    vocab: bool = True  # train: split the word table and the MLM decoder over the head group
+    zero: bool = False  # train: shard the optimizer state over the replicas (ZeRO-1)
 
 
 @dataclass

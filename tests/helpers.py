@@ -53,6 +53,14 @@ class ThreadGroup:
                 group.barrier.wait()
                 return total
 
+            def allgather(self, block: Any, *, site: str, layer: int) -> Any:
+                """(k, *block.shape): every member's block, in member order."""
+                group.parts[index] = np.array(block, copy=True)
+                group.barrier.wait()
+                out = np.stack(group.parts)
+                group.barrier.wait()
+                return out
+
         return Member()
 
 

@@ -20,6 +20,8 @@ from mpiattn.commands.train import (
     check_training,
     init_params,
     shard_elements,
+    split_vocab,
+    vocab_split,
 )
 from mpiattn.core import mlm
 from mpiattn.core.shard import head_shard
@@ -62,7 +64,9 @@ def test_run_takes_its_own_sites():
 
 @pytest.mark.parametrize(("site", "tensor"), [("attention.bwd", 2), ("mlp.bwd", 4),
                                               ("grad", 1), ("grad", 2), ("loss", 2),
-                                              ("eval", 1), ("grad_norm", 2), ("mlp", 2)])
+                                              ("eval", 1), ("grad_norm", 2), ("mlp", 2),
+                                              ("embed", 4), ("vocab", 2), ("vocab.bwd", 2),
+                                              ("zero", 1), ("zero", 2)])
 def test_train_takes_its_sites(corpus, site, tensor):
     train_check(corpus, 4, tensor, **flip(site, rank=3))
 
@@ -79,6 +83,14 @@ def test_train_takes_its_sites(corpus, site, tensor):
     ("activations", 0, 2, "site = 'activations': parallel.pipeline = 1 keeps every layer on"
                           " one stage, so nothing moves between stages: raise"
                           " parallel.pipeline"),
+    ("vocab", 0, 1, "site = 'vocab': the vocabulary is split over the head group only with"
+                    " parallel.tensor >= 2 and parallel.vocab = true, without pipeline stages"
+                    " or sequence slices: raise parallel.tensor"),
+    ("vocab.bwd", 1, 2, "layer = 1 but site 'vocab.bwd' sums once a step (and once a"
+                        " held-out batch) (0..0)"),
+    ("zero", 0, 4, "site = 'zero': the optimizer state is sharded (ZeRO-1) only over two"
+                   " replicas or more with parallel.zero = true, without sequence slices:"
+                   " lower parallel.tensor"),
     ("attention.fwd", 0, 2, "site = 'attention.fwd' is not a site of mpiattn train: use one"
                             f" of {', '.join(TRAIN_SITES)}"),
 ])
@@ -103,6 +115,11 @@ def test_shard_elements_counts_the_trained_parameters(corpus, tensor, index):
     shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, index)
     held = sum(a.size for _, a, _ in mlm.named(init_params(cfg, shard, 80)))
     assert shard_elements(m, 80, shard) == held
+    split = vocab_split(cfg, 80, tensor, index)  # the word rows split over the head group
+    if split is not None:
+        held = sum(a.size for _, a, _ in mlm.named(split_vocab(init_params(cfg, shard, 80),
+                                                               split)))
+        assert shard_elements(m, 80, shard, split.count) == held < shard_elements(m, 80, shard)
 
 
 @pytest.mark.parametrize("elements", [1, BUCKET_ROWS * BUCKET_COLS,

@@ -1,4 +1,5 @@
-"""Training without MPI: head groups and data groups simulated with threads.
+"""Training without MPI: head groups and data groups simulated with threads (with the
+vocabulary split over the head group and ZeRO-1 over the replicas, the defaults).
 
 - the same 20 steps give the same losses for tensor = 1, 2, 3 (5 heads: uneven splits)
   and data = 2, 2 x 2, as one process with the whole batch (float64 <= 1e-10, float32
@@ -19,7 +20,15 @@ import pytest
 from helpers import ThreadGroup, run_ranks
 
 from mpiattn import config
-from mpiattn.commands.train import PHASES, Groups, Trainer, init_params, rebuild
+from mpiattn.commands.train import (
+    PHASES,
+    Groups,
+    Trainer,
+    init_params,
+    join_vocab,
+    rebuild,
+    vocab_split,
+)
 from mpiattn.core import mlm, model
 from mpiattn.core.shard import head_shard
 from mpiattn.inputs.corpus import Corpus, train_batch, unigram_entropy
@@ -36,6 +45,7 @@ def tiny_train_flat(folder):
         "input.seq_len": 12, "train.steps": 20, "train.warmup": 3, "train.lr": 3e-3,
         "train.corpus": str(folder / "train.txt"), "train.heldout": str(folder / "heldout.txt"),
         "train.eval_batches": 2, "train.clip": 0.5,
+        "parallel.zero": True,  # off by default (docs/training-scale.md); tested here
     }
 
 
@@ -61,19 +71,19 @@ def simulate(cfg, corpus, tensor, replicas, steps, start=0, full_state=None):
         if full_state is not None:
             params = mlm.Params(*from_hf(full_state[0], m.layers, m.hidden // m.heads,
                                           shard))
-        groups = Groups(heads[replica].member(head_rank), data[head_rank].member(replica),
-                        tensor, head_rank, replicas, replica)
+        member = data[head_rank].member(replica)
+        groups = Groups(heads[replica].member(head_rank), member, tensor, head_rank, replicas,
+                        replica, vocab=vocab_split(cfg, corpus.vocab, tensor, head_rank),
+                        gather=member.allgather)
         tr = Trainer(cfg, corpus, params, groups)
         if full_state is not None:
             for kind in tr.opt.names:
                 parts = from_hf(full_state[1][kind], m.layers, m.hidden // m.heads, shard)
-                for t, v in zip(tr.opt.state[kind], [a for _, a, _ in mlm.named(
-                        mlm.Params(*parts))], strict=True):
-                    t[...] = v
+                tr.load_state(kind, mlm.Params(*parts))
         got = [tr.step(s) for s in range(start, steps)]
         losses[(replica, head_rank)] = [r.loss for r in got]
-        shards[(replica, head_rank)] = (tr, [tr.arrays()] + [tr.opt.state[k]
-                                                             for k in tr.opt.names])
+        states = [tr.state_arrays(k) for k in tr.opt.names]  # ZeRO: every replica gathers
+        shards[(replica, head_rank)] = (tr, [tr.arrays(), *states])
 
     run_ranks(work, [(r, h) for r in range(replicas) for h in range(tensor)],
               heads + data)
@@ -83,6 +93,8 @@ def simulate(cfg, corpus, tensor, replicas, steps, start=0, full_state=None):
     def whole(index):
         parts = [rebuild(shards[(0, h)][0].params, shards[(0, h)][1][index])
                  for h in range(tensor)]
+        whole_vocab = join_vocab(parts[0], [(p.emb.word, p.head.bias) for p in parts])
+        parts[0] = whole_vocab
         layers = [model.join_shards([p.layers[i] for p in parts]) for i in range(m.layers)]
         return to_hf(parts[0].emb, layers, parts[0].head)
 
@@ -129,7 +141,8 @@ def test_finetune_config_layouts_give_the_same_losses(corpus_files):
 
     cfg = config.load(ROOT / "jobs/configs/finetune-minilm.toml", [
         f"train.corpus={corpus_files / 'train.txt'}", "input.batch=4", "input.seq_len=24",
-        f"train.heldout={corpus_files / 'heldout.txt'}", "train.warmup=2"])
+        f"train.heldout={corpus_files / 'heldout.txt'}", "train.warmup=2",
+        "parallel.zero=true"])
     apply_checkpoint_shape(cfg)
     corpus = Corpus.load(cfg)
     assert corpus.vocab == 30522 and cfg.model.heads == 12
@@ -168,6 +181,31 @@ def test_resume_equals_straight_any_tensor(corpus64):
         err = rel(first + rest, straight)
         perr = max(rel(p12[k], params[k]) for k in params)
         print(f"resume with tensor={tensor}: losses {err:.1e}, params {perr:.1e}")
+        assert err <= 1e-12 and perr <= 1e-12
+
+
+def test_sharded_state_resumes_at_any_layout(corpus64):
+    """A checkpoint taken at tensor 2 x data 2 (word rows split, optimizer state sharded
+    over the replicas: ZeRO-1) resumes at 3 x 1, 1 x 2 and 1 x 1 as the straight run
+    continues, within 1e-12; its parameters and state equal those of the same run with
+    the state replicated (parallel.zero = false) bit for bit."""
+    cfg, corpus = corpus64
+    straight, params, _ = simulate(cfg, corpus, 2, 2, 10)
+    first, p5, s5 = simulate(cfg, corpus, 2, 2, 5)
+    plain = config.from_dict({**tiny_train_flat(Path(cfg.train.corpus).parent),
+                              "model.vocab": corpus.vocab, "parallel.zero": False})
+    _, q5, t5 = simulate(plain, corpus, 2, 2, 5)
+    for kind in t5:  # ZeRO-1 updates every element as the replicated optimizer does
+        for k in t5[kind]:
+            np.testing.assert_array_equal(s5[kind][k], t5[kind][k], err_msg=k)
+    for k in q5:
+        np.testing.assert_array_equal(p5[k], q5[k], err_msg=k)
+    for tensor, replicas in [(3, 1), (1, 2), (1, 1)]:
+        rest, p10, _ = simulate(cfg, corpus, tensor, replicas, 10, start=5,
+                                full_state=(p5, s5))
+        err = rel(first + rest, straight)
+        perr = max(rel(p10[k], params[k]) for k in params)
+        print(f"2 x 2 -> {tensor} x {replicas} at step 5: losses {err:.1e}, params {perr:.1e}")
         assert err <= 1e-12 and perr <= 1e-12
 
 

@@ -76,6 +76,7 @@ from ..core.attention import DEFAULT_BLOCK, PLAIN_MAX_SEQ
 from ..core.costs import CHECK_ROWS
 from ..errors import ConfigError, InputError
 from .report import Loaded, load
+from .trainshare import format_share, step_flops
 
 PHASE_AR = "allreduce"
 REPLICATED = "norm"  # LayerNorm and residuals: the same work on every rank of a head group
@@ -899,14 +900,39 @@ def plan_command(args: argparse.Namespace) -> int:
         f.notes.append("--nodes-alpha/--nodes-beta are used only with --ranks-per-node:"
                        " ignored")
     checks = check(files, f)
+    training = training_shape(job, base)
     if args.json:
+        shares = {} if training is None else {
+            "tensor2_vocab_split": step_flops(**training, tensor=2, vocab_split=True),
+            "tensor2_whole_vocab": step_flops(**training, tensor=2, vocab_split=False)}
         print(json.dumps({"job": asdict(job), "fit": asdict(f), "target": asdict(tgt),
                           "assumptions": assumptions(f, tgt, layout, job, limit),
-                          "check": checks,
+                          "check": checks, "training": shares,
                           "predictions": rows}, indent=2))
         return 0
     print(format_plan(job, f, tgt, rows, checks, layout, limit))
+    if training is not None:
+        print("training (FLOPs a head group's ranks repeat, analysis.trainshare):\n  "
+              + format_share(training, 2))
     return 0
+
+
+def training_shape(job: Job, rf: Loaded) -> dict[str, Any] | None:
+    """The arguments of ``trainshare.step_flops`` for ``job`` (its model's vocabulary and
+    tables, ``train.mask_prob`` or 0.15 from the file's config), or None when the file
+    does not say how many words the model has."""
+    m, t = rf.model, rf.config.get("train", {})
+    try:
+        vocab = int(m.get("vocab", 0))
+        positions, types = int(m.get("max_positions", 512)), int(m.get("type_vocab", 2))
+        mask = float(t.get("mask_prob", 0.15))
+    except (TypeError, ValueError):
+        return None
+    if vocab < 1:
+        return None
+    return {"layers": job.layers, "heads": job.heads, "hidden": job.hidden, "ffn": job.ffn,
+            "vocab": vocab, "batch": job.batch, "seq": job.seq_len, "mask_prob": mask,
+            "max_positions": positions, "type_vocab": types}
 
 
 def format_plan(job: Job, f: Fit, tgt: Target, rows: list[dict], checks: list[dict],

@@ -10,6 +10,12 @@ inputs), one checked Allreduce of the gradients over the data group in a few fla
 buckets, the global gradient norm (sharded squares summed over the head group), and the
 optimizer on this rank's shard.
 
+Work that would otherwise repeat on every rank is split (docs/training-scale.md): the word
+table, the tied decoder and the softmax over the vocabulary by words over the head group
+(``parallel.vocab``, ``core.vocab``: three more checked sums a step), and the optimizer
+state over the replicas (``parallel.zero``, ``ZeroShard``: each replica updates its block
+of the parameters, then the blocks are gathered by a checked Allgather).
+
 With ``parallel.pipeline = P`` (world = data x pipeline x tensor) each stage holds its
 layers (stage 0 the embeddings, the last the MLM head and a copy of the tied word
 embedding) and runs the 1F1B schedule over ``parallel.microbatches`` micro-batches
@@ -37,6 +43,7 @@ import numpy as np
 
 from ..config import Config
 from ..core import mlm, seqattn
+from ..core import vocab as vocab_parallel
 from ..core.attention import Options
 from ..core.model import BACKWARD_SITES, SITES, Embeddings, LayerShard, join_shards
 from ..core.optim import Optimizer, clip_factor, global_norm, lr_at, squared_norms
@@ -76,8 +83,11 @@ SUM_SITES = ("loss", "grad_norm", "eval")  # one-number sums (layer 0)
 TIED_SITE = "grad.tied"  # the tied word embedding's gradient, first + last stage (layer 0)
 STAGE_SITES = (FWD_SITE, BWD_SITE, TIED_SITE)  # with parallel.pipeline > 1
 SEQUENCE_SITES = seqattn.SITES + seqattn.BACKWARD_SITES  # with parallel.sequence > 1
+ZERO_SITE = "zero"  # the replicas' updated parameter shards, gathered (ZeRO-1; layer 0)
+ZERO_STATE_SITE = "zero.state"  # the optimizer state gathered for a checkpoint (layer: kind)
+VOCAB_SITES = vocab_parallel.SITES  # with the vocabulary split over the head group (layer 0)
 TRAIN_SITES = (*SITES, *BACKWARD_SITES, GRAD_SITE, *SUM_SITES, *STAGE_SITES,
-               *SEQUENCE_SITES)  # fault.inject
+               *SEQUENCE_SITES, *VOCAB_SITES, ZERO_SITE)  # fault.inject
 _HEAD = 13  # seeded stream tag of the MLM head (weights use 0..2, the corpus 10..12)
 
 
@@ -146,7 +156,37 @@ def rebuild(template: mlm.Params, arrays: list[Any]) -> mlm.Params:
     head = None
     if template.head is not None:
         head = mlm.MLMHead(*(next(it) for _ in dataclasses.fields(mlm.MLMHead)))
-    return mlm.Params(emb, layers, head, template.first)
+    return mlm.Params(emb, layers, head, template.first, template.vocab)
+
+
+def vocab_split(cfg: Config, vocab: int, tensor: int, head_rank: int) -> Any:
+    """The word rows this head rank holds (``core.vocab.VocabSplit``), or None when the
+    word table is whole on every rank: ``parallel.vocab = false``, one head rank, fewer
+    words than head ranks, or with pipeline stages or sequence slices (not built there)."""
+    p = cfg.parallel
+    if not p.vocab or tensor < 2 or vocab < tensor or p.pipeline > 1 or p.sequence > 1:
+        return None
+    return vocab_parallel.VocabSplit(vocab, tensor, head_rank)
+
+
+def split_vocab(params: mlm.Params, split: Any) -> mlm.Params:
+    """``params`` (or gradients, or optimizer state) with the whole word table and decoder
+    bias cut to ``split``'s rows (copies); unchanged when ``split`` is None."""
+    if split is None or params.vocab is not None:
+        return params
+    emb = dataclasses.replace(params.emb, word=params.emb.word[split.rows].copy())
+    head = dataclasses.replace(params.head, bias=params.head.bias[split.rows].copy())
+    return mlm.Params(emb, params.layers, head, params.first, split)
+
+
+def join_vocab(p: mlm.Params, pieces: list[tuple[Any, Any]]) -> mlm.Params:
+    """Whole-vocabulary parameters from every head rank's (word rows, bias) in rank order
+    (``p``: rank 0's); ``p`` itself when the vocabulary is not split."""
+    if not p.vocab_split:
+        return p
+    emb = dataclasses.replace(p.emb, word=np.concatenate([w for w, _ in pieces]))
+    head = dataclasses.replace(p.head, bias=np.concatenate([b for _, b in pieces]))
+    return mlm.Params(emb, p.layers, head, p.first)
 
 
 # --- the communication a step needs ---------------------------------------------------
@@ -176,6 +216,9 @@ class Groups:
     pipe: Any = None
     tied: Any = None
     sequence: Any = None  # seqattn.SequenceAttention with parallel.sequence > 1
+    vocab: Any = None  # core.vocab.VocabSplit: the word rows this head rank holds, or None
+    gather: Any = None  # gather(block, site=, layer=) -> (replicas, *block.shape) over the
+    # data group (a checked Allgather): with it, ZeRO-1 (the optimizer state sharded)
 
     @property
     def summed(self) -> bool:
@@ -198,13 +241,15 @@ def bucket_count(elements: int) -> int:
     return -(-rows // BUCKET_ROWS)
 
 
-def shard_elements(model: Any, vocab: int, shard: HeadShard) -> int:
-    """Parameters that a rank holding ``shard`` trains (the sizes of ``mlm.named``)."""
+def shard_elements(model: Any, vocab: int, shard: HeadShard, words: int | None = None) -> int:
+    """Parameters that a rank holding ``shard`` trains (the sizes of ``mlm.named``);
+    ``words``: the word rows it holds (default all ``vocab``)."""
     h, w = model.hidden, shard.width
+    words = vocab if words is None else words
     f = shard.ffn_cols.stop - shard.ffn_cols.start
-    emb = (vocab + model.max_positions + model.type_vocab + 2) * h
+    emb = (words + model.max_positions + model.type_vocab + 2) * h
     layer = 4 * h * w + 3 * w + 2 * h * f + f + 6 * h  # qkv, out, mlp, biases, two norms
-    return emb + model.layers * layer + h * h + 3 * h + vocab  # + the MLM head
+    return emb + model.layers * layer + h * h + 3 * h + words  # + the MLM head
 
 
 def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int], tuple[int, str]]:
@@ -219,6 +264,18 @@ def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int]
     def span(site: str, rank: int) -> tuple[int, str]:
         if site in SEQUENCE_SITES:  # check_sequence has refused them without a sequence group
             return m.layers, f"the model has {m.layers} layers"
+        if site in VOCAB_SITES:
+            if vocab_split(cfg, m.vocab, shape.tensor, 0) is None:
+                return 0, ("the vocabulary is split over the head group only with"
+                           " parallel.tensor >= 2 and parallel.vocab = true, without"
+                           " pipeline stages or sequence slices: raise parallel.tensor")
+            return 1, f"site '{site}' sums once a step (and once a held-out batch)"
+        if site == ZERO_SITE:
+            if shape.data < 2 or not cfg.parallel.zero or shape.sequence > 1:
+                return 0, ("the optimizer state is sharded (ZeRO-1) only over two replicas"
+                           " or more with parallel.zero = true, without sequence slices:"
+                           " lower parallel.tensor")
+            return 1, f"site '{site}' gathers once a step"
         if site in STAGE_SITES:
             if shape.pipeline == 1:
                 return 0, ("parallel.pipeline = 1 keeps every layer on one stage, so"
@@ -238,7 +295,9 @@ def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int]
             measured = cfg.parallel.balance == "measured"  # heads unknown yet: bound them
             parts, index = (1, 0) if measured else (tensor, shape.coords(rank)["tensor"])
             shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, parts, index)
-            count = bucket_count(shard_elements(m, m.vocab, shard))
+            split = None if measured else vocab_split(cfg, m.vocab, tensor, index)
+            words = None if split is None else split.count
+            count = bucket_count(shard_elements(m, m.vocab, shard, words))
             bound = "at most " if measured else ""
             return count, (f"rank {rank} sums its gradients in {bound}{count} bucket(s), and"
                            " a 'grad' fault's layer is the bucket index")
@@ -282,18 +341,78 @@ class StepResult:
     seconds: dict[str, float]
 
 
+@dataclass
+class ZeroShard:
+    """ZeRO-1 (Rajbhandari et al. 2020, stage 1): the parameters of a head rank live in one
+    flat array of ``replicas * chunk`` elements (the order of ``mlm.named``, zero padded);
+    replica d updates elements ``[d * chunk, (d + 1) * chunk)`` with the optimizer state of
+    those elements only, then every replica's updated block is gathered (checked)."""
+
+    flat: Any  # (replicas * chunk,) every parameter of this head rank, views in ``params``
+    chunk: int
+    start: int  # this replica's first element
+    pieces: list  # (tensor index, first, stop) flat ranges of this replica's block
+    offsets: list  # flat offset of every tensor
+    shapes: list  # shape of every tensor
+
+    @classmethod
+    def build(cls, arrays: list[Any], replicas: int, replica: int, xp: Any
+              ) -> tuple[ZeroShard, list[Any]]:
+        """The shard and the parameters as views of its flat array (values copied in)."""
+        sizes = [a.size for a in arrays]
+        total = sum(sizes)
+        chunk = -(-total // replicas)
+        flat = xp.zeros(chunk * replicas, dtype=arrays[0].dtype)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        views = []
+        for a, o in zip(arrays, offsets, strict=True):
+            v = flat[o: o + a.size].reshape(a.shape)
+            v[...] = a
+            views.append(v)
+        lo, hi = replica * chunk, min(total, (replica + 1) * chunk)
+        pieces = [(i, max(o, lo), min(o + n, hi)) for i, (o, n) in enumerate(
+            zip(offsets, sizes, strict=True)) if max(o, lo) < min(o + n, hi)]
+        return cls(flat, chunk, lo, pieces, offsets, [a.shape for a in arrays]), views
+
+    def mine(self, flat: Any) -> list[Any]:
+        """This replica's pieces of a flat array laid out like ``self.flat``."""
+        return [flat[a:b] for _, a, b in self.pieces]
+
+    def block(self) -> Any:
+        return self.flat[self.start: self.start + self.chunk]
+
+    def whole(self, flat: Any) -> list[Any]:
+        """Every tensor of a flat array laid out like ``self.flat``, in its shape."""
+        return [flat[o: o + int(np.prod(sh, dtype=np.int64))].reshape(sh)
+                for o, sh in zip(self.offsets, self.shapes, strict=True)]
+
+
 class Trainer:
-    """One rank's training state and step; no MPI here (the groups are passed in)."""
+    """One rank's training state and step; no MPI here (the groups are passed in).
+
+    ``params`` hold the whole word table; with ``groups.vocab`` the trainer keeps its
+    rows only (``split_vocab``). With ``groups.gather`` and two replicas or more (and
+    ``parallel.zero``) the optimizer state is sharded over the replicas (``ZeroShard``).
+    """
 
     def __init__(self, cfg: Config, corpus: Corpus, params: mlm.Params, groups: Groups,
                  xp: Any = np, clock: Callable[[], float] = time.perf_counter) -> None:
         self.cfg, self.corpus, self.groups, self.xp, self.clock = cfg, corpus, groups, xp, clock
-        self.params = params
-        named = mlm.named(params)
+        self.params = split_vocab(params, groups.vocab)
+        named = mlm.named(self.params)
         self.names = [n for n, _, _ in named]
         self.sharded = [s for _, _, s in named]
-        self.opt = Optimizer(cfg.train, self.arrays())
         self.buckets = Buckets(self.arrays(), xp) if groups.summed else None
+        self.zero: ZeroShard | None = None
+        if (cfg.parallel.zero and groups.gather is not None and groups.replicas > 1
+                and groups.sequence is None):
+            self.zero, views = ZeroShard.build(self.arrays(), groups.replicas,
+                                               groups.replica, xp)
+            self.params = rebuild(self.params, views)
+            decays = [self.arrays()[i].ndim >= 2 for i, _, _ in self.zero.pieces]
+            self.opt = Optimizer(cfg.train, self.zero.mine(self.zero.flat), decays)
+        else:
+            self.opt = Optimizer(cfg.train, self.arrays())
         self.eps = cfg.model.layer_norm_eps
         # the algorithm attention.impl names, as in run and bench (attention.ALGORITHMS)
         self.impl, self.block = Options(cfg.attention.impl,
@@ -301,6 +420,45 @@ class Trainer:
 
     def arrays(self) -> list[Any]:
         return [a for _, a, _ in mlm.named(self.params)]
+
+    def _update(self, grads: list[Any], lr: float, step: int, factor: float) -> None:
+        """The optimizer on this rank's parameters with the summed ``grads``; with ZeRO-1
+        on this replica's block only, then the blocks gathered (site ``zero``)."""
+        z = self.zero
+        if z is None:
+            self.opt.step(self.arrays(), grads, lr, step, factor)
+            return
+        # the summed gradients lie in the buckets' flat array, in the order of z.flat
+        self.opt.step(z.mine(z.flat), z.mine(self.buckets.flat), lr, step, factor)
+        blocks = self.groups.gather(z.block(), site=ZERO_SITE, layer=0)
+        z.flat[...] = self.xp.asarray(blocks).reshape(-1)
+
+    def state_arrays(self, kind: str) -> list[Any]:
+        """The optimizer state ``kind`` of every tensor this rank holds, in the order of
+        ``mlm.named``. With ZeRO-1 a collective over the data group (every replica calls
+        it; the blocks gathered, checked, at site ``zero.state``)."""
+        z = self.zero
+        if z is None:
+            return self.opt.state[kind]
+        block = self.xp.zeros(z.chunk, dtype=z.flat.dtype)
+        for (_, a, b), piece in zip(z.pieces, self.opt.state[kind], strict=True):
+            block[a - z.start: b - z.start] = piece
+        blocks = self.groups.gather(block, site=ZERO_STATE_SITE,
+                                    layer=self.opt.names.index(kind))
+        return z.whole(self.xp.asarray(blocks).reshape(-1))
+
+    def load_state(self, kind: str, whole: mlm.Params) -> None:
+        """Set the optimizer state ``kind`` from whole-vocabulary tensors of this rank's
+        head shard (a checkpoint's, ``hf.from_hf``), in the structure of ``mlm.Params``."""
+        arrays = [a for _, a, _ in mlm.named(split_vocab(whole, self.groups.vocab))]
+        z = self.zero
+        if z is None:
+            for target, value in zip(self.opt.state[kind], arrays, strict=True):
+                target[...] = self.xp.asarray(value)
+            return
+        for (i, a, b), target in zip(z.pieces, self.opt.state[kind], strict=True):
+            o = z.offsets[i]
+            target[...] = self.xp.asarray(arrays[i].reshape(-1)[a - o: b - o])
 
     def _local(self, b: Batch) -> Batch:
         """This rank's tokens of a replica's batch (sequence parallelism): ids (b, S_i),
@@ -412,7 +570,7 @@ class Trainer:
         total, loss = (float(v) for v in _sum(g.pipe, [local, loss], "grad_norm", self.xp))
         norm = float(np.sqrt(total))
         lr = lr_at(step, self.cfg.train)
-        self.opt.step(self.arrays(), grads, lr, step, clip_factor(norm, self.cfg.train.clip))
+        self._update(grads, lr, step, clip_factor(norm, self.cfg.train.clip))
         t4 = clock()
         seconds.update(allreduce=t3 - t2, optimizer=t4 - t3)
         return StepResult(loss, lr, norm, seconds)
@@ -438,7 +596,7 @@ class Trainer:
         norm = global_norm(grads, self.sharded,
                            lambda s: float(_sum(g.heads, [s], "grad_norm", self.xp)[0]))
         lr = lr_at(step, self.cfg.train)
-        self.opt.step(self.arrays(), grads, lr, step, clip_factor(norm, self.cfg.train.clip))
+        self._update(grads, lr, step, clip_factor(norm, self.cfg.train.clip))
         t4 = clock()
         seconds.update(forward=t1 - t0, backward=t2 - t1, allreduce=t3 - t2, optimizer=t4 - t3)
         return StepResult(loss, lr, norm, seconds)
@@ -603,6 +761,36 @@ def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
     return p2p, pipe, tied
 
 
+class _HostGather:
+    """A checked Allgather (``transfers.CheckedAllgather``) of device or host arrays:
+    ``(block, site=, layer=) -> (group size, *block.shape)`` in the block's array kind."""
+
+    def __init__(self, checked: Any, xp: Any) -> None:
+        self.checked, self.xp = checked, xp
+
+    @property
+    def records(self) -> list:
+        return self.checked.records
+
+    def __call__(self, block: Any, *, site: str, layer: int) -> Any:
+        from ..core.backend import to_host
+
+        return self.xp.asarray(self.checked(to_host(block), site=site, layer=layer))
+
+
+def _zero_gather(cfg: Config, plan: Any) -> _HostGather:
+    """Collective over the data group: the checked Allgather of ZeRO-1's parameter blocks."""
+    from ..core.checksum import parse_faults
+    from ..parallel.transfers import CheckedAllgather, FaultPlan, RetryPolicy
+
+    grid = plan.grid
+    checked = CheckedAllgather(grid.comm("data"),
+                               RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
+                               FaultPlan(parse_faults(cfg.fault.inject, TRAIN_SITES), grid.rank),
+                               group_ranks=grid.group_ranks("data"))
+    return _HostGather(checked, plan.backend.xp)
+
+
 def _flags(world: Any, *values: int) -> list[int]:
     """Collective: the maximum over all ranks of each small integer (one tiny Allreduce)."""
     from mpi4py import MPI
@@ -648,7 +836,12 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     groups = Groups(heads, data, tensor, grid.coord("tensor"), grid.axis_size("data"),
                     grid.coord("data"), stages, stage, cfg.parallel.microbatches,
-                    sequence=make_sequence(cfg, plan, first.ids.shape[1], TRAIN_SITES))
+                    sequence=make_sequence(cfg, plan, first.ids.shape[1], TRAIN_SITES),
+                    vocab=vocab_split(cfg, corpus.vocab, tensor, grid.coord("tensor")))
+    zero = None
+    if cfg.parallel.zero and grid.axis_size("data") > 1 and groups.sequence is None:
+        zero = _zero_gather(cfg, plan)
+        groups.gather = zero
     first_copy = grid.coord("data") == 0 and grid.coord("sequence") == 0  # of the model
     if stages > 1:
         groups.p2p, groups.pipe, groups.tied = _stage_links(cfg, plan)
@@ -669,9 +862,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         for kind in trainer.opt.names:
             full = ck.state[kind]
             emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
-            arrays = [a for _, a, _ in mlm.named(part(mlm.Params(emb, layers, head)))]
-            for target, value in zip(trainer.opt.state[kind], arrays, strict=True):
-                target[...] = xp.asarray(value)
+            trainer.load_state(kind, part(mlm.Params(emb, layers, head)))
     written: set[Path] = set()  # checkpoints this job wrote: the next may replace them
 
     def gather(optimizer: bool = True) -> dict[str, dict[str, np.ndarray]]:
@@ -679,14 +870,17 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         it; each stage's head group gathers its shards, then the stages gather to stage 0:
         embeddings from the first, the head from the last); {} elsewhere."""
         full = {}
+        kinds = trainer.opt.names if optimizer else []
+        states = [(kind, trainer.state_arrays(kind)) for kind in kinds]  # ZeRO: collective
         if first_copy:
-            kinds = trainer.opt.names if optimizer else []
-            for key, arrays in [("params", trainer.arrays())] + [
-                    (kind, trainer.opt.state[kind]) for kind in kinds]:
+            for key, arrays in [("params", trainer.arrays()), *states]:
                 p = rebuild(trainer.params, [to_host(a) for a in arrays])
-                pieces = grid.comm("tensor").gather(p.layers, root=0)
+                rows = (p.emb.word, p.head.bias) if p.vocab_split else None
+                pieces = grid.comm("tensor").gather((p.layers, rows), root=0)
                 if grid.coord("tensor") != 0:
                     continue
+                p = join_vocab(p, [pc[1] for pc in pieces])
+                pieces = [pc[0] for pc in pieces]
                 layers = [join_shards([pc[i] for pc in pieces]) for i in range(len(p.layers))]
                 parts = grid.comm("pipeline").gather((p.emb, layers, p.head), root=0)
                 if stage == 0:
@@ -781,6 +975,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         if stage == 0:  # the sums over the stages and over the tied embedding's two ends
             mine += [(grid.coord("data"), r) for r in groups.pipe.records + groups.tied.records]
     mine += [(grid.coord("data"), r) for r in data.records] if first_copy else []
+    if zero is not None and first_copy:  # the gathered parameter shards (ZeRO-1)
+        mine += [(grid.coord("data"), r) for r in zero.records]
     if groups.sequence is not None:  # the messages between token slices, this rank's own
         mine += [(grid.coord("data"), r) for r in groups.sequence.transfer.records]
     records = world.gather(mine)

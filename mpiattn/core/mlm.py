@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from . import vocab as vocab_parallel
 from .attention import mask_bias
 from .backend import get_array_module
 from .model import Embeddings, LayerCache, LayerShard, Reduce, layer_backward
@@ -70,6 +71,12 @@ class Params:
     layers: list[LayerShard]
     head: MLMHead | None
     first: int = 0  # the model index of layers[0]
+    vocab: vocab_parallel.VocabSplit | None = None  # word rows and decoder bias split
+    # over the head group (``vocab``): emb.word is (count, H), head.bias (count,)
+
+    @property
+    def vocab_split(self) -> bool:
+        return self.vocab is not None and self.vocab.split
 
 
 @dataclass
@@ -89,9 +96,13 @@ def head_cached(h: Any, head: MLMHead, word: Any, eps: float) -> tuple[Any, Head
     return logits, HeadCache(c_d, c_g, c_ln, c_dec)
 
 
-def head_backward(dlogits: Any, c: HeadCache) -> tuple[Any, MLMHead, Any]:
-    """(dh, head gradients, d word embeddings from the tied decoder)."""
+def head_backward(dlogits: Any, c: HeadCache, reduce: Reduce | None = None
+                  ) -> tuple[Any, MLMHead, Any]:
+    """(dh, head gradients, d word embeddings from the tied decoder). ``reduce``: with
+    the vocabulary split, the decoder's dL/d input is a partial sum over the group."""
     dt, dword_t, dbias = linear_backward(dlogits, c.decoder)
+    if reduce is not None:
+        dt = reduce(dt, site=vocab_parallel.BACKWARD_SITE, layer=0)
     dt, dln_g, dln_b = layer_norm_backward(dt, c.ln)
     dt = gelu_backward(dt, c.gelu)
     dh, ddense_w, ddense_b = linear_backward(dt, c.dense)
@@ -102,13 +113,14 @@ def head_backward(dlogits: Any, c: HeadCache) -> tuple[Any, MLMHead, Any]:
 class StageCache:
     """What the backward of one (micro-)batch through a stage's part of the model needs."""
 
-    embeddings: EmbeddingCache | None  # first stage only
+    embeddings: EmbeddingCache | vocab_parallel.EmbeddingCache | None  # first stage only
     layers: list[LayerCache]
     head: HeadCache | None  # last stage only
-    loss: CrossEntropyCache | None
+    loss: CrossEntropyCache | vocab_parallel.LossCache | None
     positions: Any  # (N,) flat indices of the masked tokens
     shape: tuple[int, int, int]  # (B, S, H)
     first: int = 0  # the model index of the stage's first layer
+    vocab: vocab_parallel.VocabSplit | None = None  # the parameters' vocabulary split
 
 
 ModelCache = StageCache  # the whole model is the one stage of P = 1
@@ -130,10 +142,13 @@ def stage_forward(params: Params, inputs: Any, key_mask: Any, positions: Any, ta
     tokens (sequence parallelism): ids, inputs and positions are then the slice's (S_i
     tokens), key_mask covers whole sequences (B, S).
     """
-    c_emb = None
-    if first_stage:
-        x, c_emb = embed_cached(inputs, params.emb, eps,
-                                0 if sequence is None else sequence.split.start)
+    c_emb: Any = None
+    offset = 0 if sequence is None else sequence.split.start
+    if first_stage and params.vocab_split:
+        x, c_emb = vocab_parallel.embed_cached(inputs, params.emb, eps, params.vocab, reduce,
+                                               offset)
+    elif first_stage:
+        x, c_emb = embed_cached(inputs, params.emb, eps, offset)
     else:
         x = inputs
     bias = mask_bias(key_mask, x.dtype)
@@ -142,12 +157,19 @@ def stage_forward(params: Params, inputs: Any, key_mask: Any, positions: Any, ta
         x, c = layer_cached(x, p, bias, reduce, params.first + j, eps, impl, block, sequence)
         caches.append(c)
     if not last_stage:
-        return x, StageCache(c_emb, caches, None, None, positions, x.shape, params.first)
+        return x, StageCache(c_emb, caches, None, None, positions, x.shape, params.first,
+                             params.vocab)
     hidden = x.shape[-1]
     h = x.reshape(-1, hidden)[positions]
     logits, c_head = head_cached(h, params.head, params.emb.word, eps)
-    loss, c_ce = cross_entropy_cached(logits, targets, scale)
-    return loss, StageCache(c_emb, caches, c_head, c_ce, positions, x.shape, params.first)
+    c_ce: Any
+    if params.vocab_split:  # (N, count) columns: the statistics summed over the group
+        loss, c_ce = vocab_parallel.cross_entropy_cached(logits, targets, scale,
+                                                         params.vocab, reduce)
+    else:
+        loss, c_ce = cross_entropy_cached(logits, targets, scale)
+    return loss, StageCache(c_emb, caches, c_head, c_ce, positions, x.shape, params.first,
+                            params.vocab)
 
 
 def stage_backward(c: StageCache, dout: Any, reduce: Reduce) -> tuple[Any, Params]:
@@ -156,9 +178,11 @@ def stage_backward(c: StageCache, dout: Any, reduce: Reduce) -> tuple[Any, Param
     the stage's output (B, S, H); None on the last stage (the loss is its output)."""
     dhead, dword_dec = None, None
     if c.loss is not None:
-        xp = get_array_module(c.loss.logp)
-        dlogits = cross_entropy_backward(c.loss)
-        dh, dhead, dword_dec = head_backward(dlogits, c.head)
+        split = isinstance(c.loss, vocab_parallel.LossCache)
+        dlogits = (vocab_parallel.cross_entropy_backward(c.loss) if split
+                   else cross_entropy_backward(c.loss))
+        dh, dhead, dword_dec = head_backward(dlogits, c.head, reduce if split else None)
+        xp = get_array_module(dh)
         batch, seq, hidden = c.shape
         dx = xp.zeros((batch * seq, hidden), dtype=dh.dtype)
         dx[c.positions] = dh  # positions are distinct
@@ -171,13 +195,15 @@ def stage_backward(c: StageCache, dout: Any, reduce: Reduce) -> tuple[Any, Param
         dlayers.append(g)
     demb = None
     if c.embeddings is not None:
-        demb = embed_backward(dx, c.embeddings)
+        demb = (vocab_parallel.embed_backward(dx, c.embeddings)
+                if isinstance(c.embeddings, vocab_parallel.EmbeddingCache)
+                else embed_backward(dx, c.embeddings))
         if dword_dec is not None:
             demb.word += dword_dec
         dx = None
     elif dword_dec is not None:  # the last stage's copy of the tied word embedding
         demb = Embeddings(dword_dec, None, None, None, None)
-    return dx, Params(demb, dlayers[::-1], dhead, c.first)
+    return dx, Params(demb, dlayers[::-1], dhead, c.first, c.vocab)
 
 
 def model_forward(params: Params, ids: Any, key_mask: Any, positions: Any, targets: Any,
@@ -205,16 +231,18 @@ LAYER_SHARDED = ("w_qkv", "b_qkv", "w_o", "w_1", "b_1", "w_2")  # split across h
 
 def named(params: Params) -> list[tuple[str, Any, bool]]:
     """(name, array, sharded) for every tensor, in a fixed order (optimizer, buckets);
-    a stage's missing parts (None) are left out, its layers named by model index."""
+    a stage's missing parts (None) are left out, its layers named by model index. With
+    the vocabulary split, the word rows and the decoder bias are sharded too."""
     out = []
+    rows = params.vocab_split
     if params.emb is not None:
-        out += [(f"emb.{f.name}", getattr(params.emb, f.name), False)
+        out += [(f"emb.{f.name}", getattr(params.emb, f.name), rows and f.name == "word")
                 for f in fields(Embeddings) if getattr(params.emb, f.name) is not None]
     for i, p in enumerate(params.layers, start=params.first):
         for f in fields(LayerShard):
             if f.name != "head_dim":
                 out.append((f"layer{i}.{f.name}", getattr(p, f.name), f.name in LAYER_SHARDED))
     if params.head is not None:
-        out += [(f"head.{f.name}", getattr(params.head, f.name), False)
+        out += [(f"head.{f.name}", getattr(params.head, f.name), rows and f.name == "bias")
                 for f in fields(MLMHead)]
     return out

@@ -63,13 +63,16 @@ def clip_factor(norm: float, clip: float) -> float:
 class Optimizer:
     """One of ``sgd``, ``adam``, ``adamw`` over a fixed list of parameters."""
 
-    def __init__(self, t: TrainConfig, params: Sequence[Any]) -> None:
+    def __init__(self, t: TrainConfig, params: Sequence[Any],
+                 decays: Sequence[bool] | None = None) -> None:
+        """``decays``: which parameters weight decay touches (default: ndim >= 2; given
+        when ``params`` are flat pieces of tensors, as a ZeRO-1 shard's are)."""
         self.t = t
         self.kind = t.optimizer
         self.names = STATE[self.kind]
         self.state: dict[str, list[Any]] = {
             n: [get_array_module(p).zeros_like(p) for p in params] for n in self.names}
-        self.decays = [p.ndim >= 2 for p in params]
+        self.decays = [p.ndim >= 2 for p in params] if decays is None else list(decays)
 
     def step(self, params: Sequence[Any], grads: Sequence[Any], lr: float, step: int,
              scale: float = 1.0) -> None:
