@@ -28,7 +28,7 @@ import mpiattn
 from mpiattn.analysis import files, report
 from mpiattn.commands.cli import main
 from mpiattn.errors import InputError
-from mpiattn.io.layout import site_names
+from mpiattn.io.schema import site_names
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")

@@ -16,7 +16,7 @@ from mpiattn.commands.seqbench import (
     peak_rss,
 )
 from mpiattn.errors import ConfigError
-from mpiattn.io.layout import SequenceBenchResult, write_sequence_bench
+from mpiattn.io.schema import SequenceBenchResult, write_sequence_bench
 
 
 def test_hidden_fraction():

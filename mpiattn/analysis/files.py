@@ -588,7 +588,7 @@ class File:
         for field in table.dtype.names:
             column = table[field]
             if field == "site":
-                from ..io.records import site_names
+                from ..io.collectives import site_names
 
                 column = site_names(table)
             if column.dtype.kind == "S":

@@ -37,7 +37,7 @@ from ..core.costs import layer_flops
 from ..core.model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import micro_batches, stage_forward, stage_layers
-from ..io.layout import (
+from ..io.schema import (
     PHASES,
     BenchResult,
     PipelineBenchResult,

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import Config
 from ..io import h5io
-from ..io.layout import write_provenance
+from ..io.schema import write_provenance
 from . import jobkit
 
 

@@ -48,15 +48,15 @@ from ..inputs.textstream import (
     sorted_batches,
 )
 from ..io.corpusfile import ChunkResult, Parts, assemble, check_space, disk_file, job_key
-from ..io.layout import PHASES, write_phase_seconds, write_provenance, write_records
 from ..io.outfile import OutputExists
+from ..io.schema import PHASES, write_phase_seconds, write_provenance, write_records
 from ..parallel import watchdog
 from ..parallel.faults import FaultyPhases, check_fault_targets, crash_points, slowdown
 from ..version import __version__
 from . import jobkit
 from .placement import (
     RUN_SITES,
-    Plan,
+    Placement,
     apply_checkpoint_shape,
     attention_options,
     check_memory,
@@ -219,7 +219,7 @@ def _leave_parts(parts: Parts, lines: int, chunk: int, unit: str = "line") -> No
 class _Job:
     """The streamed encoding on one rank (built after the pre-flight agreed)."""
 
-    def __init__(self, cfg: Config, world: Any, p: Plan, tok: SentenceTokenizer,
+    def __init__(self, cfg: Config, world: Any, p: Placement, tok: SentenceTokenizer,
                  info: TextInfo, parts: Parts | None, source: Source,
                  pipe: Pipeline) -> None:
         self.cfg, self.world, self.p, self.tok, self.info = cfg, world, p, tok, info

@@ -126,7 +126,7 @@ def preflight(world: Any, check: Callable[[], tuple[T, dict[str, str]]],
         if out is not None:
             out.discard()
         raise err
-    from ..io.layout import record_inputs
+    from ..io.schema import record_inputs
 
     record_inputs(digests)  # the same on every rank now: written into the output file
     if out is not None:

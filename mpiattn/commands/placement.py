@@ -94,7 +94,7 @@ def check_memory(cfg: Config) -> None:
 
 
 @dataclass
-class Plan:
+class Placement:
     """Everything decided before the first FLOP."""
 
     cfg: Config
@@ -109,7 +109,7 @@ class Plan:
     cuda_aware: bool = False  # device buffers go to MPI as they are (CuPy ranks only)
 
 
-def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
+def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Placement:
     """Process grid, backend, BLAS threads and this rank's heads and rows (run and train)."""
     from ..parallel.grid import GridShape, make_grid
 
@@ -127,7 +127,7 @@ def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Plan:
     shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, grid.coord("tensor"),
                        head_counts)
     rows = partition(batch.shape[0], grid.axis_size("data"), grid.coord("data"))
-    return Plan(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter,
+    return Placement(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter,
                 cuda_aware(cfg, backend))
 
 
@@ -164,12 +164,12 @@ def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) ->
     return measured_counts(m.heads, list(rates))
 
 
-def attention_options(cfg: Config, p: Plan) -> Options:
+def attention_options(cfg: Config, p: Placement) -> Options:
     """The attention options of this rank's plan (``Options.configured``)."""
     return Options.configured(cfg.attention.impl, cfg.attention.block, p.threads)
 
 
-def make_reducer(cfg: Config, p: Plan, comm: Any = None, group_ranks: list[int] | None = None,
+def make_reducer(cfg: Config, p: Placement, comm: Any = None, group_ranks: list[int] | None = None,
                  sites: tuple[str, ...] = RUN_SITES) -> Any:
     """The checked Allreduce over ``comm`` (default: this rank's head group); ``sites``:
     where the command's ``fault.inject`` may aim (train: ``train.TRAIN_SITES``)."""
@@ -186,7 +186,7 @@ def make_reducer(cfg: Config, p: Plan, comm: Any = None, group_ranks: list[int] 
     )
 
 
-def load_shards(cfg: Config, p: Plan, world: Any, indices: range,
+def load_shards(cfg: Config, p: Placement, world: Any, indices: range,
                 vocab_rows: np.ndarray | None = None) -> tuple[Any, list]:
     """Embeddings and this rank's shard of the given layers, on the rank's device.
     ``vocab_rows``: the only token ids this rank embeds (sorted, unique; see
@@ -213,7 +213,7 @@ def load_shards(cfg: Config, p: Plan, world: Any, indices: range,
     return emb, layers
 
 
-def make_p2p(cfg: Config, p: Plan) -> Any:
+def make_p2p(cfg: Config, p: Placement) -> Any:
     """The checked point-to-point transfers between this rank's pipeline stages."""
     from ..core.checksum import parse_faults
     from ..parallel.transfers import CheckedP2P, FaultPlan, RetryPolicy
@@ -264,7 +264,7 @@ def check_sequence(cfg: Config, tensor: int, seq: int, command: str = "run") -> 
                           f" attention.sequence = \"{algorithm}\" in this {command}")
 
 
-def make_sequence(cfg: Config, p: Plan, seq: int, sites: tuple[str, ...] = RUN_SITES) -> Any:
+def make_sequence(cfg: Config, p: Placement, seq: int, sites: tuple[str, ...] = RUN_SITES) -> Any:
     """This rank's ``seqattn.SequenceAttention`` over its sequence group for sequences of
     ``seq`` tokens, with its checked transfer (``transfers.CheckedAlltoall`` for Ulysses,
     ``transfers.CheckedRing`` for the ring); None with ``parallel.sequence = 1``."""

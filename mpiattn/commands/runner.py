@@ -30,14 +30,14 @@ from ..core.seqattn import PHASES as SEQUENCE_PHASES
 from ..errors import ConfigError
 from ..inputs.data import Batch, load_batch
 from ..io import h5io
-from ..io.layout import PHASES, write_run
+from ..io.schema import PHASES, write_run
 from ..io.stmodules import sentence_pipeline
 from ..parallel.faults import FaultyPhases, check_fault_targets, crash_points, slowdown
 from ..version import __version__
 from . import jobkit
 from .placement import (
     RUN_SITES,
-    Plan,
+    Placement,
     apply_checkpoint_shape,
     attention_options,
     check_memory,
@@ -121,7 +121,7 @@ def run(cfg: Config, world: Any, out_path: str, force: bool,
             out.discard()
 
 
-def _run(cfg: Config, world: Any, p: Plan, reducer: Any, out: Any, started: dt.datetime,
+def _run(cfg: Config, world: Any, p: Placement, reducer: Any, out: Any, started: dt.datetime,
          wall0: float) -> Path | None:
     from ..parallel.comm import check_finite, gather_rows
 
@@ -298,7 +298,7 @@ def gather_heads(world: Any, cfg: Config, stats: HeadStats
                             cfg.model.heads)
 
 
-def print_summary(cfg: Config, p: Plan, seconds: np.ndarray, totals: np.ndarray,
+def print_summary(cfg: Config, p: Placement, seconds: np.ndarray, totals: np.ndarray,
                   path: Path, phases: tuple[str, ...] = PHASES) -> None:
     m = cfg.model
     b, s = p.batch.shape

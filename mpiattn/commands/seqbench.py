@@ -43,7 +43,7 @@ from ..core.attention import KeyMask
 from ..core.backend import get_array_module
 from ..core.costs import layer_flops
 from ..core.model import PhaseTimer, layer_forward
-from ..io.layout import PHASES, SequenceBenchResult, write_sequence_bench
+from ..io.schema import PHASES, SequenceBenchResult, write_sequence_bench
 from . import jobkit
 from .benchkit import publish, slowest
 from .placement import attention_options, load_shards, make_sequence

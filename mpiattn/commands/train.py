@@ -52,8 +52,8 @@ from ..core.pipeline import SITE as FWD_SITE
 from ..core.shard import HeadShard, head_shard
 from ..errors import ConfigError, InputError
 from ..inputs.corpus import (
-    Batch,
     Corpus,
+    MaskedBatch,
     default_tokenizer,
     eval_batch,
     train_batch,
@@ -72,7 +72,7 @@ from ..io.checkpoints import (
     write_checkpoint,
 )
 from ..io.hf import from_hf, to_hf
-from ..io.layout import TRAIN_PHASES
+from ..io.schema import TRAIN_PHASES
 from ..version import __version__
 from .progress import Progress
 
@@ -460,7 +460,7 @@ class Trainer:
             o = z.offsets[i]
             target[...] = self.xp.asarray(arrays[i].reshape(-1)[a - o: b - o])
 
-    def _local(self, b: Batch) -> Batch:
+    def _local(self, b: MaskedBatch) -> MaskedBatch:
         """This rank's tokens of a replica's batch (sequence parallelism): ids (b, S_i),
         the masked positions inside the slice renumbered into b*S_i; the key mask stays
         whole (every key is attended to). The batch itself without a sequence group."""
@@ -474,12 +474,13 @@ class Trainer:
         return dataclasses.replace(b, ids=np.ascontiguousarray(b.ids[:, split.local]),
                                    positions=positions, targets=b.targets[mine])
 
-    def _device(self, b: Batch) -> tuple:
+    def _device(self, b: MaskedBatch) -> tuple:
         xp = self.xp
         return (xp.asarray(b.ids), xp.asarray(b.key_mask), xp.asarray(b.positions),
                 xp.asarray(b.targets))
 
-    def _pipeline(self, batch: Batch, backward: bool) -> tuple[float, list[Any], float, float]:
+    def _pipeline(self, batch: MaskedBatch, backward: bool
+                  ) -> tuple[float, list[Any], float, float]:
         """This stage's share of the batch over ``microbatches`` micro-batches: the 1F1B
         schedule with its messages (``pipeline.stage_events``) with ``backward``, else
         forwards only.
@@ -809,8 +810,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     """
     from ..core.backend import to_host
     from ..errors import NumericalError, Stopped
-    from ..io.layout import write_provenance, write_train
     from ..io.outfile import Reservation
+    from ..io.schema import write_provenance, write_train
     from ..parallel import watchdog
     from ..parallel.comm import gather_rows
     from . import jobkit

@@ -112,7 +112,7 @@ class Corpus:
 
 
 @dataclass
-class Batch:
+class MaskedBatch:
     """One replica's rows of a global MLM batch."""
 
     ids: np.ndarray  # (b, S) input ids (masked)
@@ -124,7 +124,7 @@ class Batch:
 
 
 def mlm_batch(windows: np.ndarray, rows: np.ndarray, rng: np.random.Generator, corpus: Corpus,
-              mask_prob: float, replicas: int, replica: int) -> Batch:
+              mask_prob: float, replicas: int, replica: int) -> MaskedBatch:
     """BERT masking of the global batch ``windows[rows]``; this replica's share of rows."""
     sp = corpus.special
     seqs = np.concatenate([np.full((rows.size, 1), sp["[CLS]"]), windows[rows]], axis=1)
@@ -142,11 +142,11 @@ def mlm_batch(windows: np.ndarray, rows: np.ndarray, rng: np.random.Generator, c
     count, start = partition(rows.size, replicas, replica)
     mine = slice(start, start + count)
     flat = np.flatnonzero(pick[mine])
-    return Batch(inputs[mine], np.ones((count, seqs.shape[1]), bool), flat,
+    return MaskedBatch(inputs[mine], np.ones((count, seqs.shape[1]), bool), flat,
                  seqs[mine].reshape(-1)[flat], 1.0 / total, int(seqs.size))
 
 
-def train_batch(corpus: Corpus, cfg: Config, step: int, replicas: int, replica: int) -> Batch:
+def train_batch(corpus: Corpus, cfg: Config, step: int, replicas: int, replica: int) -> MaskedBatch:
     """The global batch of optimizer step ``step``: windows in seeded per-epoch orders."""
     n, b = corpus.train.shape[0], cfg.input.batch
     rows = np.empty(b, dtype=np.int64)
@@ -160,7 +160,7 @@ def train_batch(corpus: Corpus, cfg: Config, step: int, replicas: int, replica: 
     return mlm_batch(corpus.train, rows, rng, corpus, cfg.train.mask_prob, replicas, replica)
 
 
-def eval_batch(corpus: Corpus, cfg: Config, index: int, replicas: int, replica: int) -> Batch:
+def eval_batch(corpus: Corpus, cfg: Config, index: int, replicas: int, replica: int) -> MaskedBatch:
     """Held-out batch ``index``: consecutive windows, fixed masking (same at every eval)."""
     n, b = corpus.heldout.shape[0], cfg.input.batch
     rows = (index * b + np.arange(b)) % n

@@ -79,7 +79,7 @@ def verify(path: str | Path) -> list[str]:
                                 f" {at[0] if len(at) == 1 else at})")
         if "checksum/collectives" in f:
             try:
-                from .records import site_names
+                from .collectives import site_names
 
                 table = np.atleast_1d(h5safe.read(f["checksum/collectives"]))
                 failed = ~table["passed"].astype(bool)

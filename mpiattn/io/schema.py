@@ -23,11 +23,11 @@ from ..core.backend import blas_info
 from ..core.headstats import HeadResults
 from ..version import __version__
 from . import h5io
-from .records import RECORD_DTYPE, SITE_BYTES, site_codes, site_names  # noqa: F401 (re-exported)
+from .collectives import RECORD_DTYPE, SITE_BYTES, site_codes, site_names  # noqa: F401 (re-exported)
 
 TYPE_CHECKING = False  # type checkers take it as True
 if TYPE_CHECKING:
-    from ..commands.placement import Plan
+    from ..commands.placement import Placement
 
 
 PHASES = ("qkv", "attention", "out_proj", "allreduce", "norm", "mlp")  # run and bench
@@ -44,7 +44,7 @@ def record_inputs(digests: dict[str, str]) -> None:
     INPUTS.update({k: v for k, v in digests.items() if not k.startswith("the ")})
 
 
-def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command: str,
+def write_provenance(f: Any, cfg: Config, p: Placement, started: dt.datetime, command: str,
                      host_info: list) -> None:
     """Root attributes and /ranks: what ran, where, with which libraries (every file)."""
     from mpi4py import MPI
@@ -85,7 +85,7 @@ def write_provenance(f: Any, cfg: Config, p: Plan, started: dt.datetime, command
     h5io.write_array(ranks, "device", [d for _, d in host_info], ("rank",))
 
 
-def write_run(f: Any, cfg: Config, p: Plan, outputs: dict, pooled: np.ndarray,
+def write_run(f: Any, cfg: Config, p: Placement, outputs: dict, pooled: np.ndarray,
               seconds: np.ndarray, totals: np.ndarray, host_info: list, records: list,
               started: dt.datetime, phases: tuple[str, ...] = PHASES,
               heads: HeadResults | None = None) -> None:
