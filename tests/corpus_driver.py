@@ -1,4 +1,4 @@
-"""Several text runs in one launch (tests/test_corpus_formats.py): each job of the JSON
+"""Several text runs in one launch (tests/inputs/test_corpus_formats.py): each job of the JSON
 list in argv[1] goes through ``encode.run_text`` on COMM_WORLD, as ``mpiattn run`` does
 after its start-up, so one ``mpiexec`` start serves many corpus files.
 

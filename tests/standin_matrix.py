@@ -1,4 +1,4 @@
-"""The CuPy-path matrix on the CuPy stand-in, in one MPI launch (``tests/test_standin.py``).
+"""The CuPy-path matrix on the CuPy stand-in, in one MPI launch (``tests/core/test_standin.py``).
 
     PYTHONPATH=.:tests/standin MPIATTN_CUPY_STANDIN=1 \\
         mpiexec -n 2 python -m mpi4py tests/standin_matrix.py OUT_DIR

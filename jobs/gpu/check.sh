@@ -59,7 +59,7 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 # 1. GPU tests (CuPy numerics against the NumPy reference), then the attention tests
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+python3 -m pytest -q -p no:cacheprovider tests/commands/test_gpu.py tests/core/test_attention.py \
     --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
 
 # 2. The main job on the GPU, checked offline

@@ -6,7 +6,7 @@
 - ``op_backward(dout, cache)``: the gradients.
 
 Array-module generic (NumPy or CuPy), MPI-free; each backward is checked against central
-finite differences in float64 (tests/test_grad.py). The two forwards of an op compute the
+finite differences in float64 (tests/core/test_grad.py). The two forwards of an op compute the
 same function (tested equal within float tolerance); they differ in what they keep.
 """
 

@@ -77,7 +77,7 @@ def stage_events(stages: int, stage: int, micro: int,
     the gradient of the backward that follows it has arrived: Megatron-LM's
     ``send_forward_recv_backward`` as a receive, then a send, matched by the next stage's
     ``send_backward_recv_forward`` (a send, then a receive), so blocking messages never
-    wait on each other in a cycle (``tests/test_pipeline_schedule.py`` simulates it).
+    wait on each other in a cycle (``tests/core/test_pipeline_schedule.py`` simulates it).
     """
     first, last = stage == 0, stage == stages - 1
     order = (one_f_one_b(stages, stage, micro) if backward

@@ -18,7 +18,7 @@ from mpiattn import config
 from mpiattn.core.backend import oversubscription, usable_cores
 from mpiattn.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # --- check_world names values that pass check_world ------------------------------------
 

@@ -30,7 +30,7 @@ from mpiattn.commands.cli import main
 from mpiattn.errors import InputError
 from mpiattn.io.schema import site_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
 RANKS = 2 if Path(MPIEXEC).exists() else 1
 TINY = {"model.layers": 2, "model.hidden": 64, "model.heads": 4, "model.ffn": 128,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(
     [*ROOT.glob("jobs/**/*.sh"), *ROOT.glob("jobs/**/*.sbatch"), *ROOT.glob("tests/slurm/*.sh")]
 )

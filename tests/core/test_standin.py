@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STANDIN = ROOT / "tests/standin"
 
 
@@ -188,7 +188,7 @@ def test_backend_selects_the_standin(cupy, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_gpu_tests_pass_on_the_standin(cupy, dtype):
-    """tests/test_gpu.py's device tests, which skip without a GPU, on the stand-in."""
+    """tests/commands/test_gpu.py's device tests, which skip without a GPU, on the stand-in."""
     import test_gpu
 
     test_gpu.test_sharded_layer_on_gpu_equals_reference(dtype)

@@ -18,7 +18,7 @@ from helpers import TINY
 
 from mpiattn.commands import launch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = {**TINY, "model.layers": 1, "input.batch": 2, "input.seq_len": 8}
 
 

@@ -48,7 +48,7 @@ def mpiattn(*args: str, ranks: int | None = None, cwd: Path,
         if not Path(MPIEXEC).exists():
             pytest.skip("mpiexec not found")
         cmd = [MPIEXEC, "-n", str(ranks), *cmd]
-    path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                          os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     start = time.perf_counter()

@@ -34,7 +34,7 @@ from mpiattn.core.shard import head_shard
 from mpiattn.inputs.corpus import Corpus, train_batch, unigram_entropy
 from mpiattn.io.hf import from_hf, to_hf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EQUIV_TOL = {"float64": 1e-10, "float32": 1e-5}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from model_folders import build, hidden_states, st_encode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
 needs_mpiexec = pytest.mark.skipif(not Path(MPIEXEC).exists(), reason="mpiexec not found")
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 5)  # > 24 tokens

@@ -12,7 +12,7 @@ from mpiattn.core.model import mean_pool
 from mpiattn.inputs.data import load_batch
 from mpiattn.io.weights import open_source
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def minilm_config():

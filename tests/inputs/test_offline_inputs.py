@@ -20,7 +20,7 @@ TINY_RUN = ["--set", "model.layers=2", "--set", "model.heads=2", "--set", "model
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     return subprocess.run([sys.executable, "-m", "mpiattn", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd, env=env)
 

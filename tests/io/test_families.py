@@ -33,7 +33,7 @@ from mpiattn.io.tensorfile import TensorFile, widen_bf16
 from mpiattn.io.weights import open_source
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LINES = ["A man is playing a guitar.", "", "Someone plays an acoustic guitar on the stage"
          " of a small club tonight.", "naïve café — déjà vu", "The cat sleeps."]
 # (folder name, family, saved dtype, extra config)

@@ -69,7 +69,7 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
     import os
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, BACKEND="cupy", QUICK="1", OMP_NUM_THREADS="1",
                PYTHONPATH=f"{root}{os.pathsep}{root / 'tests/standin'}")
     done = subprocess.run(["bash", str(root / "jobs/gpu/check.sh"), str(tmp_path)], env=env,
