@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from . import hf
 
 _BERT_KEYS = {  # config.json key -> model.* key
     "num_hidden_layers": "layers",
@@ -56,23 +57,11 @@ def _bert_embedding_names(prefix: str) -> dict[str, str]:
 
 
 def _bert_layer_names(index: int, prefix: str) -> dict[str, str]:
-    pre = f"{prefix}encoder.layer.{index}."
-    names = {}
-    for part, hf in zip(("q", "k", "v"), ("query", "key", "value"), strict=True):
-        names[f"{part}_w"] = f"{pre}attention.self.{hf}.weight"
-        names[f"{part}_b"] = f"{pre}attention.self.{hf}.bias"
-    names.update({
-        "w_o": pre + "attention.output.dense.weight", "b_o": pre + "attention.output.dense.bias",
-        "ln1_g": pre + "attention.output.LayerNorm.weight",
-        "ln1_b": pre + "attention.output.LayerNorm.bias",
-        "w_1": pre + "intermediate.dense.weight", "b_1": pre + "intermediate.dense.bias",
-        "w_2": pre + "output.dense.weight", "b_2": pre + "output.dense.bias",
-        "ln2_g": pre + "output.LayerNorm.weight", "ln2_b": pre + "output.LayerNorm.bias",
-    })
-    return names
+    return hf.layer_names(index, prefix)  # BERT's names are the one table of ``hf``
 
 
-def _distilbert_embedding_names(prefix: str) -> dict[str, str]:
+def _untyped_embedding_names(prefix: str) -> dict[str, str]:
+    """BERT's embedding names without the token-type table (DistilBERT, MPNet)."""
     e = f"{prefix}embeddings."
     return {"word": e + "word_embeddings.weight", "position": e + "position_embeddings.weight",
             "ln_g": e + "LayerNorm.weight", "ln_b": e + "LayerNorm.bias"}
@@ -92,12 +81,6 @@ def _distilbert_layer_names(index: int, prefix: str) -> dict[str, str]:
         "ln2_g": pre + "output_layer_norm.weight", "ln2_b": pre + "output_layer_norm.bias",
     })
     return names
-
-
-def _mpnet_embedding_names(prefix: str) -> dict[str, str]:
-    e = f"{prefix}embeddings."
-    return {"word": e + "word_embeddings.weight", "position": e + "position_embeddings.weight",
-            "ln_g": e + "LayerNorm.weight", "ln_b": e + "LayerNorm.bias"}
 
 
 def _mpnet_layer_names(index: int, prefix: str) -> dict[str, str]:
@@ -179,12 +162,12 @@ FAMILIES: dict[str, Family] = {  # config.json model_type -> family
     "electra": Family("ELECTRA", ("electra.", ""), _BERT_KEYS, _bert_embedding_names,
                       _bert_layer_names, project=True),
     "distilbert": Family("DistilBERT", ("distilbert.", ""), _DISTILBERT_KEYS,
-                         _distilbert_embedding_names, _distilbert_layer_names,
+                         _untyped_embedding_names, _distilbert_layer_names,
                          activation_key="activation", token_types=False,
                          fixed={"type_vocab": 1, "layer_norm_eps": 1e-12}),
 }
 FAMILIES["mpnet"] = Family(
-    "MPNet", ("mpnet.", ""), _BERT_KEYS, _mpnet_embedding_names, _mpnet_layer_names,
+    "MPNet", ("mpnet.", ""), _BERT_KEYS, _untyped_embedding_names, _mpnet_layer_names,
     roberta_positions=True, token_types=False, fixed={"type_vocab": 1},
     relative_bias="encoder.relative_attention_bias.weight", fixed_padding_idx=1)
 _ARCHITECTURES = {"MPNet": "mpnet", "Bert": "bert", "Roberta": "roberta",
