@@ -454,11 +454,14 @@ def pair_jobs(folder: Path, minilm_dir: Path) -> list[dict]:
 
 
 def resume_sets(corpus, minilm_dir: Path) -> dict[str, list[str]]:
-    """A compressed JSON Lines file and a Parquet file (row groups of 7) in chunks of 8."""
+    """Every format (Parquet in row groups of 7) in chunks of 8; ids where records have
+    fields."""
     _, _, paths = corpus
     base = [*TINY, tokenizer_set(minilm_dir), "input.chunk=8", "parallel.tensor=1",
-            'output.layers="last"', 'input.id_field="id"']
-    return {name: [*base, f'input.text="{paths[name]}"'] for name in ("jsonl.gz", "parquet")}
+            'output.layers="last"']
+    return {name: [*base, f'input.text="{path}"',
+                   *(['input.id_field="id"'] if "txt" not in name else [])]
+            for name, path in paths.items()}
 
 
 @pytest.fixture(scope="module")
@@ -553,10 +556,10 @@ def test_parquet_pairs_equal_the_tab_separated_file(one_rank):
 
 
 def test_resume_after_sigkill_per_format(tmp_path, corpus, minilm_dir, one_rank):
-    """A job killed (SIGKILL) right after its second chunk, for a gzip-compressed JSON Lines
-    file with ids and for a Parquet file, resumes with --resume and equals an uninterrupted
-    run bit for bit, ids included; a part whose records' digest is not the input's is
-    computed again, not trusted."""
+    """A job killed (SIGKILL) right after its second chunk, for every format (plain,
+    gzip, zstd and bzip2 text, JSON Lines plain and gzip with ids, Parquet with ids),
+    resumes with --resume and equals an uninterrupted run bit for bit, ids included; a
+    part whose records' digest is not the input's is computed again, not trusted."""
     jobs = resume_sets(corpus, minilm_dir)
     for name, sets in jobs.items():
         killed = launch(1, [{"sets": sets, "out": f"cut-{name}.h5", "kill_after": 1}], tmp_path)
@@ -581,6 +584,6 @@ def test_resume_after_sigkill_per_format(tmp_path, corpus, minilm_dir, one_rank)
             b.visititems(lambda n, o, names=names: names.append(n)
                          if isinstance(o, h5py.Dataset) and n.startswith(
                              ("input/", "output/", "layers/")) else None)
-            assert "input/id" in names and "layers/00/hidden" in names
+            assert ("input/id" in names) == ("txt" not in name) and "layers/00/hidden" in names
             for n in names:
                 np.testing.assert_array_equal(a[n][()], b[n][()], err_msg=f"{name} {n}")
