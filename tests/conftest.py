@@ -11,6 +11,14 @@ from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# tests/ mirrors the packages; a test module may reuse another's builders by name
+# (``from test_train import tiny_train``) whichever folders a run collects (the MPI runs
+# collect tests/mpi alone), so every test folder is importable from the start.
+for _folder in sorted(p for p in Path(__file__).parent.iterdir()
+                      if p.is_dir() and any(p.glob("test_*.py"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
+
 
 @pytest.fixture(scope="session")
 def minilm_dir():

@@ -19,6 +19,7 @@ import pytest
 from test_train_faults_mpi import STEPS, state, train_job
 
 from mpiattn.errors import IntegrityError
+from mpiattn.io.schema import site_names
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -54,7 +55,8 @@ def test_flips_in_the_new_collectives_are_retried(world, corpus_dir, sites):
         rec, clean = b["checksum/collectives"][()], a["checksum/collectives"][()]
     assert rec["passed"].all() and (clean["retries"] == 0).all()
     for site in sites:
-        at, was = rec[rec["site"] == site.encode()], clean[clean["site"] == site.encode()]
+        at = rec[site_names(rec) == site.encode()]
+        was = clean[site_names(clean) == site.encode()]
         print(f"{size} ranks, tensor {tensor}, {site}: {(at['retries'] > 0).sum()} of"
               f" {len(at)} records retried")
         # one record per group and call: the groups are the replicas' head groups, or the

@@ -401,7 +401,7 @@ def _function(name: str) -> Any:
 
 
 _FUNCTION_NAMES = ("where", "concatenate", "stack", "vdot", "mean", "argmax", "zeros_like",
-                   "cumsum")
+                   "cumsum", "flatnonzero")
 for _name in _FUNCTION_NAMES:
     globals()[_name] = _function(_name)
 
