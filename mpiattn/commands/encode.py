@@ -451,12 +451,14 @@ class _Job:
         layers = {(i, name): np.empty((int(offsets[-1]), hidden), dtype=pooled.dtype)
                   for i in self.kept for name in ("attention", "hidden")}
         busy = []
+        rows_seen = np.zeros(n, dtype=np.int64)  # every line gets exactly one row
         for replica, (seconds, results, digest) in enumerate(gathered):
             if _digest(results) != digest:
                 raise IntegrityError(f"the rows of replica {replica} in chunk {index} arrived"
                                      " altered (digest mismatch) at rank 0")
             busy.append(seconds)
             for rows, p_rows, states in results:
+                np.add.at(rows_seen, rows, 1)
                 pooled[rows] = p_rows
                 lengths = toks.lengths[rows]
                 starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -464,6 +466,12 @@ class _Job:
                     dest = layers[key]
                     for k, row in enumerate(rows):
                         dest[offsets[row]:offsets[row + 1]] = a[starts[k]:starts[k + 1]]
+        if (rows_seen != 1).any():
+            missing, twice = np.flatnonzero(rows_seen == 0), np.flatnonzero(rows_seen > 1)
+            raise IntegrityError(
+                f"chunk {index}: {missing.size} line(s) got no row and {twice.size} more than"
+                f" one (first: {first + int((missing if missing.size else twice)[0]) + 1})"
+                " at rank 0: the replicas disagree on the chunk's micro-batches; not written")
         pairs = cfg.input.pairs
         text = [it[0] for it in items] if pairs else list(items)
         mean = float(np.mean(busy)) if busy else 0.0

@@ -513,3 +513,24 @@ def test_a_token_beyond_the_vocabulary_on_one_ranks_slice_ends_every_rank(tmp_pa
     line = one_error_line(done)
     assert "line 4: token id" in line and ">= model.vocab = 1100" in line, line
     assert not (tmp_path / "v.h5").exists()
+
+
+def test_a_line_without_its_row_is_never_written(tmp_path, minilm_dir):
+    """Rank 0 checks that every line of a chunk got exactly one row before the part is
+    written: replicas that disagree on the micro-batches (here: one dropped) end the job
+    with an integrity error (exit 3), no part, no output."""
+    path = tmp_path / "v.txt"
+    path.write_text("".join(f"line number {i}\n" for i in range(9)))
+    code = ("import sys; import mpiattn.commands.encode as e; original = e.assign;"
+            "e.assign = lambda costs, replicas, policy: [original(costs, replicas, policy)[0][1:]];"
+            "from mpiattn.commands.cli import main; sys.exit(main(sys.argv[1:]))")
+    sets = ('model.weights=""', f'input.text="{path}"',
+            f'input.tokenizer="{minilm_dir / "tokenizer.json"}"', "model.vocab=30522",
+            "model.layers=1", "model.hidden=32", "model.heads=2", "model.ffn=64",
+            "input.batch=4")
+    done = subprocess.run([sys.executable, "-c", code, "run",
+                           *(a for s in sets for a in ("--set", s)), "-o", "v.h5"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 3, done.stderr
+    assert "got no row" in done.stderr and "not written" in done.stderr, done.stderr
+    assert not (tmp_path / "v.h5").exists()
