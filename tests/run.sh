@@ -5,7 +5,7 @@
 # exit status is non-zero when any part failed. Run from anywhere:
 #   bash tests/run.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 failed=()
 summary=()
