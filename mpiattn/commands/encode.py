@@ -96,8 +96,7 @@ def corpus_source(cfg: Config) -> Source:
     """``input.text`` recognised as ``input.format`` says (``records.open_source``); an
     explicit ``input.field`` on a file read as plain text is a ConfigError."""
     i = cfg.input
-    source = open_source(Path(i.text), Spec(i.format, i.field, i.pair_field, i.id_field,
-                                            i.pairs))
+    source = open_source(Path(i.text), Spec.of(i))
     if source.format == "text" and "input.field" in cfg.explicit:
         how = "input.format = \"text\"" if i.format == "text" else "its name and bytes"
         raise ConfigError(f"input.field = '{i.field}' but input.text = '{i.text}' is read as"

@@ -309,7 +309,7 @@ def one_batch_lines(cfg: Config) -> list[str]:
     if i.pairs:
         raise ConfigError("input.pairs needs a text run (mpiattn run): a one-batch input"
                           " (mpiattn bench) takes one sentence per record")
-    source = open_source(Path(i.text), Spec(i.format, i.field, i.pair_field, i.id_field))
+    source = open_source(Path(i.text), Spec.of(i))  # i.pairs is refused above
     lines = [str(item) for _, item, _ in records(source)]
     if not lines:
         raise InputError(f"{source.where}: no {source.unit}s: give at least one sentence")

@@ -94,6 +94,11 @@ class Spec:
     id_field: str = ""  # the field holding each record's id (string or integer)
     pairs: bool = False  # text: each line is first<TAB>second; else pair_field
 
+    @classmethod
+    def of(cls, i: Any) -> Spec:
+        """The spec of a config's ``[input]`` table (``config.InputConfig``)."""
+        return cls(i.format, i.field, i.pair_field, i.id_field, i.pairs)
+
 
 @dataclass(frozen=True)
 class Source:
