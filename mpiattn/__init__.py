@@ -3,7 +3,7 @@
     mpiexec -n 4 mpiattn run                    # embedded BERT-base default
     mpiexec -n 3 mpiattn run jobs/configs/minilm.toml
 
-The files, from Python (no MPI; ``mpiattn/analysis/files.py``)::
+The files, from Python (no MPI; ``mpiattn/io/formats/``)::
 
     import mpiattn
     with mpiattn.open("mpiattn-run.h5") as f:
@@ -22,7 +22,7 @@ __all__ = ["BenchFile", "CheckpointFile", "File", "Labelled", "Lazy", "RunFile",
 
 TYPE_CHECKING = False  # type checkers take it as True (without importing typing here)
 if TYPE_CHECKING:
-    from .analysis.files import (
+    from .io.formats import (
         BenchFile,
         CheckpointFile,
         File,
@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> object:
     if name in __all__ and name != "__version__":
-        from .analysis import files
+        from .io import formats
 
-        value = getattr(files, name)
+        value = getattr(formats, name)
         globals()[name] = value  # later look-ups skip this function
         return value
     raise AttributeError(f"module 'mpiattn' has no attribute {name!r}")

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, work: Path, ranks: int, threads: int,
     with h5py.File(out) as f:
         step = args.batch * args.seq_len / f["train/tokens_per_second"][()]
         phases = f["timings/seconds"][0]
-    from mpiattn.io.schema import TRAIN_PHASES
+    from mpiattn.io.formats.train import TRAIN_PHASES
 
     return step, phases, list(TRAIN_PHASES)
 

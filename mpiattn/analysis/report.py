@@ -7,7 +7,7 @@
     mpiattn report bench.h5 --csv > ar.csv      # the Allreduce table as CSV
     mpiattn report --heads run.h5 --plot heads.png   # per-head entropy/distance heatmaps
 
-Built on the Python API (``mpiattn.open``, ``mpiattn/analysis/files.py``): ``load`` reads what the
+Built on the Python API (``mpiattn.open``, ``mpiattn/io/formats/``): ``load`` reads what the
 tables need through it, in its NumPy forms, so report needs only h5py and NumPy (no MPI,
 no SciPy, no pandas); matplotlib only for ``--plot``. Reads any format version it finds
 and skips the groups a file does not have, so one command reads run, bench, training and
@@ -32,12 +32,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UserError
+from ..io import formats as api
 from ..io import h5safe, outfile
-from . import files as api
-from .files import NCCL_COLUMNS, NCCL_UNITS, Columns, malformed
+from ..io.formats.bench import NCCL_COLUMNS, NCCL_UNITS
+from ..io.formats.reading import Columns, integer, malformed
 
 KNOWN_FORMAT = 2  # 2 added dimension scales; what report reads is alike in 1 and 2
-_int = api.integer
+_int = integer
 ALLREDUCE_CSV = (*NCCL_COLUMNS, "spread", "copy_time", "copy_bw", "ranks", "file")
 
 

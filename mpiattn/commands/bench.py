@@ -23,7 +23,6 @@ seconds, the peak RSS of each length and the ring's hidden transfer fraction.
 from __future__ import annotations
 
 import datetime as dt
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,20 +36,24 @@ from ..core.costs import layer_flops
 from ..core.model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import micro_batches, stage_forward, stage_layers
-from ..io.schema import (
-    PHASES,
+from ..io.formats.bench import (
     BenchResult,
     PipelineBenchResult,
     write_bench,
     write_pipeline_bench,
 )
-from . import jobkit
-from .benchkit import publish, slowest, timed
+from ..io.formats.common import PHASES
+from . import epilogue
+from .benchkit import slowest, timed
 from .placement import attention_options, load_shards, make_p2p
 from .runner import setup
 
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
-def gemm_rate(xp: Any, shapes: list[tuple[int, int, int]], dtype: Any, world: Any,
+
+def gemm_rate(xp: Any, shapes: list[tuple[int, int, int]], dtype: Any, world: MPI.Comm,
               sync: Callable[[], None], repeats: int) -> float:
     """Best FLOP/s of this rank's backend over the layer's GEMM shapes, all ranks at once."""
     best = 0.0
@@ -64,7 +67,7 @@ def gemm_rate(xp: Any, shapes: list[tuple[int, int, int]], dtype: Any, world: An
     return best
 
 
-def allreduce_sweep(world: Any, comm: Any, sizes: list[int], repeats: int) -> dict:
+def allreduce_sweep(world: MPI.Comm, comm: MPI.Comm, sizes: list[int], repeats: int) -> dict:
     """Latency and bus bandwidth of a plain Allreduce (float32) and of a memory copy."""
     from mpi4py import MPI
 
@@ -107,7 +110,7 @@ def train_step(x: Any, shard: Any, reducer: Any, eps: float,
     return step
 
 
-def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], Any],
+def checksum_overhead(world: MPI.Comm, sync: Callable[[], None], layer: Callable[[], Any],
                       reducer: Any, repeats: int) -> float:
     """Median layer time with checksums on over off, the modes interleaved so that a
     change of machine load hits both alike."""
@@ -121,7 +124,7 @@ def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], 
     return float(np.median(seconds["abft"]) / np.median(seconds["off"]))
 
 
-def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
+def bench(cfg: Config, world: MPI.Comm, out_path: str, force: bool, repeats: int,
           sweep: list[int], warmup: int = 1) -> Path | None:
     """The bench on every rank: the pipelined forward (``parallel.pipeline > 1``), the
     sequence-parallel layer over the sweep (``parallel.sequence > 1``, ``seqbench``;
@@ -153,7 +156,7 @@ def bench(cfg: Config, world: Any, out_path: str, force: bool, repeats: int,
             out.discard()
 
 
-def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.datetime,
+def _bench(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any, started: dt.datetime,
            repeats: int, sweep: list[int]) -> Path | None:
     from ..parallel.comm import gather_rows
 
@@ -226,10 +229,9 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
         fl = layer_flops(p.batch.shape[0], seq, m.hidden, m.ffn)["layer"]
         sweep_rows.append((seq, t, fl / t))
         say(f"  sweep seq {seq:>6}: layer {t * 1e3:9.1f} ms, {fl / t / 1e9:7.1f} GFLOP/s")
-    host_info = world.gather((socket.gethostname(), p.backend.device))
 
     if rank != 0:
-        return jobkit.conclude(world, None)
+        return epilogue.finish(world, out, cfg, p, started, "bench", None)
     total_peak = float(peaks.sum())
     summary = {}
     flops["layer_train"] = 3 * flops["layer"]  # backward = twice the forward's products
@@ -243,7 +245,8 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
                          imbalance, memory, comm_table, p.grid.axis_size("tensor"), overhead,
                          reducer.mode, sweep_rows)
 
-    publish(world, out, cfg, p, started, host_info, lambda fh: write_bench(fh, result))
+    epilogue.finish(world, out, cfg, p, started, "bench",
+                    lambda fh: write_bench(fh, result))
 
     print(f"  GEMM limit      {total_peak / 1e9:8.1f} GFLOP/s "
           f"({', '.join(f'{x / 1e9:.1f}' for x in peaks)} per rank)")
@@ -282,7 +285,7 @@ def bubble_fractions(job_s: float, own_s: np.ndarray, waited_s: np.ndarray) -> n
     return np.clip((job_s - busy) / job_s, 0.0, 1.0) if job_s > 0 else np.zeros_like(busy)
 
 
-def bench_pipeline(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
+def bench_pipeline(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any,
                    started: dt.datetime, repeats: int) -> Path | None:
     """The pipelined forward of the whole model, ``repeats`` times after one warm-up:
     per rank its stage, per-phase seconds per forward, its own forward time and idle
@@ -331,9 +334,8 @@ def bench_pipeline(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
     message = -(-count // micro) * seq * m.hidden * dtype.itemsize  # bytes per micro-batch
     sent = 0 if stage == stages - 1 else micro * message
     sent_all = gather_rows(world, np.array([sent], dtype=np.int64))
-    host_info = world.gather((socket.gethostname(), p.backend.device))
     if rank != 0:
-        return jobkit.conclude(world, None)
+        return epilogue.finish(world, out, cfg, p, started, "bench", None)
 
     bubble = phases.index("bubble")
     fractions = bubble_fractions(float(job.mean()), own_mean, all_phases[:, bubble])
@@ -349,8 +351,8 @@ def bench_pipeline(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
         checksum_mode=reducer.mode)
     path = out.path
 
-    publish(world, out, cfg, p, started, host_info,
-            lambda fh: write_pipeline_bench(fh, result))
+    epilogue.finish(world, out, cfg, p, started, "bench",
+                    lambda fh: write_pipeline_bench(fh, result))
     t = float(np.median(job))
     print(f"  forward         {t * 1e3:8.1f} ms  (spread {np.ptp(job) * 1e3:.1f} ms),"
           f" {t / m.layers * 1e3:.2f} ms per layer")

@@ -1,6 +1,6 @@
-"""What every benchmark shares: timed repeats behind a barrier,
-the slowest rank per repeat, and the bench file's publishing (provenance, result, atomic
-file, agreed end). ``bench`` and ``seqbench`` both import it."""
+"""What every benchmark shares: timed repeats behind a barrier and the slowest rank per
+repeat. ``bench`` and ``seqbench`` both import it; their files end as every job's do
+(``epilogue.finish``)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config
-from ..io import h5io
-from ..io.schema import write_provenance
-from . import jobkit
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 
-def timed(world: Any, sync: Callable[[], None], fn: Callable[[], Any], repeats: int,
+def timed(world: MPI.Comm, sync: Callable[[], None], fn: Callable[[], Any], repeats: int,
           warmup: int = 1) -> np.ndarray:
     """Seconds per repeat on this rank; a barrier lines the ranks up before each one."""
     for _ in range(warmup):
@@ -32,21 +31,7 @@ def timed(world: Any, sync: Callable[[], None], fn: Callable[[], Any], repeats: 
     return out
 
 
-def publish(world: Any, out: Any, cfg: Config, p: Any, started: Any, host_info: Any,
-            write_result: Callable[[Any], None]) -> None:
-    """Rank 0's end of a bench: the file (provenance, then ``write_result(fh)``) built and
-    published atomically (``h5io.atomic_file``), concluded with the others
-    (``jobkit.conclude``)."""
-
-    def write() -> None:
-        with h5io.atomic_file(out) as fh:
-            write_provenance(fh, cfg, p, started, "bench", host_info)
-            write_result(fh)
-
-    jobkit.conclude(world, write)
-
-
-def slowest(world: Any, seconds: np.ndarray) -> np.ndarray:
+def slowest(world: MPI.Comm, seconds: np.ndarray) -> np.ndarray:
     """Per repeat, the time of the slowest rank: what the job waits for."""
     from mpi4py import MPI
 

@@ -21,6 +21,10 @@ from typing import Any, NoReturn
 
 from ..version import __version__
 
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
 
 class OneLineParser(argparse.ArgumentParser):
     """Command-line mistakes are one line (not usage + error), exit 2. Under a launcher
@@ -309,7 +313,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    def body(world: Any) -> int:
+    def body(world: MPI.Comm) -> int:
         from . import jobkit
         from .runner import run
 
@@ -355,7 +359,7 @@ def _bench_args(args: argparse.Namespace) -> tuple[Any, list[int]]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    def body(world: Any) -> int:
+    def body(world: MPI.Comm) -> int:
         from . import jobkit
         from .bench import bench
 
@@ -368,7 +372,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    def body(world: Any) -> int:
+    def body(world: MPI.Comm) -> int:
         from .. import config
         from . import jobkit
         from .train import train

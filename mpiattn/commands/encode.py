@@ -16,14 +16,13 @@ number of lines; a killed job continues with ``--resume``.
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import Config, check_world
+from ..config import Config
 from ..core.backend import erf, to_host
 from ..core.model import PhaseTimer, encoder_forward
 from ..core.pipeline import PHASES as PIPELINE_PHASES
@@ -48,24 +47,28 @@ from ..inputs.textstream import (
     sorted_batches,
 )
 from ..io.corpusfile import ChunkResult, Parts, assemble, check_space, disk_file, job_key
+from ..io.formats.common import PHASES
+from ..io.formats.textrun import RANK_COLUMNS, TextRunData, write_text_run
 from ..io.outfile import OutputExists
-from ..io.schema import PHASES, write_phase_seconds, write_provenance, write_records
 from ..parallel import watchdog
 from ..parallel.faults import FaultyPhases, check_fault_targets, crash_points, slowdown
 from ..version import __version__
-from . import jobkit
+from . import epilogue, jobkit
 from .placement import (
     RUN_SITES,
     Placement,
-    apply_checkpoint_shape,
     attention_options,
-    check_memory,
     check_sequence,
+    finish_config,
     load_shards,
     make_p2p,
     make_reducer,
     place,
 )
+
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 
 def truncation(cfg: Config) -> tuple[int, str]:
@@ -106,21 +109,19 @@ def corpus_source(cfg: Config) -> Source:
 
 
 def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
-    """Every local check of a text run, no collective: ((tensor, info, tokenizer, source,
-    digests), digests)."""
-    from ..core.checksum import parse_faults
+    """Every local check of a text run, no collective: ((the finished config's derived
+    values, info, tokenizer, source, digests, sentence pipeline), digests)."""
     from ..io.stmodules import sentence_pipeline
 
-    apply_checkpoint_shape(cfg)
+    finished = finish_config(cfg, world_size, "run", RUN_SITES)
+    tensor = finished.tensor
     pipe = sentence_pipeline(cfg.model.weights, cfg.model.hidden)
     if cfg.output.head_stats or cfg.output.attention_maps:
         key = "output.head_stats" if cfg.output.head_stats else "output.attention_maps"
         raise ConfigError(f"{key} is not yet supported with text input (input.text): per-head"
                           " statistics and maps are written for seeded or HDF5 token input"
                           " (input.tokens); remove the key for a text run")
-    tensor, _ = check_world(cfg, world_size)
     check_sequence(cfg, tensor, cfg.input.seq_len)  # refuses text with parallel.sequence > 1
-    check_memory(cfg)
     if not cfg.input.chunk:  # resolved before the config is digested (resume finds it)
         cfg.input.chunk = auto_chunk(cfg)
     source = corpus_source(cfg)
@@ -133,12 +134,9 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     if cfg.input.pairs and cfg.model.type_vocab < 2:
         raise ConfigError(f"input.pairs = true needs segment ids 0 and 1, but the model's type"
                           f" vocabulary holds {cfg.model.type_vocab} (model.type_vocab)")
-    crash_points(cfg, rank)
-    slowdown(cfg, rank)
-    parse_faults(cfg.fault.inject, RUN_SITES, "run")
     check_fault_targets(cfg, world_size)
     digests = jobkit.input_digests(cfg)
-    return (tensor, info, tok, source, digests, pipe), digests
+    return (finished, info, tok, source, digests, pipe), digests
 
 
 def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, layout: dict,
@@ -149,7 +147,7 @@ def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, layout: dict,
                       records=info.chunk_digests)
 
 
-def run_text(cfg: Config, world: Any, out_path: str, force: bool,
+def run_text(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
              resume: str | None = None) -> Path | None:
     """The whole streamed job on every rank; returns the output path on rank 0.
     ``resume``: None (start afresh), "auto" (the interrupted run of this job beside the
@@ -157,7 +155,7 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     rank = world.Get_rank()
-    (tensor, info, tok, source, digests, pipe), out = jobkit.preflight(
+    (finished, info, tok, source, digests, pipe), out = jobkit.preflight(
         world, lambda: check_inputs(cfg, world.Get_size(), rank), output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
     if rank == 0 and "input.seq_len" in cfg.explicit and not cfg.input.max_tokens:
@@ -167,8 +165,8 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
     parts = None
     try:
         key = job_key(cfg.to_toml(), digests)
-        layout = {"world_size": world.Get_size(), "tensor": tensor,  # the rows' exact bits
-                  "pipeline": cfg.parallel.pipeline}
+        layout = {"world_size": world.Get_size(), "tensor": finished.tensor,
+                  "pipeline": cfg.parallel.pipeline}  # what fixes the rows' exact bits
         parts = jobkit.agreed(world, lambda: _open_parts(cfg, out, info, key, layout, resume)
                               if rank == 0 else None, during="opening the parts folder")
         dog = watchdog.current()
@@ -178,7 +176,7 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
         limit = tok.max_length
         shape = Batch(np.zeros((cfg.input.batch, limit), dtype=np.int64),
                       np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
-        p = place(cfg, world, tensor, shape)
+        p = place(cfg, world, finished, shape)
         job = _Job(cfg, world, p, tok, info, parts, source, pipe)
         job.encode(first_chunk)
         return job.finish(out, started, wall0)
@@ -191,9 +189,6 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
             out.discard()
         if parts is not None:
             _leave_parts(parts, info.lines, cfg.input.chunk, info.unit)
-
-
-NO_RECORDS = "none: every chunk was computed by an earlier session (--resume)"
 
 
 def _kept_note(parts: Parts, lines: int, chunk: int, unit: str = "line") -> str | None:
@@ -218,7 +213,7 @@ def _leave_parts(parts: Parts, lines: int, chunk: int, unit: str = "line") -> No
 class _Job:
     """The streamed encoding on one rank (built after the pre-flight agreed)."""
 
-    def __init__(self, cfg: Config, world: Any, p: Placement, tok: SentenceTokenizer,
+    def __init__(self, cfg: Config, world: MPI.Comm, p: Placement, tok: SentenceTokenizer,
                  info: TextInfo, parts: Parts | None, source: Source,
                  pipe: Pipeline) -> None:
         self.cfg, self.world, self.p, self.tok, self.info = cfg, world, p, tok, info
@@ -499,31 +494,36 @@ class _Job:
         for (layer, name), s in self.timer.seconds.items():
             seconds[layer, phases.index(name)] += s
         all_seconds = gather_rows(self.world, seconds[None])
-        per_rank = np.array([[self.forward_s, self.setup_s, time.perf_counter() - wall0,
-                              p.backend.memory_high_water(), self.busy, self.wait,
-                              self.lines, self.tokens, self.padded, self.tokenized,
-                              self.tokenize_s, self.bytes_read()]])
-        totals = gather_rows(self.world, per_rank)
-        host_info = self.world.gather((socket.gethostname(), p.backend.device))
-        records = self.world.gather([(self.replica, key, agg) for key, agg in
-                                     self.records.items()] if self.leader else [])
+        mine = {"forward": self.forward_s, "setup": self.setup_s,
+                "total": time.perf_counter() - wall0,
+                "peak_memory": p.backend.memory_high_water(), "busy": self.busy,
+                "wait": self.wait, "lines": self.lines, "tokens": self.tokens,
+                "padded_tokens": self.padded, "lines_tokenized": self.tokenized,
+                "tokenize": self.tokenize_s, "bytes_read": self.bytes_read()}
+        totals = gather_rows(self.world, np.array([[mine[k] for k in RANK_COLUMNS]]))
+        records = epilogue.gather_records(self.world, [
+            (self.replica, key, agg) for key, agg in self.records.items()] if self.leader
+            else [])
 
-        def write() -> Path:
-            check_space(out.path.parent, int(self.parts.size() * 1.1) + (4 << 20),
+        def check_space_first(o: Any) -> Any:
+            check_space(o.path.parent, int(self.parts.size() * 1.1) + (4 << 20),
                         "the output file")
-            with disk_file(out) as f:
-                f.attrs["write_mode"] = "chunks gathered to rank 0, assembled from parts"
-                write_provenance(f, cfg, p, started, "run", host_info)
-                self._write_file(f, all_seconds, totals, records, phases)
+            return disk_file(o)
+
+        def write(f: Any) -> None:
+            f.attrs["write_mode"] = "chunks gathered to rank 0, assembled from parts"
+            self._write_file(f, all_seconds, totals, records)
+
+        def after() -> Path:
             self.parts.remove()
             self._summary(totals, out.path)
             return out.path
 
-        return jobkit.conclude(self.world, write if self.rank == 0 else None)
+        return epilogue.finish(self.world, out, cfg, p, started, "run", write,
+                               opener=check_space_first, after=after)
 
-    def _write_file(self, f: Any, seconds: np.ndarray, totals: np.ndarray, records: list,
-                    phases: tuple[str, ...]) -> None:
-        from ..io import h5io
+    def _write_file(self, f: Any, seconds: np.ndarray, totals: np.ndarray,
+                    records: list) -> None:
         from ..parallel.transfers import Record
 
         cfg = self.cfg
@@ -531,64 +531,32 @@ class _Job:
                           np.dtype(cfg.dtype), self.kept, cfg.input.pairs,
                           cfg.output.compression, self.width, ids=self.info.ids,
                           id_field=cfg.input.id_field)
-        f["output/pooled"].attrs.update({"modules": self.pipe.describe(),
-                                         "modules_source": self.pipe.source})
         limit, source = truncation(cfg)
         stats = self.parts.read_stats()
         busy_max = sum(s.get("busy_max", 0.0) for s in stats)
         busy_mean = sum(s.get("busy_mean", 0.0) for s in stats)
-        f.attrs.update({"lines": counts["lines"], "tokens": counts["tokens"],
-                        "input_format": self.info.label,
-                        "max_tokens": limit, "max_tokens_source": source,
-                        "truncated_lines": counts["truncated"], "chunk_lines": cfg.input.chunk,
-                        "micro_batch": cfg.input.batch, "assign": cfg.parallel.assign,
-                        "replica_imbalance": busy_max / busy_mean if busy_mean else 1.0})
-        t = f.create_group("timings")
-        write_phase_seconds(t, seconds, ("rank", "layer", "phase"), phases)
-        for i, name in enumerate(("forward", "setup", "total")):
-            h5io.write_array(t, name, totals[:, i], ("rank",), units="s")
-        h5io.write_array(t, "busy", totals[:, 4], ("rank",), units="s",
-                         description="seconds in this rank's micro-batches (this session)")
-        h5io.write_array(t, "wait", totals[:, 5], ("rank",), units="s",
-                         description="seconds waiting for the other replicas at chunk ends")
-        work = f.create_group("work")
-        for i, name in ((6, "lines"), (7, "tokens"), (8, "padded_tokens")):
-            h5io.write_array(work, name, totals[:, i].astype(np.int64), ("rank",),
-                             units="1", description=f"{name.replace('_', ' ')} this rank's"
-                             " replica encoded (this session)")
-        h5io.write_array(work, "lines_tokenized", totals[:, 9].astype(np.int64), ("rank",),
-                         units="1", description="records this rank tokenized (this session):"
-                         " its 1/N slice of every chunk")
-        h5io.write_array(work, "bytes_read", totals[:, 11].astype(np.int64), ("rank",),
-                         units="bytes", description="bytes of input.text this rank read"
-                         " (this session): the pre-flight scan and the encoding pass each"
-                         " read the whole file")
-        h5io.write_array(t, "tokenize", totals[:, 10], ("rank",), units="s",
-                         description="seconds tokenizing this rank's slices and exchanging"
-                         " the chunks' tokens (checked Allgather)")
-        h5io.write_array(f["ranks"], "peak_memory", totals[:, 3].astype(np.int64), ("rank",),
-                         units="bytes", description="peak RSS (CPU) or CuPy pool total (GPU)")
         rows = [(replica, Record(layer, site, *agg[1:4], bool(agg[4]), int(agg[5]),
                                  int(agg[6]), int(agg[0])))
-                for part in records for replica, (layer, site), agg in part]
-        if rows:
-            write_records(f, rows)
-            f["checksum/collectives"].attrs["aggregated"] = (
-                "one row per (replica, layer, site): the worst ratio, retries summed, passed"
-                " only if all passed; 'chunk' holds the number of transfers")
-        else:  # a resumed run whose chunks were all done before: no transfer this session
-            f.attrs["checksum_records"] = NO_RECORDS
-        f.attrs["end_time"] = dt.datetime.now(dt.UTC).isoformat()
-        f.attrs["status"] = "complete"
+                for replica, (layer, site), agg in records]
+        write_text_run(f, TextRunData(
+            attrs={"lines": counts["lines"], "tokens": counts["tokens"],
+                   "input_format": self.info.label, "max_tokens": limit,
+                   "max_tokens_source": source, "truncated_lines": counts["truncated"],
+                   "chunk_lines": cfg.input.chunk, "micro_batch": cfg.input.batch,
+                   "assign": cfg.parallel.assign,
+                   "replica_imbalance": busy_max / busy_mean if busy_mean else 1.0},
+            modules=(self.pipe.describe(), self.pipe.source), seconds=seconds,
+            totals=totals, records=rows, phases=self.phases))
 
     def _summary(self, totals: np.ndarray, path: Path) -> None:
         cfg, p, m = self.cfg, self.p, self.cfg.model
-        lines, tokens = int(totals[:, 6].sum()), int(totals[:, 7].sum())
-        padded = int(totals[:, 8].sum())
+        col = dict(zip(RANK_COLUMNS, totals.T, strict=True))
+        lines, tokens = int(col["lines"].sum()), int(col["tokens"].sum())
+        padded = int(col["padded_tokens"].sum())
         # every rank of a replica (its stages' head groups) counts the replica's work: once
         tensor = p.grid.axis_size("tensor") * p.grid.axis_size("pipeline")
         lines, tokens, padded = lines // tensor, tokens // tensor, padded // tensor
-        forward = float(totals[:, 0].max())
+        forward = float(col["forward"].max())
         limit, source = truncation(cfg)
         print(f"mpiattn {__version__}: {m.layers} layers, {m.heads} heads, hidden {m.hidden};"
               f" {self.info.lines} {self.units} of '{cfg.input.text}' ({self.info.label}),"
@@ -597,14 +565,14 @@ class _Job:
         print(f"ranks {p.grid.size} = {self.replicas} data x {tensor} head; heads per rank"
               f" {p.head_counts}; BLAS threads/rank {p.threads or '-'}; assign"
               f" {cfg.parallel.assign}")
-        busy = totals[:, 4]
+        busy = col["busy"]
         print(f"encoded {lines} lines, {tokens} tokens ({padded - tokens} padding) in"
               f" {forward:.2f} s: {lines / max(forward, 1e-9):.1f} lines/s,"
               f" {tokens / max(forward, 1e-9):.0f} tokens/s; replicas busy"
               f" {busy.min():.2f}-{busy.max():.2f} s; truncated at {limit} tokens ({source}):"
               f" see /input/truncated")
-        print(f"peak memory {totals[:, 3].max() / 2**30:.2f} GiB/rank; wall"
-              f" {totals[:, 2].max():.2f} s")
+        print(f"peak memory {col['peak_memory'].max() / 2**30:.2f} GiB/rank; wall"
+              f" {col['total'].max():.2f} s")
         print(f"wrote {path}")
 
 

@@ -6,7 +6,10 @@ import platform
 import socket
 import sys
 from importlib import metadata
-from typing import Any
+
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 
 def _version(dist: str) -> str:
@@ -16,7 +19,7 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def info(world: Any) -> int:
+def info(world: MPI.Comm) -> int:
     from mpi4py import MPI
 
     from ..core.backend import blas_info, cupy_device_count, usable_cores

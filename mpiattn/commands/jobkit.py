@@ -30,6 +30,10 @@ from ..io import outfile
 from ..io.outfile import Reservation, stale_note
 from ..parallel import watchdog
 
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
 T = TypeVar("T")
 
 
@@ -69,7 +73,7 @@ def _first_error(items: list[tuple[type, str] | None]) -> UserError | None:
     return None
 
 
-def agreed(world: Any, check: Callable[[], T], during: str | None = "start-up") -> T:
+def agreed(world: MPI.Comm, check: Callable[[], T], during: str | None = "start-up") -> T:
     """``check()`` on every rank; its first error (rank order) raised on every rank.
     ``during`` names the moment for the watchdog's message while the ranks agree."""
     value, error = _local(check)
@@ -100,7 +104,7 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def preflight(world: Any, check: Callable[[], tuple[T, dict[str, str]]],
+def preflight(world: MPI.Comm, check: Callable[[], tuple[T, dict[str, str]]],
               output: tuple[str, bool] | None = None) -> tuple[T, Reservation | None]:
     """Every rank's local checks, then one agreement on errors and input digests.
 
@@ -126,7 +130,7 @@ def preflight(world: Any, check: Callable[[], tuple[T, dict[str, str]]],
         if out is not None:
             out.discard()
         raise err
-    from ..io.schema import record_inputs
+    from ..io.formats.common import record_inputs
 
     record_inputs(digests)  # the same on every rank now: written into the output file
     if out is not None:
@@ -155,7 +159,7 @@ def _disagreement(per_rank: list[dict[str, str]]) -> UserError | None:
     return None
 
 
-def conclude(world: Any, write: Callable[[], Any] | None, final: bool = True) -> Any:
+def conclude(world: MPI.Comm, write: Callable[[], Any] | None, final: bool = True) -> Any:
     """Rank 0 (the caller that passes ``write``) writes and publishes; the outcome is
     agreed, so a failed write is one line and the same exit code on every rank. After
     the ``final`` output is published a late signal no longer fails the job."""

@@ -1,7 +1,9 @@
-"""Where a job's ranks stand and what each holds: the part of the job kit after the
-pre-flight, shared by run, bench and train.
+"""The config finished once (``finish_config``, in every command's pre-flight), then
+where a job's ranks stand and what each holds: the part of the job kit after the
+pre-flight, shared by run, bench, train and the text run.
 
-    plan = place(cfg, world, tensor, batch)      # collective: grid, backend, heads, rows
+    finished = finish_config(cfg, size, "run", RUN_SITES)  # local, in the pre-flight
+    plan = place(cfg, world, finished, batch)    # collective: grid, backend, heads, rows
     reducer = make_reducer(cfg, plan)            # the checked Allreduce of the head group
     emb, layers = load_shards(cfg, plan, world, range(cfg.model.layers))
 """
@@ -17,6 +19,7 @@ import numpy as np
 from ..config import Config, coerce, validate
 from ..core.attention import Options
 from ..core.backend import Backend, limit_blas_threads, oversubscription, select
+from ..core.checksum import Fault
 from ..core.model import SITES
 from ..core.pipeline import SITE as PIPELINE_SITE
 from ..core.seqattn import BACKWARD_SITES as SEQUENCE_BACKWARD_SITES
@@ -28,6 +31,12 @@ from ..inputs.data import Batch
 from ..io.families import family_of
 from ..io.weights import checkpoint_shape, model_folder, open_source
 from ..parallel.faults import slowdown
+
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from ..parallel.grid import ProcessGrid
 
 # where fault.inject may flip a bit in run and bench
 RUN_SITES = (*SITES, PIPELINE_SITE, *SEQUENCE_SITES)
@@ -59,6 +68,33 @@ def apply_checkpoint_shape(cfg: Config) -> None:
             'attention.impl = "blocked"'
         raise ConfigError(f"{key} is not built for {family.name}'s relative position bias:"
                           " use head, data and pipeline parallelism with plain attention")
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The config's derived values, computed once in the pre-flight (``finish_config``) and
+    carried by the ``Placement``: nothing after the pre-flight parses the config again."""
+
+    tensor: int  # ranks per head group
+    faults: tuple[Fault, ...]  # fault.inject, parsed against the command's sites
+
+
+def finish_config(cfg: Config, world_size: int, command: str,
+                  sites: tuple[str, ...]) -> Finished:
+    """Local, no collective (the pre-flight agrees on the outcome): ``model.*`` from the
+    checkpoint's folder (``apply_checkpoint_shape``), the head-group size, the memory the
+    replicated tables need, and the fault tables (``fault.crash``, ``fault.slow``, and
+    ``fault.inject`` against ``sites``, the sites of ``command``). Raises UserError."""
+    from ..config import check_world
+    from ..core.checksum import parse_faults
+    from ..parallel.faults import crash_points
+
+    apply_checkpoint_shape(cfg)
+    tensor, _ = check_world(cfg, world_size)
+    check_memory(cfg)
+    crash_points(cfg, 0)  # validates every fault.crash entry (any rank's)
+    slowdown(cfg, 0)  # validates every fault.slow entry
+    return Finished(tensor, tuple(parse_faults(cfg.fault.inject, sites, command)))
 
 
 TRAINABLE = ("BERT", "DistilBERT")  # families whose names and embeddings training has
@@ -98,7 +134,7 @@ class Placement:
     """Everything decided before the first FLOP."""
 
     cfg: Config
-    grid: Any
+    grid: ProcessGrid
     backend: Backend
     shard: HeadShard
     head_counts: list[int]
@@ -107,12 +143,14 @@ class Placement:
     threads: int
     limiter: Any = field(repr=False, default=None)
     cuda_aware: bool = False  # device buffers go to MPI as they are (CuPy ranks only)
+    faults: tuple[Fault, ...] = ()  # fault.inject, parsed once (``Finished``)
 
 
-def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Placement:
-    """Process grid, backend, BLAS threads and this rank's heads and rows (run and train)."""
+def place(cfg: Config, world: MPI.Comm, finished: Finished, batch: Batch) -> Placement:
+    """Collective: process grid, backend, BLAS threads and this rank's heads and rows."""
     from ..parallel.grid import GridShape, make_grid
 
+    tensor = finished.tensor
     grid = make_grid(world, GridShape.of(world.Get_size(), tensor, cfg.parallel.pipeline,
                                          cfg.parallel.sequence))
     backend = select(cfg.backend, grid.local_rank)
@@ -128,7 +166,7 @@ def place(cfg: Config, world: Any, tensor: int, batch: Batch) -> Placement:
                        head_counts)
     rows = partition(batch.shape[0], grid.axis_size("data"), grid.coord("data"))
     return Placement(cfg, grid, backend, shard, head_counts, batch, rows, threads, limiter,
-                cuda_aware(cfg, backend))
+                     cuda_aware(cfg, backend), finished.faults)
 
 
 def cuda_aware(cfg: Config, backend: Backend) -> bool:
@@ -143,7 +181,7 @@ def cuda_aware(cfg: Config, backend: Backend) -> bool:
     return cuda_aware_mpi() if aware is None else aware
 
 
-def calibrated_counts(cfg: Config, grid: Any, backend: Backend, batch: Batch) -> list[int]:
+def calibrated_counts(cfg: Config, grid: ProcessGrid, backend: Backend, batch: Batch) -> list[int]:
     """Heads per head rank from measured rates, averaged over replicas and token slices
     (the same on every rank)."""
     from mpi4py import MPI
@@ -169,11 +207,9 @@ def attention_options(cfg: Config, p: Placement) -> Options:
     return Options.configured(cfg.attention.impl, cfg.attention.block, p.threads)
 
 
-def make_reducer(cfg: Config, p: Placement, comm: Any = None, group_ranks: list[int] | None = None,
-                 sites: tuple[str, ...] = RUN_SITES) -> Any:
-    """The checked Allreduce over ``comm`` (default: this rank's head group); ``sites``:
-    where the command's ``fault.inject`` may aim (train: ``train.TRAIN_SITES``)."""
-    from ..core.checksum import parse_faults
+def make_reducer(cfg: Config, p: Placement, comm: MPI.Comm | None = None,
+                 group_ranks: list[int] | None = None) -> Any:
+    """The checked Allreduce over ``comm`` (default: this rank's head group)."""
     from ..parallel.comm import CheckedAllreduce
 
     return CheckedAllreduce(
@@ -181,12 +217,12 @@ def make_reducer(cfg: Config, p: Placement, comm: Any = None, group_ranks: list[
         mode=cfg.checksum.mode, wire=cfg.checksum.wire,
         on_mismatch=cfg.checksum.on_mismatch, retries=cfg.checksum.retries,
         hash_every=cfg.checksum.hash_every, cuda_aware=p.cuda_aware,
-        faults=parse_faults(cfg.fault.inject, sites), world_rank=p.grid.rank,
+        faults=list(p.faults), world_rank=p.grid.rank,
         group_ranks=p.grid.group_ranks("tensor") if group_ranks is None else group_ranks,
     )
 
 
-def load_shards(cfg: Config, p: Placement, world: Any, indices: range,
+def load_shards(cfg: Config, p: Placement, world: MPI.Comm, indices: range,
                 vocab_rows: np.ndarray | None = None) -> tuple[Any, list]:
     """Embeddings and this rank's shard of the given layers, on the rank's device.
     ``vocab_rows``: the only token ids this rank embeds (sorted, unique; see
@@ -215,12 +251,11 @@ def load_shards(cfg: Config, p: Placement, world: Any, indices: range,
 
 def make_p2p(cfg: Config, p: Placement) -> Any:
     """The checked point-to-point transfers between this rank's pipeline stages."""
-    from ..core.checksum import parse_faults
     from ..parallel.transfers import CheckedP2P, FaultPlan, RetryPolicy
 
     return CheckedP2P(p.grid.comm("pipeline"),
                       RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
-                      FaultPlan(parse_faults(cfg.fault.inject, RUN_SITES), p.grid.rank),
+                      FaultPlan(list(p.faults), p.grid.rank),
                       group_ranks=p.grid.group_ranks("pipeline"), abort_on_failure=True)
 
 
@@ -264,11 +299,10 @@ def check_sequence(cfg: Config, tensor: int, seq: int, command: str = "run") -> 
                           f" attention.sequence = \"{algorithm}\" in this {command}")
 
 
-def make_sequence(cfg: Config, p: Placement, seq: int, sites: tuple[str, ...] = RUN_SITES) -> Any:
+def make_sequence(cfg: Config, p: Placement, seq: int) -> Any:
     """This rank's ``seqattn.SequenceAttention`` over its sequence group for sequences of
     ``seq`` tokens, with its checked transfer (``transfers.CheckedAlltoall`` for Ulysses,
     ``transfers.CheckedRing`` for the ring); None with ``parallel.sequence = 1``."""
-    from ..core.checksum import parse_faults
     from ..core.seqattn import SequenceAttention, SequenceSplit, resolve
     from ..parallel.transfers import CheckedAlltoall, CheckedRing, FaultPlan, RetryPolicy
 
@@ -280,7 +314,7 @@ def make_sequence(cfg: Config, p: Placement, seq: int, sites: tuple[str, ...] = 
     kind = CheckedAlltoall if algorithm == "ulysses" else CheckedRing
     transfer = kind(grid.comm("sequence"),
                     RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
-                    FaultPlan(parse_faults(cfg.fault.inject, sites), grid.rank),
+                    FaultPlan(list(p.faults), grid.rank),
                     group_ranks=grid.group_ranks("sequence"))
     split = SequenceSplit(seq, parts, grid.coord("sequence"))
     return SequenceAttention(algorithm, split, transfer,

@@ -11,7 +11,6 @@ any number of ranks, and only rank 0 prints or writes (the file layout is ``layo
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, check_world
+from ..config import Config
 from ..core.backend import erf, to_host
 from ..core.headstats import HeadResults, HeadStats, assemble, rank_sums
 from ..core.model import PhaseTimer, encoder_forward
@@ -30,18 +29,19 @@ from ..core.seqattn import PHASES as SEQUENCE_PHASES
 from ..errors import ConfigError
 from ..inputs.data import Batch, load_batch
 from ..io import h5io
-from ..io.schema import PHASES, write_run
+from ..io.formats.common import PHASES
+from ..io.formats.run import RunData, write_run
 from ..io.stmodules import sentence_pipeline
 from ..parallel.faults import FaultyPhases, check_fault_targets, crash_points, slowdown
 from ..version import __version__
-from . import jobkit
+from . import epilogue, jobkit
 from .placement import (
     RUN_SITES,
+    Finished,
     Placement,
-    apply_checkpoint_shape,
     attention_options,
-    check_memory,
     check_sequence,
+    finish_config,
     load_shards,
     make_p2p,
     make_reducer,
@@ -50,21 +50,22 @@ from .placement import (
 )
 from .warmup import warm_up
 
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
 
 def check_inputs(cfg: Config, world_size: int, rank: int,
-                 command: str = "run") -> tuple[tuple[int, Batch], dict]:
-    """Every local check of a run (or a bench: ``command``), with no collective: ((tensor,
-    batch), input digests).
+                 command: str = "run") -> tuple[tuple[Finished, Batch], dict]:
+    """Every local check of a run (or a bench: ``command``), with no collective: ((the
+    finished config's derived values, batch), input digests).
 
     Raises UserError (or ValueError) for the pre-flight to agree on.
     """
-    from ..core.checksum import parse_faults
-
-    apply_checkpoint_shape(cfg)
+    finished = finish_config(cfg, world_size, command, RUN_SITES)
+    tensor = finished.tensor
     if command == "run":  # refused here, before any work, when the folder's are not built
         sentence_pipeline(cfg.model.weights, cfg.model.hidden)
-    tensor, _ = check_world(cfg, world_size)
-    check_memory(cfg)
     batch = load_batch(cfg)
     check_sequence(cfg, tensor, batch.shape[1], command)
     replicas = world_size // (tensor * cfg.parallel.pipeline * cfg.parallel.sequence)
@@ -75,31 +76,28 @@ def check_inputs(cfg: Config, world_size: int, rank: int,
     if beyond:
         raise ConfigError(f"output.attention_maps asks for sequence(s) {beyond}, but the input"
                           f" has {batch.shape[0]} (indices 0 .. {batch.shape[0] - 1})")
-    crash_points(cfg, rank)  # validates fault.crash, fault.slow and fault.inject
-    slowdown(cfg, rank)
-    parse_faults(cfg.fault.inject, RUN_SITES, command)
     check_fault_targets(cfg, world_size)
-    return (tensor, batch), jobkit.input_digests(cfg)
+    return (finished, batch), jobkit.input_digests(cfg)
 
 
-def setup(cfg: Config, world: Any, out_path: str, force: bool, command: str = "run",
+def setup(cfg: Config, world: MPI.Comm, out_path: str, force: bool, command: str = "run",
           extra: Callable[[], None] | None = None) -> tuple:
     """(plan, reducer, output reservation on rank 0) after the collective pre-flight;
     ``extra``: the command's own local checks, agreed with the others."""
 
-    def checks() -> tuple[tuple[int, Batch], dict]:
+    def checks() -> tuple[tuple[Finished, Batch], dict]:
         found = check_inputs(cfg, world.Get_size(), world.Get_rank(), command)
         if extra is not None:
             extra()
         return found
 
-    (tensor, batch), out = jobkit.preflight(world, checks, output=(out_path, force))
+    (finished, batch), out = jobkit.preflight(world, checks, output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
-    p = place(cfg, world, tensor, batch)
+    p = place(cfg, world, finished, batch)
     return p, make_reducer(cfg, p), out
 
 
-def run(cfg: Config, world: Any, out_path: str, force: bool,
+def run(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
         resume: str | None = None) -> Path | None:
     """The whole job on every rank; returns the output path on rank 0. Text input is
     streamed (``encode``; ``resume`` continues an interrupted one); seeded and HDF5 token
@@ -121,7 +119,7 @@ def run(cfg: Config, world: Any, out_path: str, force: bool,
             out.discard()
 
 
-def _run(cfg: Config, world: Any, p: Placement, reducer: Any, out: Any, started: dt.datetime,
+def _run(cfg: Config, world: MPI.Comm, p: Placement, reducer: Any, out: Any, started: dt.datetime,
          wall0: float) -> Path | None:
     from ..parallel.comm import check_finite, gather_rows
 
@@ -217,7 +215,6 @@ def _run(cfg: Config, world: Any, p: Placement, reducer: Any, out: Any, started:
     per_rank = np.array([[forward_s, setup_s, time.perf_counter() - wall0,
                           backend.memory_high_water()]])
     all_totals = gather_rows(world, per_rank)
-    host_info = world.gather((socket.gethostname(), backend.device))
     heads = gather_heads(world, cfg, stats) if stats is not None else None  # rank 0's
     if leader and stages > 1:  # every stage's layers (and the last one's pooling) to stage 0
         parts = grid.comm("pipeline").gather((outputs, pooled), root=0)
@@ -244,23 +241,24 @@ def _run(cfg: Config, world: Any, p: Placement, reducer: Any, out: Any, started:
     # messages between stages and sequence slices are every rank's own
     transfers = ((reducer.records if leader else []) + (p2p.records if p2p is not None else [])
                  + (sequence.transfer.records if sequence is not None else []))
-    records = world.gather([(grid.coord("data"), r) for r in transfers])
+    records = epilogue.gather_records(world, [(grid.coord("data"), r) for r in transfers])
 
-    def write() -> Path:
-        writing = h5io.atomic_update(out) if parallel else h5io.atomic_file(out)
-        with writing as f:
-            f.attrs["write_mode"] = (f"mpio, {grid.axis_size('data')} writers" if parallel
-                                     else "gathered to rank 0")
-            write_run(f, cfg, p, gathered, pooled_all, all_seconds, all_totals, host_info,
-                      [item for part in records for item in part], started, phases,
-                      heads() if heads is not None else None)
+    def write(f: Any) -> None:
+        f.attrs["write_mode"] = (f"mpio, {grid.axis_size('data')} writers" if parallel
+                                 else "gathered to rank 0")
+        write_run(f, cfg, RunData(
+            p.batch.ids, p.batch.mask, p.batch.types, p.batch.text, gathered, pooled_all,
+            all_seconds, all_totals, records, phases, heads() if heads is not None else None))
+
+    def summary() -> Path:
         print_summary(cfg, p, all_seconds, all_totals, out.path, phases)
         return out.path
 
-    return jobkit.conclude(world, write if rank == 0 else None)
+    return epilogue.finish(world, out, cfg, p, started, "run", write, after=summary,
+                           opener=h5io.atomic_update if parallel else h5io.atomic_file)
 
 
-def gather_tokens(comm: Any, outputs: dict[tuple[int, str], np.ndarray], hidden: Any,
+def gather_tokens(comm: MPI.Comm, outputs: dict[tuple[int, str], np.ndarray], hidden: Any,
                   key_mask: Any, pipe: Any = None
                   ) -> tuple[dict[tuple[int, str], np.ndarray], np.ndarray | None]:
     """Collective over a sequence group (one gather): every rank's token slices of the kept
@@ -280,7 +278,7 @@ def gather_tokens(comm: Any, outputs: dict[tuple[int, str], np.ndarray], hidden:
     return joined, to_host(pipe(whole, to_host(key_mask)))
 
 
-def gather_heads(world: Any, cfg: Config, stats: HeadStats
+def gather_heads(world: MPI.Comm, cfg: Config, stats: HeadStats
                  ) -> Callable[[], HeadResults] | None:
     """Collective over ``world``, after the forward: every rank's sums (one Gatherv) and
     map pieces (one gather) to rank 0. Rank 0 gets the function that combines them (run

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,15 @@ from ..core.attention import KeyMask
 from ..core.backend import get_array_module
 from ..core.costs import layer_flops
 from ..core.model import PhaseTimer, layer_forward
-from ..io.schema import PHASES, SequenceBenchResult, write_sequence_bench
-from . import jobkit
-from .benchkit import publish, slowest
+from ..io.formats.bench import SequenceBenchResult, write_sequence_bench
+from ..io.formats.common import PHASES
+from . import epilogue
+from .benchkit import slowest
 from .placement import attention_options, load_shards, make_sequence
+
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 
 class TimedTransfer:
@@ -151,7 +155,7 @@ def check_sweep(cfg: Config, sweep: list[int]) -> list[int]:
     return lengths
 
 
-def bench_sequence(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
+def bench_sequence(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any,
                    started: dt.datetime, repeats: int, sweep: list[int],
                    warmup: int = 1) -> Path | None:
     """The sequence-parallel layer at every sweep length (see the module's docstring),
@@ -249,9 +253,8 @@ def bench_sequence(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
 
     per_rank = {k: gather_rows(world, v[None]) for k, v in mine.items()}
     all_phases = gather_rows(world, phases[None])
-    host_info = world.gather((socket.gethostname(), backend.device))
     if rank != 0:
-        return jobkit.conclude(world, None)
+        return epilogue.finish(world, out, cfg, p, started, "bench", None)
     flops = {name: np.array([layer_flops(batch, s, m.hidden, m.ffn)[key] for s in lengths])
              for name, key in (("layer", "layer"), ("block", "attention_block"))}
     result = SequenceBenchResult(
@@ -268,8 +271,8 @@ def bench_sequence(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
         repeats=repeats, checksum_mode=reducer.mode)
     path = out.path
 
-    publish(world, out, cfg, p, started, host_info,
-            lambda fh: write_sequence_bench(fh, result))
+    epilogue.finish(world, out, cfg, p, started, "bench",
+                    lambda fh: write_sequence_bench(fh, result))
     print(f"  peak RSS: {method}")
     print(f"wrote {path}")
     return path
@@ -281,7 +284,7 @@ def _max() -> Any:
     return MPI.MAX
 
 
-def ring_overlap(world: Any, sync: Any, sequence: Any, ring: Any, shard: Any, b: int,
+def ring_overlap(world: MPI.Comm, sync: Any, sequence: Any, ring: Any, shard: Any, b: int,
                  dtype: Any, rng: Any, mask: KeyMask, options: Any
                  ) -> tuple[float, float]:
     """(b, c) of the ring's overlap on this rank: seconds of ``SequenceAttention.forward``

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +59,6 @@ from ..inputs.corpus import (
     unigram_entropy,
 )
 from ..inputs.data import Batch as InputBatch
-from ..io import h5io
 from ..io.checkpoints import (
     History,
     check_shapes,
@@ -71,10 +69,16 @@ from ..io.checkpoints import (
     read_checkpoint,
     write_checkpoint,
 )
+from ..io.formats.train import TRAIN_PHASES
 from ..io.hf import from_hf, to_hf
-from ..io.schema import TRAIN_PHASES
 from ..version import __version__
 from .progress import Progress
+
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from ..parallel.grid import ProcessGrid
 
 PHASES = TRAIN_PHASES
 BUCKET_COLS, BUCKET_ROWS = 1024, 1024  # gradient buckets of at most 1 Mi elements
@@ -672,31 +676,28 @@ def export_folder(cfg: Config, out_path: str) -> Path | None:
 
 def check_training(cfg: Config, world_size: int, resume: str | None,
                    force: bool, out_path: str = "") -> tuple[tuple, dict]:
-    """Every local check of a training job, with no collective: ((tensor, corpus,
-    checkpoint or None, resume path or None, tokenizer files), input digests)."""
-    from ..config import check_world
-    from ..core.checksum import parse_faults
+    """Every local check of a training job, with no collective: ((the finished config's
+    derived values, corpus, checkpoint or None, resume path or None, tokenizer files),
+    input digests)."""
     from ..io.export import check_folder, tokenizer_files
     from ..io.outfile import check_name
     from ..io.weights import model_folder
     from ..parallel.faults import check_fault_targets
     from .jobkit import input_digests
-    from .placement import apply_checkpoint_shape, check_memory, check_sequence
+    from .placement import check_sequence, finish_config
 
     if cfg.model.weights and (model_folder(cfg.model.weights) / "mpiattn_vocab.json").exists():
         raise ConfigError(f"model.weights = '{cfg.model.weights}' was trained on a remapped"
                           " vocabulary (its mpiattn_vocab.json): continue its training from"
                           " its checkpoint with --resume (run and export take the folder)")
-    apply_checkpoint_shape(cfg)
+    finished = finish_config(cfg, world_size, "train", TRAIN_SITES)
+    tensor = finished.tensor
     if cfg.output.head_stats or cfg.output.attention_maps:
         raise ConfigError("output.head_stats and output.attention_maps are written by mpiattn"
                           " run only: remove them from the training config")
-    tensor, _ = check_world(cfg, world_size)
     check_sequence(cfg, tensor, cfg.input.seq_len, "train")
-    check_memory(cfg)
     corpus = Corpus.load(cfg)
     cfg.model.vocab = corpus.vocab
-    parse_faults(cfg.fault.inject, TRAIN_SITES, "train")
     check_fault_targets(cfg, world_size, fault_span(cfg, world_size, tensor))
     t, ck = cfg.train, None
     if resume == "auto":
@@ -736,7 +737,7 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     if resume:
         files["--resume checkpoint"] = Path(resume)
     tokenizer = tokenizer_files(files["tokenizer"])
-    return (tensor, corpus, ck, resume, tokenizer), input_digests(cfg, files)
+    return (finished, corpus, ck, resume, tokenizer), input_digests(cfg, files)
 
 
 def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
@@ -745,7 +746,6 @@ def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
     last stage or None on the others: Megatron-LM's embedding group)."""
     from mpi4py import MPI
 
-    from ..core.checksum import parse_faults
     from ..parallel.transfers import CheckedP2P, FaultPlan, RetryPolicy
     from .placement import make_reducer
 
@@ -753,12 +753,12 @@ def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
     comm, ranks = grid.comm("pipeline"), grid.group_ranks("pipeline")
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     p2p = CheckedP2P(comm, RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
-                     FaultPlan(parse_faults(cfg.fault.inject, TRAIN_SITES), grid.rank),
+                     FaultPlan(list(plan.faults), grid.rank),
                      group_ranks=ranks, abort_on_failure=True)
-    pipe = make_reducer(cfg, plan, comm, ranks, TRAIN_SITES)
+    pipe = make_reducer(cfg, plan, comm, ranks)
     end = stage in (0, stages - 1)
     ends = comm.Split(color=0 if end else MPI.UNDEFINED, key=stage)
-    tied = make_reducer(cfg, plan, ends, [ranks[0], ranks[-1]], TRAIN_SITES) if end else None
+    tied = make_reducer(cfg, plan, ends, [ranks[0], ranks[-1]]) if end else None
     return p2p, pipe, tied
 
 
@@ -781,18 +781,17 @@ class _HostGather:
 
 def _zero_gather(cfg: Config, plan: Any) -> _HostGather:
     """Collective over the data group: the checked Allgather of ZeRO-1's parameter blocks."""
-    from ..core.checksum import parse_faults
     from ..parallel.transfers import CheckedAllgather, FaultPlan, RetryPolicy
 
     grid = plan.grid
     checked = CheckedAllgather(grid.comm("data"),
                                RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
-                               FaultPlan(parse_faults(cfg.fault.inject, TRAIN_SITES), grid.rank),
+                               FaultPlan(list(plan.faults), grid.rank),
                                group_ranks=grid.group_ranks("data"))
     return _HostGather(checked, plan.backend.xp)
 
 
-def _flags(world: Any, *values: int) -> list[int]:
+def _flags(world: MPI.Comm, *values: int) -> list[int]:
     """Collective: the maximum over all ranks of each small integer (one tiny Allreduce)."""
     from mpi4py import MPI
 
@@ -801,43 +800,144 @@ def _flags(world: Any, *values: int) -> list[int]:
     return [int(v) for v in buf]
 
 
-def train(cfg: Config, world: Any, out_path: str, force: bool,
+def _transfer_records(grid: ProcessGrid, groups: Groups, first_copy: bool) -> list:
+    """This rank's (replica, record) pairs of the checked transfers, each recorded once in
+    the job: a head group's sums by its first rank, the stages' messages by their
+    receivers, the sums over stages and tied ends by stage 0, the data group's gradient sums
+    and ZeRO-1's gathers by the first copy of the model, the token slices' messages by
+    every rank (its own)."""
+    replica, head = grid.coord("data"), grid.coord("tensor") == 0
+    found = list(groups.heads.records) if head else []
+    if groups.p2p is not None and head:  # the messages between stages, received here
+        found += groups.p2p.records
+        if grid.coord("pipeline") == 0:  # the sums over the stages and the tied ends
+            found += groups.pipe.records + groups.tied.records
+    if first_copy:
+        found += groups.data.records
+        if groups.gather is not None:  # the gathered parameter shards (ZeRO-1)
+            found += groups.gather.records
+    if groups.sequence is not None:  # the messages between token slices, this rank's own
+        found += groups.sequence.transfer.records
+    return [(replica, r) for r in found]
+
+
+class Checkpointer:
+    """The whole model out of its shards: ``gather`` brings parameters (and optimizer
+    state) to rank 0 in Hugging Face names, ``save`` writes a checkpoint there (the outcome
+    agreed), ``final_params`` gives the export its parameters (those of the last save when
+    it was at the last step). Every method is collective over the world."""
+
+    def __init__(self, cfg: Config, world: MPI.Comm, plan: Any, trainer: Trainer,
+                 kept: dict[str, np.ndarray], first_copy: bool, resume: str | None,
+                 force: bool) -> None:
+        self.cfg, self.world, self.plan, self.trainer = cfg, world, plan, trainer
+        self.kept = kept  # tensors training does not change (rank 0's), for the export
+        self.first_copy = first_copy  # replica 0 (and sequence slice 0) holds the model
+        self.resume, self.force = resume, force
+        self.written: set[Path] = set()  # checkpoints this job wrote: the next may replace
+        self.latest: dict[str, np.ndarray] = {}  # the whole parameters last gathered (rank 0)
+        self.saved = -1  # the steps done at the last checkpoint (every rank)
+
+    def gather(self, optimizer: bool = True) -> dict[str, dict[str, np.ndarray]]:
+        """The whole model (and optimizer state) in HF naming, on rank 0 (replica 0 holds
+        it; each stage's head group gathers its shards, then the stages gather to stage 0:
+        embeddings from the first, the head from the last); {} elsewhere."""
+        from ..core.backend import to_host
+
+        grid, trainer = self.plan.grid, self.trainer
+        stage = grid.coord("pipeline")
+        full = {}
+        kinds = trainer.opt.names if optimizer else []
+        states = [(kind, trainer.state_arrays(kind)) for kind in kinds]  # ZeRO: collective
+        if not self.first_copy:
+            return full
+        for key, arrays in [("params", trainer.arrays()), *states]:
+            p = rebuild(trainer.params, [to_host(a) for a in arrays])
+            rows = (p.emb.word, p.head.bias) if p.vocab_split else None
+            pieces = grid.comm("tensor").gather((p.layers, rows), root=0)
+            if grid.coord("tensor") != 0:
+                continue
+            p = join_vocab(p, [pc[1] for pc in pieces])
+            pieces = [pc[0] for pc in pieces]
+            layers = [join_shards([pc[i] for pc in pieces]) for i in range(len(p.layers))]
+            parts = grid.comm("pipeline").gather((p.emb, layers, p.head), root=0)
+            if stage == 0:
+                every = [lay for _, lays, _ in parts for lay in lays]
+                full[key] = to_hf(parts[0][0], every, parts[-1][2])
+                if key == "params":
+                    full[key].update(self.kept)
+        return full
+
+    def save(self, done: int, corpus: Corpus, history: History,
+             tokenizer: dict[str, bytes]) -> Path:
+        """Gather the whole model and optimizer state to rank 0, which writes the checkpoint
+        of ``done`` steps; the outcome is agreed by every rank."""
+        from ..io.outfile import Reservation
+        from . import jobkit
+
+        cfg, trainer = self.cfg, self.trainer
+        full = self.gather()
+        self.latest = full.get("params", {})
+        self.saved = done
+        path = checkpoint_path(cfg.train, done)
+
+        def write() -> None:
+            replace = self.force or path in self.written or bool(
+                self.resume and path.exists() and path.samefile(self.resume))
+            state = {kind: full[kind] for kind in trainer.opt.names}
+            write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
+                             corpus, history, self.plan.grid.axis_size("tensor"), tokenizer)
+            self.written.add(path)
+
+        jobkit.conclude(self.world, write if self.world.Get_rank() == 0 else None,
+                        final=False)
+        return path
+
+    def final_params(self, done: int) -> dict[str, np.ndarray]:
+        """The whole parameters after ``done`` steps on rank 0 ({} elsewhere): the last
+        checkpoint's when it was at ``done``, else gathered now (the same verdict on every
+        rank)."""
+        if self.saved != done:
+            self.latest = self.gather(optimizer=False).get("params", {})
+        return self.latest
+
+
+def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
           resume: str | None = None) -> Path | None:
     """The whole training job on every rank; returns the output path on rank 0.
 
     Raises ``Stopped`` on every rank after a signal (SIGTERM, SIGUSR1: Slurm's warning
     before the time limit) was agreed on at a step boundary, the checkpoint written.
     """
-    from ..core.backend import to_host
     from ..errors import NumericalError, Stopped
-    from ..io.outfile import Reservation
-    from ..io.schema import write_provenance, write_train
+    from ..io.formats.train import write_train
     from ..parallel import watchdog
     from ..parallel.comm import gather_rows
-    from . import jobkit
+    from . import epilogue, jobkit
     from .placement import make_reducer, make_sequence, place
 
     rank, size = world.Get_rank(), world.Get_size()
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     out_force = force or _resumable_output(out_path, resume)
-    (tensor, corpus, ck, resume, tokenizer), out = jobkit.preflight(
+    (finished, corpus, ck, resume, tokenizer), out = jobkit.preflight(
         world, lambda: check_training(cfg, size, resume, force, out_path),
         output=(out_path, out_force))
     jobkit.set_timeout(cfg.comm.timeout)
 
     first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0
-    plan = place(cfg, world, tensor, InputBatch(first.ids, first.key_mask))
+    tensor = finished.tensor
+    plan = place(cfg, world, finished, InputBatch(first.ids, first.key_mask))
     grid, backend, shard = plan.grid, plan.backend, plan.shard
     xp, m = backend.xp, cfg.model
-    heads = make_reducer(cfg, plan, sites=TRAIN_SITES)
+    heads = make_reducer(cfg, plan)
     summed = ("data", "sequence")  # the ranks whose parameter gradients are summed
     data = make_reducer(cfg, plan, grid.comm_over(summed),
-                        grid.shape.group_over(rank, summed), TRAIN_SITES)
+                        grid.shape.group_over(rank, summed))
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     groups = Groups(heads, data, tensor, grid.coord("tensor"), grid.axis_size("data"),
                     grid.coord("data"), stages, stage, cfg.parallel.microbatches,
-                    sequence=make_sequence(cfg, plan, first.ids.shape[1], TRAIN_SITES),
+                    sequence=make_sequence(cfg, plan, first.ids.shape[1]),
                     vocab=vocab_split(cfg, corpus.vocab, tensor, grid.coord("tensor")))
     zero = None
     if cfg.parallel.zero and grid.axis_size("data") > 1 and groups.sequence is None:
@@ -864,55 +964,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
             full = ck.state[kind]
             emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
             trainer.load_state(kind, part(mlm.Params(emb, layers, head)))
-    written: set[Path] = set()  # checkpoints this job wrote: the next may replace them
-
-    def gather(optimizer: bool = True) -> dict[str, dict[str, np.ndarray]]:
-        """The whole model (and optimizer state) in HF naming, on rank 0 (replica 0 holds
-        it; each stage's head group gathers its shards, then the stages gather to stage 0:
-        embeddings from the first, the head from the last); {} elsewhere."""
-        full = {}
-        kinds = trainer.opt.names if optimizer else []
-        states = [(kind, trainer.state_arrays(kind)) for kind in kinds]  # ZeRO: collective
-        if first_copy:
-            for key, arrays in [("params", trainer.arrays()), *states]:
-                p = rebuild(trainer.params, [to_host(a) for a in arrays])
-                rows = (p.emb.word, p.head.bias) if p.vocab_split else None
-                pieces = grid.comm("tensor").gather((p.layers, rows), root=0)
-                if grid.coord("tensor") != 0:
-                    continue
-                p = join_vocab(p, [pc[1] for pc in pieces])
-                pieces = [pc[0] for pc in pieces]
-                layers = [join_shards([pc[i] for pc in pieces]) for i in range(len(p.layers))]
-                parts = grid.comm("pipeline").gather((p.emb, layers, p.head), root=0)
-                if stage == 0:
-                    every = [lay for _, lays, _ in parts for lay in lays]
-                    full[key] = to_hf(parts[0][0], every, parts[-1][2])
-                    if key == "params":
-                        full[key].update(kept)
-        return full
-
-    latest: dict[str, np.ndarray] = {}  # the whole parameters last gathered, on rank 0
-    saved = [-1]  # the steps done at the last checkpoint (every rank)
-
-    def save(done: int) -> Path:
-        """Gather the whole model and optimizer state to rank 0, which writes it; the
-        outcome is agreed by every rank."""
-        full = gather()
-        latest.clear()
-        latest.update(full.get("params", {}))
-        saved[0] = done
-        path = checkpoint_path(cfg.train, done)
-
-        def write() -> None:
-            replace = force or path in written or bool(resume and path.exists()
-                                                       and path.samefile(resume))
-            state = {kind: full[kind] for kind in trainer.opt.names}
-            write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
-                             corpus, history, tensor, tokenizer)
-            written.add(path)
-
-        jobkit.conclude(world, write if rank == 0 else None, final=False)
-        return path
+    saver = Checkpointer(cfg, world, plan, trainer, kept, first_copy, resume, force)
 
     t = cfg.train
     dog = watchdog.current()
@@ -955,7 +1007,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         done = step + 1
         if checkpoint_due(step, t) or stopped:
             c0 = time.perf_counter()
-            ckpt = save(done)
+            ckpt = saver.save(done, corpus, history, tokenizer)
             r.seconds["checkpoint"] = time.perf_counter() - c0
         seconds[step - start] = [r.seconds[p] for p in PHASES]
         bar.update(1, loss=f"{r.loss:.3f}", lr=f"{r.lr:.2e}", tok_s=f"{tokens:.0f}")
@@ -969,30 +1021,18 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     all_seconds = gather_rows(world, seconds[None])
     backend.sync()
     totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
-    host_info = world.gather((socket.gethostname(), backend.device))
-    mine = [(grid.coord("data"), r) for r in heads.records] if grid.coord("tensor") == 0 else []
-    if stages > 1 and grid.coord("tensor") == 0:  # the messages between stages, received here
-        mine += [(grid.coord("data"), r) for r in groups.p2p.records]
-        if stage == 0:  # the sums over the stages and over the tied embedding's two ends
-            mine += [(grid.coord("data"), r) for r in groups.pipe.records + groups.tied.records]
-    mine += [(grid.coord("data"), r) for r in data.records] if first_copy else []
-    if zero is not None and first_copy:  # the gathered parameter shards (ZeRO-1)
-        mine += [(grid.coord("data"), r) for r in zero.records]
-    if groups.sequence is not None:  # the messages between token slices, this rank's own
-        mine += [(grid.coord("data"), r) for r in groups.sequence.transfer.records]
-    records = world.gather(mine)
+    records = epilogue.gather_records(world, _transfer_records(grid, groups, first_copy))
     folder = None if stopped else export_folder(cfg, out_path)
-    if folder is not None and saved[0] != done:  # the same verdict on every rank
-        latest = gather(optimizer=False).get("params", {})
+    latest = saver.final_params(done) if folder is not None else {}  # collective
 
-    def write() -> Path:
-        with h5io.atomic_file(out) as f:
-            write_provenance(f, cfg, plan, started, "train", host_info)
-            write_train(f, history, {"unigram_entropy": unigram_entropy(corpus),
-                                     "vocab": corpus.vocab, "first_step": start,
-                                     "resumed_from": resume or ""},
-                        all_seconds, totals, [r for part in records for r in part], start,
-                        "interrupted" if stopped else "complete")
+    def write(f: Any) -> None:
+        write_train(f, history, {"unigram_entropy": unigram_entropy(corpus),
+                                 "vocab": corpus.vocab, "first_step": start,
+                                 "resumed_from": resume or ""},
+                    all_seconds, totals, records, start,
+                    "interrupted" if stopped else "complete")
+
+    def after() -> Path:
         if stopped:
             return out.path
         exported = ""
@@ -1023,12 +1063,13 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         except UserError as err:
             where = checkpoint_path(t, done)
             kept = (f"; the model is in '{where}': mpiattn export {where} DIR"
-                    if saved[0] == done else "; no checkpoint holds the final model"
+                    if saver.saved == done else "; no checkpoint holds the final model"
                     " (train.checkpoint_every = 0)")
             raise type(err)(f"{err}; the output '{out.path}' is written{kept}") from None
 
     try:
-        path = jobkit.conclude(world, write if rank == 0 else None)
+        path = epilogue.finish(world, out, cfg, plan, started, "train", write,
+                               after=after)
     finally:
         if out is not None:
             out.discard()

@@ -24,6 +24,10 @@ import numpy as np
 from ..errors import UserError
 from . import outfile
 
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
 FORMAT_VERSION = 2  # 2: dimension scales and UDUNITS units (1: labels only)
 DIGEST_ATTR = "sha256"
 # object formats of HDF5 1.10, both bounds: "latest" with the h5py 3.16 wheel writes HDF5
@@ -270,7 +274,7 @@ def has_parallel_hdf5() -> bool:
     return bool(h5py.get_config().mpi)
 
 
-def write_rows_parallel(tmp: str | Path, comm: Any, start: int, total: int,
+def write_rows_parallel(tmp: str | Path, comm: MPI.Comm, start: int, total: int,
                         arrays: dict[str, np.ndarray]) -> None:
     """Collective: every rank of ``comm`` writes its rows ``start:start+len`` of each array
     into one new file with the ``mpio`` driver (datasets created by all, in one order)."""

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .h5io import DIGEST_ATTR, layer_group, open_for_reading
+from .formats.checks import count_attr, rows
+from .h5io import DIGEST_ATTR, open_for_reading
 
 
 def verify(path: str | Path) -> list[str]:
@@ -156,10 +157,11 @@ def _root_text(f: Any, name: str, problems: list[str], default: Any = None) -> s
 
 
 def _promised(f: Any, config: dict | None) -> list[str]:
-    """What the root attributes and the ``config`` TOML promise is there (README, "HDF5
-    file"): run files their inputs, the layers ``output.layers`` keeps, the pooled output
-    of text input, the Allreduce records of a checked head group; every file one timing
-    row and one host per rank. Files without a ``command`` and ``format_version`` (not
+    """What the root attributes and the ``config`` TOML promise is there (docs, "Files"):
+    every file one timing row and one host per rank and axes that multiply to the world;
+    then what its kind promises (``formats.PROMISES``: a run's inputs, kept layers, pooled
+    output and records; a bench's measurements; a training history; a checkpoint's
+    tensors). Files without a ``command`` and ``format_version`` (not
     written by a command) are not checked."""
     from . import h5safe
 
@@ -168,19 +170,20 @@ def _promised(f: Any, config: dict | None) -> list[str]:
         return (["root attribute 'command' is missing: cannot tell what the file should hold"]
                 if "format_version" in f.attrs else [])
     command = h5safe.text(command, "attribute 'command' of /")
+    from .formats import PROMISES
+
     if command == "train checkpoint":  # parameters, optimizer state, history, vocabulary
-        return [f"group /{name} is missing" for name in ("params", "train", "vocab")
-                if name not in f]
+        return PROMISES[command](f, config)
     if command not in ("run", "train", "bench"):
         return [f"root attribute 'command' is {command!r}, not run, train, bench or a"
                 " train checkpoint"]
     problems: list[str] = []
-    world = _count_attr(f, "world_size", problems)
+    world = count_attr(f, "world_size", problems)
     if world is not None:  # run files always hold both; train and bench files, when timed
         for name in ("ranks/host", "timings/seconds"):
             if command == "run" or name in f:
-                _rows(f, name, world, problems)
-        axes = [_count_attr(f, name, problems, required=False)
+                rows(f, name, world, problems)
+        axes = [count_attr(f, name, problems, required=False)
                 for name in ("data_parallel", "pipeline_parallel", "tensor_parallel",
                              "sequence_parallel")]
         if None not in axes[::2] and int(np.prod([a or 1 for a in axes])) != world:
@@ -193,14 +196,7 @@ def _promised(f: Any, config: dict | None) -> list[str]:
         problems += _unnamed_axes(f)
     if "heads" in f:
         problems += _implausible_heads(f)
-    if command == "train":
-        _need(f, "train/loss", problems)
-    elif command == "bench":
-        if "bench" not in f:
-            problems.append("group /bench is missing (a bench file's measurements)")
-    else:
-        problems += _promised_run(f, config)
-    return problems
+    return problems + PROMISES[command](f, config)
 
 
 def _unnamed_axes(f: Any) -> list[str]:
@@ -235,112 +231,6 @@ def _implausible_heads(f: Any) -> list[str]:
             if values.dtype.kind == "f" and values.size and np.nanmin(values) < 0:
                 problems.append(f"/heads/{name} holds negative values ({np.nanmin(values):.3g}):"
                                 " not a mean attention " + name)
-    return problems
-
-
-def _count_attr(f: Any, name: str, problems: list[str], required: bool = True) -> int | None:
-    """Root attribute ``name`` as a count >= 1 (None, with a problem line, otherwise)."""
-    from . import h5safe
-
-    value = h5safe.attr(f, name)
-    if value is None:
-        if required:
-            problems.append(f"root attribute '{name}' is missing")
-        return None
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        problems.append(f"root attribute '{name}' is {h5safe.short(value)}, not a count >= 1")
-        return None
-    return value
-
-
-def _rows(f: Any, name: str, world: int, problems: list[str]) -> None:
-    """Dataset ``name`` has one row per rank."""
-    if _need(f, name, problems, digest=False) and (not f[name].shape or
-                                                   f[name].shape[0] != world):
-        problems.append(f"/{name} has shape {f[name].shape}, not one row per rank of"
-                        f" world_size = {world}")
-
-
-def _need(f: Any, name: str, problems: list[str], digest: bool = False,
-          why: str = "") -> bool:
-    """Dataset ``name`` is there (with its sha256 attribute when ``digest``); a problem
-    line naming what is missing otherwise."""
-    import h5py
-
-    if not isinstance(f.get(name), h5py.Dataset):
-        problems.append(f"dataset /{name} is missing{why}")
-        return False
-    if digest and DIGEST_ATTR not in f[name].attrs:
-        problems.append(f"dataset /{name} has no '{DIGEST_ATTR}' attribute: its contents"
-                        " cannot be checked")
-    return True
-
-
-def _promised_run(f: Any, config: dict | None) -> list[str]:
-    """A run file against its ``config``: inputs, kept layers, pooled output, records."""
-    if config is None:
-        return ["root attribute 'config' is missing or not TOML: cannot tell which layers"
-                " the file should hold"]
-    problems: list[str] = []
-
-    def section(key: str) -> dict:
-        value = config.get(key, {})
-        return value if isinstance(value, dict) else {}
-
-    text = section("input").get("text", "")
-    streamed = isinstance(text, str) and bool(text)  # ragged rows (``corpusfile``)
-    for name in ("input/tokens", "input/offsets" if streamed else "input/attention_mask"):
-        _need(f, name, problems, digest=True)
-
-    layers, keep = section("model").get("layers"), section("output").get("layers", "all")
-    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= 10**6:
-        problems.append(f"config model.layers is {layers!r}, not a layer count")
-    elif keep not in ("all", "last", "none"):
-        problems.append(f"config output.layers is {keep!r}, not 'all', 'last' or 'none'")
-    else:
-        kept = {"all": range(layers), "last": [layers - 1], "none": []}[keep]
-        why = f" (output.layers = '{keep}', model.layers = {layers})"
-        if kept and "layers" not in f:
-            problems.append(f"group /layers is missing{why}")
-        else:
-            for index in kept:
-                group = layer_group(index)
-                if group not in f:
-                    problems.append(f"group /{group} is missing{why}")
-                    continue
-                for name in ("attention", "hidden"):
-                    _need(f, f"{group}/{name}", problems, digest=True, why=why)
-    if streamed:
-        _need(f, "output/pooled", problems, digest=True,
-              why=f" (input.text = '{text}' promises pooled embeddings)")
-    output = section("output")
-    if output.get("head_stats") is True:
-        for name in ("heads/entropy", "heads/distance"):
-            _need(f, name, problems, digest=True, why=" (output.head_stats = true)")
-    maps = output.get("attention_maps")
-    if isinstance(maps, list) and maps:
-        why = f" (output.attention_maps = {maps})"
-        _need(f, "heads/sequences", problems, digest=True, why=why)
-        if (_need(f, "heads/maps", problems, digest=True, why=why)
-                and f["heads/maps"].shape[:1] != (len(maps),)):
-            problems.append(f"/heads/maps has shape {f['heads/maps'].shape}, not one map per"
-                            f" sequence of output.attention_maps = {maps}")
-    check = section("checksum")
-    tensor = _count_attr(f, "tensor_parallel", [], required=False) or 1
-    stages = _count_attr(f, "pipeline_parallel", [], required=False) or 1
-    from . import h5safe
-
-    resumed_whole = streamed and str(h5safe.attr(f, "checksum_records", "")).startswith(
-        "none: ")  # a --resume that found every chunk done ran no collective
-    if check.get("mode", "abft") == "abft" and (tensor > 1 or stages > 1) \
-            and not resumed_whole:
-        _need(f, "checksum/collectives", problems,
-              why=f" (checksum.mode = 'abft' with tensor_parallel = {tensor},"
-              f" pipeline_parallel = {stages} records every checked transfer)")
     return problems
 
 

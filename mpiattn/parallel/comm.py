@@ -40,7 +40,7 @@ def cuda_aware_mpi() -> bool:
     return bool(query())
 
 
-def check_finite(comm: Any, x: Any, layer: int, site: str) -> None:
+def check_finite(comm: MPI.Comm, x: Any, layer: int, site: str) -> None:
     """Collective: raise NumericalError on every rank of ``comm`` if any rank's ``x`` has
     inf or NaN (one flag in one tiny Allreduce, so no rank is left waiting)."""
     xp = get_array_module(x)
@@ -54,7 +54,7 @@ def check_finite(comm: Any, x: Any, layer: int, site: str) -> None:
                              comm)
 
 
-def gather_rows(comm: Any, rows: np.ndarray, root: int = 0) -> np.ndarray | None:
+def gather_rows(comm: MPI.Comm, rows: np.ndarray, root: int = 0) -> np.ndarray | None:
     """Concatenate every rank's rows (axis 0) on ``root`` in rank order (Gatherv)."""
     rows = np.ascontiguousarray(rows)
     per_row = int(np.prod(rows.shape[1:], dtype=np.int64))
@@ -91,7 +91,7 @@ class AllreduceTransport:
     """Preallocated buffers and the nonblocking Allreduce(SUM) over ``comm``: device
     buffers straight to a CUDA-aware MPI, otherwise through pinned host buffers."""
 
-    comm: Any
+    comm: MPI.Comm
     backend: Backend
     cuda_aware: bool = False
     group_ranks: list = field(default_factory=list)
@@ -142,7 +142,7 @@ class CheckedAllreduce:
     recomputation.
     """
 
-    comm: Any
+    comm: MPI.Comm
     backend: Backend
     mode: str = "abft"
     wire: str = "float64"  # "float64" | "native": the dtype the partials travel in

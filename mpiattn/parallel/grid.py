@@ -24,6 +24,10 @@ from typing import Any
 
 from ..errors import ConfigError
 
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
 AXES = ("data", "pipeline", "sequence", "tensor")  # outermost first; the last varies fastest
 
 
@@ -95,7 +99,7 @@ class GridShape:
 class ProcessGrid:
     """This rank's place in the grid and one communicator per axis."""
 
-    world: Any  # MPI.Comm
+    world: MPI.Comm  # MPI.Comm
     shape: GridShape
     comms: dict[str, Any]  # axis -> communicator of the ranks along it
     local_rank: int  # rank on this node
@@ -134,7 +138,7 @@ class ProcessGrid:
         return self.world.Split(color=color, key=self.rank)
 
 
-def make_grid(world: Any, shape: GridShape) -> ProcessGrid:
+def make_grid(world: MPI.Comm, shape: GridShape) -> ProcessGrid:
     """Collective over ``world``: split it into one communicator per axis."""
     from mpi4py import MPI
 

@@ -32,6 +32,10 @@ from ..core import checksum
 from ..errors import IntegrityError
 from . import watchdog
 
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -97,7 +101,7 @@ class FaultPlan:
         return fired
 
 
-def agree(comm: Any, failed: bool, digest: int = 0,
+def agree(comm: MPI.Comm, failed: bool, digest: int = 0,
           nonfinite: bool = False) -> tuple[bool, int, int, bool]:
     """Collective over ``comm``, one Allreduce of four words: (did any rank fail, the
     lowest and highest digest, did any rank see non-finite data)."""
@@ -116,7 +120,7 @@ def _digests(blocks: np.ndarray) -> np.ndarray:
 class _Checked:
     """What every moved-data transfer holds."""
 
-    comm: Any
+    comm: MPI.Comm
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     faults: FaultPlan = field(default_factory=FaultPlan)
     ledger: Ledger = field(default_factory=Ledger)

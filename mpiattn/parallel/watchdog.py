@@ -30,6 +30,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+TYPE_CHECKING = False  # type checkers take it as True
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
 EXIT_TIMEOUT = 5
 GRACE_SECONDS = 0.2  # between a rank's last line and MPI_Abort: the launcher forwards it
 STAGGER_SECONDS = 0.5  # rank r's watchdog fires r x this later (up to rank 8): one line
@@ -279,7 +283,7 @@ BLOCKING = (
 )
 
 
-def watch(comm: Any) -> Any:
+def watch(comm: MPI.Comm) -> Any:
     """``comm`` with every blocking call recorded by the watchdog (a subclass of its own
     type, so MPI and h5py take it as it is); sub-communicators from ``Split`` are watched
     too."""

@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 
 import mpiattn
-from mpiattn.analysis import files, report
+from mpiattn.analysis import report
 from mpiattn.commands.cli import main
 from mpiattn.errors import InputError
-from mpiattn.io.schema import site_names
+from mpiattn.io import formats as files
+from mpiattn.io.collectives import site_names
 
 ROOT = Path(__file__).resolve().parents[2]
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
@@ -89,9 +90,9 @@ def labels(dset: h5py.Dataset) -> tuple[str, ...]:
 # --- the API on each kind of file -------------------------------------------------------
 
 def test_import_mpiattn_stays_light():
-    code = ("import sys, mpiattn; heavy = [m for m in ('numpy', 'h5py', 'mpiattn.analysis.files')"
+    code = ("import sys, mpiattn; heavy = [m for m in ('numpy', 'h5py', 'mpiattn.io.formats')"
             " if m in sys.modules]; assert not heavy, heavy; mpiattn.open;"
-            " assert 'mpiattn.analysis.files' in sys.modules; assert 'open' in dir(mpiattn);"
+            " assert 'mpiattn.io.formats' in sys.modules; assert 'open' in dir(mpiattn);"
             " assert 'pandas' not in sys.modules and 'xarray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=240)
 
@@ -171,7 +172,7 @@ def test_bench_file_allreduce_in_nccl_columns(made):
     with mpiattn.open(made["bench"]) as b, h5py.File(made["bench"]) as h:
         assert isinstance(b, mpiattn.BenchFile)
         ar = b.allreduce()
-        assert tuple(ar.columns[:9]) == files.NCCL_COLUMNS
+        assert tuple(ar.columns[:9]) == files.bench.NCCL_COLUMNS
         assert list(ar.columns[9:]) == ["spread", "copy_time", "copy_bw", "ranks"]
         g = h["bench/allreduce"]
         n = int(g.attrs["ranks"])
@@ -224,7 +225,7 @@ def test_numpy_forms_without_xarray_and_pandas(made, monkeypatch):
         assert isinstance(t, mpiattn.Labelled) and t.dims == ("rank", "phase")
         assert list(t.coords["phase"]) == list(b.timings(raw=True).coords["phase"])
         ar = b.allreduce()
-        assert isinstance(ar, dict) and list(ar)[:9] == list(files.NCCL_COLUMNS)
+        assert isinstance(ar, dict) and list(ar)[:9] == list(files.bench.NCCL_COLUMNS)
         with pytest.raises(InputError, match=r"mpiattn\[analysis\]"):
             t.to_xarray()
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from mpiattn.analysis import files
 from mpiattn.commands.seqbench import (
     LocalRing,
     TimedTransfer,
@@ -16,7 +15,8 @@ from mpiattn.commands.seqbench import (
     peak_rss,
 )
 from mpiattn.errors import ConfigError
-from mpiattn.io.schema import SequenceBenchResult, write_sequence_bench
+from mpiattn.io import formats as files
+from mpiattn.io.formats.bench import SequenceBenchResult, write_sequence_bench
 
 
 def test_hidden_fraction():

@@ -23,7 +23,7 @@ from mpiattn.core.shard import head_shard
 from mpiattn.errors import ConfigError
 from mpiattn.inputs.data import load_batch
 from mpiattn.io import h5io
-from mpiattn.io.schema import write_heads
+from mpiattn.io.formats.run import write_heads
 from mpiattn.io.verify import verify
 from mpiattn.io.weights import open_source
 

@@ -216,7 +216,7 @@ def seed_run(folder: Path) -> bytes:
 
     import h5py
 
-    from mpiattn.io.schema import RECORD_DTYPE, site_codes
+    from mpiattn.io.collectives import RECORD_DTYPE, site_codes
 
     tiny = {"model.layers": 1, "model.heads": 2, "model.hidden": 8, "model.ffn": 16,
             "model.vocab": 20, "input.batch": 2, "input.seq_len": 4}

@@ -20,7 +20,9 @@ from helpers import dim_names
 
 from mpiattn.analysis import report
 from mpiattn.io import h5io
-from mpiattn.io.schema import PHASES, TRAIN_PHASES, site_names
+from mpiattn.io.collectives import site_names
+from mpiattn.io.formats.common import PHASES
+from mpiattn.io.formats.train import TRAIN_PHASES
 from mpiattn.io.verify import verify
 
 xr = pytest.importorskip("xarray")
@@ -190,7 +192,7 @@ def test_dimension_of_another_length_is_refused(tmp_path):
 
 
 def test_collectives_table_has_a_record_dimension(tmp_path):
-    from mpiattn.io.schema import write_records
+    from mpiattn.io.formats.common import write_records
     from mpiattn.parallel.transfers import Record
 
     path = tmp_path / "r.h5"

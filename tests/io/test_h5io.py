@@ -81,7 +81,7 @@ def test_verify_catches_incomplete_and_failed_records(tmp_path):
     with h5py.File(path, "w") as f:
         f.attrs["status"] = "writing"
     assert "not 'complete'" in verify(path)[0]
-    from mpiattn.io.schema import RECORD_DTYPE, site_codes
+    from mpiattn.io.collectives import RECORD_DTYPE, site_codes
 
     with h5py.File(path, "w") as f:
         f.attrs["status"] = "complete"

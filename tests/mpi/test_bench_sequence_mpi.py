@@ -9,9 +9,9 @@ import pytest
 from helpers import TINY
 
 from mpiattn import config
-from mpiattn.analysis.files import open as open_file
 from mpiattn.analysis.report import report
 from mpiattn.commands.bench import bench
+from mpiattn.io.formats import open as open_file
 from mpiattn.io.verify import verify
 
 pytestmark = pytest.mark.mpi(min_size=2)

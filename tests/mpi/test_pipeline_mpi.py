@@ -13,7 +13,7 @@ from mpiattn.commands.runner import run
 from mpiattn.core import reference
 from mpiattn.core.pipeline import stage_layers
 from mpiattn.inputs.data import load_batch
-from mpiattn.io.schema import site_names
+from mpiattn.io.collectives import site_names
 from mpiattn.io.weights import open_source
 
 pytestmark = pytest.mark.mpi(min_size=2)

@@ -10,7 +10,8 @@ from mpiattn.commands.runner import run
 from mpiattn.core import reference
 from mpiattn.errors import ConfigError, IntegrityError, UserError
 from mpiattn.inputs.data import load_batch
-from mpiattn.io.schema import PHASES, site_names
+from mpiattn.io.collectives import site_names
+from mpiattn.io.formats.common import PHASES
 from mpiattn.io.weights import open_source
 
 pytestmark = pytest.mark.mpi(min_size=2)

@@ -18,7 +18,7 @@ from mpiattn import config
 from mpiattn.analysis.report import format_summary, load, summarize
 from mpiattn.commands.runner import run
 from mpiattn.errors import ConfigError, IntegrityError
-from mpiattn.io.schema import site_names
+from mpiattn.io.collectives import site_names
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

@@ -15,7 +15,7 @@ import pytest
 from test_train import tiny_train
 
 from mpiattn.errors import IntegrityError
-from mpiattn.io.schema import site_names
+from mpiattn.io.collectives import site_names
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

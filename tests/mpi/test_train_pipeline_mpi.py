@@ -12,7 +12,7 @@ from helpers import resume_errors
 from test_grad import rel_err
 from test_train import tiny_train
 
-from mpiattn.io.schema import site_names
+from mpiattn.io.collectives import site_names
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

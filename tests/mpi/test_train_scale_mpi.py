@@ -19,7 +19,7 @@ import pytest
 from test_train_faults_mpi import STEPS, state, train_job
 
 from mpiattn.errors import IntegrityError
-from mpiattn.io.schema import site_names
+from mpiattn.io.collectives import site_names
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
