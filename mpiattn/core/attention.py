@@ -200,8 +200,8 @@ def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any, stats: tuple | None
         xp.matmul(s, v, out=out)
         total = s.sum(axis=1, keepdims=True)
         out /= total
-    if stats is not None:
-        headstats.finish(*headstats.weight_sums(s), total, *stats)
+        if stats is not None:
+            headstats.finish(*headstats.weight_sums(s), total, *stats)
 
 
 def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
@@ -253,8 +253,8 @@ def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
             m = m_new
         with _quiet(window, xp):
             acc /= total
-        if stats is not None:
-            headstats.finish(a, c, total, *(x[q0 : q0 + block] for x in stats))
+            if stats is not None:
+                headstats.finish(a, c, total, *(x[q0 : q0 + block] for x in stats))
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -383,7 +383,11 @@ def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, hea
         q, k = (qkv.reshape(batch, seq, 3, heads, head_dim)[b, :, i].transpose(1, 0, 2)
                 for i in range(2))  # (h, S, d)
         bias = mask.key_bias(b, seq, xp, qkv.dtype)
-        probe.add_map(b, probabilities(q, k, bias if position is None else bias + position))
+        with _quiet(0 if position is not None else None, xp):
+            probs = probabilities(q, k, bias if position is None else bias + position)
+        if position is not None:  # a window: padding queries out of every key's reach: 0
+            xp.nan_to_num(probs, copy=False, nan=0.0)
+        probe.add_map(b, probs)
 
 
 # --- attention over part of the keys, with its log-sum-exp, and the merge ---------------

@@ -234,9 +234,11 @@ def test_what_is_not_built_is_one_line(folders, tmp_path):
 
 def test_window_in_every_attention_path_at_once():
     """One head, plain (batched and per head) and blocked (blocks of 3) under a window of
-    +-2 with prefix padding: softmax over |i - j| <= 2 real keys, padding rows 0."""
+    +-2 with prefix padding: softmax over |i - j| <= 2 real keys, padding rows 0; the
+    attention map of ``output.attention_maps`` is those probabilities."""
     from mpiattn.core import attention as attention_module
     from mpiattn.core.attention import heads_attention
+    from mpiattn.core.headstats import HeadStats
 
     rng = np.random.default_rng(1)
     batch, seq, d = 2, 11, 4
@@ -249,15 +251,18 @@ def test_window_in_every_attention_path_at_once():
     s = np.where(allowed, q @ k.swapaxes(1, 2) / 2.0, -np.inf)
     with np.errstate(invalid="ignore"):
         p = np.exp(s - s.max(-1, keepdims=True))
-        want = np.nan_to_num((p / p.sum(-1, keepdims=True)) @ v)
+        p = np.nan_to_num(p / p.sum(-1, keepdims=True))
+        want = p @ v
     for impl, batched in (("plain", True), ("plain", False), ("blocked", False)):
+        stats = HeadStats(np, layers=1, first_head=0, heads=1, map_sequences=(1,))
         old = attention_module._BATCHED_SCORES
         attention_module._BATCHED_SCORES = old if batched else 0
         try:
             out = np.empty((batch * seq, d))
             heads_attention(qkv, out, batch, seq, 1, d, KeyMask.from_mask(mask),
-                            Options(impl, 3, window=2))
+                            Options(impl, 3, window=2), stats.at(0))
         finally:
             attention_module._BATCHED_SCORES = old
         np.testing.assert_allclose(out.reshape(batch, seq, d), want, rtol=1e-12, atol=1e-14)
         assert not out.reshape(batch, seq, d)[1, 7:].any()  # out of every real key's reach
+        np.testing.assert_allclose(stats.maps[(1, 0)][0], p[1], rtol=1e-12, atol=1e-14)
