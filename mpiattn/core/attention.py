@@ -360,7 +360,8 @@ def _finish_window(out: Any, window: int | None) -> None:
     set to 0, so that no NaN reaches the padding keys of the next layer (NaN + -inf is
     NaN). Real queries always reach themselves."""
     if window is not None:
-        get_array_module(out).nan_to_num(out, copy=False, nan=0.0)
+        xp = get_array_module(out)
+        out[...] = xp.where(xp.isfinite(out), out, 0)
 
 
 def _window_bias(position: Any, window: int | None, seq: int, xp: Any, dtype: Any) -> Any:
@@ -386,7 +387,7 @@ def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, hea
         with _quiet(0 if position is not None else None, xp):
             probs = probabilities(q, k, bias if position is None else bias + position)
         if position is not None:  # a window: padding queries out of every key's reach: 0
-            xp.nan_to_num(probs, copy=False, nan=0.0)
+            probs = xp.where(xp.isfinite(probs), probs, 0)
         probe.add_map(b, probs)
 
 

@@ -76,7 +76,7 @@ def band(q_start: int, q_count: int, k_start: int, k_count: int, half: int, xp: 
     """(q_count, k_count) additive bias: 0 where |query - key| <= half, -inf elsewhere."""
     qi = xp.arange(q_start, q_start + q_count)[:, None]
     kj = xp.arange(k_start, k_start + k_count)[None, :]
-    return xp.where(xp.abs(qi - kj) <= half, 0, -xp.inf).astype(dtype)
+    return xp.where(xp.absolute(qi - kj) <= half, 0, -xp.inf).astype(dtype)
 
 
 def geglu(a: Any) -> Any:
