@@ -3,7 +3,7 @@ with CLS pooling and a Dense layer (no Normalize) writes ``SentenceTransformer.e
 at 1-3 ranks in head, data and pipeline layouts, and transformers' hidden states with the
 tokens split over a sequence group; what is not built is one line, exit 2, on every rank,
 and no file; a ModernBERT folder (RoPE, sliding window) in head x pipeline, data, and
-ring layouts. Eleven launches in all (~28 s)."""
+ring layouts, and its missing tensor. Twelve launches in all (~30 s)."""
 
 from __future__ import annotations
 
@@ -195,3 +195,23 @@ def test_modernbert_positions_and_window_hold_across_a_ring(tmp_path, modernbert
     err = np.abs(got - want)[mask].max() / np.abs(want[mask]).max()
     print(f"ModernBERT ring of 3: {err:.1e}")
     assert err <= 1e-12, err
+
+
+@needs_mpiexec
+def test_modernbert_missing_tensor_is_one_line_on_every_rank(tmp_path, modernbert):
+    """A ModernBERT folder without one of its tensors: one line from rank 0, exit 2 on
+    every rank, no output file."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(modernbert[0], folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["layers.3.attn.Wo.weight"]
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, str(folder / "model.safetensors"))
+    done = run(2, tmp_path, f'model.weights="{folder}"', f'input.text="{modernbert[1]}"')
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("mpiattn: error")]
+    assert len(lines) == 1 and "tensor 'layers.3.attn.Wo.weight' is missing (a ModernBERT" \
+        in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out.h5").exists()

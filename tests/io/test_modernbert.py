@@ -23,7 +23,7 @@ from helpers import ThreadAlltoall, ThreadGroup, ThreadRing, run_ranks
 from model_folders import build, exact_rope, hidden_states, st_encode
 
 from mpiattn import config
-from mpiattn.commands.placement import apply_checkpoint_shape, check_trainable
+from mpiattn.commands.placement import apply_checkpoint_shape, check_sequence
 from mpiattn.core.attention import KeyMask, Options
 from mpiattn.core.model import encoder_forward
 from mpiattn.core.reference import relative_error
@@ -229,7 +229,8 @@ def test_what_is_not_built_is_one_line(folders, tmp_path):
             [source.layer(i, head_shard(5, 4, 14, 1, 0)) for i in range(4)]
         assert "\n" not in str(err.value) and want in str(err.value), str(err.value)
     with pytest.raises(config.ConfigError, match="is a ModernBERT model: mpiattn train"):
-        check_trainable(model_cfg(base, "float32"))
+        check_sequence(model_cfg(base, "float32"), 1, SEQ, "train")  # train's pre-flight
+    check_sequence(model_cfg(base, "float32"), 1, SEQ, "run")
 
 
 def test_window_in_every_attention_path_at_once():
