@@ -267,3 +267,21 @@ def test_window_in_every_attention_path_at_once():
         np.testing.assert_allclose(out.reshape(batch, seq, d), want, rtol=1e-12, atol=1e-14)
         assert not out.reshape(batch, seq, d)[1, 7:].any()  # out of every real key's reach
         np.testing.assert_allclose(stats.maps[(1, 0)][0], p[1], rtol=1e-12, atol=1e-14)
+
+
+def test_both_spellings_of_the_config_give_the_same_layers(folders):
+    """transformers 5 writes ``layer_types`` and ``rope_parameters``; ModernBERT-base's own
+    config.json (transformers 4.48) has ``global_attn_every_n_layers``,
+    ``global_rope_theta``, ``local_rope_theta``: both read as the same layers."""
+    from mpiattn.io.families import rotary_settings
+
+    saved = json.loads((folders["plain"][0] / "config.json").read_text())
+    assert "layer_types" in saved and "rope_parameters" in saved
+    old = {"num_hidden_layers": 4, "num_attention_heads": 5, "hidden_size": 20,
+           "global_attn_every_n_layers": 3, "global_rope_theta": 160000.0,
+           "local_rope_theta": 10000.0, "local_attention": 8}
+    assert rotary_settings(saved) == rotary_settings(old)
+    base = {"num_hidden_layers": 22, "num_attention_heads": 12, "hidden_size": 768}
+    r = rotary_settings(base)  # ModernBERT-base's defaults: global every 3rd, window 128
+    assert r.windows[:4] == (None, 64, 64, None) and r.thetas[:2] == (160000.0, 10000.0)
+    assert not (r.norm_bias or r.attention_bias or r.mlp_bias)
