@@ -54,8 +54,9 @@ def folders(tmp_path_factory):
                        modules=[("Pooling", {"pooling_mode": "mean"})], **extra)
         with exact_rope():
             want64 = hidden_states(folder, ids, mask, "float64")
-        want = {"float64": want64, "float32": hidden_states(folder, ids, mask, "float32"),
-                "transformers-float64": hidden_states(folder, ids, mask, "float64")}
+        want = {"float64": want64, "float32": hidden_states(folder, ids, mask, "float32")}
+        if name == "plain":  # transformers' own float64, its RoPE in float32: measured
+            want["transformers-float64"] = hidden_states(folder, ids, mask, "float64")
         out[name] = (folder, ids, mask, want)
     return out
 
@@ -115,11 +116,10 @@ def test_equals_transformers_on_1_to_3_head_ranks_plain_and_blocked(folders, nam
                 print(f"{name} {dtype} {impl} {tensor} head ranks: {err:.1e}")
                 assert err <= TOL[dtype], (dtype, impl, tensor, err)
                 assert np.isfinite(got).all()  # padding rows out of every key's reach: 0
-    cfg = model_cfg(folder, "float64")
-    got, _ = forward(cfg, ids, mask)
-    hf_own = relative_error(want["transformers-float64"][mask], want["float64"][mask])
-    print(f"transformers' float64 (float32 RoPE) against the exact rotation: {hf_own:.1e}")
-    assert 1e-11 < hf_own < 1e-6
+    if "transformers-float64" in want:
+        hf_own = relative_error(want["transformers-float64"][mask], want["float64"][mask])
+        print(f"transformers' float64 (float32 RoPE) against the exact rotation: {hf_own:.1e}")
+        assert 1e-11 < hf_own < 1e-6
 
 
 def test_window_and_both_bases_reach_the_output(folders):
@@ -169,7 +169,7 @@ def test_sequence_group_keeps_positions_and_window(folders, sequence, parts, ten
 
 def test_sentence_transformers_mean_pooling(folders):
     """``SentenceTransformer(folder).encode`` (mean pooling) equals mpiattn's pipeline on
-    the folder, float64 (both with the exact RoPE) and float32 (transformers unchanged)."""
+    the folder at 2 head ranks, float64 (sentence-transformers with the exact RoPE)."""
     pytest.importorskip("sentence_transformers")
     from mpiattn.inputs.textstream import SentenceTokenizer, model_max_length
     from mpiattn.io.stmodules import sentence_pipeline
@@ -177,23 +177,19 @@ def test_sentence_transformers_mean_pooling(folders):
     folder = folders["plain"][0]
     lines = ["A man is playing a guitar.", "",
              " ".join(["the quick brown fox jumps over the lazy dog"] * 3), "Hi there."]
-    for dtype in ("float64", "float32"):
-        cfg = model_cfg(folder, dtype)
-        limit, _ = model_max_length(folder, cfg.model.max_positions)
-        assert limit == 24
-        tok = SentenceTokenizer(folder / "tokenizer.json", limit, cfg.model.vocab, 1)
-        ids, mask, _ = tok.encode(lines, 0).padded(np.arange(len(lines)))
-        assert ids.shape[1] == 24  # the long line fills the window's 3 spans
-        hidden, _ = forward(cfg, ids, mask, tensor=2)
-        got = sentence_pipeline(str(folder), cfg.model.hidden)(hidden, mask)
-        if dtype == "float64":
-            with exact_rope():
-                want = st_encode(folder, lines, dtype)
-        else:
-            want = st_encode(folder, lines, dtype)
-        err = relative_error(got, want)
-        print(f"sentence-transformers {dtype}: {err:.1e}")
-        assert got.shape == want.shape == (4, 20) and err <= TOL[dtype], err
+    cfg = model_cfg(folder, "float64")
+    limit, _ = model_max_length(folder, cfg.model.max_positions)
+    assert limit == 24
+    tok = SentenceTokenizer(folder / "tokenizer.json", limit, cfg.model.vocab, 1)
+    ids, mask, _ = tok.encode(lines, 0).padded(np.arange(len(lines)))
+    assert ids.shape[1] == 24  # the long line spans 3 windows
+    hidden, _ = forward(cfg, ids, mask, tensor=2)
+    got = sentence_pipeline(str(folder), cfg.model.hidden)(hidden, mask)
+    with exact_rope():
+        want = st_encode(folder, lines, "float64")
+    err = relative_error(got, want)
+    print(f"sentence-transformers float64: {err:.1e}")
+    assert got.shape == want.shape == (4, 20) and err <= TOL["float64"], err
 
 
 def test_what_is_not_built_is_one_line(folders, tmp_path):
