@@ -281,3 +281,34 @@ def test_both_spellings_of_the_config_give_the_same_layers(folders):
     r = rotary_settings(base)  # ModernBERT-base's defaults: global every 3rd, window 128
     assert r.windows[:4] == (None, 64, 64, None) and r.thetas[:2] == (160000.0, 10000.0)
     assert not (r.norm_bias or r.attention_bias or r.mlp_bias)
+
+
+def test_a_masked_lm_folder_reads_its_model_prefix(tmp_path):
+    """ModernBERT checkpoints are published as ``ModernBertForMaskedLM`` (ModernBERT-base
+    itself): its encoder lives under ``model.`` beside the MLM head, which the encoder
+    ignores; the hidden states are AutoModel's from that folder."""
+    import torch
+    import transformers as tf
+    from model_folders import TOKENIZER, hf_config, minilm
+    from safetensors import safe_open
+
+    torch.manual_seed(4)
+    model = tf.ModernBertForMaskedLM(hf_config("modernbert")).to(torch.float64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("Wqkv.weight"):
+                p.mul_(25.0)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    for name in TOKENIZER:
+        shutil.copy(minilm() / name, tmp_path / name)
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        assert "model.layers.1.attn.Wqkv.weight" in set(f.keys())
+    rng = np.random.default_rng(2)
+    ids = rng.integers(1000, 5000, size=(2, SEQ))
+    mask = np.ones(ids.shape, dtype=bool)
+    mask[1, 10:] = False
+    ids = np.where(mask, ids, 0)
+    with exact_rope():
+        want = hidden_states(tmp_path, ids, mask, "float64")
+    got, _ = forward(model_cfg(tmp_path, "float64"), ids, mask, tensor=2)
+    assert relative_error(got[mask], want[mask]) <= TOL["float64"]
