@@ -34,6 +34,12 @@ def hf_config(family: str, **extra: Any) -> Any:
     if family == "distilbert":
         return tf.DistilBertConfig(dim=h, n_heads=n, n_layers=layers, hidden_dim=ffn,
                                    **common, **extra)
+    if family == "modernbert":  # 5 heads of 4, 4 layers (global 0 and 3), window 8
+        base = dict(hidden_size=20, num_attention_heads=5, num_hidden_layers=4,
+                    intermediate_size=14, local_attention=8, global_attn_every_n_layers=3,
+                    global_rope_theta=160_000.0, local_rope_theta=10_000.0, pad_token_id=0,
+                    bos_token_id=101, cls_token_id=101, eos_token_id=102, sep_token_id=102)
+        return tf.ModernBertConfig(**{**common, **base, **extra})
     bert = dict(hidden_size=h, num_attention_heads=n, num_hidden_layers=layers,
                 intermediate_size=ffn, layer_norm_eps=1e-12, **common)
     if family == "mpnet":
@@ -64,8 +70,11 @@ def build(folder: Path, family: str, torch_dtype: str = "float64", seed: int = 0
     model = tf.AutoModel.from_config(hf_config(family, **extra))
     with torch.no_grad():  # non-trivial LayerNorms and biases
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+            if "LayerNorm" in name or "layer_norm" in name or "norm" in name \
+                    or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("Wqkv.weight"):  # std 0.02 -> 0.5: scores of O(1), so that
+                p.mul_(25.0)  # attention is peaked and RoPE's angles matter
     model = model.to(getattr(torch, torch_dtype))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
@@ -136,3 +145,41 @@ def st_encode(folder: Path, lines: list[str], dtype: str = "float64") -> np.ndar
                                 model_kwargs={"dtype": getattr(torch, dtype)})
     model = model.to(getattr(torch, dtype))
     return model.encode(lines, convert_to_numpy=True, batch_size=4)
+
+
+def exact_rope() -> Any:
+    """A context in which transformers' ModernBERT rotates in the model's own dtype, with
+    float64 angles: transformers computes the angles and the rotation in float32 even for
+    a float64 model (``ModernBertRotaryEmbedding.forward``, ``apply_rotary_pos_emb``), so
+    its float64 output is the exact one only to ~1e-7. The float64 oracle of mpiattn's
+    (float64) RoPE; float32 runs are compared with transformers unchanged."""
+    from unittest import mock
+
+    import torch
+    from transformers.models.modernbert import modeling_modernbert as mb
+
+    def tables(self: Any, x: Any, position_ids: Any, layer_type: str) -> Any:
+        theta = self.config.rope_parameters[layer_type]["rope_theta"]
+        d = self.config.hidden_size // self.config.num_attention_heads
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angles = position_ids[..., None].to(torch.float64) * inv
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+    def rotate(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: int = 1) -> Any:
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + mb.rotate_half(q) * sin, k * cos + mb.rotate_half(k) * sin
+
+    stack = mock.patch.object(mb.ModernBertRotaryEmbedding, "forward", tables)
+    other = mock.patch.object(mb, "apply_rotary_pos_emb", rotate)
+
+    class Both:
+        def __enter__(self) -> None:
+            stack.__enter__()
+            other.__enter__()
+
+        def __exit__(self, *exc: Any) -> None:
+            other.__exit__(*exc)
+            stack.__exit__(*exc)
+
+    return Both()

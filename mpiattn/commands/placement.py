@@ -244,8 +244,8 @@ def load_shards(cfg: Config, p: Placement, world: MPI.Comm, indices: range,
     dev = p.backend.xp.asarray
     emb = type(emb)(**{k: v if v is None or isinstance(v, int) else dev(v)
                        for k, v in vars(emb).items()})
-    layers = [type(lp)(**{k: v if k == "head_dim" else dev(v) for k, v in vars(lp).items()})
-              for lp in layers]
+    layers = [type(lp)(**{k: dev(v) if isinstance(v, np.ndarray) else v
+                          for k, v in vars(lp).items()}) for lp in layers]
     return emb, layers
 
 

@@ -32,10 +32,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import headstats
+from . import headstats, rotary
 from .backend import get_array_module, grown
 from .ops import mask_backward, mask_cached, softmax, softmax_backward, softmax_cached
 
@@ -113,6 +114,8 @@ class Options:
     workers: int = 1  # threads over heads; BLAS runs single-threaded inside them
     sequence: Any = None  # a seqattn.SequenceAttention when the tokens are split over ranks
     position_bias: Any = None  # (local heads, S, S) added to the scores (MPNet), or None
+    window: int | None = None  # sliding window (ModernBERT's local layers): query i sees
+    # keys j with |i - j| <= window; blocks (and ring steps) wholly outside are skipped
     _scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -178,8 +181,8 @@ def probabilities(q: Any, k: Any, bias: Any = None) -> Any:
     return softmax(scores, out=scores)
 
 
-def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any, stats: tuple | None = None
-                ) -> None:
+def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any, stats: tuple | None = None,
+                window: int | None = None) -> None:
     """One head: (S, d) views in, softmax(q k^T + bias) v written to ``out`` (S, d).
 
     ``q`` is already scaled. The row sums divide the (S, d) output, not the (S, S) scores.
@@ -189,17 +192,20 @@ def _plain_head(q: Any, k: Any, v: Any, bias: Any, out: Any, stats: tuple | None
     s = q @ k.T
     if bias is not None:
         s += bias
-    s -= s.max(axis=1, keepdims=True)
-    xp.exp(s, out=s)
-    xp.matmul(s, v, out=out)
-    total = s.sum(axis=1, keepdims=True)
-    out /= total
-    if stats is not None:
-        headstats.finish(*headstats.weight_sums(s), total, *stats)
+    if window is not None:
+        s += rotary.band(0, q.shape[0], 0, k.shape[0], window, xp, s.dtype)
+    with _quiet(window, xp):  # a padding query out of reach of every key: 0/0, zeroed
+        s -= s.max(axis=1, keepdims=True)
+        xp.exp(s, out=s)
+        xp.matmul(s, v, out=out)
+        total = s.sum(axis=1, keepdims=True)
+        out /= total
+        if stats is not None:
+            headstats.finish(*headstats.weight_sums(s), total, *stats)
 
 
 def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
-                  stats: tuple | None = None) -> None:
+                  stats: tuple | None = None, window: int | None = None) -> None:
     """One head with the online softmax over key blocks (FlashAttention, forward).
 
     Pass 1, per query block: for each key block, scores s = q k^T (+ bias); new row max
@@ -207,20 +213,28 @@ def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
     m') to l and exp(s - m') v to the accumulator. Pass 2: divide by l.
     ``stats``: (entropy, distance) (S,) views; the sums a = sum e ln e and c = sum e |i-j|
     ride along, rescaled with l (``headstats.rescale_log_sum``), and finish with it.
+    ``window``: keys beyond +-window of a query block are never visited (a query with no
+    key in reach gets 0/0: the caller zeroes such rows).
     """
     xp = get_array_module(q)
     seq, keys = q.shape[0], k.shape[0]
     for q0 in range(0, seq, block):
         qb = q[q0 : q0 + block]
+        first, stop = 0, keys
+        if window is not None:  # only the keys within reach of this query block
+            first, stop = max(0, q0 - window), min(keys, q0 + qb.shape[0] + window)
         acc = out[q0 : q0 + block]
         acc[...] = 0
         m = xp.full((qb.shape[0], 1), -xp.inf, dtype=q.dtype)
         total = xp.zeros((qb.shape[0], 1), dtype=q.dtype)
         a = c = xp.zeros_like(total)
-        for k0 in range(0, keys, block):
-            s = qb @ k[k0 : k0 + block].T
+        for k0 in range(first, stop, block):
+            k1 = min(k0 + block, stop)
+            s = qb @ k[k0:k1].T
             if bias is not None:
-                s += bias[k0 : k0 + block]
+                s += bias[k0:k1]
+            if window is not None:
+                s += rotary.band(q0, qb.shape[0], k0, k1 - k0, window, xp, s.dtype)
             m_new = xp.maximum(m, s.max(axis=1, keepdims=True))
             # rows with every key so far masked keep m = -inf: nothing to rescale yet
             safe = xp.where(xp.isfinite(m_new), m_new, 0)
@@ -235,11 +249,12 @@ def _blocked_head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
             total *= alpha
             total += s.sum(axis=1, keepdims=True)
             acc *= alpha
-            acc += s @ v[k0 : k0 + block]
+            acc += s @ v[k0:k1]
             m = m_new
-        acc /= total
-        if stats is not None:
-            headstats.finish(a, c, total, *(x[q0 : q0 + block] for x in stats))
+        with _quiet(window, xp):
+            acc /= total
+            if stats is not None:
+                headstats.finish(a, c, total, *(x[q0 : q0 + block] for x in stats))
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -279,6 +294,9 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     position = options.position_bias  # (h, S, S) or None
     if position is not None and impl != "plain":
         raise ValueError("a position bias (MPNet) is built for attention.impl = \"plain\"")
+    window = options.window
+    if window is not None and position is not None:
+        raise ValueError("a sliding window and a position bias are not built together")
     if impl == "plain" and batched:
         q, k, v = (qkv.reshape(batch, seq, 3, heads, head_dim)[:, :, i].transpose(0, 2, 1, 3)
                    for i in range(3))
@@ -287,9 +305,15 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
             bias = mask.prefix_bias(xp, seq, qkv.dtype)
         if position is not None:
             bias = position[None] if bias is None else bias + position[None]
-        o = attention(q, k, v, bias, stats)
+        if window is not None:
+            band = rotary.band(0, seq, 0, seq, window, xp, qkv.dtype)[None, None]
+            bias = band if bias is None else bias + band
+        with _quiet(window, xp):
+            o = attention(q, k, v, bias, stats)
         out.reshape(batch, seq, heads, head_dim)[...] = o.transpose(0, 2, 1, 3)
-        _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, position)
+        _finish_window(out, window)
+        _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, _window_bias(
+            position, window, seq, xp, qkv.dtype))
         return impl
 
     rows = qkv.reshape(batch, seq, 3 * width)
@@ -305,7 +329,8 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
         if position is not None:
             bias = position[h, :, :n] if bias is None else position[h, :, :n] + bias
         ALGORITHMS[impl].head(q, k, v, bias, dest[b, :, cols], block,
-                              None if stats is None else (stats[0][b, h], stats[1][b, h]))
+                              None if stats is None else (stats[0][b, h], stats[1][b, h]),
+                              window)
 
     pairs = [(b, h) for b in range(batch) for h in range(heads)]
     if options.workers > 1 and xp.__name__ == "numpy" and len(pairs) > 1:
@@ -316,8 +341,34 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     else:
         for b, h in pairs:
             one(b, h)
-    _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, position)
+    _finish_window(out, window)
+    _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, _window_bias(
+        position, window, seq, xp, qkv.dtype))
     return impl
+
+
+def _quiet(window: int | None, xp: Any) -> Any:
+    """NumPy's warnings off for the 0/0 of a padding query out of every key's reach under
+    a window (the row is zeroed after: ``_finish_window``); a no-op otherwise."""
+    if window is None or xp.__name__ != "numpy":
+        return nullcontext()
+    return xp.errstate(invalid="ignore", divide="ignore")
+
+
+def _finish_window(out: Any, window: int | None) -> None:
+    """Under a window a padding query may have no real key in reach (0/0): its row is
+    set to 0, so that no NaN reaches the padding keys of the next layer (NaN + -inf is
+    NaN). Real queries always reach themselves."""
+    if window is not None:
+        xp = get_array_module(out)
+        out[...] = xp.where(xp.isfinite(out), out, 0)
+
+
+def _window_bias(position: Any, window: int | None, seq: int, xp: Any, dtype: Any) -> Any:
+    """The score bias the attention maps see: MPNet's (h, S, S), the window's (1, S, S)."""
+    if window is None:
+        return position
+    return rotary.band(0, seq, 0, seq, window, xp, dtype)[None]
 
 
 def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, heads: int,
@@ -333,19 +384,26 @@ def _report(probe: Any, stats: tuple | None, qkv: Any, batch: int, seq: int, hea
         q, k = (qkv.reshape(batch, seq, 3, heads, head_dim)[b, :, i].transpose(1, 0, 2)
                 for i in range(2))  # (h, S, d)
         bias = mask.key_bias(b, seq, xp, qkv.dtype)
-        probe.add_map(b, probabilities(q, k, bias if position is None else bias + position))
+        with _quiet(0 if position is not None else None, xp):
+            probs = probabilities(q, k, bias if position is None else bias + position)
+        if position is not None:  # a window: padding queries out of every key's reach: 0
+            probs = xp.where(xp.isfinite(probs), probs, 0)
+        probe.add_map(b, probs)
 
 
 # --- attention over part of the keys, with its log-sum-exp, and the merge ---------------
 
 def partial_attention(q: Any, k: Any, v: Any, bias: Any, block: int,
-                      poll: Callable[[], None] | None = None) -> tuple[Any, Any]:
+                      poll: Callable[[], None] | None = None,
+                      window: tuple[int, int, int] | None = None) -> tuple[Any, Any]:
     """softmax(q k^T + bias) v over the keys given, with the row log-sum-exp:
     q (B, h, Sq, d) already scaled by 1/sqrt(d), k, v (B, h, Sk, d), bias (B, 1, 1, Sk) or
     None -> (o (B, h, Sq, d), lse (B, h, Sq, 1)). Blocked online softmax (FlashAttention,
     forward), O(block^2) scores per (sequence, head) at a time. A row whose every key is
     masked gets o = 0 and lse = -inf, which ``merge`` treats as "no keys". ``poll`` is
-    called after every block (a ring shift in flight progresses meanwhile)."""
+    called after every block (a ring shift in flight progresses meanwhile). ``window``:
+    (half, first query position, first key position): keys beyond +-half of a query are
+    masked, and (query, key) blocks with none within reach are skipped."""
     xp = get_array_module(q)
     o = xp.empty(q.shape, dtype=q.dtype)
     lse = xp.empty((*q.shape[:3], 1), dtype=q.dtype)
@@ -356,9 +414,16 @@ def partial_attention(q: Any, k: Any, v: Any, bias: Any, block: int,
         total = xp.zeros_like(m)
         acc = xp.zeros(qb.shape, dtype=q.dtype)
         for k0 in range(0, keys, block):
+            nk = min(block, keys - k0)
+            if window is not None and not rotary.overlaps(window[1] + q0, qb.shape[2],
+                                                          window[2] + k0, nk, window[0]):
+                continue
             s = qb @ k[:, :, k0:k0 + block].swapaxes(-1, -2)
             if bias is not None:
                 s += bias[..., k0:k0 + block]
+            if window is not None:
+                s += rotary.band(window[1] + q0, qb.shape[2], window[2] + k0, nk, window[0],
+                                 xp, s.dtype)
             m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
             safe = xp.where(xp.isfinite(m_new), m_new, 0)
             alpha = xp.exp(m - safe)
@@ -470,8 +535,8 @@ class Plain:
 
     @staticmethod
     def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int = 0,
-             stats: tuple | None = None) -> None:
-        _plain_head(q, k, v, bias, out, stats)
+             stats: tuple | None = None, window: int | None = None) -> None:
+        _plain_head(q, k, v, bias, out, stats, window)
 
     @staticmethod
     def forward_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,
@@ -502,8 +567,8 @@ class Blocked:
 
     @staticmethod
     def head(q: Any, k: Any, v: Any, bias: Any, out: Any, block: int,
-             stats: tuple | None = None) -> None:
-        _blocked_head(q, k, v, bias, out, block, stats)
+             stats: tuple | None = None, window: int | None = None) -> None:
+        _blocked_head(q, k, v, bias, out, block, stats, window)
 
     @staticmethod
     def forward_cached(qkv: Any, bias: Any, batch: int, seq: int, heads: int, head_dim: int,

@@ -12,11 +12,13 @@ MPI, the identity in one process). ``Y = sum_r Y_r + b`` is exact multi-head att
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import rotary
 from .attention import KeyMask, Options, attention_backward, attention_cached, heads_attention
 from .backend import get_array_module
 from .ops import (
@@ -28,6 +30,7 @@ from .ops import (
     gelu,
     gelu_backward,
     gelu_cached,
+    layer_norm,
     layer_norm_backward,
     layer_norm_cached,
     linear_backward,
@@ -64,6 +67,19 @@ class LayerShard:
 
 
 @dataclass
+class RotaryLayerShard(LayerShard):
+    """A ModernBERT layer's shard: pre-LayerNorm (``ln1`` before attention, None in layer
+    0, which has none; ``ln2`` before the MLP), RoPE on Q and K, GeGLU (``w_1`` (hidden,
+    2f) holds this rank's f input columns then their f gate columns, ``b_1`` (2f,)), and
+    in local layers a sliding window. Absent biases are zeros (adding them is exact)."""
+
+    rope_theta: float = 10_000.0  # RoPE base of this layer (global or local)
+    window: int | None = None  # local layers: keys within +-window of the query; None: all
+    final_g: Any = None  # the model's final LayerNorm, applied after the last layer only
+    final_b: Any = None
+
+
+@dataclass
 class Embeddings:
     """The embedding tables (E = hidden, or ELECTRA's embedding_size)."""
 
@@ -86,8 +102,6 @@ def with_relative_bias(options: Options | None, emb: Embeddings | None, seq: int
     options when the model has none."""
     if emb is None or getattr(emb, "relative_bias", None) is None:
         return options
-    import dataclasses
-
     options = options or Options()
     if options.sequence is not None:
         raise ValueError("MPNet's relative position bias is not built with parallel.sequence")
@@ -187,6 +201,11 @@ def attention_partial(
         qkv = options.scratch(f"qkv{slot}", (rows, p.w_qkv.shape[1]), x2.dtype, xp)
         xp.matmul(x2, p.w_qkv, out=qkv)  # (B*S, 3*h*d)
         qkv += p.b_qkv
+        if isinstance(p, RotaryLayerShard):  # RoPE at this rank's tokens' positions
+            first = options.sequence.split.start if options.sequence is not None else 0
+            rotary.rotate(qkv, batch, rows // batch, p.heads, p.head_dim, p.rope_theta, first)
+    if isinstance(p, RotaryLayerShard) and p.window is not None:
+        options = dataclasses.replace(options, window=p.window)
     with phase("attention"):
         o = options.scratch(f"o{slot}", (rows, p.heads * p.head_dim), x2.dtype, xp)
         if options.sequence is not None:
@@ -208,6 +227,12 @@ def mlp_partial(h1: Any, p: LayerShard, reduce: Reduce, phase: Phase = no_timing
     with phase("mlp"):
         a = options.scratch(f"a{slot}", shape, h1.dtype, xp)
         xp.matmul(h1, p.w_1, out=a)
+        if isinstance(p, RotaryLayerShard):  # GeGLU: GELU(input + b) * (gate + b)
+            a += p.b_1
+            a = rotary.geglu(a)
+            partial = reduce.buffer(h1.shape[0], h1.shape[1], h1.dtype, slot)
+            xp.matmul(a, p.w_2, out=partial)
+            return partial
         a = gelu(a, out=options.scratch(f"gelu{slot}", shape, h1.dtype, xp), bias=p.b_1)
         partial = reduce.buffer(h1.shape[0], h1.shape[1], h1.dtype, slot)
         xp.matmul(a, p.w_2, out=partial)
@@ -253,6 +278,8 @@ def layer_forward(
     rounding (BLAS may round a product of fewer rows differently: ~5e-7 in float32).
     ``probe``: this layer's ``headstats.Probe`` (per-head statistics, maps), or None.
     """
+    if isinstance(p, RotaryLayerShard):
+        return prenorm_layer_forward(x, p, mask, reduce, layer, eps, phase, options, probe)
     xp = get_array_module(x)
     batch, seq, hidden = x.shape
     rows = batch * seq
@@ -291,6 +318,35 @@ def layer_forward(
                        xp.empty((rows, hidden), x.dtype), phase)
     with phase("norm"):
         out = add_layer_norm(mlp, h1, p.ln2_g, p.ln2_b, eps, bias=p.b_2)
+    return attn_out.reshape(batch, seq, hidden), out.reshape(batch, seq, hidden)
+
+
+def prenorm_layer_forward(
+    x: Any, p: RotaryLayerShard, mask: KeyMask, reduce: Reduce, layer: int, eps: float,
+    phase: Phase = no_timing, options: Options | None = None, probe: Any = None,
+) -> tuple[Any, Any]:
+    """One pre-LayerNorm layer (ModernBERT) on this rank's heads: (B, S, H) ->
+    (attention output, hidden). r = x + Attn(LN1(x)); out = r + MLP(LN2(r)); then the
+    final LayerNorm when this is the last layer. Two reductions, as in BERT's layer; the
+    batch is not chunked (``chunks`` applies to the post-LayerNorm layer)."""
+    batch, seq, hidden = x.shape
+    rows = batch * seq
+    x2 = x.reshape(rows, hidden)
+    with phase("norm"):
+        h = x2 if p.ln1_g is None else layer_norm(x2, p.ln1_g, p.ln1_b, eps)
+    attn = attention_block(h, p, mask, reduce, layer, batch, seq, phase, options, probe)
+    with phase("norm"):
+        attn_out = attn + p.b_o  # a copy: the reduction's buffer is reused
+        r = x2 + attn_out
+        h2 = layer_norm(r, p.ln2_g, p.ln2_b, eps)
+    partial = mlp_partial(h2, p, reduce, phase, options=options)
+    with phase("allreduce"):
+        mlp = reduce(partial, site="mlp", layer=layer)
+    with phase("norm"):
+        out = mlp + p.b_2
+        out += r
+        if p.final_g is not None:
+            out = layer_norm(out, p.final_g, p.final_b, eps)
     return attn_out.reshape(batch, seq, hidden), out.reshape(batch, seq, hidden)
 
 

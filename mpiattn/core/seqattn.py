@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from .attention import merge, partial_attention, partial_attention_backward
 from .backend import get_array_module, to_host
+from .rotary import overlaps
 from .shard import counts, partition
 
 ULYSSES_SITES = ("alltoall.qkv", "alltoall.out")
@@ -165,6 +166,8 @@ class SequenceAttention:
     transfer: Any
     block: int = 512  # the ring's query and key block
     phase: Any = None  # a model.Phase that times the transfers as "sequence", or None
+    skipped: int = 0  # ring steps not computed: no key of the slice within any local
+    # query's sliding window (ModernBERT's local layers); the slice still travels on
 
     def _timed(self) -> Any:
         return nullcontext() if self.phase is None else self.phase("sequence")
@@ -231,7 +234,8 @@ class SequenceAttention:
                                    layer, "alltoall.out")
             out[...] = back.reshape(out.shape)
             return impl
-        o, _ = self._ring_forward(qkv, batch, heads, head_dim, mask, layer)
+        o, _ = self._ring_forward(qkv, batch, heads, head_dim, mask, layer,
+                                  getattr(options, "window", None))
         out.reshape(batch, local, heads, head_dim)[...] = o.transpose(0, 2, 1, 3)
         return "ring"
 
@@ -251,7 +255,10 @@ class SequenceAttention:
         return progress
 
     def _ring_forward(self, qkv: Any, batch: int, heads: int, head_dim: int, mask: Any,
-                      layer: int) -> tuple[Any, RingCache]:
+                      layer: int, window: int | None = None) -> tuple[Any, RingCache]:
+        """``window``: a sliding window's half width (keys within +-window of a query), or
+        None; a step whose slice has no key within reach of this rank's queries is not
+        computed (``skipped``)."""
         xp = get_array_module(qkv)
         split, parts = self.split, self.split.parts
         local = split.count
@@ -272,9 +279,14 @@ class SequenceAttention:
                     shift = self.transfer.start(to_host(current), site="ring.kv", layer=layer)
             start, count = split.spans[(split.index - step) % parts]
             k, v = (current[:, :count, i].transpose(0, 2, 1, 3) for i in range(2))
-            bias = key_bias(mask, start, count, batch, xp, q.dtype)
-            o_step, lse_step = partial_attention(qs, k, v, bias, block, self._poller(shift))
-            o, lse = merge(o, lse, o_step, lse_step)
+            if window is not None and not overlaps(split.start, local, start, count, window):
+                self.skipped += 1
+            else:
+                bias = key_bias(mask, start, count, batch, xp, q.dtype)
+                o_step, lse_step = partial_attention(
+                    qs, k, v, bias, block, self._poller(shift),
+                    None if window is None else (window, split.start, start))
+                o, lse = merge(o, lse, o_step, lse_step)
             if shift is not None:
                 with self._timed():
                     current = xp.asarray(self.transfer.finish(shift))

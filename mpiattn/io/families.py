@@ -21,6 +21,16 @@ projection, exact-erf GELU MLP); they differ in their embeddings and their names
 - MPNet: RoBERTa positions (padding row 1), no token types, and one relative position
   bias (32 buckets, max distance 128) added to every layer's scores
   (``core.ops.relative_buckets``); its names (``encoder.layer.N.attention.attn.q``).
+
+ModernBERT is the one family with another layer (``core.model.RotaryLayerShard``):
+pre-LayerNorm, RoPE with a global and a local base (``core.rotary``), GeGLU, biases only
+where its config asks (``norm_bias``, ``attention_bias``, ``mlp_bias``), a final
+LayerNorm, and a sliding window of ``local_attention`` tokens (+-local_attention/2) in
+every layer that is not global (``layer_types``, else every ``global_attn_every_n_layers``
+-th layer from 0 is global); ``rotary_settings`` reads all that from config.json.
+NomicBERT (``nomic_bert``) is refused: its code lives only in its model repositories
+(remote code), not in transformers nor in any installable package, so there is no
+oracle to prove an implementation against.
 """
 
 from __future__ import annotations
@@ -115,6 +125,7 @@ class Family:
     fixed: dict[str, Any] = field(default_factory=dict)  # model.* values the family fixes
     relative_bias: str = ""  # MPNet: the shared relative position bias table's name
     fixed_padding_idx: int | None = None  # MPNet: 1 whatever pad_token_id says
+    rotary: bool = False  # ModernBERT: its own layer (``rotary_settings``)
 
     def padding_idx(self, config: dict) -> int | None:
         """RoBERTa family: the padding row of the position table (``pad_token_id``)."""
@@ -170,9 +181,36 @@ FAMILIES["mpnet"] = Family(
     "MPNet", ("mpnet.", ""), _BERT_KEYS, _untyped_embedding_names, _mpnet_layer_names,
     roberta_positions=True, token_types=False, fixed={"type_vocab": 1},
     relative_bias="encoder.relative_attention_bias.weight", fixed_padding_idx=1)
-_ARCHITECTURES = {"MPNet": "mpnet", "Bert": "bert", "Roberta": "roberta",
-                  "XLMRoberta": "xlm-roberta", "Camembert": "camembert", "Electra": "electra",
-                  "DistilBert": "distilbert"}
+_MODERNBERT_KEYS = {"num_hidden_layers": "layers", "num_attention_heads": "heads",
+                    "hidden_size": "hidden", "intermediate_size": "ffn", "vocab_size": "vocab",
+                    "max_position_embeddings": "max_positions", "norm_eps": "layer_norm_eps"}
+
+
+def _modernbert_embedding_names(prefix: str) -> dict[str, str]:
+    e = f"{prefix}embeddings."
+    return {"word": e + "tok_embeddings.weight", "ln_g": e + "norm.weight",
+            "ln_b": e + "norm.bias"}
+
+
+def _modernbert_layer_names(index: int, prefix: str) -> dict[str, str]:
+    pre = f"{prefix}layers.{index}."
+    names = {"qkv_w": "attn.Wqkv.weight", "qkv_b": "attn.Wqkv.bias", "w_o": "attn.Wo.weight",
+             "b_o": "attn.Wo.bias", "ln1_g": "attn_norm.weight", "ln1_b": "attn_norm.bias",
+             "ln2_g": "mlp_norm.weight", "ln2_b": "mlp_norm.bias", "w_1": "mlp.Wi.weight",
+             "b_1": "mlp.Wi.bias", "w_2": "mlp.Wo.weight", "b_2": "mlp.Wo.bias"}
+    out = {k: pre + v for k, v in names.items()}
+    out.update(final_g=f"{prefix}final_norm.weight", final_b=f"{prefix}final_norm.bias")
+    return out
+
+
+FAMILIES["modernbert"] = Family(
+    "ModernBERT", ("model.", ""), _MODERNBERT_KEYS, _modernbert_embedding_names,
+    _modernbert_layer_names, activation_key="hidden_activation", token_types=False,
+    fixed={"type_vocab": 1}, rotary=True)
+
+_ARCHITECTURES = {"ModernBert": "modernbert", "MPNet": "mpnet", "Bert": "bert",
+                  "Roberta": "roberta", "XLMRoberta": "xlm-roberta", "Camembert": "camembert",
+                  "Electra": "electra", "DistilBert": "distilbert"}
 SUPPORTED = ", ".join(FAMILIES)
 
 
@@ -224,7 +262,10 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
         arch = config.get("architectures")
         found = f"model_type '{kind}'" + (f" ({arch[0]})" if isinstance(arch, list) and arch
                                           and arch[0] != kind else "")
-        raise InputError(f"'{path}': {found} is not supported; mpiattn runs model_type"
+        why = (" (its model code is remote code of its own repositories, in neither"
+               " transformers nor an installable package: no oracle to prove it against)"
+               if kind == "nomic_bert" else "")
+        raise InputError(f"'{path}': {found} is not supported{why}; mpiattn runs model_type"
                          f" {SUPPORTED}")
     buckets = config.get("relative_attention_num_buckets", 32)
     if family.relative_bias and buckets != 32:
@@ -234,8 +275,74 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
     if act != "gelu":
         raise InputError(f"'{path}': {family.activation_key} = {act!r}; mpiattn runs {family.name}"
                          " with exact (erf) 'gelu' only")
+    if family.rotary:
+        rotary_settings(config, path)  # every refusal before any work
     kind_pos = config.get("position_embedding_type", "absolute")
     if kind_pos != "absolute":
         raise InputError(f"'{path}': position_embedding_type = {kind_pos!r}; mpiattn builds"
                          " 'absolute' positions only")
     return family
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """ModernBERT's per-layer settings from config.json."""
+
+    thetas: tuple[float, ...]  # RoPE base of each layer
+    windows: tuple[int | None, ...]  # each layer's half window (None: global attention)
+    norm_bias: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+
+def rotary_settings(config: dict, path: Path | str = "config.json") -> Rotary:
+    """Layer types, RoPE bases and biases of a ModernBERT config.json, in transformers'
+    two spellings (``layer_types`` and ``rope_parameters``; the older
+    ``global_attn_every_n_layers``, ``global_rope_theta``, ``local_rope_theta``).
+
+    Raises InputError (one line): a RoPE type other than "default" (scaled RoPE), an odd
+    head width, unknown layer types, a window that is not a positive integer.
+    """
+    layers = config.get("num_hidden_layers", 22)
+    heads, hidden = config.get("num_attention_heads", 12), config.get("hidden_size", 768)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, hidden)) \
+            or hidden % heads or (hidden // heads) % 2:
+        raise InputError(f"'{path}': hidden_size {hidden!r} over num_attention_heads"
+                         f" {heads!r}: RoPE needs an even head width")
+    types = config.get("layer_types")
+    if types is None:
+        every = config.get("global_attn_every_n_layers", 3)
+        if not isinstance(every, int) or every < 1:
+            raise InputError(f"'{path}': global_attn_every_n_layers = {every!r}; a positive"
+                             " integer")
+        types = ["sliding_attention" if i % every else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers or \
+            any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise InputError(f"'{path}': layer_types = {types!r}; mpiattn builds one of"
+                         " 'full_attention', 'sliding_attention' per layer")
+    if config.get("rope_scaling"):
+        raise InputError(f"'{path}': rope_scaling = {config['rope_scaling']!r}; mpiattn"
+                         " builds ModernBERT's default (unscaled) RoPE")
+    params = config.get("rope_parameters") or {}
+    defaults = {"full_attention": config.get("global_rope_theta", 160_000.0),
+                "sliding_attention": config.get("local_rope_theta", 10_000.0)}
+    thetas = {}
+    for kind, default in defaults.items():
+        entry = params.get(kind) or {}
+        if entry.get("rope_type", "default") != "default":
+            raise InputError(f"'{path}': rope_parameters {kind} rope_type ="
+                             f" {entry['rope_type']!r}; mpiattn builds 'default' RoPE only")
+        theta = entry.get("rope_theta", default)
+        if theta is None:
+            theta = 10_000.0 if kind == "sliding_attention" else 160_000.0
+        if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 1:
+            raise InputError(f"'{path}': {kind} rope_theta = {theta!r}; a number above 1")
+        thetas[kind] = float(theta)
+    local = config.get("local_attention", 128)
+    if isinstance(local, bool) or not isinstance(local, int) or local < 2:
+        raise InputError(f"'{path}': local_attention = {local!r}; an integer >= 2 (the"
+                         " window's width in tokens)")
+    return Rotary(tuple(thetas[t] for t in types),
+                  tuple(None if t == "full_attention" else local // 2 for t in types),
+                  bool(config.get("norm_bias", False)), bool(config.get("attention_bias", False)),
+                  bool(config.get("mlp_bias", False)))

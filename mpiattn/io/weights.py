@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..core.mlm import MLMHead
-from ..core.model import Embeddings, LayerShard
+from ..core.model import Embeddings, LayerShard, RotaryLayerShard
 from ..core.shard import HeadShard
 from ..errors import InputError
 from . import families, hf
@@ -319,6 +319,8 @@ class SafetensorsWeights(Source):
         self.keys = self.file.keys()
         config = families.read_config(path.parent) or {}
         self.family = families.family_of(path.parent, config)
+        self.rotary = (families.rotary_settings(config, path.parent / "config.json")
+                       if self.family.rotary else None)
         self.padding_idx = self.family.padding_idx(config)
         self.position_rows = self.family.position_rows(config)
         self.embedding_size = self.family.embedding_size(config, model.hidden)
@@ -376,9 +378,19 @@ class SafetensorsWeights(Source):
                 out[name] = np.asarray(self._read(key, ()), dtype=self.dtype)
         return out
 
+    def _vector(self, key: str, n: int, present: bool) -> np.ndarray:
+        """A (n,) bias or LayerNorm shift that the config says is there, else zeros."""
+        return self._slice(key, (n,)) if present else np.zeros(n, dtype=self.dtype)
+
     def embeddings(self, rows: np.ndarray | None = None) -> Embeddings:
         m, e = self.m, self.embedding_size
         names = self.family.embedding_names(self.prefix)
+        if self.rotary is not None:  # ModernBERT: word table and LayerNorm only
+            word = self._slice(names["word"], (m.vocab, e))
+            emb = Embeddings(word[rows] if rows is not None else word, None, None,
+                             self._slice(names["ln_g"], (e,)),
+                             self._vector(names["ln_b"], e, self.rotary.norm_bias))
+            return emb
         shapes = {"word": (m.vocab, e), "position": (m.max_positions + self.position_rows, e),
                   "ln_g": (e,), "ln_b": (e,)}
         if "token_type" in names:
@@ -395,7 +407,43 @@ class SafetensorsWeights(Source):
             emb.word = emb.word[rows]
         return emb
 
+    def _rotary_layer(self, index: int, shard: HeadShard) -> RotaryLayerShard:
+        """ModernBERT: Wqkv (3h, h) rows [Q | K | V], Wi (2f, h) rows [input | gate];
+        this rank reads its heads' rows of each third and its MLP rows of each half."""
+        m, h, f, r = self.m, self.m.hidden, self.m.ffn, self.rotary
+        names = self.family.layer_names(index, self.prefix)
+        cols, fcols = shard.cols, shard.ffn_cols
+
+        def rows(key: str, shape: tuple[int, ...], part: slice, n: int, parts: int) -> list:
+            return [self._slice(key, shape, (slice(j * n + part.start, j * n + part.stop),))
+                    for j in range(parts)]
+
+        w_qkv = np.concatenate([w.T for w in rows(names["qkv_w"], (3 * h, h), cols, h, 3)],
+                               axis=1)
+        b_qkv = (np.concatenate(rows(names["qkv_b"], (3 * h,), cols, h, 3))
+                 if r.attention_bias else np.zeros(3 * shard.width, dtype=self.dtype))
+        w_1 = np.concatenate([w.T for w in rows(names["w_1"], (2 * f, h), fcols, f, 2)], axis=1)
+        b_1 = (np.concatenate(rows(names["b_1"], (2 * f,), fcols, f, 2)) if r.mlp_bias
+               else np.zeros(2 * (fcols.stop - fcols.start), dtype=self.dtype))
+        last = index == m.layers - 1
+        return RotaryLayerShard(
+            w_qkv=np.ascontiguousarray(w_qkv), b_qkv=b_qkv,
+            w_o=np.ascontiguousarray(self._slice(names["w_o"], (h, h), (slice(None), cols)).T),
+            b_o=self._vector(names["b_o"], h, r.attention_bias),
+            ln1_g=self._slice(names["ln1_g"], (h,)) if index else None,  # layer 0: none
+            ln1_b=self._vector(names["ln1_b"], h, r.norm_bias) if index else None,
+            w_1=np.ascontiguousarray(w_1), b_1=b_1,
+            w_2=np.ascontiguousarray(self._slice(names["w_2"], (h, f), (slice(None), fcols)).T),
+            b_2=self._vector(names["b_2"], h, r.mlp_bias),
+            ln2_g=self._slice(names["ln2_g"], (h,)),
+            ln2_b=self._vector(names["ln2_b"], h, r.norm_bias), head_dim=shard.head_dim,
+            rope_theta=r.thetas[index], window=r.windows[index],
+            final_g=self._slice(names["final_g"], (h,)) if last else None,
+            final_b=self._vector(names["final_b"], h, r.norm_bias) if last else None)
+
     def layer(self, index: int, shard: HeadShard) -> LayerShard:
+        if self.rotary is not None:
+            return self._rotary_layer(index, shard)
         m, h = self.m, self.m.hidden
         names = self.family.layer_names(index, self.prefix)
         cols, fcols = shard.cols, shard.ffn_cols
@@ -439,6 +487,7 @@ class CheckpointWeights(SafetensorsWeights):
         self.prefix = "bert."
         self.family = families.FAMILIES["bert"]
         self.padding_idx, self.position_rows, self.embedding_size = None, 0, model.hidden
+        self.rotary = None
         self._vocab: dict[str, np.ndarray] = {}
 
     def _on_tokenizer_ids(self) -> dict[str, np.ndarray]:

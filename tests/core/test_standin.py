@@ -195,6 +195,48 @@ def test_gpu_tests_pass_on_the_standin(cupy, dtype):
     test_gpu.test_checksum_arithmetic_stays_on_device()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the stand-in runs NumPy
+def test_rotary_layers_on_the_standin(cupy):
+    """ModernBERT's layers (RoPE with two bases, GeGLU, pre-LayerNorm, a window of +-2 in
+    plain and blocked attention, padding out of every key's reach) on device arrays: the
+    NumPy backend's numbers, and no call CuPy lacks or implicit host copy."""
+    from mpiattn.core.attention import Options
+    from mpiattn.core.model import Embeddings, LocalReduce, RotaryLayerShard, encoder_forward
+
+    rng = np.random.default_rng(0)
+    h, d, f, vocab = 12, 4, 10, 50
+
+    def w(*shape: int) -> np.ndarray:
+        return 0.5 * rng.standard_normal(shape)
+
+    def layer(i: int) -> RotaryLayerShard:
+        return RotaryLayerShard(
+            w_qkv=w(h, 3 * h), b_qkv=w(3 * h), w_o=w(h, h), b_o=w(h),
+            ln1_g=None if i == 0 else 1 + w(h), ln1_b=None if i == 0 else w(h),
+            w_1=w(h, 2 * f), b_1=w(2 * f), w_2=w(f, h), b_2=w(h), ln2_g=1 + w(h),
+            ln2_b=w(h), head_dim=d, rope_theta=(160_000.0, 10_000.0)[i], window=(None, 2)[i],
+            final_g=1 + w(h) if i else None, final_b=w(h) if i else None)
+
+    def device(obj: object) -> object:
+        return type(obj)(**{k: cupy.asarray(v) if isinstance(v, np.ndarray) else v
+                            for k, v in vars(obj).items()})
+
+    layers = [layer(0), layer(1)]
+    emb = Embeddings(w(vocab, h), None, None, 1 + w(h), w(h))
+    ids = rng.integers(0, vocab, (2, 9))
+    mask = np.ones(ids.shape, dtype=bool)
+    mask[1, 3:] = False  # queries 6-8 of sequence 1 reach no real key
+    for impl in ("plain", "blocked"):
+        want = encoder_forward(ids, mask, emb, layers, LocalReduce(np), 1e-5,
+                               options=Options(impl, 4))
+        got = encoder_forward(cupy.asarray(ids), cupy.asarray(mask), device(emb),
+                              [device(p) for p in layers], LocalReduce(cupy), 1e-5,
+                              options=Options(impl, 4))
+        got = cupy.asnumpy(got)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got[mask], want[mask], rtol=1e-12, atol=1e-12)
+
+
 # --- the whole job on 2 ranks, one launch (tests/standin_matrix.py) -------------------------
 
 # CuPy-path lines that the matrix does not reach, by what the line holds, and why

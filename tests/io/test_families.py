@@ -253,7 +253,7 @@ def test_minilm_saved_as_roberta_gives_minilm_embeddings(folders, tmp_path, sent
     assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("case", ["modernbert", "no-tensor", "pooling", "module", "prompt",
+@pytest.mark.parametrize("case", ["deberta", "no-tensor", "pooling", "module", "prompt",
                                   "dense-bin", "int-weights", "activation"])
 def test_what_is_not_built_is_one_line(folders, tmp_path, case):
     """Unknown architecture, a missing tensor, a pooling mode, module, default prompt,
@@ -264,11 +264,11 @@ def test_what_is_not_built_is_one_line(folders, tmp_path, case):
     folder = with_modules(folders(BASE), tmp_path / case,
                           [("Pooling", {"pooling_mode": "mean"}),
                            ("Dense", {"out_features": 4, "seed": 3})])
-    if case == "modernbert":
+    if case == "deberta":
         hf = json.loads((folder / "config.json").read_text())
-        hf.update(model_type="modernbert", architectures=["ModernBertModel"])
+        hf.update(model_type="deberta-v2", architectures=["DebertaV2Model"])
         (folder / "config.json").write_text(json.dumps(hf))
-        want = ("model_type 'modernbert' (ModernBertModel) is not supported; mpiattn runs"
+        want = ("model_type 'deberta-v2' (DebertaV2Model) is not supported; mpiattn runs"
                 " model_type bert")
     elif case in ("no-tensor", "int-weights"):
         tensors = load_file(str(folder / "model.safetensors"))
