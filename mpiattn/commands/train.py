@@ -66,6 +66,7 @@ from ..io.checkpoints import (
     check_shapes,
     checkpoint_due,
     checkpoint_path,
+    job_identity,
     latest_checkpoint,
     model_shapes,
     read_checkpoint,
@@ -673,14 +674,17 @@ def export_folder(cfg: Config, out_path: str) -> Path | None:
 def check_training(cfg: Config, world_size: int, resume: str | None,
                    force: bool, out_path: str = "") -> tuple[tuple, dict]:
     """Every local check of a training job, with no collective: ((tensor, corpus,
-    checkpoint or None, resume path or None, tokenizer files), input digests)."""
+    checkpoint or None, resume path or None, tokenizer files, job identity, notes for rank
+    0 to print), input digests). ``resume``: None, "auto" (the newest checkpoint of this
+    job's identity, ``latest_checkpoint``) or a checkpoint path (refused in one line when
+    it is another job's, ``read_checkpoint``)."""
     from ..config import check_world
     from ..core.checksum import parse_faults
     from ..io.export import check_folder, tokenizer_files
     from ..io.outfile import check_name
-    from ..io.weights import model_folder
+    from ..io.weights import describe, model_folder
     from ..parallel.faults import check_fault_targets
-    from .jobkit import input_digests
+    from .jobkit import file_digest, input_digests
     from .placement import apply_checkpoint_shape, check_memory, check_sequence
 
     if cfg.model.weights and (model_folder(cfg.model.weights) / "mpiattn_vocab.json").exists():
@@ -699,11 +703,25 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     parse_faults(cfg.fault.inject, TRAIN_SITES, "train")
     check_fault_targets(cfg, world_size, fault_span(cfg, world_size, tensor))
     t, ck = cfg.train, None
+    files = {"train.corpus": Path(t.corpus), "train.heldout": Path(t.heldout),
+             "tokenizer": default_tokenizer(cfg)}
+    digests = input_digests(cfg, files)
+    identity = job_identity(cfg, digests)  # what --resume compares, stored in checkpoints
+    notes, skipped = [], []
     if resume == "auto":
-        found = latest_checkpoint(t)
+        found = latest_checkpoint(t, identity, skipped)
         resume = None if found is None else str(found)
+        if skipped:
+            notes.append(f"--resume auto skipped {len(skipped)} checkpoint(s) of other jobs:"
+                         f" {'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''};"
+                         f" {'resuming ' + repr(resume) if resume else 'starting afresh'}")
     if resume:
-        ck = read_checkpoint(resume, cfg)
+        ck = read_checkpoint(resume, cfg, identity)
+        if ck.identity is None:
+            notes.append(f"'{resume}' records no job identity (written by an older mpiattn):"
+                         " only its seed, shape and vocabulary were compared with this job's;"
+                         " make sure it is this job's checkpoint (its next checkpoints record"
+                         " one)")
         if not np.array_equal(ck.token_ids, corpus.token_ids):
             raise InputError(f"'{resume}' was trained on another vocabulary (tokenizer,"
                              " corpus or model.vocab differ)")
@@ -718,6 +736,12 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
             raise ConfigError(f"train.checkpoint '{path}' is also the output (-o): give them"
                               ' different names, e.g. train.checkpoint = "NAME-{step}.h5"')
         if path.exists() and not force and not (resume and path.samefile(resume)):
+            other = next((s for s in skipped if s.startswith(path.name + " (")), None)
+            if other is not None:
+                raise ConfigError(f"train.checkpoint '{path}' exists and is another job's:"
+                                  f" {other.split(' (', 1)[1][:-1]}: --resume auto passed it"
+                                  " over; resume with that job's config, or choose another"
+                                  " train.checkpoint")
             raise ConfigError(f"train.checkpoint '{path}' exists: pass --force, resume from it"
                               ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
     folder = export_folder(cfg, out_path)
@@ -731,12 +755,11 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         if folder.absolute() in taken:
             raise ConfigError(f"train.export '{folder}' is also the output or a checkpoint:"
                               " give the export folder its own name")
-    files = {"train.corpus": Path(t.corpus), "train.heldout": Path(t.heldout),
-             "tokenizer": default_tokenizer(cfg)}
     if resume:
-        files["--resume checkpoint"] = Path(resume)
+        label = "--resume checkpoint"
+        digests[f"{label} '{describe(Path(resume))}'"] = file_digest(Path(resume), label)
     tokenizer = tokenizer_files(files["tokenizer"])
-    return (tensor, corpus, ck, resume, tokenizer), input_digests(cfg, files)
+    return (tensor, corpus, ck, resume, tokenizer, identity, notes), digests
 
 
 def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
@@ -821,9 +844,11 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     out_force = force or _resumable_output(out_path, resume)
-    (tensor, corpus, ck, resume, tokenizer), out = jobkit.preflight(
+    (tensor, corpus, ck, resume, tokenizer, identity, notes), out = jobkit.preflight(
         world, lambda: check_training(cfg, size, resume, force, out_path),
         output=(out_path, out_force))
+    for note in notes if rank == 0 else ():
+        print(f"mpiattn: note: {note}", flush=True)
     jobkit.set_timeout(cfg.comm.timeout)
 
     first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0
@@ -908,7 +933,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                                                        and path.samefile(resume))
             state = {kind: full[kind] for kind in trainer.opt.names}
             write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
-                             corpus, history, tensor, tokenizer)
+                             corpus, history, tensor, tokenizer, identity)
             written.add(path)
 
         jobkit.conclude(world, write if rank == 0 else None, final=False)

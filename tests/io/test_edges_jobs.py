@@ -1,0 +1,165 @@
+"""Issue #24, second part: what a job reuses must be its own. Checkpoints taken by
+``train --resume`` only of the same job identity; parts folders bound to their job by a
+secret and held by descriptor; the parts folder of a published output removed; a disk
+that fills inside an HDF5 write; another user (``setpriv``) planting files in a shared
+folder.
+
+Every subprocess has a timeout, so a hang fails the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_edges import ROOT, mpiattn, one_error_line
+from test_edges import _sets as sets
+
+TRAIN = {"dtype": "float64", "model.layers": 1, "model.heads": 2, "model.hidden": 8,
+         "model.ffn": 8, "model.vocab": 60, "model.max_positions": 16, "input.batch": 2,
+         "input.seq_len": 8, "train.steps": 4, "train.eval_every": 0,
+         "train.eval_batches": 1, "train.checkpoint_every": 2, "train.export": ""}
+
+
+# --- 1. train --resume takes only checkpoints of the same job ---------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """One tiny training job (4 steps) that wrote ck-2.h5 and ck-4.h5; its flat config
+    (with train.steps = 6, so that both can be continued: steps are not identity)."""
+    work = tmp_path_factory.mktemp("trained")
+    lines = (ROOT / "data/corpus/train.txt").read_text(encoding="utf-8").splitlines()[:60]
+    (work / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    flat = {**TRAIN, "train.corpus": str(work / "corpus.txt"),
+            "train.heldout": str(work / "corpus.txt"),
+            "train.checkpoint": str(work / "ck-{step}.h5")}
+    done = mpiattn("train", "-o", "t.h5", *sets(flat), cwd=work, timeout=240)
+    assert done.returncode == 0, done.stderr
+    return {"work": work, "flat": {**flat, "train.steps": 6}}
+
+
+def _cfg(flat: dict, **changes):
+    from mpiattn import config
+
+    return config.from_dict({**flat, **changes})
+
+
+def _copy(trained: dict, tmp_path: Path, *names: str) -> dict:
+    """The trained job's corpus and the named checkpoints copied into ``tmp_path``."""
+    for name in ("corpus.txt", *names):
+        shutil.copy(trained["work"] / name, tmp_path / name)
+    return {**trained["flat"], "train.corpus": str(tmp_path / "corpus.txt"),
+            "train.heldout": str(tmp_path / "corpus.txt"),
+            "train.checkpoint": str(tmp_path / "ck-{step}.h5")}
+
+
+def _edit_identity(path: Path, **changes: str) -> None:
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        ident = json.loads(f.attrs["job_identity"])
+        ident.update(changes)
+        f.attrs["job_identity"] = json.dumps(ident)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"seed": 7}, "seed 7 here, 0 in ck-4.h5"),
+    ({"train.lr": 5e-4}, "train.lr 0.0005 here, 0.001 in ck-4.h5"),
+    ({"input.batch": 3}, "input.batch 3 here, 2 in ck-4.h5"),
+    ("corpus", "train.corpus differs in content"),
+])
+def test_resume_refuses_a_checkpoint_of_another_job(trained, tmp_path, change, words):
+    """--resume PATH: a checkpoint whose stored identity differs in the seed, a
+    hyperparameter, a data setting or the corpus's content is one line naming it."""
+    from mpiattn.commands.train import check_training
+    from mpiattn.errors import InputError
+
+    flat = _copy(trained, tmp_path, "ck-4.h5")
+    ck = str(tmp_path / "ck-4.h5")
+    value, _ = check_training(_cfg(flat), 1, ck, False)  # the same job: resumed, no note
+    assert value[2].step == 4 and value[6] == []
+    if change == "corpus":  # the same line count, one word changed
+        path = tmp_path / "corpus.txt"
+        path.write_text(path.read_text().replace(" the ", " a ", 1))
+        change = {}
+    with pytest.raises(InputError) as err:
+        check_training(_cfg(flat, **change), 1, ck, False)
+    text = str(err.value)
+    assert words in text and "refused" in text and "another job" in text and "\n" not in text
+
+
+def test_resume_auto_skips_other_jobs_and_says_so(trained, tmp_path):
+    """--resume auto passes over a newer checkpoint of another seed (named in one note)
+    and takes the newest of this job; an older checkpoint without an identity is taken
+    with a note; when every one is another job's, it starts afresh only if no name of
+    another job's would be overwritten (else one line naming why)."""
+    import h5py
+
+    from mpiattn.commands.train import check_training
+    from mpiattn.errors import ConfigError
+
+    flat = _copy(trained, tmp_path, "ck-2.h5", "ck-4.h5")
+    shutil.copy(tmp_path / "ck-4.h5", tmp_path / "ck-5.h5")
+    _edit_identity(tmp_path / "ck-5.h5", seed="7")
+    with h5py.File(tmp_path / "ck-5.h5", "a") as f:
+        f.attrs["step"] = 5
+    value, _ = check_training(_cfg(flat), 1, "auto", False)
+    ck, resume, notes = value[2], value[3], value[6]
+    assert ck.step == 4 and resume.endswith("ck-4.h5")
+    assert len(notes) == 1 and "skipped 1 checkpoint" in notes[0]
+    assert "ck-5.h5 (seed 0 here, 7 in ck-5.h5)" in notes[0] and "ck-4.h5" in notes[0]
+    with h5py.File(tmp_path / "ck-4.h5", "a") as f:  # as an older mpiattn wrote it
+        del f.attrs["job_identity"]
+    value, _ = check_training(_cfg(flat), 1, "auto", False)
+    assert value[2].step == 4 and "records no job identity" in value[6][-1]
+    for name in ("ck-2.h5", "ck-4.h5"):
+        (tmp_path / name).unlink()
+    with pytest.raises(ConfigError, match="ck-6.h5' exists and is another job's: seed"):
+        shutil.copy(tmp_path / "ck-5.h5", tmp_path / "ck-6.h5")
+        check_training(_cfg(flat), 1, "auto", False)
+
+
+def test_model_folder_content_is_part_of_the_identity(trained, tmp_path, minilm_dir):
+    """A training job started from a model folder: each file of the folder is in its
+    identity, so a checkpoint made from another copy of the folder is refused by name.
+    (The checkpoint is the tiny job's, its stored identity given the folder's digests:
+    training from MiniLM itself would cost minutes.)"""
+    from test_edges import _model_copy
+
+    from mpiattn.commands.jobkit import input_digests
+    from mpiattn.errors import InputError
+    from mpiattn.io.checkpoints import job_identity, read_checkpoint
+
+    model = _model_copy(minilm_dir, tmp_path / "model")
+
+    def folder_identity() -> dict:
+        cfg = _cfg(trained["flat"], **{"model.weights": str(model)})
+        return {k: v for k, v in job_identity(cfg, input_digests(cfg)).items()
+                if k.startswith("model.weights")}
+
+    before = folder_identity()
+    assert {"model.weights config.json (content)", "model.weights tokenizer.json (content)",
+            "model.weights sentence_bert_config.json (content)"} <= set(before)
+    flat = _copy(trained, tmp_path, "ck-4.h5")
+    ck = tmp_path / "ck-4.h5"
+    import h5py
+
+    with h5py.File(ck, "r") as f:
+        job = json.loads(f.attrs["job_identity"])  # this job's, from the folder as it was:
+    _edit_identity(ck, **before)
+    assert read_checkpoint(ck, _cfg(flat), {**job, **before}).step == 4
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "note": "edited"}))
+    with pytest.raises(InputError, match="model.weights config.json differs in content"):
+        read_checkpoint(ck, _cfg(flat), {**job, **folder_identity()})
+
+
+def test_resume_of_another_job_at_two_ranks(trained, tmp_path):
+    """Under mpiexec -n 2 the refusal is one line from rank 0, exit 2, nothing written."""
+    flat = _copy(trained, tmp_path, "ck-4.h5")
+    done = mpiattn("train", "-o", "t.h5", "--resume", "ck-4.h5",
+                   *sets({**flat, "train.lr": 5e-4}), cwd=tmp_path, ranks=2, timeout=240)
+    one_error_line(done, "train.lr 0.0005 here, 0.001 in ck-4.h5", "refused")
+    assert not (tmp_path / "t.h5").exists() and not (tmp_path / "ck-6.h5").exists()
