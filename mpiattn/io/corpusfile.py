@@ -16,6 +16,16 @@ holds and writes the rest; since a chunk's result depends only on its own lines,
 finished file equals an uninterrupted run's bit for bit. A running job holds an exclusive
 ``flock`` on its folder, so two jobs never share one.
 
+A folder is bound to the job that made it: its ``job.json`` (0600) holds a random
+``secret``, and the job holds the folder open by descriptor for its lifetime. Before a
+part is published and before and after the final file is assembled, the folder under the
+name must still be the one held (``st_dev``/``st_ino`` of the descriptor and of the path)
+with the same secret; a folder swapped or renamed under the name is one line, exit 3
+(``FolderSwapped``), nothing published. The final file records the folder's name, job
+key and the SHA-256 of its secret (attribute ``parts``), so that a folder left behind by a
+job stopped between publishing and removing it is recognised and removed by the next run
+of the job (``remove_published``).
+
 Layout of the finished file, by dimension (``line``: input lines, ``token``: real tokens
 of all lines, ``line_edge``: lines + 1; row i of a ragged dataset is
 ``[offsets[i]:offsets[i+1]]``; the dimensions are attached by ``finish``):
@@ -40,6 +50,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -58,6 +69,23 @@ from .outfile import _host, _name_max
 SUFFIX = ".parts"
 JOB_FILE = "job.json"
 _PART = re.compile(r"chunk-(\d{7})\.h5")
+KILL_ENV = "MPIATTN_TEST_KILL_AT"  # tests: SIGKILL this process at a named point
+
+
+class FolderSwapped(UserError):
+    """The parts folder under its name is no longer the one this job made or resumed
+    (renamed, swapped, its job.json replaced): nothing is published (exit 3)."""
+
+    exit_code = 3
+
+
+def kill_point(name: str) -> None:
+    """Tests: ``MPIATTN_TEST_KILL_AT=name`` ends this process here with SIGKILL (a node
+    lost at that moment)."""
+    if os.environ.get(KILL_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -178,6 +206,46 @@ class Parts:
     def __init__(self, out_path: Path, job: dict, folder: Path | None = None,
                  lock: int = -1) -> None:
         self.out_path, self.job, self.folder, self._lock = out_path, job, folder, lock
+        self._dir = -1  # the folder held open (O_DIRECTORY) for the job's lifetime
+        if folder is not None:
+            self._hold(folder)
+
+    def _hold(self, folder: Path) -> None:
+        try:
+            self._dir = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as err:
+            raise UserError(f"cannot open the parts folder '{folder}':"
+                            f" {os.strerror(err.errno or 0)}") from None
+
+    def check_bound(self, before: str) -> None:
+        """FolderSwapped (one line, exit 3) unless the folder under the name is still the
+        one this job holds (same device and inode as the descriptor) with this job's
+        secret in its job.json. ``before``: what is not done ("publishing chunk 3")."""
+        if self.folder is None or self._dir < 0:
+            return
+        held = os.fstat(self._dir)
+        try:
+            now = os.lstat(self.folder)
+            same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        except OSError:
+            same = False
+        why = None
+        if not same:
+            why = "another folder (or nothing) is under its name now: renamed or swapped"
+        elif _read_job(self.folder).get("secret") != self.job.get("secret"):
+            why = "its job.json no longer holds this job's secret: replaced"
+        if why is not None:
+            raise FolderSwapped(f"the parts folder '{self.folder}' is not the one this job"
+                                f" made: {why}; stopped before {before}, nothing published"
+                                " (is another job or user writing beside the output?)")
+
+    def record(self) -> str:
+        """What the final file records of its parts folder (attribute ``parts``): the
+        folder's name, the job key and the SHA-256 of the folder's secret."""
+        secret = str(self.job.get("secret", ""))
+        return json.dumps({"folder": self.folder.name if self.folder else "",
+                           "key": self.job.get("key", ""),
+                           "secret_sha256": hashlib.sha256(secret.encode()).hexdigest()})
 
     @classmethod
     def new(cls, out_path: Path, key: str, layout: dict, lines: int, chunk: int) -> Parts:
@@ -194,10 +262,15 @@ class Parts:
         room = _name_max(out_path.parent) - len(tail) - 8 - len(SUFFIX) - 1
         name = out_path.name.encode("utf-8")[: max(room, 1)].decode("utf-8", "ignore")
         folder = None
+        self.job["secret"] = secrets.token_hex(16)  # binds the folder to this job
         try:
             folder = Path(tempfile.mkdtemp(prefix=f".{name}{tail}", suffix=SUFFIX,
                                            dir=out_path.parent))
-            (folder / JOB_FILE).write_text(json.dumps(self.job), encoding="utf-8")
+            fd = os.open(folder / JOB_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(self.job))
+            self._hold(folder)
         except OSError as err:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -248,6 +321,7 @@ class Parts:
                             f" ranks with parallel.tensor = {was.get('tensor', '?')}; resume it"
                             " on the same (its rows must equal an uninterrupted run's)")
         parts = cls(out_path, job, folder, _lock(folder, resuming=True))
+        parts.check_bound("resuming")  # swapped between reading job.json and now
         for stale in folder.glob("*.tmp*"):  # a part the killed job was writing
             with contextlib.suppress(OSError):
                 stale.unlink()
@@ -328,6 +402,7 @@ class Parts:
         from . import outfile
 
         folder = self._make_folder()
+        self.check_bound(f"writing chunk {index}")
         arrays, texts = _part_contents(r)
         need = sum(a.nbytes for a in arrays.values()) + sum(
             len(t.encode("utf-8")) + 16 for strings in texts for t in strings)
@@ -355,6 +430,7 @@ class Parts:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self.check_bound(f"publishing chunk {index}")
             os.replace(tmp_path, self.path(index))
             outfile.fsync_folder(folder)
         except (OSError, RuntimeError, ValueError) as err:
@@ -387,10 +463,54 @@ class Parts:
         self.release()
 
     def release(self) -> None:
-        if self._lock >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._lock)
-            self._lock = -1
+        for fd in (self._lock, self._dir):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lock = self._dir = -1
+
+
+def remove_published(out_path: Path, key: str) -> list[str]:
+    """Remove the parts folder a job of ``key`` left beside ``out_path`` after publishing
+    it (killed between the final rename and the removal): only a private folder of this
+    key whose secret's digest and name the complete output records (attribute ``parts``)
+    and that no running job holds. Returns a note per folder removed.
+
+    Publish-then-remove, not the other way round: removing the parts before the rename
+    would leave, after a kill in between, only an unnamed temporary that nothing resumes
+    from, whereas a leftover folder costs disk space until the next run removes it."""
+    from . import h5safe
+
+    folders = [p for p in _folders(out_path)
+               if _private(p) is None and _read_job(p).get("key") == key]
+    if not folders or not out_path.is_file():
+        return []
+    try:
+        with h5safe.open_for_reading(out_path) as f:
+            if h5safe.attr(f, "status") != "complete":
+                return []
+            rec = json.loads(h5safe.text(h5safe.attr(f, "parts", ""), "attribute 'parts'"))
+    except (UserError, ValueError, TypeError, *h5safe.MALFORMED):
+        return []
+    if not isinstance(rec, dict):
+        return []
+    notes = []
+    for folder in folders:
+        secret = str(_read_job(folder).get("secret", ""))
+        if not secret or rec.get("folder") != folder.name or rec.get("key") != key or \
+                rec.get("secret_sha256") != hashlib.sha256(secret.encode()).hexdigest():
+            continue
+        try:
+            fd = _lock(folder, resuming=True)  # a running job holds it: left alone
+        except UserError:
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+        notes.append(f"removed '{folder}': the parts of '{out_path}', left by a job of this"
+                     " config stopped after it published the output (complete)")
+    return notes
 
 
 # flock errors that mean "this file system has no flock" (Lustre without -o flock: ENOSYS;
@@ -523,6 +643,7 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     offsets = _Appender(inp, "offsets", (), np.int64, ("line_edge",), compression, lines + 1)
     offsets.append(np.zeros(1, dtype=np.int64))
     done = total_tokens = n_truncated = 0
+    parts.check_bound("assembling the output")
     for index in range(parts.done()):
         part = parts.read(index)  # one read: checked against its digest, then appended
         if part is None:  # damaged since it was written: computed again
@@ -575,6 +696,8 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     for app in states.values():
         app.finish(description=f"per real token, all lines concatenated; {ragged} of"
                    " /input/offsets")
+    f.attrs["parts"] = parts.record()  # a folder left after publishing is recognised
+    parts.check_bound("publishing the output")
     return {"lines": done, "tokens": total_tokens, "truncated": n_truncated}
 
 

@@ -163,3 +163,100 @@ def test_resume_of_another_job_at_two_ranks(trained, tmp_path):
                    *sets({**flat, "train.lr": 5e-4}), cwd=tmp_path, ranks=2, timeout=240)
     one_error_line(done, "train.lr 0.0005 here, 0.001 in ck-4.h5", "refused")
     assert not (tmp_path / "t.h5").exists() and not (tmp_path / "ck-6.h5").exists()
+
+
+# --- 2. parts folders bound to their job ------------------------------------------------
+
+def _chunk(first: int):
+    import numpy as np
+
+    from mpiattn.io.corpusfile import ChunkResult
+
+    return ChunkResult(first, ["a"], None, [np.array([1, 2])], None, np.zeros(1, bool),
+                       np.full((1, 4), first, dtype=np.float32))
+
+
+def _parts(out: Path, key: str = "k"):
+    from mpiattn.io import corpusfile
+
+    return corpusfile.Parts.new(out, key, {"world_size": 1}, 3, 1)
+
+
+@pytest.mark.parametrize("swap", ["renamed", "swapped", "secret"])
+def test_a_parts_folder_swapped_under_its_name_stops_the_job(tmp_path, swap):
+    """A folder renamed away, another one (same job key, its own job.json) swapped in
+    under the name, or job.json replaced: the next publication is refused in one line
+    (exit 3), nothing written into the impostor, and assembly refuses it as well."""
+    import h5py
+
+    from mpiattn.io import corpusfile
+
+    parts = _parts(tmp_path / "o.h5")
+    parts.write(0, _chunk(0))
+    folder = parts.folder
+    job = json.loads((folder / "job.json").read_text())
+    assert len(job["secret"]) == 32 and (folder / "job.json").stat().st_mode & 0o777 == 0o600
+    if swap == "secret":
+        (folder / "job.json").write_text(json.dumps({**job, "secret": "0" * 32}))
+    else:
+        folder.rename(tmp_path / "away")
+        if swap == "swapped":  # what someone who can write the folder beside the output does
+            folder.mkdir(mode=0o700)
+            (folder / "job.json").write_text(json.dumps({**job, "secret": "f" * 32}))
+    with pytest.raises(corpusfile.FolderSwapped, match="not the one this job made") as err:
+        parts.write(1, _chunk(1))
+    assert err.value.exit_code == 3 and "\n" not in str(err.value)
+    assert "nothing published" in str(err.value)
+    assert not (folder / "chunk-0000001.h5").exists()
+    with h5py.File(tmp_path / "x.h5", "w") as f, pytest.raises(corpusfile.FolderSwapped):
+        corpusfile.assemble(f, parts, 1, 4, "float32", [], False, "none")
+    parts.release()
+
+
+def test_resume_refuses_a_foreign_parts_folder(tmp_path):
+    """--resume-from a folder of another job key: one line; the job's own folder is
+    resumed with its secret, and publishing into it still works."""
+    from mpiattn.errors import UserError
+    from mpiattn.io import corpusfile
+
+    other = _parts(tmp_path / "o.h5", key="other")
+    other.write(0, _chunk(0))
+    other.release()
+    with pytest.raises(UserError, match="another config or other inputs"):
+        corpusfile.Parts.find(tmp_path / "o.h5", "k", {"world_size": 1}, str(other.folder))
+    with pytest.raises(UserError, match="no interrupted run of this job"):
+        corpusfile.Parts.find(tmp_path / "o.h5", "k", {"world_size": 1})
+    mine = corpusfile.Parts.find(tmp_path / "o.h5", "other", {"world_size": 1})
+    assert mine.job["secret"] == other.job["secret"] and mine.done() == 1
+    mine.write(1, _chunk(1))
+    assert mine.done() == 2
+    mine.remove()
+
+
+# --- 3. a kill after the final rename: the parts are removed by the next run -------------
+
+def test_kill_after_publishing_then_the_next_run_removes_the_parts(tmp_path):
+    """SIGKILL between publishing the output and removing the parts leaves the folder; the
+    next run of the same job removes it with a note (and refuses to overwrite the output
+    as usual); a folder of another job, or one whose secret the output does not record,
+    is left alone."""
+    import h5py
+
+    from test_edges import MINILM, TEXT
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    args = ("run", "-o", "o.h5", *sets({**MINILM, "input.text": "t.txt"}))
+    killed = mpiattn(*args, cwd=tmp_path, timeout=240, MPIATTN_TEST_KILL_AT="published")
+    assert killed.returncode in (-9, 137), killed.stderr
+    (folder,) = tmp_path.glob(".o.h5*.parts")
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        assert f.attrs["status"] == "complete" and f["output/pooled"].shape[0] == 3
+        assert json.loads(f.attrs["parts"])["folder"] == folder.name
+    decoy = tmp_path / ".o.h5.decoy.parts"  # the same key, another secret: not ours
+    decoy.mkdir(mode=0o700)
+    job = json.loads((folder / "job.json").read_text())
+    (decoy / "job.json").write_text(json.dumps({**job, "secret": "0" * 32}))
+    again = mpiattn(*args, cwd=tmp_path, timeout=240)
+    assert again.returncode == 2 and "exists: pass --force" in again.stderr
+    assert f"note: removed '{folder.name}'" in again.stdout.replace(str(tmp_path) + "/", "")
+    assert not folder.exists() and decoy.is_dir()
