@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UserError
+from .diskfull import give_back, is_full, quiet_h5, reason
 from .h5io import DIGEST_ATTR, LIBVER, attach_dimensions
 from .h5io import text_sha256 as text_hash
 from .outfile import _host, _name_max
@@ -143,6 +144,36 @@ def _private(folder: Path) -> str | None:
     if st.st_mode & 0o077:
         return f"is open to group or others (mode {stat.S_IMODE(st.st_mode):o}, made 700)"
     return None
+
+
+def reserve(path: str | Path, size: int, what: str) -> bool:
+    """Reserve ``size`` bytes of disk for the open file ``path`` (``what``: its name for
+    messages) (``fallocate`` with
+    FALLOC_FL_KEEP_SIZE: its length stays, its blocks are allocated) so that the HDF5
+    writes that follow find room: HDF5 does not survive a full disk (the library crashes
+    in a later flush or at exit). UserError (one line, "no space") when the disk cannot
+    hold ``size``; False where the file system cannot reserve (then the writes go on
+    unreserved), True when reserved. HDF5 gives back what is unused when it closes the
+    file (it truncates the file to its end)."""
+    import ctypes
+
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        try:
+            fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
+        except (AttributeError, OSError):
+            return False
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if fallocate(fd, 1, 0, size) == 0:  # 1: FALLOC_FL_KEEP_SIZE
+            return True
+        code = ctypes.get_errno()
+    finally:
+        os.close(fd)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f"cannot write {what}: {os.strerror(code).lower()} (it needs up to"
+                        f" {size / 2**20:.1f} MiB in '{Path(path).parent}'); free some space"
+                        " and run the same command with --resume (finished chunks are kept)")
+    return False  # EOPNOTSUPP (NFS before 4.2, some FUSE), ...
 
 
 def _free_bytes(folder: Path) -> int:
@@ -394,9 +425,13 @@ class Parts:
         return self.folder / f"chunk-{index:07d}.h5"
 
     def write(self, index: int, r: ChunkResult) -> None:
-        """Chunk ``index`` as its own HDF5 file with the digest of its contents, flushed,
-        fsynced and renamed into place only when whole. UserError (one line) when it
-        cannot be written (a full disk is found before HDF5 starts)."""
+        """Chunk ``index`` as its own HDF5 file with the digest of its contents, fsynced and
+        renamed into place only when whole. UserError (one line) when it cannot be
+        written: a nearly full disk is found before anything is written, a disk that
+        fills meanwhile by the plain write of the finished image (built in memory, about
+        the chunk's size: HDF5 itself never meets a full disk, which it does not survive)."""
+        import io
+
         import h5py
 
         from . import outfile
@@ -407,40 +442,41 @@ class Parts:
         need = sum(a.nbytes for a in arrays.values()) + sum(
             len(t.encode("utf-8")) + 16 for strings in texts for t in strings)
         check_space(folder, need + (1 << 20), f"chunk {index}")
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
+        memory = io.BytesIO()  # closed before its bytes are taken: a whole, consistent file
+        with h5py.File(memory, "w", libver=LIBVER) as f:
+            f.attrs["first"] = r.first
+            f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
+            f["text"] = np.array(r.text, dtype=h5py.string_dtype())
+            if r.text_pair is not None:
+                f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
+            if r.record_ids is not None and "record_id" not in arrays:
+                f["record_id"] = np.array(r.record_ids, dtype=h5py.string_dtype())
+            f.attrs["records_sha256"] = r.records_sha256
+            for name, a in arrays.items():
+                f[name] = a
+            f.attrs["sha256"] = _part_digest(list(arrays.values()), texts)
+        tmp_path = None
         try:
-            with _h5(tmp_path, "w") as f:
-                f.attrs["first"] = r.first
-                f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
-                f["text"] = np.array(r.text, dtype=h5py.string_dtype())
-                if r.text_pair is not None:
-                    f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
-                if r.record_ids is not None and "record_id" not in arrays:
-                    f["record_id"] = np.array(r.record_ids, dtype=h5py.string_dtype())
-                f.attrs["records_sha256"] = r.records_sha256
-                for name, a in arrays.items():
-                    f[name] = a
-                f.attrs["sha256"] = _part_digest(list(arrays.values()), texts)
-                f.flush()  # a failed write raises here, not in a destructor that hides it
-            fd = os.open(tmp_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
+            tmp_path = Path(tmp)
+            outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(memory.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
             self.check_bound(f"publishing chunk {index}")
             os.replace(tmp_path, self.path(index))
             outfile.fsync_folder(folder)
-        except (OSError, RuntimeError, ValueError) as err:
-            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
-            raise UserError(f"cannot write chunk {index} to '{folder}': "
-                            f"{' '.join(reason.split())[:200]}") from None
+        except OSError as err:
+            hint = ("; free some space and run the same command with --resume (finished"
+                    " chunks are kept)" if is_full(err) else "")
+            raise UserError(f"cannot write chunk {index} to '{folder}':"
+                            f" {reason(err)}{hint}") from None
         finally:
-            outfile._LIVE.discard(tmp_path)
-            with contextlib.suppress(FileNotFoundError):
-                tmp_path.unlink()
+            if tmp_path is not None:
+                outfile._LIVE.discard(tmp_path)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp_path.unlink()
 
     def read_stats(self) -> list[dict[str, float]]:
         """Each finished chunk's measurements (attributes ``stat_*``), in chunk order."""
@@ -644,6 +680,11 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     offsets.append(np.zeros(1, dtype=np.int64))
     done = total_tokens = n_truncated = 0
     parts.check_bound("assembling the output")
+    chunks: list[int] = []  # bytes of one HDF5 chunk of each dataset: the most it may waste
+    f.visititems(lambda _, o: chunks.append(int(np.prod(o.chunks)) * o.dtype.itemsize)
+                 if isinstance(o, h5py.Dataset) and o.chunks else None)
+    reserve(f.filename, int(parts.size() * 1.25) + sum(chunks) + (1 << 20),
+            f"'{parts.out_path}'")
     for index in range(parts.done()):
         part = parts.read(index)  # one read: checked against its digest, then appended
         if part is None:  # damaged since it was written: computed again
@@ -706,16 +747,22 @@ def disk_file(out: Any) -> Iterator[Any]:
     """An h5py File written straight into ``out``'s exclusive temporary (too big for
     memory), published under the final name only if the block succeeds."""
 
+    seen: list[str] = []
     try:
         try:
-            with _h5(out.create(), "w") as f:
-                f.attrs["status"] = "writing"
-                yield f
-                f.flush()  # a failed write raises here, not in a destructor that hides it
+            with quiet_h5() as seen, _h5(out.create(), "w") as f:
+                try:
+                    f.attrs["status"] = "writing"
+                    yield f
+                    f.flush()  # a failed write raises here, not in a destructor
+                except BaseException:
+                    give_back(out.tmp)  # room to close it: else HDF5 crashes at exit
+                    raise
         except (OSError, RuntimeError) as err:
-            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
-            raise UserError(f"cannot write '{out.path}': {' '.join(reason.split())[:200]};"
-                            " earlier files are untouched") from None
+            hint = ("; free some space and run the same command with --resume (the finished"
+                    " chunks are kept)" if is_full(err, seen) else "")
+            raise UserError(f"cannot write '{out.path}': {reason(err, seen)}{hint}; earlier"
+                            " files are untouched") from None
         out.publish()
     finally:
         out.discard()

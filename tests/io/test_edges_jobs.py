@@ -10,11 +10,12 @@ Every subprocess has a timeout, so a hang fails the test instead of blocking the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-from test_edges import ROOT, mpiattn, one_error_line
+from test_edges import ROOT, flock_shim, mpiattn, one_error_line  # noqa: F401 (a fixture)
 from test_edges import _sets as sets
 
 TRAIN = {"dtype": "float64", "model.layers": 1, "model.heads": 2, "model.hidden": 8,
@@ -233,30 +234,111 @@ def test_resume_refuses_a_foreign_parts_folder(tmp_path):
     mine.remove()
 
 
-# --- 3. a kill after the final rename: the parts are removed by the next run -------------
+# --- 3/4. a disk that fills inside HDF5 writes; a kill after the final rename ----------------
 
-def test_kill_after_publishing_then_the_next_run_removes_the_parts(tmp_path):
-    """SIGKILL between publishing the output and removing the parts leaves the folder; the
-    next run of the same job removes it with a note (and refuses to overwrite the output
-    as usual); a folder of another job, or one whose secret the output does not record,
-    is left alone."""
+class SmallDisk:
+    """A folder on a file system of a given size: a tmpfs where this process may mount
+    one (root, CAP_SYS_ADMIN), else the LD_PRELOAD shim failing writes under the folder
+    with ENOSPC after that many bytes of one process. ``env`` runs a command on it, with
+    statvfs reporting plenty free (the free-space checks passed, the write then fails)."""
+
+    def __init__(self, folder: Path, shim: Path) -> None:
+        import subprocess
+
+        self.folder, self.mounted, self.limit = folder, False, 64
+        folder.mkdir()
+        try:  # MPIATTN_TEST_SHIM_DISK=1: the shim even where a tmpfs could be mounted
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
+                                   str(folder)], capture_output=True, timeout=30)
+            self.mounted = done.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if self.mounted and os.environ.get("MPIATTN_TEST_SHIM_DISK"):
+            self.close()
+            self.mounted = False
+        self.shim = shim
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {"LD_PRELOAD": str(self.shim), "SHIM_FREE_KIB": str(1 << 20)}
+        if not self.mounted:
+            env.update(SHIM_ENOSPC_DIR=str(self.folder.resolve()),
+                       SHIM_ENOSPC_AFTER=str(self.limit * 1024))
+        return env
+
+    def resize(self, kib: int, shim_kib: int | None = None) -> None:
+        """``kib`` KiB in all (tmpfs), or ``shim_kib`` (default ``kib``) KiB written by
+        the next command (shim)."""
+        import subprocess
+
+        self.limit = kib if shim_kib is None else shim_kib
+        if self.mounted:
+            subprocess.run(["mount", "-o", f"remount,size={kib}k", str(self.folder)],
+                           check=True, timeout=30)
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.folder)], timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path, flock_shim):
+    disk = SmallDisk(tmp_path / "disk", flock_shim)
+    try:
+        yield disk
+    finally:
+        disk.close()
+
+
+def _no_flood(done) -> list[str]:
+    """stderr holds no traceback (h5py's per-object ones included) and no crash."""
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, \
+        done.stderr[-3000:]
+    assert done.returncode not in (-11, 139), "segfault"
+    return [ln for ln in done.stderr.splitlines() if "error" in ln]
+
+
+def test_full_disk_in_a_text_run_then_kill_after_publishing(small_disk):
+    """A text run on a disk that fills: while writing chunk 2 (one line, the two finished
+    chunks kept), then at assembly after --resume (one line naming the output and "no
+    space", the temporary removed, all parts kept); with room, --resume is killed
+    between publishing the output and removing its parts; the next run removes them
+    with a note, and a folder of the same key but another secret is left alone."""
     import h5py
-
     from test_edges import MINILM, TEXT
 
-    (tmp_path / "t.txt").write_text(TEXT)
-    args = ("run", "-o", "o.h5", *sets({**MINILM, "input.text": "t.txt"}))
-    killed = mpiattn(*args, cwd=tmp_path, timeout=240, MPIATTN_TEST_KILL_AT="published")
+    disk = small_disk.folder
+    (disk / "t.txt").write_text(TEXT)
+    args = ("run", "-o", "o.h5", *sets({**MINILM, "input.text": "t.txt",
+                                         "output.layers": "all"}))
+    small_disk.resize(380)  # room for 2 chunks of about 150 KiB
+    done = mpiattn(*args, cwd=disk, timeout=240, **small_disk.env)
+    (error,) = _no_flood(done)
+    assert done.returncode == 2 and "cannot write chunk 2" in error and "no space" in error
+    (folder,) = disk.glob(".o.h5*.parts")
+    assert sorted(p.name for p in folder.glob("chunk-*")) == [
+        "chunk-0000000.h5", "chunk-0000001.h5"] and not list(folder.glob("*.tmp"))
+    small_disk.resize(620, 300)  # chunk 2 fits, the final file does not
+    done = mpiattn(*args, "--resume", cwd=disk, timeout=240, **small_disk.env)
+    (error,) = _no_flood(done)
+    assert done.returncode == 2 and "cannot write 'o.h5': no space" in error
+    assert len(list(folder.glob("chunk-*.h5"))) == 3 and not list(disk.glob(".o.h5*.tmp"))
+    assert not (disk / "o.h5").exists()
+    small_disk.resize(64 << 10)
+    killed = mpiattn(*args, "--resume", cwd=disk, timeout=240, MPIATTN_TEST_KILL_AT="published",
+                     **small_disk.env)
     assert killed.returncode in (-9, 137), killed.stderr
-    (folder,) = tmp_path.glob(".o.h5*.parts")
-    with h5py.File(tmp_path / "o.h5", "r") as f:
+    assert folder.is_dir()
+    with h5py.File(disk / "o.h5", "r") as f:
         assert f.attrs["status"] == "complete" and f["output/pooled"].shape[0] == 3
         assert json.loads(f.attrs["parts"])["folder"] == folder.name
-    decoy = tmp_path / ".o.h5.decoy.parts"  # the same key, another secret: not ours
+    decoy = disk / ".o.h5.decoy.parts"  # the same key, another secret: not ours
     decoy.mkdir(mode=0o700)
     job = json.loads((folder / "job.json").read_text())
     (decoy / "job.json").write_text(json.dumps({**job, "secret": "0" * 32}))
-    again = mpiattn(*args, cwd=tmp_path, timeout=240)
+    again = mpiattn(*args, cwd=disk, timeout=240)
     assert again.returncode == 2 and "exists: pass --force" in again.stderr
-    assert f"note: removed '{folder.name}'" in again.stdout.replace(str(tmp_path) + "/", "")
+    assert f"note: removed '{folder.name}'" in again.stdout
     assert not folder.exists() and decoy.is_dir()
