@@ -712,7 +712,8 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         found = latest_checkpoint(t, identity, skipped)
         resume = None if found is None else str(found)
         if skipped:
-            notes.append(f"--resume auto skipped {len(skipped)} checkpoint(s) of other jobs:"
+            notes.append(f"--resume auto skipped {len(skipped)} checkpoint(s) of other jobs"
+                         " or users:"
                          f" {'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''};"
                          f" {'resuming ' + repr(resume) if resume else 'starting afresh'}")
     if resume:
@@ -738,10 +739,10 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         if path.exists() and not force and not (resume and path.samefile(resume)):
             other = next((s for s in skipped if s.startswith(path.name + " (")), None)
             if other is not None:
-                raise ConfigError(f"train.checkpoint '{path}' exists and is another job's:"
-                                  f" {other.split(' (', 1)[1][:-1]}: --resume auto passed it"
-                                  " over; resume with that job's config, or choose another"
-                                  " train.checkpoint")
+                raise ConfigError(f"train.checkpoint '{path}' exists and is not this job's"
+                                  f" ({other.split(' (', 1)[1][:-1]}): --resume auto passed"
+                                  " it over and never replaces it; choose another"
+                                  " train.checkpoint (or resume with that job's config)")
             raise ConfigError(f"train.checkpoint '{path}' exists: pass --force, resume from it"
                               ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
     folder = export_folder(cfg, out_path)

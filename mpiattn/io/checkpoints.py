@@ -412,14 +412,27 @@ def latest_checkpoint(t: Any, identity: dict[str, str] | None = None,
     """``--resume auto``: the newest complete checkpoint of ``train.checkpoint`` (any
     ``{step}``), or None when there is none yet (a first run starts from scratch).
 
-    With ``identity`` (``job_identity``), only a checkpoint of this job: one storing
-    another identity (or, older ones storing none, another seed) is passed over and
-    named in ``skipped`` with its first difference ("NAME (seed 7 here, 0 in NAME)")."""
+    Only this user's files are considered (a shared folder may hold another user's file
+    matching the pattern: passed over and named in ``skipped``). With ``identity``
+    (``job_identity``), only a checkpoint of this job: one storing another identity (or,
+    older ones storing none, another seed) is passed over and named in ``skipped`` with
+    its first difference ("NAME (seed 7 here, 0 in NAME)")."""
+    import os
+
     from . import h5safe
 
     pattern = Path(t.checkpoint.replace("{step}", "*"))
     found: list[tuple[int, str, Path, Any]] = []
     for path in pattern.parent.glob(pattern.name):
+        try:  # in a shared folder, a file of another user's (or a link of theirs) is not ours
+            owners = {os.lstat(path).st_uid, os.stat(path).st_uid}
+        except OSError:
+            continue
+        if owners != {os.geteuid()}:
+            if skipped is not None:
+                other = max(owners - {os.geteuid()})
+                skipped.append(f"{path.name} (another user's file, uid {other})")
+            continue
         try:  # the safe reader: a FIFO, device or hostile file is passed over, not opened
             with h5safe.open_for_reading(path) as f:
                 if h5safe.attr(f, "status") != "complete" or "step" not in f.attrs:

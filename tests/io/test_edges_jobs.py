@@ -15,8 +15,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_edges import ROOT, flock_shim, mpiattn, one_error_line  # noqa: F401 (a fixture)
+from test_edges import ROOT, mpiattn, one_error_line
 from test_edges import _sets as sets
+from test_edges import flock_shim as flock_shim  # a fixture, used by small_disk
 
 TRAIN = {"dtype": "float64", "model.layers": 1, "model.heads": 2, "model.hidden": 8,
          "model.ffn": 8, "model.vocab": 60, "model.max_positions": 16, "input.batch": 2,
@@ -117,7 +118,7 @@ def test_resume_auto_skips_other_jobs_and_says_so(trained, tmp_path):
     assert value[2].step == 4 and "records no job identity" in value[6][-1]
     for name in ("ck-2.h5", "ck-4.h5"):
         (tmp_path / name).unlink()
-    with pytest.raises(ConfigError, match="ck-6.h5' exists and is another job's: seed"):
+    with pytest.raises(ConfigError, match=r"ck-6.h5' exists and is not this job's \(seed"):
         shutil.copy(tmp_path / "ck-5.h5", tmp_path / "ck-6.h5")
         check_training(_cfg(flat), 1, "auto", False)
 
@@ -342,3 +343,125 @@ def test_full_disk_in_a_text_run_then_kill_after_publishing(small_disk):
     assert again.returncode == 2 and "exists: pass --force" in again.stderr
     assert f"note: removed '{folder.name}'" in again.stdout
     assert not folder.exists() and decoy.is_dir()
+
+
+def test_full_disk_writing_run_files_checkpoints_and_exports(small_disk, recwarn, capfd):
+    """The writer of run files and checkpoints (an image built in memory, then written)
+    and export on a full tmpfs: one line naming the path and "no space", nothing left in
+    the folder, nothing printed, no h5py warning. (In-process: a tmpfs is needed.)"""
+    import numpy as np
+
+    from mpiattn.errors import UserError
+    from mpiattn.io import export, h5io
+
+    if not small_disk.mounted:
+        pytest.skip("no tmpfs can be mounted here (the text run test covers the shim)")
+    disk = small_disk.folder
+    for name in ("r.h5", "ck-4.h5"):
+        with pytest.raises(UserError) as err, h5io.atomic_file(disk / name) as f:
+            f["x"] = np.ones(40_000)  # 320 kB on a 64 KiB disk
+            f.attrs["status"] = "complete"
+        assert f"cannot write '{disk / name}': no space left on device" in str(err.value)
+    folder = export.ModelFolder({"w": np.ones((200, 200), dtype=np.float32)},
+                                {"model_type": "bert", "mpiattn": {"steps": 1}},
+                                {"tokenizer.json": b"{}"}, None)
+    with pytest.raises(UserError, match="'.*hf': no space left on device; nothing written"):
+        export.publish(folder, disk / "hf")
+    assert list(disk.iterdir()) == []
+    assert capfd.readouterr().err == "" and not [w for w in recwarn
+                                                 if "nraisable" in str(w.category)]
+
+
+# --- 5. another user (setpriv) planting files in a shared folder ---------------------------
+
+NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+
+def _as_nobody(script: str, *args: str) -> None:
+    """Run ``sh -c script`` as user and group 65534 (nobody), which must succeed."""
+    import subprocess
+
+    done = subprocess.run([*NOBODY, "sh", "-c", script, "sh", *args], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def shared():
+    """A world-writable sticky folder (1777, a group project folder or /tmp) both users
+    reach, once ``setpriv`` works here (it needs root: CI runs as root)."""
+    import subprocess
+    import tempfile
+
+    try:
+        ok = subprocess.run([*NOBODY, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        pytest.skip("setpriv cannot switch to user 65534 here (not root?)")
+    folder = Path(tempfile.mkdtemp(prefix="mpiattn-shared-"))
+    folder.chmod(0o1777)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_another_user_plants_files_in_a_shared_folder(shared, trained, monkeypatch,
+                                                      written_files):
+    """User 65534 plants, in a 1777 folder: a parts folder carrying this job's key (and a
+    part), a checkpoint matching train.checkpoint (this job's own, a step ahead: its
+    identity matches), and the checkpoint unpack folder. --resume refuses the parts folder
+    in one line and a fresh run makes its own; --resume auto passes the checkpoint over
+    with a note; the unpack folder is neither used nor blocks the run."""
+    import h5py
+
+    from mpiattn.commands.train import check_training
+    from mpiattn.errors import UserError
+    from mpiattn.io import corpusfile, weights
+
+    # a parts folder of this job's key, and one chunk in it
+    job = {"key": "k", "layout": {"world_size": 1}, "lines": 3, "chunk": 1,
+           "output": "o.h5", "secret": "f" * 32}
+    _as_nobody('mkdir -m 700 "$1" && printf %s "$2" > "$1/job.json" && : > "$1/chunk-0000000.h5"',
+               str(shared / ".o.h5.evil.parts"), json.dumps(job))
+    with pytest.raises(UserError, match="belongs to another user .uid 65534.") as err:
+        corpusfile.Parts.find(shared / "o.h5", "k", {"world_size": 1})
+    assert "\n" not in str(err.value) and "--resume" in str(err.value)
+    mine = corpusfile.Parts.new(shared / "o.h5", "k", {"world_size": 1}, 3, 1)
+    mine.write(0, _chunk(0))
+    assert mine.folder.name != ".o.h5.evil.parts" and mine.folder.stat().st_uid == os.geteuid()
+    mine.remove()
+    assert (shared / ".o.h5.evil.parts" / "job.json").is_file()  # theirs, untouched
+
+    # a checkpoint matching the pattern: this job's identity, a step ahead, not ours
+    flat = _copy(trained, shared, "ck-4.h5")
+    bait = shared / "bait.h5"
+    shutil.copy(shared / "ck-4.h5", bait)
+    with h5py.File(bait, "a") as f:
+        f.attrs["step"] = 5
+        f["params"][sorted(f["params"])[0]][...] *= 0  # a model someone else chose
+    bait.chmod(0o644)
+    _as_nobody('cp "$1" "$2"', str(bait), str(shared / "ck-5.h5"))
+    bait.unlink()
+    value, _ = check_training(_cfg(flat), 1, "auto", False)
+    assert value[2].step == 4 and value[3].endswith("ck-4.h5")
+    assert "ck-5.h5 (another user's file, uid 65534)" in value[6][0]
+
+    # the unpack folder of a checkpoint used as model.weights
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    weights._unpacked.cache_clear()
+    try:
+        fixed = weights.model_folder(str(written_files["checkpoint"]))
+        shutil.rmtree(fixed)
+        _as_nobody('mkdir -m 755 "$1" && printf %s \'{"hidden_size": 3}\' > "$1/config.json"',
+                   str(fixed))
+        weights._unpacked.cache_clear()
+        got = weights.model_folder(str(written_files["checkpoint"]))
+    finally:
+        weights._unpacked.cache_clear()
+    assert got != fixed and got.stat().st_uid == os.geteuid()
+    assert json.loads((got / "config.json").read_text())["hidden_size"] != 3
+    assert fixed.stat().st_uid == 65534
