@@ -153,8 +153,8 @@ def reserve(path: str | Path, size: int, what: str) -> bool:
     writes that follow find room: HDF5 does not survive a full disk (the library crashes
     in a later flush or at exit). UserError (one line, "no space") when the disk cannot
     hold ``size``; False where the file system cannot reserve (then the writes go on
-    unreserved), True when reserved. HDF5 gives back what is unused when it closes the
-    file (it truncates the file to its end)."""
+    unreserved), True when reserved. The blocks past the file's end stay allocated after
+    it is closed: ``disk_file`` gives them back (truncating to the file's own length)."""
     import ctypes
 
     fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
@@ -763,6 +763,8 @@ def disk_file(out: Any) -> Iterator[Any]:
                     " chunks are kept)" if is_full(err, seen) else "")
             raise UserError(f"cannot write '{out.path}': {reason(err, seen)}{hint}; earlier"
                             " files are untouched") from None
+        with contextlib.suppress(OSError):  # the reservation's unused blocks past the end
+            os.truncate(out.tmp, os.stat(out.tmp).st_size)  # (``reserve``) given back
         out.publish()
     finally:
         out.discard()
