@@ -49,6 +49,7 @@ from ..inputs.textstream import (
 )
 from ..io.corpusfile import (
     ChunkResult,
+    FolderSwapped,
     Parts,
     assemble,
     check_space,
@@ -205,6 +206,10 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
     except (InputChanged, OutputExists):
         if parts is not None:  # chunks of another file, or another job published the
             parts.remove()     # output: never resumable
+        raise
+    except FolderSwapped:  # what is under the name is not ours: neither removed nor offered
+        if parts is not None:
+            parts.detach()
         raise
     finally:
         if out is not None:

@@ -498,6 +498,12 @@ class Parts:
             shutil.rmtree(self.folder, ignore_errors=True)
         self.release()
 
+    def detach(self) -> None:
+        """Forget the folder (after ``FolderSwapped``): what is under its name now is
+        neither removed nor offered for --resume."""
+        self.release()
+        self.folder = None
+
     def release(self) -> None:
         for fd in (self._lock, self._dir):
             if fd >= 0:
