@@ -741,8 +741,8 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
             if other is not None:
                 raise ConfigError(f"train.checkpoint '{path}' exists and is not this job's"
                                   f" ({other.split(' (', 1)[1][:-1]}): --resume auto passed"
-                                  " it over and never replaces it; choose another"
-                                  " train.checkpoint (or resume with that job's config)")
+                                  " it over; choose another train.checkpoint (or resume with"
+                                  " that job's config)")
             raise ConfigError(f"train.checkpoint '{path}' exists: pass --force, resume from it"
                               ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
     folder = export_folder(cfg, out_path)
