@@ -46,7 +46,16 @@ from ..inputs.textstream import (
     scan,
     sorted_batches,
 )
-from ..io.corpusfile import ChunkResult, Parts, assemble, check_space, disk_file, job_key
+from ..io.corpusfile import (
+    ChunkResult,
+    FolderSwapped,
+    Parts,
+    assemble,
+    check_space,
+    disk_file,
+    job_key,
+    kill_point,
+)
 from ..io.formats.common import PHASES
 from ..io.formats.textrun import RANK_COLUMNS, TextRunData, write_text_run
 from ..io.outfile import OutputExists
@@ -139,6 +148,17 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     return (finished, info, tok, source, digests, pipe), digests
 
 
+def _swept(checked: tuple, cfg: Config, out_path: str, rank: int) -> tuple:
+    """``checked`` (``check_inputs``'s result), after rank 0 removed the parts folder of
+    this job that a kill after publishing ``out_path`` left behind (with a note)."""
+    from ..io.corpusfile import remove_published
+
+    if rank == 0 and out_path:
+        for note in remove_published(Path(out_path), job_key(cfg.to_toml(), checked[1])):
+            print(f"mpiattn: note: {note}", flush=True)
+    return checked
+
+
 def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, layout: dict,
                 resume: str | None) -> Parts:
     if resume is None:
@@ -156,7 +176,8 @@ def run_text(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
     wall0 = time.perf_counter()
     rank = world.Get_rank()
     (finished, info, tok, source, digests, pipe), out = jobkit.preflight(
-        world, lambda: check_inputs(cfg, world.Get_size(), rank), output=(out_path, force))
+        world, lambda: _swept(check_inputs(cfg, world.Get_size(), rank), cfg, out_path, rank),
+        output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
     if rank == 0 and "input.seq_len" in cfg.explicit and not cfg.input.max_tokens:
         limit, source = truncation(cfg)
@@ -183,6 +204,10 @@ def run_text(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
     except (InputChanged, OutputExists):
         if parts is not None:  # chunks of another file, or another job published the
             parts.remove()     # output: never resumable
+        raise
+    except FolderSwapped:  # what is under the name is not ours: neither removed nor offered
+        if parts is not None:
+            parts.detach()
         raise
     finally:
         if out is not None:
@@ -515,6 +540,7 @@ class _Job:
             self._write_file(f, all_seconds, totals, records)
 
         def after() -> Path:
+            kill_point("published")  # tests: a kill between publishing and removing
             self.parts.remove()
             self._summary(totals, out.path)
             return out.path

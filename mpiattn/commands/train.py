@@ -64,6 +64,7 @@ from ..io.checkpoints import (
     check_shapes,
     checkpoint_due,
     checkpoint_path,
+    job_identity,
     latest_checkpoint,
     model_shapes,
     read_checkpoint,
@@ -677,13 +678,15 @@ def export_folder(cfg: Config, out_path: str) -> Path | None:
 def check_training(cfg: Config, world_size: int, resume: str | None,
                    force: bool, out_path: str = "") -> tuple[tuple, dict]:
     """Every local check of a training job, with no collective: ((the finished config's
-    derived values, corpus, checkpoint or None, resume path or None, tokenizer files),
-    input digests)."""
+    derived values, corpus, checkpoint or None, resume path or None, tokenizer files, job
+    identity, notes for rank 0 to print), input digests). ``resume``: None, "auto" (the
+    newest checkpoint of this job's identity, ``latest_checkpoint``) or a checkpoint path
+    (refused in one line when it is another job's, ``read_checkpoint``)."""
     from ..io.export import check_folder, tokenizer_files
     from ..io.outfile import check_name
-    from ..io.weights import model_folder
+    from ..io.weights import describe, model_folder
     from ..parallel.faults import check_fault_targets
-    from .jobkit import input_digests
+    from .jobkit import file_digest, input_digests
     from .placement import check_sequence, finish_config
 
     if cfg.model.weights and (model_folder(cfg.model.weights) / "mpiattn_vocab.json").exists():
@@ -700,11 +703,26 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
     cfg.model.vocab = corpus.vocab
     check_fault_targets(cfg, world_size, fault_span(cfg, world_size, tensor))
     t, ck = cfg.train, None
+    files = {"train.corpus": Path(t.corpus), "train.heldout": Path(t.heldout),
+             "tokenizer": default_tokenizer(cfg)}
+    digests = input_digests(cfg, files)
+    identity = job_identity(cfg, digests)  # what --resume compares, stored in checkpoints
+    notes, skipped = [], []
     if resume == "auto":
-        found = latest_checkpoint(t)
+        found = latest_checkpoint(t, identity, skipped)
         resume = None if found is None else str(found)
+        if skipped:
+            notes.append(f"--resume auto skipped {len(skipped)} checkpoint(s) of other jobs"
+                         " or users:"
+                         f" {'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''};"
+                         f" {'resuming ' + repr(resume) if resume else 'starting afresh'}")
     if resume:
-        ck = read_checkpoint(resume, cfg)
+        ck = read_checkpoint(resume, cfg, identity)
+        if ck.identity is None:
+            notes.append(f"'{resume}' records no job identity (written by an older mpiattn):"
+                         " only its seed, shape and vocabulary were compared with this job's;"
+                         " make sure it is this job's checkpoint (its next checkpoints record"
+                         " one)")
         if not np.array_equal(ck.token_ids, corpus.token_ids):
             raise InputError(f"'{resume}' was trained on another vocabulary (tokenizer,"
                              " corpus or model.vocab differ)")
@@ -719,6 +737,12 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
             raise ConfigError(f"train.checkpoint '{path}' is also the output (-o): give them"
                               ' different names, e.g. train.checkpoint = "NAME-{step}.h5"')
         if path.exists() and not force and not (resume and path.samefile(resume)):
+            other = next((s for s in skipped if s.startswith(path.name + " (")), None)
+            if other is not None:
+                raise ConfigError(f"train.checkpoint '{path}' exists and is not this job's"
+                                  f" ({other.split(' (', 1)[1][:-1]}): --resume auto passed"
+                                  " it over; choose another train.checkpoint (or resume with"
+                                  " that job's config)")
             raise ConfigError(f"train.checkpoint '{path}' exists: pass --force, resume from it"
                               ' (--resume), or name checkpoints per step ("NAME-{step}.h5")')
     folder = export_folder(cfg, out_path)
@@ -732,12 +756,11 @@ def check_training(cfg: Config, world_size: int, resume: str | None,
         if folder.absolute() in taken:
             raise ConfigError(f"train.export '{folder}' is also the output or a checkpoint:"
                               " give the export folder its own name")
-    files = {"train.corpus": Path(t.corpus), "train.heldout": Path(t.heldout),
-             "tokenizer": default_tokenizer(cfg)}
     if resume:
-        files["--resume checkpoint"] = Path(resume)
+        label = "--resume checkpoint"
+        digests[f"{label} '{describe(Path(resume))}'"] = file_digest(Path(resume), label)
     tokenizer = tokenizer_files(files["tokenizer"])
-    return (finished, corpus, ck, resume, tokenizer), input_digests(cfg, files)
+    return (finished, corpus, ck, resume, tokenizer, identity, notes), digests
 
 
 def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
@@ -829,11 +852,12 @@ class Checkpointer:
 
     def __init__(self, cfg: Config, world: MPI.Comm, plan: Any, trainer: Trainer,
                  kept: dict[str, np.ndarray], first_copy: bool, resume: str | None,
-                 force: bool) -> None:
+                 force: bool, identity: dict[str, str]) -> None:
         self.cfg, self.world, self.plan, self.trainer = cfg, world, plan, trainer
         self.kept = kept  # tensors training does not change (rank 0's), for the export
         self.first_copy = first_copy  # replica 0 (and sequence slice 0) holds the model
         self.resume, self.force = resume, force
+        self.identity = identity  # the job's identity, stored in every checkpoint (--resume)
         self.written: set[Path] = set()  # checkpoints this job wrote: the next may replace
         self.latest: dict[str, np.ndarray] = {}  # the whole parameters last gathered (rank 0)
         self.saved = -1  # the steps done at the last checkpoint (every rank)
@@ -886,7 +910,8 @@ class Checkpointer:
                 self.resume and path.exists() and path.samefile(self.resume))
             state = {kind: full[kind] for kind in trainer.opt.names}
             write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
-                             corpus, history, self.plan.grid.axis_size("tensor"), tokenizer)
+                             corpus, history, self.plan.grid.axis_size("tensor"), tokenizer,
+                             self.identity)
             self.written.add(path)
 
         jobkit.conclude(self.world, write if self.world.Get_rank() == 0 else None,
@@ -920,9 +945,11 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     out_force = force or _resumable_output(out_path, resume)
-    (finished, corpus, ck, resume, tokenizer), out = jobkit.preflight(
+    (finished, corpus, ck, resume, tokenizer, identity, notes), out = jobkit.preflight(
         world, lambda: check_training(cfg, size, resume, force, out_path),
         output=(out_path, out_force))
+    for note in notes if rank == 0 else ():
+        print(f"mpiattn: note: {note}", flush=True)
     jobkit.set_timeout(cfg.comm.timeout)
 
     first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0
@@ -964,7 +991,8 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
             full = ck.state[kind]
             emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
             trainer.load_state(kind, part(mlm.Params(emb, layers, head)))
-    saver = Checkpointer(cfg, world, plan, trainer, kept, first_copy, resume, force)
+    saver = Checkpointer(cfg, world, plan, trainer, kept, first_copy, resume, force,
+                         identity)
 
     t = cfg.train
     dog = watchdog.current()

@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from ..inputs.corpus import Corpus
 
 MAX_TOKENIZER = 64 << 20  # bytes of one stored tokenizer file
+IDENTITY_ATTR = "job_identity"  # JSON {key: value}: what makes a checkpoint this job's
+
+# Config keys that do not change a training result, left out of the job identity: where
+# files go and how often (output.*, train.checkpoint*, train.export, evaluation), how the
+# work is laid out and checked (parallel.*, attention.*, comm.*, checksum.*, check.*,
+# fault.*, backend: checkpoints re-slice across layouts), train.steps (raising it continues
+# a run), and the paths of inputs (their contents are in the identity by digest).
+NOT_IDENTITY = ("output.", "comm.", "checksum.", "check.", "fault.", "parallel.",
+                "attention.", "backend", "train.steps", "train.eval_", "train.checkpoint",
+                "train.export", "train.corpus", "train.heldout", "model.weights",
+                "input.text", "input.tokens", "input.tokenizer")
+CONTENT = " (content)"  # the suffix of an input digest's key in an identity
 
 
 def checkpoint_due(step: int, t: Any) -> bool:
@@ -93,13 +105,89 @@ def param_dims(name: str, ndim: int) -> tuple[str, ...]:
     return ("hidden_out", "hidden_unit")[2 - ndim :]  # biases, LayerNorm, (h, h) weights
 
 
+def job_identity(cfg: Config, digests: dict[str, str]) -> dict[str, str]:
+    """What makes a checkpoint this training job's: every config value that changes the
+    result (all keys but ``NOT_IDENTITY``: the seed, dtype, model shape, hyperparameters,
+    batch and masking), shown as text, and the SHA-256 of each input's content
+    (``digests`` of ``jobkit.input_digests``, labels "train.corpus 'PATH'" keyed by the
+    part before the path: the corpus, held-out text, tokenizer and model folder files).
+    The resume checkpoint itself and the digests of the config and command line
+    ("the ..." labels) are not part of it."""
+    from ..config import all_keys, get
+
+    ident = {k: _shown(get(cfg, k)) for k in all_keys(cfg) if not k.startswith(NOT_IDENTITY)}
+    for label, digest in digests.items():
+        name = label.split(" '", 1)[0]
+        if not name.startswith(("the ", "--resume")):
+            ident[name + CONTENT] = digest
+    return ident
+
+
+def _shown(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if isinstance(value, (str, bool, list)) else repr(value)
+
+
+def identity_differences(stored: dict[str, str], here: dict[str, str]) -> list[tuple]:
+    """(key, value here, value stored) of every difference, config keys first. Config keys
+    one side lacks (another mpiattn version's) are not compared; inputs are."""
+    out = []
+    for key in sorted(set(stored) | set(here), key=lambda k: (k.endswith(CONTENT), k)):
+        if not key.endswith(CONTENT) and (key not in stored or key not in here):
+            continue
+        if stored.get(key) != here.get(key):
+            out.append((key, here.get(key, "none"), stored.get(key, "none")))
+    return out
+
+
+def describe_differences(diffs: list[tuple], name: str) -> str:
+    """The first difference in words, and how many more: 'train.lr 0.0001 here, 5e-05
+    in ckpt-10.h5 (and 2 more: seed, train.corpus)'."""
+    key, here, there = diffs[0]
+    if key.endswith(CONTENT):
+        first = (f"{key.removesuffix(CONTENT)} differs in content ({here[:12]} here,"
+                 f" {there[:12]} in {name}; sha256)")
+    else:
+        first = f"{key} {here} here, {there} in {name}"
+    rest = [k.removesuffix(CONTENT) for k, _, _ in diffs[1:]]
+    more = f" (and {len(rest)} more: {', '.join(rest[:4])}{', ...' if len(rest) > 4 else ''})"
+    return first + (more if rest else "")
+
+
+def stored_identity(f: Any, path: Any) -> dict[str, str] | None:
+    """The job identity stored in an open checkpoint (None: written before checkpoints
+    recorded one); InputError when it is there but not readable."""
+    import json
+
+    from . import h5safe
+
+    raw = h5safe.attr(f, IDENTITY_ATTR)
+    if raw is None:
+        return None
+    try:
+        ident = json.loads(h5safe.text(raw, f"attribute '{IDENTITY_ATTR}' of /"))
+    except ValueError:
+        ident = None
+    if not isinstance(ident, dict) or not all(isinstance(v, str) for v in ident.values()):
+        raise InputError(f"'{path}': its attribute '{IDENTITY_ATTR}' is not a job identity"
+                         " (altered?): resume from another checkpoint or start without --resume")
+    return ident
+
+
 def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
                      state: dict[str, dict[str, Any]], corpus: Corpus, history: History,
-                     tensor: int, tokenizer: dict[str, bytes]) -> None:
+                     tensor: int, tokenizer: dict[str, bytes],
+                     identity: dict[str, str] | None = None) -> None:
     """Whole-model parameters and optimizer state (HF naming), written atomically to
     ``path`` (a file name, refused if it exists, or an ``outfile.Reservation``), with the
-    tokenizer files (``export.tokenizer_files``) so the file alone is a usable model."""
+    tokenizer files (``export.tokenizer_files``) so the file alone is a usable model, and
+    the job's ``identity`` (``job_identity``) that ``--resume`` compares."""
+    import json
+
     with h5io.atomic_file(path) as f:
+        if identity is not None:
+            f.attrs[IDENTITY_ATTR] = json.dumps(identity, sort_keys=True)
         f.attrs.update({"format_version": h5io.FORMAT_VERSION, "command": "train checkpoint",
                         "step": done, "optimizer": cfg.train.optimizer, "seed": cfg.seed,
                         "config": cfg.to_toml(), "tensor_parallel": tensor,
@@ -131,16 +219,29 @@ class Checkpoint:
     token_ids: np.ndarray
     history: History
     optimizer: str
+    identity: dict[str, str] | None = None  # None: written before identities were stored
 
 
-def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
+def read_checkpoint(path: str | Path, cfg: Config,
+                    identity: dict[str, str] | None = None) -> Checkpoint:
     """A checkpoint someone handed us: only what is inside the file (``h5safe``), every
-    dataset's declared size checked before it is read, any malformed part one line."""
+    dataset's declared size checked before it is read, any malformed part one line.
+    With ``identity`` (``job_identity`` of this job), one whose stored identity differs
+    is refused in one line naming the first difference (InputError, exit 2); one that
+    stores none (older) is compared by seed only."""
     from . import h5safe
 
     with h5io.open_for_reading(path) as f:
         if h5safe.attr(f, "status") != "complete" or "params" not in f:
             raise InputError(f"'{path}' is not a complete mpiattn training checkpoint")
+        stored_id = stored_identity(f, path)
+        if identity is not None and stored_id is not None:
+            diffs = identity_differences(stored_id, identity)
+            if diffs:
+                raise InputError(f"--resume: refused '{path}', a checkpoint of another job:"
+                                 f" {describe_differences(diffs, Path(path).name)}; resume"
+                                 " with that job's config and inputs, or start without"
+                                 " --resume")
         try:
             params = {k: h5safe.read(f["params"][k]) for k in f["params"]}
             state = {kind: {k: h5safe.read(g[k]) for k in g}
@@ -152,6 +253,7 @@ def read_checkpoint(path: str | Path, cfg: Config) -> Checkpoint:
         except h5safe.MALFORMED as err:
             raise InputError(f"'{path}' is not a readable mpiattn training checkpoint:"
                              f" {h5safe.one_line(err)}") from None
+    ck.identity = stored_id
     seed = _stored_seed(stored)
     if seed is not None and seed != cfg.seed:  # another experiment's (--resume auto too)
         raise InputError(f"'{path}' is a checkpoint of another experiment (seed {seed}, this"
@@ -305,21 +407,53 @@ def check_shapes(path: str, ck: Checkpoint, want: dict[str, tuple[int, ...]]) ->
                                  " from another checkpoint or start without --resume")
 
 
-def latest_checkpoint(t: Any) -> Path | None:
+def latest_checkpoint(t: Any, identity: dict[str, str] | None = None,
+                      skipped: list[str] | None = None) -> Path | None:
     """``--resume auto``: the newest complete checkpoint of ``train.checkpoint`` (any
-    ``{step}``), or None when there is none yet (a first run starts from scratch)."""
+    ``{step}``), or None when there is none yet (a first run starts from scratch).
+
+    Only this user's files are considered (a shared folder may hold another user's file
+    matching the pattern: passed over and named in ``skipped``). With ``identity``
+    (``job_identity``), only a checkpoint of this job: one storing another identity (or,
+    older ones storing none, another seed) is passed over and named in ``skipped`` with
+    its first difference ("NAME (seed 7 here, 0 in NAME)")."""
+    import os
+
     from . import h5safe
 
     pattern = Path(t.checkpoint.replace("{step}", "*"))
-    best: tuple[int, Path] | None = None
+    found: list[tuple[int, str, Path, Any]] = []
     for path in pattern.parent.glob(pattern.name):
+        try:  # in a shared folder, a file of another user's (or a link of theirs) is not ours
+            owners = {os.lstat(path).st_uid, os.stat(path).st_uid}
+        except OSError:
+            continue
+        if owners != {os.geteuid()}:
+            if skipped is not None:
+                other = max(owners - {os.geteuid()})
+                skipped.append(f"{path.name} (another user's file, uid {other})")
+            continue
         try:  # the safe reader: a FIFO, device or hostile file is passed over, not opened
             with h5safe.open_for_reading(path) as f:
                 if h5safe.attr(f, "status") != "complete" or "step" not in f.attrs:
                     continue
                 step = int(h5safe.attr(f, "step"))
+                stored = stored_identity(f, path)
+                seed = _stored_seed(h5safe.attr(f, "config"))
         except (InputError, *h5safe.MALFORMED):
             continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    return None if best is None else best[1]
+        found.append((step, path.name, path, stored if stored is not None else seed))
+    for _, name, path, stored in sorted(found, key=lambda x: (x[0], x[1]), reverse=True):
+        if identity is not None and isinstance(stored, dict):
+            diffs = identity_differences(stored, identity)
+            if diffs:
+                if skipped is not None:
+                    skipped.append(f"{name} ({describe_differences(diffs[:1], name)})")
+                continue
+        elif identity is not None and stored is not None and _shown(stored) != identity.get(
+                "seed", _shown(stored)):
+            if skipped is not None:
+                skipped.append(f"{name} (seed {identity['seed']} here, {stored} in {name})")
+            continue
+        return path
+    return None

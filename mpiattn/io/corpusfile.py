@@ -16,6 +16,16 @@ holds and writes the rest; since a chunk's result depends only on its own lines,
 finished file equals an uninterrupted run's bit for bit. A running job holds an exclusive
 ``flock`` on its folder, so two jobs never share one.
 
+A folder is bound to the job that made it: its ``job.json`` (0600) holds a random
+``secret``, and the job holds the folder open by descriptor for its lifetime. Before a
+part is published and before and after the final file is assembled, the folder under the
+name must still be the one held (``st_dev``/``st_ino`` of the descriptor and of the path)
+with the same secret; a folder swapped or renamed under the name is one line, exit 3
+(``FolderSwapped``), nothing published. The final file records the folder's name, job
+key and the SHA-256 of its secret (attribute ``parts``), so that a folder left behind by a
+job stopped between publishing and removing it is recognised and removed by the next run
+of the job (``remove_published``).
+
 Layout of the finished file, by dimension (``line``: input lines, ``token``: real tokens
 of all lines, ``line_edge``: lines + 1; row i of a ragged dataset is
 ``[offsets[i]:offsets[i+1]]``; the dimensions are attached by ``finish``):
@@ -40,6 +50,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -51,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UserError
+from .diskfull import give_back, is_full, quiet_h5, reason
 from .h5io import DIGEST_ATTR, LIBVER, attach_dimensions
 from .h5io import text_sha256 as text_hash
 from .outfile import _host, _name_max
@@ -58,6 +70,23 @@ from .outfile import _host, _name_max
 SUFFIX = ".parts"
 JOB_FILE = "job.json"
 _PART = re.compile(r"chunk-(\d{7})\.h5")
+KILL_ENV = "MPIATTN_TEST_KILL_AT"  # tests: SIGKILL this process at a named point
+
+
+class FolderSwapped(UserError):
+    """The parts folder under its name is no longer the one this job made or resumed
+    (renamed, swapped, its job.json replaced): nothing is published (exit 3)."""
+
+    exit_code = 3
+
+
+def kill_point(name: str) -> None:
+    """Tests: ``MPIATTN_TEST_KILL_AT=name`` ends this process here with SIGKILL (a node
+    lost at that moment)."""
+    if os.environ.get(KILL_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -115,6 +144,36 @@ def _private(folder: Path) -> str | None:
     if st.st_mode & 0o077:
         return f"is open to group or others (mode {stat.S_IMODE(st.st_mode):o}, made 700)"
     return None
+
+
+def reserve(path: str | Path, size: int, what: str) -> bool:
+    """Reserve ``size`` bytes of disk for the open file ``path`` (``what``: its name for
+    messages) (``fallocate`` with
+    FALLOC_FL_KEEP_SIZE: its length stays, its blocks are allocated) so that the HDF5
+    writes that follow find room: HDF5 does not survive a full disk (the library crashes
+    in a later flush or at exit). UserError (one line, "no space") when the disk cannot
+    hold ``size``; False where the file system cannot reserve (then the writes go on
+    unreserved), True when reserved. The blocks past the file's end stay allocated after
+    it is closed: ``disk_file`` gives them back (truncating to the file's own length)."""
+    import ctypes
+
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        try:
+            fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
+        except (AttributeError, OSError):
+            return False
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if fallocate(fd, 1, 0, size) == 0:  # 1: FALLOC_FL_KEEP_SIZE
+            return True
+        code = ctypes.get_errno()
+    finally:
+        os.close(fd)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f"cannot write {what}: {os.strerror(code).lower()} (it needs up to"
+                        f" {size / 2**20:.1f} MiB in '{Path(path).parent}'); free some space"
+                        " and run the same command with --resume (finished chunks are kept)")
+    return False  # EOPNOTSUPP (NFS before 4.2, some FUSE), ...
 
 
 def _free_bytes(folder: Path) -> int:
@@ -178,6 +237,46 @@ class Parts:
     def __init__(self, out_path: Path, job: dict, folder: Path | None = None,
                  lock: int = -1) -> None:
         self.out_path, self.job, self.folder, self._lock = out_path, job, folder, lock
+        self._dir = -1  # the folder held open (O_DIRECTORY) for the job's lifetime
+        if folder is not None:
+            self._hold(folder)
+
+    def _hold(self, folder: Path) -> None:
+        try:
+            self._dir = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as err:
+            raise UserError(f"cannot open the parts folder '{folder}':"
+                            f" {os.strerror(err.errno or 0)}") from None
+
+    def check_bound(self, before: str) -> None:
+        """FolderSwapped (one line, exit 3) unless the folder under the name is still the
+        one this job holds (same device and inode as the descriptor) with this job's
+        secret in its job.json. ``before``: what is not done ("publishing chunk 3")."""
+        if self.folder is None or self._dir < 0:
+            return
+        held = os.fstat(self._dir)
+        try:
+            now = os.lstat(self.folder)
+            same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        except OSError:
+            same = False
+        why = None
+        if not same:
+            why = "another folder (or nothing) is under its name now: renamed or swapped"
+        elif _read_job(self.folder).get("secret") != self.job.get("secret"):
+            why = "its job.json no longer holds this job's secret: replaced"
+        if why is not None:
+            raise FolderSwapped(f"the parts folder '{self.folder}' is not the one this job"
+                                f" made: {why}; stopped before {before}, nothing published"
+                                " (is another job or user writing beside the output?)")
+
+    def record(self) -> str:
+        """What the final file records of its parts folder (attribute ``parts``): the
+        folder's name, the job key and the SHA-256 of the folder's secret."""
+        secret = str(self.job.get("secret", ""))
+        return json.dumps({"folder": self.folder.name if self.folder else "",
+                           "key": self.job.get("key", ""),
+                           "secret_sha256": hashlib.sha256(secret.encode()).hexdigest()})
 
     @classmethod
     def new(cls, out_path: Path, key: str, layout: dict, lines: int, chunk: int) -> Parts:
@@ -194,10 +293,15 @@ class Parts:
         room = _name_max(out_path.parent) - len(tail) - 8 - len(SUFFIX) - 1
         name = out_path.name.encode("utf-8")[: max(room, 1)].decode("utf-8", "ignore")
         folder = None
+        self.job["secret"] = secrets.token_hex(16)  # binds the folder to this job
         try:
             folder = Path(tempfile.mkdtemp(prefix=f".{name}{tail}", suffix=SUFFIX,
                                            dir=out_path.parent))
-            (folder / JOB_FILE).write_text(json.dumps(self.job), encoding="utf-8")
+            fd = os.open(folder / JOB_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(self.job))
+            self._hold(folder)
         except OSError as err:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -248,6 +352,7 @@ class Parts:
                             f" ranks with parallel.tensor = {was.get('tensor', '?')}; resume it"
                             " on the same (its rows must equal an uninterrupted run's)")
         parts = cls(out_path, job, folder, _lock(folder, resuming=True))
+        parts.check_bound("resuming")  # swapped between reading job.json and now
         for stale in folder.glob("*.tmp*"):  # a part the killed job was writing
             with contextlib.suppress(OSError):
                 stale.unlink()
@@ -320,51 +425,58 @@ class Parts:
         return self.folder / f"chunk-{index:07d}.h5"
 
     def write(self, index: int, r: ChunkResult) -> None:
-        """Chunk ``index`` as its own HDF5 file with the digest of its contents, flushed,
-        fsynced and renamed into place only when whole. UserError (one line) when it
-        cannot be written (a full disk is found before HDF5 starts)."""
+        """Chunk ``index`` as its own HDF5 file with the digest of its contents, fsynced and
+        renamed into place only when whole. UserError (one line) when it cannot be
+        written: a nearly full disk is found before anything is written, a disk that
+        fills meanwhile by the plain write of the finished image (built in memory, about
+        the chunk's size: HDF5 itself never meets a full disk, which it does not survive)."""
+        import io
+
         import h5py
 
         from . import outfile
 
         folder = self._make_folder()
+        self.check_bound(f"writing chunk {index}")
         arrays, texts = _part_contents(r)
         need = sum(a.nbytes for a in arrays.values()) + sum(
             len(t.encode("utf-8")) + 16 for strings in texts for t in strings)
         check_space(folder, need + (1 << 20), f"chunk {index}")
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
+        memory = io.BytesIO()  # closed before its bytes are taken: a whole, consistent file
+        with h5py.File(memory, "w", libver=LIBVER) as f:
+            f.attrs["first"] = r.first
+            f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
+            f["text"] = np.array(r.text, dtype=h5py.string_dtype())
+            if r.text_pair is not None:
+                f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
+            if r.record_ids is not None and "record_id" not in arrays:
+                f["record_id"] = np.array(r.record_ids, dtype=h5py.string_dtype())
+            f.attrs["records_sha256"] = r.records_sha256
+            for name, a in arrays.items():
+                f[name] = a
+            f.attrs["sha256"] = _part_digest(list(arrays.values()), texts)
+        tmp_path = None
         try:
-            with _h5(tmp_path, "w") as f:
-                f.attrs["first"] = r.first
-                f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
-                f["text"] = np.array(r.text, dtype=h5py.string_dtype())
-                if r.text_pair is not None:
-                    f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
-                if r.record_ids is not None and "record_id" not in arrays:
-                    f["record_id"] = np.array(r.record_ids, dtype=h5py.string_dtype())
-                f.attrs["records_sha256"] = r.records_sha256
-                for name, a in arrays.items():
-                    f[name] = a
-                f.attrs["sha256"] = _part_digest(list(arrays.values()), texts)
-                f.flush()  # a failed write raises here, not in a destructor that hides it
-            fd = os.open(tmp_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
+            tmp_path = Path(tmp)
+            outfile._LIVE.add(tmp_path)  # removed if a signal ends the job now
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(memory.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.check_bound(f"publishing chunk {index}")
             os.replace(tmp_path, self.path(index))
             outfile.fsync_folder(folder)
-        except (OSError, RuntimeError, ValueError) as err:
-            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
-            raise UserError(f"cannot write chunk {index} to '{folder}': "
-                            f"{' '.join(reason.split())[:200]}") from None
+        except OSError as err:
+            hint = ("; free some space and run the same command with --resume (finished"
+                    " chunks are kept)" if is_full(err) else "")
+            raise UserError(f"cannot write chunk {index} to '{folder}':"
+                            f" {reason(err)}{hint}") from None
         finally:
-            outfile._LIVE.discard(tmp_path)
-            with contextlib.suppress(FileNotFoundError):
-                tmp_path.unlink()
+            if tmp_path is not None:
+                outfile._LIVE.discard(tmp_path)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp_path.unlink()
 
     def read_stats(self) -> list[dict[str, float]]:
         """Each finished chunk's measurements (attributes ``stat_*``), in chunk order."""
@@ -386,11 +498,61 @@ class Parts:
             shutil.rmtree(self.folder, ignore_errors=True)
         self.release()
 
+    def detach(self) -> None:
+        """Forget the folder (after ``FolderSwapped``): what is under its name now is
+        neither removed nor offered for --resume."""
+        self.release()
+        self.folder = None
+
     def release(self) -> None:
-        if self._lock >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._lock)
-            self._lock = -1
+        for fd in (self._lock, self._dir):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lock = self._dir = -1
+
+
+def remove_published(out_path: Path, key: str) -> list[str]:
+    """Remove the parts folder a job of ``key`` left beside ``out_path`` after publishing
+    it (killed between the final rename and the removal): only a private folder of this
+    key whose secret's digest and name the complete output records (attribute ``parts``)
+    and that no running job holds. Returns a note per folder removed.
+
+    Publish-then-remove, not the other way round: removing the parts before the rename
+    would leave, after a kill in between, only an unnamed temporary that nothing resumes
+    from, whereas a leftover folder costs disk space until the next run removes it."""
+    from . import h5safe
+
+    folders = [p for p in _folders(out_path)
+               if _private(p) is None and _read_job(p).get("key") == key]
+    if not folders or not out_path.is_file():
+        return []
+    try:
+        with h5safe.open_for_reading(out_path) as f:
+            if h5safe.attr(f, "status") != "complete":
+                return []
+            rec = json.loads(h5safe.text(h5safe.attr(f, "parts", ""), "attribute 'parts'"))
+    except (UserError, ValueError, TypeError, *h5safe.MALFORMED):
+        return []
+    if not isinstance(rec, dict):
+        return []
+    notes = []
+    for folder in folders:
+        secret = str(_read_job(folder).get("secret", ""))
+        if not secret or rec.get("folder") != folder.name or rec.get("key") != key or \
+                rec.get("secret_sha256") != hashlib.sha256(secret.encode()).hexdigest():
+            continue
+        try:
+            fd = _lock(folder, resuming=True)  # a running job holds it: left alone
+        except UserError:
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+        notes.append(f"removed '{folder}': the parts of '{out_path}', left by a job of this"
+                     " config stopped after it published the output (complete)")
+    return notes
 
 
 # flock errors that mean "this file system has no flock" (Lustre without -o flock: ENOSYS;
@@ -523,6 +685,12 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     offsets = _Appender(inp, "offsets", (), np.int64, ("line_edge",), compression, lines + 1)
     offsets.append(np.zeros(1, dtype=np.int64))
     done = total_tokens = n_truncated = 0
+    parts.check_bound("assembling the output")
+    chunks: list[int] = []  # bytes of one HDF5 chunk of each dataset: the most it may waste
+    f.visititems(lambda _, o: chunks.append(int(np.prod(o.chunks)) * o.dtype.itemsize)
+                 if isinstance(o, h5py.Dataset) and o.chunks else None)
+    reserve(f.filename, int(parts.size() * 1.25) + sum(chunks) + (1 << 20),
+            f"'{parts.out_path}'")
     for index in range(parts.done()):
         part = parts.read(index)  # one read: checked against its digest, then appended
         if part is None:  # damaged since it was written: computed again
@@ -575,6 +743,8 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
     for app in states.values():
         app.finish(description=f"per real token, all lines concatenated; {ragged} of"
                    " /input/offsets")
+    f.attrs["parts"] = parts.record()  # a folder left after publishing is recognised
+    parts.check_bound("publishing the output")
     return {"lines": done, "tokens": total_tokens, "truncated": n_truncated}
 
 
@@ -583,16 +753,24 @@ def disk_file(out: Any) -> Iterator[Any]:
     """An h5py File written straight into ``out``'s exclusive temporary (too big for
     memory), published under the final name only if the block succeeds."""
 
+    seen: list[str] = []
     try:
         try:
-            with _h5(out.create(), "w") as f:
-                f.attrs["status"] = "writing"
-                yield f
-                f.flush()  # a failed write raises here, not in a destructor that hides it
+            with quiet_h5() as seen, _h5(out.create(), "w") as f:
+                try:
+                    f.attrs["status"] = "writing"
+                    yield f
+                    f.flush()  # a failed write raises here, not in a destructor
+                except BaseException:
+                    give_back(out.tmp)  # room to close it: else HDF5 crashes at exit
+                    raise
         except (OSError, RuntimeError) as err:
-            reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
-            raise UserError(f"cannot write '{out.path}': {' '.join(reason.split())[:200]};"
-                            " earlier files are untouched") from None
+            hint = ("; free some space and run the same command with --resume (the finished"
+                    " chunks are kept)" if is_full(err, seen) else "")
+            raise UserError(f"cannot write '{out.path}': {reason(err, seen)}{hint}; earlier"
+                            " files are untouched") from None
+        with contextlib.suppress(OSError):  # the reservation's unused blocks past the end
+            os.truncate(out.tmp, os.stat(out.tmp).st_size)  # (``reserve``) given back
         out.publish()
     finally:
         out.discard()

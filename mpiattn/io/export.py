@@ -173,6 +173,7 @@ def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
     ``.NAME.HOST-PID-RANDOM.tmp``, is removed on any error or signal that reaches Python.
     Raises ``OutputExists``, ``InputError`` or ``ExportError``.
     """
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     from .outfile import _prefix
@@ -206,10 +207,12 @@ def publish(folder: ModelFolder, dest: str | Path, force: bool = False) -> Path:
         for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             sub.chmod(mode | (mode & 0o444) >> 2)  # folders: x wherever r
         _replace(tmp, dest, force)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # a full disk included: one line
+        from .diskfull import reason
+
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot write export folder '{dest}': {err.strerror or err}"
-                          ) from None
+        raise ExportError(f"cannot write export folder '{dest}': {reason(err)}; nothing"
+                          " written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

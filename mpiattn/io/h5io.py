@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,8 +258,9 @@ def atomic_file(out: outfile.Reservation | str | Path) -> Iterator[Any]:
         try:
             out.write(memory.getbuffer())
         except OSError as err:
-            reason = os.strerror(err.errno) if err.errno else str(err)
-            raise UserError(f"cannot write '{out.path}': {reason}; earlier files are"
+            from .diskfull import reason
+
+            raise UserError(f"cannot write '{out.path}': {reason(err)}; earlier files are"
                             " untouched") from None
         out.publish()
     finally:
@@ -294,9 +294,20 @@ def atomic_update(out: outfile.Reservation) -> Iterator[Any]:
     then publish it as ``atomic_file`` does; on failure the temporary is removed."""
     import h5py
 
+    from .diskfull import give_back, quiet_h5, reason
+
+    seen: list[str] = []
     try:
-        with h5py.File(out.create(), "a") as f:
-            yield f
+        try:
+            with quiet_h5() as seen, h5py.File(out.create(), "a") as f:
+                try:
+                    yield f
+                except BaseException:
+                    give_back(out.tmp)  # room to close it: else HDF5 crashes at exit
+                    raise
+        except (OSError, RuntimeError) as err:  # a full disk: one line, not a flood
+            raise UserError(f"cannot write '{out.path}': {reason(err, seen)}; earlier files"
+                            " are untouched") from None
         out.publish()
     finally:
         out.discard()

@@ -110,9 +110,12 @@ SHIM = r"""
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/file.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 static int wanted(const char *name) { const char *v = getenv(name); return v ? atoi(v) : 0; }
 
@@ -165,12 +168,70 @@ int statvfs64(const char *path, struct statvfs64 *st) {
     if (rc == 0) shrink((struct statvfs *)st);  /* the same layout on 64-bit Linux */
     return rc;
 }
+
+/* SHIM_ENOSPC_DIR + SHIM_ENOSPC_AFTER: a disk under DIR that is full after N bytes
+   (write, pwrite: what HDF5, Python and safetensors write with; fallocate reserves) */
+static long long used, reserved;
+
+static int limited(int fd) {
+    const char *dir = getenv("SHIM_ENOSPC_DIR");
+    char link[64], path[4096];
+    if (!dir || !getenv("SHIM_ENOSPC_AFTER")) return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n < 0) return 0;
+    path[n] = 0;
+    return strncmp(path, dir, strlen(dir)) == 0;
+}
+
+static ssize_t allowed(int fd, size_t count) {
+    if (!limited(fd)) return (ssize_t)count;
+    if (reserved >= (long long)count) { reserved -= (long long)count; return (ssize_t)count; }
+    long long left = atoll(getenv("SHIM_ENOSPC_AFTER")) - used;
+    if (left <= 0) { errno = ENOSPC; return -1; }
+    if ((long long)count > left) count = (size_t)left;
+    used += (long long)count;
+    return (ssize_t)count;
+}
+
+int fallocate64(int fd, int mode, off_t at, off_t len) {
+    int (*real)(int, int, off_t, off_t) =
+        (int (*)(int, int, off_t, off_t))dlsym(RTLD_NEXT, "fallocate64");
+    if (limited(fd)) {
+        if (len > atoll(getenv("SHIM_ENOSPC_AFTER")) - used) { errno = ENOSPC; return -1; }
+        used += len;
+        reserved += len;
+    }
+    return real(fd, mode, at, len);
+}
+
+ssize_t write(int fd, const void *buf, size_t count) {
+    static ssize_t (*real)(int, const void *, size_t);
+    if (!real) real = (ssize_t (*)(int, const void *, size_t))dlsym(RTLD_NEXT, "write");
+    ssize_t n = allowed(fd, count);
+    return n < 0 ? -1 : real(fd, buf, (size_t)n);
+}
+
+ssize_t pwrite(int fd, const void *buf, size_t count, off_t at) {
+    static ssize_t (*real)(int, const void *, size_t, off_t);
+    if (!real) real = (ssize_t (*)(int, const void *, size_t, off_t))dlsym(RTLD_NEXT, "pwrite");
+    ssize_t n = allowed(fd, count);
+    return n < 0 ? -1 : real(fd, buf, (size_t)n, at);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t count, off_t at) {
+    static ssize_t (*real)(int, const void *, size_t, off_t);
+    if (!real) real = (ssize_t (*)(int, const void *, size_t, off_t))dlsym(RTLD_NEXT, "pwrite64");
+    ssize_t n = allowed(fd, count);
+    return n < 0 ? -1 : real(fd, buf, (size_t)n, at);
+}
 """
 
 
 @pytest.fixture(scope="module")
 def flock_shim(tmp_path_factory) -> Path:
-    """An LD_PRELOAD library making flock (and, if asked, POSIX locks) fail."""
+    """An LD_PRELOAD library making flock (and, if asked, POSIX locks) fail, statvfs
+    report little free space, and writes under a folder fail with ENOSPC after N bytes."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler for the flock shim")
