@@ -1,0 +1,101 @@
+"""The pre-flight scan split by byte ranges (``inputs.byteranges``), in one process: N
+simulated ranks give exactly the one-rank scan's line count, chunk digests and bad-line
+message, and each rank's slices hold exactly the lines it tokenizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpiattn.core.shard import partition
+from mpiattn.errors import InputError
+from mpiattn.inputs import byteranges as br
+from mpiattn.inputs import textstream
+from mpiattn.inputs.records import Spec, open_source
+
+# line ends of every kind, a BOM, blank lines, a "\r\n" and a lone "\r" at many offsets,
+# long lines (a range boundary inside them), no final line end
+EDGE = ("\ufeffα first line\n" + "".join(
+    f"line {i} {'x' * (i * 7 % 53)}" + ("\n", "\r\n", "\r", "\n\n", "\r\r\n")[i % 5]
+    for i in range(90)) + "   \n" + "y" * 3000 + "\r\nlast without an end").encode()
+
+
+def split_scan(path, ranks: int, chunk: int, pairs: bool = False):
+    """Every rank's steps as ``encode.scan_corpus`` takes them, without MPI."""
+    src = open_source(path, Spec(format="text", pairs=pairs))
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        ranges = [br.range_of(fh, size, r, ranks) for r in range(ranks)]
+        counts = [br.count_lines(fh, a, b, size)[0] for a, b in ranges]
+    total = sum(counts)
+    parts = [br.scan_part(src, size, a, b, sum(counts[:r]), counts[r], total, chunk, ranks)
+             for r, (a, b) in enumerate(ranges)]
+    digests, offsets = {}, {total: size}
+    for part in parts:
+        assert not set(part.digests) & set(digests)  # each chunk digested by one rank
+        digests.update(part.digests)
+        offsets.update(part.offsets)
+    return src, ranges, total, [digests[k] for k in sorted(digests)], offsets, parts
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_ranges_give_the_one_rank_scan_and_each_ranks_slices(tmp_path, ranks, chunk):
+    path = tmp_path / "edge.txt"
+    path.write_bytes(EDGE)
+    src, ranges, total, digests, offsets, parts = split_scan(path, ranks, chunk)
+    whole = textstream.scan(path, spec=src, chunk=chunk)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(EDGE)
+    assert all(ranges[r][1] == ranges[r + 1][0] for r in range(ranks - 1))  # they tile
+    assert total == whole.lines and tuple(digests) == whole.chunk_digests
+    expected = [items for _, items in textstream.chunks(path, chunk, spec=src)]
+    scanned = sum(p.bytes_read for p in parts)
+    assert len(EDGE) <= scanned <= len(EDGE) + ranks * (br.TAIL_BLOCK + 3000)  # + tails
+    for k, items in enumerate(expected):
+        got = []
+        for r in range(ranks):
+            count, start = partition(len(items), ranks, r)
+            a, b = offsets[k * chunk + start], offsets[k * chunk + start + count]
+            mine, nbytes = br.read_slice(src, a, b, k * chunk + start)
+            assert len(mine) == count and nbytes == b - a
+            got += mine
+        assert got == items  # the lines, in order, each read by exactly one rank
+
+
+def test_a_bad_line_is_named_by_its_global_number_in_any_range(tmp_path):
+    lines = [f"sentence number {i}".encode() for i in range(200)]
+    lines[137] = b"bad \xff byte"
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(InputError) as one:
+        textstream.scan(path, spec=open_source(path, Spec()), chunk=16)
+    for ranks in (2, 3, 7):
+        src = open_source(path, Spec())
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            ranges = [br.range_of(fh, size, r, ranks) for r in range(ranks)]
+            counts = [br.count_lines(fh, a, b, size)[0] for a, b in ranges]
+        errors = []
+        for r, (a, b) in enumerate(ranges):
+            try:
+                br.scan_part(src, size, a, b, sum(counts[:r]), counts[r], 200, 16, ranks)
+            except InputError as err:
+                errors.append(str(err))
+        assert errors == [str(one.value)] and "line 138:" in errors[0]  # the lowest's only
+
+
+def test_pairs_split_by_ranges_equal_the_whole_scan(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_text("".join(f"q {i}\ta {'z' * i}\r\n" for i in range(50)), encoding="utf-8")
+    src, _, total, digests, _, _ = split_scan(path, 3, 8, pairs=True)
+    assert total == 50 and tuple(digests) == textstream.scan(
+        path, pairs=True, spec=src, chunk=8).chunk_digests
+
+
+def test_only_uncompressed_plain_text_is_split(tmp_path):
+    import gzip
+
+    (tmp_path / "a.txt").write_text("a\n")
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"a\n"))
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    assert [br.splittable(open_source(tmp_path / n, Spec())) for n in
+            ("a.txt", "a.txt.gz", "a.jsonl")] == [True, False, False]
