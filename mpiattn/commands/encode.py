@@ -254,8 +254,10 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
     (tensor, tok, source, digests, pipe), out = jobkit.preflight(
         world, lambda: check_inputs(cfg, world.Get_size(), rank), output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
+    t_scan = time.perf_counter()
     try:
         info = scan_corpus(world, source, cfg.input.chunk)
+        scan_s = time.perf_counter() - t_scan
     except UserError:
         if out is not None:
             out.discard()
@@ -287,6 +289,7 @@ def run_text(cfg: Config, world: Any, out_path: str, force: bool,
                       np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
         p = place(cfg, world, tensor, shape)
         job = _Job(cfg, world, p, tok, info, parts, source, pipe)
+        job.scan_s = scan_s
         job.encode(first_chunk)
         return job.finish(out, started, wall0)
     except (InputChanged, OutputExists):
@@ -351,6 +354,7 @@ class _Job:
         self.lines = self.tokens = self.padded = 0  # this replica's work
         self.tokenized, self.tokenize_s = 0, 0.0  # this rank's share of the tokenizing
         self.read_bytes = 0  # bytes of input.text read after the scan
+        self.scan_s = 0.0  # seconds of this rank's part of the pre-flight scan
         self.gather_tokens: Any = None  # the checked Allgather of the chunks' tokens
         t0 = time.perf_counter()
         erf(p.backend.xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # the erf kernel, outside timings
@@ -644,7 +648,8 @@ class _Job:
         per_rank = np.array([[self.forward_s, self.setup_s, time.perf_counter() - wall0,
                               p.backend.memory_high_water(), self.busy, self.wait,
                               self.lines, self.tokens, self.padded, self.tokenized,
-                              self.tokenize_s, self.bytes_read(), self.info.scan_bytes]])
+                              self.tokenize_s, self.bytes_read(), self.info.scan_bytes,
+                              self.scan_s]])
         totals = gather_rows(self.world, per_rank)
         host_info = self.world.gather((socket.gethostname(), p.backend.device))
         records = self.world.gather([(self.replica, key, agg) for key, agg in
@@ -711,6 +716,10 @@ class _Job:
                          " the pre-flight scan: ~1/N of plain text (two passes over its byte"
                          " range, and the tail of its last chunk); the whole file on rank 0"
                          " for other formats")
+        h5io.write_array(t, "scan", totals[:, 13], ("rank",), units="s",
+                         description="seconds of the pre-flight scan (this rank's byte range,"
+                         " or the whole file on rank 0 for formats that cannot be split),"
+                         " agreement included")
         h5io.write_array(t, "tokenize", totals[:, 10], ("rank",), units="s",
                          description="seconds tokenizing this rank's slices and exchanging"
                          " the chunks' tokens (checked Allgather)")
