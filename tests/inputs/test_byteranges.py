@@ -4,6 +4,8 @@ message, and each rank's slices hold exactly the lines it tokenizes."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mpiattn.core.shard import partition
@@ -99,3 +101,69 @@ def test_only_uncompressed_plain_text_is_split(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
     assert [br.splittable(open_source(tmp_path / n, Spec())) for n in
             ("a.txt", "a.txt.gz", "a.jsonl")] == [True, False, False]
+
+
+# --- the run itself, one rank in this process (MPI.COMM_SELF) -------------------------
+
+TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.ffn=64",
+        "input.chunk=8", "input.batch=4"]
+
+
+def run_once(tmp_path, minilm_dir, text: bytes, change=None):
+    """A text run through ``encode.run_text``; ``change(path)`` edits the corpus right
+    after the pre-flight scan."""
+    from mpi4py import MPI
+
+    from mpiattn import config
+    from mpiattn.commands import encode
+    from mpiattn.parallel import watchdog
+
+    path = tmp_path / "c.txt"
+    path.write_bytes(text)
+    cfg = config.load(None, [*TINY, f'input.tokenizer="{minilm_dir}/tokenizer.json"',
+                             f'input.text="{path}"'])
+    scan = encode.scan_corpus
+
+    def scanned(world, source, chunk):
+        info = scan(world, source, chunk)
+        if change is not None:
+            change(path)
+        return info
+
+    encode.scan_corpus = scanned
+    try:
+        return encode.run_text(cfg, watchdog.watch(MPI.COMM_SELF), str(tmp_path / "o.h5"),
+                               force=False)
+    finally:
+        encode.scan_corpus = scan
+
+
+CORPUS = "".join(f"sentence {i} {'word ' * (i % 7)}\n" for i in range(20)).encode()
+
+
+def test_a_run_reads_each_byte_range_and_records_it(tmp_path, minilm_dir):
+    import json
+
+    import h5py
+
+    out = run_once(tmp_path, minilm_dir, CORPUS)
+    with h5py.File(out) as f:
+        lines = [s.strip() for s in CORPUS.decode().split("\n")[:20]]
+        assert list(f["input/text"].asstr()[()]) == lines
+        scan, read = int(f["work/scan_bytes"][0]), int(f["work/bytes_read"][0])
+        assert scan == 2 * len(CORPUS) and read == 3 * len(CORPUS)  # count, check, slices
+        assert f["timings/scan"][0] > 0
+        labels = json.loads(f.attrs["input_digests"])
+    assert any(k.startswith("input.text") and k.endswith(" records") for k in labels)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda p: p.write_bytes(CORPUS.replace(b"sentence 9 ", b"sentence X ")),
+     "other lines 9-16 (chunk 1) than it had at the start"),
+    (lambda p: p.write_bytes(CORPUS + b"one more\n"), "bytes instead of the"),
+])
+def test_a_corpus_changed_after_the_split_scan_is_caught(tmp_path, minilm_dir, change,
+                                                         message):
+    with pytest.raises(textstream.InputChanged, match=re.escape(message)):
+        run_once(tmp_path, minilm_dir, CORPUS, change)
+    assert not (tmp_path / "o.h5").exists() and not list(tmp_path.glob(".o.h5*"))
