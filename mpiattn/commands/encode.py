@@ -424,9 +424,25 @@ class _Job:
 
     # --- the stream ---------------------------------------------------------------------
 
+    def _rows_folder(self) -> None:
+        """With several replicas, each replica leader writes its own rows of every chunk
+        into the parts folder (``Parts.write_rows``): rank 0 makes the folder first (agreed)
+        and every rank learns its path; rank 0's part of a chunk then lists the rows files'
+        digests instead of holding the rows."""
+        self.rows_parts: Parts | None = None
+        if self.replicas == 1:
+            return
+        folder = jobkit.agreed(self.world, lambda: str(self.parts.ready())
+                               if self.rank == 0 else None, during="making the parts folder")
+        folder = self.world.bcast(folder, root=0)
+        if self.leader and self.stage == 0:
+            self.rows_parts = self.parts if self.rank == 0 else Parts.joined(
+                Path(folder), Path(folder))
+
     def encode(self, first_chunk: int) -> None:
         from .progress import Progress
 
+        self._rows_folder()
         size = self.cfg.input.chunk
         start = min(first_chunk * size, self.info.lines)
         self.world.Barrier()
@@ -486,7 +502,15 @@ class _Job:
                             {key: a for part in parts for key, a in part[k][2].items()})
                            for k, (rows, _, _) in enumerate(results)]
         if self.leader and self.stage == 0:  # one copy of each replica's rows to rank 0
-            payload = (busy, results, _digest(results))
+            if self.rows_parts is not None:  # or the replica writes them, rank 0 checks
+                written, failure = "", None
+                try:
+                    written = self.rows_parts.write_rows(index, self.replica, results)
+                except UserError as err:
+                    failure = str(err)
+                payload = (busy, [rows for rows, _, _ in results], written, failure)
+            else:
+                payload = (busy, results, _digest(results))
             gathered = self.p.grid.comm("data").gather(payload, root=0)
         self.wait += time.perf_counter() - t1
         error = None
@@ -594,9 +618,21 @@ class _Job:
         offsets = np.concatenate([[0], np.cumsum(toks.lengths)])
         pooled = np.empty((n, self.width), dtype=np.dtype(cfg.dtype))
         layers = {(i, name): np.empty((int(offsets[-1]), hidden), dtype=pooled.dtype)
-                  for i in self.kept for name in ("attention", "hidden")}
+                  for i in self.kept for name in ("attention", "hidden")
+                  if self.rows_parts is None}  # (else the replicas' rows files hold them)
         busy = []
         rows_seen = np.zeros(n, dtype=np.int64)  # every line gets exactly one row
+        manifest = None
+        if self.rows_parts is not None:  # each replica wrote its rows: check, list them
+            manifest = []
+            for replica, (seconds, rows_list, written, failure) in enumerate(gathered):
+                if failure is not None:
+                    raise UserError(f"replica {replica}: {failure}")
+                busy.append(seconds)
+                manifest.append(written)
+                for rows in rows_list:
+                    np.add.at(rows_seen, rows, 1)
+            gathered = []
         for replica, (seconds, results, digest) in enumerate(gathered):
             if _digest(results) != digest:
                 raise IntegrityError(f"the rows of replica {replica} in chunk {index} arrived"
@@ -624,8 +660,9 @@ class _Job:
                  "tokens": float(offsets[-1])}
         self.parts.write(index, ChunkResult(
             first, text, [it[1] for it in items] if pairs else None, toks.ids,
-            toks.types if pairs else None, toks.truncated, pooled, layers, stats,
-            record_ids=record_ids, records_sha256=records_digest))
+            toks.types if pairs else None, toks.truncated,
+            pooled if manifest is None else None, layers if manifest is None else {}, stats,
+            record_ids=record_ids, records_sha256=records_digest, rows_sha256=manifest))
 
     # --- the end ------------------------------------------------------------------------
 
@@ -659,7 +696,10 @@ class _Job:
             check_space(out.path.parent, int(self.parts.size() * 1.1) + (4 << 20),
                         "the output file")
             with disk_file(out) as f:
-                f.attrs["write_mode"] = "chunks gathered to rank 0, assembled from parts"
+                f.attrs["write_mode"] = (
+                    "chunks gathered to rank 0, assembled from parts" if self.replicas == 1
+                    else "each replica leader wrote its rows of every chunk, rank 0 the"
+                    " chunk's lines; assembled from parts by rank 0")
                 write_provenance(f, cfg, p, started, "run", host_info)
                 self._write_file(f, all_seconds, totals, records, phases)
             self.parts.remove()
