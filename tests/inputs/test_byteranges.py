@@ -63,6 +63,33 @@ def test_ranges_give_the_one_rank_scan_and_each_ranks_slices(tmp_path, ranks, ch
         assert got == items  # the lines, in order, each read by exactly one rank
 
 
+def test_random_line_ends_at_every_rank_count(tmp_path):
+    """Files of random short lines and line ends ("\n", "\r\n", "\r", blank lines, none
+    at the end): ranges tile them and give the one-rank scan at 1-9 ranks."""
+    import random
+
+    rng = random.Random(26)
+    for trial in range(40):
+        pieces = [rng.choice(["", "a", "bc", " d ", "é"]) + rng.choice(["\n", "\r\n", "\r"])
+                  for _ in range(rng.randint(1, 25))]
+        if trial % 3 == 0:
+            pieces.append("tail")
+        path = tmp_path / f"r{trial}.txt"
+        path.write_bytes("".join(pieces).encode())
+        ranks, chunk = rng.randint(1, 9), rng.randint(1, 6)
+        src, _, total, digests, offsets, _ = split_scan(path, ranks, chunk)
+        whole = textstream.scan(path, spec=src, chunk=chunk)
+        assert (total, tuple(digests)) == (whole.lines, whole.chunk_digests), pieces
+        expected = [items for _, items in textstream.chunks(path, chunk, spec=src)]
+        for k, items in enumerate(expected):
+            got = []
+            for r in range(ranks):
+                count, start = partition(len(items), ranks, r)
+                at = k * chunk + start
+                got += br.read_slice(src, offsets[at], offsets[at + count], at)[0]
+            assert got == items, (pieces, ranks, chunk, k)
+
+
 def test_a_bad_line_is_named_by_its_global_number_in_any_range(tmp_path):
     lines = [f"sentence number {i}".encode() for i in range(200)]
     lines[137] = b"bad \xff byte"
