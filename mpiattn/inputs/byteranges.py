@@ -174,7 +174,16 @@ def scan_part(src: Source, size: int, a: int, b: int, first: int, lines: int, to
     """Pass 2 over [a, b), whose ``lines`` lines start at global line index ``first`` (of
     ``total``, cut into chunks of ``chunk`` lines, each split over ``ranks``): every line
     checked as ``records.records`` checks it (InputError naming the global 1-based line),
-    the digests of the chunks starting here, the offsets of the slice starts here."""
+    the digests of the chunks starting here, the offsets of the slice starts here; a read
+    error is an InputError too (one line on every rank, never one rank's crash)."""
+    try:
+        return _scan_part(src, size, a, b, first, lines, total, chunk, ranks)
+    except OSError as err:
+        raise InputError(f"{src.where}: cannot be read ({err.strerror or err})") from None
+
+
+def _scan_part(src: Source, size: int, a: int, b: int, first: int, lines: int, total: int,
+               chunk: int, ranks: int) -> Part:
     part = Part()
     count = 0
     targets = iter(slice_starts(total, chunk, ranks, first, first + lines))
