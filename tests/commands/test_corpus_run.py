@@ -289,7 +289,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert len(folders) == 1 and not (tmp_path / "cut.h5").exists()
     assert not (folders[0] / "chunk-0000029.h5").exists()  # killed mid-corpus
 
-    with h5py.File(folders[0] / "chunk-0000001.h5", "r+") as part:  # damaged on disk
+    # damaged on disk: replica 0's rows of chunk 1 (2 replicas: each writes its own rows,
+    # rank 0's part lists their digests)
+    with h5py.File(folders[0] / "rows-0000001-00000.h5", "r+") as part:
         part["pooled"][0, 0] += 1.0
     again = run(2, tmp_path, "-o", "cut.h5", sets=sets)  # without --resume: a fresh start
     assert again.returncode == 0, again.stderr
