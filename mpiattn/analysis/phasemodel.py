@@ -127,7 +127,7 @@ def plan_sections(paths: list[str], ranks: list[int], gpu_speedup: float = 0.0
             c = text_costs(path)
             pred = predict_text(c, ranks, gpu_speedup)
             texts.append(format_text(c, pred, gpu_speedup))
-            part, half = first_to_stop(pred, TEXT_FIXED)
+            part, half = first_to_stop(pred, TEXT_FIXED + (() if c.split_scan else ("scan",)))
         elif is_training(path):
             t = train_costs(path)
             pred = predict_train(t, ranks, gpu_speedup)
@@ -241,7 +241,10 @@ def format_text(c: TextCosts, rows: list[Prediction], gpu_speedup: float = 0.0) 
         lines.append(f"  {r.ranks:>6} " + " ".join(f"{r.phases[p]:>12.4f}" for p in TEXT_PHASES)
                      + f" {r.total:>9.3f} {c.lines / max(r.total, 1e-12):>10.1f}")
     part, half = first_to_stop(rows, TEXT_FIXED + (() if c.split_scan else ("scan",)))
-    lines.append(f"  stops scaling first: {part} (rank 0 gathers and writes every row)"
+    why = {"gather/write": "rank 0 gathers and writes every chunk's part",
+           "setup": "loading the weights and starting up, on every rank",
+           "scan": "rank 0 scans the whole file: this format cannot be split by byte ranges"}
+    lines.append(f"  stops scaling first: {part} ({why[part]})"
                  + (f"; the parts that do not shrink take half the time from {half} ranks"
                     if half else ""))
     lines.append("  assumes: scan and tokenize shrink as 1/N (plain text; other formats are"
