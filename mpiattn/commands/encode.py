@@ -153,11 +153,13 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
     Uncompressed plain text (``byteranges.splittable``) is split by byte ranges: each rank
     counts the lines of its range, an exclusive scan of the counts numbers them, each rank
     checks its range's lines and keeps the digests of the chunks that start in it and the
-    offsets of the slice starts in it; one allgather combines them, and this rank keeps the
-    byte range of its slice of every chunk (``TextInfo.slices``). Other formats (gzip,
-    bzip2, zstd, JSON Lines, Parquet) are scanned whole by rank 0 and its result shared.
+    offsets of the slice starts in it; one allgather combines the digests (every rank has
+    every chunk's), one alltoall sends each rank the offsets of its own slices' bounds, and
+    this rank keeps the byte range of its slice of every chunk (``TextInfo.slices``). Other
+    formats (gzip, bzip2, zstd, JSON Lines, Parquet) are scanned whole by rank 0 and its
+    result shared.
     The first bad record in the file (the lowest rank's error) is raised on every rank with
-    its global line number, exactly as a one-rank scan words it. Only ``allgather`` is used.
+    its global line number, exactly as a one-rank scan words it.
     """
     from dataclasses import replace
 
@@ -192,23 +194,40 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
         raise _agreed_error(InputError(f"{source.where}: the file is empty (one sentence per"
                                        " line)"))
     first = sum(c[3] for c in counted[:rank])  # the exclusive scan of the line counts
-    found = _scan_agreed(world, lambda: br.scan_part(source, size, a, b, first, lines, total,
-                                                     chunk, ranks))
+    mine: list[br.Part] = []
+
+    def check() -> tuple[dict[int, str], int]:
+        mine.append(br.scan_part(source, size, a, b, first, lines, total, chunk, ranks))
+        return mine[0].digests, mine[0].bytes_read
+
+    found = _scan_agreed(world, check)
     digests: dict[int, str] = {}
-    offsets: dict[int, int] = {total: size}
-    for part in found:
-        digests.update(part.digests)
-        offsets.update(part.offsets)
+    for part_digests, _ in found:
+        digests.update(part_digests)
     chunks = -(-total // chunk)
     if len(digests) != chunks:  # every chunk starts in exactly one range
         raise RuntimeError(f"split scan: {len(digests)} chunk digests for {chunks} chunks")
+    # each rank receives only the offsets of its own slices' bounds (2 per chunk), from the
+    # ranks whose ranges hold them: memory O(chunks) per rank, not O(chunks x N)
+    send: list[dict[int, int]] = [{} for _ in range(ranks)]
+    lo, hi = first, first + lines
+    for k in range(lo // chunk, -(-hi // chunk)):
+        start = k * chunk
+        for q in range(ranks):
+            count_q, at_q = partition(min(chunk, total - start), ranks, q)
+            for t in (start + at_q, start + at_q + count_q):
+                if lo <= t < hi:
+                    send[q][t] = mine[0].offsets[t]
+    offsets: dict[int, int] = {total: size}
+    for received in world.alltoall(send):
+        offsets.update(received)
     slices = []
     for k in range(chunks):
         start = k * chunk
         count_k, at = partition(min(chunk, total - start), ranks, rank)
         slices.append((offsets[start + at], offsets[start + at + count_k]))
     return TextInfo(total, size, "", tuple(digests[k] for k in range(chunks)), source.label,
-                    source.unit, tuple(slices), nbytes + found[rank].bytes_read)
+                    source.unit, tuple(slices), nbytes + found[rank][1])
 
 
 def _agreed_error(err: UserError) -> UserError:
