@@ -919,7 +919,7 @@ def plan_command(args: argparse.Namespace) -> int:
             "tensor2_whole_vocab": step_flops(**training, tensor=2, vocab_split=False)}
         print(json.dumps({"job": asdict(job), "fit": asdict(f), "target": asdict(tgt),
                           "assumptions": assumptions(f, tgt, layout, job, limit),
-                          "check": checks, "training": shares,
+                          "check": checks, "training": shares, "phase_models": phase_rows,
                           "predictions": rows}, indent=2))
         return 0
     print(format_plan(job, f, tgt, rows, checks, layout, limit))
