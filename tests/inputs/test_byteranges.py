@@ -136,7 +136,7 @@ TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.ffn=64",
         "input.chunk=8", "input.batch=4"]
 
 
-def run_once(tmp_path, minilm_dir, text: bytes, change=None):
+def run_once(tmp_path, minilm_dir, text: bytes, change=None, sets=()):
     """A text run through ``encode.run_text``; ``change(path)`` edits the corpus right
     after the pre-flight scan."""
     from mpi4py import MPI
@@ -148,7 +148,7 @@ def run_once(tmp_path, minilm_dir, text: bytes, change=None):
     path = tmp_path / "c.txt"
     path.write_bytes(text)
     cfg = config.load(None, [*TINY, f'input.tokenizer="{minilm_dir}/tokenizer.json"',
-                             f'input.text="{path}"'])
+                             f'input.text="{path}"', *sets])
     scan = encode.scan_corpus
 
     def scanned(world, source, chunk):
@@ -168,12 +168,14 @@ def run_once(tmp_path, minilm_dir, text: bytes, change=None):
 CORPUS = "".join(f"sentence {i} {'word ' * (i % 7)}\n" for i in range(20)).encode()
 
 
-def test_a_run_reads_each_byte_range_and_records_it(tmp_path, minilm_dir):
+def test_a_run_reads_each_byte_range_and_records_it(tmp_path, minilm_dir, capsys):
     import json
 
     import h5py
 
-    out = run_once(tmp_path, minilm_dir, CORPUS)
+    # input.seq_len set: a note (before, the note's variable replaced the corpus: a crash)
+    out = run_once(tmp_path, minilm_dir, CORPUS, sets=["input.seq_len=16"])
+    assert "input.seq_len is the length of seeded input" in capsys.readouterr().out
     with h5py.File(out) as f:
         lines = [s.strip() for s in CORPUS.decode().split("\n")[:20]]
         assert list(f["input/text"].asstr()[()]) == lines
