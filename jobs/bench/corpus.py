@@ -2,12 +2,16 @@
 
     python jobs/bench/corpus.py                                   # all of data/corpus/train.txt
     python jobs/bench/corpus.py --lines 3000 --ranks 2 --memory-lines 15000,200000 -o cb.h5
+    python jobs/bench/corpus.py --join 8 --st-backend onnx -o long-onnx.h5
 
 Measures, in one run and on one corpus (lines end at "\\n", each is stripped, blank lines
 are kept):
 
 - sentence-transformers ``encode`` (batch 32, normalised) in one subprocess using every
-  core, timed around ``encode`` only; its peak RSS;
+  core, timed around ``encode`` only; its peak RSS; ``--st-backend onnx`` loads the model
+  with ``backend="onnx"`` (ONNX Runtime; needs ``optimum[onnxruntime]``);
+- ``--join K``: every K consecutive lines joined by a space into one long line (a corpus
+  of long lines: most are cut at the model's 256 tokens), before ``--lines``;
 - ``mpiexec -n R mpiattn run jobs/configs/minilm.toml`` with OMP_NUM_THREADS=1: lines/s
   over the encoding loop (max of /timings/forward) and over the whole command's wall time;
   peak RSS per rank;
@@ -76,6 +80,13 @@ def read_lines(path: Path) -> list[str]:
     return lines
 
 
+def joined(lines: list[str], k: int) -> list[str]:
+    """Every ``k`` consecutive lines (each stripped) joined by a space: long lines."""
+    if k <= 1:
+        return lines
+    return [" ".join(s.strip() for s in lines[i:i + k]) for i in range(0, len(lines), k)]
+
+
 def write_lines(path: Path, lines: Sequence[str]) -> None:
     with open(path, "w", encoding="utf-8", newline="") as fh:
         for line in lines:
@@ -95,7 +106,8 @@ def write_cyclic(path: Path, source: Sequence[str], count: int) -> None:
 def st_worker(argv: list[str]) -> int:
     """Child: encode ``argv[0]``'s lines, save the embeddings to ``argv[1]`` (.npy) and the
     timing, peak RSS and versions to ``argv[2]`` (JSON)."""
-    text_path, npy_path, json_path = (Path(a) for a in argv)
+    text_path, npy_path, json_path = (Path(a) for a in argv[:3])
+    backend = argv[3] if len(argv) > 3 else "torch"
     import sentence_transformers
     import torch
     from sentence_transformers import SentenceTransformer
@@ -103,7 +115,7 @@ def st_worker(argv: list[str]) -> int:
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     lines = [line.strip() for line in read_lines(text_path)]
-    model = SentenceTransformer(str(model_dir()), device="cpu")
+    model = SentenceTransformer(str(model_dir()), device="cpu", backend=backend)
     t0 = time.perf_counter()
     emb = model.encode(lines, batch_size=ST_BATCH, normalize_embeddings=True,
                        convert_to_numpy=True)
@@ -115,6 +127,7 @@ def st_worker(argv: list[str]) -> int:
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "torch_threads": torch.get_num_threads(),
         "max_seq_length": model.max_seq_length,
+        "backend": backend,
         "torch": torch.__version__,
         "sentence_transformers": sentence_transformers.__version__,
         "numpy": np.__version__,
@@ -228,6 +241,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lines", type=positive, default=None,
                    help="the first N lines only for the throughput comparison (default all)")
     p.add_argument("--ranks", type=positive, default=2, help="mpiattn ranks (default 2)")
+    p.add_argument("--join", type=positive, default=1, metavar="K",
+                   help="join every K lines into one long line (default 1: as they are)")
+    p.add_argument("--st-backend", choices=("torch", "onnx"), default="torch",
+                   help="sentence-transformers' backend (onnx: ONNX Runtime, needs"
+                        " optimum[onnxruntime]; default torch)")
     p.add_argument("--memory-lines", type=parse_memory_lines, default=None, metavar="N1,N2",
                    help="also run mpiattn alone on corpora of these many lines (the corpus"
                         " repeated) and compare peak RSS (default: skip)")
@@ -262,7 +280,7 @@ def bench(args: argparse.Namespace) -> int:
 
     started = dt.datetime.now(dt.UTC)
     corpus = args.corpus.resolve()
-    source = read_lines(corpus)
+    source = joined(read_lines(corpus), args.join)
     if not source:
         raise StepFailed(f"--corpus '{corpus}' has no lines")
     work = (args.work or Path(tempfile.mkdtemp(prefix="corpus-bench-"))).resolve()
@@ -276,7 +294,7 @@ def bench(args: argparse.Namespace) -> int:
     note("sentence-transformers ...")
     st_npy, st_json = work / "st-embeddings.npy", work / "st.json"
     st_cmd = [sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, str(text),
-              str(st_npy), str(st_json)]
+              str(st_npy), str(st_json), args.st_backend]
     st_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     st_env.pop("OMP_NUM_THREADS", None)  # torch.set_num_threads(cpu_count) decides
     run_logged("sentence-transformers", st_cmd, work / "st.log", st_env)

@@ -870,6 +870,11 @@ def check_options(args: argparse.Namespace) -> None:
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{option} must be a finite number of {unit} >= 0, got"
                               f" {value!r}: e.g. {option} {example}")
+    gpu = getattr(args, "gpu_speedup", None)
+    if gpu is not None and not (math.isfinite(gpu) and gpu > 0):
+        raise ConfigError(f"--gpu-speedup must be a finite factor > 0, got {gpu!r}: how many"
+                          " times one GPU rank computes as fast as one measured CPU rank,"
+                          " e.g. 40")
     gib = getattr(args, "memory", None)
     if gib is not None and not (math.isfinite(gib) and gib > 0):
         raise ConfigError(f"--memory must be a finite number of GiB per rank > 0, got {gib!r}:"
@@ -882,6 +887,13 @@ def check_options(args: argparse.Namespace) -> None:
 def plan_command(args: argparse.Namespace) -> int:
     check_options(args)
     ranks = parse_ranks(args.ranks)
+    from .phasemodel import is_text_run, is_training, plan_sections
+
+    gpu = getattr(args, "gpu_speedup", None) or 0.0
+    sections, phase_rows = plan_sections(list(args.files), ranks, gpu)
+    if all(is_text_run(p) or is_training(p) for p in args.files):  # phase costs only
+        print(json.dumps(phase_rows, indent=2) if args.json else "\n\n".join(sections))
+        return 0
     files = [load(p) for p in args.files]
     f = fit(files, getattr(args, "measured_cores", None))
     base = next((rf for rf in files if rf.config.get("model")), None)
@@ -907,10 +919,12 @@ def plan_command(args: argparse.Namespace) -> int:
             "tensor2_whole_vocab": step_flops(**training, tensor=2, vocab_split=False)}
         print(json.dumps({"job": asdict(job), "fit": asdict(f), "target": asdict(tgt),
                           "assumptions": assumptions(f, tgt, layout, job, limit),
-                          "check": checks, "training": shares,
+                          "check": checks, "training": shares, "phase_models": phase_rows,
                           "predictions": rows}, indent=2))
         return 0
     print(format_plan(job, f, tgt, rows, checks, layout, limit))
+    for section in sections:
+        print(section)
     if training is not None:
         print("training (FLOPs a head group's ranks repeat, analysis.trainshare):\n  "
               + format_share(training, 2))

@@ -148,6 +148,10 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--memory", type=float, metavar="GIB",
                     help="GiB per rank: layouts whose estimated weights + activations do not"
                     " fit are left out")
+    pl.add_argument("--gpu-speedup", type=float, metavar="X",
+                    help="text-run and training files: also model GPU ranks that compute X"
+                    " times as fast as one measured CPU rank (scan, tokenize, write and"
+                    " the allreduce stay as measured)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     return ap
 

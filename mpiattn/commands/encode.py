@@ -2,8 +2,12 @@
 
     mpiexec -n 4 mpiattn run jobs/configs/minilm.toml --set input.text='"corpus.txt"' -o c.h5
 
-Every rank reads the same chunk of ``input.chunk`` lines and tokenizes it (no padding,
-truncated at the model's own limit); the chunk is cut into length-sorted micro-batches of
+The pre-flight scan is split: each of N ranks checks about 1/N of a plain-text file's bytes
+(``byteranges``; other formats are scanned by rank 0), and afterwards rank r reads and
+tokenizes only its 1/N slice of each chunk (no padding, truncated at the model's own
+limit); one checked Allgather gives every rank the chunk's tokens, and rank 0 receives the
+lines and checks them against the scan's digest. The chunk is cut into length-sorted
+micro-batches of
 ``input.batch`` sentences, and the micro-batches are assigned to the data-parallel
 replicas by estimated cost (``parallel.assign``; ``textstream.assign``). Each replica's
 head group runs its micro-batches through the encoder exactly as a one-batch run does
@@ -29,7 +33,8 @@ from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import stage_forward, stage_layers
 from ..core.pooling import Pipeline
 from ..core.shard import partition
-from ..errors import ConfigError, IntegrityError, UserError
+from ..errors import ConfigError, InputError, IntegrityError, UserError
+from ..inputs.byteranges import read_slice, splittable
 from ..inputs.data import Batch, tokenizer_path
 from ..inputs.records import Source, Spec, open_source
 from ..inputs.textstream import (
@@ -40,6 +45,8 @@ from ..inputs.textstream import (
     assign,
     batch_cost,
     checked_chunks,
+    chunk_digest,
+    input_changed,
     join_tokens,
     model_max_length,
     pack_tokens,
@@ -134,7 +141,6 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     if not cfg.input.chunk:  # resolved before the config is digested (resume finds it)
         cfg.input.chunk = auto_chunk(cfg)
     source = corpus_source(cfg)
-    info = scan(source.path, spec=source, chunk=cfg.input.chunk)
     limit, _ = truncation(cfg)
     tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab)
     if cfg.input.pairs and 0 < cfg.input.max_tokens < 3:
@@ -144,19 +150,128 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
         raise ConfigError(f"input.pairs = true needs segment ids 0 and 1, but the model's type"
                           f" vocabulary holds {cfg.model.type_vocab} (model.type_vocab)")
     check_fault_targets(cfg, world_size)
-    digests = jobkit.input_digests(cfg)
-    return (finished, info, tok, source, digests, pipe), digests
+    digests = jobkit.input_digests(cfg, skip=("input.text",) if splittable(source) else ())
+    return (finished, tok, source, digests, pipe), digests
 
 
 def _swept(checked: tuple, cfg: Config, out_path: str, rank: int) -> tuple:
-    """``checked`` (``check_inputs``'s result), after rank 0 removed the parts folder of
-    this job that a kill after publishing ``out_path`` left behind (with a note)."""
+    """``checked`` (``check_inputs``'s result), after rank 0 removed the parts folder
+    that a kill after publishing ``out_path`` left behind (with a note): the one the
+    complete output names (its job key, folder and secret; the output's key, as a split
+    scan's records digest joins this job's key only after the pre-flight)."""
     from ..io.corpusfile import remove_published
 
     if rank == 0 and out_path:
-        for note in remove_published(Path(out_path), job_key(cfg.to_toml(), checked[1])):
+        for note in remove_published(Path(out_path)):
             print(f"mpiattn: note: {note}", flush=True)
     return checked
+
+
+def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
+    """The pre-flight scan of the corpus, agreed by every rank (after ``check_inputs``).
+
+    Uncompressed plain text (``byteranges.splittable``) is split by byte ranges: each rank
+    counts the lines of its range, an exclusive scan of the counts numbers them, each rank
+    checks its range's lines and keeps the digests of the chunks that start in it and the
+    offsets of the slice starts in it; one allgather combines the digests (every rank has
+    every chunk's), one alltoall sends each rank the offsets of its own slices' bounds, and
+    this rank keeps the byte range of its slice of every chunk (``TextInfo.slices``). Other
+    formats (gzip, bzip2, zstd, JSON Lines, Parquet) are scanned whole by rank 0 and its
+    result shared.
+    The first bad record in the file (the lowest rank's error) is raised on every rank with
+    its global line number, exactly as a one-rank scan words it.
+    """
+    from dataclasses import replace
+
+    from ..inputs import byteranges as br
+
+    rank, ranks = world.Get_rank(), world.Get_size()
+    if not br.splittable(source):
+        info = _scan_agreed(world, lambda: scan(source.path, spec=source, chunk=chunk)
+                            if rank == 0 else None)[0]
+        return replace(info, scan_bytes=info.size if rank == 0 else 0)
+
+    def count() -> tuple[int, int, int, int, int]:
+        try:
+            size = source.path.stat().st_size
+            with open(source.path, "rb") as fh:
+                a, b = br.range_of(fh, size, rank, ranks)
+                lines, nbytes = br.count_lines(fh, a, b, size)
+        except OSError as err:
+            raise InputError(f"{source.where}: cannot be read ({err.strerror})") from None
+        return size, a, b, lines, nbytes
+
+    counted = _scan_agreed(world, count)
+    size, a, b, lines, nbytes = counted[rank]
+    sizes = {c[0] for c in counted}
+    if len(sizes) > 1:
+        groups = ", ".join(f"rank {r}: {c[0]} bytes" for r, c in enumerate(counted))
+        raise _agreed_error(InputError(f"ranks differ in the size of {source.where} ({groups}):"
+                                       " a stale or node-local copy? Give every rank the same"
+                                       " file"))
+    total = sum(c[3] for c in counted)
+    if total == 0:
+        raise _agreed_error(InputError(f"{source.where}: the file is empty (one sentence per"
+                                       " line)"))
+    first = sum(c[3] for c in counted[:rank])  # the exclusive scan of the line counts
+    mine: list[br.Part] = []
+
+    def check() -> tuple[dict[int, str], int]:
+        mine.append(br.scan_part(source, size, a, b, first, lines, total, chunk, ranks))
+        return mine[0].digests, mine[0].bytes_read
+
+    found = _scan_agreed(world, check)
+    digests: dict[int, str] = {}
+    for part_digests, _ in found:
+        digests.update(part_digests)
+    chunks = -(-total // chunk)
+    if len(digests) != chunks:  # every chunk starts in exactly one range
+        raise RuntimeError(f"split scan: {len(digests)} chunk digests for {chunks} chunks")
+    # each rank receives only the offsets of its own slices' bounds (2 per chunk), from the
+    # ranks whose ranges hold them: memory O(chunks) per rank, not O(chunks x N)
+    send: list[dict[int, int]] = [{} for _ in range(ranks)]
+    lo, hi = first, first + lines
+    for k in range(lo // chunk, -(-hi // chunk)):
+        start = k * chunk
+        for q in range(ranks):
+            count_q, at_q = partition(min(chunk, total - start), ranks, q)
+            for t in (start + at_q, start + at_q + count_q):
+                if lo <= t < hi:
+                    send[q][t] = mine[0].offsets[t]
+    offsets: dict[int, int] = {total: size}
+    for received in world.alltoall(send):
+        offsets.update(received)
+    slices = []
+    for k in range(chunks):
+        start = k * chunk
+        count_k, at = partition(min(chunk, total - start), ranks, rank)
+        slices.append((offsets[start + at], offsets[start + at + count_k]))
+    return TextInfo(total, size, "", tuple(digests[k] for k in range(chunks)), source.label,
+                    source.unit, tuple(slices), nbytes + found[rank][1])
+
+
+def _agreed_error(err: UserError) -> UserError:
+    err.agreed = True
+    return err
+
+
+def _scan_agreed(world: Any, step: Any) -> list:
+    """``step()`` on every rank, then one allgather: the first error in rank order raised on
+    every rank with its own words (no rank prefix: a bad line names its global number), else
+    every rank's result."""
+    try:
+        value, error = step(), None
+    except UserError as err:
+        value, error = None, (type(err), str(err))
+    watchdog.at(during="scanning the corpus")
+    try:
+        gathered = world.allgather((error, value))
+    finally:
+        watchdog.at(during=None)
+    for error, _ in gathered:
+        if error is not None:
+            raise _agreed_error(error[0](error[1]))
+    return [v for _, v in gathered]
 
 
 def _open_parts(cfg: Config, out: Any, info: TextInfo, key: str, layout: dict,
@@ -175,14 +290,29 @@ def run_text(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
     started = dt.datetime.now(dt.UTC)
     wall0 = time.perf_counter()
     rank = world.Get_rank()
-    (finished, info, tok, source, digests, pipe), out = jobkit.preflight(
+    (finished, tok, source, digests, pipe), out = jobkit.preflight(
         world, lambda: _swept(check_inputs(cfg, world.Get_size(), rank), cfg, out_path, rank),
         output=(out_path, force))
     jobkit.set_timeout(cfg.comm.timeout)
+    t_scan = time.perf_counter()
+    try:
+        info = scan_corpus(world, source, cfg.input.chunk)
+        scan_s = time.perf_counter() - t_scan
+    except UserError:
+        if out is not None:
+            out.discard()
+        raise
+    if info.slices:  # no rank read the whole file: the records' digest stands for it
+        from ..io.formats.common import record_inputs
+        from ..io.weights import describe
+
+        digests[f"input.text '{describe(Path(cfg.input.text))}' records"] = (
+            info.records_digest())
+        record_inputs(digests)
     if rank == 0 and "input.seq_len" in cfg.explicit and not cfg.input.max_tokens:
-        limit, source = truncation(cfg)
+        limit, origin = truncation(cfg)  # (not ``source``: the corpus is passed on below)
         print(f"mpiattn: note: input.seq_len is the length of seeded input; text is cut at"
-              f" {limit} tokens ({source}): set input.max_tokens to change that", flush=True)
+              f" {limit} tokens ({origin}): set input.max_tokens to change that", flush=True)
     parts = None
     try:
         key = job_key(cfg.to_toml(), digests)
@@ -199,6 +329,7 @@ def run_text(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
                       np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
         p = place(cfg, world, finished, shape)
         job = _Job(cfg, world, p, tok, info, parts, source, pipe)
+        job.scan_s = scan_s
         job.encode(first_chunk)
         return job.finish(out, started, wall0)
     except (InputChanged, OutputExists):
@@ -263,6 +394,8 @@ class _Job:
         self.busy = self.wait = 0.0  # seconds computing, seconds waiting for other replicas
         self.lines = self.tokens = self.padded = 0  # this replica's work
         self.tokenized, self.tokenize_s = 0, 0.0  # this rank's share of the tokenizing
+        self.read_bytes = 0  # bytes of input.text read after the scan
+        self.scan_s = 0.0  # seconds of this rank's part of the pre-flight scan
         self.gather_tokens: Any = None  # the checked Allgather of the chunks' tokens
         t0 = time.perf_counter()
         erf(p.backend.xp.zeros(1, dtype=np.dtype(cfg.dtype)))  # the erf kernel, outside timings
@@ -332,9 +465,25 @@ class _Job:
 
     # --- the stream ---------------------------------------------------------------------
 
+    def _rows_folder(self) -> None:
+        """With several replicas, each replica leader writes its own rows of every chunk
+        into the parts folder (``Parts.write_rows``): rank 0 makes the folder first (agreed)
+        and every rank learns its path; rank 0's part of a chunk then lists the rows files'
+        digests instead of holding the rows."""
+        self.rows_parts: Parts | None = None
+        if self.replicas == 1:
+            return
+        folder = jobkit.agreed(self.world, lambda: str(self.parts.ready())
+                               if self.rank == 0 else None, during="making the parts folder")
+        folder = self.world.bcast(folder, root=0)
+        if self.leader and self.stage == 0:
+            self.rows_parts = self.parts if self.rank == 0 else Parts.joined(
+                Path(folder), Path(folder))
+
     def encode(self, first_chunk: int) -> None:
         from .progress import Progress
 
+        self._rows_folder()
         size = self.cfg.input.chunk
         start = min(first_chunk * size, self.info.lines)
         self.world.Barrier()
@@ -347,25 +496,29 @@ class _Job:
             # tokens shown: rank 0's micro-batches times the replicas, then the chunk's own
             self.tokens_done = self.tokens_estimated = 0
             self.t0 = time.perf_counter()
-            for index, first, items, record_ids, records_digest in checked_chunks(
-                    self.source, size, self.info, first_chunk):
+            chunks = (((k, k * size, None, None, self.info.chunk_digests[k])
+                       for k in range(first_chunk, len(self.info.slices)))
+                      if self.info.slices else  # each rank reads its slices (_tokenize)
+                      checked_chunks(self.source, size, self.info, first_chunk))
+            for index, first, items, record_ids, records_digest in chunks:
                 self._chunk(index, first, items, record_ids, records_digest, bar)
         self.p.backend.sync()
         self.forward_s = time.perf_counter() - self.t_fwd
 
-    def _chunk(self, index: int, first: int, items: list, record_ids: list | None,
+    def _chunk(self, index: int, first: int, items: list | None, record_ids: list | None,
                records_digest: str, bar: Any) -> None:
         """Encode one chunk on every rank; rank 0 writes it. ``bar`` (rank 0's progress)
-        moves with rank 0's micro-batches, by their share of the chunk."""
+        moves with rank 0's micro-batches, by their share of the chunk. ``items`` is None
+        when each rank reads its own slice (a split scan): rank 0 then receives them."""
         cfg = self.cfg
-        toks = self._tokenize(items, first, index)
+        toks, items = self._tokenize(items, first, index)
         lengths = toks.lengths
         batches = sorted_batches(lengths, cfg.input.batch)
         costs = [batch_cost(b, lengths, cfg.model.hidden) for b in batches]
         mine = assign(costs, self.replicas, cfg.parallel.assign)[self.replica]
         results = []
         t0 = time.perf_counter()
-        n, mine_lines = len(items), sum(len(batches[j]) for j in mine)
+        n, mine_lines = len(lengths), sum(len(batches[j]) for j in mine)
         shown = 0  # lines of this chunk the progress shows so far
         for j in mine:
             rows = batches[j]
@@ -390,7 +543,15 @@ class _Job:
                             {key: a for part in parts for key, a in part[k][2].items()})
                            for k, (rows, _, _) in enumerate(results)]
         if self.leader and self.stage == 0:  # one copy of each replica's rows to rank 0
-            payload = (busy, results, _digest(results))
+            if self.rows_parts is not None:  # or the replica writes them, rank 0 checks
+                written, failure = "", None
+                try:
+                    written = self.rows_parts.write_rows(index, self.replica, results)
+                except UserError as err:
+                    failure = str(err)
+                payload = (busy, [rows for rows, _, _ in results], written, failure)
+            else:
+                payload = (busy, results, _digest(results))
             gathered = self.p.grid.comm("data").gather(payload, root=0)
         self.wait += time.perf_counter() - t1
         error = None
@@ -418,8 +579,28 @@ class _Job:
         self.tokens_estimated = 0
         self._progress(bar, n - shown, 0)
 
-    def _tokenize(self, items: list, first: int, index: int) -> Tokens:
-        """The chunk's tokens on every rank, each rank tokenizing 1/N of its records.
+    def _read_slice(self, first: int, index: int, count: int, start: int) -> list:
+        """This rank's ``count`` lines of chunk ``index`` (from line index ``first + start``)
+        read at the byte range the scan found; InputChanged when the file's size or the
+        slice's line count is no longer what the scan saw."""
+        try:
+            now = self.source.path.stat().st_size
+        except OSError as err:
+            raise InputError(f"{self.source.where}: cannot be read ({err.strerror})") from None
+        if now != self.info.size:
+            raise input_changed(self.source, f"{now} bytes instead of the {self.info.size}")
+        items, nbytes = read_slice(self.source, *self.info.slices[index], first + start)
+        self.read_bytes += nbytes
+        if len(items) != count:
+            raise input_changed(self.source, f"other {self.units} {first + start + 1}-"
+                                f"{first + start + count} (chunk {index}) than")
+        return items
+
+    def _tokenize(self, items: list | None, first: int, index: int
+                  ) -> tuple[Tokens, list | None]:
+        """The chunk's tokens on every rank, each rank tokenizing 1/N of its records, and
+        the chunk's items (on rank 0 only when ``items`` is None: each rank read its slice
+        and rank 0 gathers them).
 
         Rank r tokenizes the r-th of N consecutive slices (``shard.partition``), then one
         checked Allgather (``transfers.CheckedAllgather``, site ``tokens``, each block's
@@ -431,15 +612,22 @@ class _Job:
         from ..parallel.transfers import CheckedAllgather, RetryPolicy
 
         size, rank = self.world.Get_size(), self.world.Get_rank()
-        count, start = partition(len(items), size, rank)
+        n = len(items) if items is not None else min(self.cfg.input.chunk,
+                                                      self.info.lines - first)
+        count, start = partition(n, size, rank)
         t0 = time.perf_counter()
+        mine = None
         try:
-            local, error = self.tok.encode(items[start:start + count], first + start,
-                                           unit=self.info.unit), None
+            mine = (items[start:start + count] if items is not None else
+                    self._read_slice(first, index, count, start))
+            local, error = self.tok.encode(mine, first + start, unit=self.info.unit), None
         except UserError as err:
             local, error = None, err
         jobkit.raise_first(self.world.allgather(
             None if error is None else (type(error), str(error))))
+        if items is None:  # rank 0 writes the lines: checked against the scan's digest
+            parts = self.world.gather(mine, root=0)
+            items = [item for part in parts for item in part] if parts is not None else None
         packed = pack_tokens(local)
         sizes = np.empty(size, dtype=np.int64)
         self.world.Allgather(np.array([packed.size], dtype=np.int64), sizes)
@@ -453,7 +641,7 @@ class _Job:
         blocks = self.gather_tokens(block, site="tokens", layer=index)
         self.tokenized += count
         self.tokenize_s += time.perf_counter() - t0
-        return join_tokens(list(blocks))
+        return join_tokens(list(blocks)), items
 
     def _progress(self, bar: Any, lines: int, tokens_estimate: int) -> None:
         self.tokens_estimated += tokens_estimate
@@ -464,13 +652,28 @@ class _Job:
     def _write(self, index: int, first: int, items: list, record_ids: list | None,
                records_digest: str, toks: Any, gathered: list) -> None:
         cfg, n = self.cfg, len(items)
+        if self.info.slices and chunk_digest(items, None) != records_digest:
+            raise input_changed(self.source, f"other {self.units} {first + 1}-{first + n}"
+                                f" (chunk {index}) than")
         hidden = cfg.model.hidden
         offsets = np.concatenate([[0], np.cumsum(toks.lengths)])
         pooled = np.empty((n, self.width), dtype=np.dtype(cfg.dtype))
         layers = {(i, name): np.empty((int(offsets[-1]), hidden), dtype=pooled.dtype)
-                  for i in self.kept for name in ("attention", "hidden")}
+                  for i in self.kept for name in ("attention", "hidden")
+                  if self.rows_parts is None}  # (else the replicas' rows files hold them)
         busy = []
         rows_seen = np.zeros(n, dtype=np.int64)  # every line gets exactly one row
+        manifest = None
+        if self.rows_parts is not None:  # each replica wrote its rows: check, list them
+            manifest = []
+            for replica, (seconds, rows_list, written, failure) in enumerate(gathered):
+                if failure is not None:
+                    raise UserError(f"replica {replica}: {failure}")
+                busy.append(seconds)
+                manifest.append(written)
+                for rows in rows_list:
+                    np.add.at(rows_seen, rows, 1)
+            gathered = []
         for replica, (seconds, results, digest) in enumerate(gathered):
             if _digest(results) != digest:
                 raise IntegrityError(f"the rows of replica {replica} in chunk {index} arrived"
@@ -498,18 +701,19 @@ class _Job:
                  "tokens": float(offsets[-1])}
         self.parts.write(index, ChunkResult(
             first, text, [it[1] for it in items] if pairs else None, toks.ids,
-            toks.types if pairs else None, toks.truncated, pooled, layers, stats,
-            record_ids=record_ids, records_sha256=records_digest))
+            toks.types if pairs else None, toks.truncated,
+            pooled if manifest is None else None, layers if manifest is None else {}, stats,
+            record_ids=record_ids, records_sha256=records_digest, rows_sha256=manifest))
 
     # --- the end ------------------------------------------------------------------------
 
     def bytes_read(self) -> int:
-        """Bytes of ``input.text`` this rank read: the pre-flight scan and the encoding pass
-        each read the whole (possibly compressed) file."""
-        try:
-            return 2 * self.source.path.stat().st_size
-        except OSError:
-            return 0
+        """Bytes of ``input.text`` this rank read: its part of the pre-flight scan, then its
+        slices of the chunks (split by byte ranges), or the whole (possibly compressed)
+        file for the chunks (other formats: every rank reads every chunk)."""
+        if self.info.slices:
+            return self.info.scan_bytes + self.read_bytes
+        return self.info.scan_bytes + (self.info.size if self.lines or self.tokenized else 0)
 
     def finish(self, out: Any, started: dt.datetime, wall0: float) -> Path | None:
         from ..parallel.comm import gather_rows
@@ -524,7 +728,8 @@ class _Job:
                 "peak_memory": p.backend.memory_high_water(), "busy": self.busy,
                 "wait": self.wait, "lines": self.lines, "tokens": self.tokens,
                 "padded_tokens": self.padded, "lines_tokenized": self.tokenized,
-                "tokenize": self.tokenize_s, "bytes_read": self.bytes_read()}
+                "tokenize": self.tokenize_s, "bytes_read": self.bytes_read(),
+                "scan_bytes": self.info.scan_bytes, "scan": self.scan_s}
         totals = gather_rows(self.world, np.array([[mine[k] for k in RANK_COLUMNS]]))
         records = epilogue.gather_records(self.world, [
             (self.replica, key, agg) for key, agg in self.records.items()] if self.leader
@@ -536,7 +741,10 @@ class _Job:
             return disk_file(o)
 
         def write(f: Any) -> None:
-            f.attrs["write_mode"] = "chunks gathered to rank 0, assembled from parts"
+            f.attrs["write_mode"] = (
+                "chunks gathered to rank 0, assembled from parts" if self.replicas == 1
+                else "each replica leader wrote its rows of every chunk, rank 0 the"
+                " chunk's lines; assembled from parts by rank 0")
             self._write_file(f, all_seconds, totals, records)
 
         def after() -> Path:

@@ -177,12 +177,15 @@ def conclude(world: MPI.Comm, write: Callable[[], Any] | None, final: bool = Tru
     return value
 
 
-def input_digests(cfg: Any, extra: dict[str, Path] | None = None) -> dict[str, str]:
+def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
+                  skip: tuple[str, ...] = ()) -> dict[str, str]:
     """Digests of the resolved config and of every input file a job of ``cfg`` reads: the
     weights, every file of their model folder that can change a result (config.json,
     the tokenizer files, sentence-transformers' module files such as
     ``sentence_bert_config.json``), the text, tokens and tokenizer, and ``extra`` (the
-    training corpus, the checkpoint). Each read through ``safefile`` (regular files only)."""
+    training corpus, the checkpoint). Each read through ``safefile`` (regular files only).
+    Labels in ``skip`` (e.g. "input.text": a text run split by byte ranges records the
+    corpus's records digest instead, and no rank reads the whole file) are left out."""
     import os
 
     from ..inputs.data import tokenizer_path
@@ -204,6 +207,8 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None) -> dict[str, s
     if cfg.input.text or cfg.input.tokenizer:
         files["input.tokenizer"] = tokenizer_path(cfg)
     files.update(extra or {})
+    for label in skip:
+        files.pop(label, None)
     import sys
 
     out = {"the resolved config": text_digest(cfg.to_toml()),

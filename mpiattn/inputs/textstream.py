@@ -37,7 +37,10 @@ class TextInfo:
     """What ``scan`` found: the number of records ("lines", also Parquet rows), the bytes
     of the file, the ids' kind ("" none, "int", "str"), the SHA-256 of each chunk's decoded
     records (``chunk_digest``; empty without a chunk size), the format label and the unit
-    a record number counts ("line", "row")."""
+    a record number counts ("line", "row"). A scan split by byte ranges
+    (``byteranges``) adds this rank's byte range of every chunk (``slices``: (start, end)
+    per chunk, what it reads and tokenizes) and the bytes this rank read while scanning
+    (``scan_bytes``; 0 where no range was scanned)."""
 
     lines: int
     size: int
@@ -45,6 +48,14 @@ class TextInfo:
     chunk_digests: tuple[str, ...] = ()
     label: str = "text"
     unit: str = "line"
+    slices: tuple[tuple[int, int], ...] = ()
+    scan_bytes: int = 0
+
+    def records_digest(self) -> str:
+        """SHA-256 of the record count and every chunk's digest: the decoded corpus, the
+        same whatever the ranks (a split scan records it instead of the file's SHA-256)."""
+        text = "\n".join((str(self.lines), *self.chunk_digests))
+        return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def chunk_digest(items: list[Item], ids: list[RecordId] | None) -> str:
@@ -139,6 +150,13 @@ class InputChanged(InputError):
     """The corpus changed while the job read it (its chunks are of no use)."""
 
 
+def input_changed(src: Source, how: str) -> InputChanged:
+    """The one-line error for a corpus that ``how`` ("other lines 9-16 (chunk 1) than")
+    says changed since the scan."""
+    return InputChanged(f"{src.where} changed while the job read it: it now has {how}"
+                        " it had at the start; its chunks are discarded: run again")
+
+
 def checked_chunks(src: Source, size: int, info: TextInfo, first_chunk: int = 0
                    ) -> Iterator[tuple[int, int, list[Item], list[RecordId] | None, str]]:
     """(chunk index, index of its first record, items, ids, digest) from chunk
@@ -148,8 +166,7 @@ def checked_chunks(src: Source, size: int, info: TextInfo, first_chunk: int = 0
     units = f"{info.unit}s"
 
     def changed(how: str) -> InputChanged:
-        return InputChanged(f"{src.where} changed while the job read it: it now has {how}"
-                            " it had at the start; its chunks are discarded: run again")
+        return input_changed(src, how)
 
     start = min(first_chunk * size, info.lines)
     end = start

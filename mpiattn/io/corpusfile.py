@@ -87,6 +87,7 @@ def kill_point(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+_ROWS = re.compile(r"rows-(\d{7})-(\d{5})\.h5")
 
 
 @dataclass
@@ -104,6 +105,7 @@ class ChunkResult:
     stats: dict[str, float] = field(default_factory=dict)  # per-chunk measurements
     record_ids: list[str] | list[int] | None = None  # per line, with input.id_field
     records_sha256: str = ""  # textstream.chunk_digest of the chunk's decoded records
+    rows_sha256: list[str] | None = None  # pooled is None: each replica's rows file digest
 
 
 def job_key(config_toml: str, digests: dict[str, str]) -> str:
@@ -205,13 +207,16 @@ def _part_digest(arrays: list[np.ndarray], texts: list[list[str]]) -> str:
 
 def _part_contents(r: ChunkResult) -> tuple[dict[str, np.ndarray], list[list[str]]]:
     arrays = {"lengths": np.array([len(a) for a in r.ids], dtype=np.int64),
-              "tokens": _concat(r.ids, np.int64), "truncated": r.truncated.astype(np.uint8),
-              "pooled": r.pooled}
+              "tokens": _concat(r.ids, np.int64), "truncated": r.truncated.astype(np.uint8)}
+    if r.pooled is not None:  # else the replicas' rows files hold it (rows_sha256)
+        arrays["pooled"] = r.pooled
     if r.types is not None:
         arrays["token_type_ids"] = _concat(r.types, np.int64)
     for (layer, name), a in sorted(r.layers.items()):
         arrays[f"layers/{layer:02d}/{name}"] = a
     texts = [r.text] + ([r.text_pair] if r.text_pair is not None else [])
+    if r.rows_sha256 is not None:
+        texts.append(list(r.rows_sha256))  # the manifest is in the part's own digest
     if r.record_ids is not None:
         if all(isinstance(i, str) for i in r.record_ids):
             texts.append(list(r.record_ids))  # type: ignore[arg-type]
@@ -377,8 +382,8 @@ class Parts:
             part = self.read(index)
             if part is None or (records and (index >= len(records)
                                              or part.records_sha256 != records[index])):
-                for p in self.folder.glob("chunk-*.h5"):
-                    m = _PART.fullmatch(p.name)
+                for p in self.folder.glob("*.h5"):
+                    m = _PART.fullmatch(p.name) or _ROWS.fullmatch(p.name)
                     if m and int(m.group(1)) >= index:
                         with contextlib.suppress(OSError):
                             p.unlink()
@@ -394,7 +399,8 @@ class Parts:
         try:  # the safe reader: a regular file, nothing outside it, bounded declared sizes
             with open_for_reading(self.path(index), **_H5) as f:
                 want = f.attrs["sha256"]
-                names = ["lengths", "tokens", "truncated", "pooled"]
+                names = ["lengths", "tokens", "truncated"] + (["pooled"] if "pooled" in f
+                                                               else [])
                 names += ["token_type_ids"] if "token_type_ids" in f else []
                 layers: list[str] = []
                 if "layers" in f:
@@ -404,7 +410,8 @@ class Parts:
                 string_ids = ids is not None and ids.dtype.kind == "O"
                 tail = ["record_id"] if ids is not None and not string_ids else []
                 arrays = {n: f[n][()] for n in names + sorted(layers) + tail}
-                texts = {n: list(f[n].asstr()[()]) for n in ("text", "text_pair") if n in f}
+                texts = {n: list(f[n].asstr()[()]) for n in ("text", "text_pair", "rows_sha256")
+                         if n in f}
                 if string_ids:
                     texts["record_id"] = list(ids.asstr()[()])
                 first = int(f.attrs["first"])
@@ -413,7 +420,83 @@ class Parts:
             return None
         if _part_digest(list(arrays.values()), list(texts.values())) != want:
             return None
+        manifest = texts.pop("rows_sha256", None)
+        if manifest is not None and not self._merge_rows(index, arrays, manifest):
+            return None
         return PartData(first, arrays, texts, records)
+
+    def rows_path(self, index: int, replica: int) -> Path:
+        if self.folder is None:
+            raise ValueError("no parts folder yet: nothing has been written")
+        return self.folder / f"rows-{index:07d}-{replica:05d}.h5"
+
+    def write_rows(self, index: int, replica: int, results: list) -> str:
+        """One replica's rows of chunk ``index`` as its own file (``results``: (row
+        indices, pooled rows, {(layer, name): states of those rows' tokens}) per
+        micro-batch, in its order), published whole like a part; returns the SHA-256 of its
+        contents, which rank 0's part lists (``rows_sha256``). UserError (one line) when it
+        cannot be written."""
+        rows = _concat([np.asarray(r, dtype=np.int64) for r, _, _ in results], np.int64)
+        arrays: dict[str, np.ndarray] = {"rows": rows}
+        if results:
+            arrays["pooled"] = np.concatenate([p for _, p, _ in results])
+            for key in sorted(results[0][2]):
+                arrays[f"layers/{key[0]:02d}/{key[1]}"] = np.concatenate(
+                    [st[key] for _, _, st in results])
+        digest = _part_digest(list(arrays.values()), [])
+        self._publish(self.rows_path(index, replica), f"chunk {index} (replica {replica})",
+                      arrays, {"sha256": digest})
+        return digest
+
+    def _merge_rows(self, index: int, arrays: dict[str, np.ndarray],
+                    manifest: list[str]) -> bool:
+        """Each replica's rows file of chunk ``index`` checked against ``manifest`` (its
+        digest) and put back in line order into ``arrays`` (pooled, layers/NN/*); False
+        when one is missing, damaged or another replica's, or the rows do not cover every
+        line exactly once."""
+        from .h5safe import open_for_reading
+
+        lengths = arrays["lengths"]
+        n = len(lengths)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        seen = np.zeros(n, dtype=np.int64)
+        pooled = None
+        layers: dict[str, np.ndarray] = {}
+        for replica, want in enumerate(manifest):
+            try:
+                with open_for_reading(self.rows_path(index, replica), **_H5) as f:
+                    names = ["rows"] + (["pooled"] if "pooled" in f else [])
+                    found: list[str] = []
+                    if "layers" in f:
+                        f["layers"].visititems(lambda m, o, found=found: found.append(
+                            f"layers/{m}") if hasattr(o, "shape") else None)
+                    got = {k: f[k][()] for k in names + sorted(found)}
+            except (UserError, OSError, KeyError, RuntimeError, ValueError, TypeError):
+                return False
+            if _part_digest(list(got.values()), []) != want:
+                return False
+            rows = got["rows"]
+            if rows.size == 0:
+                continue
+            if rows.min() < 0 or rows.max() >= n:
+                return False
+            np.add.at(seen, rows, 1)
+            if pooled is None:
+                pooled = np.empty((n, got["pooled"].shape[1]), dtype=got["pooled"].dtype)
+            pooled[rows] = got["pooled"]
+            starts = np.concatenate([[0], np.cumsum(lengths[rows])])
+            for name in found:
+                a = got[name]
+                dest = layers.setdefault(name, np.empty((int(offsets[-1]), a.shape[1]),
+                                                        dtype=a.dtype))
+                for k, row in enumerate(rows):
+                    dest[offsets[row]:offsets[row + 1]] = a[starts[k]:starts[k + 1]]
+        if pooled is None or (seen != 1).any():
+            return False
+        arrays["pooled"] = pooled
+        for name in sorted(layers):
+            arrays[name] = layers[name]
+        return True
 
     def intact(self, index: int) -> bool:
         """Part ``index`` reads back and matches the digest it was written with."""
@@ -425,11 +508,31 @@ class Parts:
         return self.folder / f"chunk-{index:07d}.h5"
 
     def write(self, index: int, r: ChunkResult) -> None:
-        """Chunk ``index`` as its own HDF5 file with the digest of its contents, fsynced and
-        renamed into place only when whole. UserError (one line) when it cannot be
-        written: a nearly full disk is found before anything is written, a disk that
-        fills meanwhile by the plain write of the finished image (built in memory, about
-        the chunk's size: HDF5 itself never meets a full disk, which it does not survive)."""
+        """Chunk ``index`` as its own HDF5 file with the digest of its contents
+        (``_publish``)."""
+        self._make_folder()
+        arrays, texts = _part_contents(r)
+        strings = {"text": r.text}
+        if r.text_pair is not None:
+            strings["text_pair"] = r.text_pair
+        if r.rows_sha256 is not None:
+            strings["rows_sha256"] = list(r.rows_sha256)
+        if r.record_ids is not None and "record_id" not in arrays:
+            strings["record_id"] = list(r.record_ids)  # type: ignore[arg-type]
+        attrs: dict[str, Any] = {"first": r.first}
+        attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
+        attrs["records_sha256"] = r.records_sha256
+        attrs["sha256"] = _part_digest(list(arrays.values()), texts)
+        self._publish(self.path(index), f"chunk {index}", arrays, attrs, strings)
+
+    def _publish(self, path: Path, what: str, arrays: dict[str, np.ndarray],
+                 attrs: dict[str, Any], strings: dict[str, list[str]] | None = None) -> None:
+        """``arrays`` (and string columns) as one HDF5 file at ``path`` in the folder,
+        renamed into place only when whole, while the folder is still this job's
+        (``check_bound``). UserError (one line) when it cannot be written: a nearly full
+        disk is found before anything is written, a disk that fills meanwhile by the plain
+        write of the finished image (built in memory, about the part's size: HDF5 itself
+        never meets a full disk, which it does not survive)."""
         import io
 
         import h5py
@@ -437,24 +540,19 @@ class Parts:
         from . import outfile
 
         folder = self._make_folder()
-        self.check_bound(f"writing chunk {index}")
-        arrays, texts = _part_contents(r)
+        self.check_bound(f"writing {what}")
+        strings = strings or {}
         need = sum(a.nbytes for a in arrays.values()) + sum(
-            len(t.encode("utf-8")) + 16 for strings in texts for t in strings)
-        check_space(folder, need + (1 << 20), f"chunk {index}")
+            len(t.encode("utf-8")) + 16 for column in strings.values() for t in column)
+        check_space(folder, need + (1 << 20), what)
         memory = io.BytesIO()  # closed before its bytes are taken: a whole, consistent file
         with h5py.File(memory, "w", libver=LIBVER) as f:
-            f.attrs["first"] = r.first
-            f.attrs.update({f"stat_{k}": v for k, v in r.stats.items()})
-            f["text"] = np.array(r.text, dtype=h5py.string_dtype())
-            if r.text_pair is not None:
-                f["text_pair"] = np.array(r.text_pair, dtype=h5py.string_dtype())
-            if r.record_ids is not None and "record_id" not in arrays:
-                f["record_id"] = np.array(r.record_ids, dtype=h5py.string_dtype())
-            f.attrs["records_sha256"] = r.records_sha256
+            f.attrs.update({k: v for k, v in attrs.items() if k != "sha256"})
+            for name, column in strings.items():
+                f[name] = np.array(column, dtype=h5py.string_dtype())
             for name, a in arrays.items():
                 f[name] = a
-            f.attrs["sha256"] = _part_digest(list(arrays.values()), texts)
+            f.attrs["sha256"] = attrs["sha256"]
         tmp_path = None
         try:
             fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
@@ -464,13 +562,13 @@ class Parts:
                 fh.write(memory.getbuffer())
                 fh.flush()
                 os.fsync(fh.fileno())
-            self.check_bound(f"publishing chunk {index}")
-            os.replace(tmp_path, self.path(index))
+            self.check_bound(f"publishing {what}")
+            os.replace(tmp_path, path)
             outfile.fsync_folder(folder)
         except OSError as err:
             hint = ("; free some space and run the same command with --resume (finished"
                     " chunks are kept)" if is_full(err) else "")
-            raise UserError(f"cannot write chunk {index} to '{folder}':"
+            raise UserError(f"cannot write {what} to '{folder}':"
                             f" {reason(err)}{hint}") from None
         finally:
             if tmp_path is not None:
@@ -488,8 +586,23 @@ class Parts:
         return out
 
     def size(self) -> int:
-        """Bytes of the finished parts (what assembling them writes, about)."""
-        return sum(self.path(i).stat().st_size for i in range(self.done()))
+        """Bytes of the finished parts and their rows files (what assembling them writes,
+        about)."""
+        done = self.done()
+        rows = sum(p.stat().st_size for p in self.folder.glob("rows-*.h5")
+                   if (m := _ROWS.fullmatch(p.name)) and int(m.group(1)) < done
+                   ) if self.folder is not None and done else 0
+        return rows + sum(self.path(i).stat().st_size for i in range(done))
+
+    @classmethod
+    def joined(cls, out_path: Path, folder: Path) -> Parts:
+        """The folder rank 0 made (or resumes), seen by a replica leader that writes its
+        rows files into it (``write_rows``); rank 0 alone locks, lists and removes it."""
+        return cls(out_path, {}, folder)
+
+    def ready(self) -> Path:
+        """The folder, made now if it is not yet (before the replicas write into it)."""
+        return self._make_folder()
 
     def remove(self) -> None:
         """Delete the folder (after the final file is published, or when its chunks can

@@ -4,7 +4,8 @@ line before any work; resume after SIGKILL.
 
 Runs use a tiny seeded model with the MiniLM tokenizer, several corpus files per launch
 (``corpus_driver.py`` calls ``encode.run_text`` as ``mpiattn run`` does); bad inputs go
-through the real pre-flight (``jobkit.preflight`` + ``encode.check_inputs``) on one rank and
+through the real pre-flight (``jobkit.preflight`` + ``encode.check_inputs``, then the agreed
+scan ``encode.scan_corpus``) on one rank and
 on two ranks in threads, and twice through the real command line.
 """
 
@@ -345,15 +346,22 @@ class ThreadWorld:
 
 
 def preflight_errors(sets: list[str], ranks: int, out: Path) -> list[BaseException | None]:
-    """Each rank's outcome of ``mpiattn run``'s pre-flight (``encode.check_inputs``)."""
+    """Each rank's outcome of ``mpiattn run``'s pre-flight (``encode.check_inputs``, then
+    ``encode.scan_corpus``)."""
     world = ThreadWorld(ranks)
     outcomes: list[BaseException | None] = [None] * ranks
 
     def rank(r: int) -> None:
         try:
             cfg = config.load(None, sets)
-            jobkit.preflight(world.rank(r), lambda: encode.check_inputs(cfg, ranks, r),
-                             output=(str(out), False))
+            values, reserved = jobkit.preflight(
+                world.rank(r), lambda: encode.check_inputs(cfg, ranks, r),
+                output=(str(out), False))
+            try:  # the scan, split by byte ranges or on rank 0, agreed after the checks
+                encode.scan_corpus(world.rank(r), values[2], cfg.input.chunk)
+            finally:
+                if reserved is not None:
+                    reserved.discard()
         except BaseException as err:  # kept for the assertions
             outcomes[r] = err
 

@@ -4,10 +4,11 @@
 aggregated checksum records. The reader is ``formats.run.RunFile`` (``ragged`` rows) and
 ``formats.run.promised`` checks it (``input/offsets`` instead of an attention mask).
 
-Per-rank columns (``RANK_COLUMNS``, the (rank, 12) ``totals``): seconds of the forward,
+Per-rank columns (``RANK_COLUMNS``, the (rank, 14) ``totals``): seconds of the forward,
 the setup and the whole job, peak memory, busy and waiting seconds, the lines, tokens and
 padded tokens this rank's replica encoded, the records it tokenized, the seconds it
-tokenized and exchanged, and the bytes of the corpus it read.
+tokenized and exchanged, the bytes of the corpus it read, and the bytes and seconds of its
+part of the pre-flight scan.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .. import h5io
 from .common import PHASES, finish, write_phase_seconds, write_records
 
 RANK_COLUMNS = ("forward", "setup", "total", "peak_memory", "busy", "wait", "lines", "tokens",
-                "padded_tokens", "lines_tokenized", "tokenize", "bytes_read")
+                "padded_tokens", "lines_tokenized", "tokenize", "bytes_read", "scan_bytes",
+                "scan")
 
 # (column, group, dataset, units, description): every per-rank dataset but the phases
 PER_RANK = (
@@ -37,13 +39,22 @@ PER_RANK = (
     ("lines_tokenized", "work", "lines_tokenized", "1",
      "records this rank tokenized (this session): its 1/N slice of every chunk"),
     ("bytes_read", "work", "bytes_read", "bytes",
-     "bytes of input.text this rank read (this session): the pre-flight scan and the"
-     " encoding pass each read the whole file"),
+     "bytes of input.text this rank read (this session): its part of the pre-flight scan,"
+     " then its slices of the chunks (plain text, split by byte ranges) or every chunk"
+     " (other formats)"),
+    ("scan_bytes", "work", "scan_bytes", "bytes",
+     "bytes of input.text this rank read in the pre-flight scan: ~1/N of plain text (two"
+     " passes over its byte range, and the tail of its last chunk); the whole file on rank 0"
+     " for other formats"),
+    ("scan", "timings", "scan", "s",
+     "seconds of the pre-flight scan (this rank's byte range, or the whole file on rank 0"
+     " for formats that cannot be split), agreement included"),
     ("tokenize", "timings", "tokenize", "s", "seconds tokenizing this rank's slices and"
      " exchanging the chunks' tokens (checked Allgather)"),
     ("peak_memory", "ranks", "peak_memory", "bytes", "peak RSS (CPU) or CuPy pool total (GPU)"),
 )
-COUNTS = {"peak_memory", "lines", "tokens", "padded_tokens", "lines_tokenized", "bytes_read"}
+COUNTS = {"peak_memory", "lines", "tokens", "padded_tokens", "lines_tokenized", "bytes_read",
+          "scan_bytes"}
 NO_RECORDS = "none: every chunk was computed by an earlier session (--resume)"
 AGGREGATED = ("one row per (replica, layer, site): the worst ratio, retries summed, passed"
               " only if all passed; 'chunk' holds the number of transfers")

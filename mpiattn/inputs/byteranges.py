@@ -1,0 +1,240 @@
+"""A plain-text corpus scanned and read by byte ranges, so that rank r of N scans about 1/N of
+the file and reads only the lines it tokenizes. No MPI: the functions take byte offsets and
+line counts; ``commands/encode.py`` exchanges them.
+
+    a, b = range_of(fh, size, rank, ranks)          # line starts near r*size/N, (r+1)*size/N
+    lines, nbytes = count_lines(fh, a, b, size)     # pass 1: line ends counted, nothing decoded
+    # exclusive scan of the counts: ``first`` = lines of the ranks before, ``total``
+    part = scan_part(src, size, a, b, first, lines, total, chunk, ranks)  # pass 2: checked
+    items, nbytes = read_slice(src, start, end, first_line)         # later: one rank's slice
+
+Why two passes: a chunk's digest (``textstream.chunk_digest``, a SHA-256 over its records
+in order) and a bad line's number need the global number of the range's first line, which
+is the sum of the line counts of the ranges before (the exclusive scan). Pass 1 counts line
+ends at memory speed (``bytes.count``); pass 2 decodes and checks every line of the range
+with its global number, keeps the digest of every chunk that starts in the range (reading
+on past the range's end to finish the last one: at most one chunk's bytes), and the byte
+offset of every slice start (``shard.partition`` of each chunk over the N ranks) in the
+range. The digests are those of the one-rank ``textstream.scan``, so the check of what is
+read later and the parts' records digests are unchanged.
+
+Only uncompressed plain text is split (``splittable``): compressed streams (gzip, bzip2,
+zstd) cannot be entered at a byte offset, Parquet has no lines, and JSON Lines needs the
+kind of its ids fixed by its first record across the whole file; those are scanned whole
+by one rank.
+
+Line ends are those of ``records.split_lines`` (Python's universal newlines): a line starts
+at byte 0 and after every "\\n", every "\\r\\n" and every lone "\\r".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+from ..core.shard import partition
+from ..errors import InputError
+from .records import Item, Source, text_item
+from .textstream import chunk_digest
+
+BLOCK = 1 << 20  # bytes read at once inside a range
+TAIL_BLOCK = 1 << 14  # bytes read at once past a range's end (finishing its last chunk)
+_END = re.compile(rb"\r\n|\r|\n")
+
+
+def splittable(src: Source) -> bool:
+    """Whether ``src`` can be scanned and read by byte ranges: uncompressed plain text."""
+    return src.format == "text" and src.compression == "none"
+
+
+def line_start(fh: IO[bytes], x: int, size: int) -> int:
+    """The first line start at or after byte ``x`` (``size`` when none is left)."""
+    if x <= 0:
+        return 0
+    if x >= size:
+        return size
+    fh.seek(x - 1)
+    prev = fh.read(1)
+    pos = x  # the offset of the next byte read
+    while True:
+        block = fh.read(BLOCK)
+        if prev == b"\n":
+            return pos
+        if prev == b"\r":  # a line starts here unless this "\r" is the first half of "\r\n"
+            return pos + 1 if block[:1] == b"\n" else pos
+        if not block:
+            return size
+        ends = [i for i in (block.find(b"\n"), block.find(b"\r")) if i >= 0]
+        if not ends:
+            pos, prev = pos + len(block), block[-1:]
+            continue
+        i = min(ends)
+        if block[i] == 0x0A or i + 1 < len(block):
+            return pos + i + 1 + (block[i:i + 2] == b"\r\n")
+        return min(size, pos + i + 1 + (fh.read(1) == b"\n"))  # "\r" ends the block
+
+
+def range_of(fh: IO[bytes], size: int, rank: int, ranks: int) -> tuple[int, int]:
+    """Byte range [a, b) of rank ``rank`` of ``ranks``: the nominal bounds r*size//N and
+    (r+1)*size//N, each moved to the next line start. Consecutive ranks' ranges tile the
+    file; a rank whose range holds no line start gets an empty range."""
+    return (line_start(fh, rank * size // ranks, size),
+            line_start(fh, (rank + 1) * size // ranks, size))
+
+
+def count_lines(fh: IO[bytes], a: int, b: int, size: int) -> tuple[int, int]:
+    """(lines, bytes read) of [a, b), both line starts: its line ends, plus one for a last
+    line without a line end at the end of the file."""
+    fh.seek(a)
+    lines, pos, last = 0, a, b""
+    while pos < b:
+        block = fh.read(min(BLOCK, b - pos))
+        if not block:
+            break
+        lines += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+        if last == b"\r" and block[:1] == b"\n":  # a "\r\n" across two blocks
+            lines -= 1
+        pos, last = pos + len(block), block[-1:]
+    if b == size and pos > a and last not in (b"\n", b"\r"):
+        lines += 1
+    return lines, pos - a
+
+
+class LineReader:
+    """Lines of [start, end) of an open file with the offset of each line's start;
+    ``read`` counts the bytes taken from the file."""
+
+    def __init__(self, fh: IO[bytes], block: int = BLOCK) -> None:
+        self.fh, self.block, self.read = fh, block, 0
+
+    def lines(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, line without its line end) for every line starting in [start, end);
+        ``end`` is a line start or the file's size."""
+        self.fh.seek(start)
+        carry, at, left = b"", start, end - start
+        while left > 0:
+            data = self.fh.read(min(self.block, left))
+            if not data:
+                break
+            left -= len(data)
+            self.read += len(data)
+            buf = carry + data if carry else data
+            last = 0
+            if b"\r" not in buf:  # the common case
+                pieces = buf.split(b"\n")
+                for piece in pieces[:-1]:
+                    yield at + last, piece
+                    last += len(piece) + 1
+            else:
+                for m in _END.finditer(buf):
+                    if left > 0 and m.end() == len(buf) and m.group() == b"\r":
+                        break  # maybe the first half of "\r\n": decided with the next block
+                    yield at + last, buf[last:m.start()]
+                    last = m.end()
+            carry, at = buf[last:], at + last
+        if carry:  # the file's last line, without a line end
+            yield at, carry
+
+
+def _item(raw: bytes, offset: int, number: int, src: Source) -> Item:
+    if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM is not part of line 1
+        raw = raw[3:]
+    return text_item(raw, number, src.spec.pairs, src.where)
+
+
+@dataclass
+class Part:
+    """What pass 2 found in one range: the digest of every chunk that starts in it (chunk
+    index -> hex), the byte offset of every slice start in it (global line index ->
+    offset) and the bytes it read (the range and the tail of its last chunk)."""
+
+    digests: dict[int, str] = field(default_factory=dict)
+    offsets: dict[int, int] = field(default_factory=dict)
+    bytes_read: int = 0
+
+
+def slice_starts(total: int, chunk: int, ranks: int, lo: int, hi: int) -> list[int]:
+    """Sorted global line indices in [lo, hi) where a rank's slice of a chunk starts
+    (``shard.partition`` of each chunk of ``chunk`` lines over ``ranks``)."""
+    out: set[int] = set()
+    for k in range(lo // chunk, (hi - 1) // chunk + 1 if hi > lo else 0):
+        first = k * chunk
+        n = min(chunk, total - first)
+        for s in range(ranks):
+            t = first + partition(n, ranks, s)[1]
+            if lo <= t < hi:
+                out.add(t)
+    return sorted(out)
+
+
+def scan_part(src: Source, size: int, a: int, b: int, first: int, lines: int, total: int,
+              chunk: int, ranks: int) -> Part:
+    """Pass 2 over [a, b), whose ``lines`` lines start at global line index ``first`` (of
+    ``total``, cut into chunks of ``chunk`` lines, each split over ``ranks``): every line
+    checked as ``records.records`` checks it (InputError naming the global 1-based line),
+    the digests of the chunks starting here, the offsets of the slice starts here; a read
+    error is an InputError too (one line on every rank, never one rank's crash)."""
+    try:
+        return _scan_part(src, size, a, b, first, lines, total, chunk, ranks)
+    except OSError as err:
+        raise InputError(f"{src.where}: cannot be read ({err.strerror or err})") from None
+
+
+def _scan_part(src: Source, size: int, a: int, b: int, first: int, lines: int, total: int,
+               chunk: int, ranks: int) -> Part:
+    part = Part()
+    count = 0
+    targets = iter(slice_starts(total, chunk, ranks, first, first + lines))
+    target = next(targets, total)
+    items: list[Item] = []
+    open_chunk = -1  # the chunk whose items are being collected
+    with open(src.path, "rb") as fh:
+        reader = LineReader(fh)
+        i = first
+        for offset, raw in reader.lines(a, b):
+            item = _item(raw, offset, i + 1, src)
+            if i == target:
+                part.offsets[i] = offset
+                target = next(targets, total)
+            if i % chunk == 0:
+                open_chunk, items = i // chunk, []
+            if open_chunk >= 0:
+                items.append(item)
+                if len(items) == min(chunk, total - open_chunk * chunk):
+                    part.digests[open_chunk] = chunk_digest(items, None)
+                    open_chunk, items = -1, []
+            i += 1
+            count += 1
+        if open_chunk >= 0:  # finish the last chunk past the range's end
+            tail = LineReader(fh, TAIL_BLOCK)
+            need = min(chunk, total - open_chunk * chunk)
+            for offset, raw in tail.lines(b, size):
+                try:
+                    items.append(_item(raw, offset, i + 1, src))
+                except InputError:  # its own range's rank names it
+                    break
+                i += 1
+                if len(items) == need:
+                    part.digests[open_chunk] = chunk_digest(items, None)
+                    break
+            reader.read += tail.read
+        part.bytes_read = reader.read
+    return part
+
+
+def read_slice(src: Source, start: int, end: int, first_line: int
+               ) -> tuple[list[Item], int]:
+    """(items, bytes read) of the lines in bytes [start, end), the first being global line
+    index ``first_line`` (for messages): what one rank tokenizes of a chunk."""
+    if end <= start:
+        return [], 0
+    try:
+        with open(src.path, "rb") as fh:
+            reader = LineReader(fh)
+            items = [_item(raw, offset, first_line + k + 1, src)
+                     for k, (offset, raw) in enumerate(reader.lines(start, end))]
+    except OSError as err:
+        raise InputError(f"{src.where}: cannot be read ({err.strerror or err})") from None
+    return items, reader.read
