@@ -104,16 +104,45 @@ TRAINED = ("train/loss", "train/eval_loss", "train/grad_norm", "train/lr")
 
 _HOST_CLOCK = time.perf_counter
 UNSYNCED: collections.Counter = collections.Counter()
+NOW = {"job": ""}  # the CuPy job running ("" otherwise): whose host clock reads are counted
+READS: dict[str, collections.Counter] = {}  # CuPy job -> host clock readers -> reads
+PHASES: dict[str, dict[str, list[int]]] = {}  # CuPy job -> phase -> [intervals, with events]
 API: set[str] = set()  # the stand-in's functions, ufuncs and methods the jobs called
 
 
 def _clock() -> float:
     """``time.perf_counter`` that notes who reads it while device work is still queued
     (the interval it opens or closes then misses or gains that work)."""
+    f = sys._getframe(1)
+    who = f"{f.f_globals.get('__name__')}:{f.f_code.co_name}"
+    if NOW["job"]:
+        READS.setdefault(NOW["job"], collections.Counter())[who] += 1
     if not cupy.cuda.get_current_stream().done:
-        f = sys._getframe(1)
-        UNSYNCED[f"{f.f_globals.get('__name__')}:{f.f_code.co_name}"] += 1
+        UNSYNCED[who] += 1
     return _HOST_CLOCK()
+
+
+def _phases() -> Any:
+    """Wrap ``PhaseTimer.__call__``: per CuPy job and phase, the intervals timed and those
+    the stand-in saw two CUDA events or more recorded in (its start and end marks)."""
+    from contextlib import contextmanager
+
+    from mpiattn.core.model import PhaseTimer
+
+    timed = PhaseTimer.__call__
+
+    @contextmanager
+    def counted(self: Any, phase: str) -> Any:
+        before = sum(cupy.standin.record.events.values())
+        with timed(self, phase):
+            yield
+        if NOW["job"]:
+            seen = PHASES.setdefault(NOW["job"], {}).setdefault(phase, [0, 0])
+            seen[0] += 1
+            seen[1] += sum(cupy.standin.record.events.values()) - before >= 2
+
+    PhaseTimer.__call__ = counted
+    return timed
 
 
 def copies(rec: Any) -> dict[str, int]:
@@ -176,6 +205,7 @@ def main(out: Path, small: bool = False) -> None:
             path = paths[backend] = out / f"{name}-{backend}.h5"
             world.Barrier()
             rec.reset()
+            NOW["job"] = name if backend == "cupy" else ""
             if command == "run":
                 run(cfg, world, str(path), True)
             elif command == "bench":
@@ -183,11 +213,14 @@ def main(out: Path, small: bool = False) -> None:
             else:
                 train(cfg, world, str(path), True)
             world.Barrier()
+            NOW["job"] = ""
         API.update(rec.api)
         mine = {"copies": copies(rec), "uploads": uploads(rec),
                 "mpi_device_buffers": rec.mpi_device_buffers,
                 "peak_bytes": rec.peak_bytes.get(0, 0), "pinned_bytes": rec.pinned_bytes,
-                "syncs": rec.syncs, "launches": rec.launches}
+                "syncs": rec.syncs, "launches": rec.launches, "events": dict(rec.events),
+                "elapsed": dict(rec.elapsed), "clock_reads": dict(READS.get(name, {})),
+                "phases": PHASES.get(name, {})}
         every = world.gather(mine)
         if rank == 0:
             entry = {"ranks": every}
@@ -195,8 +228,8 @@ def main(out: Path, small: bool = False) -> None:
                 entry["diff"] = compare(datasets(paths["numpy"], prefix),
                                         datasets(paths["cupy"], prefix))
             with h5py.File(paths["cupy"]) as f:
-                entry["attrs"] = {k: str(f.attrs[k]) for k in ("backend", "cuda_aware")
-                                  if k in f.attrs}
+                entry["attrs"] = {k: str(f.attrs[k]) for k in ("backend", "cuda_aware",
+                                                                "timing") if k in f.attrs}
                 if "checksum/collectives" in f:
                     entry["retries"] = [int(r) for r in f["checksum/collectives"]["retries"]]
                 entry["devices"] = [str(d, "utf-8") if isinstance(d, bytes) else str(d)
@@ -205,6 +238,7 @@ def main(out: Path, small: bool = False) -> None:
 
     sys.settrace(_trace)
     time.perf_counter = _clock
+    phase_timer = _phases()
     try:
         job("run64", "run", {"dtype": "float64"})
         job("run64-aware", "run", {"dtype": "float64"}, aware=True)
@@ -254,6 +288,9 @@ def main(out: Path, small: bool = False) -> None:
     finally:
         sys.settrace(None)
         time.perf_counter = _HOST_CLOCK
+        from mpiattn.core.model import PhaseTimer
+
+        PhaseTimer.__call__ = phase_timer
     hits = world.gather(sorted(HIT))
     clocks = world.gather(dict(UNSYNCED))
     api = world.gather(sorted(API | set(rec.api)))

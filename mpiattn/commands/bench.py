@@ -37,6 +37,7 @@ from ..core.costs import layer_flops
 from ..core.model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import micro_batches, stage_forward, stage_layers
+from ..core.timing import Timer
 from ..io.schema import (
     PHASES,
     BenchResult,
@@ -51,7 +52,7 @@ from .runner import setup
 
 
 def gemm_rate(xp: Any, shapes: list[tuple[int, int, int]], dtype: Any, world: Any,
-              sync: Callable[[], None], repeats: int) -> float:
+              sync: Timer | Callable[[], None], repeats: int) -> float:
     """Best FLOP/s of this rank's backend over the layer's GEMM shapes, all ranks at once."""
     best = 0.0
     for m, k, n in shapes:
@@ -107,7 +108,7 @@ def train_step(x: Any, shard: Any, reducer: Any, eps: float,
     return step
 
 
-def checksum_overhead(world: Any, sync: Callable[[], None], layer: Callable[[], Any],
+def checksum_overhead(world: Any, sync: Timer | Callable[[], None], layer: Callable[[], Any],
                       reducer: Any, repeats: int) -> float:
     """Median layer time with checksums on over off, the modes interleaved so that a
     change of machine load hits both alike."""
@@ -158,7 +159,7 @@ def _bench(cfg: Config, world: Any, p: Any, reducer: Any, out: Any, started: dt.
     from ..parallel.comm import gather_rows
 
     rank = world.Get_rank()
-    xp, sync = p.backend.xp, p.backend.sync
+    xp, sync = p.backend.xp, p.backend.timer()  # CuPy: CUDA events
     m, dtype = cfg.model, np.dtype(cfg.dtype)
     b, s = p.rows[0], p.batch.shape[1]  # this replica's sequences, full length
     _, (shard,) = load_shards(cfg, p, world, range(1))
@@ -291,7 +292,7 @@ def bench_pipeline(cfg: Config, world: Any, p: Any, reducer: Any, out: Any,
     from ..parallel.comm import gather_rows
 
     rank, grid = world.Get_rank(), p.grid
-    xp, sync = p.backend.xp, p.backend.sync
+    xp, sync = p.backend.xp, p.backend.timer()  # CuPy: CUDA events
     m, dtype = cfg.model, np.dtype(cfg.dtype)
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     count, start = p.rows

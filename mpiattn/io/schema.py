@@ -58,6 +58,7 @@ def write_provenance(f: Any, cfg: Config, p: Placement, started: dt.datetime, co
         "head_partition": np.array(p.head_counts), "backend": p.backend.name,
         "cuda_aware": ("yes" if p.cuda_aware else "no (pinned host staging)")
         if p.backend.is_gpu else "n/a (host arrays)",
+        "timing": p.backend.timer().method,  # "cuda events" on CuPy, else the host clock
         "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
         "blas": str(blas_info()),
         "blas_threads_per_rank": p.threads, "start_time": started.isoformat(),

@@ -168,6 +168,32 @@ def test_devices_streams_events_and_runtime(cupy, monkeypatch):
     assert cupy.cuda.get_elapsed_time(start, end) >= 0.0
 
 
+def test_phase_times_are_cuda_events_read_after_one_sync(cupy):
+    """On CuPy the phase timer records an event pair per interval and reads them all
+    after one synchronise when its seconds are read; no host clock is involved."""
+    from mpiattn.core.model import PhaseTimer
+    from mpiattn.core.timing import EVENTS, Timer
+
+    rec = cupy.standin.record
+    rec.reset()
+    clock = Timer(cupy, clock=lambda: pytest.fail("a host clock read on the CuPy path"))
+    assert clock.method == EVENTS
+    timer = PhaseTimer(clock, ("attention", "sequence"))
+    a = cupy.ones((64, 64))
+    with timer("attention"):
+        a = a @ a
+        with timer("sequence"):
+            a = a + 1
+    assert rec.events == {"mpiattn.core.timing:mark": 4} and rec.elapsed == {}
+    assert not cupy.cuda.get_current_stream().done  # the work is still queued
+    syncs = rec.syncs
+    seconds = timer.seconds
+    assert rec.syncs == syncs + 1 and rec.elapsed == {"mpiattn.core.timing:elapsed": 2}
+    assert seconds.keys() == {(0, "attention"), (0, "sequence")}
+    assert all(v >= 0.0 for v in seconds.values()) and clock.intervals == 2
+    assert timer.intervals == {(0, "attention"): 1, (0, "sequence"): 1}
+
+
 def test_backend_selects_the_standin(cupy, monkeypatch):
     from mpiattn.core import backend
     from mpiattn.parallel.comm import cuda_aware_mpi
@@ -342,12 +368,40 @@ def test_timings_never_close_around_queued_device_work(matrix):
     assert set(matrix["unsynced_clock"]) <= ALLOWED_CLOCKS.keys(), matrix["unsynced_clock"]
 
 
+CUPY_TIMED = ("run64", "run64-aware", "run32", "pipeline", "ulysses", "ring", "fault",
+              "bench", "train")
+
+
+def test_phase_times_come_from_cuda_events(matrix):
+    """Every phase of a CuPy job is timed by CUDA events (the stand-in saw two or more
+    recorded in each interval), every event pair is read after a synchronise, the file
+    says so, and no timer read a host clock (only bench's Allreduce sweep on host buffers)."""
+    for job in (*CUPY_TIMED, *(["text"] if "text" in matrix else [])):
+        assert matrix[job]["attrs"]["timing"] == "cuda events", job
+        for rank, seen in enumerate(matrix[job]["ranks"]):
+            marks = seen["events"].get("mpiattn.core.timing:mark", 0)
+            reads = seen["elapsed"].get("mpiattn.core.timing:elapsed", 0)
+            assert marks > 0 and reads > 0, (job, rank)
+            if job != "train":  # a step's five marks bound four phases
+                assert marks == 2 * reads, (job, rank, marks, reads)
+            if job != "train":
+                assert seen["phases"], (job, rank)
+            for phase, (intervals, with_events) in seen["phases"].items():
+                assert intervals == with_events > 0, (job, rank, phase)
+            host = {who for who in seen["clock_reads"]
+                    if who.startswith(("mpiattn.core.", "mpiattn.commands.benchkit"))}
+            assert host <= ({"mpiattn.core.timing:_host_clock"} if job == "bench" else set()), (
+                job, rank, host)
+
+
 def test_the_run_file_records_the_device(matrix):
     assert matrix["run64"]["devices"] == ["cuda:0 CuPy stand-in 0 (NumPy)"] * 2
-    assert matrix["run64"]["attrs"] == {"backend": "cupy",
+    assert matrix["run64"]["attrs"] == {"backend": "cupy", "timing": "cuda events",
                                         "cuda_aware": "no (pinned host staging)"}
     assert matrix["run64-aware"]["attrs"]["cuda_aware"] == "yes"
     assert "float64, cupy (CUDA-aware MPI: yes)" in matrix["report"]
+    assert ("devices   cuda:0 CuPy stand-in 0 (NumPy); times from cuda events"
+            in matrix["report"])
     assert all(r["peak_bytes"] > 0 for r in matrix["run64"]["ranks"])
     assert matrix["auto"] == "cupy"  # MPIATTN_CUPY_STANDIN=1 lets auto see the stand-in
 
