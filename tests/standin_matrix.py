@@ -195,9 +195,12 @@ def main(out: Path, small: bool = False) -> None:
     summary: dict[str, Any] = {"ranks": world.Get_size()}
 
     def job(name: str, command: str, flat: dict, aware: bool | None = False,
-            prefix: tuple[str, ...] = ("layers",), base: dict = TINY) -> None:
-        paths = {}
-        for backend in ("numpy", "cupy"):
+            prefix: tuple[str, ...] = ("layers",), base: dict = TINY,
+            numpy_of: str = "") -> None:
+        """``numpy_of``: compare with that job's NumPy file instead of running NumPy again
+        (the NumPy backend does not depend on ``comm.cuda_aware``)."""
+        paths = {"numpy": out / f"{numpy_of}-numpy.h5"} if numpy_of else {}
+        for backend in ("cupy",) if numpy_of else ("numpy", "cupy"):
             os.environ["CUPY_STANDIN_CUDA_AWARE"] = "1" if aware else "0"
             mode = {None: "auto", True: "true", False: "false"}[aware]  # auto: the library's
             cfg = config.from_dict({**base, **flat, "backend": backend,
@@ -220,7 +223,8 @@ def main(out: Path, small: bool = False) -> None:
                 "peak_bytes": rec.peak_bytes.get(0, 0), "pinned_bytes": rec.pinned_bytes,
                 "syncs": rec.syncs, "launches": rec.launches, "events": dict(rec.events),
                 "elapsed": dict(rec.elapsed), "clock_reads": dict(READS.get(name, {})),
-                "phases": PHASES.get(name, {})}
+                "phases": PHASES.get(name, {}),
+                "reads": dict(collections.Counter(t.caller for t in rec.d2h("scalar")))}
         every = world.gather(mine)
         if rank == 0:
             entry = {"ranks": every}
@@ -246,11 +250,17 @@ def main(out: Path, small: bool = False) -> None:
             job("run32", "run", {"dtype": "float32", "output.head_stats": True,
                                  "output.attention_maps": [1]},
                 aware=None, prefix=("layers", "heads"))  # auto: the library says no
-            job("pipeline", "run", {"dtype": "float64", "parallel.pipeline": 2,
-                                    "attention.impl": "blocked", "attention.block": 3})
-            job("ulysses", "run", {"dtype": "float64", "parallel.sequence": 2})
-            job("ring", "run", {"dtype": "float64", "parallel.sequence": 2,
-                                "attention.sequence": "ring"})
+            layouts = {"pipeline": {"dtype": "float64", "parallel.pipeline": 2,
+                                    "attention.impl": "blocked", "attention.block": 3},
+                       "ulysses": {"dtype": "float64", "parallel.sequence": 2},
+                       "ring": {"dtype": "float64", "parallel.sequence": 2,
+                                "attention.sequence": "ring"}}
+            ring_fault = {"rank": 1, "layer": 1, "site": "ring.kv", "index": 3, "bit": 30,
+                          "where": "result", "times": 1}  # a received K/V slice, resent
+            for name, flat in layouts.items():  # p2p, all-to-all, ring: staged, then direct
+                job(name, "run", flat)
+                faults = {"fault.inject": [ring_fault]} if name == "ring" else {}
+                job(f"{name}-aware", "run", {**flat, **faults}, aware=True, numpy_of=name)
             fault = {"rank": 1, "layer": 1, "site": "attention", "index": 3, "bit": 30,
                      "where": "send", "times": 1}  # caught by the checksum, then retried
             job("fault", "run", {"dtype": "float64", "fault.inject": [fault]},
@@ -275,10 +285,14 @@ def main(out: Path, small: bool = False) -> None:
                     (out / split).write_text("\n".join(text.splitlines()[:lines]) + "\n",
                                              encoding="utf-8")
             world.Barrier()
-            job("train", "train", {"dtype": "float32", "train.steps": 2, "train.warmup": 1,
-                                   "train.corpus": str(out / "train.txt"),
-                                   "train.heldout": str(out / "heldout.txt"),
-                                   "train.eval_batches": 1}, prefix=TRAINED)
+            steps = {"dtype": "float32", "train.steps": 2, "train.warmup": 1,
+                     "train.corpus": str(out / "train.txt"),
+                     "train.heldout": str(out / "heldout.txt"), "train.eval_batches": 1}
+            job("train", "train", steps, prefix=TRAINED)
+            # training through pipeline stages, device buffers straight to MPI: the same
+            # losses as the head-parallel NumPy training within float32 rounding
+            job("train-pipeline-aware", "train", {**steps, "parallel.pipeline": 2},
+                aware=True, prefix=TRAINED, numpy_of="train")
             os.environ["MPIATTN_CUPY_STANDIN"] = "1"
             summary["auto"] = select("auto").name
             if rank == 0:  # what report shows of a CuPy run

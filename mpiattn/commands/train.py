@@ -494,7 +494,6 @@ class Trainer:
         summed loss of the micro-batches, 0 but on the last stage; the summed gradients in
         ``mlm.named`` order, or [] without ``backward``; seconds forward, seconds backward).
         """
-        from ..core.backend import to_host
 
         g, xp, timer = self.groups, self.xp, self.timer
         first, last = g.stage == 0, g.stage == g.stages - 1
@@ -516,12 +515,10 @@ class Trainer:
             peer, label = ((g.stage - 1, before) if (kind == "recv") == (op == "F")
                            else (g.stage + 1, after))
             if kind == "recv":
-                buf = np.empty(shape, dtype)  # host: checked p2p
-                g.p2p.recv(buf, peer, site=site, layer=label, tag=tag)
-                inputs[m] = xp.asarray(buf)
+                buf = xp.empty(shape, dtype)  # the checked p2p stages it when it must
+                inputs[m] = g.p2p.recv(buf, peer, site=site, layer=label, tag=tag)
             elif kind == "send":
-                g.p2p.send(to_host(outputs.pop((op, m))), peer, site=site, layer=label,
-                           tag=tag)
+                g.p2p.send(outputs.pop((op, m)), peer, site=site, layer=label, tag=tag)
             elif op == "F":
                 lo, hi = r.start * seq, r.stop * seq
                 sel = (batch.positions >= lo) & (batch.positions < hi)
@@ -759,7 +756,7 @@ def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     p2p = CheckedP2P(comm, RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
                      FaultPlan(parse_faults(cfg.fault.inject, TRAIN_SITES), grid.rank),
-                     group_ranks=ranks, abort_on_failure=True)
+                     group_ranks=ranks, abort_on_failure=True, cuda_aware=plan.cuda_aware)
     pipe = make_reducer(cfg, plan, comm, ranks, TRAIN_SITES)
     end = stage in (0, stages - 1)
     ends = comm.Split(color=0 if end else MPI.UNDEFINED, key=stage)

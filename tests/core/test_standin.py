@@ -235,7 +235,10 @@ NOT_REACHED = {
 }
 ALLOWED_COPIES = {  # device -> host array copies, by the function that asks for them
     "mpiattn.parallel.comm:post": "staging of the checked Allreduce (not CUDA-aware)",
-    "mpiattn.core.checksum:ratio_of_sums": "the checksum verdict: 3 numbers, one copy",
+    "mpiattn.core.checksum:device_verdict": "a checked Allreduce's verdict: 1 copy for all",
+    "mpiattn.core.checksum:digests64": "an all-to-all's block digests, one copy per set",
+    "mpiattn.core.optim:squared_norms": "the gradient norm's two sums, one copy a step",
+    "mpiattn.parallel.transfers:_wire": "p2p, all-to-all, ring: pinned staging (not aware)",
     "mpiattn.commands.runner:on_layer": "per-layer outputs written to HDF5",
     "mpiattn.commands.runner:_run": "the pooled output",
     "mpiattn.commands.runner:gather_tokens": "token slices gathered for the output",
@@ -243,9 +246,6 @@ ALLOWED_COPIES = {  # device -> host array copies, by the function that asks for
     "mpiattn.core.headstats:host": "per-head statistics for the output file, once a run",
     "mpiattn.core.headstats:host_maps": "attention maps for the output file, once a run",
     "mpiattn.core.attention:from_mask": "key lengths of the mask, once per forward",
-    "mpiattn.core.pipeline:stage_forward": "pipeline stage output (host p2p staging)",
-    "mpiattn.core.seqattn:_alltoall": "Ulysses all-to-all (host staging)",
-    "mpiattn.core.seqattn:_ring_forward": "ring K/V shift (host staging)",
     "mpiattn.commands.train:_sum": "the step's loss and token counts",
     "mpiattn.commands.train:gather": "parameters for the checkpoint and export",
 }
@@ -261,11 +261,11 @@ ALLOWED_UPLOADS = {  # host -> device copies, by the function that asks for them
     "mpiattn.commands.encode:_forward": "a text micro-batch's ids and mask",
     "mpiattn.commands.bench:_bench": "the benchmark's input, once",
     "mpiattn.commands.train:_device": "a training step's batch",
+    "mpiattn.commands.train:_pipeline": "a pipelined step's positions and targets",
     "mpiattn.commands.train:_sum": "the step's loss and token counts, to be summed",
     "mpiattn.commands.train:train": "the initial parameters, once",
-    "mpiattn.core.pipeline:stage_forward": "pipeline stage input (host p2p staging)",
-    "mpiattn.core.seqattn:_alltoall": "Ulysses all-to-all (host staging)",
-    "mpiattn.core.seqattn:_ring_forward": "ring K/V shift (host staging)",
+    "mpiattn.parallel.transfers:_arrived": "all-to-all, ring: pinned staging back (not aware)",
+    "mpiattn.parallel.transfers:recv": "pipeline p2p: pinned staging back (not aware)",
 }
 # host clock reads while device work is queued (the stand-in's streams tell), and why they
 # are harmless; any other is an interval that misses, or gains, device work
@@ -314,8 +314,9 @@ def test_uneven_heads_on_three_ranks(tmp_path):
 def test_outputs_equal_the_numpy_backend(matrix):
     for job, tol, count in (("run64", 1e-12, 4), ("run64-aware", 1e-12, 4),
                             ("run32", 1e-5, 7),  # with per-head statistics and a map
-                            ("pipeline", 1e-12, 4),  # blocked attention
-                            ("ulysses", 1e-12, 4), ("ring", 1e-12, 4)):
+                            ("pipeline", 1e-12, 4), ("pipeline-aware", 1e-12, 4),  # blocked
+                            ("ulysses", 1e-12, 4), ("ulysses-aware", 1e-12, 4),
+                            ("ring", 1e-12, 4), ("ring-aware", 1e-12, 4)):
         diff = matrix[job]["diff"]
         print(f"{job}: max rel difference {diff['rel']:.2e} over {diff['count']} datasets")
         assert diff["count"] == count and diff["rel"] <= tol, job
@@ -326,13 +327,19 @@ def test_outputs_equal_the_numpy_backend(matrix):
     assert fault["diff"]["rel"] <= 1e-12 and fault["retries"] == [0, 0, 1, 0]
     train = matrix["train"]["diff"]  # forward, backward, AdamW: float32 losses, bit for bit
     assert train["count"] == 4 and len(train["equal"]) == 4
+    # 2 pipeline stages, device buffers to MPI, against the head-parallel NumPy training
+    staged = matrix["train-pipeline-aware"]
+    assert staged["diff"]["rel"] <= 1e-6 and "train/loss" in staged["diff"]["equal"]
+    assert all(seen["mpi_device_buffers"] > 0 for seen in staged["ranks"])
     assert matrix["export_equal"] is True
 
 
 def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
     layers, warm_up = 2, 1  # each layer (and the warm-up pass) has two checked Allreduces
     for job in ("run64", "run64-aware", "run32", "pipeline", "ulysses", "ring", "bench",
-                "train", "fault", *(["text"] if "text" in matrix else [])):
+                "train", "fault", "pipeline-aware", "ulysses-aware", "ring-aware",
+                "train-pipeline-aware",
+                *(["text"] if "text" in matrix else [])):
         for rank, seen in enumerate(matrix[job]["ranks"]):
             callers = {key.split()[1] for key in seen["copies"]}
             assert callers <= ALLOWED_COPIES.keys(), (job, rank, seen["copies"])
@@ -345,7 +352,7 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
         for seen in matrix[job]["ranks"]:
             staged = seen["copies"]["get mpiattn.parallel.comm:post pinned"]
             assert staged == 2 * (layers + warm_up) and seen["mpi_device_buffers"] == 0
-            verdicts = seen["copies"]["get mpiattn.core.checksum:ratio_of_sums pageable"]
+            verdicts = seen["copies"]["get mpiattn.core.checksum:device_verdict pageable"]
             assert verdicts == staged  # one copy per checked Allreduce, not four reads
             assert seen["uploads"]["set mpiattn.parallel.comm:wait pinned"] == staged
             assert seen["uploads"]["asarray mpiattn.commands.runner:_run pageable"] == 2
@@ -362,6 +369,56 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
         assert seen["mpi_device_buffers"] > 0 and seen["pinned_bytes"] == 0
 
 
+STAGE = "get mpiattn.parallel.transfers:_wire pinned"
+
+
+def test_moved_data_goes_device_direct_with_cuda_aware_mpi(matrix):
+    """Pipeline p2p, Ulysses all-to-all and ring shifts (2 layers, 2 ranks): staged
+    through pinned host buffers, one copy out and one in per transfer, when MPI is not
+    CUDA-aware; with it, no copy at all, MPI reads device buffers, and the digests are
+    read from the device once per digest set."""
+    layers = 2
+    staged = {"pipeline": [1, 0], "ulysses": [2 * layers] * 2, "ring": [layers] * 2}
+    back = {"pipeline": ("set mpiattn.parallel.transfers:recv pinned", [0, 1]),
+            "ulysses": ("asarray mpiattn.parallel.transfers:_arrived pinned", [2 * layers] * 2),
+            "ring": ("asarray mpiattn.parallel.transfers:_arrived pinned", [layers] * 2)}
+    for job, out in staged.items():
+        key, into = back[job]
+        for rank, seen in enumerate(matrix[job]["ranks"]):
+            assert seen["copies"].get(STAGE, 0) == out[rank], (job, rank, seen["copies"])
+            assert seen["uploads"].get(key, 0) == into[rank], (job, rank, seen["uploads"])
+            assert seen["mpi_device_buffers"] == 0 and seen["pinned_bytes"] > 0
+            assert "mpiattn.core.checksum:digest64" not in seen["reads"]  # hashed on the host
+        for rank, seen in enumerate(matrix[f"{job}-aware"]["ranks"]):
+            moved = [k for k in (*seen["copies"], *seen["uploads"]) if "transfers:" in k]
+            assert not moved, (job, rank, moved)
+            assert seen["mpi_device_buffers"] > 0 and seen["pinned_bytes"] == 0, (job, rank)
+    for seen in matrix["ulysses-aware"]["ranks"]:  # sent and received digests: 2 copies
+        assert seen["copies"]["get mpiattn.core.checksum:digests64 pageable"] == 2 * 2 * layers
+    ring = matrix["ring-aware"]  # a received slice corrupted once: every rank resends it
+    assert ring["retries"] == [0, 1, 0, 1] and ring["diff"]["rel"] <= 1e-12
+    for seen in ring["ranks"]:  # per shift the payload's digest and the arrival's, + retry
+        assert seen["reads"]["mpiattn.core.checksum:digest64"] == 2 * layers + 1
+    assert [seen["reads"]["mpiattn.core.checksum:digest64"]
+            for seen in matrix["pipeline-aware"]["ranks"]] == [1, 1]  # sender, receiver
+
+
+def test_blocking_reads_merge_per_collective(matrix):
+    """A checked Allreduce on a device reads its verdict (checksum figures, non-finite
+    flag, hash) in one copy and nothing else; a training step reads its gradient norm's
+    sums in one copy (not one read per tensor)."""
+    for job, collectives in (("run64", 6), ("run64-aware", 6), ("fault", 7)):
+        for seen in matrix[job]["ranks"]:
+            assert seen["copies"]["get mpiattn.core.checksum:device_verdict pageable"] == (
+                collectives)
+            extra = {k for k in seen["reads"] if k.startswith(("mpiattn.parallel.comm:_",
+                                                               "mpiattn.core.checksum"))}
+            assert not extra, (job, seen["reads"])
+    for seen in matrix["train"]["ranks"]:
+        assert seen["copies"]["get mpiattn.core.optim:squared_norms pageable"] == 2  # steps
+        assert "mpiattn.core.optim:squared_norms" not in seen["reads"]
+
+
 def test_timings_never_close_around_queued_device_work(matrix):
     """Every interval a file reports is read after a synchronisation of the stream
     (setup, forward, steps, bench repeats, the busy time of text runs)."""
@@ -369,7 +426,8 @@ def test_timings_never_close_around_queued_device_work(matrix):
 
 
 CUPY_TIMED = ("run64", "run64-aware", "run32", "pipeline", "ulysses", "ring", "fault",
-              "bench", "train")
+              "bench", "train", "pipeline-aware", "ulysses-aware", "ring-aware",
+              "train-pipeline-aware")
 
 
 def test_phase_times_come_from_cuda_events(matrix):
@@ -382,9 +440,8 @@ def test_phase_times_come_from_cuda_events(matrix):
             marks = seen["events"].get("mpiattn.core.timing:mark", 0)
             reads = seen["elapsed"].get("mpiattn.core.timing:elapsed", 0)
             assert marks > 0 and reads > 0, (job, rank)
-            if job != "train":  # a step's five marks bound four phases
+            if not job.startswith("train"):  # a step's five marks bound four phases
                 assert marks == 2 * reads, (job, rank, marks, reads)
-            if job != "train":
                 assert seen["phases"], (job, rank)
             for phase, (intervals, with_events) in seen["phases"].items():
                 assert intervals == with_events > 0, (job, rank, phase)
