@@ -299,6 +299,9 @@ def main(out: Path, small: bool = False) -> None:
                 from mpiattn.analysis.report import format_summary, load, summarize
 
                 summary["report"] = format_summary(summarize(load(out / "run64-aware-cupy.h5")))
+                from mpiattn.analysis.plan import fit
+
+                summary["plan_notes"] = fit([load(out / "run64-aware-cupy.h5")]).notes
     finally:
         sys.settrace(None)
         time.perf_counter = _HOST_CLOCK

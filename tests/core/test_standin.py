@@ -521,6 +521,8 @@ def test_the_run_file_records_the_device(matrix):
     assert "float64, cupy (CUDA-aware MPI: yes)" in matrix["report"]
     assert ("devices   cuda:0 CuPy stand-in 0 (NumPy); times from cuda events"
             in matrix["report"])
+    assert ("1 input(s) ran on CuPy devices (cuda:0 CuPy stand-in 0 (NumPy)); CUDA-aware MPI:"
+            " yes; times from cuda events") in matrix["plan_notes"]
     assert all(r["peak_bytes"] > 0 for r in matrix["run64"]["ranks"])
     assert matrix["auto"] == "cupy"  # MPIATTN_CUPY_STANDIN=1 lets auto see the stand-in
 
