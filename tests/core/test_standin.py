@@ -194,6 +194,23 @@ def test_phase_times_are_cuda_events_read_after_one_sync(cupy):
     assert timer.intervals == {(0, "attention"): 1, (0, "sequence"): 1}
 
 
+def test_device_digests_equal_the_host_ones(cupy):
+    """``digest64`` on the device (wrapping uint64 sums, one read) and ``digests64`` (one
+    copy for a set of blocks) give the host's digests: a tail of odd bytes, several chunks."""
+    from mpiattn.core import checksum
+
+    rng = np.random.default_rng(6)
+    for x in (rng.standard_normal(5).astype(np.float32),  # 20 bytes: a tail
+              rng.standard_normal(checksum._CHUNK * 2 + 3)):  # two chunks and a tail
+        assert checksum.digest64(cupy.asarray(x)) == checksum.digest64(x)
+    blocks = rng.standard_normal((3, 4, 5))
+    rec = cupy.standin.record
+    rec.reset()
+    got = checksum.digests64(cupy.asarray(blocks))
+    np.testing.assert_array_equal(got, checksum.digests64(blocks))
+    assert [t.kind for t in rec.d2h()] == ["get"]  # one copy for the three digests
+
+
 def test_pooling_modes_on_the_standin_equal_numpy(cupy):
     """Every sentence-transformers pooling mode (and all at once, concatenated), Dense with
     each activation and Normalize on device arrays: float64 bit for bit with NumPy, on a
