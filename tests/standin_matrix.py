@@ -104,16 +104,45 @@ TRAINED = ("train/loss", "train/eval_loss", "train/grad_norm", "train/lr")
 
 _HOST_CLOCK = time.perf_counter
 UNSYNCED: collections.Counter = collections.Counter()
+NOW = {"job": ""}  # the CuPy job running ("" otherwise): whose host clock reads are counted
+READS: dict[str, collections.Counter] = {}  # CuPy job -> host clock readers -> reads
+PHASES: dict[str, dict[str, list[int]]] = {}  # CuPy job -> phase -> [intervals, with events]
 API: set[str] = set()  # the stand-in's functions, ufuncs and methods the jobs called
 
 
 def _clock() -> float:
     """``time.perf_counter`` that notes who reads it while device work is still queued
     (the interval it opens or closes then misses or gains that work)."""
+    f = sys._getframe(1)
+    who = f"{f.f_globals.get('__name__')}:{f.f_code.co_name}"
+    if NOW["job"]:
+        READS.setdefault(NOW["job"], collections.Counter())[who] += 1
     if not cupy.cuda.get_current_stream().done:
-        f = sys._getframe(1)
-        UNSYNCED[f"{f.f_globals.get('__name__')}:{f.f_code.co_name}"] += 1
+        UNSYNCED[who] += 1
     return _HOST_CLOCK()
+
+
+def _phases() -> Any:
+    """Wrap ``PhaseTimer.__call__``: per CuPy job and phase, the intervals timed and those
+    the stand-in saw two CUDA events or more recorded in (its start and end marks)."""
+    from contextlib import contextmanager
+
+    from mpiattn.core.model import PhaseTimer
+
+    timed = PhaseTimer.__call__
+
+    @contextmanager
+    def counted(self: Any, phase: str) -> Any:
+        before = sum(cupy.standin.record.events.values())
+        with timed(self, phase):
+            yield
+        if NOW["job"]:
+            seen = PHASES.setdefault(NOW["job"], {}).setdefault(phase, [0, 0])
+            seen[0] += 1
+            seen[1] += sum(cupy.standin.record.events.values()) - before >= 2
+
+    PhaseTimer.__call__ = counted
+    return timed
 
 
 def copies(rec: Any) -> dict[str, int]:
@@ -166,9 +195,12 @@ def main(out: Path, small: bool = False) -> None:
     summary: dict[str, Any] = {"ranks": world.Get_size()}
 
     def job(name: str, command: str, flat: dict, aware: bool | None = False,
-            prefix: tuple[str, ...] = ("layers",), base: dict = TINY) -> None:
-        paths = {}
-        for backend in ("numpy", "cupy"):
+            prefix: tuple[str, ...] = ("layers",), base: dict = TINY,
+            numpy_of: str = "") -> None:
+        """``numpy_of``: compare with that job's NumPy file instead of running NumPy again
+        (the NumPy backend does not depend on ``comm.cuda_aware``)."""
+        paths = {"numpy": out / f"{numpy_of}-numpy.h5"} if numpy_of else {}
+        for backend in ("cupy",) if numpy_of else ("numpy", "cupy"):
             os.environ["CUPY_STANDIN_CUDA_AWARE"] = "1" if aware else "0"
             mode = {None: "auto", True: "true", False: "false"}[aware]  # auto: the library's
             cfg = config.from_dict({**base, **flat, "backend": backend,
@@ -176,6 +208,7 @@ def main(out: Path, small: bool = False) -> None:
             path = paths[backend] = out / f"{name}-{backend}.h5"
             world.Barrier()
             rec.reset()
+            NOW["job"] = name if backend == "cupy" else ""
             if command == "run":
                 run(cfg, world, str(path), True)
             elif command == "bench":
@@ -183,11 +216,15 @@ def main(out: Path, small: bool = False) -> None:
             else:
                 train(cfg, world, str(path), True)
             world.Barrier()
+            NOW["job"] = ""
         API.update(rec.api)
         mine = {"copies": copies(rec), "uploads": uploads(rec),
                 "mpi_device_buffers": rec.mpi_device_buffers,
                 "peak_bytes": rec.peak_bytes.get(0, 0), "pinned_bytes": rec.pinned_bytes,
-                "syncs": rec.syncs, "launches": rec.launches}
+                "syncs": rec.syncs, "launches": rec.launches, "events": dict(rec.events),
+                "elapsed": dict(rec.elapsed), "clock_reads": dict(READS.get(name, {})),
+                "phases": PHASES.get(name, {}),
+                "reads": dict(collections.Counter(t.caller for t in rec.d2h("scalar")))}
         every = world.gather(mine)
         if rank == 0:
             entry = {"ranks": every}
@@ -195,8 +232,8 @@ def main(out: Path, small: bool = False) -> None:
                 entry["diff"] = compare(datasets(paths["numpy"], prefix),
                                         datasets(paths["cupy"], prefix))
             with h5py.File(paths["cupy"]) as f:
-                entry["attrs"] = {k: str(f.attrs[k]) for k in ("backend", "cuda_aware")
-                                  if k in f.attrs}
+                entry["attrs"] = {k: str(f.attrs[k]) for k in ("backend", "cuda_aware",
+                                                                "timing") if k in f.attrs}
                 if "checksum/collectives" in f:
                     entry["retries"] = [int(r) for r in f["checksum/collectives"]["retries"]]
                 entry["devices"] = [str(d, "utf-8") if isinstance(d, bytes) else str(d)
@@ -205,6 +242,7 @@ def main(out: Path, small: bool = False) -> None:
 
     sys.settrace(_trace)
     time.perf_counter = _clock
+    phase_timer = _phases()
     try:
         job("run64", "run", {"dtype": "float64"})
         job("run64-aware", "run", {"dtype": "float64"}, aware=True)
@@ -212,11 +250,17 @@ def main(out: Path, small: bool = False) -> None:
             job("run32", "run", {"dtype": "float32", "output.head_stats": True,
                                  "output.attention_maps": [1]},
                 aware=None, prefix=("layers", "heads"))  # auto: the library says no
-            job("pipeline", "run", {"dtype": "float64", "parallel.pipeline": 2,
-                                    "attention.impl": "blocked", "attention.block": 3})
-            job("ulysses", "run", {"dtype": "float64", "parallel.sequence": 2})
-            job("ring", "run", {"dtype": "float64", "parallel.sequence": 2,
-                                "attention.sequence": "ring"})
+            layouts = {"pipeline": {"dtype": "float64", "parallel.pipeline": 2,
+                                    "attention.impl": "blocked", "attention.block": 3},
+                       "ulysses": {"dtype": "float64", "parallel.sequence": 2},
+                       "ring": {"dtype": "float64", "parallel.sequence": 2,
+                                "attention.sequence": "ring"}}
+            ring_fault = {"rank": 1, "layer": 1, "site": "ring.kv", "index": 3, "bit": 30,
+                          "where": "result", "times": 1}  # a received K/V slice, resent
+            for name, flat in layouts.items():  # p2p, all-to-all, ring: staged, then direct
+                job(name, "run", flat)
+                faults = {"fault.inject": [ring_fault]} if name == "ring" else {}
+                job(f"{name}-aware", "run", {**flat, **faults}, aware=True, numpy_of=name)
             fault = {"rank": 1, "layer": 1, "site": "attention", "index": 3, "bit": 30,
                      "where": "send", "times": 1}  # caught by the checksum, then retried
             job("fault", "run", {"dtype": "float64", "fault.inject": [fault]},
@@ -241,19 +285,29 @@ def main(out: Path, small: bool = False) -> None:
                     (out / split).write_text("\n".join(text.splitlines()[:lines]) + "\n",
                                              encoding="utf-8")
             world.Barrier()
-            job("train", "train", {"dtype": "float32", "train.steps": 2, "train.warmup": 1,
-                                   "train.corpus": str(out / "train.txt"),
-                                   "train.heldout": str(out / "heldout.txt"),
-                                   "train.eval_batches": 1}, prefix=TRAINED)
+            steps = {"dtype": "float32", "train.steps": 2, "train.warmup": 1,
+                     "train.corpus": str(out / "train.txt"),
+                     "train.heldout": str(out / "heldout.txt"), "train.eval_batches": 1}
+            job("train", "train", steps, prefix=TRAINED)
+            # training through pipeline stages, device buffers straight to MPI: the same
+            # losses as the head-parallel NumPy training within float32 rounding
+            job("train-pipeline-aware", "train", {**steps, "parallel.pipeline": 2},
+                aware=True, prefix=TRAINED, numpy_of="train")
             os.environ["MPIATTN_CUPY_STANDIN"] = "1"
             summary["auto"] = select("auto").name
             if rank == 0:  # what report shows of a CuPy run
                 from mpiattn.analysis.report import format_summary, load, summarize
 
                 summary["report"] = format_summary(summarize(load(out / "run64-aware-cupy.h5")))
+                from mpiattn.analysis.plan import fit
+
+                summary["plan_notes"] = fit([load(out / "run64-aware-cupy.h5")]).notes
     finally:
         sys.settrace(None)
         time.perf_counter = _HOST_CLOCK
+        from mpiattn.core.model import PhaseTimer
+
+        PhaseTimer.__call__ = phase_timer
     hits = world.gather(sorted(HIT))
     clocks = world.gather(dict(UNSYNCED))
     api = world.gather(sorted(API | set(rec.api)))

@@ -380,6 +380,13 @@ def fit(files: list[Loaded], cores_override: float | None = None) -> Fit:
     benches = [rf for rf in files if rf.bench]
     notes: list[str] = []
     sources = {"cores": f"{cores:g} ({cores_from})"}
+    gpu = [rf for rf in files if rf.attrs.get("backend") == "cupy"]
+    if gpu:  # what a GPU input ran on, how it moved data and how it was timed
+        devices = sorted({str(d) for rf in gpu for d in rf.ranks.get("device", [])})
+        modes = sorted({str(rf.attrs.get("cuda_aware", "?")) for rf in gpu})
+        timing = sorted({str(rf.attrs.get("timing", "unrecorded")) for rf in gpu})
+        notes.append(f"{len(gpu)} input(s) ran on CuPy devices ({', '.join(devices[:3])});"
+                     f" CUDA-aware MPI: {', '.join(modes)}; times from {', '.join(timing)}")
     skipped = [rf.path for rf in files if sequence_of(rf) > 1]
     if skipped:
         notes.append(f"{len(skipped)} sequence-parallel file(s) not fitted (their phases mix"

@@ -305,7 +305,8 @@ def summarize(rf: Loaded, heads: bool = False) -> dict[str, Any]:
         "tensor_parallel": rf.tensor_parallel, "data_parallel": rf.data_parallel,
         "pipeline_parallel": rf.pipeline_parallel, "sequence_parallel": rf.sequence_parallel,
         "head_partition": rf.head_partition, "backend": rf.attrs.get("backend"),
-        "cuda_aware": rf.attrs.get("cuda_aware"),
+        "cuda_aware": rf.attrs.get("cuda_aware"), "timing": rf.attrs.get("timing"),
+        "devices": sorted({str(d) for d in rf.ranks.get("device", [])}),
         "dtype": rf.config.get("dtype"),
         "model": {k: m[k] for k in ("layers", "heads", "hidden", "ffn") if k in m},
         "input": {k: rf.input[k] for k in ("batch", "seq_len") if k in rf.input},
@@ -468,6 +469,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if "peak_memory_bytes" in s:
         lines.append(f"  memory    peak {s['peak_memory_bytes'] / 2**30:.2f} GiB per rank (max"
                      " over ranks)")
+    if s.get("backend") == "cupy" and s.get("devices"):  # where a GPU run ran, how it timed
+        lines.append(f"  devices   {', '.join(s['devices'])}; times from"
+                     f" {s.get('timing') or 'an unrecorded clock'}")
     phases = s.get("phases")
     if phases:
         total = sum(v["mean_s"] for v in phases.values()) or 1.0

@@ -36,6 +36,7 @@ from ..core.costs import layer_flops
 from ..core.model import Phase, PhaseTimer, attention_block, layer_forward, no_timing
 from ..core.pipeline import PHASES as PIPELINE_PHASES
 from ..core.pipeline import micro_batches, stage_forward, stage_layers
+from ..core.timing import Timer
 from ..io.formats.bench import (
     BenchResult,
     PipelineBenchResult,
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 
 def gemm_rate(xp: Any, shapes: list[tuple[int, int, int]], dtype: Any, world: MPI.Comm,
-              sync: Callable[[], None], repeats: int) -> float:
+              sync: Timer | Callable[[], None], repeats: int) -> float:
     """Best FLOP/s of this rank's backend over the layer's GEMM shapes, all ranks at once."""
     best = 0.0
     for m, k, n in shapes:
@@ -110,7 +111,7 @@ def train_step(x: Any, shard: Any, reducer: Any, eps: float,
     return step
 
 
-def checksum_overhead(world: MPI.Comm, sync: Callable[[], None], layer: Callable[[], Any],
+def checksum_overhead(world: MPI.Comm, sync: Timer | Callable[[], None], layer: Callable[[], Any],
                       reducer: Any, repeats: int) -> float:
     """Median layer time with checksums on over off, the modes interleaved so that a
     change of machine load hits both alike."""
@@ -161,7 +162,7 @@ def _bench(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any, started
     from ..parallel.comm import gather_rows
 
     rank = world.Get_rank()
-    xp, sync = p.backend.xp, p.backend.sync
+    xp, sync = p.backend.xp, p.backend.timer()  # CuPy: CUDA events
     m, dtype = cfg.model, np.dtype(cfg.dtype)
     b, s = p.rows[0], p.batch.shape[1]  # this replica's sequences, full length
     _, (shard,) = load_shards(cfg, p, world, range(1))
@@ -294,7 +295,7 @@ def bench_pipeline(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any,
     from ..parallel.comm import gather_rows
 
     rank, grid = world.Get_rank(), p.grid
-    xp, sync = p.backend.xp, p.backend.sync
+    xp, sync = p.backend.xp, p.backend.timer()  # CuPy: CUDA events
     m, dtype = cfg.model, np.dtype(cfg.dtype)
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     count, start = p.rows

@@ -4,31 +4,37 @@ repeat. ``bench`` and ``seqbench`` both import it; their files end as every job'
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from ..core.timing import Timer
 
 TYPE_CHECKING = False  # type checkers take it as True
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 
-def timed(world: MPI.Comm, sync: Callable[[], None], fn: Callable[[], Any], repeats: int,
+def timed(world: MPI.Comm, clock: Timer | Callable[[], None], fn: Callable[[], Any], repeats: int,
           warmup: int = 1) -> np.ndarray:
-    """Seconds per repeat on this rank; a barrier lines the ranks up before each one."""
+    """Seconds per repeat on this rank; a barrier lines the ranks up before each one.
+
+    ``clock``: the backend's ``Timer`` (CuPy: a pair of CUDA events per repeat, all read
+    after one synchronise at the end), or a plain callable for host work (``perf_counter``)."""
+    timer, sync = (clock, clock.sync) if isinstance(clock, Timer) else (Timer(), clock)
     for _ in range(warmup):
         fn()
     sync()  # the warm-up's device work is not the first repeat's
-    out = np.empty(repeats)
-    for i in range(repeats):
+    spans = []
+    for _ in range(repeats):
         world.Barrier()
-        start = time.perf_counter()
+        start = timer.mark()
         fn()
-        sync()
-        out[i] = time.perf_counter() - start
-    return out
+        if not timer.events:
+            sync()  # a host clock reads only after the work is done
+        spans.append((start, timer.mark()))
+    return np.array(timer.elapsed(spans))
 
 
 def slowest(world: MPI.Comm, seconds: np.ndarray) -> np.ndarray:

@@ -487,7 +487,8 @@ class _Job:
         size = self.cfg.input.chunk
         start = min(first_chunk * size, self.info.lines)
         self.world.Barrier()
-        self.t_fwd = time.perf_counter()
+        clock = self.timer.timer  # CuPy: CUDA events (the forward's ends, each chunk's busy)
+        t_fwd = clock.mark()
         with Progress(self.info.lines, self.units, start=start, verbose=self.rank == 0,
                       fields={"tok/s": 0.0}) as bar:
             if start:
@@ -502,8 +503,7 @@ class _Job:
                       checked_chunks(self.source, size, self.info, first_chunk))
             for index, first, items, record_ids, records_digest in chunks:
                 self._chunk(index, first, items, record_ids, records_digest, bar)
-        self.p.backend.sync()
-        self.forward_s = time.perf_counter() - self.t_fwd
+        self.forward_s = clock.between(t_fwd, clock.mark())
 
     def _chunk(self, index: int, first: int, items: list | None, record_ids: list | None,
                records_digest: str, bar: Any) -> None:
@@ -517,7 +517,8 @@ class _Job:
         costs = [batch_cost(b, lengths, cfg.model.hidden) for b in batches]
         mine = assign(costs, self.replicas, cfg.parallel.assign)[self.replica]
         results = []
-        t0 = time.perf_counter()
+        clock = self.timer.timer
+        t0 = clock.mark()
         n, mine_lines = len(lengths), sum(len(batches[j]) for j in mine)
         shown = 0  # lines of this chunk the progress shows so far
         for j in mine:
@@ -531,8 +532,7 @@ class _Job:
             step = min(n - shown, round(len(rows) * n / max(mine_lines, 1)))
             shown += step
             self._progress(bar, step, int(mask.sum()) * self.replicas)
-        self.p.backend.sync()  # queued kernels are computing time, not waiting time
-        busy = time.perf_counter() - t0
+        busy = clock.between(t0, clock.mark())  # queued kernels are computing time too
         self.busy += busy
         self._drain_records()
         t1 = time.perf_counter()

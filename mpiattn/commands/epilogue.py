@@ -60,6 +60,7 @@ def provenance(cfg: Config, p: Placement, command: str, started: dt.datetime,
         if p.backend.is_gpu else "n/a (host arrays)",
         mpi_library=MPI.Get_library_version().replace("\x00", "").strip(),
         blas=str(blas_info()), threads=p.threads, attention=attention_description(cfg, p),
+        timing=p.backend.timer().method,
         hosts=tuple(h for h, _ in hosts), devices=tuple(d for _, d in hosts))
 
 

@@ -256,7 +256,8 @@ def make_p2p(cfg: Config, p: Placement) -> Any:
     return CheckedP2P(p.grid.comm("pipeline"),
                       RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
                       FaultPlan(list(p.faults), p.grid.rank),
-                      group_ranks=p.grid.group_ranks("pipeline"), abort_on_failure=True)
+                      group_ranks=p.grid.group_ranks("pipeline"), abort_on_failure=True,
+                      cuda_aware=p.cuda_aware)
 
 
 def check_sequence(cfg: Config, tensor: int, seq: int, command: str = "run") -> None:
@@ -315,7 +316,7 @@ def make_sequence(cfg: Config, p: Placement, seq: int) -> Any:
     transfer = kind(grid.comm("sequence"),
                     RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
                     FaultPlan(list(p.faults), grid.rank),
-                    group_ranks=grid.group_ranks("sequence"))
+                    group_ranks=grid.group_ranks("sequence"), cuda_aware=p.cuda_aware)
     split = SequenceSplit(seq, parts, grid.coord("sequence"))
     return SequenceAttention(algorithm, split, transfer,
                              cfg.attention.block or min(512, split.widest))

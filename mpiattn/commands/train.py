@@ -49,6 +49,7 @@ from ..core.optim import Optimizer, clip_factor, global_norm, lr_at, squared_nor
 from ..core.pipeline import BWD_SITE, micro_batches, stage_events, stage_layers
 from ..core.pipeline import SITE as FWD_SITE
 from ..core.shard import HeadShard, head_shard
+from ..core.timing import Timer
 from ..errors import ConfigError, InputError
 from ..inputs.corpus import (
     Corpus,
@@ -401,8 +402,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, corpus: Corpus, params: mlm.Params, groups: Groups,
-                 xp: Any = np, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.cfg, self.corpus, self.groups, self.xp, self.clock = cfg, corpus, groups, xp, clock
+                 xp: Any = np, clock: Timer | Callable[[], float] | None = None) -> None:
+        self.cfg, self.corpus, self.groups, self.xp = cfg, corpus, groups, xp
+        # phase times: CUDA events on CuPy (backend.timer()), a host clock on NumPy
+        self.timer = clock if isinstance(clock, Timer) else Timer(clock=clock)
         self.params = split_vocab(params, groups.vocab)
         named = mlm.named(self.params)
         self.names = [n for n, _, _ in named]
@@ -496,9 +499,8 @@ class Trainer:
         summed loss of the micro-batches, 0 but on the last stage; the summed gradients in
         ``mlm.named`` order, or [] without ``backward``; seconds forward, seconds backward).
         """
-        from ..core.backend import to_host
 
-        g, xp, clock = self.groups, self.xp, self.clock
+        g, xp, timer = self.groups, self.xp, self.timer
         first, last = g.stage == 0, g.stage == g.stages - 1
         ids, mask = xp.asarray(batch.ids), xp.asarray(batch.key_mask)
         seq, hidden, dtype = batch.ids.shape[1], self.cfg.model.hidden, np.dtype(self.cfg.dtype)
@@ -509,20 +511,19 @@ class Trainer:
         outputs: dict[tuple[str, int], Any] = {}  # to send: outputs (F), dL/d inputs (B)
         caches: dict[int, Any] = {}
         grads: list[Any] = []
-        loss = seconds_f = seconds_b = 0.0
+        loss = 0.0
+        spans: list[tuple[str, Any, Any]] = []  # (op, start mark, end mark) per event
         for kind, op, m in stage_events(g.stages, g.stage, len(rows), backward):
-            r, t0 = rows[m], clock()
+            r, t0 = rows[m], timer.mark()
             shape, tag = (r.stop - r.start, seq, hidden), m if op == "F" else len(rows) + m
             site = FWD_SITE if op == "F" else BWD_SITE
             peer, label = ((g.stage - 1, before) if (kind == "recv") == (op == "F")
                            else (g.stage + 1, after))
             if kind == "recv":
-                buf = np.empty(shape, dtype)  # host: checked p2p
-                g.p2p.recv(buf, peer, site=site, layer=label, tag=tag)
-                inputs[m] = xp.asarray(buf)
+                buf = xp.empty(shape, dtype)  # the checked p2p stages it when it must
+                inputs[m] = g.p2p.recv(buf, peer, site=site, layer=label, tag=tag)
             elif kind == "send":
-                g.p2p.send(to_host(outputs.pop((op, m))), peer, site=site, layer=label,
-                           tag=tag)
+                g.p2p.send(outputs.pop((op, m)), peer, site=site, layer=label, tag=tag)
             elif op == "F":
                 lo, hi = r.start * seq, r.stop * seq
                 sel = (batch.positions >= lo) & (batch.positions < hi)
@@ -548,10 +549,10 @@ class Trainer:
                     grads = [a.copy() for a in arrays]
                 if not first:
                     outputs[("B", m)] = dx
-            if op == "F":
-                seconds_f += clock() - t0
-            else:
-                seconds_b += clock() - t0
+            spans.append((op, t0, timer.mark()))
+        times = timer.elapsed([(start, end) for _, start, end in spans])  # one sync
+        seconds_f = sum(t for t, (op, _, _) in zip(times, spans, strict=True) if op == "F")
+        seconds_b = sum(t for t, (op, _, _) in zip(times, spans, strict=True) if op != "F")
         return loss, grads, seconds_f, seconds_b
 
     def _pipeline_step(self, step: int) -> StepResult:
@@ -559,17 +560,17 @@ class Trainer:
         gradient summed over the first and last stage, the data group's buckets, the loss
         and the gradient norm (sum of squares over every stage, the tied copy once) summed
         over the stages, the optimizer on this stage's parameters."""
-        g, clock = self.groups, self.clock
+        g, timer = self.groups, self.timer
         seconds = dict.fromkeys(PHASES, 0.0)
         batch = self._local(train_batch(self.corpus, self.cfg, step, g.replicas, g.replica))
         loss, grads, seconds["forward"], seconds["backward"] = self._pipeline(batch, True)
-        t2 = clock()
+        t2 = timer.mark()
         if g.tied is not None:  # emb.word is the first tensor of both ends' lists
             grads[0][...] = g.tied(grads[0], site=TIED_SITE, layer=0)
         if g.summed:
             self.buckets.allreduce(grads, g.data)
             loss = float(_sum(g.data, [loss], "loss", self.xp)[0])
-        t3 = clock()
+        t3 = timer.mark()
         once = slice(1, None) if g.stage == g.stages - 1 else slice(None)  # the tied copy
         sharded, plain = squared_norms(grads[once], self.sharded[once])
         local = float(_sum(g.heads, [sharded], "grad_norm", self.xp)[0]) + plain
@@ -577,34 +578,35 @@ class Trainer:
         norm = float(np.sqrt(total))
         lr = lr_at(step, self.cfg.train)
         self._update(grads, lr, step, clip_factor(norm, self.cfg.train.clip))
-        t4 = clock()
-        seconds.update(allreduce=t3 - t2, optimizer=t4 - t3)
+        t4 = timer.mark()
+        seconds["allreduce"], seconds["optimizer"] = timer.elapsed([(t2, t3), (t3, t4)])
         return StepResult(loss, lr, norm, seconds)
 
     def step(self, step: int) -> StepResult:
-        g, clock = self.groups, self.clock
+        g, timer = self.groups, self.timer
         if g.stages > 1:
             return self._pipeline_step(step)
         seconds = dict.fromkeys(PHASES, 0.0)
         batch = self._local(train_batch(self.corpus, self.cfg, step, g.replicas, g.replica))
         ids, mask, pos, tgt = self._device(batch)
-        t0 = clock()
+        t0 = timer.mark()
         loss, cache = mlm.model_forward(self.params, ids, mask, pos, tgt, batch.scale,
                                         g.heads, self.eps, self.impl, self.block, g.sequence)
-        t1 = clock()
+        t1 = timer.mark()
         grads = [a for _, a, _ in mlm.named(mlm.model_backward(cache, g.heads))]
         del cache
-        t2 = clock()
+        t2 = timer.mark()
         if g.summed:
             self.buckets.allreduce(grads, g.data)
             loss = float(_sum(g.data, [loss], "loss", self.xp)[0])
-        t3 = clock()
+        t3 = timer.mark()
         norm = global_norm(grads, self.sharded,
                            lambda s: float(_sum(g.heads, [s], "grad_norm", self.xp)[0]))
         lr = lr_at(step, self.cfg.train)
         self._update(grads, lr, step, clip_factor(norm, self.cfg.train.clip))
-        t4 = clock()
-        seconds.update(forward=t1 - t0, backward=t2 - t1, allreduce=t3 - t2, optimizer=t4 - t3)
+        t4 = timer.mark()
+        spans = timer.elapsed([(t0, t1), (t1, t2), (t2, t3), (t3, t4)])  # one sync
+        seconds.update(zip(("forward", "backward", "allreduce", "optimizer"), spans, strict=True))
         return StepResult(loss, lr, norm, seconds)
 
     def evaluate(self, stop: Callable[[], int] | None = None) -> float | None:
@@ -777,7 +779,7 @@ def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
     p2p = CheckedP2P(comm, RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
                      FaultPlan(list(plan.faults), grid.rank),
-                     group_ranks=ranks, abort_on_failure=True)
+                     group_ranks=ranks, abort_on_failure=True, cuda_aware=plan.cuda_aware)
     pipe = make_reducer(cfg, plan, comm, ranks)
     end = stage in (0, stages - 1)
     ends = comm.Split(color=0 if end else MPI.UNDEFINED, key=stage)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .costs import blas_threads
+from .timing import Timer
 
 
 def get_array_module(x: Any) -> ModuleType:
@@ -217,14 +217,10 @@ class Backend:
     def asarray(self, x: Any, dtype: Any = None) -> Any:
         return self.xp.asarray(x, dtype=dtype)
 
-    def timer(self) -> Callable[[], float]:
-        """A clock in seconds that is honest for device work: it syncs before reading."""
-
-        def now() -> float:
-            self.sync()
-            return time.perf_counter()
-
-        return now
+    def timer(self) -> Timer:
+        """The clock for this backend's work: CUDA events on CuPy (read after one
+        synchronise, never a host clock around queued kernels), ``perf_counter`` on NumPy."""
+        return Timer(self.xp)
 
     def memory_high_water(self) -> int:
         """Bytes: the CuPy pool's total on GPU, the process's peak RSS on CPU."""

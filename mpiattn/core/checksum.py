@@ -138,12 +138,7 @@ def ratio_of_sums(t: Any, sums: Any, magnitudes: Any, rows: int, ranks: int
     whose column sums are ``t``, against the summed checksum rows ``sums`` and
     ``magnitudes`` (all (m,), one dtype)."""
     xp = get_array_module(t)
-    residual = xp.abs(t - sums)
-    bound = bound_factor(rows, ranks, t.dtype) * magnitudes
-    # ratio = residual / bound, with 0/0 = 0 (an all-zero column) and r/0 = inf for r > 0
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ratio = xp.where(residual == 0, 0.0, residual / bound)
-    ratio = xp.where(xp.isfinite(ratio), ratio, xp.inf)
+    residual, bound, ratio = _ratios(t, sums, magnitudes, rows, ranks)
     if xp is np:
         j = int(np.argmax(ratio))
         return float(residual[j]), float(bound[j]), float(ratio[j])
@@ -151,6 +146,41 @@ def ratio_of_sums(t: Any, sums: Any, magnitudes: Any, rows: int, ranks: int
     picked = xp.stack((residual, bound, ratio))[:, xp.argmax(ratio)]
     r, b, q = (float(v) for v in to_host(picked))
     return r, b, q
+
+
+def _ratios(t: Any, sums: Any, magnitudes: Any, rows: int, ranks: int) -> tuple[Any, Any, Any]:
+    """Per column: |t - sums|, the rounding bound, their ratio (0/0 = 0, r/0 = inf)."""
+    xp = get_array_module(t)
+    residual = xp.abs(t - sums)
+    bound = bound_factor(rows, ranks, t.dtype) * magnitudes
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = xp.where(residual == 0, 0.0, residual / bound)
+    return residual, bound, xp.where(xp.isfinite(ratio), ratio, xp.inf)
+
+
+def device_verdict(reduced: Any, ranks: int, finite_row: Any, result: Any = None,
+                   before_hash: Any = None) -> tuple[float, float, float, bool, int]:
+    """What a checked Allreduce on a device reads, in one copy to the host (not three
+    blocking reads): ``residual_ratio(reduced, ranks)``, whether ``finite_row`` (the |P|
+    row sent) holds a non-finite value, and ``digest64(result)`` (0 when None).
+
+    ``before_hash()`` runs after the checksum test is queued and before the hash (result
+    faults: the stream keeps that order). (residual, bound, ratio, non-finite, digest).
+    """
+    xp = get_array_module(reduced)
+    n = reduced.shape[0] - CHECK_ROWS
+    residual, bound, ratio = _ratios(column_sums(reduced[:n]), reduced[n], reduced[n + 1], n,
+                                     ranks)
+    picked = xp.stack((residual, bound, ratio))[:, xp.argmax(ratio)]
+    parts = [picked.astype(xp.float64).view(xp.uint64),
+             xp.isfinite(finite_row).all().astype(xp.uint64).reshape(1)]
+    if before_hash is not None:
+        before_hash()
+    if result is not None:
+        parts.append(_device_digest(result).reshape(1))
+    host = to_host(xp.concatenate(parts))
+    r, b, q = (float(v) for v in host[:3].view(np.float64))
+    return r, b, q, not bool(host[3]), int(host[4]) if result is not None else 0
 
 
 def residual_ratio(reduced: Any, ranks: int) -> tuple[float, float, float]:
@@ -195,6 +225,8 @@ def digest64(x: Any) -> int:
     two ranks' copies is seen; two differences cancel with probability about 2^-64.
     """
     xp = get_array_module(x)
+    if xp is not np:  # computed on the device, one read
+        return int(_device_digest(x))
     raw = xp.ascontiguousarray(x).reshape(-1).view(xp.uint8)
     if raw.size % 8:
         raw = xp.concatenate([raw, xp.zeros(8 - raw.size % 8, dtype=xp.uint8)])
@@ -210,6 +242,35 @@ def digest64(x: Any) -> int:
             tail = words[full:]
             h += int(wrapping_dot(tail, consts[: tail.size])) * 0x9E3779B97F4A7C15
     return h & _MASK
+
+
+def _device_digest(x: Any) -> Any:
+    """``digest64`` of a device array as a 0-d uint64 device array (nothing read back):
+    the same sums, wrapping mod 2^64 on the device instead of in Python integers."""
+    xp = get_array_module(x)
+    raw = xp.ascontiguousarray(x).reshape(-1).view(xp.uint8)
+    if raw.size % 8:
+        raw = xp.concatenate([raw, xp.zeros(8 - raw.size % 8, dtype=xp.uint8)])
+    words = raw.view(xp.uint64)
+    full = words.size // _CHUNK * _CHUNK
+    consts = _odd_constants(xp, min(_CHUNK, max(words.size, 1)), 0)
+    h = xp.full((), x.nbytes, dtype=xp.uint64)
+    if full:
+        per_chunk = wrapping_dot(words[:full].reshape(-1, _CHUNK), consts)
+        h = h + wrapping_dot(per_chunk, _odd_constants(xp, per_chunk.size, 1))
+    if words.size > full:
+        tail = words[full:]
+        h = h + wrapping_dot(tail, consts[: tail.size]) * xp.uint64(0x9E3779B97F4A7C15)
+    return h
+
+
+def digests64(blocks: Any) -> np.ndarray:
+    """(n,) uint64 host array: ``digest64`` of each ``blocks[i]``. On a device the n digests
+    are computed there and read back in one copy (not n blocking reads)."""
+    xp = get_array_module(blocks)
+    if xp is np:
+        return np.array([digest64(b) for b in blocks], dtype=np.uint64)
+    return to_host(xp.stack([_device_digest(b) for b in blocks]))
 
 
 def flip_bit(x: Any, index: int, bit: int) -> None:

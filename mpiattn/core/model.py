@@ -38,6 +38,7 @@ from .ops import (
     relative_buckets,
 )
 from .shard import partition
+from .timing import Timer
 
 SITES = ("attention", "mlp")  # where a layer reduces partial sums
 BACKWARD_SITES = ("attention.bwd", "mlp.bwd")  # where layer_backward reduces gradients
@@ -153,31 +154,54 @@ def no_timing(_: str) -> Any:
 
 
 class PhaseTimer:
-    """Accumulates seconds per (layer, phase) with a clock that syncs the device.
+    """Accumulates seconds per (layer, phase), timed by a ``timing.Timer`` (CUDA events on
+    CuPy, ``perf_counter`` on NumPy; a plain callable ``clock`` is a host clock).
 
     Phases nest: a phase timed inside another (the sequence group's transfers inside
-    ``attention``) is taken out of the outer one, so every second counts once."""
+    ``attention``) is taken out of the outer one, so every second counts once. Intervals
+    are kept as pairs of marks and turned into seconds when ``seconds`` is read: on CuPy
+    one synchronise for all of them, never a host clock around queued kernels.
+    ``intervals``: (layer, phase) -> intervals timed."""
 
-    def __init__(self, clock: Callable[[], float], phases: tuple[str, ...]) -> None:
-        self.clock = clock
+    def __init__(self, clock: Timer | Callable[[], float], phases: tuple[str, ...]) -> None:
+        self.timer = clock if isinstance(clock, Timer) else Timer(clock=clock)
         self.phases = phases
-        self.seconds: dict[tuple[int, str], float] = {}
+        self._seconds: dict[tuple[int, str], float] = {}
+        self.intervals: dict[tuple[int, str], int] = {}
         self.layer = 0
-        self._inner: list[float] = []  # per open phase: seconds of the phases inside it
+        # (key, start mark, end mark, index of the enclosing interval or -1), unresolved
+        self._pending: list[tuple[tuple[int, str], Any, Any, int]] = []
+        self._open: list[int] = []  # indices in ``_pending`` of the phases still open
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        start = self.clock()
-        self._inner.append(0.0)
+        key = (self.layer, phase)
+        parent = self._open[-1] if self._open else -1
+        index = len(self._pending)
+        self._pending.append((key, self.timer.mark(), None, parent))
+        self._open.append(index)
         try:
             yield
         finally:
-            elapsed = self.clock() - start
-            inner = self._inner.pop()
-            key = (self.layer, phase)
-            self.seconds[key] = self.seconds.get(key, 0.0) + elapsed - inner
-            if self._inner:
-                self._inner[-1] += elapsed
+            self._open.pop()
+            self._pending[index] = (key, self._pending[index][1], self.timer.mark(), parent)
+            self.intervals[key] = self.intervals.get(key, 0) + 1
+
+    @property
+    def seconds(self) -> dict[tuple[int, str], float]:
+        """(layer, phase) -> seconds, inner phases taken out of outer ones. Resolves the
+        closed intervals (one synchronise on CuPy); phases still open are left pending."""
+        if self._open:  # read inside a phase (nothing does): resolve the closed ones later
+            return dict(self._seconds)
+        pending, self._pending = self._pending, []
+        spans = self.timer.elapsed([(start, end) for _, start, end, _ in pending])
+        inner = [0.0] * len(pending)
+        for (_, _, _, parent), span in zip(pending, spans, strict=True):
+            if parent >= 0:
+                inner[parent] += span
+        for (key, _, _, _), span, taken in zip(pending, spans, inner, strict=True):
+            self._seconds[key] = self._seconds.get(key, 0.0) + span - taken
+        return dict(self._seconds)
 
 
 def attention_partial(

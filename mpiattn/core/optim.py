@@ -16,8 +16,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..config import TrainConfig
-from .backend import get_array_module
+from .backend import get_array_module, to_host
 
 STATE = {"sgd": ("momentum",), "adam": ("m", "v"), "adamw": ("m", "v")}
 
@@ -37,10 +39,22 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 def squared_norms(grads: Sequence[Any], sharded: Sequence[bool]) -> tuple[float, float]:
-    """(sum of squares of the sharded gradients, of the replicated ones) on this rank."""
+    """(sum of squares of the sharded gradients, of the replicated ones) on this rank.
+
+    Each tensor's sum of squares is added in float64 in list order; on a device the two
+    totals are formed there and read back in one copy (not one blocking read a tensor),
+    with the same float64 additions in the same order, so the same bits as on the host."""
+    xp = get_array_module(grads[0]) if len(grads) else np
+    if xp is not np:
+        totals = [xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.float64)]
+        for g, s in zip(grads, sharded, strict=True):
+            flat = g.reshape(-1)
+            totals[0 if s else 1] = totals[0 if s else 1] + xp.vdot(flat, flat).real.astype(
+                xp.float64)
+        both = to_host(xp.stack(totals))
+        return float(both[0]), float(both[1])
     parts = [0.0, 0.0]
     for g, s in zip(grads, sharded, strict=True):
-        xp = get_array_module(g)
         parts[0 if s else 1] += float(xp.vdot(g.reshape(-1), g.reshape(-1)).real)
     return parts[0], parts[1]
 

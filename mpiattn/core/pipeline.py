@@ -20,10 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from .attention import KeyMask, Options
-from .backend import get_array_module, to_host
+from .backend import get_array_module
 from .model import LayerShard, Phase, Reduce, layer_forward, no_timing, with_relative_bias
 from .ops import embed
 from .shard import partition
@@ -130,11 +128,10 @@ def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[in
                       0 if options is None or options.sequence is None
                       else options.sequence.split.start, key_mask[rows])
         else:
-            x = np.empty((count, seq, hidden),  # host: checked p2p
-                         dtype=layers[order[0]].w_o.dtype)
+            # on the device: the checked p2p stages it (or not, with CUDA-aware MPI)
+            x = xp.empty((count, seq, hidden), dtype=layers[order[0]].w_o.dtype)
             with phase("bubble"):  # waiting for the previous stage is the pipeline's idle time
                 p2p.recv(x, stage - 1, site=SITE, layer=order[0] - 1, tag=m)
-            x = xp.asarray(x)
         mask = KeyMask.from_mask(key_mask[rows])
         for i in order:
             if hasattr(phase, "layer"):
@@ -145,7 +142,7 @@ def stage_forward(ids: Any, key_mask: Any, types: Any, emb: Any, layers: dict[in
                 on_layer(i, rows, attn, x)
         if stage < stages - 1:
             with phase("p2p"):
-                p2p.send(to_host(x), stage + 1, site=SITE, layer=order[-1], tag=m)
+                p2p.send(x, stage + 1, site=SITE, layer=order[-1], tag=m)
         else:
             finals.append((rows, x))
     return finals

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .attention import merge, partial_attention, partial_attention_backward
-from .backend import get_array_module, to_host
+from .backend import get_array_module
 from .rotary import overlaps
 from .shard import counts, partition
 
@@ -185,8 +185,7 @@ class SequenceAttention:
 
     def _alltoall(self, blocks: Any, layer: int, site: str) -> Any:
         with self._timed():
-            return get_array_module(blocks).asarray(
-                self.transfer(to_host(blocks), site=site, layer=layer))
+            return self.transfer(blocks, site=site, layer=layer)  # on blocks' device
 
     def _to_heads(self, x: Any, heads: int, head_dim: int, layer: int, site: str) -> Any:
         """(B, S_i, c, h, d) local tokens of every head -> (B, S, c, h_me, d) every token
@@ -276,7 +275,7 @@ class SequenceAttention:
             shift = None
             if step < parts - 1:  # the next slice travels while this one is attended to
                 with self._timed():
-                    shift = self.transfer.start(to_host(current), site="ring.kv", layer=layer)
+                    shift = self.transfer.start(current, site="ring.kv", layer=layer)
             start, count = split.spans[(split.index - step) % parts]
             k, v = (current[:, :count, i].transpose(0, 2, 1, 3) for i in range(2))
             if window is not None and not overlaps(split.start, local, start, count, window):
@@ -289,7 +288,7 @@ class SequenceAttention:
                 o, lse = merge(o, lse, o_step, lse_step)
             if shift is not None:
                 with self._timed():
-                    current = xp.asarray(self.transfer.finish(shift))
+                    current = self.transfer.finish(shift)
         return o, RingCache(q, kv, o, lse, mask, scale, block)
 
     def _ring_backward(self, do: Any, c: RingCache, layer: int) -> tuple[Any, Any, Any]:
@@ -304,7 +303,7 @@ class SequenceAttention:
         for step in range(parts):
             shift = None
             if step < parts - 1:
-                shift = self.transfer.start(to_host(current), site="ring.kv.bwd", layer=layer)
+                shift = self.transfer.start(current, site="ring.kv.bwd", layer=layer)
             start, count = split.spans[(split.index - step) % parts]
             k, v = (current[:, :count, i].transpose(0, 2, 1, 3) for i in range(2))
             bias = key_bias(c.mask, start, count, batch, xp, do.dtype)
@@ -313,16 +312,16 @@ class SequenceAttention:
                 self._poller(shift, None if parts == 1 else carried))
             dq += dq_step
             acc = (xp.zeros_like(c.kv) if carried is None
-                   else xp.asarray(self.transfer.finish(carried)))
+                   else self.transfer.finish(carried))
             acc[:, :count, 0] += dk.transpose(0, 2, 1, 3)
             acc[:, :count, 1] += dv.transpose(0, 2, 1, 3)
             # the accumulator of this slice goes on to the next rank; after the last step
             # that rank is the slice's owner
-            carried = (self.transfer.start(to_host(acc), site="ring.dkv", layer=layer, channel=1)
+            carried = (self.transfer.start(acc, site="ring.dkv", layer=layer, channel=1)
                        if parts > 1 else acc)
             if shift is not None:
-                current = xp.asarray(self.transfer.finish(shift))
-        mine = carried if parts == 1 else xp.asarray(self.transfer.finish(carried))
+                current = self.transfer.finish(shift)
+        mine = carried if parts == 1 else self.transfer.finish(carried)
         return dq, mine[:, :split.count, 0], mine[:, :split.count, 1]
 
     # -- training -----------------------------------------------------------------------

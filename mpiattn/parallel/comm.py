@@ -261,12 +261,23 @@ class CheckedAllreduce:
             return p.out
         ranks = self.comm.Get_size()
         while True:
-            residual, bound, ratio = checksum.residual_ratio(p.recv, ranks)
-            if not p.aliased:
-                p.out[...] = p.recv[:rows]
-            # |P| sums are finite on every rank with finite data: else nothing to retry
-            local_bad = not bool(self.backend.xp.isfinite(p.send[rows + 1]).all())
-            if self._verdict(p, residual, bound, ratio, local_bad):
+            if self.backend.is_gpu:  # the checks on the device, one read for all of them
+                def result() -> None:  # queued after the checksum test, before the hash
+                    if not p.aliased:
+                        p.out[...] = p.recv[:rows]
+                    self.injector.apply(p.out, p.layer, p.site, "result", p.attempt)
+
+                hashed = p.out if self.hash_every == "collective" else None
+                residual, bound, ratio, local_bad, digest = checksum.device_verdict(
+                    p.recv, ranks, p.send[rows + 1], hashed, result)
+            else:
+                residual, bound, ratio = checksum.residual_ratio(p.recv, ranks)
+                if not p.aliased:
+                    p.out[...] = p.recv[:rows]
+                # |P| sums are finite on every rank with finite data: else nothing to retry
+                local_bad = not bool(np.isfinite(p.send[rows + 1]).all())
+                digest = None  # _verdict applies the result faults, then hashes
+            if self._verdict(p, residual, bound, ratio, local_bad, digest=digest):
                 return p.out
             p.attempt += 1  # the partial is intact: send it again
             self._fill(p)
@@ -283,12 +294,14 @@ class CheckedAllreduce:
             p.split.post()
 
     def _verdict(self, p: Pending, residual: float, bound: float, ratio: float,
-                 local_bad: bool, worst_block: bool = False) -> bool:
+                 local_bad: bool, worst_block: bool = False, digest: int | None = None) -> bool:
         """One attempt's outcome, agreed by the group: result faults, the hash, the
         non-finite check (NumericalError), the record when final; True when it passed,
-        False to retry, IntegrityError when the policy gives up."""
-        self.injector.apply(p.out, p.layer, p.site, "result", p.attempt)
-        digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0
+        False to retry, IntegrityError when the policy gives up. ``digest``: the result's
+        hash when the caller applied the result faults and hashed it already (a device)."""
+        if digest is None:
+            self.injector.apply(p.out, p.layer, p.site, "result", p.attempt)
+            digest = checksum.digest64(p.out) if self.hash_every == "collective" else 0
         failed, low, high, nonfinite = agree(self.comm, ratio > 1.0, digest, local_bad)
         if nonfinite:
             bad = [r for r, b in zip(self.group_ranks, self.comm.allgather(local_bad),

@@ -17,8 +17,13 @@ The pieces they share: ``RetryPolicy`` (``checksum.on_mismatch``/``retries``), `
 stops together). A transfer that still fails after the retries raises ``IntegrityError``
 (exit 3) naming the transfer, layer, site, sender and receiver ranks.
 
-Arrays are host (NumPy) arrays here; device arrays go through ``comm.CheckedAllreduce``'s
-staging until a kernel needs these kinds on the GPU.
+P2P, Alltoall and ring transfers take the caller's arrays on their device and give the
+result back there. Device (CuPy) arrays go to MPI as they are when the library is
+CUDA-aware (``cuda_aware``; the stream that wrote them is synchronised first), otherwise
+through pinned host buffers kept per transfer (one device-to-host copy out, one
+host-to-device copy in). Digests are computed where the bytes MPI sends are: on the
+device with CUDA-aware MPI (one small read per collective), on the staged host copy
+otherwise. ``CheckedAllgather`` moves host arrays (tokens, ZeRO blocks).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..core import checksum
+from ..core.backend import get_array_module, grown
 from ..errors import IntegrityError
 from . import watchdog
 
@@ -112,8 +118,23 @@ def agree(comm: MPI.Comm, failed: bool, digest: int = 0,
     return bool(vec[0]), int(vec[2]) ^ _MASK64, int(vec[1]), bool(vec[3])
 
 
-def _digests(blocks: np.ndarray) -> np.ndarray:
-    return np.array([checksum.digest64(b) for b in blocks], dtype=np.uint64)
+def _digests(blocks: Any) -> np.ndarray:
+    """(n,) uint64 host array: the digest of each block, read from a device at once."""
+    return checksum.digests64(blocks)
+
+
+def _sync(xp: Any) -> None:
+    """Wait for the device work queued on the current stream (before MPI reads or writes a
+    device buffer)."""
+    xp.cuda.get_current_stream().synchronize()
+
+
+def _ready(x: Any) -> None:
+    """Before MPI touches ``x`` again after a retry: a device array written since (an
+    injected fault) is synchronised; a host array needs nothing."""
+    xp = get_array_module(x)
+    if xp is not np:
+        _sync(xp)
 
 
 @dataclass
@@ -125,10 +146,51 @@ class _Checked:
     faults: FaultPlan = field(default_factory=FaultPlan)
     ledger: Ledger = field(default_factory=Ledger)
     group_ranks: list = field(default_factory=list)  # world ranks of comm, for messages
+    cuda_aware: bool = False  # device arrays go to MPI as they are (else pinned staging)
+    _staging: dict = field(default_factory=dict, repr=False)  # pinned host buffers by name
 
     def __post_init__(self) -> None:
         if not self.group_ranks:
             self.group_ranks = list(range(self.comm.Get_size()))
+
+    def _pinned(self, name: str, shape: tuple, dtype: Any) -> np.ndarray:
+        """Pinned host buffer ``name`` (made once, grown to the largest shape asked for)."""
+        import cupyx
+
+        return grown(self._staging, (name, np.dtype(dtype).str), shape,
+                     lambda size: cupyx.empty_pinned(size, dtype=dtype))
+
+    def _wire(self, x: Any, name: str) -> Any:
+        """What MPI is handed for array ``x`` (C-contiguous): a host array itself; a device
+        array itself with CUDA-aware MPI, once the stream that wrote it is synchronised;
+        otherwise its copy in pinned host buffer ``name``."""
+        xp = get_array_module(x)
+        x = xp.ascontiguousarray(x)
+        if xp is np:
+            return x
+        if self.cuda_aware:
+            _sync(xp)
+            return x
+        host = self._pinned(name, x.shape, x.dtype)
+        x.get(out=host)
+        return host
+
+    def _landing(self, xp: Any, shape: tuple, dtype: Any, name: str) -> Any:
+        """Where MPI writes what arrives for a caller on array module ``xp``: a fresh host
+        array on NumPy, a fresh device array with CUDA-aware MPI, else pinned buffer ``name``."""
+        if xp is np:
+            return np.empty(shape, dtype)
+        if self.cuda_aware:
+            buf = xp.empty(shape, dtype)
+            _sync(xp)  # its allocation is device work too
+            return buf
+        return self._pinned(name, shape, dtype)
+
+    @staticmethod
+    def _arrived(buf: Any, xp: Any) -> Any:
+        """What arrived, on the caller's array module (a staged host buffer is copied to the
+        device: the buffer is reused by the next transfer)."""
+        return xp.asarray(buf) if xp is not np and get_array_module(buf) is np else buf
 
     @property
     def records(self) -> list[Record]:
@@ -141,6 +203,8 @@ class _Checked:
             return payload
         sent = payload.copy()
         self.faults.apply(sent, layer, site, "send", attempt)
+        if get_array_module(sent) is not np:
+            _sync(get_array_module(sent))
         return sent
 
     def _settle(self, kind: str, bad_pairs: list[tuple[int, int]], layer: int, site: str,
@@ -194,24 +258,28 @@ class CheckedAlltoall(_Checked):
     """``out[s] = blocks[me] of rank s``: block j of every rank goes to rank j, each block's
     digest verified by its receiver."""
 
-    def __call__(self, blocks: np.ndarray, *, site: str, layer: int) -> np.ndarray:
-        blocks = np.ascontiguousarray(blocks)
+    def __call__(self, blocks: Any, *, site: str, layer: int) -> Any:
+        """``blocks`` (n, ...) on the host or a device; the result on the same."""
         n, me = self.comm.Get_size(), self.comm.Get_rank()
         if blocks.shape[0] != n:
             raise ValueError(f"Alltoall needs one block per rank: {blocks.shape[0]} for {n}")
-        out = np.empty_like(blocks)
+        xp = get_array_module(blocks)
+        blocks = self._wire(blocks, "alltoall.send")
+        out = self._landing(xp, blocks.shape, blocks.dtype, "alltoall.recv")
         digests = _digests(blocks)
         received = np.empty(n, dtype=np.uint64)
         watchdog.at(layer=layer, site=site)
         attempt = 0
         while True:
+            if attempt:
+                _ready(out)
             self.comm.Alltoall(self._outgoing(blocks, layer, site, attempt), out)
             self.comm.Alltoall(digests, received)
             self.faults.apply(out, layer, site, "result", attempt)
             bad = [(int(s), me) for s in np.flatnonzero(_digests(out) != received)]
             if self._settle("Alltoall", bad, layer, site, attempt,
                             checksum.digest64(received)):
-                return out
+                return self._arrived(out, xp)
             attempt += 1
 
 
@@ -233,8 +301,9 @@ class CheckedP2P(_Checked):
 
     abort_on_failure: bool = False
 
-    def send(self, x: np.ndarray, dest: int, *, site: str, layer: int, tag: int = 0) -> None:
-        x = np.ascontiguousarray(x)
+    def send(self, x: Any, dest: int, *, site: str, layer: int, tag: int = 0) -> None:
+        """Send ``x`` (host or device) to ``dest``; returns once the receiver accepted it."""
+        x = self._wire(x, "p2p.send")
         digest = np.array([checksum.digest64(x)], dtype=np.uint64)
         verdict = np.empty(1, dtype=np.int64)
         watchdog.at(layer=layer, site=site)
@@ -249,12 +318,26 @@ class CheckedP2P(_Checked):
                 raise self._failure(layer, site, self.comm.Get_rank(), dest, attempt)
             attempt += 1
 
-    def recv(self, out: np.ndarray, source: int, *, site: str, layer: int,
-             tag: int = 0) -> np.ndarray:
+    def recv(self, out: Any, source: int, *, site: str, layer: int,
+             tag: int = 0) -> Any:
+        """Receive into ``out`` (C-contiguous, host or device) from ``source``; ``out``."""
+        xp = get_array_module(out)
+        landing = (out if xp is np or self.cuda_aware
+                   else self._pinned("p2p.recv", out.shape, out.dtype))
+        if xp is not np and self.cuda_aware:
+            _sync(xp)  # whatever last wrote ``out`` is done before MPI writes it
+        final = self._recv(landing, source, site=site, layer=layer, tag=tag)
+        if final is not out:
+            out.set(final)  # staged: one copy to the device
+        return out
+
+    def _recv(self, out: Any, source: int, *, site: str, layer: int, tag: int) -> Any:
         digest = np.empty(1, dtype=np.uint64)
         watchdog.at(layer=layer, site=site)
         attempt = 0
         while True:
+            if attempt:
+                _ready(out)
             self.comm.Recv(out, source, 3 * tag + _PAYLOAD)
             self.comm.Recv(digest, source, 3 * tag + _DIGEST)
             self.faults.apply(out, layer, site, "result", attempt)
@@ -301,6 +384,7 @@ class RingShift:
     site: str
     channel: int
     finished: bool = False
+    xp: Any = np  # the caller's array module (the received array is given back on it)
 
 
 @dataclass
@@ -323,16 +407,17 @@ class CheckedRing(_Checked):
         (distinct tags), e.g. K/V and the dK/dV accumulator in the backward."""
         if not 0 <= channel < RING_CHANNELS:
             raise ValueError(f"ring channel {channel} is outside 0..{RING_CHANNELS - 1}")
-        payload = np.ascontiguousarray(payload)
-        received = np.empty_like(payload)
-        digest = np.array([checksum.digest64(payload)], dtype=np.uint64)
-        received_digest = np.empty(1, dtype=np.uint64)
+        xp = get_array_module(payload)
         n = self.comm.Get_size()
         if n == 1:
-            np.copyto(received, payload)
-            received_digest[:] = digest
-            return RingShift(payload, payload, digest, received, received_digest, [], layer,
-                             site, channel)
+            payload = xp.ascontiguousarray(payload)
+            digest = np.array([checksum.digest64(payload)], dtype=np.uint64)
+            return RingShift(payload, payload, digest, payload.copy(), digest.copy(), [],
+                             layer, site, channel, xp=xp)
+        payload = self._wire(payload, f"ring.send{channel}")
+        received = self._landing(xp, payload.shape, payload.dtype, f"ring.recv{channel}")
+        digest = np.array([checksum.digest64(payload)], dtype=np.uint64)
+        received_digest = np.empty(1, dtype=np.uint64)
         prev, nxt = self._neighbours()
         tag = _RING_TAG + 2 * channel
         sent = self._outgoing(payload, layer, site, 0)
@@ -343,7 +428,7 @@ class CheckedRing(_Checked):
             self.comm.Isend(digest, nxt, tag + 1),
         ]
         return RingShift(payload, sent, digest, received, received_digest, requests, layer,
-                         site, channel)
+                         site, channel, xp=xp)
 
     def poll(self, shift: RingShift) -> None:
         """Let MPI move the shift along (``MPI_Testall``, never blocks). Libraries without an
@@ -367,6 +452,9 @@ class CheckedRing(_Checked):
         shift.finished = True
         if self.comm.Get_size() == 1:
             return shift.received
+        return self._arrived(self._finish(shift), shift.xp)
+
+    def _finish(self, shift: RingShift) -> Any:
         from mpi4py import MPI
 
         layer, site = shift.layer, shift.site
@@ -389,6 +477,7 @@ class CheckedRing(_Checked):
             if self._settle("ring shift", bad, layer, site, attempt, expected):
                 return shift.received
             attempt += 1
+            _ready(shift.received)
             self.comm.Sendrecv(self._outgoing(shift.payload, layer, site, attempt), nxt, tag,
                                shift.received, prev, tag)
             self.comm.Sendrecv(shift.digest, nxt, tag + 1, shift.received_digest, prev,

@@ -54,6 +54,7 @@ class Provenance:
     blas: str
     threads: int  # BLAS threads per rank (0 on GPUs)
     attention: str  # the attention algorithm as run ("plain", "blocked (block 512)", ...)
+    timing: str  # how device time was read: "cuda events" on CuPy, else the host clock
     hosts: tuple[str, ...]  # (rank,)
     devices: tuple[str, ...]  # (rank,)
 
@@ -71,7 +72,7 @@ def write_provenance(f: Any, prov: Provenance) -> None:
         "head_partition": np.array(prov.head_partition), "backend": prov.backend,
         "cuda_aware": prov.cuda_aware, "mpi_library": prov.mpi_library, "blas": prov.blas,
         "blas_threads_per_rank": prov.threads, "start_time": prov.started.isoformat(),
-        "attention": prov.attention,
+        "attention": prov.attention, "timing": prov.timing,
     })
     if INPUTS:
         f.attrs["input_digests"] = json.dumps(INPUTS, sort_keys=True)

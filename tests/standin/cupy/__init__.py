@@ -332,7 +332,8 @@ def _method(name: str) -> Any:
 # methods: NumPy's, on the array underneath (reductions give 0-d device arrays, as CuPy's);
 # only those mpiattn calls on device arrays (the matrix's ``api`` lists what ran)
 _METHODS = ("reshape", "sum", "max", "mean", "all", "transpose", "swapaxes",
-            "argmax")  # pooling: the first real token
+            "argmax",  # pooling: the first real token
+            "any")  # pooling: lasttoken's rows with a real token
 for _name in _METHODS:
     setattr(ndarray, _name, _method(_name))
 

@@ -39,6 +39,8 @@ class Record:
     pinned_bytes: int = 0
     pinned_allocations: int = 0
     api: dict[str, int] = field(default_factory=dict)  # CuPy names called -> calls
+    events: dict[str, int] = field(default_factory=dict)  # caller -> cuda.Event records
+    elapsed: dict[str, int] = field(default_factory=dict)  # caller -> get_elapsed_time reads
 
     def used(self, name: str) -> None:
         self.api[name] = self.api.get(name, 0) + 1

@@ -15,6 +15,7 @@ from .. import _log
 from . import runtime as runtime
 
 _state = {"device": 0}
+_clock = time.perf_counter  # the events' clock, bound at import (tests may wrap the module's)
 
 
 def _current_id() -> int:
@@ -118,8 +119,11 @@ def get_current_stream() -> Stream:
 
 
 class Event:
-    """A CUDA event: ``record()`` on a stream, ``synchronize()``; times by the host clock
-    when synchronised (the stand-in's kernels run eagerly)."""
+    """A CUDA event: ``record()`` on a stream, ``synchronize()``. Its time is the host clock
+    read at ``record()``: the stand-in's kernels run eagerly, so every launch queued before
+    has finished then (an implicit synchronisation), which makes the elapsed time between
+    two events plausible (the host time between the two records). ``record.events`` counts
+    records by caller, ``record.elapsed`` the ``get_elapsed_time`` reads."""
 
     def __init__(self, block: bool = False, disable_timing: bool = False,
                  interprocess: bool = False) -> None:
@@ -130,7 +134,9 @@ class Event:
     def record(self, stream: Stream | None = None) -> None:
         self._stream = stream or get_current_stream()
         self._launch = self._stream._pending
-        self._time = time.perf_counter()
+        self._time = _clock()
+        who = _log.caller()
+        _log.record.events[who] = _log.record.events.get(who, 0) + 1
 
     def synchronize(self) -> None:
         if self._stream is None:
@@ -147,6 +153,8 @@ def get_elapsed_time(start_event: Event, end_event: Event) -> float:
     """Milliseconds between two synchronised events (CUDA refuses unsynchronised ones)."""
     if not end_event.done or not start_event.done:
         raise runtime.CUDARuntimeError("cudaErrorNotReady: device not ready")
+    who = _log.caller()
+    _log.record.elapsed[who] = _log.record.elapsed.get(who, 0) + 1
     return (end_event._time - start_event._time) * 1e3
 
 
