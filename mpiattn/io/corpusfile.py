@@ -597,8 +597,9 @@ class Parts:
     @classmethod
     def joined(cls, out_path: Path, folder: Path) -> Parts:
         """The folder rank 0 made (or resumes), seen by a replica leader that writes its
-        rows files into it (``write_rows``); rank 0 alone locks, lists and removes it."""
-        return cls(out_path, {}, folder)
+        rows files into it (``write_rows``); rank 0 alone locks, lists and removes it.
+        Held open and bound to the job.json found now (``check_bound`` before each write)."""
+        return cls(out_path, _read_job(folder), folder)
 
     def ready(self) -> Path:
         """The folder, made now if it is not yet (before the replicas write into it)."""
@@ -625,20 +626,20 @@ class Parts:
         self._lock = self._dir = -1
 
 
-def remove_published(out_path: Path, key: str) -> list[str]:
-    """Remove the parts folder a job of ``key`` left beside ``out_path`` after publishing
-    it (killed between the final rename and the removal): only a private folder of this
-    key whose secret's digest and name the complete output records (attribute ``parts``)
-    and that no running job holds. Returns a note per folder removed.
+def remove_published(out_path: Path, key: str | None = None) -> list[str]:
+    """Remove the parts folder a job left beside ``out_path`` after publishing it (killed
+    between the final rename and the removal): only a private folder whose job key
+    (``key``; None: the key the output records), name and secret's digest the complete
+    output records (attribute ``parts``) and that no running job holds. Returns a note per
+    folder removed.
 
     Publish-then-remove, not the other way round: removing the parts before the rename
     would leave, after a kill in between, only an unnamed temporary that nothing resumes
     from, whereas a leftover folder costs disk space until the next run removes it."""
     from . import h5safe
 
-    folders = [p for p in _folders(out_path)
-               if _private(p) is None and _read_job(p).get("key") == key]
-    if not folders or not out_path.is_file():
+    candidates = [p for p in _folders(out_path) if _private(p) is None]
+    if not candidates or not out_path.is_file():
         return []
     try:
         with h5safe.open_for_reading(out_path) as f:
@@ -649,6 +650,8 @@ def remove_published(out_path: Path, key: str) -> list[str]:
         return []
     if not isinstance(rec, dict):
         return []
+    key = rec.get("key") if key is None else key
+    folders = [p for p in candidates if _read_job(p).get("key") == key]
     notes = []
     for folder in folders:
         secret = str(_read_job(folder).get("secret", ""))

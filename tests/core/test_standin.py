@@ -348,6 +348,7 @@ def test_rotary_layers_on_the_standin(cupy):
 NOT_REACHED = {
     "mpiattn/config.py": ("cuda_aware", '"backend"', "comm.cuda_aware"),  # declarations
     "mpiattn/commands/placement.py": ("cuda_aware: bool",),  # a field declaration
+    "mpiattn/io/formats/common.py": ("cuda_aware: str",),  # a field declaration
     "mpiattn/commands/info.py": ("cupy",),  # `mpiattn info`: package metadata, no device
     "mpiattn/commands/seqbench.py": ("is_gpu", "high-water"),  # the sequence sweep of bench
     "mpiattn/core/backend.py": ("raise ConfigError", "use auto, numpy or cupy",  # errors
