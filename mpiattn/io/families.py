@@ -205,11 +205,11 @@ def read_config(folder: Path) -> dict | None:
 
 def family_of(folder: Path, config: dict | None = None) -> Family:
     """The family of the model in ``folder`` (its ``config.json``). A folder without a
-    config.json, or one that names neither model_type nor architectures, must hold BERT
-    names (its tensors are checked by name when read).
+    config.json must hold BERT names (its tensors are checked by name when read); a
+    config.json must name its ``model_type`` or ``architectures``.
 
-    Raises InputError (one line): a model_type or architecture that is not built here,
-    an activation other than exact GELU, positions other than absolute.
+    Raises InputError (one line): neither key, a model_type or architecture that is not
+    built here, an activation other than exact GELU, positions other than absolute.
     """
     if config is None:
         config = read_config(folder)
@@ -217,9 +217,10 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
         return FAMILIES["bert"]
     path = folder / "config.json"
     kind = model_type(config)
-    # No model_type nor architectures (a hand-written config.json, which transformers
-    # itself refuses): BERT's names are then required tensor by tensor when read.
-    family = FAMILIES.get(kind or "bert")
+    if kind is None:  # a hand-written config.json (transformers refuses it too): no guess
+        raise InputError(f"'{path}' names neither model_type nor architectures: add"
+                         f' "model_type" (mpiattn runs {SUPPORTED})')
+    family = FAMILIES.get(kind)
     if family is None:
         arch = config.get("architectures")
         found = f"model_type '{kind}'" + (f" ({arch[0]})" if isinstance(arch, list) and arch

@@ -253,7 +253,8 @@ def test_minilm_saved_as_roberta_gives_minilm_embeddings(folders, tmp_path, sent
     assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("case", ["modernbert", "no-tensor", "pooling", "module", "prompt",
+@pytest.mark.parametrize("case", ["modernbert", "no-type", "no-tensor", "pooling", "module",
+                                  "prompt",
                                   "dense-bin", "int-weights", "activation"])
 def test_what_is_not_built_is_one_line(folders, tmp_path, case):
     """Unknown architecture, a missing tensor, a pooling mode, module, default prompt,
@@ -270,6 +271,12 @@ def test_what_is_not_built_is_one_line(folders, tmp_path, case):
         (folder / "config.json").write_text(json.dumps(hf))
         want = ("model_type 'modernbert' (ModernBertModel) is not supported; mpiattn runs"
                 " model_type bert")
+    elif case == "no-type":  # no BERT guess: a hand-written config.json names its type
+        hf = json.loads((folder / "config.json").read_text())
+        del hf["model_type"], hf["architectures"]
+        (folder / "config.json").write_text(json.dumps(hf))
+        want = ("names neither model_type nor architectures: add \"model_type\" (mpiattn"
+                " runs bert, roberta")
     elif case in ("no-tensor", "int-weights"):
         tensors = load_file(str(folder / "model.safetensors"))
         key = "encoder.layer.1.attention.self.key.bias"
