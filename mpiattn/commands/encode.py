@@ -112,7 +112,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     from ..io.stmodules import sentence_pipeline
 
     apply_checkpoint_shape(cfg)
-    pipe = sentence_pipeline(cfg.model.weights, cfg.model.hidden)
+    pipe = sentence_pipeline(cfg.model.weights, cfg.model.hidden, cfg.input.prompt)
     if cfg.output.head_stats or cfg.output.attention_maps:
         key = "output.head_stats" if cfg.output.head_stats else "output.attention_maps"
         raise ConfigError(f"{key} is not yet supported with text input (input.text): per-head"
@@ -126,7 +126,9 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     source = corpus_source(cfg)
     info = scan(source.path, spec=source, chunk=cfg.input.chunk)
     limit, _ = truncation(cfg)
-    tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab)
+    tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab,
+                            pipe.prompt)
+    pipe.set_prompt_length(tok.prompt_length)  # include_prompt = false pools after it
     if cfg.input.pairs and 0 < cfg.input.max_tokens < 3:
         raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens} with input.pairs: a pair"
                           " needs at least 3 tokens ([CLS] a [SEP] b [SEP]'s specials)")
@@ -532,7 +534,9 @@ class _Job:
                           cfg.output.compression, self.width, ids=self.info.ids,
                           id_field=cfg.input.id_field)
         f["output/pooled"].attrs.update({"modules": self.pipe.describe(),
-                                         "modules_source": self.pipe.source})
+                                         "modules_source": self.pipe.source,
+                                         "prompt_name": self.pipe.prompt_name,
+                                         "prompt": self.pipe.prompt})
         limit, source = truncation(cfg)
         stats = self.parts.read_stats()
         busy_max = sum(s.get("busy_max", 0.0) for s in stats)

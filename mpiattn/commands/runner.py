@@ -63,6 +63,9 @@ def check_inputs(cfg: Config, world_size: int, rank: int,
     apply_checkpoint_shape(cfg)
     if command == "run":  # refused here, before any work, when the folder's are not built
         sentence_pipeline(cfg.model.weights, cfg.model.hidden)
+    elif cfg.input.prompt:
+        raise ConfigError(f"input.prompt is put before every line by text runs (mpiattn run)"
+                          f" only, not by mpiattn {command}: remove it")
     tensor, _ = check_world(cfg, world_size)
     check_memory(cfg)
     batch = load_batch(cfg)

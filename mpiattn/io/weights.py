@@ -317,8 +317,9 @@ class SafetensorsWeights(Source):
         self.path, self.m = path, model
         self.file = TensorFile(path)
         self.keys = self.file.keys()
-        config = families.read_config(path.parent) or {}
-        self.family = families.family_of(path.parent, config)
+        found = families.read_config(path.parent)  # None: no config.json, BERT names
+        self.family = families.family_of(path.parent, found)
+        config = found or {}
         self.padding_idx = self.family.padding_idx(config)
         self.position_rows = self.family.position_rows(config)
         self.embedding_size = self.family.embedding_size(config, model.hidden)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import ThreadGroup, run_ranks
-from model_folders import build, hidden_states, minilm, st_encode
+from model_folders import build, hidden_states, minilm, st_encode, st_model
 
 from mpiattn import config
 from mpiattn.commands.placement import apply_checkpoint_shape
@@ -217,6 +217,43 @@ def test_sentence_transformers_modules_as_the_folder_lists_them(folders, tmp_pat
         assert "sentence-transformers' default" in pipe.source
 
 
+PROMPTS = {"prompts": {"query": "query: ", "passage": "a passage of text: ", "none": ""},
+           "default_prompt_name": "passage"}
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_prompts_are_put_before_every_line_as_encode_does(folders, tmp_path, include):
+    """``input.prompt`` (and the folder's default_prompt_name without it) gives
+    ``encode(lines, prompt_name=...)``; with include_prompt = false the prompt's tokens
+    (counted on the prompt alone, as sentence-transformers counts them) are not pooled.
+    2 head ranks; an unknown name is one line listing the folder's prompts."""
+    folder = with_modules(folders(BASE), tmp_path / "prompts",
+                          [("Pooling", {"pooling_mode": ["cls", "mean"],
+                                        "include_prompt": include})],
+                          **{"config_sentence_transformers.json": PROMPTS})
+    cfg = model_cfg(folder, "float64")
+    model = st_model(folder)
+    limit, _ = model_max_length(folder, cfg.model.max_positions)
+    for name, st_name in (("query", "query"), ("", None), ("none", "none")):
+        pipe = sentence_pipeline(str(folder), cfg.model.hidden, name)
+        tok = SentenceTokenizer(folder / "tokenizer.json", limit, 30522, 1, pipe.prompt)
+        pipe.set_prompt_length(tok.prompt_length)
+        ids, mask, _ = tok.encode(LINES, 0).padded(np.arange(len(LINES)))
+        got = pipe(forward(cfg, ids, mask, 2 if name else 1), mask)
+        want = model.encode(LINES, convert_to_numpy=True, batch_size=4, prompt_name=st_name)
+        assert relative_error(got, want) <= TOL["float64"], (name, relative_error(got, want))
+        assert pipe.prompt_name == {"": "passage"}.get(name, name if name != "none" else "")
+    assert tok.prompt_length == 0 and pipe.prompt == ""  # an empty prompt is none
+    cut = sentence_pipeline(str(folder), 12, "query")
+    cut.set_prompt_length(3)
+    assert cut.prompt == "query: " and cut.describe().endswith(
+        "Pooling(cls+mean, prompt excluded)" if not include else "Pooling(cls+mean)")
+    with pytest.raises(config.ConfigError) as err:
+        sentence_pipeline(str(folder), 12, "qeury")
+    assert "input.prompt = 'qeury' is not a prompt of" in str(err.value)
+    assert "prompts: 'query', 'passage', 'none')" in str(err.value)
+
+
 def test_minilm_saved_as_roberta_gives_minilm_embeddings(folders, tmp_path, sentence_model):
     """Real weights under another family: all-MiniLM-L6-v2 as a RobertaModel (its
     position table moved down two rows, padding_idx 1). transformers and
@@ -298,8 +335,8 @@ def test_what_is_not_built_is_one_line(folders, tmp_path, case):
         want = "module 'LayerNorm' is not built; mpiattn runs Transformer, Pooling, Dense"
     elif case == "prompt":
         (folder / "config_sentence_transformers.json").write_text(json.dumps(
-            {"prompts": {"query": "query: "}, "default_prompt_name": "query"}))
-        want = "default_prompt_name = 'query'"
+            {"prompts": {"query": "query: "}, "default_prompt_name": "doc"}))
+        want = "default_prompt_name = 'doc' is not one of its prompts ('query')"
     elif case == "dense-bin":
         (folder / "2_Dense/model.safetensors").rename(folder / "2_Dense/pytorch_model.bin")
         want = "is a PyTorch pickle, which mpiattn does not read"
