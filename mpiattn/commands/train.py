@@ -110,6 +110,11 @@ def init_params(cfg: Config, shard: HeadShard, vocab: int,
     model = dataclasses.replace(cfg.model, vocab=vocab)
     source = open_source(cfg.seed, model, np.dtype(cfg.dtype))
     emb = source.embeddings()
+    if emb.padding_idx is not None:  # RoBERTa family: token n of a whole window (training
+        # has no padding) reads row padding_idx + 1 + n, so the table from there trains as
+        # BERT's; the rows before it are kept as they are (``untrained_tensors``)
+        emb = dataclasses.replace(emb, padding_idx=None, position=np.ascontiguousarray(
+            emb.position[emb.padding_idx + 1:]))
     indices = range(model.layers) if layers is None else layers
     built = [source.layer(i, shard) for i in indices]
     head = source.head()
@@ -626,8 +631,9 @@ class Trainer:
 
 
 def untrained_tensors(cfg: Config, ck: Any) -> dict[str, np.ndarray]:
-    """Tensors of the starting model that training keeps but never changes (BERT's pooler,
-    ``hf.PASSTHROUGH``): from the checkpoint resumed, or from ``model.weights``."""
+    """Tensors of the starting model that training keeps but never changes (the pooler, the
+    RoBERTa family's position rows before position 0: ``hf.PASSTHROUGH``): from the
+    checkpoint resumed, or from ``model.weights``."""
     from ..io.hf import PASSTHROUGH
     from ..io.weights import open_source
 
@@ -810,8 +816,10 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     """
     from ..core.backend import to_host
     from ..errors import NumericalError, Stopped
+    from ..io.families import trained_as
     from ..io.outfile import Reservation
     from ..io.schema import write_provenance, write_train
+    from ..io.weights import model_folder
     from ..parallel import watchdog
     from ..parallel.comm import gather_rows
     from . import jobkit
@@ -853,6 +861,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
     params = part(init_params(cfg, shard, corpus.vocab, stage_layers(m.layers, stages, stage)))
     history, start = History(), 0
     kept = untrained_tensors(cfg, ck) if rank == 0 else {}
+    family = trained_as(model_folder(cfg.model.weights) if cfg.model.weights else None)
     if ck is not None:
         params = part(mlm.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard)))
         history, start = ck.history, ck.step
@@ -908,7 +917,7 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
                                                        and path.samefile(resume))
             state = {kind: full[kind] for kind in trainer.opt.names}
             write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
-                             corpus, history, tensor, tokenizer)
+                             corpus, history, tensor, tokenizer, family)
             written.add(path)
 
         jobkit.conclude(world, write if rank == 0 else None, final=False)
@@ -1018,8 +1027,8 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         info = {"trained_by": f"mpiattn {__version__} train", "steps": done,
                 "held_out_loss": history.eval_loss[-1] if history.eval_loss else None}
         try:
-            export.publish(export.build(cfg.model, latest, corpus.token_ids, tokenizer, info),
-                           folder, force)
+            export.publish(export.build(cfg.model, latest, corpus.token_ids, tokenizer, info,
+                                        family), folder, force)
         except UserError as err:
             where = checkpoint_path(t, done)
             kept = (f"; the model is in '{where}': mpiattn export {where} DIR"

@@ -95,11 +95,14 @@ def param_dims(name: str, ndim: int) -> tuple[str, ...]:
 
 def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
                      state: dict[str, dict[str, Any]], corpus: Corpus, history: History,
-                     tensor: int, tokenizer: dict[str, bytes]) -> None:
+                     tensor: int, tokenizer: dict[str, bytes],
+                     family: dict[str, Any] | None = None) -> None:
     """Whole-model parameters and optimizer state (HF naming), written atomically to
     ``path`` (a file name, refused if it exists, or an ``outfile.Reservation``), with the
-    tokenizer files (``export.tokenizer_files``) so the file alone is a usable model."""
+    tokenizer files (``export.tokenizer_files``) so the file alone is a usable model;
+    ``family``: ``families.trained_as`` (attributes ``model_type``, ``padding_idx``)."""
     with h5io.atomic_file(path) as f:
+        f.attrs.update(family or {"model_type": "bert", "padding_idx": -1})
         f.attrs.update({"format_version": h5io.FORMAT_VERSION, "command": "train checkpoint",
                         "step": done, "optimizer": cfg.train.optimizer, "seed": cfg.seed,
                         "config": cfg.to_toml(), "tensor_parallel": tensor,
@@ -175,6 +178,7 @@ class TrainedModel:
     model: ModelConfig  # the model's shape (model.* of the training job)
     token_ids: np.ndarray  # tokenizer id of each model id
     tokenizer: dict[str, bytes]  # file name -> contents
+    family: dict[str, Any] | None = None  # model_type, padding_idx (``families.trained_as``)
 
 
 def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel, dict]:
@@ -205,7 +209,11 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
             token_ids = h5safe.read(f["vocab/token_ids"])
             if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu" or not token_ids.size:
                 raise ValueError("/vocab/token_ids is not a list of token ids")
-            model = TrainedModel(path, int(h5safe.attr(f, "step")), shape, token_ids, tok)
+            family = {"model_type": h5safe.text(f.attrs.get("model_type", "bert"),
+                                                "model_type"),
+                      "padding_idx": int(f.attrs.get("padding_idx", -1))}
+            model = TrainedModel(path, int(h5safe.attr(f, "step")), shape, token_ids, tok,
+                                 family)
             want = model_shapes(shape, token_ids.size)
             stored = f["params"]
             for name, need in want.items():

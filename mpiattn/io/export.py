@@ -70,9 +70,11 @@ def tokenizer_vocab(files: dict[str, bytes]) -> tuple[int, dict[str, int]]:
         tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
     except Exception as err:  # the Rust side raises a bare Exception on a bad file
         raise InputError(f"the tokenizer cannot be loaded: {err}") from None
-    ids = {name: tok.token_to_id(name) for name in ("[PAD]", "[UNK]")}
+    from .hf import special_id
+
+    ids = {name: special_id(tok, name) for name in ("[PAD]", "[UNK]")}
     if any(v is None for v in ids.values()):
-        raise InputError("the tokenizer lacks [PAD] or [UNK] (not a BERT one?)")
+        raise InputError("the tokenizer lacks [PAD] or [UNK] (or RoBERTa's <pad>, <unk>)")
     return tok.get_vocab_size(with_added_tokens=True), ids
 
 

@@ -174,6 +174,7 @@ _ARCHITECTURES = {"MPNet": "mpnet", "Bert": "bert", "Roberta": "roberta",
                   "XLMRoberta": "xlm-roberta", "Camembert": "camembert", "Electra": "electra",
                   "DistilBert": "distilbert"}
 SUPPORTED = ", ".join(FAMILIES)
+ROBERTA_NAMES = ("RoBERTa", "XLM-RoBERTa", "CamemBERT")  # RobertaForMaskedLM's names
 
 
 def model_type(config: dict) -> str | None:
@@ -240,3 +241,15 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
         raise InputError(f"'{path}': position_embedding_type = {kind_pos!r}; mpiattn builds"
                          " 'absolute' positions only")
     return family
+
+
+def trained_as(folder: Path | None) -> dict[str, Any]:
+    """What ``mpiattn train`` records of a model folder's family (checkpoint attributes
+    ``hf.FAMILY_ATTRS``, read by the export): ``model_type`` ("bert" for BERT, DistilBERT
+    and seeded weights, which train and export as BERT; the RoBERTa family's own) and the
+    RoBERTa family's ``padding_idx`` (-1: none)."""
+    config = read_config(folder) if folder is not None else None
+    family = family_of(folder, config) if config is not None else FAMILIES["bert"]
+    if family.name not in ROBERTA_NAMES:
+        return {"model_type": "bert", "padding_idx": -1}
+    return {"model_type": model_type(config), "padding_idx": family.padding_idx(config)}

@@ -382,15 +382,18 @@ def test_without_modules_json_the_tokenizer_limit_is_sentence_transformers(folde
 
 def test_training_other_families_is_one_line(folders):
     """train's pre-flight (``check_sequence(..., "train")``) refuses a family it has no
-    names for; DistilBERT trains as the BERT it equals."""
+    names for, naming those it trains; DistilBERT trains as the BERT it equals, the
+    RoBERTa family as itself."""
     from mpiattn.commands.placement import check_sequence
 
-    for name in ("roberta", "electra", "mpnet"):
+    for name in ("electra", "mpnet"):
         cfg = model_cfg(folders(name), "float32")
-        with pytest.raises(config.ConfigError, match="mpiattn train fine-tunes BERT and"):
+        with pytest.raises(config.ConfigError, match="mpiattn train fine-tunes BERT,"
+                           " DistilBERT, RoBERTa, XLM-RoBERTa and CamemBERT models"):
             check_sequence(cfg, 1, 16, "train")
         check_sequence(cfg, 1, 16, "run")
-    check_sequence(model_cfg(folders("distilbert"), "float32"), 1, 16, "train")
+    for name in ("distilbert", "roberta", "camembert"):
+        check_sequence(model_cfg(folders(name), "float32"), 1, 16, "train")
 
 
 @pytest.mark.parametrize("batched", [True, False])
