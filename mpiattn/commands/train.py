@@ -1007,7 +1007,10 @@ def train(cfg: Config, world: Any, out_path: str, force: bool,
         exported = ""
         if folder is not None:
             export_model(folder)
-            exported = f"\nexported {folder} (Hugging Face BertForMaskedLM)"
+            from ..io.export import ARCHITECTURES
+
+            exported = (f"\nexported {folder} (Hugging Face"
+                        f" {ARCHITECTURES[family['model_type']]})")
         ev = ""
         if history.eval_loss:
             before = (f"{history.eval_loss[0]:.4f} before step 0 -> "

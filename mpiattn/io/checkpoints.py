@@ -78,7 +78,8 @@ def param_dims(name: str, ndim: int) -> tuple[str, ...]:
     matrix, ``model_id`` the model's vocabulary, ``position`` and ``token_type`` the rows
     of those embedding tables."""
     tables = {"word_embeddings.weight": "model_id", "position_embeddings.weight": "position",
-              "token_type_embeddings.weight": "token_type"}
+              "token_type_embeddings.weight": "token_type",
+              "leading_position_rows": "leading_position"}  # RoBERTa family's kept rows
     for suffix, rows in tables.items():
         if name.endswith(suffix):
             return (rows, "hidden_unit")
@@ -189,7 +190,7 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
     import h5py
 
     from . import h5safe
-    from .hf import PASSTHROUGH, TOKENIZER_FILES
+    from .hf import PASSTHROUGH, TOKENIZER_FILES, module_files
 
     path = Path(path)
     bad = f"'{path}' is not a readable mpiattn training checkpoint"
@@ -203,8 +204,11 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
         try:
             shape = _model_shape(h5safe.text(h5safe.attr(f, "config"), "config"))
             group = f["tokenizer"]
+            listing = group.get("modules.json")
+            dense = module_files(h5safe.read(listing, MAX_TOKENIZER).tobytes()
+                                 if isinstance(listing, h5py.Dataset) else None)
             tok = {name: h5safe.read(group[name], MAX_TOKENIZER).tobytes()
-                   for name in TOKENIZER_FILES
+                   for name in (*TOKENIZER_FILES, *dense)
                    if name in group and isinstance(group[name], h5py.Dataset)}
             token_ids = h5safe.read(f["vocab/token_ids"])
             if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu" or not token_ids.size:

@@ -23,6 +23,25 @@ LEADING_POSITIONS = "mpiattn.leading_position_rows"  # RoBERTa family: the paddi
 # position rows in front of position 0 (read by no token of a whole window: kept, not trained)
 PASSTHROUGH = ("bert.pooler.dense.weight", "bert.pooler.dense.bias",  # kept, not trained
                LEADING_POSITIONS)
+def module_files(modules_json: bytes | None) -> list[str]:
+    """The files of the Dense modules a ``modules.json`` lists (``2_Dense/config.json``,
+    ``2_Dense/model.safetensors``): they travel with the tokenizer into checkpoints and
+    exports, as Pooling's config does. [] for no or unreadable listing."""
+    import json
+
+    try:
+        entries = json.loads(modules_json or b"[]")
+    except ValueError:
+        return []
+    out = []
+    for entry in entries if isinstance(entries, list) else []:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if str(entry.get("type", "")).endswith(".Dense") and isinstance(path, str) \
+                and path and "/" not in path and not path.startswith("."):
+            out += [f"{path}/config.json", f"{path}/model.safetensors"]
+    return out
+
+
 SPECIAL_ALIASES = {"[PAD]": "<pad>", "[UNK]": "<unk>", "[CLS]": "<s>", "[SEP]": "</s>",
                    "[MASK]": "<mask>"}  # BERT's special tokens as the RoBERTa family names them
 
