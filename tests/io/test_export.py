@@ -129,6 +129,7 @@ def test_seeded_export_agrees_with_transformers(seeded):
     assert {(folder / n).stat().st_mode & 0o777 for n in names} == {0o666 & ~_umask()}
     hf_cfg = json.loads((folder / "config.json").read_text())
     assert hf_cfg["vocab_size"] == 30522 and hf_cfg["num_attention_heads"] == 5
+    assert (hf_cfg["model_type"], hf_cfg["architectures"]) == ("bert", ["BertForMaskedLM"])
     # the tokenizer never cuts longer than the model's 16 positions
     assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 16
     assert json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"] == 16

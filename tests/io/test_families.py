@@ -314,6 +314,7 @@ def test_what_is_not_built_is_one_line(folders, tmp_path, case):
         (folder / "config.json").write_text(json.dumps(hf))
         want = ("names neither model_type nor architectures: add \"model_type\" (mpiattn"
                 " runs bert, roberta")
+        assert json.loads((minilm() / "config.json").read_text())["model_type"] == "bert"
     elif case in ("no-tensor", "int-weights"):
         tensors = load_file(str(folder / "model.safetensors"))
         key = "encoder.layer.1.attention.self.key.bias"
@@ -426,3 +427,18 @@ def test_position_bias_reaches_outputs_and_attention_maps(monkeypatch, batched):
     np.testing.assert_allclose(stats.maps[(1, 0)], probs[1], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(out.reshape(batch, seq, heads, d).transpose(0, 2, 1, 3),
                                probs @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_roberta_special_tokens_are_read_by_their_role():
+    """Training and export read BERT's specials ([PAD], [UNK], [CLS], [SEP], [MASK]) or, in
+    a RoBERTa-family tokenizer, <pad>, <unk>, <s>, </s>, <mask>."""
+    from tokenizers import Tokenizer, models
+
+    from mpiattn.inputs.corpus import SPECIALS
+    from mpiattn.io.hf import special_id
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "hi": 4, "<mask>": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    assert [special_id(tok, name) for name in SPECIALS] == [1, 3, 0, 2, 5]
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "<pad>": 1}, unk_token="[PAD]"))
+    assert (special_id(tok, "[PAD]"), special_id(tok, "[CLS]")) == (0, None)
