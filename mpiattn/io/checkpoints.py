@@ -214,8 +214,15 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
             if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu" or not token_ids.size:
                 raise ValueError("/vocab/token_ids is not a list of token ids")
             family = {"model_type": h5safe.text(f.attrs.get("model_type", "bert"),
-                                                "model_type"),
-                      "padding_idx": int(f.attrs.get("padding_idx", -1))}
+                                                "attribute 'model_type' of /"),
+                      "padding_idx": f.attrs.get("padding_idx", -1)}
+            pad = family["padding_idx"]
+            if family["model_type"] not in ("bert", "roberta", "xlm-roberta", "camembert") \
+                    or not isinstance(pad, int | np.integer) or pad < -1 \
+                    or (pad < 0) != (family["model_type"] == "bert"):
+                raise ValueError(f"its model_type {family['model_type']!r} and padding_idx"
+                                 f" {pad!r} are not a family mpiattn trains")
+            family["padding_idx"] = int(pad)
             model = TrainedModel(path, int(h5safe.attr(f, "step")), shape, token_ids, tok,
                                  family)
             want = model_shapes(shape, token_ids.size)
