@@ -376,7 +376,10 @@ class SafetensorsWeights(Source):
             key = self.prefix + name.removeprefix("bert.")
             if name.startswith("bert.") and key in self.keys:
                 out[name] = np.asarray(self._read(key, ()), dtype=self.dtype)
-        if self.position_rows:  # RoBERTa family: the rows before position 0
+        if hf.LEADING_POSITIONS in self.keys:  # a RoBERTa-family training checkpoint's
+            out[hf.LEADING_POSITIONS] = np.asarray(self._read(hf.LEADING_POSITIONS, ()),
+                                                   dtype=self.dtype)
+        elif self.position_rows:  # RoBERTa family: the rows before position 0
             key = self.family.embedding_names(self.prefix)["position"]
             out[hf.LEADING_POSITIONS] = np.asarray(
                 self._read(key, (slice(0, self.position_rows),)), dtype=self.dtype)

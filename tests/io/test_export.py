@@ -317,6 +317,7 @@ def test_roberta_export_keeps_family_and_modules(roberta_mlm, tmp_path):  # noqa
     from mpiattn.commands.placement import apply_checkpoint_shape
     from mpiattn.core.model import encoder_forward
     from mpiattn.inputs.textstream import SentenceTokenizer
+    from mpiattn.io.hf import LEADING_POSITIONS
     from mpiattn.io.stmodules import sentence_pipeline
     from mpiattn.io.weights import open_source
 
@@ -339,6 +340,14 @@ def test_roberta_export_keeps_family_and_modules(roberta_mlm, tmp_path):  # noqa
     a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert "lm_head.dense.weight" in a and not any(k.startswith("bert.") for k in a)
+    position = "roberta.embeddings.position_embeddings.weight"
+    source = load_file(str(folder / "model.safetensors"))[position]
+    assert np.array_equal(a[position][:2], source[:2])  # kept, not trained
+    ck_cfg = config.from_dict({"model.weights": str(tmp_path / "ck.h5"), "dtype": "float64",
+                               "input.seq_len": 16})
+    apply_checkpoint_shape(ck_cfg)  # the checkpoint as model.weights keeps them too
+    kept = open_source(0, ck_cfg.model, np.float64).passthrough()
+    assert np.array_equal(kept[LEADING_POSITIONS], source[:2])
     hf_cfg = json.loads((out / "config.json").read_text())
     assert (hf_cfg["model_type"], hf_cfg["architectures"]) == ("roberta",
                                                               ["RobertaForMaskedLM"])
