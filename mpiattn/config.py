@@ -50,6 +50,8 @@ class InputConfig:
     chunk: int = 0  # text: lines read, length-sorted and written together; 0 = auto
     tokenizer: str = ""  # tokenizer.json; "" = the one beside model.weights
     tokens: str = ""  # HDF5 /input/tokens (batch, seq), e.g. a run file: sets batch and seq
+    prompt: str = ""  # text: a prompt's name in the folder's config_sentence_transformers.json,
+    # put before every line as SentenceTransformer.encode(prompt_name=...); "" = its default
     min_fill: float = 0.5  # seeded input: shortest sequence as a fraction of seq_len
 
 
@@ -371,6 +373,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"input.min_fill must be in (0, 1], got {cfg.input.min_fill}")
     if cfg.input.text and cfg.input.tokens:
         raise ConfigError("input.text and input.tokens are both set: give one input")
+    if cfg.input.prompt and not (cfg.input.text and cfg.model.weights):
+        raise ConfigError(f"input.prompt = {cfg.input.prompt!r} names a prompt of the model"
+                          " folder (model.weights) put before every line of input.text: set"
+                          " both, or remove input.prompt")
     if cfg.input.max_tokens == 1 or cfg.input.max_tokens > m.max_positions:
         raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens}: give 0 (the model's own"
                           f" limit) or 2 .. model.max_positions = {m.max_positions}")

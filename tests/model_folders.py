@@ -136,15 +136,21 @@ def hidden_states(folder: Path, ids: np.ndarray, mask: np.ndarray,
     return out.last_hidden_state.numpy()
 
 
-def st_encode(folder: Path, lines: list[str], dtype: str = "float64") -> np.ndarray:
-    """SentenceTransformer(folder).encode(lines) computed in ``dtype``."""
+def st_model(folder: Path, dtype: str = "float64") -> Any:
+    """SentenceTransformer(folder) on the CPU, computing in ``dtype``."""
     import torch
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(folder), device="cpu",
                                 model_kwargs={"dtype": getattr(torch, dtype)})
-    model = model.to(getattr(torch, dtype))
-    return model.encode(lines, convert_to_numpy=True, batch_size=4)
+    return model.to(getattr(torch, dtype))
+
+
+def st_encode(folder: Path, lines: list[str], dtype: str = "float64",
+              **options: Any) -> np.ndarray:
+    """SentenceTransformer(folder).encode(lines, **options) computed in ``dtype``."""
+    return st_model(folder, dtype).encode(lines, convert_to_numpy=True, batch_size=4,
+                                          **options)
 
 
 def exact_rope() -> Any:

@@ -451,7 +451,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     except UserError as err:
         print(f"mpiattn export: error: {err}", file=sys.stderr)
         return err.exit_code
-    print(f"exported {folder} (Hugging Face BertForMaskedLM)")
+    import json
+
+    kind = json.loads((folder / "config.json").read_text()).get("architectures", ["?"])[0]
+    print(f"exported {folder} (Hugging Face {kind})")
     return 0
 
 

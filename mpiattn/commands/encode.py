@@ -131,7 +131,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
 
     finished = finish_config(cfg, world_size, "run", RUN_SITES)
     tensor = finished.tensor
-    pipe = sentence_pipeline(cfg.model.weights, cfg.model.hidden)
+    pipe = sentence_pipeline(cfg.model.weights, cfg.model.hidden, cfg.input.prompt)
     if cfg.output.head_stats or cfg.output.attention_maps:
         key = "output.head_stats" if cfg.output.head_stats else "output.attention_maps"
         raise ConfigError(f"{key} is not yet supported with text input (input.text): per-head"
@@ -142,7 +142,9 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
         cfg.input.chunk = auto_chunk(cfg)
     source = corpus_source(cfg)
     limit, _ = truncation(cfg)
-    tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab)
+    tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab,
+                            pipe.prompt)
+    pipe.set_prompt_length(tok.prompt_length)  # include_prompt = false pools after it
     if cfg.input.pairs and 0 < cfg.input.max_tokens < 3:
         raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens} with input.pairs: a pair"
                           " needs at least 3 tokens ([CLS] a [SEP] b [SEP]'s specials)")
@@ -779,7 +781,9 @@ class _Job:
                    "chunk_lines": cfg.input.chunk, "micro_batch": cfg.input.batch,
                    "assign": cfg.parallel.assign,
                    "replica_imbalance": busy_max / busy_mean if busy_mean else 1.0},
-            modules=(self.pipe.describe(), self.pipe.source), seconds=seconds,
+            pooled_attrs={"modules": self.pipe.describe(), "modules_source": self.pipe.source,
+                          "prompt_name": self.pipe.prompt_name, "prompt": self.pipe.prompt},
+            seconds=seconds,
             totals=totals, records=rows, phases=self.phases))
 
     def _summary(self, totals: np.ndarray, path: Path) -> None:

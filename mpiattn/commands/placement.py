@@ -97,19 +97,21 @@ def finish_config(cfg: Config, world_size: int, command: str,
     return Finished(tensor, tuple(parse_faults(cfg.fault.inject, sites, command)))
 
 
-TRAINABLE = ("BERT", "DistilBERT")  # families whose names and embeddings training has
+TRAINABLE = ("BERT", "DistilBERT", "RoBERTa", "XLM-RoBERTa", "CamemBERT")  # families whose
+# names, embeddings and MLM head training has
 
 
 def check_trainable(cfg: Config) -> None:
-    """``mpiattn train`` fine-tunes BERT (and DistilBERT, exported as the BERT it equals);
-    another family's folder is one line before any work (ConfigError)."""
+    """``mpiattn train`` fine-tunes BERT (and DistilBERT, exported as the BERT it equals)
+    and the RoBERTa family; another family's folder is one line before any work
+    (ConfigError)."""
     if not cfg.model.weights:
         return
     family = family_of(model_folder(cfg.model.weights))
     if family.name not in TRAINABLE:
         raise ConfigError(f"model.weights = '{cfg.model.weights}' is a {family.name} model:"
-                          f" mpiattn train fine-tunes {' and '.join(TRAINABLE)} models (run"
-                          " encodes every supported family)")
+                          f" mpiattn train fine-tunes {', '.join(TRAINABLE[:-1])} and"
+                          f" {TRAINABLE[-1]} models (run encodes every supported family)")
 
 
 def check_memory(cfg: Config) -> None:

@@ -66,6 +66,9 @@ def check_inputs(cfg: Config, world_size: int, rank: int,
     tensor = finished.tensor
     if command == "run":  # refused here, before any work, when the folder's are not built
         sentence_pipeline(cfg.model.weights, cfg.model.hidden)
+    elif cfg.input.prompt:
+        raise ConfigError(f"input.prompt is put before every line by text runs (mpiattn run)"
+                          f" only, not by mpiattn {command}: remove it")
     batch = load_batch(cfg)
     check_sequence(cfg, tensor, batch.shape[1], command)
     replicas = world_size // (tensor * cfg.parallel.pipeline * cfg.parallel.sequence)

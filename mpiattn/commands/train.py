@@ -116,6 +116,11 @@ def init_params(cfg: Config, shard: HeadShard, vocab: int,
     model = dataclasses.replace(cfg.model, vocab=vocab)
     source = open_source(cfg.seed, model, np.dtype(cfg.dtype))
     emb = source.embeddings()
+    if emb.padding_idx is not None:  # RoBERTa family: token n of a whole window (training
+        # has no padding) reads row padding_idx + 1 + n, so the table from there trains as
+        # BERT's; the rows before it are kept as they are (``untrained_tensors``)
+        emb = dataclasses.replace(emb, padding_idx=None, position=np.ascontiguousarray(
+            emb.position[emb.padding_idx + 1:]))
     indices = range(model.layers) if layers is None else layers
     built = [source.layer(i, shard) for i in indices]
     head = source.head()
@@ -633,8 +638,9 @@ class Trainer:
 
 
 def untrained_tensors(cfg: Config, ck: Any) -> dict[str, np.ndarray]:
-    """Tensors of the starting model that training keeps but never changes (BERT's pooler,
-    ``hf.PASSTHROUGH``): from the checkpoint resumed, or from ``model.weights``."""
+    """Tensors of the starting model that training keeps but never changes (the pooler, the
+    RoBERTa family's position rows before position 0: ``hf.PASSTHROUGH``): from the
+    checkpoint resumed, or from ``model.weights``."""
     from ..io.hf import PASSTHROUGH
     from ..io.weights import open_source
 
@@ -854,12 +860,13 @@ class Checkpointer:
 
     def __init__(self, cfg: Config, world: MPI.Comm, plan: Any, trainer: Trainer,
                  kept: dict[str, np.ndarray], first_copy: bool, resume: str | None,
-                 force: bool, identity: dict[str, str]) -> None:
+                 force: bool, identity: dict[str, str], family: dict[str, Any]) -> None:
         self.cfg, self.world, self.plan, self.trainer = cfg, world, plan, trainer
         self.kept = kept  # tensors training does not change (rank 0's), for the export
         self.first_copy = first_copy  # replica 0 (and sequence slice 0) holds the model
         self.resume, self.force = resume, force
         self.identity = identity  # the job's identity, stored in every checkpoint (--resume)
+        self.family = family  # the model family trained (``families.trained_as``)
         self.written: set[Path] = set()  # checkpoints this job wrote: the next may replace
         self.latest: dict[str, np.ndarray] = {}  # the whole parameters last gathered (rank 0)
         self.saved = -1  # the steps done at the last checkpoint (every rank)
@@ -913,7 +920,7 @@ class Checkpointer:
             state = {kind: full[kind] for kind in trainer.opt.names}
             write_checkpoint(Reservation(path, replace), cfg, done, full["params"], state,
                              corpus, history, self.plan.grid.axis_size("tensor"), tokenizer,
-                             self.identity)
+                             self.identity, self.family)
             self.written.add(path)
 
         jobkit.conclude(self.world, write if self.world.Get_rank() == 0 else None,
@@ -937,7 +944,9 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
     before the time limit) was agreed on at a step boundary, the checkpoint written.
     """
     from ..errors import NumericalError, Stopped
+    from ..io.families import trained_as
     from ..io.formats.train import write_train
+    from ..io.weights import model_folder
     from ..parallel import watchdog
     from ..parallel.comm import gather_rows
     from . import epilogue, jobkit
@@ -982,6 +991,7 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
     params = part(init_params(cfg, shard, corpus.vocab, stage_layers(m.layers, stages, stage)))
     history, start = History(), 0
     kept = untrained_tensors(cfg, ck) if rank == 0 else {}
+    family = trained_as(model_folder(cfg.model.weights) if cfg.model.weights else None)
     if ck is not None:
         params = part(mlm.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard)))
         history, start = ck.history, ck.step
@@ -994,7 +1004,7 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
             emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
             trainer.load_state(kind, part(mlm.Params(emb, layers, head)))
     saver = Checkpointer(cfg, world, plan, trainer, kept, first_copy, resume, force,
-                         identity)
+                         identity, family)
 
     t = cfg.train
     dog = watchdog.current()
@@ -1068,7 +1078,10 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
         exported = ""
         if folder is not None:
             export_model(folder)
-            exported = f"\nexported {folder} (Hugging Face BertForMaskedLM)"
+            from ..io.export import ARCHITECTURES
+
+            exported = (f"\nexported {folder} (Hugging Face"
+                        f" {ARCHITECTURES[family['model_type']]})")
         ev = ""
         if history.eval_loss:
             before = (f"{history.eval_loss[0]:.4f} before step 0 -> "
@@ -1088,8 +1101,8 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
         info = {"trained_by": f"mpiattn {__version__} train", "steps": done,
                 "held_out_loss": history.eval_loss[-1] if history.eval_loss else None}
         try:
-            export.publish(export.build(cfg.model, latest, corpus.token_ids, tokenizer, info),
-                           folder, force)
+            export.publish(export.build(cfg.model, latest, corpus.token_ids, tokenizer, info,
+                                        family), folder, force)
         except UserError as err:
             where = checkpoint_path(t, done)
             kept = (f"; the model is in '{where}': mpiattn export {where} DIR"

@@ -3,6 +3,9 @@
     pipe = Pipeline([Pool(("cls",)), Dense(w, b, "tanh"), Normalize()], source="modules.json")
     pooled = pipe(hidden, key_mask)      # (B, S, H), (B, S) -> (B, D)
 
+A prompt (``Pipeline.prompt``) is put before every line by the tokenizer; a Pool with
+``include_prompt = False`` leaves its first ``prompt_length`` tokens out.
+
 Each step is the math of its sentence-transformers module (``Pooling._forward_padded``,
 ``Dense.forward``, ``Normalize.forward``) on NumPy or CuPy arrays, on the rows of whole
 sequences whose real tokens are ``key_mask`` (padding on the right, as mpiattn batches
@@ -26,11 +29,16 @@ class Pool:
 
     modes: tuple[str, ...]
     dimension: int | None = None  # the width it was saved for (word_embedding_dimension)
+    include_prompt: bool = True  # False: the prompt's tokens are not pooled
+    prompt_length: int = 0  # tokens of the prompt put before every line (set by the job)
 
     def __call__(self, hidden: Any, key_mask: Any) -> Any:
         xp = get_array_module(hidden)
         batch, seq = hidden.shape[:2]
         mask = xp.asarray(key_mask).astype(bool)
+        if not self.include_prompt and self.prompt_length:  # sentence-transformers'
+            mask = mask.copy()  # _exclude_prompt_from_mask (right padding: the first ones)
+            mask[:, :self.prompt_length] = False
         weights = mask.astype(hidden.dtype)[:, :, None]
         rows = xp.arange(batch)
         first = mask.argmax(axis=1)  # 0 on right-padded rows
@@ -58,7 +66,8 @@ class Pool:
         return out[0] if len(out) == 1 else xp.concatenate(out, axis=-1)
 
     def describe(self) -> str:
-        return f"Pooling({'+'.join(self.modes)})"
+        cut = ", prompt excluded" if not self.include_prompt and self.prompt_length else ""
+        return f"Pooling({'+'.join(self.modes)}{cut})"
 
 
 @dataclass
@@ -109,6 +118,15 @@ class Pipeline:
 
     steps: list[Any] = field(default_factory=list)
     source: str = ""
+    prompt: str = ""  # put before every line (config_sentence_transformers.json prompts)
+    prompt_name: str = ""  # its name ("" when none)
+
+    def set_prompt_length(self, tokens: int) -> None:
+        """The prompt's length in tokens as sentence-transformers counts it (the prompt
+        tokenized alone, without a trailing special token), for ``include_prompt``."""
+        for step in self.steps:
+            if isinstance(step, Pool):
+                step.prompt_length = tokens
 
     def __call__(self, hidden: Any, key_mask: Any) -> Any:
         """(B, S, H) last hidden states, (B, S) real tokens -> (B, width)."""

@@ -51,10 +51,13 @@ def _tokenize(lines: list[str], tokenizer: Path) -> list[list[int]]:
 def _special_ids(tokenizer: Path) -> list[int]:
     from tokenizers import Tokenizer
 
+    from ..io.hf import special_id
+
     tok = Tokenizer.from_file(str(tokenizer))
-    ids = [tok.token_to_id(name) for name in SPECIALS]
+    ids = [special_id(tok, name) for name in SPECIALS]
     if any(i is None for i in ids):
-        raise InputError(f"tokenizer '{tokenizer}' lacks one of {SPECIALS} (not a BERT one?)")
+        raise InputError(f"tokenizer '{tokenizer}' lacks one of {SPECIALS} (or RoBERTa's"
+                         " <pad>, <unk>, <s>, </s>, <mask>)")
     return ids
 
 

@@ -284,11 +284,16 @@ class SentenceTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer with the model's truncation and no padding.
 
     ``encode`` truncates "longest_first" at ``max_length`` tokens (special tokens
-    included), as sentence-transformers' ``tokenize`` does. Raises InputError when the file
-    cannot be loaded, or an id or segment does not fit ``vocab``/``type_vocab``.
+    included), as sentence-transformers' ``tokenize`` does. ``prompt``: text put before
+    every line (the first text of a pair), as ``SentenceTransformer.encode`` does;
+    ``prompt_length`` is its length as sentence-transformers counts it for
+    ``include_prompt``: the prompt tokenized alone, less a trailing special token.
+    Raises InputError when the file cannot be loaded, or an id or segment does not fit
+    ``vocab``/``type_vocab``.
     """
 
-    def __init__(self, path: Path, max_length: int, vocab: int, type_vocab: int) -> None:
+    def __init__(self, path: Path, max_length: int, vocab: int, type_vocab: int,
+                 prompt: str = "") -> None:
         from tokenizers import Tokenizer
 
         try:
@@ -299,11 +304,19 @@ class SentenceTokenizer:
         self._tok.enable_truncation(max_length=max_length, strategy="longest_first")
         self.path, self.max_length = path, max_length
         self.vocab, self.type_vocab = vocab, type_vocab
+        self.prompt, self.prompt_length = prompt, 0
+        if prompt:
+            alone = self._tok.encode(prompt)
+            self.prompt_length = len(alone.ids) - (1 if alone.special_tokens_mask
+                                                   and alone.special_tokens_mask[-1] else 0)
 
     def encode(self, items: list[Item], first_line: int = 0,
                what: str = "input.text", unit: str = "line") -> Tokens:
         """Ids, segment ids and truncation flags of ``items`` (records ``first_line`` ...,
         numbered in messages as ``unit`` 1-based)."""
+        if self.prompt:
+            items = [(self.prompt + item[0], *item[1:]) if isinstance(item, tuple)
+                     else self.prompt + item for item in items]
         encodings = self._tok.encode_batch(items)
         ids = [np.array(e.ids, dtype=np.int64) for e in encodings]
         types = [np.array(e.type_ids, dtype=np.int64) for e in encodings]

@@ -90,7 +90,8 @@ def param_dims(name: str, ndim: int) -> tuple[str, ...]:
     matrix, ``model_id`` the model's vocabulary, ``position`` and ``token_type`` the rows
     of those embedding tables."""
     tables = {"word_embeddings.weight": "model_id", "position_embeddings.weight": "position",
-              "token_type_embeddings.weight": "token_type"}
+              "token_type_embeddings.weight": "token_type",
+              "leading_position_rows": "leading_position"}  # RoBERTa family's kept rows
     for suffix, rows in tables.items():
         if name.endswith(suffix):
             return (rows, "hidden_unit")
@@ -178,16 +179,19 @@ def stored_identity(f: Any, path: Any) -> dict[str, str] | None:
 def write_checkpoint(path: Any, cfg: Config, done: int, params: dict[str, Any],
                      state: dict[str, dict[str, Any]], corpus: Corpus, history: History,
                      tensor: int, tokenizer: dict[str, bytes],
-                     identity: dict[str, str] | None = None) -> None:
+                     identity: dict[str, str] | None = None,
+                     family: dict[str, Any] | None = None) -> None:
     """Whole-model parameters and optimizer state (HF naming), written atomically to
     ``path`` (a file name, refused if it exists, or an ``outfile.Reservation``), with the
-    tokenizer files (``export.tokenizer_files``) so the file alone is a usable model, and
-    the job's ``identity`` (``job_identity``) that ``--resume`` compares."""
+    tokenizer files (``export.tokenizer_files``) so the file alone is a usable model, the
+    job's ``identity`` (``job_identity``) that ``--resume`` compares, and ``family``
+    (``families.trained_as``: attributes ``model_type``, ``padding_idx``)."""
     import json
 
     with h5io.atomic_file(path) as f:
         if identity is not None:
             f.attrs[IDENTITY_ATTR] = json.dumps(identity, sort_keys=True)
+        f.attrs.update(family or {"model_type": "bert", "padding_idx": -1})
         f.attrs.update({"format_version": h5io.FORMAT_VERSION, "command": "train checkpoint",
                         "step": done, "optimizer": cfg.train.optimizer, "seed": cfg.seed,
                         "config": cfg.to_toml(), "tensor_parallel": tensor,
@@ -277,6 +281,7 @@ class TrainedModel:
     model: ModelConfig  # the model's shape (model.* of the training job)
     token_ids: np.ndarray  # tokenizer id of each model id
     tokenizer: dict[str, bytes]  # file name -> contents
+    family: dict[str, Any] | None = None  # model_type, padding_idx (``families.trained_as``)
 
 
 def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel, dict]:
@@ -287,7 +292,7 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
     import h5py
 
     from . import h5safe
-    from .hf import PASSTHROUGH, TOKENIZER_FILES
+    from .hf import PASSTHROUGH, TOKENIZER_FILES, module_files
 
     path = Path(path)
     bad = f"'{path}' is not a readable mpiattn training checkpoint"
@@ -301,13 +306,27 @@ def read_model(path: str | Path, with_params: bool = True) -> tuple[TrainedModel
         try:
             shape = _model_shape(h5safe.text(h5safe.attr(f, "config"), "config"))
             group = f["tokenizer"]
+            listing = group.get("modules.json")
+            dense = module_files(h5safe.read(listing, MAX_TOKENIZER).tobytes()
+                                 if isinstance(listing, h5py.Dataset) else None)
             tok = {name: h5safe.read(group[name], MAX_TOKENIZER).tobytes()
-                   for name in TOKENIZER_FILES
+                   for name in (*TOKENIZER_FILES, *dense)
                    if name in group and isinstance(group[name], h5py.Dataset)}
             token_ids = h5safe.read(f["vocab/token_ids"])
             if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu" or not token_ids.size:
                 raise ValueError("/vocab/token_ids is not a list of token ids")
-            model = TrainedModel(path, int(h5safe.attr(f, "step")), shape, token_ids, tok)
+            family = {"model_type": h5safe.text(f.attrs.get("model_type", "bert"),
+                                                "attribute 'model_type' of /"),
+                      "padding_idx": f.attrs.get("padding_idx", -1)}
+            pad = family["padding_idx"]
+            if family["model_type"] not in ("bert", "roberta", "xlm-roberta", "camembert") \
+                    or not isinstance(pad, int | np.integer) or pad < -1 \
+                    or (pad < 0) != (family["model_type"] == "bert"):
+                raise ValueError(f"its model_type {family['model_type']!r} and padding_idx"
+                                 f" {pad!r} are not a family mpiattn trains")
+            family["padding_idx"] = int(pad)
+            model = TrainedModel(path, int(h5safe.attr(f, "step")), shape, token_ids, tok,
+                                 family)
             want = model_shapes(shape, token_ids.size)
             stored = f["params"]
             for name, need in want.items():

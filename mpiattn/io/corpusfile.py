@@ -35,8 +35,9 @@ of all lines, ``line_edge``: lines + 1; row i of a ragged dataset is
     /input/tokens (token,) int64, /input/offsets (line_edge,) int64,
     /input/token_type_ids (token,) int64 (pairs only), /input/truncated (line,) uint8
     /output/pooled (line, hidden_unit): the folder's sentence-transformers modules
-    (``core.pooling``; attrs ``modules``, ``modules_source``); its width may differ from
-    the hidden size (several pooling modes, Dense layers)
+    (``core.pooling``; attrs ``modules``, ``modules_source``, ``prompt_name``, ``prompt``:
+    a prompt's tokens are in /input/tokens, its text not in /input/text); its width may
+    differ from the hidden size (several pooling modes, Dense layers)
     /layers/NN/attention|hidden (token, hidden_unit) when output.layers keeps layer NN
 """
 
@@ -855,7 +856,7 @@ def assemble(f: Any, parts: Parts, lines: int, hidden: int, dtype: Any,
         if app is not None:
             app.finish()
     pooled.finish(description="the last layer through the model's sentence-transformers"
-                  " modules (attrs modules, modules_source)")
+                  " modules (attrs modules, modules_source, prompt_name, prompt)")
     for app in states.values():
         app.finish(description=f"per real token, all lines concatenated; {ragged} of"
                    " /input/offsets")

@@ -12,9 +12,11 @@ its model id, ids outside the trained vocabulary get the [UNK] row (as in traini
 a decoder bias of ``UNTRAINED_BIAS`` (never predicted: exp(-1e4) is 0 in float32). The id
 map is kept in ``mpiattn_vocab.json``.
 
-Tensors of the source model that training leaves alone (BERT's pooler) and the
-sentence-transformers files beside its tokenizer travel with the checkpoint into the
-export, so the folder also loads as the sentence-transformers model it started from.
+Tensors of the source model that training leaves alone (the pooler, the RoBERTa family's
+position rows before position 0) and the sentence-transformers files beside its
+tokenizer (modules.json, Pooling's config, each Dense module's config and weights)
+travel with the checkpoint into the export, so the folder also loads as the
+sentence-transformers model it started from, with the same modules.
 """
 
 from __future__ import annotations
@@ -48,8 +50,14 @@ class ExportError(UserError):
 
 def tokenizer_files(tokenizer_json: Path) -> dict[str, bytes]:
     """``tokenizer.json`` and those of ``TOKENIZER_FILES`` found beside it: name -> bytes."""
+    from .hf import module_files
+
     out = {"tokenizer.json": _read_small(tokenizer_json)}
     for name in TOKENIZER_FILES[1:]:
+        path = tokenizer_json.parent / name
+        if path.is_file():
+            out[name] = _read_small(path)
+    for name in module_files(out.get("modules.json")):  # Dense modules, whole
         path = tokenizer_json.parent / name
         if path.is_file():
             out[name] = _read_small(path)
@@ -70,9 +78,11 @@ def tokenizer_vocab(files: dict[str, bytes]) -> tuple[int, dict[str, int]]:
         tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
     except Exception as err:  # the Rust side raises a bare Exception on a bad file
         raise InputError(f"the tokenizer cannot be loaded: {err}") from None
-    ids = {name: tok.token_to_id(name) for name in ("[PAD]", "[UNK]")}
+    from .hf import special_id
+
+    ids = {name: special_id(tok, name) for name in ("[PAD]", "[UNK]")}
     if any(v is None for v in ids.values()):
-        raise InputError("the tokenizer lacks [PAD] or [UNK] (not a BERT one?)")
+        raise InputError("the tokenizer lacks [PAD] or [UNK] (or RoBERTa's <pad>, <unk>)")
     return tok.get_vocab_size(with_added_tokens=True), ids
 
 
@@ -104,14 +114,28 @@ def on_tokenizer_ids(tensors: dict[str, np.ndarray], token_ids: np.ndarray, voca
     return out
 
 
-def hf_config(model: Any, vocab: int, pad: int, dtype: Any, extra: dict | None = None) -> dict:
-    """``config.json`` of a ``BertForMaskedLM`` with the shape of ``model`` (``ModelConfig``)."""
+ARCHITECTURES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM",
+                 "xlm-roberta": "XLMRobertaForMaskedLM", "camembert": "CamembertForMaskedLM"}
+
+
+def hf_config(model: Any, vocab: int, pad: int, dtype: Any, extra: dict | None = None,
+              family: dict | None = None) -> dict:
+    """``config.json`` of a ``BertForMaskedLM`` with the shape of ``model`` (``ModelConfig``),
+    or with ``family`` (``families.trained_as``) of the RoBERTa family: its
+    ``RobertaForMaskedLM`` (or XLM-R, CamemBERT), ``pad_token_id`` = ``padding_idx`` and
+    ``padding_idx + 1`` more position rows (514 for 512 positions)."""
+    kind = (family or {}).get("model_type", "bert")
+    rows = 0
+    if kind != "bert":
+        pad = family["padding_idx"]
+        rows = pad + 1
     return {
-        "architectures": ["BertForMaskedLM"], "model_type": "bert",
+        "architectures": [ARCHITECTURES[kind]], "model_type": kind,
         "vocab_size": int(vocab), "hidden_size": model.hidden,
         "num_hidden_layers": model.layers, "num_attention_heads": model.heads,
         "intermediate_size": model.ffn, "hidden_act": "gelu",
-        "max_position_embeddings": model.max_positions, "type_vocab_size": model.type_vocab,
+        "max_position_embeddings": model.max_positions + rows,
+        "type_vocab_size": model.type_vocab,
         "layer_norm_eps": model.layer_norm_eps, "pad_token_id": int(pad),
         "initializer_range": 0.02, "hidden_dropout_prob": 0.1,
         "attention_probs_dropout_prob": 0.1, "position_embedding_type": "absolute",
@@ -147,9 +171,33 @@ def _within_positions(files: dict[str, bytes], positions: int) -> dict[str, byte
     return out
 
 
+def family_names(tensors: dict[str, np.ndarray], family: dict | None) -> dict[str, np.ndarray]:
+    """``tensors`` (``BertForMaskedLM`` names, as trained) in the names of ``family``
+    (``families.trained_as``): the RoBERTa family's ``roberta.*`` and ``lm_head.*``, its
+    position table whole again (the kept rows before position 0 on top). BERT: as they
+    are, less the RoBERTa-only rows."""
+    from .hf import LEADING_POSITIONS, ROBERTA_HEAD, head_names
+
+    kind = (family or {}).get("model_type", "bert")
+    out = {k: v for k, v in tensors.items() if k != LEADING_POSITIONS}
+    if kind == "bert":
+        return out
+    rename = {bert: ROBERTA_HEAD[f] for f, bert in head_names().items()}
+    out = {rename.get(k, "roberta." + k.removeprefix("bert.")): v for k, v in out.items()}
+    key = "roberta.embeddings.position_embeddings.weight"
+    lead = tensors.get(LEADING_POSITIONS)
+    if lead is None:  # not kept (cannot happen for a model mpiattn trained): no token reads them
+        lead = np.zeros((family["padding_idx"] + 1, out[key].shape[1]), out[key].dtype)
+    out[key] = np.concatenate([lead.astype(out[key].dtype), out[key]])
+    return out
+
+
 def build(model: Any, tensors: dict[str, np.ndarray], token_ids: np.ndarray,
-          tokenizer: dict[str, bytes], extra: dict | None = None) -> ModelFolder:
-    """The folder of a model: ``tensors`` in HF naming on the model's ids ``token_ids``."""
+          tokenizer: dict[str, bytes], extra: dict | None = None,
+          family: dict | None = None) -> ModelFolder:
+    """The folder of a model: ``tensors`` in HF naming on the model's ids ``token_ids``,
+    written in the names and ``config.json`` of ``family`` (``families.trained_as``;
+    None: BERT)."""
     tokenizer = _within_positions(tokenizer, model.max_positions)
     vocab, special = tokenizer_vocab(tokenizer)
     remapped = not np.array_equal(token_ids, np.arange(vocab))
@@ -159,8 +207,8 @@ def build(model: Any, tensors: dict[str, np.ndarray], token_ids: np.ndarray,
     if remapped:
         info["trained_vocab"] = len(token_ids)
         info["untrained_ids"] = f"read as [UNK], decoder bias {UNTRAINED_BIAS:g}"
-    config = hf_config(model, vocab, special["[PAD]"], dtype, {"mpiattn": info})
-    return ModelFolder(tensors, config, tokenizer,
+    config = hf_config(model, vocab, special["[PAD]"], dtype, {"mpiattn": info}, family)
+    return ModelFolder(family_names(tensors, family), config, tokenizer,
                        [int(i) for i in token_ids] if remapped else None)
 
 
@@ -373,5 +421,5 @@ def export_checkpoint(checkpoint: str | Path, dest: str | Path, force: bool = Fa
     trained, params = read_model(checkpoint)
     info = {"trained_by": f"mpiattn {__version__} train", "steps": trained.step,
             "exported_from": str(Path(checkpoint).name)}
-    return publish(build(trained.model, params, trained.token_ids, trained.tokenizer, info),
-                   dest, force)
+    return publish(build(trained.model, params, trained.token_ids, trained.tokenizer, info,
+                         trained.family), dest, force)

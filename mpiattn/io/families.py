@@ -212,6 +212,7 @@ _ARCHITECTURES = {"ModernBert": "modernbert", "MPNet": "mpnet", "Bert": "bert",
                   "Roberta": "roberta", "XLMRoberta": "xlm-roberta", "Camembert": "camembert",
                   "Electra": "electra", "DistilBert": "distilbert"}
 SUPPORTED = ", ".join(FAMILIES)
+ROBERTA_NAMES = ("RoBERTa", "XLM-RoBERTa", "CamemBERT")  # RobertaForMaskedLM's names
 
 
 def model_type(config: dict) -> str | None:
@@ -243,11 +244,11 @@ def read_config(folder: Path) -> dict | None:
 
 def family_of(folder: Path, config: dict | None = None) -> Family:
     """The family of the model in ``folder`` (its ``config.json``). A folder without a
-    config.json, or one that names neither model_type nor architectures, must hold BERT
-    names (its tensors are checked by name when read).
+    config.json must hold BERT names (its tensors are checked by name when read); a
+    config.json must name its ``model_type`` or ``architectures``.
 
-    Raises InputError (one line): a model_type or architecture that is not built here,
-    an activation other than exact GELU, positions other than absolute.
+    Raises InputError (one line): neither key, a model_type or architecture that is not
+    built here, an activation other than exact GELU, positions other than absolute.
     """
     if config is None:
         config = read_config(folder)
@@ -255,9 +256,10 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
         return FAMILIES["bert"]
     path = folder / "config.json"
     kind = model_type(config)
-    # No model_type nor architectures (a hand-written config.json, which transformers
-    # itself refuses): BERT's names are then required tensor by tensor when read.
-    family = FAMILIES.get(kind or "bert")
+    if kind is None:  # a hand-written config.json (transformers refuses it too): no guess
+        raise InputError(f"'{path}' names neither model_type nor architectures: add"
+                         f' "model_type" (mpiattn runs {SUPPORTED})')
+    family = FAMILIES.get(kind)
     if family is None:
         arch = config.get("architectures")
         found = f"model_type '{kind}'" + (f" ({arch[0]})" if isinstance(arch, list) and arch
@@ -346,3 +348,15 @@ def rotary_settings(config: dict, path: Path | str = "config.json") -> Rotary:
                   tuple(None if t == "full_attention" else local // 2 for t in types),
                   bool(config.get("norm_bias", False)), bool(config.get("attention_bias", False)),
                   bool(config.get("mlp_bias", False)))
+
+
+def trained_as(folder: Path | None) -> dict[str, Any]:
+    """What ``mpiattn train`` records of a model folder's family (checkpoint attributes
+    ``hf.FAMILY_ATTRS``, read by the export): ``model_type`` ("bert" for BERT, DistilBERT
+    and seeded weights, which train and export as BERT; the RoBERTa family's own) and the
+    RoBERTa family's ``padding_idx`` (-1: none)."""
+    config = read_config(folder) if folder is not None else None
+    family = family_of(folder, config) if config is not None else FAMILIES["bert"]
+    if family.name not in ROBERTA_NAMES:
+        return {"model_type": "bert", "padding_idx": -1}
+    return {"model_type": model_type(config), "padding_idx": family.padding_idx(config)}

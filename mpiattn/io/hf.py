@@ -19,7 +19,44 @@ from ..core.shard import HeadShard
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "sentence_bert_config.json", "modules.json",
                    "config_sentence_transformers.json", "1_Pooling/config.json")
-PASSTHROUGH = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")  # kept, not trained
+LEADING_POSITIONS = "mpiattn.leading_position_rows"  # RoBERTa family: the padding_idx + 1
+# position rows in front of position 0 (read by no token of a whole window: kept, not trained)
+PASSTHROUGH = ("bert.pooler.dense.weight", "bert.pooler.dense.bias",  # kept, not trained
+               LEADING_POSITIONS)
+def module_files(modules_json: bytes | None) -> list[str]:
+    """The files of the Dense modules a ``modules.json`` lists (``2_Dense/config.json``,
+    ``2_Dense/model.safetensors``): they travel with the tokenizer into checkpoints and
+    exports, as Pooling's config does. [] for no or unreadable listing."""
+    import json
+
+    try:
+        entries = json.loads(modules_json or b"[]")
+    except ValueError:
+        return []
+    out = []
+    for entry in entries if isinstance(entries, list) else []:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if str(entry.get("type", "")).endswith(".Dense") and isinstance(path, str) \
+                and path and "/" not in path and not path.startswith("."):
+            out += [f"{path}/config.json", f"{path}/model.safetensors"]
+    return out
+
+
+SPECIAL_ALIASES = {"[PAD]": "<pad>", "[UNK]": "<unk>", "[CLS]": "<s>", "[SEP]": "</s>",
+                   "[MASK]": "<mask>"}  # BERT's special tokens as the RoBERTa family names them
+
+
+def special_id(tok: Any, name: str) -> int | None:
+    """The id of BERT's special token ``name`` ("[PAD]") in a ``tokenizers.Tokenizer``, or
+    of its RoBERTa-family counterpart ("<pad>"); None when it has neither."""
+    found = tok.token_to_id(name)
+    return tok.token_to_id(SPECIAL_ALIASES.get(name, name)) if found is None else found
+
+
+FAMILY_ATTRS = ("model_type", "padding_idx")  # a checkpoint's family (attributes of /)
+ROBERTA_HEAD = {"dense_w": "lm_head.dense.weight", "dense_b": "lm_head.dense.bias",
+                "ln_g": "lm_head.layer_norm.weight", "ln_b": "lm_head.layer_norm.bias",
+                "bias": "lm_head.bias"}  # RobertaForMaskedLM's names of ``mlm.MLMHead``
 
 QKV = ("q", "k", "v")
 LINEAR = ("w_o", "w_1", "w_2")  # stored transposed

@@ -10,8 +10,10 @@ flags, concatenated in sentence-transformers' order), Dense layers (``config.jso
 ``model.safetensors`` in the module's folder; ``activation_function`` a torch.nn class,
 Tanh when absent) and Normalize, each only when listed. A folder without
 ``modules.json`` gets sentence-transformers' own default for a Hugging Face encoder:
-mean pooling, no Normalize. Anything else (another module type, prompts applied by
-default, a Dense layer stored as a PyTorch pickle) is refused in one line.
+mean pooling, no Normalize. Prompts (``config_sentence_transformers.json`` ``prompts``
+and ``default_prompt_name``) are chosen as ``encode`` chooses them (``read_prompt``); a
+Pooling's ``include_prompt = false`` leaves the prompt's tokens out. Anything else
+(another module type, a Dense layer stored as a PyTorch pickle) is one line.
 """
 
 from __future__ import annotations
@@ -44,9 +46,17 @@ def _json(path: Path) -> Any:
         raise InputError(f"'{path}' is not valid JSON: {err}") from None
 
 
-def read_pipeline(folder: Path) -> Pipeline:
-    """The modules after the Transformer in ``folder`` (see the module docstring)."""
-    _check_prompts(folder)
+def read_pipeline(folder: Path, prompt_name: str = "") -> Pipeline:
+    """The modules after the Transformer in ``folder`` (see the module docstring), with
+    the prompt named ``prompt_name`` (``input.prompt``; "" = the folder's
+    ``default_prompt_name``, if any)."""
+    prompt, name = read_prompt(folder, prompt_name)
+    pipe = _modules(folder)
+    pipe.prompt, pipe.prompt_name = prompt, name
+    return pipe
+
+
+def _modules(folder: Path) -> Pipeline:
     listing = folder / "modules.json"
     if not listing.is_file():
         return Pipeline([Pool(("mean",))], DEFAULT_SOURCE)
@@ -74,16 +84,37 @@ def read_pipeline(folder: Path) -> Pipeline:
     return Pipeline(steps, "modules.json")
 
 
-def _check_prompts(folder: Path) -> None:
+def read_prompt(folder: Path, name: str = "") -> tuple[str, str]:
+    """(prompt text, its name) that ``SentenceTransformer(folder).encode(lines,
+    prompt_name=name or None)`` puts before every line: ``prompts[name]``, else the
+    ``default_prompt_name``'s, else none (("", "")). An empty prompt is none.
+
+    Raises InputError (one line): ``name`` (or the default) is not among the folder's
+    ``config_sentence_transformers.json`` prompts (ConfigError for ``input.prompt``), or
+    the file's prompts are not a table of strings.
+    """
     path = folder / "config_sentence_transformers.json"
-    if not path.is_file():
-        return
-    config = _json(path)
-    if isinstance(config, dict) and config.get("default_prompt_name"):
-        raise InputError(f"'{path}': default_prompt_name = {config['default_prompt_name']!r}:"
-                         " sentence-transformers puts that prompt before every line, and"
-                         " mpiattn does not build prompts yet; remove the key (or write the"
-                         " prompt into the text)")
+    config = _json(path) if path.is_file() else {}
+    if not isinstance(config, dict):
+        raise InputError(f"'{path}' must hold a JSON object")
+    prompts = config.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(
+            isinstance(k, str) and isinstance(v, str | None) for k, v in prompts.items()):
+        raise InputError(f"'{path}': prompts must map names to strings")
+    listed = ", ".join(repr(k) for k in prompts) or "none"
+    if name:
+        if name not in prompts:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"input.prompt = {name!r} is not a prompt of '{folder}'"
+                              f" (config_sentence_transformers.json prompts: {listed})")
+    else:
+        name = config.get("default_prompt_name") or ""
+        if not isinstance(name, str) or (name and name not in prompts):
+            raise InputError(f"'{path}': default_prompt_name = {name!r} is not one of its"
+                             f" prompts ({listed})")
+    text = prompts.get(name) or "" if name else ""
+    return text, name if text else ""
 
 
 def _pooling(path: Path) -> Pool:
@@ -100,7 +131,8 @@ def _pooling(path: Path) -> Pool:
         raise InputError(f"'{path}': pooling mode {wrong[0] if wrong else modes!r} is not"
                          f" built; mpiattn pools {', '.join(POOLING_MODES)}")
     dim = config.get("word_embedding_dimension", config.get("embedding_dimension"))
-    return Pool(tuple(modes), dim if isinstance(dim, int) else None)
+    return Pool(tuple(modes), dim if isinstance(dim, int) else None,
+                config.get("include_prompt", True) is not False)
 
 
 def _dense(path: Path) -> Dense:
@@ -137,17 +169,25 @@ def _dense(path: Path) -> Dense:
     return Dense(np.ascontiguousarray(f.read("linear.weight").T), bias, activation)
 
 
-def sentence_pipeline(weights: str, hidden: int) -> Pipeline:
+def sentence_pipeline(weights: str, hidden: int, prompt_name: str = "") -> Pipeline:
     """The pipeline of ``model.weights`` (its model folder) for a model of ``hidden``
-    units, or mpiattn's default for seeded weights (mean pooling, Normalize) when
-    ``weights`` is empty. InputError (one line) as ``read_pipeline`` and ``check_width``."""
+    units, with the prompt ``prompt_name`` (``input.prompt``), or mpiattn's default for
+    seeded weights (mean pooling, Normalize) when ``weights`` is empty. InputError (one
+    line) as ``read_pipeline`` and ``check_width``; ConfigError for a prompt name without
+    a folder or not in it."""
     from ..core.pooling import default_pipeline
     from .weights import model_folder
 
     if not weights:
+        if prompt_name:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"input.prompt = {prompt_name!r} names a prompt of a model"
+                              " folder's config_sentence_transformers.json: set"
+                              " model.weights, or remove input.prompt")
         return default_pipeline()
     folder = model_folder(weights)
-    pipe = read_pipeline(folder)
+    pipe = read_pipeline(folder, prompt_name)
     check_width(pipe, folder, hidden)
     return pipe
 

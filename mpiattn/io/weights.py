@@ -317,8 +317,9 @@ class SafetensorsWeights(Source):
         self.path, self.m = path, model
         self.file = TensorFile(path)
         self.keys = self.file.keys()
-        config = families.read_config(path.parent) or {}
-        self.family = families.family_of(path.parent, config)
+        found = families.read_config(path.parent)  # None: no config.json, BERT names
+        self.family = families.family_of(path.parent, found)
+        config = found or {}
         self.rotary = (families.rotary_settings(config, path.parent / "config.json")
                        if self.family.rotary else None)
         self.padding_idx = self.family.padding_idx(config)
@@ -355,10 +356,11 @@ class SafetensorsWeights(Source):
                            (slice(None), slice(shard.start, shard.stop)))
 
     def head(self) -> MLMHead | None:
-        """``BertForMaskedLM``'s ``cls.predictions`` (decoder tied to the word embeddings),
-        when the file has it (BERT only)."""
-        names = hf.head_names()
-        if self.family.name != "BERT" or names["dense_w"] not in self.keys:
+        """``BertForMaskedLM``'s ``cls.predictions`` (RoBERTa family: ``lm_head``; decoder
+        tied to the word embeddings), when the file has it (BERT and RoBERTa families)."""
+        names = hf.ROBERTA_HEAD if self.family.roberta_positions else hf.head_names()
+        if self.family.name not in ("BERT", *families.ROBERTA_NAMES) \
+                or names["dense_w"] not in self.keys:
             return None
         h, v = self.m.hidden, self.m.vocab
         shapes = {"dense_w": (h, h), "dense_b": (h,), "ln_g": (h,), "ln_b": (h,), "bias": (v,)}
@@ -370,12 +372,19 @@ class SafetensorsWeights(Source):
         from .hf import PASSTHROUGH
 
         out: dict[str, np.ndarray] = {}
-        if self.family.name != "BERT":
+        if self.family.name not in ("BERT", *families.ROBERTA_NAMES):
             return out
         for name in PASSTHROUGH:
             key = self.prefix + name.removeprefix("bert.")
-            if key in self.keys:
+            if name.startswith("bert.") and key in self.keys:
                 out[name] = np.asarray(self._read(key, ()), dtype=self.dtype)
+        if hf.LEADING_POSITIONS in self.keys:  # a RoBERTa-family training checkpoint's
+            out[hf.LEADING_POSITIONS] = np.asarray(self._read(hf.LEADING_POSITIONS, ()),
+                                                   dtype=self.dtype)
+        elif self.position_rows:  # RoBERTa family: the rows before position 0
+            key = self.family.embedding_names(self.prefix)["position"]
+            out[hf.LEADING_POSITIONS] = np.asarray(
+                self._read(key, (slice(0, self.position_rows),)), dtype=self.dtype)
         return out
 
     def _vector(self, key: str, n: int, present: bool) -> np.ndarray:

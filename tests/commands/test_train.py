@@ -27,6 +27,7 @@ from mpiattn.commands.train import (
     init_params,
     join_vocab,
     rebuild,
+    untrained_tensors,
     vocab_split,
 )
 from mpiattn.core import mlm, model
@@ -309,3 +310,96 @@ def test_sigkill_during_a_checkpoint_keeps_the_previous_one_resumable(corpus_fil
     assert resumed.returncode == 0, resumed.stderr
     with h5py.File(tmp_path / "resumed.h5") as f:
         assert f.attrs["status"] == "complete" and len(f["train/loss"]) == 6  # 2 + 4 more
+
+
+@pytest.fixture(scope="module")
+def roberta_mlm(tmp_path_factory, corpus_files):
+    """A tiny random ``RobertaForMaskedLM`` folder (float64, 3 heads, MiniLM's tokenizer,
+    pad_token_id 1), its training config (model.* from its config.json) and corpus."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    from model_folders import TOKENIZER, hf_config, minilm
+
+    from mpiattn.commands.placement import apply_checkpoint_shape
+
+    folder = tmp_path_factory.mktemp("roberta-mlm")
+    torch.manual_seed(3)
+    net = tf.RobertaForMaskedLM(hf_config("roberta", architectures=["RobertaForMaskedLM"]))
+    with torch.no_grad():  # non-trivial LayerNorms and biases
+        for name, p in net.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    net.to(torch.float64).save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER:
+        (folder / name).write_bytes((minilm() / name).read_bytes())
+    flat = {**tiny_train_flat(corpus_files), "model.weights": str(folder), "train.steps": 3,
+            "input.batch": 4, "train.lr": 1e-3}
+    for key in ("model.layers", "model.heads", "model.hidden", "model.ffn", "model.vocab",
+                "model.max_positions"):
+        del flat[key]
+    cfg = config.from_dict(flat)
+    cfg.explicit = set()  # model.* from the folder's config.json
+    apply_checkpoint_shape(cfg)
+    corpus = Corpus.load(cfg)
+    cfg.model.vocab = corpus.vocab
+    return folder, cfg, corpus
+
+
+def test_roberta_trains_with_its_own_head_and_positions(roberta_mlm):
+    """The RoBERTa family trains (#25): loss and every gradient at step 0 equal
+    transformers' ``RobertaForMaskedLM`` (its lm_head, positions from padding_idx + 1;
+    float64 <= 1e-10); 3 steps on 2 head ranks (3 heads as 2 + 1, vocabulary split) and
+    on 2 replicas give the one-process losses."""
+    import torch
+    from transformers import RobertaForMaskedLM
+
+    from mpiattn.core.model import LocalReduce
+    from mpiattn.io.hf import LEADING_POSITIONS
+
+    folder, cfg, corpus = roberta_mlm
+    m = cfg.model
+    assert (m.max_positions, m.type_vocab, corpus.vocab) == (40, 1, 30522)
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, 1, 0)
+    params = init_params(cfg, shard, corpus.vocab)
+    b = train_batch(corpus, cfg, 0, 1, 0)
+    assert b.key_mask.all() and not (b.ids == 1).any()  # whole windows, no pad id
+    loss, cache = mlm.model_forward(params, b.ids, b.key_mask, b.positions, b.targets,
+                                    b.scale, LocalReduce(np), m.layer_norm_eps)
+    grads = mlm.model_backward(cache, LocalReduce(np))
+    ours = to_hf(grads.emb, grads.layers, grads.head)
+
+    net = RobertaForMaskedLM.from_pretrained(folder, dtype=torch.float64).eval()
+    labels = np.full(b.ids.size, -100, dtype=np.int64)
+    labels[b.positions] = b.targets
+    out = net(input_ids=torch.as_tensor(b.ids), attention_mask=torch.ones(b.ids.shape),
+              labels=torch.as_tensor(labels.reshape(b.ids.shape)))
+    out.loss.backward()
+    theirs = {n: p.grad.numpy() for n, p in net.named_parameters()}
+    assert abs(loss - out.loss.item()) <= 1e-10 * abs(loss), (loss, out.loss.item())
+    head = {"cls.predictions.transform.dense": "lm_head.dense",
+            "cls.predictions.transform.LayerNorm": "lm_head.layer_norm",
+            "cls.predictions.bias": "lm_head.bias"}
+    worst = 0.0
+    for name, g in ours.items():
+        hf_name = name.replace("bert.", "roberta.", 1)
+        for a, b_ in head.items():
+            hf_name = hf_name.replace(a, b_)
+        want = theirs[hf_name]
+        if hf_name.endswith("position_embeddings.weight"):  # rows 0, 1: no token reads them
+            assert not want[:2].any()
+            want = want[2:]
+        if name.endswith("key.bias"):  # 0: softmax ignores a shift (theirs rounds ~1e-21)
+            assert np.abs(g).max() <= 1e-15 and np.abs(want).max() <= 1e-15
+            continue
+        worst = max(worst, rel(g, want))
+    print(f"RoBERTa step-0 gradients: max relative error {worst:.1e}")
+    assert worst <= 1e-10
+    assert "roberta.pooler.dense.weight" not in theirs  # a MaskedLM has no pooler
+    kept = untrained_tensors(cfg, None)
+    assert set(kept) == {LEADING_POSITIONS} and kept[LEADING_POSITIONS].shape == (2, 12)
+
+    want, whole, _ = simulate(cfg, corpus, 1, 1, 3)
+    for tensor, replicas in ((2, 1), (1, 2)):
+        got, got_whole, _ = simulate(cfg, corpus, tensor, replicas, 3)
+        assert rel(got, want) <= EQUIV_TOL["float64"], (tensor, replicas, got, want)
+        assert max(rel(got_whole[k], whole[k]) for k in whole) <= 1e-8

@@ -201,7 +201,7 @@ def read_checkpoint_json(path: Path) -> None:
 
 
 def seed_checkpoint_json() -> bytes:
-    hf = {"num_hidden_layers": 1, "num_attention_heads": 2, "hidden_size": 8,
+    hf = {"model_type": "bert", "num_hidden_layers": 1, "num_attention_heads": 2, "hidden_size": 8,
           "intermediate_size": 16, "vocab_size": 20, "max_position_embeddings": 16,
           "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
     return json.dumps(hf, indent=1).encode()

@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_train import ROOT, tiny_train
+from test_train import ROOT, roberta_mlm, tiny_train  # noqa: F401 (a fixture)
 
 from mpiattn.core import mlm
 from mpiattn.core.model import LocalReduce
@@ -129,6 +129,7 @@ def test_seeded_export_agrees_with_transformers(seeded):
     assert {(folder / n).stat().st_mode & 0o777 for n in names} == {0o666 & ~_umask()}
     hf_cfg = json.loads((folder / "config.json").read_text())
     assert hf_cfg["vocab_size"] == 30522 and hf_cfg["num_attention_heads"] == 5
+    assert (hf_cfg["model_type"], hf_cfg["architectures"]) == ("bert", ["BertForMaskedLM"])
     # the tokenizer never cuts longer than the model's 16 positions
     assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 16
     assert json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"] == 16
@@ -295,3 +296,91 @@ def test_minilm_finetune_exports_continues_and_agrees(corpus_files, tmp_path):
     st = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES)
     assert np.abs(st - pooled).max() <= 1e-5
     assert np.allclose(np.linalg.norm(st, axis=1), 1, atol=1e-5)
+
+
+def test_roberta_export_keeps_family_and_modules(roberta_mlm, tmp_path):  # noqa: F811
+    """A RoBERTa model with CLS pooling and a Dense module (no Normalize), trained 2 steps
+    and exported (#25): RobertaForMaskedLM names and config.json (514-style positions,
+    pad_token_id = padding_idx), the same from ``mpiattn export`` of its checkpoint;
+    transformers' AutoModel loads a RobertaModel with every tensor but the pooler (the
+    source had none), whose hidden states are mpiattn's on the export; sentence-transformers'
+    encode (CLS, Dense, not normalised) is mpiattn's pipeline on the export; the MLM head
+    loads too (nothing newly initialised)."""
+    import dataclasses
+    import shutil
+
+    import torch
+    from model_folders import st_encode, write_modules
+    from transformers import AutoModel, RobertaForMaskedLM
+
+    from mpiattn import config
+    from mpiattn.commands.placement import apply_checkpoint_shape
+    from mpiattn.core.model import encoder_forward
+    from mpiattn.inputs.textstream import SentenceTokenizer
+    from mpiattn.io.hf import LEADING_POSITIONS
+    from mpiattn.io.stmodules import sentence_pipeline
+    from mpiattn.io.weights import open_source
+
+    base, cfg, _ = roberta_mlm
+    folder = tmp_path / "source"
+    shutil.copytree(base, folder)
+    write_modules(folder, [("Pooling", {"pooling_mode": "cls"}),
+                           ("Dense", {"out_features": 5, "seed": 2})], 12)
+    train_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                   weights=str(folder)))
+    train_cfg.train = dataclasses.replace(cfg.train, steps=2, checkpoint_every=2,
+                                          checkpoint=str(tmp_path / "ck.h5"))
+    train_in_process(train_cfg, tmp_path / "train.h5")
+    out = tmp_path / "train-hf"
+    from safetensors.numpy import load_file
+
+    from mpiattn.io.export import export_checkpoint
+
+    again = export_checkpoint(tmp_path / "ck.h5", tmp_path / "again")  # mpiattn export
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert "lm_head.dense.weight" in a and not any(k.startswith("bert.") for k in a)
+    position = "roberta.embeddings.position_embeddings.weight"
+    source = load_file(str(folder / "model.safetensors"))[position]
+    assert np.array_equal(a[position][:2], source[:2])  # kept, not trained
+    ck_cfg = config.from_dict({"model.weights": str(tmp_path / "ck.h5"), "dtype": "float64",
+                               "input.seq_len": 16})
+    apply_checkpoint_shape(ck_cfg)  # the checkpoint as model.weights keeps them too
+    kept = open_source(0, ck_cfg.model, np.float64).passthrough()
+    assert np.array_equal(kept[LEADING_POSITIONS], source[:2])
+    hf_cfg = json.loads((out / "config.json").read_text())
+    assert (hf_cfg["model_type"], hf_cfg["architectures"]) == ("roberta",
+                                                              ["RobertaForMaskedLM"])
+    assert (hf_cfg["max_position_embeddings"], hf_cfg["pad_token_id"],
+            hf_cfg["type_vocab_size"]) == (42, 1, 1)
+    assert (out / "2_Dense/model.safetensors").read_bytes() == (
+        folder / "2_Dense/model.safetensors").read_bytes()
+    assert "Normalize" not in (out / "modules.json").read_text()
+
+    net, info = AutoModel.from_pretrained(out, dtype=torch.float64, output_loading_info=True)
+    assert type(net).__name__ == "RobertaModel"  # the source MaskedLM had no pooler:
+    assert set(info["missing_keys"]) <= {"pooler.dense.weight", "pooler.dense.bias"}
+    _, info = RobertaForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+    run = config.from_dict({"model.weights": str(out), "dtype": "float64",
+                            "input.seq_len": 16})
+    apply_checkpoint_shape(run)
+    m = run.model
+    assert (m.max_positions, m.type_vocab) == (40, 1)
+    tok = SentenceTokenizer(out / "tokenizer.json", 24, m.vocab, 1)
+    ids, mask, _ = tok.encode(SENTENCES, 0).padded(np.arange(len(SENTENCES)))
+    src = open_source(0, m, np.float64)
+    shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, 1, 0)
+    hidden = encoder_forward(ids, mask, src.embeddings(),
+                             [src.layer(i, shard) for i in range(m.layers)],
+                             LocalReduce(np), m.layer_norm_eps)
+    with torch.no_grad():
+        want = net(input_ids=torch.as_tensor(np.where(mask, ids, 1)),
+                   attention_mask=torch.as_tensor(mask.astype(np.int64))).last_hidden_state
+    err = np.abs(hidden - want.numpy())[mask].max() / np.abs(want.numpy()).max()
+    assert err <= 1e-10, err
+    pipe = sentence_pipeline(str(out), m.hidden)
+    assert pipe.describe() == "Transformer > Pooling(cls) > Dense(12->5, tanh)"
+    st = st_encode(out, SENTENCES)
+    assert np.abs(pipe(hidden, mask) - st).max() <= 1e-6 * np.abs(st).max()

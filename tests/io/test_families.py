@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import ThreadGroup, run_ranks
-from model_folders import build, hidden_states, minilm, st_encode
+from model_folders import build, hidden_states, minilm, st_encode, st_model
 
 from mpiattn import config
 from mpiattn.commands.placement import apply_checkpoint_shape
@@ -217,6 +217,43 @@ def test_sentence_transformers_modules_as_the_folder_lists_them(folders, tmp_pat
         assert "sentence-transformers' default" in pipe.source
 
 
+PROMPTS = {"prompts": {"query": "query: ", "passage": "a passage of text: ", "none": ""},
+           "default_prompt_name": "passage"}
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_prompts_are_put_before_every_line_as_encode_does(folders, tmp_path, include):
+    """``input.prompt`` (and the folder's default_prompt_name without it) gives
+    ``encode(lines, prompt_name=...)``; with include_prompt = false the prompt's tokens
+    (counted on the prompt alone, as sentence-transformers counts them) are not pooled.
+    2 head ranks; an unknown name is one line listing the folder's prompts."""
+    folder = with_modules(folders(BASE), tmp_path / "prompts",
+                          [("Pooling", {"pooling_mode": ["cls", "mean"],
+                                        "include_prompt": include})],
+                          **{"config_sentence_transformers.json": PROMPTS})
+    cfg = model_cfg(folder, "float64")
+    model = st_model(folder)
+    limit, _ = model_max_length(folder, cfg.model.max_positions)
+    for name, st_name in (("query", "query"), ("", None), ("none", "none")):
+        pipe = sentence_pipeline(str(folder), cfg.model.hidden, name)
+        tok = SentenceTokenizer(folder / "tokenizer.json", limit, 30522, 1, pipe.prompt)
+        pipe.set_prompt_length(tok.prompt_length)
+        ids, mask, _ = tok.encode(LINES, 0).padded(np.arange(len(LINES)))
+        got = pipe(forward(cfg, ids, mask, 2 if name else 1), mask)
+        want = model.encode(LINES, convert_to_numpy=True, batch_size=4, prompt_name=st_name)
+        assert relative_error(got, want) <= TOL["float64"], (name, relative_error(got, want))
+        assert pipe.prompt_name == {"": "passage"}.get(name, name if name != "none" else "")
+    assert tok.prompt_length == 0 and pipe.prompt == ""  # an empty prompt is none
+    cut = sentence_pipeline(str(folder), 12, "query")
+    cut.set_prompt_length(3)
+    assert cut.prompt == "query: " and cut.describe().endswith(
+        "Pooling(cls+mean, prompt excluded)" if not include else "Pooling(cls+mean)")
+    with pytest.raises(config.ConfigError) as err:
+        sentence_pipeline(str(folder), 12, "qeury")
+    assert "input.prompt = 'qeury' is not a prompt of" in str(err.value)
+    assert "prompts: 'query', 'passage', 'none')" in str(err.value)
+
+
 def test_minilm_saved_as_roberta_gives_minilm_embeddings(folders, tmp_path, sentence_model):
     """Real weights under another family: all-MiniLM-L6-v2 as a RobertaModel (its
     position table moved down two rows, padding_idx 1). transformers and
@@ -253,7 +290,8 @@ def test_minilm_saved_as_roberta_gives_minilm_embeddings(folders, tmp_path, sent
     assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("case", ["deberta", "no-tensor", "pooling", "module", "prompt",
+@pytest.mark.parametrize("case", ["deberta", "no-type", "no-tensor", "pooling", "module",
+                                  "prompt",
                                   "dense-bin", "int-weights", "activation"])
 def test_what_is_not_built_is_one_line(folders, tmp_path, case):
     """Unknown architecture, a missing tensor, a pooling mode, module, default prompt,
@@ -270,6 +308,13 @@ def test_what_is_not_built_is_one_line(folders, tmp_path, case):
         (folder / "config.json").write_text(json.dumps(hf))
         want = ("model_type 'deberta-v2' (DebertaV2Model) is not supported; mpiattn runs"
                 " model_type bert")
+    elif case == "no-type":  # no BERT guess: a hand-written config.json names its type
+        hf = json.loads((folder / "config.json").read_text())
+        del hf["model_type"], hf["architectures"]
+        (folder / "config.json").write_text(json.dumps(hf))
+        want = ("names neither model_type nor architectures: add \"model_type\" (mpiattn"
+                " runs bert, roberta")
+        assert json.loads((minilm() / "config.json").read_text())["model_type"] == "bert"
     elif case in ("no-tensor", "int-weights"):
         tensors = load_file(str(folder / "model.safetensors"))
         key = "encoder.layer.1.attention.self.key.bias"
@@ -291,8 +336,8 @@ def test_what_is_not_built_is_one_line(folders, tmp_path, case):
         want = "module 'LayerNorm' is not built; mpiattn runs Transformer, Pooling, Dense"
     elif case == "prompt":
         (folder / "config_sentence_transformers.json").write_text(json.dumps(
-            {"prompts": {"query": "query: "}, "default_prompt_name": "query"}))
-        want = "default_prompt_name = 'query'"
+            {"prompts": {"query": "query: "}, "default_prompt_name": "doc"}))
+        want = "default_prompt_name = 'doc' is not one of its prompts ('query')"
     elif case == "dense-bin":
         (folder / "2_Dense/model.safetensors").rename(folder / "2_Dense/pytorch_model.bin")
         want = "is a PyTorch pickle, which mpiattn does not read"
@@ -338,15 +383,18 @@ def test_without_modules_json_the_tokenizer_limit_is_sentence_transformers(folde
 
 def test_training_other_families_is_one_line(folders):
     """train's pre-flight (``check_sequence(..., "train")``) refuses a family it has no
-    names for; DistilBERT trains as the BERT it equals."""
+    names for, naming those it trains; DistilBERT trains as the BERT it equals, the
+    RoBERTa family as itself."""
     from mpiattn.commands.placement import check_sequence
 
-    for name in ("roberta", "electra", "mpnet"):
+    for name in ("electra", "mpnet"):
         cfg = model_cfg(folders(name), "float32")
-        with pytest.raises(config.ConfigError, match="mpiattn train fine-tunes BERT and"):
+        with pytest.raises(config.ConfigError, match="mpiattn train fine-tunes BERT,"
+                           " DistilBERT, RoBERTa, XLM-RoBERTa and CamemBERT models"):
             check_sequence(cfg, 1, 16, "train")
         check_sequence(cfg, 1, 16, "run")
-    check_sequence(model_cfg(folders("distilbert"), "float32"), 1, 16, "train")
+    for name in ("distilbert", "roberta", "camembert"):
+        check_sequence(model_cfg(folders(name), "float32"), 1, 16, "train")
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -379,3 +427,18 @@ def test_position_bias_reaches_outputs_and_attention_maps(monkeypatch, batched):
     np.testing.assert_allclose(stats.maps[(1, 0)], probs[1], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(out.reshape(batch, seq, heads, d).transpose(0, 2, 1, 3),
                                probs @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_roberta_special_tokens_are_read_by_their_role():
+    """Training and export read BERT's specials ([PAD], [UNK], [CLS], [SEP], [MASK]) or, in
+    a RoBERTa-family tokenizer, <pad>, <unk>, <s>, </s>, <mask>."""
+    from tokenizers import Tokenizer, models
+
+    from mpiattn.inputs.corpus import SPECIALS
+    from mpiattn.io.hf import special_id
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "hi": 4, "<mask>": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    assert [special_id(tok, name) for name in SPECIALS] == [1, 3, 0, 2, 5]
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "<pad>": 1}, unk_token="[PAD]"))
+    assert (special_id(tok, "[PAD]"), special_id(tok, "[CLS]")) == (0, None)

@@ -215,3 +215,31 @@ def test_modernbert_missing_tensor_is_one_line_on_every_rank(tmp_path, modernber
     assert len(lines) == 1 and "tensor 'layers.3.attn.Wo.weight' is missing (a ModernBERT" \
         in lines[0], done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out.h5").exists()
+
+
+@needs_mpiexec
+def test_text_run_puts_the_prompt_before_every_line(tmp_path, model):
+    """``input.prompt = "query"`` on 2 head ranks, with Pooling include_prompt = false: the
+    rows are ``encode(lines, prompt_name="query")`` and the file records the prompt."""
+    from model_folders import st_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(model[0], folder)
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "passage": "passage: "}}))
+    pooling = json.loads((folder / "1_Pooling/config.json").read_text())
+    (folder / "1_Pooling/config.json").write_text(json.dumps({**pooling,
+                                                              "include_prompt": False}))
+    want = st_model(folder).encode(LINES, batch_size=4, prompt_name="query")
+    done = run(2, tmp_path, f'model.weights="{folder}"', f'input.text="{model[1]}"',
+               'dtype="float64"', "parallel.tensor=2", 'input.prompt="query"')
+    assert done.returncode == 0, done.stderr
+    with h5py.File(tmp_path / "out.h5") as f:
+        got = f["output/pooled"][()]
+        attrs = dict(f["output/pooled"].attrs)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-12, err
+    assert np.abs(got - model[2]).max() > 1e-3  # the prompt changed every row
+    assert (attrs["prompt_name"], attrs["prompt"]) == ("query", "query: ")
+    assert attrs["modules"] == ("Transformer > Pooling(cls, prompt excluded)"
+                                " > Dense(12->5, tanh)")

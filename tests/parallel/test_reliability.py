@@ -271,7 +271,7 @@ def checkpoints(tmp_path_factory):
 
     m = config.from_dict(TINY).model
     tensors = export_hf(SeededWeights(1, m, "float32"), m)
-    hf = {"num_hidden_layers": m.layers, "num_attention_heads": m.heads,
+    hf = {"model_type": "bert", "num_hidden_layers": m.layers, "num_attention_heads": m.heads,
           "hidden_size": m.hidden, "intermediate_size": m.ffn, "vocab_size": m.vocab,
           "max_position_embeddings": m.max_positions, "type_vocab_size": m.type_vocab}
     root = tmp_path_factory.mktemp("checkpoints")
@@ -536,12 +536,12 @@ def test_non_finite_activations_are_one_line(tmp_path, checkpoints):
 
 @pytest.mark.parametrize("text", [
     "[1]",
-    '{"num_attention_heads": 0}',
-    '{"hidden_size": 1e999}',
-    '{"num_hidden_layers": [2]}',
-    '{"num_hidden_layers": 2.7}',
-    '{"num_hidden_layers": -2}',
-    '{"max_position_embeddings": 8}',  # below input.seq_len = 16
+    '{"model_type": "bert", "num_attention_heads": 0}',
+    '{"model_type": "bert", "hidden_size": 1e999}',
+    '{"model_type": "bert", "num_hidden_layers": [2]}',
+    '{"model_type": "bert", "num_hidden_layers": 2.7}',
+    '{"model_type": "bert", "num_hidden_layers": -2}',
+    '{"model_type": "bert", "max_position_embeddings": 8}',  # below input.seq_len = 16
     "{not json",
 ])
 def test_bad_checkpoint_config_json_is_a_user_error(tmp_path, checkpoints, text):

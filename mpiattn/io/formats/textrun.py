@@ -65,7 +65,8 @@ class TextRunData:
     """What a text run adds to the assembled rows, as plain values on rank 0."""
 
     attrs: dict[str, Any]  # root attributes: lines, tokens, input_format, max_tokens, ...
-    modules: tuple[str, str]  # the sentence-transformers modules run, and where from
+    pooled_attrs: dict[str, str]  # of /output/pooled: the sentence-transformers modules
+    # run and where from, the prompt put before every line (name and text; "" for none)
     seconds: np.ndarray  # (rank, layer, phase) s
     totals: np.ndarray  # (rank, len(RANK_COLUMNS)), columns in ``RANK_COLUMNS`` order
     records: list  # (replica, transfers.Record), one per (replica, layer, site)
@@ -75,8 +76,7 @@ class TextRunData:
 def write_text_run(f: Any, r: TextRunData) -> None:
     """The text run's attributes, /timings, /work, peak memory and records; then
     ``status``. ``f`` holds the assembled rows and the provenance already."""
-    describe, source = r.modules
-    f["output/pooled"].attrs.update({"modules": describe, "modules_source": source})
+    f["output/pooled"].attrs.update(r.pooled_attrs)
     f.attrs.update(r.attrs)
     write_phase_seconds(f.require_group("timings"), r.seconds, ("rank", "layer", "phase"),
                         r.phases)
