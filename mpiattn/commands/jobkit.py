@@ -189,7 +189,7 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
     import os
 
     from ..inputs.data import tokenizer_path
-    from ..io.checkpoints import is_checkpoint
+    from ..io.formats.checkpoint import is_checkpoint
     from ..io.hf import TOKENIZER_FILES
     from ..io.weights import describe, resolve_weights
 

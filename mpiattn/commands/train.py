@@ -60,7 +60,7 @@ from ..inputs.corpus import (
     unigram_entropy,
 )
 from ..inputs.data import Batch as InputBatch
-from ..io.checkpoints import (
+from ..io.formats.checkpoint import (
     History,
     check_shapes,
     checkpoint_due,

@@ -415,7 +415,7 @@ def export_checkpoint(checkpoint: str | Path, dest: str | Path, force: bool = Fa
     ``OutputExists`` (``dest`` exists and not ``force``).
     """
     from ..version import __version__
-    from .checkpoints import read_model
+    from .formats.checkpoint import read_model
 
     check_folder(dest, force)
     trained, params = read_model(checkpoint)

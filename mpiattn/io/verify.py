@@ -105,7 +105,7 @@ def verify(path: str | Path) -> list[str]:
         except (InputError, *h5safe.MALFORMED):
             checkpoint = False  # an unreadable root attribute: a problem found above
     if checkpoint and not problems:  # every tensor the model needs, with its shape
-        from .checkpoints import read_model
+        from .formats.checkpoint import read_model
 
         try:
             read_model(path, with_params=False)

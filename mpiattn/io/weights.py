@@ -30,7 +30,7 @@ from ..core.model import Embeddings, LayerShard, RotaryLayerShard
 from ..core.shard import HeadShard
 from ..errors import InputError
 from . import families, hf
-from .checkpoints import is_checkpoint
+from .formats.checkpoint import is_checkpoint
 
 # Stream tags keep the seeded draws of different tensors independent.
 _EMBED, _HEAD, _LAYER = 0, 1, 2
@@ -252,7 +252,7 @@ def _unpacked(checkpoint: str) -> Path:
     import tempfile
 
     from . import export
-    from .checkpoints import read_model
+    from .formats.checkpoint import read_model
 
     st = os.stat(checkpoint)
     key = hashlib.sha256(f"{checkpoint}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
@@ -481,7 +481,7 @@ class CheckpointWeights(SafetensorsWeights):
 
     def __init__(self, path: Path, model: ModelConfig, dtype: Any) -> None:
         from . import h5io
-        from .checkpoints import read_model
+        from .formats.checkpoint import read_model
 
         Source.__init__(self, np.dtype(dtype))
         self.path, self.m = path, model

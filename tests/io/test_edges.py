@@ -366,7 +366,7 @@ def test_fifo_offline_commands_and_api(tmp_path):
 
 
 def test_fifo_matching_the_checkpoint_pattern_is_passed_over(tmp_path):
-    from mpiattn.io.checkpoints import latest_checkpoint
+    from mpiattn.io.formats.checkpoint import latest_checkpoint
 
     class T:
         checkpoint = str(tmp_path / "ck-{step}.h5")
@@ -712,7 +712,7 @@ def test_resume_refuses_another_experiments_checkpoint(written_files):
     refused in one line naming both seeds, not silently continued."""
     from mpiattn import config
     from mpiattn.errors import InputError
-    from mpiattn.io.checkpoints import read_checkpoint
+    from mpiattn.io.formats.checkpoint import read_checkpoint
 
     flat = {"dtype": "float64", "model.layers": 1, "model.heads": 2, "model.hidden": 8,
             "model.ffn": 8, "model.vocab": 60, "model.max_positions": 16, "train.steps": 4,

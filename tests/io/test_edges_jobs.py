@@ -132,7 +132,7 @@ def test_model_folder_content_is_part_of_the_identity(trained, tmp_path, minilm_
 
     from mpiattn.commands.jobkit import input_digests
     from mpiattn.errors import InputError
-    from mpiattn.io.checkpoints import job_identity, read_checkpoint
+    from mpiattn.io.formats.checkpoint import job_identity, read_checkpoint
 
     model = _model_copy(minilm_dir, tmp_path / "model")
 

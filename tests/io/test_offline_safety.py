@@ -204,7 +204,7 @@ def test_bytes_outside_the_file_are_never_shown(hostile, command):
 @pytest.mark.parametrize("case", REFUSED_AT_OPEN)
 def test_input_and_checkpoint_readers_refuse_hostile_files(hostile, case):
     """``input.tokens`` and ``train --resume`` open files with ``h5io.open_for_reading``."""
-    from mpiattn.io.checkpoints import read_checkpoint
+    from mpiattn.io.formats.checkpoint import read_checkpoint
 
     path, names = hostile[case]
     with pytest.raises(InputError, match=names):

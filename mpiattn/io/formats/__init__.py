@@ -7,7 +7,7 @@
 - bench: ``formats.bench``, ``write_bench``, ``write_pipeline_bench``,
   ``write_sequence_bench`` / ``BenchFile``;
 - train: ``formats.train``, ``write_train`` / ``TrainFile``;
-- train checkpoint: ``formats.checkpoint``, ``io.checkpoints.write_checkpoint`` /
+- train checkpoint: ``formats.checkpoint``, ``write_checkpoint`` /
   ``CheckpointFile``.
 
 What every kind shares is ``formats.common`` (provenance, phase seconds, checksum
