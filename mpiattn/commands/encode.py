@@ -160,7 +160,7 @@ def _swept(checked: tuple, cfg: Config, out_path: str, rank: int) -> tuple:
     """``checked`` (``check_inputs``'s result), after rank 0 removed the parts folder
     that a kill after publishing ``out_path`` left behind (with a note): the one the
     complete output names (its job key, folder and secret; the output's key, as a split
-    scan's records digest joins this job's key only after the pre-flight)."""
+    scan's corpus digest joins this job's key only after the pre-flight)."""
     from ..io.corpusfile import remove_published
 
     if rank == 0 and out_path:
@@ -192,6 +192,7 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
         info = _scan_agreed(world, lambda: scan(source.path, spec=source, chunk=chunk)
                             if rank == 0 else None)[0]
         return replace(info, scan_bytes=info.size if rank == 0 else 0)
+    digest, hashed = corpus_digest(world, source)
 
     def count() -> tuple[int, int, int, int, int]:
         try:
@@ -233,7 +234,8 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
     # ranks whose ranges hold them: memory O(chunks) per rank, not O(chunks x N)
     send: list[dict[int, int]] = [{} for _ in range(ranks)]
     lo, hi = first, first + lines
-    for k in range(lo // chunk, -(-hi // chunk)):
+    for k in range(max(0, lo // chunk - 1), min(-(-total // chunk), -(-hi // chunk) + 1)):
+        # (the chunks around this range too: a slice bound at ``lo`` may end the chunk before)
         start = k * chunk
         for q in range(ranks):
             count_q, at_q = partition(min(chunk, total - start), ranks, q)
@@ -249,7 +251,38 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
         count_k, at = partition(min(chunk, total - start), ranks, rank)
         slices.append((offsets[start + at], offsets[start + at + count_k]))
     return TextInfo(total, size, "", tuple(digests[k] for k in range(chunks)), source.label,
-                    source.unit, tuple(slices), nbytes + found[rank][1])
+                    source.unit, tuple(slices), nbytes + found[rank][1] + hashed, digest)
+
+
+def corpus_digest(world: MPI.Comm, source: Source) -> tuple[str, int]:
+    """Collective: the SHA-256 of a plain-text corpus, read once per distinct file. Ranks
+    that see the same file (host, device, inode) share one reader, so on one node a
+    shared corpus is read once, and every node-local (or ``-wdir``-relative) copy once;
+    ranks whose copies differ are one line, the pre-flight's (``jobkit``: "ranks differ
+    in input.text ..."), before any scan. Returns (digest, bytes this rank read)."""
+    import socket
+
+    from ..io.weights import describe
+
+    rank = world.Get_rank()
+
+    def identity() -> tuple[str, int, int]:
+        try:
+            st = source.path.stat()
+        except OSError as err:
+            raise InputError(f"{source.where}: cannot be read ({err.strerror})") from None
+        return socket.gethostname(), st.st_dev, st.st_ino
+
+    keys = _scan_agreed(world, identity)
+    reader = keys.index(keys[rank]) == rank  # the first rank that sees this file
+    read = _scan_agreed(world, lambda: jobkit.file_digest(source.path, "input.text")
+                        if reader else None)
+    label = f"input.text '{describe(source.path)}'"
+    per_rank = [{label: read[keys.index(key)]} for key in keys]
+    err = jobkit.disagreement(per_rank)
+    if err is not None:
+        raise err
+    return read[0], source.path.stat().st_size if reader else 0
 
 
 def _agreed_error(err: UserError) -> UserError:
@@ -304,12 +337,11 @@ def run_text(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
         if out is not None:
             out.discard()
         raise
-    if info.slices:  # no rank read the whole file: the records' digest stands for it
+    if info.slices:  # the corpus's digest, read once per distinct file (``corpus_digest``)
         from ..io.formats.common import record_inputs
         from ..io.weights import describe
 
-        digests[f"input.text '{describe(Path(cfg.input.text))}' records"] = (
-            info.records_digest())
+        digests[f"input.text '{describe(Path(cfg.input.text))}'"] = info.sha256
         record_inputs(digests)
     if rank == 0 and "input.seq_len" in cfg.explicit and not cfg.input.max_tokens:
         limit, origin = truncation(cfg)  # (not ``source``: the corpus is passed on below)

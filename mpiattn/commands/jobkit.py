@@ -124,7 +124,7 @@ def preflight(world: MPI.Comm, check: Callable[[], tuple[T, dict[str, str]]],
     item = None if error is None else (type(error), str(error))
     watchdog.at(during="start-up")
     gathered = world.allgather((item, digests))
-    err = _first_error([e for e, _ in gathered]) or _disagreement([d for _, d in gathered])
+    err = _first_error([e for e, _ in gathered]) or disagreement([d for _, d in gathered])
     watchdog.at(during=None)
     if err is not None:
         if out is not None:
@@ -140,7 +140,7 @@ def preflight(world: MPI.Comm, check: Callable[[], tuple[T, dict[str, str]]],
     return value, out  # type: ignore[return-value]
 
 
-def _disagreement(per_rank: list[dict[str, str]]) -> UserError | None:
+def disagreement(per_rank: list[dict[str, str]]) -> UserError | None:
     """An InputError naming the first input whose digest differs between ranks."""
     labels = sorted({k for d in per_rank for k in d})
     for label in labels:
@@ -184,8 +184,8 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
     the tokenizer files, sentence-transformers' module files such as
     ``sentence_bert_config.json``), the text, tokens and tokenizer, and ``extra`` (the
     training corpus, the checkpoint). Each read through ``safefile`` (regular files only).
-    Labels in ``skip`` (e.g. "input.text": a text run split by byte ranges records the
-    corpus's records digest instead, and no rank reads the whole file) are left out."""
+    Labels in ``skip`` are left out (e.g. "input.text" of a text run split by byte ranges,
+    whose digest is taken once per distinct file after the pre-flight: ``encode``)."""
     import os
 
     from ..inputs.data import tokenizer_path

@@ -936,52 +936,42 @@ class Checkpointer:
         return self.latest
 
 
-def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
-          resume: str | None = None) -> Path | None:
-    """The whole training job on every rank; returns the output path on rank 0.
+@dataclass
+class Model:
+    """What a training job holds after its setup (``build``): the placement, the groups of
+    ranks the step sums over, the trainer (parameters and optimizer state on this rank),
+    the history so far and the step to start from."""
 
-    Raises ``Stopped`` on every rank after a signal (SIGTERM, SIGUSR1: Slurm's warning
-    before the time limit) was agreed on at a step boundary, the checkpoint written.
-    """
-    from ..errors import NumericalError, Stopped
-    from ..io.families import trained_as
-    from ..io.formats.train import write_train
-    from ..io.weights import model_folder
-    from ..parallel import watchdog
-    from ..parallel.comm import gather_rows
-    from . import epilogue, jobkit
+    plan: Any
+    groups: Groups
+    trainer: Trainer
+    history: History
+    start: int
+    first_copy: bool  # replica 0 and sequence slice 0: the ranks whose shards are the model
+
+
+def build(cfg: Config, world: MPI.Comm, finished: Any, corpus: Corpus, ck: Any) -> Model:
+    """Collective: grid, backend and reducers (``place``), pipeline links, ZeRO-1's gather,
+    this rank's shard of the parameters (seeded, ``model.weights`` or the checkpoint) and
+    the optimizer state (the checkpoint's, re-sliced to this layout)."""
     from .placement import make_reducer, make_sequence, place
 
-    rank, size = world.Get_rank(), world.Get_size()
-    started = dt.datetime.now(dt.UTC)
-    wall0 = time.perf_counter()
-    out_force = force or _resumable_output(out_path, resume)
-    (finished, corpus, ck, resume, tokenizer, identity, notes), out = jobkit.preflight(
-        world, lambda: check_training(cfg, size, resume, force, out_path),
-        output=(out_path, out_force))
-    for note in notes if rank == 0 else ():
-        print(f"mpiattn: note: {note}", flush=True)
-    jobkit.set_timeout(cfg.comm.timeout)
-
+    rank, m = world.Get_rank(), cfg.model
     first = train_batch(corpus, cfg, 0, 1, 0)  # the whole global batch of step 0
     tensor = finished.tensor
     plan = place(cfg, world, finished, InputBatch(first.ids, first.key_mask))
-    grid, backend, shard = plan.grid, plan.backend, plan.shard
-    xp, m = backend.xp, cfg.model
-    heads = make_reducer(cfg, plan)
+    grid, shard, xp = plan.grid, plan.shard, plan.backend.xp
     summed = ("data", "sequence")  # the ranks whose parameter gradients are summed
-    data = make_reducer(cfg, plan, grid.comm_over(summed),
-                        grid.shape.group_over(rank, summed))
     stages, stage = grid.axis_size("pipeline"), grid.coord("pipeline")
-    groups = Groups(heads, data, tensor, grid.coord("tensor"), grid.axis_size("data"),
+    groups = Groups(make_reducer(cfg, plan),
+                    make_reducer(cfg, plan, grid.comm_over(summed),
+                                 grid.shape.group_over(rank, summed)),
+                    tensor, grid.coord("tensor"), grid.axis_size("data"),
                     grid.coord("data"), stages, stage, cfg.parallel.microbatches,
                     sequence=make_sequence(cfg, plan, first.ids.shape[1]),
                     vocab=vocab_split(cfg, corpus.vocab, tensor, grid.coord("tensor")))
-    zero = None
     if cfg.parallel.zero and grid.axis_size("data") > 1 and groups.sequence is None:
-        zero = _zero_gather(cfg, plan)
-        groups.gather = zero
-    first_copy = grid.coord("data") == 0 and grid.coord("sequence") == 0  # of the model
+        groups.gather = _zero_gather(cfg, plan)
     if stages > 1:
         groups.p2p, groups.pipe, groups.tied = _stage_links(cfg, plan)
 
@@ -990,39 +980,87 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
 
     params = part(init_params(cfg, shard, corpus.vocab, stage_layers(m.layers, stages, stage)))
     history, start = History(), 0
-    kept = untrained_tensors(cfg, ck) if rank == 0 else {}
-    family = trained_as(model_folder(cfg.model.weights) if cfg.model.weights else None)
     if ck is not None:
         params = part(mlm.Params(*from_hf(ck.params, m.layers, m.hidden // m.heads, shard)))
         history, start = ck.history, ck.step
-    dev = [xp.asarray(a) for _, a, _ in mlm.named(params)]
-    params = rebuild(params, dev)
-    trainer = Trainer(cfg, corpus, params, groups, xp, backend.timer())
+    params = rebuild(params, [xp.asarray(a) for _, a, _ in mlm.named(params)])
+    trainer = Trainer(cfg, corpus, params, groups, xp, plan.backend.timer())
     if ck is not None:
         for kind in trainer.opt.names:
-            full = ck.state[kind]
-            emb, layers, head = from_hf(full, m.layers, m.hidden // m.heads, shard)
+            emb, layers, head = from_hf(ck.state[kind], m.layers, m.hidden // m.heads, shard)
             trainer.load_state(kind, part(mlm.Params(emb, layers, head)))
-    saver = Checkpointer(cfg, world, plan, trainer, kept, first_copy, resume, force,
-                         identity, family)
+    first_copy = grid.coord("data") == 0 and grid.coord("sequence") == 0
+    return Model(plan, groups, trainer, history, start, first_copy)
 
-    t = cfg.train
+
+def _stop_requested(world: MPI.Comm, requested: int = 0) -> int:
+    """Collective: the signal some rank's watchdog caught (SIGTERM, SIGUSR1), 0 if none."""
+    from ..parallel import watchdog
+
     dog = watchdog.current()
+    return _flags(world, max(requested, dog.stop_requested if dog else 0))[0]
+
+
+@dataclass
+class Evaluator:
+    """The held-out loss: before training (a fresh start) and when ``eval_due``; an
+    evaluation a stop request interrupts leaves no half a record."""
+
+    world: MPI.Comm
+    trainer: Trainer
+    history: History
+
+    def start(self, cfg: Config, start: int) -> None:
+        if start == 0 and cfg.train.eval_batches > 0:  # the starting model's own loss
+            self._record(-1, self.trainer.evaluate())
+
+    def after(self, step: int) -> int:
+        """Evaluate after ``step``; the agreed stop signal if one came meanwhile (0: none)."""
+        held = self.trainer.evaluate(stop=lambda: _stop_requested(self.world))
+        if held is None:  # a stop request during the evaluation: no half an eval
+            return _stop_requested(self.world, signal.SIGTERM)
+        self._record(step, held)
+        return 0
+
+    def _record(self, step: int, held: float) -> None:
+        self.history.eval_step.append(step)
+        self.history.eval_loss.append(held)
+
+
+@dataclass
+class Trained:
+    """What the loop leaves: steps done, the agreed stop signal (0: finished), seconds per
+    timed step and phase, the last checkpoint written (None: none)."""
+
+    done: int
+    stopped: int
+    seconds: np.ndarray  # (session_step, phase)
+    checkpoint: Path | None
+
+
+def loop(cfg: Config, world: MPI.Comm, model: Model, saver: Checkpointer,
+         corpus: Corpus, tokenizer: dict[str, bytes]) -> Trained:
+    """Collective: the optimizer steps from ``model.start``: each step, its finite check
+    and the stop agreement (one tiny Allreduce), its history row, the evaluation and the
+    checkpoint when due (or when stopping), the progress bar."""
+    from ..errors import NumericalError
+    from ..parallel import watchdog
+
+    t, trainer, history = cfg.train, model.trainer, model.history
+    backend, start = model.plan.backend, model.start
+    evaluator = Evaluator(world, trainer, history)
+    evaluator.start(cfg, start)
     seconds = np.zeros((t.steps - start, len(PHASES)))
-    stopped, done = 0, start
-    if start == 0 and t.eval_batches > 0:  # the starting model's own held-out loss
-        held = trainer.evaluate()
-        history.eval_step.append(-1)
-        history.eval_loss.append(held)
+    stopped, done, ckpt = 0, start, None
     world.Barrier()
-    bar = Progress(t.steps, "step", start=start, verbose=rank == 0, desc="train")
+    bar = Progress(t.steps, "step", start=start, verbose=world.Get_rank() == 0, desc="train")
     for step in range(start, t.steps):
         watchdog.at(step=step)
         backend.sync()  # the evaluation's device work is not this step's
         t0 = time.perf_counter()
         r = trainer.step(step)
-        wall = time.perf_counter() - t0
-        tokens = cfg.input.batch * cfg.input.seq_len / wall
+        tokens = cfg.input.batch * cfg.input.seq_len / (time.perf_counter() - t0)
+        dog = watchdog.current()
         bad = not (np.isfinite(r.loss) and np.isfinite(r.grad_norm))
         bad, stopped = _flags(world, int(bad), dog.stop_requested if dog else 0)
         if bad:
@@ -1030,20 +1068,9 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
                 f"training diverged at step {step}: loss {r.loss:.4g}, gradient norm"
                 f" {r.grad_norm:.4g} (inf/NaN); lower train.lr, raise train.warmup or set"
                 " train.clip", world)
-        history.step.append(step)
-        history.loss.append(r.loss)
-        history.lr.append(r.lr)
-        history.grad_norm.append(r.grad_norm)
-        history.tokens_per_second.append(tokens)
+        history.record(step, r.loss, r.lr, r.grad_norm, tokens)
         if eval_due(step, t) and not stopped:
-            held = trainer.evaluate(stop=lambda: _flags(world, dog.stop_requested if dog
-                                                        else 0)[0])
-            if held is None:  # a stop request during the evaluation: no half an eval
-                stopped = dog.stop_requested if dog else signal.SIGTERM
-                stopped = _flags(world, stopped)[0]
-            else:
-                history.eval_step.append(step)
-                history.eval_loss.append(held)
+            stopped = evaluator.after(step)
         done = step + 1
         if checkpoint_due(step, t) or stopped:
             c0 = time.perf_counter()
@@ -1056,32 +1083,103 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
     bar.close()
     if done == t.steps:  # a stop agreed on the last step: the run is complete
         stopped = 0
+    return Trained(done, stopped, seconds[: done - start], ckpt)
 
-    seconds = seconds[: done - start]
-    all_seconds = gather_rows(world, seconds[None])
-    backend.sync()
+
+def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
+          resume: str | None = None) -> Path | None:
+    """The whole training job on every rank; returns the output path on rank 0: the
+    pre-flight, ``build``, ``loop`` (with its ``Checkpointer`` and ``Evaluator``), then
+    the file and the export (``epilogue``).
+
+    Raises ``Stopped`` on every rank after a signal (SIGTERM, SIGUSR1: Slurm's warning
+    before the time limit) was agreed on at a step boundary, the checkpoint written.
+    """
+    from ..errors import Stopped
+    from ..io.families import trained_as
+    from ..io.weights import model_folder
+    from . import jobkit
+
+    rank, size = world.Get_rank(), world.Get_size()
+    started = dt.datetime.now(dt.UTC)
+    wall0 = time.perf_counter()
+    out_force = force or _resumable_output(out_path, resume)
+    (finished, corpus, ck, resume, tokenizer, identity, notes), out = jobkit.preflight(
+        world, lambda: check_training(cfg, size, resume, force, out_path),
+        output=(out_path, out_force))
+    for note in notes if rank == 0 else ():
+        print(f"mpiattn: note: {note}", flush=True)
+    jobkit.set_timeout(cfg.comm.timeout)
+    model = build(cfg, world, finished, corpus, ck)
+    family = trained_as(model_folder(cfg.model.weights) if cfg.model.weights else None)
+    kept = untrained_tensors(cfg, ck) if rank == 0 else {}
+    saver = Checkpointer(cfg, world, model.plan, model.trainer, kept, model.first_copy,
+                         resume, force, identity, family)
+    try:
+        run = loop(cfg, world, model, saver, corpus, tokenizer)
+        path = conclude(cfg, world, model, saver, run, out, out_path, started, wall0,
+                        corpus, tokenizer, family, resume, force)
+    finally:
+        if out is not None:
+            out.discard()
+    if run.stopped:
+        t = cfg.train
+        raise Stopped(f"stopped by {signal.Signals(run.stopped).name} after {run.done} of"
+                      f" {t.steps} steps: checkpoint '{run.checkpoint}', partial output"
+                      f" '{out_path}' (status interrupted); continue with --resume"
+                      f" {run.checkpoint} (or --resume auto)")
+    return path
+
+
+def conclude(cfg: Config, world: MPI.Comm, model: Model, saver: Checkpointer, run: Trained,
+             out: Any, out_path: str, started: dt.datetime, wall0: float, corpus: Corpus,
+             tokenizer: dict[str, bytes], family: dict[str, Any], resume: str | None,
+             force: bool) -> Path | None:
+    """Collective: the training file (history, timings, records; status "interrupted"
+    after a stop) through the job epilogue, then (finished runs) the Hugging Face export
+    and the summary line on rank 0."""
+    from ..io.formats.train import write_train
+    from ..parallel.comm import gather_rows
+    from . import epilogue
+
+    t, history, start = cfg.train, model.history, model.start
+    all_seconds = gather_rows(world, run.seconds[None])
+    model.plan.backend.sync()
     totals = gather_rows(world, np.array([time.perf_counter() - wall0]))
-    records = epilogue.gather_records(world, _transfer_records(grid, groups, first_copy))
-    folder = None if stopped else export_folder(cfg, out_path)
-    latest = saver.final_params(done) if folder is not None else {}  # collective
+    records = epilogue.gather_records(world, _transfer_records(model.plan.grid, model.groups,
+                                                               model.first_copy))
+    folder = None if run.stopped else export_folder(cfg, out_path)
+    latest = saver.final_params(run.done) if folder is not None else {}  # collective
 
     def write(f: Any) -> None:
         write_train(f, history, {"unigram_entropy": unigram_entropy(corpus),
                                  "vocab": corpus.vocab, "first_step": start,
                                  "resumed_from": resume or ""},
                     all_seconds, totals, records, start,
-                    "interrupted" if stopped else "complete")
+                    "interrupted" if run.stopped else "complete")
+
+    def export_model(folder: Path) -> str:
+        """The Hugging Face folder, after the output: a failed export loses neither."""
+        from ..errors import UserError
+        from ..io import export
+
+        info = {"trained_by": f"mpiattn {__version__} train", "steps": run.done,
+                "held_out_loss": history.eval_loss[-1] if history.eval_loss else None}
+        try:
+            export.publish(export.build(cfg.model, latest, corpus.token_ids, tokenizer, info,
+                                        family), folder, force)
+        except UserError as err:
+            where = checkpoint_path(t, run.done)
+            kept = (f"; the model is in '{where}': mpiattn export {where} DIR"
+                    if saver.saved == run.done else "; no checkpoint holds the final model"
+                    " (train.checkpoint_every = 0)")
+            raise type(err)(f"{err}; the output '{out.path}' is written{kept}") from None
+        return f"\nexported {folder} (Hugging Face {export.ARCHITECTURES[family['model_type']]})"
 
     def after() -> Path:
-        if stopped:
+        if run.stopped:
             return out.path
-        exported = ""
-        if folder is not None:
-            export_model(folder)
-            from ..io.export import ARCHITECTURES
-
-            exported = (f"\nexported {folder} (Hugging Face"
-                        f" {ARCHITECTURES[family['model_type']]})")
+        exported = export_model(folder) if folder is not None else ""
         ev = ""
         if history.eval_loss:
             before = (f"{history.eval_loss[0]:.4f} before step 0 -> "
@@ -1093,32 +1191,4 @@ def train(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
               f" (median), wall {totals.max():.1f} s\nwrote {out.path}{exported}", flush=True)
         return out.path
 
-    def export_model(folder: Path) -> None:
-        """The Hugging Face folder, after the output: a failed export loses neither."""
-        from ..errors import UserError
-        from ..io import export
-
-        info = {"trained_by": f"mpiattn {__version__} train", "steps": done,
-                "held_out_loss": history.eval_loss[-1] if history.eval_loss else None}
-        try:
-            export.publish(export.build(cfg.model, latest, corpus.token_ids, tokenizer, info,
-                                        family), folder, force)
-        except UserError as err:
-            where = checkpoint_path(t, done)
-            kept = (f"; the model is in '{where}': mpiattn export {where} DIR"
-                    if saver.saved == done else "; no checkpoint holds the final model"
-                    " (train.checkpoint_every = 0)")
-            raise type(err)(f"{err}; the output '{out.path}' is written{kept}") from None
-
-    try:
-        path = epilogue.finish(world, out, cfg, plan, started, "train", write,
-                               after=after)
-    finally:
-        if out is not None:
-            out.discard()
-    if stopped:
-        raise Stopped(f"stopped by {signal.Signals(stopped).name} after {done} of {t.steps}"
-                      f" steps: checkpoint '{ckpt}', partial output '{out_path}'"
-                      f" (status interrupted); continue with --resume {ckpt} (or --resume"
-                      " auto)")
-    return path
+    return epilogue.finish(world, out, cfg, model.plan, started, "train", write, after=after)

@@ -39,8 +39,9 @@ class TextInfo:
     records (``chunk_digest``; empty without a chunk size), the format label and the unit
     a record number counts ("line", "row"). A scan split by byte ranges
     (``byteranges``) adds this rank's byte range of every chunk (``slices``: (start, end)
-    per chunk, what it reads and tokenizes) and the bytes this rank read while scanning
-    (``scan_bytes``; 0 where no range was scanned)."""
+    per chunk, what it reads and tokenizes), the bytes this rank read while scanning
+    (``scan_bytes``; 0 where no range was scanned) and the SHA-256 of the file (``sha256``,
+    read once per distinct file: ``encode.corpus_digest``)."""
 
     lines: int
     size: int
@@ -50,12 +51,7 @@ class TextInfo:
     unit: str = "line"
     slices: tuple[tuple[int, int], ...] = ()
     scan_bytes: int = 0
-
-    def records_digest(self) -> str:
-        """SHA-256 of the record count and every chunk's digest: the decoded corpus, the
-        same whatever the ranks (a split scan records it instead of the file's SHA-256)."""
-        text = "\n".join((str(self.lines), *self.chunk_digests))
-        return hashlib.sha256(text.encode("ascii")).hexdigest()
+    sha256: str = ""
 
 
 def chunk_digest(items: list[Item], ids: list[RecordId] | None) -> str:

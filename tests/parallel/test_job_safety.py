@@ -175,12 +175,12 @@ def test_watched_communicators_are_real_ones():
 
 
 def test_differing_inputs_name_the_file_and_the_ranks():
-    err = jobkit._disagreement([{"input.text 'a.txt'": "x"}, {"input.text 'a.txt'": "x"},
+    err = jobkit.disagreement([{"input.text 'a.txt'": "x"}, {"input.text 'a.txt'": "x"},
                                 {"input.text 'a.txt'": "y"}, {"input.text 'a.txt'": "x"}])
     assert isinstance(err, InputError) and err.agreed
     assert "ranks differ in input.text 'a.txt'" in str(err)
     assert "ranks 0-1,3 vs ranks 2" in str(err) and "same file" in str(err)
-    assert jobkit._disagreement([{"a": "x"}, {"a": "x"}]) is None
+    assert jobkit.disagreement([{"a": "x"}, {"a": "x"}]) is None
 
 
 def test_preflight_drops_the_reservation_when_a_check_fails(tmp_path):

@@ -494,10 +494,13 @@ def test_bad_checkpoint_on_the_command_line(tmp_path, checkpoints):
     (b"ok\ncaf\xe9 au lait\n", "line 2: not UTF-8 (byte 3 of the line)"),
 ], ids=["empty", "latin-1"])  # blank lines are rows now (test_input_exactness.py)
 def test_bad_text_file_is_one_line_naming_it(tmp_path, content, message):
+    from model_folders import minilm
+
     path = tmp_path / "sentences.txt"
     path.write_bytes(content)
-    done, _ = mpiattn("run", *sets(), "--set", "input.text=\"sentences.txt\"", "-o", "out.h5",
-                      cwd=tmp_path)
+    tokenizer = minilm() / "tokenizer.json"  # a tokenizer, so the file is what is wrong
+    done, _ = mpiattn("run", *sets({"input.tokenizer": str(tokenizer), "model.vocab": 30522}),
+                      "--set", "input.text=\"sentences.txt\"", "-o", "out.h5", cwd=tmp_path)
     line = one_line_error(done)
     assert "input.text = 'sentences.txt'" in line and message in line
 

@@ -70,6 +70,15 @@ class History:
     eval_step: list = field(default_factory=list)
     eval_loss: list = field(default_factory=list)
 
+    def record(self, step: int, loss: float, lr: float, grad_norm: float,
+               tokens_per_second: float) -> None:
+        """One optimizer step's row."""
+        self.step.append(step)
+        self.loss.append(loss)
+        self.lr.append(lr)
+        self.grad_norm.append(grad_norm)
+        self.tokens_per_second.append(tokens_per_second)
+
     def write(self, g: Any) -> None:
         """One dataset per field in ``g``: ``step`` and ``eval_step`` are the coordinates
         (dimension scales) of the per-step and the held-out records."""
