@@ -255,34 +255,44 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
 
 
 def corpus_digest(world: MPI.Comm, source: Source) -> tuple[str, int]:
-    """Collective: the SHA-256 of a plain-text corpus, read once per distinct file. Ranks
-    that see the same file (host, device, inode) share one reader, so on one node a
-    shared corpus is read once, and every node-local (or ``-wdir``-relative) copy once;
-    ranks whose copies differ are one line, the pre-flight's (``jobkit``: "ranks differ
-    in input.text ..."), before any scan. Returns (digest, bytes this rank read)."""
+    """Collective: the digest of a plain-text corpus (``byteranges.piece_digest``), its
+    pieces hashed in turn by the ranks that see the same file (host, device, inode): on one
+    node a shared corpus is read once in all, split over its ranks, and every node-local
+    (or ``-wdir``-relative) copy once. Ranks whose copies differ are one line, the
+    pre-flight's (``jobkit``: "ranks differ in input.text ..."), before any scan. Returns
+    (digest, bytes this rank read)."""
     import socket
 
+    from ..inputs import byteranges as br
     from ..io.weights import describe
 
     rank = world.Get_rank()
 
-    def identity() -> tuple[str, int, int]:
+    def identity() -> tuple[str, int, int, int]:
         try:
             st = source.path.stat()
         except OSError as err:
             raise InputError(f"{source.where}: cannot be read ({err.strerror})") from None
-        return socket.gethostname(), st.st_dev, st.st_ino
+        return socket.gethostname(), st.st_dev, st.st_ino, st.st_size
 
     keys = _scan_agreed(world, identity)
-    reader = keys.index(keys[rank]) == rank  # the first rank that sees this file
-    read = _scan_agreed(world, lambda: jobkit.file_digest(source.path, "input.text")
-                        if reader else None)
+    sharing = [r for r, key in enumerate(keys) if key == keys[rank]]  # one copy's readers
+    size = keys[rank][3]
+    mine = range(sharing.index(rank), br.pieces_of(size), len(sharing))
+    found = _scan_agreed(world, lambda: br.hash_pieces(source.path, size, mine))
     label = f"input.text '{describe(source.path)}'"
-    per_rank = [{label: read[keys.index(key)]} for key in keys]
+    per_rank = []
+    for key in keys:
+        pieces: dict[int, str] = {}
+        for r, other in enumerate(keys):
+            if other == key:
+                pieces.update(found[r])
+        per_rank.append({label: br.piece_digest(pieces, key[3])})
     err = jobkit.disagreement(per_rank)
     if err is not None:
         raise err
-    return read[0], source.path.stat().st_size if reader else 0
+    read = sum(min(br.PIECE, size - i * br.PIECE) for i in mine)
+    return per_rank[rank][label], read
 
 
 def _agreed_error(err: UserError) -> UserError:

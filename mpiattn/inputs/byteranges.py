@@ -23,6 +23,10 @@ zstd) cannot be entered at a byte offset, Parquet has no lines, and JSON Lines n
 kind of its ids fixed by its first record across the whole file; those are scanned whole
 by one rank.
 
+The file's own digest (the resume key's, ``verify --inputs``') is ``piece_digest``: the
+SHA-256 of the SHA-256s of its consecutive ``PIECE``-byte pieces, the same whatever the
+number of ranks, whose pieces the ranks that see one copy of the file hash in turn.
+
 Line ends are those of ``records.split_lines`` (Python's universal newlines): a line starts
 at byte 0 and after every "\\n", every "\\r\\n" and every lone "\\r".
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 from ..core.shard import partition
@@ -238,3 +243,36 @@ def read_slice(src: Source, start: int, end: int, first_line: int
     except OSError as err:
         raise InputError(f"{src.where}: cannot be read ({err.strerror or err})") from None
     return items, reader.read
+
+
+PIECE = 16 << 20  # bytes per piece of ``piece_digest``
+
+
+def pieces_of(size: int) -> int:
+    """The number of ``PIECE``-byte pieces of a ``size``-byte file (at least one)."""
+    return max(1, -(-size // PIECE))
+
+
+def hash_pieces(path: str | Path, size: int, mine: range) -> dict[int, str]:
+    """The SHA-256 of each piece in ``mine`` (piece i: bytes i*PIECE .. (i+1)*PIECE of a
+    ``size``-byte file); InputError (one line) when the file is shorter."""
+    import hashlib
+
+    out = {}
+    with open(path, "rb") as fh:
+        for i in mine:
+            fh.seek(i * PIECE)
+            want = min(PIECE, size - i * PIECE)
+            data = fh.read(want)
+            if len(data) != want:
+                raise InputError(f"'{path}' has fewer than {size} bytes: it changed while read")
+            out[i] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def piece_digest(digests: dict[int, str], size: int) -> str:
+    """SHA-256 of the file's size and its pieces' SHA-256s in order (``hash_pieces``)."""
+    import hashlib
+
+    text = "\n".join((str(size), *(digests[i] for i in range(pieces_of(size)))))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()

@@ -124,12 +124,13 @@ def test_every_line_in_order_equals_sentence_transformers(tmp_path, corpus, sent
         chunks = [min(23, len(lines) - c) for c in range(0, len(lines), 23)]
         assert tokenized.shape == (ranks,) and tokenized.sum() == len(lines)
         assert tokenized.max() <= sum(-(-c // ranks) for c in chunks)
-        # the scan and the reads split by byte ranges (plain text): each rank scans its
+        # the scan and the reads split by byte ranges (plain text): the ranks hash the
+        # file's digest pieces in turn (one piece here: one rank), each rank scans its
         # range twice (count, check) plus the rest of its last chunk, and the slices it
         # reads tile the file: every byte read once after the scan
         size, scanned = path.stat().st_size, f["work/scan_bytes"][()]
         assert (f["work/bytes_read"][()] - scanned).sum() == size
-        assert scanned.sum() >= 2 * size and (ranks == 1 or scanned.max() < 2 * size)
+        assert scanned.sum() >= 3 * size and (ranks == 1 or scanned.max() < 3 * size)
     verify = subprocess.run([sys.executable, "-m", "mpiattn", "verify",
                              str(tmp_path / "c.h5")], env=env(), capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -180,10 +180,15 @@ def test_a_run_reads_each_byte_range_and_records_it(tmp_path, minilm_dir, capsys
         lines = [s.strip() for s in CORPUS.decode().split("\n")[:20]]
         assert list(f["input/text"].asstr()[()]) == lines
         scan, read = int(f["work/scan_bytes"][0]), int(f["work/bytes_read"][0])
-        assert scan == 2 * len(CORPUS) and read == 3 * len(CORPUS)  # count, check, slices
+        # digest pieces, count, check (the scan), then the slices
+        assert scan == 3 * len(CORPUS) and read == 4 * len(CORPUS)
         assert f["timings/scan"][0] > 0
         labels = json.loads(f.attrs["input_digests"])
-    assert any(k.startswith("input.text") and k.endswith(" records") for k in labels)
+    # the corpus digest: the pieces' SHA-256s (one piece here), the value a resume keys on
+    from mpiattn.inputs.byteranges import hash_pieces, piece_digest
+
+    want = piece_digest(hash_pieces(tmp_path / "c.txt", len(CORPUS), range(1)), len(CORPUS))
+    assert [v for k, v in labels.items() if k.startswith("input.text")] == [want]
 
 
 @pytest.mark.parametrize(("change", "message"), [
