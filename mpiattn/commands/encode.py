@@ -291,8 +291,7 @@ def corpus_digest(world: MPI.Comm, source: Source) -> tuple[str, int]:
     err = jobkit.disagreement(per_rank)
     if err is not None:
         raise err
-    read = sum(min(br.PIECE, size - i * br.PIECE) for i in mine)
-    return per_rank[rank][label], read
+    return per_rank[rank][label], br.piece_bytes(size, mine)
 
 
 def _agreed_error(err: UserError) -> UserError:

@@ -24,8 +24,9 @@ kind of its ids fixed by its first record across the whole file; those are scann
 by one rank.
 
 The file's own digest (the resume key's, ``verify --inputs``') is ``piece_digest``: the
-SHA-256 of the SHA-256s of its consecutive ``PIECE``-byte pieces, the same whatever the
-number of ranks, whose pieces the ranks that see one copy of the file hash in turn.
+SHA-256 of the SHA-256s of its consecutive pieces (``piece_size``: 64 KiB multiples, at
+most 4096 pieces), the same whatever the number of ranks, whose pieces the ranks that see
+one copy of the file hash in turn.
 
 Line ends are those of ``records.split_lines`` (Python's universal newlines): a line starts
 at byte 0 and after every "\\n", every "\\r\\n" and every lone "\\r".
@@ -245,29 +246,45 @@ def read_slice(src: Source, start: int, end: int, first_line: int
     return items, reader.read
 
 
-PIECE = 16 << 20  # bytes per piece of ``piece_digest``
+MAX_PIECES = 4096  # a corpus digest is at most this many pieces' SHA-256s (256 kB of hex)
+PIECE_UNIT = 64 << 10  # a piece is a multiple of 64 KiB
+
+
+def piece_size(size: int) -> int:
+    """Bytes per piece of a ``size``-byte file: the smallest multiple of 64 KiB that cuts
+    it into at most ``MAX_PIECES`` pieces (a function of the size alone, so every rank and
+    every rank count agrees)."""
+    return PIECE_UNIT * max(1, -(-size // (MAX_PIECES * PIECE_UNIT)))
 
 
 def pieces_of(size: int) -> int:
-    """The number of ``PIECE``-byte pieces of a ``size``-byte file (at least one)."""
-    return max(1, -(-size // PIECE))
+    """The number of pieces of a ``size``-byte file (at least one)."""
+    return max(1, -(-size // piece_size(size)))
 
 
 def hash_pieces(path: str | Path, size: int, mine: range) -> dict[int, str]:
-    """The SHA-256 of each piece in ``mine`` (piece i: bytes i*PIECE .. (i+1)*PIECE of a
-    ``size``-byte file); InputError (one line) when the file is shorter."""
+    """The SHA-256 of each piece in ``mine`` (piece i: bytes i*p .. (i+1)*p of a
+    ``size``-byte file, p = ``piece_size(size)``); InputError (one line) when the file is
+    shorter."""
     import hashlib
 
+    step = piece_size(size)
     out = {}
     with open(path, "rb") as fh:
         for i in mine:
-            fh.seek(i * PIECE)
-            want = min(PIECE, size - i * PIECE)
+            fh.seek(i * step)
+            want = min(step, size - i * step)
             data = fh.read(want)
             if len(data) != want:
                 raise InputError(f"'{path}' has fewer than {size} bytes: it changed while read")
             out[i] = hashlib.sha256(data).hexdigest()
     return out
+
+
+def piece_bytes(size: int, mine: range) -> int:
+    """The bytes of the pieces in ``mine`` (what ``hash_pieces`` reads)."""
+    step = piece_size(size)
+    return sum(min(step, size - i * step) for i in mine)
 
 
 def piece_digest(digests: dict[int, str], size: int) -> str:
