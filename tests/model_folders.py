@@ -325,7 +325,7 @@ def build_nomic(folder: Path, torch_dtype: str = "float64", seed: int = 0,
         kind = get_class_from_dynamic_module("modeling_hf_nomic_bert.NomicBertModel", folder)
         torch.manual_seed(seed)
         model = kind(config, add_pooling_layer=False)
-    scale = {"Wqkv.weight": 25.0, "fc11.weight": 25.0, "fc12.weight": 25.0,
+    scale = {"Wqkv.weight": 10.0, "fc11.weight": 10.0, "fc12.weight": 10.0,
              "fc2.weight": 5.0, "out_proj.weight": 5.0}
     with torch.no_grad():
         for name, p in model.named_parameters():

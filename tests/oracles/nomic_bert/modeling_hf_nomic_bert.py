@@ -2110,3 +2110,29 @@ class NomicVisionModel(NomicVisionPreTrainedModel):
             last_hidden_state=pooled_output,
             hidden_states=hidden_states,
         )
+
+
+# --- mpiattn test shim: NOT part of Nomic's code (see README.md) ----------------------------
+# transformers 5 removed ModuleUtilsMixin.get_extended_attention_mask, which
+# NomicBertModel.forward calls. This is transformers 4.x's own body for an encoder's mask
+# (config.is_decoder is false for NomicBERT): (B, S) or (B, S, S) 1/0 -> additive
+# (B, 1, 1, S) or (B, 1, S, S), 0 where attended and the dtype's most negative value
+# elsewhere; installed only where transformers lacks the method.
+if not hasattr(PreTrainedModel, "get_extended_attention_mask"):
+
+    def _get_extended_attention_mask(self, attention_mask, input_shape, device=None, dtype=None):
+        if dtype is None:
+            dtype = self.dtype
+        if attention_mask.dim() == 3:
+            extended_attention_mask = attention_mask[:, None, :, :]
+        elif attention_mask.dim() == 2:
+            extended_attention_mask = attention_mask[:, None, None, :]
+        else:
+            raise ValueError(
+                f"Wrong shape for input_ids (shape {input_shape}) or attention_mask (shape {attention_mask.shape})"
+            )
+        extended_attention_mask = extended_attention_mask.to(dtype=dtype)
+        extended_attention_mask = (1.0 - extended_attention_mask) * torch.finfo(dtype).min
+        return extended_attention_mask
+
+    NomicBertPreTrainedModel.get_extended_attention_mask = _get_extended_attention_mask
