@@ -8,8 +8,8 @@ layers; n_inner 200 rounded up to 256 by its code; 30522 words padded to 30528),
 and float32, without biases (as nomic-embed-text) and with all five, token types 0 and 1;
 plain and blocked attention; a sequence group (ring, Ulysses) as threads; mean pooling +
 Normalize against sentence-transformers; ``mpiattn run`` under mpiexec (2 head ranks x
-2 pipeline stages; a missing tensor: one line, exit 2, no file). What is not built is
-one line.
+2 pipeline stages, 3 data replicas; a missing tensor: one line, exit 2, no file). What
+is not built is one line.
 
 Nomic's code computes the RoPE angles in float32 whatever the model's dtype
 (``_update_cos_sin_cache``), so its float64 output is the exact rotation only to ~1e-8
@@ -235,29 +235,33 @@ def run(ranks: int, cwd: Path, *sets: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not Path(MPIEXEC).exists(), reason="mpiexec not found")
 def test_run_under_mpiexec_and_a_missing_tensor(folders, tmp_path):
-    """``mpiattn run`` on the folder, 5 heads on 2 head ranks (3 + 2) x 2 pipeline stages
-    with blocked attention, float64: the pooled rows are
-    ``SentenceTransformer(folder, trust_remote_code=True).encode(lines)`` to 1e-12. The
-    folder without one tensor: one line from rank 0, exit 2 on every rank, no file."""
+    """``mpiattn run`` on the folder, float64, 5 heads on 2 head ranks (3 + 2) x 2
+    pipeline stages with blocked attention, and 3 data replicas (batches of 2 lines): the
+    pooled rows are ``SentenceTransformer(folder, trust_remote_code=True).encode(lines)``
+    to 1e-12. The folder without one tensor: one line from rank 0, exit 2 on every rank,
+    no file."""
     import h5py
     from safetensors.numpy import load_file, save_file
 
     folder = folders["plain"][0]
     text = tmp_path / "lines.txt"
     text.write_text("\n".join(LINES) + "\n", encoding="utf-8")
-    good = tmp_path / "good"
-    good.mkdir()
-    done = run(4, good, f'model.weights="{folder}"', f'input.text="{text}"',
-               'dtype="float64"', "parallel.tensor=2", "parallel.pipeline=2",
-               'attention.impl="blocked"', "attention.block=5")
-    assert done.returncode == 0, done.stderr
-    with h5py.File(good / "out.h5") as f:
-        got = f["output/pooled"][()]
-        assert f["output/pooled"].attrs["modules"] == "Transformer > Pooling(mean) > Normalize"
     want = nomic_st_encode(folder, LINES, "float64")
-    err = np.abs(got - want).max() / np.abs(want).max()
-    print(f"NomicBERT run at 4 ranks (2 head x 2 pipeline): {err:.1e}")
-    assert got.shape == (len(LINES), 20) and err <= 1e-12, err
+    for ranks, sets in ((4, ["parallel.tensor=2", "parallel.pipeline=2",
+                             'attention.impl="blocked"', "attention.block=5"]),
+                        (3, ["parallel.tensor=1", "input.batch=2"])):
+        good = tmp_path / f"good{ranks}"
+        good.mkdir()
+        done = run(ranks, good, f'model.weights="{folder}"', f'input.text="{text}"',
+                   'dtype="float64"', *sets)
+        assert done.returncode == 0, done.stderr
+        with h5py.File(good / "out.h5") as f:
+            got = f["output/pooled"][()]
+            assert f["output/pooled"].attrs["modules"] == \
+                "Transformer > Pooling(mean) > Normalize"
+        err = np.abs(got - want).max() / np.abs(want).max()
+        print(f"NomicBERT run at {ranks} ranks {sets}: {err:.1e}")
+        assert got.shape == (len(LINES), 20) and err <= 1e-12, err
 
     broken = shutil.copytree(folder, tmp_path / "model")
     tensors = load_file(str(broken / "model.safetensors"))
