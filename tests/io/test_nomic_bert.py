@@ -228,8 +228,9 @@ def run(ranks: int, cwd: Path, *sets: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpiattn", "run", "-o", "out.h5",
+    cmd = [sys.executable, "-m", "mpiattn", "run", "-o", "out.h5",
            *(arg for s in sets for arg in ("--set", s))]
+    cmd = [MPIEXEC, "-n", str(ranks), *cmd] if ranks > 1 else cmd
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -238,8 +239,8 @@ def test_run_under_mpiexec_and_a_missing_tensor(folders, tmp_path):
     """``mpiattn run`` on the folder, float64, 5 heads on 2 head ranks (3 + 2) x 2
     pipeline stages with blocked attention, and 3 data replicas (batches of 2 lines): the
     pooled rows are ``SentenceTransformer(folder, trust_remote_code=True).encode(lines)``
-    to 1e-12. The folder without one tensor: one line from rank 0, exit 2 on every rank,
-    no file."""
+    to 1e-12. The folder without one tensor (2 ranks), or with dynamic NTK RoPE scaling
+    (1 rank): one line from rank 0, exit 2 on every rank, no file."""
     import h5py
     from safetensors.numpy import load_file, save_file
 
@@ -273,4 +274,14 @@ def test_run_under_mpiexec_and_a_missing_tensor(folders, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("mpiattn: error")]
     assert len(lines) == 1 and "tensor 'encoder.layers.2.attn.out_proj.weight' is missing" \
         " (a NomicBERT" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out.h5").exists()
+
+    scaled = shutil.copytree(folder, tmp_path / "scaled")  # v1.5's long-context setting
+    hf = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**hf, "rotary_scaling_factor": 2}))
+    done = run(1, tmp_path, f'model.weights="{scaled}"', f'input.text="{text}"')
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("mpiattn: error")]
+    assert len(lines) == 1 and "rotary_scaling_factor = 2; mpiattn builds NomicBERT" \
+        in lines[0], done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out.h5").exists()
