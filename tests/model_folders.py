@@ -279,7 +279,7 @@ def nomic_config(biases: bool = False, **extra: Any) -> dict[str, Any]:
         "qkv_proj_bias": biases, "mlp_fc1_bias": biases, "mlp_fc2_bias": biases,
         "use_flash_attn": True, "fused_bias_fc": True, "fused_dropout_add_ln": True,
         "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "initializer_range": 0.02,
-        "torch_dtype": "float32"}
+        "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32"}
     config.update(extra)
     return config
 
