@@ -4,12 +4,19 @@ sentence-transformers module files written by hand; the oracles read them back.
 
     folder = build(root / "roberta", "roberta", torch_dtype="float64")
     want = hidden_states(folder, ids, mask)        # transformers AutoModel, last layer
+    got, _ = forward(model_cfg(folder, "float64"), ids, mask, tensor=3)   # mpiattn
+
+NomicBERT has no transformers class: ``build_nomic`` writes a folder as nomic-embed-text
+ships one (its own remote code beside ``config.json``, ``tests/oracles/nomic_bert``),
+read back by ``nomic_hidden_states`` and ``nomic_st_encode`` (``trust_remote_code``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +196,207 @@ def exact_rope() -> Any:
             stack.__exit__(*exc)
 
     return Both()
+
+
+def model_cfg(folder: Path, dtype: str, seq: int = 24, **sets: Any) -> Any:
+    """The config of a run on ``folder`` (model.* from its config.json)."""
+    from mpiattn import config
+    from mpiattn.commands.placement import apply_checkpoint_shape
+
+    cfg = config.from_dict({"model.weights": str(folder), "dtype": dtype,
+                            "input.seq_len": seq, **sets})
+    apply_checkpoint_shape(cfg)
+    return cfg
+
+
+def forward(cfg: Any, ids: np.ndarray, mask: np.ndarray, tensor: int = 1, sequence: str = "",
+            parts: int = 1, options: Any = None, edit: Any = None,
+            types: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+    """mpiattn's last hidden state (B, S, H) with ``tensor`` head ranks x ``parts`` sequence
+    ranks (``sequence``: "ring" or "ulysses") as threads, and the ring steps skipped.
+    ``edit(layers)`` may change each rank's layers; ``types``: token-type ids (B, S)."""
+    from helpers import ThreadAlltoall, ThreadGroup, ThreadRing, run_ranks
+
+    from mpiattn.core.attention import Options
+    from mpiattn.core.model import encoder_forward
+    from mpiattn.core.seqattn import SequenceAttention, SequenceSplit
+    from mpiattn.core.shard import head_shard
+    from mpiattn.io.weights import open_source
+
+    m = cfg.model
+    source = open_source(cfg.seed, m, np.dtype(cfg.dtype))
+    heads = [ThreadGroup(tensor) for _ in range(parts)]
+    fakes = [ThreadAlltoall(parts) if sequence == "ulysses" else ThreadRing(parts)
+             for _ in range(tensor)]
+    out = {}
+    skipped = [0] * (tensor * parts)
+
+    def work(t: int, s: int) -> None:
+        shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, t)
+        layers = [source.layer(n, shard) for n in range(m.layers)]
+        if edit is not None:
+            edit(layers)
+        opts = Options(options.impl, options.block) if options else Options("plain")
+        split = SequenceSplit(ids.shape[1], parts, s)  # (each rank its own scratch arrays)
+        if parts > 1:
+            seq = SequenceAttention(sequence, split, fakes[t].member(s), block=5)
+            opts.sequence = seq
+        out[t, s] = encoder_forward(ids[:, split.local], mask, source.embeddings(), layers,
+                                    heads[s].member(t), m.layer_norm_eps, options=opts,
+                                    types=None if types is None else types[:, split.local])
+        if parts > 1:
+            skipped[t * parts + s] = seq.skipped
+
+    run_ranks(work, [(t, s) for t in range(tensor) for s in range(parts)], [*heads, *fakes])
+    for s in range(parts):  # every head rank ends with the same numbers
+        assert all(np.array_equal(out[0, s], out[t, s]) for t in range(tensor))
+    return np.concatenate([out[0, s] for s in range(parts)], axis=1), skipped
+
+
+# --- NomicBERT: its own remote code as the oracle --------------------------------------
+
+NOMIC_CODE = Path(__file__).resolve().parent / "oracles" / "nomic_bert"
+NOMIC_FILES = ("modeling_hf_nomic_bert.py", "configuration_hf_nomic_bert.py")
+
+
+def nomic_config(biases: bool = False, **extra: Any) -> dict[str, Any]:
+    """nomic-embed-text-v1.5's config.json in a tiny shape: 5 heads of 4, 3 layers,
+    n_inner 200 (its code rounds the MLP up to 256), vocab_size 30522 padded to a multiple
+    of 64 (30528 rows, as nomic-embed's), RoPE base 1000; ``biases``: Wqkv, out_proj,
+    fc11, fc12, fc2 with biases (nomic-embed has none)."""
+    auto = {"AutoConfig": "configuration_hf_nomic_bert.NomicBertConfig",
+            "AutoModel": "modeling_hf_nomic_bert.NomicBertModel",
+            "AutoModelForMaskedLM": "modeling_hf_nomic_bert.NomicBertForPreTraining"}
+    config = {
+        "model_type": "nomic_bert", "architectures": ["NomicBertModel"], "auto_map": auto,
+        "activation_function": "swiglu", "n_embd": 20, "n_head": 5, "n_layer": 3,
+        "n_inner": 200, "n_positions": 8192, "vocab_size": 30522,
+        "pad_vocab_size_multiple": 64, "type_vocab_size": 2, "layer_norm_epsilon": 1e-12,
+        "rotary_emb_base": 1000, "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False,
+        "rotary_emb_scale_base": None, "rotary_scaling_factor": None,
+        "max_trained_positions": 2048, "prenorm": False, "parallel_block": False,
+        "parallel_block_tied_norm": False, "causal": False, "use_rms_norm": False,
+        "qkv_proj_bias": biases, "mlp_fc1_bias": biases, "mlp_fc2_bias": biases,
+        "use_flash_attn": True, "fused_bias_fc": True, "fused_dropout_add_ln": True,
+        "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "initializer_range": 0.02,
+        "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32"}
+    config.update(extra)
+    return config
+
+
+@contextmanager
+def default_dtype(dtype: str) -> Iterator[None]:
+    """torch's default dtype for the duration: NomicBERT's ``from_pretrained`` builds the
+    model in it and loads the weights into it (it ignores ``dtype``), so a float64 folder
+    is read exactly only when the model is built in float64."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_nomic(folder: Path, torch_dtype: str = "float64", seed: int = 0,
+                modules: list[tuple[str, dict | None]] | None = None, biases: bool = False,
+                **extra: Any) -> Path:
+    """A NomicBERT folder as nomic-embed-text ships one: ``config.json`` (``nomic_config``)
+    whose ``auto_map`` names the two .py files copied beside it, ``model.safetensors`` of a
+    random ``NomicBertModel`` (its own init, then non-trivial LayerNorms and biases and
+    larger projections so that attention is peaked and the gate matters) saved in
+    ``torch_dtype``, MiniLM's tokenizer, and the sentence-transformers ``modules``."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in NOMIC_FILES:
+        shutil.copy(NOMIC_CODE / name, folder / name)
+    (folder / "config.json").write_text(json.dumps(nomic_config(biases, **extra), indent=2))
+    for name in TOKENIZER:
+        shutil.copy(minilm() / name, folder / name)
+    if modules is not None:
+        write_modules(folder, modules, 20)
+    with default_dtype("float64"):
+        config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        kind = get_class_from_dynamic_module("modeling_hf_nomic_bert.NomicBertModel", folder)
+        torch.manual_seed(seed)
+        model = kind(config, add_pooling_layer=False)
+    scale = {"Wqkv.weight": 10.0, "fc11.weight": 10.0, "fc12.weight": 10.0,
+             "fc2.weight": 5.0, "out_proj.weight": 5.0}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "emb_ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            for end, factor in scale.items():
+                if name.endswith(end):
+                    p.mul_(factor)
+    tensors = {k: v.detach().to(getattr(torch, torch_dtype)).contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _exact_tables(self: Any, seqlen: int, device: Any = None, dtype: Any = None) -> None:
+    """``NomicBertRotaryEmbedding._update_cos_sin_cache`` with float64 angles (its own
+    rounds the frequencies, positions and angles to float32 whatever the model's dtype)."""
+    import torch
+
+    inv = 1.0 / self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim)
+    angles = torch.outer(torch.arange(seqlen, dtype=torch.float64), inv)
+    self._seq_len_cached = seqlen
+    self._cos_cached = torch.cos(angles).to(device=device, dtype=dtype)
+    self._sin_cached = torch.sin(angles).to(device=device, dtype=dtype)
+
+
+def exact_nomic_rope(model: Any) -> int:
+    """Give every rotary embedding of a loaded NomicBERT model float64 angles (see
+    ``_exact_tables``; the rotation itself runs in the model's dtype); the count patched."""
+    from types import MethodType
+
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "NomicBertRotaryEmbedding":
+            module._update_cos_sin_cache = MethodType(_exact_tables, module)
+            count += 1
+    return count
+
+
+def nomic_hidden_states(folder: Path, ids: np.ndarray, mask: np.ndarray,
+                        dtype: str = "float64", types: np.ndarray | None = None,
+                        exact: bool = True) -> np.ndarray:
+    """``AutoModel.from_pretrained(folder, trust_remote_code=True)``'s last hidden state
+    (B, S, H) in ``dtype`` (local files only); ``exact``: with float64 RoPE angles."""
+    import torch
+    import transformers as tf
+
+    with default_dtype(dtype):
+        model = tf.AutoModel.from_pretrained(folder, trust_remote_code=True,
+                                             local_files_only=True)
+    model = model.to(getattr(torch, dtype)).eval()
+    assert type(model).__name__ == "NomicBertModel"
+    if exact:
+        assert exact_nomic_rope(model) == model.config.n_layer
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids),
+                    attention_mask=torch.as_tensor(mask.astype(np.int64)),
+                    token_type_ids=None if types is None else torch.as_tensor(types))
+    return out.last_hidden_state.numpy()
+
+
+def nomic_st_encode(folder: Path, lines: list[str], dtype: str = "float64",
+                    exact: bool = True) -> np.ndarray:
+    """``SentenceTransformer(folder, trust_remote_code=True).encode(lines)`` in ``dtype``."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    with default_dtype(dtype):
+        model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=True,
+                                    local_files_only=True)
+    model = model.to(getattr(torch, dtype))
+    if exact:
+        assert exact_nomic_rope(model) > 0
+    return model.encode(lines, convert_to_numpy=True, batch_size=4)

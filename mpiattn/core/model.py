@@ -69,15 +69,19 @@ class LayerShard:
 
 @dataclass
 class RotaryLayerShard(LayerShard):
-    """A ModernBERT layer's shard: pre-LayerNorm (``ln1`` before attention, None in layer
-    0, which has none; ``ln2`` before the MLP), RoPE on Q and K, GeGLU (``w_1`` (hidden,
-    2f) holds this rank's f input columns then their f gate columns, ``b_1`` (2f,)), and
-    in local layers a sliding window. Absent biases are zeros (adding them is exact)."""
+    """A rotary family's layer shard. ModernBERT: pre-LayerNorm (``ln1`` before attention,
+    None in layer 0, which has none; ``ln2`` before the MLP), RoPE on Q and K, GeGLU
+    (``w_1`` (hidden, 2f) holds this rank's f activated columns then their f linear
+    columns, ``b_1`` (2f,)), and in local layers a sliding window. NomicBERT
+    (``prenorm`` False): BERT's post-LayerNorm layer with RoPE and SwiGLU (``act``
+    "silu"). Absent biases are zeros (adding them is exact)."""
 
     rope_theta: float = 10_000.0  # RoPE base of this layer (global or local)
     window: int | None = None  # local layers: keys within +-window of the query; None: all
     final_g: Any = None  # the model's final LayerNorm, applied after the last layer only
     final_b: Any = None
+    prenorm: bool = True  # False: LayerNorm after each residual sum, as BERT
+    act: str = "gelu"  # the gate's activation: "gelu" (GeGLU) or "silu" (SwiGLU)
 
 
 @dataclass
@@ -251,9 +255,9 @@ def mlp_partial(h1: Any, p: LayerShard, reduce: Reduce, phase: Phase = no_timing
     with phase("mlp"):
         a = options.scratch(f"a{slot}", shape, h1.dtype, xp)
         xp.matmul(h1, p.w_1, out=a)
-        if isinstance(p, RotaryLayerShard):  # GeGLU: GELU(input + b) * (gate + b)
+        if isinstance(p, RotaryLayerShard):  # act(activated + b) * (linear + b)
             a += p.b_1
-            a = rotary.geglu(a)
+            a = rotary.glu(a, p.act)
             partial = reduce.buffer(h1.shape[0], h1.shape[1], h1.dtype, slot)
             xp.matmul(a, p.w_2, out=partial)
             return partial
@@ -302,7 +306,7 @@ def layer_forward(
     rounding (BLAS may round a product of fewer rows differently: ~5e-7 in float32).
     ``probe``: this layer's ``headstats.Probe`` (per-head statistics, maps), or None.
     """
-    if isinstance(p, RotaryLayerShard):
+    if isinstance(p, RotaryLayerShard) and p.prenorm:
         return prenorm_layer_forward(x, p, mask, reduce, layer, eps, phase, options, probe)
     xp = get_array_module(x)
     batch, seq, hidden = x.shape

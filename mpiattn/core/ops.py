@@ -290,8 +290,8 @@ def position_rows(key_mask: Any, padding_idx: int, offset: int, seq: int) -> Any
 def embed(ids: Any, emb: Any, eps: float, types: Any = None, offset: int = 0,
           key_mask: Any = None) -> Any:
     """Word + position + token-type embeddings, then LayerNorm (and ELECTRA's
-    projection): (B, S) -> (B, S, H). ModernBERT (``emb.position`` None): word, then
-    LayerNorm.
+    projection): (B, S) -> (B, S, H). The rotary families (``emb.position`` None): word
+    (NomicBERT: + token type), then LayerNorm.
 
     ``emb``: a ``model.Embeddings``. ``types``: (B, S) integer segment ids in
     [0, type_vocab) (validated by the reader), or None for all 0 (one broadcast row, no
@@ -301,9 +301,11 @@ def embed(ids: Any, emb: Any, eps: float, types: Any = None, offset: int = 0,
     is real).
     """
     seq = ids.shape[1]
-    if emb.position is None:  # ModernBERT: no position table (RoPE), no token types
-        x = layer_norm(emb.word[ids], emb.ln_g, emb.ln_b, eps)
-        return x
+    if emb.position is None:  # RoPE: no position table; ModernBERT: no token types either
+        x = emb.word[ids]
+        if emb.token_type is not None:  # NomicBERT: word + token type
+            x = x + (emb.token_type[0] if types is None else emb.token_type[types])
+        return layer_norm(x, emb.ln_g, emb.ln_b, eps)
     segment = emb.token_type[0] if types is None else emb.token_type[types]
     pad = getattr(emb, "padding_idx", None)
     if pad is None:

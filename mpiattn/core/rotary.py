@@ -1,5 +1,6 @@
-"""Rotary position embeddings (RoPE) and the sliding attention window: ModernBERT's
-position machinery, array-module generic, MPI-free.
+"""Rotary position embeddings (RoPE) and the sliding attention window: the position
+machinery of ModernBERT and NomicBERT, and their gated MLPs (GeGLU, SwiGLU),
+array-module generic, MPI-free.
 
     rotate(qkv, batch, seq, heads, head_dim, theta, start)   # in place, Q and K columns
     band(q0, nq, k0, nk, half, xp, dtype)                    # (nq, nk) 0 / -inf window bias
@@ -79,13 +80,26 @@ def band(q_start: int, q_count: int, k_start: int, k_count: int, half: int, xp: 
     return xp.where(xp.absolute(qi - kj) <= half, 0, -xp.inf).astype(dtype)
 
 
-def geglu(a: Any) -> Any:
-    """GeGLU of a (N, 2f) product laid out [input | gate]: GELU(input) * gate, (N, f)
-    (exact erf GELU; ModernBERT's ``Wi`` output, ``chunk(2)`` order)."""
+def glu(a: Any, act: str = "gelu") -> Any:
+    """A gated MLP's activation of a (N, 2f) product laid out [activated | linear]:
+    act(activated) * linear, (N, f). ``act`` "gelu": GeGLU (exact erf GELU; ModernBERT's
+    ``Wi`` output, ``chunk(2)`` order); "silu": SwiGLU (NomicBERT: silu(fc12 x) * fc11 x,
+    its ``fc12`` columns loaded first)."""
     from .ops import gelu
 
     f = a.shape[1] // 2
     xp = get_array_module(a)
-    out = gelu(xp.ascontiguousarray(a[:, :f]))
+    first = xp.ascontiguousarray(a[:, :f])
+    out = gelu(first) if act == "gelu" else silu(first)
     out *= a[:, f:]
     return out
+
+
+def silu(x: Any) -> Any:
+    """x * sigmoid(x), sigmoid from e = exp(-|x|) (never overflows): 1 / (1 + e) where
+    x >= 0, e / (1 + e) elsewhere; 7 operations a value, one of them an exp. Returns a
+    new array."""
+    xp = get_array_module(x)
+    e = xp.exp(-xp.absolute(x))
+    s = 1 / (1 + e)  # sigmoid(|x|)
+    return x * xp.where(x >= 0, s, e * s)

@@ -28,13 +28,18 @@ where its config asks (``norm_bias``, ``attention_bias``, ``mlp_bias``), a final
 LayerNorm, and a sliding window of ``local_attention`` tokens (+-local_attention/2) in
 every layer that is not global (``layer_types``, else every ``global_attn_every_n_layers``
 -th layer from 0 is global); ``rotary_settings`` reads all that from config.json.
-NomicBERT (``nomic_bert``) is refused: its code lives only in its model repositories
-(remote code), not in transformers nor in any installable package, so there is no
-oracle to prove an implementation against.
+NomicBERT (``nomic_bert``: nomic-embed-text-v1, v1.5) runs the same rotary layer in
+BERT's post-LayerNorm order (``prenorm`` false): word + token-type embeddings and
+``emb_ln``, no position table, RoPE over the whole head (``rotary_emb_base``), SwiGLU
+(``silu(fc12 x) * fc11 x``), biases per ``qkv_proj_bias``, ``mlp_fc1_bias``,
+``mlp_fc2_bias``; ``nomic_settings`` reads it and refuses, in one line, every setting
+nomic-embed-text does not use (prenorm, partial or interleaved RoPE, scaled RoPE, ...).
+Its oracle is Nomic's own remote code (``tests/oracles/nomic_bert``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,7 +130,12 @@ class Family:
     fixed: dict[str, Any] = field(default_factory=dict)  # model.* values the family fixes
     relative_bias: str = ""  # MPNet: the shared relative position bias table's name
     fixed_padding_idx: int | None = None  # MPNet: 1 whatever pad_token_id says
-    rotary: bool = False  # ModernBERT: its own layer (``rotary_settings``)
+    rotary: Callable[[dict, Any], Rotary] | None = None  # rotary families (ModernBERT,
+    # NomicBERT): their own layer, its settings read by this (``rotary_settings``)
+    activation: str = "gelu"  # the one activation built (NomicBERT: "swiglu")
+    activation_default: str = "gelu"  # what a config without activation_key means
+    derive: Callable[[dict], dict[str, Any]] | None = None  # model.* values computed
+    # from several keys (NomicBERT's rounded MLP width and vocabulary)
 
     def padding_idx(self, config: dict) -> int | None:
         """RoBERTa family: the padding row of the position table (``pad_token_id``)."""
@@ -150,6 +160,8 @@ class Family:
         out = {ours: config[theirs] for theirs, ours in self.config_keys.items()
                if theirs in config}
         out.update(self.fixed)
+        if self.derive is not None:
+            out.update(self.derive(config))
         if "max_positions" in out and isinstance(out["max_positions"], int):
             out["max_positions"] -= self.position_rows(config)
         return out
@@ -203,15 +215,9 @@ def _modernbert_layer_names(index: int, prefix: str) -> dict[str, str]:
     return out
 
 
-FAMILIES["modernbert"] = Family(
-    "ModernBERT", ("model.", ""), _MODERNBERT_KEYS, _modernbert_embedding_names,
-    _modernbert_layer_names, activation_key="hidden_activation", token_types=False,
-    fixed={"type_vocab": 1}, rotary=True)
-
-_ARCHITECTURES = {"ModernBert": "modernbert", "MPNet": "mpnet", "Bert": "bert",
-                  "Roberta": "roberta", "XLMRoberta": "xlm-roberta", "Camembert": "camembert",
-                  "Electra": "electra", "DistilBert": "distilbert"}
-SUPPORTED = ", ".join(FAMILIES)
+_ARCHITECTURES = {"NomicBert": "nomic_bert", "ModernBert": "modernbert", "MPNet": "mpnet",
+                  "Bert": "bert", "Roberta": "roberta", "XLMRoberta": "xlm-roberta",
+                  "Camembert": "camembert", "Electra": "electra", "DistilBert": "distilbert"}
 ROBERTA_NAMES = ("RoBERTa", "XLM-RoBERTa", "CamemBERT")  # RobertaForMaskedLM's names
 
 
@@ -264,21 +270,20 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
         arch = config.get("architectures")
         found = f"model_type '{kind}'" + (f" ({arch[0]})" if isinstance(arch, list) and arch
                                           and arch[0] != kind else "")
-        why = (" (its model code is remote code of its own repositories, in neither"
-               " transformers nor an installable package: no oracle to prove it against)"
-               if kind == "nomic_bert" else "")
-        raise InputError(f"'{path}': {found} is not supported{why}; mpiattn runs model_type"
+        raise InputError(f"'{path}': {found} is not supported; mpiattn runs model_type"
                          f" {SUPPORTED}")
     buckets = config.get("relative_attention_num_buckets", 32)
     if family.relative_bias and buckets != 32:
         raise InputError(f"'{path}': relative_attention_num_buckets = {buckets!r}; mpiattn"
                          " builds MPNet's 32 buckets (transformers' own encoder uses 32)")
-    act = config.get(family.activation_key, "gelu")
-    if act != "gelu":
+    act = config.get(family.activation_key, family.activation_default)
+    if act != family.activation:
+        built = ("exact (erf) 'gelu'" if family.activation == "gelu"
+                 else repr(family.activation))
         raise InputError(f"'{path}': {family.activation_key} = {act!r}; mpiattn runs {family.name}"
-                         " with exact (erf) 'gelu' only")
+                         f" with {built} only")
     if family.rotary:
-        rotary_settings(config, path)  # every refusal before any work
+        family.rotary(config, path)  # every refusal before any work
     kind_pos = config.get("position_embedding_type", "absolute")
     if kind_pos != "absolute":
         raise InputError(f"'{path}': position_embedding_type = {kind_pos!r}; mpiattn builds"
@@ -288,13 +293,20 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
 
 @dataclass(frozen=True)
 class Rotary:
-    """ModernBERT's per-layer settings from config.json."""
+    """A rotary family's per-layer settings from config.json (ModernBERT, NomicBERT)."""
 
     thetas: tuple[float, ...]  # RoPE base of each layer
     windows: tuple[int | None, ...]  # each layer's half window (None: global attention)
     norm_bias: bool
-    attention_bias: bool
-    mlp_bias: bool
+    attention_bias: bool  # Q, K, V and the output projection
+    mlp_bias: bool  # the MLP's first linear (both halves)
+    out_bias: bool | None = None  # the MLP's second linear (None: as mlp_bias)
+    prenorm: bool = True  # ModernBERT; NomicBERT: BERT's post-LayerNorm order
+    act: str = "gelu"  # the gate's activation: "gelu" (GeGLU), "silu" (SwiGLU)
+
+    @property
+    def mlp_out_bias(self) -> bool:
+        return self.mlp_bias if self.out_bias is None else self.out_bias
 
 
 def rotary_settings(config: dict, path: Path | str = "config.json") -> Rotary:
@@ -348,6 +360,117 @@ def rotary_settings(config: dict, path: Path | str = "config.json") -> Rotary:
                   tuple(None if t == "full_attention" else local // 2 for t in types),
                   bool(config.get("norm_bias", False)), bool(config.get("attention_bias", False)),
                   bool(config.get("mlp_bias", False)))
+
+
+FAMILIES["modernbert"] = Family(
+    "ModernBERT", ("model.", ""), _MODERNBERT_KEYS, _modernbert_embedding_names,
+    _modernbert_layer_names, activation_key="hidden_activation", token_types=False,
+    fixed={"type_vocab": 1}, rotary=rotary_settings)
+
+# NomicBERT: GPT2Config's keys (and its defaults where a key is absent)
+_NOMIC_DEFAULTS = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257,
+                   "type_vocab_size": 2, "n_positions": 1024, "layer_norm_epsilon": 1e-5}
+_NOMIC_KEYS = {"n_layer": "layers", "n_head": "heads", "n_embd": "hidden",
+               "vocab_size": "vocab", "type_vocab_size": "type_vocab",
+               "n_positions": "max_positions", "layer_norm_epsilon": "layer_norm_eps"}
+
+
+def _round_up(value: Any, multiple: Any) -> Any:
+    if isinstance(value, int) and isinstance(multiple, int) and multiple > 0 \
+            and not isinstance(value, bool):
+        return -(-value // multiple) * multiple
+    return value  # not an integer: model.* refuses it in one line
+
+
+def _nomic_shape(config: dict) -> dict[str, Any]:
+    """model.* of a NomicBERT config.json, as its model code builds it: GPT2Config's
+    defaults for absent keys; the vocabulary rounded up to ``pad_vocab_size_multiple``
+    (``NomicBertModel``); the MLP width ``n_inner`` (absent: int(8 n_embd / 3)) rounded
+    up to a multiple of 256 (``NomciBertGatedMLP``'s ``multiple_of``)."""
+    out = {ours: config.get(theirs, _NOMIC_DEFAULTS[theirs])
+           for theirs, ours in _NOMIC_KEYS.items()}
+    hidden = out["hidden"]
+    inner = config.get("n_inner") or (int(8 * hidden / 3) if isinstance(hidden, int)
+                                      else None)
+    out["ffn"] = _round_up(inner, 256)
+    out["vocab"] = _round_up(out["vocab"], config.get("pad_vocab_size_multiple", 1))
+    return out
+
+
+def _nomic_embedding_names(prefix: str) -> dict[str, str]:
+    return {"word": f"{prefix}embeddings.word_embeddings.weight",
+            "token_type": f"{prefix}embeddings.token_type_embeddings.weight",
+            "ln_g": f"{prefix}emb_ln.weight", "ln_b": f"{prefix}emb_ln.bias"}
+
+
+def _nomic_layer_names(index: int, prefix: str) -> dict[str, str]:
+    """``w_1a``/``b_1a``: the activated half (fc12, under silu), ``w_1b``/``b_1b``: the
+    linear half (fc11)."""
+    pre = f"{prefix}encoder.layers.{index}."
+    names = {"qkv_w": "attn.Wqkv.weight", "qkv_b": "attn.Wqkv.bias",
+             "w_o": "attn.out_proj.weight", "b_o": "attn.out_proj.bias",
+             "ln1_g": "norm1.weight", "ln1_b": "norm1.bias", "ln2_g": "norm2.weight",
+             "ln2_b": "norm2.bias", "w_1a": "mlp.fc12.weight", "b_1a": "mlp.fc12.bias",
+             "w_1b": "mlp.fc11.weight", "b_1b": "mlp.fc11.bias", "w_2": "mlp.fc2.weight",
+             "b_2": "mlp.fc2.bias"}
+    return {k: pre + v for k, v in names.items()}
+
+
+def nomic_settings(config: dict, path: Path | str = "config.json") -> Rotary:
+    """A NomicBERT config.json as nomic-embed-text-v1 and v1.5 use it: post-LayerNorm
+    blocks, RoPE over the whole head (not interleaved, base ``rotary_emb_base``), SwiGLU,
+    biases per ``qkv_proj_bias``, ``mlp_fc1_bias``, ``mlp_fc2_bias``.
+
+    Raises InputError (one line) for what its model code would do otherwise and mpiattn
+    does not build: ``prenorm``, ``parallel_block``, ``use_rms_norm``, ``causal``,
+    ``rotary_emb_fraction`` other than 1, interleaved RoPE, xPos (``rotary_emb_scale_base``),
+    dynamic NTK scaling (``rotary_scaling_factor``), ``norm_mlp``, ``rotary_head_dim``,
+    fewer key/value heads, no token types, an odd head width.
+    """
+    layers = config.get("n_layer", 12)
+    heads, hidden = config.get("n_head", 12), config.get("n_embd", 768)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, hidden)) \
+            or hidden % heads or (hidden // heads) % 2:
+        raise InputError(f"'{path}': n_embd {hidden!r} over n_head {heads!r}: RoPE needs an"
+                         " even head width")
+    wanted = {"prenorm": False, "parallel_block": False, "use_rms_norm": False,
+              "causal": False, "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False,
+              "rotary_emb_scale_base": None, "rotary_scaling_factor": None,
+              "norm_mlp": False, "rotary_head_dim": False}
+    absent = {"rotary_emb_fraction": 0.0}  # NomicBertConfig's defaults that differ
+    for key, want in wanted.items():
+        value = config.get(key, absent.get(key, want))
+        if value != want and not (key == "rotary_scaling_factor" and not value):
+            raise InputError(f"'{path}': {key} = {json.dumps(value)}; mpiattn builds"
+                             f" NomicBERT as nomic-embed-text-v1/v1.5 use it ({key} ="
+                             f" {json.dumps(want)})")
+    kv = config.get("num_heads_kv")
+    if kv is not None and kv != heads:
+        raise InputError(f"'{path}': num_heads_kv = {kv!r}; mpiattn builds one key and value"
+                         " head per query head")
+    types = config.get("type_vocab_size", 2)
+    if isinstance(types, bool) or not isinstance(types, int) or types < 1:
+        raise InputError(f"'{path}': type_vocab_size = {types!r}; mpiattn builds NomicBERT"
+                         " with a token-type table (nomic-embed-text's has 2 rows)")
+    theta = config.get("rotary_emb_base", 10_000)
+    if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 1:
+        raise InputError(f"'{path}': rotary_emb_base = {theta!r}; a number above 1")
+    multiple = config.get("pad_vocab_size_multiple", 1)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise InputError(f"'{path}': pad_vocab_size_multiple = {multiple!r}; a positive"
+                         " integer")
+    return Rotary((float(theta),) * layers, (None,) * layers, norm_bias=True,
+                  attention_bias=bool(config.get("qkv_proj_bias", True)),
+                  mlp_bias=bool(config.get("mlp_fc1_bias", True)),
+                  out_bias=bool(config.get("mlp_fc2_bias", True)), prenorm=False,
+                  act="silu")
+
+
+FAMILIES["nomic_bert"] = Family(
+    "NomicBERT", ("",), {}, _nomic_embedding_names, _nomic_layer_names,
+    activation_key="activation_function", activation="swiglu", activation_default="gelu_new",
+    rotary=nomic_settings, derive=_nomic_shape)
+SUPPORTED = ", ".join(FAMILIES)
 
 
 def trained_as(folder: Path | None) -> dict[str, Any]:

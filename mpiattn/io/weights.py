@@ -1,5 +1,6 @@
 """Where parameters come from: a seed, or a checkpoint of a supported family (``families``:
-BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT) in Hugging Face naming.
+BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT, MPNet, ModernBERT, NomicBERT)
+in Hugging Face naming.
 
 Both sources build only the shard a rank owns. Seeded weights are drawn per head from a
 stream keyed by (seed, layer, head), so a head's numbers never depend on how many ranks
@@ -320,7 +321,7 @@ class SafetensorsWeights(Source):
         found = families.read_config(path.parent)  # None: no config.json, BERT names
         self.family = families.family_of(path.parent, found)
         config = found or {}
-        self.rotary = (families.rotary_settings(config, path.parent / "config.json")
+        self.rotary = (self.family.rotary(config, path.parent / "config.json")
                        if self.family.rotary else None)
         self.padding_idx = self.family.padding_idx(config)
         self.position_rows = self.family.position_rows(config)
@@ -394,9 +395,11 @@ class SafetensorsWeights(Source):
     def embeddings(self, rows: np.ndarray | None = None) -> Embeddings:
         m, e = self.m, self.embedding_size
         names = self.family.embedding_names(self.prefix)
-        if self.rotary is not None:  # ModernBERT: word table and LayerNorm only
+        if self.rotary is not None:  # no position table; NomicBERT: token types
             word = self._slice(names["word"], (m.vocab, e))
-            emb = Embeddings(word[rows] if rows is not None else word, None, None,
+            types = (self._slice(names["token_type"], (m.type_vocab, e))
+                     if "token_type" in names else None)
+            emb = Embeddings(word[rows] if rows is not None else word, None, types,
                              self._slice(names["ln_g"], (e,)),
                              self._vector(names["ln_b"], e, self.rotary.norm_bias))
             return emb
@@ -417,8 +420,10 @@ class SafetensorsWeights(Source):
         return emb
 
     def _rotary_layer(self, index: int, shard: HeadShard) -> RotaryLayerShard:
-        """ModernBERT: Wqkv (3h, h) rows [Q | K | V], Wi (2f, h) rows [input | gate];
-        this rank reads its heads' rows of each third and its MLP rows of each half."""
+        """A rotary family's layer: Wqkv (3h, h) rows [Q | K | V]; the MLP's first linear
+        as [activated | linear] (ModernBERT: Wi (2f, h) rows [input | gate]; NomicBERT:
+        fc12 (f, h) then fc11 (f, h)); this rank reads its heads' rows of each third and
+        its MLP rows of each half. NomicBERT: post-LayerNorm, ``norm1`` in every layer."""
         m, h, f, r = self.m, self.m.hidden, self.m.ffn, self.rotary
         names = self.family.layer_names(index, self.prefix)
         cols, fcols = shard.cols, shard.ffn_cols
@@ -431,22 +436,31 @@ class SafetensorsWeights(Source):
                                axis=1)
         b_qkv = (np.concatenate(rows(names["qkv_b"], (3 * h,), cols, h, 3))
                  if r.attention_bias else np.zeros(3 * shard.width, dtype=self.dtype))
-        w_1 = np.concatenate([w.T for w in rows(names["w_1"], (2 * f, h), fcols, f, 2)], axis=1)
-        b_1 = (np.concatenate(rows(names["b_1"], (2 * f,), fcols, f, 2)) if r.mlp_bias
+        if "w_1" in names:  # one (2f, h) tensor
+            w_1 = [w.T for w in rows(names["w_1"], (2 * f, h), fcols, f, 2)]
+            b_1 = rows(names["b_1"], (2 * f,), fcols, f, 2) if r.mlp_bias else None
+        else:  # two (f, h) tensors
+            w_1 = [self._slice(names[k], (f, h), fcols).T for k in ("w_1a", "w_1b")]
+            b_1 = ([self._slice(names[k], (f,), fcols) for k in ("b_1a", "b_1b")]
+                   if r.mlp_bias else None)
+        w_1 = np.concatenate(w_1, axis=1)
+        b_1 = (np.concatenate(b_1) if b_1 is not None
                else np.zeros(2 * (fcols.stop - fcols.start), dtype=self.dtype))
-        last = index == m.layers - 1
+        last = index == m.layers - 1 and "final_g" in names
+        ln1 = bool(index) or not r.prenorm  # ModernBERT's layer 0 has none
         return RotaryLayerShard(
             w_qkv=np.ascontiguousarray(w_qkv), b_qkv=b_qkv,
             w_o=np.ascontiguousarray(self._slice(names["w_o"], (h, h), (slice(None), cols)).T),
             b_o=self._vector(names["b_o"], h, r.attention_bias),
-            ln1_g=self._slice(names["ln1_g"], (h,)) if index else None,  # layer 0: none
-            ln1_b=self._vector(names["ln1_b"], h, r.norm_bias) if index else None,
+            ln1_g=self._slice(names["ln1_g"], (h,)) if ln1 else None,
+            ln1_b=self._vector(names["ln1_b"], h, r.norm_bias) if ln1 else None,
             w_1=np.ascontiguousarray(w_1), b_1=b_1,
             w_2=np.ascontiguousarray(self._slice(names["w_2"], (h, f), (slice(None), fcols)).T),
-            b_2=self._vector(names["b_2"], h, r.mlp_bias),
+            b_2=self._vector(names["b_2"], h, r.mlp_out_bias),
             ln2_g=self._slice(names["ln2_g"], (h,)),
             ln2_b=self._vector(names["ln2_b"], h, r.norm_bias), head_dim=shard.head_dim,
-            rope_theta=r.thetas[index], window=r.windows[index],
+            rope_theta=r.thetas[index], window=r.windows[index], prenorm=r.prenorm,
+            act=r.act,
             final_g=self._slice(names["final_g"], (h,)) if last else None,
             final_b=self._vector(names["final_b"], h, r.norm_bias) if last else None)
 

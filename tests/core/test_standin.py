@@ -2,6 +2,7 @@
 refuses, and the whole job runs on it with the NumPy backend's numbers (docs/gpu-standin.md).
 """
 
+import itertools
 import json
 import os
 import re
@@ -303,8 +304,9 @@ def test_gpu_tests_pass_on_the_standin(cupy, dtype):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the stand-in runs NumPy
 def test_rotary_layers_on_the_standin(cupy):
     """ModernBERT's layers (RoPE with two bases, GeGLU, pre-LayerNorm, a window of +-2 in
-    plain and blocked attention, padding out of every key's reach) on device arrays: the
-    NumPy backend's numbers, and no call CuPy lacks or implicit host copy."""
+    plain and blocked attention, padding out of every key's reach) and NomicBERT's
+    (post-LayerNorm, SwiGLU, token types) on device arrays: the NumPy backend's numbers,
+    and no call CuPy lacks or implicit host copy."""
     from mpiattn.core.attention import Options
     from mpiattn.core.model import Embeddings, LocalReduce, RotaryLayerShard, encoder_forward
 
@@ -322,25 +324,31 @@ def test_rotary_layers_on_the_standin(cupy):
             ln2_b=w(h), head_dim=d, rope_theta=(160_000.0, 10_000.0)[i], window=(None, 2)[i],
             final_g=1 + w(h) if i else None, final_b=w(h) if i else None)
 
+    def nomic(_: int) -> RotaryLayerShard:
+        return RotaryLayerShard(
+            w_qkv=w(h, 3 * h), b_qkv=w(3 * h), w_o=w(h, h), b_o=w(h), ln1_g=1 + w(h),
+            ln1_b=w(h), w_1=w(h, 2 * f), b_1=w(2 * f), w_2=w(f, h), b_2=w(h), ln2_g=1 + w(h),
+            ln2_b=w(h), head_dim=d, rope_theta=1000.0, prenorm=False, act="silu")
+
     def device(obj: object) -> object:
         return type(obj)(**{k: cupy.asarray(v) if isinstance(v, np.ndarray) else v
                             for k, v in vars(obj).items()})
 
-    layers = [layer(0), layer(1)]
-    emb = Embeddings(w(vocab, h), None, None, 1 + w(h), w(h))
+    models = [(Embeddings(w(vocab, h), None, None, 1 + w(h), w(h)), [layer(0), layer(1)]),
+              (Embeddings(w(vocab, h), None, w(2, h), 1 + w(h), w(h)), [nomic(0), nomic(1)])]
     ids = rng.integers(0, vocab, (2, 9))
+    types = rng.integers(0, 2, (2, 9))
     mask = np.ones(ids.shape, dtype=bool)
     mask[1, 3:] = False  # queries 6-8 of sequence 1 reach no real key
-    for impl in ("plain", "blocked"):
+    for (emb, layers), impl in itertools.product(models, ("plain", "blocked")):
         want = encoder_forward(ids, mask, emb, layers, LocalReduce(np), 1e-5,
-                               options=Options(impl, 4))
+                               options=Options(impl, 4), types=types)
         got = encoder_forward(cupy.asarray(ids), cupy.asarray(mask), device(emb),
                               [device(p) for p in layers], LocalReduce(cupy), 1e-5,
-                              options=Options(impl, 4))
+                              options=Options(impl, 4), types=cupy.asarray(types))
         got = cupy.asnumpy(got)
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got[mask], want[mask], rtol=1e-12, atol=1e-12)
-
 
 # --- the whole job on 2 ranks, one launch (tests/standin_matrix.py) -------------------------
 

@@ -19,15 +19,12 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import ThreadAlltoall, ThreadGroup, ThreadRing, run_ranks
-from model_folders import build, exact_rope, hidden_states, st_encode
+from model_folders import build, exact_rope, forward, hidden_states, model_cfg, st_encode
 
 from mpiattn import config
-from mpiattn.commands.placement import apply_checkpoint_shape, check_sequence
+from mpiattn.commands.placement import check_sequence
 from mpiattn.core.attention import KeyMask, Options
-from mpiattn.core.model import encoder_forward
 from mpiattn.core.reference import relative_error
-from mpiattn.core.seqattn import SequenceAttention, SequenceSplit
 from mpiattn.core.shard import head_shard
 from mpiattn.errors import InputError
 from mpiattn.io.weights import open_source
@@ -59,46 +56,6 @@ def folders(tmp_path_factory):
             want["transformers-float64"] = hidden_states(folder, ids, mask, "float64")
         out[name] = (folder, ids, mask, want)
     return out
-
-
-def model_cfg(folder, dtype: str, **sets) -> config.Config:
-    cfg = config.from_dict({"model.weights": str(folder), "dtype": dtype,
-                            "input.seq_len": SEQ, **sets})
-    apply_checkpoint_shape(cfg)
-    return cfg
-
-
-def forward(cfg: config.Config, ids, mask, tensor: int = 1, sequence: str = "",
-            parts: int = 1, options: Options | None = None, edit=None) -> tuple:
-    """The last hidden state (B, S, H) with ``tensor`` head ranks x ``parts`` sequence
-    ranks (``sequence``: "ring" or "ulysses") as threads; and the ring steps skipped."""
-    m = cfg.model
-    source = open_source(cfg.seed, m, np.dtype(cfg.dtype))
-    heads = [ThreadGroup(tensor) for _ in range(parts)]
-    fakes = [ThreadAlltoall(parts) if sequence == "ulysses" else ThreadRing(parts)
-             for _ in range(tensor)]
-    out = {}
-    skipped = [0] * (tensor * parts)
-
-    def work(t: int, s: int) -> None:
-        shard = head_shard(m.heads, m.hidden // m.heads, m.ffn, tensor, t)
-        layers = [source.layer(n, shard) for n in range(m.layers)]
-        if edit is not None:
-            edit(layers)
-        opts = Options(options.impl, options.block) if options else Options("plain")
-        split = SequenceSplit(ids.shape[1], parts, s)  # (each rank its own scratch arrays)
-        if parts > 1:
-            seq = SequenceAttention(sequence, split, fakes[t].member(s), block=5)
-            opts.sequence = seq
-        out[t, s] = encoder_forward(ids[:, split.local], mask, source.embeddings(), layers,
-                                    heads[s].member(t), m.layer_norm_eps, options=opts)
-        if parts > 1:
-            skipped[t * parts + s] = seq.skipped
-
-    run_ranks(work, [(t, s) for t in range(tensor) for s in range(parts)], [*heads, *fakes])
-    for s in range(parts):  # every head rank ends with the same numbers
-        assert all(np.array_equal(out[0, s], out[t, s]) for t in range(tensor))
-    return np.concatenate([out[0, s] for s in range(parts)], axis=1), skipped
 
 
 @pytest.mark.parametrize("name", ["plain", "biases"])
@@ -193,7 +150,7 @@ def test_sentence_transformers_mean_pooling(folders):
 
 
 def test_what_is_not_built_is_one_line(folders, tmp_path):
-    """A missing tensor, a scaled RoPE, NomicBERT (no oracle), training: one line."""
+    """A missing tensor, a scaled RoPE, an activation not built, training: one line."""
     from safetensors.numpy import load_file, save_file
 
     base = folders["plain"][0]
@@ -209,9 +166,6 @@ def test_what_is_not_built_is_one_line(folders, tmp_path):
             ("scaled", {"rope_parameters": {**hf["rope_parameters"], "full_attention": {
                 "rope_type": "linear", "rope_theta": 160000.0, "factor": 2.0}}},
              "rope_type = 'linear'; mpiattn builds 'default' RoPE only"),
-            ("nomic", {"model_type": "nomic_bert", "architectures": ["NomicBertModel"]},
-             "model_type 'nomic_bert' (NomicBertModel) is not supported (its model code is"
-             " remote code"),
             ("act", {"hidden_activation": "gelu_pytorch_tanh"},
              "hidden_activation = 'gelu_pytorch_tanh'; mpiattn runs ModernBERT with exact")):
         folder = shutil.copytree(base, tmp_path / name)
