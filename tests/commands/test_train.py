@@ -404,23 +404,3 @@ def test_roberta_trains_with_its_own_head_and_positions(roberta_mlm):
         assert rel(got, want) <= EQUIV_TOL["float64"], (tensor, replicas, got, want)
         assert max(rel(got_whole[k], whole[k]) for k in whole) <= 1e-8
 
-
-def test_vocab_fault_sites_follow_the_stages(tmp_path):
-    """With the vocabulary split over stages or slices, ``embed`` runs on the first stage
-    and ``vocab``/``vocab.bwd`` on the last: a fault aimed elsewhere is refused (4 ranks:
-    0, 1 stage 0; 2, 3 stage 1); without the split every vocabulary site is refused."""
-    from mpiattn.commands.train import fault_span
-
-    piped = tiny_train(tmp_path, **{"parallel.pipeline": 2, "parallel.tensor": 2})
-    span = fault_span(piped, 4, 2)
-    assert span("embed", 1)[0] == 1 and span("vocab", 2)[0] == span("vocab.bwd", 3)[0] == 1
-    count, why = span("embed", 2)
-    assert count == 0 and "stage 1" in why and "stage 0" in why
-    count, why = span("vocab", 0)
-    assert count == 0 and "last stage, 1" in why
-    sliced = fault_span(tiny_train(tmp_path, **{"parallel.sequence": 2,
-                                                "parallel.tensor": 2}), 4, 2)
-    assert sliced("embed", 3)[0] == sliced("vocab", 0)[0] == 1
-    whole = fault_span(tiny_train(tmp_path, **{"parallel.pipeline": 2, "parallel.tensor": 2,
-                                               "parallel.vocab": False}), 4, 2)
-    assert whole("embed", 0)[0] == 0
