@@ -403,4 +403,3 @@ def test_roberta_trains_with_its_own_head_and_positions(roberta_mlm):
         got, got_whole, _ = simulate(cfg, corpus, tensor, replicas, 3)
         assert rel(got, want) <= EQUIV_TOL["float64"], (tensor, replicas, got, want)
         assert max(rel(got_whole[k], whole[k]) for k in whole) <= 1e-8
-
