@@ -76,7 +76,7 @@ from ..core.attention import DEFAULT_BLOCK, PLAIN_MAX_SEQ
 from ..core.costs import CHECK_ROWS
 from ..errors import ConfigError, InputError
 from .report import Loaded, load
-from .trainshare import format_share, step_flops
+from .trainshare import format_share, layout_shares, step_flops
 
 PHASE_AR = "allreduce"
 REPLICATED = "norm"  # LayerNorm and residuals: the same work on every rank of a head group
@@ -923,7 +923,8 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.json:
         shares = {} if training is None else {
             "tensor2_vocab_split": step_flops(**training, tensor=2, vocab_split=True),
-            "tensor2_whole_vocab": step_flops(**training, tensor=2, vocab_split=False)}
+            "tensor2_whole_vocab": step_flops(**training, tensor=2, vocab_split=False),
+            **layout_shares(training)}
         print(json.dumps({"job": asdict(job), "fit": asdict(f), "target": asdict(tgt),
                           "assumptions": assumptions(f, tgt, layout, job, limit),
                           "check": checks, "training": shares, "phase_models": phase_rows,

@@ -20,7 +20,8 @@ With ``parallel.pipeline = P`` (world = data x pipeline x tensor) each stage hol
 layers (stage 0 the embeddings, the last the MLM head and a copy of the tied word
 embedding) and runs the 1F1B schedule over ``parallel.microbatches`` micro-batches
 (``pipeline.stage_events``): activations and their gradients move as checked
-point-to-point messages, the tied embedding's gradient is summed over the two ends, loss
+point-to-point messages, the tied embedding's gradient is summed over the two ends (per
+row block with the vocabulary split: the ends of one head rank hold the same rows), loss
 and gradient norm over the stages.
 
 Data (``corpus``), checkpoints and their resume (``checkpoints``), the Hugging Face
@@ -172,31 +173,49 @@ def rebuild(template: mlm.Params, arrays: list[Any]) -> mlm.Params:
 
 def vocab_split(cfg: Config, vocab: int, tensor: int, head_rank: int) -> Any:
     """The word rows this head rank holds (``core.vocab.VocabSplit``), or None when the
-    word table is whole on every rank: ``parallel.vocab = false``, one head rank, fewer
-    words than head ranks, or with pipeline stages or sequence slices (not built there)."""
-    p = cfg.parallel
-    if not p.vocab or tensor < 2 or vocab < tensor or p.pipeline > 1 or p.sequence > 1:
+    word table is whole on every rank: ``parallel.vocab = false``, one head rank, or fewer
+    words than head ranks. The same rows on every pipeline stage and sequence slice of
+    the head rank: the first stage's word table and the last stage's tied decoder hold
+    the same row block, and each sequence slice computes the loss of its own tokens."""
+    if not cfg.parallel.vocab or tensor < 2 or vocab < tensor:
         return None
     return vocab_parallel.VocabSplit(vocab, tensor, head_rank)
 
 
 def split_vocab(params: mlm.Params, split: Any) -> mlm.Params:
     """``params`` (or gradients, or optimizer state) with the whole word table and decoder
-    bias cut to ``split``'s rows (copies); unchanged when ``split`` is None."""
+    bias cut to ``split``'s rows (copies; a pipeline stage cuts the parts it holds: the
+    first stage's table, the last stage's tied copy and bias); unchanged when ``split``
+    is None."""
     if split is None or params.vocab is not None:
         return params
-    emb = dataclasses.replace(params.emb, word=params.emb.word[split.rows].copy())
-    head = dataclasses.replace(params.head, bias=params.head.bias[split.rows].copy())
+    emb, head = params.emb, params.head
+    if emb is not None:
+        emb = dataclasses.replace(emb, word=emb.word[split.rows].copy())
+    if head is not None:
+        head = dataclasses.replace(head, bias=head.bias[split.rows].copy())
     return mlm.Params(emb, params.layers, head, params.first, split)
+
+
+def vocab_rows(p: mlm.Params) -> tuple[Any, Any] | None:
+    """This head rank's (word rows or None, decoder bias rows or None) of a split
+    ``p`` (None where the stage lacks the part); None when the vocabulary is whole."""
+    if not p.vocab_split:
+        return None
+    return (None if p.emb is None else p.emb.word, None if p.head is None else p.head.bias)
 
 
 def join_vocab(p: mlm.Params, pieces: list[tuple[Any, Any]]) -> mlm.Params:
     """Whole-vocabulary parameters from every head rank's (word rows, bias) in rank order
-    (``p``: rank 0's); ``p`` itself when the vocabulary is not split."""
+    (``vocab_rows``; ``p``: rank 0's, a pipeline stage's part); ``p`` itself when the
+    vocabulary is not split."""
     if not p.vocab_split:
         return p
-    emb = dataclasses.replace(p.emb, word=np.concatenate([w for w, _ in pieces]))
-    head = dataclasses.replace(p.head, bias=np.concatenate([b for _, b in pieces]))
+    emb, head = p.emb, p.head
+    if emb is not None:
+        emb = dataclasses.replace(emb, word=np.concatenate([w for w, _ in pieces]))
+    if head is not None:
+        head = dataclasses.replace(head, bias=np.concatenate([b for _, b in pieces]))
     return mlm.Params(emb, p.layers, head, p.first)
 
 
@@ -211,8 +230,9 @@ class Groups:
 
     With pipeline stages (``stages`` > 1) also: ``p2p`` (a ``transfers.CheckedP2P`` over
     the pipeline communicator, rank = stage), ``pipe`` (a sum over the stages: loss and
-    gradient norm) and ``tied`` (a sum over the first and last stage, the tied word
-    embedding's gradient; None on the other stages)."""
+    gradient norm) and ``tied`` (a sum over the first and last stage of this head rank,
+    the tied word embedding's gradient, its row block with ``vocab``; None on the other
+    stages)."""
 
     heads: Any
     data: Any
@@ -278,9 +298,17 @@ def fault_span(cfg: Config, world_size: int, tensor: int) -> Callable[[str, int]
         if site in VOCAB_SITES:
             if vocab_split(cfg, m.vocab, shape.tensor, 0) is None:
                 return 0, ("the vocabulary is split over the head group only with"
-                           " parallel.tensor >= 2 and parallel.vocab = true, without"
-                           " pipeline stages or sequence slices: raise parallel.tensor")
-            return 1, f"site '{site}' sums once a step (and once a held-out batch)"
+                           " parallel.tensor >= 2 and parallel.vocab = true:"
+                           " raise parallel.tensor")
+            stage, last = shape.coords(rank)["pipeline"], shape.pipeline - 1
+            if site == vocab_parallel.EMBED_SITE and stage != 0:
+                return 0, (f"rank {rank} is on pipeline stage {stage}; the word embedding"
+                           " (and its sum) lives on stage 0")
+            if site != vocab_parallel.EMBED_SITE and stage != last:
+                return 0, (f"rank {rank} is on pipeline stage {stage}; the loss over the"
+                           f" vocabulary (and its sums) runs on the last stage, {last}")
+            return 1, (f"site '{site}' sums once a step (a micro-batch) and once a held-out"
+                       " batch")
         if site == ZERO_SITE:
             if shape.data < 2 or not cfg.parallel.zero or shape.sequence > 1:
                 return 0, ("the optimizer state is sharded (ZeRO-1) only over two replicas"
@@ -834,15 +862,19 @@ def _flags(world: MPI.Comm, *values: int) -> list[int]:
 def _transfer_records(grid: ProcessGrid, groups: Groups, first_copy: bool) -> list:
     """This rank's (replica, record) pairs of the checked transfers, each recorded once in
     the job: a head group's sums by its first rank, the stages' messages by their
-    receivers, the sums over stages and tied ends by stage 0, the data group's gradient sums
+    receivers, the sums over stages by stage 0 (of head rank 0), the tied ends' sums by
+    stage 0 of every head rank, the data group's gradient sums
     and ZeRO-1's gathers by the first copy of the model, the token slices' messages by
     every rank (its own)."""
     replica, head = grid.coord("data"), grid.coord("tensor") == 0
     found = list(groups.heads.records) if head else []
     if groups.p2p is not None and head:  # the messages between stages, received here
         found += groups.p2p.records
-        if grid.coord("pipeline") == 0:  # the sums over the stages and the tied ends
-            found += groups.pipe.records + groups.tied.records
+        if grid.coord("pipeline") == 0:  # the sums over the stages
+            found += groups.pipe.records
+    if groups.tied is not None and grid.coord("pipeline") == 0:  # the tied ends' sum of
+        # every head rank (its row block with the vocabulary split), by its first stage
+        found += groups.tied.records
     if first_copy:
         found += groups.data.records
         if groups.gather is not None:  # the gathered parameter shards (ZeRO-1)
@@ -886,8 +918,7 @@ class Checkpointer:
             return full
         for key, arrays in [("params", trainer.arrays()), *states]:
             p = rebuild(trainer.params, [to_host(a) for a in arrays])
-            rows = (p.emb.word, p.head.bias) if p.vocab_split else None
-            pieces = grid.comm("tensor").gather((p.layers, rows), root=0)
+            pieces = grid.comm("tensor").gather((p.layers, vocab_rows(p)), root=0)
             if grid.coord("tensor") != 0:
                 continue
             p = join_vocab(p, [pc[1] for pc in pieces])

@@ -101,7 +101,8 @@ def head_backward(dlogits: Any, c: HeadCache, reduce: Reduce | None = None
     """(dh, head gradients, d word embeddings from the tied decoder). ``reduce``: with
     the vocabulary split, the decoder's dL/d input is a partial sum over the group."""
     dt, dword_t, dbias = linear_backward(dlogits, c.decoder)
-    if reduce is not None:
+    if reduce is not None and dt.shape[0]:  # no masked token (a sequence slice may have
+        # none; the same on every rank of the group, like the forward's statistics)
         dt = reduce(dt, site=vocab_parallel.BACKWARD_SITE, layer=0)
     dt, dln_g, dln_b = layer_norm_backward(dt, c.ln)
     dt = gelu_backward(dt, c.gelu)

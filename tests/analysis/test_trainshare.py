@@ -3,7 +3,9 @@
 At the fine-tuning config (all-MiniLM-L6-v2: 6 layers, 12 heads, hidden 384, ffn 1536,
 30,522 words; batch 16 x 128, 15% masked) on tensor 2 the ranks of a head group repeat at
 most 5% of their FLOPs with the vocabulary split and over 15% without it; a tiny shape
-is counted by hand.
+is counted by hand. With 2 pipeline stages and with 2 sequence slices the work is
+conserved against one process (plus what those layouts repeat: the tied copy's
+optimizer, the optimizer on every slice) and the split keeps each share <= 5%.
 """
 
 from __future__ import annotations
@@ -47,6 +49,30 @@ def test_tiny_shape_by_hand():
     assert got["replicated"] == pytest.approx(replicated)
 
 
+def test_stages_and_slices_conserve_the_work():
+    one = trainshare.step_flops(**MINILM, tensor=1, vocab_split=True)
+    h, v = MINILM["hidden"], MINILM["vocab"]
+    ends = [trainshare.step_flops(**MINILM, tensor=2, vocab_split=True, pipeline=2, stage=s)
+            for s in (0, 1)]
+    # the stages' work = one process's + the optimizer on the last stage's tied copy
+    total = sum(2 * e["sharded"] + e["replicated"] for e in ends)
+    assert total == pytest.approx(one["per_rank"] + trainshare.OPTIMIZER_FLOPS * v * h)
+    whole_last = trainshare.step_flops(**MINILM, tensor=2, vocab_split=False, pipeline=2)
+    flat = trainshare.step_flops(**MINILM, tensor=2, vocab_split=False)
+    assert whole_last["replicated_share"] > flat["replicated_share"]  # the decoder's stage
+    sliced = trainshare.step_flops(**MINILM, tensor=2, vocab_split=True, sequence=2)
+    # the slices' work = one process's + every slice's optimizer on the parameters
+    # step_flops counts as optimizer work (all but the layers' sharded weights)
+    params = (6 * 6 * h + (512 + 2 + 2) * h + h * h + 3 * h) + v * h + v
+    total = 2 * (2 * sliced["sharded"] + sliced["replicated"])
+    assert total == pytest.approx(one["per_rank"] + trainshare.OPTIMIZER_FLOPS * params)
+    for got in (*ends, sliced):
+        assert got["replicated_share"] <= 0.05
+    print(f"replicated share at tensor 2 with the split: stages {ends[0]['replicated_share']:.2%}"
+          f" / {ends[1]['replicated_share']:.2%}, slices {sliced['replicated_share']:.2%};"
+          f" the last stage without the split {whole_last['replicated_share']:.2%}")
+
+
 def test_plan_prints_the_training_share(tmp_path, capsys):
     import h5py
 
@@ -56,7 +82,10 @@ def test_plan_prints_the_training_share(tmp_path, capsys):
     assert main(["plan", str(path), "--ranks", "1,2"]) == 0
     out = capsys.readouterr().out
     assert "training step at tensor 2" in out and "replicated share" in out
+    assert "tensor 2 x pipeline 2, last stage" in out and "tensor 2 x sequence 2" in out
     assert main(["plan", str(path), "--ranks", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)["training"]
     assert 0 < data["tensor2_vocab_split"]["replicated_share"] < data[
         "tensor2_whole_vocab"]["replicated_share"]
+    assert {"tensor2_pipeline2_first_stage", "tensor2_pipeline2_last_stage",
+            "tensor2_sequence2"} <= set(data)

@@ -18,6 +18,7 @@ from mpiattn.commands.train import (
     Buckets,
     bucket_count,
     check_training,
+    fault_span,
     init_params,
     shard_elements,
     split_vocab,
@@ -84,10 +85,9 @@ def test_train_takes_its_sites(corpus, site, tensor):
                           " one stage, so nothing moves between stages: raise"
                           " parallel.pipeline"),
     ("vocab", 0, 1, "site = 'vocab': the vocabulary is split over the head group only with"
-                    " parallel.tensor >= 2 and parallel.vocab = true, without pipeline stages"
-                    " or sequence slices: raise parallel.tensor"),
-    ("vocab.bwd", 1, 2, "layer = 1 but site 'vocab.bwd' sums once a step (and once a"
-                        " held-out batch) (0..0)"),
+                    " parallel.tensor >= 2 and parallel.vocab = true: raise parallel.tensor"),
+    ("vocab.bwd", 1, 2, "layer = 1 but site 'vocab.bwd' sums once a step (a micro-batch) and"
+                        " once a held-out batch (0..0)"),
     ("zero", 0, 4, "site = 'zero': the optimizer state is sharded (ZeRO-1) only over two"
                    " replicas or more with parallel.zero = true, without sequence slices:"
                    " lower parallel.tensor"),
@@ -98,6 +98,25 @@ def test_train_refuses_faults_that_cannot_fire(corpus, site, layer, tensor, text
     with pytest.raises(ConfigError) as info:
         train_check(corpus, 4, tensor, **flip(site, layer))
     assert str(info.value) == f"fault.inject[0].{text}"
+
+
+def test_vocab_fault_sites_follow_the_stages(tmp_path):
+    """With the vocabulary split over stages or slices, ``embed`` runs on the first stage
+    and ``vocab``/``vocab.bwd`` on the last: a fault aimed elsewhere is refused (4 ranks:
+    0, 1 stage 0; 2, 3 stage 1); without the split every vocabulary site is refused."""
+    piped = tiny_train(tmp_path, **{"parallel.pipeline": 2, "parallel.tensor": 2})
+    span = fault_span(piped, 4, 2)
+    assert span("embed", 1)[0] == 1 and span("vocab", 2)[0] == span("vocab.bwd", 3)[0] == 1
+    count, why = span("embed", 2)
+    assert count == 0 and "stage 1" in why and "stage 0" in why
+    count, why = span("vocab", 0)
+    assert count == 0 and "last stage, 1" in why
+    sliced = fault_span(tiny_train(tmp_path, **{"parallel.sequence": 2,
+                                                "parallel.tensor": 2}), 4, 2)
+    assert sliced("embed", 3)[0] == sliced("vocab", 0)[0] == 1
+    whole = fault_span(tiny_train(tmp_path, **{"parallel.pipeline": 2, "parallel.tensor": 2,
+                                               "parallel.vocab": False}), 4, 2)
+    assert whole("embed", 0)[0] == 0
 
 
 def test_a_bit_outside_the_element_is_refused_before_the_job():
