@@ -330,7 +330,12 @@ class CheckedP2P(_Checked):
     def send(self, x: Any, dest: int, *, site: str, layer: int, tag: int = 0) -> None:
         """Send ``x`` (host or device) to ``dest``; returns once the receiver accepted it."""
         x = self._wire(x, "p2p.send")
-        digest = np.array([checksum.digest64(x)], dtype=np.uint64)
+        wire = get_array_module(x)  # a device only with CUDA-aware MPI
+        if wire is np:
+            digest = np.array([checksum.digest64(x)], dtype=np.uint64)
+        else:  # the digest goes as a device word: the sender reads nothing back
+            digest = checksum.device_digest(x)
+            _sync(wire)
         verdict = np.empty(1, dtype=np.int64)
         watchdog.at(layer=layer, site=site)
         attempt = 0

@@ -579,8 +579,8 @@ def test_moved_data_goes_device_direct_with_cuda_aware_mpi(matrix):
                  if "transfers:" in k and DIGESTS not in k]
         assert not moved and seen["pinned_bytes"] == 0, (rank, moved)
         assert seen["mpi_device_buffers"] > 0 and seen["copies"][DIGESTS] >= 2  # a step
-    assert [seen["reads"]["mpiattn.core.checksum:digest64"]
-            for seen in matrix["pipeline-aware"]["ranks"]] == [1, 1]  # sender, receiver
+    assert [seen["reads"].get("mpiattn.core.checksum:digest64", 0)  # the sender's digest
+            for seen in matrix["pipeline-aware"]["ranks"]] == [0, 1]  # is a device word
 
 
 def test_blocking_reads_merge_per_collective(matrix):
