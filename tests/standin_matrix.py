@@ -12,8 +12,9 @@ read the host clock while device work was queued (``unsynced_clock``).
 Jobs: run (float64 and float32; ``comm.cuda_aware`` false, true and auto; per-head
 statistics and an attention map), the pipeline layout (blocked attention) and sequence
 (Ulysses, ring) layouts, a bit flip caught and retried, a text corpus through
-all-MiniLM-L6-v2's weights (when installed), ``bench``, ``train`` (forward, backward,
-AdamW, Hugging Face export) and ``auto`` seeing the stand-in's device.
+all-MiniLM-L6-v2's weights (when installed), ``bench`` (and its sequence sweep), ``train``
+(forward, backward, AdamW, Hugging Face export; through pipeline stages; ZeRO-1 over 2
+replicas) and ``auto`` seeing the stand-in's device.
 """
 
 from __future__ import annotations
@@ -279,6 +280,10 @@ def main(out: Path, small: bool = False) -> None:
                                     "input.text": str(out / "lines.txt")}, prefix=("output",),
                     base={})
             job("bench", "bench", {"dtype": "float32"}, prefix=())
+            # bench's sequence sweep (a ring): timings only, so no NumPy run to compare
+            job("seqbench", "bench", {"dtype": "float32", "parallel.sequence": 2,
+                                      "attention.sequence": "ring"}, prefix=(),
+                numpy_of="bench")
             if rank == 0:  # the first paragraphs of each corpus split
                 for split, lines in (("train.txt", 60), ("heldout.txt", 20)):
                     text = (ROOT / "data/corpus" / split).read_text(encoding="utf-8")
@@ -292,6 +297,10 @@ def main(out: Path, small: bool = False) -> None:
             # training through pipeline stages, device buffers straight to MPI: the same
             # losses as the head-parallel NumPy training within float32 rounding
             job("train-pipeline-aware", "train", {**steps, "parallel.pipeline": 2},
+                aware=True, prefix=TRAINED, numpy_of="train")
+            # 2 replicas with ZeRO-1: the updated blocks gathered device to device
+            job("train-zero-aware", "train", {**steps, "parallel.tensor": 1,
+                                              "parallel.zero": True},
                 aware=True, prefix=TRAINED, numpy_of="train")
             os.environ["MPIATTN_CUPY_STANDIN"] = "1"
             summary["auto"] = select("auto").name

@@ -462,8 +462,7 @@ class _Job:
             from ..parallel.comm import check_finite
 
             if cfg.check.finite != "off":
-                check_finite(self.head_comm, attn, i, "attention")
-                check_finite(self.head_comm, hidden, i, "mlp")
+                check_finite(self.head_comm, i, attention=attn, mlp=hidden)  # one read
             if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "layer":
                 self.reducer.check_agreement(hidden, site="hidden", layer=i)
             if self.leader and i in self.kept:  # micro-batches come in row order

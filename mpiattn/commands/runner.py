@@ -165,8 +165,7 @@ def _run(cfg: Config, world: MPI.Comm, p: Placement, reducer: Any, out: Any, sta
 
     def on_layer(i: int, rows: slice, attn: Any, hidden: Any) -> None:
         if cfg.check.finite != "off":
-            check_finite(finite_comm, attn, i, "attention")
-            check_finite(finite_comm, hidden, i, "mlp")
+            check_finite(finite_comm, i, attention=attn, mlp=hidden)  # one read, one Allreduce
         if cfg.checksum.mode == "abft" and cfg.checksum.hash_every == "layer":
             reducer.check_agreement(hidden, site="hidden", layer=i)
         if leader and i in keep:

@@ -25,13 +25,16 @@ its slice of the tokens (``seqattn.SequenceSplit``) and a fresh ``SequenceAttent
   its Alltoall seconds as a share of the layer.
 
 The layer's input is random (B, S_i, H) rows: the embeddings are not part of the bench.
+
+Every interval is a pair of the backend's ``Timer`` marks (``core/timing.py``: CUDA events
+on CuPy, ``perf_counter`` on NumPy), turned into seconds after the layer in one
+synchronise, as ``bench``'s repeats (``benchkit.timed``): no host clock around queued work.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import gc
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ from ..core.attention import KeyMask
 from ..core.backend import get_array_module
 from ..core.costs import layer_flops
 from ..core.model import PhaseTimer, layer_forward
+from ..core.timing import Timer
 from ..io.formats.bench import SequenceBenchResult, write_sequence_bench
 from ..io.formats.common import PHASES
 from . import epilogue
@@ -54,30 +58,35 @@ if TYPE_CHECKING:
 
 
 class TimedTransfer:
-    """A sequence group's transfer with a stopwatch: the seconds spent in its calls (an
-    Alltoall; a ring shift's ``start`` and ``finish``) and the bytes this rank sent."""
+    """A sequence group's transfer with a stopwatch: the intervals of its calls (an
+    Alltoall; a ring shift's ``start`` and ``finish``) as pairs of ``clock`` marks (CUDA
+    events on CuPy), and the bytes this rank sent. ``seconds`` resolves the pairs."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, clock: Timer) -> None:
         self.inner = inner
-        self.seconds = 0.0
+        self.clock = clock
+        self.spans: list[tuple[Any, Any]] = []
         self.sent = 0
 
     @property
     def records(self) -> list:
         return self.inner.records
 
+    def reset(self) -> None:
+        self.spans, self.sent = [], 0
+
     def __call__(self, blocks: Any, *, site: str, layer: int) -> Any:
-        t = time.perf_counter()
+        t = self.clock.mark()
         out = self.inner(blocks, site=site, layer=layer)
-        self.seconds += time.perf_counter() - t
+        self.spans.append((t, self.clock.mark()))
         n = blocks.shape[0]  # block j goes to rank j; this rank's own stays
         self.sent += blocks.nbytes * (n - 1) // n
         return out
 
     def start(self, payload: Any, *, site: str, layer: int, channel: int = 0) -> Any:
-        t = time.perf_counter()
+        t = self.clock.mark()
         shift = self.inner.start(payload, site=site, layer=layer, channel=channel)
-        self.seconds += time.perf_counter() - t
+        self.spans.append((t, self.clock.mark()))
         self.sent += payload.nbytes
         return shift
 
@@ -85,9 +94,9 @@ class TimedTransfer:
         self.inner.poll(shift)
 
     def finish(self, shift: Any) -> Any:
-        t = time.perf_counter()
+        t = self.clock.mark()
         out = self.inner.finish(shift)
-        self.seconds += time.perf_counter() - t
+        self.spans.append((t, self.clock.mark()))
         return out
 
 
@@ -101,7 +110,7 @@ class LocalRing:
         return []
 
     def start(self, payload: Any, *, site: str, layer: int, channel: int = 0) -> Any:
-        return np.array(payload, copy=True)
+        return payload.copy()  # on the payload's device
 
     def finish(self, shift: Any) -> Any:
         return shift
@@ -163,7 +172,7 @@ def bench_sequence(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any,
     from ..parallel.comm import gather_rows
 
     rank, grid = world.Get_rank(), p.grid
-    backend, xp, sync = p.backend, p.backend.xp, p.backend.sync
+    backend, xp = p.backend, p.backend.xp
     m, dtype = cfg.model, np.dtype(cfg.dtype)
     b = p.rows[0]  # this replica's sequences
     batch = p.batch.shape[0]
@@ -190,7 +199,7 @@ def bench_sequence(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any,
         if not backend.is_gpu and not reset_peak():
             method = "cumulative high-water (ascending lengths)"
         sequence = make_sequence(cfg, p, seq)
-        timing = TimedTransfer(sequence.transfer)
+        timing = TimedTransfer(sequence.transfer, clock)
         sequence.transfer = timing
         split = sequence.split
         options = attention_options(cfg, p)
@@ -201,23 +210,24 @@ def bench_sequence(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any,
 
         def run(x: Any = x, mask: KeyMask = mask, options: Any = options,
                 timing: TimedTransfer = timing) -> tuple[float, float, float, dict]:
+            # every interval a pair of clock marks (CuPy: CUDA events), resolved after
+            # the layer in one synchronise: no host clock around queued device work
             timer = PhaseTimer(clock, PHASES)
-            marks: list[float] = []
+            marks: list[Any] = []
 
             def phase(name: str) -> Any:
                 if name == "norm" and not marks:  # the attention block ends here
-                    sync()
-                    marks.append(time.perf_counter())
+                    marks.append(clock.mark())
                 return timer(name)
 
-            timing.seconds = 0.0
-            timing.sent = 0
+            timing.reset()
             world.Barrier()
-            t0 = time.perf_counter()
+            t0 = clock.mark()
             layer_forward(x, shard, mask, reducer, 0, m.layer_norm_eps, phase, options,
                           cfg.parallel.overlap)
-            sync()
-            return time.perf_counter() - t0, marks[0] - t0, timing.seconds, timer.seconds
+            layer_s, block_s, *moved = clock.elapsed([(t0, clock.mark()), (t0, marks[0]),
+                                                      *timing.spans])
+            return layer_s, block_s, float(sum(moved)), timer.seconds
 
         for _ in range(warmup):
             run()
@@ -235,7 +245,7 @@ def bench_sequence(cfg: Config, world: MPI.Comm, p: Any, reducer: Any, out: Any,
         if sequence.algorithm == "ring":
             mine["ring"][i] = np.median([r[3].get((0, "attention"), 0.0) for r in runs])
             mine["local"][i], mine["shifts"][i] = ring_overlap(
-                world, sync, sequence, timing.inner, shard, b, dtype, rng, mask, options)
+                world, clock, sequence, timing.inner, shard, b, dtype, rng, mask, options)
             mine["hidden"][i] = hidden_fraction(mine["ring"][i], mine["local"][i],
                                                 mine["shifts"][i])
         mine["peak"][i] = peak_rss() if not backend.is_gpu else backend.memory_high_water()
@@ -284,7 +294,7 @@ def _max() -> Any:
     return MPI.MAX
 
 
-def ring_overlap(world: MPI.Comm, sync: Any, sequence: Any, ring: Any, shard: Any, b: int,
+def ring_overlap(world: MPI.Comm, clock: Timer, sequence: Any, ring: Any, shard: Any, b: int,
                  dtype: Any, rng: Any, mask: KeyMask, options: Any
                  ) -> tuple[float, float]:
     """(b, c) of the ring's overlap on this rank: seconds of ``SequenceAttention.forward``
@@ -300,16 +310,15 @@ def ring_overlap(world: MPI.Comm, sync: Any, sequence: Any, ring: Any, shard: An
     o = xp.empty((b * split.count, heads * head_dim), dtype=dtype)
     local = SequenceAttention("ring", split, LocalRing(), sequence.block)
     world.Barrier()
-    t0 = time.perf_counter()
+    t0 = clock.mark()
     local.forward(qkv, o, b, heads, head_dim, mask, options, 0)
-    sync()
-    local_s = time.perf_counter() - t0
-    del qkv, o
-    payload = np.zeros((b, split.widest, 2, heads, head_dim), dtype=dtype)
+    local_end = clock.mark()
+    payload = xp.zeros((b, split.widest, 2, heads, head_dim), dtype=dtype)
     world.Barrier()
-    t0 = time.perf_counter()
+    t1 = clock.mark()
     for _ in range(split.parts - 1):
         ring.finish(ring.start(payload, site="ring.kv", layer=0))
-    shifts_s = time.perf_counter() - t0
+    local_s, shifts_s = clock.elapsed([(t0, local_end), (t1, clock.mark())])
+    del qkv, o
     return local_s, shifts_s
 

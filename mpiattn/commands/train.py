@@ -821,33 +821,17 @@ def _stage_links(cfg: Config, plan: Any) -> tuple[Any, Any, Any]:
     return p2p, pipe, tied
 
 
-class _HostGather:
-    """A checked Allgather (``transfers.CheckedAllgather``) of device or host arrays:
-    ``(block, site=, layer=) -> (group size, *block.shape)`` in the block's array kind."""
-
-    def __init__(self, checked: Any, xp: Any) -> None:
-        self.checked, self.xp = checked, xp
-
-    @property
-    def records(self) -> list:
-        return self.checked.records
-
-    def __call__(self, block: Any, *, site: str, layer: int) -> Any:
-        from ..core.backend import to_host
-
-        return self.xp.asarray(self.checked(to_host(block), site=site, layer=layer))
-
-
-def _zero_gather(cfg: Config, plan: Any) -> _HostGather:
-    """Collective over the data group: the checked Allgather of ZeRO-1's parameter blocks."""
+def _zero_gather(cfg: Config, plan: Any) -> Any:
+    """Collective over the data group: the checked Allgather of ZeRO-1's parameter blocks
+    (``transfers.CheckedAllgather``: ``(block, site=, layer=) -> (replicas, *block.shape)``
+    on the block's device; device buffers straight to CUDA-aware MPI, else pinned staging)."""
     from ..parallel.transfers import CheckedAllgather, FaultPlan, RetryPolicy
 
     grid = plan.grid
-    checked = CheckedAllgather(grid.comm("data"),
-                               RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
-                               FaultPlan(list(plan.faults), grid.rank),
-                               group_ranks=grid.group_ranks("data"))
-    return _HostGather(checked, plan.backend.xp)
+    return CheckedAllgather(grid.comm("data"),
+                            RetryPolicy(cfg.checksum.on_mismatch, cfg.checksum.retries),
+                            FaultPlan(list(plan.faults), grid.rank),
+                            group_ranks=grid.group_ranks("data"), cuda_aware=plan.cuda_aware)
 
 
 def _flags(world: MPI.Comm, *values: int) -> list[int]:

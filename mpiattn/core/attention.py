@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import headstats, rotary
-from .backend import get_array_module, grown
+from .backend import get_array_module, grown, to_host
 from .ops import mask_backward, mask_cached, softmax, softmax_backward, softmax_cached
 
 PLAIN_MAX_SEQ = 2048  # auto: plain up to this length (16 MiB of float32 scores per head)
@@ -71,11 +71,19 @@ class KeyMask:
 
     @classmethod
     def from_mask(cls, key_mask: Any) -> KeyMask:
+        """The mask of a (B, S) bool ``key_mask``: a prefix mask (lengths) when every row
+        is one, else an additive bias. On a device the lengths and the prefix test come
+        to the host in one copy, and the device lengths are kept (``device_lengths``)."""
         xp = get_array_module(key_mask)
         lengths = key_mask.sum(axis=1)
         prefix = xp.arange(key_mask.shape[1])[None, :] < lengths[:, None]
-        if bool((prefix == key_mask).all()):
-            return cls([int(n) for n in lengths.tolist()])
+        is_prefix = (prefix == key_mask).all().astype(lengths.dtype).reshape(1)
+        host = to_host(xp.concatenate([lengths, is_prefix]))  # (B + 1,): one read
+        if host[-1]:
+            made = cls([int(n) for n in host[:-1].tolist()])
+            # already where the layers need them: on a GPU no copy back to the device
+            made._made[("lengths", xp.__name__)] = lengths[:, None]
+            return made
         bias = xp.zeros(key_mask.shape, dtype=xp.float32)
         bias[~key_mask] = -xp.inf
         return cls(None, bias)

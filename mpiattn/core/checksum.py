@@ -264,6 +264,12 @@ def _device_digest(x: Any) -> Any:
     return h
 
 
+def device_digest(x: Any) -> Any:
+    """``digest64`` of a device array as a (1,) uint64 device array, nothing read back: a
+    buffer CUDA-aware MPI sends as it is, or one of several digests read in one copy."""
+    return _device_digest(x).reshape(1)
+
+
 def digests64(blocks: Any) -> np.ndarray:
     """(n,) uint64 host array: ``digest64`` of each ``blocks[i]``. On a device the n digests
     are computed there and read back in one copy (not n blocking reads)."""

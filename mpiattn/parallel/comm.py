@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core import checksum
-from ..core.backend import Backend, data_ptr, get_array_module, grown
+from ..core.backend import Backend, data_ptr, get_array_module, grown, to_host
 from ..core.shard import partition
 from ..errors import IntegrityError, NumericalError
 from . import watchdog
@@ -40,18 +40,30 @@ def cuda_aware_mpi() -> bool:
     return bool(query())
 
 
-def check_finite(comm: MPI.Comm, x: Any, layer: int, site: str) -> None:
-    """Collective: raise NumericalError on every rank of ``comm`` if any rank's ``x`` has
-    inf or NaN (one flag in one tiny Allreduce, so no rank is left waiting)."""
-    xp = get_array_module(x)
-    bad = np.array([0 if bool(xp.isfinite(x).all()) else 1], dtype=np.int32)
+def check_finite(comm: MPI.Comm, layer: int, **sites: Any) -> None:
+    """Collective: raise NumericalError on every rank of ``comm`` if any rank's arrays hold
+    inf or NaN. ``sites``: site name -> array, in the order they were computed (a layer's
+    ``attention=`` then ``mlp=``); the first site with a bad array anywhere is reported.
+
+    One flag per site, read from a device in one copy (not one blocking read each), all
+    flags in one tiny Allreduce, so no rank is left waiting."""
+    names = list(sites)
+    arrays = list(sites.values())
+    xp = get_array_module(arrays[0])
+    if xp is np:
+        bad = np.array([0 if bool(np.isfinite(a).all()) else 1 for a in arrays],
+                       dtype=np.int32)
+    else:  # the flags formed on the device, read at once
+        ok = xp.stack([xp.isfinite(a).all() for a in arrays])
+        bad = (1 - to_host(ok).astype(np.int32)).astype(np.int32)
     flags = np.empty_like(bad)
     comm.Allreduce(bad, flags, op=MPI.MAX)
-    if flags[0]:
-        ranks = [r for r, b in enumerate(comm.allgather(int(bad[0]))) if b]
-        raise NumericalError(f"non-finite activations at layer {layer} after the {site} block"
-                             f" on rank(s) {ranks} (inf/NaN): check the input and the weights",
-                             comm)
+    for k, name in enumerate(names):
+        if flags[k]:
+            ranks = [r for r, b in enumerate(comm.allgather(int(bad[k]))) if b]
+            raise NumericalError(f"non-finite activations at layer {layer} after the {name}"
+                                 f" block on rank(s) {ranks} (inf/NaN): check the input and"
+                                 " the weights", comm)
 
 
 def gather_rows(comm: MPI.Comm, rows: np.ndarray, root: int = 0) -> np.ndarray | None:

@@ -23,7 +23,8 @@ CUDA-aware (``cuda_aware``; the stream that wrote them is synchronised first), o
 through pinned host buffers kept per transfer (one device-to-host copy out, one
 host-to-device copy in). Digests are computed where the bytes MPI sends are: on the
 device with CUDA-aware MPI (one small read per collective), on the staged host copy
-otherwise. ``CheckedAllgather`` moves host arrays (tokens, ZeRO blocks).
+otherwise. The same holds for ``CheckedAllgather`` (ZeRO-1's parameter blocks on a
+device; a text run's tokens on the host).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..core import checksum
-from ..core.backend import get_array_module, grown
+from ..core.backend import get_array_module, grown, to_host
 from ..errors import IntegrityError
 from . import watchdog
 
@@ -231,26 +232,51 @@ class _Checked:
 
 @dataclass
 class CheckedAllgather(_Checked):
-    """``out[r] = block of rank r`` on every rank, each block's digest verified on arrival."""
+    """``out[r] = block of rank r`` on every rank, each block's digest verified on arrival.
 
-    def __call__(self, block: np.ndarray, *, site: str, layer: int) -> np.ndarray:
-        block = np.ascontiguousarray(block)
+    ``block`` on the host or a device; the result on the same. A device block goes to MPI
+    as it is with CUDA-aware MPI (the digests too: all of them, sent and recomputed, come
+    back in one copy), else through pinned host buffers (one copy out, one back)."""
+
+    def __call__(self, block: Any, *, site: str, layer: int) -> Any:
+        """``block`` (...) -> (n, ...): every rank's block, in rank order."""
         n, me = self.comm.Get_size(), self.comm.Get_rank()
-        out = np.empty((n, *block.shape), dtype=block.dtype)
-        sent_digests = np.empty(n, dtype=np.uint64)
-        digest = np.array([checksum.digest64(block)], dtype=np.uint64)
+        xp = get_array_module(block)
+        block = self._wire(block, "allgather.send")
+        out = self._landing(xp, (n, *block.shape), block.dtype, "allgather.recv")
+        wire = get_array_module(block)  # a device only with CUDA-aware MPI
+        if wire is np:
+            digest = np.array([checksum.digest64(block)], dtype=np.uint64)
+            sent_digests = np.empty(n, dtype=np.uint64)
+        else:  # the digests travel as device words, read with the arrivals' in one copy
+            digest = checksum.device_digest(block)
+            sent_digests = wire.empty(n, dtype=np.uint64)
+            _sync(wire)
         watchdog.at(layer=layer, site=site)
         attempt = 0
         while True:
+            if attempt:
+                _ready(out)
             self.comm.Allgather(self._outgoing(block, layer, site, attempt), out)
             self.comm.Allgather(digest, sent_digests)
             self.faults.apply(out, layer, site, "result", attempt)  # this rank's copy
-            got = _digests(out)
-            bad = [(int(s), me) for s in np.flatnonzero(got != sent_digests)]
-            if self._settle("Allgather", bad, layer, site, attempt,
-                            checksum.digest64(sent_digests)):
-                return out
+            got, sent = self._arrival_digests(out, sent_digests)
+            bad = [(int(s), me) for s in np.flatnonzero(got != sent)]
+            if self._settle("Allgather", bad, layer, site, attempt, checksum.digest64(sent)):
+                return self._arrived(out, xp)
             attempt += 1
+
+    @staticmethod
+    def _arrival_digests(out: Any, sent_digests: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(digest of each block that arrived, the senders' digests), (n,) uint64 host
+        arrays; on a device (CUDA-aware) all 2n words come back in one copy."""
+        xp = get_array_module(out)
+        if xp is np:
+            return _digests(out), sent_digests
+        n = out.shape[0]
+        words = to_host(xp.concatenate([*(checksum.device_digest(b) for b in out),
+                                        sent_digests]))
+        return words[:n], words[n:]
 
 
 @dataclass
@@ -304,7 +330,12 @@ class CheckedP2P(_Checked):
     def send(self, x: Any, dest: int, *, site: str, layer: int, tag: int = 0) -> None:
         """Send ``x`` (host or device) to ``dest``; returns once the receiver accepted it."""
         x = self._wire(x, "p2p.send")
-        digest = np.array([checksum.digest64(x)], dtype=np.uint64)
+        wire = get_array_module(x)  # a device only with CUDA-aware MPI
+        if wire is np:
+            digest = np.array([checksum.digest64(x)], dtype=np.uint64)
+        else:  # the digest goes as a device word: the sender reads nothing back
+            digest = checksum.device_digest(x)
+            _sync(wire)
         verdict = np.empty(1, dtype=np.int64)
         watchdog.at(layer=layer, site=site)
         attempt = 0
@@ -376,9 +407,10 @@ class RingShift:
 
     payload: np.ndarray  # what this rank sends, kept for a resend
     sent: np.ndarray  # the buffer of the Isend: ``payload`` or its corrupted copy
-    digest: np.ndarray  # (1,) uint64, this rank's digest of ``payload`` (Isend buffer)
-    received: np.ndarray  # the Irecv buffer: the previous rank's payload
-    received_digest: np.ndarray  # (1,) uint64, the previous rank's digest
+    digest: Any  # (1,) uint64, this rank's digest of ``payload`` (Isend buffer; on the
+    # device with CUDA-aware MPI and a device payload, else on the host)
+    received: Any  # the Irecv buffer: the previous rank's payload
+    received_digest: Any  # (1,) uint64, the previous rank's digest (where ``digest`` is)
     requests: list  # the four requests: Irecv x 2, Isend x 2
     layer: int
     site: str
@@ -416,8 +448,13 @@ class CheckedRing(_Checked):
                              layer, site, channel, xp=xp)
         payload = self._wire(payload, f"ring.send{channel}")
         received = self._landing(xp, payload.shape, payload.dtype, f"ring.recv{channel}")
-        digest = np.array([checksum.digest64(payload)], dtype=np.uint64)
-        received_digest = np.empty(1, dtype=np.uint64)
+        if get_array_module(payload) is np:  # a host payload, or its staged copy
+            digest = np.array([checksum.digest64(payload)], dtype=np.uint64)
+            received_digest = np.empty(1, dtype=np.uint64)
+        else:  # CUDA-aware: the digest travels as a device word, read with the arrival's
+            digest = checksum.device_digest(payload)
+            received_digest = xp.empty(1, dtype=np.uint64)
+            _sync(xp)  # the digest is written before MPI reads it
         prev, nxt = self._neighbours()
         tag = _RING_TAG + 2 * channel
         sent = self._outgoing(payload, layer, site, 0)
@@ -471,9 +508,8 @@ class CheckedRing(_Checked):
         attempt = 0
         while True:
             self.faults.apply(shift.received, layer, site, "result", attempt)
-            expected = int(shift.received_digest[0])
-            bad = ([] if checksum.digest64(shift.received) == expected
-                   else [(prev, self.comm.Get_rank())])
+            got, expected = self._arrival_digests(shift)
+            bad = [] if got == expected else [(prev, self.comm.Get_rank())]
             if self._settle("ring shift", bad, layer, site, attempt, expected):
                 return shift.received
             attempt += 1
@@ -482,6 +518,17 @@ class CheckedRing(_Checked):
                                shift.received, prev, tag)
             self.comm.Sendrecv(shift.digest, nxt, tag + 1, shift.received_digest, prev,
                                tag + 1)
+
+    @staticmethod
+    def _arrival_digests(shift: RingShift) -> tuple[int, int]:
+        """(digest of what arrived, the sender's digest). With device buffers (CUDA-aware)
+        both are on the device: one copy of the two words, not two blocking reads."""
+        xp = get_array_module(shift.received_digest)
+        if xp is np:
+            return checksum.digest64(shift.received), int(shift.received_digest[0])
+        words = to_host(xp.concatenate([checksum.device_digest(shift.received),
+                                        shift.received_digest]))
+        return int(words[0]), int(words[1])
 
     def _neighbours(self) -> tuple[int, int]:
         """(previous, next) group ranks of this rank in the ring."""

@@ -1,5 +1,6 @@
 """The command line as a user meets it: one clear line and exit code 2 on bad input."""
 
+import json
 import math
 import subprocess
 import sys
@@ -75,8 +76,16 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", str(root / "jobs/gpu/check.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "5 of 5 steps passed" in done.stdout, done.stdout[-2000:]
     with h5py.File(tmp_path / "gpu-check.h5") as f:
         assert f.attrs["status"] == "complete"
+        steps = {r["step"]: r for r in json.loads(f.attrs["steps"])}
+        assert list(steps) == ["tests", "run", "verify", "bench", "scaling"]
+        assert all(r["verdict"] == "passed" for r in steps.values())
+        for name, words in (("tests", " passed, 0 failed"), ("run", "times from cuda events"),
+                            ("bench", "GFLOP/s"), ("scaling", "4 ranks")):
+            assert words in steps[name]["figures"], steps[name]
+            assert f"{name:<8} passed" in done.stdout
         assert f["bench-gpu"].attrs["command"] == "bench"
         assert f["run-gpu"].attrs["backend"] == "cupy"  # the stand-in's device
         device = f["run-gpu/ranks/device"][0]

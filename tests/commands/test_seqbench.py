@@ -14,6 +14,7 @@ from mpiattn.commands.seqbench import (
     hidden_fraction,
     peak_rss,
 )
+from mpiattn.core.timing import Timer
 from mpiattn.errors import ConfigError
 from mpiattn.io import formats as files
 from mpiattn.io.formats.bench import SequenceBenchResult, write_sequence_bench
@@ -45,15 +46,21 @@ class Echo:
         return shift
 
 
-def test_timed_transfer_counts_sent_bytes_and_time():
-    t = TimedTransfer(Echo())
+def test_timed_transfer_counts_sent_bytes_and_intervals():
+    """Each call is an interval of the clock's marks (CUDA events on CuPy), kept until the
+    layer is done; a fake host clock ticking 1 s a read gives each 1 s."""
+    ticks = iter(range(100))
+    t = TimedTransfer(Echo(), Timer(clock=lambda: float(next(ticks))))
     blocks = np.zeros((4, 10), np.float32)  # 4 ranks: 3 of the 4 blocks leave
     t(blocks, site="alltoall.qkv", layer=0)
     assert t.sent == 3 * 40
     t.finish(t.start(np.zeros(5, np.float64), site="ring.kv", layer=0))
-    assert t.sent == 3 * 40 + 40 and t.seconds >= 0 and t.records == ["r"]
+    assert t.sent == 3 * 40 + 40 and t.records == ["r"]
+    assert t.clock.elapsed(t.spans) == [1.0, 1.0, 1.0]  # Alltoall, start, finish
     t.poll("shift")  # the ring's block loops reach the real transfer's poll through it
     assert t.inner.polled == "shift"
+    t.reset()
+    assert t.spans == [] and t.sent == 0
 
 
 def test_local_ring_returns_a_copy():

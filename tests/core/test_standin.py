@@ -2,6 +2,7 @@
 refuses, and the whole job runs on it with the NumPy backend's numbers (docs/gpu-standin.md).
 """
 
+import collections
 import itertools
 import json
 import os
@@ -195,6 +196,42 @@ def test_phase_times_are_cuda_events_read_after_one_sync(cupy):
     assert timer.intervals == {(0, "attention"): 1, (0, "sequence"): 1}
 
 
+@pytest.mark.parametrize("aware", [False, True])
+def test_allgather_moves_device_blocks_direct_or_pinned(cupy, monkeypatch, aware):
+    """ZeRO-1's gather (``CheckedAllgather``) of a device block: with CUDA-aware MPI no
+    copy of the block at all, MPI reads device buffers, and the digests (sent and
+    recomputed) come back in one copy; otherwise one pinned copy out and one back. A
+    corrupted arrival is caught and sent again either way."""
+    from mpi4py import MPI
+
+    from mpiattn.core.checksum import Fault
+    from mpiattn.parallel.transfers import CheckedAllgather, FaultPlan
+
+    monkeypatch.setenv("CUPY_STANDIN_CUDA_AWARE", "1" if aware else "0")
+    flip = Fault(rank=0, layer=1, site="zero", index=3, bit=30, where="result")
+    gather = CheckedAllgather(MPI.COMM_SELF, faults=FaultPlan([flip], 0), cuda_aware=aware)
+    block = cupy.arange(10, dtype=cupy.float32) * 0.5
+    rec = cupy.standin.record
+    for layer, attempts in ((0, 1), (1, 2)):  # layer 1: the flip, then the resend
+        rec.reset()
+        out = gather(block, site="zero", layer=layer)
+        assert type(out) is cupy.ndarray and out.shape == (1, 10)
+        assert cupy.asnumpy(out).tolist() == [[0.5 * i for i in range(10)]]
+        moved = collections.Counter(f"{t.kind} {t.caller} {'pinned' if t.pinned else ''}"
+                                    for t in rec.transfers if t.kind != "scalar"
+                                    and t.caller.startswith("mpiattn.")
+                                    and not t.caller.endswith(":_odd_constants"))  # cached
+        if aware:
+            assert moved == {"get mpiattn.parallel.transfers:_arrival_digests ": attempts}
+            assert rec.mpi_device_buffers > 0 and not rec.d2h("scalar")
+        else:
+            assert moved == {"get mpiattn.parallel.transfers:_wire pinned": 1,
+                             "asarray mpiattn.parallel.transfers:_arrived pinned": 1}
+            assert rec.mpi_device_buffers == 0
+    assert [(r.layer, r.retries, r.passed) for r in gather.records] == [(0, 0, True),
+                                                                        (1, 1, True)]
+
+
 def test_device_digests_equal_the_host_ones(cupy):
     """``digest64`` on the device (wrapping uint64 sums, one read) and ``digests64`` (one
     copy for a set of blocks) give the host's digests: a tail of odd bytes, several chunks."""
@@ -356,9 +393,9 @@ def test_rotary_layers_on_the_standin(cupy):
 NOT_REACHED = {
     "mpiattn/config.py": ("cuda_aware", '"backend"', "comm.cuda_aware"),  # declarations
     "mpiattn/commands/placement.py": ("cuda_aware: bool",),  # a field declaration
+    "mpiattn/commands/seqbench.py": ("cumulative high-water",),  # the CPU's RSS branch
     "mpiattn/io/formats/common.py": ("cuda_aware: str",),  # a field declaration
     "mpiattn/commands/info.py": ("cupy",),  # `mpiattn info`: package metadata, no device
-    "mpiattn/commands/seqbench.py": ("is_gpu", "high-water"),  # the sequence sweep of bench
     "mpiattn/core/backend.py": ("raise ConfigError", "use auto, numpy or cupy",  # errors
                                 'if name == "cupy":'),
     "mpiattn/parallel/comm.py": ("MPIX_Query_cuda_support", "restype", "bool(query())"),
@@ -368,14 +405,17 @@ ALLOWED_COPIES = {  # device -> host array copies, by the function that asks for
     "mpiattn.core.checksum:device_verdict": "a checked Allreduce's verdict: 1 copy for all",
     "mpiattn.core.checksum:digests64": "an all-to-all's block digests, one copy per set",
     "mpiattn.core.optim:squared_norms": "the gradient norm's two sums, one copy a step",
-    "mpiattn.parallel.transfers:_wire": "p2p, all-to-all, ring: pinned staging (not aware)",
+    "mpiattn.parallel.transfers:_wire": "p2p, all-to-all, ring, Allgather: pinned staging",
+    "mpiattn.parallel.transfers:_arrival_digests": "a ring shift's or an Allgather's digests"
+                                                   " (sent, recomputed): one copy (aware)",
     "mpiattn.commands.runner:on_layer": "per-layer outputs written to HDF5",
     "mpiattn.commands.runner:_run": "the pooled output",
     "mpiattn.commands.runner:gather_tokens": "token slices gathered for the output",
     "mpiattn.commands.encode:_forward": "pooled sentence embeddings of a text micro-batch",
     "mpiattn.core.headstats:host": "per-head statistics for the output file, once a run",
     "mpiattn.core.headstats:host_maps": "attention maps for the output file, once a run",
-    "mpiattn.core.attention:from_mask": "key lengths of the mask, once per forward",
+    "mpiattn.core.attention:from_mask": "the mask's lengths and prefix test, one copy a forward",
+    "mpiattn.parallel.comm:check_finite": "a layer's two non-finite flags, one copy",
     "mpiattn.commands.train:_sum": "the step's loss and token counts",
     "mpiattn.commands.train:gather": "parameters for the checkpoint and export",
 }
@@ -390,11 +430,13 @@ ALLOWED_UPLOADS = {  # host -> device copies, by the function that asks for them
     "mpiattn.core.checksum:_odd_constants": "the digest's constants, once (cached)",
     "mpiattn.commands.encode:_forward": "a text micro-batch's ids and mask",
     "mpiattn.commands.bench:_bench": "the benchmark's input, once",
+    "mpiattn.commands.seqbench:bench_sequence": "the sweep's input, once per length",
+    "mpiattn.commands.seqbench:ring_overlap": "the overlap's input, once per length",
     "mpiattn.commands.train:_device": "a training step's batch",
     "mpiattn.commands.train:_pipeline": "a pipelined step's positions and targets",
     "mpiattn.commands.train:_sum": "the step's loss and token counts, to be summed",
     "mpiattn.commands.train:train": "the initial parameters, once",
-    "mpiattn.parallel.transfers:_arrived": "all-to-all, ring: pinned staging back (not aware)",
+    "mpiattn.parallel.transfers:_arrived": "all-to-all, ring, Allgather: pinned staging back",
     "mpiattn.parallel.transfers:recv": "pipeline p2p: pinned staging back (not aware)",
 }
 # host clock reads while device work is queued (the stand-in's streams tell), and why they
@@ -468,7 +510,7 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
     layers, warm_up = 2, 1  # each layer (and the warm-up pass) has two checked Allreduces
     for job in ("run64", "run64-aware", "run32", "pipeline", "ulysses", "ring", "bench",
                 "train", "fault", "pipeline-aware", "ulysses-aware", "ring-aware",
-                "train-pipeline-aware",
+                "train-pipeline-aware", "seqbench", "train-zero-aware",
                 *(["text"] if "text" in matrix else [])):
         for rank, seen in enumerate(matrix[job]["ranks"]):
             callers = {key.split()[1] for key in seen["copies"]}
@@ -487,8 +529,16 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
             assert seen["uploads"]["set mpiattn.parallel.comm:wait pinned"] == staged
             assert seen["uploads"]["asarray mpiattn.commands.runner:_run pageable"] == 2
     for job in ("run64", *(["text"] if "text" in matrix else [])):  # not once per layer
-        for seen in matrix[job]["ranks"]:
-            assert seen["uploads"]["asarray mpiattn.core.attention:device_lengths pageable"] == 1
+        for seen in matrix[job]["ranks"]:  # the mask's lengths and prefix test: one copy a
+            forwards = seen["copies"]["get mpiattn.core.attention:from_mask pageable"]
+            assert forwards == 1 or job != "run64"  # forward; the lengths stay on the device
+            assert "asarray mpiattn.core.attention:device_lengths pageable" not in seen["uploads"]
+            assert "mpiattn.core.attention:from_mask" not in seen["reads"]
+            # a layer's two non-finite flags (attention, mlp): one copy, no blocking read
+            flags = seen["copies"]["get mpiattn.parallel.comm:check_finite pageable"]
+            depth = {"run64": layers, "text": 6}[job]  # all-MiniLM-L6-v2: 6 layers
+            assert flags == depth * forwards, (job, flags, forwards)
+            assert "mpiattn.parallel.comm:check_finite" not in seen["reads"]
     for seen in matrix["run32"]["ranks"]:  # statistics (3 arrays) and 2 maps: copied once
         assert seen["copies"]["get mpiattn.core.headstats:host pageable"] == 3
         assert seen["copies"]["get mpiattn.core.headstats:host_maps pageable"] == 2
@@ -500,6 +550,7 @@ def test_device_to_host_copies_are_staging_and_outputs_only(matrix):
 
 
 STAGE = "get mpiattn.parallel.transfers:_wire pinned"
+DIGESTS = "get mpiattn.parallel.transfers:_arrival_digests pageable"
 
 
 def test_moved_data_goes_device_direct_with_cuda_aware_mpi(matrix):
@@ -520,17 +571,26 @@ def test_moved_data_goes_device_direct_with_cuda_aware_mpi(matrix):
             assert seen["mpi_device_buffers"] == 0 and seen["pinned_bytes"] > 0
             assert "mpiattn.core.checksum:digest64" not in seen["reads"]  # hashed on the host
         for rank, seen in enumerate(matrix[f"{job}-aware"]["ranks"]):
-            moved = [k for k in (*seen["copies"], *seen["uploads"]) if "transfers:" in k]
+            moved = [k for k in (*seen["copies"], *seen["uploads"])
+                     if "transfers:" in k and DIGESTS not in k]
             assert not moved, (job, rank, moved)
             assert seen["mpi_device_buffers"] > 0 and seen["pinned_bytes"] == 0, (job, rank)
     for seen in matrix["ulysses-aware"]["ranks"]:  # sent and received digests: 2 copies
         assert seen["copies"]["get mpiattn.core.checksum:digests64 pageable"] == 2 * 2 * layers
     ring = matrix["ring-aware"]  # a received slice corrupted once: every rank resends it
     assert ring["retries"] == [0, 1, 0, 1] and ring["diff"]["rel"] <= 1e-12
-    for seen in ring["ranks"]:  # per shift the payload's digest and the arrival's, + retry
-        assert seen["reads"]["mpiattn.core.checksum:digest64"] == 2 * layers + 1
-    assert [seen["reads"]["mpiattn.core.checksum:digest64"]
-            for seen in matrix["pipeline-aware"]["ranks"]] == [1, 1]  # sender, receiver
+    for seen in ring["ranks"]:  # per shift the sender's digest and the arrival's in one
+        assert seen["copies"][DIGESTS] == layers + 1  # copy (+ the resent one), no read
+        assert "mpiattn.core.checksum:digest64" not in seen["reads"]
+    zero = matrix["train-zero-aware"]  # ZeRO-1 over 2 replicas: blocks device to device;
+    assert zero["diff"]["rel"] <= 1e-6  # the losses summed over replicas: float32 rounding
+    for rank, seen in enumerate(zero["ranks"]):
+        moved = [k for k in (*seen["copies"], *seen["uploads"])
+                 if "transfers:" in k and DIGESTS not in k]
+        assert not moved and seen["pinned_bytes"] == 0, (rank, moved)
+        assert seen["mpi_device_buffers"] > 0 and seen["copies"][DIGESTS] >= 2  # a step
+    assert [seen["reads"].get("mpiattn.core.checksum:digest64", 0)  # the sender's digest
+            for seen in matrix["pipeline-aware"]["ranks"]] == [0, 1]  # is a device word
 
 
 def test_blocking_reads_merge_per_collective(matrix):
@@ -557,7 +617,7 @@ def test_timings_never_close_around_queued_device_work(matrix):
 
 CUPY_TIMED = ("run64", "run64-aware", "run32", "pipeline", "ulysses", "ring", "fault",
               "bench", "train", "pipeline-aware", "ulysses-aware", "ring-aware",
-              "train-pipeline-aware")
+              "train-pipeline-aware", "seqbench", "train-zero-aware")
 
 
 def test_phase_times_come_from_cuda_events(matrix):
@@ -570,13 +630,16 @@ def test_phase_times_come_from_cuda_events(matrix):
             marks = seen["events"].get("mpiattn.core.timing:mark", 0)
             reads = seen["elapsed"].get("mpiattn.core.timing:elapsed", 0)
             assert marks > 0 and reads > 0, (job, rank)
-            if not job.startswith("train"):  # a step's five marks bound four phases
+            if job == "seqbench":  # each layer's start bounds the layer and its block
+                assert marks == 2 * reads - 3, (job, rank, marks, reads)  # 1 + 2 repeats
+            elif not job.startswith("train"):  # a step's five marks bound four phases
                 assert marks == 2 * reads, (job, rank, marks, reads)
                 assert seen["phases"], (job, rank)
             for phase, (intervals, with_events) in seen["phases"].items():
                 assert intervals == with_events > 0, (job, rank, phase)
             host = {who for who in seen["clock_reads"]
-                    if who.startswith(("mpiattn.core.", "mpiattn.commands.benchkit"))}
+                    if who.startswith(("mpiattn.core.", "mpiattn.commands.benchkit",
+                                       "mpiattn.commands.seqbench"))}
             assert host <= ({"mpiattn.core.timing:_host_clock"} if job == "bench" else set()), (
                 job, rank, host)
 
