@@ -435,7 +435,7 @@ ALLOWED_UPLOADS = {  # host -> device copies, by the function that asks for them
     "mpiattn.commands.train:_device": "a training step's batch",
     "mpiattn.commands.train:_pipeline": "a pipelined step's positions and targets",
     "mpiattn.commands.train:_sum": "the step's loss and token counts, to be summed",
-    "mpiattn.commands.train:train": "the initial parameters, once",
+    "mpiattn.commands.train:build": "the initial parameters, once",
     "mpiattn.parallel.transfers:_arrived": "all-to-all, ring, Allgather: pinned staging back",
     "mpiattn.parallel.transfers:recv": "pipeline p2p: pinned staging back (not aware)",
 }
