@@ -48,6 +48,7 @@ from ..inputs.textstream import (
     chunk_digest,
     input_changed,
     join_tokens,
+    lower_cases,
     model_max_length,
     pack_tokens,
     scan,
@@ -128,6 +129,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     """Every local check of a text run, no collective: ((the finished config's derived
     values, info, tokenizer, source, digests, sentence pipeline), digests)."""
     from ..io.stmodules import sentence_pipeline
+    from ..io.weights import model_folder
 
     finished = finish_config(cfg, world_size, "run", RUN_SITES)
     tensor = finished.tensor
@@ -142,8 +144,9 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
         cfg.input.chunk = auto_chunk(cfg)
     source = corpus_source(cfg)
     limit, _ = truncation(cfg)
+    folder = model_folder(cfg.model.weights) if cfg.model.weights else None
     tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab,
-                            pipe.prompt)
+                            pipe.prompt, lower_cases(folder))
     pipe.set_prompt_length(tok.prompt_length)  # include_prompt = false pools after it
     if cfg.input.pairs and 0 < cfg.input.max_tokens < 3:
         raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens} with input.pairs: a pair"

@@ -182,8 +182,10 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
     """Digests of the resolved config and of every input file a job of ``cfg`` reads: the
     weights, every file of their model folder that can change a result (config.json,
     the tokenizer files, sentence-transformers' module files such as
-    ``sentence_bert_config.json``), the text, tokens and tokenizer, and ``extra`` (the
-    training corpus, the checkpoint). Each read through ``safefile`` (regular files only).
+    ``sentence_bert_config.json``, and those of every module ``modules.json`` lists: a
+    Pooling's or Dense's ``config.json``, a Dense's ``model.safetensors``), the text,
+    tokens and tokenizer, and ``extra`` (the training corpus, the checkpoint). Each read
+    through ``safefile`` (regular files only).
     Labels in ``skip`` (e.g. "input.text": a text run split by byte ranges records the
     corpus's records digest instead, and no rank reads the whole file) are left out."""
     import os
@@ -191,6 +193,7 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
     from ..inputs.data import tokenizer_path
     from ..io.checkpoints import is_checkpoint
     from ..io.hf import TOKENIZER_FILES
+    from ..io.stmodules import module_files
     from ..io.weights import describe, resolve_weights
 
     files: dict[str, Path] = {}
@@ -201,6 +204,9 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
             for name in ("config.json", *TOKENIZER_FILES):  # all that can change a result
                 if os.path.lexists(weights.parent / name):  # a FIFO too: refused when read
                     files[f"model.weights {name}"] = weights.parent / name
+            for path in module_files(weights.parent):  # each listed module's files (Dense)
+                name = os.path.relpath(path, weights.parent)
+                files.setdefault(f"model.weights {name}", path)
     for key in ("text", "tokens"):
         if getattr(cfg.input, key):
             files[f"input.{key}"] = Path(getattr(cfg.input, key))

@@ -107,11 +107,20 @@ def check_trainable(cfg: Config) -> None:
     (ConfigError)."""
     if not cfg.model.weights:
         return
-    family = family_of(model_folder(cfg.model.weights))
+    from ..io.families import read_config
+
+    folder = model_folder(cfg.model.weights)
+    family = family_of(folder)
     if family.name not in TRAINABLE:
         raise ConfigError(f"model.weights = '{cfg.model.weights}' is a {family.name} model:"
                           f" mpiattn train fine-tunes {', '.join(TRAINABLE[:-1])} and"
                           f" {TRAINABLE[-1]} models (run encodes every supported family)")
+    config = read_config(folder) or {}
+    if config.get("tie_word_embeddings", True) is False:  # its decoder is a tensor of its
+        raise ConfigError(  # own, which the tied MLM head trained here would never read
+            f"'{folder / 'config.json'}': tie_word_embeddings = false: mpiattn train"
+            " fine-tunes a masked-language-model decoder tied to the word embeddings, not"
+            " this model's own decoder; set it to true to train with a tied decoder")
 
 
 def check_memory(cfg: Config) -> None:

