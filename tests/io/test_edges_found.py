@@ -273,3 +273,41 @@ def test_a_decoder_config_is_refused_where_transformers_masks_causally(tmp_path,
     with pytest.raises(InputError, match="is_decoder = true") as err:
         family_of(tmp_path)
     assert "causal" in str(err.value) and "\n" not in str(err.value)
+
+
+class _OneRank:
+    """COMM_WORLD of one rank for the pre-flight (its one collective is an allgather)."""
+
+    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's name)
+        return 0
+
+    def allgather(self, item: object) -> list:
+        return [item]
+
+
+@pytest.mark.parametrize("output", ["t.txt", "model/tokenizer.json", "link.txt", "new.h5"])
+def test_output_that_is_an_input_is_refused_before_any_work(tmp_path, minilm_dir, output):
+    """``-o`` naming the corpus or a model file, with ``--force``: one line before any work
+    (was: the job ran and its output replaced the corpus). A link to the corpus may be
+    replaced (only the link goes), a new name is reserved."""
+    from test_edges import _model_copy
+
+    from mpiattn import config
+    from mpiattn.commands import jobkit
+    from mpiattn.errors import UserError
+
+    _model_copy(minilm_dir, tmp_path / "model")
+    (tmp_path / "t.txt").write_text("a line\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "t.txt")
+    cfg = config.load(None, [f'model.weights="{tmp_path / "model"}"',
+                             f'input.text="{tmp_path / "t.txt"}"'])
+    path = tmp_path / output
+    check = lambda: (None, jobkit.input_digests(cfg, skip=("input.text",)))  # noqa: E731
+    if output in ("link.txt", "new.h5"):
+        _, out = jobkit.preflight(_OneRank(), check, output=(str(path), True))
+        out.discard()
+        return
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="is an input of this job") as err:
+        jobkit.preflight(_OneRank(), check, output=(str(path), True))
+    assert "\n" not in str(err.value) and path.read_bytes() == before
