@@ -278,7 +278,7 @@ def test_a_decoder_config_is_refused_where_transformers_masks_causally(tmp_path,
 class _OneRank:
     """COMM_WORLD of one rank for the pre-flight (its one collective is an allgather)."""
 
-    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's name)
+    def Get_rank(self) -> int:
         return 0
 
     def allgather(self, item: object) -> list:
