@@ -116,7 +116,7 @@ def check_trainable(cfg: Config) -> None:
                           f" mpiattn train fine-tunes {', '.join(TRAINABLE[:-1])} and"
                           f" {TRAINABLE[-1]} models (run encodes every supported family)")
     config = read_config(folder) or {}
-    if config.get("tie_word_embeddings", True) is False:  # its decoder is a tensor of its
+    if not config.get("tie_word_embeddings", True):  # its decoder is a tensor of its
         raise ConfigError(  # own, which the tied MLM head trained here would never read
             f"'{folder / 'config.json'}': tie_word_embeddings = false: mpiattn train"
             " fine-tunes a masked-language-model decoder tied to the word embeddings, not"

@@ -304,10 +304,33 @@ def test_output_that_is_an_input_is_refused_before_any_work(tmp_path, minilm_dir
     path = tmp_path / output
     check = lambda: (None, jobkit.input_digests(cfg, skip=("input.text",)))  # noqa: E731
     if output in ("link.txt", "new.h5"):
-        _, out = jobkit.preflight(_OneRank(), check, output=(str(path), True))
-        out.discard()
+        from mpiattn.io.formats.common import record_inputs
+
+        try:
+            _, out = jobkit.preflight(_OneRank(), check, output=(str(path), True))
+            out.discard()
+        finally:
+            record_inputs({})  # the pre-flight remembers them for this process's next file
+        assert (tmp_path / "t.txt").read_text() == "a line\n"
         return
     before = path.read_bytes()
     with pytest.raises(UserError, match="is an input of this job") as err:
         jobkit.preflight(_OneRank(), check, output=(str(path), True))
     assert "\n" not in str(err.value) and path.read_bytes() == before
+
+
+def test_a_modules_listing_of_other_entries_is_no_traceback(tmp_path):
+    """train's pre-flight collects the tokenizer and Dense files (``tokenizer_files``): a
+    modules.json listing something else than tables is passed over there (run's
+    pipeline reader names it in one line), not an AttributeError traceback."""
+    from mpiattn.io.export import tokenizer_files
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "modules.json").write_text(json.dumps(
+        ["x", 1, {"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]))
+    (tmp_path / "2_Dense").mkdir()
+    (tmp_path / "2_Dense" / "config.json").write_text("{}")
+    assert sorted(tokenizer_files(tmp_path / "tokenizer.json")) == [
+        "2_Dense/config.json", "modules.json", "tokenizer.json"]
+    with pytest.raises(InputError, match="must be a JSON list of modules"):
+        read_pipeline(tmp_path)
