@@ -8,7 +8,9 @@ sentence-transformers reads it.
 Pooling (``1_Pooling/config.json``: ``pooling_mode`` or the older ``pooling_mode_*``
 flags, concatenated in sentence-transformers' order), Dense layers (``config.json`` and
 ``model.safetensors`` in the module's folder; ``activation_function`` a torch.nn class,
-Tanh when absent) and Normalize, each only when listed. A folder without
+Tanh when absent; ``use_residual`` adds the input, projected by ``residual.weight`` when
+the widths differ) and Normalize, each only when listed; a Dense or Normalize on another
+feature than the sentence embedding (``module_input_name``) is refused. A folder without
 ``modules.json`` gets sentence-transformers' own default for a Hugging Face encoder:
 mean pooling, no Normalize. Prompts (``config_sentence_transformers.json`` ``prompts``
 and ``default_prompt_name``) are chosen as ``encode`` chooses them (``read_prompt``); a
