@@ -62,12 +62,35 @@ def apply_checkpoint_shape(cfg: Config) -> None:
             )
         setattr(cfg.model, key, value)
     validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
+    check_layer_count(cfg)
     family = family_of(folder)
     if family.relative_bias and (cfg.parallel.sequence > 1 or cfg.attention.impl == "blocked"):
         key = "parallel.sequence > 1" if cfg.parallel.sequence > 1 else \
             'attention.impl = "blocked"'
         raise ConfigError(f"{key} is not built for {family.name}'s relative position bias:"
                           " use head, data and pipeline parallelism with plain attention")
+
+
+def check_layer_count(cfg: Config) -> None:
+    """The weights file holds the last layer config.json's layer count names: a huge
+    ``num_hidden_layers`` (or one more than saved) is one line here, before anything is
+    sized by it (a count of 10^12 used to run out of memory, exit 1, after the
+    pre-flight). Checked by name in the safetensors header; a training checkpoint's
+    layers are its own."""
+    from ..io.checkpoints import is_checkpoint
+    from ..io.weights import SafetensorsWeights, resolve_weights
+
+    path = resolve_weights(cfg.model.weights)
+    if path.suffix != ".safetensors" and is_checkpoint(path):
+        return
+    source = SafetensorsWeights(path, cfg.model, np.dtype(cfg.dtype))
+    last = cfg.model.layers - 1
+    name = next(iter(source.family.layer_names(last, source.prefix).values()))
+    if name not in source.keys:
+        raise InputError(f"model.layers = {cfg.model.layers} (num_hidden_layers of"
+                         f" '{path.parent / 'config.json'}', if it has one), but '{path}'"
+                         f" holds no tensor '{name}' of layer {last}: the layer count and"
+                         " the weights do not belong together")
 
 
 @dataclass(frozen=True)

@@ -346,3 +346,21 @@ def test_a_modules_listing_of_other_entries_is_no_traceback(tmp_path):
         "2_Dense/config.json", "modules.json", "tokenizer.json"]
     with pytest.raises(InputError, match="must be a JSON list of modules"):
         read_pipeline(tmp_path)
+
+
+@pytest.mark.parametrize("layers", [10**12, 7])
+def test_a_layer_count_the_weights_do_not_hold_is_one_line(tmp_path, minilm_dir, layers):
+    """config.json's num_hidden_layers beyond the file's layers (10^12, or one more than
+    MiniLM's 6): one line in the pre-flight naming the missing layer (was, for 10^12: out
+    of memory after the pre-flight, exit 1)."""
+    from test_edges import _model_copy
+
+    from mpiattn import config
+    from mpiattn.commands.placement import apply_checkpoint_shape
+
+    folder = _model_copy(minilm_dir, tmp_path / "model")
+    table = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**table, "num_hidden_layers": layers}))
+    cfg = config.from_dict({"model.weights": str(folder)})
+    with pytest.raises(InputError, match=f"model.layers = {layers} .* of layer {layers - 1}"):
+        apply_checkpoint_shape(cfg)
