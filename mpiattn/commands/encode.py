@@ -236,7 +236,9 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
     # ranks whose ranges hold them: memory O(chunks) per rank, not O(chunks x N)
     send: list[dict[int, int]] = [{} for _ in range(ranks)]
     lo, hi = first, first + lines
-    for k in range(lo // chunk, -(-hi // chunk)):
+    # every chunk with a slice bound in [lo, hi): from the one that ends at lo (a range
+    # that starts on a chunk boundary holds the previous chunk's last bound) on
+    for k in range(max(lo - 1, 0) // chunk, -(-hi // chunk)):
         start = k * chunk
         for q in range(ranks):
             count_q, at_q = partition(min(chunk, total - start), ranks, q)
