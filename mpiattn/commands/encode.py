@@ -332,8 +332,9 @@ def run_text(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
             dog.kept = lambda: _kept_note(parts, info.lines, cfg.input.chunk, info.unit)
         first_chunk = world.bcast(parts.done() if rank == 0 else None, root=0)
         limit = tok.max_length
-        shape = Batch(np.zeros((cfg.input.batch, limit), dtype=np.int64),
-                      np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
+        rows = min(cfg.input.batch, cfg.input.chunk, info.lines)  # no micro-batch is larger
+        shape = Batch(np.zeros((rows, limit), dtype=np.int64),  # (a huge input.batch on a
+                      np.ones((rows, limit), dtype=bool))  # small corpus ran out of memory)
         p = place(cfg, world, finished, shape)
         job = _Job(cfg, world, p, tok, info, parts, source, pipe)
         job.scan_s = scan_s

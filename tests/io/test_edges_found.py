@@ -428,3 +428,16 @@ def test_split_scan_where_a_range_starts_on_a_chunk_boundary(tmp_path, ranks, ch
             count, start = partition(min(chunk, lines - k * chunk), ranks, r)
             first = k * chunk + start
             assert br.read_slice(src, a, b, first)[0] == text[first:first + count]
+
+
+def test_a_huge_micro_batch_on_a_small_corpus_is_sized_by_the_corpus(tmp_path, minilm_dir):
+    """``input.batch = 10^12`` on a 3-line corpus: the work arrays are sized by the
+    largest micro-batch there can be (3 lines), and the run writes its file (was: an
+    allocation of 10^12 rows, out of memory, exit 1)."""
+    import h5py
+    from test_byteranges import run_once
+
+    out = run_once(tmp_path, minilm_dir, b"one\ntwo lines\nthree small lines\n",
+                   sets=["input.batch=1000000000000"])
+    with h5py.File(out) as f:
+        assert f["output/pooled"].shape[0] == 3
