@@ -114,7 +114,7 @@ def finish_config(cfg: Config, world_size: int, command: str,
 
     apply_checkpoint_shape(cfg)
     tensor, _ = check_world(cfg, world_size)
-    check_memory(cfg)
+    check_memory(cfg, tensor)
     crash_points(cfg, 0)  # validates every fault.crash entry (any rank's)
     slowdown(cfg, 0)  # validates every fault.slow entry
     return Finished(tensor, tuple(parse_faults(cfg.fault.inject, sites, command)))
@@ -146,13 +146,17 @@ def check_trainable(cfg: Config) -> None:
             " this model's own decoder; set it to true to train with a tied decoder")
 
 
-def check_memory(cfg: Config) -> None:
-    """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory:
-    a MemoryError mid-job on some ranks is worse than one line now."""
+def check_memory(cfg: Config, tensor: int = 1) -> None:
+    """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory,
+    or whose per-rank share of the layers' weights (``tensor`` head ranks,
+    ``parallel.pipeline`` stages) or one seeded or token batch's states (input ids and a
+    (batch, seq, hidden) array) alone do: a MemoryError mid-job (after minutes of
+    building 10^12 layers, or at a batch of 10^12 sequences) on some ranks is worse than
+    one line now. Lower bounds of the need: what passes may still not fit."""
     import os
 
-    m = cfg.model
-    need = (m.vocab + m.max_positions + m.type_vocab) * m.hidden * np.dtype(cfg.dtype).itemsize
+    m, size = cfg.model, np.dtype(cfg.dtype).itemsize
+    need = (m.vocab + m.max_positions + m.type_vocab) * m.hidden * size
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -161,6 +165,21 @@ def check_memory(cfg: Config) -> None:
         raise ConfigError(f"the embedding tables need {need / 2**30:.1f} GiB on every rank;"
                           f" this node has {have / 2**30:.1f} GiB: lower model.vocab,"
                           " model.hidden or model.max_positions")
+    stages = max(cfg.parallel.pipeline, 1)
+    layers = -(-m.layers // stages) * (4 * m.hidden * m.hidden + 2 * m.hidden * m.ffn) \
+        * size // max(tensor, 1)
+    if layers > have:
+        raise ConfigError(f"the weights of {m.layers} layers need {layers / 2**30:.1f} GiB on"
+                          f" each rank of {tensor} head rank(s) x {stages} pipeline stage(s);"
+                          f" this node has {have / 2**30:.1f} GiB: lower model.layers or"
+                          " model.hidden, or use more ranks (parallel.tensor, parallel.pipeline)")
+    if not cfg.input.text:
+        batch = cfg.input.batch * cfg.input.seq_len * (8 + m.hidden * size)
+        if batch > have:
+            raise ConfigError(f"a batch of input.batch = {cfg.input.batch} sequences of"
+                              f" {cfg.input.seq_len} tokens needs {batch / 2**30:.1f} GiB for"
+                              f" its ids and one state; this node has {have / 2**30:.1f} GiB:"
+                              " lower input.batch or input.seq_len")
 
 
 @dataclass

@@ -441,3 +441,20 @@ def test_a_huge_micro_batch_on_a_small_corpus_is_sized_by_the_corpus(tmp_path, m
                    sets=["input.batch=1000000000000"])
     with h5py.File(out) as f:
         assert f["output/pooled"].shape[0] == 3
+
+
+@pytest.mark.parametrize(("key", "words"), [("model.layers", "the weights of"),
+                                            ("input.batch", "a batch of input.batch")])
+def test_huge_seeded_shapes_are_refused_in_the_preflight(key, words):
+    """10^12 seeded layers or sequences: one line from the pre-flight's memory check (was:
+    layers built until the job was killed, or out of memory after the pre-flight, exit 1).
+    The shapes of the tests' tiny runs pass."""
+    from helpers import TINY
+
+    from mpiattn import config
+    from mpiattn.commands.placement import check_memory
+
+    check_memory(config.from_dict(TINY), 2)
+    with pytest.raises(config.ConfigError, match=words) as err:
+        check_memory(config.from_dict({**TINY, key: 10**12}), 2)
+    assert "\n" not in str(err.value)
