@@ -48,6 +48,7 @@ from ..inputs.textstream import (
     chunk_digest,
     input_changed,
     join_tokens,
+    lower_cases,
     model_max_length,
     pack_tokens,
     scan,
@@ -128,6 +129,7 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
     """Every local check of a text run, no collective: ((the finished config's derived
     values, info, tokenizer, source, digests, sentence pipeline), digests)."""
     from ..io.stmodules import sentence_pipeline
+    from ..io.weights import model_folder
 
     finished = finish_config(cfg, world_size, "run", RUN_SITES)
     tensor = finished.tensor
@@ -142,8 +144,9 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> tuple[tuple, dict]:
         cfg.input.chunk = auto_chunk(cfg)
     source = corpus_source(cfg)
     limit, _ = truncation(cfg)
+    folder = model_folder(cfg.model.weights) if cfg.model.weights else None
     tok = SentenceTokenizer(tokenizer_path(cfg), limit, cfg.model.vocab, cfg.model.type_vocab,
-                            pipe.prompt)
+                            pipe.prompt, lower_cases(folder))
     pipe.set_prompt_length(tok.prompt_length)  # include_prompt = false pools after it
     if cfg.input.pairs and 0 < cfg.input.max_tokens < 3:
         raise ConfigError(f"input.max_tokens = {cfg.input.max_tokens} with input.pairs: a pair"
@@ -368,8 +371,9 @@ def run_text(cfg: Config, world: MPI.Comm, out_path: str, force: bool,
             dog.kept = lambda: _kept_note(parts, info.lines, cfg.input.chunk, info.unit)
         first_chunk = world.bcast(parts.done() if rank == 0 else None, root=0)
         limit = tok.max_length
-        shape = Batch(np.zeros((cfg.input.batch, limit), dtype=np.int64),
-                      np.ones((cfg.input.batch, limit), dtype=bool))  # the longest batch
+        rows = min(cfg.input.batch, cfg.input.chunk, info.lines)  # no micro-batch is larger
+        shape = Batch(np.zeros((rows, limit), dtype=np.int64),  # (a huge input.batch on a
+                      np.ones((rows, limit), dtype=bool))  # small corpus ran out of memory)
         p = place(cfg, world, finished, shape)
         job = _Job(cfg, world, p, tok, info, parts, source, pipe)
         job.scan_s = scan_s

@@ -113,11 +113,13 @@ def preflight(world: MPI.Comm, check: Callable[[], tuple[T, dict[str, str]]],
     = (path, force), rank 0 reserves the output file after its own checks passed; if any
     rank failed, the reservation is dropped. Returns (value, reservation on rank 0).
     """
+    _READ.clear()
     result, error = _local(check)
     value, digests = result if result is not None else (None, {})
     out = None
     if error is None and output is not None and world.Get_rank() == 0:
         try:
+            refuse_input_as_output(output[0])
             out = Reservation.make(*output)
         except UserError as err:
             error = err
@@ -138,6 +140,30 @@ def preflight(world: MPI.Comm, check: Callable[[], tuple[T, dict[str, str]]],
         if note:
             print(note, flush=True)
     return value, out  # type: ignore[return-value]
+
+
+_READ: list[Path] = []  # the input files the last ``input_digests`` call named
+
+
+def refuse_input_as_output(path: str | Path) -> None:
+    """UserError (one line) when the output name is one of the job's own input files
+    (``input_digests``'s): ``--force`` would replace the corpus, the weights or a tokenizer
+    with the job's output once it is done. A link at the output name is replaced itself,
+    never what it points to, so only the name's own file counts."""
+    import os
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # nothing there yet
+    for src in _READ:
+        try:
+            same = os.path.samestat(st, os.stat(src))
+        except OSError:
+            continue
+        if same:
+            raise UserError(f"output '{path}' is an input of this job ('{src}'): writing the"
+                            " output would replace it; choose another -o")
 
 
 def disagreement(per_rank: list[dict[str, str]]) -> UserError | None:
@@ -182,15 +208,18 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
     """Digests of the resolved config and of every input file a job of ``cfg`` reads: the
     weights, every file of their model folder that can change a result (config.json,
     the tokenizer files, sentence-transformers' module files such as
-    ``sentence_bert_config.json``), the text, tokens and tokenizer, and ``extra`` (the
-    training corpus, the checkpoint). Each read through ``safefile`` (regular files only).
-    Labels in ``skip`` are left out (e.g. "input.text" of a text run split by byte ranges,
-    whose digest is taken once per distinct file after the pre-flight: ``encode``)."""
+    ``sentence_bert_config.json``, and those of every module ``modules.json`` lists: a
+    Pooling's or Dense's ``config.json``, a Dense's ``model.safetensors``), the text,
+    tokens and tokenizer, and ``extra`` (the training corpus, the checkpoint). Each read
+    through ``safefile`` (regular files only). Labels in ``skip`` are left out (e.g.
+    "input.text" of a text run split by byte ranges, whose digest is taken once per
+    distinct file after the pre-flight: ``encode``)."""
     import os
 
     from ..inputs.data import tokenizer_path
     from ..io.formats.checkpoint import is_checkpoint
     from ..io.hf import TOKENIZER_FILES
+    from ..io.stmodules import module_files
     from ..io.weights import describe, resolve_weights
 
     files: dict[str, Path] = {}
@@ -201,12 +230,16 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
             for name in ("config.json", *TOKENIZER_FILES):  # all that can change a result
                 if os.path.lexists(weights.parent / name):  # a FIFO too: refused when read
                     files[f"model.weights {name}"] = weights.parent / name
+            for path in module_files(weights.parent):  # each listed module's files (Dense)
+                name = os.path.relpath(path, weights.parent)
+                files.setdefault(f"model.weights {name}", path)
     for key in ("text", "tokens"):
         if getattr(cfg.input, key):
             files[f"input.{key}"] = Path(getattr(cfg.input, key))
     if cfg.input.text or cfg.input.tokenizer:
         files["input.tokenizer"] = tokenizer_path(cfg)
     files.update(extra or {})
+    _READ[:] = list(files.values())  # skipped ones too: never to be replaced by the output
     for label in skip:
         files.pop(label, None)
     import sys

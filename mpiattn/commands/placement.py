@@ -62,12 +62,35 @@ def apply_checkpoint_shape(cfg: Config) -> None:
             )
         setattr(cfg.model, key, value)
     validate(cfg)  # e.g. input.seq_len against the checkpoint's max_positions
+    check_layer_count(cfg)
     family = family_of(folder)
     if family.relative_bias and (cfg.parallel.sequence > 1 or cfg.attention.impl == "blocked"):
         key = "parallel.sequence > 1" if cfg.parallel.sequence > 1 else \
             'attention.impl = "blocked"'
         raise ConfigError(f"{key} is not built for {family.name}'s relative position bias:"
                           " use head, data and pipeline parallelism with plain attention")
+
+
+def check_layer_count(cfg: Config) -> None:
+    """The weights file holds the last layer config.json's layer count names: a huge
+    ``num_hidden_layers`` (or one more than saved) is one line here, before anything is
+    sized by it (a count of 10^12 used to run out of memory, exit 1, after the
+    pre-flight). Checked by name in the safetensors header; a training checkpoint's
+    layers are its own."""
+    from ..io.checkpoints import is_checkpoint
+    from ..io.weights import SafetensorsWeights, resolve_weights
+
+    path = resolve_weights(cfg.model.weights)
+    if path.suffix != ".safetensors" and is_checkpoint(path):
+        return
+    source = SafetensorsWeights(path, cfg.model, np.dtype(cfg.dtype))
+    last = cfg.model.layers - 1
+    name = next(iter(source.family.layer_names(last, source.prefix).values()))
+    if name not in source.keys:
+        raise InputError(f"model.layers = {cfg.model.layers} (num_hidden_layers of"
+                         f" '{path.parent / 'config.json'}', if it has one), but '{path}'"
+                         f" holds no tensor '{name}' of layer {last}: the layer count and"
+                         " the weights do not belong together")
 
 
 @dataclass(frozen=True)
@@ -91,7 +114,7 @@ def finish_config(cfg: Config, world_size: int, command: str,
 
     apply_checkpoint_shape(cfg)
     tensor, _ = check_world(cfg, world_size)
-    check_memory(cfg)
+    check_memory(cfg, tensor)
     crash_points(cfg, 0)  # validates every fault.crash entry (any rank's)
     slowdown(cfg, 0)  # validates every fault.slow entry
     return Finished(tensor, tuple(parse_faults(cfg.fault.inject, sites, command)))
@@ -107,20 +130,33 @@ def check_trainable(cfg: Config) -> None:
     (ConfigError)."""
     if not cfg.model.weights:
         return
-    family = family_of(model_folder(cfg.model.weights))
+    from ..io.families import read_config
+
+    folder = model_folder(cfg.model.weights)
+    family = family_of(folder)
     if family.name not in TRAINABLE:
         raise ConfigError(f"model.weights = '{cfg.model.weights}' is a {family.name} model:"
                           f" mpiattn train fine-tunes {', '.join(TRAINABLE[:-1])} and"
                           f" {TRAINABLE[-1]} models (run encodes every supported family)")
+    config = read_config(folder) or {}
+    if not config.get("tie_word_embeddings", True):  # its decoder is a tensor of its
+        raise ConfigError(  # own, which the tied MLM head trained here would never read
+            f"'{folder / 'config.json'}': tie_word_embeddings = false: mpiattn train"
+            " fine-tunes a masked-language-model decoder tied to the word embeddings, not"
+            " this model's own decoder; set it to true to train with a tied decoder")
 
 
-def check_memory(cfg: Config) -> None:
-    """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory:
-    a MemoryError mid-job on some ranks is worse than one line now."""
+def check_memory(cfg: Config, tensor: int = 1) -> None:
+    """Refuse a model whose replicated tables (embeddings) alone exceed this node's memory,
+    or whose per-rank share of the layers' weights (``tensor`` head ranks,
+    ``parallel.pipeline`` stages) or one seeded or token batch's states (input ids and a
+    (batch, seq, hidden) array) alone do: a MemoryError mid-job (after minutes of
+    building 10^12 layers, or at a batch of 10^12 sequences) on some ranks is worse than
+    one line now. Lower bounds of the need: what passes may still not fit."""
     import os
 
-    m = cfg.model
-    need = (m.vocab + m.max_positions + m.type_vocab) * m.hidden * np.dtype(cfg.dtype).itemsize
+    m, size = cfg.model, np.dtype(cfg.dtype).itemsize
+    need = (m.vocab + m.max_positions + m.type_vocab) * m.hidden * size
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -129,6 +165,21 @@ def check_memory(cfg: Config) -> None:
         raise ConfigError(f"the embedding tables need {need / 2**30:.1f} GiB on every rank;"
                           f" this node has {have / 2**30:.1f} GiB: lower model.vocab,"
                           " model.hidden or model.max_positions")
+    stages = max(cfg.parallel.pipeline, 1)
+    layers = -(-m.layers // stages) * (4 * m.hidden * m.hidden + 2 * m.hidden * m.ffn) \
+        * size // max(tensor, 1)
+    if layers > have:
+        raise ConfigError(f"the weights of {m.layers} layers need {layers / 2**30:.1f} GiB on"
+                          f" each rank of {tensor} head rank(s) x {stages} pipeline stage(s);"
+                          f" this node has {have / 2**30:.1f} GiB: lower model.layers or"
+                          " model.hidden, or use more ranks (parallel.tensor, parallel.pipeline)")
+    if not cfg.input.text:
+        batch = cfg.input.batch * cfg.input.seq_len * (8 + m.hidden * size)
+        if batch > have:
+            raise ConfigError(f"a batch of input.batch = {cfg.input.batch} sequences of"
+                              f" {cfg.input.seq_len} tokens needs {batch / 2**30:.1f} GiB for"
+                              f" its ids and one state; this node has {have / 2**30:.1f} GiB:"
+                              " lower input.batch or input.seq_len")
 
 
 @dataclass

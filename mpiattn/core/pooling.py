@@ -36,12 +36,13 @@ class Pool:
         xp = get_array_module(hidden)
         batch, seq = hidden.shape[:2]
         mask = xp.asarray(key_mask).astype(bool)
+        start = mask.argmax(axis=1)  # the first real token: 0 on right-padded rows
         if not self.include_prompt and self.prompt_length:  # sentence-transformers'
             mask = mask.copy()  # _exclude_prompt_from_mask (right padding: the first ones)
             mask[:, :self.prompt_length] = False
         weights = mask.astype(hidden.dtype)[:, :, None]
         rows = xp.arange(batch)
-        first = mask.argmax(axis=1)  # 0 on right-padded rows
+        first = mask.argmax(axis=1)  # the first token pooled (after an excluded prompt)
         out = []
         for mode in self.modes:
             if mode == "cls":
@@ -52,8 +53,10 @@ class Pool:
                 total = (hidden * weights).sum(axis=1)
                 count = xp.maximum(weights.sum(axis=1), 1e-9)
                 out.append(total / (count if mode == "mean" else xp.sqrt(count)))
-            elif mode == "weightedmean":  # weights 1, 2, ... from the first real token
-                steps = xp.arange(1, seq + 1, dtype=hidden.dtype)[None, :] - first[:, None]
+            elif mode == "weightedmean":  # weights 1, 2, ... from the first real token,
+                # counted from it even when an excluded prompt's tokens get weight 0
+                # (sentence-transformers offsets by the mask before the prompt is cut)
+                steps = xp.arange(1, seq + 1, dtype=hidden.dtype)[None, :] - start[:, None]
                 w = (mask * steps)[:, :, None].astype(hidden.dtype)
                 out.append((hidden * w).sum(axis=1) / xp.maximum(w.sum(axis=1), 1e-9))
             elif mode == "lasttoken":
@@ -72,17 +75,29 @@ class Pool:
 
 @dataclass
 class Dense:
-    """``activation(x @ w + b)``: w (in, out), b (out,) or None."""
+    """``activation(x @ w + b)``: w (in, out), b (out,) or None; with ``residual``
+    (sentence-transformers' ``use_residual``) plus ``x`` (in == out) or ``x @ residual_w``
+    (residual_w (in, out), no bias)."""
 
     w: Any
     b: Any
     activation: str = "tanh"
+    residual: bool = False
+    residual_w: Any = None
 
     def __call__(self, x: Any, key_mask: Any = None) -> Any:
         xp = get_array_module(x)
         y = xp.matmul(x, xp.asarray(self.w, dtype=x.dtype))
         if self.b is not None:
             y = y + xp.asarray(self.b, dtype=x.dtype)
+        y = self._activate(xp, y)
+        if not self.residual:
+            return y
+        if self.residual_w is None:
+            return y + x
+        return y + xp.matmul(x, xp.asarray(self.residual_w, dtype=x.dtype))
+
+    def _activate(self, xp: Any, y: Any) -> Any:
         if self.activation == "tanh":
             return xp.tanh(y)
         if self.activation == "relu":
@@ -96,7 +111,8 @@ class Dense:
         return y
 
     def describe(self) -> str:
-        return f"Dense({self.w.shape[0]}->{self.w.shape[1]}, {self.activation})"
+        plus = ", residual" if self.residual else ""
+        return f"Dense({self.w.shape[0]}->{self.w.shape[1]}, {self.activation}{plus})"
 
 
 @dataclass

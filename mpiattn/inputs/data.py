@@ -203,7 +203,7 @@ def hdf5_batch(path: Path, vocab: int, max_positions: int, type_vocab: int = 2) 
     from ..io import h5safe
 
     name = f"input.tokens = '{path}'"
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{name}: the file does not exist (relative paths are taken from the"
                          f" current folder, {Path.cwd()})")
     try:

@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -201,6 +202,52 @@ def _read_key(path: Path, key: str) -> object:
     return table.get(key) if isinstance(table, dict) else None
 
 
+WORDPIECE_CLASSES = ("BertTokenizer", "DistilBertTokenizer", "MPNetTokenizer",
+                     "ElectraTokenizer")  # tokenizer classes that build their normalizer
+
+
+def as_transformers(tok: Any, path: Path) -> None:
+    """Give ``tok`` (loaded from ``path``, a tokenizer.json) the normalizer transformers
+    gives it: a WordPiece tokenizer class (``tokenizer_config.json`` ``tokenizer_class``,
+    BERT's when absent) builds its ``BertNormalizer`` from that file's ``do_lower_case``
+    (default true), ``strip_accents`` (default none: as lowercase) and
+    ``tokenize_chinese_chars`` (default true), whatever tokenizer.json's normalizer says.
+    A folder whose two files disagree (a cased tokenizer.json, ``do_lower_case`` true)
+    is tokenized as transformers and sentence-transformers tokenize it. Other tokenizers
+    (BPE, ``PreTrainedTokenizerFast``) are left as tokenizer.json describes them."""
+    from tokenizers import normalizers
+
+    if not isinstance(tok.normalizer, normalizers.BertNormalizer):
+        return
+    config = path.parent / "tokenizer_config.json"
+    if not os.path.lexists(config):
+        return
+    from ..io.safefile import read_json
+
+    table = read_json(config, "tokenizer file")
+    if not isinstance(table, dict):
+        return
+    kind = str(table.get("tokenizer_class") or "BertTokenizer").removesuffix("Fast")
+    if kind not in WORDPIECE_CLASSES:
+        return
+    strip = table.get("strip_accents")
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=bool(table.get("tokenize_chinese_chars", True)),
+        strip_accents=None if strip is None else bool(strip),
+        lowercase=bool(table.get("do_lower_case", True)))
+
+
+def lower_cases(weights_dir: Path | None) -> bool:
+    """Whether sentence-transformers lowercases every text before tokenizing for this
+    model folder: ``sentence_bert_config.json`` ``do_lower_case`` true in a folder that
+    lists its modules (``modules.json``; a plain folder gets the Transformer's default,
+    false). The tokenizer's normalizer then gets a ``Lowercase`` in front, unless it has
+    one (``SentenceTokenizer(lower_case=True)``)."""
+    if weights_dir is None or not (weights_dir / "modules.json").is_file():
+        return False
+    return bool(_read_key(weights_dir / "sentence_bert_config.json", "do_lower_case"))
+
+
 def model_max_length(weights_dir: Path | None, max_positions: int) -> tuple[int, str]:
     """The model's own truncation limit in tokens and where it comes from, as
     sentence-transformers decides it: ``sentence_bert_config.json`` ``max_seq_length``
@@ -289,13 +336,21 @@ class SentenceTokenizer:
     """
 
     def __init__(self, path: Path, max_length: int, vocab: int, type_vocab: int,
-                 prompt: str = "") -> None:
-        from tokenizers import Tokenizer
+                 prompt: str = "", lower_case: bool = False) -> None:
+        from tokenizers import Tokenizer, normalizers
 
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises a bare Exception on a bad file
             raise InputError(f"tokenizer '{path}' cannot be loaded: {err}") from None
+        as_transformers(self._tok, path)
+        norm = self._tok.normalizer
+        if lower_case and not (isinstance(norm, normalizers.Lowercase) or (
+                isinstance(norm, normalizers.Sequence)
+                and any(isinstance(n, normalizers.Lowercase) for n in norm))):
+            # sentence-transformers' Transformer(do_lower_case=True): Lowercase put first
+            self._tok.normalizer = normalizers.Sequence(
+                [normalizers.Lowercase(), *([norm] if norm is not None else [])])
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_length, strategy="longest_first")
         self.path, self.max_length = path, max_length

@@ -304,17 +304,25 @@ def _replace(tmp: Path, dest: Path, force: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _inventory(folder: Path) -> dict[str, dict[str, Any]]:
-    """Every file below ``folder`` but the manifest: relative name -> {size, sha256}.
-    Raises ``InputError`` on a link or special file (mpiattn writes neither)."""
+def _unlisted(err: OSError) -> None:
+    raise InputError(f"'{err.filename}' cannot be listed ({err.strerror})")
+
+
+def _inventory(folder: Path, folders: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every file below ``folder`` but the manifest: relative name -> {size, sha256};
+    with ``folders``, every sub-folder's relative name is added to it. Raises
+    ``InputError`` on a link or special file (mpiattn writes neither) or a folder that
+    cannot be listed (its files would go unseen)."""
     from .safefile import digest
 
     found: dict[str, dict[str, Any]] = {}
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=_unlisted):
         for name in dirs + files:
             path = Path(root) / name
             if path.is_symlink():
                 raise InputError(f"'{path.relative_to(folder)}' is a link")
+        if folders is not None:
+            folders.update((Path(root) / name).relative_to(folder).as_posix() for name in dirs)
         for name in files:
             path = Path(root) / name
             rel = path.relative_to(folder).as_posix()
@@ -329,9 +337,10 @@ def not_as_written(folder: Path) -> str | None:
     missing, or changed in size or content since), or None when it is."""
     from .safefile import read_json
 
+    folders: set[str] = set()
     try:
         manifest = read_json(folder / MANIFEST, "export manifest", 16 << 20)
-        have = _inventory(folder)
+        have = _inventory(folder, folders)
     except UserError as err:
         return str(err) if (folder / MANIFEST).exists() or os.path.lexists(
             folder / MANIFEST) else f"it has no {MANIFEST}"
@@ -345,6 +354,9 @@ def not_as_written(folder: Path) -> str | None:
             return f"'{name}' is missing"
         if have[name] != want[name]:
             return f"'{name}' was changed"
+    for name in sorted(folders):  # an empty folder added holds no file, but is someone's
+        if not any(f.startswith(name + "/") for f in want):
+            return f"'{name}/' was added"
     return None
 
 

@@ -218,6 +218,8 @@ def _modernbert_layer_names(index: int, prefix: str) -> dict[str, str]:
 _ARCHITECTURES = {"NomicBert": "nomic_bert", "ModernBert": "modernbert", "MPNet": "mpnet",
                   "Bert": "bert", "Roberta": "roberta", "XLMRoberta": "xlm-roberta",
                   "Camembert": "camembert", "Electra": "electra", "DistilBert": "distilbert"}
+_DECODER_AWARE = ("BERT", "RoBERTa", "XLM-RoBERTa", "CamemBERT", "ELECTRA")  # causal
+# attention in transformers when config.json says is_decoder (the others ignore the key)
 ROBERTA_NAMES = ("RoBERTa", "XLM-RoBERTa", "CamemBERT")  # RobertaForMaskedLM's names
 
 
@@ -284,6 +286,10 @@ def family_of(folder: Path, config: dict | None = None) -> Family:
                          f" with {built} only")
     if family.rotary:
         family.rotary(config, path)  # every refusal before any work
+    if config.get("is_decoder") and family.name in _DECODER_AWARE:
+        raise InputError(f"'{path}': is_decoder = true: transformers runs this {family.name}"
+                         " model with causal (left-to-right) attention; mpiattn builds"
+                         " bidirectional encoders only")
     kind_pos = config.get("position_embedding_type", "absolute")
     if kind_pos != "absolute":
         raise InputError(f"'{path}': position_embedding_type = {kind_pos!r}; mpiattn builds"

@@ -35,7 +35,9 @@ def module_files(modules_json: bytes | None) -> list[str]:
         return []
     out = []
     for entry in entries if isinstance(entries, list) else []:
-        path = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):  # not a module: read_pipeline says so where it runs
+            continue
+        path = entry.get("path")
         if str(entry.get("type", "")).endswith(".Dense") and isinstance(path, str) \
                 and path and "/" not in path and not path.startswith("."):
             out += [f"{path}/config.json", f"{path}/model.safetensors"]

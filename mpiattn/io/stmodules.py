@@ -8,7 +8,9 @@ sentence-transformers reads it.
 Pooling (``1_Pooling/config.json``: ``pooling_mode`` or the older ``pooling_mode_*``
 flags, concatenated in sentence-transformers' order), Dense layers (``config.json`` and
 ``model.safetensors`` in the module's folder; ``activation_function`` a torch.nn class,
-Tanh when absent) and Normalize, each only when listed. A folder without
+Tanh when absent; ``use_residual`` adds the input, projected by ``residual.weight`` when
+the widths differ) and Normalize, each only when listed; a Dense or Normalize on another
+feature than the sentence embedding (``module_input_name``) is refused. A folder without
 ``modules.json`` gets sentence-transformers' own default for a Hugging Face encoder:
 mean pooling, no Normalize. Prompts (``config_sentence_transformers.json`` ``prompts``
 and ``default_prompt_name``) are chosen as ``encode`` chooses them (``read_prompt``); a
@@ -18,7 +20,7 @@ Pooling's ``include_prompt = false`` leaves the prompt's tokens out. Anything el
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +40,51 @@ DEFAULT_SOURCE = ("no modules.json: sentence-transformers' default for a Hugging
 
 
 def _json(path: Path) -> Any:
+    """The JSON document in a module file, read as ``safefile.read_json`` reads (regular
+    files only, size-bounded): InputError (one line) otherwise."""
+    from .safefile import read_json
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path, "sentence-transformers module file")
     except OSError as err:
         raise InputError(f"'{path}' cannot be read: {err.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"'{path}' is not valid JSON: {err}") from None
+
+
+SENTENCE = "sentence_embedding"  # the feature a module must read and write to be built
+
+
+def _on_sentence(config: dict, path: Path, kind: str) -> None:
+    """A Dense or Normalize module that reads or writes another feature than the pooled
+    sentence embedding (``module_input_name``/``module_output_name``: token embeddings
+    of a multi-vector model, or a side output) would leave /output/pooled as it is in
+    sentence-transformers: refused in one line rather than applied to it."""
+    for key in ("module_input_name", "module_output_name"):
+        value = config.get(key)
+        if value is not None and value != SENTENCE:
+            raise InputError(f"'{path}': {kind} {key} = {value!r}; mpiattn builds {kind}"
+                             f" modules on '{SENTENCE}' only")
+
+
+def module_files(folder: Path) -> list[Path]:
+    """Every file of the modules ``folder``'s ``modules.json`` lists that the pipeline
+    reads: each module's ``config.json`` and a Dense module's ``model.safetensors``
+    (those that exist: ``read_pipeline`` says what is missing). [] without a readable
+    listing. The pre-flight digests them: a Dense layer that differs on one rank, or was
+    edited between a kill and ``--resume``, changes every row it pools."""
+    listing = folder / "modules.json"
+    try:
+        entries = _json(listing) if listing.is_file() else []
+    except InputError:
+        return []  # read_pipeline names what is wrong with it
+    out = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or str(entry.get("type", "")).endswith(".Transformer"):
+            continue
+        path = folder / str(entry.get("path", ""))
+        for name in ("config.json", "model.safetensors"):
+            if os.path.lexists(path / name) and path / name not in out:
+                out.append(path / name)
+    return out
 
 
 def read_pipeline(folder: Path, prompt_name: str = "") -> Pipeline:
@@ -80,6 +121,9 @@ def _modules(folder: Path) -> Pipeline:
         elif kind == "Dense":
             steps.append(_dense(path))
         else:
+            config = _json(path / "config.json") if (path / "config.json").is_file() else {}
+            _on_sentence(config if isinstance(config, dict) else {}, path / "config.json",
+                         "Normalize")
             steps.append(Normalize())
     return Pipeline(steps, "modules.json")
 
@@ -125,14 +169,17 @@ def _pooling(path: Path) -> Pool:
     modes = config.get("pooling_mode")
     if modes is None:
         modes = [mode for key, mode in _LEGACY.items() if config.get(key)] or ["mean"]
-    modes = [modes] if isinstance(modes, str) else list(modes)
+    if not isinstance(modes, str | list):
+        raise InputError(f"'{path}': pooling_mode = {modes!r}; a mode name or a list of them"
+                         f" ({', '.join(POOLING_MODES)})")
+    modes = [modes] if isinstance(modes, str) else modes
     wrong = [m for m in modes if m not in POOLING_MODES]
     if wrong or not modes:
         raise InputError(f"'{path}': pooling mode {wrong[0] if wrong else modes!r} is not"
                          f" built; mpiattn pools {', '.join(POOLING_MODES)}")
     dim = config.get("word_embedding_dimension", config.get("embedding_dimension"))
     return Pool(tuple(modes), dim if isinstance(dim, int) else None,
-                config.get("include_prompt", True) is not False)
+                bool(config.get("include_prompt", True)))  # as `if not include_prompt`
 
 
 def _dense(path: Path) -> Dense:
@@ -147,6 +194,7 @@ def _dense(path: Path) -> Dense:
     if not name.startswith("torch.") or activation not in ACTIVATIONS:
         raise InputError(f"'{path / 'config.json'}': activation_function {name!r} is not"
                          f" built; mpiattn runs torch.nn {', '.join(ACTIVATIONS)}")
+    _on_sentence(config, path / "config.json", "Dense")
     weights = path / "model.safetensors"
     if not weights.is_file():
         bin_ = path / "pytorch_model.bin"
@@ -166,7 +214,15 @@ def _dense(path: Path) -> Dense:
         if "linear.bias" not in f:
             raise InputError(f"'{weights}': tensor 'linear.bias' is missing")
         bias = f.read("linear.bias")
-    return Dense(np.ascontiguousarray(f.read("linear.weight").T), bias, activation)
+    residual, residual_w = bool(config.get("use_residual", False)), None
+    if residual and fan_in != fan_out:  # projected through a Linear without bias
+        if "residual.weight" not in f or f.shape("residual.weight") != (fan_out, fan_in):
+            raise InputError(f"'{weights}': use_residual with in_features {fan_in} !="
+                             f" out_features {fan_out} needs tensor 'residual.weight' of"
+                             f" shape ({fan_out}, {fan_in})")
+        residual_w = np.ascontiguousarray(f.read("residual.weight").T)
+    return Dense(np.ascontiguousarray(f.read("linear.weight").T), bias, activation,
+                 residual, residual_w)
 
 
 def sentence_pipeline(weights: str, hidden: int, prompt_name: str = "") -> Pipeline:
