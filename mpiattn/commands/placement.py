@@ -77,7 +77,7 @@ def check_layer_count(cfg: Config) -> None:
     sized by it (a count of 10^12 used to run out of memory, exit 1, after the
     pre-flight). Checked by name in the safetensors header; a training checkpoint's
     layers are its own."""
-    from ..io.checkpoints import is_checkpoint
+    from ..io.formats.checkpoint import is_checkpoint
     from ..io.weights import SafetensorsWeights, resolve_weights
 
     path = resolve_weights(cfg.model.weights)
