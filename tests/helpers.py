@@ -198,3 +198,37 @@ class ThreadRing:
                 return group.boxes[shift].get(timeout=240)
 
         return Member()
+
+
+class ThreadWorld:
+    """``size`` threads stand in for the ranks of COMM_WORLD in the pre-flight's
+    agreements: ``member(r)`` has ``Get_rank``, ``Get_size``, ``allgather`` and
+    ``alltoall`` (the split scan's exchange)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.barrier, self.slots = size, threading.Barrier(size), [None] * size
+
+    def member(self, rank: int) -> Any:
+        world = self
+
+        class Rank:
+            def Get_rank(self) -> int:
+                return rank
+
+            def Get_size(self) -> int:
+                return world.size
+
+            def _swap(self, item: Any, pick: Any) -> Any:
+                world.slots[rank] = item
+                world.barrier.wait()
+                out = pick(list(world.slots))
+                world.barrier.wait()
+                return out
+
+            def allgather(self, item: Any) -> list:
+                return self._swap(item, lambda slots: slots)
+
+            def alltoall(self, items: list) -> list:
+                return self._swap(items, lambda slots: [s[rank] for s in slots])
+
+        return Rank()

@@ -219,7 +219,7 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
     from ..inputs.data import tokenizer_path
     from ..io.formats.checkpoint import is_checkpoint
     from ..io.hf import TOKENIZER_FILES
-    from ..io.stmodules import module_files
+    from ..io.stmodules import pipeline_files
     from ..io.weights import describe, resolve_weights
 
     files: dict[str, Path] = {}
@@ -230,7 +230,7 @@ def input_digests(cfg: Any, extra: dict[str, Path] | None = None,
             for name in ("config.json", *TOKENIZER_FILES):  # all that can change a result
                 if os.path.lexists(weights.parent / name):  # a FIFO too: refused when read
                     files[f"model.weights {name}"] = weights.parent / name
-            for path in module_files(weights.parent):  # each listed module's files (Dense)
+            for path in pipeline_files(weights.parent):  # each listed module's files (Dense)
                 name = os.path.relpath(path, weights.parent)
                 files.setdefault(f"model.weights {name}", path)
     for key in ("text", "tokens"):

@@ -36,13 +36,13 @@ class Pool:
         xp = get_array_module(hidden)
         batch, seq = hidden.shape[:2]
         mask = xp.asarray(key_mask).astype(bool)
-        start = mask.argmax(axis=1)  # the first real token: 0 on right-padded rows
+        start = first = mask.argmax(axis=1)  # the first real token: 0 on right padding
         if not self.include_prompt and self.prompt_length:  # sentence-transformers'
             mask = mask.copy()  # _exclude_prompt_from_mask (right padding: the first ones)
             mask[:, :self.prompt_length] = False
+            first = mask.argmax(axis=1)  # the first token pooled (after the prompt)
         weights = mask.astype(hidden.dtype)[:, :, None]
         rows = xp.arange(batch)
-        first = mask.argmax(axis=1)  # the first token pooled (after an excluded prompt)
         out = []
         for mode in self.modes:
             if mode == "cls":

@@ -65,12 +65,13 @@ def _on_sentence(config: dict, path: Path, kind: str) -> None:
                              f" modules on '{SENTENCE}' only")
 
 
-def module_files(folder: Path) -> list[Path]:
+def pipeline_files(folder: Path) -> list[Path]:
     """Every file of the modules ``folder``'s ``modules.json`` lists that the pipeline
     reads: each module's ``config.json`` and a Dense module's ``model.safetensors``
     (those that exist: ``read_pipeline`` says what is missing). [] without a readable
     listing. The pre-flight digests them: a Dense layer that differs on one rank, or was
-    edited between a kill and ``--resume``, changes every row it pools."""
+    edited between a kill and ``--resume``, changes every row it pools. (What travels
+    into checkpoints and exports is ``hf.module_files``: the Dense files only.)"""
     listing = folder / "modules.json"
     try:
         entries = _json(listing) if listing.is_file() else []

@@ -28,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import ThreadWorld
 
 import mpiattn
 from mpiattn import config
@@ -317,34 +318,6 @@ BAD = {
 }
 
 
-class ThreadWorld:
-    """``size`` threads stand in for the ranks of COMM_WORLD in the pre-flight's one
-    agreement (``allgather``)."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.items = size, [None] * size
-        self.barrier = threading.Barrier(size)
-
-    def rank(self, r: int) -> object:
-        world = self
-
-        class Rank:
-            def Get_rank(self) -> int:
-                return r
-
-            def Get_size(self) -> int:
-                return world.size
-
-            def allgather(self, item: object) -> list:
-                world.items[r] = item
-                world.barrier.wait()
-                out = list(world.items)
-                world.barrier.wait()
-                return out
-
-        return Rank()
-
-
 def preflight_errors(sets: list[str], ranks: int, out: Path) -> list[BaseException | None]:
     """Each rank's outcome of ``mpiattn run``'s pre-flight (``encode.check_inputs``, then
     ``encode.scan_corpus``)."""
@@ -355,10 +328,10 @@ def preflight_errors(sets: list[str], ranks: int, out: Path) -> list[BaseExcepti
         try:
             cfg = config.load(None, sets)
             values, reserved = jobkit.preflight(
-                world.rank(r), lambda: encode.check_inputs(cfg, ranks, r),
+                world.member(r), lambda: encode.check_inputs(cfg, ranks, r),
                 output=(str(out), False))
             try:  # the scan, split by byte ranges or on rank 0, agreed after the checks
-                encode.scan_corpus(world.rank(r), values[2], cfg.input.chunk)
+                encode.scan_corpus(world.member(r), values[2], cfg.input.chunk)
             finally:
                 if reserved is not None:
                     reserved.discard()

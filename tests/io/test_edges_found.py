@@ -366,47 +366,13 @@ def test_a_layer_count_the_weights_do_not_hold_is_one_line(tmp_path, minilm_dir,
         apply_checkpoint_shape(cfg)
 
 
-class _ThreadWorld:
-    """``n`` threads standing in for COMM_WORLD's allgather and alltoall."""
-
-    def __init__(self, n: int) -> None:
-        import threading
-
-        self.n, self.barrier, self.slots = n, threading.Barrier(n), [None] * n
-
-    def member(self, rank: int):
-        group = self
-
-        class World:
-            def Get_rank(self) -> int:
-                return rank
-
-            def Get_size(self) -> int:
-                return group.n
-
-            def _swap(self, item, pick):
-                group.slots[rank] = item
-                group.barrier.wait()
-                out = pick(list(group.slots))
-                group.barrier.wait()
-                return out
-
-            def allgather(self, item):
-                return self._swap(item, lambda slots: slots)
-
-            def alltoall(self, items):
-                return self._swap(items, lambda slots: [s[rank] for s in slots])
-
-        return World()
-
-
 @pytest.mark.parametrize(("ranks", "chunk", "lines"), [(2, 4, 8), (3, 3, 9), (2, 2, 8)])
 def test_split_scan_where_a_range_starts_on_a_chunk_boundary(tmp_path, ranks, chunk, lines):
     """Lines of one length, so that a rank's byte range starts on a chunk's first line:
     that rank holds the previous chunk's last slice bound and sends it (was: KeyError on
     the rank that needed it, a traceback and exit 1, e.g. 8 lines, chunk 4, 2 ranks).
     Every rank's slice of every chunk holds the lines it should."""
-    from helpers import run_ranks
+    from helpers import ThreadWorld, run_ranks
 
     from mpiattn.commands.encode import scan_corpus
     from mpiattn.core.shard import partition
@@ -416,7 +382,7 @@ def test_split_scan_where_a_range_starts_on_a_chunk_boundary(tmp_path, ranks, ch
     text = [f"sentence number {i:03d} about cats" for i in range(lines)]
     path = tmp_path / "t.txt"
     path.write_text("\n".join(text) + "\n")
-    world, infos = _ThreadWorld(ranks), [None] * ranks
+    world, infos = ThreadWorld(ranks), [None] * ranks
 
     def work(r: int) -> None:
         infos[r] = scan_corpus(world.member(r), open_source(path, Spec(format="text")), chunk)
