@@ -4,9 +4,10 @@ Two algorithms in a registry (``ALGORITHMS``, chosen by ``attention.impl`` for r
 and train alike), equal within float tolerance (tested); each has the per-head kernel the
 inference path runs, a forward that keeps a named cache, and its backward:
 
-- **plain**: the whole (S, S) score matrix of a head at once. On NumPy it runs head by
-  head, so the scores stay in cache and the softmax passes are cheap; on CuPy all heads go
-  in one batched product.
+- **plain**: the whole (S, S) score matrix of a head at once. On NumPy it runs a group of
+  one sequence's heads at a time, so the scores stay in cache and the softmax passes are
+  cheap (``_grouped_heads``; head by head when per-query statistics or a window are asked
+  for); on CuPy all heads go in one batched product.
 - **blocked**: FlashAttention's online softmax. Queries in blocks of ``block`` rows meet
   keys in blocks of ``block`` columns; a running row maximum ``m`` and sum ``l`` rescale
   the partial output, so memory is O(block^2) per head instead of O(S^2).
@@ -35,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from . import headstats, rotary
 from .backend import get_array_module, grown, to_host
@@ -324,6 +327,11 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
             position, window, seq, xp, qkv.dtype))
         return impl
 
+    if impl == "plain" and xp.__name__ == "numpy" and stats is None and window is None:
+        _grouped_heads(qkv, out, batch, seq, heads, head_dim, mask, position, options.workers)
+        _report(probe, None, qkv, batch, seq, heads, head_dim, mask, position)
+        return impl
+
     rows = qkv.reshape(batch, seq, 3 * width)
     dest = out.reshape(batch, seq, width)
 
@@ -340,19 +348,72 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
                               None if stats is None else (stats[0][b, h], stats[1][b, h]),
                               window)
 
-    pairs = [(b, h) for b in range(batch) for h in range(heads)]
-    if options.workers > 1 and xp.__name__ == "numpy" and len(pairs) > 1:
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1, user_api="blas"):
-            list(_executor(options.workers).map(lambda bh: one(*bh), pairs))
-    else:
-        for b, h in pairs:
-            one(b, h)
+    _each(one, [(b, h) for b in range(batch) for h in range(heads)],
+          options.workers if xp.__name__ == "numpy" else 1)
     _finish_window(out, window)
     _report(probe, stats, qkv, batch, seq, heads, head_dim, mask, _window_bias(
         position, window, seq, xp, qkv.dtype))
     return impl
+
+
+def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads: int,
+                   head_dim: int, mask: KeyMask, position: Any, workers: int) -> None:
+    """The plain algorithm on NumPy: each sequence's heads in groups whose scores stay in
+    the L2 cache (``_GROUP_BYTES``), keys cut at the sequence's length.
+
+    The scores of a group are laid out (heads, keys, queries), k q^T rather than q k^T:
+    the softmax's reductions over keys then run down the rows, element-wise across whole
+    rows (3x faster than along each row at S = 256), the row sums are one product with a
+    vector of ones, and p^T v reads the same array transposed at no cost. Measured on one
+    core at 32 x 256 tokens, 12 heads of 32: 63 ms against 83 ms head by head.
+    ``position``: (h, S, S) [query, key] bias (MPNet), or None; ``mask.bias`` (non-prefix
+    masks) is added per key.
+    """
+    width = heads * head_dim
+    scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
+    group = max(1, min(heads, _GROUP_BYTES // (seq * seq * qkv.itemsize)))
+    rows = qkv.reshape(batch, seq, 3 * width)
+    dest = out.reshape(batch, seq, heads, head_dim)
+    ones = np.ones(seq, dtype=qkv.dtype)
+
+    def one(b: int, first: int) -> None:
+        stop = min(first + group, heads)
+        g, n = stop - first, mask.keys(b, seq)
+        lo, hi = first * head_dim, stop * head_dim
+        q = rows[b, :, lo:hi] * scale  # (S, g*d), contiguous
+        q = q.reshape(seq, g, head_dim).transpose(1, 2, 0)  # (g, d, S)
+        k, v = (rows[b, :n, at + lo : at + hi].reshape(n, g, head_dim).transpose(1, 0, 2)
+                for at in (width, 2 * width))  # (g, n, d)
+        s = np.matmul(k, q)  # (g, n, S): keys down, queries across
+        bias = mask.row_bias(b, n)
+        if bias is not None:
+            s += bias[:, None]
+        if position is not None:
+            s += position[first:stop, :, :n].transpose(0, 2, 1)
+        s -= s.max(axis=1, keepdims=True)
+        np.exp(s, out=s)
+        total = np.matmul(ones[:n], s)  # (g, S)
+        o = np.matmul(s.transpose(0, 2, 1), v)  # (g, S, d)
+        o /= total[:, :, None]
+        dest[b, :, first:stop] = o.transpose(1, 0, 2)
+
+    _each(one, [(b, h) for b in range(batch) for h in range(0, heads, group)], workers)
+
+
+_GROUP_BYTES = 3 << 19  # 1.5 MiB of scores per group: 6 heads at S = 256 (best of 1..12)
+
+
+def _each(work: Callable[[int, int], None], pairs: list[tuple[int, int]], workers: int
+          ) -> None:
+    """``work(b, h)`` for every pair, on ``workers`` threads (BLAS single-threaded in them)."""
+    if workers > 1 and len(pairs) > 1:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            list(_executor(workers).map(lambda bh: work(*bh), pairs))
+    else:
+        for b, h in pairs:
+            work(b, h)
 
 
 def _quiet(window: int | None, xp: Any) -> Any:
