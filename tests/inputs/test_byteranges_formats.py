@@ -306,3 +306,141 @@ def test_only_uncompressed_text_and_jsonl_are_split(tmp_path):
     names = ("a.txt", "a.txt.gz", "a.jsonl", "a.jsonl.gz", "a.parquet")
     assert [br.splittable(open_source(tmp_path / n, Spec())) for n in names] == [
         True, False, True, False, False]
+
+
+# --- whole runs, one rank in this process (MPI.COMM_SELF) -----------------------------
+
+TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.ffn=64",
+        "input.chunk=8", "input.batch=4", 'output.layers="all"']
+
+
+def run(path: Path, out: Path, minilm_dir: Path, sets: list[str], world=None,
+        split: bool = True, resume: str | None = None) -> Path | None:
+    """A text run through ``encode.run_text``; ``split=False`` takes the rank-0 scan and
+    every-rank reads (the path of compressed streams) for the same file."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from mpi4py import MPI
+
+    from mpiattn import config
+    from mpiattn.commands import encode
+    from mpiattn.parallel import watchdog
+
+    cfg = config.load(None, [*TINY, f'input.tokenizer="{minilm_dir}/tokenizer.json"',
+                             f'input.text="{path}"', *sets])
+    with ExitStack() as stack:
+        if not split:
+            for module in (encode, br):
+                stack.enter_context(mock.patch.object(module, "splittable",
+                                                      lambda src: False))
+        return encode.run_text(cfg, watchdog.watch(world or MPI.COMM_SELF), str(out),
+                               force=False, resume=resume)
+
+
+def datasets(path: Path) -> dict:
+    import h5py
+
+    out: dict = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset)
+                     and n.startswith(("input/", "output/", "layers/")) else None)
+        out["input_format"] = f.attrs["input_format"]
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    import numpy as np
+
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bit for bit
+
+
+RUNS = {  # name -> (file lines, extra sets)
+    "ids-int": (make("jsonl", n=30, ids="int"), ['input.id_field="id"']),
+    "ids-str": (make("jsonl", n=30, ids="str", bom=True), ['input.id_field="id"']),
+    "no-ids": (make("jsonl", n=30), []),
+    "pairs": (make("jsonl", n=30, ids="int", pairs=True),
+              ['input.id_field="id"', "input.pairs=true", 'input.pair_field="second"']),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_a_split_jsonl_run_equals_the_rank_0_scan_run(tmp_path, minilm_dir, name):
+    """JSON Lines (CRLF, ids int / str / none, pairs) split by byte ranges gives the same
+    file, bit for bit, as the rank-0 scan with every rank reading every chunk; the ids
+    land on their records; ``bytes_read`` is the scan's bytes and the file once."""
+    import h5py
+
+    lines, sets = RUNS[name]
+    path = tmp_path / "c.jsonl"
+    data = write(path, lines, end="\r\n")
+    split = run(path, tmp_path / "split.h5", minilm_dir, sets)
+    whole = run(path, tmp_path / "whole.h5", minilm_dir, sets, split=False)
+    a, b = datasets(split), datasets(whole)
+    assert_same(a, b)
+    if name != "no-ids":
+        assert a["input/id"].tolist()[:2] == ([1000, 1001] if name != "ids-str" else
+                                               [b"r-0", b"r-1"])
+    with h5py.File(split) as f, h5py.File(whole) as g:
+        scan, read = int(f["work/scan_bytes"][0]), int(f["work/bytes_read"][0])
+        assert read - scan == len(data)  # its slices: every chunk, once
+        assert scan >= 3 * len(data)  # digest pieces, count, check (and line 1)
+        assert int(g["work/scan_bytes"][0]) == len(data)  # the rank-0 scan, then
+        assert int(g["work/bytes_read"][0]) == 2 * len(data)  # every chunk
+
+
+def test_a_jsonl_id_changed_after_the_split_scan_is_caught(tmp_path, minilm_dir):
+    """Only an id changes after the scan (same length): the chunk's digest holds the ids,
+    so rank 0 refuses the chunk: one line, no output."""
+    from mpiattn.commands import encode
+
+    lines = make("jsonl", n=30, ids="int")
+    path = tmp_path / "c.jsonl"
+    write(path, lines)
+    scan = encode.scan_corpus
+
+    def scanned(world, source, chunk):
+        info = scan(world, source, chunk)
+        write(path, [x.replace('"id": 1012', '"id": 1099') for x in lines])
+        return info
+
+    encode.scan_corpus = scanned
+    try:
+        with pytest.raises(textstream.InputChanged, match=r"other lines 9-16 \(chunk 1\)"):
+            run(path, tmp_path / "o.h5", minilm_dir, ['input.id_field="id"'])
+    finally:
+        encode.scan_corpus = scan
+    assert not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.parametrize("name", ["ids-str", "pairs"])
+def test_a_split_jsonl_run_resumes_to_the_same_file(tmp_path, minilm_dir, name):
+    """A run stopped by a failed write after its second chunk keeps two chunks; --resume
+    reads only the rest by byte ranges and gives the uninterrupted run's file bit for bit."""
+    from mpiattn.errors import UserError
+    from mpiattn.io import corpusfile
+
+    lines, sets = RUNS[name]
+    path = tmp_path / "c.jsonl"
+    write(path, lines)
+    whole = run(path, tmp_path / "whole.h5", minilm_dir, sets)
+    write_part = corpusfile.Parts.write
+
+    def failing(self, index, result):
+        if index == 2:
+            raise OSError(28, "No space left on device")
+        write_part(self, index, result)
+
+    corpusfile.Parts.write = failing
+    try:
+        with pytest.raises(UserError, match="cannot write chunk 2"):
+            run(path, tmp_path / "cut.h5", minilm_dir, sets)
+    finally:
+        corpusfile.Parts.write = write_part
+    (folder,) = tmp_path.glob(".cut.h5*.parts")
+    assert sorted(p.name for p in folder.glob("chunk-*.h5")) == ["chunk-0000000.h5",
+                                                                 "chunk-0000001.h5"]
+    resumed = run(path, tmp_path / "cut.h5", minilm_dir, sets, resume="auto")
+    assert_same(datasets(resumed), datasets(whole))
