@@ -7,8 +7,10 @@ on a text-run or training file), including the parts that do not shrink with ran
 
 Text run, from one run file at N0 ranks (``/timings``, ``/work``, rank 0's chunk loop):
 
-- scan: the pre-flight scan, max over ranks; shrinks as N0/N (byte ranges) for plain text,
-  stays whole on rank 0 for other formats (``input_format`` not "text");
+- scan: the pre-flight scan, max over ranks; shrinks as N0/N (byte ranges) for uncompressed
+  plain text and JSON Lines (``input_format`` "text", or "jsonl" scanned by more than rank 0:
+  files written before JSON Lines was split scanned it on rank 0), stays whole on rank 0 for
+  other formats;
 - tokenize: each rank's slices and the checked token Allgather, max over ranks; shrinks as
   N0/N (the Allgather's bytes per rank do not shrink; they are inside this phase);
 - encode: the replicas' busy seconds in rank-seconds (busy mean x ranks), split over N
@@ -154,10 +156,13 @@ def text_costs(path: str | Path) -> TextCosts:
         scan = _read(f, "timings/scan") if "timings/scan" in f else np.zeros_like(tok)
         lines = int(f.attrs.get("lines", 0))
         fmt = str(f.attrs.get("input_format", "text"))
+        scanned = _read(f, "work/scan_bytes") if "work/scan_bytes" in f else None
     ranks = len(tok)
+    split = fmt == "text" or (fmt == "jsonl" and scanned is not None
+                              and (ranks == 1 or bool((scanned[1:] > 0).any())))
     write = max(0.0, float(forward[0] - busy[0] - tok[0]))
     return TextCosts(ranks, lines, float(scan.max()), float(tok.max()),
-                     float(busy.mean() * ranks), write, float(setup.max()), fmt == "text",
+                     float(busy.mean() * ranks), write, float(setup.max()), split,
                      str(path))
 
 

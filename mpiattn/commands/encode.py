@@ -2,19 +2,19 @@
 
     mpiexec -n 4 mpiattn run jobs/configs/minilm.toml --set input.text='"corpus.txt"' -o c.h5
 
-The pre-flight scan is split: each of N ranks checks about 1/N of a plain-text file's bytes
-(``byteranges``; other formats are scanned by rank 0), and afterwards rank r reads and
-tokenizes only its 1/N slice of each chunk (no padding, truncated at the model's own
-limit); one checked Allgather gives every rank the chunk's tokens, and rank 0 receives the
-lines and checks them against the scan's digest. The chunk is cut into length-sorted
-micro-batches of
-``input.batch`` sentences, and the micro-batches are assigned to the data-parallel
-replicas by estimated cost (``parallel.assign``; ``textstream.assign``). Each replica's
-head group runs its micro-batches through the encoder exactly as a one-batch run does
-(checked Allreduces, finite checks). The replica leaders send their rows to rank 0, which
-puts them back in line order and writes the chunk as a part (``corpusfile``); at the end
-the parts become the output file. Memory per rank is bounded by the chunk, never by the
-number of lines; a killed job continues with ``--resume``.
+The pre-flight scan is split: each of N ranks checks about 1/N of an uncompressed plain-text
+or JSON Lines file's bytes (``byteranges``; compressed streams and Parquet are scanned by
+rank 0), and afterwards rank r reads and tokenizes only its 1/N slice of each chunk (no
+padding, truncated at the model's own limit); one checked Allgather gives every rank the
+chunk's tokens, and rank 0 receives the records and checks them against the scan's digest.
+The chunk is cut into length-sorted micro-batches of ``input.batch`` sentences, and the
+micro-batches are assigned to the data-parallel replicas by estimated cost
+(``parallel.assign``; ``textstream.assign``). Each replica's head group runs its
+micro-batches through the encoder exactly as a one-batch run does (checked Allreduces,
+finite checks). The replica leaders send their rows to rank 0, which puts them back in line
+order and writes the chunk as a part (``corpusfile``); at the end the parts become the
+output file. Memory per rank is bounded by the chunk, never by the number of lines; a killed
+job continues with ``--resume``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..core.pipeline import stage_forward, stage_layers
 from ..core.pooling import Pipeline
 from ..core.shard import partition
 from ..errors import ConfigError, InputError, IntegrityError, UserError
-from ..inputs.byteranges import read_slice, splittable
+from ..inputs.byteranges import read_records, splittable
 from ..inputs.data import Batch, tokenizer_path
 from ..inputs.records import Source, Spec, open_source
 from ..inputs.textstream import (
@@ -175,16 +175,21 @@ def _swept(checked: tuple, cfg: Config, out_path: str, rank: int) -> tuple:
 def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
     """The pre-flight scan of the corpus, agreed by every rank (after ``check_inputs``).
 
-    Uncompressed plain text (``byteranges.splittable``) is split by byte ranges: each rank
-    counts the lines of its range, an exclusive scan of the counts numbers them, each rank
-    checks its range's lines and keeps the digests of the chunks that start in it and the
-    offsets of the slice starts in it; one allgather combines the digests (every rank has
-    every chunk's), one alltoall sends each rank the offsets of its own slices' bounds, and
-    this rank keeps the byte range of its slice of every chunk (``TextInfo.slices``). Other
-    formats (gzip, bzip2, zstd, JSON Lines, Parquet) are scanned whole by rank 0 and its
-    result shared.
+    Uncompressed plain text and uncompressed JSON Lines (``byteranges.splittable``) are
+    split by byte ranges: each rank counts the lines of its range (and, for JSON Lines with
+    ``input.id_field``, parses line 1 for the kind of every id: ``byteranges.first_id_kind``),
+    an exclusive scan of the counts numbers them, each rank checks its range's lines and
+    keeps the digests of the chunks that start in it and the offsets of the slice starts in
+    it; one allgather combines the digests (every rank has every chunk's), one alltoall
+    sends each rank the offsets of its own slices' bounds, and this rank keeps the byte
+    range of its slice of every chunk (``TextInfo.slices``: (start, end) bytes per chunk);
+    ``TextInfo.scan_bytes`` counts the bytes this rank read (digest pieces, both passes,
+    line 1). Other formats (gzip, bzip2, zstd, Parquet) are scanned whole by rank 0 and its
+    result shared (``scan_bytes``: the file's size on rank 0, 0 elsewhere).
     The first bad record in the file (the lowest rank's error) is raised on every rank with
-    its global line number, exactly as a one-rank scan words it.
+    its global line number, exactly as a one-rank scan words it; the chunk digests and the
+    ids' kind are the one-rank scan's (``textstream.scan``). Raises InputError (agreed):
+    a bad record, an empty file, ranks whose copies differ in size or content.
     """
     from dataclasses import replace
 
@@ -197,7 +202,7 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
         return replace(info, scan_bytes=info.size if rank == 0 else 0)
     digest, hashed = corpus_digest(world, source)
 
-    def count() -> tuple[int, int, int, int, int]:
+    def count() -> tuple[int, int, int, int, int, str]:
         try:
             size = source.path.stat().st_size
             with open(source.path, "rb") as fh:
@@ -205,10 +210,11 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
                 lines, nbytes = br.count_lines(fh, a, b, size)
         except OSError as err:
             raise InputError(f"{source.where}: cannot be read ({err.strerror})") from None
-        return size, a, b, lines, nbytes
+        kind, first_bytes = br.first_id_kind(source, size)  # JSON Lines ids: line 1's kind
+        return size, a, b, lines, nbytes + first_bytes, kind
 
     counted = _scan_agreed(world, count)
-    size, a, b, lines, nbytes = counted[rank]
+    size, a, b, lines, nbytes, kind = counted[rank]
     sizes = {c[0] for c in counted}
     if len(sizes) > 1:
         groups = ", ".join(f"rank {r}: {c[0]} bytes" for r, c in enumerate(counted))
@@ -216,14 +222,16 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
                                        " a stale or node-local copy? Give every rank the same"
                                        " file"))
     total = sum(c[3] for c in counted)
-    if total == 0:
-        raise _agreed_error(InputError(f"{source.where}: the file is empty (one sentence per"
+    if total == 0:  # (in the one-rank scan's words)
+        what = "sentence" if source.format == "text" else "JSON object"
+        raise _agreed_error(InputError(f"{source.where}: the file is empty (one {what} per"
                                        " line)"))
     first = sum(c[3] for c in counted[:rank])  # the exclusive scan of the line counts
     mine: list[br.Part] = []
 
     def check() -> tuple[dict[int, str], int]:
-        mine.append(br.scan_part(source, size, a, b, first, lines, total, chunk, ranks))
+        mine.append(br.scan_part(source, size, a, b, first, lines, total, chunk, ranks,
+                                 kind))
         return mine[0].digests, mine[0].bytes_read
 
     found = _scan_agreed(world, check)
@@ -253,13 +261,13 @@ def scan_corpus(world: Any, source: Source, chunk: int) -> TextInfo:
         start = k * chunk
         count_k, at = partition(min(chunk, total - start), ranks, rank)
         slices.append((offsets[start + at], offsets[start + at + count_k]))
-    return TextInfo(total, size, "", tuple(digests[k] for k in range(chunks)), source.label,
+    return TextInfo(total, size, kind, tuple(digests[k] for k in range(chunks)), source.label,
                     source.unit, tuple(slices), nbytes + found[rank][1] + hashed, digest)
 
 
 def corpus_digest(world: MPI.Comm, source: Source) -> tuple[str, int]:
-    """Collective: the digest of a plain-text corpus (``byteranges.piece_digest``), its
-    pieces hashed in turn by the ranks that see the same file (host, device, inode): on one
+    """Collective: the digest of a corpus split by byte ranges (``byteranges.piece_digest``),
+    its pieces hashed in turn by the ranks that see the same file (host, device, inode): on one
     node a shared corpus is read once in all, split over its ranks, and every node-local
     (or ``-wdir``-relative) copy once. Ranks whose copies differ are one line, the
     pre-flight's (``jobkit``: "ranks differ in input.text ..."), before any scan. Returns
@@ -557,7 +565,7 @@ class _Job:
         moves with rank 0's micro-batches, by their share of the chunk. ``items`` is None
         when each rank reads its own slice (a split scan): rank 0 then receives them."""
         cfg = self.cfg
-        toks, items = self._tokenize(items, first, index)
+        toks, items, record_ids = self._tokenize(items, record_ids, first, index)
         lengths = toks.lengths
         batches = sorted_batches(lengths, cfg.input.batch)
         costs = [batch_cost(b, lengths, cfg.model.hidden) for b in batches]
@@ -625,28 +633,31 @@ class _Job:
         self.tokens_estimated = 0
         self._progress(bar, n - shown, 0)
 
-    def _read_slice(self, first: int, index: int, count: int, start: int) -> list:
-        """This rank's ``count`` lines of chunk ``index`` (from line index ``first + start``)
-        read at the byte range the scan found; InputChanged when the file's size or the
-        slice's line count is no longer what the scan saw."""
+    def _read_slice(self, first: int, index: int, count: int, start: int
+                    ) -> tuple[list, list | None]:
+        """This rank's ``count`` records of chunk ``index`` (from line index
+        ``first + start``) read at the byte range the scan found: (items, ids or None);
+        InputChanged when the file's size or the slice's line count is no longer what the
+        scan saw."""
         try:
             now = self.source.path.stat().st_size
         except OSError as err:
             raise InputError(f"{self.source.where}: cannot be read ({err.strerror})") from None
         if now != self.info.size:
             raise input_changed(self.source, f"{now} bytes instead of the {self.info.size}")
-        items, nbytes = read_slice(self.source, *self.info.slices[index], first + start)
+        items, ids, nbytes = read_records(self.source, *self.info.slices[index],
+                                          first + start, self.info.ids)
         self.read_bytes += nbytes
         if len(items) != count:
             raise input_changed(self.source, f"other {self.units} {first + start + 1}-"
                                 f"{first + start + count} (chunk {index}) than")
-        return items
+        return items, ids
 
-    def _tokenize(self, items: list | None, first: int, index: int
-                  ) -> tuple[Tokens, list | None]:
+    def _tokenize(self, items: list | None, record_ids: list | None, first: int, index: int
+                  ) -> tuple[Tokens, list | None, list | None]:
         """The chunk's tokens on every rank, each rank tokenizing 1/N of its records, and
-        the chunk's items (on rank 0 only when ``items`` is None: each rank read its slice
-        and rank 0 gathers them).
+        the chunk's items and ids (on rank 0 only when ``items`` is None: each rank read
+        its slice and rank 0 gathers them).
 
         Rank r tokenizes the r-th of N consecutive slices (``shard.partition``), then one
         checked Allgather (``transfers.CheckedAllgather``, site ``tokens``, each block's
@@ -662,18 +673,23 @@ class _Job:
                                                       self.info.lines - first)
         count, start = partition(n, size, rank)
         t0 = time.perf_counter()
-        mine = None
+        mine, mine_ids = None, None
         try:
-            mine = (items[start:start + count] if items is not None else
-                    self._read_slice(first, index, count, start))
+            if items is not None:
+                mine = items[start:start + count]
+            else:
+                mine, mine_ids = self._read_slice(first, index, count, start)
             local, error = self.tok.encode(mine, first + start, unit=self.info.unit), None
         except UserError as err:
             local, error = None, err
         jobkit.raise_first(self.world.allgather(
             None if error is None else (type(error), str(error))))
-        if items is None:  # rank 0 writes the lines: checked against the scan's digest
-            parts = self.world.gather(mine, root=0)
-            items = [item for part in parts for item in part] if parts is not None else None
+        if items is None:  # rank 0 writes the records: checked against the scan's digest
+            parts = self.world.gather((mine, mine_ids), root=0)
+            if parts is not None:
+                items = [item for part, _ in parts for item in part]
+                record_ids = (None if parts[0][1] is None else
+                              [rid for _, ids in parts for rid in ids])
         packed = pack_tokens(local)
         sizes = np.empty(size, dtype=np.int64)
         self.world.Allgather(np.array([packed.size], dtype=np.int64), sizes)
@@ -687,7 +703,7 @@ class _Job:
         blocks = self.gather_tokens(block, site="tokens", layer=index)
         self.tokenized += count
         self.tokenize_s += time.perf_counter() - t0
-        return join_tokens(list(blocks)), items
+        return join_tokens(list(blocks)), items, record_ids
 
     def _progress(self, bar: Any, lines: int, tokens_estimate: int) -> None:
         self.tokens_estimated += tokens_estimate
@@ -698,7 +714,7 @@ class _Job:
     def _write(self, index: int, first: int, items: list, record_ids: list | None,
                records_digest: str, toks: Any, gathered: list) -> None:
         cfg, n = self.cfg, len(items)
-        if self.info.slices and chunk_digest(items, None) != records_digest:
+        if self.info.slices and chunk_digest(items, record_ids) != records_digest:
             raise input_changed(self.source, f"other {self.units} {first + 1}-{first + n}"
                                 f" (chunk {index}) than")
         hidden = cfg.model.hidden
@@ -755,8 +771,9 @@ class _Job:
 
     def bytes_read(self) -> int:
         """Bytes of ``input.text`` this rank read: its part of the pre-flight scan, then its
-        slices of the chunks (split by byte ranges), or the whole (possibly compressed)
-        file for the chunks (other formats: every rank reads every chunk)."""
+        slices of the chunks (plain text and JSON Lines split by byte ranges), or the whole
+        (possibly compressed) file for the chunks (other formats: every rank reads every
+        chunk)."""
         if self.info.slices:
             return self.info.scan_bytes + self.read_bytes
         return self.info.scan_bytes + (self.info.size if self.lines or self.tokenized else 0)

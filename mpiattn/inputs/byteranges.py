@@ -1,12 +1,14 @@
-"""A plain-text corpus scanned and read by byte ranges, so that rank r of N scans about 1/N of
-the file and reads only the lines it tokenizes. No MPI: the functions take byte offsets and
-line counts; ``commands/encode.py`` exchanges them.
+"""A line-based corpus (plain text or JSON Lines, uncompressed) scanned and read by byte
+ranges, so that rank r of N scans about 1/N of the file and reads only the lines it
+tokenizes. No MPI: the functions take byte offsets and line counts; ``commands/encode.py``
+exchanges them.
 
     a, b = range_of(fh, size, rank, ranks)          # line starts near r*size/N, (r+1)*size/N
     lines, nbytes = count_lines(fh, a, b, size)     # pass 1: line ends counted, nothing decoded
+    kind, nbytes = first_id_kind(src, size)         # JSON Lines with ids: line 1's id kind
     # exclusive scan of the counts: ``first`` = lines of the ranks before, ``total``
-    part = scan_part(src, size, a, b, first, lines, total, chunk, ranks)  # pass 2: checked
-    items, nbytes = read_slice(src, start, end, first_line)         # later: one rank's slice
+    part = scan_part(src, size, a, b, first, lines, total, chunk, ranks, kind)  # pass 2
+    items, ids, nbytes = read_records(src, start, end, first_line, kind)  # later: a slice
 
 Why two passes: a chunk's digest (``textstream.chunk_digest``, a SHA-256 over its records
 in order) and a bad line's number need the global number of the range's first line, which
@@ -18,10 +20,15 @@ offset of every slice start (``shard.partition`` of each chunk over the N ranks)
 range. The digests are those of the one-rank ``textstream.scan``, so the check of what is
 read later and the parts' records digests are unchanged.
 
-Only uncompressed plain text is split (``splittable``): compressed streams (gzip, bzip2,
-zstd) cannot be entered at a byte offset, Parquet has no lines, and JSON Lines needs the
-kind of its ids fixed by its first record across the whole file; those are scanned whole
-by one rank.
+Uncompressed plain text and uncompressed JSON Lines are split (``splittable``); a line is
+parsed as the one-rank reader parses it (``records.text_item``, ``records.jsonl_record``).
+JSON Lines fixes the kind of its ids (``records.IdKind``: all integers or all strings) by
+its first record for the whole file, so every rank first reads and parses line 1
+(``first_id_kind``) and checks its range against that kind: a mismatch names line N and
+line 1 in the one-rank scan's words. When line 1 itself is bad, the rank whose range
+holds it (the lowest with an error) names it. Compressed streams (gzip, bzip2, zstd)
+cannot be entered at a byte offset and Parquet has no lines: those are scanned whole by
+one rank.
 
 The file's own digest (the resume key's, ``verify --inputs``') is ``piece_digest``: the
 SHA-256 of the SHA-256s of its consecutive pieces (``piece_size``: 64 KiB multiples, at
@@ -42,17 +49,19 @@ from typing import IO
 
 from ..core.shard import partition
 from ..errors import InputError
-from .records import Item, Source, text_item
+from .records import IdKind, Item, RecordId, Source, jsonl_record, text_item
 from .textstream import chunk_digest
 
 BLOCK = 1 << 20  # bytes read at once inside a range
 TAIL_BLOCK = 1 << 14  # bytes read at once past a range's end (finishing its last chunk)
+FIRST_BLOCK = 1 << 12  # bytes read at once for line 1 (the kind of JSON Lines ids)
 _END = re.compile(rb"\r\n|\r|\n")
 
 
 def splittable(src: Source) -> bool:
-    """Whether ``src`` can be scanned and read by byte ranges: uncompressed plain text."""
-    return src.format == "text" and src.compression == "none"
+    """Whether ``src`` can be scanned and read by byte ranges: uncompressed plain text or
+    uncompressed JSON Lines."""
+    return src.format in ("text", "jsonl") and src.compression == "none"
 
 
 def line_start(fh: IO[bytes], x: int, size: int) -> int:
@@ -144,10 +153,44 @@ class LineReader:
             yield at, carry
 
 
-def _item(raw: bytes, offset: int, number: int, src: Source) -> Item:
-    if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM is not part of line 1
-        raw = raw[3:]
-    return text_item(raw, number, src.spec.pairs, src.where)
+class _Parser:
+    """One line as the one-rank reader parses it: (item, id or None). JSON Lines ids are
+    checked against ``kind`` (line 1's, ``first_id_kind``; "" leaves the first id read
+    to fix it, as ``records.IdKind`` does)."""
+
+    def __init__(self, src: Source, kind: str = "") -> None:
+        self.src, self.pairs = src, src.spec.pairs
+        self.ids = IdKind(src) if src.format == "jsonl" else None
+        if self.ids is not None and kind:
+            self.ids.kind, self.ids.first = kind, 1  # every record has an id: line 1's
+
+    def __call__(self, raw: bytes, offset: int, number: int) -> tuple[Item, RecordId]:
+        if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM is not part of line 1
+            raw = raw[3:]
+        if self.ids is None:
+            return text_item(raw, number, self.pairs, self.src.where), None
+        return jsonl_record(raw, number, self.src, self.ids)
+
+
+def first_id_kind(src: Source, size: int) -> tuple[str, int]:
+    """(kind of line 1's id: "int", "str", or "" without ``input.id_field``, for plain
+    text, for an empty file or when line 1 is bad; bytes read). Line 1 fixes the kind of
+    every id of a JSON Lines file (``records.IdKind``); a bad line 1 is named by the rank
+    whose range holds it."""
+    if src.format != "jsonl" or not src.spec.id_field or size == 0:
+        return "", 0
+    try:
+        with open(src.path, "rb") as fh:
+            reader = LineReader(fh, FIRST_BLOCK)
+            for offset, raw in reader.lines(0, size):
+                try:
+                    _, rid = _Parser(src)(raw, offset, 1)
+                except InputError:
+                    return "", reader.read
+                return ("int" if isinstance(rid, int) else "str"), reader.read
+    except OSError as err:
+        raise InputError(f"{src.where}: cannot be read ({err.strerror or err})") from None
+    return "", 0
 
 
 @dataclass
@@ -176,74 +219,97 @@ def slice_starts(total: int, chunk: int, ranks: int, lo: int, hi: int) -> list[i
 
 
 def scan_part(src: Source, size: int, a: int, b: int, first: int, lines: int, total: int,
-              chunk: int, ranks: int) -> Part:
+              chunk: int, ranks: int, kind: str = "") -> Part:
     """Pass 2 over [a, b), whose ``lines`` lines start at global line index ``first`` (of
     ``total``, cut into chunks of ``chunk`` lines, each split over ``ranks``): every line
-    checked as ``records.records`` checks it (InputError naming the global 1-based line),
-    the digests of the chunks starting here, the offsets of the slice starts here; a read
-    error is an InputError too (one line on every rank, never one rank's crash)."""
+    checked as ``records.records`` checks it (InputError naming the global 1-based line;
+    JSON Lines ids against ``kind``, line 1's: ``first_id_kind``), the digests of the
+    chunks starting here (``textstream.chunk_digest``, ids included with
+    ``input.id_field``), the offsets of the slice starts here; a read error is an
+    InputError too (one line on every rank, never one rank's crash)."""
     try:
-        return _scan_part(src, size, a, b, first, lines, total, chunk, ranks)
+        return _scan_part(src, size, a, b, first, lines, total, chunk, ranks, kind)
     except OSError as err:
         raise InputError(f"{src.where}: cannot be read ({err.strerror or err})") from None
 
 
 def _scan_part(src: Source, size: int, a: int, b: int, first: int, lines: int, total: int,
-               chunk: int, ranks: int) -> Part:
+               chunk: int, ranks: int, kind: str) -> Part:
     part = Part()
-    count = 0
+    parse = _Parser(src, kind)
+    with_ids = bool(src.spec.id_field)
     targets = iter(slice_starts(total, chunk, ranks, first, first + lines))
     target = next(targets, total)
     items: list[Item] = []
+    ids: list[RecordId] = []
     open_chunk = -1  # the chunk whose items are being collected
+
+    def digest() -> str:
+        return chunk_digest(items, ids if with_ids else None)
+
     with open(src.path, "rb") as fh:
         reader = LineReader(fh)
         i = first
         for offset, raw in reader.lines(a, b):
-            item = _item(raw, offset, i + 1, src)
+            item, rid = parse(raw, offset, i + 1)
             if i == target:
                 part.offsets[i] = offset
                 target = next(targets, total)
             if i % chunk == 0:
-                open_chunk, items = i // chunk, []
+                open_chunk, items, ids = i // chunk, [], []
             if open_chunk >= 0:
                 items.append(item)
+                ids.append(rid)
                 if len(items) == min(chunk, total - open_chunk * chunk):
-                    part.digests[open_chunk] = chunk_digest(items, None)
-                    open_chunk, items = -1, []
+                    part.digests[open_chunk] = digest()
+                    open_chunk, items, ids = -1, [], []
             i += 1
-            count += 1
         if open_chunk >= 0:  # finish the last chunk past the range's end
             tail = LineReader(fh, TAIL_BLOCK)
             need = min(chunk, total - open_chunk * chunk)
             for offset, raw in tail.lines(b, size):
                 try:
-                    items.append(_item(raw, offset, i + 1, src))
+                    item, rid = parse(raw, offset, i + 1)
                 except InputError:  # its own range's rank names it
                     break
+                items.append(item)
+                ids.append(rid)
                 i += 1
                 if len(items) == need:
-                    part.digests[open_chunk] = chunk_digest(items, None)
+                    part.digests[open_chunk] = digest()
                     break
             reader.read += tail.read
         part.bytes_read = reader.read
     return part
 
 
-def read_slice(src: Source, start: int, end: int, first_line: int
-               ) -> tuple[list[Item], int]:
-    """(items, bytes read) of the lines in bytes [start, end), the first being global line
-    index ``first_line`` (for messages): what one rank tokenizes of a chunk."""
+def read_records(src: Source, start: int, end: int, first_line: int, kind: str = ""
+                 ) -> tuple[list[Item], list[RecordId] | None, int]:
+    """(items, ids (None without ``input.id_field``), bytes read) of the lines in bytes
+    [start, end), the first being global line index ``first_line`` (for messages), JSON
+    Lines ids checked against ``kind`` (``first_id_kind``): what one rank tokenizes of a
+    chunk. InputError (one line) for a bad line or a file that cannot be read."""
+    with_ids = bool(src.spec.id_field)
     if end <= start:
-        return [], 0
+        return [], [] if with_ids else None, 0
+    parse = _Parser(src, kind)
     try:
         with open(src.path, "rb") as fh:
             reader = LineReader(fh)
-            items = [_item(raw, offset, first_line + k + 1, src)
+            pairs = [parse(raw, offset, first_line + k + 1)
                      for k, (offset, raw) in enumerate(reader.lines(start, end))]
     except OSError as err:
         raise InputError(f"{src.where}: cannot be read ({err.strerror or err})") from None
-    return items, reader.read
+    return ([item for item, _ in pairs], [rid for _, rid in pairs] if with_ids else None,
+            reader.read)
+
+
+def read_slice(src: Source, start: int, end: int, first_line: int
+               ) -> tuple[list[Item], int]:
+    """(items, bytes read) of the lines in bytes [start, end): ``read_records`` without
+    the ids."""
+    items, _, nbytes = read_records(src, start, end, first_line)
+    return items, nbytes
 
 
 MAX_PIECES = 4096  # a corpus digest is at most this many pieces' SHA-256s (256 kB of hex)

@@ -14,7 +14,7 @@ from mpiattn.analysis.plan import plan_command
 from mpiattn.errors import ConfigError
 
 
-def text_file(path, ranks=2, lines=1000, fmt="text"):
+def text_file(path, ranks=2, lines=1000, fmt="text", scan_bytes=None):
     with h5py.File(path, "w") as f:
         f.attrs.update({"lines": lines, "input_format": fmt})
         t = f.create_group("timings")
@@ -23,7 +23,10 @@ def text_file(path, ranks=2, lines=1000, fmt="text"):
         t["busy"] = np.full(ranks, 8.0)
         t["forward"] = np.full(ranks, 9.0)  # rank 0: 9 - 8 - 0.5 = 0.5 s gather/write
         t["setup"] = np.full(ranks, 1.0)
-        f.create_group("work")["lines_tokenized"] = np.full(ranks, lines // ranks)
+        w = f.create_group("work")
+        w["lines_tokenized"] = np.full(ranks, lines // ranks)
+        if scan_bytes is not None:
+            w["scan_bytes"] = np.asarray(scan_bytes)
     return path
 
 
@@ -88,3 +91,14 @@ def test_plan_command_on_phase_files(tmp_path, capsys):
     args.gpu_speedup = -1.0
     with pytest.raises(ConfigError, match="--gpu-speedup must be a finite factor > 0"):
         plan_command(args)
+
+
+@pytest.mark.parametrize(("scan_bytes", "split"), [([500, 480], True), ([1000, 0], False),
+                                                   (None, False)])
+def test_jsonl_scan_shrinks_when_it_was_split(tmp_path, scan_bytes, split):
+    """Uncompressed JSON Lines is scanned by byte ranges now (every rank's ``scan_bytes``
+    above 0); a file written when rank 0 scanned it alone keeps its whole scan."""
+    c = pm.text_costs(text_file(tmp_path / "j.h5", fmt="jsonl", scan_bytes=scan_bytes))
+    assert c.split_scan is split
+    assert pm.predict_text(c, [8])[0].phases["scan"] == pytest.approx(0.2 * 2 / 8 if split
+                                                                      else 0.2)

@@ -120,16 +120,6 @@ def test_pairs_split_by_ranges_equal_the_whole_scan(tmp_path):
         path, pairs=True, spec=src, chunk=8).chunk_digests
 
 
-def test_only_uncompressed_plain_text_is_split(tmp_path):
-    import gzip
-
-    (tmp_path / "a.txt").write_text("a\n")
-    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"a\n"))
-    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
-    assert [br.splittable(open_source(tmp_path / n, Spec())) for n in
-            ("a.txt", "a.txt.gz", "a.jsonl")] == [True, False, False]
-
-
 # --- the run itself, one rank in this process (MPI.COMM_SELF) -------------------------
 
 TINY = ["model.layers=1", "model.hidden=32", "model.heads=2", "model.ffn=64",

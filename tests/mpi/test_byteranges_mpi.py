@@ -1,0 +1,181 @@
+"""The split pre-flight scan and split reads on real ranks (``mpiexec -n 2..5``): for plain
+text and JSON Lines, the matrix of tests/inputs/test_byteranges_formats.py through
+``encode.scan_corpus`` on COMM_WORLD equals the one-rank scan (or its error, on every rank);
+whole JSON Lines runs equal the rank-0 scan's file bit for bit (uneven chunk splits: 8
+records per chunk over N ranks), with ids, and after --resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+INPUTS_DIR = Path(__file__).resolve().parent.parent / "inputs"
+
+
+def formats_module():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "byteranges_formats", INPUTS_DIR / "test_byteranges_formats.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("byteranges_formats", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mpi_scan(world, path: Path, spec, chunk: int) -> None:
+    """The split scan on COMM_WORLD equals the one-rank scan on every rank; each rank's
+    slices hold its records (gathered: every chunk in order)."""
+    from mpiattn.commands.encode import scan_corpus
+    from mpiattn.core.shard import partition
+    from mpiattn.errors import InputError, UserError
+    from mpiattn.inputs import byteranges as br
+    from mpiattn.inputs import textstream
+    from mpiattn.inputs.records import open_source
+    from mpiattn.parallel import watchdog
+
+    src = open_source(path, spec)
+    try:
+        whole, error = textstream.scan(path, spec=src, chunk=chunk), None
+    except InputError as err:
+        whole, error = None, str(err)
+    try:
+        info = scan_corpus(watchdog.watch(world), src, chunk)
+    except UserError as err:
+        assert err.agreed and str(err) == error, (str(err), error)
+        return
+    assert error is None, error
+    assert (info.lines, info.ids, info.chunk_digests) == (whole.lines, whole.ids,
+                                                          whole.chunk_digests)
+    rank, ranks = world.Get_rank(), world.Get_size()
+    mine = []
+    for k, (a, b) in enumerate(info.slices):
+        count, start = partition(min(chunk, info.lines - k * chunk), ranks, rank)
+        items, ids, nbytes = br.read_records(src, a, b, k * chunk + start, info.ids)
+        assert len(items) == count and nbytes == b - a
+        mine.append((items, ids, nbytes))
+    gathered = world.allgather(mine)
+    read = 0
+    for k, (_, items, ids, _) in enumerate(textstream.record_chunks(src, chunk)):
+        got = [x for r in range(ranks) for x in gathered[r][k][0]]
+        got_ids = [x for r in range(ranks) for x in (gathered[r][k][1] or [])]
+        read += sum(gathered[r][k][2] for r in range(ranks))
+        assert got == items and (got_ids if ids is not None else None) == ids
+    assert read == path.stat().st_size
+
+
+CASES = ["plain", "pairs", "crlf", "lone-cr", "bom", "no-final-end", "blank-lines"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(("fmt", "ids"), [("text", ""), ("jsonl", ""), ("jsonl", "int"),
+                                          ("jsonl", "str")])
+def test_split_scan_on_real_ranks(world, shared_dir, fmt, ids, case):
+    m = formats_module()
+    made, written = m.INPUTS[case]
+    path = shared_dir / f"{fmt}-{ids}-{case}.{'jsonl' if fmt == 'jsonl' else 'txt'}"
+    if world.Get_rank() == 0:
+        m.write(path, m.make(fmt, ids=ids, **made), **written)
+    world.Barrier()
+    mpi_scan(world, path, m.spec_of(fmt, ids, made.get("pairs", False)), 7)
+
+
+@pytest.mark.parametrize("where", ["middle", "range-start", "range-end", "kind", "line-1"])
+@pytest.mark.parametrize("fmt", ["text", "jsonl"])
+def test_a_bad_record_in_each_ranks_range_on_real_ranks(world, shared_dir, fmt, where):
+    """For every rank's range: a bad record in its middle, on its first line, on the last
+    line before it; an id of another kind; a bad line 1: the one-rank scan's words on
+    every rank."""
+    from mpiattn.inputs import byteranges as br
+
+    m = formats_module()
+    if fmt == "text" and where in ("kind", "line-1"):
+        pytest.skip("plain text has no ids")
+    ranks = world.Get_size()
+    ids = "int" if fmt == "jsonl" else ""
+    lines = m.make(fmt, n=60, ids=ids)
+    path = shared_dir / f"good.{'jsonl' if fmt == 'jsonl' else 'txt'}"
+    if world.Get_rank() == 0:
+        m.write(path, lines)
+    world.Barrier()
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        ranges = [br.range_of(fh, size, r, ranks) for r in range(ranks)]
+    for r, (a, b) in enumerate(ranges):
+        k = {"middle": m.line_of(path, (a + b) // 2), "range-start": m.line_of(path, a),
+             "range-end": m.line_of(path, a) - 1, "kind": m.line_of(path, (a + b) // 2),
+             "line-1": 0}[where]
+        if k < 0 or (where == "line-1" and r):
+            continue
+        bad = shared_dir / f"bad-{where}-{r}{path.suffix}"
+        if world.Get_rank() == 0:
+            if where == "kind":
+                changed = list(lines)
+                record = json.loads(changed[k])
+                record["id"] = str(record["id"])
+                changed[k] = json.dumps(record)
+                bad.write_bytes(("\n".join(changed) + "\n").encode())
+            else:
+                bad.write_bytes(m.bad_bytes(lines, [k], fmt))
+        world.Barrier()
+        mpi_scan(world, bad, m.spec_of(fmt, ids, False), 8)
+
+
+def test_split_jsonl_runs_equal_the_rank_0_scan_runs(world, shared_dir, minilm_dir):
+    """Every run of RUNS (ids int / str / none, pairs) on N ranks, each rank reading its
+    slices, gives the file of the rank-0 scan run on the same N ranks bit for bit; each
+    rank's slices sum to the file once; a run stopped after two chunks resumes to it."""
+    import h5py
+    import numpy as np
+
+    from mpiattn.errors import UserError
+    from mpiattn.io import corpusfile
+
+    m = formats_module()
+    rank = world.Get_rank()
+    for name, (lines, sets) in sorted(m.RUNS.items()):
+        sets = [*sets, "parallel.tensor=1"]  # N data-parallel replicas (2 heads)
+        path = shared_dir / f"{name}.jsonl"
+        if rank == 0:
+            m.write(path, lines, end="\r\n")
+        world.Barrier()
+        split = shared_dir / f"{name}-split.h5"
+        whole = shared_dir / f"{name}-whole.h5"
+        m.run(path, split, minilm_dir, sets, world=world)
+        world.Barrier()
+        m.run(path, whole, minilm_dir, sets, world=world, split=False)
+        world.Barrier()
+        if rank == 0:
+            m.assert_same(m.datasets(split), m.datasets(whole))
+            with h5py.File(split) as f:
+                read = f["work/bytes_read"][()] - f["work/scan_bytes"][()]
+                assert int(read.sum()) == path.stat().st_size  # each byte read once
+                assert len(read) == world.Get_size() and (read < path.stat().st_size).all()
+        if name != "ids-str":
+            continue
+        write_part = corpusfile.Parts.write
+
+        def failing(self, index, result, write_part=write_part):
+            if index == 2:
+                raise OSError(28, "No space left on device")
+            write_part(self, index, result)
+
+        corpusfile.Parts.write = failing
+        try:
+            with pytest.raises(UserError, match="cannot write chunk 2"):
+                m.run(path, shared_dir / "cut.h5", minilm_dir, sets, world=world)
+        finally:
+            corpusfile.Parts.write = write_part
+        world.Barrier()
+        m.run(path, shared_dir / "cut.h5", minilm_dir, sets, world=world, resume="auto")
+        world.Barrier()
+        if rank == 0:
+            a, b = m.datasets(shared_dir / "cut.h5"), m.datasets(whole)
+            assert sorted(a) == sorted(b)
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
