@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -554,10 +555,33 @@ class _Job:
             chunks = (((k, k * size, None, None, self.info.chunk_digests[k])
                        for k in range(first_chunk, len(self.info.slices)))
                       if self.info.slices else  # each rank reads its slices (_tokenize)
-                      checked_chunks(self.source, size, self.info, first_chunk))
+                      self._read_by_rank0(first_chunk))
             for index, first, items, record_ids, records_digest in chunks:
                 self._chunk(index, first, items, record_ids, records_digest, bar)
         self.forward_s = clock.between(t_fwd, clock.mark())
+
+    def _read_by_rank0(self, first_chunk: int) -> Iterator[tuple]:
+        """The chunks of a stream that cannot be entered at a byte offset (gzip, bzip2,
+        zstd, Parquet): rank 0 reads each one, checked against its scan
+        (``checked_chunks``), and hands each rank its slice (``_tokenize``); the other ranks
+        read nothing. Rank 0's error (the input changed since the scan) is agreed before
+        the chunk's collectives. Yields what ``checked_chunks`` does, with ``items`` and
+        ``ids`` None on the other ranks."""
+        size, digests = self.cfg.input.chunk, self.info.chunk_digests
+        reader = (checked_chunks(self.source, size, self.info, first_chunk)
+                  if self.rank == 0 else None)
+
+        def pull() -> tuple | None:
+            try:
+                return next(reader, None) if reader is not None else None
+            except OSError as err:
+                raise InputError(f"{self.source.where}: cannot be read"
+                                 f" ({err.strerror or err})") from None
+
+        for k in range(first_chunk, len(digests)):
+            chunk = jobkit.agreed(self.world, pull, during=f"reading chunk {k}")
+            yield chunk if chunk is not None else (k, k * size, None, None, digests[k])
+        jobkit.agreed(self.world, pull, during="reading the end of the input")  # no more
 
     def _chunk(self, index: int, first: int, items: list | None, record_ids: list | None,
                records_digest: str, bar: Any) -> None:
@@ -656,8 +680,8 @@ class _Job:
     def _tokenize(self, items: list | None, record_ids: list | None, first: int, index: int
                   ) -> tuple[Tokens, list | None, list | None]:
         """The chunk's tokens on every rank, each rank tokenizing 1/N of its records, and
-        the chunk's items and ids (on rank 0 only when ``items`` is None: each rank read
-        its slice and rank 0 gathers them).
+        the chunk's items and ids on rank 0 (split files: each rank read its slice and rank 0
+        gathers them; other formats: rank 0 read the chunk and scatters the slices).
 
         Rank r tokenizes the r-th of N consecutive slices (``shard.partition``), then one
         checked Allgather (``transfers.CheckedAllgather``, site ``tokens``, each block's
@@ -669,22 +693,23 @@ class _Job:
         from ..parallel.transfers import CheckedAllgather, RetryPolicy
 
         size, rank = self.world.Get_size(), self.world.Get_rank()
-        n = len(items) if items is not None else min(self.cfg.input.chunk,
-                                                      self.info.lines - first)
+        split = bool(self.info.slices)
+        n = min(self.cfg.input.chunk, self.info.lines - first)
         count, start = partition(n, size, rank)
         t0 = time.perf_counter()
         mine, mine_ids = None, None
+        if not split:  # rank 0 read the chunk: one scatter hands each rank its slice
+            mine = self.world.scatter([items[a:a + c] for c, a in (
+                partition(n, size, q) for q in range(size))] if rank == 0 else None, root=0)
         try:
-            if items is not None:
-                mine = items[start:start + count]
-            else:
+            if split:
                 mine, mine_ids = self._read_slice(first, index, count, start)
             local, error = self.tok.encode(mine, first + start, unit=self.info.unit), None
         except UserError as err:
             local, error = None, err
         jobkit.raise_first(self.world.allgather(
             None if error is None else (type(error), str(error))))
-        if items is None:  # rank 0 writes the records: checked against the scan's digest
+        if split:  # rank 0 writes the records: checked against the scan's digest
             parts = self.world.gather((mine, mine_ids), root=0)
             if parts is not None:
                 items = [item for part, _ in parts for item in part]
@@ -771,12 +796,13 @@ class _Job:
 
     def bytes_read(self) -> int:
         """Bytes of ``input.text`` this rank read: its part of the pre-flight scan, then its
-        slices of the chunks (plain text and JSON Lines split by byte ranges), or the whole
-        (possibly compressed) file for the chunks (other formats: every rank reads every
-        chunk)."""
+        slices of the chunks (plain text and JSON Lines split by byte ranges) or, on rank 0
+        only, the whole (compressed) file for the chunks (other formats: rank 0 reads every
+        chunk and hands the other ranks their slices)."""
         if self.info.slices:
             return self.info.scan_bytes + self.read_bytes
-        return self.info.scan_bytes + (self.info.size if self.lines or self.tokenized else 0)
+        reader = self.rank == 0 and (self.lines or self.tokenized)
+        return self.info.scan_bytes + (self.info.size if reader else 0)
 
     def finish(self, out: Any, started: dt.datetime, wall0: float) -> Path | None:
         from ..parallel.comm import gather_rows

@@ -514,6 +514,16 @@ def test_every_format_gives_bit_identical_rows_and_aligned_ids(
     assert want.shape == (60, 32)
     for name in paths:
         np.testing.assert_array_equal(pooled[name], want, err_msg=name)  # bit for bit
+    for name, path in paths.items():  # who read how much of the file
+        size = path.stat().st_size
+        with h5py.File(folder / f"{name}.h5") as f:
+            scan, read = f["work/scan_bytes"][()], f["work/bytes_read"][()]
+        assert len(read) == ranks
+        if name in ("txt", "jsonl"):  # split by byte ranges: the ranks share the reads
+            assert all(0 < r <= 5 * size for r in read), (name, read)
+        else:  # a stream that cannot be entered at an offset: rank 0 alone, twice
+            assert scan.tolist() == [size] + [0] * (ranks - 1), name
+            assert read.tolist() == [2 * size] + [0] * (ranks - 1), name
     if with_shuffled:  # row k is sentence ids[k]: other micro-batches, the same embedding
         np.testing.assert_allclose(pooled["shuffled"], want[shuffled[1]], rtol=0, atol=1e-6)
     format_runs[ranks] = want

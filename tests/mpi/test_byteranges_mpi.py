@@ -179,3 +179,79 @@ def test_split_jsonl_runs_equal_the_rank_0_scan_runs(world, shared_dir, minilm_d
             assert sorted(a) == sorted(b)
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("fmt", ["txt.gz", "jsonl.bz2", "parquet"])
+def test_rank_0_reads_a_stream_and_hands_each_rank_its_slice(world, shared_dir, minilm_dir,
+                                                             fmt):
+    """A stream that cannot be entered at a byte offset: rank 0 alone reads it (the scan
+    and the chunks, twice its size), the other ranks read nothing and tokenize the slice
+    rank 0 hands them; the rows equal the plain-text run's bit for bit. Changed after the
+    scan (rank 0 rewrites it), the chunk rank 0 reads is refused on every rank in one
+    line, and nothing is published."""
+    import bz2
+    import gzip
+
+    import h5py
+
+    from mpiattn.commands import encode
+    from mpiattn.core.shard import partition
+    from mpiattn.inputs import textstream
+
+    m = formats_module()
+    rank, ranks = world.Get_rank(), world.Get_size()
+    lines = [f"sentence {i} {'word ' * (i % 7)}".strip() for i in range(30)]
+    text = "".join(f"{line}\n" for line in lines)
+
+    def write(path, lines):
+        if fmt == "txt.gz":
+            path.write_bytes(gzip.compress("".join(f"{x}\n" for x in lines).encode()))
+        elif fmt == "jsonl.bz2":
+            path.write_bytes(bz2.compress("".join(json.dumps({"text": x}) + "\n"
+                                                  for x in lines).encode()))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"text": lines}), path, row_group_size=7)
+
+    plain, path = shared_dir / f"{fmt}-plain.txt", shared_dir / f"c.{fmt}"
+    if rank == 0:
+        plain.write_text(text)
+        write(path, lines)
+    world.Barrier()
+    sets = ["parallel.tensor=1", "input.chunk=8"]
+    m.run(plain, shared_dir / f"{fmt}-plain.h5", minilm_dir, sets, world=world)
+    m.run(path, shared_dir / f"{fmt}.h5", minilm_dir, sets, world=world)
+    world.Barrier()
+    if rank == 0:
+        size = path.stat().st_size
+        m.assert_same({k: v for k, v in m.datasets(shared_dir / f"{fmt}.h5").items()
+                       if k != "input_format"},
+                      {k: v for k, v in m.datasets(shared_dir / f"{fmt}-plain.h5").items()
+                       if k != "input_format"})
+        with h5py.File(shared_dir / f"{fmt}.h5") as f:
+            assert f["work/scan_bytes"][()].tolist() == [size] + [0] * (ranks - 1)
+            assert f["work/bytes_read"][()].tolist() == [2 * size] + [0] * (ranks - 1)
+            tokenized = f["work/lines_tokenized"][()].tolist()
+        want = [sum(partition(min(8, 30 - k), ranks, r)[0] for k in range(0, 30, 8))
+                for r in range(ranks)]
+        assert tokenized == want
+    scan = encode.scan_corpus
+
+    def scanned(world_, source, chunk):
+        info = scan(world_, source, chunk)
+        if rank == 0:  # one word of line 10 changes: chunk 1 is no longer what was scanned
+            write(path, [x.replace("sentence 9 ", "sentence X ") for x in lines])
+        world.Barrier()
+        return info
+
+    encode.scan_corpus = scanned
+    try:
+        with pytest.raises(textstream.InputChanged,
+                           match=r"other (lines|rows) 9-16 \(chunk 1\)"):
+            m.run(path, shared_dir / f"{fmt}-changed.h5", minilm_dir, sets, world=world)
+    finally:
+        encode.scan_corpus = scan
+    world.Barrier()
+    assert not (shared_dir / f"{fmt}-changed.h5").exists()
