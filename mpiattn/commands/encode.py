@@ -587,7 +587,8 @@ class _Job:
                records_digest: str, bar: Any) -> None:
         """Encode one chunk on every rank; rank 0 writes it. ``bar`` (rank 0's progress)
         moves with rank 0's micro-batches, by their share of the chunk. ``items`` is None
-        when each rank reads its own slice (a split scan): rank 0 then receives them."""
+        when each rank reads its own slice (a split scan: rank 0 then receives them), and
+        on the ranks other than 0 for the other formats (rank 0 hands out the slices)."""
         cfg = self.cfg
         toks, items, record_ids = self._tokenize(items, record_ids, first, index)
         lengths = toks.lengths
