@@ -129,8 +129,8 @@ class LineReader:
         ``end`` is a line start or the file's size."""
         self.fh.seek(start)
         carry, at, left = b"", start, end - start
-        while left > 0:
-            data = self.fh.read(min(self.block, left))
+        while left > 0:  # reads grow with a carried long line: linear, not quadratic
+            data = self.fh.read(min(max(self.block, len(carry)), left))
             if not data:
                 break
             left -= len(data)
