@@ -508,7 +508,8 @@ def jsonl_record(raw: bytes, number: int, src: Source, ids: IdKind
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise InputError(f"{at}: not JSON ({err.msg} at column {err.colno})") from None
+        message = err.msg.removesuffix(" at")  # ("Invalid control character at")
+        raise InputError(f"{at}: not JSON ({message} at column {err.colno})") from None
     except (RecursionError, ValueError) as err:  # nested too deeply; an integer too long
         detail = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:80]
         raise InputError(f"{at}: not JSON this reader takes ({detail})") from None

@@ -254,6 +254,8 @@ BAD = {
                       "c.jsonl.zst' line 2: not JSON"),
     "bz2-empty": ("c.txt.bz2", bz2.compress(b""), (), "holds no data"),
     "jsonl-not-json": ("c.jsonl", jsonl(OK, OK, b"{'text': 1}"), (), "line 3: not JSON"),
+    "jsonl-control": ("c.jsonl", jsonl(OK, b'{"text": "a\tb"}'), (),
+                      "line 2: not JSON (Invalid control character at column 12)"),
     "jsonl-not-object": ("c.jsonl", jsonl(OK, ["text"]), (),
                          "line 2: an array, not a JSON object"),
     "jsonl-blank": ("c.jsonl", jsonl(OK) + b"\n" + jsonl(OK), (), "line 2: blank"),
