@@ -86,6 +86,25 @@ def run_ranks(work: Any, args: list[tuple], groups: list[ThreadGroup]) -> None:
         raise errors[0]
 
 
+def each_rank(ranks: int, work: Any, timeout: float = 60) -> list[Any]:
+    """``work(r)`` for every rank r, each in its own thread (a ``ThreadWorld``'s members);
+    each rank's result, or the exception it raised (kept for the assertions)."""
+    out: list[Any] = [None] * ranks
+
+    def guarded(r: int) -> None:
+        try:
+            out[r] = work(r)
+        except BaseException as err:
+            out[r] = err
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out
+
+
 def sharded_forward(cfg: config.Config, k: int) -> list[tuple[Any, Any]]:
     """Per-layer (attention, hidden) of rank 0 when ``k`` threads share the heads."""
     m = cfg.model

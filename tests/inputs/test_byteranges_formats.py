@@ -10,7 +10,6 @@ The same matrix runs on real ranks in tests/mpi/test_byteranges_mpi.py."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -67,24 +66,12 @@ def spec_of(fmt: str, ids: str, pairs: bool) -> Spec:
 
 def thread_scan(src: Source, ranks: int, chunk: int) -> list:
     """Each rank's ``encode.scan_corpus`` result (or error), ranks in threads."""
-    from helpers import ThreadWorld
+    from helpers import ThreadWorld, each_rank
 
     from mpiattn.commands.encode import scan_corpus
 
-    world, out = ThreadWorld(ranks), [None] * ranks
-
-    def work(r: int) -> None:
-        try:
-            out[r] = scan_corpus(world.member(r), src, chunk)
-        except BaseException as err:  # kept for the assertions
-            out[r] = err
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return out
+    world = ThreadWorld(ranks)
+    return each_rank(ranks, lambda r: scan_corpus(world.member(r), src, chunk))
 
 
 def check_against_one_rank(path: Path, spec: Spec, ranks: int, chunk: int) -> list:
@@ -376,6 +363,23 @@ def run(path: Path, out: Path, minilm_dir: Path, sets: list[str], world=None,
                                force=False, resume=resume)
 
 
+def failing_write(chunk: int):  # -> a context manager
+    """A patch under which writing part ``chunk`` fails with a full disk (ENOSPC); the
+    other parts are written."""
+    from unittest import mock
+
+    from mpiattn.io import corpusfile
+
+    write_part = corpusfile.Parts.write
+
+    def failing(self, index, result):
+        if index == chunk:
+            raise OSError(28, "No space left on device")
+        write_part(self, index, result)
+
+    return mock.patch.object(corpusfile.Parts, "write", failing)
+
+
 def datasets(path: Path) -> dict:
     import h5py
 
@@ -458,25 +462,13 @@ def test_a_split_jsonl_run_resumes_to_the_same_file(tmp_path, minilm_dir, name):
     """A run stopped by a failed write after its second chunk keeps two chunks; --resume
     reads only the rest by byte ranges and gives the uninterrupted run's file bit for bit."""
     from mpiattn.errors import UserError
-    from mpiattn.io import corpusfile
 
     lines, sets = RUNS[name]
     path = tmp_path / "c.jsonl"
     write(path, lines)
     whole = run(path, tmp_path / "whole.h5", minilm_dir, sets)
-    write_part = corpusfile.Parts.write
-
-    def failing(self, index, result):
-        if index == 2:
-            raise OSError(28, "No space left on device")
-        write_part(self, index, result)
-
-    corpusfile.Parts.write = failing
-    try:
-        with pytest.raises(UserError, match="cannot write chunk 2"):
-            run(path, tmp_path / "cut.h5", minilm_dir, sets)
-    finally:
-        corpusfile.Parts.write = write_part
+    with failing_write(2), pytest.raises(UserError, match="cannot write chunk 2"):
+        run(path, tmp_path / "cut.h5", minilm_dir, sets)
     (folder,) = tmp_path.glob(".cut.h5*.parts")
     assert sorted(p.name for p in folder.glob("chunk-*.h5")) == ["chunk-0000000.h5",
                                                                  "chunk-0000001.h5"]

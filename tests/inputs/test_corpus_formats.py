@@ -21,14 +21,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from helpers import ThreadWorld
+from helpers import ThreadWorld, each_rank
 
 import mpiattn
 from mpiattn import config
@@ -324,28 +323,19 @@ def preflight_errors(sets: list[str], ranks: int, out: Path) -> list[BaseExcepti
     """Each rank's outcome of ``mpiattn run``'s pre-flight (``encode.check_inputs``, then
     ``encode.scan_corpus``)."""
     world = ThreadWorld(ranks)
-    outcomes: list[BaseException | None] = [None] * ranks
 
     def rank(r: int) -> None:
-        try:
-            cfg = config.load(None, sets)
-            values, reserved = jobkit.preflight(
-                world.member(r), lambda: encode.check_inputs(cfg, ranks, r),
-                output=(str(out), False))
-            try:  # the scan, split by byte ranges or on rank 0, agreed after the checks
-                encode.scan_corpus(world.member(r), values[2], cfg.input.chunk)
-            finally:
-                if reserved is not None:
-                    reserved.discard()
-        except BaseException as err:  # kept for the assertions
-            outcomes[r] = err
+        cfg = config.load(None, sets)
+        values, reserved = jobkit.preflight(
+            world.member(r), lambda: encode.check_inputs(cfg, ranks, r),
+            output=(str(out), False))
+        try:  # the scan, split by byte ranges or on rank 0, agreed after the checks
+            encode.scan_corpus(world.member(r), values[2], cfg.input.chunk)
+        finally:
+            if reserved is not None:
+                reserved.discard()
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return outcomes
+    return each_rank(ranks, rank)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])

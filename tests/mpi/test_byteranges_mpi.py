@@ -134,7 +134,6 @@ def test_split_jsonl_runs_equal_the_rank_0_scan_runs(world, shared_dir, minilm_d
     import numpy as np
 
     from mpiattn.errors import UserError
-    from mpiattn.io import corpusfile
 
     m = formats_module()
     rank = world.Get_rank()
@@ -158,19 +157,8 @@ def test_split_jsonl_runs_equal_the_rank_0_scan_runs(world, shared_dir, minilm_d
                 assert len(read) == world.Get_size() and (read < path.stat().st_size).all()
         if name != "ids-str":
             continue
-        write_part = corpusfile.Parts.write
-
-        def failing(self, index, result, write_part=write_part):
-            if index == 2:
-                raise OSError(28, "No space left on device")
-            write_part(self, index, result)
-
-        corpusfile.Parts.write = failing
-        try:
-            with pytest.raises(UserError, match="cannot write chunk 2"):
-                m.run(path, shared_dir / "cut.h5", minilm_dir, sets, world=world)
-        finally:
-            corpusfile.Parts.write = write_part
+        with m.failing_write(2), pytest.raises(UserError, match="cannot write chunk 2"):
+            m.run(path, shared_dir / "cut.h5", minilm_dir, sets, world=world)
         world.Barrier()
         m.run(path, shared_dir / "cut.h5", minilm_dir, sets, world=world, resume="auto")
         world.Barrier()
