@@ -304,14 +304,6 @@ def read_records(src: Source, start: int, end: int, first_line: int, kind: str =
             reader.read)
 
 
-def read_slice(src: Source, start: int, end: int, first_line: int
-               ) -> tuple[list[Item], int]:
-    """(items, bytes read) of the lines in bytes [start, end): ``read_records`` without
-    the ids."""
-    items, _, nbytes = read_records(src, start, end, first_line)
-    return items, nbytes
-
-
 MAX_PIECES = 4096  # a corpus digest is at most this many pieces' SHA-256s (256 kB of hex)
 PIECE_UNIT = 64 << 10  # a piece is a multiple of 64 KiB
 

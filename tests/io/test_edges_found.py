@@ -393,7 +393,7 @@ def test_split_scan_where_a_range_starts_on_a_chunk_boundary(tmp_path, ranks, ch
         for k, (a, b) in enumerate(info.slices):
             count, start = partition(min(chunk, lines - k * chunk), ranks, r)
             first = k * chunk + start
-            assert br.read_slice(src, a, b, first)[0] == text[first:first + count]
+            assert br.read_records(src, a, b, first)[0] == text[first:first + count]
 
 
 def test_a_huge_micro_batch_on_a_small_corpus_is_sized_by_the_corpus(tmp_path, minilm_dir):
