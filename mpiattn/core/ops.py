@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import kernels
 from .backend import erf, get_array_module
 
 # --- linear ------------------------------------------------------------------------------
@@ -102,12 +103,18 @@ def add_layer_norm(x: Any, residual: Any, g: Any, b: Any, eps: float, *, bias: A
     ``bias``: (H,) or None. ``total``: an (N, H) array that also receives ``x + bias``
     (the sublayer's output, for callers that keep it), or None. ``out``: the (N, H)
     result, new when None; it may not be ``x`` or ``residual``. On NumPy, C-contiguous
-    arrays go in blocks of rows small enough for the blocks to stay in L2 (about 2x faster
-    than whole-array passes and their temporaries at BERT-base's 4096 x 768).
+    float32 arrays go to the compiled kernel (``kernels.add_layer_norm``, row by row);
+    otherwise C-contiguous arrays go in blocks of rows small enough for the blocks to stay
+    in L2 (about 2x faster than whole-array passes and their temporaries at BERT-base's
+    4096 x 768).
     """
     xp = get_array_module(x)
     out = xp.empty(x.shape, dtype=x.dtype) if out is None else out
     arrays = (x, residual, out) + (() if total is None else (total,))
+    if x.ndim == 2 and kernels.fits(*arrays, g, b, bias) and all(
+            a.shape == x.shape for a in arrays) and all(
+            v is None or v.shape == x.shape[1:] for v in (g, b, bias)):
+        return kernels.add_layer_norm(x, residual, g, b, eps, bias, total, out)
     if xp is not np or x.ndim != 2 or not all(a.flags.c_contiguous for a in arrays):
         s = x if bias is None else x + bias
         if total is not None:
@@ -180,12 +187,16 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def gelu(x: Any, out: Any = None, bias: Any = None) -> Any:
     """Exact GELU, x * Phi(x), as BERT uses it, of ``x + bias`` (bias: one row, or None);
-    ``out`` (not ``x``) saves the temporaries. float32 on NumPy goes block by block
-    (``_gelu_blocks``); ``x`` is then left as it was."""
+    ``out`` (not ``x``) saves the temporaries. float32 on NumPy runs the compiled kernel
+    (``kernels.gelu``, one pass) or else goes block by block (``_gelu_blocks``), both by
+    Abramowitz & Stegun 7.1.26; ``x`` is then left as it was."""
     xp = get_array_module(x)
     if xp is np and x.dtype == np.float32 and x.ndim >= 1 and x.flags.c_contiguous and (
             out is None or out.flags.c_contiguous):
-        return _gelu_blocks(x, np.empty_like(x) if out is None else out, bias)
+        out = np.empty_like(x) if out is None else out
+        if kernels.fits(x, out, bias) and (bias is None or bias.shape == x.shape[-1:]):
+            return kernels.gelu(x, bias, out)
+        return _gelu_blocks(x, out, bias)
     if bias is not None:
         x = x + bias
     t = xp.multiply(x, x.dtype.type(_SQRT_HALF), out=out)
