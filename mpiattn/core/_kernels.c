@@ -26,16 +26,16 @@
 
 #define LANES 16
 
-/* e^x for every float: 0 below the smallest normal's logarithm (so -inf gives 0), +inf
- * above the largest float's, NaN for NaN. */
-static inline float exp_f(float x) {
-    const float hi = 88.3762626647949f, lo = -87.3365447505531f;
-    float xc = x > hi ? hi : x;
-    xc = xc < lo ? lo : xc;
-    /* n = round(x / ln 2) by the 1.5 * 2^23 trick: round to nearest, no libm call */
-    float n = xc * 1.44269504088896341f + 12582912.0f;
+#define EXP_HI 88.3762626647949f  /* the largest float's logarithm */
+#define EXP_LO -87.3365447505531f /* the smallest normal float's logarithm */
+
+/* e^x for x in [EXP_LO, EXP_HI]: n = round(x / ln 2) by the 1.5 * 2^23 trick (round to
+ * nearest, no libm call), r = x - n ln 2 in two parts, e^r by Cephes' polynomial, and 2^n
+ * put into the exponent bits. */
+static inline float exp_in_range(float x) {
+    float n = x * 1.44269504088896341f + 12582912.0f;
     n = n - 12582912.0f;
-    float r = xc - n * 0.693359375f;
+    float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -46,12 +46,16 @@ static inline float exp_f(float x) {
     p = p * (r * r) + r;
     p = p + 1.0f;
     int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    float y = p * scale;
-    y = x < lo ? 0.0f : y;
-    y = x > hi ? INFINITY : y;
-    return y;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+/* e^x for x <= 0 (the softmax's shifted scores): 0 below EXP_LO (so -inf gives 0), NaN
+ * for NaN. */
+static inline float exp_nonpositive(float x) {
+    float y = exp_in_range(x < EXP_LO ? EXP_LO : x);
+    return x < EXP_LO ? 0.0f : y;
 }
 
 static inline float lane_sum(const float *restrict v, ptrdiff_t n) {
@@ -95,7 +99,7 @@ static inline float gelu_f(float x) {
     y = (y + GELU_A3) * t;
     y = (y + GELU_A2) * t;
     y = (y + GELU_A1) * t;
-    float e = exp_f((x * x) * -0.5f);
+    float e = exp_nonpositive((x * x) * -0.5f);
     y = (y * e) * a;
     return (x > 0.0f ? x : 0.0f) - y;
 }
@@ -139,7 +143,7 @@ CLONED void mpiattn_softmax_columns(float *s, float *total, ptrdiff_t groups,
             for (ptrdiff_t r = 0; r < rows; r++) {
                 float *restrict row = block + r * cols + c0;
                 for (ptrdiff_t c = 0; c < w; c++) {
-                    float e = exp_f(row[c] - m[c]);
+                    float e = exp_nonpositive(row[c] - m[c]);
                     row[c] = e;
                     t[c] += e;
                 }
