@@ -49,6 +49,7 @@ def provenance(cfg: Config, p: Placement, command: str, started: dt.datetime,
     """The job's provenance as plain values; ``hosts`` (rank,) of (host, device)."""
     from mpi4py import MPI
 
+    from ..core import kernels
     from ..core.backend import blas_info
 
     return Provenance(
@@ -59,7 +60,8 @@ def provenance(cfg: Config, p: Placement, command: str, started: dt.datetime,
         cuda_aware=("yes" if p.cuda_aware else "no (pinned host staging)")
         if p.backend.is_gpu else "n/a (host arrays)",
         mpi_library=MPI.Get_library_version().replace("\x00", "").strip(),
-        blas=str(blas_info()), threads=p.threads, attention=attention_description(cfg, p),
+        blas=str(blas_info()), kernels=kernels.description(), threads=p.threads,
+        attention=attention_description(cfg, p),
         timing=p.backend.timer().method,
         hosts=tuple(h for h, _ in hosts), devices=tuple(d for _, d in hosts))
 

@@ -22,6 +22,7 @@ def _version(dist: str) -> str:
 def info(world: MPI.Comm) -> int:
     from mpi4py import MPI
 
+    from ..core import kernels
     from ..core.backend import blas_info, cupy_device_count, usable_cores
     from ..parallel.comm import cuda_aware_mpi
     from ..version import __version__
@@ -62,6 +63,7 @@ def info(world: MPI.Comm) -> int:
     for lib in blas_info():
         lines.append(f"BLAS         {lib['internal_api']} {lib['version']}"
                      f" ({lib['num_threads']} threads, {lib['architecture']})")
+    lines.append(f"kernels      {kernels.description()}")
     lines.append(f"ranks        {size}")
     for r, host, lr, ls, dev in rows:
         lines.append(f"  rank {r:<4} host {host}  local {lr}/{ls}  device {dev}")

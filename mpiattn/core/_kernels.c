@@ -197,6 +197,19 @@ CLONED void mpiattn_add_layer_norm(const float *x, const float *residual, const 
     }
 }
 
+/* Which clone the loader picked, by the test the clones' resolver makes. */
+const char *mpiattn_kernels_isa(void) {
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
+    !defined(MPIATTN_NO_CLONES)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return "AVX-512 clone";
+    if (__builtin_cpu_supports("avx2")) return "AVX2 clone";
+    return "baseline clone";
+#else
+    return "one build for this machine";
+#endif
+}
+
 /* Present so that a Python that imports this file as a module by mistake gets an error,
  * not a crash; the package loads it with ctypes. */
 void *PyInit__kernels(void) { return NULL; }

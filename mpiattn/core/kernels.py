@@ -45,6 +45,8 @@ def _load() -> ctypes.CDLL | None:
             for name, args in _SIGNATURES.items():
                 getattr(lib, name).argtypes = args
                 getattr(lib, name).restype = None
+            lib.mpiattn_kernels_isa.argtypes = ()
+            lib.mpiattn_kernels_isa.restype = ctypes.c_char_p
             return lib
     return None
 
@@ -53,9 +55,11 @@ LIB = _load()
 
 
 def description() -> str:
-    """What runs the element-wise operations, for ``mpiattn info`` and run files."""
+    """What runs the element-wise operations, for ``mpiattn info`` and the files' root
+    attribute ``kernels``: "compiled, AVX-512 clone (_kernels....so)" or "NumPy passes
+    (why)"."""
     if LIB is not None:
-        return f"compiled ({Path(LIB._name).name})"
+        return f"compiled, {LIB.mpiattn_kernels_isa().decode()} ({Path(LIB._name).name})"
     if os.environ.get("MPIATTN_KERNELS", "").lower() == "numpy":
         return "NumPy passes (MPIATTN_KERNELS=numpy)"
     return "NumPy passes (the compiled kernels were not built)"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 from mpiattn import config
@@ -248,6 +249,32 @@ def test_a_run_records_the_thread_count_in_effect(tmp_path):
     assert "BLAS threads/rank 1" in done.stdout
     with h5py.File(tmp_path / "t.h5") as f:
         assert int(f.attrs["blas_threads_per_rank"]) == 1
+
+
+def test_a_run_records_its_kernels_and_numpy_passes_agree(tmp_path):
+    """The root attribute ``kernels`` says what ran the element-wise operations; with
+    MPIATTN_KERNELS=numpy the NumPy passes run instead, and every layer agrees in float32."""
+    from mpiattn.core import kernels
+
+    small = ["model.layers=2", "model.heads=2", "model.hidden=16", "model.ffn=40",
+             "model.vocab=50", "input.batch=3", "input.seq_len=9"]
+    args = [x for s in small for x in ("--set", s)]
+    found = {}
+    for name, extra in (("default", {}), ("numpy", {"MPIATTN_KERNELS": "numpy"})):
+        env = {**{k: v for k, v in os.environ.items() if k != "MPIATTN_KERNELS"}, **extra}
+        done = subprocess.run([sys.executable, "-m", "mpiattn", "run", *args, "-o",
+                               str(tmp_path / f"{name}.h5")], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        with h5py.File(tmp_path / f"{name}.h5") as f:
+            found[name] = (f.attrs["kernels"], [f[f"layers/{i:02d}/{part}"][()]
+                                                for i in range(2)
+                                                for part in ("attention", "hidden")])
+    assert found["default"][0] == kernels.description()
+    assert found["numpy"][0] == "NumPy passes (MPIATTN_KERNELS=numpy)"
+    for compiled, passes in zip(found["default"][1], found["numpy"][1], strict=True):
+        assert compiled.dtype == np.float32
+        np.testing.assert_allclose(compiled, passes, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ranks, threads, cores, slower, fix", [

@@ -52,6 +52,7 @@ class Provenance:
     cuda_aware: str  # how device buffers reach MPI ("n/a (host arrays)" on NumPy)
     mpi_library: str  # MPI_Get_library_version
     blas: str
+    kernels: str  # what runs the element-wise operations (``core.kernels.description``)
     threads: int  # BLAS threads per rank (0 on GPUs)
     attention: str  # the attention algorithm as run ("plain", "blocked (block 512)", ...)
     timing: str  # how device time was read: "cuda events" on CuPy, else the host clock
@@ -71,8 +72,9 @@ def write_provenance(f: Any, prov: Provenance) -> None:
         **{f"{axis}_parallel": prov.axes.get(axis, 1) for axis in AXES},
         "head_partition": np.array(prov.head_partition), "backend": prov.backend,
         "cuda_aware": prov.cuda_aware, "mpi_library": prov.mpi_library, "blas": prov.blas,
-        "blas_threads_per_rank": prov.threads, "start_time": prov.started.isoformat(),
-        "attention": prov.attention, "timing": prov.timing,
+        "kernels": prov.kernels, "blas_threads_per_rank": prov.threads,
+        "start_time": prov.started.isoformat(), "attention": prov.attention,
+        "timing": prov.timing,
     })
     if INPUTS:
         f.attrs["input_digests"] = json.dumps(INPUTS, sort_keys=True)
