@@ -32,6 +32,7 @@ pass (``probabilities``). Without one, nothing extra runs.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -368,7 +369,8 @@ def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads
     core at 32 x 256 tokens, 12 heads of 32: 63 ms against 83 ms head by head. Where the
     compiled kernels are built, the softmax is one call per group (a max pass, then an
     exp-and-sum pass) and the heads are divided by their sums as they are stored: 56 ms,
-    and 3.7 against 9.1 ms for the all-heads batched product at 32 x 64.
+    and 3.7 against 9.1 ms for the all-heads batched product at 32 x 64. Each thread keeps
+    its work arrays for the call (fresh ones cost page faults: ~5 ms more at 32 x 256).
     ``position``: (h, S, S) [query, key] bias (MPNet), or None; ``mask.bias`` (non-prefix
     masks) is added per key.
     """
@@ -380,31 +382,39 @@ def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads
     ones = np.ones(seq, dtype=qkv.dtype)
 
     fused = kernels.fits(qkv, out)
+    sizes = {"q": seq * group * head_dim, "s": group * seq * seq, "o": group * seq * head_dim,
+             "total": group * seq}
+    work: dict[int, dict[str, np.ndarray]] = {}  # per thread: fresh arrays cost page faults
 
     def one(b: int, first: int) -> None:
         stop = min(first + group, heads)
         g, n = stop - first, mask.keys(b, seq)
         lo, hi = first * head_dim, stop * head_dim
-        q = rows[b, :, lo:hi] * scale  # (S, g*d), contiguous
+        flat = work.setdefault(threading.get_ident(), {})
+        if not flat:
+            flat.update((name, np.empty(size, qkv.dtype)) for name, size in sizes.items())
+        q = flat["q"][: seq * g * head_dim].reshape(seq, g * head_dim)
+        np.multiply(rows[b, :, lo:hi], scale, out=q)  # (S, g*d), contiguous
         q = q.reshape(seq, g, head_dim).transpose(1, 2, 0)  # (g, d, S)
         k, v = (rows[b, :n, at + lo : at + hi].reshape(n, g, head_dim).transpose(1, 0, 2)
                 for at in (width, 2 * width))  # (g, n, d)
-        s = np.matmul(k, q)  # (g, n, S): keys down, queries across
-        bias = mask.row_bias(b, n)
+        s = np.matmul(k, q, out=flat["s"][: g * n * seq].reshape(g, n, seq))
+        bias = mask.row_bias(b, n)  # s: (g, n, S), keys down, queries across
         if bias is not None:
             s += bias[:, None]
         if position is not None:
             s += position[first:stop, :, :n].transpose(0, 2, 1)
+        o = flat["o"][: g * seq * head_dim].reshape(g, seq, head_dim)
+        total = flat["total"][: g * seq].reshape(g, seq)
         if fused:
-            total = np.empty((g, seq), dtype=s.dtype)
             kernels.softmax_columns(s, total)
-            o = np.matmul(s.transpose(0, 2, 1), v)  # (g, S, d)
+            np.matmul(s.transpose(0, 2, 1), v, out=o)
             kernels.store_heads(o, total, dest[b, :, first:stop])
             return
         s -= s.max(axis=1, keepdims=True)
         np.exp(s, out=s)
-        total = np.matmul(ones[:n], s)  # (g, S)
-        o = np.matmul(s.transpose(0, 2, 1), v)  # (g, S, d)
+        np.matmul(ones[:n], s, out=total)
+        np.matmul(s.transpose(0, 2, 1), v, out=o)
         o /= total[:, :, None]
         dest[b, :, first:stop] = o.transpose(1, 0, 2)
 
