@@ -209,7 +209,3 @@ const char *mpiattn_kernels_isa(void) {
     return "one build for this machine";
 #endif
 }
-
-/* Present so that a Python that imports this file as a module by mistake gets an error,
- * not a crash; the package loads it with ctypes. */
-void *PyInit__kernels(void) { return NULL; }
