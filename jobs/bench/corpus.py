@@ -192,6 +192,7 @@ class MpiattnResult:
     wall: float  # s, the whole mpiexec command
     tree_maxrss: int  # B
     out: Path
+    kernels: str  # what ran the element-wise operations (the run file's root attribute)
 
 
 def run_mpiattn(what: str, ranks: int, text: Path, out: Path, log: Path) -> MpiattnResult:
@@ -207,7 +208,8 @@ def run_mpiattn(what: str, ranks: int, text: Path, out: Path, log: Path) -> Mpia
                 "OMP_NUM_THREADS=1 " + shlex.join(cmd), int(f.attrs["lines"]),
                 int(f.attrs["tokens"]), int(f.attrs["truncated_lines"]),
                 f["timings/forward"][()], f["timings/total"][()],
-                f["ranks/peak_memory"][()], ran.wall, ran.tree_maxrss, out)
+                f["ranks/peak_memory"][()], ran.wall, ran.tree_maxrss, out,
+                str(f.attrs.get("kernels", "not recorded")))
     except (OSError, KeyError) as err:
         raise StepFailed(f"{what}: '{out}' lacks what mpiattn should write ({err})"
                          f" [log: {log}]") from None
@@ -361,7 +363,7 @@ def bench(args: argparse.Namespace) -> int:
                 "corpus": str(corpus), "corpus_lines": len(source),
                 "work_folder": str(work),
                 "model": str(model_dir()),
-                "mpiattn_command": mp.command,
+                "mpiattn_command": mp.command, "mpiattn_kernels": mp.kernels,
                 "st_call": (f"SentenceTransformer(model, device='cpu').encode(lines,"
                             f" batch_size={ST_BATCH}, normalize_embeddings=True,"
                             f" convert_to_numpy=True); torch threads {st['torch_threads']}"),
