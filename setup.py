@@ -7,8 +7,8 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension(
     "mpiattn.core._kernels",
     sources=["mpiattn/core/_kernels.c"],
-    # IEEE operations in source order (no FMA contraction, no fast-math): the same bits
-    # on every CPU clone; -fno-trapping-math only lets the selects vectorise
+    # no -ffast-math (NaN and infinities propagate as in NumPy; the sums run in fixed
+    # lanes); products may contract into FMA; -fno-trapping-math lets the selects vectorise
     extra_compile_args=["-O3", "-std=gnu99", "-ffp-contract=fast", "-fno-trapping-math"],
     optional=True,
 )])
