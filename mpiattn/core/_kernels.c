@@ -31,10 +31,12 @@
 
 /* e^x for x in [EXP_LO, EXP_HI]: n = round(x / ln 2) by the 1.5 * 2^23 trick (round to
  * nearest, no libm call), r = x - n ln 2 in two parts, e^r by Cephes' polynomial, and 2^n
- * put into the exponent bits. */
+ * put into the exponent bits. n + 127 is read from the low bits of k (0x4B400000 + n),
+ * in unsigned arithmetic: no float-to-int conversion, which for NaN would be undefined
+ * behaviour (NaN gives NaN through p). */
 static inline float exp_in_range(float x) {
-    float n = x * 1.44269504088896341f + 12582912.0f;
-    n = n - 12582912.0f;
+    float k = x * 1.44269504088896341f + 12582912.0f;
+    float n = k - 12582912.0f;
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -45,7 +47,9 @@ static inline float exp_in_range(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r;
     p = p + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    uint32_t bits;
+    memcpy(&bits, &k, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;
@@ -128,6 +132,10 @@ CLONED void mpiattn_gelu(const float *x, const float *bias, float *out, ptrdiff_
 CLONED void mpiattn_softmax_columns(float *s, float *total, ptrdiff_t groups,
                                     ptrdiff_t rows, ptrdiff_t cols) {
     float top[COLUMN_BLOCK];
+    if (rows <= 0) { /* no keys: empty sums (the caller's 0 / 0 is NaN), and no row 0 */
+        for (ptrdiff_t i = 0; i < groups * cols; i++) total[i] = 0.0f;
+        return;
+    }
     for (ptrdiff_t h = 0; h < groups; h++) {
         float *block = s + h * rows * cols;
         for (ptrdiff_t c0 = 0; c0 < cols; c0 += COLUMN_BLOCK) {

@@ -111,7 +111,8 @@ def add_layer_norm(x: Any, residual: Any, g: Any, b: Any, eps: float, *, bias: A
     xp = get_array_module(x)
     out = xp.empty(x.shape, dtype=x.dtype) if out is None else out
     arrays = (x, residual, out) + (() if total is None else (total,))
-    if x.ndim == 2 and kernels.fits(*arrays, g, b, bias) and all(
+    if x.ndim == 2 and g is not None and b is not None and kernels.fits(
+            *arrays, g, b, bias) and all(
             a.shape == x.shape for a in arrays) and all(
             v is None or v.shape == x.shape[1:] for v in (g, b, bias)):
         return kernels.add_layer_norm(x, residual, g, b, eps, bias, total, out)
@@ -194,7 +195,8 @@ def gelu(x: Any, out: Any = None, bias: Any = None) -> Any:
     if xp is np and x.dtype == np.float32 and x.ndim >= 1 and x.flags.c_contiguous and (
             out is None or out.flags.c_contiguous):
         out = np.empty_like(x) if out is None else out
-        if kernels.fits(x, out, bias) and (bias is None or bias.shape == x.shape[-1:]):
+        if kernels.fits(x, out, bias) and out.shape == x.shape and (
+                bias is None or bias.shape == x.shape[-1:]):
             return kernels.gelu(x, bias, out)
         return _gelu_blocks(x, out, bias)
     if bias is not None:
