@@ -45,11 +45,11 @@ def attention_description(cfg: Config, p: Placement) -> str:
 
 
 def provenance(cfg: Config, p: Placement, command: str, started: dt.datetime,
-               hosts: list[tuple[str, str]]) -> Provenance:
-    """The job's provenance as plain values; ``hosts`` (rank,) of (host, device)."""
+               hosts: list[tuple[str, str, str]]) -> Provenance:
+    """The job's provenance as plain values; ``hosts`` (rank,) of (host, device,
+    kernels)."""
     from mpi4py import MPI
 
-    from ..core import kernels
     from ..core.backend import blas_info
 
     return Provenance(
@@ -60,10 +60,21 @@ def provenance(cfg: Config, p: Placement, command: str, started: dt.datetime,
         cuda_aware=("yes" if p.cuda_aware else "no (pinned host staging)")
         if p.backend.is_gpu else "n/a (host arrays)",
         mpi_library=MPI.Get_library_version().replace("\x00", "").strip(),
-        blas=str(blas_info()), kernels=kernels.description(), threads=p.threads,
-        attention=attention_description(cfg, p),
-        timing=p.backend.timer().method,
-        hosts=tuple(h for h, _ in hosts), devices=tuple(d for _, d in hosts))
+        blas=str(blas_info()), threads=p.threads, attention=attention_description(cfg, p),
+        timing=p.backend.timer().method, hosts=tuple(h for h, _, _ in hosts),
+        devices=tuple(d for _, d, _ in hosts), kernels=tuple(k for _, _, k in hosts))
+
+
+def kernels_used(cfg: Config, p: Placement) -> str:
+    """What runs this rank's element-wise operations: the compiled float32 kernels (and
+    their CPU clone) or NumPy's passes, and why (``core.kernels``)."""
+    from ..core import kernels
+
+    if p.backend.is_gpu:
+        return "n/a (CuPy on the device)"
+    if cfg.dtype != "float32":
+        return f"NumPy passes ({cfg.dtype}: the compiled kernels are float32)"
+    return kernels.description()
 
 
 def gather_records(world: MPI.Comm, mine: list) -> list:
@@ -87,7 +98,7 @@ def finish(world: MPI.Comm, out: Any, cfg: Config, p: Placement, started: dt.dat
     (``out.path`` without it). ``final``: as ``jobkit.conclude``. Raises on every rank
     what rank 0's write raised.
     """
-    hosts = world.gather((socket.gethostname(), p.backend.device))
+    hosts = world.gather((socket.gethostname(), p.backend.device, kernels_used(cfg, p)))
 
     def publish() -> Any:
         assert write is not None, "rank 0 writes the file"

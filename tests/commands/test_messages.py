@@ -267,6 +267,7 @@ def test_a_run_records_its_kernels_and_numpy_passes_agree(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         with h5py.File(tmp_path / f"{name}.h5") as f:
+            assert [k.decode() for k in f["ranks/kernels"][()]] == [f.attrs["kernels"]]
             found[name] = (f.attrs["kernels"], [f[f"layers/{i:02d}/{part}"][()]
                                                 for i in range(2)
                                                 for part in ("attention", "hidden")])
@@ -275,6 +276,39 @@ def test_a_run_records_its_kernels_and_numpy_passes_agree(tmp_path):
     for compiled, passes in zip(found["default"][1], found["numpy"][1], strict=True):
         assert compiled.dtype == np.float32
         np.testing.assert_allclose(compiled, passes, rtol=1e-5, atol=1e-5)
+    done = subprocess.run([sys.executable, "-m", "mpiattn", "run", *args, "--set",
+                           "dtype=float64", "-o", str(tmp_path / "f64.h5")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with h5py.File(tmp_path / "f64.h5") as f:  # the kernels are float32 only
+        assert f.attrs["kernels"] == "NumPy passes (float64: the compiled kernels are float32)"
+
+
+def test_ranks_with_different_kernels_are_recorded_rank_by_rank(tmp_path):
+    """An MPMD launch, rank 0 on NumPy's passes and rank 1 on whatever this install has,
+    tensor parallel: the run agrees with one process within float32 rounding, and the
+    file says what each rank ran."""
+    from mpiattn.core import kernels
+
+    small = ["model.layers=2", "model.heads=2", "model.hidden=16", "model.ffn=40",
+             "model.vocab=50", "input.batch=3", "input.seq_len=9"]
+    args = [x for s in small for x in ("--set", s)]
+    run = [sys.executable, "-m", "mpiattn", "run", *args]
+    env = {k: v for k, v in os.environ.items() if k != "MPIATTN_KERNELS"}
+    done = subprocess.run(["mpiexec", "-n", "1", "env", "MPIATTN_KERNELS=numpy", *run,
+                           "--set", "parallel.tensor=2", "-o", "mixed.h5", ":", "-n", "1",
+                           *run, "--set", "parallel.tensor=2", "-o", "mixed.h5"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = subprocess.run([*run, "-o", "one.h5"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with h5py.File(tmp_path / "mixed.h5") as mixed, h5py.File(tmp_path / "one.h5") as one:
+        per_rank = [k.decode() for k in mixed["ranks/kernels"][()]]
+        assert per_rank == ["NumPy passes (MPIATTN_KERNELS=numpy)", kernels.description()]
+        assert mixed.attrs["kernels"] == "mixed: see /ranks/kernels"
+        np.testing.assert_allclose(mixed["layers/01/hidden"][()], one["layers/01/hidden"][()],
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ranks, threads, cores, slower, fix", [

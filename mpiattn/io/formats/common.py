@@ -52,12 +52,12 @@ class Provenance:
     cuda_aware: str  # how device buffers reach MPI ("n/a (host arrays)" on NumPy)
     mpi_library: str  # MPI_Get_library_version
     blas: str
-    kernels: str  # what runs the element-wise operations (``core.kernels.description``)
     threads: int  # BLAS threads per rank (0 on GPUs)
     attention: str  # the attention algorithm as run ("plain", "blocked (block 512)", ...)
     timing: str  # how device time was read: "cuda events" on CuPy, else the host clock
     hosts: tuple[str, ...]  # (rank,)
     devices: tuple[str, ...]  # (rank,)
+    kernels: tuple[str, ...]  # (rank,) what ran the element-wise operations (core.kernels)
 
     @property
     def world_size(self) -> int:
@@ -72,7 +72,8 @@ def write_provenance(f: Any, prov: Provenance) -> None:
         **{f"{axis}_parallel": prov.axes.get(axis, 1) for axis in AXES},
         "head_partition": np.array(prov.head_partition), "backend": prov.backend,
         "cuda_aware": prov.cuda_aware, "mpi_library": prov.mpi_library, "blas": prov.blas,
-        "kernels": prov.kernels, "blas_threads_per_rank": prov.threads,
+        "kernels": prov.kernels[0] if len(set(prov.kernels)) == 1 else
+        "mixed: see /ranks/kernels", "blas_threads_per_rank": prov.threads,
         "start_time": prov.started.isoformat(), "attention": prov.attention,
         "timing": prov.timing,
     })
@@ -82,6 +83,7 @@ def write_provenance(f: Any, prov: Provenance) -> None:
     ranks = f.create_group("ranks")
     h5io.write_array(ranks, "host", list(prov.hosts), ("rank",))
     h5io.write_array(ranks, "device", list(prov.devices), ("rank",))
+    h5io.write_array(ranks, "kernels", list(prov.kernels), ("rank",))
 
 
 def write_phase_seconds(g: Any, seconds: np.ndarray, dims: tuple[str, ...],

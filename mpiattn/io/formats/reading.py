@@ -278,7 +278,8 @@ class Lazy:
 # --- files -------------------------------------------------------------------------------
 
 PER_RANK = {  # (rank,) datasets -> column names of ``ranks()`` (others: path + units)
-    "ranks/host": "host", "ranks/device": "device", "ranks/peak_memory": "peak_memory_bytes",
+    "ranks/host": "host", "ranks/device": "device", "ranks/kernels": "kernels",
+    "ranks/peak_memory": "peak_memory_bytes",
     "timings/forward": "forward_s", "timings/setup": "setup_s", "timings/total": "total_s",
     "timings/busy": "busy_s", "timings/wait": "wait_s", "work/lines": "lines",
     "work/tokens": "tokens", "work/padded_tokens": "padded_tokens",
