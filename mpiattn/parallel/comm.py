@@ -341,25 +341,44 @@ class CheckedAllreduce:
         if failed:
             return (f"checksum mismatch in the {where}: residual {residual:.3e} exceeds the"
                     f" rounding bound {bound:.3e} (x{ratio:.3g})")
-        digests = self.comm.allgather(digest)  # failure path only: who disagrees
+        return f"ranks disagree on the result of the {where}: {self._who_differs(digest)}"
+
+    def _who_differs(self, digest: int) -> str:
+        """Collective, failure path only: which ranks' copies differ from the others'."""
+        digests = self.comm.allgather(digest)
         groups: dict[int, list[int]] = {}
         for i, d in enumerate(digests):
             groups.setdefault(d, []).append(self.group_ranks[i])
         sizes = sorted(len(g) for g in groups.values())
         if len(groups) == 2 and sizes[0] < sizes[1]:
             odd = min(groups.values(), key=len)
-            who = f"rank(s) {odd} differ bit-wise from the others"
-        else:
-            who = "copies differ bit-wise: " + " vs ".join(str(g) for g in groups.values())
-        return f"ranks disagree on the result of the {where}: {who}"
+            return f"rank(s) {odd} differ bit-wise from the others"
+        return "copies differ bit-wise: " + " vs ".join(str(g) for g in groups.values())
 
     def check_agreement(self, x: Any, *, site: str, layer: int) -> int:
-        """Hash ``x`` on every rank of the group and raise if any copy differs."""
+        """Hash ``x`` on every rank of the group and raise if any copy differs. The error
+        names the ranks that differ and, for float32 on NumPy, whether they ran different
+        element-wise kernels (``core.kernels``: another build, CPU clone or
+        ``MPIATTN_KERNELS``), which alone makes replicated copies differ in the last bits."""
         digest = checksum.digest64(x)
         _, low, high, _ = agree(self.comm, False, digest)
         if low != high:
-            raise IntegrityError(self._describe(site, layer, False, 0.0, 0.0, 0.0, digest),
-                                 self.comm)
+            from ..core import kernels
+
+            who = self._who_differs(digest)
+            ran = self.comm.allgather(kernels.description() if x.dtype == np.float32
+                                      and get_array_module(x) is np else "")
+            message = (f"ranks disagree on their copies at layer {layer} site '{site}'"
+                       f" (ranks {self.group_ranks}): {who}")
+            if len(set(ran)) > 1:
+                kinds: dict[str, list[int]] = {}
+                for i, kind in enumerate(ran):
+                    kinds.setdefault(kind, []).append(self.group_ranks[i])
+                message += ("; they ran different element-wise kernels ("
+                            + "; ".join(f"ranks {r}: {k}" for k, r in kinds.items())
+                            + "): install the same build on every node, or set"
+                            " MPIATTN_KERNELS=numpy on every rank")
+            raise IntegrityError(message, self.comm)
         return high
 
 
