@@ -19,6 +19,7 @@
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
     !defined(MPIATTN_NO_CLONES)
+#define MPIATTN_CLONES 1
 #define CLONED __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLONED
@@ -207,8 +208,7 @@ CLONED void mpiattn_add_layer_norm(const float *x, const float *residual, const 
 
 /* Which clone the loader picked, by the test the clones' resolver makes. */
 const char *mpiattn_kernels_isa(void) {
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
-    !defined(MPIATTN_NO_CLONES)
+#ifdef MPIATTN_CLONES
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return "AVX-512 clone";
     if (__builtin_cpu_supports("avx2")) return "AVX2 clone";

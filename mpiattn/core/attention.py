@@ -390,9 +390,10 @@ def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads
         stop = min(first + group, heads)
         g, n = stop - first, mask.keys(b, seq)
         lo, hi = first * head_dim, stop * head_dim
-        flat = work.setdefault(threading.get_ident(), {})
-        if not flat:
-            flat.update((name, np.empty(size, qkv.dtype)) for name, size in sizes.items())
+        ident = threading.get_ident()
+        if ident not in work:
+            work[ident] = {name: np.empty(size, qkv.dtype) for name, size in sizes.items()}
+        flat = work[ident]
         q = flat["q"][: seq * g * head_dim].reshape(seq, g * head_dim)
         np.multiply(rows[b, :, lo:hi], scale, out=q)  # (S, g*d), contiguous
         q = q.reshape(seq, g, head_dim).transpose(1, 2, 0)  # (g, d, S)

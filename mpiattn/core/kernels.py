@@ -33,9 +33,12 @@ _SIGNATURES = {
 }
 
 
+TURNED_OFF = os.environ.get("MPIATTN_KERNELS", "").lower() == "numpy"
+
+
 def _load() -> ctypes.CDLL | None:
     """The compiled library next to this file, or None (not built, or turned off)."""
-    if os.environ.get("MPIATTN_KERNELS", "").lower() == "numpy":
+    if TURNED_OFF:
         return None
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
@@ -60,7 +63,7 @@ def description() -> str:
     (why)"."""
     if LIB is not None:
         return f"compiled, {LIB.mpiattn_kernels_isa().decode()} ({Path(LIB._name).name})"
-    if os.environ.get("MPIATTN_KERNELS", "").lower() == "numpy":
+    if TURNED_OFF:
         return "NumPy passes (MPIATTN_KERNELS=numpy)"
     return "NumPy passes (the compiled kernels were not built)"
 

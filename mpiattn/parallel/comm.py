@@ -343,12 +343,17 @@ class CheckedAllreduce:
                     f" rounding bound {bound:.3e} (x{ratio:.3g})")
         return f"ranks disagree on the result of the {where}: {self._who_differs(digest)}"
 
+    def _ranks_by(self, value: Any) -> dict[Any, list[int]]:
+        """Collective, failure paths only: every rank's ``value``, each distinct one with
+        the (world) ranks that hold it, in rank order."""
+        groups: dict[Any, list[int]] = {}
+        for i, v in enumerate(self.comm.allgather(value)):
+            groups.setdefault(v, []).append(self.group_ranks[i])
+        return groups
+
     def _who_differs(self, digest: int) -> str:
         """Collective, failure path only: which ranks' copies differ from the others'."""
-        digests = self.comm.allgather(digest)
-        groups: dict[int, list[int]] = {}
-        for i, d in enumerate(digests):
-            groups.setdefault(d, []).append(self.group_ranks[i])
+        groups = self._ranks_by(digest)
         sizes = sorted(len(g) for g in groups.values())
         if len(groups) == 2 and sizes[0] < sizes[1]:
             odd = min(groups.values(), key=len)
@@ -366,14 +371,11 @@ class CheckedAllreduce:
             from ..core import kernels
 
             who = self._who_differs(digest)
-            ran = self.comm.allgather(kernels.description() if x.dtype == np.float32
-                                      and get_array_module(x) is np else "")
+            kinds = self._ranks_by(kernels.description() if x.dtype == np.float32
+                                   and get_array_module(x) is np else "")
             message = (f"ranks disagree on their copies at layer {layer} site '{site}'"
                        f" (ranks {self.group_ranks}): {who}")
-            if len(set(ran)) > 1:
-                kinds: dict[str, list[int]] = {}
-                for i, kind in enumerate(ran):
-                    kinds.setdefault(kind, []).append(self.group_ranks[i])
+            if len(kinds) > 1:
                 message += ("; they ran different element-wise kernels ("
                             + "; ".join(f"ranks {r}: {k}" for k, r in kinds.items())
                             + "): install the same build on every node, or set"

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_cli import TINY_SET
 
 from mpiattn import config
 from mpiattn.core.backend import oversubscription, usable_cores
@@ -256,9 +257,7 @@ def test_a_run_records_its_kernels_and_numpy_passes_agree(tmp_path):
     MPIATTN_KERNELS=numpy the NumPy passes run instead, and every layer agrees in float32."""
     from mpiattn.core import kernels
 
-    small = ["model.layers=2", "model.heads=2", "model.hidden=16", "model.ffn=40",
-             "model.vocab=50", "input.batch=3", "input.seq_len=9"]
-    args = [x for s in small for x in ("--set", s)]
+    args = TINY_SET
     found = {}
     for name, extra in (("default", {}), ("numpy", {"MPIATTN_KERNELS": "numpy"})):
         env = {**{k: v for k, v in os.environ.items() if k != "MPIATTN_KERNELS"}, **extra}
@@ -290,10 +289,7 @@ def test_ranks_with_different_kernels_are_recorded_rank_by_rank(tmp_path):
     file says what each rank ran."""
     from mpiattn.core import kernels
 
-    small = ["model.layers=2", "model.heads=2", "model.hidden=16", "model.ffn=40",
-             "model.vocab=50", "input.batch=3", "input.seq_len=9"]
-    args = [x for s in small for x in ("--set", s)]
-    run = [sys.executable, "-m", "mpiattn", "run", *args]
+    run = [sys.executable, "-m", "mpiattn", "run", *TINY_SET]
     env = {k: v for k, v in os.environ.items() if k != "MPIATTN_KERNELS"}
     done = subprocess.run(["mpiexec", "-n", "1", "env", "MPIATTN_KERNELS=numpy", *run,
                            "--set", "parallel.tensor=2", "-o", "mixed.h5", ":", "-n", "1",

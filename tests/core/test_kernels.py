@@ -20,23 +20,6 @@ from mpiattn.core.attention import KeyMask, Options, attention, heads_attention,
 needs_lib = pytest.mark.skipif(kernels.LIB is None, reason=kernels.description())
 
 
-@pytest.fixture(params=["compiled", "numpy"])
-def path(request, monkeypatch):
-    """Each dispatching operation once through the kernels and once through NumPy, with
-    the kernels' calls counted."""
-    calls = []
-    if request.param == "numpy":
-        monkeypatch.setattr(kernels, "LIB", None)
-    elif kernels.LIB is None:
-        pytest.skip(kernels.description())
-    else:
-        for name in ("gelu", "softmax_columns", "store_heads", "add_layer_norm"):
-            real = getattr(kernels, name)
-            monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name, **k: (
-                calls.append(_n), _f(*a, **k))[1])
-    return request.param, calls
-
-
 def test_the_kernels_are_built_where_a_compiler_is():
     """An install with a C compiler builds them (setup.py), so the suite tests them."""
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]

@@ -17,15 +17,6 @@ from mpiattn.core import kernels, ops
 SOURCE = Path(kernels.__file__).with_name("_kernels.c")
 
 
-@pytest.fixture(params=["compiled", "numpy"])
-def path(request, monkeypatch):
-    if request.param == "numpy":
-        monkeypatch.setattr(kernels, "LIB", None)
-    elif kernels.LIB is None:
-        pytest.skip(kernels.description())
-    return request.param
-
-
 def test_gelu_into_a_smaller_out_raises_on_both_paths(path):
     """An ``out`` with fewer elements than ``x`` is refused, never written past its end."""
     x = np.ones((4, 8), np.float32)
