@@ -1,8 +1,8 @@
 /* Fused float32 element-wise kernels of the encoder's NumPy path (mpiattn.core.kernels).
  *
  * Each kernel does in one pass over memory what NumPy does in several passes and
- * temporaries: GELU with its bias, the softmax of attention scores laid out (keys,
- * queries), the store of attention's output heads, and LayerNorm after a residual add.
+ * temporaries: GELU with its bias, attention (scores, softmax and the product with V in
+ * one pass), and LayerNorm after a residual add.
  *
  * Plain C99, no Python headers: the library is loaded with ctypes, so it builds where
  * Python's headers are missing. Built without -ffast-math: the sums run in 16 fixed lanes
@@ -125,54 +125,179 @@ CLONED void mpiattn_gelu(const float *x, const float *bias, float *out, ptrdiff_
     }
 }
 
-#define COLUMN_BLOCK 512
+/* Attention, fused: FlashAttention's order (T. Dao et al., "FlashAttention", NeurIPS 2022)
+ * on one core. A block of QUERY_BLOCK queries' scores against every key are made, put
+ * through the softmax and multiplied by V while they sit in the L1 cache: no score array
+ * goes to memory. The products run on register tiles written with GCC's vector
+ * extensions (16 floats, one AVX-512 register; two AVX2 or four SSE registers in the
+ * other clones): 8 queries x 32 keys for the scores, 8 queries x 32 columns for P V. */
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4)));
+#define LOAD16(p) (*(const vec16_unaligned *)(p))
+#define STORE16(p, x) (*(vec16_unaligned *)(p) = (x))
+#define INLINE static inline __attribute__((always_inline))
 
-/* Softmax down the columns of each of `groups` (rows, cols) score blocks, in place:
- * s[h, r, c] <- exp(s[h, r, c] - max_r s[h, r, c]), and total[h, c] receives the column
- * sums (the caller divides). */
-CLONED void mpiattn_softmax_columns(float *s, float *total, ptrdiff_t groups,
-                                    ptrdiff_t rows, ptrdiff_t cols) {
-    float top[COLUMN_BLOCK];
-    if (rows <= 0) { /* no keys: empty sums (the caller's 0 / 0 is NaN), and no row 0 */
-        for (ptrdiff_t i = 0; i < groups * cols; i++) total[i] = 0.0f;
-        return;
+#define QUERY_BLOCK 8
+#define KEY_BLOCK 32
+
+/* s[i, j] = sum_c qs[i, c] kt[c, j] for QUERY_BLOCK queries (qs rows d apart) and
+ * KEY_BLOCK keys (kt rows `keys_padded` apart); s rows s_row apart. */
+INLINE void score_tile(const float *restrict qs, const float *restrict kt, ptrdiff_t d,
+                       ptrdiff_t keys_padded, float *restrict s, ptrdiff_t s_row) {
+    vec16 acc[QUERY_BLOCK][2];
+    for (int i = 0; i < QUERY_BLOCK; i++) acc[i][0] = acc[i][1] = (vec16){0};
+    for (ptrdiff_t c = 0; c < d; c++) {
+        vec16 k0 = LOAD16(kt + c * keys_padded), k1 = LOAD16(kt + c * keys_padded + 16);
+        for (int i = 0; i < QUERY_BLOCK; i++) {
+            float x = qs[i * d + c];
+            acc[i][0] += x * k0;
+            acc[i][1] += x * k1;
+        }
     }
-    for (ptrdiff_t h = 0; h < groups; h++) {
-        float *block = s + h * rows * cols;
-        for (ptrdiff_t c0 = 0; c0 < cols; c0 += COLUMN_BLOCK) {
-            ptrdiff_t w = cols - c0 < COLUMN_BLOCK ? cols - c0 : COLUMN_BLOCK;
-            float *restrict m = top;
-            float *restrict t = total + h * cols + c0;
-            memcpy(m, block + c0, (size_t)w * sizeof(float));
-            for (ptrdiff_t r = 1; r < rows; r++) {
-                const float *restrict row = block + r * cols + c0;
-                for (ptrdiff_t c = 0; c < w; c++) m[c] = row[c] > m[c] ? row[c] : m[c];
-            }
-            for (ptrdiff_t c = 0; c < w; c++) t[c] = 0.0f;
-            for (ptrdiff_t r = 0; r < rows; r++) {
-                float *restrict row = block + r * cols + c0;
-                for (ptrdiff_t c = 0; c < w; c++) {
-                    float e = exp_nonpositive(row[c] - m[c]);
-                    row[c] = e;
-                    t[c] += e;
-                }
-            }
+    for (int i = 0; i < QUERY_BLOCK; i++) {
+        STORE16(s + i * s_row, acc[i][0]);
+        STORE16(s + i * s_row + 16, acc[i][1]);
+    }
+}
+
+/* o[i, 0:16 W] = sum_{j < keys} p[i, j] v[j, 0:16 W] for QUERY_BLOCK queries: W = 2 or 1
+ * vectors of V's columns (v rows v_row apart, p rows p_row apart, o rows o_row apart). */
+#define PV_TILE(NAME, W)                                                                   \
+    INLINE void NAME(const float *restrict p, ptrdiff_t p_row, const float *restrict v,    \
+                     ptrdiff_t v_row, ptrdiff_t keys, float *restrict o, ptrdiff_t o_row) { \
+        vec16 acc[QUERY_BLOCK][W];                                                         \
+        for (int i = 0; i < QUERY_BLOCK; i++)                                              \
+            for (int w = 0; w < W; w++) acc[i][w] = (vec16){0};                            \
+        for (ptrdiff_t j = 0; j < keys; j++) {                                             \
+            vec16 x[W];                                                                    \
+            for (int w = 0; w < W; w++) x[w] = LOAD16(v + j * v_row + 16 * w);             \
+            for (int i = 0; i < QUERY_BLOCK; i++) {                                        \
+                float pij = p[i * p_row + j];                                              \
+                for (int w = 0; w < W; w++) acc[i][w] += pij * x[w];                       \
+            }                                                                              \
+        }                                                                                  \
+        for (int i = 0; i < QUERY_BLOCK; i++)                                              \
+            for (int w = 0; w < W; w++) STORE16(o + i * o_row + 16 * w, acc[i][w]);        \
+    }
+PV_TILE(pv_tile32, 2)
+PV_TILE(pv_tile16, 1)
+
+/* The columns c0..cols of P V that are not a multiple of 16 (head_dim 8, 20, ...). */
+INLINE void pv_columns(const float *restrict p, ptrdiff_t p_row, const float *restrict v,
+                       ptrdiff_t v_row, ptrdiff_t keys, float *restrict o, ptrdiff_t o_row,
+                       ptrdiff_t cols) {
+    for (int i = 0; i < QUERY_BLOCK; i++) {
+        float *restrict oi = o + i * o_row;
+        for (ptrdiff_t c = 0; c < cols; c++) oi[c] = 0.0f;
+        for (ptrdiff_t j = 0; j < keys; j++) {
+            float pij = p[i * p_row + j];
+            for (ptrdiff_t c = 0; c < cols; c++) oi[c] += pij * v[j * v_row + c];
         }
     }
 }
 
-/* dest[q, h, :] = o[h, q, :] / total[h, q] for o (groups, queries, head_dim), total
- * (groups, queries); dest's rows are dest_row floats apart (its heads side by side). */
-CLONED void mpiattn_store_heads(const float *o, const float *total, float *dest,
-                                ptrdiff_t groups, ptrdiff_t queries, ptrdiff_t head_dim,
-                                ptrdiff_t dest_row) {
-    for (ptrdiff_t q = 0; q < queries; q++)
-        for (ptrdiff_t h = 0; h < groups; h++) {
-            const float *restrict src = o + (h * queries + q) * head_dim;
-            float *restrict dst = dest + q * dest_row + h * head_dim;
-            float t = total[h * queries + q];
-            for (ptrdiff_t j = 0; j < head_dim; j++) dst[j] = src[j] / t;
+/* s[j] <- exp(s[j] - max s) for j < n, in place; returns their sum (lanes, then a tree). */
+INLINE float softmax_row(float *restrict s, ptrdiff_t n) {
+    float top[LANES];
+    for (int l = 0; l < LANES; l++) top[l] = -INFINITY;
+    ptrdiff_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) top[l] = s[j + l] > top[l] ? s[j + l] : top[l];
+    float m = -INFINITY;
+    for (int l = 0; l < LANES; l++) m = top[l] > m ? top[l] : m;
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    float acc[LANES] = {0};
+    for (j = 0; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float e = exp_nonpositive(s[j + l] - m);
+            s[j + l] = e;
+            acc[l] += e;
         }
+    float tail = 0.0f;
+    for (; j < n; j++) {
+        float e = exp_nonpositive(s[j] - m);
+        s[j] = e;
+        tail += e;
+    }
+    for (int w = LANES / 2; w; w >>= 1)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0] + tail;
+}
+
+/* Floats of `work` that mpiattn_attention needs for head_dim d and `keys` keys. */
+ptrdiff_t mpiattn_attention_work(ptrdiff_t d, ptrdiff_t keys) {
+    ptrdiff_t padded = (keys + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    return (d + QUERY_BLOCK) * padded + 2 * QUERY_BLOCK * d;
+}
+
+/* Softmax attention of `heads` heads of one sequence, written into dest:
+ *   dest[i, h d + c] = sum_j softmax_j(scale (q_i + qb) . (k_j + kb) + kbias[j]
+ *                                      + position[h, i, j]) (v_j + vb)[c]
+ * for queries i < queries and keys j < keys. q, k and v point at head 0's columns of row 0
+ * (rows `row` floats apart, head h at h d); q_bias, k_bias, v_bias (heads d,) are added
+ * here (NULL: none); key_bias (keys,) and position (heads, queries, position_row) may be
+ * NULL. dest's rows are dest_row floats apart. work holds mpiattn_attention_work(d, keys)
+ * floats. The value bias is added after the division by the sum of the weights (which
+ * is 1); no keys gives NaN. */
+CLONED void mpiattn_attention(const float *q, const float *k, const float *v, ptrdiff_t row,
+                              ptrdiff_t heads, ptrdiff_t d, ptrdiff_t queries, ptrdiff_t keys,
+                              float scale, const float *q_bias, const float *k_bias,
+                              const float *v_bias, const float *key_bias,
+                              const float *position, ptrdiff_t position_row, float *dest,
+                              ptrdiff_t dest_row, float *work) {
+    ptrdiff_t padded = (keys + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+    float *kt = work;               /* (d, padded): K^T, keys along the rows */
+    float *sc = kt + d * padded;    /* (QUERY_BLOCK, padded): scores, then weights */
+    float *qs = sc + QUERY_BLOCK * padded; /* (QUERY_BLOCK, d): scaled queries */
+    float *ob = qs + QUERY_BLOCK * d;      /* (QUERY_BLOCK, d): unnormalised outputs */
+    for (ptrdiff_t h = 0; h < heads; h++) {
+        const float *qh = q + h * d, *kh = k + h * d, *vh = v + h * d;
+        for (ptrdiff_t c = 0; c < d; c++) {
+            float *restrict kr = kt + c * padded;
+            float b = k_bias ? k_bias[h * d + c] : 0.0f;
+            for (ptrdiff_t j = 0; j < keys; j++) kr[j] = kh[j * row + c] + b;
+            for (ptrdiff_t j = keys; j < padded; j++) kr[j] = 0.0f;
+        }
+        for (ptrdiff_t i0 = 0; i0 < queries; i0 += QUERY_BLOCK) {
+            ptrdiff_t count = queries - i0 < QUERY_BLOCK ? queries - i0 : QUERY_BLOCK;
+            for (ptrdiff_t i = 0; i < QUERY_BLOCK; i++) {
+                const float *restrict qr = qh + (i0 + i) * row;
+                float *restrict qd = qs + i * d;
+                if (i >= count)
+                    for (ptrdiff_t c = 0; c < d; c++) qd[c] = 0.0f;
+                else if (q_bias)
+                    for (ptrdiff_t c = 0; c < d; c++) qd[c] = (qr[c] + q_bias[h * d + c]) * scale;
+                else
+                    for (ptrdiff_t c = 0; c < d; c++) qd[c] = qr[c] * scale;
+            }
+            for (ptrdiff_t j0 = 0; j0 < padded; j0 += KEY_BLOCK)
+                score_tile(qs, kt + j0, d, padded, sc + j0, padded);
+            float total[QUERY_BLOCK];
+            for (ptrdiff_t i = 0; i < QUERY_BLOCK; i++) {
+                float *restrict s = sc + i * padded;
+                if (key_bias)
+                    for (ptrdiff_t j = 0; j < keys; j++) s[j] += key_bias[j];
+                if (position && i < count) {
+                    const float *restrict pr = position + (h * queries + i0 + i) * position_row;
+                    for (ptrdiff_t j = 0; j < keys; j++) s[j] += pr[j];
+                }
+                total[i] = softmax_row(s, keys);
+            }
+            ptrdiff_t c0 = 0;
+            for (; c0 + 32 <= d; c0 += 32) pv_tile32(sc, padded, vh + c0, row, keys, ob + c0, d);
+            for (; c0 + 16 <= d; c0 += 16) pv_tile16(sc, padded, vh + c0, row, keys, ob + c0, d);
+            if (c0 < d) pv_columns(sc, padded, vh + c0, row, keys, ob + c0, d, d - c0);
+            for (ptrdiff_t i = 0; i < count; i++) {
+                float *restrict o = dest + (i0 + i) * dest_row + h * d;
+                const float *restrict src = ob + i * d;
+                float t = total[i];
+                if (v_bias)
+                    for (ptrdiff_t c = 0; c < d; c++) o[c] = src[c] / t + v_bias[h * d + c];
+                else
+                    for (ptrdiff_t c = 0; c < d; c++) o[c] = src[c] / t;
+            }
+        }
+    }
 }
 
 /* out = LayerNorm(x + bias + residual) over the rows of (rows, cols) arrays, with gain g

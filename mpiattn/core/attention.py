@@ -44,6 +44,7 @@ import numpy as np
 from . import headstats, kernels, rotary
 from .backend import get_array_module, grown, to_host
 from .ops import mask_backward, mask_cached, softmax, softmax_backward, softmax_cached
+from .shard import partition
 
 PLAIN_MAX_SEQ = 2048  # auto: plain up to this length (16 MiB of float32 scores per head)
 DEFAULT_BLOCK = 512  # blocked attention's key/query block when none is set (min with the keys)
@@ -284,16 +285,27 @@ _BATCHED_SCORES = 1 << 22  # CPU: batch all heads while the (B, h, S, S) scores 
 
 
 def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_dim: int,
-                    mask: KeyMask, options: Options, probe: Any = None) -> str:
+                    mask: KeyMask, options: Options, probe: Any = None,
+                    qkv_bias: Any = None) -> str:
     """Attention of all local heads from the fused QKV product into ``out``.
 
     ``qkv`` is (B*S, 3*h*d) laid out [Q heads | K heads | V heads]; ``out`` is (B*S, h*d),
     head h in columns h*d:(h+1)*d, ready for the output projection without a transpose.
-    ``probe`` (a ``headstats.Probe``, or None): receives each query's entropy and distance
-    (B, h, S) and the probabilities (h, S, S) of the sequences it asks for.
-    Returns the algorithm used (recorded in the output file).
+    ``qkv_bias`` (3*h*d,) or None: the QKV bias when it is not yet in ``qkv``; the fused
+    kernel adds it as it reads (one pass over the (B*S, 3*h*d) product less), every other
+    path adds it to ``qkv`` first. ``probe`` (a ``headstats.Probe``, or None): receives each
+    query's entropy and distance (B, h, S) and the probabilities (h, S, S) of the sequences
+    it asks for. Returns the algorithm used (recorded in the output file).
     """
     xp = get_array_module(qkv)
+    if (qkv_bias is not None and probe is None and options.window is None
+            and options.resolve(seq)[0] == "plain"
+            and _fused(qkv, out, qkv_bias, options.position_bias)):
+        _fused_heads(qkv, out, batch, seq, heads, head_dim, mask, options.position_bias,
+                     options.workers, qkv_bias)
+        return "plain"
+    if qkv_bias is not None:
+        qkv += qkv_bias
     impl, block = options.resolve(seq)
     width = heads * head_dim
     scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
@@ -359,29 +371,29 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
 
 def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads: int,
                    head_dim: int, mask: KeyMask, position: Any, workers: int) -> None:
-    """The plain algorithm on NumPy: each sequence's heads in groups whose scores stay in
-    the L2 cache (``_GROUP_BYTES``), keys cut at the sequence's length.
+    """The plain algorithm on NumPy: the fused kernel where it is built (``_fused_heads``),
+    else each sequence's heads in groups whose scores stay in the L2 cache
+    (``_GROUP_BYTES``), keys cut at the sequence's length.
 
     The scores of a group are laid out (heads, keys, queries), k q^T rather than q k^T:
     the softmax's reductions over keys then run down the rows, element-wise across whole
     rows (3x faster than along each row at S = 256), the row sums are one product with a
     vector of ones, and p^T v reads the same array transposed at no cost. Measured on one
-    core at 32 x 256 tokens, 12 heads of 32: 63 ms against 83 ms head by head. Where the
-    compiled kernels are built, the softmax is one call per group (a max pass, then an
-    exp-and-sum pass) and the heads are divided by their sums as they are stored: 56 ms,
-    and 3.7 against 9.1 ms for the all-heads batched product at 32 x 64. Each thread keeps
-    its work arrays for the call (fresh ones cost page faults: ~5 ms more at 32 x 256).
+    core at 32 x 256 tokens, 12 heads of 32: 63 ms against 83 ms head by head, and 3.7
+    against 9.1 ms for the all-heads batched product at 32 x 64. Each thread keeps its work
+    arrays for the call (fresh ones cost page faults: ~5 ms more at 32 x 256).
     ``position``: (h, S, S) [query, key] bias (MPNet), or None; ``mask.bias`` (non-prefix
     masks) is added per key.
     """
+    if _fused(qkv, out, None, position):
+        _fused_heads(qkv, out, batch, seq, heads, head_dim, mask, position, workers, None)
+        return
     width = heads * head_dim
     scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
     group = max(1, min(heads, _GROUP_BYTES // (seq * seq * qkv.itemsize)))
     rows = qkv.reshape(batch, seq, 3 * width)
     dest = out.reshape(batch, seq, heads, head_dim)
     ones = np.ones(seq, dtype=qkv.dtype)
-
-    fused = kernels.fits(qkv, out)
     sizes = {"q": seq * group * head_dim, "s": group * seq * seq, "o": group * seq * head_dim,
              "total": group * seq}
     work: dict[int, dict[str, np.ndarray]] = {}  # per thread: fresh arrays cost page faults
@@ -407,11 +419,6 @@ def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads
             s += position[first:stop, :, :n].transpose(0, 2, 1)
         o = flat["o"][: g * seq * head_dim].reshape(g, seq, head_dim)
         total = flat["total"][: g * seq].reshape(g, seq)
-        if fused:
-            kernels.softmax_columns(s, total)
-            np.matmul(s.transpose(0, 2, 1), v, out=o)
-            kernels.store_heads(o, total, dest[b, :, first:stop])
-            return
         s -= s.max(axis=1, keepdims=True)
         np.exp(s, out=s)
         np.matmul(ones[:n], s, out=total)
@@ -420,6 +427,42 @@ def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads
         dest[b, :, first:stop] = o.transpose(1, 0, 2)
 
     _each(one, [(b, h) for b in range(batch) for h in range(0, heads, group)], workers)
+
+
+def _fused(qkv: Any, out: Any, qkv_bias: Any, position: Any) -> bool:
+    """Whether the compiled fused kernel takes this call (float32 C-contiguous NumPy)."""
+    return kernels.fits(qkv, out, qkv_bias, position)
+
+
+def _fused_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads: int,
+                 head_dim: int, mask: KeyMask, position: Any, workers: int,
+                 qkv_bias: np.ndarray | None) -> None:
+    """The plain algorithm by the compiled kernel (``kernels.attention``): per sequence,
+    blocks of 8 queries whose scores, softmax and product with V stay in the L1 cache,
+    keys cut at the sequence's length; ``qkv_bias`` (or None) is added as the kernel reads.
+    Measured on one core at 32 x 256 tokens, 12 heads of 32 (MiniLM): 52 ms against 57 ms
+    for the groups of heads with the compiled softmax (``docs/text-corpora.md``). With
+    several workers the heads of a sequence are split so that every worker has work.
+    """
+    rows = qkv.reshape(batch, seq, 3 * heads * head_dim)
+    dest = out.reshape(batch, seq, heads * head_dim)
+    scale = 1.0 / math.sqrt(head_dim)
+    parts = min(heads, -(-2 * workers // batch)) if workers > 1 else 1
+    work: dict[int, np.ndarray] = {}  # per thread: fresh arrays cost page faults
+    size = kernels.attention_work(head_dim, seq)
+
+    def one(b: int, part: int) -> None:
+        count, first = partition(heads, parts, part)
+        n = mask.keys(b, seq)
+        bias = mask.row_bias(b, n)
+        ident = threading.get_ident()
+        if ident not in work:
+            work[ident] = np.empty(size, np.float32)
+        kernels.attention(rows[b], heads, first, first + count, head_dim, n, scale, qkv_bias,
+                          None if bias is None else np.ascontiguousarray(bias, np.float32),
+                          position, dest[b], work[ident])
+
+    _each(one, [(b, part) for b in range(batch) for part in range(parts)], workers)
 
 
 _GROUP_BYTES = 3 << 19  # 1.5 MiB of scores per group: 6 heads at S = 256 (best of 1..12)

@@ -2,11 +2,12 @@
 is installed, loaded with ctypes; ``None`` of them where the build was skipped.
 
 NumPy runs an element-wise expression as one pass over memory per operation: exact GELU
-is 21 passes, the softmax of a block of scores 4, a residual add and LayerNorm 8. Those
-passes were a quarter of an encoder layer's time on one core (MiniLM, 32 x 256 tokens:
-about 90 of 340 ms, against 225 ms of products). Each kernel here does its operation in
-one or two passes (``docs/text-corpora.md`` has the measurements), as oneDNN and ONNX
-Runtime fuse them. Their results differ from the NumPy passes' in the last bits (another
+is 21 passes, attention's softmax 4 over scores that go to memory and back, a residual
+add and LayerNorm 8. Those passes were a quarter of an encoder layer's time on one core
+(MiniLM, 32 x 256 tokens: about 90 of 340 ms, against 225 ms of products). Each kernel
+here does its operation in one or two passes (``docs/text-corpora.md`` has the
+measurements), as oneDNN and ONNX Runtime fuse them; attention's scores never leave
+the L1 cache. Their results differ from the NumPy passes' in the last bits (another
 exp, FMA), as BLAS's do from one CPU to another.
 
 The library is optional: a missing compiler at install time, or ``MPIATTN_KERNELS=numpy``
@@ -25,36 +26,43 @@ import numpy as np
 
 _P, _N, _F = ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_float
 
-_SIGNATURES = {
-    "mpiattn_gelu": (_P, _P, _P, _N, _N),
-    "mpiattn_softmax_columns": (_P, _P, _N, _N, _N),
-    "mpiattn_store_heads": (_P, _P, _P, _N, _N, _N, _N),
-    "mpiattn_add_layer_norm": (_P, _P, _P, _P, _P, _F, _P, _P, _N, _N),
+_SIGNATURES = {  # name: (argument types, result type)
+    "mpiattn_gelu": ((_P, _P, _P, _N, _N), None),
+    "mpiattn_attention": ((_P, _P, _P, _N, _N, _N, _N, _N, _F, _P, _P, _P, _P, _P, _N, _P, _N,
+                           _P), None),
+    "mpiattn_attention_work": ((_N, _N), _N),
+    "mpiattn_add_layer_norm": ((_P, _P, _P, _P, _P, _F, _P, _P, _N, _N), None),
+    "mpiattn_kernels_isa": ((), ctypes.c_char_p),
 }
 
 
 TURNED_OFF = os.environ.get("MPIATTN_KERNELS", "").lower() == "numpy"
 
 
-def _load() -> ctypes.CDLL | None:
-    """The compiled library next to this file, or None (not built, or turned off)."""
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give the library's functions their C signatures (the tests bind other builds)."""
+    for name, (args, result) in _SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = result
+    return lib
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled library next to this file and "", or None and why not."""
     if TURNED_OFF:
-        return None
+        return None, "MPIATTN_KERNELS=numpy"
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = here / f"_kernels{suffix}"
         if path.is_file():
-            lib = ctypes.CDLL(str(path))
-            for name, args in _SIGNATURES.items():
-                getattr(lib, name).argtypes = args
-                getattr(lib, name).restype = None
-            lib.mpiattn_kernels_isa.argtypes = ()
-            lib.mpiattn_kernels_isa.restype = ctypes.c_char_p
-            return lib
-    return None
+            try:
+                return bind(ctypes.CDLL(str(path))), ""
+            except AttributeError:  # a function missing: built from older sources
+                return None, f"{path.name} is built from older sources: reinstall mpiattn"
+    return None, "the compiled kernels were not built"
 
 
-LIB = _load()
+LIB, _WHY_NOT = _load()
 
 
 def description() -> str:
@@ -63,9 +71,7 @@ def description() -> str:
     (why)"."""
     if LIB is not None:
         return f"compiled, {LIB.mpiattn_kernels_isa().decode()} ({Path(LIB._name).name})"
-    if TURNED_OFF:
-        return "NumPy passes (MPIATTN_KERNELS=numpy)"
-    return "NumPy passes (the compiled kernels were not built)"
+    return f"NumPy passes ({_WHY_NOT or 'turned off'})"
 
 
 def fits(*arrays: np.ndarray | None) -> bool:
@@ -89,25 +95,55 @@ def gelu(x: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def softmax_columns(s: np.ndarray, total: np.ndarray) -> None:
-    """Softmax down the columns of each (keys, queries) block of s (groups, keys,
-    queries), in place and unnormalised: ``s = exp(s - column max)``, and ``total``
-    (groups, queries) receives the column sums."""
-    groups, rows, cols = s.shape
-    LIB.mpiattn_softmax_columns(_ptr(s), _ptr(total), groups, rows, cols)
+def _rows_fit(a: np.ndarray, shape: tuple[int, int]) -> bool:
+    """a is float32 of this shape with contiguous, non-overlapping rows."""
+    return (type(a) is np.ndarray and a.shape == shape and a.dtype == np.float32
+            and a.strides[-1] == 4 and a.strides[0] >= 4 * shape[1])
 
 
-def store_heads(o: np.ndarray, total: np.ndarray, dest: np.ndarray) -> None:
-    """``dest[q, h, :] = o[h, q, :] / total[h, q]``: o (groups, queries, head_dim) and
-    total (groups, queries) C-contiguous; dest a (queries, groups, head_dim) view whose
-    last two axes are contiguous (heads side by side in a row of a larger array)."""
-    groups, queries, head_dim = o.shape
-    row = dest.strides[0] // dest.itemsize
-    if dest.shape != (queries, groups, head_dim) or dest.strides[1:] != (
-            head_dim * 4, 4) or dest.dtype != np.float32:
-        raise ValueError(f"store_heads: dest {dest.shape} {dest.strides} does not fit")
-    LIB.mpiattn_store_heads(_ptr(o), _ptr(total), _ptr(dest), groups, queries, head_dim,
-                            row)
+def _fits_or_none(a: np.ndarray | None, shape: tuple[int, ...]) -> bool:
+    return a is None or (fits(a) and a.shape == shape)
+
+
+def attention_work(head_dim: int, keys: int) -> int:
+    """Floats of work space that ``attention`` needs for these sizes."""
+    return LIB.mpiattn_attention_work(head_dim, keys)
+
+
+def attention(rows: np.ndarray, heads: int, first: int, stop: int, head_dim: int, keys: int,
+              scale: float, qkv_bias: np.ndarray | None, key_bias: np.ndarray | None,
+              position: np.ndarray | None, dest: np.ndarray, work: np.ndarray) -> None:
+    """Softmax attention of heads ``first:stop`` of one sequence, fused (scores, softmax
+    and the product with V per block of 8 queries, in the L1 cache), into ``dest``.
+
+    rows (S, 3*heads*head_dim): the sequence's fused QKV product, [Q | K | V] heads, rows
+    contiguous; keys: the first ``keys`` rows are the keys; qkv_bias (3*heads*head_dim,)
+    or None: the QKV bias, not yet added to rows (it is added here); key_bias (keys,) or
+    None: added to every query's scores; position (heads, S, S) [query, key] or None;
+    dest (S, heads*head_dim), rows contiguous: head h's output goes to its columns
+    h*head_dim:(h+1)*head_dim; work: float32 with ``attention_work(head_dim, keys)``
+    elements. Raises ValueError when an array does not fit those shapes and layouts.
+    """
+    seq = rows.shape[0]
+    width = heads * head_dim
+    if not (_rows_fit(rows, (seq, 3 * width)) and _rows_fit(dest, (seq, width))
+            and 0 <= first <= stop <= heads and 0 <= keys <= seq
+            and _fits_or_none(qkv_bias, (3 * width,)) and _fits_or_none(key_bias, (keys,))
+            and _fits_or_none(position, (heads, seq, seq))
+            and fits(work) and work.size >= attention_work(head_dim, keys)):
+        raise ValueError("kernels.attention: the arrays do not fit")
+    at = first * head_dim
+    base, item = rows.ctypes.data, rows.itemsize
+
+    def bias_at(offset: int) -> int | None:
+        return None if qkv_bias is None else qkv_bias.ctypes.data + (offset + at) * item
+
+    LIB.mpiattn_attention(
+        base + at * item, base + (width + at) * item, base + (2 * width + at) * item,
+        rows.strides[0] // item, stop - first, head_dim, seq, keys, scale,
+        bias_at(0), bias_at(width), bias_at(2 * width), _ptr(key_bias),
+        None if position is None else position[first].ctypes.data, seq,
+        dest.ctypes.data + at * item, dest.strides[0] // item, work.ctypes.data)
 
 
 def add_layer_norm(x: np.ndarray, residual: np.ndarray, g: np.ndarray, b: np.ndarray,

@@ -216,8 +216,11 @@ def attention_partial(
     """This rank's heads' share of multi-head attention: (B*S, H) -> partial (B*S, H).
 
     Column-parallel QKV (one fused GEMM), local attention, row-parallel output projection
-    written straight into the reduction's buffer. ``probe``: a ``headstats.Probe`` that
-    receives this rank's heads' statistics and maps (timed as ``attention``), or None.
+    written straight into the reduction's buffer. Without RoPE or sequence parallelism
+    the QKV bias goes to ``heads_attention``, which adds it as the fused kernel reads the
+    product (else to the product first, timed as ``attention``). ``probe``: a
+    ``headstats.Probe`` that receives this rank's heads' statistics and maps (timed as
+    ``attention``), or None.
     With ``options.sequence`` (sequence parallelism) the rows are this rank's tokens and
     attention reaches every key through the sequence group (``seqattn``; ``layer`` labels
     its transfers).
@@ -228,8 +231,11 @@ def attention_partial(
     with phase("qkv"):
         qkv = options.scratch(f"qkv{slot}", (rows, p.w_qkv.shape[1]), x2.dtype, xp)
         xp.matmul(x2, p.w_qkv, out=qkv)  # (B*S, 3*h*d)
-        qkv += p.b_qkv
-        if isinstance(p, RotaryLayerShard):  # RoPE at this rank's tokens' positions
+        rotates = isinstance(p, RotaryLayerShard)
+        late_bias = not rotates and options.sequence is None  # heads_attention adds it
+        if not late_bias:
+            qkv += p.b_qkv
+        if rotates:  # RoPE at this rank's tokens' positions
             first = options.sequence.split.start if options.sequence is not None else 0
             rotary.rotate(qkv, batch, rows // batch, p.heads, p.head_dim, p.rope_theta, first)
     if isinstance(p, RotaryLayerShard) and p.window is not None:
@@ -239,7 +245,8 @@ def attention_partial(
         if options.sequence is not None:
             options.sequence.forward(qkv, o, batch, p.heads, p.head_dim, mask, options, layer)
         else:
-            heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options, probe)
+            heads_attention(qkv, o, batch, seq, p.heads, p.head_dim, mask, options, probe,
+                            p.b_qkv if late_bias else None)
     with phase("out_proj"):
         partial = reduce.buffer(rows, hidden, x2.dtype, slot)
         xp.matmul(o, p.w_o, out=partial)

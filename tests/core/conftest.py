@@ -15,7 +15,7 @@ def path(request, monkeypatch):
     elif kernels.LIB is None:
         pytest.skip(kernels.description())
     else:
-        for name in ("gelu", "softmax_columns", "store_heads", "add_layer_norm"):
+        for name in ("gelu", "attention", "add_layer_norm"):
             real = getattr(kernels, name)
             monkeypatch.setattr(kernels, name, lambda *a, _f=real, _n=name, **k: (
                 calls.append(_n), _f(*a, **k))[1])

@@ -66,61 +66,106 @@ def test_gelu_over_the_whole_range_and_at_the_edges():
     np.testing.assert_array_equal(np.isnan(out), np.isnan(numpy_passes))
 
 
-@needs_lib
-@pytest.mark.parametrize(("groups", "rows", "cols"), [
-    (1, 1, 1), (1, 2, 15), (2, 17, 17), (3, 256, 64), (1, 5, 513), (2, 3, 1100)])
-def test_softmax_columns_against_float64(groups, rows, cols):
-    """Every column block (512 wide) and tail; masked (-inf) keys give exactly 0."""
-    rng = np.random.default_rng(rows * cols)
-    s = (rng.standard_normal((groups, rows, cols)) * 10).astype(np.float32)
-    if rows > 1:
-        s[:, rng.random(rows) < 0.3] = -np.inf  # masked keys
-        s[:, 0] = np.where(np.isinf(s[:, 0]), 0, s[:, 0])
-    want = np.exp((s - s.max(axis=1, keepdims=True)).astype(np.float64))  # float32 shift
-    total = np.full((groups, cols), np.nan, np.float32)
-    kernels.softmax_columns(s, total)
-    np.testing.assert_allclose(s, want, rtol=3e-7, atol=1e-37)
-    assert (s[np.isinf(want) | (want == 0)] == 0).all()
-    np.testing.assert_allclose(total, want.sum(axis=1), rtol=2e-6)
+def fused64(rows, heads, first, stop, d, keys, scale, qkv_bias, key_bias, position):
+    """The float64 oracle of ``kernels.attention``: (S, (stop - first) * d)."""
+    rows = rows.astype(np.float64)
+    if qkv_bias is not None:
+        rows = rows + qkv_bias
+    width = heads * d
+    out = []
+    for h in range(first, stop):
+        q = rows[:, h * d:(h + 1) * d] * np.float64(np.float32(scale))
+        k = rows[:keys, width + h * d:width + (h + 1) * d]
+        v = rows[:keys, 2 * width + h * d:2 * width + (h + 1) * d]
+        s = q @ k.T
+        if key_bias is not None:
+            s = s + key_bias
+        if position is not None:
+            s = s + position[h, :, :keys]
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out.append(p @ v / p.sum(axis=1, keepdims=True))
+    return np.concatenate(out, axis=1)
+
+
+def fused_case(seq, heads, d, seed, biases=True, masked=True, position=True):
+    """A sequence's (S, 3 h d) QKV rows inside a wider array, and the optional inputs."""
+    rng = np.random.default_rng(seed)
+    wide = (rng.standard_normal((seq, 3 * heads * d + 5)) * 2).astype(np.float32)
+    rows = wide[:, 2:2 + 3 * heads * d]  # rows contiguous, not the whole array
+    qkv_bias = rng.standard_normal(3 * heads * d).astype(np.float32) if biases else None
+    keys = int(rng.integers(1, seq + 1))
+    key_bias = None
+    if masked:
+        key_bias = np.where(rng.random(keys) < 0.3, -np.inf, 0).astype(np.float32)
+        key_bias[0] = 0.5
+    pos = rng.standard_normal((heads, seq, seq)).astype(np.float32) if position else None
+    return rows, qkv_bias, keys, key_bias, pos
 
 
 @needs_lib
-def test_softmax_columns_exp_over_its_whole_range():
-    """One column per argument: exp of -104..0 within 1 ulp-ish, 0 below the normals."""
-    v = np.linspace(-104, 0, 200_001, dtype=np.float32)
-    s = np.stack([v, np.zeros_like(v)])[None].copy()
-    total = np.empty((1, v.size), np.float32)
-    kernels.softmax_columns(s, total)
-    want = np.exp(v.astype(np.float64))
-    normal = want > np.finfo(np.float32).tiny
-    assert (np.abs(s[0, 0, normal] - want[normal]) / want[normal]).max() < 2e-7
-    assert (s[0, 0, ~normal] == 0).all() and (s[0, 1] == 1).all()
-    np.testing.assert_array_equal(total[0], s[0, 0] + 1)
+@pytest.mark.parametrize("d", [1, 8, 16, 20, 32, 48, 64, 80])
+@pytest.mark.parametrize("seq", [1, 7, 8, 9, 33, 300])
+@pytest.mark.parametrize("extras", [False, True])
+def test_fused_attention_against_float64(d, seq, extras):
+    """Every register tile and its tails: head_dim in 32-, 16- and odd-column pieces,
+    query blocks of 8 and their tail, keys padded to 32; with and without the QKV bias,
+    masked (-inf) keys and a position bias; heads 1:3 of 4 land in their columns only."""
+    heads, first, stop = 4, 1, 3
+    rows, qkv_bias, keys, key_bias, position = fused_case(
+        seq, heads, d, seed=seq * 100 + d, biases=extras, masked=extras, position=extras)
+    dest = np.full((seq, heads * d + 3), -7.0, np.float32)
+    scale = 1 / math.sqrt(d)
+    work = np.empty(kernels.attention_work(d, keys), np.float32)
+    kernels.attention(rows, heads, first, stop, d, keys, scale, qkv_bias, key_bias, position,
+                      dest[:, :heads * d], work)
+    want = fused64(rows, heads, first, stop, d, keys, scale, qkv_bias, key_bias, position)
+    got = dest[:, first * d:stop * d]
+    assert np.abs(got - want).max() <= 3e-6 * max(1.0, np.abs(want).max())
+    assert (dest[:, :first * d] == -7).all() and (dest[:, stop * d:] == -7).all()
 
 
 @needs_lib
-def test_softmax_columns_nan_stays_in_its_column():
-    s = np.zeros((1, 4, 3), np.float32)
-    s[0, 2, 1] = np.nan
-    total = np.empty((1, 3), np.float32)
-    kernels.softmax_columns(s, total)
-    assert np.isnan(total[0, 1]) and np.isnan(s[0, 2, 1])
-    np.testing.assert_array_equal(total[0, [0, 2]], [4, 4])
-    np.testing.assert_array_equal(s[0, :, [0, 2]], 1)
+def test_fused_attention_exp_over_its_whole_range():
+    """One query, keys whose scores run over -104..0 (d = 1, q = 1, unit scale) and an
+    identity V: each output is exp(s_j) / sum, within 1 ulp-ish; 0 below the normals."""
+    for chunk in np.array_split(np.linspace(-104, 0, 20_001, dtype=np.float32), 20):
+        keys = chunk.size + 1
+        d = keys  # V = identity: output j is weight j
+        rows = np.zeros((keys, 3 * d), np.float32)
+        rows[0, 0] = 1.0  # q
+        rows[:, d] = np.append(chunk, 0)  # k: the scores, and one key at 0 (the max)
+        rows[:, 2 * d:] = np.eye(keys, dtype=np.float32)
+        dest = np.empty((keys, d), np.float32)
+        kernels.attention(rows, 1, 0, 1, d, keys, 1.0, None, None, None, dest,
+                          np.empty(kernels.attention_work(d, keys), np.float32))
+        e = np.exp(np.append(chunk, 0).astype(np.float64))
+        want = e / e.sum()
+        normal = want > np.finfo(np.float32).tiny
+        assert (np.abs(dest[0, normal] - want[normal]) / want[normal]).max() < 4e-7
+        assert (dest[0, ~normal] == 0).all()
 
 
 @needs_lib
-def test_store_heads_divides_and_touches_only_its_heads():
-    groups, queries, d, heads = 3, 5, 4, 7
-    rng = np.random.default_rng(0)
-    o = rng.standard_normal((groups, queries, d)).astype(np.float32)
-    total = rng.random((groups, queries)).astype(np.float32) + 0.5
-    dest = np.full((queries, heads, d), -7.0, np.float32)
-    kernels.store_heads(o, total, dest[:, 2:5])
-    np.testing.assert_array_equal(dest[:, 2:5], (o / total[:, :, None]).transpose(1, 0, 2))
-    assert (dest[:, :2] == -7).all() and (dest[:, 5:] == -7).all()
-    with pytest.raises(ValueError, match="does not fit"):
-        kernels.store_heads(o, total, dest[:, 2:5, :3])
+def test_fused_attention_nan_and_no_keys():
+    """A NaN query gives NaN in its own row only; no keys give NaN; misfits raise."""
+    heads, d, seq = 2, 16, 11
+    rows, *_ = fused_case(seq, heads, d, seed=3, biases=False, masked=False, position=False)
+    rows[4, d] = np.nan  # query 4 of head 1
+    dest = np.zeros((seq, heads * d), np.float32)
+    work = np.empty(kernels.attention_work(d, seq), np.float32)
+    kernels.attention(rows, heads, 0, heads, d, seq, 0.25, None, None, None, dest, work)
+    assert np.isnan(dest[4, d:]).all() and not np.isnan(np.delete(dest, 4, 0)).any()
+    assert np.isfinite(dest[:, :d]).all()
+    kernels.attention(rows, heads, 0, heads, d, 0, 0.25, None, None, None, dest, work)
+    assert np.isnan(dest).all()
+    for bad in ({"dest": dest[:, :d]}, {"work": work[:10]}, {"keys": seq + 1},
+                {"rows": rows.astype(np.float64)}, {"qkv_bias": np.ones(5, np.float32)},
+                {"key_bias": np.ones(seq - 1, np.float32)}, {"first": 2, "stop": 1}):
+        args = dict(rows=rows, heads=heads, first=0, stop=heads, head_dim=d, keys=seq,
+                    scale=0.25, qkv_bias=None, key_bias=None, position=None, dest=dest,
+                    work=work) | bad
+        with pytest.raises(ValueError, match="do not fit"):
+            kernels.attention(**args)
 
 
 def layer_norm64(v, g, b, eps):
@@ -185,26 +230,53 @@ def grouped_case(batch, seq, heads, d, prefix, seed):
 @pytest.mark.parametrize(("seq", "group_bytes"), [(1, 1 << 30), (37, 1), (37, 3 * 37 * 37 * 4),
                                                   (300, 1 << 30)])
 @pytest.mark.parametrize("position", [False, True])
+@pytest.mark.parametrize("d", [8, 32])
 def test_grouped_float32_attention_both_paths(path, monkeypatch, prefix, workers, seq,
-                                              group_bytes, position):
-    """float32 attention of NumPy's groups of heads, with the compiled softmax and store or
-    with NumPy's passes: every grouping, mask, thread count and position bias against the
-    float64 all-heads product of the same float32 inputs."""
+                                              group_bytes, position, d):
+    """float32 attention through the fused kernel or NumPy's groups of heads: every
+    grouping, mask, thread count, head size and position bias, with the QKV bias handed
+    in, against the float64 all-heads product of the same float32 inputs."""
     kind, calls = path
     monkeypatch.setattr(attention_module, "_GROUP_BYTES", group_bytes)
-    batch, heads, d = 3, 7, 8
+    batch, heads = 3, 7
     qkv, mask = grouped_case(batch, seq, heads, d, prefix, seed=seq)
+    qkv_bias = np.random.default_rng(5).standard_normal(3 * heads * d).astype(np.float32)
     bias = (np.random.default_rng(4).standard_normal((heads, seq, seq)).astype(np.float32)
             if position else None)
     out = np.full((batch * seq, heads * d), np.nan, np.float32)
-    heads_attention(qkv, out, batch, seq, heads, d, KeyMask.from_mask(mask),
-                    Options("plain", 0, workers, position_bias=bias))
-    q, k, v = (qkv.astype(np.float64).reshape(batch, seq, 3, heads, d)[:, :, i]
+    q, k, v = ((qkv.astype(np.float64) + qkv_bias).reshape(batch, seq, 3, heads, d)[:, :, i]
                .transpose(0, 2, 1, 3) for i in range(3))
+    heads_attention(qkv, out, batch, seq, heads, d, KeyMask.from_mask(mask),
+                    Options("plain", 0, workers, position_bias=bias), qkv_bias=qkv_bias)
     full = mask_bias(mask, np.float64) + (0 if bias is None else bias[None])
     want = attention(q, k, v, full).transpose(0, 2, 1, 3).reshape(batch * seq, heads * d)
     assert np.abs(out - want).max() / np.abs(want).max() < 3e-6
     if kind == "compiled":
-        assert calls.count("softmax_columns") == calls.count("store_heads") > 0
+        assert calls.count("attention") == batch * max(1, -(-2 * workers // batch)
+                                                       if workers > 1 else 1)
     else:
         assert calls == []
+
+
+@pytest.mark.parametrize("case", ["float64", "probe", "window", "blocked"])
+def test_the_qkv_bias_goes_into_the_product_where_the_kernel_does_not_run(case):
+    """Every path but the fused kernel adds the handed-in QKV bias to qkv first, and gives
+    what the bias added by the caller gives."""
+    batch, seq, heads, d = 2, 9, 3, 8
+    dtype = np.float64 if case == "float64" else np.float32
+    qkv, mask = grouped_case(batch, seq, heads, d, True, seed=1)
+    qkv = qkv.astype(dtype)
+    qkv_bias = np.random.default_rng(2).standard_normal(3 * heads * d).astype(dtype)
+    options = Options("blocked" if case == "blocked" else "plain", 4, 1,
+                      window=3 if case == "window" else None)
+    probe = None
+    if case == "probe":
+        from mpiattn.core.headstats import HeadStats
+        probe = HeadStats(np, 1, 0, heads, map_sequences=(0,)).at(0)
+    got, want = (np.empty((batch * seq, heads * d), dtype) for _ in range(2))
+    added = qkv + qkv_bias
+    keys = KeyMask.from_mask(mask)
+    heads_attention(qkv, got, batch, seq, heads, d, keys, options, probe, qkv_bias=qkv_bias)
+    np.testing.assert_array_equal(qkv, added)
+    heads_attention(added.copy(), want, batch, seq, heads, d, keys, options, probe)
+    np.testing.assert_array_equal(got, want)
