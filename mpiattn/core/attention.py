@@ -4,11 +4,13 @@ Two algorithms in a registry (``ALGORITHMS``, chosen by ``attention.impl`` for r
 and train alike), equal within float tolerance (tested); each has the per-head kernel the
 inference path runs, a forward that keeps a named cache, and its backward:
 
-- **plain**: the whole (S, S) score matrix of a head at once. On NumPy it runs a group of
-  one sequence's heads at a time, so the scores stay in cache and the softmax passes are
-  cheap (``_grouped_heads``, with the compiled softmax of ``kernels`` where it is built;
-  head by head, or all heads batched for short sequences, when per-query statistics or a
-  window are asked for); on CuPy all heads go in one batched product.
+- **plain**: every key of a query at once. On NumPy in float32, where ``kernels`` is
+  built, one compiled call per sequence makes 8 queries' scores, softmax and product with
+  V in the L1 cache, adding the QKV bias as it reads (``_fused_heads``); otherwise a group
+  of one sequence's heads at a time, so the (S, S) scores stay in cache and the softmax
+  passes are cheap (``_grouped_heads``); head by head, or all heads batched for short
+  sequences, when per-query statistics or a window are asked for; on CuPy all heads go
+  in one batched product.
 - **blocked**: FlashAttention's online softmax. Queries in blocks of ``block`` rows meet
   keys in blocks of ``block`` columns; a running row maximum ``m`` and sum ``l`` rescale
   the partial output, so memory is O(block^2) per head instead of O(S^2).
@@ -300,7 +302,7 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     xp = get_array_module(qkv)
     if (qkv_bias is not None and probe is None and options.window is None
             and options.resolve(seq)[0] == "plain"
-            and _fused(qkv, out, qkv_bias, options.position_bias)):
+            and kernels.fits(qkv, out, qkv_bias, options.position_bias)):
         _fused_heads(qkv, out, batch, seq, heads, head_dim, mask, options.position_bias,
                      options.workers, qkv_bias)
         return "plain"
@@ -385,7 +387,7 @@ def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads
     ``position``: (h, S, S) [query, key] bias (MPNet), or None; ``mask.bias`` (non-prefix
     masks) is added per key.
     """
-    if _fused(qkv, out, None, position):
+    if kernels.fits(qkv, out, position):
         _fused_heads(qkv, out, batch, seq, heads, head_dim, mask, position, workers, None)
         return
     width = heads * head_dim
@@ -427,11 +429,6 @@ def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads
         dest[b, :, first:stop] = o.transpose(1, 0, 2)
 
     _each(one, [(b, h) for b in range(batch) for h in range(0, heads, group)], workers)
-
-
-def _fused(qkv: Any, out: Any, qkv_bias: Any, position: Any) -> bool:
-    """Whether the compiled fused kernel takes this call (float32 C-contiguous NumPy)."""
-    return kernels.fits(qkv, out, qkv_bias, position)
 
 
 def _fused_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads: int,
