@@ -47,11 +47,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """The compiled library next to this file and "", or None and why not."""
+def _load(here: Path = Path(__file__).parent) -> tuple[ctypes.CDLL | None, str]:
+    """The compiled library in ``here`` (this package) and "", or None and why not."""
     if TURNED_OFF:
         return None, "MPIATTN_KERNELS=numpy"
-    here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = here / f"_kernels{suffix}"
         if path.is_file():
@@ -59,6 +58,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 return bind(ctypes.CDLL(str(path))), ""
             except AttributeError:  # a function missing: built from older sources
                 return None, f"{path.name} is built from older sources: reinstall mpiattn"
+            except OSError as err:  # not a library for this machine, or damaged
+                return None, f"{path.name} does not load ({err}): reinstall mpiattn"
     return None, "the compiled kernels were not built"
 
 
@@ -83,6 +84,11 @@ def fits(*arrays: np.ndarray | None) -> bool:
         for a in arrays)
 
 
+def writable(*arrays: np.ndarray | None) -> bool:
+    """Whether every array given (None entries skipped) may be written."""
+    return all(a is None or a.flags.writeable for a in arrays)
+
+
 def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
 
@@ -96,9 +102,10 @@ def gelu(x: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> np.ndarray:
 
 
 def _rows_fit(a: np.ndarray, shape: tuple[int, int]) -> bool:
-    """a is float32 of this shape with contiguous, non-overlapping rows."""
+    """a is float32 of this shape with contiguous, non-overlapping rows a whole number of
+    floats apart."""
     return (type(a) is np.ndarray and a.shape == shape and a.dtype == np.float32
-            and a.strides[-1] == 4 and a.strides[0] >= 4 * shape[1])
+            and a.strides[-1] == 4 and a.strides[0] >= 4 * shape[1] and a.strides[0] % 4 == 0)
 
 
 def _fits_or_none(a: np.ndarray | None, shape: tuple[int, ...]) -> bool:
@@ -122,16 +129,24 @@ def attention(rows: np.ndarray, heads: int, first: int, stop: int, head_dim: int
     None: added to every query's scores; position (heads, S, S) [query, key] or None;
     dest (S, heads*head_dim), rows contiguous: head h's output goes to its columns
     h*head_dim:(h+1)*head_dim; work: float32 with ``attention_work(head_dim, keys)``
-    elements. Raises ValueError when an array does not fit those shapes and layouts.
+    elements; dest and work are written, and may not overlap each other or the inputs.
+    Raises ValueError when an array does not fit those shapes, layouts and rules.
     """
+    heads, first, stop, head_dim, keys = (int(n) for n in (heads, first, stop, head_dim, keys))
     seq = rows.shape[0]
     width = heads * head_dim
+    read = (rows, qkv_bias, key_bias, position)
     if not (_rows_fit(rows, (seq, 3 * width)) and _rows_fit(dest, (seq, width))
             and 0 <= first <= stop <= heads and 0 <= keys <= seq
             and _fits_or_none(qkv_bias, (3 * width,)) and _fits_or_none(key_bias, (keys,))
             and _fits_or_none(position, (heads, seq, seq))
-            and fits(work) and work.size >= attention_work(head_dim, keys)):
+            and fits(work) and work.size >= attention_work(head_dim, keys)
+            and writable(dest, work) and not np.may_share_memory(dest, work)
+            and not any(a is not None and np.may_share_memory(a, b)
+                        for a in read for b in (dest, work))):
         raise ValueError("kernels.attention: the arrays do not fit")
+    if first == stop:
+        return
     at = first * head_dim
     base, item = rows.ctypes.data, rows.itemsize
 
@@ -142,7 +157,7 @@ def attention(rows: np.ndarray, heads: int, first: int, stop: int, head_dim: int
         base + at * item, base + (width + at) * item, base + (2 * width + at) * item,
         rows.strides[0] // item, stop - first, head_dim, seq, keys, scale,
         bias_at(0), bias_at(width), bias_at(2 * width), _ptr(key_bias),
-        None if position is None else position[first].ctypes.data, seq,
+        None if position is None else position.ctypes.data + first * seq * seq * item, seq,
         dest.ctypes.data + at * item, dest.strides[0] // item, work.ctypes.data)
 
 

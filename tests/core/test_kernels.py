@@ -2,10 +2,12 @@
 edges (row tails, column blocks, infinities, NaN, masked keys), and the NumPy operations
 that dispatch to them, run both ways: compiled and NumPy passes (``LIB`` None)."""
 
+import importlib.machinery
 import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import sysconfig
 
@@ -166,6 +168,82 @@ def test_fused_attention_nan_and_no_keys():
                     work=work) | bad
         with pytest.raises(ValueError, match="do not fit"):
             kernels.attention(**args)
+
+
+@needs_lib
+def test_fused_attention_refuses_what_it_cannot_take_safely():
+    """Read-only or overlapping outputs, rows not a whole number of floats apart: a
+    ValueError, never a write into them; an empty range of heads is a no-op (with a
+    position bias too); NumPy integers are sizes like any other."""
+    heads, d, seq = 2, 16, 9
+    rows, *_ = fused_case(seq, heads, d, seed=8, biases=False, masked=False, position=False)
+    dest = np.zeros((seq, heads * d), np.float32)
+    work = np.empty(kernels.attention_work(d, seq), np.float32)
+    args = dict(rows=rows, heads=heads, first=0, stop=heads, head_dim=d, keys=seq, scale=0.25,
+                qkv_bias=None, key_bias=None, position=None, dest=dest, work=work)
+    read_only = dest.copy()
+    read_only.flags.writeable = False
+    odd = np.zeros(seq * (heads * d + 1) * 4 + 2, np.uint8)[2:].view(np.float32)
+    odd_rows = np.lib.stride_tricks.as_strided(odd, (seq, heads * d), (4 * heads * d + 2, 4))
+    for bad in ({"dest": read_only}, {"dest": rows[:, 2 * heads * d:]},
+                {"work": rows.reshape(-1)}, {"work": dest.reshape(-1)},
+                {"dest": odd_rows}):
+        with pytest.raises(ValueError, match="do not fit"):
+            kernels.attention(**(args | bad))
+    assert (read_only == 0).all() and (dest == 0).all()
+    position = np.ones((heads, seq, seq), np.float32)
+    kernels.attention(**(args | {"first": heads, "position": position}))
+    assert (dest == 0).all()
+    kernels.attention(**(args | {"heads": np.int64(heads), "stop": np.int32(heads),
+                                 "keys": np.int64(seq)}))
+    want = fused64(rows, heads, 0, heads, d, seq, 0.25, None, None, None)
+    assert np.abs(dest - want).max() < 1e-5
+
+
+def test_attention_into_a_read_only_output_raises_on_both_paths(path):
+    batch, seq, heads, d = 2, 5, 2, 16
+    qkv, mask = grouped_case(batch, seq, heads, d, True, seed=2)
+    out = np.zeros((batch * seq, heads * d), np.float32)
+    out.flags.writeable = False
+    for bias in (None, np.ones(3 * heads * d, np.float32)):
+        with pytest.raises(ValueError, match="read-only"):
+            heads_attention(qkv.copy(), out, batch, seq, heads, d, KeyMask.from_mask(mask),
+                            Options("plain", 0, 1), qkv_bias=bias)
+    assert (out == 0).all() and path[1] == []
+    x = np.ones((4, 8), np.float32)
+    for call in (lambda: ops.gelu(x, out=out[:4, :8]),
+                 lambda: ops.add_layer_norm(x, x.copy(), x[0], x[0], 1e-5, out=out[:4, :8])):
+        with pytest.raises(ValueError, match="read-only"):
+            call()
+    assert (out == 0).all() and path[1] == []
+
+
+def test_an_empty_batch_on_two_workers(path):
+    qkv = np.zeros((0, 3 * 2 * 16), np.float32)
+    out = np.zeros((0, 2 * 16), np.float32)
+    assert heads_attention(qkv, out, 0, 4, 2, 16, KeyMask.from_mask(np.ones((0, 4), bool)),
+                           Options("plain", 0, 2), qkv_bias=np.zeros(96, np.float32)) == "plain"
+
+
+def test_a_library_that_does_not_load_leaves_the_numpy_passes(tmp_path, monkeypatch):
+    """A damaged file, or one built from older sources (a function missing): no import
+    error, the NumPy passes, and the reason in the description."""
+    monkeypatch.setattr(kernels, "TURNED_OFF", False)
+    name = f"_kernels{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    (tmp_path / name).write_bytes(b"not a library")
+    lib, why = kernels._load(tmp_path)
+    assert lib is None and why.startswith(f"{name} does not load (") and "reinstall" in why
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc for a library without the kernels")
+    (tmp_path / "old.c").write_text("int mpiattn_gelu(void) { return 0; }\n")
+    subprocess.run([gcc, "-shared", "-fPIC", str(tmp_path / "old.c"), "-o",
+                    str(tmp_path / name)], check=True)
+    lib, why = kernels._load(tmp_path)
+    assert lib is None and why == f"{name} is built from older sources: reinstall mpiattn"
+    monkeypatch.setattr(kernels, "LIB", None)
+    monkeypatch.setattr(kernels, "_WHY_NOT", why)
+    assert kernels.description() == f"NumPy passes ({why})"
 
 
 def layer_norm64(v, g, b, eps):
