@@ -132,7 +132,8 @@ CLONED void mpiattn_gelu(const float *x, const float *bias, float *out, ptrdiff_
  * extensions (16 floats, one AVX-512 register; two AVX2 or four SSE registers in the
  * other clones): 8 queries x 32 keys for the scores, 8 queries x 32 columns for P V. */
 typedef float vec16 __attribute__((vector_size(64)));
-typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4)));
+/* Loads and stores through this type may alias the float arrays (as x86's own __m512). */
+typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
 #define LOAD16(p) (*(const vec16_unaligned *)(p))
 #define STORE16(p, x) (*(vec16_unaligned *)(p) = (x))
 #define INLINE static inline __attribute__((always_inline))

@@ -133,6 +133,7 @@ def attention(rows: np.ndarray, heads: int, first: int, stop: int, head_dim: int
     Raises ValueError when an array does not fit those shapes, layouts and rules.
     """
     heads, first, stop, head_dim, keys = (int(n) for n in (heads, first, stop, head_dim, keys))
+    scale = float(scale)
     seq = rows.shape[0]
     width = heads * head_dim
     read = (rows, qkv_bias, key_bias, position)
