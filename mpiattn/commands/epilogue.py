@@ -65,18 +65,6 @@ def provenance(cfg: Config, p: Placement, command: str, started: dt.datetime,
         devices=tuple(d for _, d, _ in hosts), kernels=tuple(k for _, _, k in hosts))
 
 
-def kernels_used(cfg: Config, p: Placement) -> str:
-    """What runs this rank's element-wise operations: the compiled float32 kernels (and
-    their CPU clone) or NumPy's passes, and why (``core.kernels``)."""
-    from ..core import kernels
-
-    if p.backend.is_gpu:
-        return "n/a (CuPy on the device)"
-    if cfg.dtype != "float32":
-        return f"NumPy passes ({cfg.dtype}: the compiled kernels are float32)"
-    return kernels.description()
-
-
 def gather_records(world: MPI.Comm, mine: list) -> list:
     """Collective: every rank's (replica, record) pairs, flattened in rank order on rank
     0 ([] elsewhere)."""
@@ -98,7 +86,10 @@ def finish(world: MPI.Comm, out: Any, cfg: Config, p: Placement, started: dt.dat
     (``out.path`` without it). ``final``: as ``jobkit.conclude``. Raises on every rank
     what rank 0's write raised.
     """
-    hosts = world.gather((socket.gethostname(), p.backend.device, kernels_used(cfg, p)))
+    from ..core import kernels
+
+    hosts = world.gather((socket.gethostname(), p.backend.device,
+                          kernels.used_for(cfg.dtype, p.backend.is_gpu)))
 
     def publish() -> Any:
         assert write is not None, "rank 0 writes the file"

@@ -300,16 +300,12 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     it asks for. Returns the algorithm used (recorded in the output file).
     """
     xp = get_array_module(qkv)
-    if (qkv_bias is not None and probe is None and options.window is None
-            and options.resolve(seq)[0] == "plain"
-            and kernels.fits(qkv, out, qkv_bias, options.position_bias)
-            and kernels.writable(out)):
-        _fused_heads(qkv, out, batch, seq, heads, head_dim, mask, options.position_bias,
-                     options.workers, qkv_bias)
-        return "plain"
-    if qkv_bias is not None:
-        qkv += qkv_bias
     impl, block = options.resolve(seq)
+    fused = (impl == "plain" and options.window is None and (probe is None or not probe.stats)
+             and kernels.fits(qkv, options.position_bias, written=(out,)))
+    if qkv_bias is not None and not (fused and probe is None and kernels.fits(qkv_bias)):
+        qkv += qkv_bias  # every path but the fused kernel's, and a probe's, reads it in qkv
+        qkv_bias = None
     width = heads * head_dim
     scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
     stats = None
@@ -326,7 +322,12 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
     if window is not None and position is not None:
         raise ValueError("a sliding window and a position bias are not built together")
     if impl == "plain" and xp.__name__ == "numpy" and stats is None and window is None:
-        _grouped_heads(qkv, out, batch, seq, heads, head_dim, mask, position, options.workers)
+        if fused:
+            _fused_heads(qkv, out, batch, seq, heads, head_dim, mask, position,
+                         options.workers, qkv_bias)
+        else:
+            _grouped_heads(qkv, out, batch, seq, heads, head_dim, mask, position,
+                           options.workers)
         _report(probe, None, qkv, batch, seq, heads, head_dim, mask, position)
         return impl
     if impl == "plain" and batched:
@@ -374,9 +375,9 @@ def heads_attention(qkv: Any, out: Any, batch: int, seq: int, heads: int, head_d
 
 def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads: int,
                    head_dim: int, mask: KeyMask, position: Any, workers: int) -> None:
-    """The plain algorithm on NumPy: the fused kernel where it is built (``_fused_heads``),
-    else each sequence's heads in groups whose scores stay in the L2 cache
-    (``_GROUP_BYTES``), keys cut at the sequence's length.
+    """The plain algorithm on NumPy where the fused kernel (``_fused_heads``) does not run:
+    each sequence's heads in groups whose scores stay in the L2 cache (``_GROUP_BYTES``),
+    keys cut at the sequence's length.
 
     The scores of a group are laid out (heads, keys, queries), k q^T rather than q k^T:
     the softmax's reductions over keys then run down the rows, element-wise across whole
@@ -388,9 +389,6 @@ def _grouped_heads(qkv: np.ndarray, out: np.ndarray, batch: int, seq: int, heads
     ``position``: (h, S, S) [query, key] bias (MPNet), or None; ``mask.bias`` (non-prefix
     masks) is added per key.
     """
-    if kernels.fits(qkv, out, position) and kernels.writable(out):
-        _fused_heads(qkv, out, batch, seq, heads, head_dim, mask, position, workers, None)
-        return
     width = heads * head_dim
     scale = qkv.dtype.type(1.0 / math.sqrt(head_dim))
     group = max(1, min(heads, _GROUP_BYTES // (seq * seq * qkv.itemsize)))

@@ -75,18 +75,25 @@ def description() -> str:
     return f"NumPy passes ({_WHY_NOT or 'turned off'})"
 
 
-def fits(*arrays: np.ndarray | None) -> bool:
+def used_for(dtype: str, on_device: bool) -> str:
+    """What runs the element-wise operations of arrays of ``dtype`` ("float32", ...): "n/a"
+    on a device (CuPy), the NumPy passes for any dtype but float32, else ``description()``
+    (the files' ``/ranks/kernels``; ``CheckedAllreduce`` names it when copies differ)."""
+    if on_device:
+        return "n/a (CuPy on the device)"
+    if np.dtype(dtype) != np.float32:
+        return f"NumPy passes ({np.dtype(dtype).name}: the compiled kernels are float32)"
+    return description()
+
+
+def fits(*arrays: np.ndarray | None, written: tuple[np.ndarray | None, ...] = ()) -> bool:
     """Whether the kernels can take these arrays: the library is loaded and every array
-    given is a C-contiguous float32 NumPy array (None entries are skipped)."""
+    given is a C-contiguous float32 NumPy array (None entries are skipped), and those in
+    ``written`` may be written."""
     return LIB is not None and all(
         a is None or (type(a) is np.ndarray and a.dtype == np.float32
                       and a.flags.c_contiguous)
-        for a in arrays)
-
-
-def writable(*arrays: np.ndarray | None) -> bool:
-    """Whether every array given (None entries skipped) may be written."""
-    return all(a is None or a.flags.writeable for a in arrays)
+        for a in arrays + written) and all(a is None or a.flags.writeable for a in written)
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
@@ -141,8 +148,8 @@ def attention(rows: np.ndarray, heads: int, first: int, stop: int, head_dim: int
             and 0 <= first <= stop <= heads and 0 <= keys <= seq
             and _fits_or_none(qkv_bias, (3 * width,)) and _fits_or_none(key_bias, (keys,))
             and _fits_or_none(position, (heads, seq, seq))
-            and fits(work) and work.size >= attention_work(head_dim, keys)
-            and writable(dest, work) and not np.may_share_memory(dest, work)
+            and fits(written=(work,)) and work.size >= attention_work(head_dim, keys)
+            and dest.flags.writeable and not np.may_share_memory(dest, work)
             and not any(a is not None and np.may_share_memory(a, b)
                         for a in read for b in (dest, work))):
         raise ValueError("kernels.attention: the arrays do not fit")

@@ -112,7 +112,7 @@ def add_layer_norm(x: Any, residual: Any, g: Any, b: Any, eps: float, *, bias: A
     out = xp.empty(x.shape, dtype=x.dtype) if out is None else out
     arrays = (x, residual, out) + (() if total is None else (total,))
     if x.ndim == 2 and g is not None and b is not None and kernels.fits(
-            *arrays, g, b, bias) and kernels.writable(out, total) and all(
+            x, residual, g, b, bias, written=(out, total)) and all(
             a.shape == x.shape for a in arrays) and all(
             v is None or v.shape == x.shape[1:] for v in (g, b, bias)):
         return kernels.add_layer_norm(x, residual, g, b, eps, bias, total, out)
@@ -195,7 +195,7 @@ def gelu(x: Any, out: Any = None, bias: Any = None) -> Any:
     if xp is np and x.dtype == np.float32 and x.ndim >= 1 and x.flags.c_contiguous and (
             out is None or out.flags.c_contiguous):
         out = np.empty_like(x) if out is None else out
-        if kernels.fits(x, out, bias) and kernels.writable(out) and out.shape == x.shape and (
+        if kernels.fits(x, bias, written=(out,)) and out.shape == x.shape and (
                 bias is None or bias.shape == x.shape[-1:]):
             return kernels.gelu(x, bias, out)
         return _gelu_blocks(x, out, bias)

@@ -371,8 +371,7 @@ class CheckedAllreduce:
             from ..core import kernels
 
             who = self._who_differs(digest)
-            kinds = self._ranks_by(kernels.description() if x.dtype == np.float32
-                                   and get_array_module(x) is np else "")
+            kinds = self._ranks_by(kernels.used_for(x.dtype, get_array_module(x) is not np))
             message = (f"ranks disagree on their copies at layer {layer} site '{site}'"
                        f" (ranks {self.group_ranks}): {who}")
             if len(kinds) > 1:
